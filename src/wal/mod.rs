@@ -1,0 +1,342 @@
+//! The write-ahead log: many shards' logical logs multiplexed onto a few physical lanes.
+//!
+//! Each shard's log is a sequence of entries with Raft-style ids `(term, index)`, supporting
+//! `append`, `truncate_suffix` and `purge_prefix`, plus a separately fsync'd vote file per shard,
+//! so the cluster can later replicate it with openraft without a format change. Shard `s` lives in
+//! lane `s % lanes`; every lane has its own group-commit thread (see [`lane`]).
+//!
+//! Architecture invariant: this module knows bytes, shard ids and log indexes; nothing of
+//! sessions, messages or JSON. An `append` resolves only after its records are fdatasync'd.
+
+mod index;
+mod lane;
+mod record;
+mod recovery;
+mod segment;
+mod vote;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use index::LaneIndex;
+use lane::{LaneRequest, LaneWriter};
+use record::Decoded;
+pub use vote::Vote;
+
+/// A Raft-style log id. Single node: term 1, index = position in the shard's log (from 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LogId {
+    pub term: u64,
+    pub index: u64,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WalError {
+    #[error("wal i/o error: {0}")]
+    Io(String),
+    #[error("wal lane failed earlier and refuses writes: {0}")]
+    LaneFailed(String),
+    #[error("entry index {got} of shard {shard} does not follow {expected}")]
+    NotContiguous { shard: u16, expected: u64, got: u64 },
+    #[error("entry of {bytes} bytes exceeds the maximum of {max}")]
+    EntryTooLarge { bytes: usize, max: usize },
+    #[error("entry {index} of shard {shard} is not in the wal")]
+    Missing { shard: u16, index: u64 },
+    #[error("wal record at segment {segment_no} offset {offset} is corrupt")]
+    Corrupt { segment_no: u64, offset: u64 },
+    #[error("wal is shut down")]
+    Closed,
+}
+
+impl WalError {
+    fn io(error: std::io::Error) -> WalError {
+        WalError::Io(error.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, WalError>;
+
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    pub lanes: usize,
+    pub shard_count: u16,
+    pub segment_bytes: u64,
+    /// Upper bound of one group-commit batch; also bounds how far a torn write can reach.
+    pub max_batch_bytes: usize,
+    /// Requests that may wait for a lane before senders are made to wait.
+    pub queue_depth: usize,
+}
+
+/// Something recovery found and acted on, for logs and metrics.
+#[derive(Debug, Clone)]
+pub enum RecoveryEvent {
+    TornTailTruncated {
+        lane_dir: PathBuf,
+        segment_no: u64,
+        offset: u64,
+    },
+    Corruption {
+        lane_dir: PathBuf,
+        segment_no: u64,
+        offset: u64,
+        detail: String,
+    },
+}
+
+struct LaneHandle {
+    requests: mpsc::Sender<LaneRequest>,
+    index: Arc<Mutex<LaneIndex>>,
+}
+
+pub struct Wal {
+    dir: PathBuf,
+    options: WalOptions,
+    lanes: Vec<LaneHandle>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Wal {
+    /// Opens (or creates) the WAL under `dir`, recovering every lane.
+    pub fn open(dir: &Path, options: WalOptions) -> std::io::Result<(Wal, Vec<RecoveryEvent>)> {
+        assert!(
+            options.lanes > 0 && options.shard_count > 0,
+            "wal needs at least one lane and shard"
+        );
+        fs::create_dir_all(dir)?;
+        vote::ensure_dir(dir)?;
+        let mut lanes = Vec::with_capacity(options.lanes);
+        let mut threads = Vec::with_capacity(options.lanes);
+        let mut events = Vec::new();
+        for lane_no in 0..options.lanes {
+            let lane_dir = dir.join(format!("lane-{lane_no:02}"));
+            fs::create_dir_all(&lane_dir)?;
+            let lane_shards: Vec<u16> = (0..options.shard_count)
+                .filter(|s| *s as usize % options.lanes == lane_no)
+                .collect();
+            let recovered =
+                recovery::recover_lane(&lane_dir, &lane_shards, options.max_batch_bytes as u64)?;
+            events.extend(recovered.events);
+            let mut lane_index = recovered.index;
+            let (active_file, active_segment_no, write_offset) = match recovered.resume_offset {
+                Some(offset) => {
+                    let info = &lane_index.segments[&lane_index.active_segment];
+                    (info.file.clone(), lane_index.active_segment, offset)
+                }
+                None => {
+                    let next = lane_index.segments.keys().next_back().map_or(0, |n| n + 1);
+                    let file = Arc::new(segment::create_segment(
+                        &lane_dir,
+                        next,
+                        options.segment_bytes,
+                    )?);
+                    lane_index.segments.insert(
+                        next,
+                        index::SegmentInfo {
+                            file: file.clone(),
+                            max_index_by_shard: Default::default(),
+                        },
+                    );
+                    lane_index.active_segment = next;
+                    (file, next, segment::SEGMENT_HEADER_BYTES)
+                }
+            };
+            let index = Arc::new(Mutex::new(lane_index));
+            let (sender, receiver) = mpsc::channel(options.queue_depth);
+            let writer = LaneWriter {
+                dir: lane_dir,
+                index: index.clone(),
+                segment_bytes: options.segment_bytes,
+                max_batch_bytes: options.max_batch_bytes,
+                active_file,
+                active_segment_no,
+                write_offset,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("wal-lane-{lane_no}"))
+                .spawn(move || writer.run(receiver))?;
+            threads.push(thread);
+            lanes.push(LaneHandle {
+                requests: sender,
+                index,
+            });
+        }
+        let wal = Wal {
+            dir: dir.to_path_buf(),
+            options,
+            lanes,
+            threads: Mutex::new(threads),
+        };
+        Ok((wal, events))
+    }
+
+    pub fn shard_count(&self) -> u16 {
+        self.options.shard_count
+    }
+
+    fn lane(&self, shard: u16) -> &LaneHandle {
+        debug_assert!(shard < self.options.shard_count);
+        &self.lanes[shard as usize % self.lanes.len()]
+    }
+
+    async fn submit(
+        &self,
+        shard: u16,
+        make: impl FnOnce(oneshot::Sender<Result<()>>) -> LaneRequest,
+    ) -> Result<()> {
+        let (done, outcome) = oneshot::channel();
+        self.lane(shard)
+            .requests
+            .send(make(done))
+            .await
+            .map_err(|_| WalError::Closed)?;
+        outcome.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Appends entries (contiguous, following the shard's last entry) and resolves once durable.
+    /// The entries together may hold at most `max_batch_bytes`.
+    pub async fn append(&self, shard: u16, entries: Vec<(LogId, Vec<u8>)>) -> Result<()> {
+        let bytes: usize = entries.iter().map(|(_, body)| body.len()).sum();
+        if bytes > self.options.max_batch_bytes {
+            return Err(WalError::EntryTooLarge {
+                bytes,
+                max: self.options.max_batch_bytes,
+            });
+        }
+        self.submit(shard, |done| LaneRequest::Append {
+            shard,
+            entries,
+            done,
+        })
+        .await
+    }
+
+    /// Discards the shard's entries above `after.index`; durable when it resolves.
+    pub async fn truncate_suffix(&self, shard: u16, after: LogId) -> Result<()> {
+        self.submit(shard, |done| LaneRequest::TruncateSuffix {
+            shard,
+            after,
+            done,
+        })
+        .await
+    }
+
+    /// Lets the shard's entries up to `through_index` go; segments holding only such entries
+    /// (for every shard in them) are deleted.
+    pub async fn purge_prefix(&self, shard: u16, through_index: u64) -> Result<()> {
+        self.submit(shard, |done| LaneRequest::PurgePrefix {
+            shard,
+            through_index,
+            done,
+        })
+        .await
+    }
+
+    pub fn last_log_id(&self, shard: u16) -> Option<LogId> {
+        self.lane(shard)
+            .index
+            .lock()
+            .expect("lane index lock")
+            .shard(shard)
+            .last
+    }
+
+    pub fn first_index(&self, shard: u16) -> Option<u64> {
+        self.lane(shard)
+            .index
+            .lock()
+            .expect("lane index lock")
+            .shard(shard)
+            .first_index()
+    }
+
+    /// Why the shard's log is not trustworthy past its last entry, if so.
+    pub fn degraded(&self, shard: u16) -> Option<String> {
+        let mut index = self.lane(shard).index.lock().expect("lane index lock");
+        index
+            .failed
+            .clone()
+            .or_else(|| index.shard(shard).degraded.clone())
+    }
+
+    /// Bytes of disk the WAL's segments occupy.
+    pub fn disk_bytes(&self) -> u64 {
+        self.lanes
+            .iter()
+            .map(|lane| {
+                lane.index.lock().expect("lane index lock").segments.len() as u64
+                    * self.options.segment_bytes
+            })
+            .sum()
+    }
+
+    /// Reads up to `max_entries` durable entries of `shard` starting at `from_index`. Blocking:
+    /// call it from a blocking thread.
+    pub fn read_entries(
+        &self,
+        shard: u16,
+        from_index: u64,
+        max_entries: usize,
+    ) -> Result<Vec<(LogId, Vec<u8>)>> {
+        let locations: Vec<_> = {
+            let mut index = self.lane(shard).index.lock().expect("lane index lock");
+            let locations = index.shard(shard).locations_from(from_index, max_entries);
+            locations
+                .into_iter()
+                .map(|location| {
+                    let file = index
+                        .segments
+                        .get(&location.segment_no)
+                        .map(|info| info.file.clone());
+                    (location, file)
+                })
+                .collect()
+        };
+        let mut entries = Vec::with_capacity(locations.len());
+        for (location, file) in locations {
+            let file = file.ok_or(WalError::Missing {
+                shard,
+                index: location.log_id.index,
+            })?;
+            let mut frame = vec![0u8; location.framed_len as usize];
+            file.read_exact_at(&mut frame, location.offset)
+                .map_err(WalError::io)?;
+            match record::decode(&frame) {
+                Decoded::Record(rec, _) if rec.shard == shard && rec.log_id == location.log_id => {
+                    entries.push((rec.log_id, rec.body.to_vec()));
+                }
+                _ => {
+                    return Err(WalError::Corrupt {
+                        segment_no: location.segment_no,
+                        offset: location.offset,
+                    });
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    pub fn save_vote(&self, shard: u16, vote: Vote) -> std::io::Result<()> {
+        vote::save(&self.dir, shard, vote)
+    }
+
+    pub fn read_vote(&self, shard: u16) -> std::io::Result<Option<Vote>> {
+        vote::read(&self.dir, shard)
+    }
+
+    /// Stops the lane threads after they have answered every queued request.
+    pub fn shutdown(self) {
+        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
+        drop(self.lanes);
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

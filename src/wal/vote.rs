@@ -1,0 +1,54 @@
+//! Per-shard vote files (`vote/NNNNN.vote`): the Raft hard state that must survive a crash
+//! independently of the log. Written to a temporary file, fsync'd, renamed, directory fsync'd.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vote {
+    pub term: u64,
+    pub voted_for: u64,
+}
+
+const VOTE_BYTES: usize = 8 + 8 + 4;
+
+fn vote_dir(wal_dir: &Path) -> PathBuf {
+    wal_dir.join("vote")
+}
+
+pub fn ensure_dir(wal_dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(vote_dir(wal_dir))
+}
+
+pub fn save(wal_dir: &Path, shard: u16, vote: Vote) -> io::Result<()> {
+    let dir = vote_dir(wal_dir);
+    let mut bytes = Vec::with_capacity(VOTE_BYTES);
+    bytes.extend_from_slice(&vote.term.to_le_bytes());
+    bytes.extend_from_slice(&vote.voted_for.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    let temporary = dir.join(format!("{shard:05}.vote.tmp"));
+    let mut file = File::create(&temporary)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    fs::rename(&temporary, dir.join(format!("{shard:05}.vote")))?;
+    super::segment::sync_dir(&dir)
+}
+
+pub fn read(wal_dir: &Path, shard: u16) -> io::Result<Option<Vote>> {
+    let bytes = match fs::read(vote_dir(wal_dir).join(format!("{shard:05}.vote"))) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    if bytes.len() != VOTE_BYTES || crc32c::crc32c(&bytes[..16]).to_le_bytes() != bytes[16..20] {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("vote file of shard {shard} is corrupt"),
+        ));
+    }
+    let term = u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes"));
+    let voted_for = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    Ok(Some(Vote { term, voted_for }))
+}
