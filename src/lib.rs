@@ -1,1 +1,13 @@
+//! FleetLM: a conversation engine for stateless AI agents. See `docs/ARCHITECTURE.md`.
+
+pub mod api;
+pub mod archive;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod ids;
+pub mod metrics;
+pub mod model;
+pub mod server;
+pub mod shard;
 pub mod wal;

@@ -1,1 +1,127 @@
-fn main() {}
+//! The `fleetlm` command line: `serve`, `token`. Parsing and process concerns only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fleetlm::config::{Config, LogFormat, Settings};
+
+#[derive(Parser)]
+#[command(name = "fleetlm", version, about = "Conversation engine for stateless AI agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: CommandLine,
+}
+
+#[derive(Subcommand)]
+enum CommandLine {
+    /// Run the server.
+    Serve {
+        /// TOML file with settings (keys as the flag names, with `_`).
+        #[arg(long, env = "FLEETLM_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Mint a user or agent token (HS256 JWT) with the configured secret.
+    Token {
+        /// The identity the token acts as (user id or agent id).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime of the token.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
+        #[arg(long, env = "FLEETLM_AUTH_SECRET", hide_env_values = true)]
+        auth_secret: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        CommandLine::Serve { config, settings } => serve(config, settings),
+        CommandLine::Token { sub, ttl_secs, auth_secret } => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let claims = fleetlm::auth::Claims { sub, exp: now.as_secs() as i64 + ttl_secs };
+            println!("{}", fleetlm::auth::mint(auth_secret.as_bytes(), &claims));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn load_config(file: Option<PathBuf>, settings: Settings) -> Result<Config, fleetlm::config::ConfigError> {
+    let from_file = match file {
+        Some(path) => Settings::from_file(&path)?,
+        None => Settings::default(),
+    };
+    settings.or(from_file).validate()
+}
+
+fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
+    let config = match load_config(file, settings) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("fleetlm: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("fleetlm: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let server = match fleetlm::server::start(config).await {
+            Ok(server) => server,
+            Err(error) => {
+                eprintln!("fleetlm: {error:#}");
+                let is_config = format!("{error:#}").starts_with("invalid configuration");
+                return if is_config { ExitCode::from(2) } else { ExitCode::FAILURE };
+            }
+        };
+        println!("fleetlm listening on http://{} (archive: {})", server.local_addr, server.archive_description);
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        let trigger = server.shutdown_trigger();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: draining requests and flushing the archive");
+            let _ = trigger.send(true);
+            wait_for_signal().await;
+            eprintln!("fleetlm: second signal, exiting now (the WAL holds every acknowledged message)");
+            std::process::exit(130);
+        });
+        match server.wait().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("fleetlm: {error:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

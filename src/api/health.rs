@@ -1,0 +1,45 @@
+//! `/health/live`, `/health/ready` and `/metrics`.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::SharedState;
+
+pub async fn live() -> Response {
+    axum::Json(json!({"status": "live"})).into_response()
+}
+
+/// Ready when every shard is recovered and writable, the archive answers, and we are not
+/// draining; otherwise 503 with the reasons.
+pub async fn ready(State(state): State<SharedState>) -> Response {
+    let mut reasons = Vec::new();
+    if state.draining.load(Ordering::Acquire) {
+        reasons.push(json!({"component": "server", "reason": "draining"}));
+    }
+    for (shard, reason) in state.shards.not_ready() {
+        reasons.push(json!({"component": "shard", "shard": shard, "reason": reason}));
+    }
+    match tokio::time::timeout(Duration::from_secs(2), state.shards.archive().ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => reasons.push(json!({"component": "archive", "reason": error.to_string()})),
+        Err(_) => reasons.push(json!({"component": "archive", "reason": "no answer within 2 s"})),
+    }
+    if reasons.is_empty() {
+        axum::Json(json!({"status": "ready"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not_ready", "reasons": reasons}))).into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    metrics::gauge!("fleetlm_wal_disk_bytes").set(state.shards.wal().disk_bytes() as f64);
+    if let Some(rss) = crate::metrics::process_rss_bytes() {
+        metrics::gauge!("fleetlm_process_rss_bytes").set(rss as f64);
+    }
+    ([("content-type", "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}

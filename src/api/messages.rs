@@ -1,0 +1,228 @@
+//! `/api/sessions/:id/messages`: history reads and appends.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use super::sessions::{authorize_session, json_depth};
+use super::{ApiError, ApiResult, JsonBody, SharedState, parse_count};
+use crate::auth::Caller;
+use crate::model::MessageRecord;
+use crate::shard::AppendRequest;
+
+const MAX_KIND_CHARS: usize = 64;
+const MAX_CLIENT_ID_CHARS: usize = 128;
+
+pub async fn list(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let after_seq = parse_count("after_seq", query.get("after_seq"), 0)?;
+    let limit = parse_count("limit", query.get("limit"), 50)?;
+    if limit == 0 {
+        return Err(ApiError::bad_request("invalid_parameter", "limit must be at least 1"));
+    }
+    let limit = limit.min(state.config.max_page_size as u64) as usize;
+    let page = state.shards.read_messages(&id, after_seq, limit).await?;
+    authorize_session(&caller, &page.session)?;
+    let messages: Vec<&crate::model::Message> = page.messages.iter().map(|r| &r.message).collect();
+    Ok(axum::Json(json!({"messages": messages, "has_more": page.has_more})).into_response())
+}
+
+/// The append body, fields kept raw so the writer stores the client's exact JSON.
+#[derive(Deserialize)]
+struct AppendBody<'a> {
+    #[serde(borrow, default)]
+    user_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    agent_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    sender_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    metadata: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    client_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    expected_seq: Option<&'a RawValue>,
+}
+
+/// An append's payload (everything but the sender), as REST and WebSocket clients send it.
+pub struct MessageInput<'a> {
+    pub kind: Option<&'a RawValue>,
+    pub content: Option<&'a RawValue>,
+    pub metadata: Option<&'a RawValue>,
+    pub client_id: Option<&'a RawValue>,
+    pub expected_seq: Option<&'a RawValue>,
+}
+
+/// Why an append was refused before reaching the shard.
+pub enum InvalidMessage {
+    Format(String),
+    TooLarge(String),
+}
+
+fn is_null(raw: Option<&RawValue>) -> bool {
+    raw.is_none_or(|r| r.get() == "null")
+}
+
+fn as_string(raw: &RawValue) -> Option<String> {
+    serde_json::from_str::<String>(raw.get()).ok()
+}
+
+/// Validates the payload and builds the shard request. The order of checks follows rest.md.
+pub fn build_append(
+    session_id: &str,
+    sender_id: String,
+    sender_is_user: bool,
+    input: MessageInput<'_>,
+    max_message_bytes: usize,
+    max_metadata_depth: usize,
+) -> Result<AppendRequest, InvalidMessage> {
+    let format = |m: &str| InvalidMessage::Format(m.to_string());
+    let kind = match input.kind {
+        None => "text".to_string(),
+        Some(raw) => match as_string(raw) {
+            Some(kind)
+                if !kind.is_empty() && kind.chars().count() <= MAX_KIND_CHARS && !kind.chars().any(char::is_control) =>
+            {
+                kind
+            }
+            _ => return Err(format("kind must be a non-empty string")),
+        },
+    };
+    let content = match input.content {
+        None => return Err(format("content is required")),
+        Some(raw) if raw.get() == "null" => return Err(format("content is required")),
+        Some(raw) if !raw.get().starts_with('{') => return Err(format("content must be a map")),
+        Some(raw) => raw,
+    };
+    let metadata_text = match input.metadata {
+        None => "{}",
+        Some(raw) if raw.get() == "null" => "{}",
+        Some(raw) if !raw.get().starts_with('{') => return Err(format("metadata must be a map")),
+        Some(raw) => raw.get(),
+    };
+    let client_id = match input.client_id {
+        raw if is_null(raw) => None,
+        Some(raw) => match as_string(raw) {
+            Some(id)
+                if !id.is_empty() && id.chars().count() <= MAX_CLIENT_ID_CHARS && !id.chars().any(char::is_control) =>
+            {
+                Some(id)
+            }
+            _ => return Err(format("client_id must be a non-empty string of at most 128 characters")),
+        },
+        None => None,
+    };
+    let expected_seq = match input.expected_seq {
+        raw if is_null(raw) => None,
+        Some(raw) => match raw.get().parse::<u64>() {
+            Ok(seq) => Some(seq),
+            Err(_) => return Err(format("expected_seq must be a non-negative integer")),
+        },
+        None => None,
+    };
+    let encoded_bytes = content.get().len() + metadata_text.len() + kind.len();
+    if encoded_bytes > max_message_bytes {
+        return Err(InvalidMessage::TooLarge(format!(
+            "message is {encoded_bytes} bytes; the limit is {max_message_bytes}"
+        )));
+    }
+    let metadata_value: Value =
+        serde_json::from_str(metadata_text).map_err(|_| format("metadata must be a map"))?;
+    if json_depth(&metadata_value) > max_metadata_depth {
+        return Err(InvalidMessage::Format(format!("metadata is nested deeper than {max_metadata_depth} levels")));
+    }
+    let fingerprint = client_id.as_ref().map_or(0, |_| fingerprint(&sender_id, sender_is_user, &kind, content, &metadata_value));
+    Ok(AppendRequest {
+        session_id: session_id.to_string(),
+        sender_id,
+        sender_is_user,
+        kind,
+        content: content.to_owned(),
+        metadata: RawValue::from_string(metadata_text.to_string()).expect("checked JSON"),
+        client_id,
+        expected_seq,
+        fingerprint,
+        archive_checked_below: None,
+    })
+}
+
+/// A hash of what the sender sent, insensitive to key order and whitespace, so a retry of the
+/// same message matches and a different one reusing the `client_id` does not.
+fn fingerprint(sender_id: &str, sender_is_user: bool, kind: &str, content: &RawValue, metadata: &Value) -> u64 {
+    let content: Value = serde_json::from_str(content.get()).unwrap_or(Value::Null);
+    // serde_json's map is ordered by key, so re-serializing gives one canonical text.
+    let canonical = json!([sender_id, sender_is_user, kind, content, metadata]).to_string();
+    xxhash_rust::xxh3::xxh3_64(canonical.as_bytes())
+}
+
+pub async fn append(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Response> {
+    let body: AppendBody<'_> = serde_json::from_str(body.get())
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
+    let invalid = |m: &str| ApiError::unprocessable("invalid_message_format", m);
+    let (sender_id, sender_is_user) = match (!is_null(body.user_id), !is_null(body.agent_id)) {
+        (true, true) => return Err(invalid("Provide either user_id or agent_id when sending a message, not both")),
+        _ if !is_null(body.sender_id) => {
+            return Err(invalid("sender_id is deprecated; use user_id or agent_id to identify the sender"));
+        }
+        (false, false) => return Err(invalid("user_id or agent_id is required")),
+        (true, false) => (body.user_id, true),
+        (false, true) => (body.agent_id, false),
+    };
+    let sender_id = sender_id
+        .and_then(as_string)
+        .filter(|s| !s.is_empty() && s.len() <= 255 && !s.chars().any(char::is_control))
+        .ok_or_else(|| invalid("user_id or agent_id must be a non-empty string"))?;
+    if !caller.may_act_as(&sender_id) {
+        return Err(ApiError::forbidden("you may only send messages as yourself"));
+    }
+    let input = MessageInput {
+        kind: body.kind,
+        content: body.content,
+        metadata: body.metadata,
+        client_id: body.client_id,
+        expected_seq: body.expected_seq,
+    };
+    let config = &state.config;
+    let request = build_append(&id, sender_id, sender_is_user, input, config.max_message_bytes, config.max_metadata_depth)
+        .map_err(|error| match error {
+            InvalidMessage::Format(message) => invalid(&message),
+            InvalidMessage::TooLarge(message) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", message),
+        })?;
+    let started = std::time::Instant::now();
+    let result = state.shards.append(request).await;
+    let outcome = match &result {
+        Ok(r) if r.deduplicated => "deduplicated",
+        Ok(_) => "appended",
+        Err(_) => "refused",
+    };
+    metrics::counter!("fleetlm_appends_total", "result" => outcome).increment(1);
+    let result = result?;
+    metrics::histogram!("fleetlm_append_seconds").record(started.elapsed().as_secs_f64());
+    Ok(axum::Json(message_response(&result.record, result.deduplicated)).into_response())
+}
+
+fn message_response(record: &MessageRecord, deduplicated: bool) -> Value {
+    let mut body = json!({"message": &record.message});
+    if deduplicated {
+        body["deduplicated"] = Value::Bool(true);
+    }
+    body
+}

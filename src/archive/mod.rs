@@ -1,0 +1,142 @@
+//! The archive: where the log's records end up for the long term, behind one interface with two
+//! implementations (SQLite, embedded default; Postgres, for production) that behave the same.
+//!
+//! Architecture invariant: the archive is written only by the flusher (and agent CRUD); a
+//! flush writes rows and moves the shard's watermark in one transaction, so a crash at any point
+//! neither loses nor duplicates rows. The archive never decides a seq.
+
+mod flusher;
+mod postgres;
+mod rows;
+mod sqlite;
+
+use std::sync::Arc;
+
+pub use flusher::{Flusher, FlusherOptions};
+pub use rows::FlushRows;
+
+use crate::model::{Agent, AgentStatus, MessageRecord, SessionRecord, SessionStatus, SessionView, Timestamp};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ArchiveError {
+    /// The store cannot be reached or failed; the operation may succeed later.
+    #[error("archive unavailable: {0}")]
+    Unavailable(String),
+    /// The store refused the data itself; retrying the same data will not help.
+    #[error("archive rejected the data: {0}")]
+    Rejected(String),
+    #[error("already exists")]
+    Conflict,
+}
+
+pub type Result<T> = std::result::Result<T, ArchiveError>;
+
+/// A session as the archive knows it, with its newest messages for the hot tail.
+#[derive(Debug, Clone)]
+pub struct LoadedSession {
+    pub view: SessionView,
+    pub tail: Vec<MessageRecord>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SessionFilter {
+    pub user_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub status: Option<SessionStatus>,
+    /// Only sessions older than this `(inserted_at, id)` (the pagination cursor).
+    pub before: Option<(Timestamp, String)>,
+    pub limit: usize,
+}
+
+#[derive(Clone)]
+pub enum Archive {
+    Sqlite(Arc<sqlite::SqliteArchive>),
+    Postgres(Arc<postgres::PostgresArchive>),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $archive:ident => $call:expr) => {
+        match $self {
+            Archive::Sqlite($archive) => $call,
+            Archive::Postgres($archive) => $call,
+        }
+    };
+}
+
+impl Archive {
+    pub fn open_sqlite(path: &std::path::Path) -> Result<Archive> {
+        Ok(Archive::Sqlite(Arc::new(sqlite::SqliteArchive::open(path)?)))
+    }
+
+    pub async fn connect_postgres(url: &str) -> Result<Archive> {
+        Ok(Archive::Postgres(Arc::new(postgres::PostgresArchive::connect(url).await?)))
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Archive::Sqlite(_) => "sqlite",
+            Archive::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        dispatch!(self, a => a.migrate().await)
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        dispatch!(self, a => a.ping().await)
+    }
+
+    /// Log index up to which the shard's entries are archived (0 if none).
+    pub async fn watermark(&self, shard: u16) -> Result<u64> {
+        dispatch!(self, a => a.watermark(shard).await)
+    }
+
+    /// Writes the rows and moves the shard's watermark to `through_index`, atomically.
+    pub async fn flush(&self, shard: u16, rows: Arc<FlushRows>, through_index: u64) -> Result<()> {
+        dispatch!(self, a => a.flush(shard, rows, through_index).await)
+    }
+
+    /// Inserts a new session's row ahead of the flusher (which would insert the same row), so
+    /// listings show it at once. Harmless if the row exists.
+    pub async fn record_session(&self, session: &SessionRecord) -> Result<()> {
+        let rows = Arc::new(FlushRows { new_sessions: vec![session.clone()], ..FlushRows::default() });
+        dispatch!(self, a => a.insert_rows(rows).await)
+    }
+
+    pub async fn load_session(&self, session_id: &str) -> Result<Option<LoadedSession>> {
+        dispatch!(self, a => a.load_session(session_id).await)
+    }
+
+    /// Messages with `from_seq <= seq <= to_seq`, ascending.
+    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
+        dispatch!(self, a => a.read_messages(session_id, from_seq, to_seq).await)
+    }
+
+    pub async fn find_by_client_id(&self, session_id: &str, client_id: &str) -> Result<Option<MessageRecord>> {
+        dispatch!(self, a => a.find_by_client_id(session_id, client_id).await)
+    }
+
+    /// Sessions newest first.
+    pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionView>> {
+        dispatch!(self, a => a.list_sessions(filter).await)
+    }
+
+    pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
+        dispatch!(self, a => a.list_agents(status).await)
+    }
+
+    pub async fn get_agent(&self, id: &str) -> Result<Option<Agent>> {
+        dispatch!(self, a => a.get_agent(id).await)
+    }
+
+    /// Inserts a new agent; `Conflict` if the id is taken.
+    pub async fn insert_agent(&self, agent: Agent) -> Result<()> {
+        dispatch!(self, a => a.insert_agent(agent).await)
+    }
+
+    pub async fn update_agent(&self, agent: Agent) -> Result<()> {
+        dispatch!(self, a => a.update_agent(agent).await)
+    }
+}
+

@@ -1,0 +1,422 @@
+//! The production archive: Postgres through a connection pool. Batched with `UNNEST`, so one
+//! flush of thousands of messages is a handful of statements in one transaction.
+
+use std::sync::Arc;
+
+use deadpool_postgres::{Config, Pool, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+
+use super::rows::{self, FlushRows};
+use super::sqlite::{AGENT_SELECT, MESSAGE_SELECT, SESSION_SELECT};
+use super::{ArchiveError, LoadedSession, Result, SessionFilter};
+use crate::model::{Agent, AgentStatus, MessageRecord, SessionView};
+use crate::shard::session::HOT_TAIL_LEN;
+
+const SCHEMA: &str = include_str!("schema.sql");
+/// Rows per `UNNEST` insert.
+const INSERT_CHUNK_ROWS: usize = 5000;
+
+pub struct PostgresArchive {
+    pool: Pool,
+}
+
+fn unavailable(error: impl std::fmt::Display) -> ArchiveError {
+    ArchiveError::Unavailable(error.to_string())
+}
+
+fn from_pg(error: tokio_postgres::Error) -> ArchiveError {
+    match error.code() {
+        // Class 22 (data exception) and 23 (integrity constraint): the data itself is refused.
+        Some(code) if code.code().starts_with("22") || code.code().starts_with("23") => {
+            ArchiveError::Rejected(error.to_string())
+        }
+        _ => ArchiveError::Unavailable(error.to_string()),
+    }
+}
+
+impl PostgresArchive {
+    pub async fn connect(url: &str) -> Result<PostgresArchive> {
+        let config = Config { url: Some(url.to_string()), ..Config::default() };
+        let pool = config.create_pool(Some(Runtime::Tokio1), NoTls).map_err(unavailable)?;
+        let archive = PostgresArchive { pool };
+        archive.ping().await?;
+        Ok(archive)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(from_pg)?;
+        tx.execute("SELECT pg_advisory_xact_lock(7355608)", &[]).await.map_err(from_pg)?;
+        tx.batch_execute(SCHEMA).await.map_err(from_pg)?;
+        tx.commit().await.map_err(from_pg)
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.client().await?.query_one("SELECT 1", &[]).await.map_err(from_pg).map(|_| ())
+    }
+
+    pub async fn watermark(&self, shard: u16) -> Result<u64> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT log_index FROM archive_watermarks WHERE shard = $1", &[&i32::from(shard)])
+            .await
+            .map_err(from_pg)?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    pub async fn flush(&self, shard: u16, rows: Arc<FlushRows>, through_index: u64) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(from_pg)?;
+        write_rows(&tx, &rows).await?;
+        tx.execute(
+            "INSERT INTO archive_watermarks (shard, log_index) VALUES ($1, $2)
+             ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
+            &[&i32::from(shard), &(through_index as i64)],
+        )
+        .await
+        .map_err(from_pg)?;
+        tx.commit().await.map_err(from_pg)
+    }
+
+    pub async fn insert_rows(&self, rows: Arc<FlushRows>) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(from_pg)?;
+        write_rows(&tx, &rows).await?;
+        tx.commit().await.map_err(from_pg)
+    }
+
+    pub async fn load_session(&self, session_id: &str) -> Result<Option<LoadedSession>> {
+        let client = self.client().await?;
+        let Some(row) =
+            client.query_opt(&format!("{SESSION_SELECT} WHERE s.id = $1"), &[&session_id]).await.map_err(from_pg)?
+        else {
+            return Ok(None);
+        };
+        let view = session_from_row(&row)?;
+        let rows = client
+            .query(
+                &format!("{MESSAGE_SELECT} WHERE session_id = $1 ORDER BY seq DESC LIMIT $2"),
+                &[&session_id, &(HOT_TAIL_LEN as i64)],
+            )
+            .await
+            .map_err(from_pg)?;
+        let mut tail = rows.iter().map(message_from_row).collect::<Result<Vec<_>>>()?;
+        tail.reverse();
+        Ok(Some(LoadedSession { view, tail }))
+    }
+
+    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!("{MESSAGE_SELECT} WHERE session_id = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq"),
+                &[&session_id, &(from_seq as i64), &(to_seq as i64)],
+            )
+            .await
+            .map_err(from_pg)?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    pub async fn find_by_client_id(&self, session_id: &str, client_id: &str) -> Result<Option<MessageRecord>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(&format!("{MESSAGE_SELECT} WHERE session_id = $1 AND client_id = $2"), &[&session_id, &client_id])
+            .await
+            .map_err(from_pg)?;
+        row.as_ref().map(message_from_row).transpose()
+    }
+
+    pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionView>> {
+        let (before_at, before_id) = filter.before.map_or((None, None), |(at, id)| (Some(at.0), Some(id)));
+        let status = filter.status.map(|s| s.as_str());
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "{SESSION_SELECT}
+                     WHERE ($1::text IS NULL OR s.user_id = $1) AND ($2::text IS NULL OR s.agent_id = $2)
+                       AND ($3::text IS NULL OR s.status = $3)
+                       AND ($4::int8 IS NULL OR (s.inserted_at, s.id) < ($4, $5::text))
+                     ORDER BY s.inserted_at DESC, s.id DESC LIMIT $6"
+                ),
+                &[&filter.user_id, &filter.agent_id, &status, &before_at, &before_id, &(filter.limit as i64)],
+            )
+            .await
+            .map_err(from_pg)?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
+        let status = status.map(|s| s.as_str());
+        let rows = self
+            .client()
+            .await?
+            .query(&format!("{AGENT_SELECT} WHERE ($1::text IS NULL OR status = $1) ORDER BY name, id"), &[&status])
+            .await
+            .map_err(from_pg)?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    pub async fn get_agent(&self, id: &str) -> Result<Option<Agent>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(&format!("{AGENT_SELECT} WHERE id = $1"), &[&id])
+            .await
+            .map_err(from_pg)?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
+    pub async fn insert_agent(&self, agent: Agent) -> Result<()> {
+        let params = AgentParams::new(agent);
+        let inserted = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO agents (id, name, origin_url, webhook_path, message_history_mode,
+                    message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING",
+                &params.as_params(),
+            )
+            .await
+            .map_err(from_pg)?;
+        if inserted == 0 { Err(ArchiveError::Conflict) } else { Ok(()) }
+    }
+
+    pub async fn update_agent(&self, agent: Agent) -> Result<()> {
+        let params = AgentParams::new(agent);
+        self.client()
+            .await?
+            .execute(
+                "UPDATE agents SET name = $2, origin_url = $3, webhook_path = $4, message_history_mode = $5,
+                    message_history_limit = $6, timeout_ms = $7, debounce_window_ms = $8, headers = $9,
+                    status = $10, inserted_at = $11, updated_at = $12
+                 WHERE id = $1",
+                &params.as_params(),
+            )
+            .await
+            .map_err(from_pg)
+            .map(|_| ())
+    }
+}
+
+/// Writes new sessions, messages, session state and read cursors (not the watermark).
+async fn write_rows(tx: &deadpool_postgres::Transaction<'_>, rows: &FlushRows) -> Result<()> {
+    if !rows.new_sessions.is_empty() {
+        let ids: Vec<&str> = rows.new_sessions.iter().map(|s| &*s.id).collect();
+        let users: Vec<&str> = rows.new_sessions.iter().map(|s| s.user_id.as_str()).collect();
+        let agents: Vec<&str> = rows.new_sessions.iter().map(|s| s.agent_id.as_str()).collect();
+        let metadata: Vec<&str> = rows.new_sessions.iter().map(|s| s.metadata.get()).collect();
+        let at: Vec<i64> = rows.new_sessions.iter().map(|s| s.inserted_at.0).collect();
+        tx.execute(
+            "INSERT INTO sessions (id, user_id, agent_id, status, metadata, last_seq, nonuser_count,
+                last_activity_at, inserted_at, updated_at)
+             SELECT id, user_id, agent_id, 'active', metadata, 0, 0, at, at, at
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])
+                AS u(id, user_id, agent_id, metadata, at)
+             ON CONFLICT (id) DO NOTHING",
+            &[&ids, &users, &agents, &metadata, &at],
+        )
+        .await
+        .map_err(from_pg)?;
+    }
+    for chunk in rows.messages.chunks(INSERT_CHUNK_ROWS) {
+        let session_ids: Vec<&str> = chunk.iter().map(|r| &*r.message.session_id).collect();
+        let seqs: Vec<i64> = chunk.iter().map(|r| r.message.seq as i64).collect();
+        let ids: Vec<&str> = chunk.iter().map(|r| r.message.id.as_str()).collect();
+        let senders: Vec<&str> = chunk.iter().map(|r| r.message.sender_id.as_str()).collect();
+        let kinds: Vec<&str> = chunk.iter().map(|r| r.message.kind.as_str()).collect();
+        let contents: Vec<&str> = chunk.iter().map(|r| r.message.content.get()).collect();
+        let metadata: Vec<&str> = chunk.iter().map(|r| r.message.metadata.get()).collect();
+        let client_ids: Vec<Option<&str>> = chunk.iter().map(|r| r.client_id.as_deref()).collect();
+        let fingerprints: Vec<i64> = chunk.iter().map(|r| r.fingerprint as i64).collect();
+        let nonuser: Vec<i64> = chunk.iter().map(|r| r.nonuser_through as i64).collect();
+        let at: Vec<i64> = chunk.iter().map(|r| r.message.inserted_at.0).collect();
+        let params: [&(dyn ToSql + Sync); 11] = [
+            &session_ids,
+            &seqs,
+            &ids,
+            &senders,
+            &kinds,
+            &contents,
+            &metadata,
+            &client_ids,
+            &fingerprints,
+            &nonuser,
+            &at,
+        ];
+        tx.execute(
+            "INSERT INTO messages (session_id, seq, id, sender_id, kind, content, metadata, client_id,
+                fingerprint, nonuser_through, inserted_at)
+             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[])
+             ON CONFLICT DO NOTHING",
+            &params,
+        )
+        .await
+        .map_err(from_pg)?;
+    }
+    let active: Vec<_> = rows.session_updates.iter().filter(|u| u.last_activity.is_some()).collect();
+    if !active.is_empty() {
+        let ids: Vec<&str> = active.iter().map(|u| &*u.session_id).collect();
+        let last_seqs: Vec<i64> = active.iter().map(|u| u.last_seq as i64).collect();
+        let nonuser: Vec<i64> = active.iter().map(|u| u.nonuser_count as i64).collect();
+        let activity = |u: &&rows::SessionUpdate| u.last_activity.clone().unwrap_or_default();
+        let at: Vec<i64> = active.iter().map(|u| activity(u).at.0).collect();
+        let senders: Vec<Option<String>> = active.iter().map(|u| activity(u).sender_id).collect();
+        let previews: Vec<Option<String>> = active.iter().map(|u| activity(u).preview).collect();
+        let updated: Vec<i64> = active.iter().map(|u| u.updated_at.0).collect();
+        tx.execute(
+            "UPDATE sessions s SET last_seq = u.last_seq, nonuser_count = u.nonuser_count,
+                last_activity_at = u.at, last_sender_id = u.sender, last_message_preview = u.preview,
+                updated_at = GREATEST(s.updated_at, u.updated_at)
+             FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::int8[])
+                AS u(id, last_seq, nonuser_count, at, sender, preview, updated_at)
+             WHERE s.id = u.id AND s.last_seq < u.last_seq",
+            &[&ids, &last_seqs, &nonuser, &at, &senders, &previews, &updated],
+        )
+        .await
+        .map_err(from_pg)?;
+    }
+    for update in rows.session_updates.iter().filter(|u| u.archived) {
+        tx.execute(
+            "UPDATE sessions SET status = 'archived', updated_at = GREATEST(updated_at, $2) WHERE id = $1",
+            &[&&*update.session_id, &update.updated_at.0],
+        )
+        .await
+        .map_err(from_pg)?;
+    }
+    for (session_id, cursor) in &rows.read_cursors {
+        tx.execute(
+            "INSERT INTO read_cursors (session_id, user_id, read_seq, nonuser_through)
+             SELECT id, user_id, $2, $3 FROM sessions WHERE id = $1
+             ON CONFLICT (session_id, user_id) DO UPDATE SET read_seq = excluded.read_seq,
+                nonuser_through = excluded.nonuser_through
+             WHERE excluded.read_seq > read_cursors.read_seq",
+            &[session_id, &(cursor.read_seq as i64), &(cursor.nonuser_through as i64)],
+        )
+        .await
+        .map_err(from_pg)?;
+    }
+    Ok(())
+}
+
+/// An agent's columns as Postgres parameters (integers widened to BIGINT).
+struct AgentParams {
+    id: String,
+    name: String,
+    origin_url: String,
+    webhook_path: String,
+    mode: &'static str,
+    history_limit: i64,
+    timeout_ms: i64,
+    debounce_window_ms: i64,
+    headers: String,
+    status: &'static str,
+    inserted_at: i64,
+    updated_at: i64,
+}
+
+impl AgentParams {
+    fn new(agent: Agent) -> AgentParams {
+        AgentParams {
+            headers: serde_json::to_string(&agent.headers).expect("headers serialize"),
+            mode: agent.message_history_mode.as_str(),
+            history_limit: i64::from(agent.message_history_limit),
+            timeout_ms: i64::from(agent.timeout_ms),
+            debounce_window_ms: i64::from(agent.debounce_window_ms),
+            status: agent.status.as_str(),
+            inserted_at: agent.inserted_at.0,
+            updated_at: agent.updated_at.0,
+            id: agent.id,
+            name: agent.name,
+            origin_url: agent.origin_url,
+            webhook_path: agent.webhook_path,
+        }
+    }
+
+    fn as_params(&self) -> [&(dyn ToSql + Sync); 12] {
+        [
+            &self.id,
+            &self.name,
+            &self.origin_url,
+            &self.webhook_path,
+            &self.mode,
+            &self.history_limit,
+            &self.timeout_ms,
+            &self.debounce_window_ms,
+            &self.headers,
+            &self.status,
+            &self.inserted_at,
+            &self.updated_at,
+        ]
+    }
+}
+
+fn rejected(error: String) -> ArchiveError {
+    ArchiveError::Rejected(error)
+}
+
+fn session_from_row(r: &tokio_postgres::Row) -> Result<SessionView> {
+    rows::session_view(rows::SessionColumns {
+        id: r.get(0),
+        user_id: r.get(1),
+        agent_id: r.get(2),
+        status: r.get(3),
+        metadata: r.get(4),
+        last_seq: r.get(5),
+        nonuser_count: r.get(6),
+        last_activity_at: r.get(7),
+        last_sender_id: r.get(8),
+        last_message_preview: r.get(9),
+        inserted_at: r.get(10),
+        updated_at: r.get(11),
+        read_seq: r.get(12),
+        read_nonuser_through: r.get(13),
+    })
+    .map_err(rejected)
+}
+
+fn message_from_row(r: &tokio_postgres::Row) -> Result<MessageRecord> {
+    rows::message_record(rows::MessageColumns {
+        session_id: r.get(0),
+        seq: r.get(1),
+        id: r.get(2),
+        sender_id: r.get(3),
+        kind: r.get(4),
+        content: r.get(5),
+        metadata: r.get(6),
+        client_id: r.get(7),
+        fingerprint: r.get(8),
+        nonuser_through: r.get(9),
+        inserted_at: r.get(10),
+    })
+    .map_err(rejected)
+}
+
+fn agent_from_row(r: &tokio_postgres::Row) -> Result<Agent> {
+    rows::agent(rows::AgentColumns {
+        id: r.get(0),
+        name: r.get(1),
+        origin_url: r.get(2),
+        webhook_path: r.get(3),
+        message_history_mode: r.get(4),
+        message_history_limit: r.get(5),
+        timeout_ms: r.get(6),
+        debounce_window_ms: r.get(7),
+        headers: r.get(8),
+        status: r.get(9),
+        inserted_at: r.get(10),
+        updated_at: r.get(11),
+    })
+    .map_err(rejected)
+}

@@ -1,0 +1,202 @@
+//! Turns log operations into the rows one flush writes: new sessions, messages, and the final
+//! state of each touched session and read cursor.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+
+use crate::model::{
+    Agent, LastActivity, Message, MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView, Timestamp,
+};
+use crate::shard::ops::Op;
+
+#[derive(Debug, Clone)]
+pub struct SessionUpdate {
+    pub session_id: Arc<str>,
+    pub last_seq: u64,
+    pub nonuser_count: u64,
+    pub last_activity: Option<LastActivity>,
+    pub archived: bool,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Default)]
+pub struct FlushRows {
+    pub new_sessions: Vec<SessionRecord>,
+    pub messages: Vec<MessageRecord>,
+    pub session_updates: Vec<SessionUpdate>,
+    /// `(session_id, cursor)`; the cursor belongs to the session's user.
+    pub read_cursors: Vec<(String, ReadCursor)>,
+}
+
+impl FlushRows {
+    pub fn from_ops(ops: impl IntoIterator<Item = Op>) -> FlushRows {
+        let mut rows = FlushRows::default();
+        let mut updates: HashMap<Arc<str>, SessionUpdate> = HashMap::new();
+        let mut cursors: HashMap<String, ReadCursor> = HashMap::new();
+        let mut order = Vec::new();
+        for op in ops {
+            match op {
+                Op::SessionCreated(record) => rows.new_sessions.push(record),
+                Op::MessageAppended(record) => {
+                    let message = &record.message;
+                    let update = updates.entry(message.session_id.clone()).or_insert_with(|| {
+                        order.push(message.session_id.clone());
+                        SessionUpdate {
+                            session_id: message.session_id.clone(),
+                            last_seq: 0,
+                            nonuser_count: 0,
+                            last_activity: None,
+                            archived: false,
+                            updated_at: message.inserted_at,
+                        }
+                    });
+                    update.last_seq = message.seq;
+                    update.nonuser_count = record.nonuser_through;
+                    update.last_activity = Some(LastActivity {
+                        at: message.inserted_at,
+                        sender_id: Some(message.sender_id.clone()),
+                        preview: crate::model::message_preview(&message.content),
+                    });
+                    update.updated_at = update.updated_at.max(message.inserted_at);
+                    rows.messages.push(record);
+                }
+                Op::SessionArchived { session_id, at } => {
+                    let key: Arc<str> = Arc::from(session_id.as_str());
+                    let update = updates.entry(key.clone()).or_insert_with(|| {
+                        order.push(key.clone());
+                        SessionUpdate {
+                            session_id: key,
+                            last_seq: 0,
+                            nonuser_count: 0,
+                            last_activity: None,
+                            archived: false,
+                            updated_at: at,
+                        }
+                    });
+                    update.archived = true;
+                    update.updated_at = update.updated_at.max(at);
+                }
+                Op::ReadCursorMoved { session_id, cursor, .. } => {
+                    let entry = cursors.entry(session_id).or_default();
+                    if cursor.read_seq > entry.read_seq {
+                        *entry = cursor;
+                    }
+                }
+            }
+        }
+        rows.session_updates = order.into_iter().filter_map(|id| updates.remove(&id)).collect();
+        rows.read_cursors = cursors.into_iter().collect();
+        rows
+    }
+}
+
+/// A `sessions` row joined with its user's read cursor, as both archives return it.
+pub struct SessionColumns {
+    pub id: String,
+    pub user_id: String,
+    pub agent_id: String,
+    pub status: String,
+    pub metadata: String,
+    pub last_seq: i64,
+    pub nonuser_count: i64,
+    pub last_activity_at: i64,
+    pub last_sender_id: Option<String>,
+    pub last_message_preview: Option<String>,
+    pub inserted_at: i64,
+    pub updated_at: i64,
+    pub read_seq: i64,
+    pub read_nonuser_through: i64,
+}
+
+pub fn session_view(c: SessionColumns) -> Result<SessionView, String> {
+    let metadata = RawValue::from_string(c.metadata).map_err(|e| format!("session metadata: {e}"))?;
+    let status = SessionStatus::parse(&c.status).ok_or_else(|| format!("unknown session status {}", c.status))?;
+    Ok(SessionView {
+        record: SessionRecord {
+            id: Arc::from(c.id),
+            user_id: c.user_id,
+            agent_id: c.agent_id,
+            metadata,
+            inserted_at: Timestamp(c.inserted_at),
+        },
+        status,
+        last_seq: c.last_seq as u64,
+        nonuser_count: c.nonuser_count as u64,
+        read_cursor: ReadCursor { read_seq: c.read_seq as u64, nonuser_through: c.read_nonuser_through as u64 },
+        last_activity: LastActivity {
+            at: Timestamp(c.last_activity_at),
+            sender_id: c.last_sender_id,
+            preview: c.last_message_preview,
+        },
+        updated_at: Timestamp(c.updated_at),
+    })
+}
+
+pub struct MessageColumns {
+    pub session_id: String,
+    pub seq: i64,
+    pub id: String,
+    pub sender_id: String,
+    pub kind: String,
+    pub content: String,
+    pub metadata: String,
+    pub client_id: Option<String>,
+    pub fingerprint: i64,
+    pub nonuser_through: i64,
+    pub inserted_at: i64,
+}
+
+pub fn message_record(c: MessageColumns) -> Result<MessageRecord, String> {
+    Ok(MessageRecord {
+        message: Message {
+            id: c.id,
+            session_id: Arc::from(c.session_id),
+            seq: c.seq as u64,
+            sender_id: c.sender_id,
+            kind: c.kind,
+            content: RawValue::from_string(c.content).map_err(|e| format!("message content: {e}"))?,
+            metadata: RawValue::from_string(c.metadata).map_err(|e| format!("message metadata: {e}"))?,
+            inserted_at: Timestamp(c.inserted_at),
+        },
+        client_id: c.client_id,
+        fingerprint: c.fingerprint as u64,
+        nonuser_through: c.nonuser_through as u64,
+    })
+}
+
+pub struct AgentColumns {
+    pub id: String,
+    pub name: String,
+    pub origin_url: String,
+    pub webhook_path: String,
+    pub message_history_mode: String,
+    pub message_history_limit: i64,
+    pub timeout_ms: i64,
+    pub debounce_window_ms: i64,
+    pub headers: String,
+    pub status: String,
+    pub inserted_at: i64,
+    pub updated_at: i64,
+}
+
+pub fn agent(c: AgentColumns) -> Result<Agent, String> {
+    let mode = serde_json::from_value(serde_json::Value::String(c.message_history_mode))
+        .map_err(|e| format!("agent history mode: {e}"))?;
+    let status = serde_json::from_value(serde_json::Value::String(c.status)).map_err(|e| format!("agent status: {e}"))?;
+    Ok(Agent {
+        id: c.id,
+        name: c.name,
+        origin_url: c.origin_url,
+        webhook_path: c.webhook_path,
+        message_history_mode: mode,
+        message_history_limit: c.message_history_limit as u32,
+        timeout_ms: c.timeout_ms as u32,
+        debounce_window_ms: c.debounce_window_ms as u32,
+        headers: serde_json::from_str(&c.headers).map_err(|e| format!("agent headers: {e}"))?,
+        status,
+        inserted_at: Timestamp(c.inserted_at),
+        updated_at: Timestamp(c.updated_at),
+    })
+}

@@ -1,0 +1,57 @@
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    origin_url TEXT NOT NULL,
+    webhook_path TEXT NOT NULL,
+    message_history_mode TEXT NOT NULL,
+    message_history_limit BIGINT NOT NULL,
+    timeout_ms BIGINT NOT NULL,
+    debounce_window_ms BIGINT NOT NULL,
+    headers TEXT NOT NULL,
+    status TEXT NOT NULL,
+    inserted_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    last_seq BIGINT NOT NULL DEFAULT 0,
+    nonuser_count BIGINT NOT NULL DEFAULT 0,
+    last_activity_at BIGINT NOT NULL,
+    last_sender_id TEXT,
+    last_message_preview TEXT,
+    inserted_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (inserted_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user_id, inserted_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS sessions_by_agent ON sessions (agent_id, inserted_at DESC, id DESC);
+CREATE TABLE IF NOT EXISTS messages (
+    session_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    id TEXT NOT NULL,
+    sender_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    content TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    client_id TEXT,
+    fingerprint BIGINT NOT NULL,
+    nonuser_through BIGINT NOT NULL,
+    inserted_at BIGINT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_client_id ON messages (session_id, client_id) WHERE client_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS read_cursors (
+    session_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    read_seq BIGINT NOT NULL,
+    nonuser_through BIGINT NOT NULL,
+    PRIMARY KEY (session_id, user_id)
+);
+CREATE TABLE IF NOT EXISTS archive_watermarks (
+    shard INTEGER PRIMARY KEY,
+    log_index BIGINT NOT NULL
+);

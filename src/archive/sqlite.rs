@@ -1,0 +1,360 @@
+//! The embedded archive: one SQLite file in the data directory (WAL journal, `synchronous=FULL`
+//! because WAL segments are deleted once a flush commits).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::rows::FlushRows;
+use super::{ArchiveError, LoadedSession, Result, SessionFilter};
+use crate::model::{Agent, AgentStatus, MessageRecord, SessionView};
+use crate::shard::session::HOT_TAIL_LEN;
+
+const SCHEMA: &str = include_str!("schema.sql");
+
+pub struct SqliteArchive {
+    connection: Arc<Mutex<Connection>>,
+}
+
+fn unavailable(error: rusqlite::Error) -> ArchiveError {
+    ArchiveError::Unavailable(error.to_string())
+}
+
+impl SqliteArchive {
+    pub fn open(path: &Path) -> Result<SqliteArchive> {
+        let connection = Connection::open(path).map_err(unavailable)?;
+        connection
+            .execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
+            .map_err(unavailable)?;
+        Ok(SqliteArchive { connection: Arc::new(Mutex::new(connection)) })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let connection = self.connection.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut connection = connection.lock().expect("sqlite connection lock");
+            work(&mut connection)
+        })
+        .await
+        .map_err(|e| ArchiveError::Unavailable(e.to_string()))?
+        .map_err(unavailable)
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        self.with(|c| c.execute_batch(SCHEMA)).await
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    pub async fn watermark(&self, shard: u16) -> Result<u64> {
+        self.with(move |c| {
+            c.query_row("SELECT log_index FROM archive_watermarks WHERE shard = ?1", [shard], |r| r.get::<_, i64>(0))
+                .optional()
+                .map(|v| v.unwrap_or(0) as u64)
+        })
+        .await
+    }
+
+    pub async fn flush(&self, shard: u16, rows: Arc<FlushRows>, through_index: u64) -> Result<()> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            write_rows(&tx, &rows)?;
+            tx.execute(
+                "INSERT INTO archive_watermarks (shard, log_index) VALUES (?1, ?2)
+                 ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
+                params![shard, through_index as i64],
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    pub async fn insert_rows(&self, rows: Arc<FlushRows>) -> Result<()> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            write_rows(&tx, &rows)?;
+            tx.commit()
+        })
+        .await
+    }
+
+    pub async fn load_session(&self, session_id: &str) -> Result<Option<LoadedSession>> {
+        let session_id = session_id.to_string();
+        self.with(move |c| {
+            let Some(view) = c
+                .query_row(&format!("{SESSION_SELECT} WHERE s.id = ?1"), [&session_id], session_from_row)
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let mut statement =
+                c.prepare_cached(&format!("{MESSAGE_SELECT} WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2"))?;
+            let mut tail: Vec<MessageRecord> = statement
+                .query_map(params![session_id, HOT_TAIL_LEN as i64], message_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            tail.reverse();
+            Ok(Some(LoadedSession { view, tail }))
+        })
+        .await
+    }
+
+    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
+        let session_id = session_id.to_string();
+        self.with(move |c| {
+            let mut statement = c.prepare_cached(&format!(
+                "{MESSAGE_SELECT} WHERE session_id = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
+            ))?;
+            statement
+                .query_map(params![session_id, from_seq as i64, to_seq as i64], message_from_row)?
+                .collect()
+        })
+        .await
+    }
+
+    pub async fn find_by_client_id(&self, session_id: &str, client_id: &str) -> Result<Option<MessageRecord>> {
+        let (session_id, client_id) = (session_id.to_string(), client_id.to_string());
+        self.with(move |c| {
+            c.query_row(
+                &format!("{MESSAGE_SELECT} WHERE session_id = ?1 AND client_id = ?2"),
+                params![session_id, client_id],
+                message_from_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionView>> {
+        self.with(move |c| {
+            let (before_at, before_id) = filter.before.map_or((None, None), |(at, id)| (Some(at.0), Some(id)));
+            let mut statement = c.prepare_cached(&format!(
+                "{SESSION_SELECT}
+                 WHERE (?1 IS NULL OR s.user_id = ?1) AND (?2 IS NULL OR s.agent_id = ?2)
+                   AND (?3 IS NULL OR s.status = ?3)
+                   AND (?4 IS NULL OR (s.inserted_at, s.id) < (?4, ?5))
+                 ORDER BY s.inserted_at DESC, s.id DESC LIMIT ?6"
+            ))?;
+            statement
+                .query_map(
+                    params![
+                        filter.user_id,
+                        filter.agent_id,
+                        filter.status.map(|s| s.as_str()),
+                        before_at,
+                        before_id,
+                        filter.limit as i64
+                    ],
+                    session_from_row,
+                )?
+                .collect()
+        })
+        .await
+    }
+
+    pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
+        self.with(move |c| {
+            let mut statement =
+                c.prepare_cached(&format!("{AGENT_SELECT} WHERE (?1 IS NULL OR status = ?1) ORDER BY name, id"))?;
+            statement.query_map(params![status.map(|s| s.as_str())], agent_from_row)?.collect()
+        })
+        .await
+    }
+
+    pub async fn get_agent(&self, id: &str) -> Result<Option<Agent>> {
+        let id = id.to_string();
+        self.with(move |c| c.query_row(&format!("{AGENT_SELECT} WHERE id = ?1"), [id], agent_from_row).optional())
+            .await
+    }
+
+    pub async fn insert_agent(&self, agent: Agent) -> Result<()> {
+        let inserted = self
+            .with(move |c| {
+                c.execute(
+                    "INSERT INTO agents (id, name, origin_url, webhook_path, message_history_mode,
+                        message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (id) DO NOTHING",
+                    agent_params!(agent),
+                )
+            })
+            .await?;
+        if inserted == 0 { Err(ArchiveError::Conflict) } else { Ok(()) }
+    }
+
+    pub async fn update_agent(&self, agent: Agent) -> Result<()> {
+        self.with(move |c| {
+            c.execute(
+                "UPDATE agents SET name = ?2, origin_url = ?3, webhook_path = ?4, message_history_mode = ?5,
+                    message_history_limit = ?6, timeout_ms = ?7, debounce_window_ms = ?8, headers = ?9,
+                    status = ?10, inserted_at = ?11, updated_at = ?12
+                 WHERE id = ?1",
+                agent_params!(agent),
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+}
+
+/// Writes new sessions, messages, session state and read cursors (not the watermark).
+fn write_rows(tx: &rusqlite::Transaction<'_>, rows: &FlushRows) -> rusqlite::Result<()> {
+    let mut insert_session = tx.prepare_cached(
+        "INSERT INTO sessions (id, user_id, agent_id, status, metadata, last_seq, nonuser_count,
+            last_activity_at, inserted_at, updated_at)
+         VALUES (?1, ?2, ?3, 'active', ?4, 0, 0, ?5, ?5, ?5) ON CONFLICT (id) DO NOTHING",
+    )?;
+    for s in &rows.new_sessions {
+        insert_session.execute(params![&*s.id, s.user_id, s.agent_id, s.metadata.get(), s.inserted_at.0])?;
+    }
+    let mut insert_message = tx.prepare_cached(
+        "INSERT INTO messages (session_id, seq, id, sender_id, kind, content, metadata, client_id,
+            fingerprint, nonuser_through, inserted_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING",
+    )?;
+    for r in &rows.messages {
+        let m = &r.message;
+        insert_message.execute(params![
+            &*m.session_id,
+            m.seq as i64,
+            m.id,
+            m.sender_id,
+            m.kind,
+            m.content.get(),
+            m.metadata.get(),
+            r.client_id,
+            r.fingerprint as i64,
+            r.nonuser_through as i64,
+            m.inserted_at.0
+        ])?;
+    }
+    let mut update_activity = tx.prepare_cached(
+        "UPDATE sessions SET last_seq = ?2, nonuser_count = ?3, last_activity_at = ?4,
+            last_sender_id = ?5, last_message_preview = ?6, updated_at = MAX(updated_at, ?7)
+         WHERE id = ?1 AND last_seq < ?2",
+    )?;
+    let mut update_status = tx.prepare_cached(
+        "UPDATE sessions SET status = 'archived', updated_at = MAX(updated_at, ?2) WHERE id = ?1",
+    )?;
+    for u in &rows.session_updates {
+        if let Some(activity) = &u.last_activity {
+            update_activity.execute(params![
+                &*u.session_id,
+                u.last_seq as i64,
+                u.nonuser_count as i64,
+                activity.at.0,
+                activity.sender_id,
+                activity.preview,
+                u.updated_at.0
+            ])?;
+        }
+        if u.archived {
+            update_status.execute(params![&*u.session_id, u.updated_at.0])?;
+        }
+    }
+    let mut upsert_cursor = tx.prepare_cached(
+        "INSERT INTO read_cursors (session_id, user_id, read_seq, nonuser_through)
+         SELECT id, user_id, ?2, ?3 FROM sessions WHERE id = ?1
+         ON CONFLICT (session_id, user_id) DO UPDATE SET read_seq = excluded.read_seq,
+            nonuser_through = excluded.nonuser_through
+         WHERE excluded.read_seq > read_cursors.read_seq",
+    )?;
+    for (session_id, cursor) in &rows.read_cursors {
+        upsert_cursor.execute(params![session_id, cursor.read_seq as i64, cursor.nonuser_through as i64])?;
+    }
+    Ok(())
+}
+
+macro_rules! agent_params {
+    ($agent:ident) => {
+        params![
+            $agent.id,
+            $agent.name,
+            $agent.origin_url,
+            $agent.webhook_path,
+            $agent.message_history_mode.as_str(),
+            $agent.message_history_limit,
+            $agent.timeout_ms,
+            $agent.debounce_window_ms,
+            serde_json::to_string(&$agent.headers).expect("headers serialize"),
+            $agent.status.as_str(),
+            $agent.inserted_at.0,
+            $agent.updated_at.0
+        ]
+    };
+}
+use agent_params;
+
+pub(super) const SESSION_SELECT: &str = "SELECT s.id, s.user_id, s.agent_id, s.status, s.metadata, s.last_seq,
+    s.nonuser_count, s.last_activity_at, s.last_sender_id, s.last_message_preview, s.inserted_at, s.updated_at,
+    COALESCE(c.read_seq, 0), COALESCE(c.nonuser_through, 0)
+    FROM sessions s LEFT JOIN read_cursors c ON c.session_id = s.id AND c.user_id = s.user_id";
+
+pub(super) const MESSAGE_SELECT: &str = "SELECT session_id, seq, id, sender_id, kind, content, metadata, client_id,
+    fingerprint, nonuser_through, inserted_at FROM messages";
+
+pub(super) const AGENT_SELECT: &str = "SELECT id, name, origin_url, webhook_path, message_history_mode,
+    message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at FROM agents";
+
+fn conversion_error(column: usize, error: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, error.into())
+}
+
+fn session_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionView> {
+    super::rows::session_view(super::rows::SessionColumns {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        agent_id: r.get(2)?,
+        status: r.get(3)?,
+        metadata: r.get(4)?,
+        last_seq: r.get(5)?,
+        nonuser_count: r.get(6)?,
+        last_activity_at: r.get(7)?,
+        last_sender_id: r.get(8)?,
+        last_message_preview: r.get(9)?,
+        inserted_at: r.get(10)?,
+        updated_at: r.get(11)?,
+        read_seq: r.get(12)?,
+        read_nonuser_through: r.get(13)?,
+    })
+    .map_err(|e| conversion_error(4, e))
+}
+
+fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRecord> {
+    super::rows::message_record(super::rows::MessageColumns {
+        session_id: r.get(0)?,
+        seq: r.get(1)?,
+        id: r.get(2)?,
+        sender_id: r.get(3)?,
+        kind: r.get(4)?,
+        content: r.get(5)?,
+        metadata: r.get(6)?,
+        client_id: r.get(7)?,
+        fingerprint: r.get(8)?,
+        nonuser_through: r.get(9)?,
+        inserted_at: r.get(10)?,
+    })
+    .map_err(|e| conversion_error(5, e))
+}
+
+fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Agent> {
+    super::rows::agent(super::rows::AgentColumns {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        origin_url: r.get(2)?,
+        webhook_path: r.get(3)?,
+        message_history_mode: r.get(4)?,
+        message_history_limit: r.get(5)?,
+        timeout_ms: r.get(6)?,
+        debounce_window_ms: r.get(7)?,
+        headers: r.get(8)?,
+        status: r.get(9)?,
+        inserted_at: r.get(10)?,
+        updated_at: r.get(11)?,
+    })
+    .map_err(|e| conversion_error(8, e))
+}

@@ -1,0 +1,243 @@
+//! Wiring: data directory (lock, layout), WAL, archive, shard writers, flushers, HTTP server,
+//! and the orderly shutdown.
+//!
+//! Architecture invariant: startup and shutdown order lives here and only here.
+
+use std::fs::{self, File};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::api::{self, AppState};
+use crate::archive::{Archive, Flusher, FlusherOptions};
+use crate::auth::AuthMode;
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, DEFAULT_SHARDS};
+use crate::shard::writer::{Command, ShardWriter};
+use crate::shard::{ShardState, Shards, Writer};
+use crate::wal::{Wal, WalOptions};
+
+/// Commands that may wait for one shard writer.
+const SHARD_QUEUE_DEPTH: usize = 4096;
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// What a data directory records about itself at creation.
+#[derive(Serialize, Deserialize)]
+struct DataDirLayout {
+    format: u32,
+    shards: u16,
+}
+
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    pub archive_description: String,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningServer {
+    /// Asks the server to drain and stop, and waits until it has.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.task.await.context("server task panicked")?
+    }
+
+    /// A handle that triggers shutdown from elsewhere (signal handlers).
+    pub fn shutdown_trigger(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task panicked")?
+    }
+}
+
+/// Opens everything and starts serving; returns once the listener is bound.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    let config = Arc::new(config);
+    fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let lock = lock_data_dir(&config.data_dir)?;
+    let shard_count = read_or_create_layout(&config.data_dir, config.shards)?;
+
+    let wal_options = WalOptions {
+        lanes: config.wal_lanes,
+        shard_count,
+        segment_bytes: config.wal_segment_bytes,
+        max_batch_bytes: config.wal_max_batch_bytes(),
+        queue_depth: SHARD_QUEUE_DEPTH,
+    };
+    let wal_dir = config.data_dir.join("wal");
+    let (wal, events) = tokio::task::spawn_blocking(move || Wal::open(&wal_dir, wal_options))
+        .await?
+        .context("cannot open the write-ahead log")?;
+    for event in &events {
+        tracing::warn!(?event, "wal recovery");
+    }
+    let wal = Arc::new(wal);
+
+    let archive = match &config.database_url {
+        Some(url) => Archive::connect_postgres(url).await.context("cannot connect to the Postgres archive")?,
+        None => Archive::open_sqlite(&config.data_dir.join("archive.sqlite3")).context("cannot open the SQLite archive")?,
+    };
+    archive.migrate().await.context("archive migration failed")?;
+    let archive_description = match &config.database_url {
+        Some(_) => "postgres".to_string(),
+        None => format!("sqlite at {}", config.data_dir.join("archive.sqlite3").display()),
+    };
+
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (shutdown_sender, shutdown) = watch::channel(false);
+    let mut senders = Vec::with_capacity(shard_count as usize);
+    let mut writer_states = Vec::with_capacity(shard_count as usize);
+    let mut writer_tasks = Vec::with_capacity(shard_count as usize);
+    let mut flusher_tasks = Vec::with_capacity(shard_count as usize);
+    for shard in 0..shard_count {
+        let (sender, receiver) = mpsc::channel::<Command>(SHARD_QUEUE_DEPTH);
+        let writer_state = Arc::new(Writer::default());
+        let flush_wakeup = Arc::new(Notify::new());
+        let writer = ShardWriter {
+            shard,
+            wal: wal.clone(),
+            archive: archive.clone(),
+            clock: clock.clone(),
+            state: ShardState::new(0),
+            unavailable: None,
+            last_inserted_at: 0,
+            flush_wakeup: flush_wakeup.clone(),
+            flush_threshold_bytes: config.flush_threshold_bytes,
+            unflushed_bytes: 0,
+            wal_budget_bytes: config.wal_budget_bytes,
+            entry_soft_limit_bytes: config.wal_max_batch_bytes() / 2,
+            writer_state: writer_state.clone(),
+        };
+        writer_tasks.push(tokio::spawn(writer.run(receiver)));
+        let flusher = Flusher {
+            shard,
+            wal: wal.clone(),
+            archive: archive.clone(),
+            shard_commands: sender.clone(),
+            wakeup: flush_wakeup,
+            options: FlusherOptions {
+                interval: config.flush_interval,
+                max_entries_per_flush: 512,
+                max_backoff: Duration::from_secs(5),
+            },
+        };
+        flusher_tasks.push(tokio::spawn(flusher.run(shutdown.clone())));
+        senders.push(sender);
+        writer_states.push(writer_state);
+    }
+    let shards = Shards::new(senders, writer_states, wal.clone(), archive);
+    let sweeper = tokio::spawn(sweep(shards.clone(), config.session_idle, shutdown.clone()));
+
+    let auth = match &config.auth_secret {
+        Some(secret) => AuthMode::Token { secret: secret.as_bytes().to_vec(), api_key: config.api_key.clone() },
+        None => AuthMode::Open,
+    };
+    let draining = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(AppState {
+        shards,
+        config: config.clone(),
+        auth,
+        metrics: crate::metrics::prometheus(),
+        draining: draining.clone(),
+        clock,
+    });
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    let local_addr = listener.local_addr()?;
+    let app = api::router(state);
+
+    let mut http_shutdown = shutdown.clone();
+    let shutdown_deadline = config.shutdown_deadline;
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = http_shutdown.wait_for(|stop| *stop).await;
+            draining.store(true, Ordering::Release);
+        });
+        serve.await.context("http server failed")?;
+        // Requests in flight have been answered; the flushers now make their last pass.
+        let flushers = futures_join_all(flusher_tasks);
+        if tokio::time::timeout(shutdown_deadline, flushers).await.is_err() {
+            tracing::warn!("final archive flush did not finish within the deadline; the wal keeps the rest");
+        }
+        sweeper.abort();
+        for task in writer_tasks {
+            task.abort();
+        }
+        match Arc::try_unwrap(wal) {
+            Ok(wal) => tokio::task::spawn_blocking(move || wal.shutdown()).await?,
+            Err(_) => tracing::debug!("wal still referenced at shutdown; its threads stop with the process"),
+        }
+        drop(lock);
+        Ok(())
+    });
+    Ok(RunningServer { local_addr, archive_description, shutdown: shutdown_sender, task })
+}
+
+async fn futures_join_all(tasks: Vec<JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+async fn sweep(shards: Shards, idle_for: Duration, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP_INTERVAL) => shards.sweep(idle_for).await,
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Takes the data directory's lock file, refusing if another process holds it.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
+    let path = data_dir.join("LOCK");
+    let file = File::options().create(true).truncate(false).write(true).open(&path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("data directory {} is in use by another fleetlm process", data_dir.display())
+        }
+        Err(std::fs::TryLockError::Error(error)) => Err(error).context("cannot lock the data directory"),
+    }
+}
+
+/// Reads the shard count the data directory was created with, or records it for a new one.
+fn read_or_create_layout(data_dir: &Path, requested_shards: Option<u16>) -> anyhow::Result<u16> {
+    let path: PathBuf = data_dir.join("fleetlm.json");
+    if path.exists() {
+        let layout: DataDirLayout = serde_json::from_slice(&fs::read(&path)?)
+            .with_context(|| format!("{} is not a valid layout file", path.display()))?;
+        if let Some(requested) = requested_shards
+            && requested != layout.shards
+        {
+            bail!(
+                "invalid configuration: shards: the data directory was created with {} shards; it cannot change to {requested}",
+                layout.shards
+            );
+        }
+        return Ok(layout.shards);
+    }
+    let layout = DataDirLayout { format: 1, shards: requested_shards.unwrap_or(DEFAULT_SHARDS) };
+    let temporary = data_dir.join("fleetlm.json.tmp");
+    fs::write(&temporary, serde_json::to_vec_pretty(&layout)?)?;
+    File::open(&temporary)?.sync_all()?;
+    fs::rename(&temporary, &path)?;
+    File::open(data_dir)?.sync_all()?;
+    Ok(layout.shards)
+}

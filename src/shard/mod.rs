@@ -1,0 +1,386 @@
+//! Shards: the single writers of sessions, and the router that reaches them.
+//!
+//! A session belongs to shard `xxh3(session_id) % shard_count`. The router sends each request
+//! to that shard's writer task; when the writer does not have the session in memory the router
+//! loads it from the archive, installs it and asks again. Reads that reach past the hot tail are
+//! completed here from the WAL and the archive, merged by seq.
+//!
+//! Architecture invariant: only the shard writer assigns seq, id and inserted_at; a session with
+//! records not yet archived is never evicted, so "not in memory" always means "archive is truth".
+
+pub mod ops;
+pub mod session;
+mod state;
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::archive::{Archive, ArchiveError};
+use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionView};
+use crate::wal::Wal;
+pub use state::ShardState;
+use session::WalPosition;
+use writer::Command;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ShardError {
+    #[error("session not found")]
+    NotFound,
+    #[error("not a participant of this session")]
+    NotParticipant,
+    #[error("session is archived")]
+    Archived,
+    #[error("expected_seq does not match the session's last seq {last_seq}")]
+    SeqConflict { last_seq: u64 },
+    #[error("client_id was already used for a different message")]
+    ClientIdConflict,
+    #[error("session already exists")]
+    SessionExists,
+    #[error("the write-ahead log is over its budget")]
+    Overloaded,
+    #[error("shard unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// Internal: the writer does not hold the session; load it from the archive and retry.
+    #[error("session not loaded")]
+    NotLoaded,
+    /// Internal: the writer needs the non-user count at `seq` to move the read cursor there.
+    #[error("read cursor target is not in memory")]
+    NeedsCursorAt { seq: u64 },
+}
+
+/// A validated append, as the edge hands it to the shard.
+#[derive(Debug)]
+pub struct AppendRequest {
+    pub session_id: String,
+    pub sender_id: String,
+    pub sender_is_user: bool,
+    pub kind: String,
+    pub content: Box<RawValue>,
+    pub metadata: Box<RawValue>,
+    pub client_id: Option<String>,
+    pub expected_seq: Option<u64>,
+    pub fingerprint: u64,
+    /// The archive was searched for `client_id` among messages below this seq.
+    pub archive_checked_below: Option<u64>,
+}
+
+pub enum AppendOutcome {
+    Appended(Arc<MessageRecord>),
+    /// Same `client_id`, same body: the original message at `seq`.
+    Duplicate { seq: u64 },
+    /// The writer does not hold the session: load it and send the request again.
+    NotLoaded(Box<AppendRequest>),
+    /// Client ids of messages below `below` are only in the archive: look there, then retry.
+    CheckClientIdInArchive { below: u64, request: Box<AppendRequest> },
+}
+
+pub struct AppendResult {
+    pub record: Arc<MessageRecord>,
+    pub deduplicated: bool,
+}
+
+pub struct ReadPlan {
+    pub hot: Vec<Arc<MessageRecord>>,
+    pub wal: Vec<WalPosition>,
+    pub archive_range: Option<(u64, u64)>,
+    pub has_more: bool,
+    pub last_seq: u64,
+    pub session: SessionView,
+}
+
+pub struct MessagePage {
+    pub messages: Vec<Arc<MessageRecord>>,
+    pub has_more: bool,
+    pub session: SessionView,
+}
+
+/// What the outside may know of a shard writer: recovered yet, or unavailable and why.
+#[derive(Default)]
+pub struct Writer {
+    pub recovered: AtomicBool,
+    unavailable: Mutex<Option<String>>,
+}
+
+impl Writer {
+    pub fn set_unavailable(&self, reason: String) {
+        *self.unavailable.lock().expect("writer state lock") = Some(reason);
+    }
+
+    pub fn unavailable(&self) -> Option<String> {
+        self.unavailable.lock().expect("writer state lock").clone()
+    }
+}
+
+#[derive(Clone)]
+pub struct Shards {
+    inner: Arc<ShardsInner>,
+}
+
+struct ShardsInner {
+    senders: Vec<mpsc::Sender<Command>>,
+    writers: Vec<Arc<Writer>>,
+    wal: Arc<Wal>,
+    archive: Archive,
+}
+
+/// How many times a request is retried after loading a session or checking the archive.
+const MAX_ROUNDS: usize = 4;
+
+impl Shards {
+    pub fn new(senders: Vec<mpsc::Sender<Command>>, writers: Vec<Arc<Writer>>, wal: Arc<Wal>, archive: Archive) -> Shards {
+        Shards { inner: Arc::new(ShardsInner { senders, writers, wal, archive }) }
+    }
+
+    pub fn shard_count(&self) -> u16 {
+        self.inner.senders.len() as u16
+    }
+
+    pub fn shard_of(&self, session_id: &str) -> u16 {
+        crate::ids::shard_for_session(session_id, self.shard_count())
+    }
+
+    /// `(shard, reason)` for every shard that is not recovered or refuses writes.
+    pub fn not_ready(&self) -> Vec<(u16, String)> {
+        let mut problems = Vec::new();
+        for (shard, writer) in self.inner.writers.iter().enumerate() {
+            if let Some(reason) = writer.unavailable() {
+                problems.push((shard as u16, reason));
+            } else if !writer.recovered.load(Ordering::Acquire) {
+                problems.push((shard as u16, "recovering".to_string()));
+            }
+        }
+        problems
+    }
+
+    async fn call<T>(&self, shard: u16, make: impl FnOnce(oneshot::Sender<Result<T, ShardError>>) -> Command) -> Result<T, ShardError> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || ShardError::Unavailable("shard writer stopped".into());
+        self.inner.senders[shard as usize].send(make(reply)).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Loads the session from the archive into its shard. `Ok(false)` if it does not exist.
+    async fn load(&self, shard: u16, session_id: &str) -> Result<bool, ShardError> {
+        let Some(loaded) = self.inner.archive.load_session(session_id).await? else { return Ok(false) };
+        metrics::counter!("fleetlm_sessions_loaded_total").increment(1);
+        let command = Command::Install { loaded: Box::new(loaded) };
+        self.inner.senders[shard as usize]
+            .send(command)
+            .await
+            .map_err(|_| ShardError::Unavailable("shard writer stopped".into()))?;
+        Ok(true)
+    }
+
+    /// Runs `make` against the session's shard, loading the session when the writer asks.
+    async fn with_session<T>(
+        &self,
+        session_id: &str,
+        mut make: impl FnMut(oneshot::Sender<Result<T, ShardError>>) -> Command,
+    ) -> Result<T, ShardError> {
+        let shard = self.shard_of(session_id);
+        for _ in 0..MAX_ROUNDS {
+            match self.call(shard, &mut make).await {
+                Err(ShardError::NotLoaded) => {
+                    if !self.load(shard, session_id).await? {
+                        return Err(ShardError::NotFound);
+                    }
+                }
+                other => return other,
+            }
+        }
+        Err(ShardError::Unavailable("session could not be loaded".into()))
+    }
+
+    pub async fn create_session(&self, session: SessionRecord) -> Result<SessionView, ShardError> {
+        let shard = self.shard_of(&session.id);
+        let mut known_absent = false;
+        for _ in 0..MAX_ROUNDS {
+            let attempt = session.clone();
+            match self.call(shard, |reply| Command::Create { session: attempt, known_absent, reply }).await {
+                Err(ShardError::NotLoaded) => known_absent = !self.load(shard, &session.id).await?,
+                other => return other,
+            }
+        }
+        Err(ShardError::Unavailable("session could not be created".into()))
+    }
+
+    pub async fn view(&self, session_id: &str) -> Result<SessionView, ShardError> {
+        self.with_session(session_id, |reply| Command::View { session_id: session_id.to_string(), reply }).await
+    }
+
+    pub async fn archive_session(&self, session_id: &str) -> Result<SessionView, ShardError> {
+        self.with_session(session_id, |reply| Command::Archive { session_id: session_id.to_string(), reply }).await
+    }
+
+    pub async fn append(&self, request: AppendRequest) -> Result<AppendResult, ShardError> {
+        let session_id = request.session_id.clone();
+        let shard = self.shard_of(&session_id);
+        let mut request = Box::new(request);
+        for _ in 0..MAX_ROUNDS {
+            match self.call(shard, |reply| Command::Append { request, reply }).await? {
+                AppendOutcome::Appended(record) => return Ok(AppendResult { record, deduplicated: false }),
+                AppendOutcome::Duplicate { seq } => {
+                    let record = self.read_one(&session_id, seq).await?;
+                    return Ok(AppendResult { record, deduplicated: true });
+                }
+                AppendOutcome::NotLoaded(returned) => {
+                    if !self.load(shard, &session_id).await? {
+                        return Err(ShardError::NotFound);
+                    }
+                    request = returned;
+                }
+                AppendOutcome::CheckClientIdInArchive { below, request: mut returned } => {
+                    let client_id = returned.client_id.as_deref().unwrap_or_default();
+                    if let Some(original) = self.inner.archive.find_by_client_id(&session_id, client_id).await? {
+                        return if original.fingerprint == returned.fingerprint {
+                            Ok(AppendResult { record: Arc::new(original), deduplicated: true })
+                        } else {
+                            Err(ShardError::ClientIdConflict)
+                        };
+                    }
+                    returned.archive_checked_below = Some(below);
+                    request = returned;
+                }
+            }
+        }
+        Err(ShardError::Unavailable("append could not be completed".into()))
+    }
+
+    pub async fn move_read_cursor(&self, session_id: &str, user_id: &str, read_seq: u64) -> Result<SessionView, ShardError> {
+        let mut known: Option<ReadCursor> = None;
+        for _ in 0..MAX_ROUNDS {
+            let result = self
+                .with_session(session_id, |reply| Command::MoveReadCursor {
+                    session_id: session_id.to_string(),
+                    user_id: user_id.to_string(),
+                    read_seq,
+                    known,
+                    reply,
+                })
+                .await;
+            match result {
+                Err(ShardError::NeedsCursorAt { seq }) => {
+                    let record = self.read_one(session_id, seq).await?;
+                    known = Some(ReadCursor { read_seq: seq, nonuser_through: record.nonuser_through });
+                }
+                other => return other,
+            }
+        }
+        Err(ShardError::Unavailable("read cursor could not be moved".into()))
+    }
+
+    async fn read_one(&self, session_id: &str, seq: u64) -> Result<Arc<MessageRecord>, ShardError> {
+        let page = self.read_messages(session_id, seq - 1, 1).await?;
+        page.messages.into_iter().next().ok_or_else(|| ShardError::Unavailable(format!("message {seq} is missing")))
+    }
+
+    /// Messages with `seq > after_seq`, ascending, at most `limit`: hot tail, WAL and archive
+    /// merged by seq. A WAL segment deleted between plan and read (the archive has it by then)
+    /// makes the plan stale; it is then made again.
+    pub async fn read_messages(&self, session_id: &str, after_seq: u64, limit: usize) -> Result<MessagePage, ShardError> {
+        let mut last_problem = String::new();
+        for _ in 0..MAX_ROUNDS {
+            let plan = self
+                .with_session(session_id, |reply| Command::PlanRead {
+                    session_id: session_id.to_string(),
+                    after_seq,
+                    limit,
+                    reply,
+                })
+                .await?;
+            match self.execute_plan(session_id, plan).await {
+                Ok(page) => return Ok(page),
+                Err(problem) => last_problem = problem,
+            }
+        }
+        Err(ShardError::Unavailable(format!("could not read messages: {last_problem}")))
+    }
+
+    async fn execute_plan(&self, session_id: &str, plan: ReadPlan) -> Result<MessagePage, String> {
+        let mut messages: Vec<Arc<MessageRecord>> = Vec::new();
+        if let Some((from, to)) = plan.archive_range {
+            let archived = self.inner.archive.read_messages(session_id, from, to).await.map_err(|e| e.to_string())?;
+            messages.extend(archived.into_iter().map(Arc::new));
+        }
+        if !plan.wal.is_empty() {
+            messages.extend(self.read_from_wal(session_id, &plan.wal).await?);
+        }
+        messages.extend(plan.hot);
+        for pair in messages.windows(2) {
+            if pair[1].message.seq != pair[0].message.seq + 1 {
+                return Err(format!("gap between seq {} and {}", pair[0].message.seq, pair[1].message.seq));
+            }
+        }
+        Ok(MessagePage { messages, has_more: plan.has_more, session: plan.session })
+    }
+
+    async fn read_from_wal(&self, session_id: &str, positions: &[WalPosition]) -> Result<Vec<Arc<MessageRecord>>, String> {
+        let shard = self.shard_of(session_id);
+        let wal = self.inner.wal.clone();
+        let positions = positions.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut entries: BTreeMap<u64, Vec<ops::Op>> = BTreeMap::new();
+            let first_index = positions.first().map_or(0, |p| p.log_index);
+            let last_index = positions.last().map_or(0, |p| p.log_index);
+            let span = (last_index - first_index + 1) as usize;
+            for (log_id, body) in wal.read_entries(shard, first_index, span).map_err(|e| e.to_string())? {
+                entries.insert(log_id.index, ops::decode_entry(&body).map_err(|e| e.to_string())?);
+            }
+            positions
+                .iter()
+                .map(|position| match entries.get(&position.log_index).and_then(|ops| ops.get(position.op_position as usize)) {
+                    Some(ops::Op::MessageAppended(record)) if record.message.seq == position.seq => Ok(Arc::new(record.clone())),
+                    _ => Err(format!("wal entry {} no longer holds seq {}", position.log_index, position.seq)),
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Replaces archive views with the shards' in-memory views where a shard holds the session
+    /// (the archive may lag; a session not in memory has nothing unarchived).
+    pub async fn overlay(&self, views: Vec<SessionView>) -> Vec<SessionView> {
+        let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (position, view) in views.iter().enumerate() {
+            by_shard.entry(self.shard_of(&view.record.id)).or_default().push(position);
+        }
+        let mut views = views;
+        for (shard, positions) in by_shard {
+            let session_ids = positions.iter().map(|p| views[*p].record.id.clone()).collect();
+            let (reply, answer) = oneshot::channel();
+            if self.inner.senders[shard as usize].send(Command::Overlay { session_ids, reply }).await.is_err() {
+                continue;
+            }
+            let Ok(fresh) = answer.await else { continue };
+            for (position, fresh) in positions.into_iter().zip(fresh) {
+                if let Some(fresh) = fresh {
+                    views[position] = fresh;
+                }
+            }
+        }
+        views
+    }
+
+    /// Asks every shard to forget idle, fully archived sessions.
+    pub async fn sweep(&self, idle_for: std::time::Duration) {
+        for sender in &self.inner.senders {
+            let _ = sender.send(Command::Sweep { idle_for }).await;
+        }
+    }
+
+    pub fn archive(&self) -> &Archive {
+        &self.inner.archive
+    }
+
+    pub fn wal(&self) -> &Arc<Wal> {
+        &self.inner.wal
+    }
+}

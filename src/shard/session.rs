@@ -1,0 +1,162 @@
+//! One session's in-memory state, a pure fold over its log operations, plus the hot tail.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::model::{LastActivity, MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView, Timestamp};
+
+/// Messages kept in memory per active session.
+pub const HOT_TAIL_LEN: usize = 128;
+/// Client ids remembered per session before archived ones may be forgotten.
+pub const CLIENT_ID_WINDOW: usize = 1024;
+
+/// Where a message that is not archived yet sits in the WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalPosition {
+    pub seq: u64,
+    pub log_index: u64,
+    pub op_position: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIdEntry {
+    pub seq: u64,
+    pub fingerprint: u64,
+    pub log_index: u64,
+}
+
+pub struct SessionState {
+    pub record: SessionRecord,
+    pub status: SessionStatus,
+    pub last_seq: u64,
+    pub nonuser_count: u64,
+    pub read_cursor: ReadCursor,
+    pub last_activity: LastActivity,
+    pub updated_at: Timestamp,
+    /// The newest messages, ascending by seq, contiguous, ending at `last_seq`.
+    pub hot_tail: VecDeque<Arc<MessageRecord>>,
+    /// Messages in the WAL but not yet in the archive, ascending.
+    pub unarchived: VecDeque<WalPosition>,
+    /// Highest seq known to be in the archive.
+    pub archived_seq: u64,
+    /// Highest log index that touched this session; it may be evicted once that is archived.
+    pub last_log_index: u64,
+    pub client_ids: HashMap<String, ClientIdEntry>,
+    pub client_id_order: VecDeque<(u64, String)>,
+    /// Every message with `seq >= client_ids_complete_from` has its client id (if any) in
+    /// `client_ids`; older ones must be looked up in the archive.
+    pub client_ids_complete_from: u64,
+    pub last_used: Instant,
+}
+
+impl SessionState {
+    pub fn new(record: SessionRecord, now: Instant) -> SessionState {
+        let created_at = record.inserted_at;
+        SessionState {
+            record,
+            status: SessionStatus::Active,
+            last_seq: 0,
+            nonuser_count: 0,
+            read_cursor: ReadCursor::default(),
+            last_activity: LastActivity { at: created_at, sender_id: None, preview: None },
+            updated_at: created_at,
+            hot_tail: VecDeque::new(),
+            unarchived: VecDeque::new(),
+            archived_seq: 0,
+            last_log_index: 0,
+            client_ids: HashMap::new(),
+            client_id_order: VecDeque::new(),
+            client_ids_complete_from: 1,
+            last_used: now,
+        }
+    }
+
+    pub fn view(&self) -> SessionView {
+        SessionView {
+            record: self.record.clone(),
+            status: self.status,
+            last_seq: self.last_seq,
+            nonuser_count: self.nonuser_count,
+            read_cursor: self.read_cursor,
+            last_activity: self.last_activity.clone(),
+            updated_at: self.updated_at,
+        }
+    }
+
+    /// Applies an appended message. `position` is where it sits in the WAL, `None` when it was
+    /// loaded from the archive.
+    pub fn apply_message(&mut self, record: Arc<MessageRecord>, position: Option<WalPosition>) {
+        let message = &record.message;
+        debug_assert_eq!(message.seq, self.last_seq + 1, "seqs are contiguous");
+        self.last_seq = message.seq;
+        self.nonuser_count = record.nonuser_through;
+        self.last_activity = LastActivity {
+            at: message.inserted_at,
+            sender_id: Some(message.sender_id.clone()),
+            preview: crate::model::message_preview(&message.content),
+        };
+        self.updated_at = message.inserted_at;
+        if let Some(client_id) = &record.client_id {
+            let log_index = position.map_or(0, |p| p.log_index);
+            let entry = ClientIdEntry { seq: message.seq, fingerprint: record.fingerprint, log_index };
+            self.client_ids.insert(client_id.clone(), entry);
+            self.client_id_order.push_back((message.seq, client_id.clone()));
+        }
+        match position {
+            Some(position) => {
+                self.unarchived.push_back(position);
+                self.last_log_index = self.last_log_index.max(position.log_index);
+            }
+            None => self.archived_seq = message.seq,
+        }
+        self.hot_tail.push_back(record);
+        if self.hot_tail.len() > HOT_TAIL_LEN {
+            self.hot_tail.pop_front();
+        }
+    }
+
+    /// Everything up to `log_index` is in the archive now.
+    pub fn mark_archived_through(&mut self, log_index: u64) {
+        while let Some(front) = self.unarchived.front() {
+            if front.log_index > log_index {
+                break;
+            }
+            self.archived_seq = self.archived_seq.max(front.seq);
+            self.unarchived.pop_front();
+        }
+        while self.client_ids.len() > CLIENT_ID_WINDOW {
+            let Some((seq, client_id)) = self.client_id_order.front().cloned() else { break };
+            let archived = self.client_ids.get(&client_id).is_none_or(|entry| entry.log_index <= log_index);
+            if !archived {
+                break;
+            }
+            self.client_id_order.pop_front();
+            if self.client_ids.get(&client_id).is_some_and(|entry| entry.seq == seq) {
+                self.client_ids.remove(&client_id);
+            }
+            self.client_ids_complete_from = seq + 1;
+        }
+    }
+
+    /// First seq served from memory.
+    pub fn hot_tail_start(&self) -> u64 {
+        self.hot_tail.front().map_or(self.last_seq + 1, |m| m.message.seq)
+    }
+
+    pub fn hot_message(&self, seq: u64) -> Option<&Arc<MessageRecord>> {
+        let start = self.hot_tail_start();
+        if seq < start {
+            return None;
+        }
+        self.hot_tail.get((seq - start) as usize)
+    }
+
+    pub fn wal_position(&self, seq: u64) -> Option<WalPosition> {
+        let first = self.unarchived.front()?.seq;
+        if seq < first {
+            return None;
+        }
+        self.unarchived.get((seq - first) as usize).copied()
+    }
+}

@@ -1,0 +1,113 @@
+//! A shard's state: its sessions, as a pure fold over its log operations.
+//!
+//! Architecture invariant: `apply` is the only way state changes, live or in recovery, so the
+//! state after a restart equals the state before it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::ops::Op;
+use super::session::{SessionState, WalPosition};
+use crate::archive::LoadedSession;
+use crate::model::SessionStatus;
+
+pub struct ShardState {
+    pub sessions: HashMap<Arc<str>, SessionState>,
+    /// Log index of the newest entry this state includes.
+    pub applied_index: u64,
+    /// Log index up to which the archive holds everything.
+    pub archived_index: u64,
+}
+
+impl ShardState {
+    pub fn new(archived_index: u64) -> ShardState {
+        ShardState { sessions: HashMap::new(), applied_index: archived_index, archived_index }
+    }
+
+    /// Applies one operation of the entry at `log_index`. Operations already reflected (a
+    /// message at or below the session's last seq, loaded from the archive) are skipped.
+    pub fn apply(&mut self, op: &Op, log_index: u64, op_position: u32, now: Instant) {
+        match op {
+            Op::SessionCreated(record) => {
+                let state = self
+                    .sessions
+                    .entry(record.id.clone())
+                    .or_insert_with(|| SessionState::new(record.clone(), now));
+                state.last_log_index = state.last_log_index.max(log_index);
+            }
+            Op::MessageAppended(record) => {
+                let Some(state) = self.sessions.get_mut(&*record.message.session_id) else { return };
+                if record.message.seq <= state.last_seq {
+                    return;
+                }
+                let position = WalPosition { seq: record.message.seq, log_index, op_position };
+                state.apply_message(Arc::new(record.clone()), Some(position));
+                state.last_used = now;
+            }
+            Op::SessionArchived { session_id, at } => {
+                let Some(state) = self.sessions.get_mut(session_id.as_str()) else { return };
+                state.status = SessionStatus::Archived;
+                state.updated_at = *at;
+                state.last_log_index = state.last_log_index.max(log_index);
+            }
+            Op::ReadCursorMoved { session_id, cursor, .. } => {
+                let Some(state) = self.sessions.get_mut(session_id.as_str()) else { return };
+                if cursor.read_seq > state.read_cursor.read_seq {
+                    state.read_cursor = *cursor;
+                }
+                state.last_log_index = state.last_log_index.max(log_index);
+            }
+        }
+        self.applied_index = self.applied_index.max(log_index);
+    }
+
+    /// Installs a session loaded from the archive, unless it is already in memory.
+    pub fn install(&mut self, loaded: LoadedSession, now: Instant) {
+        let id = loaded.view.record.id.clone();
+        if self.sessions.contains_key(&id) {
+            return;
+        }
+        let view = loaded.view;
+        let mut state = SessionState::new(view.record, now);
+        state.status = view.status;
+        state.read_cursor = view.read_cursor;
+        state.updated_at = view.updated_at;
+        state.last_activity = view.last_activity;
+        let first_tail_seq = loaded.tail.first().map_or(view.last_seq + 1, |m| m.message.seq);
+        state.last_seq = first_tail_seq - 1;
+        state.archived_seq = state.last_seq;
+        state.nonuser_count = view.nonuser_count;
+        for record in loaded.tail {
+            state.apply_message(Arc::new(record), None);
+        }
+        debug_assert_eq!(state.last_seq, view.last_seq);
+        state.last_seq = view.last_seq;
+        state.nonuser_count = view.nonuser_count;
+        state.client_ids_complete_from = first_tail_seq;
+        self.sessions.insert(id, state);
+    }
+
+    pub fn mark_archived_through(&mut self, log_index: u64) {
+        if log_index <= self.archived_index {
+            return;
+        }
+        self.archived_index = log_index;
+        for state in self.sessions.values_mut() {
+            if !state.unarchived.is_empty() || state.client_ids.len() > super::session::CLIENT_ID_WINDOW {
+                state.mark_archived_through(log_index);
+            }
+        }
+    }
+
+    /// Forgets sessions unused for `idle_for` whose every record is archived; they are reloaded
+    /// from the archive on demand.
+    pub fn evict_idle(&mut self, idle_for: Duration, now: Instant) -> usize {
+        let archived_index = self.archived_index;
+        let before = self.sessions.len();
+        self.sessions.retain(|_, state| {
+            state.last_log_index > archived_index || now.duration_since(state.last_used) < idle_for
+        });
+        before - self.sessions.len()
+    }
+}

@@ -1,0 +1,456 @@
+//! The shard writer: one task per shard, the only writer of its sessions.
+//!
+//! It takes every queued command at once, validates each against the state, assigns `seq`, `id`
+//! and `inserted_at`, applies the resulting operations, writes them as one log entry, waits for
+//! the fsync, and only then answers. Answers (reads included) are never sent before the entry
+//! that the state reflects is durable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::ops::{self, Op};
+use super::session::SessionState;
+use super::state::ShardState;
+use super::{AppendOutcome, AppendRequest, ReadPlan, ShardError, Writer};
+use crate::archive::{Archive, LoadedSession};
+use crate::clock::Clock;
+use crate::ids;
+use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView};
+use crate::wal::{LogId, Wal};
+
+type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
+
+pub enum Command {
+    Create { session: SessionRecord, known_absent: bool, reply: Reply<SessionView> },
+    Append { request: Box<AppendRequest>, reply: Reply<AppendOutcome> },
+    Archive { session_id: String, reply: Reply<SessionView> },
+    MoveReadCursor { session_id: String, user_id: String, read_seq: u64, known: Option<ReadCursor>, reply: Reply<SessionView> },
+    View { session_id: String, reply: Reply<SessionView> },
+    PlanRead { session_id: String, after_seq: u64, limit: usize, reply: Reply<ReadPlan> },
+    Overlay { session_ids: Vec<Arc<str>>, reply: oneshot::Sender<Vec<Option<SessionView>>> },
+    Install { loaded: Box<LoadedSession> },
+    Archived { through_index: u64 },
+    Sweep { idle_for: Duration },
+}
+
+
+type DeferredReply = Box<dyn FnOnce(Option<&ShardError>) + Send>;
+
+fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, ShardError>) -> DeferredReply {
+    Box::new(move |failure| {
+        let result = match failure {
+            Some(error) if result.is_ok() => Err(error.clone()),
+            _ => result,
+        };
+        let _ = reply.send(result);
+    })
+}
+
+pub struct ShardWriter {
+    pub shard: u16,
+    pub wal: Arc<Wal>,
+    pub archive: Archive,
+    pub clock: Arc<dyn Clock>,
+    pub state: ShardState,
+    /// Why this shard refuses writes, if it does (degraded WAL, failed fsync, failed recovery).
+    pub unavailable: Option<String>,
+    pub last_inserted_at: i64,
+    pub flush_wakeup: Arc<tokio::sync::Notify>,
+    pub flush_threshold_bytes: usize,
+    pub unflushed_bytes: usize,
+    pub wal_budget_bytes: u64,
+    /// Stop taking commands into one entry once its operations reach this size (half the WAL
+    /// batch limit, so one more message always fits).
+    pub entry_soft_limit_bytes: usize,
+    pub writer_state: Arc<Writer>,
+}
+
+struct Batch {
+    ops: Vec<Op>,
+    bytes: usize,
+    replies: Vec<DeferredReply>,
+}
+
+impl ShardWriter {
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        self.recover().await;
+        self.writer_state.recovered.store(true, std::sync::atomic::Ordering::Release);
+        while let Some(first) = commands.recv().await {
+            let mut batch = Batch { ops: Vec::new(), bytes: 0, replies: Vec::new() };
+            let now = Instant::now();
+            self.handle(first, &mut batch, now);
+            while batch.bytes < self.entry_soft_limit_bytes {
+                match commands.try_recv() {
+                    Ok(command) => self.handle(command, &mut batch, now),
+                    Err(_) => break,
+                }
+            }
+            let failure = self.commit(&batch.ops).await;
+            for reply in batch.replies {
+                reply(failure.as_ref());
+            }
+        }
+    }
+
+    /// Writes the batch's operations as one log entry and waits for its fsync.
+    async fn commit(&mut self, ops: &[Op]) -> Option<ShardError> {
+        if ops.is_empty() {
+            return None;
+        }
+        let log_id = LogId { term: 1, index: self.state.applied_index };
+        let entry = ops::encode_entry(ops);
+        let entry_bytes = entry.len();
+        let started = Instant::now();
+        match self.wal.append(self.shard, vec![(log_id, entry)]).await {
+            Ok(()) => {
+                metrics::histogram!("fleetlm_append_commit_seconds").record(started.elapsed().as_secs_f64());
+                self.unflushed_bytes += entry_bytes;
+                if self.unflushed_bytes >= self.flush_threshold_bytes {
+                    self.flush_wakeup.notify_one();
+                }
+                None
+            }
+            Err(error) => {
+                // The state already includes these operations but the log does not: the shard
+                // must stop until a restart rebuilds it from the log.
+                tracing::error!(shard = self.shard, %error, "wal append failed; shard stops accepting commands");
+                let reason = format!("wal append failed: {error}");
+                self.unavailable = Some(reason.clone());
+                self.writer_state.set_unavailable(reason.clone());
+                Some(ShardError::Unavailable(reason))
+            }
+        }
+    }
+
+    fn push_op(&mut self, op: Op, batch: &mut Batch, now: Instant) -> u32 {
+        if batch.ops.is_empty() {
+            self.state.applied_index += 1;
+        }
+        let position = batch.ops.len() as u32;
+        batch.bytes += approximate_op_bytes(&op);
+        self.state.apply(&op, self.state.applied_index, position, now);
+        batch.ops.push(op);
+        position
+    }
+
+    fn handle(&mut self, command: Command, batch: &mut Batch, now: Instant) {
+        match command {
+            Command::Install { loaded } => self.state.install(*loaded, now),
+            Command::Archived { through_index } => self.state.mark_archived_through(through_index),
+            Command::Sweep { idle_for } => {
+                let evicted = self.state.evict_idle(idle_for, now);
+                if evicted > 0 {
+                    metrics::counter!("fleetlm_sessions_evicted_total").increment(evicted as u64);
+                }
+                metrics::gauge!("fleetlm_active_sessions", "shard" => self.shard.to_string())
+                    .set(self.state.sessions.len() as f64);
+            }
+            Command::Overlay { session_ids, reply } => {
+                let views = session_ids.iter().map(|id| self.state.sessions.get(id).map(SessionState::view)).collect();
+                batch.replies.push(Box::new(move |_| {
+                    let _ = reply.send(views);
+                }));
+            }
+            Command::View { session_id, reply } => {
+                let result = self.session(&session_id, now).map(|s| s.view());
+                batch.replies.push(defer(reply, result));
+            }
+            Command::PlanRead { session_id, after_seq, limit, reply } => {
+                let result = self.session(&session_id, now).and_then(|s| plan_read(s, after_seq, limit));
+                batch.replies.push(defer(reply, result));
+            }
+            Command::Create { session, known_absent, reply } => {
+                let result = self.create(session, known_absent, batch, now);
+                batch.replies.push(defer(reply, result));
+            }
+            Command::Append { request, reply } => {
+                let result = self.append(request, batch, now);
+                batch.replies.push(defer(reply, result));
+            }
+            Command::Archive { session_id, reply } => {
+                let result = self.archive_session(&session_id, batch, now);
+                batch.replies.push(defer(reply, result));
+            }
+            Command::MoveReadCursor { session_id, user_id, read_seq, known, reply } => {
+                let result = self.move_read_cursor(&session_id, &user_id, read_seq, known, batch, now);
+                batch.replies.push(defer(reply, result));
+            }
+        }
+    }
+
+    fn session(&mut self, session_id: &str, now: Instant) -> Result<&mut SessionState, ShardError> {
+        let state = self.state.sessions.get_mut(session_id).ok_or(ShardError::NotLoaded)?;
+        state.last_used = now;
+        Ok(state)
+    }
+
+    fn writable(&self) -> Result<(), ShardError> {
+        if let Some(reason) = &self.unavailable {
+            return Err(ShardError::Unavailable(reason.clone()));
+        }
+        if self.wal.disk_bytes() > self.wal_budget_bytes {
+            return Err(ShardError::Overloaded);
+        }
+        Ok(())
+    }
+
+    fn next_timestamp(&mut self) -> crate::model::Timestamp {
+        let now = self.clock.now_micros().max(self.last_inserted_at);
+        self.last_inserted_at = now;
+        crate::model::Timestamp(now)
+    }
+
+    fn create(
+        &mut self,
+        mut session: SessionRecord,
+        known_absent: bool,
+        batch: &mut Batch,
+        now: Instant,
+    ) -> Result<SessionView, ShardError> {
+        if self.state.sessions.contains_key(&session.id) {
+            return Err(ShardError::SessionExists);
+        }
+        if !known_absent {
+            return Err(ShardError::NotLoaded);
+        }
+        self.writable()?;
+        session.inserted_at = self.next_timestamp();
+        let id = session.id.clone();
+        self.push_op(Op::SessionCreated(session), batch, now);
+        Ok(self.state.sessions[&id].view())
+    }
+
+    fn append(&mut self, request: Box<AppendRequest>, batch: &mut Batch, now: Instant) -> Result<AppendOutcome, ShardError> {
+        let Some(session) = self.state.sessions.get_mut(request.session_id.as_str()) else {
+            return Ok(AppendOutcome::NotLoaded(request));
+        };
+        session.last_used = now;
+        let is_user = request.sender_is_user;
+        let participant =
+            if is_user { session.record.user_id == request.sender_id } else { session.record.agent_id == request.sender_id };
+        if !participant {
+            return Err(ShardError::NotParticipant);
+        }
+        if let Some(client_id) = &request.client_id {
+            if let Some(entry) = session.client_ids.get(client_id) {
+                return if entry.fingerprint == request.fingerprint {
+                    Ok(AppendOutcome::Duplicate { seq: entry.seq })
+                } else {
+                    Err(ShardError::ClientIdConflict)
+                };
+            }
+            let checked = request.archive_checked_below.is_some_and(|below| below >= session.client_ids_complete_from);
+            if session.client_ids_complete_from > 1 && !checked {
+                let below = session.client_ids_complete_from;
+                return Ok(AppendOutcome::CheckClientIdInArchive { below, request });
+            }
+        }
+        if session.status == SessionStatus::Archived {
+            return Err(ShardError::Archived);
+        }
+        if let Some(expected) = request.expected_seq
+            && expected != session.last_seq
+        {
+            return Err(ShardError::SeqConflict { last_seq: session.last_seq });
+        }
+        let nonuser_through = session.nonuser_count + u64::from(!is_user);
+        let seq = session.last_seq + 1;
+        let session_id = session.record.id.clone();
+        self.writable()?;
+        let request = *request;
+        let message = crate::model::Message {
+            id: ids::generate_id(),
+            session_id: session_id.clone(),
+            seq,
+            sender_id: request.sender_id,
+            kind: request.kind,
+            content: request.content,
+            metadata: request.metadata,
+            inserted_at: self.next_timestamp(),
+        };
+        let record =
+            MessageRecord { message, client_id: request.client_id, fingerprint: request.fingerprint, nonuser_through };
+        self.push_op(Op::MessageAppended(record), batch, now);
+        let stored = self.state.sessions[&session_id].hot_message(seq).expect("just appended").clone();
+        Ok(AppendOutcome::Appended(stored))
+    }
+
+    fn archive_session(&mut self, session_id: &str, batch: &mut Batch, now: Instant) -> Result<SessionView, ShardError> {
+        let session = self.session(session_id, now)?;
+        if session.status == SessionStatus::Archived {
+            return Ok(session.view());
+        }
+        self.writable()?;
+        let at = self.next_timestamp();
+        self.push_op(Op::SessionArchived { session_id: session_id.to_string(), at }, batch, now);
+        Ok(self.state.sessions[session_id].view())
+    }
+
+    fn move_read_cursor(
+        &mut self,
+        session_id: &str,
+        user_id: &str,
+        read_seq: u64,
+        known: Option<ReadCursor>,
+        batch: &mut Batch,
+        now: Instant,
+    ) -> Result<SessionView, ShardError> {
+        let session = self.session(session_id, now)?;
+        if session.record.user_id != user_id {
+            return Err(ShardError::NotParticipant);
+        }
+        let target = read_seq.min(session.last_seq);
+        if target <= session.read_cursor.read_seq {
+            return Ok(session.view());
+        }
+        let cursor = match session.hot_message(target) {
+            Some(record) => ReadCursor { read_seq: target, nonuser_through: record.nonuser_through },
+            None => match known {
+                Some(cursor) if cursor.read_seq == target => cursor,
+                _ => return Err(ShardError::NeedsCursorAt { seq: target }),
+            },
+        };
+        self.writable()?;
+        let at = self.next_timestamp();
+        self.push_op(Op::ReadCursorMoved { session_id: session_id.to_string(), cursor, at }, batch, now);
+        Ok(self.state.sessions[session_id].view())
+    }
+
+    /// Rebuilds the state from the archive and the WAL entries past the archive's watermark.
+    async fn recover(&mut self) {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.try_recover().await {
+                Ok(replayed) => {
+                    tracing::debug!(shard = self.shard, replayed, elapsed_ms = started.elapsed().as_millis() as u64, "shard recovered");
+                    return;
+                }
+                Err(RecoveryError::Fatal(reason)) => {
+                    tracing::error!(shard = self.shard, %reason, "shard degraded");
+                    self.unavailable = Some(reason.clone());
+                    self.writer_state.set_unavailable(reason);
+                    return;
+                }
+                Err(RecoveryError::Retry(reason)) => {
+                    tracing::warn!(shard = self.shard, %reason, "shard recovery waits for the archive");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    self.state = ShardState::new(0);
+                }
+            }
+        }
+    }
+
+    async fn try_recover(&mut self) -> Result<usize, RecoveryError> {
+        let watermark = self.archive.watermark(self.shard).await.map_err(|e| RecoveryError::Retry(e.to_string()))?;
+        self.state = ShardState::new(watermark);
+        let wal_last = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
+        let degraded = self.wal.degraded(self.shard);
+        if let Some(first) = self.wal.first_index(self.shard)
+            && first > watermark + 1
+        {
+            return Err(RecoveryError::Fatal(format!(
+                "wal starts at entry {first} but the archive holds only up to {watermark}"
+            )));
+        }
+        if wal_last < watermark && self.wal.first_index(self.shard).is_some() {
+            return Err(RecoveryError::Fatal(format!("wal ends at entry {wal_last} below the archive watermark {watermark}")));
+        }
+        let mut next = watermark + 1;
+        let mut replayed = 0;
+        let now = Instant::now();
+        while next <= wal_last {
+            let wal = self.wal.clone();
+            let shard = self.shard;
+            let entries = tokio::task::spawn_blocking(move || wal.read_entries(shard, next, 256))
+                .await
+                .map_err(|e| RecoveryError::Fatal(e.to_string()))?
+                .map_err(|e| RecoveryError::Fatal(e.to_string()))?;
+            if entries.is_empty() {
+                break;
+            }
+            for (log_id, body) in entries {
+                let ops = ops::decode_entry(&body).map_err(|e| RecoveryError::Fatal(e.to_string()))?;
+                for (position, op) in ops.iter().enumerate() {
+                    let session_id = op.session_id();
+                    if !matches!(op, Op::SessionCreated(_)) && !self.state.sessions.contains_key(session_id) {
+                        let loaded = self
+                            .archive
+                            .load_session(session_id)
+                            .await
+                            .map_err(|e| RecoveryError::Retry(e.to_string()))?
+                            .ok_or_else(|| {
+                                RecoveryError::Fatal(format!("log entry {} names unknown session {session_id}", log_id.index))
+                            })?;
+                        self.state.install(loaded, now);
+                    }
+                    self.state.apply(op, log_id.index, position as u32, now);
+                    if let Op::MessageAppended(record) = op {
+                        self.last_inserted_at = self.last_inserted_at.max(record.message.inserted_at.0);
+                    }
+                    replayed += 1;
+                }
+                self.unflushed_bytes += body.len();
+                next = log_id.index + 1;
+            }
+        }
+        self.state.applied_index = self.state.applied_index.max(wal_last);
+        if let Some(reason) = degraded {
+            return Err(RecoveryError::Fatal(format!("wal of this shard is degraded: {reason}")));
+        }
+        Ok(replayed)
+    }
+}
+
+enum RecoveryError {
+    Retry(String),
+    Fatal(String),
+}
+
+fn approximate_op_bytes(op: &Op) -> usize {
+    match op {
+        Op::MessageAppended(record) => {
+            256 + record.message.content.get().len() + record.message.metadata.get().len() + record.message.kind.len()
+        }
+        Op::SessionCreated(session) => 256 + session.metadata.get().len(),
+        _ => 128,
+    }
+}
+
+/// Which messages of `(after_seq, after_seq + limit]` come from memory, the WAL and the archive.
+fn plan_read(session: &SessionState, after_seq: u64, limit: usize) -> Result<ReadPlan, ShardError> {
+    let last_seq = session.last_seq;
+    let first = after_seq.saturating_add(1);
+    let last = after_seq.saturating_add(limit as u64).min(last_seq);
+    let mut plan = ReadPlan {
+        hot: Vec::new(),
+        wal: Vec::new(),
+        archive_range: None,
+        has_more: last < last_seq,
+        last_seq,
+        session: session.view(),
+    };
+    if first > last {
+        return Ok(plan);
+    }
+    let hot_start = session.hot_tail_start();
+    let archived_end = last.min(session.archived_seq).min(hot_start.saturating_sub(1));
+    if first <= archived_end {
+        plan.archive_range = Some((first, archived_end));
+    }
+    for seq in first.max(archived_end + 1)..=last {
+        let found = if seq >= hot_start {
+            session.hot_message(seq).map(|record| plan.hot.push(record.clone()))
+        } else {
+            session.wal_position(seq).map(|position| plan.wal.push(position))
+        };
+        if found.is_none() {
+            debug_assert!(false, "seq {seq} is neither hot, in the wal index, nor archived");
+            return Err(ShardError::Unavailable(format!("internal: seq {seq} of the session cannot be located")));
+        }
+    }
+    Ok(plan)
+}
