@@ -14,7 +14,10 @@ type HmacSha256 = Hmac<Sha256>;
 #[derive(Clone)]
 pub enum AuthMode {
     Open,
-    Token { secret: Vec<u8>, api_key: Option<String> },
+    Token {
+        secret: Vec<u8>,
+        api_key: Option<String>,
+    },
 }
 
 /// The caller of one request.
@@ -66,7 +69,9 @@ struct Header {
 impl AuthMode {
     /// Identifies the caller from an `Authorization: Bearer …` value.
     pub fn caller(&self, bearer: Option<&str>, now_secs: i64) -> Result<Caller, AuthError> {
-        let AuthMode::Token { secret, api_key } = self else { return Ok(Caller::Open) };
+        let AuthMode::Token { secret, api_key } = self else {
+            return Ok(Caller::Open);
+        };
         let token = bearer.ok_or(AuthError::Missing)?;
         if let Some(key) = api_key
             && constant_time_eq(token.as_bytes(), key.as_bytes())
@@ -93,11 +98,14 @@ pub fn verify(secret: &[u8], token: &str, now_secs: i64) -> Result<Claims, AuthE
     if header.alg != "HS256" {
         return Err(AuthError::Invalid);
     }
-    let signature = URL_SAFE_NO_PAD.decode(signature_part).map_err(|_| AuthError::Invalid)?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature_part)
+        .map_err(|_| AuthError::Invalid)?;
     let signing_input = &token[..header_part.len() + 1 + payload_part.len()];
     let mut mac = HmacSha256::new_from_slice(secret).map_err(|_| AuthError::Invalid)?;
     mac.update(signing_input.as_bytes());
-    mac.verify_slice(&signature).map_err(|_| AuthError::Invalid)?;
+    mac.verify_slice(&signature)
+        .map_err(|_| AuthError::Invalid)?;
     let claims: Claims = decode_part(payload_part)?;
     if claims.sub.is_empty() {
         return Err(AuthError::Invalid);
@@ -109,7 +117,9 @@ pub fn verify(secret: &[u8], token: &str, now_secs: i64) -> Result<Claims, AuthE
 }
 
 fn decode_part<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, AuthError> {
-    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| AuthError::Invalid)?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| AuthError::Invalid)?;
     serde_json::from_slice(&bytes).map_err(|_| AuthError::Invalid)
 }
 
@@ -132,25 +142,52 @@ mod tests {
 
     #[test]
     fn a_minted_token_verifies() {
-        let token = mint(SECRET, &Claims { sub: "alice".into(), exp: 2_000 });
+        let token = mint(
+            SECRET,
+            &Claims {
+                sub: "alice".into(),
+                exp: 2_000,
+            },
+        );
         assert_eq!(verify(SECRET, &token, 1_000).unwrap().sub, "alice");
     }
 
     #[test]
     fn expired_wrong_key_and_tampered_tokens_fail() {
-        let token = mint(SECRET, &Claims { sub: "alice".into(), exp: 2_000 });
-        assert_eq!(verify(SECRET, &token, 2_000).err(), Some(AuthError::Expired));
-        assert_eq!(verify(b"another secret!!!", &token, 1_000).err(), Some(AuthError::Invalid));
+        let token = mint(
+            SECRET,
+            &Claims {
+                sub: "alice".into(),
+                exp: 2_000,
+            },
+        );
+        assert_eq!(
+            verify(SECRET, &token, 2_000).err(),
+            Some(AuthError::Expired)
+        );
+        assert_eq!(
+            verify(b"another secret!!!", &token, 1_000).err(),
+            Some(AuthError::Invalid)
+        );
         let forged_payload = URL_SAFE_NO_PAD.encode(br#"{"sub":"mallory","exp":9999}"#);
         let mut parts: Vec<&str> = token.split('.').collect();
         parts[1] = &forged_payload;
-        assert_eq!(verify(SECRET, &parts.join("."), 1_000).err(), Some(AuthError::Invalid));
-        assert_eq!(verify(SECRET, "not-a-token", 1_000).err(), Some(AuthError::Invalid));
+        assert_eq!(
+            verify(SECRET, &parts.join("."), 1_000).err(),
+            Some(AuthError::Invalid)
+        );
+        assert_eq!(
+            verify(SECRET, "not-a-token", 1_000).err(),
+            Some(AuthError::Invalid)
+        );
     }
 
     #[test]
     fn the_api_key_makes_an_admin() {
-        let mode = AuthMode::Token { secret: SECRET.to_vec(), api_key: Some("k3y".into()) };
+        let mode = AuthMode::Token {
+            secret: SECRET.to_vec(),
+            api_key: Some("k3y".into()),
+        };
         assert_eq!(mode.caller(Some("k3y"), 0).unwrap(), Caller::Admin);
         assert_eq!(mode.caller(None, 0).err(), Some(AuthError::Missing));
         assert_eq!(AuthMode::Open.caller(None, 0).unwrap(), Caller::Open);

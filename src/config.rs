@@ -119,14 +119,19 @@ pub struct ConfigError {
 }
 
 fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError { setting, reason: reason.into() }
+    ConfigError {
+        setting,
+        reason: reason.into(),
+    }
 }
 
 impl Settings {
     /// Reads a TOML file of settings (keys as the long flag names with `_`).
     pub fn from_file(path: &std::path::Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| invalid("config", format!("{}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| invalid("config", format!("{}: {}", path.display(), e.message())))
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid("config", format!("{}: {e}", path.display())))?;
+        toml::from_str(&text)
+            .map_err(|e| invalid("config", format!("{}: {}", path.display(), e.message())))
     }
 
     /// `self` where set, else `fallback`.
@@ -135,9 +140,25 @@ impl Settings {
             ($($field:ident),*) => { Settings { $($field: self.$field.or(fallback.$field)),* } };
         }
         pick!(
-            http_addr, data_dir, database_url, auth_secret, api_key, insecure_open, shards, wal_lanes,
-            wal_segment_bytes, wal_budget_bytes, flush_interval_ms, flush_threshold_bytes, max_message_bytes,
-            max_body_bytes, max_page_size, max_metadata_depth, session_idle_secs, cors_origins, log_format,
+            http_addr,
+            data_dir,
+            database_url,
+            auth_secret,
+            api_key,
+            insecure_open,
+            shards,
+            wal_lanes,
+            wal_segment_bytes,
+            wal_budget_bytes,
+            flush_interval_ms,
+            flush_threshold_bytes,
+            max_message_bytes,
+            max_body_bytes,
+            max_page_size,
+            max_metadata_depth,
+            session_idle_secs,
+            cors_origins,
+            log_format,
             shutdown_deadline_ms
         )
     }
@@ -148,7 +169,12 @@ impl Settings {
             .as_deref()
             .unwrap_or("127.0.0.1:4000")
             .parse()
-            .map_err(|_| invalid("http_addr", "expected HOST:PORT with an IP address, e.g. 127.0.0.1:4000"))?;
+            .map_err(|_| {
+                invalid(
+                    "http_addr",
+                    "expected HOST:PORT with an IP address, e.g. 127.0.0.1:4000",
+                )
+            })?;
         let auth_secret = self.auth_secret.filter(|s| !s.is_empty());
         if let Some(secret) = &auth_secret
             && secret.len() < 16
@@ -176,8 +202,13 @@ impl Settings {
             return Err(invalid("wal_segment_bytes", "must be at least 65536"));
         }
         let max_message_bytes = self.max_message_bytes.unwrap_or(256 * 1024);
-        if max_message_bytes == 0 || max_message_bytes as u64 > (wal_segment_bytes / 8).min(1024 * 1024) {
-            return Err(invalid("max_message_bytes", "must be positive, at most 1 MiB and an eighth of wal_segment_bytes"));
+        if max_message_bytes == 0
+            || max_message_bytes as u64 > (wal_segment_bytes / 8).min(1024 * 1024)
+        {
+            return Err(invalid(
+                "max_message_bytes",
+                "must be positive, at most 1 MiB and an eighth of wal_segment_bytes",
+            ));
         }
         let max_body_bytes = self.max_body_bytes.unwrap_or(1024 * 1024);
         if max_body_bytes == 0 {
@@ -194,15 +225,27 @@ impl Settings {
         let log_format = match self.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
-            other => return Err(invalid("log_format", format!("expected text or json, got {other:?}"))),
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("expected text or json, got {other:?}"),
+                ));
+            }
         };
         let cors_origins = match self.cors_origins.as_deref().map(str::trim) {
             None | Some("*") | Some("") => None,
-            Some(list) => Some(list.split(',').map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect()),
+            Some(list) => Some(
+                list.split(',')
+                    .map(|o| o.trim().to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect(),
+            ),
         };
         Ok(Config {
             http_addr,
-            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("fleetlm-data")),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("fleetlm-data")),
             database_url: self.database_url.filter(|u| !u.is_empty()),
             auth_secret,
             api_key: self.api_key.filter(|k| !k.is_empty()),
@@ -257,7 +300,10 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_file() {
-        let flags = Settings { wal_lanes: Some(2), ..Settings::default() };
+        let flags = Settings {
+            wal_lanes: Some(2),
+            ..Settings::default()
+        };
         let file: Settings = toml::from_str("wal_lanes = 8\nflush_interval_ms = 50").unwrap();
         let config = flags.or(file).validate().unwrap();
         assert_eq!(config.wal_lanes, 2);
@@ -266,7 +312,10 @@ mod tests {
 
     #[test]
     fn open_mode_refuses_a_public_address() {
-        let settings = Settings { http_addr: Some("0.0.0.0:4000".into()), ..Settings::default() };
+        let settings = Settings {
+            http_addr: Some("0.0.0.0:4000".into()),
+            ..Settings::default()
+        };
         let error = settings.validate().unwrap_err();
         assert_eq!(error.setting, "http_addr");
     }

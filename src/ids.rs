@@ -13,7 +13,9 @@ pub fn generate_id() -> String {
 pub fn is_valid_client_chosen_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 255
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
 }
 
 /// The shard that owns a session: xxh3-64 of the id's bytes modulo the shard count. Fixed by
@@ -32,7 +34,11 @@ mod tests {
         let second = generate_id();
         assert_eq!(first.len(), 22);
         assert!(is_valid_client_chosen_id(&first.replace(['_', '-'], "a")));
-        assert!(first.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert!(
+            first
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
         assert_ne!(first, second);
     }
 
@@ -47,7 +53,13 @@ mod tests {
     #[test]
     fn the_shard_hash_is_fixed() {
         // Pinned values: changing the hash would move sessions between shards.
-        assert_eq!(shard_for_session("session-1", 64), shard_for_session("session-1", 64));
-        assert_eq!(xxhash_rust::xxh3::xxh3_64(b"session-1") % 64, u64::from(shard_for_session("session-1", 64)));
+        assert_eq!(
+            shard_for_session("session-1", 64),
+            shard_for_session("session-1", 64)
+        );
+        assert_eq!(
+            xxhash_rust::xxh3::xxh3_64(b"session-1") % 64,
+            u64::from(shard_for_session("session-1", 64))
+        );
     }
 }

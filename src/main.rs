@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use fleetlm::config::{Config, LogFormat, Settings};
 
 #[derive(Parser)]
-#[command(name = "fleetlm", version, about = "Conversation engine for stateless AI agents")]
+#[command(
+    name = "fleetlm",
+    version,
+    about = "Conversation engine for stateless AI agents"
+)]
 struct Cli {
     #[command(subcommand)]
     command: CommandLine,
@@ -21,7 +25,7 @@ enum CommandLine {
         #[arg(long, env = "FLEETLM_CONFIG")]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: Settings,
+        settings: Box<Settings>,
     },
     /// Mint a user or agent token (HS256 JWT) with the configured secret.
     Token {
@@ -39,17 +43,29 @@ enum CommandLine {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        CommandLine::Serve { config, settings } => serve(config, settings),
-        CommandLine::Token { sub, ttl_secs, auth_secret } => {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            let claims = fleetlm::auth::Claims { sub, exp: now.as_secs() as i64 + ttl_secs };
+        CommandLine::Serve { config, settings } => serve(config, *settings),
+        CommandLine::Token {
+            sub,
+            ttl_secs,
+            auth_secret,
+        } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let claims = fleetlm::auth::Claims {
+                sub,
+                exp: now.as_secs() as i64 + ttl_secs,
+            };
             println!("{}", fleetlm::auth::mint(auth_secret.as_bytes(), &claims));
             ExitCode::SUCCESS
         }
     }
 }
 
-fn load_config(file: Option<PathBuf>, settings: Settings) -> Result<Config, fleetlm::config::ConfigError> {
+fn load_config(
+    file: Option<PathBuf>,
+    settings: Settings,
+) -> Result<Config, fleetlm::config::ConfigError> {
     let from_file = match file {
         Some(path) => Settings::from_file(&path)?,
         None => Settings::default(),
@@ -66,7 +82,10 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("fleetlm: cannot start the async runtime: {error}");
@@ -79,10 +98,17 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
             Err(error) => {
                 eprintln!("fleetlm: {error:#}");
                 let is_config = format!("{error:#}").starts_with("invalid configuration");
-                return if is_config { ExitCode::from(2) } else { ExitCode::FAILURE };
+                return if is_config {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::FAILURE
+                };
             }
         };
-        println!("fleetlm listening on http://{} (archive: {})", server.local_addr, server.archive_description);
+        println!(
+            "fleetlm listening on http://{} (archive: {})",
+            server.local_addr, server.archive_description
+        );
         let _ = std::io::Write::flush(&mut std::io::stdout());
         let trigger = server.shutdown_trigger();
         tokio::spawn(async move {
@@ -90,7 +116,9 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
             tracing::info!("shutting down: draining requests and flushing the archive");
             let _ = trigger.send(true);
             wait_for_signal().await;
-            eprintln!("fleetlm: second signal, exiting now (the WAL holds every acknowledged message)");
+            eprintln!(
+                "fleetlm: second signal, exiting now (the WAL holds every acknowledged message)"
+            );
             std::process::exit(130);
         });
         match server.wait().await {
@@ -105,8 +133,10 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -119,7 +149,9 @@ async fn wait_for_signal() {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

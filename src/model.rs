@@ -12,8 +12,9 @@ use serde_json::value::RawValue;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Timestamp(pub i64);
 
-const TIMESTAMP_FORMAT: &[time::format_description::FormatItem<'static>] =
-    time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+const TIMESTAMP_FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+);
 
 impl Timestamp {
     pub fn to_rfc3339(self) -> String {
@@ -25,7 +26,9 @@ impl Timestamp {
     }
 
     pub fn parse(text: &str) -> Option<Timestamp> {
-        let parsed = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+        let parsed =
+            time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                .ok()?;
         Some(Timestamp((parsed.unix_timestamp_nanos() / 1000) as i64))
     }
 }
@@ -45,7 +48,8 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        Timestamp::parse(&text).ok_or_else(|| serde::de::Error::custom("invalid RFC 3339 timestamp"))
+        Timestamp::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom("invalid RFC 3339 timestamp"))
     }
 }
 
@@ -138,7 +142,8 @@ pub struct SessionView {
 
 impl SessionView {
     pub fn unread_count(&self) -> u64 {
-        self.nonuser_count.saturating_sub(self.read_cursor.nonuser_through)
+        self.nonuser_count
+            .saturating_sub(self.read_cursor.nonuser_through)
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -234,8 +239,11 @@ pub struct Agent {
 impl Agent {
     /// The public form: header values are never echoed back.
     pub fn to_json(&self) -> serde_json::Value {
-        let masked: serde_json::Map<String, serde_json::Value> =
-            self.headers.keys().map(|name| (name.clone(), serde_json::Value::String("***".into()))).collect();
+        let masked: serde_json::Map<String, serde_json::Value> = self
+            .headers
+            .keys()
+            .map(|name| (name.clone(), serde_json::Value::String("***".into())))
+            .collect();
         serde_json::json!({
             "id": self.id,
             "name": self.name,

@@ -84,13 +84,22 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let wal = Arc::new(wal);
 
     let archive = match &config.database_url {
-        Some(url) => Archive::connect_postgres(url).await.context("cannot connect to the Postgres archive")?,
-        None => Archive::open_sqlite(&config.data_dir.join("archive.sqlite3")).context("cannot open the SQLite archive")?,
+        Some(url) => Archive::connect_postgres(url)
+            .await
+            .context("cannot connect to the Postgres archive")?,
+        None => Archive::open_sqlite(&config.data_dir.join("archive.sqlite3"))
+            .context("cannot open the SQLite archive")?,
     };
-    archive.migrate().await.context("archive migration failed")?;
+    archive
+        .migrate()
+        .await
+        .context("archive migration failed")?;
     let archive_description = match &config.database_url {
         Some(_) => "postgres".to_string(),
-        None => format!("sqlite at {}", config.data_dir.join("archive.sqlite3").display()),
+        None => format!(
+            "sqlite at {}",
+            config.data_dir.join("archive.sqlite3").display()
+        ),
     };
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -139,7 +148,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let sweeper = tokio::spawn(sweep(shards.clone(), config.session_idle, shutdown.clone()));
 
     let auth = match &config.auth_secret {
-        Some(secret) => AuthMode::Token { secret: secret.as_bytes().to_vec(), api_key: config.api_key.clone() },
+        Some(secret) => AuthMode::Token {
+            secret: secret.as_bytes().to_vec(),
+            api_key: config.api_key.clone(),
+        },
         None => AuthMode::Open,
     };
     let draining = Arc::new(AtomicBool::new(false));
@@ -167,8 +179,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         serve.await.context("http server failed")?;
         // Requests in flight have been answered; the flushers now make their last pass.
         let flushers = futures_join_all(flusher_tasks);
-        if tokio::time::timeout(shutdown_deadline, flushers).await.is_err() {
-            tracing::warn!("final archive flush did not finish within the deadline; the wal keeps the rest");
+        if tokio::time::timeout(shutdown_deadline, flushers)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "final archive flush did not finish within the deadline; the wal keeps the rest"
+            );
         }
         sweeper.abort();
         for task in writer_tasks {
@@ -176,12 +193,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }
         match Arc::try_unwrap(wal) {
             Ok(wal) => tokio::task::spawn_blocking(move || wal.shutdown()).await?,
-            Err(_) => tracing::debug!("wal still referenced at shutdown; its threads stop with the process"),
+            Err(_) => tracing::debug!(
+                "wal still referenced at shutdown; its threads stop with the process"
+            ),
         }
         drop(lock);
         Ok(())
     });
-    Ok(RunningServer { local_addr, archive_description, shutdown: shutdown_sender, task })
+    Ok(RunningServer {
+        local_addr,
+        archive_description,
+        shutdown: shutdown_sender,
+        task,
+    })
 }
 
 async fn futures_join_all(tasks: Vec<JoinHandle<()>>) {
@@ -206,14 +230,23 @@ async fn sweep(shards: Shards, idle_for: Duration, mut shutdown: watch::Receiver
 /// Takes the data directory's lock file, refusing if another process holds it.
 fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
     let path = data_dir.join("LOCK");
-    let file = File::options().create(true).truncate(false).write(true).open(&path)
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
         .with_context(|| format!("cannot open lock file {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => {
-            bail!("data directory {} is in use by another fleetlm process", data_dir.display())
+            bail!(
+                "data directory {} is in use by another fleetlm process",
+                data_dir.display()
+            )
         }
-        Err(std::fs::TryLockError::Error(error)) => Err(error).context("cannot lock the data directory"),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).context("cannot lock the data directory")
+        }
     }
 }
 
@@ -233,7 +266,10 @@ fn read_or_create_layout(data_dir: &Path, requested_shards: Option<u16>) -> anyh
         }
         return Ok(layout.shards);
     }
-    let layout = DataDirLayout { format: 1, shards: requested_shards.unwrap_or(DEFAULT_SHARDS) };
+    let layout = DataDirLayout {
+        format: 1,
+        shards: requested_shards.unwrap_or(DEFAULT_SHARDS),
+    };
     let temporary = data_dir.join("fleetlm.json.tmp");
     fs::write(&temporary, serde_json::to_vec_pretty(&layout)?)?;
     File::open(&temporary)?.sync_all()?;

@@ -14,7 +14,11 @@ use crate::model::{Agent, AgentStatus, HistoryMode, Timestamp};
 type FieldErrors = BTreeMap<&'static str, Vec<String>>;
 
 fn require_admin(caller: &Caller) -> ApiResult<()> {
-    if caller.is_admin() { Ok(()) } else { Err(ApiError::forbidden("agent management requires the API key")) }
+    if caller.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("agent management requires the API key"))
+    }
 }
 
 fn validation_failed(errors: FieldErrors) -> ApiError {
@@ -35,29 +39,52 @@ pub async fn list(
         None => None,
         Some("enabled") => Some(AgentStatus::Enabled),
         Some("disabled") => Some(AgentStatus::Disabled),
-        Some(_) => return Err(ApiError::bad_request("invalid_parameter", "status must be enabled or disabled")),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                "status must be enabled or disabled",
+            ));
+        }
     };
     let agents = state.shards.archive().list_agents(status).await?;
     let agents: Vec<Value> = agents.iter().map(Agent::to_json).collect();
     Ok(axum::Json(json!({"agents": agents})).into_response())
 }
 
-pub async fn show(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn show(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     require_admin(&caller)?;
-    let agent = state.shards.archive().get_agent(&id).await?.ok_or_else(|| agent_not_found(&id))?;
+    let agent = state
+        .shards
+        .archive()
+        .get_agent(&id)
+        .await?
+        .ok_or_else(|| agent_not_found(&id))?;
     Ok(axum::Json(json!({"agent": agent.to_json()})).into_response())
 }
 
-pub async fn create(State(state): State<SharedState>, caller: Caller, JsonBody(body): JsonBody) -> ApiResult<Response> {
+pub async fn create(
+    State(state): State<SharedState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Response> {
     require_admin(&caller)?;
     let fields = agent_fields(&body)?;
     let now = Timestamp(state.clock.now_micros());
     let agent = build_agent(&fields, None, now).map_err(validation_failed)?;
     match state.shards.archive().insert_agent(agent.clone()).await {
-        Ok(()) => Ok((StatusCode::CREATED, axum::Json(json!({"agent": agent.to_json()}))).into_response()),
-        Err(crate::archive::ArchiveError::Conflict) => {
-            Err(validation_failed(BTreeMap::from([("id", vec!["has already been taken".to_string()])])))
-        }
+        Ok(()) => Ok((
+            StatusCode::CREATED,
+            axum::Json(json!({"agent": agent.to_json()})),
+        )
+            .into_response()),
+        Err(crate::archive::ArchiveError::Conflict) => Err(validation_failed(BTreeMap::from([(
+            "id",
+            vec!["has already been taken".to_string()],
+        )]))),
         Err(error) => Err(error.into()),
     }
 }
@@ -70,16 +97,30 @@ pub async fn update(
 ) -> ApiResult<Response> {
     require_admin(&caller)?;
     let fields = agent_fields(&body)?;
-    let existing = state.shards.archive().get_agent(&id).await?.ok_or_else(|| agent_not_found(&id))?;
+    let existing = state
+        .shards
+        .archive()
+        .get_agent(&id)
+        .await?
+        .ok_or_else(|| agent_not_found(&id))?;
     let now = Timestamp(state.clock.now_micros());
     let agent = build_agent(&fields, Some(&existing), now).map_err(validation_failed)?;
     state.shards.archive().update_agent(agent.clone()).await?;
     Ok(axum::Json(json!({"agent": agent.to_json()})).into_response())
 }
 
-pub async fn disable(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn disable(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     require_admin(&caller)?;
-    let mut agent = state.shards.archive().get_agent(&id).await?.ok_or_else(|| agent_not_found(&id))?;
+    let mut agent = state
+        .shards
+        .archive()
+        .get_agent(&id)
+        .await?
+        .ok_or_else(|| agent_not_found(&id))?;
     agent.status = AgentStatus::Disabled;
     agent.updated_at = Timestamp(state.clock.now_micros());
     state.shards.archive().update_agent(agent.clone()).await?;
@@ -88,20 +129,30 @@ pub async fn disable(State(state): State<SharedState>, caller: Caller, Path(id):
 
 /// The object under `"agent"` (or the body itself when it is not nested).
 fn agent_fields(body: &serde_json::value::RawValue) -> ApiResult<Map<String, Value>> {
-    let mut value: Map<String, Value> = serde_json::from_str(body.get())
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
+    let mut value: Map<String, Value> = serde_json::from_str(body.get()).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}"))
+    })?;
     match value.remove("agent") {
         Some(Value::Object(fields)) => Ok(fields),
-        Some(_) => Err(ApiError::unprocessable("validation_failed", "agent must be an object")),
+        Some(_) => Err(ApiError::unprocessable(
+            "validation_failed",
+            "agent must be an object",
+        )),
         None => Ok(value),
     }
 }
 
 /// Builds the agent from `fields` over `existing` (update) or defaults (create), collecting every
 /// field error.
-fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Timestamp) -> Result<Agent, FieldErrors> {
+fn build_agent(
+    fields: &Map<String, Value>,
+    existing: Option<&Agent>,
+    now: Timestamp,
+) -> Result<Agent, FieldErrors> {
     let mut errors = FieldErrors::new();
-    let mut error = |field: &'static str, message: &str| errors.entry(field).or_default().push(message.to_string());
+    let mut error = |field: &'static str, message: &str| {
+        errors.entry(field).or_default().push(message.to_string())
+    };
 
     let id = match (fields.get("id"), existing) {
         (Some(Value::String(id)), Some(existing)) if *id != existing.id => {
@@ -155,14 +206,27 @@ fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Times
     };
     let name = text("name", existing.map(|a| a.name.as_str()), None);
     let origin_url = text("origin_url", existing.map(|a| a.origin_url.as_str()), None);
-    let webhook_path = text("webhook_path", existing.map(|a| a.webhook_path.as_str()), Some("/webhook"));
-    let mode_text = text("message_history_mode", existing.map(|a| a.message_history_mode.as_str()), Some("tail"));
+    let webhook_path = text(
+        "webhook_path",
+        existing.map(|a| a.webhook_path.as_str()),
+        Some("/webhook"),
+    );
+    let mode_text = text(
+        "message_history_mode",
+        existing.map(|a| a.message_history_mode.as_str()),
+        Some("tail"),
+    );
 
     if !origin_url.is_empty() && !is_absolute_http_url(&origin_url) {
         error("origin_url", "must be an absolute http(s) URL");
     }
-    if !webhook_path.is_empty() && (!webhook_path.starts_with('/') || webhook_path.chars().any(char::is_whitespace)) {
-        error("webhook_path", "must start with / and contain no whitespace");
+    if !webhook_path.is_empty()
+        && (!webhook_path.starts_with('/') || webhook_path.chars().any(char::is_whitespace))
+    {
+        error(
+            "webhook_path",
+            "must start with / and contain no whitespace",
+        );
     }
     let message_history_mode = match mode_text.as_str() {
         "tail" => HistoryMode::Tail,
@@ -174,34 +238,55 @@ fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Times
         }
     };
 
-    let mut integer = |field: &'static str, current: Option<u32>, default: u32, min: u64, max: u64| -> u32 {
-        match fields.get(field) {
-            None | Some(Value::Null) => current.unwrap_or(default),
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(v) if v < min => {
-                    error(field, &format!("must be greater than or equal to {min}"));
+    let mut integer =
+        |field: &'static str, current: Option<u32>, default: u32, min: u64, max: u64| -> u32 {
+            match fields.get(field) {
+                None | Some(Value::Null) => current.unwrap_or(default),
+                Some(Value::Number(n)) => match n.as_u64() {
+                    Some(v) if v < min => {
+                        error(field, &format!("must be greater than or equal to {min}"));
+                        default
+                    }
+                    Some(v) if v > max => {
+                        error(field, &format!("must be less than or equal to {max}"));
+                        default
+                    }
+                    Some(v) => v as u32,
+                    None => {
+                        error(
+                            field,
+                            &format!("must be an integer between {min} and {max}"),
+                        );
+                        default
+                    }
+                },
+                Some(_) => {
+                    error(field, "must be an integer");
                     default
                 }
-                Some(v) if v > max => {
-                    error(field, &format!("must be less than or equal to {max}"));
-                    default
-                }
-                Some(v) => v as u32,
-                None => {
-                    error(field, &format!("must be an integer between {min} and {max}"));
-                    default
-                }
-            },
-            Some(_) => {
-                error(field, "must be an integer");
-                default
             }
-        }
-    };
-    let message_history_limit =
-        integer("message_history_limit", existing.map(|a| a.message_history_limit), 50, 1, 10_000);
-    let timeout_ms = integer("timeout_ms", existing.map(|a| a.timeout_ms), 30_000, 1, 600_000);
-    let debounce_window_ms = integer("debounce_window_ms", existing.map(|a| a.debounce_window_ms), 500, 0, 60_000);
+        };
+    let message_history_limit = integer(
+        "message_history_limit",
+        existing.map(|a| a.message_history_limit),
+        50,
+        1,
+        10_000,
+    );
+    let timeout_ms = integer(
+        "timeout_ms",
+        existing.map(|a| a.timeout_ms),
+        30_000,
+        1,
+        600_000,
+    );
+    let debounce_window_ms = integer(
+        "debounce_window_ms",
+        existing.map(|a| a.debounce_window_ms),
+        500,
+        0,
+        60_000,
+    );
 
     let headers = match fields.get("headers") {
         None | Some(Value::Null) => existing.map(|a| a.headers.clone()).unwrap_or_default(),
@@ -212,7 +297,9 @@ fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Times
                     Value::String(value) if is_header_name(name) && is_header_value(value) => {
                         headers.insert(name.to_ascii_lowercase(), value.clone());
                     }
-                    Value::String(_) => error("headers", &format!("{name} is not a valid HTTP header")),
+                    Value::String(_) => {
+                        error("headers", &format!("{name} is not a valid HTTP header"))
+                    }
                     _ => error("headers", "must be an object of string values"),
                 }
             }
@@ -252,18 +339,29 @@ fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Times
 }
 
 fn is_absolute_http_url(url: &str) -> bool {
-    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
     let Some(rest) = rest else { return false };
     let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    !host.is_empty() && !host.starts_with(':') && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+    !host.is_empty()
+        && !host.starts_with(':')
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 fn is_header_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 256 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn is_header_value(value: &str) -> bool {
-    value.len() <= 8192 && value.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+    value.len() <= 8192
+        && value
+            .bytes()
+            .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
 #[cfg(test)]
@@ -284,16 +382,25 @@ mod tests {
         .unwrap();
         assert_eq!(agent.webhook_path, "/webhook");
         assert_eq!(agent.message_history_mode, HistoryMode::Tail);
-        assert_eq!((agent.message_history_limit, agent.timeout_ms, agent.debounce_window_ms), (50, 30_000, 500));
+        assert_eq!(
+            (
+                agent.message_history_limit,
+                agent.timeout_ms,
+                agent.debounce_window_ms
+            ),
+            (50, 30_000, 500)
+        );
         assert_eq!(agent.status, AgentStatus::Enabled);
     }
 
     #[test]
     fn every_bad_field_is_reported() {
         let errors = build_agent(
-            &fields(json!({"id": "bad id", "name": " ", "origin_url": "ftp://x", "webhook_path": "hook",
+            &fields(
+                json!({"id": "bad id", "name": " ", "origin_url": "ftp://x", "webhook_path": "hook",
                 "message_history_mode": "all", "message_history_limit": 0, "timeout_ms": 600_001,
-                "debounce_window_ms": -1, "headers": {"x": 1}, "status": "paused"})),
+                "debounce_window_ms": -1, "headers": {"x": 1}, "status": "paused"}),
+            ),
             None,
             Timestamp(1),
         )
@@ -302,8 +409,16 @@ mod tests {
         assert_eq!(
             fields,
             vec![
-                "debounce_window_ms", "headers", "id", "message_history_limit", "message_history_mode", "name",
-                "origin_url", "status", "timeout_ms", "webhook_path"
+                "debounce_window_ms",
+                "headers",
+                "id",
+                "message_history_limit",
+                "message_history_mode",
+                "name",
+                "origin_url",
+                "status",
+                "timeout_ms",
+                "webhook_path"
             ]
         );
     }

@@ -19,7 +19,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), extra: None, retry_after_secs: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+            retry_after_secs: None,
+        }
     }
 
     pub fn with(mut self, key: &'static str, value: Value) -> ApiError {
@@ -58,7 +64,9 @@ impl IntoResponse for ApiError {
         }
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after_secs {
-            response.headers_mut().insert("retry-after", HeaderValue::from(seconds));
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from(seconds));
         }
         response
     }
@@ -80,9 +88,11 @@ impl From<ShardError> for ApiError {
                 "not_a_participant",
                 "only the session's user or agent may do this",
             ),
-            ShardError::Archived => {
-                ApiError::new(StatusCode::CONFLICT, "session_archived", "the session is archived; it accepts no messages")
-            }
+            ShardError::Archived => ApiError::new(
+                StatusCode::CONFLICT,
+                "session_archived",
+                "the session is archived; it accepts no messages",
+            ),
             ShardError::SeqConflict { last_seq } => ApiError::new(
                 StatusCode::CONFLICT,
                 "seq_conflict",
@@ -94,9 +104,11 @@ impl From<ShardError> for ApiError {
                 "client_id_conflict",
                 "client_id was already used in this session for a different message",
             ),
-            ShardError::SessionExists => {
-                ApiError::new(StatusCode::CONFLICT, "session_exists", "a session with this id already exists")
-            }
+            ShardError::SessionExists => ApiError::new(
+                StatusCode::CONFLICT,
+                "session_exists",
+                "a session with this id already exists",
+            ),
             ShardError::Overloaded => {
                 let mut error = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

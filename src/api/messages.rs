@@ -27,7 +27,10 @@ pub async fn list(
     let after_seq = parse_count("after_seq", query.get("after_seq"), 0)?;
     let limit = parse_count("limit", query.get("limit"), 50)?;
     if limit == 0 {
-        return Err(ApiError::bad_request("invalid_parameter", "limit must be at least 1"));
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "limit must be at least 1",
+        ));
     }
     let limit = limit.min(state.config.max_page_size as u64) as usize;
     let page = state.shards.read_messages(&id, after_seq, limit).await?;
@@ -94,7 +97,9 @@ pub fn build_append(
         None => "text".to_string(),
         Some(raw) => match as_string(raw) {
             Some(kind)
-                if !kind.is_empty() && kind.chars().count() <= MAX_KIND_CHARS && !kind.chars().any(char::is_control) =>
+                if !kind.is_empty()
+                    && kind.chars().count() <= MAX_KIND_CHARS
+                    && !kind.chars().any(char::is_control) =>
             {
                 kind
             }
@@ -117,11 +122,17 @@ pub fn build_append(
         raw if is_null(raw) => None,
         Some(raw) => match as_string(raw) {
             Some(id)
-                if !id.is_empty() && id.chars().count() <= MAX_CLIENT_ID_CHARS && !id.chars().any(char::is_control) =>
+                if !id.is_empty()
+                    && id.chars().count() <= MAX_CLIENT_ID_CHARS
+                    && !id.chars().any(char::is_control) =>
             {
                 Some(id)
             }
-            _ => return Err(format("client_id must be a non-empty string of at most 128 characters")),
+            _ => {
+                return Err(format(
+                    "client_id must be a non-empty string of at most 128 characters",
+                ));
+            }
         },
         None => None,
     };
@@ -142,9 +153,13 @@ pub fn build_append(
     let metadata_value: Value =
         serde_json::from_str(metadata_text).map_err(|_| format("metadata must be a map"))?;
     if json_depth(&metadata_value) > max_metadata_depth {
-        return Err(InvalidMessage::Format(format!("metadata is nested deeper than {max_metadata_depth} levels")));
+        return Err(InvalidMessage::Format(format!(
+            "metadata is nested deeper than {max_metadata_depth} levels"
+        )));
     }
-    let fingerprint = client_id.as_ref().map_or(0, |_| fingerprint(&sender_id, sender_is_user, &kind, content, &metadata_value));
+    let fingerprint = client_id.as_ref().map_or(0, |_| {
+        fingerprint(&sender_id, sender_is_user, &kind, content, &metadata_value)
+    });
     Ok(AppendRequest {
         session_id: session_id.to_string(),
         sender_id,
@@ -161,7 +176,13 @@ pub fn build_append(
 
 /// A hash of what the sender sent, insensitive to key order and whitespace, so a retry of the
 /// same message matches and a different one reusing the `client_id` does not.
-fn fingerprint(sender_id: &str, sender_is_user: bool, kind: &str, content: &RawValue, metadata: &Value) -> u64 {
+fn fingerprint(
+    sender_id: &str,
+    sender_is_user: bool,
+    kind: &str,
+    content: &RawValue,
+    metadata: &Value,
+) -> u64 {
     let content: Value = serde_json::from_str(content.get()).unwrap_or(Value::Null);
     // serde_json's map is ordered by key, so re-serializing gives one canonical text.
     let canonical = json!([sender_id, sender_is_user, kind, content, metadata]).to_string();
@@ -174,13 +195,20 @@ pub async fn append(
     Path(id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> ApiResult<Response> {
-    let body: AppendBody<'_> = serde_json::from_str(body.get())
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
+    let body: AppendBody<'_> = serde_json::from_str(body.get()).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}"))
+    })?;
     let invalid = |m: &str| ApiError::unprocessable("invalid_message_format", m);
     let (sender_id, sender_is_user) = match (!is_null(body.user_id), !is_null(body.agent_id)) {
-        (true, true) => return Err(invalid("Provide either user_id or agent_id when sending a message, not both")),
+        (true, true) => {
+            return Err(invalid(
+                "Provide either user_id or agent_id when sending a message, not both",
+            ));
+        }
         _ if !is_null(body.sender_id) => {
-            return Err(invalid("sender_id is deprecated; use user_id or agent_id to identify the sender"));
+            return Err(invalid(
+                "sender_id is deprecated; use user_id or agent_id to identify the sender",
+            ));
         }
         (false, false) => return Err(invalid("user_id or agent_id is required")),
         (true, false) => (body.user_id, true),
@@ -191,7 +219,9 @@ pub async fn append(
         .filter(|s| !s.is_empty() && s.len() <= 255 && !s.chars().any(char::is_control))
         .ok_or_else(|| invalid("user_id or agent_id must be a non-empty string"))?;
     if !caller.may_act_as(&sender_id) {
-        return Err(ApiError::forbidden("you may only send messages as yourself"));
+        return Err(ApiError::forbidden(
+            "you may only send messages as yourself",
+        ));
     }
     let input = MessageInput {
         kind: body.kind,
@@ -201,11 +231,20 @@ pub async fn append(
         expected_seq: body.expected_seq,
     };
     let config = &state.config;
-    let request = build_append(&id, sender_id, sender_is_user, input, config.max_message_bytes, config.max_metadata_depth)
-        .map_err(|error| match error {
-            InvalidMessage::Format(message) => invalid(&message),
-            InvalidMessage::TooLarge(message) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", message),
-        })?;
+    let request = build_append(
+        &id,
+        sender_id,
+        sender_is_user,
+        input,
+        config.max_message_bytes,
+        config.max_metadata_depth,
+    )
+    .map_err(|error| match error {
+        InvalidMessage::Format(message) => invalid(&message),
+        InvalidMessage::TooLarge(message) => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", message)
+        }
+    })?;
     let started = std::time::Instant::now();
     let result = state.shards.append(request).await;
     let outcome = match &result {

@@ -45,7 +45,15 @@ impl Flusher {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         // Wait for the shard to finish recovery: it reads the WAL from the same watermark.
         let (ready, recovered) = tokio::sync::oneshot::channel();
-        if self.shard_commands.send(Command::Overlay { session_ids: Vec::new(), reply: ready }).await.is_err() {
+        if self
+            .shard_commands
+            .send(Command::Overlay {
+                session_ids: Vec::new(),
+                reply: ready,
+            })
+            .await
+            .is_err()
+        {
             return;
         }
         let _ = recovered.await;
@@ -93,11 +101,14 @@ impl Flusher {
         let started = Instant::now();
         let wal = self.wal.clone();
         let (shard, max) = (self.shard, self.options.max_entries_per_flush);
-        let entries = tokio::task::spawn_blocking(move || wal.read_entries(shard, watermark + 1, max))
-            .await
-            .map_err(|e| FlushError::Wal(e.to_string()))?
-            .map_err(|e| FlushError::Wal(e.to_string()))?;
-        let Some((last_id, _)) = entries.last() else { return Ok(watermark) };
+        let entries =
+            tokio::task::spawn_blocking(move || wal.read_entries(shard, watermark + 1, max))
+                .await
+                .map_err(|e| FlushError::Wal(e.to_string()))?
+                .map_err(|e| FlushError::Wal(e.to_string()))?;
+        let Some((last_id, _)) = entries.last() else {
+            return Ok(watermark);
+        };
         let through = last_id.index;
         if entries[0].0.index != watermark + 1 {
             return Err(FlushError::Wal(format!(
@@ -108,15 +119,22 @@ impl Flusher {
         }
         let mut all_ops = Vec::new();
         for (log_id, body) in &entries {
-            let ops = ops::decode_entry(body).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
+            let ops = ops::decode_entry(body)
+                .map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
             all_ops.extend(ops);
         }
         let rows = Arc::new(FlushRows::from_ops(all_ops));
         let message_count = rows.messages.len();
         self.archive.flush(self.shard, rows, through).await?;
-        metrics::histogram!("fleetlm_archive_flush_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("fleetlm_archive_flush_seconds")
+            .record(started.elapsed().as_secs_f64());
         metrics::counter!("fleetlm_archive_messages_total").increment(message_count as u64);
-        let _ = self.shard_commands.send(Command::Archived { through_index: through }).await;
+        let _ = self
+            .shard_commands
+            .send(Command::Archived {
+                through_index: through,
+            })
+            .await;
         if let Err(error) = self.wal.purge_prefix(self.shard, through).await {
             tracing::warn!(shard = self.shard, %error, "could not purge archived wal entries");
         }

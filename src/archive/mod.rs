@@ -15,7 +15,9 @@ use std::sync::Arc;
 pub use flusher::{Flusher, FlusherOptions};
 pub use rows::FlushRows;
 
-use crate::model::{Agent, AgentStatus, MessageRecord, SessionRecord, SessionStatus, SessionView, Timestamp};
+use crate::model::{
+    Agent, AgentStatus, MessageRecord, SessionRecord, SessionStatus, SessionView, Timestamp,
+};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ArchiveError {
@@ -65,11 +67,15 @@ macro_rules! dispatch {
 
 impl Archive {
     pub fn open_sqlite(path: &std::path::Path) -> Result<Archive> {
-        Ok(Archive::Sqlite(Arc::new(sqlite::SqliteArchive::open(path)?)))
+        Ok(Archive::Sqlite(Arc::new(sqlite::SqliteArchive::open(
+            path,
+        )?)))
     }
 
     pub async fn connect_postgres(url: &str) -> Result<Archive> {
-        Ok(Archive::Postgres(Arc::new(postgres::PostgresArchive::connect(url).await?)))
+        Ok(Archive::Postgres(Arc::new(
+            postgres::PostgresArchive::connect(url).await?,
+        )))
     }
 
     pub fn describe(&self) -> &'static str {
@@ -100,7 +106,27 @@ impl Archive {
     /// Inserts a new session's row ahead of the flusher (which would insert the same row), so
     /// listings show it at once. Harmless if the row exists.
     pub async fn record_session(&self, session: &SessionRecord) -> Result<()> {
-        let rows = Arc::new(FlushRows { new_sessions: vec![session.clone()], ..FlushRows::default() });
+        let rows = Arc::new(FlushRows {
+            new_sessions: vec![session.clone()],
+            ..FlushRows::default()
+        });
+        dispatch!(self, a => a.insert_rows(rows).await)
+    }
+
+    /// Marks a session archived ahead of the flusher, so status filters see it at once.
+    pub async fn record_archived(&self, session_id: &Arc<str>, at: Timestamp) -> Result<()> {
+        let update = rows::SessionUpdate {
+            session_id: session_id.clone(),
+            last_seq: 0,
+            nonuser_count: 0,
+            last_activity: None,
+            archived: true,
+            updated_at: at,
+        };
+        let rows = Arc::new(FlushRows {
+            session_updates: vec![update],
+            ..FlushRows::default()
+        });
         dispatch!(self, a => a.insert_rows(rows).await)
     }
 
@@ -109,11 +135,20 @@ impl Archive {
     }
 
     /// Messages with `from_seq <= seq <= to_seq`, ascending.
-    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
+    pub async fn read_messages(
+        &self,
+        session_id: &str,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<Vec<MessageRecord>> {
         dispatch!(self, a => a.read_messages(session_id, from_seq, to_seq).await)
     }
 
-    pub async fn find_by_client_id(&self, session_id: &str, client_id: &str) -> Result<Option<MessageRecord>> {
+    pub async fn find_by_client_id(
+        &self,
+        session_id: &str,
+        client_id: &str,
+    ) -> Result<Option<MessageRecord>> {
         dispatch!(self, a => a.find_by_client_id(session_id, client_id).await)
     }
 
@@ -139,4 +174,3 @@ impl Archive {
         dispatch!(self, a => a.update_agent(agent).await)
     }
 }
-

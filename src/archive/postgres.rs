@@ -37,8 +37,13 @@ fn from_pg(error: tokio_postgres::Error) -> ArchiveError {
 
 impl PostgresArchive {
     pub async fn connect(url: &str) -> Result<PostgresArchive> {
-        let config = Config { url: Some(url.to_string()), ..Config::default() };
-        let pool = config.create_pool(Some(Runtime::Tokio1), NoTls).map_err(unavailable)?;
+        let config = Config {
+            url: Some(url.to_string()),
+            ..Config::default()
+        };
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1), NoTls)
+            .map_err(unavailable)?;
         let archive = PostgresArchive { pool };
         archive.ping().await?;
         Ok(archive)
@@ -51,20 +56,30 @@ impl PostgresArchive {
     pub async fn migrate(&self) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(from_pg)?;
-        tx.execute("SELECT pg_advisory_xact_lock(7355608)", &[]).await.map_err(from_pg)?;
+        tx.execute("SELECT pg_advisory_xact_lock(7355608)", &[])
+            .await
+            .map_err(from_pg)?;
         tx.batch_execute(SCHEMA).await.map_err(from_pg)?;
         tx.commit().await.map_err(from_pg)
     }
 
     pub async fn ping(&self) -> Result<()> {
-        self.client().await?.query_one("SELECT 1", &[]).await.map_err(from_pg).map(|_| ())
+        self.client()
+            .await?
+            .query_one("SELECT 1", &[])
+            .await
+            .map_err(from_pg)
+            .map(|_| ())
     }
 
     pub async fn watermark(&self, shard: u16) -> Result<u64> {
         let row = self
             .client()
             .await?
-            .query_opt("SELECT log_index FROM archive_watermarks WHERE shard = $1", &[&i32::from(shard)])
+            .query_opt(
+                "SELECT log_index FROM archive_watermarks WHERE shard = $1",
+                &[&i32::from(shard)],
+            )
             .await
             .map_err(from_pg)?;
         Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
@@ -93,8 +108,10 @@ impl PostgresArchive {
 
     pub async fn load_session(&self, session_id: &str) -> Result<Option<LoadedSession>> {
         let client = self.client().await?;
-        let Some(row) =
-            client.query_opt(&format!("{SESSION_SELECT} WHERE s.id = $1"), &[&session_id]).await.map_err(from_pg)?
+        let Some(row) = client
+            .query_opt(&format!("{SESSION_SELECT} WHERE s.id = $1"), &[&session_id])
+            .await
+            .map_err(from_pg)?
         else {
             return Ok(None);
         };
@@ -106,12 +123,20 @@ impl PostgresArchive {
             )
             .await
             .map_err(from_pg)?;
-        let mut tail = rows.iter().map(message_from_row).collect::<Result<Vec<_>>>()?;
+        let mut tail = rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<Vec<_>>>()?;
         tail.reverse();
         Ok(Some(LoadedSession { view, tail }))
     }
 
-    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
+    pub async fn read_messages(
+        &self,
+        session_id: &str,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<Vec<MessageRecord>> {
         let rows = self
             .client()
             .await?
@@ -124,18 +149,27 @@ impl PostgresArchive {
         rows.iter().map(message_from_row).collect()
     }
 
-    pub async fn find_by_client_id(&self, session_id: &str, client_id: &str) -> Result<Option<MessageRecord>> {
+    pub async fn find_by_client_id(
+        &self,
+        session_id: &str,
+        client_id: &str,
+    ) -> Result<Option<MessageRecord>> {
         let row = self
             .client()
             .await?
-            .query_opt(&format!("{MESSAGE_SELECT} WHERE session_id = $1 AND client_id = $2"), &[&session_id, &client_id])
+            .query_opt(
+                &format!("{MESSAGE_SELECT} WHERE session_id = $1 AND client_id = $2"),
+                &[&session_id, &client_id],
+            )
             .await
             .map_err(from_pg)?;
         row.as_ref().map(message_from_row).transpose()
     }
 
     pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionView>> {
-        let (before_at, before_id) = filter.before.map_or((None, None), |(at, id)| (Some(at.0), Some(id)));
+        let (before_at, before_id) = filter
+            .before
+            .map_or((None, None), |(at, id)| (Some(at.0), Some(id)));
         let status = filter.status.map(|s| s.as_str());
         let rows = self
             .client()
@@ -160,7 +194,12 @@ impl PostgresArchive {
         let rows = self
             .client()
             .await?
-            .query(&format!("{AGENT_SELECT} WHERE ($1::text IS NULL OR status = $1) ORDER BY name, id"), &[&status])
+            .query(
+                &format!(
+                    "{AGENT_SELECT} WHERE ($1::text IS NULL OR status = $1) ORDER BY name, id"
+                ),
+                &[&status],
+            )
             .await
             .map_err(from_pg)?;
         rows.iter().map(agent_from_row).collect()
@@ -189,7 +228,11 @@ impl PostgresArchive {
             )
             .await
             .map_err(from_pg)?;
-        if inserted == 0 { Err(ArchiveError::Conflict) } else { Ok(()) }
+        if inserted == 0 {
+            Err(ArchiveError::Conflict)
+        } else {
+            Ok(())
+        }
     }
 
     pub async fn update_agent(&self, agent: Agent) -> Result<()> {
@@ -213,8 +256,16 @@ impl PostgresArchive {
 async fn write_rows(tx: &deadpool_postgres::Transaction<'_>, rows: &FlushRows) -> Result<()> {
     if !rows.new_sessions.is_empty() {
         let ids: Vec<&str> = rows.new_sessions.iter().map(|s| &*s.id).collect();
-        let users: Vec<&str> = rows.new_sessions.iter().map(|s| s.user_id.as_str()).collect();
-        let agents: Vec<&str> = rows.new_sessions.iter().map(|s| s.agent_id.as_str()).collect();
+        let users: Vec<&str> = rows
+            .new_sessions
+            .iter()
+            .map(|s| s.user_id.as_str())
+            .collect();
+        let agents: Vec<&str> = rows
+            .new_sessions
+            .iter()
+            .map(|s| s.agent_id.as_str())
+            .collect();
         let metadata: Vec<&str> = rows.new_sessions.iter().map(|s| s.metadata.get()).collect();
         let at: Vec<i64> = rows.new_sessions.iter().map(|s| s.inserted_at.0).collect();
         tx.execute(
@@ -265,7 +316,11 @@ async fn write_rows(tx: &deadpool_postgres::Transaction<'_>, rows: &FlushRows) -
         .await
         .map_err(from_pg)?;
     }
-    let active: Vec<_> = rows.session_updates.iter().filter(|u| u.last_activity.is_some()).collect();
+    let active: Vec<_> = rows
+        .session_updates
+        .iter()
+        .filter(|u| u.last_activity.is_some())
+        .collect();
     if !active.is_empty() {
         let ids: Vec<&str> = active.iter().map(|u| &*u.session_id).collect();
         let last_seqs: Vec<i64> = active.iter().map(|u| u.last_seq as i64).collect();
@@ -302,7 +357,11 @@ async fn write_rows(tx: &deadpool_postgres::Transaction<'_>, rows: &FlushRows) -
              ON CONFLICT (session_id, user_id) DO UPDATE SET read_seq = excluded.read_seq,
                 nonuser_through = excluded.nonuser_through
              WHERE excluded.read_seq > read_cursors.read_seq",
-            &[session_id, &(cursor.read_seq as i64), &(cursor.nonuser_through as i64)],
+            &[
+                session_id,
+                &(cursor.read_seq as i64),
+                &(cursor.nonuser_through as i64),
+            ],
         )
         .await
         .map_err(from_pg)?;

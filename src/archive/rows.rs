@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 
 use crate::model::{
-    Agent, LastActivity, Message, MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView, Timestamp,
+    Agent, LastActivity, Message, MessageRecord, ReadCursor, SessionRecord, SessionStatus,
+    SessionView, Timestamp,
 };
 use crate::shard::ops::Op;
 
@@ -41,17 +42,19 @@ impl FlushRows {
                 Op::SessionCreated(record) => rows.new_sessions.push(record),
                 Op::MessageAppended(record) => {
                     let message = &record.message;
-                    let update = updates.entry(message.session_id.clone()).or_insert_with(|| {
-                        order.push(message.session_id.clone());
-                        SessionUpdate {
-                            session_id: message.session_id.clone(),
-                            last_seq: 0,
-                            nonuser_count: 0,
-                            last_activity: None,
-                            archived: false,
-                            updated_at: message.inserted_at,
-                        }
-                    });
+                    let update = updates
+                        .entry(message.session_id.clone())
+                        .or_insert_with(|| {
+                            order.push(message.session_id.clone());
+                            SessionUpdate {
+                                session_id: message.session_id.clone(),
+                                last_seq: 0,
+                                nonuser_count: 0,
+                                last_activity: None,
+                                archived: false,
+                                updated_at: message.inserted_at,
+                            }
+                        });
                     update.last_seq = message.seq;
                     update.nonuser_count = record.nonuser_through;
                     update.last_activity = Some(LastActivity {
@@ -78,7 +81,9 @@ impl FlushRows {
                     update.archived = true;
                     update.updated_at = update.updated_at.max(at);
                 }
-                Op::ReadCursorMoved { session_id, cursor, .. } => {
+                Op::ReadCursorMoved {
+                    session_id, cursor, ..
+                } => {
                     let entry = cursors.entry(session_id).or_default();
                     if cursor.read_seq > entry.read_seq {
                         *entry = cursor;
@@ -86,7 +91,10 @@ impl FlushRows {
                 }
             }
         }
-        rows.session_updates = order.into_iter().filter_map(|id| updates.remove(&id)).collect();
+        rows.session_updates = order
+            .into_iter()
+            .filter_map(|id| updates.remove(&id))
+            .collect();
         rows.read_cursors = cursors.into_iter().collect();
         rows
     }
@@ -111,8 +119,10 @@ pub struct SessionColumns {
 }
 
 pub fn session_view(c: SessionColumns) -> Result<SessionView, String> {
-    let metadata = RawValue::from_string(c.metadata).map_err(|e| format!("session metadata: {e}"))?;
-    let status = SessionStatus::parse(&c.status).ok_or_else(|| format!("unknown session status {}", c.status))?;
+    let metadata =
+        RawValue::from_string(c.metadata).map_err(|e| format!("session metadata: {e}"))?;
+    let status = SessionStatus::parse(&c.status)
+        .ok_or_else(|| format!("unknown session status {}", c.status))?;
     Ok(SessionView {
         record: SessionRecord {
             id: Arc::from(c.id),
@@ -124,7 +134,10 @@ pub fn session_view(c: SessionColumns) -> Result<SessionView, String> {
         status,
         last_seq: c.last_seq as u64,
         nonuser_count: c.nonuser_count as u64,
-        read_cursor: ReadCursor { read_seq: c.read_seq as u64, nonuser_through: c.read_nonuser_through as u64 },
+        read_cursor: ReadCursor {
+            read_seq: c.read_seq as u64,
+            nonuser_through: c.read_nonuser_through as u64,
+        },
         last_activity: LastActivity {
             at: Timestamp(c.last_activity_at),
             sender_id: c.last_sender_id,
@@ -156,8 +169,10 @@ pub fn message_record(c: MessageColumns) -> Result<MessageRecord, String> {
             seq: c.seq as u64,
             sender_id: c.sender_id,
             kind: c.kind,
-            content: RawValue::from_string(c.content).map_err(|e| format!("message content: {e}"))?,
-            metadata: RawValue::from_string(c.metadata).map_err(|e| format!("message metadata: {e}"))?,
+            content: RawValue::from_string(c.content)
+                .map_err(|e| format!("message content: {e}"))?,
+            metadata: RawValue::from_string(c.metadata)
+                .map_err(|e| format!("message metadata: {e}"))?,
             inserted_at: Timestamp(c.inserted_at),
         },
         client_id: c.client_id,
@@ -184,7 +199,8 @@ pub struct AgentColumns {
 pub fn agent(c: AgentColumns) -> Result<Agent, String> {
     let mode = serde_json::from_value(serde_json::Value::String(c.message_history_mode))
         .map_err(|e| format!("agent history mode: {e}"))?;
-    let status = serde_json::from_value(serde_json::Value::String(c.status)).map_err(|e| format!("agent status: {e}"))?;
+    let status = serde_json::from_value(serde_json::Value::String(c.status))
+        .map_err(|e| format!("agent status: {e}"))?;
     Ok(Agent {
         id: c.id,
         name: c.name,

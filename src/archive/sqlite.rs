@@ -25,9 +25,13 @@ impl SqliteArchive {
     pub fn open(path: &Path) -> Result<SqliteArchive> {
         let connection = Connection::open(path).map_err(unavailable)?;
         connection
-            .execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
+            .execute_batch(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;",
+            )
             .map_err(unavailable)?;
-        Ok(SqliteArchive { connection: Arc::new(Mutex::new(connection)) })
+        Ok(SqliteArchive {
+            connection: Arc::new(Mutex::new(connection)),
+        })
     }
 
     async fn with<T: Send + 'static>(
@@ -54,9 +58,13 @@ impl SqliteArchive {
 
     pub async fn watermark(&self, shard: u16) -> Result<u64> {
         self.with(move |c| {
-            c.query_row("SELECT log_index FROM archive_watermarks WHERE shard = ?1", [shard], |r| r.get::<_, i64>(0))
-                .optional()
-                .map(|v| v.unwrap_or(0) as u64)
+            c.query_row(
+                "SELECT log_index FROM archive_watermarks WHERE shard = ?1",
+                [shard],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(0) as u64)
         })
         .await
     }
@@ -88,13 +96,18 @@ impl SqliteArchive {
         let session_id = session_id.to_string();
         self.with(move |c| {
             let Some(view) = c
-                .query_row(&format!("{SESSION_SELECT} WHERE s.id = ?1"), [&session_id], session_from_row)
+                .query_row(
+                    &format!("{SESSION_SELECT} WHERE s.id = ?1"),
+                    [&session_id],
+                    session_from_row,
+                )
                 .optional()?
             else {
                 return Ok(None);
             };
-            let mut statement =
-                c.prepare_cached(&format!("{MESSAGE_SELECT} WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2"))?;
+            let mut statement = c.prepare_cached(&format!(
+                "{MESSAGE_SELECT} WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2"
+            ))?;
             let mut tail: Vec<MessageRecord> = statement
                 .query_map(params![session_id, HOT_TAIL_LEN as i64], message_from_row)?
                 .collect::<rusqlite::Result<_>>()?;
@@ -104,20 +117,32 @@ impl SqliteArchive {
         .await
     }
 
-    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
+    pub async fn read_messages(
+        &self,
+        session_id: &str,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<Vec<MessageRecord>> {
         let session_id = session_id.to_string();
         self.with(move |c| {
             let mut statement = c.prepare_cached(&format!(
                 "{MESSAGE_SELECT} WHERE session_id = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
             ))?;
             statement
-                .query_map(params![session_id, from_seq as i64, to_seq as i64], message_from_row)?
+                .query_map(
+                    params![session_id, from_seq as i64, to_seq as i64],
+                    message_from_row,
+                )?
                 .collect()
         })
         .await
     }
 
-    pub async fn find_by_client_id(&self, session_id: &str, client_id: &str) -> Result<Option<MessageRecord>> {
+    pub async fn find_by_client_id(
+        &self,
+        session_id: &str,
+        client_id: &str,
+    ) -> Result<Option<MessageRecord>> {
         let (session_id, client_id) = (session_id.to_string(), client_id.to_string());
         self.with(move |c| {
             c.query_row(
@@ -132,7 +157,9 @@ impl SqliteArchive {
 
     pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionView>> {
         self.with(move |c| {
-            let (before_at, before_id) = filter.before.map_or((None, None), |(at, id)| (Some(at.0), Some(id)));
+            let (before_at, before_id) = filter
+                .before
+                .map_or((None, None), |(at, id)| (Some(at.0), Some(id)));
             let mut statement = c.prepare_cached(&format!(
                 "{SESSION_SELECT}
                  WHERE (?1 IS NULL OR s.user_id = ?1) AND (?2 IS NULL OR s.agent_id = ?2)
@@ -159,17 +186,27 @@ impl SqliteArchive {
 
     pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
         self.with(move |c| {
-            let mut statement =
-                c.prepare_cached(&format!("{AGENT_SELECT} WHERE (?1 IS NULL OR status = ?1) ORDER BY name, id"))?;
-            statement.query_map(params![status.map(|s| s.as_str())], agent_from_row)?.collect()
+            let mut statement = c.prepare_cached(&format!(
+                "{AGENT_SELECT} WHERE (?1 IS NULL OR status = ?1) ORDER BY name, id"
+            ))?;
+            statement
+                .query_map(params![status.map(|s| s.as_str())], agent_from_row)?
+                .collect()
         })
         .await
     }
 
     pub async fn get_agent(&self, id: &str) -> Result<Option<Agent>> {
         let id = id.to_string();
-        self.with(move |c| c.query_row(&format!("{AGENT_SELECT} WHERE id = ?1"), [id], agent_from_row).optional())
-            .await
+        self.with(move |c| {
+            c.query_row(
+                &format!("{AGENT_SELECT} WHERE id = ?1"),
+                [id],
+                agent_from_row,
+            )
+            .optional()
+        })
+        .await
     }
 
     pub async fn insert_agent(&self, agent: Agent) -> Result<()> {
@@ -183,7 +220,11 @@ impl SqliteArchive {
                 )
             })
             .await?;
-        if inserted == 0 { Err(ArchiveError::Conflict) } else { Ok(()) }
+        if inserted == 0 {
+            Err(ArchiveError::Conflict)
+        } else {
+            Ok(())
+        }
     }
 
     pub async fn update_agent(&self, agent: Agent) -> Result<()> {
@@ -209,7 +250,13 @@ fn write_rows(tx: &rusqlite::Transaction<'_>, rows: &FlushRows) -> rusqlite::Res
          VALUES (?1, ?2, ?3, 'active', ?4, 0, 0, ?5, ?5, ?5) ON CONFLICT (id) DO NOTHING",
     )?;
     for s in &rows.new_sessions {
-        insert_session.execute(params![&*s.id, s.user_id, s.agent_id, s.metadata.get(), s.inserted_at.0])?;
+        insert_session.execute(params![
+            &*s.id,
+            s.user_id,
+            s.agent_id,
+            s.metadata.get(),
+            s.inserted_at.0
+        ])?;
     }
     let mut insert_message = tx.prepare_cached(
         "INSERT INTO messages (session_id, seq, id, sender_id, kind, content, metadata, client_id,
@@ -264,7 +311,11 @@ fn write_rows(tx: &rusqlite::Transaction<'_>, rows: &FlushRows) -> rusqlite::Res
          WHERE excluded.read_seq > read_cursors.read_seq",
     )?;
     for (session_id, cursor) in &rows.read_cursors {
-        upsert_cursor.execute(params![session_id, cursor.read_seq as i64, cursor.nonuser_through as i64])?;
+        upsert_cursor.execute(params![
+            session_id,
+            cursor.read_seq as i64,
+            cursor.nonuser_through as i64
+        ])?;
     }
     Ok(())
 }
@@ -294,7 +345,8 @@ pub(super) const SESSION_SELECT: &str = "SELECT s.id, s.user_id, s.agent_id, s.s
     COALESCE(c.read_seq, 0), COALESCE(c.nonuser_through, 0)
     FROM sessions s LEFT JOIN read_cursors c ON c.session_id = s.id AND c.user_id = s.user_id";
 
-pub(super) const MESSAGE_SELECT: &str = "SELECT session_id, seq, id, sender_id, kind, content, metadata, client_id,
+pub(super) const MESSAGE_SELECT: &str =
+    "SELECT session_id, seq, id, sender_id, kind, content, metadata, client_id,
     fingerprint, nonuser_through, inserted_at FROM messages";
 
 pub(super) const AGENT_SELECT: &str = "SELECT id, name, origin_url, webhook_path, message_history_mode,

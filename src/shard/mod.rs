@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::archive::{Archive, ArchiveError};
 use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionView};
 use crate::wal::Wal;
-pub use state::ShardState;
 use session::WalPosition;
+pub use state::ShardState;
 use writer::Command;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -74,11 +74,16 @@ pub struct AppendRequest {
 pub enum AppendOutcome {
     Appended(Arc<MessageRecord>),
     /// Same `client_id`, same body: the original message at `seq`.
-    Duplicate { seq: u64 },
+    Duplicate {
+        seq: u64,
+    },
     /// The writer does not hold the session: load it and send the request again.
     NotLoaded(Box<AppendRequest>),
     /// Client ids of messages below `below` are only in the archive: look there, then retry.
-    CheckClientIdInArchive { below: u64, request: Box<AppendRequest> },
+    CheckClientIdInArchive {
+        below: u64,
+        request: Box<AppendRequest>,
+    },
 }
 
 pub struct AppendResult {
@@ -134,8 +139,20 @@ struct ShardsInner {
 const MAX_ROUNDS: usize = 4;
 
 impl Shards {
-    pub fn new(senders: Vec<mpsc::Sender<Command>>, writers: Vec<Arc<Writer>>, wal: Arc<Wal>, archive: Archive) -> Shards {
-        Shards { inner: Arc::new(ShardsInner { senders, writers, wal, archive }) }
+    pub fn new(
+        senders: Vec<mpsc::Sender<Command>>,
+        writers: Vec<Arc<Writer>>,
+        wal: Arc<Wal>,
+        archive: Archive,
+    ) -> Shards {
+        Shards {
+            inner: Arc::new(ShardsInner {
+                senders,
+                writers,
+                wal,
+                archive,
+            }),
+        }
     }
 
     pub fn shard_count(&self) -> u16 {
@@ -159,18 +176,29 @@ impl Shards {
         problems
     }
 
-    async fn call<T>(&self, shard: u16, make: impl FnOnce(oneshot::Sender<Result<T, ShardError>>) -> Command) -> Result<T, ShardError> {
+    async fn call<T>(
+        &self,
+        shard: u16,
+        make: impl FnOnce(oneshot::Sender<Result<T, ShardError>>) -> Command,
+    ) -> Result<T, ShardError> {
         let (reply, answer) = oneshot::channel();
         let closed = || ShardError::Unavailable("shard writer stopped".into());
-        self.inner.senders[shard as usize].send(make(reply)).await.map_err(|_| closed())?;
+        self.inner.senders[shard as usize]
+            .send(make(reply))
+            .await
+            .map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
     }
 
     /// Loads the session from the archive into its shard. `Ok(false)` if it does not exist.
     async fn load(&self, shard: u16, session_id: &str) -> Result<bool, ShardError> {
-        let Some(loaded) = self.inner.archive.load_session(session_id).await? else { return Ok(false) };
+        let Some(loaded) = self.inner.archive.load_session(session_id).await? else {
+            return Ok(false);
+        };
         metrics::counter!("fleetlm_sessions_loaded_total").increment(1);
-        let command = Command::Install { loaded: Box::new(loaded) };
+        let command = Command::Install {
+            loaded: Box::new(loaded),
+        };
         self.inner.senders[shard as usize]
             .send(command)
             .await
@@ -195,7 +223,9 @@ impl Shards {
                 other => return other,
             }
         }
-        Err(ShardError::Unavailable("session could not be loaded".into()))
+        Err(ShardError::Unavailable(
+            "session could not be loaded".into(),
+        ))
     }
 
     pub async fn create_session(&self, session: SessionRecord) -> Result<SessionView, ShardError> {
@@ -203,20 +233,37 @@ impl Shards {
         let mut known_absent = false;
         for _ in 0..MAX_ROUNDS {
             let attempt = session.clone();
-            match self.call(shard, |reply| Command::Create { session: attempt, known_absent, reply }).await {
+            match self
+                .call(shard, |reply| Command::Create {
+                    session: attempt,
+                    known_absent,
+                    reply,
+                })
+                .await
+            {
                 Err(ShardError::NotLoaded) => known_absent = !self.load(shard, &session.id).await?,
                 other => return other,
             }
         }
-        Err(ShardError::Unavailable("session could not be created".into()))
+        Err(ShardError::Unavailable(
+            "session could not be created".into(),
+        ))
     }
 
     pub async fn view(&self, session_id: &str) -> Result<SessionView, ShardError> {
-        self.with_session(session_id, |reply| Command::View { session_id: session_id.to_string(), reply }).await
+        self.with_session(session_id, |reply| Command::View {
+            session_id: session_id.to_string(),
+            reply,
+        })
+        .await
     }
 
     pub async fn archive_session(&self, session_id: &str) -> Result<SessionView, ShardError> {
-        self.with_session(session_id, |reply| Command::Archive { session_id: session_id.to_string(), reply }).await
+        self.with_session(session_id, |reply| Command::Archive {
+            session_id: session_id.to_string(),
+            reply,
+        })
+        .await
     }
 
     pub async fn append(&self, request: AppendRequest) -> Result<AppendResult, ShardError> {
@@ -224,11 +271,22 @@ impl Shards {
         let shard = self.shard_of(&session_id);
         let mut request = Box::new(request);
         for _ in 0..MAX_ROUNDS {
-            match self.call(shard, |reply| Command::Append { request, reply }).await? {
-                AppendOutcome::Appended(record) => return Ok(AppendResult { record, deduplicated: false }),
+            match self
+                .call(shard, |reply| Command::Append { request, reply })
+                .await?
+            {
+                AppendOutcome::Appended(record) => {
+                    return Ok(AppendResult {
+                        record,
+                        deduplicated: false,
+                    });
+                }
                 AppendOutcome::Duplicate { seq } => {
                     let record = self.read_one(&session_id, seq).await?;
-                    return Ok(AppendResult { record, deduplicated: true });
+                    return Ok(AppendResult {
+                        record,
+                        deduplicated: true,
+                    });
                 }
                 AppendOutcome::NotLoaded(returned) => {
                     if !self.load(shard, &session_id).await? {
@@ -236,11 +294,22 @@ impl Shards {
                     }
                     request = returned;
                 }
-                AppendOutcome::CheckClientIdInArchive { below, request: mut returned } => {
+                AppendOutcome::CheckClientIdInArchive {
+                    below,
+                    request: mut returned,
+                } => {
                     let client_id = returned.client_id.as_deref().unwrap_or_default();
-                    if let Some(original) = self.inner.archive.find_by_client_id(&session_id, client_id).await? {
+                    if let Some(original) = self
+                        .inner
+                        .archive
+                        .find_by_client_id(&session_id, client_id)
+                        .await?
+                    {
                         return if original.fingerprint == returned.fingerprint {
-                            Ok(AppendResult { record: Arc::new(original), deduplicated: true })
+                            Ok(AppendResult {
+                                record: Arc::new(original),
+                                deduplicated: true,
+                            })
                         } else {
                             Err(ShardError::ClientIdConflict)
                         };
@@ -250,10 +319,17 @@ impl Shards {
                 }
             }
         }
-        Err(ShardError::Unavailable("append could not be completed".into()))
+        Err(ShardError::Unavailable(
+            "append could not be completed".into(),
+        ))
     }
 
-    pub async fn move_read_cursor(&self, session_id: &str, user_id: &str, read_seq: u64) -> Result<SessionView, ShardError> {
+    pub async fn move_read_cursor(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        read_seq: u64,
+    ) -> Result<SessionView, ShardError> {
         let mut known: Option<ReadCursor> = None;
         for _ in 0..MAX_ROUNDS {
             let result = self
@@ -268,23 +344,36 @@ impl Shards {
             match result {
                 Err(ShardError::NeedsCursorAt { seq }) => {
                     let record = self.read_one(session_id, seq).await?;
-                    known = Some(ReadCursor { read_seq: seq, nonuser_through: record.nonuser_through });
+                    known = Some(ReadCursor {
+                        read_seq: seq,
+                        nonuser_through: record.nonuser_through,
+                    });
                 }
                 other => return other,
             }
         }
-        Err(ShardError::Unavailable("read cursor could not be moved".into()))
+        Err(ShardError::Unavailable(
+            "read cursor could not be moved".into(),
+        ))
     }
 
     async fn read_one(&self, session_id: &str, seq: u64) -> Result<Arc<MessageRecord>, ShardError> {
         let page = self.read_messages(session_id, seq - 1, 1).await?;
-        page.messages.into_iter().next().ok_or_else(|| ShardError::Unavailable(format!("message {seq} is missing")))
+        page.messages
+            .into_iter()
+            .next()
+            .ok_or_else(|| ShardError::Unavailable(format!("message {seq} is missing")))
     }
 
     /// Messages with `seq > after_seq`, ascending, at most `limit`: hot tail, WAL and archive
     /// merged by seq. A WAL segment deleted between plan and read (the archive has it by then)
     /// makes the plan stale; it is then made again.
-    pub async fn read_messages(&self, session_id: &str, after_seq: u64, limit: usize) -> Result<MessagePage, ShardError> {
+    pub async fn read_messages(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<MessagePage, ShardError> {
         let mut last_problem = String::new();
         for _ in 0..MAX_ROUNDS {
             let plan = self
@@ -300,13 +389,20 @@ impl Shards {
                 Err(problem) => last_problem = problem,
             }
         }
-        Err(ShardError::Unavailable(format!("could not read messages: {last_problem}")))
+        Err(ShardError::Unavailable(format!(
+            "could not read messages: {last_problem}"
+        )))
     }
 
     async fn execute_plan(&self, session_id: &str, plan: ReadPlan) -> Result<MessagePage, String> {
         let mut messages: Vec<Arc<MessageRecord>> = Vec::new();
         if let Some((from, to)) = plan.archive_range {
-            let archived = self.inner.archive.read_messages(session_id, from, to).await.map_err(|e| e.to_string())?;
+            let archived = self
+                .inner
+                .archive
+                .read_messages(session_id, from, to)
+                .await
+                .map_err(|e| e.to_string())?;
             messages.extend(archived.into_iter().map(Arc::new));
         }
         if !plan.wal.is_empty() {
@@ -315,13 +411,24 @@ impl Shards {
         messages.extend(plan.hot);
         for pair in messages.windows(2) {
             if pair[1].message.seq != pair[0].message.seq + 1 {
-                return Err(format!("gap between seq {} and {}", pair[0].message.seq, pair[1].message.seq));
+                return Err(format!(
+                    "gap between seq {} and {}",
+                    pair[0].message.seq, pair[1].message.seq
+                ));
             }
         }
-        Ok(MessagePage { messages, has_more: plan.has_more, session: plan.session })
+        Ok(MessagePage {
+            messages,
+            has_more: plan.has_more,
+            session: plan.session,
+        })
     }
 
-    async fn read_from_wal(&self, session_id: &str, positions: &[WalPosition]) -> Result<Vec<Arc<MessageRecord>>, String> {
+    async fn read_from_wal(
+        &self,
+        session_id: &str,
+        positions: &[WalPosition],
+    ) -> Result<Vec<Arc<MessageRecord>>, String> {
         let shard = self.shard_of(session_id);
         let wal = self.inner.wal.clone();
         let positions = positions.to_vec();
@@ -330,14 +437,32 @@ impl Shards {
             let first_index = positions.first().map_or(0, |p| p.log_index);
             let last_index = positions.last().map_or(0, |p| p.log_index);
             let span = (last_index - first_index + 1) as usize;
-            for (log_id, body) in wal.read_entries(shard, first_index, span).map_err(|e| e.to_string())? {
-                entries.insert(log_id.index, ops::decode_entry(&body).map_err(|e| e.to_string())?);
+            for (log_id, body) in wal
+                .read_entries(shard, first_index, span)
+                .map_err(|e| e.to_string())?
+            {
+                entries.insert(
+                    log_id.index,
+                    ops::decode_entry(&body).map_err(|e| e.to_string())?,
+                );
             }
             positions
                 .iter()
-                .map(|position| match entries.get(&position.log_index).and_then(|ops| ops.get(position.op_position as usize)) {
-                    Some(ops::Op::MessageAppended(record)) if record.message.seq == position.seq => Ok(Arc::new(record.clone())),
-                    _ => Err(format!("wal entry {} no longer holds seq {}", position.log_index, position.seq)),
+                .map(|position| {
+                    match entries
+                        .get(&position.log_index)
+                        .and_then(|ops| ops.get(position.op_position as usize))
+                    {
+                        Some(ops::Op::MessageAppended(record))
+                            if record.message.seq == position.seq =>
+                        {
+                            Ok(Arc::new(record.clone()))
+                        }
+                        _ => Err(format!(
+                            "wal entry {} no longer holds seq {}",
+                            position.log_index, position.seq
+                        )),
+                    }
                 })
                 .collect()
         })
@@ -350,13 +475,23 @@ impl Shards {
     pub async fn overlay(&self, views: Vec<SessionView>) -> Vec<SessionView> {
         let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for (position, view) in views.iter().enumerate() {
-            by_shard.entry(self.shard_of(&view.record.id)).or_default().push(position);
+            by_shard
+                .entry(self.shard_of(&view.record.id))
+                .or_default()
+                .push(position);
         }
         let mut views = views;
         for (shard, positions) in by_shard {
-            let session_ids = positions.iter().map(|p| views[*p].record.id.clone()).collect();
+            let session_ids = positions
+                .iter()
+                .map(|p| views[*p].record.id.clone())
+                .collect();
             let (reply, answer) = oneshot::channel();
-            if self.inner.senders[shard as usize].send(Command::Overlay { session_ids, reply }).await.is_err() {
+            if self.inner.senders[shard as usize]
+                .send(Command::Overlay { session_ids, reply })
+                .await
+                .is_err()
+            {
                 continue;
             }
             let Ok(fresh) = answer.await else { continue };

@@ -14,8 +14,15 @@ pub const ENTRY_FORMAT_VERSION: u8 = 1;
 pub enum Op {
     SessionCreated(SessionRecord),
     MessageAppended(MessageRecord),
-    SessionArchived { session_id: String, at: Timestamp },
-    ReadCursorMoved { session_id: String, cursor: ReadCursor, at: Timestamp },
+    SessionArchived {
+        session_id: String,
+        at: Timestamp,
+    },
+    ReadCursorMoved {
+        session_id: String,
+        cursor: ReadCursor,
+        at: Timestamp,
+    },
 }
 
 impl Op {
@@ -23,7 +30,9 @@ impl Op {
         match self {
             Op::SessionCreated(session) => &session.id,
             Op::MessageAppended(record) => &record.message.session_id,
-            Op::SessionArchived { session_id, .. } | Op::ReadCursorMoved { session_id, .. } => session_id,
+            Op::SessionArchived { session_id, .. } | Op::ReadCursorMoved { session_id, .. } => {
+                session_id
+            }
         }
     }
 }
@@ -35,7 +44,11 @@ struct EntryBody<T> {
 }
 
 pub fn encode_entry(ops: &[Op]) -> Vec<u8> {
-    serde_json::to_vec(&EntryBody { v: ENTRY_FORMAT_VERSION, ops }).expect("ops always serialize")
+    serde_json::to_vec(&EntryBody {
+        v: ENTRY_FORMAT_VERSION,
+        ops,
+    })
+    .expect("ops always serialize")
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::model::{LastActivity, MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView, Timestamp};
+use crate::model::{
+    LastActivity, MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView, Timestamp,
+};
 
 /// Messages kept in memory per active session.
 pub const HOT_TAIL_LEN: usize = 128;
@@ -59,7 +61,11 @@ impl SessionState {
             last_seq: 0,
             nonuser_count: 0,
             read_cursor: ReadCursor::default(),
-            last_activity: LastActivity { at: created_at, sender_id: None, preview: None },
+            last_activity: LastActivity {
+                at: created_at,
+                sender_id: None,
+                preview: None,
+            },
             updated_at: created_at,
             hot_tail: VecDeque::new(),
             unarchived: VecDeque::new(),
@@ -99,9 +105,14 @@ impl SessionState {
         self.updated_at = message.inserted_at;
         if let Some(client_id) = &record.client_id {
             let log_index = position.map_or(0, |p| p.log_index);
-            let entry = ClientIdEntry { seq: message.seq, fingerprint: record.fingerprint, log_index };
+            let entry = ClientIdEntry {
+                seq: message.seq,
+                fingerprint: record.fingerprint,
+                log_index,
+            };
             self.client_ids.insert(client_id.clone(), entry);
-            self.client_id_order.push_back((message.seq, client_id.clone()));
+            self.client_id_order
+                .push_back((message.seq, client_id.clone()));
         }
         match position {
             Some(position) => {
@@ -126,13 +137,22 @@ impl SessionState {
             self.unarchived.pop_front();
         }
         while self.client_ids.len() > CLIENT_ID_WINDOW {
-            let Some((seq, client_id)) = self.client_id_order.front().cloned() else { break };
-            let archived = self.client_ids.get(&client_id).is_none_or(|entry| entry.log_index <= log_index);
+            let Some((seq, client_id)) = self.client_id_order.front().cloned() else {
+                break;
+            };
+            let archived = self
+                .client_ids
+                .get(&client_id)
+                .is_none_or(|entry| entry.log_index <= log_index);
             if !archived {
                 break;
             }
             self.client_id_order.pop_front();
-            if self.client_ids.get(&client_id).is_some_and(|entry| entry.seq == seq) {
+            if self
+                .client_ids
+                .get(&client_id)
+                .is_some_and(|entry| entry.seq == seq)
+            {
                 self.client_ids.remove(&client_id);
             }
             self.client_ids_complete_from = seq + 1;
@@ -141,7 +161,9 @@ impl SessionState {
 
     /// First seq served from memory.
     pub fn hot_tail_start(&self) -> u64 {
-        self.hot_tail.front().map_or(self.last_seq + 1, |m| m.message.seq)
+        self.hot_tail
+            .front()
+            .map_or(self.last_seq + 1, |m| m.message.seq)
     }
 
     pub fn hot_message(&self, seq: u64) -> Option<&Arc<MessageRecord>> {

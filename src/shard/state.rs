@@ -22,7 +22,11 @@ pub struct ShardState {
 
 impl ShardState {
     pub fn new(archived_index: u64) -> ShardState {
-        ShardState { sessions: HashMap::new(), applied_index: archived_index, archived_index }
+        ShardState {
+            sessions: HashMap::new(),
+            applied_index: archived_index,
+            archived_index,
+        }
     }
 
     /// Applies one operation of the entry at `log_index`. Operations already reflected (a
@@ -37,22 +41,34 @@ impl ShardState {
                 state.last_log_index = state.last_log_index.max(log_index);
             }
             Op::MessageAppended(record) => {
-                let Some(state) = self.sessions.get_mut(&*record.message.session_id) else { return };
+                let Some(state) = self.sessions.get_mut(&*record.message.session_id) else {
+                    return;
+                };
                 if record.message.seq <= state.last_seq {
                     return;
                 }
-                let position = WalPosition { seq: record.message.seq, log_index, op_position };
+                let position = WalPosition {
+                    seq: record.message.seq,
+                    log_index,
+                    op_position,
+                };
                 state.apply_message(Arc::new(record.clone()), Some(position));
                 state.last_used = now;
             }
             Op::SessionArchived { session_id, at } => {
-                let Some(state) = self.sessions.get_mut(session_id.as_str()) else { return };
+                let Some(state) = self.sessions.get_mut(session_id.as_str()) else {
+                    return;
+                };
                 state.status = SessionStatus::Archived;
                 state.updated_at = *at;
                 state.last_log_index = state.last_log_index.max(log_index);
             }
-            Op::ReadCursorMoved { session_id, cursor, .. } => {
-                let Some(state) = self.sessions.get_mut(session_id.as_str()) else { return };
+            Op::ReadCursorMoved {
+                session_id, cursor, ..
+            } => {
+                let Some(state) = self.sessions.get_mut(session_id.as_str()) else {
+                    return;
+                };
                 if cursor.read_seq > state.read_cursor.read_seq {
                     state.read_cursor = *cursor;
                 }
@@ -74,7 +90,10 @@ impl ShardState {
         state.read_cursor = view.read_cursor;
         state.updated_at = view.updated_at;
         state.last_activity = view.last_activity;
-        let first_tail_seq = loaded.tail.first().map_or(view.last_seq + 1, |m| m.message.seq);
+        let first_tail_seq = loaded
+            .tail
+            .first()
+            .map_or(view.last_seq + 1, |m| m.message.seq);
         state.last_seq = first_tail_seq - 1;
         state.archived_seq = state.last_seq;
         state.nonuser_count = view.nonuser_count;
@@ -94,7 +113,9 @@ impl ShardState {
         }
         self.archived_index = log_index;
         for state in self.sessions.values_mut() {
-            if !state.unarchived.is_empty() || state.client_ids.len() > super::session::CLIENT_ID_WINDOW {
+            if !state.unarchived.is_empty()
+                || state.client_ids.len() > super::session::CLIENT_ID_WINDOW
+            {
                 state.mark_archived_through(log_index);
             }
         }

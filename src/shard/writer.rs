@@ -23,18 +23,50 @@ use crate::wal::{LogId, Wal};
 type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
 
 pub enum Command {
-    Create { session: SessionRecord, known_absent: bool, reply: Reply<SessionView> },
-    Append { request: Box<AppendRequest>, reply: Reply<AppendOutcome> },
-    Archive { session_id: String, reply: Reply<SessionView> },
-    MoveReadCursor { session_id: String, user_id: String, read_seq: u64, known: Option<ReadCursor>, reply: Reply<SessionView> },
-    View { session_id: String, reply: Reply<SessionView> },
-    PlanRead { session_id: String, after_seq: u64, limit: usize, reply: Reply<ReadPlan> },
-    Overlay { session_ids: Vec<Arc<str>>, reply: oneshot::Sender<Vec<Option<SessionView>>> },
-    Install { loaded: Box<LoadedSession> },
-    Archived { through_index: u64 },
-    Sweep { idle_for: Duration },
+    Create {
+        session: SessionRecord,
+        known_absent: bool,
+        reply: Reply<SessionView>,
+    },
+    Append {
+        request: Box<AppendRequest>,
+        reply: Reply<AppendOutcome>,
+    },
+    Archive {
+        session_id: String,
+        reply: Reply<SessionView>,
+    },
+    MoveReadCursor {
+        session_id: String,
+        user_id: String,
+        read_seq: u64,
+        known: Option<ReadCursor>,
+        reply: Reply<SessionView>,
+    },
+    View {
+        session_id: String,
+        reply: Reply<SessionView>,
+    },
+    PlanRead {
+        session_id: String,
+        after_seq: u64,
+        limit: usize,
+        reply: Reply<ReadPlan>,
+    },
+    Overlay {
+        session_ids: Vec<Arc<str>>,
+        reply: oneshot::Sender<Vec<Option<SessionView>>>,
+    },
+    Install {
+        loaded: Box<LoadedSession>,
+    },
+    Archived {
+        through_index: u64,
+    },
+    Sweep {
+        idle_for: Duration,
+    },
 }
-
 
 type DeferredReply = Box<dyn FnOnce(Option<&ShardError>) + Send>;
 
@@ -76,9 +108,15 @@ struct Batch {
 impl ShardWriter {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         self.recover().await;
-        self.writer_state.recovered.store(true, std::sync::atomic::Ordering::Release);
+        self.writer_state
+            .recovered
+            .store(true, std::sync::atomic::Ordering::Release);
         while let Some(first) = commands.recv().await {
-            let mut batch = Batch { ops: Vec::new(), bytes: 0, replies: Vec::new() };
+            let mut batch = Batch {
+                ops: Vec::new(),
+                bytes: 0,
+                replies: Vec::new(),
+            };
             let now = Instant::now();
             self.handle(first, &mut batch, now);
             while batch.bytes < self.entry_soft_limit_bytes {
@@ -99,13 +137,17 @@ impl ShardWriter {
         if ops.is_empty() {
             return None;
         }
-        let log_id = LogId { term: 1, index: self.state.applied_index };
+        let log_id = LogId {
+            term: 1,
+            index: self.state.applied_index,
+        };
         let entry = ops::encode_entry(ops);
         let entry_bytes = entry.len();
         let started = Instant::now();
         match self.wal.append(self.shard, vec![(log_id, entry)]).await {
             Ok(()) => {
-                metrics::histogram!("fleetlm_append_commit_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("fleetlm_append_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 self.unflushed_bytes += entry_bytes;
                 if self.unflushed_bytes >= self.flush_threshold_bytes {
                     self.flush_wakeup.notify_one();
@@ -130,7 +172,8 @@ impl ShardWriter {
         }
         let position = batch.ops.len() as u32;
         batch.bytes += approximate_op_bytes(&op);
-        self.state.apply(&op, self.state.applied_index, position, now);
+        self.state
+            .apply(&op, self.state.applied_index, position, now);
         batch.ops.push(op);
         position
     }
@@ -148,7 +191,10 @@ impl ShardWriter {
                     .set(self.state.sessions.len() as f64);
             }
             Command::Overlay { session_ids, reply } => {
-                let views = session_ids.iter().map(|id| self.state.sessions.get(id).map(SessionState::view)).collect();
+                let views = session_ids
+                    .iter()
+                    .map(|id| self.state.sessions.get(id).map(SessionState::view))
+                    .collect();
                 batch.replies.push(Box::new(move |_| {
                     let _ = reply.send(views);
                 }));
@@ -157,11 +203,22 @@ impl ShardWriter {
                 let result = self.session(&session_id, now).map(|s| s.view());
                 batch.replies.push(defer(reply, result));
             }
-            Command::PlanRead { session_id, after_seq, limit, reply } => {
-                let result = self.session(&session_id, now).and_then(|s| plan_read(s, after_seq, limit));
+            Command::PlanRead {
+                session_id,
+                after_seq,
+                limit,
+                reply,
+            } => {
+                let result = self
+                    .session(&session_id, now)
+                    .and_then(|s| plan_read(s, after_seq, limit));
                 batch.replies.push(defer(reply, result));
             }
-            Command::Create { session, known_absent, reply } => {
+            Command::Create {
+                session,
+                known_absent,
+                reply,
+            } => {
                 let result = self.create(session, known_absent, batch, now);
                 batch.replies.push(defer(reply, result));
             }
@@ -173,15 +230,26 @@ impl ShardWriter {
                 let result = self.archive_session(&session_id, batch, now);
                 batch.replies.push(defer(reply, result));
             }
-            Command::MoveReadCursor { session_id, user_id, read_seq, known, reply } => {
-                let result = self.move_read_cursor(&session_id, &user_id, read_seq, known, batch, now);
+            Command::MoveReadCursor {
+                session_id,
+                user_id,
+                read_seq,
+                known,
+                reply,
+            } => {
+                let result =
+                    self.move_read_cursor(&session_id, &user_id, read_seq, known, batch, now);
                 batch.replies.push(defer(reply, result));
             }
         }
     }
 
     fn session(&mut self, session_id: &str, now: Instant) -> Result<&mut SessionState, ShardError> {
-        let state = self.state.sessions.get_mut(session_id).ok_or(ShardError::NotLoaded)?;
+        let state = self
+            .state
+            .sessions
+            .get_mut(session_id)
+            .ok_or(ShardError::NotLoaded)?;
         state.last_used = now;
         Ok(state)
     }
@@ -222,14 +290,22 @@ impl ShardWriter {
         Ok(self.state.sessions[&id].view())
     }
 
-    fn append(&mut self, request: Box<AppendRequest>, batch: &mut Batch, now: Instant) -> Result<AppendOutcome, ShardError> {
+    fn append(
+        &mut self,
+        request: Box<AppendRequest>,
+        batch: &mut Batch,
+        now: Instant,
+    ) -> Result<AppendOutcome, ShardError> {
         let Some(session) = self.state.sessions.get_mut(request.session_id.as_str()) else {
             return Ok(AppendOutcome::NotLoaded(request));
         };
         session.last_used = now;
         let is_user = request.sender_is_user;
-        let participant =
-            if is_user { session.record.user_id == request.sender_id } else { session.record.agent_id == request.sender_id };
+        let participant = if is_user {
+            session.record.user_id == request.sender_id
+        } else {
+            session.record.agent_id == request.sender_id
+        };
         if !participant {
             return Err(ShardError::NotParticipant);
         }
@@ -241,7 +317,9 @@ impl ShardWriter {
                     Err(ShardError::ClientIdConflict)
                 };
             }
-            let checked = request.archive_checked_below.is_some_and(|below| below >= session.client_ids_complete_from);
+            let checked = request
+                .archive_checked_below
+                .is_some_and(|below| below >= session.client_ids_complete_from);
             if session.client_ids_complete_from > 1 && !checked {
                 let below = session.client_ids_complete_from;
                 return Ok(AppendOutcome::CheckClientIdInArchive { below, request });
@@ -253,7 +331,9 @@ impl ShardWriter {
         if let Some(expected) = request.expected_seq
             && expected != session.last_seq
         {
-            return Err(ShardError::SeqConflict { last_seq: session.last_seq });
+            return Err(ShardError::SeqConflict {
+                last_seq: session.last_seq,
+            });
         }
         let nonuser_through = session.nonuser_count + u64::from(!is_user);
         let seq = session.last_seq + 1;
@@ -270,21 +350,40 @@ impl ShardWriter {
             metadata: request.metadata,
             inserted_at: self.next_timestamp(),
         };
-        let record =
-            MessageRecord { message, client_id: request.client_id, fingerprint: request.fingerprint, nonuser_through };
+        let record = MessageRecord {
+            message,
+            client_id: request.client_id,
+            fingerprint: request.fingerprint,
+            nonuser_through,
+        };
         self.push_op(Op::MessageAppended(record), batch, now);
-        let stored = self.state.sessions[&session_id].hot_message(seq).expect("just appended").clone();
+        let stored = self.state.sessions[&session_id]
+            .hot_message(seq)
+            .expect("just appended")
+            .clone();
         Ok(AppendOutcome::Appended(stored))
     }
 
-    fn archive_session(&mut self, session_id: &str, batch: &mut Batch, now: Instant) -> Result<SessionView, ShardError> {
+    fn archive_session(
+        &mut self,
+        session_id: &str,
+        batch: &mut Batch,
+        now: Instant,
+    ) -> Result<SessionView, ShardError> {
         let session = self.session(session_id, now)?;
         if session.status == SessionStatus::Archived {
             return Ok(session.view());
         }
         self.writable()?;
         let at = self.next_timestamp();
-        self.push_op(Op::SessionArchived { session_id: session_id.to_string(), at }, batch, now);
+        self.push_op(
+            Op::SessionArchived {
+                session_id: session_id.to_string(),
+                at,
+            },
+            batch,
+            now,
+        );
         Ok(self.state.sessions[session_id].view())
     }
 
@@ -306,7 +405,10 @@ impl ShardWriter {
             return Ok(session.view());
         }
         let cursor = match session.hot_message(target) {
-            Some(record) => ReadCursor { read_seq: target, nonuser_through: record.nonuser_through },
+            Some(record) => ReadCursor {
+                read_seq: target,
+                nonuser_through: record.nonuser_through,
+            },
             None => match known {
                 Some(cursor) if cursor.read_seq == target => cursor,
                 _ => return Err(ShardError::NeedsCursorAt { seq: target }),
@@ -314,7 +416,15 @@ impl ShardWriter {
         };
         self.writable()?;
         let at = self.next_timestamp();
-        self.push_op(Op::ReadCursorMoved { session_id: session_id.to_string(), cursor, at }, batch, now);
+        self.push_op(
+            Op::ReadCursorMoved {
+                session_id: session_id.to_string(),
+                cursor,
+                at,
+            },
+            batch,
+            now,
+        );
         Ok(self.state.sessions[session_id].view())
     }
 
@@ -325,7 +435,12 @@ impl ShardWriter {
         loop {
             match self.try_recover().await {
                 Ok(replayed) => {
-                    tracing::debug!(shard = self.shard, replayed, elapsed_ms = started.elapsed().as_millis() as u64, "shard recovered");
+                    tracing::debug!(
+                        shard = self.shard,
+                        replayed,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "shard recovered"
+                    );
                     return;
                 }
                 Err(RecoveryError::Fatal(reason)) => {
@@ -345,7 +460,11 @@ impl ShardWriter {
     }
 
     async fn try_recover(&mut self) -> Result<usize, RecoveryError> {
-        let watermark = self.archive.watermark(self.shard).await.map_err(|e| RecoveryError::Retry(e.to_string()))?;
+        let watermark = self
+            .archive
+            .watermark(self.shard)
+            .await
+            .map_err(|e| RecoveryError::Retry(e.to_string()))?;
         self.state = ShardState::new(watermark);
         let wal_last = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
         let degraded = self.wal.degraded(self.shard);
@@ -357,7 +476,9 @@ impl ShardWriter {
             )));
         }
         if wal_last < watermark && self.wal.first_index(self.shard).is_some() {
-            return Err(RecoveryError::Fatal(format!("wal ends at entry {wal_last} below the archive watermark {watermark}")));
+            return Err(RecoveryError::Fatal(format!(
+                "wal ends at entry {wal_last} below the archive watermark {watermark}"
+            )));
         }
         let mut next = watermark + 1;
         let mut replayed = 0;
@@ -373,23 +494,30 @@ impl ShardWriter {
                 break;
             }
             for (log_id, body) in entries {
-                let ops = ops::decode_entry(&body).map_err(|e| RecoveryError::Fatal(e.to_string()))?;
+                let ops =
+                    ops::decode_entry(&body).map_err(|e| RecoveryError::Fatal(e.to_string()))?;
                 for (position, op) in ops.iter().enumerate() {
                     let session_id = op.session_id();
-                    if !matches!(op, Op::SessionCreated(_)) && !self.state.sessions.contains_key(session_id) {
+                    if !matches!(op, Op::SessionCreated(_))
+                        && !self.state.sessions.contains_key(session_id)
+                    {
                         let loaded = self
                             .archive
                             .load_session(session_id)
                             .await
                             .map_err(|e| RecoveryError::Retry(e.to_string()))?
                             .ok_or_else(|| {
-                                RecoveryError::Fatal(format!("log entry {} names unknown session {session_id}", log_id.index))
+                                RecoveryError::Fatal(format!(
+                                    "log entry {} names unknown session {session_id}",
+                                    log_id.index
+                                ))
                             })?;
                         self.state.install(loaded, now);
                     }
                     self.state.apply(op, log_id.index, position as u32, now);
                     if let Op::MessageAppended(record) = op {
-                        self.last_inserted_at = self.last_inserted_at.max(record.message.inserted_at.0);
+                        self.last_inserted_at =
+                            self.last_inserted_at.max(record.message.inserted_at.0);
                     }
                     replayed += 1;
                 }
@@ -399,7 +527,9 @@ impl ShardWriter {
         }
         self.state.applied_index = self.state.applied_index.max(wal_last);
         if let Some(reason) = degraded {
-            return Err(RecoveryError::Fatal(format!("wal of this shard is degraded: {reason}")));
+            return Err(RecoveryError::Fatal(format!(
+                "wal of this shard is degraded: {reason}"
+            )));
         }
         Ok(replayed)
     }
@@ -413,7 +543,9 @@ enum RecoveryError {
 fn approximate_op_bytes(op: &Op) -> usize {
     match op {
         Op::MessageAppended(record) => {
-            256 + record.message.content.get().len() + record.message.metadata.get().len() + record.message.kind.len()
+            256 + record.message.content.get().len()
+                + record.message.metadata.get().len()
+                + record.message.kind.len()
         }
         Op::SessionCreated(session) => 256 + session.metadata.get().len(),
         _ => 128,
@@ -437,19 +569,30 @@ fn plan_read(session: &SessionState, after_seq: u64, limit: usize) -> Result<Rea
         return Ok(plan);
     }
     let hot_start = session.hot_tail_start();
-    let archived_end = last.min(session.archived_seq).min(hot_start.saturating_sub(1));
+    let archived_end = last
+        .min(session.archived_seq)
+        .min(hot_start.saturating_sub(1));
     if first <= archived_end {
         plan.archive_range = Some((first, archived_end));
     }
     for seq in first.max(archived_end + 1)..=last {
         let found = if seq >= hot_start {
-            session.hot_message(seq).map(|record| plan.hot.push(record.clone()))
+            session
+                .hot_message(seq)
+                .map(|record| plan.hot.push(record.clone()))
         } else {
-            session.wal_position(seq).map(|position| plan.wal.push(position))
+            session
+                .wal_position(seq)
+                .map(|position| plan.wal.push(position))
         };
         if found.is_none() {
-            debug_assert!(false, "seq {seq} is neither hot, in the wal index, nor archived");
-            return Err(ShardError::Unavailable(format!("internal: seq {seq} of the session cannot be located")));
+            debug_assert!(
+                false,
+                "seq {seq} is neither hot, in the wal index, nor archived"
+            );
+            return Err(ShardError::Unavailable(format!(
+                "internal: seq {seq} of the session cannot be located"
+            )));
         }
     }
     Ok(plan)

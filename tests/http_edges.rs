@@ -1,0 +1,365 @@
+//! HTTP behaviour shared by every route: unknown routes and methods, malformed and oversized
+//! bodies, CORS, request ids, health, metrics, and token mode.
+
+mod support;
+
+use serde_json::json;
+use support::{Store, TestServer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_bodies_cors_and_request_ids() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let unknown = server.get("/api/nothing-here").await;
+    assert_eq!(
+        (unknown.status, unknown.body["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let wrong_method = server.put("/api/sessions", json!({})).await;
+    assert_eq!(wrong_method.status, 405);
+    assert_eq!(wrong_method.body["code"], "method_not_allowed");
+
+    let raw = server
+        .client
+        .post(server.url("/api/agents"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 400);
+    let body: serde_json::Value = raw.json().await.unwrap();
+    assert_eq!(body["code"], "invalid_json");
+    let array = server
+        .client
+        .post(server.url("/api/sessions"))
+        .body("[1]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(array.status(), 400);
+    let big = server
+        .client
+        .post(server.url("/api/agents"))
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+
+    let preflight = server
+        .client
+        .request(reqwest::Method::OPTIONS, server.url("/api/sessions"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type, authorization",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 204);
+    let headers = preflight.headers();
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(
+        headers["access-control-allow-headers"],
+        "content-type, authorization"
+    );
+    assert_eq!(headers["access-control-max-age"], "600");
+    assert!(
+        headers["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+
+    let with_origin = server
+        .client
+        .get(server.url("/health/live"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        with_origin.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(with_origin.headers()["x-request-id"].len(), 22);
+    let echoed = server
+        .client
+        .get(server.url("/health/live"))
+        .header("x-request-id", "trace-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echoed.headers()["x-request-id"], "trace-42");
+
+    assert_eq!(server.get("/health/ready").await.status, 200);
+    server.agent_and_session("a", "u", "s").await;
+    server
+        .post(
+            "/api/sessions/s/messages",
+            json!({"user_id": "u", "content": {}}),
+        )
+        .await;
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "fleetlm_appends_total",
+        "fleetlm_wal_fsync_seconds",
+        "fleetlm_wal_fsync_batch_records",
+        "fleetlm_process_rss_bytes",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_allow_list_refuses_other_origins() {
+    let server = TestServer::start_with(Store::Sqlite, |s| {
+        s.cors_origins = Some("https://good.example".into())
+    })
+    .await;
+    let other = server
+        .client
+        .get(server.url("/health/live"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    let good = server
+        .client
+        .get(server.url("/health/live"))
+        .header("origin", "https://good.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        good.headers()["access-control-allow-origin"],
+        "https://good.example"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_mode_separates_admins_users_and_strangers() {
+    const SECRET: &str = "a-test-secret-of-some-length";
+    let server = TestServer::start_with(Store::Sqlite, |s| {
+        s.auth_secret = Some(SECRET.into());
+        s.api_key = Some("admin-key".into());
+    })
+    .await;
+    let token = |sub: &str| {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            + 600;
+        fleetlm::auth::mint(
+            SECRET.as_bytes(),
+            &fleetlm::auth::Claims {
+                sub: sub.into(),
+                exp,
+            },
+        )
+    };
+    let send = |method: reqwest::Method,
+                path: &str,
+                bearer: Option<String>,
+                body: Option<serde_json::Value>| {
+        let mut request = server.client.request(method, server.url(path));
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let agent = json!({"agent": {"id": "a", "name": "A", "origin_url": "http://a"}});
+    assert_eq!(
+        send(
+            reqwest::Method::POST,
+            "/api/agents",
+            None,
+            Some(agent.clone())
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        send(
+            reqwest::Method::POST,
+            "/api/agents",
+            Some("garbage".into()),
+            Some(agent.clone())
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        send(
+            reqwest::Method::POST,
+            "/api/agents",
+            Some(token("alice")),
+            Some(agent.clone())
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        send(
+            reqwest::Method::POST,
+            "/api/agents",
+            Some("admin-key".into()),
+            Some(agent)
+        )
+        .await,
+        201
+    );
+
+    let session = json!({"user_id": "alice", "agent_id": "a", "id": "s"});
+    assert_eq!(
+        send(
+            reqwest::Method::POST,
+            "/api/sessions",
+            Some(token("bob")),
+            Some(session.clone())
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        send(
+            reqwest::Method::POST,
+            "/api/sessions",
+            Some(token("alice")),
+            Some(session)
+        )
+        .await,
+        201
+    );
+    let message = json!({"user_id": "alice", "content": {}});
+    assert_eq!(
+        send(
+            reqwest::Method::POST,
+            "/api/sessions/s/messages",
+            Some(token("bob")),
+            Some(message.clone())
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        send(
+            reqwest::Method::POST,
+            "/api/sessions/s/messages",
+            Some(token("alice")),
+            Some(message)
+        )
+        .await,
+        200
+    );
+    let reply = json!({"agent_id": "a", "content": {}});
+    assert_eq!(
+        send(
+            reqwest::Method::POST,
+            "/api/sessions/s/messages",
+            Some(token("a")),
+            Some(reply)
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        send(
+            reqwest::Method::GET,
+            "/api/sessions/s/messages",
+            Some(token("bob")),
+            None
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        send(
+            reqwest::Method::GET,
+            "/api/sessions/s/messages",
+            Some(token("alice")),
+            None
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        send(
+            reqwest::Method::GET,
+            "/api/users/alice/inbox",
+            Some(token("bob")),
+            None
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        send(
+            reqwest::Method::GET,
+            "/api/users/alice/inbox",
+            Some(token("alice")),
+            None
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        send(
+            reqwest::Method::GET,
+            "/api/sessions?user_id=alice",
+            Some(token("bob")),
+            None
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        send(reqwest::Method::GET, "/health/live", None, None).await,
+        200
+    );
+    server.stop().await;
+}
+
+#[test]
+fn invalid_configuration_exits_2_with_one_line() {
+    let output = std::process::Command::new(support::binary())
+        .args(["serve", "--wal-lanes", "0"])
+        .output()
+        .expect("run fleetlm");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("wal_lanes"), "{stderr}");
+}
+
+#[test]
+fn a_second_process_cannot_open_the_same_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = support::ServerProcess::start(dir.path(), None, &[]);
+    let second = std::process::Command::new(support::binary())
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run fleetlm");
+    assert_ne!(second.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("in use by another fleetlm process"));
+}

@@ -1,0 +1,287 @@
+//! Test support: real servers on 127.0.0.1:0 (in-process or as a child process), real
+//! Postgres databases created and dropped per test, and a small HTTP client.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fleetlm::config::{Config, Settings};
+use serde_json::{Value, json};
+
+pub fn database_admin_url() -> String {
+    std::env::var("FLEETLM_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A Postgres database of its own, dropped when this value is.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+fn with_database_name(admin_url: &str, name: &str) -> String {
+    let (base, _) = admin_url.rsplit_once('/').expect("database url has a path");
+    format!("{base}/{name}")
+}
+
+fn run_admin_sql(sql: String) {
+    // Its own thread and runtime: this runs from Drop, possibly inside another runtime.
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let (client, connection) =
+                tokio_postgres::connect(&database_admin_url(), tokio_postgres::NoTls)
+                    .await
+                    .expect(
+                        "Postgres must be reachable at FLEETLM_TEST_DATABASE_URL for the tests",
+                    );
+            tokio::spawn(connection);
+            client.batch_execute(&sql).await.expect("admin sql");
+        });
+    })
+    .join()
+    .expect("admin sql thread");
+}
+
+impl TestDatabase {
+    pub fn create() -> TestDatabase {
+        let name = format!("fleetlm_test_{}", uuid::Uuid::now_v7().simple());
+        run_admin_sql(format!("CREATE DATABASE {name}"));
+        let url = with_database_name(&database_admin_url(), &name);
+        TestDatabase { name, url }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        run_admin_sql(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    Sqlite,
+    Postgres,
+}
+
+pub fn test_settings(data_dir: &Path, database_url: Option<&str>) -> Settings {
+    Settings {
+        http_addr: Some("127.0.0.1:0".into()),
+        data_dir: Some(data_dir.to_path_buf()),
+        database_url: database_url.map(str::to_owned),
+        shards: Some(8),
+        wal_lanes: Some(2),
+        wal_segment_bytes: Some(1024 * 1024),
+        max_message_bytes: Some(64 * 1024),
+        flush_interval_ms: Some(50),
+        ..Settings::default()
+    }
+}
+
+/// A server running inside the test process.
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub data_dir: tempfile::TempDir,
+    pub database: Option<TestDatabase>,
+    server: Option<fleetlm::server::RunningServer>,
+}
+
+impl TestServer {
+    pub async fn start(store: Store) -> TestServer {
+        Self::start_with(store, |_| {}).await
+    }
+
+    pub async fn start_with(store: Store, adjust: impl FnOnce(&mut Settings)) -> TestServer {
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        let database = (store == Store::Postgres).then(TestDatabase::create);
+        let mut settings =
+            test_settings(data_dir.path(), database.as_ref().map(|d| d.url.as_str()));
+        adjust(&mut settings);
+        let config: Config = settings.validate().expect("valid test config");
+        let server = fleetlm::server::start(config).await.expect("server starts");
+        let base = format!("http://{}", server.local_addr);
+        let server = TestServer {
+            base,
+            client: reqwest::Client::new(),
+            data_dir,
+            database,
+            server: Some(server),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = self
+                .client
+                .get(format!("{}/health/ready", self.base))
+                .send()
+                .await
+                && response.status() == 200
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server not ready in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(mut self) -> (tempfile::TempDir, Option<TestDatabase>) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await.expect("clean shutdown");
+        }
+        (self.data_dir, self.database)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+/// A response's status and JSON body (Null when empty).
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+pub async fn call(client: &reqwest::Client, method: &str, url: &str, body: Option<Value>) -> Reply {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut request = client.request(method, url);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("request sent");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).expect("json body")
+    };
+    Reply {
+        status,
+        body,
+        headers,
+    }
+}
+
+impl TestServer {
+    pub async fn get(&self, path: &str) -> Reply {
+        call(&self.client, "GET", &self.url(path), None).await
+    }
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        call(&self.client, "POST", &self.url(path), Some(body)).await
+    }
+    pub async fn put(&self, path: &str, body: Value) -> Reply {
+        call(&self.client, "PUT", &self.url(path), Some(body)).await
+    }
+    pub async fn patch(&self, path: &str, body: Value) -> Reply {
+        call(&self.client, "PATCH", &self.url(path), Some(body)).await
+    }
+    pub async fn delete(&self, path: &str) -> Reply {
+        call(&self.client, "DELETE", &self.url(path), None).await
+    }
+
+    /// Registers agent `id` and creates session `session_id` for `user`.
+    pub async fn agent_and_session(&self, agent_id: &str, user: &str, session_id: &str) {
+        let agent = self
+            .post("/api/agents", json!({"agent": {"id": agent_id, "name": agent_id, "origin_url": "http://127.0.0.1:9"}}))
+            .await;
+        assert!(
+            agent.status == 201 || agent.status == 422,
+            "agent create: {}",
+            agent.body
+        );
+        let session = self
+            .post(
+                "/api/sessions",
+                json!({"user_id": user, "agent_id": agent_id, "id": session_id}),
+            )
+            .await;
+        assert_eq!(session.status, 201, "session create: {}", session.body);
+    }
+}
+
+/// The `fleetlm` binary running as a child process, for crash tests.
+pub struct ServerProcess {
+    pub child: Child,
+    pub base: String,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fleetlm"))
+}
+
+impl ServerProcess {
+    /// Starts `fleetlm serve` on `data_dir` and waits for its listening line.
+    pub fn start(data_dir: &Path, database_url: Option<&str>, extra: &[&str]) -> ServerProcess {
+        let mut command = Command::new(binary());
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args([
+                "--http-addr",
+                "127.0.0.1:0",
+                "--shards",
+                "8",
+                "--wal-lanes",
+                "2",
+            ])
+            .args([
+                "--wal-segment-bytes",
+                "1048576",
+                "--max-message-bytes",
+                "65536",
+                "--flush-interval-ms",
+                "50",
+            ])
+            .args(extra)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(url) = database_url {
+            command.args(["--database-url", url]);
+        }
+        let mut child = command.spawn().expect("spawn fleetlm");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("listening line");
+        let address = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_string();
+        ServerProcess {
+            child,
+            base: format!("http://{address}"),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
