@@ -20,27 +20,52 @@ type Acked = Arc<Mutex<BTreeMap<(String, u64), Value>>>;
 
 async fn setup(base: &str, client: &reqwest::Client) {
     let agent = json!({"agent": {"id": "a", "name": "A", "origin_url": "http://127.0.0.1:9"}});
-    assert_eq!(call(client, "POST", &format!("{base}/api/agents"), Some(agent)).await.status, 201);
+    assert_eq!(
+        call(client, "POST", &format!("{base}/api/agents"), Some(agent))
+            .await
+            .status,
+        201
+    );
     for n in 0..SESSIONS {
         let session = json!({"user_id": "u", "agent_id": "a", "id": format!("s{n}")});
-        assert_eq!(call(client, "POST", &format!("{base}/api/sessions"), Some(session)).await.status, 201);
+        assert_eq!(
+            call(
+                client,
+                "POST",
+                &format!("{base}/api/sessions"),
+                Some(session)
+            )
+            .await
+            .status,
+            201
+        );
     }
 }
 
 /// Appends until the server stops answering; records what was acknowledged.
 async fn append_until_error(base: String, writer: usize, acked: Acked) {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     let mut n = 0u64;
     loop {
         let session = format!("s{}", (writer + n as usize) % SESSIONS);
         let body = json!({"user_id": "u", "content": {"writer": writer, "n": n, "pad": "x".repeat((n % 7) as usize * 50)}});
-        let Ok(response) = client.post(format!("{base}/api/sessions/{session}/messages")).json(&body).send().await else {
+        let Ok(response) = client
+            .post(format!("{base}/api/sessions/{session}/messages"))
+            .json(&body)
+            .send()
+            .await
+        else {
             return;
         };
         if response.status() != 200 {
             return;
         }
-        let Ok(reply) = response.json::<Value>().await else { return };
+        let Ok(reply) = response.json::<Value>().await else {
+            return;
+        };
         let message = reply["message"].clone();
         let seq = message["seq"].as_u64().unwrap();
         let previous = acked.lock().unwrap().insert((session, seq), message);
@@ -58,7 +83,13 @@ async fn verify(base: &str, acked: &Acked) -> BTreeMap<String, u64> {
         let mut stored = Vec::new();
         let mut after = 0;
         loop {
-            let page = call(&client, "GET", &format!("{base}/api/sessions/{session}/messages?after_seq={after}&limit=1000"), None).await;
+            let page = call(
+                &client,
+                "GET",
+                &format!("{base}/api/sessions/{session}/messages?after_seq={after}&limit=1000"),
+                None,
+            )
+            .await;
             assert_eq!(page.status, 200, "{}", page.body);
             let messages = page.body["messages"].as_array().unwrap().clone();
             after += messages.len() as u64;
@@ -68,11 +99,19 @@ async fn verify(base: &str, acked: &Acked) -> BTreeMap<String, u64> {
             }
         }
         for (index, message) in stored.iter().enumerate() {
-            assert_eq!(message["seq"].as_u64(), Some(index as u64 + 1), "seqs of {session} have no gap");
+            assert_eq!(
+                message["seq"].as_u64(),
+                Some(index as u64 + 1),
+                "seqs of {session} have no gap"
+            );
         }
-        for ((acked_session, seq), message) in acked.range((session.clone(), 0)..(session.clone(), u64::MAX)) {
+        for ((acked_session, seq), message) in
+            acked.range((session.clone(), 0)..(session.clone(), u64::MAX))
+        {
             assert_eq!(acked_session, &session);
-            let found = stored.get(*seq as usize - 1).unwrap_or_else(|| panic!("acked {session}/{seq} lost"));
+            let found = stored
+                .get(*seq as usize - 1)
+                .unwrap_or_else(|| panic!("acked {session}/{seq} lost"));
             assert_eq!(found, message, "acked {session}/{seq} changed");
         }
         last_seqs.insert(session, stored.len() as u64);
@@ -88,8 +127,9 @@ async fn kill_and_recover_rounds(database: Option<&TestDatabase>, rounds: usize)
     let client = reqwest::Client::new();
     setup(&server.base, &client).await;
     for round in 0..rounds {
-        let writers: Vec<_> =
-            (0..WRITERS).map(|w| tokio::spawn(append_until_error(server.base.clone(), w, acked.clone()))).collect();
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| tokio::spawn(append_until_error(server.base.clone(), w, acked.clone())))
+            .collect();
         let run_for = Duration::from_millis(rand::rng().random_range(150..900));
         tokio::time::sleep(run_for).await;
         server.kill9();
@@ -103,11 +143,23 @@ async fn kill_and_recover_rounds(database: Option<&TestDatabase>, rounds: usize)
         eprintln!("round {round}: killed after {run_for:?}; {total} messages verified");
         // New appends continue right after the recovered last seq.
         for (session, last) in &last_seqs {
-            let reply = call(&client, "POST", &format!("{}/api/sessions/{session}/messages", server.base),
-                Some(json!({"user_id": "u", "content": {"after_crash": round}}))).await;
+            let reply = call(
+                &client,
+                "POST",
+                &format!("{}/api/sessions/{session}/messages", server.base),
+                Some(json!({"user_id": "u", "content": {"after_crash": round}})),
+            )
+            .await;
             assert_eq!(reply.status, 200);
-            assert_eq!(reply.body["message"]["seq"].as_u64(), Some(last + 1), "{session} continues at last + 1");
-            acked.lock().unwrap().insert((session.clone(), last + 1), reply.body["message"].clone());
+            assert_eq!(
+                reply.body["message"]["seq"].as_u64(),
+                Some(last + 1),
+                "{session} continues at last + 1"
+            );
+            acked
+                .lock()
+                .unwrap()
+                .insert((session.clone(), last + 1), reply.body["message"].clone());
         }
     }
     verify(&server.base, &acked).await;
@@ -141,7 +193,9 @@ impl CuttableProxy {
         let (accept_up, accept_connections) = (up.clone(), connections.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 if !accept_up.load(std::sync::atomic::Ordering::SeqCst) {
                     drop(inbound);
                     continue;
@@ -155,7 +209,11 @@ impl CuttableProxy {
                 accept_connections.lock().unwrap().push(task.abort_handle());
             }
         });
-        CuttableProxy { port, up, connections }
+        CuttableProxy {
+            port,
+            up,
+            connections,
+        }
     }
 
     fn cut(&self) {
@@ -171,18 +229,32 @@ impl CuttableProxy {
 }
 
 async fn archived_message_count(database: &TestDatabase) -> i64 {
-    let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await.unwrap();
+    let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(connection);
-    client.query_one("SELECT count(*) FROM messages", &[]).await.unwrap().get(0)
+    client
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_outage_loses_nothing_and_flush_catches_up() {
     let database = TestDatabase::create();
     let admin = support::database_admin_url();
-    let host_port = admin.split('@').nth(1).and_then(|rest| rest.split('/').next()).unwrap().to_string();
+    let host_port = admin
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_string();
     let proxy = CuttableProxy::start(host_port).await;
-    let proxied_url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, database.name);
+    let proxied_url = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        proxy.port, database.name
+    );
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), Some(&proxied_url), &[]);
     let client = reqwest::Client::new();
@@ -191,8 +263,13 @@ async fn archive_outage_loses_nothing_and_flush_catches_up() {
     let append = |n: u64| {
         let (client, base) = (client.clone(), base.clone());
         async move {
-            call(&client, "POST", &format!("{base}/api/sessions/s0/messages"), Some(json!({"user_id": "u", "content": {"n": n}})))
-                .await
+            call(
+                &client,
+                "POST",
+                &format!("{base}/api/sessions/s0/messages"),
+                Some(json!({"user_id": "u", "content": {"n": n}})),
+            )
+            .await
         }
     };
     for n in 0..20 {
@@ -202,14 +279,31 @@ async fn archive_outage_loses_nothing_and_flush_catches_up() {
     proxy.cut();
     for n in 20..220 {
         let reply = append(n).await;
-        assert_eq!(reply.status, 200, "appends go on while the archive is down: {}", reply.body);
+        assert_eq!(
+            reply.status, 200,
+            "appends go on while the archive is down: {}",
+            reply.body
+        );
         assert_eq!(reply.body["message"]["seq"], n + 1);
     }
-    let history = call(&client, "GET", &format!("{base}/api/sessions/s0/messages?after_seq=0&limit=1000"), None).await;
-    assert_eq!(history.status, 200, "reads come from memory and the WAL: {}", history.body);
+    let history = call(
+        &client,
+        "GET",
+        &format!("{base}/api/sessions/s0/messages?after_seq=0&limit=1000"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        history.status, 200,
+        "reads come from memory and the WAL: {}",
+        history.body
+    );
     assert_eq!(history.body["messages"].as_array().unwrap().len(), 220);
     let ready = call(&client, "GET", &format!("{base}/health/ready"), None).await;
-    assert_eq!(ready.status, 503, "not ready while the archive is unreachable");
+    assert_eq!(
+        ready.status, 503,
+        "not ready while the archive is unreachable"
+    );
 
     proxy.restore();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -217,7 +311,10 @@ async fn archive_outage_loses_nothing_and_flush_catches_up() {
         if archived_message_count(&database).await == 220 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the flusher did not catch up");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flusher did not catch up"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ready = call(&client, "GET", &format!("{base}/health/ready"), None).await;

@@ -226,29 +226,25 @@ pub fn binary() -> PathBuf {
 }
 
 impl ServerProcess {
-    /// Starts `fleetlm serve` on `data_dir` and waits for its listening line.
+    /// Starts `fleetlm serve` on `data_dir` and waits for its listening line. `extra` holds
+    /// `--flag value` pairs that replace the test defaults.
     pub fn start(data_dir: &Path, database_url: Option<&str>, extra: &[&str]) -> ServerProcess {
+        let defaults = [
+            ("--http-addr", "127.0.0.1:0"),
+            ("--shards", "8"),
+            ("--wal-lanes", "2"),
+            ("--wal-segment-bytes", "1048576"),
+            ("--max-message-bytes", "65536"),
+            ("--flush-interval-ms", "50"),
+        ];
         let mut command = Command::new(binary());
+        command.arg("serve").arg("--data-dir").arg(data_dir);
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                command.args([flag, value]);
+            }
+        }
         command
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args([
-                "--http-addr",
-                "127.0.0.1:0",
-                "--shards",
-                "8",
-                "--wal-lanes",
-                "2",
-            ])
-            .args([
-                "--wal-segment-bytes",
-                "1048576",
-                "--max-message-bytes",
-                "65536",
-                "--flush-interval-ms",
-                "50",
-            ])
             .args(extra)
             .env_remove("DATABASE_URL")
             .env("RUST_LOG", "warn")
