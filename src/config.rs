@@ -193,7 +193,7 @@ impl Settings {
         {
             return Err(invalid("shards", "must be between 1 and 4096"));
         }
-        let wal_lanes = self.wal_lanes.unwrap_or(4);
+        let wal_lanes = self.wal_lanes.unwrap_or(2);
         if !(1..=64).contains(&wal_lanes) {
             return Err(invalid("wal_lanes", "must be between 1 and 64"));
         }
@@ -294,7 +294,7 @@ mod tests {
         let config = Settings::default().validate().unwrap();
         assert_eq!(config.http_addr.to_string(), "127.0.0.1:4000");
         assert_eq!(config.data_dir, PathBuf::from("fleetlm-data"));
-        assert_eq!(config.wal_lanes, 4);
+        assert_eq!(config.wal_lanes, 2);
         assert_eq!(config.flush_interval, Duration::from_millis(300));
     }
 

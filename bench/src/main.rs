@@ -1,0 +1,47 @@
+//! `fleetlm-bench`: drives a real FleetLM server over real sockets and reports throughput,
+//! latency and fsync batching. Starts its own server (release binary beside this one, temporary
+//! data directory) unless `--url` points at one.
+
+mod rest;
+mod server;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fleetlm-bench", about = "Benchmarks for FleetLM")]
+struct Cli {
+    /// Use a running server instead of starting one.
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// Extra arguments for the server this tool starts (e.g. "--wal-lanes 2").
+    #[arg(long, global = true, allow_hyphen_values = true)]
+    server_args: Option<String>,
+    /// Write results as JSON to this file as well.
+    #[arg(long, global = true)]
+    json: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// REST write saturation: S sessions × D requests in flight each; fsync-acked appends/s.
+    RestWrite(rest::WriteOptions),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let server = match &cli.url {
+        Some(url) => server::Target::external(url.clone()),
+        None => server::Target::spawn(cli.server_args.as_deref().unwrap_or_default()).await?,
+    };
+    let results = match cli.scenario {
+        Scenario::RestWrite(options) => rest::write_saturation(&server, &options).await?,
+    };
+    if let Some(path) = cli.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
+    }
+    drop(server);
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The server under test: an external URL, or `fleetlm serve` started from the binary beside
+//! this one on a free port with a temporary data directory (killed on drop).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use anyhow::{Context, bail};
+use tokio::io::AsyncBufReadExt;
+
+pub struct Target {
+    pub base: String,
+    child: Option<tokio::process::Child>,
+    _data_dir: Option<tempfile::TempDir>,
+}
+
+impl Target {
+    pub fn external(base: String) -> Target {
+        Target {
+            base,
+            child: None,
+            _data_dir: None,
+        }
+    }
+
+    pub async fn spawn(extra_args: &str) -> anyhow::Result<Target> {
+        let binary: PathBuf = std::env::current_exe()?.with_file_name("fleetlm");
+        if !binary.exists() {
+            bail!(
+                "{} not found: build it with `cargo build --release` first",
+                binary.display()
+            );
+        }
+        let data_dir = tempfile::tempdir()?;
+        let mut child = tokio::process::Command::new(&binary)
+            .args(["serve", "--http-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir.path())
+            .args(extra_args.split_whitespace())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .await?;
+        let address = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .with_context(|| format!("unexpected server output {line:?}"))?;
+        Ok(Target {
+            base: format!("http://{address}"),
+            child: Some(child),
+            _data_dir: Some(data_dir),
+        })
+    }
+
+    /// Sum of a Prometheus counter or histogram series (all label sets) from `/metrics`.
+    pub async fn metric(&self, client: &reqwest::Client, name: &str) -> anyhow::Result<f64> {
+        let text = client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter(|line| line.split(['{', ' ']).next() == Some(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.start_kill();
+        }
+    }
+}
