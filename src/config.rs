@@ -70,6 +70,24 @@ pub struct Settings {
     /// `text` or `json`.
     #[arg(long, env = "FLEETLM_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Close a WebSocket that sent nothing for this long.
+    #[arg(long, env = "FLEETLM_WS_IDLE_TIMEOUT_SECS")]
+    pub ws_idle_timeout_secs: Option<u64>,
+    /// Largest WebSocket frame; bigger ones close the socket with 1009.
+    #[arg(long, env = "FLEETLM_WS_MAX_FRAME_BYTES")]
+    pub ws_max_frame_bytes: Option<usize>,
+    /// Frames that may wait for a slow socket before it is told to resync or closed.
+    #[arg(long, env = "FLEETLM_WS_OUTBOUND_QUEUE")]
+    pub ws_outbound_queue: Option<usize>,
+    /// Channels one socket may join.
+    #[arg(long, env = "FLEETLM_WS_MAX_CHANNELS")]
+    pub ws_max_channels: Option<usize>,
+    /// Sockets one identity may hold open.
+    #[arg(long, env = "FLEETLM_WS_MAX_SOCKETS_PER_IDENTITY")]
+    pub ws_max_sockets_per_identity: Option<usize>,
+    /// At most one inbox_delta per user per this interval.
+    #[arg(long, env = "FLEETLM_INBOX_PUSH_INTERVAL_MS")]
+    pub inbox_push_interval_ms: Option<u64>,
     /// Bound on the final archive flush at shutdown.
     #[arg(long, env = "FLEETLM_SHUTDOWN_DEADLINE_MS")]
     pub shutdown_deadline_ms: Option<u64>,
@@ -105,6 +123,12 @@ pub struct Config {
     /// `None` allows any origin.
     pub cors_origins: Option<Vec<String>>,
     pub log_format: LogFormat,
+    pub ws_idle_timeout: Duration,
+    pub ws_max_frame_bytes: usize,
+    pub ws_outbound_queue: usize,
+    pub ws_max_channels: usize,
+    pub ws_max_sockets_per_identity: usize,
+    pub inbox_push_interval: Duration,
     pub shutdown_deadline: Duration,
 }
 
@@ -159,6 +183,12 @@ impl Settings {
             session_idle_secs,
             cors_origins,
             log_format,
+            ws_idle_timeout_secs,
+            ws_max_frame_bytes,
+            ws_outbound_queue,
+            ws_max_channels,
+            ws_max_sockets_per_identity,
+            inbox_push_interval_ms,
             shutdown_deadline_ms
         )
     }
@@ -263,6 +293,12 @@ impl Settings {
             session_idle: Duration::from_secs(self.session_idle_secs.unwrap_or(15 * 60)),
             cors_origins,
             log_format,
+            ws_idle_timeout: Duration::from_secs(self.ws_idle_timeout_secs.unwrap_or(60).max(1)),
+            ws_max_frame_bytes: self.ws_max_frame_bytes.unwrap_or(1024 * 1024).max(1024),
+            ws_outbound_queue: self.ws_outbound_queue.unwrap_or(1024).max(16),
+            ws_max_channels: self.ws_max_channels.unwrap_or(100).max(1),
+            ws_max_sockets_per_identity: self.ws_max_sockets_per_identity.unwrap_or(100).max(1),
+            inbox_push_interval: Duration::from_millis(self.inbox_push_interval_ms.unwrap_or(1000)),
             shutdown_deadline: Duration::from_millis(self.shutdown_deadline_ms.unwrap_or(10_000)),
         })
     }

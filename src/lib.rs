@@ -5,6 +5,8 @@ pub mod archive;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod gateway;
+pub mod hub;
 pub mod ids;
 pub mod metrics;
 pub mod model;

@@ -104,6 +104,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (shutdown_sender, shutdown) = watch::channel(false);
+    let hub = crate::hub::Hub::new(shard_count);
     let mut senders = Vec::with_capacity(shard_count as usize);
     let mut writer_states = Vec::with_capacity(shard_count as usize);
     let mut writer_tasks = Vec::with_capacity(shard_count as usize);
@@ -126,6 +127,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             wal_budget_bytes: config.wal_budget_bytes,
             entry_soft_limit_bytes: config.wal_max_batch_bytes() / 2,
             writer_state: writer_state.clone(),
+            hub: hub.clone(),
         };
         writer_tasks.push(tokio::spawn(writer.run(receiver)));
         let flusher = Flusher {
@@ -162,6 +164,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         metrics: crate::metrics::prometheus(),
         draining: draining.clone(),
         clock,
+        hub,
+        sockets: Arc::default(),
+        shutdown: shutdown.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

@@ -8,8 +8,8 @@
 mod agents;
 mod error;
 mod health;
-mod messages;
-mod sessions;
+pub mod messages;
+pub mod sessions;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -36,6 +36,10 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub draining: Arc<AtomicBool>,
     pub clock: Arc<dyn crate::clock::Clock>,
+    pub hub: Arc<crate::hub::Hub>,
+    pub sockets: Arc<crate::gateway::SocketCounts>,
+    /// Turns true when the server starts draining; sockets then close with 1012.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -66,6 +70,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
+        .route("/socket/websocket", get(crate::gateway::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), cors))

@@ -97,6 +97,7 @@ pub struct ShardWriter {
     /// batch limit, so one more message always fits).
     pub entry_soft_limit_bytes: usize,
     pub writer_state: Arc<Writer>,
+    pub hub: Arc<crate::hub::Hub>,
 }
 
 struct Batch {
@@ -126,6 +127,9 @@ impl ShardWriter {
                 }
             }
             let failure = self.commit(&batch.ops).await;
+            if failure.is_none() {
+                self.publish(&batch.ops);
+            }
             for reply in batch.replies {
                 reply(failure.as_ref());
             }
@@ -162,6 +166,28 @@ impl ShardWriter {
                 self.unavailable = Some(reason.clone());
                 self.writer_state.set_unavailable(reason.clone());
                 Some(ShardError::Unavailable(reason))
+            }
+        }
+    }
+
+    /// Fans committed operations out to live listeners (sockets, inboxes). Runs only after the
+    /// entry holding them is durable.
+    fn publish(&self, ops: &[Op]) {
+        let mut inbox_sessions: Vec<&str> = Vec::new();
+        for op in ops {
+            if let Op::MessageAppended(record) = op {
+                self.hub.publish_message(record);
+            }
+            let session_id = op.session_id();
+            if !inbox_sessions.contains(&session_id) {
+                inbox_sessions.push(session_id);
+            }
+        }
+        for session_id in inbox_sessions {
+            if let Some(state) = self.state.sessions.get(session_id)
+                && self.hub.has_inbox_listeners(&state.record.user_id)
+            {
+                self.hub.publish_inbox(&state.view());
             }
         }
     }

@@ -281,3 +281,97 @@ impl Drop for ServerProcess {
         self.kill9();
     }
 }
+
+/// A raw WebSocket client speaking Phoenix frames as text, for frame-exact tests.
+pub struct WsClient {
+    pub stream: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+pub enum WsError {
+    Refused(u16),
+}
+
+impl WsClient {
+    /// Connects to `/socket/websocket?{query}`; `Err(status)` if the upgrade is refused.
+    pub async fn connect(base: &str, query: &str) -> Result<WsClient, WsError> {
+        let url = format!(
+            "{}/socket/websocket?{query}",
+            base.replacen("http://", "ws://", 1)
+        );
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((stream, _)) => Ok(WsClient { stream }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(WsError::Refused(response.status().as_u16()))
+            }
+            Err(error) => panic!("websocket connect failed: {error}"),
+        }
+    }
+
+    pub async fn send(&mut self, text: impl Into<String>) {
+        use futures_util::SinkExt;
+        let message = tokio_tungstenite::tungstenite::Message::text(text.into());
+        self.stream.send(message).await.expect("ws send");
+    }
+
+    /// The next text frame, parsed, within 5 s.
+    pub async fn next(&mut self) -> Value {
+        match self.next_message().await {
+            tokio_tungstenite::tungstenite::Message::Text(text) => {
+                serde_json::from_str(&text).expect("json frame")
+            }
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    pub async fn next_message(&mut self) -> tokio_tungstenite::tungstenite::Message {
+        use futures_util::StreamExt;
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(5), self.stream.next())
+                .await
+                .expect("a frame within 5 s")
+                .expect("stream open")
+                .expect("frame");
+            if !matches!(
+                message,
+                tokio_tungstenite::tungstenite::Message::Ping(_)
+                    | tokio_tungstenite::tungstenite::Message::Pong(_)
+            ) {
+                return message;
+            }
+        }
+    }
+
+    /// The next frame that is not one of `skip_events` (e.g. pushes the test does not check).
+    pub async fn next_skipping(&mut self, skip_events: &[&str]) -> Value {
+        loop {
+            let frame = self.next().await;
+            let event = frame.get(3).and_then(Value::as_str).unwrap_or_default();
+            if !skip_events.contains(&event) {
+                return frame;
+            }
+        }
+    }
+
+    /// Waits for the close frame and returns its code.
+    pub async fn closed_with(&mut self) -> u16 {
+        loop {
+            match self.next_message().await {
+                tokio_tungstenite::tungstenite::Message::Close(Some(frame)) => {
+                    return frame.code.into();
+                }
+                tokio_tungstenite::tungstenite::Message::Close(None) => return 1005,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Asserts nothing arrives within `wait`.
+    pub async fn silent_for(&mut self, wait: Duration) -> bool {
+        use futures_util::StreamExt;
+        tokio::time::timeout(wait, self.stream.next())
+            .await
+            .is_err()
+    }
+}

@@ -1,0 +1,696 @@
+//! One WebSocket connection: reads frames, runs its channels, writes replies and pushes.
+//!
+//! The connection task owns all channel state; a separate writer task drains a bounded queue of
+//! outgoing frames into the socket, so a slow client fills its own queue and nothing else.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::SocketSlot;
+use super::frame::{self, InFrame, Vsn};
+use crate::api::messages::{InvalidMessage, MessageInput, build_append};
+use crate::api::{ApiError, SharedState};
+use crate::hub::{Listener, LiveEvent, Subscription};
+use crate::shard::ShardError;
+
+/// Messages in a join reply.
+const JOIN_REPLAY_LIMIT: usize = 100;
+const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
+const CLOSE_SERVICE_RESTART: u16 = 1012;
+const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
+const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+const NULL: &str = "null";
+
+struct SessionChannel {
+    join_ref: String,
+    session_id: Arc<str>,
+    is_user: bool,
+    /// The next seq this channel may deliver; lower ones were already delivered.
+    next_seq: u64,
+    /// `None` once the channel asked the client to resync and stopped listening.
+    subscription: Option<Subscription>,
+}
+
+struct InboxChannel {
+    join_ref: String,
+    /// Changed entries not pushed yet, by session.
+    pending: HashMap<Arc<str>, Arc<Value>>,
+    last_push: Option<Instant>,
+    _subscription: Subscription,
+}
+
+enum Channel {
+    Session(SessionChannel),
+    Inbox(InboxChannel),
+}
+
+impl Channel {
+    fn join_ref(&self) -> &str {
+        match self {
+            Channel::Session(c) => &c.join_ref,
+            Channel::Inbox(c) => &c.join_ref,
+        }
+    }
+}
+
+struct Socket {
+    state: SharedState,
+    identity: Arc<str>,
+    vsn: Vsn,
+    out: mpsc::Sender<Message>,
+    listener: Listener,
+    channels: HashMap<String, Channel>,
+    /// Topic of each joined session channel, to route live events.
+    session_topics: HashMap<Arc<str>, String>,
+    last_received: Instant,
+    expires_at: Option<Instant>,
+    closing: bool,
+    close_now: Option<tokio::sync::oneshot::Sender<u16>>,
+}
+
+pub async fn run(
+    websocket: WebSocket,
+    state: SharedState,
+    identity: String,
+    vsn: Vsn,
+    expires_at_secs: Option<i64>,
+    _slot: SocketSlot,
+) {
+    let config = state.config.clone();
+    let (mut sink, mut stream) = websocket.split();
+    let (out, mut outgoing) = mpsc::channel::<Message>(config.ws_outbound_queue);
+    // Jumps the queue: a client too slow to drain it is closed with 1013 at once.
+    let (close_now, mut close_signal) = tokio::sync::oneshot::channel::<u16>();
+    let writer = tokio::spawn(async move {
+        let mut signal_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                code = &mut close_signal, if signal_open => {
+                    // A dropped sender only means the connection task ended: drain the queue.
+                    let Ok(code) = code else {
+                        signal_open = false;
+                        continue;
+                    };
+                    let frame = CloseFrame { code, reason: "outbound queue full".into() };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    break;
+                }
+                message = outgoing.recv() => {
+                    let Some(message) = message else { break };
+                    let is_close = matches!(message, Message::Close(_));
+                    if sink.send(message).await.is_err() || is_close {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let (events, mut live) = mpsc::channel::<LiveEvent>(config.ws_outbound_queue);
+    let now_secs = state.clock.now_micros() / 1_000_000;
+    let expires_at = expires_at_secs.map(|exp| {
+        Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs).max(0) as u64)
+    });
+    let mut socket = Socket {
+        listener: state.hub.new_listener(events),
+        state: state.clone(),
+        identity: Arc::from(identity),
+        vsn,
+        out,
+        channels: HashMap::new(),
+        session_topics: HashMap::new(),
+        last_received: Instant::now(),
+        expires_at,
+        closing: false,
+        close_now: Some(close_now),
+    };
+    let mut shutdown = state.shutdown.clone();
+    metrics::gauge!("fleetlm_sockets").increment(1.0);
+    let timer = tokio::time::sleep_until(socket.next_deadline());
+    tokio::pin!(timer);
+    while !socket.closing {
+        tokio::select! {
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    socket.last_received = Instant::now();
+                    if text.len() > config.ws_max_frame_bytes {
+                        socket.close(CLOSE_MESSAGE_TOO_BIG, "frame too large");
+                    } else {
+                        socket.handle_text(text.as_str()).await;
+                    }
+                }
+                Some(Ok(Message::Binary(bytes))) => {
+                    socket.last_received = Instant::now();
+                    if bytes.len() > config.ws_max_frame_bytes {
+                        socket.close(CLOSE_MESSAGE_TOO_BIG, "frame too large");
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => socket.last_received = Instant::now(),
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            },
+            Some(event) = live.recv() => socket.handle_live(event),
+            () = &mut timer => socket.on_timer(),
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    socket.close(CLOSE_SERVICE_RESTART, "server restarting");
+                }
+            }
+        }
+        socket.check_overflow();
+        timer.as_mut().reset(socket.next_deadline());
+    }
+    metrics::gauge!("fleetlm_sockets").decrement(1.0);
+    metrics::gauge!("fleetlm_joined_channels").decrement(socket.channels.len() as f64);
+    drop(socket);
+    // Give the writer a moment to deliver the close frame to a client that still reads.
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), writer)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+}
+
+#[derive(Deserialize)]
+struct JoinSessionParams {
+    #[serde(default)]
+    last_seq: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct SendPayload<'a> {
+    #[serde(borrow)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    client_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    expected_seq: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct SendContent<'a> {
+    #[serde(borrow, default)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    metadata: Option<&'a RawValue>,
+}
+
+impl Socket {
+    fn next_deadline(&self) -> Instant {
+        let mut deadline = self.last_received + self.state.config.ws_idle_timeout;
+        if let Some(expires_at) = self.expires_at {
+            deadline = deadline.min(expires_at);
+        }
+        let interval = self.state.config.inbox_push_interval;
+        for channel in self.channels.values() {
+            if let Channel::Inbox(inbox) = channel
+                && !inbox.pending.is_empty()
+            {
+                deadline = deadline.min(
+                    inbox
+                        .last_push
+                        .map_or_else(Instant::now, |at| at + interval),
+                );
+            }
+        }
+        deadline
+    }
+
+    /// Queues a frame; a client too slow to take it is disconnected rather than slowing anyone.
+    fn send(&mut self, text: String) {
+        if self.closing {
+            return;
+        }
+        match self.out.try_send(Message::Text(text.into())) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("fleetlm_socket_closed_slow_total").increment(1);
+                if let Some(close_now) = self.close_now.take() {
+                    let _ = close_now.send(CLOSE_TRY_AGAIN_LATER);
+                }
+                self.closing = true;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.closing = true,
+        }
+    }
+
+    fn close(&mut self, code: u16, reason: &str) {
+        if self.closing {
+            return;
+        }
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = self.out.try_send(Message::Close(Some(frame)));
+        self.closing = true;
+    }
+
+    fn reply(&mut self, frame: &InFrame, status: &str, response: &str) {
+        let text = frame::reply(
+            self.vsn,
+            &frame.join_ref,
+            &frame.reference,
+            &frame.topic,
+            status,
+            response,
+        );
+        self.send(text);
+    }
+
+    fn error_reply(&mut self, frame: &InFrame, response: Value) {
+        self.reply(frame, "error", &response.to_string());
+    }
+
+    fn push(&mut self, join_ref: &str, topic: &str, event: &str, payload: &str) {
+        let text = frame::encode(self.vsn, join_ref, NULL, topic, event, payload);
+        self.send(text);
+    }
+
+    async fn handle_text(&mut self, text: &str) {
+        let frame = match frame::parse(text, self.vsn) {
+            Ok(frame) => frame,
+            Err(bad) => {
+                if let (Some(topic), Some(reference)) = (bad.topic, bad.reference) {
+                    let join_ref = bad.join_ref.unwrap_or_else(|| NULL.into());
+                    let response = json!({"reason": bad.reason}).to_string();
+                    let text =
+                        frame::reply(self.vsn, &join_ref, &reference, &topic, "error", &response);
+                    self.send(text);
+                }
+                metrics::counter!("fleetlm_socket_bad_frames_total").increment(1);
+                return;
+            }
+        };
+        match (frame.topic.as_str(), frame.event.as_str()) {
+            ("phoenix", "heartbeat") => self.reply(&frame, "ok", "{}"),
+            (_, "phx_join") => self.join(frame).await,
+            (_, "phx_leave") => self.leave(&frame),
+            _ if !self.channels.contains_key(&frame.topic) => {
+                self.error_reply(&frame, json!({"reason": "unmatched topic"}));
+            }
+            (_, "send") => self.send_message(frame).await,
+            (_, "typing") => self.typing(&frame),
+            _ => self.error_reply(&frame, json!({"reason": "unknown_event"})),
+        }
+    }
+
+    async fn join(&mut self, frame: InFrame) {
+        let is_session = frame.topic.starts_with("session:");
+        if !is_session && !frame.topic.starts_with("inbox:") {
+            self.error_reply(&frame, json!({"reason": "unmatched topic"}));
+            return;
+        }
+        if let Some(old) = self.remove_channel(&frame.topic) {
+            // A second join of the same topic replaces the first membership.
+            let join_ref = old.join_ref().to_string();
+            let text = frame::encode(
+                self.vsn,
+                &join_ref,
+                &join_ref,
+                &frame.topic,
+                "phx_close",
+                "{}",
+            );
+            self.send(text);
+        }
+        if self.channels.len() >= self.state.config.ws_max_channels {
+            self.error_reply(
+                &frame,
+                json!({"reason": "too many channels on this socket"}),
+            );
+            return;
+        }
+        if is_session {
+            self.join_session(frame).await;
+        } else {
+            self.join_inbox(frame).await;
+        }
+    }
+
+    async fn join_session(&mut self, frame: InFrame) {
+        let session_id = frame.topic["session:".len()..].to_string();
+        let Ok(params) = serde_json::from_str::<JoinSessionParams>(frame.payload.get()) else {
+            self.error_reply(
+                &frame,
+                json!({"reason": "last_seq must be a non-negative integer"}),
+            );
+            return;
+        };
+        let last_seq = params.last_seq.unwrap_or(0);
+        let view = match self.state.shards.view(&session_id).await {
+            Ok(view) => view,
+            Err(ShardError::NotFound) => {
+                return self.error_reply(&frame, json!({"reason": "not found"}));
+            }
+            Err(error) => {
+                return self.error_reply(&frame, json!({"reason": ApiError::from(error).message}));
+            }
+        };
+        let is_user = *view.record.user_id == *self.identity;
+        if !is_user && *view.record.agent_id != *self.identity {
+            self.error_reply(&frame, json!({"reason": "unauthorized"}));
+            return;
+        }
+        // Listen before reading the replay: anything committed after the read arrives live,
+        // anything in both is dropped by seq.
+        let subscription = self
+            .state
+            .hub
+            .subscribe_session(view.record.id.clone(), self.listener.clone());
+        let page = match self
+            .state
+            .shards
+            .read_messages(&session_id, last_seq, JOIN_REPLAY_LIMIT)
+            .await
+        {
+            Ok(page) => page,
+            Err(error) => {
+                return self.error_reply(&frame, json!({"reason": ApiError::from(error).message}));
+            }
+        };
+        let messages: Vec<&crate::model::Message> =
+            page.messages.iter().map(|r| &r.message).collect();
+        let next_seq = last_seq + messages.len() as u64 + 1;
+        let response = json!({
+            "session_id": &*view.record.id,
+            "messages": messages,
+            "has_more": page.has_more,
+            "last_seq": page.session.last_seq,
+        });
+        self.reply(&frame, "ok", &response.to_string());
+        self.session_topics
+            .insert(view.record.id.clone(), frame.topic.clone());
+        let channel = SessionChannel {
+            join_ref: frame.join_ref,
+            session_id: view.record.id.clone(),
+            is_user,
+            next_seq,
+            subscription: Some(subscription),
+        };
+        self.channels.insert(frame.topic, Channel::Session(channel));
+        metrics::gauge!("fleetlm_joined_channels").increment(1.0);
+    }
+
+    async fn join_inbox(&mut self, frame: InFrame) {
+        let user_id = &frame.topic["inbox:".len()..];
+        if user_id != &*self.identity {
+            self.error_reply(&frame, json!({"reason": "unauthorized"}));
+            return;
+        }
+        let subscription = self
+            .state
+            .hub
+            .subscribe_inbox(self.identity.clone(), self.listener.clone());
+        let entries = match crate::api::sessions::inbox_entries(&self.state, user_id).await {
+            Ok(entries) => entries,
+            Err(error) => return self.error_reply(&frame, json!({"reason": error.message})),
+        };
+        self.reply(&frame, "ok", &json!({"inbox": entries}).to_string());
+        let channel = InboxChannel {
+            join_ref: frame.join_ref,
+            pending: HashMap::new(),
+            last_push: None,
+            _subscription: subscription,
+        };
+        self.channels.insert(frame.topic, Channel::Inbox(channel));
+        metrics::gauge!("fleetlm_joined_channels").increment(1.0);
+    }
+
+    fn remove_channel(&mut self, topic: &str) -> Option<Channel> {
+        let channel = self.channels.remove(topic)?;
+        if let Channel::Session(session) = &channel {
+            self.session_topics.remove(&session.session_id);
+        }
+        metrics::gauge!("fleetlm_joined_channels").decrement(1.0);
+        Some(channel)
+    }
+
+    fn leave(&mut self, frame: &InFrame) {
+        let Some(channel) = self.remove_channel(&frame.topic) else {
+            self.error_reply(frame, json!({"reason": "unmatched topic"}));
+            return;
+        };
+        self.reply(frame, "ok", "{}");
+        let join_ref = channel.join_ref().to_string();
+        let text = frame::encode(
+            self.vsn,
+            &join_ref,
+            &join_ref,
+            &frame.topic,
+            "phx_close",
+            "{}",
+        );
+        self.send(text);
+    }
+
+    async fn send_message(&mut self, frame: InFrame) {
+        let Some(Channel::Session(channel)) = self.channels.get(&frame.topic) else {
+            self.error_reply(&frame, json!({"reason": "unknown_event"}));
+            return;
+        };
+        let (session_id, is_user) = (channel.session_id.to_string(), channel.is_user);
+        let invalid =
+            |details: &str| json!({"error": "invalid_message_format", "details": details});
+        let Ok(payload) = serde_json::from_str::<SendPayload<'_>>(frame.payload.get()) else {
+            return self.error_reply(&frame, invalid("payload must be an object"));
+        };
+        let content = match payload
+            .content
+            .map(|raw| serde_json::from_str::<SendContent<'_>>(raw.get()))
+        {
+            Some(Ok(content)) => content,
+            Some(Err(_)) => return self.error_reply(&frame, invalid("content must be a map")),
+            None => return self.error_reply(&frame, invalid("content is required")),
+        };
+        let input = MessageInput {
+            kind: content.kind,
+            content: content.content,
+            metadata: content.metadata,
+            client_id: payload.client_id,
+            expected_seq: payload.expected_seq,
+        };
+        let config = &self.state.config;
+        let request = match build_append(
+            &session_id,
+            self.identity.to_string(),
+            is_user,
+            input,
+            config.max_message_bytes,
+            config.max_metadata_depth,
+        ) {
+            Ok(request) => request,
+            Err(InvalidMessage::Format(details)) => {
+                return self.error_reply(&frame, invalid(&details));
+            }
+            Err(InvalidMessage::TooLarge(details)) => {
+                return self.error_reply(
+                    &frame,
+                    json!({"error": "message_too_large", "details": details}),
+                );
+            }
+        };
+        match self.state.shards.append(request).await {
+            Ok(result) => {
+                let mut response = json!({"seq": result.record.message.seq});
+                if result.deduplicated {
+                    response["deduplicated"] = Value::Bool(true);
+                }
+                metrics::counter!("fleetlm_appends_total", "result" => if result.deduplicated { "deduplicated" } else { "appended" }).increment(1);
+                self.reply(&frame, "ok", &response.to_string());
+            }
+            Err(error) => {
+                metrics::counter!("fleetlm_appends_total", "result" => "refused").increment(1);
+                let overloaded = matches!(error, ShardError::Overloaded);
+                let api_error = ApiError::from(error);
+                let mut response = json!({"error": api_error.code, "details": api_error.message});
+                if let Some((key, value)) = api_error.extra {
+                    response[key] = value;
+                }
+                if overloaded {
+                    response["retry_after_ms"] = json!(1000);
+                }
+                self.error_reply(&frame, response);
+                if overloaded {
+                    let join_ref = frame.join_ref.clone();
+                    let payload =
+                        json!({"reason": "overloaded", "retry_after_ms": 1000}).to_string();
+                    self.push(&join_ref, &frame.topic, "backpressure", &payload);
+                }
+            }
+        }
+    }
+
+    fn typing(&mut self, frame: &InFrame) {
+        let Some(Channel::Session(channel)) = self.channels.get(&frame.topic) else {
+            self.error_reply(frame, json!({"reason": "unknown_event"}));
+            return;
+        };
+        let session_id = channel.session_id.clone();
+        let typing = serde_json::from_str::<Value>(frame.payload.get())
+            .ok()
+            .and_then(|p| p["typing"].as_bool());
+        let Some(typing) = typing else {
+            self.error_reply(frame, json!({"reason": "typing must be a boolean"}));
+            return;
+        };
+        let payload = json!({"user_id": &*self.identity, "typing": typing}).to_string();
+        self.state
+            .hub
+            .publish_typing(&session_id, self.listener.id, payload.into());
+        self.reply(frame, "ok", "{}");
+    }
+
+    fn handle_live(&mut self, event: LiveEvent) {
+        match event {
+            LiveEvent::Message {
+                session_id,
+                seq,
+                json,
+            } => {
+                let Some(topic) = self.session_topics.get(&session_id).cloned() else {
+                    return;
+                };
+                let Some(Channel::Session(channel)) = self.channels.get_mut(&topic) else {
+                    return;
+                };
+                if channel.subscription.is_none() || seq < channel.next_seq {
+                    return;
+                }
+                if seq > channel.next_seq {
+                    self.resync(&topic);
+                    return;
+                }
+                channel.next_seq += 1;
+                let join_ref = channel.join_ref.clone();
+                let payload = std::str::from_utf8(&json).unwrap_or("{}");
+                let text = frame::encode(self.vsn, &join_ref, NULL, &topic, "message", payload);
+                self.send(text);
+            }
+            LiveEvent::Typing {
+                session_id, json, ..
+            } => {
+                let Some(topic) = self.session_topics.get(&session_id).cloned() else {
+                    return;
+                };
+                let Some(channel) = self.channels.get(&topic) else {
+                    return;
+                };
+                let join_ref = channel.join_ref().to_string();
+                self.push(
+                    &join_ref,
+                    &topic,
+                    "typing",
+                    std::str::from_utf8(&json).unwrap_or("{}"),
+                );
+            }
+            LiveEvent::InboxEntry {
+                user_id,
+                session_id,
+                entry,
+            } => {
+                let topic = format!("inbox:{user_id}");
+                let Some(Channel::Inbox(inbox)) = self.channels.get_mut(&topic) else {
+                    return;
+                };
+                inbox.pending.insert(session_id, entry);
+                let due = inbox
+                    .last_push
+                    .is_none_or(|at| at.elapsed() >= self.state.config.inbox_push_interval);
+                if due {
+                    self.flush_inbox(&topic);
+                }
+            }
+        }
+    }
+
+    /// Tells the client this channel missed messages: it should rejoin from the last seq it got.
+    fn resync(&mut self, topic: &str) {
+        let Some(Channel::Session(channel)) = self.channels.get_mut(topic) else {
+            return;
+        };
+        if channel.subscription.take().is_none() {
+            return;
+        }
+        metrics::counter!("fleetlm_socket_resyncs_total").increment(1);
+        let payload = json!({"last_seq": channel.next_seq - 1}).to_string();
+        let join_ref = channel.join_ref.clone();
+        self.push(&join_ref, topic, "resync", &payload);
+    }
+
+    fn check_overflow(&mut self) {
+        if !self.listener.overflowed.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        // Something this socket listens to was dropped; every session channel resyncs.
+        let topics: Vec<String> = self.session_topics.values().cloned().collect();
+        for topic in topics {
+            self.resync(&topic);
+        }
+    }
+
+    fn flush_inbox(&mut self, topic: &str) {
+        let Some(Channel::Inbox(inbox)) = self.channels.get_mut(topic) else {
+            return;
+        };
+        if inbox.pending.is_empty() {
+            return;
+        }
+        let mut entries: Vec<Arc<Value>> = inbox.pending.drain().map(|(_, entry)| entry).collect();
+        entries.sort_by(|a, b| {
+            b["last_activity_at"]
+                .as_str()
+                .cmp(&a["last_activity_at"].as_str())
+        });
+        inbox.last_push = Some(Instant::now());
+        let join_ref = inbox.join_ref.clone();
+        let payload = json!({"inbox": entries}).to_string();
+        metrics::counter!("fleetlm_inbox_pushes_total").increment(1);
+        self.push(&join_ref, topic, "inbox_delta", &payload);
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.expires_at.is_some_and(|at| now >= at) {
+            self.push(NULL, "phoenix", "token_expired", "{}");
+            self.close(CLOSE_TOKEN_EXPIRED, "token expired");
+            return;
+        }
+        if now >= self.last_received + self.state.config.ws_idle_timeout {
+            self.close(1000, "idle timeout");
+            return;
+        }
+        let due: Vec<String> = self
+            .channels
+            .iter()
+            .filter_map(|(topic, channel)| match channel {
+                Channel::Inbox(inbox)
+                    if !inbox.pending.is_empty()
+                        && inbox
+                            .last_push
+                            .is_none_or(|at| now >= at + self.state.config.inbox_push_interval) =>
+                {
+                    Some(topic.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for topic in due {
+            self.flush_inbox(&topic);
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Live fan-out: who listens to which session and which user's inbox, and delivery of committed
+//! events to them without ever waiting on a listener.
+//!
+//! The shard writer publishes after an entry is durable; each listener has a bounded queue, and
+//! a listener whose queue is full is marked overflowed instead of slowing the writer (its socket
+//! then tells the client to resync). A message's JSON is encoded once per publish and the same
+//! bytes are shared by every listener.
+//!
+//! Architecture invariant: knows sessions and users, not the wire protocol; never blocks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::model::{MessageRecord, SessionView};
+
+/// What a listener receives.
+#[derive(Debug, Clone)]
+pub enum LiveEvent {
+    /// A committed message of `session_id`; `json` is the Message as stored.
+    Message {
+        session_id: Arc<str>,
+        seq: u64,
+        json: Bytes,
+    },
+    /// Someone typing in `session_id` (never stored); not sent back to `from_listener`.
+    Typing {
+        session_id: Arc<str>,
+        from_listener: u64,
+        json: Bytes,
+    },
+    /// A session of the listening user changed; `entry` is its inbox entry.
+    InboxEntry {
+        user_id: Arc<str>,
+        session_id: Arc<str>,
+        entry: Arc<serde_json::Value>,
+    },
+}
+
+/// One socket's queue, shared by all its subscriptions.
+#[derive(Clone)]
+pub struct Listener {
+    pub id: u64,
+    pub queue: mpsc::Sender<LiveEvent>,
+    /// Set when an event could not be queued: the listener has missed something.
+    pub overflowed: Arc<AtomicBool>,
+}
+
+impl Listener {
+    fn deliver(&self, event: LiveEvent) {
+        if self.queue.try_send(event).is_err() {
+            self.overflowed.store(true, Ordering::Release);
+            metrics::counter!("fleetlm_outbound_overflows_total").increment(1);
+        }
+    }
+}
+
+type Registry = Mutex<HashMap<Arc<str>, Vec<Listener>>>;
+
+pub struct Hub {
+    /// Session listeners, one map per shard so writers of different shards never contend.
+    sessions: Vec<Registry>,
+    inboxes: Registry,
+    next_listener_id: AtomicU64,
+    shard_count: u16,
+}
+
+/// Removes the subscription when dropped.
+pub struct Subscription {
+    hub: Arc<Hub>,
+    key: Arc<str>,
+    listener_id: u64,
+    inbox: bool,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let registry = if self.inbox {
+            &self.hub.inboxes
+        } else {
+            self.hub.session_registry(&self.key)
+        };
+        let mut map = registry.lock().expect("hub lock");
+        if let Some(listeners) = map.get_mut(&self.key) {
+            listeners.retain(|l| l.id != self.listener_id);
+            if listeners.is_empty() {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(shard_count: u16) -> Arc<Hub> {
+        Arc::new(Hub {
+            sessions: (0..shard_count).map(|_| Mutex::default()).collect(),
+            inboxes: Mutex::default(),
+            next_listener_id: AtomicU64::new(1),
+            shard_count,
+        })
+    }
+
+    pub fn new_listener(&self, queue: mpsc::Sender<LiveEvent>) -> Listener {
+        Listener {
+            id: self.next_listener_id.fetch_add(1, Ordering::Relaxed),
+            queue,
+            overflowed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn session_registry(&self, session_id: &str) -> &Registry {
+        &self.sessions[crate::ids::shard_for_session(session_id, self.shard_count) as usize]
+    }
+
+    pub fn subscribe_session(
+        self: &Arc<Hub>,
+        session_id: Arc<str>,
+        listener: Listener,
+    ) -> Subscription {
+        let listener_id = listener.id;
+        let registry = self.session_registry(&session_id);
+        registry
+            .lock()
+            .expect("hub lock")
+            .entry(session_id.clone())
+            .or_default()
+            .push(listener);
+        Subscription {
+            hub: self.clone(),
+            key: session_id,
+            listener_id,
+            inbox: false,
+        }
+    }
+
+    pub fn subscribe_inbox(self: &Arc<Hub>, user_id: Arc<str>, listener: Listener) -> Subscription {
+        let listener_id = listener.id;
+        self.inboxes
+            .lock()
+            .expect("hub lock")
+            .entry(user_id.clone())
+            .or_default()
+            .push(listener);
+        Subscription {
+            hub: self.clone(),
+            key: user_id,
+            listener_id,
+            inbox: true,
+        }
+    }
+
+    fn listeners_of(&self, registry: &Registry, key: &str) -> Vec<Listener> {
+        registry
+            .lock()
+            .expect("hub lock")
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Delivers a committed message to the session's listeners (encoded only if there are any).
+    pub fn publish_message(&self, record: &MessageRecord) {
+        let session_id = &record.message.session_id;
+        let listeners = self.listeners_of(self.session_registry(session_id), session_id);
+        if listeners.is_empty() {
+            return;
+        }
+        let json = Bytes::from(serde_json::to_vec(&record.message).expect("messages serialize"));
+        for listener in &listeners {
+            listener.deliver(LiveEvent::Message {
+                session_id: session_id.clone(),
+                seq: record.message.seq,
+                json: json.clone(),
+            });
+        }
+    }
+
+    pub fn publish_typing(&self, session_id: &Arc<str>, from_listener: u64, json: Bytes) {
+        for listener in self.listeners_of(self.session_registry(session_id), session_id) {
+            if listener.id != from_listener {
+                listener.deliver(LiveEvent::Typing {
+                    session_id: session_id.clone(),
+                    from_listener,
+                    json: json.clone(),
+                });
+            }
+        }
+    }
+
+    pub fn has_inbox_listeners(&self, user_id: &str) -> bool {
+        self.inboxes.lock().expect("hub lock").contains_key(user_id)
+    }
+
+    /// Tells the session's user's inbox listeners that the session changed.
+    pub fn publish_inbox(&self, view: &SessionView) {
+        let user_id = &view.record.user_id;
+        let listeners = self.listeners_of(&self.inboxes, user_id);
+        if listeners.is_empty() {
+            return;
+        }
+        let entry = Arc::new(view.to_inbox_entry());
+        let user_id: Arc<str> = Arc::from(user_id.as_str());
+        for listener in listeners {
+            listener.deliver(LiveEvent::InboxEntry {
+                user_id: user_id.clone(),
+                session_id: view.record.id.clone(),
+                entry: entry.clone(),
+            });
+        }
+    }
+}

@@ -1,0 +1,483 @@
+//! The Phoenix Channels gateway against a real server on 127.0.0.1:0, frame by frame.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{Store, TestServer, WsClient, WsError};
+
+async fn client(server: &TestServer, query: &str) -> WsClient {
+    match WsClient::connect(&server.base, query).await {
+        Ok(client) => client,
+        Err(WsError::Refused(status)) => panic!("upgrade refused with {status}"),
+    }
+}
+
+async fn append(server: &TestServer, session: &str, sender: Value) -> Value {
+    let reply = server
+        .post(&format!("/api/sessions/{session}/messages"), sender)
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.body["message"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_join_replay_push_send_and_leave_frame_by_frame() {
+    let server = TestServer::start(Store::Sqlite).await;
+    server.agent_and_session("a", "u", "s").await;
+    let first = append(
+        &server,
+        "s",
+        json!({"user_id": "u", "content": {"text": "one"}}),
+    )
+    .await;
+    let second = append(
+        &server,
+        "s",
+        json!({"agent_id": "a", "content": {"text": "two"}}),
+    )
+    .await;
+
+    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
+    ws.send(r#"[null,"1","phoenix","heartbeat",{}]"#).await;
+    assert_eq!(
+        ws.next().await,
+        json!([null, "1", "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+    );
+
+    ws.send(r#"["3","3","session:s","phx_join",{"last_seq":1}]"#)
+        .await;
+    let joined = ws.next().await;
+    assert_eq!(
+        joined.as_array().unwrap()[..4],
+        json!(["3", "3", "session:s", "phx_reply"])
+            .as_array()
+            .unwrap()[..]
+    );
+    let response = &joined[4]["response"];
+    assert_eq!(joined[4]["status"], "ok");
+    assert_eq!(response["session_id"], "s");
+    assert_eq!(
+        response["messages"],
+        json!([second]),
+        "replay holds exactly what was stored after last_seq"
+    );
+    assert_eq!(
+        (response["has_more"].clone(), response["last_seq"].clone()),
+        (json!(false), json!(2))
+    );
+    let _ = first;
+
+    let third = append(
+        &server,
+        "s",
+        json!({"agent_id": "a", "content": {"text": "three"}}),
+    )
+    .await;
+    assert_eq!(
+        ws.next().await,
+        json!(["3", null, "session:s", "message", third]),
+        "the push is the stored message"
+    );
+
+    ws.send(r#"["3","4","session:s","send",{"content":{"kind":"text","content":{"text":"four"}},"client_id":"c-4"}]"#).await;
+    let mut frames = [ws.next().await, ws.next().await];
+    frames.sort_by_key(|f| f[3].as_str().unwrap().to_string());
+    assert_eq!(
+        frames[0][3], "message",
+        "the sender gets its own message too"
+    );
+    assert_eq!(frames[0][4]["seq"], 4);
+    assert_eq!(frames[0][4]["sender_id"], "u");
+    assert_eq!(
+        frames[1],
+        json!(["3", "4", "session:s", "phx_reply", {"status": "ok", "response": {"seq": 4}}])
+    );
+    let stored = server.get("/api/sessions/s/messages?after_seq=3").await;
+    assert_eq!(
+        stored.body["messages"][0], frames[0][4],
+        "live push and REST agree"
+    );
+
+    ws.send(
+        r#"["3","5","session:s","send",{"content":{"content":{"text":"four"}},"client_id":"c-4"}]"#,
+    )
+    .await;
+    assert_eq!(
+        ws.next().await[4],
+        json!({"status": "ok", "response": {"seq": 4, "deduplicated": true}})
+    );
+
+    ws.send(r#"["3","6","session:s","phx_leave",{}]"#).await;
+    assert_eq!(
+        ws.next().await,
+        json!(["3", "6", "session:s", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    assert_eq!(
+        ws.next().await,
+        json!(["3", "3", "session:s", "phx_close", {}])
+    );
+    append(&server, "s", json!({"agent_id": "a", "content": {}})).await;
+    assert!(
+        ws.silent_for(Duration::from_millis(300)).await,
+        "no pushes after leave"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_replies_and_the_socket_survives() {
+    let server = TestServer::start_with(Store::Sqlite, |s| s.ws_max_frame_bytes = Some(4096)).await;
+    server.agent_and_session("a", "u", "s").await;
+    server
+        .post(
+            "/api/sessions",
+            json!({"user_id": "other", "agent_id": "a", "id": "theirs"}),
+        )
+        .await;
+    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
+    let cases = [
+        (
+            r#"["1","1","rooms:x","phx_join",{}]"#,
+            json!({"reason": "unmatched topic"}),
+        ),
+        (
+            r#"["1","2","session:nope","phx_join",{}]"#,
+            json!({"reason": "not found"}),
+        ),
+        (
+            r#"["1","3","session:theirs","phx_join",{}]"#,
+            json!({"reason": "unauthorized"}),
+        ),
+        (
+            r#"["1","4","inbox:other","phx_join",{}]"#,
+            json!({"reason": "unauthorized"}),
+        ),
+        (
+            r#"[null,"5","session:s","send",{"content":{"content":{}}}]"#,
+            json!({"reason": "unmatched topic"}),
+        ),
+        (
+            r#"["1","6","session:s","phx_join",{"last_seq":"x"}]"#,
+            json!({"reason": "last_seq must be a non-negative integer"}),
+        ),
+    ];
+    for (frame, response) in cases {
+        ws.send(frame).await;
+        let reply = ws.next().await;
+        assert_eq!(
+            reply[4],
+            json!({"status": "error", "response": response}),
+            "{frame}"
+        );
+    }
+    ws.send(r#"["7","7","session:s","phx_join",{}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    ws.send(r#"["7","8","session:s","dance",{}]"#).await;
+    assert_eq!(
+        ws.next().await[4],
+        json!({"status": "error", "response": {"reason": "unknown_event"}})
+    );
+    ws.send(r#"["7","9","session:s","send",{"content":{"content":"text"}}]"#)
+        .await;
+    assert_eq!(
+        ws.next().await[4],
+        json!({"status": "error", "response": {"error": "invalid_message_format", "details": "content must be a map"}})
+    );
+    ws.send(r#"["7","10","session:s","send",{"content":{"content":{}},"expected_seq":5}]"#)
+        .await;
+    let conflict = ws.next().await;
+    assert_eq!(conflict[4]["response"]["error"], "seq_conflict");
+    assert_eq!(conflict[4]["response"]["last_seq"], 0);
+    ws.send(r#"["7","11","session:s","send",[1,2]]"#).await;
+    assert_eq!(
+        ws.next().await[4],
+        json!({"status": "error", "response": {"reason": "payload must be an object"}})
+    );
+    ws.send("this is not json").await;
+    ws.send(r#"["only","four","parts","here"]"#).await;
+    ws.send(r#"[null,"12","phoenix","heartbeat",{}]"#).await;
+    assert_eq!(
+        ws.next().await[1],
+        "12",
+        "malformed frames are ignored and the socket stays up"
+    );
+
+    ws.send(format!(
+        r#"[null,"13","phoenix","heartbeat",{{"pad":"{}"}}]"#,
+        "x".repeat(5000)
+    ))
+    .await;
+    assert_eq!(
+        ws.closed_with().await,
+        1009,
+        "an oversized frame closes with 1009"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_object_frames_work_and_replies_omit_join_ref() {
+    let server = TestServer::start(Store::Sqlite).await;
+    server.agent_and_session("a", "u", "s").await;
+    let mut ws = client(&server, "user_id=u").await;
+    ws.send(r#"{"topic":"session:s","event":"phx_join","payload":{},"ref":"1","join_ref":"1"}"#)
+        .await;
+    let reply = ws.next().await;
+    assert_eq!(reply["event"], "phx_reply");
+    assert_eq!(reply["ref"], "1");
+    assert!(reply.get("join_ref").is_none());
+    assert_eq!(reply["payload"]["status"], "ok");
+    let message = append(
+        &server,
+        "s",
+        json!({"agent_id": "a", "content": {"text": "hi"}}),
+    )
+    .await;
+    let push = ws.next().await;
+    assert_eq!(
+        push,
+        json!({"topic": "session:s", "event": "message", "payload": message, "ref": null})
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_refused_without_identity_or_with_a_bad_vsn() {
+    let server = TestServer::start(Store::Sqlite).await;
+    assert!(matches!(
+        WsClient::connect(&server.base, "vsn=2.0.0").await,
+        Err(WsError::Refused(403))
+    ));
+    assert!(matches!(
+        WsClient::connect(&server.base, "user_id=u&vsn=3.0.0").await,
+        Err(WsError::Refused(400))
+    ));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_mode_needs_a_matching_token() {
+    const SECRET: &str = "socket-secret-long-enough";
+    let server =
+        TestServer::start_with(Store::Sqlite, |s| s.auth_secret = Some(SECRET.into())).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 600;
+    let token = fleetlm::auth::mint(
+        SECRET.as_bytes(),
+        &fleetlm::auth::Claims {
+            sub: "u".into(),
+            exp,
+        },
+    );
+    assert!(matches!(
+        WsClient::connect(&server.base, "user_id=u&vsn=2.0.0").await,
+        Err(WsError::Refused(403))
+    ));
+    assert!(matches!(
+        WsClient::connect(&server.base, "token=junk&vsn=2.0.0").await,
+        Err(WsError::Refused(403))
+    ));
+    let query = format!("token={token}&user_id=someone-else&vsn=2.0.0");
+    assert!(matches!(
+        WsClient::connect(&server.base, &query).await,
+        Err(WsError::Refused(403))
+    ));
+    let mut ws = client(&server, &format!("token={token}&vsn=2.0.0")).await;
+    ws.send(r#"[null,"1","phoenix","heartbeat",{}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+
+    // A token that expires closes the socket with 4001 after a token_expired push.
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 2;
+    let short = fleetlm::auth::mint(
+        SECRET.as_bytes(),
+        &fleetlm::auth::Claims {
+            sub: "u".into(),
+            exp: soon,
+        },
+    );
+    let mut ws = client(&server, &format!("token={short}&vsn=2.0.0")).await;
+    assert_eq!(
+        ws.next().await,
+        json!([null, null, "phoenix", "token_expired", {}])
+    );
+    assert_eq!(ws.closed_with().await, 4001);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_the_other_members_only() {
+    let server = TestServer::start(Store::Sqlite).await;
+    server.agent_and_session("a", "u", "s").await;
+    let mut user = client(&server, "user_id=u&vsn=2.0.0").await;
+    let mut agent = client(&server, "agent_id=a&vsn=2.0.0").await;
+    for ws in [&mut user, &mut agent] {
+        ws.send(r#"["1","1","session:s","phx_join",{}]"#).await;
+        assert_eq!(
+            ws.next().await[4]["status"],
+            "ok",
+            "both the user and the agent may join"
+        );
+    }
+    user.send(r#"["1","2","session:s","typing",{"typing":true}]"#)
+        .await;
+    assert_eq!(user.next().await[4]["status"], "ok");
+    assert_eq!(
+        agent.next().await,
+        json!(["1", null, "session:s", "typing", {"user_id": "u", "typing": true}])
+    );
+    assert!(
+        user.silent_for(Duration::from_millis(200)).await,
+        "the typist does not hear itself"
+    );
+    let stored = server.get("/api/sessions/s/messages").await;
+    assert_eq!(stored.body["messages"], json!([]), "typing is never stored");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_during_heavy_appends_sees_every_seq_exactly_once_in_order() {
+    let server = TestServer::start(Store::Sqlite).await;
+    server.agent_and_session("a", "u", "s").await;
+    const TOTAL: u64 = 600;
+    let writer_server_base = server.base.clone();
+    let writer = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut tasks = Vec::new();
+        for lane in 0..4u64 {
+            let (client, base) = (client.clone(), writer_server_base.clone());
+            tasks.push(tokio::spawn(async move {
+                for n in 0..TOTAL / 4 {
+                    let body = json!({"agent_id": "a", "content": {"lane": lane, "n": n}});
+                    let reply = client
+                        .post(format!("{base}/api/sessions/s/messages"))
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(reply.status(), 200);
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    // Join while the appends run.
+    loop {
+        let page = server.get("/api/sessions/s").await;
+        if page.body["session"]["last_seq"].as_u64().unwrap() >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
+    ws.send(r#"["1","1","session:s","phx_join",{"last_seq":0}]"#)
+        .await;
+    let joined = ws.next().await;
+    let replay = joined[4]["response"]["messages"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        joined[4]["response"]["has_more"], false,
+        "joined early enough for one page"
+    );
+    let mut seqs: Vec<u64> = replay.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    while seqs.len() < TOTAL as usize {
+        let frame = ws.next().await;
+        assert_eq!(frame[3], "message", "{frame}");
+        seqs.push(frame[4]["seq"].as_u64().unwrap());
+    }
+    writer.await.unwrap();
+    let expected: Vec<u64> = (1..=TOTAL).collect();
+    assert_eq!(
+        seqs, expected,
+        "replay + live = every seq exactly once, in order"
+    );
+    assert!(
+        ws.silent_for(Duration::from_millis(200)).await,
+        "no duplicates after the last one"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_snapshot_then_coalesced_deltas_with_only_changed_entries() {
+    let server =
+        TestServer::start_with(Store::Sqlite, |s| s.inbox_push_interval_ms = Some(400)).await;
+    server.agent_and_session("a", "u", "s1").await;
+    server
+        .post(
+            "/api/sessions",
+            json!({"user_id": "u", "agent_id": "a", "id": "s2"}),
+        )
+        .await;
+    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
+    ws.send(r#"["1","1","inbox:u","phx_join",{}]"#).await;
+    let snapshot = ws.next().await;
+    let entries = snapshot[4]["response"]["inbox"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+
+    for n in 0..10 {
+        append(
+            &server,
+            "s1",
+            json!({"agent_id": "a", "content": {"text": format!("m{n}")}}),
+        )
+        .await;
+    }
+    let mut deltas = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(frame) = tokio::time::timeout(Duration::from_millis(100), ws.next()).await {
+            assert_eq!(frame[3], "inbox_delta");
+            deltas.push(frame[4]["inbox"].clone());
+        }
+    }
+    assert!(
+        !deltas.is_empty() && deltas.len() <= 3,
+        "bursts are coalesced: {} pushes",
+        deltas.len()
+    );
+    for delta in &deltas {
+        for entry in delta.as_array().unwrap() {
+            assert_eq!(
+                entry["session_id"], "s1",
+                "only the changed session is sent"
+            );
+        }
+    }
+    let last = deltas.last().unwrap()[0].clone();
+    assert_eq!(last["unread_count"], 10);
+    assert_eq!(last["last_message_preview"], "m9");
+
+    // A new session for the user appears as an entry.
+    server
+        .post(
+            "/api/sessions",
+            json!({"user_id": "u", "agent_id": "a", "id": "s3"}),
+        )
+        .await;
+    let frame = ws.next().await;
+    assert_eq!(frame[3], "inbox_delta");
+    assert_eq!(frame[4]["inbox"][0]["session_id"], "s3");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_sockets_with_1012() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
+    let stopping = tokio::spawn(server.stop());
+    assert_eq!(ws.closed_with().await, 1012);
+    stopping.await.unwrap();
+}
