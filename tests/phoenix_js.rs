@@ -1,0 +1,72 @@
+//! Wire compatibility: runs the unmodified `phoenix` npm client (tests/js) under Node against
+//! real servers (open mode, and token mode for `authToken`).
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use support::{Store, TestServer};
+
+const SECRET: &str = "phoenix-js-test-secret";
+
+fn js_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js")
+}
+
+fn ensure_node_modules() {
+    if js_dir().join("node_modules/phoenix").exists() {
+        return;
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(js_dir())
+        .status()
+        .expect("npm must be installed (Node 20) to run the phoenix client tests");
+    assert!(status.success(), "npm ci failed in tests/js");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_phoenix_npm_client_works_against_fleetlm() {
+    ensure_node_modules();
+    let open = TestServer::start(Store::Sqlite).await;
+    let token_server =
+        TestServer::start_with(Store::Sqlite, |s| s.auth_secret = Some(SECRET.into())).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 600;
+    let token = fleetlm::auth::mint(
+        SECRET.as_bytes(),
+        &fleetlm::auth::Claims {
+            sub: "dave".into(),
+            exp,
+        },
+    );
+    let (base, token_base) = (open.base.clone(), token_server.base.clone());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .args(["--test", "--test-reporter=spec"])
+            .current_dir(js_dir())
+            .env("FLEETLM_URL", base)
+            .env("FLEETLM_TOKEN_URL", token_base)
+            .env("FLEETLM_TOKEN", token)
+            .output()
+            .expect("node must be installed (Node 20)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "phoenix client tests failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("pass 6"),
+        "expected 6 passing client tests:\n{stdout}"
+    );
+    open.stop().await;
+    token_server.stop().await;
+}
