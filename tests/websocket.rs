@@ -481,3 +481,59 @@ async fn shutdown_closes_sockets_with_1012() {
     assert_eq!(ws.closed_with().await, 1012);
     stopping.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_stops_reading_slows_no_one_and_is_resynced_or_closed() {
+    let server = TestServer::start_with(Store::Sqlite, |s| s.ws_outbound_queue = Some(16)).await;
+    server.agent_and_session("a", "u", "s").await;
+    let mut slow = client(&server, "user_id=u&vsn=2.0.0").await;
+    let mut fast = client(&server, "agent_id=a&vsn=2.0.0").await;
+    for ws in [&mut slow, &mut fast] {
+        ws.send(r#"["1","1","session:s","phx_join",{}]"#).await;
+        assert_eq!(ws.next().await[4]["status"], "ok");
+    }
+    const TOTAL: u64 = 1500;
+    let base = server.base.clone();
+    let writer = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let pad = "p".repeat(4000);
+        for n in 0..TOTAL {
+            let body = json!({"user_id": "u", "content": {"n": n, "pad": pad}});
+            let reply = client
+                .post(format!("{base}/api/sessions/s/messages"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                reply.status(),
+                200,
+                "appends are never held up by a slow socket"
+            );
+        }
+    });
+    // The fast socket gets every message in order while the slow one reads nothing.
+    for seq in 1..=TOTAL {
+        let frame = fast.next().await;
+        assert_eq!(frame[4]["seq"], seq);
+    }
+    writer.await.unwrap();
+    // The slow socket finally reads: it is told to resync, or was closed with 1013.
+    let mut outcome = None;
+    while outcome.is_none() {
+        match slow.next_message().await {
+            tokio_tungstenite::tungstenite::Message::Text(text) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame[3] == "resync" {
+                    outcome = Some(format!("resync from {}", frame[4]["last_seq"]));
+                }
+            }
+            tokio_tungstenite::tungstenite::Message::Close(Some(close)) => {
+                assert_eq!(u16::from(close.code), 1013);
+                outcome = Some("closed 1013".into());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    server.stop().await;
+}
