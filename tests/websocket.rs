@@ -537,3 +537,47 @@ async fn a_socket_that_stops_reading_slows_no_one_and_is_resynced_or_closed() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_are_stored_and_answered_in_the_order_sent() {
+    let server = TestServer::start(Store::Sqlite).await;
+    server.agent_and_session("a", "u", "s").await;
+    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
+    ws.send(r#"["1","j","session:s","phx_join",{}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    const SENDS: u64 = 200;
+    for n in 0..SENDS {
+        ws.send(format!(
+            r#"["1","r{n}","session:s","send",{{"content":{{"content":{{"n":{n}}}}}}}]"#
+        ))
+        .await;
+    }
+    let mut replies = Vec::new();
+    let mut pushes = Vec::new();
+    while replies.len() < SENDS as usize || pushes.len() < SENDS as usize {
+        let frame = ws.next().await;
+        match frame[3].as_str().unwrap() {
+            "phx_reply" => replies.push((
+                frame[1].as_str().unwrap().to_string(),
+                frame[4]["response"]["seq"].as_u64().unwrap(),
+            )),
+            "message" => pushes.push((
+                frame[4]["seq"].as_u64().unwrap(),
+                frame[4]["content"]["n"].as_u64().unwrap(),
+            )),
+            other => panic!("unexpected {other}"),
+        }
+    }
+    for (n, (reference, seq)) in replies.iter().enumerate() {
+        assert_eq!(
+            reference,
+            &format!("r{n}"),
+            "replies come in the order of the sends"
+        );
+        assert_eq!(*seq, n as u64 + 1, "send n is stored as seq n + 1");
+    }
+    for (seq, n) in pushes {
+        assert_eq!(seq, n + 1);
+    }
+    server.stop().await;
+}

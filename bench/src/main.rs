@@ -2,6 +2,9 @@
 //! latency and fsync batching. Starts its own server (release binary beside this one, temporary
 //! data directory) unless `--url` points at one.
 
+mod fanout;
+mod idle;
+mod phx;
 mod rest;
 mod server;
 
@@ -27,6 +30,10 @@ struct Cli {
 enum Scenario {
     /// REST write saturation: S sessions × D requests in flight each; fsync-acked appends/s.
     RestWrite(rest::WriteOptions),
+    /// One writer socket, N subscriber sockets on one session: deliveries/s and latency.
+    Fanout(fanout::FanoutOptions),
+    /// K idle sockets each joined to a session: server RSS per socket.
+    IdleSockets(idle::IdleOptions),
 }
 
 #[tokio::main]
@@ -34,10 +41,19 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let server = match &cli.url {
         Some(url) => server::Target::external(url.clone()),
-        None => server::Target::spawn(cli.server_args.as_deref().unwrap_or_default()).await?,
+        // Load tests open many sockets per identity; lift that limit on the server they start.
+        None => {
+            let extra = format!(
+                "--ws-max-sockets-per-identity 1000000 {}",
+                cli.server_args.as_deref().unwrap_or_default()
+            );
+            server::Target::spawn(&extra).await?
+        }
     };
     let results = match cli.scenario {
         Scenario::RestWrite(options) => rest::write_saturation(&server, &options).await?,
+        Scenario::Fanout(options) => fanout::fanout(&server, &options).await?,
+        Scenario::IdleSockets(options) => idle::idle_sockets(&server, &options).await?,
     };
     if let Some(path) = cli.json {
         std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -21,15 +22,28 @@ use super::frame::{self, InFrame, Vsn};
 use crate::api::messages::{InvalidMessage, MessageInput, build_append};
 use crate::api::{ApiError, SharedState};
 use crate::hub::{Listener, LiveEvent, Subscription};
-use crate::shard::ShardError;
+use crate::shard::{AppendResult, ShardError};
 
 /// Messages in a join reply.
 const JOIN_REPLAY_LIMIT: usize = 100;
+/// Sends one socket may have waiting for their fsync; past it the socket reads no more frames.
+const MAX_SENDS_IN_FLIGHT: usize = 64;
 const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 const CLOSE_SERVICE_RESTART: u16 = 1012;
 const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 const NULL: &str = "null";
+
+/// Where a send's reply goes.
+struct ReplyTo {
+    join_ref: String,
+    reference: String,
+    topic: String,
+}
+
+type PendingSend = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (ReplyTo, Result<AppendResult, ShardError>)> + Send>,
+>;
 
 struct SessionChannel {
     join_ref: String,
@@ -139,15 +153,18 @@ pub async fn run(
     metrics::gauge!("fleetlm_sockets").increment(1.0);
     let timer = tokio::time::sleep_until(socket.next_deadline());
     tokio::pin!(timer);
+    // Sends waiting for durability, answered in the order they came in.
+    let mut pending: FuturesOrdered<PendingSend> = FuturesOrdered::new();
     while !socket.closing {
         tokio::select! {
-            incoming = stream.next() => match incoming {
+            Some((reply_to, result)) = pending.next(), if !pending.is_empty() => socket.finish_send(reply_to, result),
+            incoming = stream.next(), if pending.len() < MAX_SENDS_IN_FLIGHT => match incoming {
                 Some(Ok(Message::Text(text))) => {
                     socket.last_received = Instant::now();
                     if text.len() > config.ws_max_frame_bytes {
                         socket.close(CLOSE_MESSAGE_TOO_BIG, "frame too large");
-                    } else {
-                        socket.handle_text(text.as_str()).await;
+                    } else if let Some(send) = socket.handle_text(text.as_str()).await {
+                        pending.push_back(send);
                     }
                 }
                 Some(Ok(Message::Binary(bytes))) => {
@@ -170,6 +187,9 @@ pub async fn run(
         socket.check_overflow();
         timer.as_mut().reset(socket.next_deadline());
     }
+    // Sends still pending are stored all the same (they are queued at their shards); only
+    // their replies are lost with the connection.
+    drop(pending);
     metrics::gauge!("fleetlm_sockets").decrement(1.0);
     metrics::gauge!("fleetlm_joined_channels").decrement(socket.channels.len() as f64);
     drop(socket);
@@ -281,7 +301,8 @@ impl Socket {
         self.send(text);
     }
 
-    async fn handle_text(&mut self, text: &str) {
+    /// Handles one frame; a `send` returns the future of its reply.
+    async fn handle_text(&mut self, text: &str) -> Option<PendingSend> {
         let frame = match frame::parse(text, self.vsn) {
             Ok(frame) => frame,
             Err(bad) => {
@@ -293,7 +314,7 @@ impl Socket {
                     self.send(text);
                 }
                 metrics::counter!("fleetlm_socket_bad_frames_total").increment(1);
-                return;
+                return None;
             }
         };
         match (frame.topic.as_str(), frame.event.as_str()) {
@@ -303,10 +324,11 @@ impl Socket {
             _ if !self.channels.contains_key(&frame.topic) => {
                 self.error_reply(&frame, json!({"reason": "unmatched topic"}));
             }
-            (_, "send") => self.send_message(frame).await,
+            (_, "send") => return self.send_message(frame).await,
             (_, "typing") => self.typing(&frame),
             _ => self.error_reply(&frame, json!({"reason": "unknown_event"})),
         }
+        None
     }
 
     async fn join(&mut self, frame: InFrame) {
@@ -458,24 +480,33 @@ impl Socket {
         self.send(text);
     }
 
-    async fn send_message(&mut self, frame: InFrame) {
+    /// Validates a `send` and submits it to its shard (in arrival order); the reply follows
+    /// once it is durable.
+    async fn send_message(&mut self, frame: InFrame) -> Option<PendingSend> {
         let Some(Channel::Session(channel)) = self.channels.get(&frame.topic) else {
             self.error_reply(&frame, json!({"reason": "unknown_event"}));
-            return;
+            return None;
         };
         let (session_id, is_user) = (channel.session_id.to_string(), channel.is_user);
         let invalid =
             |details: &str| json!({"error": "invalid_message_format", "details": details});
         let Ok(payload) = serde_json::from_str::<SendPayload<'_>>(frame.payload.get()) else {
-            return self.error_reply(&frame, invalid("payload must be an object"));
+            self.error_reply(&frame, invalid("payload must be an object"));
+            return None;
         };
         let content = match payload
             .content
             .map(|raw| serde_json::from_str::<SendContent<'_>>(raw.get()))
         {
             Some(Ok(content)) => content,
-            Some(Err(_)) => return self.error_reply(&frame, invalid("content must be a map")),
-            None => return self.error_reply(&frame, invalid("content is required")),
+            Some(Err(_)) => {
+                self.error_reply(&frame, invalid("content must be a map"));
+                return None;
+            }
+            None => {
+                self.error_reply(&frame, invalid("content is required"));
+                return None;
+            }
         };
         let input = MessageInput {
             kind: content.kind,
@@ -485,33 +516,70 @@ impl Socket {
             expected_seq: payload.expected_seq,
         };
         let config = &self.state.config;
-        let request = match build_append(
+        let identity = self.identity.to_string();
+        let request = build_append(
             &session_id,
-            self.identity.to_string(),
+            identity,
             is_user,
             input,
             config.max_message_bytes,
             config.max_metadata_depth,
-        ) {
+        );
+        let request = match request {
             Ok(request) => request,
             Err(InvalidMessage::Format(details)) => {
-                return self.error_reply(&frame, invalid(&details));
+                self.error_reply(&frame, invalid(&details));
+                return None;
             }
             Err(InvalidMessage::TooLarge(details)) => {
-                return self.error_reply(
+                self.error_reply(
                     &frame,
                     json!({"error": "message_too_large", "details": details}),
                 );
+                return None;
             }
         };
-        match self.state.shards.append(request).await {
+        let reply_to = ReplyTo {
+            join_ref: frame.join_ref,
+            reference: frame.reference,
+            topic: frame.topic,
+        };
+        match self.state.shards.submit_append(request).await {
+            Ok(outcome) => Some(Box::pin(async move { (reply_to, outcome.await) })),
+            Err(error) => {
+                self.finish_send(reply_to, Err(error));
+                None
+            }
+        }
+    }
+
+    fn finish_send(&mut self, reply_to: ReplyTo, result: Result<AppendResult, ShardError>) {
+        let ReplyTo {
+            join_ref,
+            reference,
+            topic,
+        } = reply_to;
+        match result {
             Ok(result) => {
                 let mut response = json!({"seq": result.record.message.seq});
                 if result.deduplicated {
                     response["deduplicated"] = Value::Bool(true);
                 }
-                metrics::counter!("fleetlm_appends_total", "result" => if result.deduplicated { "deduplicated" } else { "appended" }).increment(1);
-                self.reply(&frame, "ok", &response.to_string());
+                let outcome = if result.deduplicated {
+                    "deduplicated"
+                } else {
+                    "appended"
+                };
+                metrics::counter!("fleetlm_appends_total", "result" => outcome).increment(1);
+                let text = frame::reply(
+                    self.vsn,
+                    &join_ref,
+                    &reference,
+                    &topic,
+                    "ok",
+                    &response.to_string(),
+                );
+                self.send(text);
             }
             Err(error) => {
                 metrics::counter!("fleetlm_appends_total", "result" => "refused").increment(1);
@@ -524,12 +592,19 @@ impl Socket {
                 if overloaded {
                     response["retry_after_ms"] = json!(1000);
                 }
-                self.error_reply(&frame, response);
+                let text = frame::reply(
+                    self.vsn,
+                    &join_ref,
+                    &reference,
+                    &topic,
+                    "error",
+                    &response.to_string(),
+                );
+                self.send(text);
                 if overloaded {
-                    let join_ref = frame.join_ref.clone();
                     let payload =
                         json!({"reason": "overloaded", "retry_after_ms": 1000}).to_string();
-                    self.push(&join_ref, &frame.topic, "backpressure", &payload);
+                    self.push(&join_ref, &topic, "backpressure", &payload);
                 }
             }
         }

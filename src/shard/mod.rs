@@ -135,6 +135,14 @@ struct ShardsInner {
     archive: Archive,
 }
 
+/// The outcome of a submitted append, resolved once it is durable or refused.
+pub type PendingAppend =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<AppendResult, ShardError>> + Send>>;
+
+fn writer_stopped() -> ShardError {
+    ShardError::Unavailable("shard writer stopped".into())
+}
+
 /// How many times a request is retried after loading a session or checking the archive.
 const MAX_ROUNDS: usize = 4;
 
@@ -266,15 +274,43 @@ impl Shards {
         .await
     }
 
+    /// Appends and waits until the message is durable (or refused).
     pub async fn append(&self, request: AppendRequest) -> Result<AppendResult, ShardError> {
+        self.submit_append(request).await?.await
+    }
+
+    /// Queues the append at its shard and returns the future of its outcome. Appends submitted
+    /// one after another by the same caller are assigned seqs in that order, so a socket can
+    /// keep many sends in flight and still have them stored in the order it sent them.
+    pub async fn submit_append(&self, request: AppendRequest) -> Result<PendingAppend, ShardError> {
         let session_id = request.session_id.clone();
         let shard = self.shard_of(&session_id);
-        let mut request = Box::new(request);
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Append {
+            request: Box::new(request),
+            reply,
+        };
+        self.inner.senders[shard as usize]
+            .send(command)
+            .await
+            .map_err(|_| writer_stopped())?;
+        let shards = self.clone();
+        Ok(Box::pin(async move {
+            let outcome = answer.await.map_err(|_| writer_stopped())??;
+            shards.settle_append(&session_id, shard, outcome).await
+        }))
+    }
+
+    /// Turns the writer's answer into a result, loading the session or checking the archive and
+    /// asking again where the writer needs that first.
+    async fn settle_append(
+        &self,
+        session_id: &str,
+        shard: u16,
+        mut outcome: AppendOutcome,
+    ) -> Result<AppendResult, ShardError> {
         for _ in 0..MAX_ROUNDS {
-            match self
-                .call(shard, |reply| Command::Append { request, reply })
-                .await?
-            {
+            let request = match outcome {
                 AppendOutcome::Appended(record) => {
                     return Ok(AppendResult {
                         record,
@@ -282,17 +318,17 @@ impl Shards {
                     });
                 }
                 AppendOutcome::Duplicate { seq } => {
-                    let record = self.read_one(&session_id, seq).await?;
+                    let record = self.read_one(session_id, seq).await?;
                     return Ok(AppendResult {
                         record,
                         deduplicated: true,
                     });
                 }
                 AppendOutcome::NotLoaded(returned) => {
-                    if !self.load(shard, &session_id).await? {
+                    if !self.load(shard, session_id).await? {
                         return Err(ShardError::NotFound);
                     }
-                    request = returned;
+                    returned
                 }
                 AppendOutcome::CheckClientIdInArchive {
                     below,
@@ -302,7 +338,7 @@ impl Shards {
                     if let Some(original) = self
                         .inner
                         .archive
-                        .find_by_client_id(&session_id, client_id)
+                        .find_by_client_id(session_id, client_id)
                         .await?
                     {
                         return if original.fingerprint == returned.fingerprint {
@@ -315,9 +351,12 @@ impl Shards {
                         };
                     }
                     returned.archive_checked_below = Some(below);
-                    request = returned;
+                    returned
                 }
-            }
+            };
+            outcome = self
+                .call(shard, |reply| Command::Append { request, reply })
+                .await?;
         }
         Err(ShardError::Unavailable(
             "append could not be completed".into(),
