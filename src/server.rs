@@ -172,6 +172,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
     let local_addr = listener.local_addr()?;
+    // Replies and pushes are small frames that must leave at once, not wait for Nagle.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     let app = api::router(state);
 
     let mut http_shutdown = shutdown.clone();

@@ -162,6 +162,10 @@ pub async fn upgrade(
     let max_frame = config.ws_max_frame_bytes;
     upgrade
         .protocols(["phoenix"])
+        // A small read buffer keeps an idle socket cheap (it grows for a large frame); frames
+        // are written as they come, each send is flushed anyway.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
         // Let oversized frames through the codec so the socket can close them with 1009 itself.
         .max_message_size(max_frame.saturating_mul(4))
         .max_frame_size(max_frame.saturating_mul(4))
