@@ -363,3 +363,36 @@ fn a_second_process_cannot_open_the_same_data_dir() {
     assert_ne!(second.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&second.stderr).contains("in use by another fleetlm process"));
 }
+
+#[test]
+fn a_config_file_is_read_and_its_errors_name_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fleetlm.toml");
+    std::fs::write(&file, "log_format = \"yaml\"\n").unwrap();
+    let output = std::process::Command::new(support::binary())
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .expect("run fleetlm");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("log_format"));
+    // A flag wins over the file.
+    let output = std::process::Command::new(support::binary())
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--wal-lanes",
+            "99",
+            "--config",
+        ])
+        .arg(&file)
+        .output()
+        .expect("run fleetlm");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("wal_lanes") && !stderr.contains("log_format"),
+        "{stderr}"
+    );
+}

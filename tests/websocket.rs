@@ -581,3 +581,76 @@ async fn pipelined_sends_are_stored_and_answered_in_the_order_sent() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_join_replaces_the_first_and_idle_sockets_are_closed() {
+    let server = TestServer::start_with(Store::Sqlite, |s| s.ws_idle_timeout_secs = Some(1)).await;
+    server.agent_and_session("a", "u", "s").await;
+    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
+    ws.send(r#"["1","1","session:s","phx_join",{}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    ws.send(r#"["2","2","session:s","phx_join",{}]"#).await;
+    assert_eq!(
+        ws.next().await,
+        json!(["1", "1", "session:s", "phx_close", {}]),
+        "the old membership is closed first"
+    );
+    let rejoined = ws.next().await;
+    assert_eq!(
+        (
+            rejoined[0].clone(),
+            rejoined[1].clone(),
+            rejoined[4]["status"].clone()
+        ),
+        (json!("2"), json!("2"), json!("ok"))
+    );
+    let message = append(&server, "s", json!({"agent_id": "a", "content": {}})).await;
+    assert_eq!(
+        ws.next().await,
+        json!(["2", null, "session:s", "message", message]),
+        "pushes carry the new join_ref, once"
+    );
+    assert_eq!(
+        ws.closed_with().await,
+        1000,
+        "a socket silent for the idle timeout is closed"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_an_error_reply_plus_a_backpressure_push() {
+    let server = TestServer::start_with(Store::Sqlite, |s| {
+        s.wal_budget_bytes = Some(3 * 1024 * 1024);
+        s.flush_interval_ms = Some(600_000);
+        s.flush_threshold_bytes = Some(1 << 40);
+    })
+    .await;
+    server.agent_and_session("a", "u", "s").await;
+    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
+    ws.send(r#"["1","1","session:s","phx_join",{}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    let pad = "x".repeat(60_000);
+    let mut n = 0;
+    let refusal = loop {
+        n += 1;
+        assert!(n < 200, "the WAL budget was never reached");
+        ws.send(format!(
+            r#"["1","{n}","session:s","send",{{"content":{{"content":{{"pad":"{pad}"}}}}}}]"#
+        ))
+        .await;
+        let reply = ws.next_skipping(&["message"]).await;
+        if reply[4]["status"] == "error" {
+            break reply;
+        }
+    };
+    let response = &refusal[4]["response"];
+    assert_eq!(response["error"], "overloaded");
+    assert_eq!(response["retry_after_ms"], 1000);
+    let push = ws.next_skipping(&["message"]).await;
+    assert_eq!(
+        push,
+        json!(["1", null, "session:s", "backpressure", {"reason": "overloaded", "retry_after_ms": 1000}])
+    );
+    server.stop().await;
+}

@@ -132,3 +132,85 @@ impl ShardState {
         before - self.sessions.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Message, MessageRecord, SessionRecord, Timestamp};
+    use serde_json::value::RawValue;
+
+    fn session(id: &str) -> Op {
+        Op::SessionCreated(SessionRecord {
+            id: Arc::from(id),
+            user_id: "u".into(),
+            agent_id: "a".into(),
+            metadata: RawValue::from_string("{}".into()).unwrap(),
+            inserted_at: Timestamp(1),
+        })
+    }
+
+    fn message(id: &str, seq: u64) -> Op {
+        Op::MessageAppended(MessageRecord {
+            message: Message {
+                id: format!("m{seq}"),
+                session_id: Arc::from(id),
+                seq,
+                sender_id: "u".into(),
+                kind: "text".into(),
+                content: RawValue::from_string("{}".into()).unwrap(),
+                metadata: RawValue::from_string("{}".into()).unwrap(),
+                inserted_at: Timestamp(seq as i64),
+            },
+            client_id: Some(format!("c{seq}")),
+            fingerprint: seq,
+            nonuser_through: 0,
+        })
+    }
+
+    #[test]
+    fn the_hot_tail_is_bounded_and_unarchived_sessions_are_never_evicted() {
+        let now = Instant::now();
+        let mut state = ShardState::new(0);
+        state.apply(&session("s"), 1, 0, now);
+        for seq in 1..=200u64 {
+            state.apply(&message("s", seq), seq + 1, 0, now);
+        }
+        let s = &state.sessions["s"];
+        assert_eq!(s.hot_tail.len(), super::super::session::HOT_TAIL_LEN);
+        assert_eq!(s.hot_tail_start(), 73);
+        assert_eq!(s.unarchived.len(), 200);
+
+        let later = now + Duration::from_secs(3600);
+        assert_eq!(
+            state.evict_idle(Duration::from_secs(60), later),
+            0,
+            "unarchived records pin the session"
+        );
+        state.mark_archived_through(100);
+        assert_eq!(state.sessions["s"].archived_seq, 99);
+        assert_eq!(state.evict_idle(Duration::from_secs(60), later), 0);
+        state.mark_archived_through(201);
+        assert!(state.sessions["s"].unarchived.is_empty());
+        assert_eq!(
+            state.evict_idle(Duration::from_secs(60), now),
+            0,
+            "recently used sessions stay"
+        );
+        assert_eq!(
+            state.evict_idle(Duration::from_secs(60), later),
+            1,
+            "idle and archived: evicted"
+        );
+    }
+
+    #[test]
+    fn replaying_an_archived_message_changes_nothing() {
+        let now = Instant::now();
+        let mut state = ShardState::new(0);
+        state.apply(&session("s"), 1, 0, now);
+        state.apply(&message("s", 1), 2, 0, now);
+        state.apply(&message("s", 1), 3, 0, now);
+        assert_eq!(state.sessions["s"].last_seq, 1);
+        assert_eq!(state.sessions["s"].hot_tail.len(), 1);
+    }
+}
