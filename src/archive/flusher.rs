@@ -32,6 +32,29 @@ pub struct Flusher {
     pub options: FlusherOptions,
 }
 
+/// How far the archive is behind this shard's log, in entries and in seconds since it last had
+/// everything.
+struct ArchiveLag {
+    shard: String,
+    behind_since: Option<Instant>,
+}
+
+impl ArchiveLag {
+    fn observe(&mut self, target: u64, watermark: u64) {
+        let behind = target.saturating_sub(watermark);
+        let since = match (behind, self.behind_since) {
+            (0, _) => None,
+            (_, Some(since)) => Some(since),
+            (_, None) => Some(Instant::now()),
+        };
+        self.behind_since = since;
+        let seconds = since.map_or(0.0, |since| since.elapsed().as_secs_f64());
+        metrics::gauge!("fleetlm_archive_lag_entries", "shard" => self.shard.clone())
+            .set(behind as f64);
+        metrics::gauge!("fleetlm_archive_lag_seconds", "shard" => self.shard.clone()).set(seconds);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum FlushError {
     #[error(transparent)]
@@ -58,6 +81,10 @@ impl Flusher {
         }
         let _ = recovered.await;
         let mut watermark = None;
+        let mut lag = ArchiveLag {
+            shard: self.shard.to_string(),
+            behind_since: None,
+        };
         let mut backoff = self.options.interval;
         loop {
             if *shutdown.borrow() {
@@ -68,7 +95,7 @@ impl Flusher {
                 _ = self.wakeup.notified() => {}
                 _ = shutdown.changed() => {}
             }
-            match self.flush_available(&mut watermark).await {
+            match self.flush_available(&mut watermark, &mut lag).await {
                 Ok(()) => backoff = self.options.interval,
                 Err(error) => {
                     metrics::counter!("fleetlm_archive_flush_errors_total").increment(1);
@@ -77,22 +104,26 @@ impl Flusher {
                 }
             }
         }
-        if let Err(error) = self.flush_available(&mut watermark).await {
+        if let Err(error) = self.flush_available(&mut watermark, &mut lag).await {
             tracing::warn!(shard = self.shard, %error, "final archive flush failed; the wal keeps the data");
         }
     }
 
     /// Flushes until the archive has everything the WAL had when it started.
-    async fn flush_available(&self, known_watermark: &mut Option<u64>) -> Result<(), FlushError> {
+    async fn flush_available(
+        &self,
+        known_watermark: &mut Option<u64>,
+        lag: &mut ArchiveLag,
+    ) -> Result<(), FlushError> {
+        let target = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
         let watermark = match known_watermark {
             Some(watermark) => watermark,
             None => known_watermark.insert(self.archive.watermark(self.shard).await?),
         };
-        let target = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
-        metrics::gauge!("fleetlm_archive_lag_entries", "shard" => self.shard.to_string())
-            .set(target.saturating_sub(*watermark) as f64);
+        lag.observe(target, *watermark);
         while *watermark < target {
             *watermark = self.flush_once(*watermark).await?;
+            lag.observe(target, *watermark);
         }
         Ok(())
     }
