@@ -1,5 +1,6 @@
 //! FleetLM: a conversation engine for stateless AI agents. See `docs/ARCHITECTURE.md`.
 
+pub mod agents;
 pub mod api;
 pub mod archive;
 pub mod auth;
