@@ -77,6 +77,9 @@ pub struct MessageRecord {
     pub fingerprint: u64,
     /// How many messages up to and including this one were not sent by the session's user.
     pub nonuser_through: u64,
+    /// Sent by the session's user (such messages schedule the agent).
+    #[serde(default)]
+    pub from_user: bool,
 }
 
 /// What a session is born with; never changes afterwards.
@@ -128,6 +131,20 @@ pub struct LastActivity {
     pub preview: Option<String>,
 }
 
+/// Which user messages the agent has answered: a dispatch is owed while
+/// `last_user_seq > answered_through`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchProgress {
+    pub last_user_seq: u64,
+    pub answered_through: u64,
+}
+
+impl DispatchProgress {
+    pub fn is_pending(&self) -> bool {
+        self.last_user_seq > self.answered_through
+    }
+}
+
 /// Everything known about a session at one moment: the REST `Session` and the inbox entry.
 #[derive(Debug, Clone)]
 pub struct SessionView {
@@ -138,6 +155,7 @@ pub struct SessionView {
     pub read_cursor: ReadCursor,
     pub last_activity: LastActivity,
     pub updated_at: Timestamp,
+    pub dispatch: DispatchProgress,
 }
 
 impl SessionView {

@@ -115,14 +115,8 @@ impl Archive {
 
     /// Marks a session archived ahead of the flusher, so status filters see it at once.
     pub async fn record_archived(&self, session_id: &Arc<str>, at: Timestamp) -> Result<()> {
-        let update = rows::SessionUpdate {
-            session_id: session_id.clone(),
-            last_seq: 0,
-            nonuser_count: 0,
-            last_activity: None,
-            archived: true,
-            updated_at: at,
-        };
+        let mut update = rows::SessionUpdate::new(session_id.clone(), at);
+        update.archived = true;
         let rows = Arc::new(FlushRows {
             session_updates: vec![update],
             ..FlushRows::default()
@@ -155,6 +149,11 @@ impl Archive {
     /// Sessions newest first.
     pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionView>> {
         dispatch!(self, a => a.list_sessions(filter).await)
+    }
+
+    /// Active sessions whose latest user message no finished dispatch covers (at most `limit`).
+    pub async fn sessions_owing_a_reply(&self, limit: usize) -> Result<Vec<String>> {
+        dispatch!(self, a => a.sessions_owing_a_reply(limit).await)
     }
 
     pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {

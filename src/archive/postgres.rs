@@ -189,6 +189,19 @@ impl PostgresArchive {
         rows.iter().map(session_from_row).collect()
     }
 
+    pub async fn sessions_owing_a_reply(&self, limit: usize) -> Result<Vec<String>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id FROM sessions WHERE last_user_seq > answered_through AND status = 'active' LIMIT $1",
+                &[&(limit as i64)],
+            )
+            .await
+            .map_err(from_pg)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
         let status = status.map(|s| s.as_str());
         let rows = self
@@ -342,6 +355,31 @@ async fn write_rows(tx: &deadpool_postgres::Transaction<'_>, rows: &FlushRows) -
         .await
         .map_err(from_pg)?;
     }
+    let progressed: Vec<_> = rows
+        .session_updates
+        .iter()
+        .filter(|u| u.dispatch != Default::default())
+        .collect();
+    if !progressed.is_empty() {
+        let ids: Vec<&str> = progressed.iter().map(|u| &*u.session_id).collect();
+        let users: Vec<i64> = progressed
+            .iter()
+            .map(|u| u.dispatch.last_user_seq as i64)
+            .collect();
+        let answered: Vec<i64> = progressed
+            .iter()
+            .map(|u| u.dispatch.answered_through as i64)
+            .collect();
+        tx.execute(
+            "UPDATE sessions s SET last_user_seq = GREATEST(s.last_user_seq, u.last_user_seq),
+                answered_through = GREATEST(s.answered_through, u.answered_through)
+             FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS u(id, last_user_seq, answered_through)
+             WHERE s.id = u.id",
+            &[&ids, &users, &answered],
+        )
+        .await
+        .map_err(from_pg)?;
+    }
     for update in rows.session_updates.iter().filter(|u| u.archived) {
         tx.execute(
             "UPDATE sessions SET status = 'archived', updated_at = GREATEST(updated_at, $2) WHERE id = $1",
@@ -441,6 +479,8 @@ fn session_from_row(r: &tokio_postgres::Row) -> Result<SessionView> {
         updated_at: r.get(11),
         read_seq: r.get(12),
         read_nonuser_through: r.get(13),
+        last_user_seq: r.get(14),
+        answered_through: r.get(15),
     })
     .map_err(rejected)
 }

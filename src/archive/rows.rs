@@ -7,8 +7,8 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 
 use crate::model::{
-    Agent, LastActivity, Message, MessageRecord, ReadCursor, SessionRecord, SessionStatus,
-    SessionView, Timestamp,
+    Agent, DispatchProgress, LastActivity, Message, MessageRecord, ReadCursor, SessionRecord,
+    SessionStatus, SessionView, Timestamp,
 };
 use crate::shard::ops::Op;
 
@@ -20,6 +20,22 @@ pub struct SessionUpdate {
     pub last_activity: Option<LastActivity>,
     pub archived: bool,
     pub updated_at: Timestamp,
+    /// Progress seen in these operations; the archive keeps the maximum of each field.
+    pub dispatch: DispatchProgress,
+}
+
+impl SessionUpdate {
+    pub fn new(session_id: Arc<str>, at: Timestamp) -> SessionUpdate {
+        SessionUpdate {
+            session_id,
+            last_seq: 0,
+            nonuser_count: 0,
+            last_activity: None,
+            archived: false,
+            updated_at: at,
+            dispatch: DispatchProgress::default(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -36,51 +52,19 @@ impl FlushRows {
         let mut rows = FlushRows::default();
         let mut updates: HashMap<Arc<str>, SessionUpdate> = HashMap::new();
         let mut cursors: HashMap<String, ReadCursor> = HashMap::new();
-        let mut order = Vec::new();
+        let mut order: Vec<Arc<str>> = Vec::new();
+        let mut update_of = |session_id: &str, at: Timestamp| -> Arc<str> {
+            let key: Arc<str> = Arc::from(session_id);
+            if !updates.contains_key(&key) {
+                order.push(key.clone());
+                updates.insert(key.clone(), SessionUpdate::new(key.clone(), at));
+            }
+            key
+        };
+        let mut touched: Vec<(Arc<str>, Op)> = Vec::new();
         for op in ops {
             match op {
                 Op::SessionCreated(record) => rows.new_sessions.push(record),
-                Op::MessageAppended(record) => {
-                    let message = &record.message;
-                    let update = updates
-                        .entry(message.session_id.clone())
-                        .or_insert_with(|| {
-                            order.push(message.session_id.clone());
-                            SessionUpdate {
-                                session_id: message.session_id.clone(),
-                                last_seq: 0,
-                                nonuser_count: 0,
-                                last_activity: None,
-                                archived: false,
-                                updated_at: message.inserted_at,
-                            }
-                        });
-                    update.last_seq = message.seq;
-                    update.nonuser_count = record.nonuser_through;
-                    update.last_activity = Some(LastActivity {
-                        at: message.inserted_at,
-                        sender_id: Some(message.sender_id.clone()),
-                        preview: crate::model::message_preview(&message.content),
-                    });
-                    update.updated_at = update.updated_at.max(message.inserted_at);
-                    rows.messages.push(record);
-                }
-                Op::SessionArchived { session_id, at } => {
-                    let key: Arc<str> = Arc::from(session_id.as_str());
-                    let update = updates.entry(key.clone()).or_insert_with(|| {
-                        order.push(key.clone());
-                        SessionUpdate {
-                            session_id: key,
-                            last_seq: 0,
-                            nonuser_count: 0,
-                            last_activity: None,
-                            archived: false,
-                            updated_at: at,
-                        }
-                    });
-                    update.archived = true;
-                    update.updated_at = update.updated_at.max(at);
-                }
                 Op::ReadCursorMoved {
                     session_id, cursor, ..
                 } => {
@@ -89,6 +73,46 @@ impl FlushRows {
                         *entry = cursor;
                     }
                 }
+                Op::MessageAppended(ref record) => {
+                    let key = update_of(&record.message.session_id, record.message.inserted_at);
+                    touched.push((key, op));
+                }
+                Op::SessionArchived { ref session_id, at }
+                | Op::DispatchFinished {
+                    ref session_id, at, ..
+                } => {
+                    let key = update_of(session_id, at);
+                    touched.push((key, op));
+                }
+            }
+        }
+        for (key, op) in touched {
+            let update = updates.get_mut(&key).expect("registered above");
+            match op {
+                Op::MessageAppended(record) => {
+                    let message = &record.message;
+                    update.last_seq = message.seq;
+                    update.nonuser_count = record.nonuser_through;
+                    update.last_activity = Some(LastActivity {
+                        at: message.inserted_at,
+                        sender_id: Some(message.sender_id.clone()),
+                        preview: crate::model::message_preview(&message.content),
+                    });
+                    update.updated_at = update.updated_at.max(message.inserted_at);
+                    if record.from_user {
+                        update.dispatch.last_user_seq = message.seq;
+                    }
+                    rows.messages.push(record);
+                }
+                Op::SessionArchived { at, .. } => {
+                    update.archived = true;
+                    update.updated_at = update.updated_at.max(at);
+                }
+                Op::DispatchFinished { through_seq, .. } => {
+                    update.dispatch.answered_through =
+                        update.dispatch.answered_through.max(through_seq);
+                }
+                Op::SessionCreated(_) | Op::ReadCursorMoved { .. } => {}
             }
         }
         rows.session_updates = order
@@ -116,6 +140,8 @@ pub struct SessionColumns {
     pub updated_at: i64,
     pub read_seq: i64,
     pub read_nonuser_through: i64,
+    pub last_user_seq: i64,
+    pub answered_through: i64,
 }
 
 pub fn session_view(c: SessionColumns) -> Result<SessionView, String> {
@@ -144,6 +170,10 @@ pub fn session_view(c: SessionColumns) -> Result<SessionView, String> {
             preview: c.last_message_preview,
         },
         updated_at: Timestamp(c.updated_at),
+        dispatch: DispatchProgress {
+            last_user_seq: c.last_user_seq as u64,
+            answered_through: c.answered_through as u64,
+        },
     })
 }
 
@@ -178,6 +208,7 @@ pub fn message_record(c: MessageColumns) -> Result<MessageRecord, String> {
         client_id: c.client_id,
         fingerprint: c.fingerprint as u64,
         nonuser_through: c.nonuser_through as u64,
+        from_user: false,
     })
 }
 

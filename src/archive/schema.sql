@@ -23,12 +23,15 @@ CREATE TABLE IF NOT EXISTS sessions (
     last_activity_at BIGINT NOT NULL,
     last_sender_id TEXT,
     last_message_preview TEXT,
+    last_user_seq BIGINT NOT NULL DEFAULT 0,
+    answered_through BIGINT NOT NULL DEFAULT 0,
     inserted_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (inserted_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user_id, inserted_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS sessions_by_agent ON sessions (agent_id, inserted_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS sessions_owing_a_reply ON sessions (id) WHERE last_user_seq > answered_through;
 CREATE TABLE IF NOT EXISTS messages (
     session_id TEXT NOT NULL,
     seq BIGINT NOT NULL,

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::rows::FlushRows;
 use super::{ArchiveError, LoadedSession, Result, SessionFilter};
-use crate::model::{Agent, AgentStatus, MessageRecord, SessionView};
+use crate::model::{Agent, AgentStatus, DispatchProgress, MessageRecord, SessionView};
 use crate::shard::session::HOT_TAIL_LEN;
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -184,6 +184,16 @@ impl SqliteArchive {
         .await
     }
 
+    pub async fn sessions_owing_a_reply(&self, limit: usize) -> Result<Vec<String>> {
+        self.with(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT id FROM sessions WHERE last_user_seq > answered_through AND status = 'active' LIMIT ?1",
+            )?;
+            statement.query_map([limit as i64], |r| r.get(0))?.collect()
+        })
+        .await
+    }
+
     pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
         self.with(move |c| {
             let mut statement = c.prepare_cached(&format!(
@@ -284,6 +294,10 @@ fn write_rows(tx: &rusqlite::Transaction<'_>, rows: &FlushRows) -> rusqlite::Res
             last_sender_id = ?5, last_message_preview = ?6, updated_at = MAX(updated_at, ?7)
          WHERE id = ?1 AND last_seq < ?2",
     )?;
+    let mut update_dispatch = tx.prepare_cached(
+        "UPDATE sessions SET last_user_seq = MAX(last_user_seq, ?2),
+            answered_through = MAX(answered_through, ?3) WHERE id = ?1",
+    )?;
     let mut update_status = tx.prepare_cached(
         "UPDATE sessions SET status = 'archived', updated_at = MAX(updated_at, ?2) WHERE id = ?1",
     )?;
@@ -301,6 +315,13 @@ fn write_rows(tx: &rusqlite::Transaction<'_>, rows: &FlushRows) -> rusqlite::Res
         }
         if u.archived {
             update_status.execute(params![&*u.session_id, u.updated_at.0])?;
+        }
+        if u.dispatch != DispatchProgress::default() {
+            update_dispatch.execute(params![
+                &*u.session_id,
+                u.dispatch.last_user_seq as i64,
+                u.dispatch.answered_through as i64
+            ])?;
         }
     }
     let mut upsert_cursor = tx.prepare_cached(
@@ -342,7 +363,7 @@ use agent_params;
 
 pub(super) const SESSION_SELECT: &str = "SELECT s.id, s.user_id, s.agent_id, s.status, s.metadata, s.last_seq,
     s.nonuser_count, s.last_activity_at, s.last_sender_id, s.last_message_preview, s.inserted_at, s.updated_at,
-    COALESCE(c.read_seq, 0), COALESCE(c.nonuser_through, 0)
+    COALESCE(c.read_seq, 0), COALESCE(c.nonuser_through, 0), s.last_user_seq, s.answered_through
     FROM sessions s LEFT JOIN read_cursors c ON c.session_id = s.id AND c.user_id = s.user_id";
 
 pub(super) const MESSAGE_SELECT: &str =
@@ -372,6 +393,8 @@ fn session_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionView> {
         updated_at: r.get(11)?,
         read_seq: r.get(12)?,
         read_nonuser_through: r.get(13)?,
+        last_user_seq: r.get(14)?,
+        answered_through: r.get(15)?,
     })
     .map_err(|e| conversion_error(4, e))
 }

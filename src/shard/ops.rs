@@ -23,6 +23,15 @@ pub enum Op {
         cursor: ReadCursor,
         at: Timestamp,
     },
+    /// A dispatch of the agent ended: the user's messages up to `through_seq` are answered (or
+    /// given up on, with `error`).
+    DispatchFinished {
+        session_id: String,
+        dispatch_id: String,
+        through_seq: u64,
+        error: Option<String>,
+        at: Timestamp,
+    },
 }
 
 impl Op {
@@ -30,9 +39,9 @@ impl Op {
         match self {
             Op::SessionCreated(session) => &session.id,
             Op::MessageAppended(record) => &record.message.session_id,
-            Op::SessionArchived { session_id, .. } | Op::ReadCursorMoved { session_id, .. } => {
-                session_id
-            }
+            Op::SessionArchived { session_id, .. }
+            | Op::ReadCursorMoved { session_id, .. }
+            | Op::DispatchFinished { session_id, .. } => session_id,
         }
     }
 }

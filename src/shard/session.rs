@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::model::{
-    LastActivity, MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView, Timestamp,
+    DispatchProgress, LastActivity, MessageRecord, ReadCursor, SessionRecord, SessionStatus,
+    SessionView, Timestamp,
 };
 
 /// Messages kept in memory per active session.
@@ -36,6 +37,7 @@ pub struct SessionState {
     pub read_cursor: ReadCursor,
     pub last_activity: LastActivity,
     pub updated_at: Timestamp,
+    pub dispatch: DispatchProgress,
     /// The newest messages, ascending by seq, contiguous, ending at `last_seq`.
     pub hot_tail: VecDeque<Arc<MessageRecord>>,
     /// Messages in the WAL but not yet in the archive, ascending.
@@ -67,6 +69,7 @@ impl SessionState {
                 preview: None,
             },
             updated_at: created_at,
+            dispatch: DispatchProgress::default(),
             hot_tail: VecDeque::new(),
             unarchived: VecDeque::new(),
             archived_seq: 0,
@@ -87,6 +90,7 @@ impl SessionState {
             read_cursor: self.read_cursor,
             last_activity: self.last_activity.clone(),
             updated_at: self.updated_at,
+            dispatch: self.dispatch,
         }
     }
 
@@ -103,6 +107,9 @@ impl SessionState {
             preview: crate::model::message_preview(&message.content),
         };
         self.updated_at = message.inserted_at;
+        if message.sender_id == self.record.user_id {
+            self.dispatch.last_user_seq = message.seq;
+        }
         if let Some(client_id) = &record.client_id {
             let log_index = position.map_or(0, |p| p.log_index);
             let entry = ClientIdEntry {

@@ -63,6 +63,17 @@ impl ShardState {
                 state.updated_at = *at;
                 state.last_log_index = state.last_log_index.max(log_index);
             }
+            Op::DispatchFinished {
+                session_id,
+                through_seq,
+                ..
+            } => {
+                let Some(state) = self.sessions.get_mut(session_id.as_str()) else {
+                    return;
+                };
+                state.dispatch.answered_through = state.dispatch.answered_through.max(*through_seq);
+                state.last_log_index = state.last_log_index.max(log_index);
+            }
             Op::ReadCursorMoved {
                 session_id, cursor, ..
             } => {
@@ -103,6 +114,7 @@ impl ShardState {
         debug_assert_eq!(state.last_seq, view.last_seq);
         state.last_seq = view.last_seq;
         state.nonuser_count = view.nonuser_count;
+        state.dispatch = view.dispatch;
         state.client_ids_complete_from = first_tail_seq;
         self.sessions.insert(id, state);
     }
@@ -164,6 +176,7 @@ mod tests {
             client_id: Some(format!("c{seq}")),
             fingerprint: seq,
             nonuser_through: 0,
+            from_user: true,
         })
     }
 

@@ -381,6 +381,7 @@ impl ShardWriter {
             client_id: request.client_id,
             fingerprint: request.fingerprint,
             nonuser_through,
+            from_user: is_user,
         };
         self.push_op(Op::MessageAppended(record), batch, now);
         let stored = self.state.sessions[&session_id]
