@@ -32,6 +32,19 @@ pub enum LiveEvent {
         from_listener: u64,
         json: Bytes,
     },
+    /// A push for the session's members that is not stored: `agent_status`, `stream_snapshot`.
+    Push {
+        session_id: Arc<str>,
+        event: &'static str,
+        json: Bytes,
+    },
+    /// One chunk of an agent reply streaming into the session; `index` counts from 0 per dispatch.
+    StreamChunk {
+        session_id: Arc<str>,
+        dispatch_id: Arc<str>,
+        index: u64,
+        json: Bytes,
+    },
     /// A session of the listening user changed; `entry` is its inbox entry.
     InboxEntry {
         user_id: Arc<str>,
@@ -187,6 +200,33 @@ impl Hub {
                     json: json.clone(),
                 });
             }
+        }
+    }
+
+    pub fn publish_push(&self, session_id: &Arc<str>, event: &'static str, json: Bytes) {
+        for listener in self.listeners_of(self.session_registry(session_id), session_id) {
+            listener.deliver(LiveEvent::Push {
+                session_id: session_id.clone(),
+                event,
+                json: json.clone(),
+            });
+        }
+    }
+
+    pub fn publish_stream_chunk(
+        &self,
+        session_id: &Arc<str>,
+        dispatch_id: &Arc<str>,
+        index: u64,
+        json: Bytes,
+    ) {
+        for listener in self.listeners_of(self.session_registry(session_id), session_id) {
+            listener.deliver(LiveEvent::StreamChunk {
+                session_id: session_id.clone(),
+                dispatch_id: dispatch_id.clone(),
+                index,
+                json: json.clone(),
+            });
         }
     }
 

@@ -105,6 +105,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (shutdown_sender, shutdown) = watch::channel(false);
     let hub = crate::hub::Hub::new(shard_count);
+    let (user_messages, engine_inbox) = crate::agents::channel();
     let mut senders = Vec::with_capacity(shard_count as usize);
     let mut writer_states = Vec::with_capacity(shard_count as usize);
     let mut writer_tasks = Vec::with_capacity(shard_count as usize);
@@ -128,6 +129,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             entry_soft_limit_bytes: config.wal_max_batch_bytes() / 2,
             writer_state: writer_state.clone(),
             hub: hub.clone(),
+            user_messages: user_messages.clone(),
         };
         writer_tasks.push(tokio::spawn(writer.run(receiver)));
         let flusher = Flusher {
@@ -146,7 +148,29 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         senders.push(sender);
         writer_states.push(writer_state);
     }
-    let shards = Shards::new(senders, writer_states, wal.clone(), archive);
+    let shards = Shards::new(senders, writer_states, wal.clone(), archive.clone());
+    let registry = Arc::new(
+        crate::agents::AgentRegistry::load(&archive)
+            .await
+            .context("cannot load the agents")?,
+    );
+    let streams = Arc::new(crate::agents::LiveStreams::new(hub.clone()));
+    let engine_context = Arc::new(crate::agents::EngineContext {
+        shards: shards.clone(),
+        registry: registry.clone(),
+        streams: streams.clone(),
+        hub: hub.clone(),
+        http: reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .context("cannot build the webhook HTTP client")?,
+        config: crate::agents::EngineConfig::default(),
+        shards_limits: crate::agents::MessageLimits {
+            max_message_bytes: config.max_message_bytes,
+            max_metadata_depth: config.max_metadata_depth,
+        },
+    });
+    crate::agents::Engine::start(engine_context, engine_inbox, shutdown.clone());
     let sweeper = tokio::spawn(sweep(shards.clone(), config.session_idle, shutdown.clone()));
 
     let auth = match &config.auth_secret {
@@ -165,6 +189,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         draining: draining.clone(),
         clock,
         hub,
+        registry,
+        streams,
         sockets: Arc::default(),
         shutdown: shutdown.clone(),
     });

@@ -1,7 +1,93 @@
-//! The agent engine: how FleetLM talks to agents. So far its pure parts: the reply line parser
-//! (JSONL, SSE, legacy lines) and the AI SDK stream assembler with its partial-JSON parser.
-//! Scheduling and the webhook client (issue 4) build on them.
+//! The agent engine: calls each session's agent (an HTTP webhook) after the user writes,
+//! streams the reply to the session live, and stores it.
+//!
+//! - `scheduler.rs`: when to dispatch — per-session debounce with a cap, one dispatch in flight
+//!   per session with a follow-up, concurrency bounds; rebuilt from the log after a restart.
+//! - `webhook.rs`: one dispatch — request, streamed reply, retries.
+//! - `reply.rs`, `assembler.rs`, `partial_json.rs`: the pure reply parsing and assembly.
+//! - `streams.rs`: replies streaming now (for `stream_chunk` and `stream_snapshot`).
+//! - `registry.rs`: the agents, in memory.
+//!
+//! Architecture invariant: dispatch state is derived from the log (a session owes a reply while
+//! its last user seq is above the seq its last finished dispatch covered), never from memory
+//! alone; nothing here blocks a shard writer.
 
 pub mod assembler;
 mod partial_json;
+pub mod registry;
 pub mod reply;
+mod scheduler;
+pub mod streams;
+mod webhook;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::json;
+
+pub use registry::AgentRegistry;
+pub use scheduler::{Engine, EngineInbox, UserMessageSink, channel};
+pub use streams::LiveStreams;
+
+use crate::hub::Hub;
+use crate::shard::Shards;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_attempts: u32,
+    pub dispatch_deadline: Duration,
+    pub max_in_flight_per_agent: usize,
+    pub max_in_flight: usize,
+    pub max_reply_line_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_attempts: 5,
+            dispatch_deadline: Duration::from_secs(600),
+            max_in_flight_per_agent: 100,
+            max_in_flight: 1000,
+            max_reply_line_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Limits the engine applies to the messages it stores (the same as for clients).
+#[derive(Debug, Clone)]
+pub struct MessageLimits {
+    pub max_message_bytes: usize,
+    pub max_metadata_depth: usize,
+}
+
+/// What every dispatch needs.
+pub struct EngineContext {
+    pub shards: Shards,
+    pub registry: Arc<AgentRegistry>,
+    pub streams: Arc<LiveStreams>,
+    pub hub: Arc<Hub>,
+    pub http: reqwest::Client,
+    pub config: EngineConfig,
+    pub shards_limits: MessageLimits,
+}
+
+/// Pushes `agent_status` to the session's members.
+fn status(
+    context: &EngineContext,
+    session_id: &Arc<str>,
+    status: &str,
+    dispatch_id: Option<&Arc<str>>,
+    error: Option<&str>,
+) {
+    let mut payload = json!({"status": status});
+    if let Some(dispatch_id) = dispatch_id {
+        payload["dispatch_id"] = json!(&**dispatch_id);
+    }
+    if let Some(error) = error {
+        payload["error"] = json!(error);
+    }
+    context
+        .hub
+        .publish_push(session_id, "agent_status", Bytes::from(payload.to_string()));
+}

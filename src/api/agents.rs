@@ -76,11 +76,14 @@ pub async fn create(
     let now = Timestamp(state.clock.now_micros());
     let agent = build_agent(&fields, None, now).map_err(validation_failed)?;
     match state.shards.archive().insert_agent(agent.clone()).await {
-        Ok(()) => Ok((
-            StatusCode::CREATED,
-            axum::Json(json!({"agent": agent.to_json()})),
-        )
-            .into_response()),
+        Ok(()) => {
+            state.registry.put(agent.clone());
+            Ok((
+                StatusCode::CREATED,
+                axum::Json(json!({"agent": agent.to_json()})),
+            )
+                .into_response())
+        }
         Err(crate::archive::ArchiveError::Conflict) => Err(validation_failed(BTreeMap::from([(
             "id",
             vec!["has already been taken".to_string()],
@@ -106,6 +109,7 @@ pub async fn update(
     let now = Timestamp(state.clock.now_micros());
     let agent = build_agent(&fields, Some(&existing), now).map_err(validation_failed)?;
     state.shards.archive().update_agent(agent.clone()).await?;
+    state.registry.put(agent.clone());
     Ok(axum::Json(json!({"agent": agent.to_json()})).into_response())
 }
 
@@ -124,6 +128,7 @@ pub async fn disable(
     agent.status = AgentStatus::Disabled;
     agent.updated_at = Timestamp(state.clock.now_micros());
     state.shards.archive().update_agent(agent.clone()).await?;
+    state.registry.put(agent.clone());
     Ok(axum::Json(json!({"agent": agent.to_json(), "message": "Agent disabled"})).into_response())
 }
 

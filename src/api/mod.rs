@@ -37,6 +37,8 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     pub clock: Arc<dyn crate::clock::Clock>,
     pub hub: Arc<crate::hub::Hub>,
+    pub registry: Arc<crate::agents::AgentRegistry>,
+    pub streams: Arc<crate::agents::LiveStreams>,
     pub sockets: Arc<crate::gateway::SocketCounts>,
     /// Turns true when the server starts draining; sockets then close with 1012.
     pub shutdown: tokio::sync::watch::Receiver<bool>,

@@ -98,7 +98,7 @@ pub async fn create(
             ));
         }
     };
-    let agent = state.shards.archive().get_agent(&agent_id).await?;
+    let agent = state.registry.get(&agent_id);
     match agent {
         None => {
             return Err(ApiError::unprocessable(

@@ -53,6 +53,9 @@ struct SessionChannel {
     next_seq: u64,
     /// `None` once the channel asked the client to resync and stopped listening.
     subscription: Option<Subscription>,
+    /// The streaming reply whose first chunks this channel got as a `stream_snapshot` on join:
+    /// `(dispatch_id, first chunk index not in it)`.
+    stream_seen: Option<(Arc<str>, u64)>,
 }
 
 struct InboxChannel {
@@ -415,6 +418,12 @@ impl Socket {
             "last_seq": page.session.last_seq,
         });
         self.reply(&frame, "ok", &response.to_string());
+        // A reply streaming right now: the joiner sees it so far, then only its later chunks.
+        let snapshot = self.state.streams.snapshot(&session_id);
+        if let Some(snapshot) = &snapshot {
+            let payload = snapshot.payload.to_string();
+            self.push(&frame.join_ref, &frame.topic, "stream_snapshot", &payload);
+        }
         self.session_topics
             .insert(view.record.id.clone(), frame.topic.clone());
         let channel = SessionChannel {
@@ -423,6 +432,7 @@ impl Socket {
             is_user,
             next_seq,
             subscription: Some(subscription),
+            stream_seen: snapshot.map(|s| (s.dispatch_id, s.next_index)),
         };
         self.channels.insert(frame.topic, Channel::Session(channel));
         metrics::gauge!("fleetlm_joined_channels").increment(1.0);
@@ -655,6 +665,53 @@ impl Socket {
                 let payload = std::str::from_utf8(&json).unwrap_or("{}");
                 let text = frame::encode(self.vsn, &join_ref, NULL, &topic, "message", payload);
                 self.send(text);
+            }
+            LiveEvent::Push {
+                session_id,
+                event,
+                json,
+            } => {
+                let Some(topic) = self.session_topics.get(&session_id).cloned() else {
+                    return;
+                };
+                let Some(channel) = self.channels.get(&topic) else {
+                    return;
+                };
+                let join_ref = channel.join_ref().to_string();
+                self.push(
+                    &join_ref,
+                    &topic,
+                    event,
+                    std::str::from_utf8(&json).unwrap_or("{}"),
+                );
+            }
+            LiveEvent::StreamChunk {
+                session_id,
+                dispatch_id,
+                index,
+                json,
+            } => {
+                let Some(topic) = self.session_topics.get(&session_id).cloned() else {
+                    return;
+                };
+                let Some(Channel::Session(channel)) = self.channels.get(&topic) else {
+                    return;
+                };
+                // Chunks already folded into the snapshot this channel got on join are skipped.
+                let seen = channel
+                    .stream_seen
+                    .as_ref()
+                    .is_some_and(|(id, next)| *id == dispatch_id && index < *next);
+                if seen {
+                    return;
+                }
+                let join_ref = channel.join_ref.clone();
+                self.push(
+                    &join_ref,
+                    &topic,
+                    "stream_chunk",
+                    std::str::from_utf8(&json).unwrap_or("{}"),
+                );
             }
             LiveEvent::Typing {
                 session_id, json, ..

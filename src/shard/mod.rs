@@ -543,6 +543,42 @@ impl Shards {
         views
     }
 
+    /// Records that a dispatch of the session's agent ended, covering user messages up to
+    /// `through_seq` (durable when this returns).
+    pub async fn finish_dispatch(
+        &self,
+        session_id: &str,
+        dispatch_id: &str,
+        through_seq: u64,
+        error: Option<String>,
+    ) -> Result<(), ShardError> {
+        self.with_session(session_id, |reply| Command::FinishDispatch {
+            session_id: session_id.to_string(),
+            dispatch_id: dispatch_id.to_string(),
+            through_seq,
+            error: error.clone(),
+            reply,
+        })
+        .await
+    }
+
+    /// Sessions in the shards' memory that owe a reply: `(session_id, agent_id, last_user_seq)`.
+    pub async fn pending_dispatches(&self) -> Vec<(Arc<str>, String, u64)> {
+        let mut owing = Vec::new();
+        for sender in &self.inner.senders {
+            let (reply, answer) = oneshot::channel();
+            if sender
+                .send(Command::PendingDispatches { reply })
+                .await
+                .is_ok()
+                && let Ok(found) = answer.await
+            {
+                owing.extend(found);
+            }
+        }
+        owing
+    }
+
     /// Asks every shard to forget idle, fully archived sessions.
     pub async fn sweep(&self, idle_for: std::time::Duration) {
         for sender in &self.inner.senders {

@@ -66,6 +66,18 @@ pub enum Command {
     Sweep {
         idle_for: Duration,
     },
+    /// Records the end of a dispatch (see `Op::DispatchFinished`).
+    FinishDispatch {
+        session_id: String,
+        dispatch_id: String,
+        through_seq: u64,
+        error: Option<String>,
+        reply: Reply<()>,
+    },
+    /// Sessions in memory that owe a reply: `(session_id, agent_id, last_user_seq)`.
+    PendingDispatches {
+        reply: oneshot::Sender<Vec<(Arc<str>, String, u64)>>,
+    },
 }
 
 type DeferredReply = Box<dyn FnOnce(Option<&ShardError>) + Send>;
@@ -98,6 +110,7 @@ pub struct ShardWriter {
     pub entry_soft_limit_bytes: usize,
     pub writer_state: Arc<Writer>,
     pub hub: Arc<crate::hub::Hub>,
+    pub user_messages: crate::agents::UserMessageSink,
 }
 
 struct Batch {
@@ -177,6 +190,15 @@ impl ShardWriter {
         for op in ops {
             if let Op::MessageAppended(record) = op {
                 self.hub.publish_message(record);
+                if record.from_user
+                    && let Some(state) = self.state.sessions.get(&*record.message.session_id)
+                {
+                    self.user_messages.user_message(
+                        &state.record.id,
+                        &state.record.agent_id,
+                        record.message.seq,
+                    );
+                }
             }
             let session_id = op.session_id();
             if !inbox_sessions.contains(&session_id) {
@@ -255,6 +277,35 @@ impl ShardWriter {
             Command::Archive { session_id, reply } => {
                 let result = self.archive_session(&session_id, batch, now);
                 batch.replies.push(defer(reply, result));
+            }
+            Command::FinishDispatch {
+                session_id,
+                dispatch_id,
+                through_seq,
+                error,
+                reply,
+            } => {
+                let result =
+                    self.finish_dispatch(session_id, dispatch_id, through_seq, error, batch, now);
+                batch.replies.push(defer(reply, result));
+            }
+            Command::PendingDispatches { reply } => {
+                let owing = self
+                    .state
+                    .sessions
+                    .values()
+                    .filter(|s| s.dispatch.is_pending() && s.status == SessionStatus::Active)
+                    .map(|s| {
+                        (
+                            s.record.id.clone(),
+                            s.record.agent_id.clone(),
+                            s.dispatch.last_user_seq,
+                        )
+                    })
+                    .collect();
+                batch.replies.push(Box::new(move |_| {
+                    let _ = reply.send(owing);
+                }));
             }
             Command::MoveReadCursor {
                 session_id,
@@ -389,6 +440,32 @@ impl ShardWriter {
             .expect("just appended")
             .clone();
         Ok(AppendOutcome::Appended(stored))
+    }
+
+    fn finish_dispatch(
+        &mut self,
+        session_id: String,
+        dispatch_id: String,
+        through_seq: u64,
+        error: Option<String>,
+        batch: &mut Batch,
+        now: Instant,
+    ) -> Result<(), ShardError> {
+        self.session(&session_id, now)?;
+        self.writable()?;
+        let at = self.next_timestamp();
+        self.push_op(
+            Op::DispatchFinished {
+                session_id,
+                dispatch_id,
+                through_seq,
+                error,
+                at,
+            },
+            batch,
+            now,
+        );
+        Ok(())
     }
 
     fn archive_session(

@@ -1,0 +1,411 @@
+//! When to call the agent: per-session debounce (reset by each user message, capped at
+//! `max(4 × window, 2 s)` after the first pending one), one dispatch in flight per session with a
+//! follow-up for messages that arrived meanwhile, and bounded concurrency per agent and per node.
+//!
+//! The scheduler is one task fed by a bounded queue of events. The shard writers tell it about
+//! user messages after they are durable, without ever waiting: if the queue is full the event is
+//! dropped and a rescan of the log (shards and archive) recovers it. The same rescan runs at
+//! start, so sessions owing a reply after a crash are dispatched again.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::webhook::{self, DispatchJob, DispatchResult};
+use super::{EngineContext, status};
+
+const EVENT_QUEUE_DEPTH: usize = 16_384;
+const RESCAN_ARCHIVE_LIMIT: usize = 100_000;
+const DEFAULT_DEBOUNCE_MS: u64 = 500;
+
+enum Event {
+    UserMessage {
+        session_id: Arc<str>,
+        agent_id: String,
+        seq: u64,
+    },
+    Done {
+        session_id: Arc<str>,
+        agent_id: String,
+        through_seq: u64,
+    },
+}
+
+/// The shard writers' side: reports durable user messages, never waits.
+#[derive(Clone)]
+pub struct UserMessageSink {
+    events: mpsc::Sender<Event>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl UserMessageSink {
+    pub fn user_message(&self, session_id: &Arc<str>, agent_id: &str, seq: u64) {
+        let event = Event::UserMessage {
+            session_id: session_id.clone(),
+            agent_id: agent_id.to_string(),
+            seq,
+        };
+        if self.events.try_send(event).is_err() {
+            self.overflowed.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// The scheduler's side of the queue, until the engine starts.
+pub struct EngineInbox {
+    events: mpsc::Receiver<Event>,
+    sender: mpsc::Sender<Event>,
+    overflowed: Arc<AtomicBool>,
+}
+
+pub fn channel() -> (UserMessageSink, EngineInbox) {
+    let (sender, events) = mpsc::channel(EVENT_QUEUE_DEPTH);
+    let overflowed = Arc::new(AtomicBool::new(false));
+    let sink = UserMessageSink {
+        events: sender.clone(),
+        overflowed: overflowed.clone(),
+    };
+    (
+        sink,
+        EngineInbox {
+            events,
+            sender,
+            overflowed,
+        },
+    )
+}
+
+#[derive(Default)]
+struct SessionSchedule {
+    agent_id: String,
+    latest_user_seq: u64,
+    /// User messages up to here are covered by a finished or running dispatch.
+    covered_through: u64,
+    first_pending_at: Option<Instant>,
+    due_at: Option<Instant>,
+    in_flight: bool,
+}
+
+pub struct Engine;
+
+impl Engine {
+    /// Starts the scheduler; it stops when `shutdown` turns true (dispatches in flight end with
+    /// the process; their sessions still owe a reply in the log and are dispatched again).
+    pub fn start(context: Arc<EngineContext>, inbox: EngineInbox, shutdown: watch::Receiver<bool>) {
+        let scheduler = Scheduler {
+            context,
+            sender: inbox.sender,
+            overflowed: inbox.overflowed,
+            sessions: HashMap::new(),
+            timers: BTreeSet::new(),
+            ready: VecDeque::new(),
+            in_flight_by_agent: HashMap::new(),
+            in_flight: 0,
+        };
+        tokio::spawn(scheduler.run(inbox.events, shutdown));
+    }
+}
+
+struct Scheduler {
+    context: Arc<EngineContext>,
+    sender: mpsc::Sender<Event>,
+    overflowed: Arc<AtomicBool>,
+    sessions: HashMap<Arc<str>, SessionSchedule>,
+    timers: BTreeSet<(Instant, Arc<str>)>,
+    ready: VecDeque<Arc<str>>,
+    in_flight_by_agent: HashMap<String, usize>,
+    in_flight: usize,
+}
+
+impl Scheduler {
+    async fn run(mut self, mut events: mpsc::Receiver<Event>, mut shutdown: watch::Receiver<bool>) {
+        self.spawn_rescan();
+        let mut rescan_check = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let next_timer = self.timers.first().map(|(at, _)| *at);
+            let sleep = async {
+                match next_timer {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(Event::UserMessage { session_id, agent_id, seq }) => self.on_user_message(session_id, agent_id, seq),
+                    Some(Event::Done { session_id, agent_id, through_seq }) => self.on_done(session_id, &agent_id, through_seq),
+                    None => return,
+                },
+                () = sleep => self.fire_due_timers(),
+                _ = rescan_check.tick() => {
+                    if self.overflowed.swap(false, Ordering::AcqRel) {
+                        self.spawn_rescan();
+                    }
+                }
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return;
+                    }
+                }
+            }
+            metrics::gauge!("fleetlm_dispatch_queue_length")
+                .set((self.timers.len() + self.ready.len()) as f64);
+        }
+    }
+
+    /// Finds every session owing a reply (in the shards' memory and in the archive) and feeds
+    /// them in as user messages.
+    fn spawn_rescan(&self) {
+        let (context, sender) = (self.context.clone(), self.sender.clone());
+        tokio::spawn(async move {
+            let mut owing = context.shards.pending_dispatches().await;
+            let known: std::collections::HashSet<Arc<str>> =
+                owing.iter().map(|(id, _, _)| id.clone()).collect();
+            match context
+                .shards
+                .archive()
+                .sessions_owing_a_reply(RESCAN_ARCHIVE_LIMIT)
+                .await
+            {
+                Ok(ids) => {
+                    for id in ids.into_iter().filter(|id| !known.contains(id.as_str())) {
+                        if let Ok(view) = context.shards.view(&id).await
+                            && view.dispatch.is_pending()
+                            && view.status == crate::model::SessionStatus::Active
+                        {
+                            owing.push((
+                                view.record.id.clone(),
+                                view.record.agent_id.clone(),
+                                view.dispatch.last_user_seq,
+                            ));
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not list sessions owing a reply; will retry on the next rescan")
+                }
+            }
+            if !owing.is_empty() {
+                tracing::info!(
+                    sessions = owing.len(),
+                    "dispatching sessions that owe a reply"
+                );
+            }
+            for (session_id, agent_id, seq) in owing {
+                if sender
+                    .send(Event::UserMessage {
+                        session_id,
+                        agent_id,
+                        seq,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn debounce(&self, agent_id: &str) -> Duration {
+        let ms = self
+            .context
+            .registry
+            .get(agent_id)
+            .map_or(DEFAULT_DEBOUNCE_MS, |a| u64::from(a.debounce_window_ms));
+        Duration::from_millis(ms)
+    }
+
+    fn on_user_message(&mut self, session_id: Arc<str>, agent_id: String, seq: u64) {
+        let schedule = self.sessions.entry(session_id.clone()).or_default();
+        schedule.agent_id = agent_id;
+        if seq <= schedule.covered_through {
+            return;
+        }
+        schedule.latest_user_seq = schedule.latest_user_seq.max(seq);
+        if !schedule.in_flight {
+            self.arm(&session_id);
+        }
+    }
+
+    /// (Re)sets the session's due time: the debounce window from now, but no later than the cap
+    /// after its first pending message.
+    fn arm(&mut self, session_id: &Arc<str>) {
+        let now = Instant::now();
+        let agent_id = self.sessions[session_id].agent_id.clone();
+        let window = self.debounce(&agent_id);
+        let cap = (window * 4).max(Duration::from_secs(2));
+        let schedule = self.sessions.get_mut(session_id).expect("scheduled");
+        let newly_pending = schedule.first_pending_at.is_none();
+        let first = *schedule.first_pending_at.get_or_insert(now);
+        let due = (now + window).min(first + cap);
+        if let Some(old) = schedule.due_at.replace(due) {
+            self.timers.remove(&(old, session_id.clone()));
+        }
+        self.timers.insert((due, session_id.clone()));
+        if newly_pending {
+            status(&self.context, session_id, "queued", None, None);
+        }
+    }
+
+    fn fire_due_timers(&mut self) {
+        let now = Instant::now();
+        while let Some((at, session_id)) = self.timers.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.timers.remove(&(at, session_id.clone()));
+            let Some(schedule) = self.sessions.get_mut(&session_id) else {
+                continue;
+            };
+            schedule.due_at = None;
+            if !schedule.in_flight {
+                self.ready.push_back(session_id);
+            }
+        }
+        self.start_ready();
+    }
+
+    fn start_ready(&mut self) {
+        let mut waiting = VecDeque::new();
+        while let Some(session_id) = self.ready.pop_front() {
+            if self.in_flight >= self.context.config.max_in_flight {
+                waiting.push_back(session_id);
+                break;
+            }
+            let Some(schedule) = self.sessions.get(&session_id) else {
+                continue;
+            };
+            if schedule.in_flight {
+                continue;
+            }
+            let agent_count = self
+                .in_flight_by_agent
+                .get(&schedule.agent_id)
+                .copied()
+                .unwrap_or(0);
+            if agent_count >= self.context.config.max_in_flight_per_agent {
+                waiting.push_back(session_id);
+                continue;
+            }
+            self.start(session_id);
+        }
+        waiting.extend(self.ready.drain(..));
+        self.ready = waiting;
+    }
+
+    fn start(&mut self, session_id: Arc<str>) {
+        let schedule = self.sessions.get_mut(&session_id).expect("scheduled");
+        schedule.in_flight = true;
+        schedule.first_pending_at = None;
+        let covered_hint = schedule.latest_user_seq;
+        let agent_id = schedule.agent_id.clone();
+        *self.in_flight_by_agent.entry(agent_id.clone()).or_insert(0) += 1;
+        self.in_flight += 1;
+        let (context, sender) = (self.context.clone(), self.sender.clone());
+        tokio::spawn(async move {
+            let job = DispatchJob {
+                session_id: session_id.clone(),
+                agent_id: agent_id.clone(),
+                dispatch_id: Arc::from(crate::ids::generate_id()),
+            };
+            let result = run_bounded(&context, &job).await;
+            let through_seq = result.through_seq.max(covered_hint);
+            let outcome = if result.error.is_some() {
+                "failed"
+            } else {
+                "ok"
+            };
+            metrics::counter!("fleetlm_dispatches_total", "outcome" => outcome).increment(1);
+            if let Err(error) = context
+                .shards
+                .finish_dispatch(
+                    &job.session_id,
+                    &job.dispatch_id,
+                    through_seq,
+                    result.error.clone(),
+                )
+                .await
+            {
+                tracing::warn!(session_id = %job.session_id, %error, "could not record the end of a dispatch");
+            }
+            match &result.error {
+                Some(error) => {
+                    tracing::warn!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, %error, "dispatch failed");
+                    status(
+                        &context,
+                        &job.session_id,
+                        "failed",
+                        Some(&job.dispatch_id),
+                        Some(error),
+                    );
+                }
+                None => status(
+                    &context,
+                    &job.session_id,
+                    "idle",
+                    Some(&job.dispatch_id),
+                    None,
+                ),
+            }
+            let _ = sender
+                .send(Event::Done {
+                    session_id,
+                    agent_id,
+                    through_seq,
+                })
+                .await;
+        });
+    }
+
+    fn on_done(&mut self, session_id: Arc<str>, agent_id: &str, through_seq: u64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(count) = self.in_flight_by_agent.get_mut(agent_id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.in_flight_by_agent.remove(agent_id);
+            }
+        }
+        if let Some(schedule) = self.sessions.get_mut(&session_id) {
+            schedule.in_flight = false;
+            schedule.covered_through = schedule.covered_through.max(through_seq);
+            if schedule.latest_user_seq > schedule.covered_through {
+                self.arm(&session_id);
+            } else {
+                self.sessions.remove(&session_id);
+            }
+        }
+        self.start_ready();
+    }
+}
+
+/// A dispatch that panics or outlives the deadline still ends, as a failure.
+async fn run_bounded(context: &Arc<EngineContext>, job: &DispatchJob) -> DispatchResult {
+    let task_context = context.clone();
+    let task_job = DispatchJob {
+        session_id: job.session_id.clone(),
+        agent_id: job.agent_id.clone(),
+        dispatch_id: job.dispatch_id.clone(),
+    };
+    let task = tokio::spawn(async move { webhook::dispatch(&task_context, &task_job).await });
+    let abort = task.abort_handle();
+    let result = match tokio::time::timeout(context.config.dispatch_deadline, task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => DispatchResult {
+            through_seq: 0,
+            error: Some("dispatch crashed".into()),
+        },
+        Err(_) => {
+            abort.abort();
+            DispatchResult {
+                through_seq: 0,
+                error: Some("dispatch deadline exceeded".into()),
+            }
+        }
+    };
+    context.streams.end(&job.session_id);
+    result
+}

@@ -1,0 +1,481 @@
+//! One dispatch: the webhook request (history, headers), the streamed reply (forwarded chunk by
+//! chunk, assembled, stored), and retries with capped, jittered exponential backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use rand::Rng;
+use serde_json::{Map, Value, json};
+
+use super::reply::{LineSplitter, ReplyLine, parse_line};
+use super::{EngineContext, status};
+use crate::model::{Agent, HistoryMode, SessionView};
+use crate::shard::ShardError;
+
+/// History for `entire` mode is capped at the newest this many messages.
+const ENTIRE_HISTORY_CAP: u64 = 10_000;
+const HISTORY_PAGE: usize = 1000;
+
+pub struct DispatchJob {
+    pub session_id: Arc<str>,
+    pub agent_id: String,
+    pub dispatch_id: Arc<str>,
+}
+
+/// How a dispatch ended: the user messages it covered, and the error if it failed.
+pub struct DispatchResult {
+    pub through_seq: u64,
+    pub error: Option<String>,
+}
+
+enum CallError {
+    /// Worth another attempt (transport, timeouts, 408/425/429/5xx), after at least `retry_after`.
+    Retryable {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    Fatal(String),
+}
+
+fn is_retryable_status(status: u16) -> bool {
+    matches!(status, 408 | 425 | 429 | 500 | 502 | 503 | 504)
+}
+
+/// Backoff before attempt `attempt + 1`: 250 ms doubling, capped at 5 s, with ±25 % jitter; a
+/// longer `retry-after` wins.
+fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
+    let base = Duration::from_millis(250)
+        .saturating_mul(1 << attempt.min(10).saturating_sub(1))
+        .min(Duration::from_secs(5));
+    let jitter = rand::rng().random_range(0.75..1.25);
+    base.mul_f64(jitter).max(retry_after.unwrap_or_default())
+}
+
+/// Runs the dispatch to its end (success, refusal, exhausted retries).
+pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchResult {
+    let agent = match context.registry.get(&job.agent_id) {
+        Some(agent) if agent.status == crate::model::AgentStatus::Enabled => agent,
+        _ => {
+            return DispatchResult {
+                through_seq: 0,
+                error: Some("agent_disabled".into()),
+            };
+        }
+    };
+    let (view, history) = match history(context, &job.session_id, &agent).await {
+        Ok(found) => found,
+        Err(error) => {
+            return DispatchResult {
+                through_seq: 0,
+                error: Some(format!("history unavailable: {error}")),
+            };
+        }
+    };
+    let through_seq = history
+        .iter()
+        .filter(|m| m["sender_id"].as_str() == Some(view.record.user_id.as_str()))
+        .filter_map(|m| m["seq"].as_u64())
+        .max()
+        .unwrap_or(view.dispatch.last_user_seq);
+    status(
+        context,
+        &job.session_id,
+        "dispatching",
+        Some(&job.dispatch_id),
+        None,
+    );
+    let mut attempt = 1u32;
+    loop {
+        let body = json!({
+            "session_id": &*job.session_id,
+            "agent_id": agent.id,
+            "user_id": view.record.user_id,
+            "dispatch_id": &*job.dispatch_id,
+            "attempt": attempt,
+            "messages": history,
+        });
+        let started = Instant::now();
+        let final_attempt = attempt >= context.config.max_attempts;
+        let outcome = call(context, &agent, job, &body, final_attempt).await;
+        metrics::histogram!("fleetlm_webhook_seconds").record(started.elapsed().as_secs_f64());
+        context.streams.end(&job.session_id);
+        match outcome {
+            Ok(()) => {
+                return DispatchResult {
+                    through_seq,
+                    error: None,
+                };
+            }
+            Err(CallError::Retryable {
+                reason,
+                retry_after,
+            }) if attempt < context.config.max_attempts => {
+                metrics::counter!("fleetlm_webhook_retries_total").increment(1);
+                tracing::info!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, attempt, %reason, "retrying dispatch");
+                tokio::time::sleep(backoff(attempt, retry_after)).await;
+                attempt += 1;
+            }
+            Err(CallError::Retryable { reason, .. } | CallError::Fatal(reason)) => {
+                return DispatchResult {
+                    through_seq,
+                    error: Some(reason),
+                };
+            }
+        }
+    }
+}
+
+/// The messages the agent gets, oldest first, as the agent's history mode asks.
+async fn history(
+    context: &EngineContext,
+    session_id: &str,
+    agent: &Agent,
+) -> Result<(SessionView, Vec<Value>), ShardError> {
+    let view = context.shards.view(session_id).await?;
+    let wanted = match agent.message_history_mode {
+        HistoryMode::Tail => u64::from(agent.message_history_limit),
+        HistoryMode::Last => 1,
+        HistoryMode::Entire => ENTIRE_HISTORY_CAP,
+    };
+    let mut after = view.last_seq.saturating_sub(wanted);
+    let mut messages = Vec::new();
+    while after < view.last_seq {
+        let page = context
+            .shards
+            .read_messages(session_id, after, HISTORY_PAGE)
+            .await?;
+        let Some(last) = page.messages.last() else {
+            break;
+        };
+        after = last.message.seq;
+        for record in &page.messages {
+            if record.message.seq > view.last_seq {
+                break;
+            }
+            let m = &record.message;
+            messages.push(json!({
+                "seq": m.seq,
+                "sender_id": m.sender_id,
+                "kind": m.kind,
+                "content": &m.content,
+                "metadata": &m.metadata,
+                "inserted_at": m.inserted_at,
+            }));
+        }
+    }
+    Ok((view, messages))
+}
+
+/// One HTTP attempt: send, then read the reply line by line until it ends. A reply cut off
+/// mid-way is stored as `incomplete` only on the final attempt: an earlier one is retried, and
+/// the retry's messages take the same `(dispatch_id, index)` keys.
+async fn call(
+    context: &EngineContext,
+    agent: &Agent,
+    job: &DispatchJob,
+    body: &Value,
+    final_attempt: bool,
+) -> Result<(), CallError> {
+    let url = format!(
+        "{}{}",
+        agent.origin_url.trim_end_matches('/'),
+        agent.webhook_path
+    );
+    let timeout = Duration::from_millis(u64::from(agent.timeout_ms));
+    let mut request = context
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .header(
+            "accept",
+            "application/x-ndjson, text/event-stream, application/json",
+        )
+        .header("idempotency-key", &*job.dispatch_id)
+        .header("x-fleetlm-timeout-ms", agent.timeout_ms.to_string());
+    for (name, value) in &agent.headers {
+        request = request.header(name, value);
+    }
+    let request = request.body(body.to_string());
+    let response = match tokio::time::timeout(timeout, request.send()).await {
+        Err(_) => {
+            return Err(CallError::Retryable {
+                reason: "timed out waiting for the agent's response".into(),
+                retry_after: None,
+            });
+        }
+        Ok(Err(error)) => {
+            return Err(CallError::Retryable {
+                reason: format!("could not reach the agent: {error}"),
+                retry_after: None,
+            });
+        }
+        Ok(Ok(response)) => response,
+    };
+    let status_code = response.status().as_u16();
+    if !response.status().is_success() {
+        let reason = format!("agent answered HTTP {status_code}");
+        return if is_retryable_status(status_code) {
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            Err(CallError::Retryable {
+                reason,
+                retry_after,
+            })
+        } else {
+            Err(CallError::Fatal(reason))
+        };
+    }
+    context
+        .streams
+        .begin(&job.session_id, &agent.id, &job.dispatch_id);
+    let mut reply = ReplyState {
+        index: 0,
+        streaming_announced: false,
+        failure: None,
+    };
+    let mut splitter = LineSplitter::new(context.config.max_reply_line_bytes);
+    let mut body_stream = response.bytes_stream();
+    'read: loop {
+        let bytes = match tokio::time::timeout(timeout, body_stream.next()).await {
+            Err(_) => {
+                if final_attempt {
+                    finish_incomplete(context, agent, job, &mut reply).await?;
+                }
+                return Err(CallError::Retryable {
+                    reason: "the agent stopped sending".into(),
+                    retry_after: None,
+                });
+            }
+            Ok(None) => break,
+            Ok(Some(Err(error))) => {
+                if final_attempt {
+                    finish_incomplete(context, agent, job, &mut reply).await?;
+                }
+                return Err(CallError::Retryable {
+                    reason: format!("reply interrupted: {error}"),
+                    retry_after: None,
+                });
+            }
+            Ok(Some(Ok(bytes))) => bytes,
+        };
+        let lines = splitter
+            .feed(&bytes)
+            .map_err(|e| CallError::Fatal(e.to_string()))?;
+        for line in lines {
+            if handle_line(context, agent, job, &mut reply, &line).await? {
+                break 'read;
+            }
+        }
+    }
+    if let Some(line) = splitter
+        .finish()
+        .map_err(|e| CallError::Fatal(e.to_string()))?
+    {
+        handle_line(context, agent, job, &mut reply, &line).await?;
+    }
+    finish_incomplete(context, agent, job, &mut reply).await?;
+    match reply.failure {
+        Some(failure) => Err(CallError::Fatal(failure)),
+        None => Ok(()),
+    }
+}
+
+struct ReplyState {
+    /// Index of the next message this reply stores (keys `client_id` for retries).
+    index: u64,
+    streaming_announced: bool,
+    /// The assembler refused a chunk: the reply is malformed.
+    failure: Option<String>,
+}
+
+/// Handles one reply line; `Ok(true)` when the reply says it is complete (`[DONE]`).
+async fn handle_line(
+    context: &EngineContext,
+    agent: &Agent,
+    job: &DispatchJob,
+    reply: &mut ReplyState,
+    line: &str,
+) -> Result<bool, CallError> {
+    let parsed = parse_line(line).map_err(|error| {
+        metrics::counter!("fleetlm_webhook_malformed_lines_total").increment(1);
+        CallError::Fatal(format!("malformed reply line: {error}"))
+    })?;
+    match parsed {
+        None => Ok(false),
+        Some(ReplyLine::Done) => Ok(true),
+        Some(ReplyLine::Legacy {
+            kind,
+            content,
+            metadata,
+        }) => {
+            store(context, agent, job, reply, &kind, content, metadata).await?;
+            Ok(false)
+        }
+        Some(ReplyLine::Chunk(chunk)) => {
+            if !reply.streaming_announced {
+                reply.streaming_announced = true;
+                status(
+                    context,
+                    &job.session_id,
+                    "streaming",
+                    Some(&job.dispatch_id),
+                    None,
+                );
+            }
+            if let Err(failure) = context.streams.chunk(&job.session_id, &chunk) {
+                reply
+                    .failure
+                    .get_or_insert(format!("invalid chunk sequence: {failure}"));
+            }
+            let termination = match chunk["type"].as_str() {
+                Some("finish") => "finish",
+                Some("abort") => "abort",
+                _ => return Ok(false),
+            };
+            finish_message(context, agent, job, reply, termination).await?;
+            Ok(false)
+        }
+    }
+}
+
+/// Stores what is assembled so far as one message ended by `termination`, and starts afresh.
+async fn finish_message(
+    context: &EngineContext,
+    agent: &Agent,
+    job: &DispatchJob,
+    reply: &mut ReplyState,
+    termination: &str,
+) -> Result<(), CallError> {
+    let taken = context
+        .streams
+        .with_assembler(&job.session_id, |assembler| {
+            let message = assembler.message();
+            let metadata = assembler.metadata().cloned();
+            let errors = assembler.errors().to_vec();
+            let failure = assembler.failure().map(str::to_string);
+            *assembler = super::assembler::Assembler::new();
+            (message, metadata, errors, failure)
+        });
+    let Some((Some(message), message_metadata, errors, failure)) = taken else {
+        return Ok(());
+    };
+    let mut metadata = match message_metadata {
+        Some(Value::Object(map)) => map,
+        Some(other) => Map::from_iter([("message_metadata".to_string(), other)]),
+        None => Map::new(),
+    };
+    metadata.insert("termination".into(), termination.into());
+    metadata.insert(
+        "dispatch_id".into(),
+        Value::String(job.dispatch_id.to_string()),
+    );
+    if let Some(error) = errors.last().cloned().or(failure) {
+        metadata.insert("error".into(), error.into());
+    }
+    let content = json!({"id": message["id"], "role": "assistant", "parts": message["parts"]});
+    store(
+        context,
+        agent,
+        job,
+        reply,
+        "assistant",
+        content,
+        Value::Object(metadata),
+    )
+    .await
+}
+
+async fn finish_incomplete(
+    context: &EngineContext,
+    agent: &Agent,
+    job: &DispatchJob,
+    reply: &mut ReplyState,
+) -> Result<(), CallError> {
+    finish_message(context, agent, job, reply, "incomplete").await
+}
+
+/// Appends one message of the reply as the agent. The `client_id` (dispatch id + index) makes a
+/// retried reply that produces the same message again a no-op.
+async fn store(
+    context: &EngineContext,
+    agent: &Agent,
+    job: &DispatchJob,
+    reply: &mut ReplyState,
+    kind: &str,
+    content: Value,
+    metadata: Value,
+) -> Result<(), CallError> {
+    let client_id = format!("dispatch:{}:{}", job.dispatch_id, reply.index);
+    reply.index += 1;
+    let raw = |value: &Value| serde_json::value::to_raw_value(value).expect("values serialize");
+    let (kind, content, metadata, client_id_raw) = (
+        raw(&json!(kind)),
+        raw(&content),
+        raw(&metadata),
+        raw(&json!(client_id)),
+    );
+    let input = crate::api::messages::MessageInput {
+        kind: Some(&kind),
+        content: Some(&content),
+        metadata: Some(&metadata),
+        client_id: Some(&client_id_raw),
+        expected_seq: None,
+    };
+    let config = &context.shards_limits;
+    let request = crate::api::messages::build_append(
+        &job.session_id,
+        agent.id.clone(),
+        false,
+        input,
+        config.max_message_bytes,
+        config.max_metadata_depth,
+    )
+    .map_err(|error| match error {
+        crate::api::messages::InvalidMessage::Format(reason)
+        | crate::api::messages::InvalidMessage::TooLarge(reason) => {
+            CallError::Fatal(format!("reply message refused: {reason}"))
+        }
+    })?;
+    match context.shards.append(request).await {
+        Ok(_) | Err(ShardError::ClientIdConflict) => Ok(()),
+        Err(ShardError::Overloaded | ShardError::Unavailable(_) | ShardError::Archive(_)) => {
+            Err(CallError::Retryable {
+                reason: "could not store the reply yet".into(),
+                retry_after: Some(Duration::from_secs(1)),
+            })
+        }
+        Err(error) => Err(CallError::Fatal(format!("reply not stored: {error}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_is_capped_and_honours_retry_after() {
+        let first = backoff(1, None);
+        assert!(
+            first >= Duration::from_millis(187) && first <= Duration::from_millis(313),
+            "{first:?}"
+        );
+        let tenth = backoff(10, None);
+        assert!(tenth <= Duration::from_millis(6250), "{tenth:?}");
+        assert!(backoff(1, Some(Duration::from_secs(3))) >= Duration::from_secs(3));
+    }
+
+    #[test]
+    fn which_statuses_are_retried() {
+        for status in [408, 425, 429, 500, 502, 503, 504] {
+            assert!(is_retryable_status(status));
+        }
+        for status in [400, 401, 403, 404, 409, 422, 501] {
+            assert!(!is_retryable_status(status));
+        }
+    }
+}
