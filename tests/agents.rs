@@ -1,0 +1,358 @@
+//! The agent engine against real HTTP agents on 127.0.0.1: dispatch, streaming, retries,
+//! debounce, one dispatch in flight per session, and recovery after a crash.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::agent::{Behavior, TestAgent};
+use support::{Store, TestServer};
+
+async fn register(server: &TestServer, agent: &TestAgent, id: &str, extra: Value) {
+    let mut fields = json!({"id": id, "name": id, "origin_url": agent.url, "debounce_window_ms": 0,
+        "headers": {"x-agent-secret": "s3cret"}});
+    for (key, value) in extra.as_object().unwrap() {
+        fields[key] = value.clone();
+    }
+    let reply = server.post("/api/agents", json!({"agent": fields})).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let session = server
+        .post(
+            "/api/sessions",
+            json!({"id": format!("{id}-s"), "user_id": "u", "agent_id": id}),
+        )
+        .await;
+    assert_eq!(session.status, 201);
+}
+
+async fn say(server: &TestServer, session: &str, text: &str) {
+    let reply = server
+        .post(
+            &format!("/api/sessions/{session}/messages"),
+            json!({"user_id": "u", "content": {"text": text}}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
+/// Waits until the session holds `count` messages from the agent and returns them.
+async fn agent_messages(
+    server: &TestServer,
+    session: &str,
+    agent_id: &str,
+    count: usize,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let page = server
+            .get(&format!("/api/sessions/{session}/messages?limit=1000"))
+            .await;
+        let found: Vec<Value> = page.body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["sender_id"] == agent_id)
+            .cloned()
+            .collect();
+        if found.len() >= count {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {count} agent messages, have {}",
+            found.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn reply_text(message: &Value) -> String {
+    message["content"]["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["text"].as_str())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_agent_answers_and_the_reply_is_stored_as_an_assistant_message() {
+    let server = TestServer::start(Store::Sqlite).await;
+    for (id, behavior) in [("jsonl", Behavior::EchoJsonl), ("sse", Behavior::EchoSse)] {
+        let agent = TestAgent::start(behavior).await;
+        register(&server, &agent, id, json!({})).await;
+        say(&server, &format!("{id}-s"), "hello").await;
+        let replies = agent_messages(&server, &format!("{id}-s"), id, 1).await;
+        let reply = &replies[0];
+        assert_eq!(reply["kind"], "assistant");
+        assert_eq!(reply["seq"], 2);
+        assert_eq!(reply["content"]["role"], "assistant");
+        assert_eq!(reply["content"]["id"], "reply-1");
+        assert_eq!(reply_text(reply), "echo: hello");
+        assert_eq!(reply["metadata"]["termination"], "finish");
+
+        let calls = agent.calls();
+        assert_eq!(calls.len(), 1);
+        let call = &calls[0];
+        assert_eq!(call.body["session_id"], format!("{id}-s"));
+        assert_eq!(
+            (
+                call.body["agent_id"].as_str(),
+                call.body["user_id"].as_str()
+            ),
+            (Some(id), Some("u"))
+        );
+        assert_eq!(call.body["attempt"], 1);
+        assert_eq!(call.body["messages"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            call.body["messages"][0]["content"],
+            json!({"text": "hello"})
+        );
+        assert_eq!(
+            call.headers["idempotency-key"].to_str().unwrap(),
+            call.body["dispatch_id"].as_str().unwrap()
+        );
+        assert_eq!(call.headers["x-agent-secret"], "s3cret");
+        assert_eq!(call.headers["content-type"], "application/json");
+        assert!(
+            call.headers["accept"]
+                .to_str()
+                .unwrap()
+                .contains("text/event-stream")
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_lines_and_replies_without_finish_are_stored() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let legacy = TestAgent::start(Behavior::Legacy).await;
+    register(&server, &legacy, "legacy", json!({})).await;
+    say(&server, "legacy-s", "yo").await;
+    let reply = &agent_messages(&server, "legacy-s", "legacy", 1).await[0];
+    assert_eq!(
+        (reply["kind"].as_str(), reply["content"]["text"].as_str()),
+        (Some("text"), Some("legacy: yo"))
+    );
+
+    let cut = TestAgent::start(Behavior::NoFinish).await;
+    register(&server, &cut, "cut", json!({})).await;
+    say(&server, "cut-s", "abc").await;
+    let reply = &agent_messages(&server, "cut-s", "cut", 1).await[0];
+    assert_eq!(reply["metadata"]["termination"], "incomplete");
+    assert_eq!(reply_text(reply), "echo: abc");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_messages_are_debounced_into_one_webhook() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::EchoJsonl).await;
+    register(&server, &agent, "deb", json!({"debounce_window_ms": 400})).await;
+    for n in 0..5 {
+        say(&server, "deb-s", &format!("m{n}")).await;
+    }
+    agent_messages(&server, "deb-s", "deb", 1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let calls = agent.calls();
+    assert_eq!(calls.len(), 1, "five quick messages, one webhook");
+    let texts: Vec<&str> = calls[0].body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, vec!["m0", "m1", "m2", "m3", "m4"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dispatch_in_flight_per_session_with_a_follow_up() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::Slow(Duration::from_millis(600))).await;
+    register(&server, &agent, "slow", json!({})).await;
+    say(&server, "slow-s", "first").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    say(&server, "slow-s", "second").await;
+    say(&server, "slow-s", "third").await;
+    let replies = agent_messages(&server, "slow-s", "slow", 2).await;
+    assert_eq!(reply_text(&replies[0]), "echo: first");
+    assert_eq!(reply_text(&replies[1]), "echo: third");
+    let calls = agent.calls();
+    assert_eq!(
+        calls.len(),
+        2,
+        "one dispatch, then one follow-up for both later messages"
+    );
+    assert_eq!(agent.max_concurrent(), 1);
+    let follow_up: Vec<&str> = calls[1].body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["content"]["text"].as_str())
+        .collect();
+    assert!(follow_up.contains(&"second") && follow_up.contains(&"third"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_agent_is_retried_and_answers_once() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::Flaky(2)).await;
+    register(&server, &agent, "flaky", json!({})).await;
+    say(&server, "flaky-s", "again").await;
+    agent_messages(&server, "flaky-s", "flaky", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let attempts: Vec<u64> = agent
+        .calls()
+        .iter()
+        .map(|c| c.body["attempt"].as_u64().unwrap())
+        .collect();
+    assert_eq!(attempts, vec![1, 2, 3]);
+    let ids: Vec<String> = agent
+        .calls()
+        .iter()
+        .map(|c| c.body["dispatch_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] == w[1]),
+        "retries keep the dispatch id"
+    );
+    assert_eq!(
+        agent_messages(&server, "flaky-s", "flaky", 1).await.len(),
+        1,
+        "exactly one reply"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_malformed_replies_fail_without_retry_and_say_so_live() {
+    let server = TestServer::start(Store::Sqlite).await;
+    for (id, behavior) in [
+        ("refuse", Behavior::Refuse),
+        ("garbled", Behavior::Malformed),
+    ] {
+        let agent = TestAgent::start(behavior).await;
+        register(&server, &agent, id, json!({})).await;
+        let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
+            .await
+            .ok()
+            .unwrap();
+        ws.send(format!(r#"["1","1","session:{id}-s","phx_join",{{}}]"#))
+            .await;
+        assert_eq!(ws.next().await[4]["status"], "ok");
+        say(&server, &format!("{id}-s"), "hi").await;
+        let mut statuses = Vec::new();
+        while statuses.last().map(String::as_str) != Some("failed") {
+            let frame = ws.next_any().await;
+            if frame[3] == "agent_status" {
+                statuses.push(frame[4]["status"].as_str().unwrap().to_string());
+                if frame[4]["status"] == "failed" {
+                    assert!(frame[4]["error"].as_str().unwrap().len() > 3, "{frame}");
+                }
+            }
+        }
+        assert_eq!(statuses.first().map(String::as_str), Some("queued"));
+        assert!(statuses.contains(&"dispatching".to_string()));
+        assert_eq!(agent.calls().len(), 1, "{id}: not retried");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_see_chunks_live_then_the_stored_message() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::EchoJsonl).await;
+    register(&server, &agent, "live", json!({})).await;
+    let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
+        .await
+        .ok()
+        .unwrap();
+    ws.send(r#"["1","1","session:live-s","phx_join",{}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    say(&server, "live-s", "stream me").await;
+    let mut events = Vec::new();
+    let mut chunk_types = Vec::new();
+    loop {
+        let frame = ws.next_any().await;
+        let event = frame[3].as_str().unwrap().to_string();
+        if event == "stream_chunk" {
+            assert_eq!(frame[4]["agent_id"], "live");
+            chunk_types.push(frame[4]["chunk"]["type"].as_str().unwrap().to_string());
+        }
+        if event == "agent_status" {
+            events.push(format!("status:{}", frame[4]["status"].as_str().unwrap()));
+        } else {
+            events.push(event.clone());
+        }
+        if event == "agent_status" && frame[4]["status"] == "idle" {
+            break;
+        }
+    }
+    assert_eq!(
+        chunk_types.len(),
+        8,
+        "every chunk is forwarded: {chunk_types:?}"
+    );
+    let position = |name: &str| {
+        events
+            .iter()
+            .position(|e| e == name)
+            .unwrap_or_else(|| panic!("{name} in {events:?}"))
+    };
+    assert!(position("status:queued") < position("status:dispatching"));
+    assert!(position("status:dispatching") < position("status:streaming"));
+    assert!(position("status:streaming") < position("stream_chunk"));
+    let stored = events.iter().rposition(|e| e == "message").unwrap();
+    assert!(
+        stored > position("stream_chunk") && stored < position("status:idle"),
+        "{events:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_modes_send_the_newest_messages() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let tail = TestAgent::start(Behavior::EchoJsonl).await;
+    register(
+        &server,
+        &tail,
+        "tail",
+        json!({"message_history_limit": 2, "debounce_window_ms": 300}),
+    )
+    .await;
+    for n in 0..4 {
+        say(&server, "tail-s", &format!("t{n}")).await;
+    }
+    agent_messages(&server, "tail-s", "tail", 1).await;
+    let calls = tail.calls();
+    let texts: Vec<&str> = calls[0].body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, vec!["t2", "t3"], "tail = the newest N, oldest first");
+
+    let last = TestAgent::start(Behavior::EchoJsonl).await;
+    register(
+        &server,
+        &last,
+        "last",
+        json!({"message_history_mode": "last", "debounce_window_ms": 300}),
+    )
+    .await;
+    say(&server, "last-s", "a").await;
+    say(&server, "last-s", "b").await;
+    agent_messages(&server, "last-s", "last", 1).await;
+    assert_eq!(
+        last.calls()[0].body["messages"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(last.calls()[0].body["messages"][0]["content"]["text"], "b");
+    server.stop().await;
+}

@@ -1,0 +1,174 @@
+//! Real HTTP agents for the engine tests: an axum server on 127.0.0.1:0 that records every
+//! webhook call and answers as the test's `Behavior` says, streaming its body line by line.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+#[derive(Clone)]
+pub enum Behavior {
+    /// Echoes the last user message's text as AI SDK chunks (JSONL).
+    EchoJsonl,
+    /// The same chunks as Server-Sent Events, ending with `data: [DONE]`.
+    EchoSse,
+    /// One legacy `{kind, content, metadata}` line.
+    Legacy,
+    /// Waits this long before answering like `EchoJsonl`.
+    Slow(Duration),
+    /// Answers 503 (with `retry-after: 0`) this many times, then like `EchoJsonl`.
+    Flaky(usize),
+    /// Always 400.
+    Refuse,
+    /// A line that is not JSON.
+    Malformed,
+    /// Text chunks but no `finish`.
+    NoFinish,
+}
+
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub body: Value,
+    pub headers: HeaderMap,
+}
+
+struct AgentState {
+    behavior: Behavior,
+    calls: Mutex<Vec<Call>>,
+    in_flight: Mutex<(usize, usize)>,
+}
+
+pub struct TestAgent {
+    pub url: String,
+    state: Arc<AgentState>,
+}
+
+impl TestAgent {
+    pub async fn start(behavior: Behavior) -> TestAgent {
+        let state = Arc::new(AgentState {
+            behavior,
+            calls: Mutex::default(),
+            in_flight: Mutex::default(),
+        });
+        let app = axum::Router::new()
+            .route("/webhook", axum::routing::post(webhook))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        TestAgent { url, state }
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.calls.lock().unwrap().clone()
+    }
+
+    /// The most dispatches this agent ever had running at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.in_flight.lock().unwrap().1
+    }
+}
+
+fn chunks(text: &str) -> Vec<Value> {
+    vec![
+        json!({"type": "start", "messageId": "reply-1"}),
+        json!({"type": "start-step"}),
+        json!({"type": "text-start", "id": "t"}),
+        json!({"type": "text-delta", "id": "t", "delta": "echo: "}),
+        json!({"type": "text-delta", "id": "t", "delta": text}),
+        json!({"type": "text-end", "id": "t"}),
+        json!({"type": "finish-step"}),
+        json!({"type": "finish"}),
+    ]
+}
+
+fn last_user_text(body: &Value) -> String {
+    let user = body["user_id"].as_str().unwrap_or_default();
+    body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["sender_id"] == user))
+        .and_then(|m| m["content"]["text"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn streamed(lines: Vec<String>) -> Response {
+    let stream = futures_util::stream::iter(
+        lines
+            .into_iter()
+            .map(|line| Ok::<_, std::convert::Infallible>(format!("{line}\n"))),
+    );
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+async fn webhook(
+    State(state): State<Arc<AgentState>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let call_number = {
+        let mut calls = state.calls.lock().unwrap();
+        calls.push(Call {
+            body: body.clone(),
+            headers,
+        });
+        calls.len()
+    };
+    {
+        let mut in_flight = state.in_flight.lock().unwrap();
+        in_flight.0 += 1;
+        in_flight.1 = in_flight.1.max(in_flight.0);
+    }
+    let text = last_user_text(&body);
+    let jsonl = |text: &str| {
+        chunks(text)
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+    };
+    let response = match &state.behavior {
+        Behavior::EchoJsonl => streamed(jsonl(&text)),
+        Behavior::EchoSse => {
+            let mut lines: Vec<String> = chunks(&text)
+                .iter()
+                .map(|c| format!("data: {c}\n"))
+                .collect();
+            lines.push("data: [DONE]\n".into());
+            streamed(lines)
+        }
+        Behavior::Legacy => streamed(vec![
+            json!({"kind": "text", "content": {"text": format!("legacy: {text}")}}).to_string(),
+        ]),
+        Behavior::Slow(delay) => {
+            tokio::time::sleep(*delay).await;
+            streamed(jsonl(&text))
+        }
+        Behavior::Flaky(failures) if call_number <= *failures => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", "0")],
+            "busy",
+        )
+            .into_response(),
+        Behavior::Flaky(_) => streamed(jsonl(&text)),
+        Behavior::Refuse => (StatusCode::BAD_REQUEST, "{\"type\":\"text-start\"}").into_response(),
+        Behavior::Malformed => streamed(vec![
+            "{\"type\":\"start\"}".into(),
+            "this is not json".into(),
+        ]),
+        Behavior::NoFinish => {
+            let mut lines = jsonl(&text);
+            lines.truncate(5);
+            streamed(lines)
+        }
+    };
+    state.in_flight.lock().unwrap().0 -= 1;
+    response
+}
