@@ -14,10 +14,7 @@ type HmacSha256 = Hmac<Sha256>;
 #[derive(Clone)]
 pub enum AuthMode {
     Open,
-    Token {
-        secret: Vec<u8>,
-        api_key: Option<String>,
-    },
+    Token { secret: Vec<u8>, api_key: Option<String> },
 }
 
 /// The caller of one request.
@@ -98,14 +95,11 @@ pub fn verify(secret: &[u8], token: &str, now_secs: i64) -> Result<Claims, AuthE
     if header.alg != "HS256" {
         return Err(AuthError::Invalid);
     }
-    let signature = URL_SAFE_NO_PAD
-        .decode(signature_part)
-        .map_err(|_| AuthError::Invalid)?;
+    let signature = URL_SAFE_NO_PAD.decode(signature_part).map_err(|_| AuthError::Invalid)?;
     let signing_input = &token[..header_part.len() + 1 + payload_part.len()];
     let mut mac = HmacSha256::new_from_slice(secret).map_err(|_| AuthError::Invalid)?;
     mac.update(signing_input.as_bytes());
-    mac.verify_slice(&signature)
-        .map_err(|_| AuthError::Invalid)?;
+    mac.verify_slice(&signature).map_err(|_| AuthError::Invalid)?;
     let claims: Claims = decode_part(payload_part)?;
     if claims.sub.is_empty() {
         return Err(AuthError::Invalid);
@@ -117,9 +111,7 @@ pub fn verify(secret: &[u8], token: &str, now_secs: i64) -> Result<Claims, AuthE
 }
 
 fn decode_part<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, AuthError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| AuthError::Invalid)?;
+    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| AuthError::Invalid)?;
     serde_json::from_slice(&bytes).map_err(|_| AuthError::Invalid)
 }
 
@@ -161,10 +153,7 @@ mod tests {
                 exp: 2_000,
             },
         );
-        assert_eq!(
-            verify(SECRET, &token, 2_000).err(),
-            Some(AuthError::Expired)
-        );
+        assert_eq!(verify(SECRET, &token, 2_000).err(), Some(AuthError::Expired));
         assert_eq!(
             verify(b"another secret!!!", &token, 1_000).err(),
             Some(AuthError::Invalid)
@@ -172,14 +161,8 @@ mod tests {
         let forged_payload = URL_SAFE_NO_PAD.encode(br#"{"sub":"mallory","exp":9999}"#);
         let mut parts: Vec<&str> = token.split('.').collect();
         parts[1] = &forged_payload;
-        assert_eq!(
-            verify(SECRET, &parts.join("."), 1_000).err(),
-            Some(AuthError::Invalid)
-        );
-        assert_eq!(
-            verify(SECRET, "not-a-token", 1_000).err(),
-            Some(AuthError::Invalid)
-        );
+        assert_eq!(verify(SECRET, &parts.join("."), 1_000).err(), Some(AuthError::Invalid));
+        assert_eq!(verify(SECRET, "not-a-token", 1_000).err(), Some(AuthError::Invalid));
     }
 
     #[test]

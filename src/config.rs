@@ -152,10 +152,8 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
 impl Settings {
     /// Reads a TOML file of settings (keys as the long flag names with `_`).
     pub fn from_file(path: &std::path::Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| invalid("config", format!("{}: {e}", path.display())))?;
-        toml::from_str(&text)
-            .map_err(|e| invalid("config", format!("{}: {}", path.display(), e.message())))
+        let text = std::fs::read_to_string(path).map_err(|e| invalid("config", format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| invalid("config", format!("{}: {}", path.display(), e.message())))
     }
 
     /// `self` where set, else `fallback`.
@@ -232,9 +230,7 @@ impl Settings {
             return Err(invalid("wal_segment_bytes", "must be at least 65536"));
         }
         let max_message_bytes = self.max_message_bytes.unwrap_or(256 * 1024);
-        if max_message_bytes == 0
-            || max_message_bytes as u64 > (wal_segment_bytes / 8).min(1024 * 1024)
-        {
+        if max_message_bytes == 0 || max_message_bytes as u64 > (wal_segment_bytes / 8).min(1024 * 1024) {
             return Err(invalid(
                 "max_message_bytes",
                 "must be positive, at most 1 MiB and an eighth of wal_segment_bytes",
@@ -256,10 +252,7 @@ impl Settings {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
-                return Err(invalid(
-                    "log_format",
-                    format!("expected text or json, got {other:?}"),
-                ));
+                return Err(invalid("log_format", format!("expected text or json, got {other:?}")));
             }
         };
         let cors_origins = match self.cors_origins.as_deref().map(str::trim) {
@@ -273,9 +266,7 @@ impl Settings {
         };
         Ok(Config {
             http_addr,
-            data_dir: self
-                .data_dir
-                .unwrap_or_else(|| PathBuf::from("fleetlm-data")),
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("fleetlm-data")),
             database_url: self.database_url.filter(|u| !u.is_empty()),
             auth_secret,
             api_key: self.api_key.filter(|k| !k.is_empty()),

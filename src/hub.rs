@@ -128,11 +128,7 @@ impl Hub {
         &self.sessions[crate::ids::shard_for_session(session_id, self.shard_count) as usize]
     }
 
-    pub fn subscribe_session(
-        self: &Arc<Hub>,
-        session_id: Arc<str>,
-        listener: Listener,
-    ) -> Subscription {
+    pub fn subscribe_session(self: &Arc<Hub>, session_id: Arc<str>, listener: Listener) -> Subscription {
         let listener_id = listener.id;
         let registry = self.session_registry(&session_id);
         registry
@@ -166,12 +162,7 @@ impl Hub {
     }
 
     fn listeners_of(&self, registry: &Registry, key: &str) -> Vec<Listener> {
-        registry
-            .lock()
-            .expect("hub lock")
-            .get(key)
-            .cloned()
-            .unwrap_or_default()
+        registry.lock().expect("hub lock").get(key).cloned().unwrap_or_default()
     }
 
     /// Delivers a committed message to the session's listeners (encoded only if there are any).
@@ -213,13 +204,7 @@ impl Hub {
         }
     }
 
-    pub fn publish_stream_chunk(
-        &self,
-        session_id: &Arc<str>,
-        dispatch_id: &Arc<str>,
-        index: u64,
-        json: Bytes,
-    ) {
+    pub fn publish_stream_chunk(&self, session_id: &Arc<str>, dispatch_id: &Arc<str>, index: u64, json: Bytes) {
         for listener in self.listeners_of(self.session_registry(session_id), session_id) {
             listener.deliver(LiveEvent::StreamChunk {
                 session_id: session_id.clone(),

@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand};
 use fleetlm::config::{Config, LogFormat, Settings};
 
 #[derive(Parser)]
-#[command(
-    name = "fleetlm",
-    version,
-    about = "Conversation engine for stateless AI agents"
-)]
+#[command(name = "fleetlm", version, about = "Conversation engine for stateless AI agents")]
 struct Cli {
     #[command(subcommand)]
     command: CommandLine,
@@ -62,10 +58,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(
-    file: Option<PathBuf>,
-    settings: Settings,
-) -> Result<Config, fleetlm::config::ConfigError> {
+fn load_config(file: Option<PathBuf>, settings: Settings) -> Result<Config, fleetlm::config::ConfigError> {
     let from_file = match file {
         Some(path) => Settings::from_file(&path)?,
         None => Settings::default(),
@@ -82,10 +75,7 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("fleetlm: cannot start the async runtime: {error}");
@@ -116,9 +106,7 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
             tracing::info!("shutting down: draining requests and flushing the archive");
             let _ = trigger.send(true);
             wait_for_signal().await;
-            eprintln!(
-                "fleetlm: second signal, exiting now (the WAL holds every acknowledged message)"
-            );
+            eprintln!("fleetlm: second signal, exiting now (the WAL holds every acknowledged message)");
             std::process::exit(130);
         });
         match server.wait().await {
@@ -133,10 +121,8 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         std::future::pending::<()>().await;
         return;
     };

@@ -12,9 +12,8 @@ use serde_json::value::RawValue;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Timestamp(pub i64);
 
-const TIMESTAMP_FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
-    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-);
+const TIMESTAMP_FORMAT: &[time::format_description::FormatItem<'static>] =
+    time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 
 impl Timestamp {
     pub fn to_rfc3339(self) -> String {
@@ -26,9 +25,7 @@ impl Timestamp {
     }
 
     pub fn parse(text: &str) -> Option<Timestamp> {
-        let parsed =
-            time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-                .ok()?;
+        let parsed = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
         Some(Timestamp((parsed.unix_timestamp_nanos() / 1000) as i64))
     }
 }
@@ -48,8 +45,7 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        Timestamp::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom("invalid RFC 3339 timestamp"))
+        Timestamp::parse(&text).ok_or_else(|| serde::de::Error::custom("invalid RFC 3339 timestamp"))
     }
 }
 
@@ -160,8 +156,7 @@ pub struct SessionView {
 
 impl SessionView {
     pub fn unread_count(&self) -> u64 {
-        self.nonuser_count
-            .saturating_sub(self.read_cursor.nonuser_through)
+        self.nonuser_count.saturating_sub(self.read_cursor.nonuser_through)
     }
 
     pub fn to_json(&self) -> serde_json::Value {

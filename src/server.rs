@@ -87,19 +87,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         Some(url) => Archive::connect_postgres(url)
             .await
             .context("cannot connect to the Postgres archive")?,
-        None => Archive::open_sqlite(&config.data_dir.join("archive.sqlite3"))
-            .context("cannot open the SQLite archive")?,
+        None => {
+            Archive::open_sqlite(&config.data_dir.join("archive.sqlite3")).context("cannot open the SQLite archive")?
+        }
     };
-    archive
-        .migrate()
-        .await
-        .context("archive migration failed")?;
+    archive.migrate().await.context("archive migration failed")?;
     let archive_description = match &config.database_url {
         Some(_) => "postgres".to_string(),
-        None => format!(
-            "sqlite at {}",
-            config.data_dir.join("archive.sqlite3").display()
-        ),
+        None => format!("sqlite at {}", config.data_dir.join("archive.sqlite3").display()),
     };
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -216,13 +211,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         serve.await.context("http server failed")?;
         // Requests in flight have been answered; the flushers now make their last pass.
         let flushers = futures_join_all(flusher_tasks);
-        if tokio::time::timeout(shutdown_deadline, flushers)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "final archive flush did not finish within the deadline; the wal keeps the rest"
-            );
+        if tokio::time::timeout(shutdown_deadline, flushers).await.is_err() {
+            tracing::warn!("final archive flush did not finish within the deadline; the wal keeps the rest");
         }
         sweeper.abort();
         for task in writer_tasks {
@@ -230,9 +220,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }
         match Arc::try_unwrap(wal) {
             Ok(wal) => tokio::task::spawn_blocking(move || wal.shutdown()).await?,
-            Err(_) => tracing::debug!(
-                "wal still referenced at shutdown; its threads stop with the process"
-            ),
+            Err(_) => tracing::debug!("wal still referenced at shutdown; its threads stop with the process"),
         }
         drop(lock);
         Ok(())
@@ -281,9 +269,7 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
                 data_dir.display()
             )
         }
-        Err(std::fs::TryLockError::Error(error)) => {
-            Err(error).context("cannot lock the data directory")
-        }
+        Err(std::fs::TryLockError::Error(error)) => Err(error).context("cannot lock the data directory"),
     }
 }
 

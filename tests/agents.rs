@@ -37,12 +37,7 @@ async fn say(server: &TestServer, session: &str, text: &str) {
 }
 
 /// Waits until the session holds `count` messages from the agent and returns them.
-async fn agent_messages(
-    server: &TestServer,
-    session: &str,
-    agent_id: &str,
-    count: usize,
-) -> Vec<Value> {
+async fn agent_messages(server: &TestServer, session: &str, agent_id: &str, count: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let page = server
@@ -97,30 +92,19 @@ async fn an_echo_agent_answers_and_the_reply_is_stored_as_an_assistant_message()
         let call = &calls[0];
         assert_eq!(call.body["session_id"], format!("{id}-s"));
         assert_eq!(
-            (
-                call.body["agent_id"].as_str(),
-                call.body["user_id"].as_str()
-            ),
+            (call.body["agent_id"].as_str(), call.body["user_id"].as_str()),
             (Some(id), Some("u"))
         );
         assert_eq!(call.body["attempt"], 1);
         assert_eq!(call.body["messages"].as_array().unwrap().len(), 1);
-        assert_eq!(
-            call.body["messages"][0]["content"],
-            json!({"text": "hello"})
-        );
+        assert_eq!(call.body["messages"][0]["content"], json!({"text": "hello"}));
         assert_eq!(
             call.headers["idempotency-key"].to_str().unwrap(),
             call.body["dispatch_id"].as_str().unwrap()
         );
         assert_eq!(call.headers["x-agent-secret"], "s3cret");
         assert_eq!(call.headers["content-type"], "application/json");
-        assert!(
-            call.headers["accept"]
-                .to_str()
-                .unwrap()
-                .contains("text/event-stream")
-        );
+        assert!(call.headers["accept"].to_str().unwrap().contains("text/event-stream"));
     }
     server.stop().await;
 }
@@ -216,10 +200,7 @@ async fn a_flaky_agent_is_retried_and_answers_once() {
         .iter()
         .map(|c| c.body["dispatch_id"].as_str().unwrap().to_string())
         .collect();
-    assert!(
-        ids.windows(2).all(|w| w[0] == w[1]),
-        "retries keep the dispatch id"
-    );
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "retries keep the dispatch id");
     assert_eq!(
         agent_messages(&server, "flaky-s", "flaky", 1).await.len(),
         1,
@@ -231,18 +212,14 @@ async fn a_flaky_agent_is_retried_and_answers_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_and_malformed_replies_fail_without_retry_and_say_so_live() {
     let server = TestServer::start(Store::Sqlite).await;
-    for (id, behavior) in [
-        ("refuse", Behavior::Refuse),
-        ("garbled", Behavior::Malformed),
-    ] {
+    for (id, behavior) in [("refuse", Behavior::Refuse), ("garbled", Behavior::Malformed)] {
         let agent = TestAgent::start(behavior).await;
         register(&server, &agent, id, json!({})).await;
         let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
             .await
             .ok()
             .unwrap();
-        ws.send(format!(r#"["1","1","session:{id}-s","phx_join",{{}}]"#))
-            .await;
+        ws.send(format!(r#"["1","1","session:{id}-s","phx_join",{{}}]"#)).await;
         assert_eq!(ws.next().await[4]["status"], "ok");
         say(&server, &format!("{id}-s"), "hi").await;
         let mut statuses = Vec::new();
@@ -292,11 +269,7 @@ async fn subscribers_see_chunks_live_then_the_stored_message() {
             break;
         }
     }
-    assert_eq!(
-        chunk_types.len(),
-        8,
-        "every chunk is forwarded: {chunk_types:?}"
-    );
+    assert_eq!(chunk_types.len(), 8, "every chunk is forwarded: {chunk_types:?}");
     let position = |name: &str| {
         events
             .iter()
@@ -349,10 +322,129 @@ async fn history_modes_send_the_newest_messages() {
     say(&server, "last-s", "a").await;
     say(&server, "last-s", "b").await;
     agent_messages(&server, "last-s", "last", 1).await;
-    assert_eq!(
-        last.calls()[0].body["messages"].as_array().unwrap().len(),
-        1
-    );
+    assert_eq!(last.calls()[0].body["messages"].as_array().unwrap().len(), 1);
     assert_eq!(last.calls()[0].body["messages"][0]["content"]["text"], "b");
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_gets_a_snapshot_then_only_the_rest() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::Dribble).await;
+    register(&server, &agent, "drip", json!({})).await;
+    say(&server, "drip-s", "go").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
+        .await
+        .ok()
+        .unwrap();
+    ws.send(r#"["1","1","session:drip-s","phx_join",{}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    let snapshot = ws.next().await;
+    assert_eq!(snapshot[3], "stream_snapshot", "{snapshot}");
+    assert_eq!(snapshot[4]["agent_id"], "drip");
+    let parts = snapshot[4]["message"]["parts"].as_array().unwrap();
+    let mut text: String = parts.iter().filter_map(|p| p["text"].as_str()).collect();
+    assert!(
+        !text.is_empty() && text.len() < "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 ".len(),
+        "{text:?}"
+    );
+    loop {
+        let frame = ws.next().await;
+        if frame[3] == "message" {
+            break;
+        }
+        if frame[3] == "stream_chunk" && frame[4]["chunk"]["type"] == "text-delta" {
+            text.push_str(frame[4]["chunk"]["delta"].as_str().unwrap());
+        }
+    }
+    let expected: String = (0..20).map(|n| format!("{n} ")).collect();
+    assert_eq!(
+        text, expected,
+        "snapshot + later chunks = the whole reply, nothing twice"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_agent_is_not_called() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::EchoJsonl).await;
+    register(&server, &agent, "off", json!({})).await;
+    assert_eq!(server.delete("/api/agents/off").await.status, 200);
+    let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
+        .await
+        .ok()
+        .unwrap();
+    ws.send(r#"["1","1","session:off-s","phx_join",{}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    say(&server, "off-s", "anyone?").await;
+    loop {
+        let frame = ws.next_any().await;
+        if frame[3] == "agent_status" && frame[4]["status"] == "failed" {
+            assert_eq!(frame[4]["error"], "agent_disabled");
+            break;
+        }
+    }
+    assert!(agent.calls().is_empty());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_owed_at_a_crash_is_made_after_restart() {
+    // Reserve a port for an agent that is down when the user writes.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = support::ServerProcess::start(dir.path(), None, &[]);
+    let client = reqwest::Client::new();
+    let agent = json!({"agent": {"id": "late", "name": "late", "origin_url": format!("http://127.0.0.1:{port}"),
+        "debounce_window_ms": 0}});
+    assert_eq!(
+        support::call(&client, "POST", &format!("{}/api/agents", server.base), Some(agent))
+            .await
+            .status,
+        201
+    );
+    let session = json!({"id": "late-s", "user_id": "u", "agent_id": "late"});
+    assert_eq!(
+        support::call(&client, "POST", &format!("{}/api/sessions", server.base), Some(session))
+            .await
+            .status,
+        201
+    );
+    let message = json!({"user_id": "u", "content": {"text": "are you there"}});
+    let sent = support::call(
+        &client,
+        "POST",
+        &format!("{}/api/sessions/late-s/messages", server.base),
+        Some(message),
+    )
+    .await;
+    assert_eq!(sent.status, 200);
+    server.kill9();
+
+    let agent = TestAgent::start_on(&format!("127.0.0.1:{port}"), Behavior::EchoJsonl).await;
+    let server = support::ServerProcess::start(dir.path(), None, &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let page = support::call(
+            &client,
+            "GET",
+            &format!("{}/api/sessions/late-s/messages", server.base),
+            None,
+        )
+        .await;
+        let messages = page.body["messages"].as_array().unwrap().clone();
+        if let Some(reply) = messages.iter().find(|m| m["sender_id"] == "late") {
+            assert_eq!(reply_text(reply), "echo: are you there");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the owed dispatch was never made");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(agent.calls().len(), 1);
 }

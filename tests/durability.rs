@@ -29,14 +29,9 @@ async fn setup(base: &str, client: &reqwest::Client) {
     for n in 0..SESSIONS {
         let session = json!({"user_id": "u", "agent_id": "a", "id": format!("s{n}")});
         assert_eq!(
-            call(
-                client,
-                "POST",
-                &format!("{base}/api/sessions"),
-                Some(session)
-            )
-            .await
-            .status,
+            call(client, "POST", &format!("{base}/api/sessions"), Some(session))
+                .await
+                .status,
             201
         );
     }
@@ -51,7 +46,8 @@ async fn append_until_error(base: String, writer: usize, acked: Acked) {
     let mut n = 0u64;
     loop {
         let session = format!("s{}", (writer + n as usize) % SESSIONS);
-        let body = json!({"user_id": "u", "content": {"writer": writer, "n": n, "pad": "x".repeat((n % 7) as usize * 50)}});
+        let body =
+            json!({"user_id": "u", "content": {"writer": writer, "n": n, "pad": "x".repeat((n % 7) as usize * 50)}});
         let Ok(response) = client
             .post(format!("{base}/api/sessions/{session}/messages"))
             .json(&body)
@@ -105,9 +101,7 @@ async fn verify(base: &str, acked: &Acked) -> BTreeMap<String, u64> {
                 "seqs of {session} have no gap"
             );
         }
-        for ((acked_session, seq), message) in
-            acked.range((session.clone(), 0)..(session.clone(), u64::MAX))
-        {
+        for ((acked_session, seq), message) in acked.range((session.clone(), 0)..(session.clone(), u64::MAX)) {
             assert_eq!(acked_session, &session);
             let found = stored
                 .get(*seq as usize - 1)
@@ -209,11 +203,7 @@ impl CuttableProxy {
                 accept_connections.lock().unwrap().push(task.abort_handle());
             }
         });
-        CuttableProxy {
-            port,
-            up,
-            connections,
-        }
+        CuttableProxy { port, up, connections }
     }
 
     fn cut(&self) {
@@ -251,10 +241,7 @@ async fn archive_outage_loses_nothing_and_flush_catches_up() {
         .unwrap()
         .to_string();
     let proxy = CuttableProxy::start(host_port).await;
-    let proxied_url = format!(
-        "postgres://postgres@127.0.0.1:{}/{}",
-        proxy.port, database.name
-    );
+    let proxied_url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, database.name);
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), Some(&proxied_url), &[]);
     let client = reqwest::Client::new();
@@ -300,10 +287,7 @@ async fn archive_outage_loses_nothing_and_flush_catches_up() {
     );
     assert_eq!(history.body["messages"].as_array().unwrap().len(), 220);
     let ready = call(&client, "GET", &format!("{base}/health/ready"), None).await;
-    assert_eq!(
-        ready.status, 503,
-        "not ready while the archive is unreachable"
-    );
+    assert_eq!(ready.status, 503, "not ready while the archive is unreachable");
 
     proxy.restore();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -311,10 +295,7 @@ async fn archive_outage_loses_nothing_and_flush_catches_up() {
         if archived_message_count(&database).await == 220 {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the flusher did not catch up"
-        );
+        assert!(std::time::Instant::now() < deadline, "the flusher did not catch up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ready = call(&client, "GET", &format!("{base}/health/ready"), None).await;

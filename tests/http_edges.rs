@@ -50,23 +50,14 @@ async fn routing_bodies_cors_and_request_ids() {
         .request(reqwest::Method::OPTIONS, server.url("/api/sessions"))
         .header("origin", "https://app.example")
         .header("access-control-request-method", "POST")
-        .header(
-            "access-control-request-headers",
-            "content-type, authorization",
-        )
+        .header("access-control-request-headers", "content-type, authorization")
         .send()
         .await
         .unwrap();
     assert_eq!(preflight.status(), 204);
     let headers = preflight.headers();
-    assert_eq!(
-        headers["access-control-allow-origin"],
-        "https://app.example"
-    );
-    assert_eq!(
-        headers["access-control-allow-headers"],
-        "content-type, authorization"
-    );
+    assert_eq!(headers["access-control-allow-origin"], "https://app.example");
+    assert_eq!(headers["access-control-allow-headers"], "content-type, authorization");
     assert_eq!(headers["access-control-max-age"], "600");
     assert!(
         headers["access-control-allow-methods"]
@@ -99,10 +90,7 @@ async fn routing_bodies_cors_and_request_ids() {
     assert_eq!(server.get("/health/ready").await.status, 200);
     server.agent_and_session("a", "u", "s").await;
     server
-        .post(
-            "/api/sessions/s/messages",
-            json!({"user_id": "u", "content": {}}),
-        )
+        .post("/api/sessions/s/messages", json!({"user_id": "u", "content": {}}))
         .await;
     let metrics = server
         .client
@@ -126,10 +114,7 @@ async fn routing_bodies_cors_and_request_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_allow_list_refuses_other_origins() {
-    let server = TestServer::start_with(Store::Sqlite, |s| {
-        s.cors_origins = Some("https://good.example".into())
-    })
-    .await;
+    let server = TestServer::start_with(Store::Sqlite, |s| s.cors_origins = Some("https://good.example".into())).await;
     let other = server
         .client
         .get(server.url("/health/live"))
@@ -145,10 +130,7 @@ async fn cors_allow_list_refuses_other_origins() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        good.headers()["access-control-allow-origin"],
-        "https://good.example"
-    );
+    assert_eq!(good.headers()["access-control-allow-origin"], "https://good.example");
     server.stop().await;
 }
 
@@ -166,18 +148,9 @@ async fn token_mode_separates_admins_users_and_strangers() {
             .unwrap()
             .as_secs() as i64
             + 600;
-        fleetlm::auth::mint(
-            SECRET.as_bytes(),
-            &fleetlm::auth::Claims {
-                sub: sub.into(),
-                exp,
-            },
-        )
+        fleetlm::auth::mint(SECRET.as_bytes(), &fleetlm::auth::Claims { sub: sub.into(), exp })
     };
-    let send = |method: reqwest::Method,
-                path: &str,
-                bearer: Option<String>,
-                body: Option<serde_json::Value>| {
+    let send = |method: reqwest::Method, path: &str, bearer: Option<String>, body: Option<serde_json::Value>| {
         let mut request = server.client.request(method, server.url(path));
         if let Some(bearer) = bearer {
             request = request.bearer_auth(bearer);
@@ -189,13 +162,7 @@ async fn token_mode_separates_admins_users_and_strangers() {
     };
     let agent = json!({"agent": {"id": "a", "name": "A", "origin_url": "http://a"}});
     assert_eq!(
-        send(
-            reqwest::Method::POST,
-            "/api/agents",
-            None,
-            Some(agent.clone())
-        )
-        .await,
+        send(reqwest::Method::POST, "/api/agents", None, Some(agent.clone())).await,
         401
     );
     assert_eq!(
@@ -303,13 +270,7 @@ async fn token_mode_separates_admins_users_and_strangers() {
         200
     );
     assert_eq!(
-        send(
-            reqwest::Method::GET,
-            "/api/users/alice/inbox",
-            Some(token("bob")),
-            None
-        )
-        .await,
+        send(reqwest::Method::GET, "/api/users/alice/inbox", Some(token("bob")), None).await,
         403
     );
     assert_eq!(
@@ -332,10 +293,7 @@ async fn token_mode_separates_admins_users_and_strangers() {
         .await,
         403
     );
-    assert_eq!(
-        send(reqwest::Method::GET, "/health/live", None, None).await,
-        200
-    );
+    assert_eq!(send(reqwest::Method::GET, "/health/live", None, None).await, 200);
     server.stop().await;
 }
 
@@ -378,14 +336,7 @@ fn a_config_file_is_read_and_its_errors_name_the_setting() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("log_format"));
     // A flag wins over the file.
     let output = std::process::Command::new(support::binary())
-        .args([
-            "serve",
-            "--log-format",
-            "json",
-            "--wal-lanes",
-            "99",
-            "--config",
-        ])
+        .args(["serve", "--log-format", "json", "--wal-lanes", "99", "--config"])
         .arg(&file)
         .output()
         .expect("run fleetlm");

@@ -30,8 +30,7 @@ fn ensure_node_modules() {
 async fn the_phoenix_npm_client_works_against_fleetlm() {
     ensure_node_modules();
     let open = TestServer::start(Store::Sqlite).await;
-    let token_server =
-        TestServer::start_with(Store::Sqlite, |s| s.auth_secret = Some(SECRET.into())).await;
+    let token_server = TestServer::start_with(Store::Sqlite, |s| s.auth_secret = Some(SECRET.into())).await;
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -63,10 +62,7 @@ async fn the_phoenix_npm_client_works_against_fleetlm() {
         output.status.success(),
         "phoenix client tests failed:\n{stdout}\n{stderr}"
     );
-    assert!(
-        stdout.contains("pass 6"),
-        "expected 6 passing client tests:\n{stdout}"
-    );
+    assert!(stdout.contains("pass 6"), "expected 6 passing client tests:\n{stdout}");
     open.stop().await;
     token_server.stop().await;
 }

@@ -10,12 +10,7 @@ use serde_json::json;
 use support::{ServerProcess, TestDatabase, call};
 
 /// Flags that keep everything in the WAL: the flusher would otherwise archive and purge.
-const NO_FLUSH: &[&str] = &[
-    "--flush-interval-ms",
-    "600000",
-    "--flush-threshold-bytes",
-    "1000000000",
-];
+const NO_FLUSH: &[&str] = &["--flush-interval-ms", "600000", "--flush-threshold-bytes", "1000000000"];
 
 async fn create(base: &str, client: &reqwest::Client, sessions: &[&str]) {
     let agent = json!({"agent": {"id": "a", "name": "A", "origin_url": "http://127.0.0.1:9"}});
@@ -32,12 +27,7 @@ async fn create(base: &str, client: &reqwest::Client, sessions: &[&str]) {
     }
 }
 
-async fn append(
-    base: &str,
-    client: &reqwest::Client,
-    session: &str,
-    content: serde_json::Value,
-) -> support::Reply {
+async fn append(base: &str, client: &reqwest::Client, session: &str, content: serde_json::Value) -> support::Reply {
     call(
         client,
         "POST",
@@ -54,12 +44,7 @@ async fn sigterm_drains_flushes_the_archive_and_exits_zero() {
     let client = reqwest::Client::new();
     create(&server.base, &client, &["s"]).await;
     for n in 0..50 {
-        assert_eq!(
-            append(&server.base, &client, "s", json!({"n": n}))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(append(&server.base, &client, "s", json!({"n": n})).await.status, 200);
     }
     unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -67,20 +52,13 @@ async fn sigterm_drains_flushes_the_archive_and_exits_zero() {
         if let Some(status) = server.child.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "server did not exit after SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(0));
     let archive = rusqlite::Connection::open(dir.path().join("archive.sqlite3")).unwrap();
     let archived: i64 = archive
-        .query_row(
-            "SELECT count(*) FROM messages WHERE session_id = 's'",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT count(*) FROM messages WHERE session_id = 's'", [], |r| r.get(0))
         .unwrap();
     assert_eq!(archived, 50, "the final flush archived every message");
 }
@@ -99,39 +77,24 @@ async fn a_corrupt_wal_record_degrades_only_its_shard_and_deletes_nothing() {
     let client = reqwest::Client::new();
     create(&server.base, &client, &[victim, &bystander]).await;
     assert_eq!(
-        append(
-            &server.base,
-            &client,
-            victim,
-            json!({"text": "ROT-ME-PLEASE"})
-        )
-        .await
-        .status,
+        append(&server.base, &client, victim, json!({"text": "ROT-ME-PLEASE"}))
+            .await
+            .status,
         200
     );
     // Enough later data in every lane that the damaged record is not in the newest segment.
     let filler = "f".repeat(60_000);
     for n in 0..40 {
         assert_eq!(
-            append(
-                &server.base,
-                &client,
-                victim,
-                json!({"n": n, "pad": filler})
-            )
-            .await
-            .status,
+            append(&server.base, &client, victim, json!({"n": n, "pad": filler}))
+                .await
+                .status,
             200
         );
         assert_eq!(
-            append(
-                &server.base,
-                &client,
-                &bystander,
-                json!({"n": n, "pad": filler})
-            )
-            .await
-            .status,
+            append(&server.base, &client, &bystander, json!({"n": n, "pad": filler}))
+                .await
+                .status,
             200
         );
     }
@@ -154,13 +117,7 @@ async fn a_corrupt_wal_record_degrades_only_its_shard_and_deletes_nothing() {
 
     let server = ServerProcess::start(dir.path(), None, NO_FLUSH);
     let ready = loop {
-        let ready = call(
-            &client,
-            "GET",
-            &format!("{}/health/ready", server.base),
-            None,
-        )
-        .await;
+        let ready = call(&client, "GET", &format!("{}/health/ready", server.base), None).await;
         if !ready.body.to_string().contains("recovering") {
             break ready;
         }
@@ -171,8 +128,7 @@ async fn a_corrupt_wal_record_degrades_only_its_shard_and_deletes_nothing() {
     assert!(
         reasons
             .iter()
-            .any(|r| r["shard"] == victim_shard
-                && r["reason"].as_str().unwrap().contains("degraded")),
+            .any(|r| r["shard"] == victim_shard && r["reason"].as_str().unwrap().contains("degraded")),
         "{}",
         ready.body
     );
@@ -224,11 +180,7 @@ async fn over_the_wal_budget_appends_get_503_until_the_archive_catches_up() {
     drop(server);
 
     // With the flusher running, the backlog drains and appends are accepted again.
-    let server = ServerProcess::start(
-        dir.path(),
-        Some(&database.url),
-        &["--wal-budget-bytes", "4194304"],
-    );
+    let server = ServerProcess::start(dir.path(), Some(&database.url), &["--wal-budget-bytes", "4194304"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let reply = append(&server.base, &client, "s", json!({"text": "again"})).await;

@@ -59,13 +59,13 @@ async fn agents_crud_and_validation(store: Store) {
         )
         .await;
     assert_eq!(duplicate.status, 422);
-    assert_eq!(
-        duplicate.body["errors"]["id"],
-        json!(["has already been taken"])
-    );
+    assert_eq!(duplicate.body["errors"]["id"], json!(["has already been taken"]));
 
     let invalid = server
-        .post("/api/agents", json!({"agent": {"id": "bad id", "origin_url": "not a url", "message_history_mode": "all"}}))
+        .post(
+            "/api/agents",
+            json!({"agent": {"id": "bad id", "origin_url": "not a url", "message_history_mode": "all"}}),
+        )
         .await;
     assert_eq!(invalid.status, 422);
     for field in ["id", "name", "origin_url", "message_history_mode"] {
@@ -103,9 +103,7 @@ async fn agents_crud_and_validation(store: Store) {
         updated.body["agent"]["origin_url"], "https://agent.example/x",
         "unchanged fields stay"
     );
-    let renamed = server
-        .put("/api/agents/bot-1", json!({"agent": {"id": "other"}}))
-        .await;
+    let renamed = server.put("/api/agents/bot-1", json!({"agent": {"id": "other"}})).await;
     assert_eq!(renamed.status, 422);
     assert_eq!(renamed.body["errors"]["id"], json!(["cannot be changed"]));
     assert_eq!(
@@ -124,10 +122,7 @@ async fn agents_crud_and_validation(store: Store) {
     assert_eq!(only_enabled.body["agents"].as_array().unwrap().len(), 1);
     assert_eq!(server.get("/api/agents?status=weird").await.status, 400);
     let missing = server.get("/api/agents/ghost").await;
-    assert_eq!(
-        (missing.status, error_code(&missing.body)),
-        (404, "agent_not_found")
-    );
+    assert_eq!((missing.status, error_code(&missing.body)), (404, "agent_not_found"));
     assert_eq!(server.delete("/api/agents/ghost").await.status, 404);
     server.stop().await;
 }
@@ -184,10 +179,7 @@ async fn sessions_create_list_show_archive(store: Store) {
             json!({"user_id": "v", "agent_id": "a", "id": "chosen-1"}),
         )
         .await;
-    assert_eq!(
-        (again.status, error_code(&again.body)),
-        (409, "session_exists")
-    );
+    assert_eq!((again.status, error_code(&again.body)), (409, "session_exists"));
     let bad_id = server
         .post(
             "/api/sessions",
@@ -228,13 +220,7 @@ async fn sessions_create_list_show_archive(store: Store) {
         (404, "session_not_found")
     );
 
-    assert_eq!(
-        server
-            .delete(&format!("/api/sessions/{}", ids[0]))
-            .await
-            .status,
-        204
-    );
+    assert_eq!(server.delete(&format!("/api/sessions/{}", ids[0])).await.status, 204);
     let archived = server.get(&format!("/api/sessions/{}", ids[0])).await;
     assert_eq!(archived.body["session"]["status"], "archived");
     let refused = server
@@ -243,13 +229,8 @@ async fn sessions_create_list_show_archive(store: Store) {
             json!({"user_id": "u", "content": {}}),
         )
         .await;
-    assert_eq!(
-        (refused.status, error_code(&refused.body)),
-        (409, "session_archived")
-    );
-    let history = server
-        .get(&format!("/api/sessions/{}/messages", ids[0]))
-        .await;
+    assert_eq!((refused.status, error_code(&refused.body)), (409, "session_archived"));
+    let history = server.get(&format!("/api/sessions/{}/messages", ids[0])).await;
     assert_eq!(history.status, 200, "reads still work after archiving");
     let archived_only = server.get("/api/sessions?status=archived").await;
     assert_eq!(archived_only.body["sessions"].as_array().unwrap().len(), 1);
@@ -271,11 +252,7 @@ async fn append_validation_errors_in_order(store: Store) {
             422,
             "sender_id is deprecated; use user_id or agent_id to identify the sender",
         ),
-        (
-            json!({"content": {}}),
-            422,
-            "user_id or agent_id is required",
-        ),
+        (json!({"content": {}}), 422, "user_id or agent_id is required"),
         (
             json!({"user_id": "u", "kind": "", "content": {}}),
             422,
@@ -287,11 +264,7 @@ async fn append_validation_errors_in_order(store: Store) {
             "kind must be a non-empty string",
         ),
         (json!({"user_id": "u"}), 422, "content is required"),
-        (
-            json!({"user_id": "u", "content": "hi"}),
-            422,
-            "content must be a map",
-        ),
+        (json!({"user_id": "u", "content": "hi"}), 422, "content must be a map"),
         (
             json!({"user_id": "u", "content": {}, "metadata": [1]}),
             422,
@@ -310,35 +283,23 @@ async fn append_validation_errors_in_order(store: Store) {
         assert_eq!(error_code(&reply.body), "invalid_message_format");
     }
     let stranger = server
-        .post(
-            "/api/sessions/s/messages",
-            json!({"user_id": "mallory", "content": {}}),
-        )
+        .post("/api/sessions/s/messages", json!({"user_id": "mallory", "content": {}}))
         .await;
     assert_eq!(
         (stranger.status, error_code(&stranger.body)),
         (403, "not_a_participant")
     );
     let unknown = server
-        .post(
-            "/api/sessions/nope/messages",
-            json!({"user_id": "u", "content": {}}),
-        )
+        .post("/api/sessions/nope/messages", json!({"user_id": "u", "content": {}}))
         .await;
-    assert_eq!(
-        (unknown.status, error_code(&unknown.body)),
-        (404, "session_not_found")
-    );
+    assert_eq!((unknown.status, error_code(&unknown.body)), (404, "session_not_found"));
     let huge = server
         .post(
             "/api/sessions/s/messages",
             json!({"user_id": "u", "content": {"t": "x".repeat(70_000)}}),
         )
         .await;
-    assert_eq!(
-        (huge.status, error_code(&huge.body)),
-        (413, "message_too_large")
-    );
+    assert_eq!((huge.status, error_code(&huge.body)), (413, "message_too_large"));
     let deep = (0..40).fold(json!(1), |inner, _| json!({"d": inner}));
     let too_deep = server
         .post(
@@ -413,10 +374,7 @@ async fn idempotency_and_expected_seq(store: Store) {
             json!({"user_id": "u", "content": {}, "expected_seq": 0}),
         )
         .await;
-    assert_eq!(
-        (wrong_seq.status, error_code(&wrong_seq.body)),
-        (409, "seq_conflict")
-    );
+    assert_eq!((wrong_seq.status, error_code(&wrong_seq.body)), (409, "seq_conflict"));
     assert_eq!(wrong_seq.body["last_seq"], 1);
     let right_seq = server
         .post(
@@ -440,11 +398,7 @@ async fn idempotency_and_expected_seq(store: Store) {
     server.stop().await;
 }
 
-async fn restart(
-    store: Store,
-    data_dir: tempfile::TempDir,
-    database: Option<support::TestDatabase>,
-) -> TestServer {
+async fn restart(store: Store, data_dir: tempfile::TempDir, database: Option<support::TestDatabase>) -> TestServer {
     let config_dir = data_dir.path().to_path_buf();
     let url = database.as_ref().map(|d| d.url.clone());
     let mut server = TestServer::start_with(store, |settings| {
@@ -462,10 +416,7 @@ async fn read_cursor_and_inbox(store: Store) {
     let server = TestServer::start(store).await;
     server.agent_and_session("a", "u", "s1").await;
     server
-        .post(
-            "/api/sessions",
-            json!({"user_id": "u", "agent_id": "a", "id": "s2"}),
-        )
+        .post("/api/sessions", json!({"user_id": "u", "agent_id": "a", "id": "s2"}))
         .await;
     server
         .post(
@@ -486,34 +437,22 @@ async fn read_cursor_and_inbox(store: Store) {
     let entries = inbox.body["inbox"].as_array().unwrap();
     assert_eq!(entries.len(), 2, "a new session appears in the inbox");
     assert_eq!(entries[0]["session_id"], "s1", "newest activity first");
-    assert_eq!(
-        entries[0]["unread_count"], 3,
-        "the user's own message is not unread"
-    );
+    assert_eq!(entries[0]["unread_count"], 3, "the user's own message is not unread");
     assert_eq!(entries[0]["last_seq"], 4);
     assert_eq!(entries[0]["last_sender_id"], "a");
     assert_eq!(entries[0]["last_message_preview"], "answer 2");
 
     let read = server
-        .post(
-            "/api/sessions/s1/read",
-            json!({"user_id": "u", "last_seq": 2}),
-        )
+        .post("/api/sessions/s1/read", json!({"user_id": "u", "last_seq": 2}))
         .await;
     assert_eq!(read.status, 200, "{}", read.body);
     assert_eq!(read.body["read_seq"], 2);
     let backwards = server
-        .post(
-            "/api/sessions/s1/read",
-            json!({"user_id": "u", "last_seq": 1}),
-        )
+        .post("/api/sessions/s1/read", json!({"user_id": "u", "last_seq": 1}))
         .await;
     assert_eq!(backwards.body["read_seq"], 2, "the cursor never moves back");
     let beyond = server
-        .post(
-            "/api/sessions/s1/read",
-            json!({"user_id": "u", "last_seq": 99}),
-        )
+        .post("/api/sessions/s1/read", json!({"user_id": "u", "last_seq": 99}))
         .await;
     assert_eq!(beyond.body["read_seq"], 4, "capped at last seq");
     let inbox = server.get("/api/users/u/inbox").await;
@@ -521,30 +460,21 @@ async fn read_cursor_and_inbox(store: Store) {
 
     assert_eq!(
         server
-            .post(
-                "/api/sessions/s1/read",
-                json!({"user_id": "x", "last_seq": 1})
-            )
+            .post("/api/sessions/s1/read", json!({"user_id": "x", "last_seq": 1}))
             .await
             .status,
         403
     );
     assert_eq!(
         server
-            .post(
-                "/api/sessions/none/read",
-                json!({"user_id": "u", "last_seq": 1})
-            )
+            .post("/api/sessions/none/read", json!({"user_id": "u", "last_seq": 1}))
             .await
             .status,
         404
     );
     assert_eq!(
         server
-            .post(
-                "/api/sessions/s1/read",
-                json!({"user_id": "u", "last_seq": "a"})
-            )
+            .post("/api/sessions/s1/read", json!({"user_id": "u", "last_seq": "a"}))
             .await
             .status,
         422
@@ -560,10 +490,7 @@ async fn reads_merge_memory_wal_and_archive_across_restarts(store: Store) {
     let mut appended = Vec::new();
     for n in 0..300 {
         let reply = server
-            .post(
-                "/api/sessions/s/messages",
-                json!({"user_id": "u", "content": {"n": n}}),
-            )
+            .post("/api/sessions/s/messages", json!({"user_id": "u", "content": {"n": n}}))
             .await;
         assert_eq!(reply.status, 200);
         appended.push(reply.body["message"].clone());
@@ -573,31 +500,16 @@ async fn reads_merge_memory_wal_and_archive_across_restarts(store: Store) {
     let server = restart(store, data_dir, database).await;
     check_history(&server, &appended).await;
     let next = server
-        .post(
-            "/api/sessions/s/messages",
-            json!({"user_id": "u", "content": {}}),
-        )
+        .post("/api/sessions/s/messages", json!({"user_id": "u", "content": {}}))
         .await;
-    assert_eq!(
-        next.body["message"]["seq"], 301,
-        "appends continue at last seq + 1"
-    );
+    assert_eq!(next.body["message"]["seq"], 301, "appends continue at last seq + 1");
     server.stop().await;
 }
 
 async fn check_history(server: &TestServer, appended: &[Value]) {
-    for (after, limit) in [
-        (0u64, 1000usize),
-        (0, 7),
-        (150, 50),
-        (299, 10),
-        (300, 5),
-        (10, 200),
-    ] {
+    for (after, limit) in [(0u64, 1000usize), (0, 7), (150, 50), (299, 10), (300, 5), (10, 200)] {
         let page = server
-            .get(&format!(
-                "/api/sessions/s/messages?after_seq={after}&limit={limit}"
-            ))
+            .get(&format!("/api/sessions/s/messages?after_seq={after}&limit={limit}"))
             .await;
         assert_eq!(page.status, 200, "{}", page.body);
         let got = page.body["messages"].as_array().unwrap();
@@ -606,9 +518,6 @@ async fn check_history(server: &TestServer, appended: &[Value]) {
         for (got, want) in got.iter().zip(want) {
             assert_eq!(got, want);
         }
-        assert_eq!(
-            page.body["has_more"],
-            (after as usize + limit) < appended.len()
-        );
+        assert_eq!(page.body["has_more"], (after as usize + limit) < appended.len());
     }
 }

@@ -15,9 +15,7 @@ async fn client(server: &TestServer, query: &str) -> WsClient {
 }
 
 async fn append(server: &TestServer, session: &str, sender: Value) -> Value {
-    let reply = server
-        .post(&format!("/api/sessions/{session}/messages"), sender)
-        .await;
+    let reply = server.post(&format!("/api/sessions/{session}/messages"), sender).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     reply.body["message"].clone()
 }
@@ -26,18 +24,8 @@ async fn append(server: &TestServer, session: &str, sender: Value) -> Value {
 async fn heartbeat_join_replay_push_send_and_leave_frame_by_frame() {
     let server = TestServer::start(Store::Sqlite).await;
     server.agent_and_session("a", "u", "s").await;
-    let first = append(
-        &server,
-        "s",
-        json!({"user_id": "u", "content": {"text": "one"}}),
-    )
-    .await;
-    let second = append(
-        &server,
-        "s",
-        json!({"agent_id": "a", "content": {"text": "two"}}),
-    )
-    .await;
+    let first = append(&server, "s", json!({"user_id": "u", "content": {"text": "one"}})).await;
+    let second = append(&server, "s", json!({"agent_id": "a", "content": {"text": "two"}})).await;
 
     let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
     ws.send(r#"[null,"1","phoenix","heartbeat",{}]"#).await;
@@ -46,14 +34,11 @@ async fn heartbeat_join_replay_push_send_and_leave_frame_by_frame() {
         json!([null, "1", "phoenix", "phx_reply", {"status": "ok", "response": {}}])
     );
 
-    ws.send(r#"["3","3","session:s","phx_join",{"last_seq":1}]"#)
-        .await;
+    ws.send(r#"["3","3","session:s","phx_join",{"last_seq":1}]"#).await;
     let joined = ws.next().await;
     assert_eq!(
         joined.as_array().unwrap()[..4],
-        json!(["3", "3", "session:s", "phx_reply"])
-            .as_array()
-            .unwrap()[..]
+        json!(["3", "3", "session:s", "phx_reply"]).as_array().unwrap()[..]
     );
     let response = &joined[4]["response"];
     assert_eq!(joined[4]["status"], "ok");
@@ -69,25 +54,18 @@ async fn heartbeat_join_replay_push_send_and_leave_frame_by_frame() {
     );
     let _ = first;
 
-    let third = append(
-        &server,
-        "s",
-        json!({"agent_id": "a", "content": {"text": "three"}}),
-    )
-    .await;
+    let third = append(&server, "s", json!({"agent_id": "a", "content": {"text": "three"}})).await;
     assert_eq!(
         ws.next().await,
         json!(["3", null, "session:s", "message", third]),
         "the push is the stored message"
     );
 
-    ws.send(r#"["3","4","session:s","send",{"content":{"kind":"text","content":{"text":"four"}},"client_id":"c-4"}]"#).await;
+    ws.send(r#"["3","4","session:s","send",{"content":{"kind":"text","content":{"text":"four"}},"client_id":"c-4"}]"#)
+        .await;
     let mut frames = [ws.next().await, ws.next().await];
     frames.sort_by_key(|f| f[3].as_str().unwrap().to_string());
-    assert_eq!(
-        frames[0][3], "message",
-        "the sender gets its own message too"
-    );
+    assert_eq!(frames[0][3], "message", "the sender gets its own message too");
     assert_eq!(frames[0][4]["seq"], 4);
     assert_eq!(frames[0][4]["sender_id"], "u");
     assert_eq!(
@@ -95,15 +73,10 @@ async fn heartbeat_join_replay_push_send_and_leave_frame_by_frame() {
         json!(["3", "4", "session:s", "phx_reply", {"status": "ok", "response": {"seq": 4}}])
     );
     let stored = server.get("/api/sessions/s/messages?after_seq=3").await;
-    assert_eq!(
-        stored.body["messages"][0], frames[0][4],
-        "live push and REST agree"
-    );
+    assert_eq!(stored.body["messages"][0], frames[0][4], "live push and REST agree");
 
-    ws.send(
-        r#"["3","5","session:s","send",{"content":{"content":{"text":"four"}},"client_id":"c-4"}]"#,
-    )
-    .await;
+    ws.send(r#"["3","5","session:s","send",{"content":{"content":{"text":"four"}},"client_id":"c-4"}]"#)
+        .await;
     assert_eq!(
         ws.next().await[4],
         json!({"status": "ok", "response": {"seq": 4, "deduplicated": true}})
@@ -114,15 +87,9 @@ async fn heartbeat_join_replay_push_send_and_leave_frame_by_frame() {
         ws.next().await,
         json!(["3", "6", "session:s", "phx_reply", {"status": "ok", "response": {}}])
     );
-    assert_eq!(
-        ws.next().await,
-        json!(["3", "3", "session:s", "phx_close", {}])
-    );
+    assert_eq!(ws.next().await, json!(["3", "3", "session:s", "phx_close", {}]));
     append(&server, "s", json!({"agent_id": "a", "content": {}})).await;
-    assert!(
-        ws.silent_for(Duration::from_millis(300)).await,
-        "no pushes after leave"
-    );
+    assert!(ws.silent_for(Duration::from_millis(300)).await, "no pushes after leave");
     server.stop().await;
 }
 
@@ -166,11 +133,7 @@ async fn errors_are_replies_and_the_socket_survives() {
     for (frame, response) in cases {
         ws.send(frame).await;
         let reply = ws.next().await;
-        assert_eq!(
-            reply[4],
-            json!({"status": "error", "response": response}),
-            "{frame}"
-        );
+        assert_eq!(reply[4], json!({"status": "error", "response": response}), "{frame}");
     }
     ws.send(r#"["7","7","session:s","phx_join",{}]"#).await;
     assert_eq!(ws.next().await[4]["status"], "ok");
@@ -209,11 +172,7 @@ async fn errors_are_replies_and_the_socket_survives() {
         "x".repeat(5000)
     ))
     .await;
-    assert_eq!(
-        ws.closed_with().await,
-        1009,
-        "an oversized frame closes with 1009"
-    );
+    assert_eq!(ws.closed_with().await, 1009, "an oversized frame closes with 1009");
     server.stop().await;
 }
 
@@ -229,12 +188,7 @@ async fn v1_object_frames_work_and_replies_omit_join_ref() {
     assert_eq!(reply["ref"], "1");
     assert!(reply.get("join_ref").is_none());
     assert_eq!(reply["payload"]["status"], "ok");
-    let message = append(
-        &server,
-        "s",
-        json!({"agent_id": "a", "content": {"text": "hi"}}),
-    )
-    .await;
+    let message = append(&server, "s", json!({"agent_id": "a", "content": {"text": "hi"}})).await;
     let push = ws.next().await;
     assert_eq!(
         push,
@@ -260,20 +214,13 @@ async fn connections_are_refused_without_identity_or_with_a_bad_vsn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_mode_needs_a_matching_token() {
     const SECRET: &str = "socket-secret-long-enough";
-    let server =
-        TestServer::start_with(Store::Sqlite, |s| s.auth_secret = Some(SECRET.into())).await;
+    let server = TestServer::start_with(Store::Sqlite, |s| s.auth_secret = Some(SECRET.into())).await;
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
         + 600;
-    let token = fleetlm::auth::mint(
-        SECRET.as_bytes(),
-        &fleetlm::auth::Claims {
-            sub: "u".into(),
-            exp,
-        },
-    );
+    let token = fleetlm::auth::mint(SECRET.as_bytes(), &fleetlm::auth::Claims { sub: "u".into(), exp });
     assert!(matches!(
         WsClient::connect(&server.base, "user_id=u&vsn=2.0.0").await,
         Err(WsError::Refused(403))
@@ -305,10 +252,7 @@ async fn token_mode_needs_a_matching_token() {
         },
     );
     let mut ws = client(&server, &format!("token={short}&vsn=2.0.0")).await;
-    assert_eq!(
-        ws.next().await,
-        json!([null, null, "phoenix", "token_expired", {}])
-    );
+    assert_eq!(ws.next().await, json!([null, null, "phoenix", "token_expired", {}]));
     assert_eq!(ws.closed_with().await, 4001);
     server.stop().await;
 }
@@ -327,8 +271,7 @@ async fn typing_reaches_the_other_members_only() {
             "both the user and the agent may join"
         );
     }
-    user.send(r#"["1","2","session:s","typing",{"typing":true}]"#)
-        .await;
+    user.send(r#"["1","2","session:s","typing",{"typing":true}]"#).await;
     assert_eq!(user.next().await[4]["status"], "ok");
     assert_eq!(
         agent.next().await,
@@ -380,13 +323,9 @@ async fn joining_during_heavy_appends_sees_every_seq_exactly_once_in_order() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
-    ws.send(r#"["1","1","session:s","phx_join",{"last_seq":0}]"#)
-        .await;
+    ws.send(r#"["1","1","session:s","phx_join",{"last_seq":0}]"#).await;
     let joined = ws.next().await;
-    let replay = joined[4]["response"]["messages"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let replay = joined[4]["response"]["messages"].as_array().unwrap().clone();
     assert_eq!(
         joined[4]["response"]["has_more"], false,
         "joined early enough for one page"
@@ -399,10 +338,7 @@ async fn joining_during_heavy_appends_sees_every_seq_exactly_once_in_order() {
     }
     writer.await.unwrap();
     let expected: Vec<u64> = (1..=TOTAL).collect();
-    assert_eq!(
-        seqs, expected,
-        "replay + live = every seq exactly once, in order"
-    );
+    assert_eq!(seqs, expected, "replay + live = every seq exactly once, in order");
     assert!(
         ws.silent_for(Duration::from_millis(200)).await,
         "no duplicates after the last one"
@@ -412,14 +348,10 @@ async fn joining_during_heavy_appends_sees_every_seq_exactly_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_snapshot_then_coalesced_deltas_with_only_changed_entries() {
-    let server =
-        TestServer::start_with(Store::Sqlite, |s| s.inbox_push_interval_ms = Some(400)).await;
+    let server = TestServer::start_with(Store::Sqlite, |s| s.inbox_push_interval_ms = Some(400)).await;
     server.agent_and_session("a", "u", "s1").await;
     server
-        .post(
-            "/api/sessions",
-            json!({"user_id": "u", "agent_id": "a", "id": "s2"}),
-        )
+        .post("/api/sessions", json!({"user_id": "u", "agent_id": "a", "id": "s2"}))
         .await;
     let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
     ws.send(r#"["1","1","inbox:u","phx_join",{}]"#).await;
@@ -450,10 +382,7 @@ async fn inbox_snapshot_then_coalesced_deltas_with_only_changed_entries() {
     );
     for delta in &deltas {
         for entry in delta.as_array().unwrap() {
-            assert_eq!(
-                entry["session_id"], "s1",
-                "only the changed session is sent"
-            );
+            assert_eq!(entry["session_id"], "s1", "only the changed session is sent");
         }
     }
     let last = deltas.last().unwrap()[0].clone();
@@ -462,10 +391,7 @@ async fn inbox_snapshot_then_coalesced_deltas_with_only_changed_entries() {
 
     // A new session for the user appears as an entry.
     server
-        .post(
-            "/api/sessions",
-            json!({"user_id": "u", "agent_id": "a", "id": "s3"}),
-        )
+        .post("/api/sessions", json!({"user_id": "u", "agent_id": "a", "id": "s3"}))
         .await;
     let frame = ws.next().await;
     assert_eq!(frame[3], "inbox_delta");
@@ -505,11 +431,7 @@ async fn a_socket_that_stops_reading_slows_no_one_and_is_resynced_or_closed() {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(
-                reply.status(),
-                200,
-                "appends are never held up by a slow socket"
-            );
+            assert_eq!(reply.status(), 200, "appends are never held up by a slow socket");
         }
     });
     // The fast socket gets every message in order while the slow one reads nothing.
@@ -569,11 +491,7 @@ async fn pipelined_sends_are_stored_and_answered_in_the_order_sent() {
         }
     }
     for (n, (reference, seq)) in replies.iter().enumerate() {
-        assert_eq!(
-            reference,
-            &format!("r{n}"),
-            "replies come in the order of the sends"
-        );
+        assert_eq!(reference, &format!("r{n}"), "replies come in the order of the sends");
         assert_eq!(*seq, n as u64 + 1, "send n is stored as seq n + 1");
     }
     for (seq, n) in pushes {
@@ -597,11 +515,7 @@ async fn a_second_join_replaces_the_first_and_idle_sockets_are_closed() {
     );
     let rejoined = ws.next().await;
     assert_eq!(
-        (
-            rejoined[0].clone(),
-            rejoined[1].clone(),
-            rejoined[4]["status"].clone()
-        ),
+        (rejoined[0].clone(), rejoined[1].clone(), rejoined[4]["status"].clone()),
         (json!("2"), json!("2"), json!("ok"))
     );
     let message = append(&server, "s", json!({"agent_id": "a", "content": {}})).await;

@@ -74,9 +74,7 @@ pub async fn fanout(target: &Target, options: &FanoutOptions) -> anyhow::Result<
         if sending && in_flight < options.depth {
             let reference = writer.next_ref();
             let t = origin.elapsed().as_micros() as u64;
-            let frame = format!(
-                r#"["1","{reference}","{topic}","send",{{"content":{{"content":{{"t":{t}}}}}}}]"#
-            );
+            let frame = format!(r#"["1","{reference}","{topic}","send",{{"content":{{"content":{{"t":{t}}}}}}}]"#);
             writer.send_frame(frame).await?;
             in_flight += 1;
             sent_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -91,9 +89,7 @@ pub async fn fanout(target: &Target, options: &FanoutOptions) -> anyhow::Result<
     }
     let elapsed = started.elapsed().as_secs_f64();
     let last = writer.next_ref();
-    let frame = format!(
-        r#"["1","{last}","{topic}","send",{{"content":{{"content":{{"t":0,"last":true}}}}}}]"#
-    );
+    let frame = format!(r#"["1","{last}","{topic}","send",{{"content":{{"content":{{"t":0,"last":true}}}}}}]"#);
     writer.send_frame(frame).await?;
     let mut latencies = Histogram::<u64>::new(3)?;
     for subscriber in subscribers {

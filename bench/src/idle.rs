@@ -40,9 +40,7 @@ pub async fn idle_sockets(target: &Target, options: &IdleOptions) -> anyhow::Res
     let mut sockets = Vec::with_capacity(options.sockets);
     for i in 0..options.sockets {
         let mut socket = PhxClient::connect(&target.base, &format!("user_id=idle-{i}")).await?;
-        socket
-            .join(&format!("session:idle-{run}-{i}"), "{}")
-            .await?;
+        socket.join(&format!("session:idle-{run}-{i}"), "{}").await?;
         sockets.push(socket);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;

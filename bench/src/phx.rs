@@ -41,10 +41,7 @@ impl PhxClient {
     }
 
     pub async fn send_frame(&mut self, text: String) -> anyhow::Result<()> {
-        self.sink
-            .send(Message::text(text))
-            .await
-            .context("websocket send")
+        self.sink.send(Message::text(text)).await.context("websocket send")
     }
 
     /// Joins `topic` and returns the reply's response (error if refused).

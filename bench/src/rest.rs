@@ -79,14 +79,10 @@ pub async fn write_saturation(target: &Target, options: &WriteOptions) -> anyhow
     // Server-side counters sampled at the edges of the measured window.
     tokio::time::sleep_until((measure_from).into()).await;
     let appends_before = target.metric(&client, "fleetlm_appends_total").await?;
-    let fsyncs_before = target
-        .metric(&client, "fleetlm_wal_fsync_seconds_count")
-        .await?;
+    let fsyncs_before = target.metric(&client, "fleetlm_wal_fsync_seconds_count").await?;
     tokio::time::sleep_until(stop_at.into()).await;
     let appends_after = target.metric(&client, "fleetlm_appends_total").await?;
-    let fsyncs_after = target
-        .metric(&client, "fleetlm_wal_fsync_seconds_count")
-        .await?;
+    let fsyncs_after = target.metric(&client, "fleetlm_wal_fsync_seconds_count").await?;
     let mut latencies = Histogram::<u64>::new(3)?;
     let mut errors = 0;
     for worker in workers {
@@ -103,10 +99,7 @@ pub async fn write_saturation(target: &Target, options: &WriteOptions) -> anyhow
     };
     let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
     println!("scenario                 rest-write");
-    println!(
-        "sessions x depth         {} x {}",
-        options.sessions, options.depth
-    );
+    println!("sessions x depth         {} x {}", options.sessions, options.depth);
     println!("message bytes            {}", options.message_bytes);
     println!("acked appends/s          {acked_per_sec:.0}");
     println!("errors                   {errors}");
@@ -116,10 +109,7 @@ pub async fn write_saturation(target: &Target, options: &WriteOptions) -> anyhow
         ms(0.99),
         ms(0.999)
     );
-    println!(
-        "fsyncs/s                 {:.0}",
-        fsyncs / measured.as_secs_f64()
-    );
+    println!("fsyncs/s                 {:.0}", fsyncs / measured.as_secs_f64());
     println!("appends per fsync        {appends_per_fsync:.1}");
     Ok(json!({
         "scenario": "rest-write",

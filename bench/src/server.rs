@@ -42,9 +42,7 @@ impl Target {
             .with_context(|| format!("starting {}", binary.display()))?;
         let stdout = child.stdout.take().context("server stdout")?;
         let mut line = String::new();
-        tokio::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .await?;
+        tokio::io::BufReader::new(stdout).read_line(&mut line).await?;
         let address = line
             .split("http://")
             .nth(1)

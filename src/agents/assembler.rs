@@ -73,11 +73,7 @@ fn set(part: &mut Map<String, Value>, key: &str, value: Option<Value>) {
 }
 
 fn text_field(chunk: &Value, key: &str) -> String {
-    chunk
-        .get(key)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string()
+    chunk.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
 }
 
 fn is_static_tool(part: &Map<String, Value>) -> bool {
@@ -103,9 +99,7 @@ fn merge_objects(base: &Value, overrides: &Value) -> Value {
     let mut result = base_map.clone();
     for (key, value) in override_map {
         let merged = match (base_map.get(key), value) {
-            (Some(base_value @ Value::Object(_)), Value::Object(_)) => {
-                merge_objects(base_value, value)
-            }
+            (Some(base_value @ Value::Object(_)), Value::Object(_)) => merge_objects(base_value, value),
             _ => value.clone(),
         };
         result.insert(key.clone(), merged);
@@ -160,11 +154,7 @@ impl Assembler {
             return None;
         }
         let kept = self.parts.len() - self.unwritten_step_starts;
-        let parts: Vec<Value> = self.parts[..kept]
-            .iter()
-            .cloned()
-            .map(Value::Object)
-            .collect();
+        let parts: Vec<Value> = self.parts[..kept].iter().cloned().map(Value::Object).collect();
         let mut message = json!({"id": self.id, "role": "assistant", "parts": parts});
         if let Some(metadata) = &self.metadata {
             message["metadata"] = metadata.clone();
@@ -198,9 +188,8 @@ impl Assembler {
     }
 
     fn tool_invocation(&self, tool_call_id: &str) -> Result<usize, String> {
-        let matches = |p: &Map<String, Value>| {
-            is_tool(p) && p.get("toolCallId").and_then(Value::as_str) == Some(tool_call_id)
-        };
+        let matches =
+            |p: &Map<String, Value>| is_tool(p) && p.get("toolCallId").and_then(Value::as_str) == Some(tool_call_id);
         self.find_in_current_step(matches)
             .or_else(|| self.parts.iter().rposition(matches))
             .ok_or_else(|| format!("No tool invocation found for tool call ID \"{tool_call_id}\"."))
@@ -225,9 +214,7 @@ impl Assembler {
                 } else {
                     is_static_tool(p)
                 };
-                kind_matches
-                    && p.get("toolCallId").and_then(Value::as_str)
-                        == Some(update.tool_call_id.as_str())
+                kind_matches && p.get("toolCallId").and_then(Value::as_str) == Some(update.tool_call_id.as_str())
             })
         });
         let is_result = matches!(update.state, "output-available" | "output-error");
@@ -249,11 +236,7 @@ impl Assembler {
             set(part, "output", update.output);
             set(part, "errorText", update.error_text);
             set(part, "rawInput", update.raw_input);
-            set(
-                part,
-                "inputEncoding",
-                not_null(update.input_encoding.as_ref()),
-            );
+            set(part, "inputEncoding", not_null(update.input_encoding.as_ref()));
             set(part, "preliminary", update.preliminary);
             if update.title.is_some() {
                 set(part, "title", update.title);
@@ -261,8 +244,8 @@ impl Assembler {
             if update.tool_metadata.is_some() {
                 set(part, "toolMetadata", update.tool_metadata);
             }
-            let provider_executed = not_null(update.provider_executed.as_ref())
-                .or_else(|| part.get("providerExecuted").cloned());
+            let provider_executed =
+                not_null(update.provider_executed.as_ref()).or_else(|| part.get("providerExecuted").cloned());
             set(part, "providerExecuted", provider_executed);
             if let Some(provider_metadata) = provider_metadata {
                 part.insert(metadata_key.into(), provider_metadata);
@@ -281,11 +264,7 @@ impl Assembler {
         set(&mut part, "title", update.title);
         set(&mut part, "toolMetadata", update.tool_metadata);
         set(&mut part, "input", update.input);
-        set(
-            &mut part,
-            "inputEncoding",
-            not_null(update.input_encoding.as_ref()),
-        );
+        set(&mut part, "inputEncoding", not_null(update.input_encoding.as_ref()));
         set(&mut part, "output", update.output);
         set(&mut part, "rawInput", update.raw_input);
         set(&mut part, "errorText", update.error_text);
@@ -297,19 +276,13 @@ impl Assembler {
 
     fn apply(&mut self, chunk: &Value) -> Result<(), String> {
         let field = |key: &str| chunk.get(key).cloned();
-        let kind = chunk
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let kind = chunk.get("type").and_then(Value::as_str).unwrap_or_default();
         match kind {
             "text-start" | "reasoning-start" => {
                 let id = text_field(chunk, "id");
                 let mut part = Map::new();
                 let reasoning = kind == "reasoning-start";
-                part.insert(
-                    "type".into(),
-                    (if reasoning { "reasoning" } else { "text" }).into(),
-                );
+                part.insert("type".into(), (if reasoning { "reasoning" } else { "text" }).into());
                 if reasoning {
                     part.insert("id".into(), id.clone().into());
                 }
@@ -380,11 +353,7 @@ impl Assembler {
                 part.insert("type".into(), kind.into());
                 set(&mut part, "mediaType", field("mediaType"));
                 set(&mut part, "url", field("url"));
-                set(
-                    &mut part,
-                    "providerMetadata",
-                    not_null(chunk.get("providerMetadata")),
-                );
+                set(&mut part, "providerMetadata", not_null(chunk.get("providerMetadata")));
                 self.parts.push(part);
                 self.write();
             }
@@ -394,13 +363,7 @@ impl Assembler {
                 let keys: &[&str] = if kind == "source-url" {
                     &["sourceId", "url", "title", "providerMetadata"]
                 } else {
-                    &[
-                        "sourceId",
-                        "mediaType",
-                        "title",
-                        "filename",
-                        "providerMetadata",
-                    ]
+                    &["sourceId", "mediaType", "title", "filename", "providerMetadata"]
                 };
                 for key in keys {
                     set(&mut part, key, field(key));
@@ -410,10 +373,7 @@ impl Assembler {
             }
             "tool-input-start" => {
                 let tool_call_id = text_field(chunk, "toolCallId");
-                let dynamic = chunk
-                    .get("dynamic")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
+                let dynamic = chunk.get("dynamic").and_then(Value::as_bool).unwrap_or(false);
                 let partial = PartialToolCall {
                     text: String::new(),
                     input_encoding: field("inputEncoding"),
@@ -445,12 +405,11 @@ impl Assembler {
                     ));
                 };
                 partial.text.push_str(&text_field(chunk, "inputTextDelta"));
-                let input =
-                    if partial.input_encoding.as_ref().and_then(Value::as_str) == Some("text") {
-                        Some(Value::String(partial.text.clone()))
-                    } else {
-                        parse_partial(&partial.text)
-                    };
+                let input = if partial.input_encoding.as_ref().and_then(Value::as_str) == Some("text") {
+                    Some(Value::String(partial.text.clone()))
+                } else {
+                    parse_partial(&partial.text)
+                };
                 let update = ToolUpdate {
                     tool_call_id,
                     tool_name: partial.tool_name.clone(),
@@ -471,34 +430,19 @@ impl Assembler {
                 let error = kind == "tool-input-error";
                 let dynamic = if error {
                     let existing = self.find_in_current_step(|p| {
-                        is_tool(p)
-                            && p.get("toolCallId").and_then(Value::as_str)
-                                == Some(tool_call_id.as_str())
+                        is_tool(p) && p.get("toolCallId").and_then(Value::as_str) == Some(tool_call_id.as_str())
                     });
                     match existing {
-                        Some(index) => {
-                            self.parts[index].get("type").and_then(Value::as_str)
-                                == Some("dynamic-tool")
-                        }
-                        None => chunk
-                            .get("dynamic")
-                            .and_then(Value::as_bool)
-                            .unwrap_or(false),
+                        Some(index) => self.parts[index].get("type").and_then(Value::as_str) == Some("dynamic-tool"),
+                        None => chunk.get("dynamic").and_then(Value::as_bool).unwrap_or(false),
                     }
                 } else {
-                    chunk
-                        .get("dynamic")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false)
+                    chunk.get("dynamic").and_then(Value::as_bool).unwrap_or(false)
                 };
                 let update = ToolUpdate {
                     tool_call_id,
                     tool_name: text_field(chunk, "toolName"),
-                    state: if error {
-                        "output-error"
-                    } else {
-                        "input-available"
-                    },
+                    state: if error { "output-error" } else { "input-available" },
                     input: field("input"),
                     error_text: if error { field("errorText") } else { None },
                     provider_executed: field("providerExecuted"),
@@ -514,19 +458,11 @@ impl Assembler {
                 let index = self.tool_invocation(&text_field(chunk, "toolCallId"))?;
                 let mut approval = Map::new();
                 set(&mut approval, "id", field("approvalId"));
-                set(
-                    &mut approval,
-                    "descriptor",
-                    not_null(chunk.get("approvalDescriptor")),
-                );
+                set(&mut approval, "descriptor", not_null(chunk.get("approvalDescriptor")));
                 if let Some(input) = chunk.get("inputSchemaInput") {
                     approval.insert("inputSchemaInput".into(), input.clone());
                 }
-                set(
-                    &mut approval,
-                    "requestReason",
-                    not_null(chunk.get("reason")),
-                );
+                set(&mut approval, "requestReason", not_null(chunk.get("reason")));
                 if chunk.get("isAutomatic") == Some(&Value::Bool(true)) {
                     approval.insert("isAutomatic".into(), true.into());
                 }
@@ -543,14 +479,10 @@ impl Assembler {
                     .iter()
                     .position(|p| {
                         is_tool(p)
-                            && p.get("approval")
-                                .and_then(|a| a.get("id"))
-                                .and_then(Value::as_str)
+                            && p.get("approval").and_then(|a| a.get("id")).and_then(Value::as_str)
                                 == Some(approval_id.as_str())
                     })
-                    .ok_or_else(|| {
-                        format!("No tool invocation found for approval ID \"{approval_id}\".")
-                    })?;
+                    .ok_or_else(|| format!("No tool invocation found for approval ID \"{approval_id}\"."))?;
                 let part = &mut self.parts[index];
                 let mut approval = match part.get("approval") {
                     Some(Value::Object(existing)) => existing.clone(),
@@ -593,11 +525,7 @@ impl Assembler {
                 let update = ToolUpdate {
                     tool_call_id,
                     tool_name,
-                    state: if available {
-                        "output-available"
-                    } else {
-                        "output-error"
-                    },
+                    state: if available { "output-available" } else { "output-error" },
                     input: part.get("input").cloned(),
                     output: if available { field("output") } else { None },
                     error_text: if available { None } else { field("errorText") },
@@ -606,16 +534,11 @@ impl Assembler {
                     } else {
                         None
                     },
-                    preliminary: if available {
-                        field("preliminary")
-                    } else {
-                        None
-                    },
+                    preliminary: if available { field("preliminary") } else { None },
                     provider_executed: field("providerExecuted"),
                     provider_metadata: field("providerMetadata"),
                     title: part.get("title").cloned(),
-                    tool_metadata: not_null(chunk.get("toolMetadata"))
-                        .or_else(|| part.get("toolMetadata").cloned()),
+                    tool_metadata: not_null(chunk.get("toolMetadata")).or_else(|| part.get("toolMetadata").cloned()),
                     ..ToolUpdate::default()
                 };
                 self.update_tool_part(update, Some(index), dynamic);
@@ -647,10 +570,7 @@ impl Assembler {
                 }
             }
             "start" => {
-                let message_id = chunk
-                    .get("messageId")
-                    .and_then(Value::as_str)
-                    .map(str::to_string);
+                let message_id = chunk.get("messageId").and_then(Value::as_str).map(str::to_string);
                 let reset = message_id.as_ref().is_some_and(|id| *id != self.id);
                 if reset {
                     let id = message_id.clone().unwrap_or_else(|| self.id.clone());
@@ -676,9 +596,7 @@ impl Assembler {
                     self.write();
                 }
             }
-            "message-metadata" if self.update_metadata(chunk.get("messageMetadata")) => {
-                self.write()
-            }
+            "message-metadata" if self.update_metadata(chunk.get("messageMetadata")) => self.write(),
             "error" => self.errors.push(text_field(chunk, "errorText")),
             data if data.starts_with("data-") => {
                 if chunk.get("transient").and_then(Value::as_bool) == Some(true) {
@@ -686,16 +604,13 @@ impl Assembler {
                 }
                 let id = not_null(chunk.get("id"));
                 let existing = id.as_ref().and_then(|id| {
-                    self.parts.iter().position(|p| {
-                        p.get("type").and_then(Value::as_str) == Some(data)
-                            && p.get("id") == Some(id)
-                    })
+                    self.parts
+                        .iter()
+                        .position(|p| p.get("type").and_then(Value::as_str) == Some(data) && p.get("id") == Some(id))
                 });
                 match existing {
                     Some(index) => set(&mut self.parts[index], "data", field("data")),
-                    None => self
-                        .parts
-                        .push(chunk.as_object().cloned().unwrap_or_default()),
+                    None => self.parts.push(chunk.as_object().cloned().unwrap_or_default()),
                 }
                 self.write();
             }
@@ -725,10 +640,8 @@ mod tests {
 
     #[test]
     fn assembles_exactly_what_the_ai_sdk_assembles() {
-        let fixtures: Fixtures = serde_json::from_str(include_str!(
-            "../../tests/fixtures/ai-sdk/assembler_cases.json"
-        ))
-        .expect("fixtures");
+        let fixtures: Fixtures =
+            serde_json::from_str(include_str!("../../tests/fixtures/ai-sdk/assembler_cases.json")).expect("fixtures");
         assert!(fixtures.ai_version.starts_with("7."));
         assert!(fixtures.cases.len() >= 20);
         for case in fixtures.cases {

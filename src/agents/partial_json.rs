@@ -23,9 +23,7 @@ pub fn js_numbers(value: Value) -> Value {
             }
         }
         Value::Array(items) => Value::Array(items.into_iter().map(js_numbers).collect()),
-        Value::Object(map) => {
-            Value::Object(map.into_iter().map(|(k, v)| (k, js_numbers(v))).collect())
-        }
+        Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (k, js_numbers(v))).collect()),
         other => other,
     }
 }
@@ -84,12 +82,7 @@ fn repair(input: &str) -> String {
         stack.push(swap);
         stack.push(inner);
     }
-    fn after_object_value(
-        stack: &mut Vec<State>,
-        c: char,
-        i: usize,
-        last_valid: &mut Option<usize>,
-    ) {
+    fn after_object_value(stack: &mut Vec<State>, c: char, i: usize, last_valid: &mut Option<usize>) {
         match c {
             ',' => {
                 stack.pop();
@@ -102,12 +95,7 @@ fn repair(input: &str) -> String {
             _ => {}
         }
     }
-    fn after_array_value(
-        stack: &mut Vec<State>,
-        c: char,
-        i: usize,
-        last_valid: &mut Option<usize>,
-    ) {
+    fn after_array_value(stack: &mut Vec<State>, c: char, i: usize, last_valid: &mut Option<usize>) {
         match c {
             ',' => {
                 stack.pop();
@@ -124,14 +112,7 @@ fn repair(input: &str) -> String {
     for (i, c) in input.char_indices() {
         let top = *stack.last().unwrap_or(&State::Finish);
         match top {
-            State::Root => value_start(
-                &mut stack,
-                c,
-                i,
-                State::Finish,
-                &mut last_valid,
-                &mut literal_start,
-            ),
+            State::Root => value_start(&mut stack, c, i, State::Finish, &mut last_valid, &mut literal_start),
             State::ObjectStart => match c {
                 '"' => {
                     stack.pop();
@@ -235,12 +216,8 @@ fn repair(input: &str) -> String {
                 ',' => {
                     stack.pop();
                     match stack.last() {
-                        Some(State::ArrayAfterValue) => {
-                            after_array_value(&mut stack, c, i, &mut last_valid)
-                        }
-                        Some(State::ObjectAfterValue) => {
-                            after_object_value(&mut stack, c, i, &mut last_valid)
-                        }
+                        Some(State::ArrayAfterValue) => after_array_value(&mut stack, c, i, &mut last_valid),
+                        Some(State::ObjectAfterValue) => after_object_value(&mut stack, c, i, &mut last_valid),
                         _ => {}
                     }
                 }
@@ -262,18 +239,11 @@ fn repair(input: &str) -> String {
             },
             State::Literal => {
                 let partial = &input[literal_start..i + c.len_utf8()];
-                if !"false".starts_with(partial)
-                    && !"true".starts_with(partial)
-                    && !"null".starts_with(partial)
-                {
+                if !"false".starts_with(partial) && !"true".starts_with(partial) && !"null".starts_with(partial) {
                     stack.pop();
                     match stack.last() {
-                        Some(State::ObjectAfterValue) => {
-                            after_object_value(&mut stack, c, i, &mut last_valid)
-                        }
-                        Some(State::ArrayAfterValue) => {
-                            after_array_value(&mut stack, c, i, &mut last_valid)
-                        }
+                        Some(State::ObjectAfterValue) => after_object_value(&mut stack, c, i, &mut last_valid),
+                        Some(State::ArrayAfterValue) => after_array_value(&mut stack, c, i, &mut last_valid),
                         _ => {}
                     }
                 } else {
@@ -284,9 +254,7 @@ fn repair(input: &str) -> String {
         }
     }
 
-    let kept_end = last_valid.map_or(0, |i| {
-        i + input[i..].chars().next().map_or(1, char::len_utf8)
-    });
+    let kept_end = last_valid.map_or(0, |i| i + input[i..].chars().next().map_or(1, char::len_utf8));
     let mut result = input[..kept_end].to_string();
     for state in stack.iter().rev() {
         match state {
@@ -325,10 +293,7 @@ mod tests {
 
     #[test]
     fn unfinished_json_is_closed() {
-        assert_eq!(
-            parse_partial(r#"{"city": "Par"#),
-            Some(json!({"city": "Par"}))
-        );
+        assert_eq!(parse_partial(r#"{"city": "Par"#), Some(json!({"city": "Par"})));
         assert_eq!(parse_partial(r#"{"a": tr"#), Some(json!({"a": true})));
         assert_eq!(parse_partial(r#"{"a": [1, 2"#), Some(json!({"a": [1, 2]})));
         assert_eq!(parse_partial(r#"{"a": 1, "b""#), Some(json!({"a": 1})));

@@ -26,11 +26,7 @@ impl AgentRegistry {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Agent>> {
-        self.agents
-            .read()
-            .expect("agent registry lock")
-            .get(id)
-            .cloned()
+        self.agents.read().expect("agent registry lock").get(id).cloned()
     }
 
     /// Records an agent the archive now holds (created, updated or disabled).

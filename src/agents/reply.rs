@@ -99,16 +99,12 @@ pub fn parse_line(line: &str) -> Result<Option<ReplyLine>, LineError> {
             }
             data
         }
-        None if ["event:", "id:", "retry:"]
-            .iter()
-            .any(|field| line.starts_with(field)) =>
-        {
+        None if ["event:", "id:", "retry:"].iter().any(|field| line.starts_with(field)) => {
             return Ok(None);
         }
         None => line,
     };
-    let value: Value =
-        serde_json::from_str(json).map_err(|e| LineError::InvalidJson(e.to_string()))?;
+    let value: Value = serde_json::from_str(json).map_err(|e| LineError::InvalidJson(e.to_string()))?;
     let Value::Object(object) = &value else {
         return Err(LineError::Unrecognized);
     };
@@ -160,10 +156,7 @@ mod tests {
                 metadata: json!({})
             })
         );
-        assert!(matches!(
-            parse_line("{not json"),
-            Err(LineError::InvalidJson(_))
-        ));
+        assert!(matches!(parse_line("{not json"), Err(LineError::InvalidJson(_))));
         assert_eq!(parse_line("[1,2]"), Err(LineError::Unrecognized));
         assert_eq!(
             parse_line(r#"{"kind":"text","content":"flat"}"#),
@@ -174,10 +167,7 @@ mod tests {
     #[test]
     fn lines_split_on_lf_and_crlf_across_reads() {
         let mut splitter = LineSplitter::new(64);
-        assert_eq!(
-            splitter.feed(b"one\r\ntw").unwrap(),
-            vec!["one".to_string()]
-        );
+        assert_eq!(splitter.feed(b"one\r\ntw").unwrap(), vec!["one".to_string()]);
         assert_eq!(
             splitter.feed(b"o\n\nthree").unwrap(),
             vec!["two".to_string(), String::new()]
@@ -189,9 +179,6 @@ mod tests {
     #[test]
     fn an_overlong_line_is_refused() {
         let mut splitter = LineSplitter::new(8);
-        assert_eq!(
-            splitter.feed(b"0123456789"),
-            Err(LineError::TooLong { max: 8 })
-        );
+        assert_eq!(splitter.feed(b"0123456789"), Err(LineError::TooLong { max: 8 }));
     }
 }

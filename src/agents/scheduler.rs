@@ -151,8 +151,7 @@ impl Scheduler {
                     }
                 }
             }
-            metrics::gauge!("fleetlm_dispatch_queue_length")
-                .set((self.timers.len() + self.ready.len()) as f64);
+            metrics::gauge!("fleetlm_dispatch_queue_length").set((self.timers.len() + self.ready.len()) as f64);
         }
     }
 
@@ -162,8 +161,7 @@ impl Scheduler {
         let (context, sender) = (self.context.clone(), self.sender.clone());
         tokio::spawn(async move {
             let mut owing = context.shards.pending_dispatches().await;
-            let known: std::collections::HashSet<Arc<str>> =
-                owing.iter().map(|(id, _, _)| id.clone()).collect();
+            let known: std::collections::HashSet<Arc<str>> = owing.iter().map(|(id, _, _)| id.clone()).collect();
             match context
                 .shards
                 .archive()
@@ -189,10 +187,7 @@ impl Scheduler {
                 }
             }
             if !owing.is_empty() {
-                tracing::info!(
-                    sessions = owing.len(),
-                    "dispatching sessions that owe a reply"
-                );
+                tracing::info!(sessions = owing.len(), "dispatching sessions that owe a reply");
             }
             for (session_id, agent_id, seq) in owing {
                 if sender
@@ -282,11 +277,7 @@ impl Scheduler {
             if schedule.in_flight {
                 continue;
             }
-            let agent_count = self
-                .in_flight_by_agent
-                .get(&schedule.agent_id)
-                .copied()
-                .unwrap_or(0);
+            let agent_count = self.in_flight_by_agent.get(&schedule.agent_id).copied().unwrap_or(0);
             if agent_count >= self.context.config.max_in_flight_per_agent {
                 waiting.push_back(session_id);
                 continue;
@@ -314,20 +305,11 @@ impl Scheduler {
             };
             let result = run_bounded(&context, &job).await;
             let through_seq = result.through_seq.max(covered_hint);
-            let outcome = if result.error.is_some() {
-                "failed"
-            } else {
-                "ok"
-            };
+            let outcome = if result.error.is_some() { "failed" } else { "ok" };
             metrics::counter!("fleetlm_dispatches_total", "outcome" => outcome).increment(1);
             if let Err(error) = context
                 .shards
-                .finish_dispatch(
-                    &job.session_id,
-                    &job.dispatch_id,
-                    through_seq,
-                    result.error.clone(),
-                )
+                .finish_dispatch(&job.session_id, &job.dispatch_id, through_seq, result.error.clone())
                 .await
             {
                 tracing::warn!(session_id = %job.session_id, %error, "could not record the end of a dispatch");
@@ -335,21 +317,9 @@ impl Scheduler {
             match &result.error {
                 Some(error) => {
                     tracing::warn!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, %error, "dispatch failed");
-                    status(
-                        &context,
-                        &job.session_id,
-                        "failed",
-                        Some(&job.dispatch_id),
-                        Some(error),
-                    );
+                    status(&context, &job.session_id, "failed", Some(&job.dispatch_id), Some(error));
                 }
-                None => status(
-                    &context,
-                    &job.session_id,
-                    "idle",
-                    Some(&job.dispatch_id),
-                    None,
-                ),
+                None => status(&context, &job.session_id, "idle", Some(&job.dispatch_id), None),
             }
             let _ = sender
                 .send(Event::Done {

@@ -72,11 +72,7 @@ impl LiveStreams {
     }
 
     /// Runs `read` on the assembler of the session's current reply.
-    pub fn with_assembler<T>(
-        &self,
-        session_id: &Arc<str>,
-        read: impl FnOnce(&mut Assembler) -> T,
-    ) -> Option<T> {
+    pub fn with_assembler<T>(&self, session_id: &Arc<str>, read: impl FnOnce(&mut Assembler) -> T) -> Option<T> {
         let mut streams = self.streams.lock().expect("streams lock");
         streams
             .get_mut(session_id)
@@ -84,10 +80,7 @@ impl LiveStreams {
     }
 
     pub fn end(&self, session_id: &Arc<str>) {
-        self.streams
-            .lock()
-            .expect("streams lock")
-            .remove(session_id);
+        self.streams.lock().expect("streams lock").remove(session_id);
     }
 
     /// The reply streaming into `session_id`, if any and if anything was assembled yet.

@@ -78,13 +78,7 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
         .filter_map(|m| m["seq"].as_u64())
         .max()
         .unwrap_or(view.dispatch.last_user_seq);
-    status(
-        context,
-        &job.session_id,
-        "dispatching",
-        Some(&job.dispatch_id),
-        None,
-    );
+    status(context, &job.session_id, "dispatching", Some(&job.dispatch_id), None);
     let mut attempt = 1u32;
     loop {
         let body = json!({
@@ -107,10 +101,7 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
                     error: None,
                 };
             }
-            Err(CallError::Retryable {
-                reason,
-                retry_after,
-            }) if attempt < context.config.max_attempts => {
+            Err(CallError::Retryable { reason, retry_after }) if attempt < context.config.max_attempts => {
                 metrics::counter!("fleetlm_webhook_retries_total").increment(1);
                 tracing::info!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, attempt, %reason, "retrying dispatch");
                 tokio::time::sleep(backoff(attempt, retry_after)).await;
@@ -141,10 +132,7 @@ async fn history(
     let mut after = view.last_seq.saturating_sub(wanted);
     let mut messages = Vec::new();
     while after < view.last_seq {
-        let page = context
-            .shards
-            .read_messages(session_id, after, HISTORY_PAGE)
-            .await?;
+        let page = context.shards.read_messages(session_id, after, HISTORY_PAGE).await?;
         let Some(last) = page.messages.last() else {
             break;
         };
@@ -177,20 +165,13 @@ async fn call(
     body: &Value,
     final_attempt: bool,
 ) -> Result<(), CallError> {
-    let url = format!(
-        "{}{}",
-        agent.origin_url.trim_end_matches('/'),
-        agent.webhook_path
-    );
+    let url = format!("{}{}", agent.origin_url.trim_end_matches('/'), agent.webhook_path);
     let timeout = Duration::from_millis(u64::from(agent.timeout_ms));
     let mut request = context
         .http
         .post(&url)
         .header("content-type", "application/json")
-        .header(
-            "accept",
-            "application/x-ndjson, text/event-stream, application/json",
-        )
+        .header("accept", "application/x-ndjson, text/event-stream, application/json")
         .header("idempotency-key", &*job.dispatch_id)
         .header("x-fleetlm-timeout-ms", agent.timeout_ms.to_string());
     for (name, value) in &agent.headers {
@@ -222,17 +203,12 @@ async fn call(
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            Err(CallError::Retryable {
-                reason,
-                retry_after,
-            })
+            Err(CallError::Retryable { reason, retry_after })
         } else {
             Err(CallError::Fatal(reason))
         };
     }
-    context
-        .streams
-        .begin(&job.session_id, &agent.id, &job.dispatch_id);
+    context.streams.begin(&job.session_id, &agent.id, &job.dispatch_id);
     let mut reply = ReplyState {
         index: 0,
         streaming_announced: false,
@@ -263,19 +239,14 @@ async fn call(
             }
             Ok(Some(Ok(bytes))) => bytes,
         };
-        let lines = splitter
-            .feed(&bytes)
-            .map_err(|e| CallError::Fatal(e.to_string()))?;
+        let lines = splitter.feed(&bytes).map_err(|e| CallError::Fatal(e.to_string()))?;
         for line in lines {
             if handle_line(context, agent, job, &mut reply, &line).await? {
                 break 'read;
             }
         }
     }
-    if let Some(line) = splitter
-        .finish()
-        .map_err(|e| CallError::Fatal(e.to_string()))?
-    {
+    if let Some(line) = splitter.finish().map_err(|e| CallError::Fatal(e.to_string()))? {
         handle_line(context, agent, job, &mut reply, &line).await?;
     }
     finish_incomplete(context, agent, job, &mut reply).await?;
@@ -319,13 +290,7 @@ async fn handle_line(
         Some(ReplyLine::Chunk(chunk)) => {
             if !reply.streaming_announced {
                 reply.streaming_announced = true;
-                status(
-                    context,
-                    &job.session_id,
-                    "streaming",
-                    Some(&job.dispatch_id),
-                    None,
-                );
+                status(context, &job.session_id, "streaming", Some(&job.dispatch_id), None);
             }
             if let Err(failure) = context.streams.chunk(&job.session_id, &chunk) {
                 reply
@@ -351,16 +316,14 @@ async fn finish_message(
     reply: &mut ReplyState,
     termination: &str,
 ) -> Result<(), CallError> {
-    let taken = context
-        .streams
-        .with_assembler(&job.session_id, |assembler| {
-            let message = assembler.message();
-            let metadata = assembler.metadata().cloned();
-            let errors = assembler.errors().to_vec();
-            let failure = assembler.failure().map(str::to_string);
-            *assembler = super::assembler::Assembler::new();
-            (message, metadata, errors, failure)
-        });
+    let taken = context.streams.with_assembler(&job.session_id, |assembler| {
+        let message = assembler.message();
+        let metadata = assembler.metadata().cloned();
+        let errors = assembler.errors().to_vec();
+        let failure = assembler.failure().map(str::to_string);
+        *assembler = super::assembler::Assembler::new();
+        (message, metadata, errors, failure)
+    });
     let Some((Some(message), message_metadata, errors, failure)) = taken else {
         return Ok(());
     };
@@ -370,10 +333,7 @@ async fn finish_message(
         None => Map::new(),
     };
     metadata.insert("termination".into(), termination.into());
-    metadata.insert(
-        "dispatch_id".into(),
-        Value::String(job.dispatch_id.to_string()),
-    );
+    metadata.insert("dispatch_id".into(), Value::String(job.dispatch_id.to_string()));
     if let Some(error) = errors.last().cloned().or(failure) {
         metadata.insert("error".into(), error.into());
     }
@@ -413,12 +373,8 @@ async fn store(
     let client_id = format!("dispatch:{}:{}", job.dispatch_id, reply.index);
     reply.index += 1;
     let raw = |value: &Value| serde_json::value::to_raw_value(value).expect("values serialize");
-    let (kind, content, metadata, client_id_raw) = (
-        raw(&json!(kind)),
-        raw(&content),
-        raw(&metadata),
-        raw(&json!(client_id)),
-    );
+    let (kind, content, metadata, client_id_raw) =
+        (raw(&json!(kind)), raw(&content), raw(&metadata), raw(&json!(client_id)));
     let input = crate::api::messages::MessageInput {
         kind: Some(&kind),
         content: Some(&content),

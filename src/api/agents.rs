@@ -51,11 +51,7 @@ pub async fn list(
     Ok(axum::Json(json!({"agents": agents})).into_response())
 }
 
-pub async fn show(
-    State(state): State<SharedState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+pub async fn show(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
     require_admin(&caller)?;
     let agent = state
         .shards
@@ -66,11 +62,7 @@ pub async fn show(
     Ok(axum::Json(json!({"agent": agent.to_json()})).into_response())
 }
 
-pub async fn create(
-    State(state): State<SharedState>,
-    caller: Caller,
-    JsonBody(body): JsonBody,
-) -> ApiResult<Response> {
+pub async fn create(State(state): State<SharedState>, caller: Caller, JsonBody(body): JsonBody) -> ApiResult<Response> {
     require_admin(&caller)?;
     let fields = agent_fields(&body)?;
     let now = Timestamp(state.clock.now_micros());
@@ -78,11 +70,7 @@ pub async fn create(
     match state.shards.archive().insert_agent(agent.clone()).await {
         Ok(()) => {
             state.registry.put(agent.clone());
-            Ok((
-                StatusCode::CREATED,
-                axum::Json(json!({"agent": agent.to_json()})),
-            )
-                .into_response())
+            Ok((StatusCode::CREATED, axum::Json(json!({"agent": agent.to_json()}))).into_response())
         }
         Err(crate::archive::ArchiveError::Conflict) => Err(validation_failed(BTreeMap::from([(
             "id",
@@ -113,11 +101,7 @@ pub async fn update(
     Ok(axum::Json(json!({"agent": agent.to_json()})).into_response())
 }
 
-pub async fn disable(
-    State(state): State<SharedState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+pub async fn disable(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
     require_admin(&caller)?;
     let mut agent = state
         .shards
@@ -134,30 +118,20 @@ pub async fn disable(
 
 /// The object under `"agent"` (or the body itself when it is not nested).
 fn agent_fields(body: &serde_json::value::RawValue) -> ApiResult<Map<String, Value>> {
-    let mut value: Map<String, Value> = serde_json::from_str(body.get()).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}"))
-    })?;
+    let mut value: Map<String, Value> = serde_json::from_str(body.get())
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
     match value.remove("agent") {
         Some(Value::Object(fields)) => Ok(fields),
-        Some(_) => Err(ApiError::unprocessable(
-            "validation_failed",
-            "agent must be an object",
-        )),
+        Some(_) => Err(ApiError::unprocessable("validation_failed", "agent must be an object")),
         None => Ok(value),
     }
 }
 
 /// Builds the agent from `fields` over `existing` (update) or defaults (create), collecting every
 /// field error.
-fn build_agent(
-    fields: &Map<String, Value>,
-    existing: Option<&Agent>,
-    now: Timestamp,
-) -> Result<Agent, FieldErrors> {
+fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Timestamp) -> Result<Agent, FieldErrors> {
     let mut errors = FieldErrors::new();
-    let mut error = |field: &'static str, message: &str| {
-        errors.entry(field).or_default().push(message.to_string())
-    };
+    let mut error = |field: &'static str, message: &str| errors.entry(field).or_default().push(message.to_string());
 
     let id = match (fields.get("id"), existing) {
         (Some(Value::String(id)), Some(existing)) if *id != existing.id => {
@@ -225,13 +199,8 @@ fn build_agent(
     if !origin_url.is_empty() && !is_absolute_http_url(&origin_url) {
         error("origin_url", "must be an absolute http(s) URL");
     }
-    if !webhook_path.is_empty()
-        && (!webhook_path.starts_with('/') || webhook_path.chars().any(char::is_whitespace))
-    {
-        error(
-            "webhook_path",
-            "must start with / and contain no whitespace",
-        );
+    if !webhook_path.is_empty() && (!webhook_path.starts_with('/') || webhook_path.chars().any(char::is_whitespace)) {
+        error("webhook_path", "must start with / and contain no whitespace");
     }
     let message_history_mode = match mode_text.as_str() {
         "tail" => HistoryMode::Tail,
@@ -243,34 +212,30 @@ fn build_agent(
         }
     };
 
-    let mut integer =
-        |field: &'static str, current: Option<u32>, default: u32, min: u64, max: u64| -> u32 {
-            match fields.get(field) {
-                None | Some(Value::Null) => current.unwrap_or(default),
-                Some(Value::Number(n)) => match n.as_u64() {
-                    Some(v) if v < min => {
-                        error(field, &format!("must be greater than or equal to {min}"));
-                        default
-                    }
-                    Some(v) if v > max => {
-                        error(field, &format!("must be less than or equal to {max}"));
-                        default
-                    }
-                    Some(v) => v as u32,
-                    None => {
-                        error(
-                            field,
-                            &format!("must be an integer between {min} and {max}"),
-                        );
-                        default
-                    }
-                },
-                Some(_) => {
-                    error(field, "must be an integer");
+    let mut integer = |field: &'static str, current: Option<u32>, default: u32, min: u64, max: u64| -> u32 {
+        match fields.get(field) {
+            None | Some(Value::Null) => current.unwrap_or(default),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(v) if v < min => {
+                    error(field, &format!("must be greater than or equal to {min}"));
                     default
                 }
+                Some(v) if v > max => {
+                    error(field, &format!("must be less than or equal to {max}"));
+                    default
+                }
+                Some(v) => v as u32,
+                None => {
+                    error(field, &format!("must be an integer between {min} and {max}"));
+                    default
+                }
+            },
+            Some(_) => {
+                error(field, "must be an integer");
+                default
             }
-        };
+        }
+    };
     let message_history_limit = integer(
         "message_history_limit",
         existing.map(|a| a.message_history_limit),
@@ -278,13 +243,7 @@ fn build_agent(
         1,
         10_000,
     );
-    let timeout_ms = integer(
-        "timeout_ms",
-        existing.map(|a| a.timeout_ms),
-        30_000,
-        1,
-        600_000,
-    );
+    let timeout_ms = integer("timeout_ms", existing.map(|a| a.timeout_ms), 30_000, 1, 600_000);
     let debounce_window_ms = integer(
         "debounce_window_ms",
         existing.map(|a| a.debounce_window_ms),
@@ -302,9 +261,7 @@ fn build_agent(
                     Value::String(value) if is_header_name(name) && is_header_value(value) => {
                         headers.insert(name.to_ascii_lowercase(), value.clone());
                     }
-                    Value::String(_) => {
-                        error("headers", &format!("{name} is not a valid HTTP header"))
-                    }
+                    Value::String(_) => error("headers", &format!("{name} is not a valid HTTP header")),
                     _ => error("headers", "must be an object of string values"),
                 }
             }
@@ -344,14 +301,10 @@ fn build_agent(
 }
 
 fn is_absolute_http_url(url: &str) -> bool {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"));
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
     let Some(rest) = rest else { return false };
     let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    !host.is_empty()
-        && !host.starts_with(':')
-        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+    !host.is_empty() && !host.starts_with(':') && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 fn is_header_name(name: &str) -> bool {
@@ -363,10 +316,7 @@ fn is_header_name(name: &str) -> bool {
 }
 
 fn is_header_value(value: &str) -> bool {
-    value.len() <= 8192
-        && value
-            .bytes()
-            .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+    value.len() <= 8192 && value.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
 #[cfg(test)]
@@ -388,11 +338,7 @@ mod tests {
         assert_eq!(agent.webhook_path, "/webhook");
         assert_eq!(agent.message_history_mode, HistoryMode::Tail);
         assert_eq!(
-            (
-                agent.message_history_limit,
-                agent.timeout_ms,
-                agent.debounce_window_ms
-            ),
+            (agent.message_history_limit, agent.timeout_ms, agent.debounce_window_ms),
             (50, 30_000, 500)
         );
         assert_eq!(agent.status, AgentStatus::Enabled);

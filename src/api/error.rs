@@ -64,9 +64,7 @@ impl IntoResponse for ApiError {
         }
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after_secs {
-            response
-                .headers_mut()
-                .insert("retry-after", HeaderValue::from(seconds));
+            response.headers_mut().insert("retry-after", HeaderValue::from(seconds));
         }
         response
     }

@@ -26,9 +26,7 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
     }
     match tokio::time::timeout(Duration::from_secs(2), state.shards.archive().ping()).await {
         Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            reasons.push(json!({"component": "archive", "reason": error.to_string()}))
-        }
+        Ok(Err(error)) => reasons.push(json!({"component": "archive", "reason": error.to_string()})),
         Err(_) => reasons.push(json!({"component": "archive", "reason": "no answer within 2 s"})),
     }
     if reasons.is_empty() {
@@ -47,9 +45,5 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
     if let Some(rss) = crate::metrics::process_rss_bytes() {
         metrics::gauge!("fleetlm_process_rss_bytes").set(rss as f64);
     }
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    ([("content-type", "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }

@@ -27,10 +27,7 @@ pub async fn list(
     let after_seq = parse_count("after_seq", query.get("after_seq"), 0)?;
     let limit = parse_count("limit", query.get("limit"), 50)?;
     if limit == 0 {
-        return Err(ApiError::bad_request(
-            "invalid_parameter",
-            "limit must be at least 1",
-        ));
+        return Err(ApiError::bad_request("invalid_parameter", "limit must be at least 1"));
     }
     let limit = limit.min(state.config.max_page_size as u64) as usize;
     let page = state.shards.read_messages(&id, after_seq, limit).await?;
@@ -122,16 +119,12 @@ pub fn build_append(
         raw if is_null(raw) => None,
         Some(raw) => match as_string(raw) {
             Some(id)
-                if !id.is_empty()
-                    && id.chars().count() <= MAX_CLIENT_ID_CHARS
-                    && !id.chars().any(char::is_control) =>
+                if !id.is_empty() && id.chars().count() <= MAX_CLIENT_ID_CHARS && !id.chars().any(char::is_control) =>
             {
                 Some(id)
             }
             _ => {
-                return Err(format(
-                    "client_id must be a non-empty string of at most 128 characters",
-                ));
+                return Err(format("client_id must be a non-empty string of at most 128 characters"));
             }
         },
         None => None,
@@ -150,8 +143,7 @@ pub fn build_append(
             "message is {encoded_bytes} bytes; the limit is {max_message_bytes}"
         )));
     }
-    let metadata_value: Value =
-        serde_json::from_str(metadata_text).map_err(|_| format("metadata must be a map"))?;
+    let metadata_value: Value = serde_json::from_str(metadata_text).map_err(|_| format("metadata must be a map"))?;
     if json_depth(&metadata_value) > max_metadata_depth {
         return Err(InvalidMessage::Format(format!(
             "metadata is nested deeper than {max_metadata_depth} levels"
@@ -176,13 +168,7 @@ pub fn build_append(
 
 /// A hash of what the sender sent, insensitive to key order and whitespace, so a retry of the
 /// same message matches and a different one reusing the `client_id` does not.
-fn fingerprint(
-    sender_id: &str,
-    sender_is_user: bool,
-    kind: &str,
-    content: &RawValue,
-    metadata: &Value,
-) -> u64 {
+fn fingerprint(sender_id: &str, sender_is_user: bool, kind: &str, content: &RawValue, metadata: &Value) -> u64 {
     let content: Value = serde_json::from_str(content.get()).unwrap_or(Value::Null);
     // serde_json's map is ordered by key, so re-serializing gives one canonical text.
     let canonical = json!([sender_id, sender_is_user, kind, content, metadata]).to_string();
@@ -195,9 +181,8 @@ pub async fn append(
     Path(id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> ApiResult<Response> {
-    let body: AppendBody<'_> = serde_json::from_str(body.get()).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}"))
-    })?;
+    let body: AppendBody<'_> = serde_json::from_str(body.get())
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
     let invalid = |m: &str| ApiError::unprocessable("invalid_message_format", m);
     let (sender_id, sender_is_user) = match (!is_null(body.user_id), !is_null(body.agent_id)) {
         (true, true) => {
@@ -219,9 +204,7 @@ pub async fn append(
         .filter(|s| !s.is_empty() && s.len() <= 255 && !s.chars().any(char::is_control))
         .ok_or_else(|| invalid("user_id or agent_id must be a non-empty string"))?;
     if !caller.may_act_as(&sender_id) {
-        return Err(ApiError::forbidden(
-            "you may only send messages as yourself",
-        ));
+        return Err(ApiError::forbidden("you may only send messages as yourself"));
     }
     let input = MessageInput {
         kind: body.kind,
@@ -241,9 +224,7 @@ pub async fn append(
     )
     .map_err(|error| match error {
         InvalidMessage::Format(message) => invalid(&message),
-        InvalidMessage::TooLarge(message) => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", message)
-        }
+        InvalidMessage::TooLarge(message) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", message),
     })?;
     let started = std::time::Instant::now();
     let result = state.shards.append(request).await;

@@ -57,14 +57,8 @@ pub fn router(state: SharedState) -> Router {
                 .delete(agents::disable),
         )
         .route("/sessions", get(sessions::list).post(sessions::create))
-        .route(
-            "/sessions/{id}",
-            get(sessions::show).delete(sessions::archive),
-        )
-        .route(
-            "/sessions/{id}/messages",
-            get(messages::list).post(messages::append),
-        )
+        .route("/sessions/{id}", get(sessions::show).delete(sessions::archive))
+        .route("/sessions/{id}/messages", get(messages::list).post(messages::append))
         .route("/sessions/{id}/read", post(sessions::mark_read))
         .route("/users/{user_id}/inbox", get(sessions::inbox));
     Router::new()
@@ -122,17 +116,12 @@ async fn cors(State(state): State<SharedState>, request: Request, next: Next) ->
             Some(list) => list.iter().any(|o| o == text).then(|| origin.clone()),
         }
     });
-    let is_preflight = request.method() == Method::OPTIONS
-        && request
-            .headers()
-            .contains_key("access-control-request-method");
+    let is_preflight =
+        request.method() == Method::OPTIONS && request.headers().contains_key("access-control-request-method");
     if is_preflight {
         let mut response = StatusCode::NO_CONTENT.into_response();
         if let Some(origin) = allowed {
-            let requested_headers = request
-                .headers()
-                .get("access-control-request-headers")
-                .cloned();
+            let requested_headers = request.headers().get("access-control-request-headers").cloned();
             let headers = response.headers_mut();
             headers.insert("access-control-allow-origin", origin);
             headers.insert(
@@ -149,9 +138,7 @@ async fn cors(State(state): State<SharedState>, request: Request, next: Next) ->
     }
     let mut response = next.run(request).await;
     if let Some(origin) = allowed {
-        response
-            .headers_mut()
-            .insert("access-control-allow-origin", origin);
+        response.headers_mut().insert("access-control-allow-origin", origin);
         response.headers_mut().insert(
             "access-control-expose-headers",
             HeaderValue::from_static("x-request-id, retry-after"),
@@ -166,10 +153,7 @@ async fn cors(State(state): State<SharedState>, request: Request, next: Next) ->
 impl FromRequestParts<SharedState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &SharedState,
-    ) -> Result<Caller, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Caller, ApiError> {
         let bearer = bearer_token(&parts.headers);
         let now_secs = state.clock.now_micros() / 1_000_000;
         state.auth.caller(bearer, now_secs).map_err(|error| {
@@ -198,25 +182,19 @@ impl FromRequest<SharedState> for JsonBody {
 
     async fn from_request(request: Request, state: &SharedState) -> Result<JsonBody, ApiError> {
         let limit = state.config.max_body_bytes;
-        let bytes: Bytes = axum::body::to_bytes(request.into_body(), limit)
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("request body exceeds the limit of {limit} bytes"),
-                )
-            })?;
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| ApiError::bad_request("invalid_json", "body is not UTF-8"))?;
-        let raw: Box<RawValue> = serde_json::from_str(text).map_err(|e| {
-            ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}"))
+        let bytes: Bytes = axum::body::to_bytes(request.into_body(), limit).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body exceeds the limit of {limit} bytes"),
+            )
         })?;
+        let text =
+            std::str::from_utf8(&bytes).map_err(|_| ApiError::bad_request("invalid_json", "body is not UTF-8"))?;
+        let raw: Box<RawValue> = serde_json::from_str(text)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
         if !raw.get().starts_with('{') {
-            return Err(ApiError::bad_request(
-                "invalid_json",
-                "body must be a JSON object",
-            ));
+            return Err(ApiError::bad_request("invalid_json", "body must be a JSON object"));
         }
         Ok(JsonBody(raw))
     }
@@ -226,11 +204,8 @@ impl FromRequest<SharedState> for JsonBody {
 pub fn parse_count(name: &str, value: Option<&String>, default: u64) -> ApiResult<u64> {
     match value {
         None => Ok(default),
-        Some(text) => text.parse::<u64>().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_parameter",
-                format!("{name} must be a non-negative integer"),
-            )
-        }),
+        Some(text) => text
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad_request("invalid_parameter", format!("{name} must be a non-negative integer"))),
     }
 }

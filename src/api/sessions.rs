@@ -25,9 +25,7 @@ pub fn authorize_session(caller: &Caller, session: &SessionView) -> ApiResult<()
     if caller.may_act_as(&session.record.user_id) || caller.may_act_as(&session.record.agent_id) {
         Ok(())
     } else {
-        Err(ApiError::forbidden(
-            "you are not a participant of this session",
-        ))
+        Err(ApiError::forbidden("you are not a participant of this session"))
     }
 }
 
@@ -35,9 +33,7 @@ fn identity_field(fields: &Map<String, Value>, name: &str) -> ApiResult<Option<S
     match fields.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) if s.len() <= 255 && !s.chars().any(char::is_control) => {
-            Ok(Some(s.clone()))
-        }
+        Some(Value::String(s)) if s.len() <= 255 && !s.chars().any(char::is_control) => Ok(Some(s.clone())),
         Some(_) => Err(ApiError::unprocessable(
             "invalid_session",
             format!("{name} must be a string of at most 255 characters without control characters"),
@@ -45,14 +41,9 @@ fn identity_field(fields: &Map<String, Value>, name: &str) -> ApiResult<Option<S
     }
 }
 
-pub async fn create(
-    State(state): State<SharedState>,
-    caller: Caller,
-    JsonBody(body): JsonBody,
-) -> ApiResult<Response> {
-    let mut fields: Map<String, Value> = serde_json::from_str(body.get()).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}"))
-    })?;
+pub async fn create(State(state): State<SharedState>, caller: Caller, JsonBody(body): JsonBody) -> ApiResult<Response> {
+    let mut fields: Map<String, Value> = serde_json::from_str(body.get())
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
     if let Some(Value::Object(nested)) = fields.remove("session") {
         fields = nested;
     }
@@ -66,9 +57,7 @@ pub async fn create(
         ));
     };
     if !caller.may_act_as(&user_id) {
-        return Err(ApiError::forbidden(
-            "you may only create sessions for yourself",
-        ));
+        return Err(ApiError::forbidden("you may only create sessions for yourself"));
     }
     let id = match fields.get("id") {
         None | Some(Value::Null) => crate::ids::generate_id(),
@@ -92,10 +81,7 @@ pub async fn create(
             serde_json::value::to_raw_value(value).expect("a value serializes")
         }
         Some(_) => {
-            return Err(ApiError::unprocessable(
-                "invalid_session",
-                "metadata must be a map",
-            ));
+            return Err(ApiError::unprocessable("invalid_session", "metadata must be a map"));
         }
     };
     let agent = state.registry.get(&agent_id);
@@ -128,11 +114,7 @@ pub async fn create(
         tracing::warn!(session_id = %view.record.id, %error, "session row not archived yet");
     }
     metrics::counter!("fleetlm_sessions_created_total").increment(1);
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({"session": view.to_json()})),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, axum::Json(json!({"session": view.to_json()}))).into_response())
 }
 
 pub async fn list(
@@ -142,17 +124,15 @@ pub async fn list(
 ) -> ApiResult<Response> {
     let limit = parse_count("limit", query.get("limit"), DEFAULT_PAGE)?;
     if limit == 0 {
-        return Err(ApiError::bad_request(
-            "invalid_parameter",
-            "limit must be at least 1",
-        ));
+        return Err(ApiError::bad_request("invalid_parameter", "limit must be at least 1"));
     }
     let limit = limit.min(MAX_SESSION_PAGE) as usize;
     let status = match query.get("status").map(String::as_str) {
         None | Some("") => None,
-        Some(text) => Some(SessionStatus::parse(text).ok_or_else(|| {
-            ApiError::bad_request("invalid_parameter", "status must be active or archived")
-        })?),
+        Some(text) => Some(
+            SessionStatus::parse(text)
+                .ok_or_else(|| ApiError::bad_request("invalid_parameter", "status must be active or archived"))?,
+        ),
     };
     let mut user_id = query.get("user_id").filter(|u| !u.is_empty()).cloned();
     if let Caller::Subject(sub) = &caller {
@@ -166,8 +146,7 @@ pub async fn list(
     let before = match query.get("cursor").filter(|c| !c.is_empty()) {
         None => None,
         Some(cursor) => Some(
-            decode_cursor(cursor)
-                .ok_or_else(|| ApiError::bad_request("invalid_parameter", "cursor is not valid"))?,
+            decode_cursor(cursor).ok_or_else(|| ApiError::bad_request("invalid_parameter", "cursor is not valid"))?,
         ),
     };
     let filter = SessionFilter {
@@ -180,9 +159,7 @@ pub async fn list(
     let mut views = state.shards.archive().list_sessions(filter).await?;
     let next_cursor = if views.len() > limit {
         views.truncate(limit);
-        views
-            .last()
-            .map(|v| encode_cursor(v.record.inserted_at, &v.record.id))
+        views.last().map(|v| encode_cursor(v.record.inserted_at, &v.record.id))
     } else {
         None
     };
@@ -201,21 +178,13 @@ fn decode_cursor(cursor: &str) -> Option<(Timestamp, String)> {
     Some((Timestamp(at.parse().ok()?), id.to_string()))
 }
 
-pub async fn show(
-    State(state): State<SharedState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+pub async fn show(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
     let view = state.shards.view(&id).await?;
     authorize_session(&caller, &view)?;
     Ok(axum::Json(json!({"session": view.to_json()})).into_response())
 }
 
-pub async fn archive(
-    State(state): State<SharedState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+pub async fn archive(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
     let view = state.shards.view(&id).await?;
     authorize_session(&caller, &view)?;
     let archived = state.shards.archive_session(&id).await?;
@@ -236,22 +205,15 @@ pub async fn mark_read(
     Path(id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> ApiResult<Response> {
-    let fields: Map<String, Value> = serde_json::from_str(body.get()).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}"))
-    })?;
+    let fields: Map<String, Value> = serde_json::from_str(body.get())
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
     let Some(user_id) = identity_field(&fields, "user_id")? else {
-        return Err(ApiError::unprocessable(
-            "invalid_read_cursor",
-            "user_id is required",
-        ));
+        return Err(ApiError::unprocessable("invalid_read_cursor", "user_id is required"));
     };
     let last_seq = match fields.get("last_seq") {
-        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
-            ApiError::unprocessable(
-                "invalid_read_cursor",
-                "last_seq must be a non-negative integer",
-            )
-        })?,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| ApiError::unprocessable("invalid_read_cursor", "last_seq must be a non-negative integer"))?,
         _ => {
             return Err(ApiError::unprocessable(
                 "invalid_read_cursor",
@@ -260,18 +222,10 @@ pub async fn mark_read(
         }
     };
     if !caller.may_act_as(&user_id) {
-        return Err(ApiError::forbidden(
-            "you may only move your own read cursor",
-        ));
+        return Err(ApiError::forbidden("you may only move your own read cursor"));
     }
-    let view = state
-        .shards
-        .move_read_cursor(&id, &user_id, last_seq)
-        .await?;
-    Ok(
-        axum::Json(json!({"session": view.to_json(), "read_seq": view.read_cursor.read_seq}))
-            .into_response(),
-    )
+    let view = state.shards.move_read_cursor(&id, &user_id, last_seq).await?;
+    Ok(axum::Json(json!({"session": view.to_json(), "read_seq": view.read_cursor.read_seq})).into_response())
 }
 
 pub async fn inbox(

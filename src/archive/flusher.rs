@@ -49,8 +49,7 @@ impl ArchiveLag {
         };
         self.behind_since = since;
         let seconds = since.map_or(0.0, |since| since.elapsed().as_secs_f64());
-        metrics::gauge!("fleetlm_archive_lag_entries", "shard" => self.shard.clone())
-            .set(behind as f64);
+        metrics::gauge!("fleetlm_archive_lag_entries", "shard" => self.shard.clone()).set(behind as f64);
         metrics::gauge!("fleetlm_archive_lag_seconds", "shard" => self.shard.clone()).set(seconds);
     }
 }
@@ -110,11 +109,7 @@ impl Flusher {
     }
 
     /// Flushes until the archive has everything the WAL had when it started.
-    async fn flush_available(
-        &self,
-        known_watermark: &mut Option<u64>,
-        lag: &mut ArchiveLag,
-    ) -> Result<(), FlushError> {
+    async fn flush_available(&self, known_watermark: &mut Option<u64>, lag: &mut ArchiveLag) -> Result<(), FlushError> {
         let target = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
         let watermark = match known_watermark {
             Some(watermark) => watermark,
@@ -132,11 +127,10 @@ impl Flusher {
         let started = Instant::now();
         let wal = self.wal.clone();
         let (shard, max) = (self.shard, self.options.max_entries_per_flush);
-        let entries =
-            tokio::task::spawn_blocking(move || wal.read_entries(shard, watermark + 1, max))
-                .await
-                .map_err(|e| FlushError::Wal(e.to_string()))?
-                .map_err(|e| FlushError::Wal(e.to_string()))?;
+        let entries = tokio::task::spawn_blocking(move || wal.read_entries(shard, watermark + 1, max))
+            .await
+            .map_err(|e| FlushError::Wal(e.to_string()))?
+            .map_err(|e| FlushError::Wal(e.to_string()))?;
         let Some((last_id, _)) = entries.last() else {
             return Ok(watermark);
         };
@@ -150,21 +144,17 @@ impl Flusher {
         }
         let mut all_ops = Vec::new();
         for (log_id, body) in &entries {
-            let ops = ops::decode_entry(body)
-                .map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
+            let ops = ops::decode_entry(body).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
             all_ops.extend(ops);
         }
         let rows = Arc::new(FlushRows::from_ops(all_ops));
         let message_count = rows.messages.len();
         self.archive.flush(self.shard, rows, through).await?;
-        metrics::histogram!("fleetlm_archive_flush_seconds")
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("fleetlm_archive_flush_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("fleetlm_archive_messages_total").increment(message_count as u64);
         let _ = self
             .shard_commands
-            .send(Command::Archived {
-                through_index: through,
-            })
+            .send(Command::Archived { through_index: through })
             .await;
         if let Err(error) = self.wal.purge_prefix(self.shard, through).await {
             tracing::warn!(shard = self.shard, %error, "could not purge archived wal entries");

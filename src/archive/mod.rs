@@ -15,9 +15,7 @@ use std::sync::Arc;
 pub use flusher::{Flusher, FlusherOptions};
 pub use rows::FlushRows;
 
-use crate::model::{
-    Agent, AgentStatus, MessageRecord, SessionRecord, SessionStatus, SessionView, Timestamp,
-};
+use crate::model::{Agent, AgentStatus, MessageRecord, SessionRecord, SessionStatus, SessionView, Timestamp};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ArchiveError {
@@ -67,9 +65,7 @@ macro_rules! dispatch {
 
 impl Archive {
     pub fn open_sqlite(path: &std::path::Path) -> Result<Archive> {
-        Ok(Archive::Sqlite(Arc::new(sqlite::SqliteArchive::open(
-            path,
-        )?)))
+        Ok(Archive::Sqlite(Arc::new(sqlite::SqliteArchive::open(path)?)))
     }
 
     pub async fn connect_postgres(url: &str) -> Result<Archive> {
@@ -129,20 +125,11 @@ impl Archive {
     }
 
     /// Messages with `from_seq <= seq <= to_seq`, ascending.
-    pub async fn read_messages(
-        &self,
-        session_id: &str,
-        from_seq: u64,
-        to_seq: u64,
-    ) -> Result<Vec<MessageRecord>> {
+    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
         dispatch!(self, a => a.read_messages(session_id, from_seq, to_seq).await)
     }
 
-    pub async fn find_by_client_id(
-        &self,
-        session_id: &str,
-        client_id: &str,
-    ) -> Result<Option<MessageRecord>> {
+    pub async fn find_by_client_id(&self, session_id: &str, client_id: &str) -> Result<Option<MessageRecord>> {
         dispatch!(self, a => a.find_by_client_id(session_id, client_id).await)
     }
 

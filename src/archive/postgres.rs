@@ -41,9 +41,7 @@ impl PostgresArchive {
             url: Some(url.to_string()),
             ..Config::default()
         };
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1), NoTls)
-            .map_err(unavailable)?;
+        let pool = config.create_pool(Some(Runtime::Tokio1), NoTls).map_err(unavailable)?;
         let archive = PostgresArchive { pool };
         archive.ping().await?;
         Ok(archive)
@@ -123,20 +121,12 @@ impl PostgresArchive {
             )
             .await
             .map_err(from_pg)?;
-        let mut tail = rows
-            .iter()
-            .map(message_from_row)
-            .collect::<Result<Vec<_>>>()?;
+        let mut tail = rows.iter().map(message_from_row).collect::<Result<Vec<_>>>()?;
         tail.reverse();
         Ok(Some(LoadedSession { view, tail }))
     }
 
-    pub async fn read_messages(
-        &self,
-        session_id: &str,
-        from_seq: u64,
-        to_seq: u64,
-    ) -> Result<Vec<MessageRecord>> {
+    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
         let rows = self
             .client()
             .await?
@@ -149,11 +139,7 @@ impl PostgresArchive {
         rows.iter().map(message_from_row).collect()
     }
 
-    pub async fn find_by_client_id(
-        &self,
-        session_id: &str,
-        client_id: &str,
-    ) -> Result<Option<MessageRecord>> {
+    pub async fn find_by_client_id(&self, session_id: &str, client_id: &str) -> Result<Option<MessageRecord>> {
         let row = self
             .client()
             .await?
@@ -167,9 +153,7 @@ impl PostgresArchive {
     }
 
     pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionView>> {
-        let (before_at, before_id) = filter
-            .before
-            .map_or((None, None), |(at, id)| (Some(at.0), Some(id)));
+        let (before_at, before_id) = filter.before.map_or((None, None), |(at, id)| (Some(at.0), Some(id)));
         let status = filter.status.map(|s| s.as_str());
         let rows = self
             .client()
@@ -182,7 +166,14 @@ impl PostgresArchive {
                        AND ($4::int8 IS NULL OR (s.inserted_at, s.id) < ($4, $5::text))
                      ORDER BY s.inserted_at DESC, s.id DESC LIMIT $6"
                 ),
-                &[&filter.user_id, &filter.agent_id, &status, &before_at, &before_id, &(filter.limit as i64)],
+                &[
+                    &filter.user_id,
+                    &filter.agent_id,
+                    &status,
+                    &before_at,
+                    &before_id,
+                    &(filter.limit as i64),
+                ],
             )
             .await
             .map_err(from_pg)?;
@@ -208,9 +199,7 @@ impl PostgresArchive {
             .client()
             .await?
             .query(
-                &format!(
-                    "{AGENT_SELECT} WHERE ($1::text IS NULL OR status = $1) ORDER BY name, id"
-                ),
+                &format!("{AGENT_SELECT} WHERE ($1::text IS NULL OR status = $1) ORDER BY name, id"),
                 &[&status],
             )
             .await
@@ -269,16 +258,8 @@ impl PostgresArchive {
 async fn write_rows(tx: &deadpool_postgres::Transaction<'_>, rows: &FlushRows) -> Result<()> {
     if !rows.new_sessions.is_empty() {
         let ids: Vec<&str> = rows.new_sessions.iter().map(|s| &*s.id).collect();
-        let users: Vec<&str> = rows
-            .new_sessions
-            .iter()
-            .map(|s| s.user_id.as_str())
-            .collect();
-        let agents: Vec<&str> = rows
-            .new_sessions
-            .iter()
-            .map(|s| s.agent_id.as_str())
-            .collect();
+        let users: Vec<&str> = rows.new_sessions.iter().map(|s| s.user_id.as_str()).collect();
+        let agents: Vec<&str> = rows.new_sessions.iter().map(|s| s.agent_id.as_str()).collect();
         let metadata: Vec<&str> = rows.new_sessions.iter().map(|s| s.metadata.get()).collect();
         let at: Vec<i64> = rows.new_sessions.iter().map(|s| s.inserted_at.0).collect();
         tx.execute(
@@ -362,14 +343,8 @@ async fn write_rows(tx: &deadpool_postgres::Transaction<'_>, rows: &FlushRows) -
         .collect();
     if !progressed.is_empty() {
         let ids: Vec<&str> = progressed.iter().map(|u| &*u.session_id).collect();
-        let users: Vec<i64> = progressed
-            .iter()
-            .map(|u| u.dispatch.last_user_seq as i64)
-            .collect();
-        let answered: Vec<i64> = progressed
-            .iter()
-            .map(|u| u.dispatch.answered_through as i64)
-            .collect();
+        let users: Vec<i64> = progressed.iter().map(|u| u.dispatch.last_user_seq as i64).collect();
+        let answered: Vec<i64> = progressed.iter().map(|u| u.dispatch.answered_through as i64).collect();
         tx.execute(
             "UPDATE sessions s SET last_user_seq = GREATEST(s.last_user_seq, u.last_user_seq),
                 answered_through = GREATEST(s.answered_through, u.answered_through)
@@ -395,11 +370,7 @@ async fn write_rows(tx: &deadpool_postgres::Transaction<'_>, rows: &FlushRows) -
              ON CONFLICT (session_id, user_id) DO UPDATE SET read_seq = excluded.read_seq,
                 nonuser_through = excluded.nonuser_through
              WHERE excluded.read_seq > read_cursors.read_seq",
-            &[
-                session_id,
-                &(cursor.read_seq as i64),
-                &(cursor.nonuser_through as i64),
-            ],
+            &[session_id, &(cursor.read_seq as i64), &(cursor.nonuser_through as i64)],
         )
         .await
         .map_err(from_pg)?;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 
 use crate::model::{
-    Agent, DispatchProgress, LastActivity, Message, MessageRecord, ReadCursor, SessionRecord,
-    SessionStatus, SessionView, Timestamp,
+    Agent, DispatchProgress, LastActivity, Message, MessageRecord, ReadCursor, SessionRecord, SessionStatus,
+    SessionView, Timestamp,
 };
 use crate::shard::ops::Op;
 
@@ -65,9 +65,7 @@ impl FlushRows {
         for op in ops {
             match op {
                 Op::SessionCreated(record) => rows.new_sessions.push(record),
-                Op::ReadCursorMoved {
-                    session_id, cursor, ..
-                } => {
+                Op::ReadCursorMoved { session_id, cursor, .. } => {
                     let entry = cursors.entry(session_id).or_default();
                     if cursor.read_seq > entry.read_seq {
                         *entry = cursor;
@@ -77,10 +75,7 @@ impl FlushRows {
                     let key = update_of(&record.message.session_id, record.message.inserted_at);
                     touched.push((key, op));
                 }
-                Op::SessionArchived { ref session_id, at }
-                | Op::DispatchFinished {
-                    ref session_id, at, ..
-                } => {
+                Op::SessionArchived { ref session_id, at } | Op::DispatchFinished { ref session_id, at, .. } => {
                     let key = update_of(session_id, at);
                     touched.push((key, op));
                 }
@@ -109,16 +104,12 @@ impl FlushRows {
                     update.updated_at = update.updated_at.max(at);
                 }
                 Op::DispatchFinished { through_seq, .. } => {
-                    update.dispatch.answered_through =
-                        update.dispatch.answered_through.max(through_seq);
+                    update.dispatch.answered_through = update.dispatch.answered_through.max(through_seq);
                 }
                 Op::SessionCreated(_) | Op::ReadCursorMoved { .. } => {}
             }
         }
-        rows.session_updates = order
-            .into_iter()
-            .filter_map(|id| updates.remove(&id))
-            .collect();
+        rows.session_updates = order.into_iter().filter_map(|id| updates.remove(&id)).collect();
         rows.read_cursors = cursors.into_iter().collect();
         rows
     }
@@ -145,10 +136,8 @@ pub struct SessionColumns {
 }
 
 pub fn session_view(c: SessionColumns) -> Result<SessionView, String> {
-    let metadata =
-        RawValue::from_string(c.metadata).map_err(|e| format!("session metadata: {e}"))?;
-    let status = SessionStatus::parse(&c.status)
-        .ok_or_else(|| format!("unknown session status {}", c.status))?;
+    let metadata = RawValue::from_string(c.metadata).map_err(|e| format!("session metadata: {e}"))?;
+    let status = SessionStatus::parse(&c.status).ok_or_else(|| format!("unknown session status {}", c.status))?;
     Ok(SessionView {
         record: SessionRecord {
             id: Arc::from(c.id),
@@ -199,10 +188,8 @@ pub fn message_record(c: MessageColumns) -> Result<MessageRecord, String> {
             seq: c.seq as u64,
             sender_id: c.sender_id,
             kind: c.kind,
-            content: RawValue::from_string(c.content)
-                .map_err(|e| format!("message content: {e}"))?,
-            metadata: RawValue::from_string(c.metadata)
-                .map_err(|e| format!("message metadata: {e}"))?,
+            content: RawValue::from_string(c.content).map_err(|e| format!("message content: {e}"))?,
+            metadata: RawValue::from_string(c.metadata).map_err(|e| format!("message metadata: {e}"))?,
             inserted_at: Timestamp(c.inserted_at),
         },
         client_id: c.client_id,
@@ -230,8 +217,8 @@ pub struct AgentColumns {
 pub fn agent(c: AgentColumns) -> Result<Agent, String> {
     let mode = serde_json::from_value(serde_json::Value::String(c.message_history_mode))
         .map_err(|e| format!("agent history mode: {e}"))?;
-    let status = serde_json::from_value(serde_json::Value::String(c.status))
-        .map_err(|e| format!("agent status: {e}"))?;
+    let status =
+        serde_json::from_value(serde_json::Value::String(c.status)).map_err(|e| format!("agent status: {e}"))?;
     Ok(Agent {
         id: c.id,
         name: c.name,

@@ -25,9 +25,7 @@ impl SqliteArchive {
     pub fn open(path: &Path) -> Result<SqliteArchive> {
         let connection = Connection::open(path).map_err(unavailable)?;
         connection
-            .execute_batch(
-                "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;",
-            )
+            .execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
             .map_err(unavailable)?;
         Ok(SqliteArchive {
             connection: Arc::new(Mutex::new(connection)),
@@ -117,32 +115,20 @@ impl SqliteArchive {
         .await
     }
 
-    pub async fn read_messages(
-        &self,
-        session_id: &str,
-        from_seq: u64,
-        to_seq: u64,
-    ) -> Result<Vec<MessageRecord>> {
+    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
         let session_id = session_id.to_string();
         self.with(move |c| {
             let mut statement = c.prepare_cached(&format!(
                 "{MESSAGE_SELECT} WHERE session_id = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
             ))?;
             statement
-                .query_map(
-                    params![session_id, from_seq as i64, to_seq as i64],
-                    message_from_row,
-                )?
+                .query_map(params![session_id, from_seq as i64, to_seq as i64], message_from_row)?
                 .collect()
         })
         .await
     }
 
-    pub async fn find_by_client_id(
-        &self,
-        session_id: &str,
-        client_id: &str,
-    ) -> Result<Option<MessageRecord>> {
+    pub async fn find_by_client_id(&self, session_id: &str, client_id: &str) -> Result<Option<MessageRecord>> {
         let (session_id, client_id) = (session_id.to_string(), client_id.to_string());
         self.with(move |c| {
             c.query_row(
@@ -157,9 +143,7 @@ impl SqliteArchive {
 
     pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionView>> {
         self.with(move |c| {
-            let (before_at, before_id) = filter
-                .before
-                .map_or((None, None), |(at, id)| (Some(at.0), Some(id)));
+            let (before_at, before_id) = filter.before.map_or((None, None), |(at, id)| (Some(at.0), Some(id)));
             let mut statement = c.prepare_cached(&format!(
                 "{SESSION_SELECT}
                  WHERE (?1 IS NULL OR s.user_id = ?1) AND (?2 IS NULL OR s.agent_id = ?2)
@@ -209,12 +193,8 @@ impl SqliteArchive {
     pub async fn get_agent(&self, id: &str) -> Result<Option<Agent>> {
         let id = id.to_string();
         self.with(move |c| {
-            c.query_row(
-                &format!("{AGENT_SELECT} WHERE id = ?1"),
-                [id],
-                agent_from_row,
-            )
-            .optional()
+            c.query_row(&format!("{AGENT_SELECT} WHERE id = ?1"), [id], agent_from_row)
+                .optional()
         })
         .await
     }
@@ -298,9 +278,8 @@ fn write_rows(tx: &rusqlite::Transaction<'_>, rows: &FlushRows) -> rusqlite::Res
         "UPDATE sessions SET last_user_seq = MAX(last_user_seq, ?2),
             answered_through = MAX(answered_through, ?3) WHERE id = ?1",
     )?;
-    let mut update_status = tx.prepare_cached(
-        "UPDATE sessions SET status = 'archived', updated_at = MAX(updated_at, ?2) WHERE id = ?1",
-    )?;
+    let mut update_status =
+        tx.prepare_cached("UPDATE sessions SET status = 'archived', updated_at = MAX(updated_at, ?2) WHERE id = ?1")?;
     for u in &rows.session_updates {
         if let Some(activity) = &u.last_activity {
             update_activity.execute(params![
@@ -366,8 +345,7 @@ pub(super) const SESSION_SELECT: &str = "SELECT s.id, s.user_id, s.agent_id, s.s
     COALESCE(c.read_seq, 0), COALESCE(c.nonuser_through, 0), s.last_user_seq, s.answered_through
     FROM sessions s LEFT JOIN read_cursors c ON c.session_id = s.id AND c.user_id = s.user_id";
 
-pub(super) const MESSAGE_SELECT: &str =
-    "SELECT session_id, seq, id, sender_id, kind, content, metadata, client_id,
+pub(super) const MESSAGE_SELECT: &str = "SELECT session_id, seq, id, sender_id, kind, content, metadata, client_id,
     fingerprint, nonuser_through, inserted_at FROM messages";
 
 pub(super) const AGENT_SELECT: &str = "SELECT id, name, origin_url, webhook_path, message_history_mode,

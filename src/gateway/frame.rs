@@ -80,27 +80,14 @@ pub fn parse(text: &str, vsn: Vsn) -> Result<InFrame, BadFrame> {
                     reason: "malformed frame",
                 });
             };
-            (
-                Some(join_ref),
-                Some(reference),
-                Some(topic),
-                Some(event),
-                Some(payload),
-            )
+            (Some(join_ref), Some(reference), Some(topic), Some(event), Some(payload))
         }
         Vsn::V1 => {
             let frame: V1Frame<'_> = serde_json::from_str(text).map_err(|_| unreadable)?;
-            (
-                frame.join_ref,
-                frame.reference,
-                frame.topic,
-                frame.event,
-                frame.payload,
-            )
+            (frame.join_ref, frame.reference, frame.topic, frame.event, frame.payload)
         }
     };
-    let raw_or_null =
-        |raw: Option<&RawValue>| raw.map_or_else(|| NULL.to_string(), |r| r.get().to_string());
+    let raw_or_null = |raw: Option<&RawValue>| raw.map_or_else(|| NULL.to_string(), |r| r.get().to_string());
     let join_ref = raw_or_null(join_ref);
     let reference = raw_or_null(reference);
     let topic = as_string(topic);
@@ -134,20 +121,11 @@ fn json_string(text: &str) -> String {
 }
 
 /// Encodes a frame whose payload is already JSON text. `join_ref` and `reference` are raw JSON.
-pub fn encode(
-    vsn: Vsn,
-    join_ref: &str,
-    reference: &str,
-    topic: &str,
-    event: &str,
-    payload: &str,
-) -> String {
+pub fn encode(vsn: Vsn, join_ref: &str, reference: &str, topic: &str, event: &str, payload: &str) -> String {
     let (topic, event) = (json_string(topic), json_string(event));
     match vsn {
         Vsn::V2 => {
-            let mut out = String::with_capacity(
-                payload.len() + topic.len() + event.len() + join_ref.len() + 16,
-            );
+            let mut out = String::with_capacity(payload.len() + topic.len() + event.len() + join_ref.len() + 16);
             for part in [
                 "[", join_ref, ",", reference, ",", &topic, ",", &event, ",", payload, "]",
             ] {
@@ -176,18 +154,8 @@ pub fn encode(
 }
 
 /// A `phx_reply` with `{"status": status, "response": response}`.
-pub fn reply(
-    vsn: Vsn,
-    join_ref: &str,
-    reference: &str,
-    topic: &str,
-    status: &str,
-    response: &str,
-) -> String {
-    let payload = format!(
-        "{{\"status\":{},\"response\":{response}}}",
-        json_string(status)
-    );
+pub fn reply(vsn: Vsn, join_ref: &str, reference: &str, topic: &str, status: &str, response: &str) -> String {
+    let payload = format!("{{\"status\":{},\"response\":{response}}}", json_string(status));
     encode(vsn, join_ref, reference, topic, "phx_reply", &payload)
 }
 
@@ -197,31 +165,11 @@ mod tests {
 
     #[test]
     fn v2_frames_keep_refs_exactly() {
-        let frame = parse(
-            r#"["1", 7, "session:a", "phx_join", {"last_seq": 3}]"#,
-            Vsn::V2,
-        )
-        .unwrap();
-        assert_eq!(
-            (frame.join_ref.as_str(), frame.reference.as_str()),
-            ("\"1\"", "7")
-        );
-        assert_eq!(
-            (frame.topic.as_str(), frame.event.as_str()),
-            ("session:a", "phx_join")
-        );
-        let out = reply(
-            Vsn::V2,
-            &frame.join_ref,
-            &frame.reference,
-            &frame.topic,
-            "ok",
-            "{}",
-        );
-        assert_eq!(
-            out,
-            r#"["1",7,"session:a","phx_reply",{"status":"ok","response":{}}]"#
-        );
+        let frame = parse(r#"["1", 7, "session:a", "phx_join", {"last_seq": 3}]"#, Vsn::V2).unwrap();
+        assert_eq!((frame.join_ref.as_str(), frame.reference.as_str()), ("\"1\"", "7"));
+        assert_eq!((frame.topic.as_str(), frame.event.as_str()), ("session:a", "phx_join"));
+        let out = reply(Vsn::V2, &frame.join_ref, &frame.reference, &frame.topic, "ok", "{}");
+        assert_eq!(out, r#"["1",7,"session:a","phx_reply",{"status":"ok","response":{}}]"#);
     }
 
     #[test]
@@ -232,14 +180,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(frame.join_ref, "null");
-        let out = reply(
-            Vsn::V1,
-            &frame.join_ref,
-            &frame.reference,
-            &frame.topic,
-            "ok",
-            "{}",
-        );
+        let out = reply(Vsn::V1, &frame.join_ref, &frame.reference, &frame.topic, "ok", "{}");
         assert_eq!(
             out,
             r#"{"topic":"phoenix","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":"5"}"#
@@ -248,10 +189,7 @@ mod tests {
 
     #[test]
     fn malformed_frames_say_what_is_wrong() {
-        assert_eq!(
-            parse("not json", Vsn::V2).unwrap_err().reason,
-            "malformed frame"
-        );
+        assert_eq!(parse("not json", Vsn::V2).unwrap_err().reason, "malformed frame");
         assert_eq!(
             parse(r#"["1","2","t","e"]"#, Vsn::V2).unwrap_err().reason,
             "malformed frame"

@@ -97,11 +97,7 @@ pub async fn upgrade(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let Some(vsn) = Vsn::from_param(params.get("vsn").map(String::as_str)) else {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "unsupported_vsn",
-            "vsn must be 1.x or 2.x",
-        );
+        return refuse(StatusCode::BAD_REQUEST, "unsupported_vsn", "vsn must be 1.x or 2.x");
     };
     let named = params
         .get("user_id")
@@ -113,34 +109,19 @@ pub async fn upgrade(
         AuthMode::Open => match named {
             Some(identity) => (identity, None),
             None => {
-                return refuse(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    "user_id (or agent_id) is required",
-                );
+                return refuse(StatusCode::FORBIDDEN, "forbidden", "user_id (or agent_id) is required");
             }
         },
         AuthMode::Token { secret, .. } => {
-            let token = params
-                .get("token")
-                .cloned()
-                .or_else(|| token_from_protocols(&headers));
+            let token = params.get("token").cloned().or_else(|| token_from_protocols(&headers));
             let Some(token) = token else {
                 return refuse(StatusCode::FORBIDDEN, "forbidden", "a token is required");
             };
             let Ok(claims) = crate::auth::verify(secret, &token, now_secs) else {
-                return refuse(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    "invalid or expired token",
-                );
+                return refuse(StatusCode::FORBIDDEN, "forbidden", "invalid or expired token");
             };
             if named.as_ref().is_some_and(|id| *id != claims.sub) {
-                return refuse(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    "user_id does not match the token",
-                );
+                return refuse(StatusCode::FORBIDDEN, "forbidden", "user_id does not match the token");
             }
             (claims.sub, Some(claims.exp))
         }
@@ -149,10 +130,7 @@ pub async fn upgrade(
         return refuse(StatusCode::FORBIDDEN, "forbidden", "identity is not valid");
     }
     let config = &state.config;
-    let Some(slot) = state
-        .sockets
-        .acquire(&identity, config.ws_max_sockets_per_identity)
-    else {
+    let Some(slot) = state.sockets.acquire(&identity, config.ws_max_sockets_per_identity) else {
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_sockets",

@@ -41,9 +41,8 @@ struct ReplyTo {
     topic: String,
 }
 
-type PendingSend = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (ReplyTo, Result<AppendResult, ShardError>)> + Send>,
->;
+type PendingSend =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (ReplyTo, Result<AppendResult, ShardError>)> + Send>>;
 
 struct SessionChannel {
     join_ref: String,
@@ -136,9 +135,8 @@ pub async fn run(
     });
     let (events, mut live) = mpsc::channel::<LiveEvent>(config.ws_outbound_queue);
     let now_secs = state.clock.now_micros() / 1_000_000;
-    let expires_at = expires_at_secs.map(|exp| {
-        Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs).max(0) as u64)
-    });
+    let expires_at =
+        expires_at_secs.map(|exp| Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs).max(0) as u64));
     let mut socket = Socket {
         listener: state.hub.new_listener(events),
         state: state.clone(),
@@ -198,10 +196,7 @@ pub async fn run(
     drop(socket);
     // Give the writer a moment to deliver the close frame to a client that still reads.
     let abort = writer.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(2), writer)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(2), writer).await.is_err() {
         abort.abort();
     }
 }
@@ -243,11 +238,7 @@ impl Socket {
             if let Channel::Inbox(inbox) = channel
                 && !inbox.pending.is_empty()
             {
-                deadline = deadline.min(
-                    inbox
-                        .last_push
-                        .map_or_else(Instant::now, |at| at + interval),
-                );
+                deadline = deadline.min(inbox.last_push.map_or_else(Instant::now, |at| at + interval));
             }
         }
         deadline
@@ -312,8 +303,7 @@ impl Socket {
                 if let (Some(topic), Some(reference)) = (bad.topic, bad.reference) {
                     let join_ref = bad.join_ref.unwrap_or_else(|| NULL.into());
                     let response = json!({"reason": bad.reason}).to_string();
-                    let text =
-                        frame::reply(self.vsn, &join_ref, &reference, &topic, "error", &response);
+                    let text = frame::reply(self.vsn, &join_ref, &reference, &topic, "error", &response);
                     self.send(text);
                 }
                 metrics::counter!("fleetlm_socket_bad_frames_total").increment(1);
@@ -343,21 +333,11 @@ impl Socket {
         if let Some(old) = self.remove_channel(&frame.topic) {
             // A second join of the same topic replaces the first membership.
             let join_ref = old.join_ref().to_string();
-            let text = frame::encode(
-                self.vsn,
-                &join_ref,
-                &join_ref,
-                &frame.topic,
-                "phx_close",
-                "{}",
-            );
+            let text = frame::encode(self.vsn, &join_ref, &join_ref, &frame.topic, "phx_close", "{}");
             self.send(text);
         }
         if self.channels.len() >= self.state.config.ws_max_channels {
-            self.error_reply(
-                &frame,
-                json!({"reason": "too many channels on this socket"}),
-            );
+            self.error_reply(&frame, json!({"reason": "too many channels on this socket"}));
             return;
         }
         if is_session {
@@ -370,10 +350,7 @@ impl Socket {
     async fn join_session(&mut self, frame: InFrame) {
         let session_id = frame.topic["session:".len()..].to_string();
         let Ok(params) = serde_json::from_str::<JoinSessionParams>(frame.payload.get()) else {
-            self.error_reply(
-                &frame,
-                json!({"reason": "last_seq must be a non-negative integer"}),
-            );
+            self.error_reply(&frame, json!({"reason": "last_seq must be a non-negative integer"}));
             return;
         };
         let last_seq = params.last_seq.unwrap_or(0);
@@ -408,8 +385,7 @@ impl Socket {
                 return self.error_reply(&frame, json!({"reason": ApiError::from(error).message}));
             }
         };
-        let messages: Vec<&crate::model::Message> =
-            page.messages.iter().map(|r| &r.message).collect();
+        let messages: Vec<&crate::model::Message> = page.messages.iter().map(|r| &r.message).collect();
         let next_seq = last_seq + messages.len() as u64 + 1;
         let response = json!({
             "session_id": &*view.record.id,
@@ -424,8 +400,7 @@ impl Socket {
             let payload = snapshot.payload.to_string();
             self.push(&frame.join_ref, &frame.topic, "stream_snapshot", &payload);
         }
-        self.session_topics
-            .insert(view.record.id.clone(), frame.topic.clone());
+        self.session_topics.insert(view.record.id.clone(), frame.topic.clone());
         let channel = SessionChannel {
             join_ref: frame.join_ref,
             session_id: view.record.id.clone(),
@@ -479,14 +454,7 @@ impl Socket {
         };
         self.reply(frame, "ok", "{}");
         let join_ref = channel.join_ref().to_string();
-        let text = frame::encode(
-            self.vsn,
-            &join_ref,
-            &join_ref,
-            &frame.topic,
-            "phx_close",
-            "{}",
-        );
+        let text = frame::encode(self.vsn, &join_ref, &join_ref, &frame.topic, "phx_close", "{}");
         self.send(text);
     }
 
@@ -498,8 +466,7 @@ impl Socket {
             return None;
         };
         let (session_id, is_user) = (channel.session_id.to_string(), channel.is_user);
-        let invalid =
-            |details: &str| json!({"error": "invalid_message_format", "details": details});
+        let invalid = |details: &str| json!({"error": "invalid_message_format", "details": details});
         let Ok(payload) = serde_json::from_str::<SendPayload<'_>>(frame.payload.get()) else {
             self.error_reply(&frame, invalid("payload must be an object"));
             return None;
@@ -542,10 +509,7 @@ impl Socket {
                 return None;
             }
             Err(InvalidMessage::TooLarge(details)) => {
-                self.error_reply(
-                    &frame,
-                    json!({"error": "message_too_large", "details": details}),
-                );
+                self.error_reply(&frame, json!({"error": "message_too_large", "details": details}));
                 return None;
             }
         };
@@ -581,14 +545,7 @@ impl Socket {
                     "appended"
                 };
                 metrics::counter!("fleetlm_appends_total", "result" => outcome).increment(1);
-                let text = frame::reply(
-                    self.vsn,
-                    &join_ref,
-                    &reference,
-                    &topic,
-                    "ok",
-                    &response.to_string(),
-                );
+                let text = frame::reply(self.vsn, &join_ref, &reference, &topic, "ok", &response.to_string());
                 self.send(text);
             }
             Err(error) => {
@@ -602,18 +559,10 @@ impl Socket {
                 if overloaded {
                     response["retry_after_ms"] = json!(1000);
                 }
-                let text = frame::reply(
-                    self.vsn,
-                    &join_ref,
-                    &reference,
-                    &topic,
-                    "error",
-                    &response.to_string(),
-                );
+                let text = frame::reply(self.vsn, &join_ref, &reference, &topic, "error", &response.to_string());
                 self.send(text);
                 if overloaded {
-                    let payload =
-                        json!({"reason": "overloaded", "retry_after_ms": 1000}).to_string();
+                    let payload = json!({"reason": "overloaded", "retry_after_ms": 1000}).to_string();
                     self.push(&join_ref, &topic, "backpressure", &payload);
                 }
             }
@@ -642,11 +591,7 @@ impl Socket {
 
     fn handle_live(&mut self, event: LiveEvent) {
         match event {
-            LiveEvent::Message {
-                session_id,
-                seq,
-                json,
-            } => {
+            LiveEvent::Message { session_id, seq, json } => {
                 let Some(topic) = self.session_topics.get(&session_id).cloned() else {
                     return;
                 };
@@ -678,12 +623,7 @@ impl Socket {
                     return;
                 };
                 let join_ref = channel.join_ref().to_string();
-                self.push(
-                    &join_ref,
-                    &topic,
-                    event,
-                    std::str::from_utf8(&json).unwrap_or("{}"),
-                );
+                self.push(&join_ref, &topic, event, std::str::from_utf8(&json).unwrap_or("{}"));
             }
             LiveEvent::StreamChunk {
                 session_id,
@@ -713,9 +653,7 @@ impl Socket {
                     std::str::from_utf8(&json).unwrap_or("{}"),
                 );
             }
-            LiveEvent::Typing {
-                session_id, json, ..
-            } => {
+            LiveEvent::Typing { session_id, json, .. } => {
                 let Some(topic) = self.session_topics.get(&session_id).cloned() else {
                     return;
                 };
@@ -723,12 +661,7 @@ impl Socket {
                     return;
                 };
                 let join_ref = channel.join_ref().to_string();
-                self.push(
-                    &join_ref,
-                    &topic,
-                    "typing",
-                    std::str::from_utf8(&json).unwrap_or("{}"),
-                );
+                self.push(&join_ref, &topic, "typing", std::str::from_utf8(&json).unwrap_or("{}"));
             }
             LiveEvent::InboxEntry {
                 user_id,
@@ -783,11 +716,7 @@ impl Socket {
             return;
         }
         let mut entries: Vec<Arc<Value>> = inbox.pending.drain().map(|(_, entry)| entry).collect();
-        entries.sort_by(|a, b| {
-            b["last_activity_at"]
-                .as_str()
-                .cmp(&a["last_activity_at"].as_str())
-        });
+        entries.sort_by(|a, b| b["last_activity_at"].as_str().cmp(&a["last_activity_at"].as_str()));
         inbox.last_push = Some(Instant::now());
         let join_ref = inbox.join_ref.clone();
         let payload = json!({"inbox": entries}).to_string();

@@ -136,8 +136,7 @@ struct ShardsInner {
 }
 
 /// The outcome of a submitted append, resolved once it is durable or refused.
-pub type PendingAppend =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<AppendResult, ShardError>> + Send>>;
+pub type PendingAppend = std::pin::Pin<Box<dyn std::future::Future<Output = Result<AppendResult, ShardError>> + Send>>;
 
 fn writer_stopped() -> ShardError {
     ShardError::Unavailable("shard writer stopped".into())
@@ -231,9 +230,7 @@ impl Shards {
                 other => return other,
             }
         }
-        Err(ShardError::Unavailable(
-            "session could not be loaded".into(),
-        ))
+        Err(ShardError::Unavailable("session could not be loaded".into()))
     }
 
     pub async fn create_session(&self, session: SessionRecord) -> Result<SessionView, ShardError> {
@@ -253,9 +250,7 @@ impl Shards {
                 other => return other,
             }
         }
-        Err(ShardError::Unavailable(
-            "session could not be created".into(),
-        ))
+        Err(ShardError::Unavailable("session could not be created".into()))
     }
 
     pub async fn view(&self, session_id: &str) -> Result<SessionView, ShardError> {
@@ -335,12 +330,7 @@ impl Shards {
                     request: mut returned,
                 } => {
                     let client_id = returned.client_id.as_deref().unwrap_or_default();
-                    if let Some(original) = self
-                        .inner
-                        .archive
-                        .find_by_client_id(session_id, client_id)
-                        .await?
-                    {
+                    if let Some(original) = self.inner.archive.find_by_client_id(session_id, client_id).await? {
                         return if original.fingerprint == returned.fingerprint {
                             Ok(AppendResult {
                                 record: Arc::new(original),
@@ -354,13 +344,9 @@ impl Shards {
                     returned
                 }
             };
-            outcome = self
-                .call(shard, |reply| Command::Append { request, reply })
-                .await?;
+            outcome = self.call(shard, |reply| Command::Append { request, reply }).await?;
         }
-        Err(ShardError::Unavailable(
-            "append could not be completed".into(),
-        ))
+        Err(ShardError::Unavailable("append could not be completed".into()))
     }
 
     pub async fn move_read_cursor(
@@ -391,9 +377,7 @@ impl Shards {
                 other => return other,
             }
         }
-        Err(ShardError::Unavailable(
-            "read cursor could not be moved".into(),
-        ))
+        Err(ShardError::Unavailable("read cursor could not be moved".into()))
     }
 
     async fn read_one(&self, session_id: &str, seq: u64) -> Result<Arc<MessageRecord>, ShardError> {
@@ -476,14 +460,8 @@ impl Shards {
             let first_index = positions.first().map_or(0, |p| p.log_index);
             let last_index = positions.last().map_or(0, |p| p.log_index);
             let span = (last_index - first_index + 1) as usize;
-            for (log_id, body) in wal
-                .read_entries(shard, first_index, span)
-                .map_err(|e| e.to_string())?
-            {
-                entries.insert(
-                    log_id.index,
-                    ops::decode_entry(&body).map_err(|e| e.to_string())?,
-                );
+            for (log_id, body) in wal.read_entries(shard, first_index, span).map_err(|e| e.to_string())? {
+                entries.insert(log_id.index, ops::decode_entry(&body).map_err(|e| e.to_string())?);
             }
             positions
                 .iter()
@@ -492,9 +470,7 @@ impl Shards {
                         .get(&position.log_index)
                         .and_then(|ops| ops.get(position.op_position as usize))
                     {
-                        Some(ops::Op::MessageAppended(record))
-                            if record.message.seq == position.seq =>
-                        {
+                        Some(ops::Op::MessageAppended(record)) if record.message.seq == position.seq => {
                             Ok(Arc::new(record.clone()))
                         }
                         _ => Err(format!(
@@ -521,10 +497,7 @@ impl Shards {
         }
         let mut views = views;
         for (shard, positions) in by_shard {
-            let session_ids = positions
-                .iter()
-                .map(|p| views[*p].record.id.clone())
-                .collect();
+            let session_ids = positions.iter().map(|p| views[*p].record.id.clone()).collect();
             let (reply, answer) = oneshot::channel();
             if self.inner.senders[shard as usize]
                 .send(Command::Overlay { session_ids, reply })
@@ -567,10 +540,7 @@ impl Shards {
         let mut owing = Vec::new();
         for sender in &self.inner.senders {
             let (reply, answer) = oneshot::channel();
-            if sender
-                .send(Command::PendingDispatches { reply })
-                .await
-                .is_ok()
+            if sender.send(Command::PendingDispatches { reply }).await.is_ok()
                 && let Ok(found) = answer.await
             {
                 owing.extend(found);

@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::model::{
-    DispatchProgress, LastActivity, MessageRecord, ReadCursor, SessionRecord, SessionStatus,
-    SessionView, Timestamp,
+    DispatchProgress, LastActivity, MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView, Timestamp,
 };
 
 /// Messages kept in memory per active session.
@@ -118,8 +117,7 @@ impl SessionState {
                 log_index,
             };
             self.client_ids.insert(client_id.clone(), entry);
-            self.client_id_order
-                .push_back((message.seq, client_id.clone()));
+            self.client_id_order.push_back((message.seq, client_id.clone()));
         }
         match position {
             Some(position) => {
@@ -155,11 +153,7 @@ impl SessionState {
                 break;
             }
             self.client_id_order.pop_front();
-            if self
-                .client_ids
-                .get(&client_id)
-                .is_some_and(|entry| entry.seq == seq)
-            {
+            if self.client_ids.get(&client_id).is_some_and(|entry| entry.seq == seq) {
                 self.client_ids.remove(&client_id);
             }
             self.client_ids_complete_from = seq + 1;
@@ -168,9 +162,7 @@ impl SessionState {
 
     /// First seq served from memory.
     pub fn hot_tail_start(&self) -> u64 {
-        self.hot_tail
-            .front()
-            .map_or(self.last_seq + 1, |m| m.message.seq)
+        self.hot_tail.front().map_or(self.last_seq + 1, |m| m.message.seq)
     }
 
     pub fn hot_message(&self, seq: u64) -> Option<&Arc<MessageRecord>> {

@@ -74,9 +74,7 @@ impl ShardState {
                 state.dispatch.answered_through = state.dispatch.answered_through.max(*through_seq);
                 state.last_log_index = state.last_log_index.max(log_index);
             }
-            Op::ReadCursorMoved {
-                session_id, cursor, ..
-            } => {
+            Op::ReadCursorMoved { session_id, cursor, .. } => {
                 let Some(state) = self.sessions.get_mut(session_id.as_str()) else {
                     return;
                 };
@@ -101,10 +99,7 @@ impl ShardState {
         state.read_cursor = view.read_cursor;
         state.updated_at = view.updated_at;
         state.last_activity = view.last_activity;
-        let first_tail_seq = loaded
-            .tail
-            .first()
-            .map_or(view.last_seq + 1, |m| m.message.seq);
+        let first_tail_seq = loaded.tail.first().map_or(view.last_seq + 1, |m| m.message.seq);
         state.last_seq = first_tail_seq - 1;
         state.archived_seq = state.last_seq;
         state.nonuser_count = view.nonuser_count;
@@ -125,9 +120,7 @@ impl ShardState {
         }
         self.archived_index = log_index;
         for state in self.sessions.values_mut() {
-            if !state.unarchived.is_empty()
-                || state.client_ids.len() > super::session::CLIENT_ID_WINDOW
-            {
+            if !state.unarchived.is_empty() || state.client_ids.len() > super::session::CLIENT_ID_WINDOW {
                 state.mark_archived_through(log_index);
             }
         }
@@ -138,9 +131,8 @@ impl ShardState {
     pub fn evict_idle(&mut self, idle_for: Duration, now: Instant) -> usize {
         let archived_index = self.archived_index;
         let before = self.sessions.len();
-        self.sessions.retain(|_, state| {
-            state.last_log_index > archived_index || now.duration_since(state.last_used) < idle_for
-        });
+        self.sessions
+            .retain(|_, state| state.last_log_index > archived_index || now.duration_since(state.last_used) < idle_for);
         before - self.sessions.len()
     }
 }

@@ -163,8 +163,7 @@ impl ShardWriter {
         let started = Instant::now();
         match self.wal.append(self.shard, vec![(log_id, entry)]).await {
             Ok(()) => {
-                metrics::histogram!("fleetlm_append_commit_seconds")
-                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!("fleetlm_append_commit_seconds").record(started.elapsed().as_secs_f64());
                 self.unflushed_bytes += entry_bytes;
                 if self.unflushed_bytes >= self.flush_threshold_bytes {
                     self.flush_wakeup.notify_one();
@@ -193,11 +192,8 @@ impl ShardWriter {
                 if record.from_user
                     && let Some(state) = self.state.sessions.get(&*record.message.session_id)
                 {
-                    self.user_messages.user_message(
-                        &state.record.id,
-                        &state.record.agent_id,
-                        record.message.seq,
-                    );
+                    self.user_messages
+                        .user_message(&state.record.id, &state.record.agent_id, record.message.seq);
                 }
             }
             let session_id = op.session_id();
@@ -220,8 +216,7 @@ impl ShardWriter {
         }
         let position = batch.ops.len() as u32;
         batch.bytes += approximate_op_bytes(&op);
-        self.state
-            .apply(&op, self.state.applied_index, position, now);
+        self.state.apply(&op, self.state.applied_index, position, now);
         batch.ops.push(op);
         position
     }
@@ -285,8 +280,7 @@ impl ShardWriter {
                 error,
                 reply,
             } => {
-                let result =
-                    self.finish_dispatch(session_id, dispatch_id, through_seq, error, batch, now);
+                let result = self.finish_dispatch(session_id, dispatch_id, through_seq, error, batch, now);
                 batch.replies.push(defer(reply, result));
             }
             Command::PendingDispatches { reply } => {
@@ -295,13 +289,7 @@ impl ShardWriter {
                     .sessions
                     .values()
                     .filter(|s| s.dispatch.is_pending() && s.status == SessionStatus::Active)
-                    .map(|s| {
-                        (
-                            s.record.id.clone(),
-                            s.record.agent_id.clone(),
-                            s.dispatch.last_user_seq,
-                        )
-                    })
+                    .map(|s| (s.record.id.clone(), s.record.agent_id.clone(), s.dispatch.last_user_seq))
                     .collect();
                 batch.replies.push(Box::new(move |_| {
                     let _ = reply.send(owing);
@@ -314,19 +302,14 @@ impl ShardWriter {
                 known,
                 reply,
             } => {
-                let result =
-                    self.move_read_cursor(&session_id, &user_id, read_seq, known, batch, now);
+                let result = self.move_read_cursor(&session_id, &user_id, read_seq, known, batch, now);
                 batch.replies.push(defer(reply, result));
             }
         }
     }
 
     fn session(&mut self, session_id: &str, now: Instant) -> Result<&mut SessionState, ShardError> {
-        let state = self
-            .state
-            .sessions
-            .get_mut(session_id)
-            .ok_or(ShardError::NotLoaded)?;
+        let state = self.state.sessions.get_mut(session_id).ok_or(ShardError::NotLoaded)?;
         state.last_used = now;
         Ok(state)
     }
@@ -598,13 +581,10 @@ impl ShardWriter {
                 break;
             }
             for (log_id, body) in entries {
-                let ops =
-                    ops::decode_entry(&body).map_err(|e| RecoveryError::Fatal(e.to_string()))?;
+                let ops = ops::decode_entry(&body).map_err(|e| RecoveryError::Fatal(e.to_string()))?;
                 for (position, op) in ops.iter().enumerate() {
                     let session_id = op.session_id();
-                    if !matches!(op, Op::SessionCreated(_))
-                        && !self.state.sessions.contains_key(session_id)
-                    {
+                    if !matches!(op, Op::SessionCreated(_)) && !self.state.sessions.contains_key(session_id) {
                         let loaded = self
                             .archive
                             .load_session(session_id)
@@ -620,8 +600,7 @@ impl ShardWriter {
                     }
                     self.state.apply(op, log_id.index, position as u32, now);
                     if let Op::MessageAppended(record) = op {
-                        self.last_inserted_at =
-                            self.last_inserted_at.max(record.message.inserted_at.0);
+                        self.last_inserted_at = self.last_inserted_at.max(record.message.inserted_at.0);
                     }
                     replayed += 1;
                 }
@@ -631,9 +610,7 @@ impl ShardWriter {
         }
         self.state.applied_index = self.state.applied_index.max(wal_last);
         if let Some(reason) = degraded {
-            return Err(RecoveryError::Fatal(format!(
-                "wal of this shard is degraded: {reason}"
-            )));
+            return Err(RecoveryError::Fatal(format!("wal of this shard is degraded: {reason}")));
         }
         Ok(replayed)
     }
@@ -647,9 +624,7 @@ enum RecoveryError {
 fn approximate_op_bytes(op: &Op) -> usize {
     match op {
         Op::MessageAppended(record) => {
-            256 + record.message.content.get().len()
-                + record.message.metadata.get().len()
-                + record.message.kind.len()
+            256 + record.message.content.get().len() + record.message.metadata.get().len() + record.message.kind.len()
         }
         Op::SessionCreated(session) => 256 + session.metadata.get().len(),
         _ => 128,
@@ -673,27 +648,18 @@ fn plan_read(session: &SessionState, after_seq: u64, limit: usize) -> Result<Rea
         return Ok(plan);
     }
     let hot_start = session.hot_tail_start();
-    let archived_end = last
-        .min(session.archived_seq)
-        .min(hot_start.saturating_sub(1));
+    let archived_end = last.min(session.archived_seq).min(hot_start.saturating_sub(1));
     if first <= archived_end {
         plan.archive_range = Some((first, archived_end));
     }
     for seq in first.max(archived_end + 1)..=last {
         let found = if seq >= hot_start {
-            session
-                .hot_message(seq)
-                .map(|record| plan.hot.push(record.clone()))
+            session.hot_message(seq).map(|record| plan.hot.push(record.clone()))
         } else {
-            session
-                .wal_position(seq)
-                .map(|position| plan.wal.push(position))
+            session.wal_position(seq).map(|position| plan.wal.push(position))
         };
         if found.is_none() {
-            debug_assert!(
-                false,
-                "seq {seq} is neither hot, in the wal index, nor archived"
-            );
+            debug_assert!(false, "seq {seq} is neither hot, in the wal index, nor archived");
             return Err(ShardError::Unavailable(format!(
                 "internal: seq {seq} of the session cannot be located"
             )));

@@ -32,32 +32,21 @@ pub struct ShardLog {
 
 impl ShardLog {
     pub fn push(&mut self, location: EntryLocation) {
-        debug_assert!(
-            self.last
-                .is_none_or(|last| location.log_id.index == last.index + 1)
-        );
+        debug_assert!(self.last.is_none_or(|last| location.log_id.index == last.index + 1));
         self.last = Some(location.log_id);
         self.entries.push_back(location);
     }
 
     /// Drops every entry above `after.index`; the log then ends at `after`.
     pub fn truncate_suffix(&mut self, after: LogId) {
-        while self
-            .entries
-            .back()
-            .is_some_and(|e| e.log_id.index > after.index)
-        {
+        while self.entries.back().is_some_and(|e| e.log_id.index > after.index) {
             self.entries.pop_back();
         }
         self.last = if after.index == 0 { None } else { Some(after) };
     }
 
     pub fn purge_prefix(&mut self, through_index: u64) {
-        while self
-            .entries
-            .front()
-            .is_some_and(|e| e.log_id.index <= through_index)
-        {
+        while self.entries.front().is_some_and(|e| e.log_id.index <= through_index) {
             self.entries.pop_front();
         }
         self.purged_through = self.purged_through.max(through_index);
@@ -73,12 +62,7 @@ impl ShardLog {
             return Vec::new();
         };
         let skip = from_index.saturating_sub(first) as usize;
-        self.entries
-            .iter()
-            .skip(skip)
-            .take(max_entries)
-            .copied()
-            .collect()
+        self.entries.iter().skip(skip).take(max_entries).copied().collect()
     }
 }
 

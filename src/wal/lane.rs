@@ -37,9 +37,7 @@ pub enum LaneRequest {
 impl LaneRequest {
     fn approx_bytes(&self) -> usize {
         match self {
-            LaneRequest::Append { entries, .. } => {
-                entries.iter().map(|(_, body)| body.len() + 28).sum()
-            }
+            LaneRequest::Append { entries, .. } => entries.iter().map(|(_, body)| body.len() + 28).sum(),
             _ => 28,
         }
     }
@@ -92,13 +90,7 @@ impl LaneWriter {
         let mut record_count = 0usize;
         let write_result = match failed {
             Some(reason) => Err(WalError::LaneFailed(reason)),
-            None => self.encode_and_write(
-                batch,
-                buffer,
-                &mut outcomes,
-                &mut changes,
-                &mut record_count,
-            ),
+            None => self.encode_and_write(batch, buffer, &mut outcomes, &mut changes, &mut record_count),
         };
         let mut removed_segments = Vec::new();
         match write_result {
@@ -107,12 +99,8 @@ impl LaneWriter {
                 for change in changes {
                     match change {
                         IndexChange::Entry(shard, location) => index.note_entry(shard, location),
-                        IndexChange::Truncate(shard, after) => {
-                            index.shard(shard).truncate_suffix(after)
-                        }
-                        IndexChange::Purge(shard, through) => {
-                            index.shard(shard).purge_prefix(through)
-                        }
+                        IndexChange::Truncate(shard, after) => index.shard(shard).truncate_suffix(after),
+                        IndexChange::Purge(shard, through) => index.shard(shard).purge_prefix(through),
                     }
                 }
                 for number in index.removable_segments() {
@@ -161,13 +149,9 @@ impl LaneWriter {
         for request in batch {
             let outcome = match request {
                 LaneRequest::Append { shard, entries, .. } => {
-                    let last = *tentative_last.entry(*shard).or_insert_with(|| {
-                        self.index
-                            .lock()
-                            .expect("lane index lock")
-                            .shard(*shard)
-                            .last
-                    });
+                    let last = *tentative_last
+                        .entry(*shard)
+                        .or_insert_with(|| self.index.lock().expect("lane index lock").shard(*shard).last);
                     match check_append(*shard, last, entries, self.max_record_body()) {
                         Err(error) => Err(error),
                         Ok(()) => {
@@ -200,9 +184,7 @@ impl LaneWriter {
                     Ok(())
                 }
                 LaneRequest::PurgePrefix {
-                    shard,
-                    through_index,
-                    ..
+                    shard, through_index, ..
                 } => {
                     let log_id = LogId {
                         term: 0,
@@ -238,11 +220,7 @@ impl LaneWriter {
     }
 
     /// Encodes `record` into `buffer`, rotating to a new segment first if it would not fit.
-    fn place(
-        &mut self,
-        record: &Record<'_>,
-        buffer: &mut Vec<u8>,
-    ) -> Result<EntryLocation, WalError> {
+    fn place(&mut self, record: &Record<'_>, buffer: &mut Vec<u8>) -> Result<EntryLocation, WalError> {
         let framed_len = record.framed_len() as u64;
         if self.write_offset + buffer.len() as u64 + framed_len > self.segment_bytes {
             self.rotate(buffer)?;
@@ -267,9 +245,7 @@ impl LaneWriter {
         }
         self.active_file.sync_data().map_err(WalError::io)?;
         let next = self.active_segment_no + 1;
-        let file = Arc::new(
-            segment::create_segment(&self.dir, next, self.segment_bytes).map_err(WalError::io)?,
-        );
+        let file = Arc::new(segment::create_segment(&self.dir, next, self.segment_bytes).map_err(WalError::io)?);
         let mut index = self.index.lock().expect("lane index lock");
         index.segments.insert(
             next,

@@ -118,8 +118,7 @@ impl Wal {
             let lane_shards: Vec<u16> = (0..options.shard_count)
                 .filter(|s| *s as usize % options.lanes == lane_no)
                 .collect();
-            let recovered =
-                recovery::recover_lane(&lane_dir, &lane_shards, options.max_batch_bytes as u64)?;
+            let recovered = recovery::recover_lane(&lane_dir, &lane_shards, options.max_batch_bytes as u64)?;
             events.extend(recovered.events);
             let mut lane_index = recovered.index;
             let (active_file, active_segment_no, write_offset) = match recovered.resume_offset {
@@ -129,11 +128,7 @@ impl Wal {
                 }
                 None => {
                     let next = lane_index.segments.keys().next_back().map_or(0, |n| n + 1);
-                    let file = Arc::new(segment::create_segment(
-                        &lane_dir,
-                        next,
-                        options.segment_bytes,
-                    )?);
+                    let file = Arc::new(segment::create_segment(&lane_dir, next, options.segment_bytes)?);
                     lane_index.segments.insert(
                         next,
                         index::SegmentInfo {
@@ -183,11 +178,7 @@ impl Wal {
         &self.lanes[shard as usize % self.lanes.len()]
     }
 
-    async fn submit(
-        &self,
-        shard: u16,
-        make: impl FnOnce(oneshot::Sender<Result<()>>) -> LaneRequest,
-    ) -> Result<()> {
+    async fn submit(&self, shard: u16, make: impl FnOnce(oneshot::Sender<Result<()>>) -> LaneRequest) -> Result<()> {
         let (done, outcome) = oneshot::channel();
         self.lane(shard)
             .requests
@@ -207,22 +198,14 @@ impl Wal {
                 max: self.options.max_batch_bytes,
             });
         }
-        self.submit(shard, |done| LaneRequest::Append {
-            shard,
-            entries,
-            done,
-        })
-        .await
+        self.submit(shard, |done| LaneRequest::Append { shard, entries, done })
+            .await
     }
 
     /// Discards the shard's entries above `after.index`; durable when it resolves.
     pub async fn truncate_suffix(&self, shard: u16, after: LogId) -> Result<()> {
-        self.submit(shard, |done| LaneRequest::TruncateSuffix {
-            shard,
-            after,
-            done,
-        })
-        .await
+        self.submit(shard, |done| LaneRequest::TruncateSuffix { shard, after, done })
+            .await
     }
 
     /// Lets the shard's entries up to `through_index` go; segments holding only such entries
@@ -257,41 +240,27 @@ impl Wal {
     /// Why the shard's log is not trustworthy past its last entry, if so.
     pub fn degraded(&self, shard: u16) -> Option<String> {
         let mut index = self.lane(shard).index.lock().expect("lane index lock");
-        index
-            .failed
-            .clone()
-            .or_else(|| index.shard(shard).degraded.clone())
+        index.failed.clone().or_else(|| index.shard(shard).degraded.clone())
     }
 
     /// Bytes of disk the WAL's segments occupy.
     pub fn disk_bytes(&self) -> u64 {
         self.lanes
             .iter()
-            .map(|lane| {
-                lane.index.lock().expect("lane index lock").segments.len() as u64
-                    * self.options.segment_bytes
-            })
+            .map(|lane| lane.index.lock().expect("lane index lock").segments.len() as u64 * self.options.segment_bytes)
             .sum()
     }
 
     /// Reads up to `max_entries` durable entries of `shard` starting at `from_index`. Blocking:
     /// call it from a blocking thread.
-    pub fn read_entries(
-        &self,
-        shard: u16,
-        from_index: u64,
-        max_entries: usize,
-    ) -> Result<Vec<(LogId, Vec<u8>)>> {
+    pub fn read_entries(&self, shard: u16, from_index: u64, max_entries: usize) -> Result<Vec<(LogId, Vec<u8>)>> {
         let locations: Vec<_> = {
             let mut index = self.lane(shard).index.lock().expect("lane index lock");
             let locations = index.shard(shard).locations_from(from_index, max_entries);
             locations
                 .into_iter()
                 .map(|location| {
-                    let file = index
-                        .segments
-                        .get(&location.segment_no)
-                        .map(|info| info.file.clone());
+                    let file = index.segments.get(&location.segment_no).map(|info| info.file.clone());
                     (location, file)
                 })
                 .collect()
@@ -303,8 +272,7 @@ impl Wal {
                 index: location.log_id.index,
             })?;
             let mut frame = vec![0u8; location.framed_len as usize];
-            file.read_exact_at(&mut frame, location.offset)
-                .map_err(WalError::io)?;
+            file.read_exact_at(&mut frame, location.offset).map_err(WalError::io)?;
             match record::decode(&frame) {
                 Decoded::Record(rec, _) if rec.shard == shard && rec.log_id == location.log_id => {
                     entries.push((rec.log_id, rec.body.to_vec()));

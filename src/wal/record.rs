@@ -62,9 +62,7 @@ impl Record<'_> {
         let crc = crc32c::crc32c(&out[start + FRAME_HEADER_BYTES..]);
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         debug_assert_eq!(out.len() - start, self.framed_len());
-        debug_assert!(
-            matches!(decode(&out[start..]), Decoded::Record(_, n) if n == self.framed_len())
-        );
+        debug_assert!(matches!(decode(&out[start..]), Decoded::Record(_, n) if n == self.framed_len()));
     }
 }
 

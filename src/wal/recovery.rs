@@ -26,11 +26,7 @@ pub struct RecoveredLane {
 /// Scans `lane_dir`. `lane_shards` are the shards that live in this lane; `max_batch_bytes`
 /// bounds one group-commit batch (see `Wal::append`), so an unacknowledged, torn write reaches
 /// at most twice that far past the first bad byte; data beyond that was acknowledged.
-pub fn recover_lane(
-    lane_dir: &Path,
-    lane_shards: &[u16],
-    max_batch_bytes: u64,
-) -> io::Result<RecoveredLane> {
+pub fn recover_lane(lane_dir: &Path, lane_shards: &[u16], max_batch_bytes: u64) -> io::Result<RecoveredLane> {
     let mut index = LaneIndex::default();
     let mut events = Vec::new();
     let segment_numbers = segment::list_segments(lane_dir)?;
@@ -76,9 +72,7 @@ pub fn recover_lane(
                 }
                 Decoded::End => break,
                 bad @ (Decoded::Truncated | Decoded::Corrupt { .. }) => {
-                    let reach = offset
-                        .saturating_add(2 * max_batch_bytes as usize)
-                        .min(bytes.len());
+                    let reach = offset.saturating_add(2 * max_batch_bytes as usize).min(bytes.len());
                     let torn_tail = is_last && bytes[reach..].iter().all(|b| *b == 0);
                     if torn_tail {
                         zero_tail(&file, &bytes, offset)?;
@@ -109,11 +103,7 @@ pub fn recover_lane(
                             offset += framed_len;
                         }
                         _ => {
-                            degrade_all(
-                                &mut index,
-                                lane_shards,
-                                "corrupt WAL record with unreadable length",
-                            );
+                            degrade_all(&mut index, lane_shards, "corrupt WAL record with unreadable length");
                             break;
                         }
                     }
@@ -131,13 +121,7 @@ pub fn recover_lane(
     })
 }
 
-fn apply_record(
-    index: &mut LaneIndex,
-    rec: &record::Record<'_>,
-    segment_no: u64,
-    offset: u64,
-    framed_len: u32,
-) {
+fn apply_record(index: &mut LaneIndex, rec: &record::Record<'_>, segment_no: u64, offset: u64, framed_len: u32) {
     let shard = rec.shard;
     if index.shard(shard).degraded.is_some() {
         return;
@@ -180,9 +164,7 @@ fn degrade_all(index: &mut LaneIndex, lane_shards: &[u16], reason: &str) {
 /// The shard field of a frame whose CRC failed; only a hint.
 fn raw_shard_field(frame: &[u8]) -> Option<u16> {
     let at = FRAME_HEADER_BYTES + 2;
-    frame
-        .get(at..at + 2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    frame.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]))
 }
 
 /// Zeroes `[from, last non-zero byte]` so later scans see a clean end, then fsyncs.

@@ -23,10 +23,7 @@ pub fn list_segments(lane_dir: &Path) -> io::Result<Vec<u64>> {
     for entry in fs::read_dir(lane_dir)? {
         let name = entry?.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(number) = name
-            .strip_suffix(".wal")
-            .and_then(|n| n.parse::<u64>().ok())
-        {
+        if let Some(number) = name.strip_suffix(".wal").and_then(|n| n.parse::<u64>().ok()) {
             numbers.push(number);
         }
     }
@@ -38,11 +35,7 @@ pub fn list_segments(lane_dir: &Path) -> io::Result<Vec<u64>> {
 /// directory entry durable before returning.
 pub fn create_segment(lane_dir: &Path, segment_no: u64, segment_bytes: u64) -> io::Result<File> {
     let path = segment_path(lane_dir, segment_no);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)?;
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
     file.allocate(segment_bytes)?;
     file.write_all_at(SEGMENT_MAGIC, 0)?;
     file.sync_all()?;

@@ -78,10 +78,7 @@ fn check(wal: &Wal, model: &BTreeMap<u16, ModelShard>) -> std::result::Result<()
             shard
         );
         let read = wal.read_entries(shard, first, usize::MAX).expect("read");
-        let wanted: Vec<_> = expected
-            .entries
-            .range(expected.purged_through + 1..)
-            .collect();
+        let wanted: Vec<_> = expected.entries.range(expected.purged_through + 1..).collect();
         let got: Vec<_> = read
             .iter()
             .filter(|(id, _)| id.index > expected.purged_through)
@@ -111,13 +108,9 @@ fn tear_tail(dir: &Path, garbage: &[u8]) {
             end += used;
         }
         let room = bytes.len().saturating_sub(end);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .expect("open");
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
         std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(end as u64)).expect("seek");
-        file.write_all(&garbage[..garbage.len().min(room)])
-            .expect("write");
+        file.write_all(&garbage[..garbage.len().min(room)]).expect("write");
     }
 }
 
@@ -229,24 +222,16 @@ fn a_flipped_bit_mid_log_degrades_only_the_affected_shard_and_deletes_nothing() 
 
     let (wal, events) = Wal::open(dir.path(), options()).expect("reopen");
     assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, RecoveryEvent::Corruption { .. })),
+        events.iter().any(|e| matches!(e, RecoveryEvent::Corruption { .. })),
         "{events:?}"
     );
-    assert!(
-        wal.degraded(0).is_some(),
-        "the shard whose record rotted is degraded"
-    );
+    assert!(wal.degraded(0).is_some(), "the shard whose record rotted is degraded");
     assert_eq!(
         wal.last_log_id(0).map(|id| id.index),
         Some(1),
         "replay stops at the last good entry"
     );
-    assert!(
-        wal.degraded(2).is_none(),
-        "a shard sharing the lane is unaffected"
-    );
+    assert!(wal.degraded(2).is_none(), "a shard sharing the lane is unaffected");
     assert_eq!(wal.read_entries(2, 1, 100).expect("read").len(), 40);
     assert_eq!(
         std::fs::metadata(&path).expect("meta").len(),
@@ -261,22 +246,9 @@ fn votes_survive_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wal = open(dir.path());
     assert_eq!(wal.read_vote(3).expect("read"), None);
-    wal.save_vote(
-        3,
-        Vote {
-            term: 4,
-            voted_for: 9,
-        },
-    )
-    .expect("save");
+    wal.save_vote(3, Vote { term: 4, voted_for: 9 }).expect("save");
     wal.shutdown();
     let wal = open(dir.path());
-    assert_eq!(
-        wal.read_vote(3).expect("read"),
-        Some(Vote {
-            term: 4,
-            voted_for: 9
-        })
-    );
+    assert_eq!(wal.read_vote(3).expect("read"), Some(Vote { term: 4, voted_for: 9 }));
     wal.shutdown();
 }

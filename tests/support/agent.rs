@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 #[derive(Clone)]
@@ -28,6 +29,8 @@ pub enum Behavior {
     Malformed,
     /// Text chunks but no `finish`.
     NoFinish,
+    /// Twenty text deltas, one every 50 ms, then `finish`.
+    Dribble,
 }
 
 #[derive(Clone, Debug)]
@@ -49,6 +52,11 @@ pub struct TestAgent {
 
 impl TestAgent {
     pub async fn start(behavior: Behavior) -> TestAgent {
+        Self::start_on("127.0.0.1:0", behavior).await
+    }
+
+    /// Starts on a given address (to bring an agent up where a registered one was down).
+    pub async fn start_on(address: &str, behavior: Behavior) -> TestAgent {
         let state = Arc::new(AgentState {
             behavior,
             calls: Mutex::default(),
@@ -57,7 +65,7 @@ impl TestAgent {
         let app = axum::Router::new()
             .route("/webhook", axum::routing::post(webhook))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         TestAgent { url, state }
@@ -108,11 +116,7 @@ fn streamed(lines: Vec<String>) -> Response {
         .unwrap()
 }
 
-async fn webhook(
-    State(state): State<Arc<AgentState>>,
-    headers: HeaderMap,
-    body: String,
-) -> Response {
+async fn webhook(State(state): State<Arc<AgentState>>, headers: HeaderMap, body: String) -> Response {
     let body: Value = serde_json::from_str(&body).unwrap();
     let call_number = {
         let mut calls = state.calls.lock().unwrap();
@@ -128,19 +132,11 @@ async fn webhook(
         in_flight.1 = in_flight.1.max(in_flight.0);
     }
     let text = last_user_text(&body);
-    let jsonl = |text: &str| {
-        chunks(text)
-            .iter()
-            .map(Value::to_string)
-            .collect::<Vec<_>>()
-    };
+    let jsonl = |text: &str| chunks(text).iter().map(Value::to_string).collect::<Vec<_>>();
     let response = match &state.behavior {
         Behavior::EchoJsonl => streamed(jsonl(&text)),
         Behavior::EchoSse => {
-            let mut lines: Vec<String> = chunks(&text)
-                .iter()
-                .map(|c| format!("data: {c}\n"))
-                .collect();
+            let mut lines: Vec<String> = chunks(&text).iter().map(|c| format!("data: {c}\n")).collect();
             lines.push("data: [DONE]\n".into());
             streamed(lines)
         }
@@ -151,18 +147,44 @@ async fn webhook(
             tokio::time::sleep(*delay).await;
             streamed(jsonl(&text))
         }
-        Behavior::Flaky(failures) if call_number <= *failures => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [("retry-after", "0")],
-            "busy",
-        )
-            .into_response(),
+        Behavior::Flaky(failures) if call_number <= *failures => {
+            (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "0")], "busy").into_response()
+        }
         Behavior::Flaky(_) => streamed(jsonl(&text)),
         Behavior::Refuse => (StatusCode::BAD_REQUEST, "{\"type\":\"text-start\"}").into_response(),
-        Behavior::Malformed => streamed(vec![
-            "{\"type\":\"start\"}".into(),
-            "this is not json".into(),
-        ]),
+        Behavior::Malformed => streamed(vec!["{\"type\":\"start\"}".into(), "this is not json".into()]),
+        Behavior::Dribble => {
+            let mut lines = vec![json!({"type": "text-start", "id": "t"}).to_string()];
+            lines.extend(
+                (0..20).map(|n| json!({"type": "text-delta", "id": "t", "delta": format!("{n} ")}).to_string()),
+            );
+            lines.push(json!({"type": "text-end", "id": "t"}).to_string());
+            lines.push(json!({"type": "finish"}).to_string());
+            let stream = futures_util::stream::iter(lines).then(|line| async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, std::convert::Infallible>(format!("{line}\n"))
+            });
+            Response::builder()
+                .header("content-type", "application/x-ndjson")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+        Behavior::Dribble => {
+            let mut lines = vec![json!({"type": "text-start", "id": "t"}).to_string()];
+            lines.extend(
+                (0..20).map(|n| json!({"type": "text-delta", "id": "t", "delta": format!("{n} ")}).to_string()),
+            );
+            lines.push(json!({"type": "text-end", "id": "t"}).to_string());
+            lines.push(json!({"type": "finish"}).to_string());
+            let stream = futures_util::stream::iter(lines).then(|line| async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, std::convert::Infallible>(format!("{line}\n"))
+            });
+            Response::builder()
+                .header("content-type", "application/x-ndjson")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
         Behavior::NoFinish => {
             let mut lines = jsonl(&text);
             lines.truncate(5);

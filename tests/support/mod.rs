@@ -13,8 +13,7 @@ use fleetlm::config::{Config, Settings};
 use serde_json::{Value, json};
 
 pub fn database_admin_url() -> String {
-    std::env::var("FLEETLM_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("FLEETLM_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A Postgres database of its own, dropped when this value is.
@@ -36,12 +35,9 @@ fn run_admin_sql(sql: String) {
             .build()
             .unwrap();
         runtime.block_on(async move {
-            let (client, connection) =
-                tokio_postgres::connect(&database_admin_url(), tokio_postgres::NoTls)
-                    .await
-                    .expect(
-                        "Postgres must be reachable at FLEETLM_TEST_DATABASE_URL for the tests",
-                    );
+            let (client, connection) = tokio_postgres::connect(&database_admin_url(), tokio_postgres::NoTls)
+                .await
+                .expect("Postgres must be reachable at FLEETLM_TEST_DATABASE_URL for the tests");
             tokio::spawn(connection);
             client.batch_execute(&sql).await.expect("admin sql");
         });
@@ -61,10 +57,7 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        run_admin_sql(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ));
+        run_admin_sql(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
     }
 }
 
@@ -105,8 +98,7 @@ impl TestServer {
     pub async fn start_with(store: Store, adjust: impl FnOnce(&mut Settings)) -> TestServer {
         let data_dir = tempfile::tempdir().expect("tempdir");
         let database = (store == Store::Postgres).then(TestDatabase::create);
-        let mut settings =
-            test_settings(data_dir.path(), database.as_ref().map(|d| d.url.as_str()));
+        let mut settings = test_settings(data_dir.path(), database.as_ref().map(|d| d.url.as_str()));
         adjust(&mut settings);
         let config: Config = settings.validate().expect("valid test config");
         let server = fleetlm::server::start(config).await.expect("server starts");
@@ -125,11 +117,7 @@ impl TestServer {
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(response) = self
-                .client
-                .get(format!("{}/health/ready", self.base))
-                .send()
-                .await
+            if let Ok(response) = self.client.get(format!("{}/health/ready", self.base)).send().await
                 && response.status() == 200
             {
                 return;
@@ -173,11 +161,7 @@ pub async fn call(client: &reqwest::Client, method: &str, url: &str, body: Optio
     } else {
         serde_json::from_str(&text).expect("json body")
     };
-    Reply {
-        status,
-        body,
-        headers,
-    }
+    Reply { status, body, headers }
 }
 
 impl TestServer {
@@ -200,7 +184,10 @@ impl TestServer {
     /// Registers agent `id` and creates session `session_id` for `user`.
     pub async fn agent_and_session(&self, agent_id: &str, user: &str, session_id: &str) {
         let agent = self
-            .post("/api/agents", json!({"agent": {"id": agent_id, "name": agent_id, "origin_url": "http://127.0.0.1:9"}}))
+            .post(
+                "/api/agents",
+                json!({"agent": {"id": agent_id, "name": agent_id, "origin_url": "http://127.0.0.1:9"}}),
+            )
             .await;
         assert!(
             agent.status == 201 || agent.status == 422,
@@ -286,9 +273,7 @@ impl Drop for ServerProcess {
 
 /// A raw WebSocket client speaking Phoenix frames as text, for frame-exact tests.
 pub struct WsClient {
-    pub stream: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    pub stream: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
 }
 
 pub enum WsError {
@@ -298,10 +283,7 @@ pub enum WsError {
 impl WsClient {
     /// Connects to `/socket/websocket?{query}`; `Err(status)` if the upgrade is refused.
     pub async fn connect(base: &str, query: &str) -> Result<WsClient, WsError> {
-        let url = format!(
-            "{}/socket/websocket?{query}",
-            base.replacen("http://", "ws://", 1)
-        );
+        let url = format!("{}/socket/websocket?{query}", base.replacen("http://", "ws://", 1));
         match tokio_tungstenite::connect_async(url).await {
             Ok((stream, _)) => Ok(WsClient { stream }),
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
@@ -323,10 +305,7 @@ impl WsClient {
     pub async fn next(&mut self) -> Value {
         loop {
             let frame = self.next_any().await;
-            let event = frame
-                .get(3)
-                .or_else(|| frame.get("event"))
-                .and_then(Value::as_str);
+            let event = frame.get(3).or_else(|| frame.get("event")).and_then(Value::as_str);
             if event != Some("agent_status") {
                 return frame;
             }
@@ -336,9 +315,7 @@ impl WsClient {
     /// The next text frame, parsed, within 5 s.
     pub async fn next_any(&mut self) -> Value {
         match self.next_message().await {
-            tokio_tungstenite::tungstenite::Message::Text(text) => {
-                serde_json::from_str(&text).expect("json frame")
-            }
+            tokio_tungstenite::tungstenite::Message::Text(text) => serde_json::from_str(&text).expect("json frame"),
             other => panic!("expected a text frame, got {other:?}"),
         }
     }
@@ -353,8 +330,7 @@ impl WsClient {
                 .expect("frame");
             if !matches!(
                 message,
-                tokio_tungstenite::tungstenite::Message::Ping(_)
-                    | tokio_tungstenite::tungstenite::Message::Pong(_)
+                tokio_tungstenite::tungstenite::Message::Ping(_) | tokio_tungstenite::tungstenite::Message::Pong(_)
             ) {
                 return message;
             }
@@ -388,8 +364,6 @@ impl WsClient {
     /// Asserts nothing arrives within `wait`.
     pub async fn silent_for(&mut self, wait: Duration) -> bool {
         use futures_util::StreamExt;
-        tokio::time::timeout(wait, self.stream.next())
-            .await
-            .is_err()
+        tokio::time::timeout(wait, self.stream.next()).await.is_err()
     }
 }
