@@ -169,22 +169,6 @@ async fn webhook(State(state): State<Arc<AgentState>>, headers: HeaderMap, body:
                 .body(Body::from_stream(stream))
                 .unwrap()
         }
-        Behavior::Dribble => {
-            let mut lines = vec![json!({"type": "text-start", "id": "t"}).to_string()];
-            lines.extend(
-                (0..20).map(|n| json!({"type": "text-delta", "id": "t", "delta": format!("{n} ")}).to_string()),
-            );
-            lines.push(json!({"type": "text-end", "id": "t"}).to_string());
-            lines.push(json!({"type": "finish"}).to_string());
-            let stream = futures_util::stream::iter(lines).then(|line| async move {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Ok::<_, std::convert::Infallible>(format!("{line}\n"))
-            });
-            Response::builder()
-                .header("content-type", "application/x-ndjson")
-                .body(Body::from_stream(stream))
-                .unwrap()
-        }
         Behavior::NoFinish => {
             let mut lines = jsonl(&text);
             lines.truncate(5);
