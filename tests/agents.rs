@@ -62,6 +62,15 @@ async fn agent_messages(server: &TestServer, session: &str, agent_id: &str, coun
     }
 }
 
+/// Waits until the agent has been called `count` times.
+async fn wait_for_calls(agent: &TestAgent, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.calls().len() < count {
+        assert!(Instant::now() < deadline, "the agent was not called");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn reply_text(message: &Value) -> String {
     message["content"]["parts"]
         .as_array()
@@ -155,10 +164,10 @@ async fn quick_messages_are_debounced_into_one_webhook() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_dispatch_in_flight_per_session_with_a_follow_up() {
     let server = TestServer::start(Store::Sqlite).await;
-    let agent = TestAgent::start(Behavior::Slow(Duration::from_millis(600))).await;
+    let agent = TestAgent::start(Behavior::Slow(Duration::from_millis(1000))).await;
     register(&server, &agent, "slow", json!({})).await;
     say(&server, "slow-s", "first").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for_calls(&agent, 1).await;
     say(&server, "slow-s", "second").await;
     say(&server, "slow-s", "third").await;
     let replies = agent_messages(&server, "slow-s", "slow", 2).await;
@@ -333,7 +342,8 @@ async fn a_late_joiner_gets_a_snapshot_then_only_the_rest() {
     let agent = TestAgent::start(Behavior::Dribble).await;
     register(&server, &agent, "drip", json!({})).await;
     say(&server, "drip-s", "go").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_calls(&agent, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
         .await
         .ok()
