@@ -188,15 +188,28 @@ impl SessionView {
     }
 }
 
-/// Short text shown in inbox entries: the content's `text` field, cut to 100 characters.
+/// Short text shown in inbox entries: the content's `text` field, or the text parts of an
+/// assistant message, cut to 100 characters.
 pub fn message_preview(content: &RawValue) -> Option<String> {
     #[derive(Deserialize)]
-    struct WithText<'a> {
+    struct Part<'a> {
         #[serde(borrow)]
         text: Option<std::borrow::Cow<'a, str>>,
     }
-    let parsed: WithText<'_> = serde_json::from_str(content.get()).ok()?;
-    parsed.text.map(|text| text.chars().take(100).collect())
+    #[derive(Deserialize)]
+    struct Content<'a> {
+        #[serde(borrow)]
+        text: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow, default)]
+        parts: Option<Vec<Part<'a>>>,
+    }
+    let parsed: Content<'_> = serde_json::from_str(content.get()).ok()?;
+    let text: String = match (parsed.text, parsed.parts) {
+        (Some(text), _) => text.into_owned(),
+        (None, Some(parts)) => parts.iter().filter_map(|p| p.text.as_deref()).collect(),
+        (None, None) => return None,
+    };
+    (!text.is_empty()).then(|| text.chars().take(100).collect())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,5 +305,9 @@ mod tests {
         assert_eq!(message_preview(&content).as_deref(), Some("hello there"));
         let content = RawValue::from_string(r#"{"parts":[]}"#.into()).unwrap();
         assert_eq!(message_preview(&content), None);
+        let content =
+            RawValue::from_string(r#"{"role":"assistant","parts":[{"type":"text","text":"hi "},{"type":"step-start"},{"type":"text","text":"there"}]}"#.into())
+                .unwrap();
+        assert_eq!(message_preview(&content).as_deref(), Some("hi there"));
     }
 }
