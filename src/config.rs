@@ -88,6 +88,18 @@ pub struct Settings {
     /// At most one inbox_delta per user per this interval.
     #[arg(long, env = "FLEETLM_INBOX_PUSH_INTERVAL_MS")]
     pub inbox_push_interval_ms: Option<u64>,
+    /// Webhook attempts per dispatch (retries included).
+    #[arg(long, env = "FLEETLM_AGENT_MAX_ATTEMPTS")]
+    pub agent_max_attempts: Option<u32>,
+    /// Bound on one whole dispatch, retries included.
+    #[arg(long, env = "FLEETLM_DISPATCH_DEADLINE_SECS")]
+    pub dispatch_deadline_secs: Option<u64>,
+    /// Dispatches one agent may have in flight.
+    #[arg(long, env = "FLEETLM_AGENT_MAX_IN_FLIGHT")]
+    pub agent_max_in_flight: Option<usize>,
+    /// Dispatches this node may have in flight.
+    #[arg(long, env = "FLEETLM_MAX_DISPATCHES_IN_FLIGHT")]
+    pub max_dispatches_in_flight: Option<usize>,
     /// Bound on the final archive flush at shutdown.
     #[arg(long, env = "FLEETLM_SHUTDOWN_DEADLINE_MS")]
     pub shutdown_deadline_ms: Option<u64>,
@@ -129,6 +141,10 @@ pub struct Config {
     pub ws_max_channels: usize,
     pub ws_max_sockets_per_identity: usize,
     pub inbox_push_interval: Duration,
+    pub agent_max_attempts: u32,
+    pub dispatch_deadline: Duration,
+    pub agent_max_in_flight: usize,
+    pub max_dispatches_in_flight: usize,
     pub shutdown_deadline: Duration,
 }
 
@@ -187,6 +203,10 @@ impl Settings {
             ws_max_channels,
             ws_max_sockets_per_identity,
             inbox_push_interval_ms,
+            agent_max_attempts,
+            dispatch_deadline_secs,
+            agent_max_in_flight,
+            max_dispatches_in_flight,
             shutdown_deadline_ms
         )
     }
@@ -290,6 +310,10 @@ impl Settings {
             ws_max_channels: self.ws_max_channels.unwrap_or(100).max(1),
             ws_max_sockets_per_identity: self.ws_max_sockets_per_identity.unwrap_or(100).max(1),
             inbox_push_interval: Duration::from_millis(self.inbox_push_interval_ms.unwrap_or(1000)),
+            agent_max_attempts: self.agent_max_attempts.unwrap_or(5).clamp(1, 20),
+            dispatch_deadline: Duration::from_secs(self.dispatch_deadline_secs.unwrap_or(600).max(1)),
+            agent_max_in_flight: self.agent_max_in_flight.unwrap_or(100).max(1),
+            max_dispatches_in_flight: self.max_dispatches_in_flight.unwrap_or(1000).max(1),
             shutdown_deadline: Duration::from_millis(self.shutdown_deadline_ms.unwrap_or(10_000)),
         })
     }

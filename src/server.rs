@@ -159,7 +159,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .context("cannot build the webhook HTTP client")?,
-        config: crate::agents::EngineConfig::default(),
+        config: crate::agents::EngineConfig {
+            max_attempts: config.agent_max_attempts,
+            dispatch_deadline: config.dispatch_deadline,
+            max_in_flight_per_agent: config.agent_max_in_flight,
+            max_in_flight: config.max_dispatches_in_flight,
+            max_reply_line_bytes: 1024 * 1024,
+        },
         shards_limits: crate::agents::MessageLimits {
             max_message_bytes: config.max_message_bytes,
             max_metadata_depth: config.max_metadata_depth,

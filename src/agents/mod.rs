@@ -42,18 +42,6 @@ pub struct EngineConfig {
     pub max_reply_line_bytes: usize,
 }
 
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            max_attempts: 5,
-            dispatch_deadline: Duration::from_secs(600),
-            max_in_flight_per_agent: 100,
-            max_in_flight: 1000,
-            max_reply_line_bytes: 1024 * 1024,
-        }
-    }
-}
-
 /// Limits the engine applies to the messages it stores (the same as for clients).
 #[derive(Debug, Clone)]
 pub struct MessageLimits {
