@@ -7,6 +7,7 @@ mod idle;
 mod phx;
 mod rest;
 mod server;
+mod turns;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,8 @@ enum Scenario {
     Fanout(fanout::FanoutOptions),
     /// K idle sockets each joined to a session: server RSS per socket.
     IdleSockets(idle::IdleOptions),
+    /// Users talking to a local echo agent: turns/s and debounce accuracy.
+    AgentTurns(turns::TurnsOptions),
 }
 
 #[tokio::main]
@@ -54,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::RestWrite(options) => rest::write_saturation(&server, &options).await?,
         Scenario::Fanout(options) => fanout::fanout(&server, &options).await?,
         Scenario::IdleSockets(options) => idle::idle_sockets(&server, &options).await?,
+        Scenario::AgentTurns(options) => turns::agent_turns(&server, &options).await?,
     };
     if let Some(path) = cli.json {
         std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
