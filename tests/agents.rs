@@ -458,3 +458,54 @@ async fn a_dispatch_owed_at_a_crash_is_made_after_restart() {
     }
     assert_eq!(agent.calls().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlong_reply_line_fails_the_dispatch_without_retry() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::HugeLine).await;
+    register(&server, &agent, "huge", json!({})).await;
+    let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
+        .await
+        .ok()
+        .unwrap();
+    ws.send(r#"["1","1","session:huge-s","phx_join",{}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    say(&server, "huge-s", "hi").await;
+    loop {
+        let frame = ws.next_any().await;
+        if frame[3] == "agent_status" && frame[4]["status"] == "failed" {
+            assert!(frame[4]["error"].as_str().unwrap().contains("longer than"), "{frame}");
+            break;
+        }
+    }
+    assert_eq!(agent.calls().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_dispatch_ends_at_the_deadline_and_frees_the_session() {
+    let server = TestServer::start_with(Store::Sqlite, |s| s.dispatch_deadline_secs = Some(1)).await;
+    let agent = TestAgent::start(Behavior::Slow(Duration::from_secs(30))).await;
+    register(&server, &agent, "hung", json!({"message_history_mode": "entire"})).await;
+    let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
+        .await
+        .ok()
+        .unwrap();
+    ws.send(r#"["1","1","session:hung-s","phx_join",{}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    say(&server, "hung-s", "one").await;
+    let started = Instant::now();
+    loop {
+        let frame = ws.next_any().await;
+        if frame[3] == "agent_status" && frame[4]["status"] == "failed" {
+            assert_eq!(frame[4]["error"], "dispatch deadline exceeded");
+            break;
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The session is free: the next user message dispatches again, with the entire history.
+    say(&server, "hung-s", "two").await;
+    wait_for_calls(&agent, 2).await;
+    assert_eq!(agent.calls()[1].body["messages"].as_array().unwrap().len(), 2);
+    server.stop().await;
+}

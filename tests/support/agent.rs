@@ -31,6 +31,8 @@ pub enum Behavior {
     NoFinish,
     /// Twenty text deltas, one every 50 ms, then `finish`.
     Dribble,
+    /// A reply line of 1.1 MiB.
+    HugeLine,
 }
 
 #[derive(Clone, Debug)]
@@ -168,6 +170,12 @@ async fn webhook(State(state): State<Arc<AgentState>>, headers: HeaderMap, body:
                 .header("content-type", "application/x-ndjson")
                 .body(Body::from_stream(stream))
                 .unwrap()
+        }
+        Behavior::HugeLine => {
+            let delta = "x".repeat(1_150_000);
+            streamed(vec![
+                json!({"type": "text-delta", "id": "t", "delta": delta}).to_string(),
+            ])
         }
         Behavior::NoFinish => {
             let mut lines = jsonl(&text);
