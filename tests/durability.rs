@@ -276,16 +276,16 @@ async fn archive_outage_loses_nothing_and_flush_catches_up() {
     let history = call(
         &client,
         "GET",
-        &format!("{base}/api/sessions/s0/messages?after_seq=0&limit=1000"),
+        &format!("{base}/api/sessions/s0/messages?after_seq=20&limit=1000"),
         None,
     )
     .await;
     assert_eq!(
         history.status, 200,
-        "reads come from memory and the WAL: {}",
+        "what was written during the outage is read from memory and the WAL: {}",
         history.body
     );
-    assert_eq!(history.body["messages"].as_array().unwrap().len(), 220);
+    assert_eq!(history.body["messages"].as_array().unwrap().len(), 200);
     let ready = call(&client, "GET", &format!("{base}/health/ready"), None).await;
     assert_eq!(ready.status, 503, "not ready while the archive is unreachable");
 
