@@ -62,6 +62,28 @@ async fn agent_messages(server: &TestServer, session: &str, agent_id: &str, coun
     }
 }
 
+/// A socket of user `u` joined to `session`.
+async fn join_as_user(server: &TestServer, session: &str) -> support::WsClient {
+    let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
+        .await
+        .ok()
+        .unwrap();
+    ws.send(format!(r#"["1","1","session:{session}","phx_join",{{}}]"#))
+        .await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    ws
+}
+
+/// Waits for an `agent_status` `failed` push and returns its payload.
+async fn wait_for_failure(ws: &mut support::WsClient) -> Value {
+    loop {
+        let frame = ws.next_any().await;
+        if frame[3] == "agent_status" && frame[4]["status"] == "failed" {
+            return frame[4].clone();
+        }
+    }
+}
+
 /// Waits until the agent has been called `count` times.
 async fn wait_for_calls(agent: &TestAgent, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -253,12 +275,7 @@ async fn subscribers_see_chunks_live_then_the_stored_message() {
     let server = TestServer::start(Store::Sqlite).await;
     let agent = TestAgent::start(Behavior::EchoJsonl).await;
     register(&server, &agent, "live", json!({})).await;
-    let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
-        .await
-        .ok()
-        .unwrap();
-    ws.send(r#"["1","1","session:live-s","phx_join",{}]"#).await;
-    assert_eq!(ws.next().await[4]["status"], "ok");
+    let mut ws = join_as_user(&server, "live-s").await;
     say(&server, "live-s", "stream me").await;
     let mut events = Vec::new();
     let mut chunk_types = Vec::new();
@@ -344,12 +361,7 @@ async fn a_late_joiner_gets_a_snapshot_then_only_the_rest() {
     say(&server, "drip-s", "go").await;
     wait_for_calls(&agent, 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
-        .await
-        .ok()
-        .unwrap();
-    ws.send(r#"["1","1","session:drip-s","phx_join",{}]"#).await;
-    assert_eq!(ws.next().await[4]["status"], "ok");
+    let mut ws = join_as_user(&server, "drip-s").await;
     let snapshot = ws.next().await;
     assert_eq!(snapshot[3], "stream_snapshot", "{snapshot}");
     assert_eq!(snapshot[4]["agent_id"], "drip");
@@ -382,20 +394,10 @@ async fn a_disabled_agent_is_not_called() {
     let agent = TestAgent::start(Behavior::EchoJsonl).await;
     register(&server, &agent, "off", json!({})).await;
     assert_eq!(server.delete("/api/agents/off").await.status, 200);
-    let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
-        .await
-        .ok()
-        .unwrap();
-    ws.send(r#"["1","1","session:off-s","phx_join",{}]"#).await;
-    assert_eq!(ws.next().await[4]["status"], "ok");
+    let mut ws = join_as_user(&server, "off-s").await;
     say(&server, "off-s", "anyone?").await;
-    loop {
-        let frame = ws.next_any().await;
-        if frame[3] == "agent_status" && frame[4]["status"] == "failed" {
-            assert_eq!(frame[4]["error"], "agent_disabled");
-            break;
-        }
-    }
+    let failed = wait_for_failure(&mut ws).await;
+    assert_eq!(failed["error"], "agent_disabled");
     assert!(agent.calls().is_empty());
     server.stop().await;
 }
@@ -464,20 +466,10 @@ async fn an_overlong_reply_line_fails_the_dispatch_without_retry() {
     let server = TestServer::start(Store::Sqlite).await;
     let agent = TestAgent::start(Behavior::HugeLine).await;
     register(&server, &agent, "huge", json!({})).await;
-    let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
-        .await
-        .ok()
-        .unwrap();
-    ws.send(r#"["1","1","session:huge-s","phx_join",{}]"#).await;
-    assert_eq!(ws.next().await[4]["status"], "ok");
+    let mut ws = join_as_user(&server, "huge-s").await;
     say(&server, "huge-s", "hi").await;
-    loop {
-        let frame = ws.next_any().await;
-        if frame[3] == "agent_status" && frame[4]["status"] == "failed" {
-            assert!(frame[4]["error"].as_str().unwrap().contains("longer than"), "{frame}");
-            break;
-        }
-    }
+    let failed = wait_for_failure(&mut ws).await;
+    assert!(failed["error"].as_str().unwrap().contains("longer than"), "{failed}");
     assert_eq!(agent.calls().len(), 1);
     server.stop().await;
 }
@@ -487,21 +479,11 @@ async fn a_hung_dispatch_ends_at_the_deadline_and_frees_the_session() {
     let server = TestServer::start_with(Store::Sqlite, |s| s.dispatch_deadline_secs = Some(1)).await;
     let agent = TestAgent::start(Behavior::Slow(Duration::from_secs(30))).await;
     register(&server, &agent, "hung", json!({"message_history_mode": "entire"})).await;
-    let mut ws = support::WsClient::connect(&server.base, "user_id=u&vsn=2.0.0")
-        .await
-        .ok()
-        .unwrap();
-    ws.send(r#"["1","1","session:hung-s","phx_join",{}]"#).await;
-    assert_eq!(ws.next().await[4]["status"], "ok");
+    let mut ws = join_as_user(&server, "hung-s").await;
     say(&server, "hung-s", "one").await;
     let started = Instant::now();
-    loop {
-        let frame = ws.next_any().await;
-        if frame[3] == "agent_status" && frame[4]["status"] == "failed" {
-            assert_eq!(frame[4]["error"], "dispatch deadline exceeded");
-            break;
-        }
-    }
+    let failed = wait_for_failure(&mut ws).await;
+    assert_eq!(failed["error"], "dispatch deadline exceeded");
     assert!(started.elapsed() < Duration::from_secs(5));
     // The session is free: the next user message dispatches again, with the entire history.
     say(&server, "hung-s", "two").await;

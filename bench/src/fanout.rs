@@ -27,17 +27,11 @@ pub struct FanoutOptions {
 pub async fn fanout(target: &Target, options: &FanoutOptions) -> anyhow::Result<Value> {
     let client = reqwest::Client::new();
     let session = format!("fanout-{}", std::process::id());
-    let agent = json!({"agent": {"id": "bench-agent", "name": "bench", "origin_url": "http://127.0.0.1:9"}});
-    client
-        .post(format!("{}/api/agents", target.base))
-        .json(&agent)
-        .send()
+    target
+        .register_agent(&client, "bench-agent", "http://127.0.0.1:9", json!({}))
         .await?;
-    let body = json!({"user_id": "bench-user", "agent_id": "bench-agent", "id": session});
-    client
-        .post(format!("{}/api/sessions", target.base))
-        .json(&body)
-        .send()
+    target
+        .create_session(&client, &session, "bench-user", "bench-agent")
         .await?;
     let topic = format!("session:{session}");
     let origin = Instant::now();

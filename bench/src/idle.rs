@@ -18,22 +18,14 @@ pub struct IdleOptions {
 
 pub async fn idle_sockets(target: &Target, options: &IdleOptions) -> anyhow::Result<Value> {
     let client = reqwest::Client::new();
-    let agent = json!({"agent": {"id": "bench-agent", "name": "bench", "origin_url": "http://127.0.0.1:9"}});
-    client
-        .post(format!("{}/api/agents", target.base))
-        .json(&agent)
-        .send()
+    target
+        .register_agent(&client, "bench-agent", "http://127.0.0.1:9", json!({}))
         .await?;
     let run = std::process::id();
     for i in 0..options.sockets {
-        let body = json!({"user_id": format!("idle-{i}"), "agent_id": "bench-agent", "id": format!("idle-{run}-{i}")});
-        let status = client
-            .post(format!("{}/api/sessions", target.base))
-            .json(&body)
-            .send()
-            .await?
-            .status();
-        anyhow::ensure!(status == 201, "session create failed: {status}");
+        target
+            .create_session(&client, &format!("idle-{run}-{i}"), &format!("idle-{i}"), "bench-agent")
+            .await?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = target.metric(&client, "fleetlm_process_rss_bytes").await?;

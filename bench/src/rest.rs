@@ -29,22 +29,14 @@ pub async fn write_saturation(target: &Target, options: &WriteOptions) -> anyhow
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(options.sessions * options.depth)
         .build()?;
-    let agent = json!({"agent": {"id": "bench-agent", "name": "bench", "origin_url": "http://127.0.0.1:9"}});
-    client
-        .post(format!("{}/api/agents", target.base))
-        .json(&agent)
-        .send()
+    target
+        .register_agent(&client, "bench-agent", "http://127.0.0.1:9", json!({}))
         .await?;
     let run = format!("{}", std::process::id());
     for s in 0..options.sessions {
-        let body = json!({"user_id": "bench-user", "agent_id": "bench-agent", "id": format!("bench-{run}-{s}")});
-        let status = client
-            .post(format!("{}/api/sessions", target.base))
-            .json(&body)
-            .send()
-            .await?
-            .status();
-        anyhow::ensure!(status == 201, "session create failed: {status}");
+        target
+            .create_session(&client, &format!("bench-{run}-{s}"), "bench-user", "bench-agent")
+            .await?;
     }
     let warmup = Duration::from_secs(2);
     let measured = Duration::from_secs(options.seconds);
@@ -60,7 +52,7 @@ pub async fn write_saturation(target: &Target, options: &WriteOptions) -> anyhow
             workers.push(tokio::spawn(async move {
                 let mut latencies = Histogram::<u64>::new(3).expect("histogram");
                 let mut errors = 0u64;
-                let body = Arc::new(json!({"user_id": "bench-user", "content": {"text": text}}));
+                let body = Arc::new(json!({"agent_id": "bench-agent", "content": {"text": text}}));
                 while Instant::now() < stop_at {
                     let sent = Instant::now();
                     let ok = matches!(client.post(&url).json(&*body).send().await, Ok(r) if r.status() == 200);

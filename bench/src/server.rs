@@ -55,6 +55,49 @@ impl Target {
         })
     }
 
+    /// Registers agent `id` calling `origin_url`; `extra` adds or overrides fields.
+    pub async fn register_agent(
+        &self,
+        client: &reqwest::Client,
+        id: &str,
+        origin_url: &str,
+        extra: serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let mut agent = serde_json::json!({"id": id, "name": id, "origin_url": origin_url});
+        for (key, value) in extra.as_object().into_iter().flatten() {
+            agent[key] = value.clone();
+        }
+        let status = client
+            .post(format!("{}/api/agents", self.base))
+            .json(&serde_json::json!({ "agent": agent }))
+            .send()
+            .await?
+            .status();
+        anyhow::ensure!(
+            status.is_success() || status.as_u16() == 422,
+            "agent registration failed: {status}"
+        );
+        Ok(())
+    }
+
+    pub async fn create_session(
+        &self,
+        client: &reqwest::Client,
+        id: &str,
+        user_id: &str,
+        agent_id: &str,
+    ) -> anyhow::Result<()> {
+        let body = serde_json::json!({"id": id, "user_id": user_id, "agent_id": agent_id});
+        let status = client
+            .post(format!("{}/api/sessions", self.base))
+            .json(&body)
+            .send()
+            .await?
+            .status();
+        anyhow::ensure!(status.as_u16() == 201, "session create failed: {status}");
+        Ok(())
+    }
+
     /// Sum of a Prometheus counter or histogram series (all label sets) from `/metrics`.
     pub async fn metric(&self, client: &reqwest::Client, name: &str) -> anyhow::Result<f64> {
         let text = client

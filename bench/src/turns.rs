@@ -61,25 +61,13 @@ pub async fn agent_turns(target: &Target, options: &TurnsOptions) -> anyhow::Res
     let client = reqwest::Client::new();
     let run = std::process::id();
     let agent_id = format!("echo-{run}");
-    let agent = json!({"agent": {"id": agent_id, "name": "echo", "origin_url": agent_url,
-        "debounce_window_ms": options.debounce_ms, "message_history_mode": "last"}});
-    client
-        .post(format!("{}/api/agents", target.base))
-        .json(&agent)
-        .send()
-        .await?;
+    let settings = json!({"debounce_window_ms": options.debounce_ms, "message_history_mode": "last"});
+    target.register_agent(&client, &agent_id, &agent_url, settings).await?;
     let stop_at = Instant::now() + Duration::from_secs(options.seconds);
     let mut tasks = Vec::new();
     for s in 0..options.sessions {
         let (user, session) = (format!("turn-user-{s}"), format!("turns-{run}-{s}"));
-        let body = json!({"user_id": user, "agent_id": agent_id, "id": session});
-        let status = client
-            .post(format!("{}/api/sessions", target.base))
-            .json(&body)
-            .send()
-            .await?
-            .status();
-        anyhow::ensure!(status == 201, "session create failed: {status}");
+        target.create_session(&client, &session, &user, &agent_id).await?;
         let mut socket = PhxClient::connect(&target.base, &format!("user_id={user}")).await?;
         let topic = format!("session:{session}");
         socket.join(&topic, "{}").await?;
