@@ -2,12 +2,14 @@
 //! latency and fsync batching. Starts its own server (release binary beside this one, temporary
 //! data directory) unless `--url` points at one.
 
+mod echo;
 mod fanout;
 mod idle;
 mod phx;
 mod rest;
 mod server;
 mod turns;
+mod wswrite;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +33,8 @@ struct Cli {
 enum Scenario {
     /// REST write saturation: S sessions × D requests in flight each; fsync-acked appends/s.
     RestWrite(rest::WriteOptions),
+    /// WebSocket write saturation against FleetLM and the bare echo server (the transport limit).
+    WsWrite(wswrite::WsWriteOptions),
     /// One writer socket, N subscriber sockets on one session: deliveries/s and latency.
     Fanout(fanout::FanoutOptions),
     /// K idle sockets each joined to a session: server RSS per socket.
@@ -55,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let results = match cli.scenario {
         Scenario::RestWrite(options) => rest::write_saturation(&server, &options).await?,
+        Scenario::WsWrite(options) => wswrite::ws_write(&server, &options).await?,
         Scenario::Fanout(options) => fanout::fanout(&server, &options).await?,
         Scenario::IdleSockets(options) => idle::idle_sockets(&server, &options).await?,
         Scenario::AgentTurns(options) => turns::agent_turns(&server, &options).await?,

@@ -1,0 +1,172 @@
+//! WebSocket write saturation: S sockets, each the agent of its own session, keep D `send`s in
+//! flight; acked appends/s and send→ack latency. Run against FleetLM and, in the same run, the
+//! bare echo server (the transport limit) for the ratio.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+use crate::phx::PhxClient;
+use crate::server::Target;
+
+#[derive(Args, Clone)]
+pub struct WsWriteOptions {
+    /// Sessions (one socket each).
+    #[arg(long, default_value_t = 64)]
+    pub sessions: usize,
+    /// Sends in flight per socket.
+    #[arg(long, default_value_t = 8)]
+    pub depth: usize,
+    /// Measured seconds per run (after 1 s of warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Bytes of text per message.
+    #[arg(long, default_value_t = 100)]
+    pub message_bytes: usize,
+    /// Offered load in sends/s across all sockets (0 = as fast as acks allow).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+}
+
+pub struct WriteRun {
+    pub acked_per_sec: f64,
+    pub latencies: Histogram<u64>,
+}
+
+impl WriteRun {
+    pub fn ms(&self, quantile: f64) -> f64 {
+        self.latencies.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({"acked_per_sec": self.acked_per_sec,
+            "latency_ms": {"p50": self.ms(0.5), "p99": self.ms(0.99), "p999": self.ms(0.999)}})
+    }
+}
+
+/// Drives `sessions × depth` pipelined sends against `base` (FleetLM or the echo server).
+pub async fn drive(base: &str, sessions: &[String], options: &WsWriteOptions) -> anyhow::Result<WriteRun> {
+    let warmup = Duration::from_secs(1);
+    let measured = Duration::from_secs(options.seconds);
+    let start = Instant::now();
+    let (measure_from, stop_at) = (start + warmup, start + warmup + measured);
+    let text = "x".repeat(options.message_bytes);
+    let per_socket_interval =
+        (options.rate > 0).then(|| Duration::from_secs_f64(sessions.len() as f64 / options.rate as f64));
+    let mut tasks = Vec::new();
+    for session in sessions {
+        let mut socket = PhxClient::connect(base, "agent_id=bench-agent").await?;
+        let topic = format!("session:{session}");
+        socket.join(&topic, "{}").await?;
+        let (text, depth) = (text.clone(), options.depth);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Histogram::<u64>::new(3).expect("histogram");
+            let mut sent_at: HashMap<String, Instant> = HashMap::new();
+            let mut next_send = Instant::now();
+            loop {
+                let now = Instant::now();
+                let may_send = now < stop_at && sent_at.len() < depth;
+                let paced = per_socket_interval.is_none_or(|_| now >= next_send);
+                if may_send && paced {
+                    let reference = socket.next_ref().to_string();
+                    let frame = format!(
+                        r#"["1","{reference}","{topic}","send",{{"content":{{"content":{{"text":"{text}"}}}}}}]"#
+                    );
+                    if socket.send_frame(frame).await.is_err() {
+                        break;
+                    }
+                    sent_at.insert(reference, now);
+                    if let Some(interval) = per_socket_interval {
+                        next_send += interval;
+                    }
+                    continue;
+                }
+                if sent_at.is_empty() {
+                    if now >= stop_at {
+                        break;
+                    }
+                    tokio::time::sleep_until(next_send.into()).await;
+                    continue;
+                }
+                let Ok(frame) = socket.next_frame().await else { break };
+                if frame[3] != "phx_reply" {
+                    continue;
+                }
+                let Some(sent) = frame[1].as_str().and_then(|r| sent_at.remove(r)) else {
+                    continue;
+                };
+                if frame[4]["status"] == "ok" && sent >= measure_from && sent < stop_at {
+                    latencies.record(sent.elapsed().as_micros() as u64).ok();
+                }
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Histogram::<u64>::new(3)?;
+    for task in tasks {
+        latencies.add(task.await?)?;
+    }
+    Ok(WriteRun {
+        acked_per_sec: latencies.len() as f64 / measured.as_secs_f64(),
+        latencies,
+    })
+}
+
+pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Result<Value> {
+    let client = reqwest::Client::new();
+    target
+        .register_agent(&client, "bench-agent", "http://127.0.0.1:9", json!({}))
+        .await?;
+    let run = std::process::id();
+    let sessions: Vec<String> = (0..options.sessions).map(|s| format!("ws-{run}-{s}")).collect();
+    for session in &sessions {
+        target
+            .create_session(&client, session, "bench-user", "bench-agent")
+            .await?;
+    }
+    let echo_base = crate::echo::start().await?;
+    let echo = drive(&echo_base, &sessions, options).await?;
+    let appends_before = target.metric(&client, "fleetlm_appends_total").await?;
+    let fsyncs_before = target.metric(&client, "fleetlm_wal_fsync_seconds_count").await?;
+    let fleetlm = drive(&target.base, &sessions, options).await?;
+    let appends = target.metric(&client, "fleetlm_appends_total").await? - appends_before;
+    let fsyncs = target.metric(&client, "fleetlm_wal_fsync_seconds_count").await? - fsyncs_before;
+    let per_fsync = if fsyncs > 0.0 { appends / fsyncs } else { 0.0 };
+    let ratio = fleetlm.acked_per_sec / echo.acked_per_sec.max(1.0);
+    println!(
+        "scenario                   ws-write ({} sessions x {} in flight, {} B)",
+        options.sessions, options.depth, options.message_bytes
+    );
+    if options.rate > 0 {
+        println!("offered load               {} sends/s", options.rate);
+    }
+    println!("                           acked/s     p50 ms   p99 ms   p999 ms");
+    for (name, run) in [
+        ("bare echo (no persistence)", &echo),
+        ("fleetlm (fsync-acked)", &fleetlm),
+    ] {
+        println!(
+            "{name:<27}{:>8.0}   {:>7.2}  {:>7.2}  {:>7.2}",
+            run.acked_per_sec,
+            run.ms(0.5),
+            run.ms(0.99),
+            run.ms(0.999)
+        );
+    }
+    println!("fleetlm / echo             {ratio:.2}");
+    println!("appends per fsync          {per_fsync:.1}");
+    Ok(json!({
+        "scenario": "ws-write",
+        "sessions": options.sessions,
+        "depth": options.depth,
+        "message_bytes": options.message_bytes,
+        "rate": options.rate,
+        "echo": echo.to_json(),
+        "fleetlm": fleetlm.to_json(),
+        "ratio_to_echo": ratio,
+        "appends_per_fsync": per_fsync,
+    }))
+}
