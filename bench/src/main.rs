@@ -5,6 +5,7 @@
 mod echo;
 mod fanout;
 mod idle;
+mod pgbase;
 mod phx;
 mod rest;
 mod server;

@@ -29,6 +29,13 @@ pub struct WsWriteOptions {
     /// Offered load in sends/s across all sockets (0 = as fast as acks allow).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// Postgres for the INSERT-per-message baseline (a database of its own is created and
+    /// dropped); `none` skips it.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pub baseline_postgres: String,
+    /// Connections of the Postgres baseline.
+    #[arg(long, default_value_t = 64)]
+    pub postgres_connections: usize,
 }
 
 pub struct WriteRun {
@@ -129,6 +136,10 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
     }
     let echo_base = crate::echo::start().await?;
     let echo = drive(&echo_base, &sessions, options).await?;
+    let postgres = match options.baseline_postgres.as_str() {
+        "none" => None,
+        url => Some(crate::pgbase::drive(url, options, options.postgres_connections).await?),
+    };
     let appends_before = target.metric(&client, "fleetlm_appends_total").await?;
     let fsyncs_before = target.metric(&client, "fleetlm_wal_fsync_seconds_count").await?;
     let fleetlm = drive(&target.base, &sessions, options).await?;
@@ -144,10 +155,12 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
         println!("offered load               {} sends/s", options.rate);
     }
     println!("                           acked/s     p50 ms   p99 ms   p999 ms");
-    for (name, run) in [
-        ("bare echo (no persistence)", &echo),
-        ("fleetlm (fsync-acked)", &fleetlm),
-    ] {
+    let mut rows = vec![("bare echo (no persistence)", &echo)];
+    if let Some(postgres) = &postgres {
+        rows.push(("postgres INSERT per message", postgres));
+    }
+    rows.push(("fleetlm (fsync-acked)", &fleetlm));
+    for (name, run) in rows {
         println!(
             "{name:<27}{:>8.0}   {:>7.2}  {:>7.2}  {:>7.2}",
             run.acked_per_sec,
@@ -157,6 +170,12 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
         );
     }
     println!("fleetlm / echo             {ratio:.2}");
+    let postgres_ratio = postgres
+        .as_ref()
+        .map(|p| fleetlm.acked_per_sec / p.acked_per_sec.max(1.0));
+    if let Some(postgres_ratio) = postgres_ratio {
+        println!("fleetlm / postgres         {postgres_ratio:.2}");
+    }
     println!("appends per fsync          {per_fsync:.1}");
     Ok(json!({
         "scenario": "ws-write",
@@ -166,7 +185,9 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
         "rate": options.rate,
         "echo": echo.to_json(),
         "fleetlm": fleetlm.to_json(),
+        "postgres": postgres.as_ref().map(WriteRun::to_json),
         "ratio_to_echo": ratio,
+        "ratio_to_postgres": postgres_ratio,
         "appends_per_fsync": per_fsync,
     }))
 }
