@@ -1,0 +1,39 @@
+//! The harness itself works: each scenario runs end to end against a real server (started by
+//! the harness from the same build) and writes its JSON. Numbers are not checked here —
+//! benchmarks are not tests.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("result.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_fleetlm-bench"))
+        .args(args)
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("run fleetlm-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(&json_path).expect("json written")).expect("valid json")
+}
+
+#[test]
+fn every_scenario_runs_and_reports() {
+    let write = run(&["ws-write", "--seconds", "1", "--sessions", "4", "--depth", "2"]);
+    assert!(write["fleetlm"]["acked_per_sec"].as_f64().unwrap() > 0.0, "{write}");
+    assert!(write["echo"]["acked_per_sec"].as_f64().unwrap() > 0.0, "{write}");
+    assert!(write["postgres"]["acked_per_sec"].as_f64().unwrap() > 0.0, "{write}");
+    let rest = run(&["rest-write", "--seconds", "1", "--sessions", "4", "--depth", "1"]);
+    assert!(rest["acked_per_sec"].as_f64().unwrap() > 0.0, "{rest}");
+    let fanout = run(&["fanout", "--seconds", "1", "--subscribers", "3"]);
+    assert!(fanout["deliveries_per_sec"].as_f64().unwrap() > 0.0, "{fanout}");
+    let idle = run(&["idle-sockets", "--sockets", "20"]);
+    assert_eq!(idle["sockets"], 20);
+    let turns = run(&["agent-turns", "--seconds", "1", "--sessions", "2"]);
+    assert!(turns["turns_per_sec"].as_f64().unwrap() > 0.0, "{turns}");
+}
