@@ -2,6 +2,7 @@
 //! latency and fsync batching. Starts its own server (release binary beside this one, temporary
 //! data directory) unless `--url` points at one.
 
+mod catchup;
 mod echo;
 mod fanout;
 mod idle;
@@ -40,6 +41,8 @@ enum Scenario {
     Fanout(fanout::FanoutOptions),
     /// K idle sockets each joined to a session: server RSS per socket.
     IdleSockets(idle::IdleOptions),
+    /// C clients join a session of M messages at once (hot, then archived).
+    CatchUp(catchup::CatchUpOptions),
     /// Users talking to a local echo agent: turns/s and debounce accuracy.
     AgentTurns(turns::TurnsOptions),
 }
@@ -47,7 +50,7 @@ enum Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let server = match &cli.url {
+    let mut server = match &cli.url {
         Some(url) => server::Target::external(url.clone()),
         // Load tests open many sockets per identity; lift that limit on the server they start.
         None => {
@@ -63,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::WsWrite(options) => wswrite::ws_write(&server, &options).await?,
         Scenario::Fanout(options) => fanout::fanout(&server, &options).await?,
         Scenario::IdleSockets(options) => idle::idle_sockets(&server, &options).await?,
+        Scenario::CatchUp(options) => catchup::catch_up(&mut server, &options).await?,
         Scenario::AgentTurns(options) => turns::agent_turns(&server, &options).await?,
     };
     if let Some(path) = cli.json {

@@ -11,6 +11,7 @@ pub struct Target {
     pub base: String,
     child: Option<tokio::process::Child>,
     _data_dir: Option<tempfile::TempDir>,
+    extra_args: String,
 }
 
 impl Target {
@@ -19,40 +20,32 @@ impl Target {
             base,
             child: None,
             _data_dir: None,
+            extra_args: String::new(),
         }
     }
 
     pub async fn spawn(extra_args: &str) -> anyhow::Result<Target> {
-        let binary: PathBuf = std::env::current_exe()?.with_file_name("fleetlm");
-        if !binary.exists() {
-            bail!(
-                "{} not found: build it with `cargo build --release` first",
-                binary.display()
-            );
-        }
         let data_dir = tempfile::tempdir()?;
-        let mut child = tokio::process::Command::new(&binary)
-            .args(["serve", "--http-addr", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir.path())
-            .args(extra_args.split_whitespace())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let stdout = child.stdout.take().context("server stdout")?;
-        let mut line = String::new();
-        tokio::io::BufReader::new(stdout).read_line(&mut line).await?;
-        let address = line
-            .split("http://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .with_context(|| format!("unexpected server output {line:?}"))?;
+        let (base, child) = start_server(data_dir.path(), extra_args).await?;
         Ok(Target {
-            base: format!("http://{address}"),
+            base,
             child: Some(child),
             _data_dir: Some(data_dir),
+            extra_args: extra_args.to_string(),
         })
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same data directory, so sessions
+    /// must come back from the archive. Only for servers this tool started.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let (Some(child), Some(data_dir)) = (&mut self.child, &self._data_dir) else {
+            bail!("cannot restart a server this tool did not start");
+        };
+        child.kill().await?;
+        let (base, child) = start_server(data_dir.path(), &self.extra_args).await?;
+        self.base = base;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// Registers agent `id` calling `origin_url`; `extra` adds or overrides fields.
@@ -121,4 +114,32 @@ impl Drop for Target {
             let _ = child.start_kill();
         }
     }
+}
+
+async fn start_server(data_dir: &std::path::Path, extra_args: &str) -> anyhow::Result<(String, tokio::process::Child)> {
+    let binary: PathBuf = std::env::current_exe()?.with_file_name("fleetlm");
+    if !binary.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release` first",
+            binary.display()
+        );
+    }
+    let mut child = tokio::process::Command::new(&binary)
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra_args.split_whitespace())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(stdout).read_line(&mut line).await?;
+    let address = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .with_context(|| format!("unexpected server output {line:?}"))?;
+    Ok((format!("http://{address}"), child))
 }

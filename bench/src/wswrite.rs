@@ -33,6 +33,10 @@ pub struct WsWriteOptions {
     /// dropped); `none` skips it.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pub baseline_postgres: String,
+    /// After the saturation runs, run echo and FleetLM again at half of FleetLM's plateau and
+    /// compare their latency at that same offered load.
+    #[arg(long)]
+    pub half_load: bool,
     /// Connections of the Postgres baseline.
     #[arg(long, default_value_t = 64)]
     pub postgres_connections: usize,
@@ -177,6 +181,30 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
         println!("fleetlm / postgres         {postgres_ratio:.2}");
     }
     println!("appends per fsync          {per_fsync:.1}");
+    let half_load = if options.half_load {
+        let rate = (fleetlm.acked_per_sec / 2.0).max(1.0) as u64;
+        let paced = WsWriteOptions {
+            rate,
+            ..options.clone()
+        };
+        let echo_half = drive(&echo_base, &sessions, &paced).await?;
+        let fleetlm_half = drive(&target.base, &sessions, &paced).await?;
+        println!("at half load ({rate} sends/s offered)");
+        for (name, run) in [("bare echo", &echo_half), ("fleetlm", &fleetlm_half)] {
+            println!(
+                "{name:<27}{:>8.0}   {:>7.2}  {:>7.2}  {:>7.2}",
+                run.acked_per_sec,
+                run.ms(0.5),
+                run.ms(0.99),
+                run.ms(0.999)
+            );
+        }
+        let gap = fleetlm_half.ms(0.99) - echo_half.ms(0.99);
+        println!("p99 fleetlm - echo         {gap:.2} ms");
+        Some(json!({"rate": rate, "echo": echo_half.to_json(), "fleetlm": fleetlm_half.to_json(), "p99_gap_ms": gap}))
+    } else {
+        None
+    };
     Ok(json!({
         "scenario": "ws-write",
         "sessions": options.sessions,
@@ -189,5 +217,6 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
         "ratio_to_echo": ratio,
         "ratio_to_postgres": postgres_ratio,
         "appends_per_fsync": per_fsync,
+        "half_load": half_load,
     }))
 }

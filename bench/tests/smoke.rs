@@ -34,6 +34,24 @@ fn every_scenario_runs_and_reports() {
     assert!(fanout["deliveries_per_sec"].as_f64().unwrap() > 0.0, "{fanout}");
     let idle = run(&["idle-sockets", "--sockets", "20"]);
     assert_eq!(idle["sockets"], 20);
+    let catch_up = run(&["catch-up", "--clients", "10", "--messages", "20"]);
+    assert!(
+        catch_up["archived"]["all_joined_ms"].as_f64().unwrap() > 0.0,
+        "{catch_up}"
+    );
+    let half = run(&[
+        "ws-write",
+        "--seconds",
+        "1",
+        "--sessions",
+        "2",
+        "--depth",
+        "1",
+        "--half-load",
+        "--baseline-postgres",
+        "none",
+    ]);
+    assert!(half["half_load"]["rate"].as_u64().unwrap() > 0, "{half}");
     let turns = run(&["agent-turns", "--seconds", "1", "--sessions", "2"]);
     assert!(turns["turns_per_sec"].as_f64().unwrap() > 0.0, "{turns}");
 }
