@@ -104,11 +104,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let mut senders = Vec::with_capacity(shard_count as usize);
     let mut writer_states = Vec::with_capacity(shard_count as usize);
     let mut writer_tasks = Vec::with_capacity(shard_count as usize);
-    let mut flusher_tasks = Vec::with_capacity(shard_count as usize);
+    let flush_wakeup = Arc::new(Notify::new());
     for shard in 0..shard_count {
         let (sender, receiver) = mpsc::channel::<Command>(SHARD_QUEUE_DEPTH);
         let writer_state = Arc::new(Writer::default());
-        let flush_wakeup = Arc::new(Notify::new());
         let writer = ShardWriter {
             shard,
             wal: wal.clone(),
@@ -127,22 +126,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             user_messages: user_messages.clone(),
         };
         writer_tasks.push(tokio::spawn(writer.run(receiver)));
-        let flusher = Flusher {
-            shard,
-            wal: wal.clone(),
-            archive: archive.clone(),
-            shard_commands: sender.clone(),
-            wakeup: flush_wakeup,
-            options: FlusherOptions {
-                interval: config.flush_interval,
-                max_entries_per_flush: 512,
-                max_backoff: Duration::from_secs(5),
-            },
-        };
-        flusher_tasks.push(tokio::spawn(flusher.run(shutdown.clone())));
         senders.push(sender);
         writer_states.push(writer_state);
     }
+    let flusher = Flusher {
+        wal: wal.clone(),
+        archive: archive.clone(),
+        shard_commands: senders.clone(),
+        wakeup: flush_wakeup,
+        options: FlusherOptions {
+            interval: config.flush_interval,
+            max_entries_per_shard: 512,
+            max_backoff: Duration::from_secs(5),
+        },
+    };
+    let flusher_task = tokio::spawn(flusher.run(shutdown.clone()));
     let shards = Shards::new(senders, writer_states, wal.clone(), archive.clone());
     let registry = Arc::new(
         crate::agents::AgentRegistry::load(&archive)
@@ -215,9 +213,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             draining.store(true, Ordering::Release);
         });
         serve.await.context("http server failed")?;
-        // Requests in flight have been answered; the flushers now make their last pass.
-        let flushers = futures_join_all(flusher_tasks);
-        if tokio::time::timeout(shutdown_deadline, flushers).await.is_err() {
+        // Requests in flight have been answered; the flusher now makes its last pass.
+        if tokio::time::timeout(shutdown_deadline, flusher_task).await.is_err() {
             tracing::warn!("final archive flush did not finish within the deadline; the wal keeps the rest");
         }
         sweeper.abort();
@@ -237,12 +234,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         shutdown: shutdown_sender,
         task,
     })
-}
-
-async fn futures_join_all(tasks: Vec<JoinHandle<()>>) {
-    for task in tasks {
-        let _ = task.await;
-    }
 }
 
 async fn sweep(shards: Shards, idle_for: Duration, mut shutdown: watch::Receiver<bool>) {

@@ -1,9 +1,14 @@
-//! The flusher: one task per shard that pulls durable log entries past the archive watermark and
-//! writes them to the archive, moving the watermark in the same transaction. Then it tells the
-//! shard (which may forget archived state) and lets the WAL drop the entries.
+//! The flusher: one task that pulls durable log entries past each shard's archive watermark and
+//! writes them to the archive in **one transaction for all shards**, moving every touched shard's
+//! watermark in that same transaction. Then it tells each shard (which may forget archived state)
+//! and lets the WAL drop the entries.
+//!
+//! One transaction per cycle rather than one per shard: each archive commit costs at least one
+//! fsync, and 64 shards committing separately every 300 ms competed with the WAL lanes for the
+//! disk (docs/BENCHMARKS.md measures it).
 //!
 //! Architecture invariant: the flusher only reads the WAL; it never learns of records from a
-//! queue that would be lost on a crash, so after a restart it resumes at the watermark.
+//! queue that would be lost on a crash, so after a restart it resumes at the watermarks.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,21 +23,22 @@ use crate::wal::Wal;
 #[derive(Debug, Clone)]
 pub struct FlusherOptions {
     pub interval: Duration,
-    /// Entries per archive transaction (each entry holds one shard batch).
-    pub max_entries_per_flush: usize,
+    /// Entries read per shard per transaction (each entry holds one shard batch).
+    pub max_entries_per_shard: usize,
     pub max_backoff: Duration,
 }
 
 pub struct Flusher {
-    pub shard: u16,
     pub wal: Arc<Wal>,
     pub archive: Archive,
-    pub shard_commands: mpsc::Sender<Command>,
+    /// Each shard writer's queue, by shard.
+    pub shard_commands: Vec<mpsc::Sender<Command>>,
+    /// Woken by a shard writer whose unflushed bytes passed the threshold.
     pub wakeup: Arc<Notify>,
     pub options: FlusherOptions,
 }
 
-/// How far the archive is behind this shard's log, in entries and in seconds since it last had
+/// How far the archive is behind one shard's log, in entries and in seconds since it last had
 /// everything.
 struct ArchiveLag {
     shard: String,
@@ -62,28 +68,39 @@ enum FlushError {
     Wal(String),
 }
 
+/// What the flusher knows per shard.
+struct ShardProgress {
+    watermark: Option<u64>,
+    lag: ArchiveLag,
+}
+
 impl Flusher {
     /// Runs until `shutdown` turns true, then makes one last attempt to flush everything.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        // Wait for the shard to finish recovery: it reads the WAL from the same watermark.
-        let (ready, recovered) = tokio::sync::oneshot::channel();
-        if self
-            .shard_commands
-            .send(Command::Overlay {
-                session_ids: Vec::new(),
-                reply: ready,
-            })
-            .await
-            .is_err()
-        {
-            return;
+        // Wait for every shard to finish recovery: each reads the WAL from its watermark.
+        for sender in &self.shard_commands {
+            let (ready, recovered) = tokio::sync::oneshot::channel();
+            if sender
+                .send(Command::Overlay {
+                    session_ids: Vec::new(),
+                    reply: ready,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = recovered.await;
         }
-        let _ = recovered.await;
-        let mut watermark = None;
-        let mut lag = ArchiveLag {
-            shard: self.shard.to_string(),
-            behind_since: None,
-        };
+        let mut progress: Vec<ShardProgress> = (0..self.shard_commands.len())
+            .map(|shard| ShardProgress {
+                watermark: None,
+                lag: ArchiveLag {
+                    shard: shard.to_string(),
+                    behind_since: None,
+                },
+            })
+            .collect();
         let mut backoff = self.options.interval;
         loop {
             if *shutdown.borrow() {
@@ -94,71 +111,94 @@ impl Flusher {
                 _ = self.wakeup.notified() => {}
                 _ = shutdown.changed() => {}
             }
-            match self.flush_available(&mut watermark, &mut lag).await {
+            match self.flush_available(&mut progress).await {
                 Ok(()) => backoff = self.options.interval,
                 Err(error) => {
                     metrics::counter!("fleetlm_archive_flush_errors_total").increment(1);
-                    tracing::warn!(shard = self.shard, %error, "archive flush failed; will retry");
+                    tracing::warn!(%error, "archive flush failed; will retry");
                     backoff = (backoff * 2).min(self.options.max_backoff);
                 }
             }
         }
-        if let Err(error) = self.flush_available(&mut watermark, &mut lag).await {
-            tracing::warn!(shard = self.shard, %error, "final archive flush failed; the wal keeps the data");
+        if let Err(error) = self.flush_available(&mut progress).await {
+            tracing::warn!(%error, "final archive flush failed; the wal keeps the data");
         }
     }
 
     /// Flushes until the archive has everything the WAL had when it started.
-    async fn flush_available(&self, known_watermark: &mut Option<u64>, lag: &mut ArchiveLag) -> Result<(), FlushError> {
-        let target = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
-        let watermark = match known_watermark {
-            Some(watermark) => watermark,
-            None => known_watermark.insert(self.archive.watermark(self.shard).await?),
-        };
-        lag.observe(target, *watermark);
-        while *watermark < target {
-            *watermark = self.flush_once(*watermark).await?;
-            lag.observe(target, *watermark);
+    async fn flush_available(&self, progress: &mut [ShardProgress]) -> Result<(), FlushError> {
+        let targets: Vec<u64> = (0..progress.len())
+            .map(|shard| self.wal.last_log_id(shard as u16).map_or(0, |id| id.index))
+            .collect();
+        for (shard, state) in progress.iter_mut().enumerate() {
+            if state.watermark.is_none() {
+                state.watermark = Some(self.archive.watermark(shard as u16).await?);
+            }
+            state.lag.observe(targets[shard], state.watermark.unwrap_or_default());
         }
-        Ok(())
+        loop {
+            let behind: Vec<u16> = (0..progress.len())
+                .filter(|shard| progress[*shard].watermark.unwrap_or_default() < targets[*shard])
+                .map(|shard| shard as u16)
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            self.flush_once(&behind, progress).await?;
+            for shard in behind {
+                let state = &mut progress[shard as usize];
+                state
+                    .lag
+                    .observe(targets[shard as usize], state.watermark.unwrap_or_default());
+            }
+        }
     }
 
-    async fn flush_once(&self, watermark: u64) -> Result<u64, FlushError> {
+    /// One archive transaction: the next entries of every shard in `shards`.
+    async fn flush_once(&self, shards: &[u16], progress: &mut [ShardProgress]) -> Result<(), FlushError> {
         let started = Instant::now();
-        let wal = self.wal.clone();
-        let (shard, max) = (self.shard, self.options.max_entries_per_flush);
-        let entries = tokio::task::spawn_blocking(move || wal.read_entries(shard, watermark + 1, max))
-            .await
-            .map_err(|e| FlushError::Wal(e.to_string()))?
-            .map_err(|e| FlushError::Wal(e.to_string()))?;
-        let Some((last_id, _)) = entries.last() else {
-            return Ok(watermark);
-        };
-        let through = last_id.index;
-        if entries[0].0.index != watermark + 1 {
-            return Err(FlushError::Wal(format!(
-                "expected entry {} after the watermark, the wal has {}",
-                watermark + 1,
-                entries[0].0.index
-            )));
-        }
         let mut all_ops = Vec::new();
-        for (log_id, body) in &entries {
-            let ops = ops::decode_entry(body).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
-            all_ops.extend(ops);
+        let mut watermarks = Vec::new();
+        for &shard in shards {
+            let watermark = progress[shard as usize].watermark.unwrap_or_default();
+            let wal = self.wal.clone();
+            let max = self.options.max_entries_per_shard;
+            let entries = tokio::task::spawn_blocking(move || wal.read_entries(shard, watermark + 1, max))
+                .await
+                .map_err(|e| FlushError::Wal(e.to_string()))?
+                .map_err(|e| FlushError::Wal(e.to_string()))?;
+            let Some((last_id, _)) = entries.last() else { continue };
+            if entries[0].0.index != watermark + 1 {
+                return Err(FlushError::Wal(format!(
+                    "shard {shard}: expected entry {} after the watermark, the wal has {}",
+                    watermark + 1,
+                    entries[0].0.index
+                )));
+            }
+            watermarks.push((shard, last_id.index));
+            for (log_id, body) in &entries {
+                let ops =
+                    ops::decode_entry(body).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
+                all_ops.extend(ops);
+            }
+        }
+        if watermarks.is_empty() {
+            return Ok(());
         }
         let rows = Arc::new(FlushRows::from_ops(all_ops));
         let message_count = rows.messages.len();
-        self.archive.flush(self.shard, rows, through).await?;
+        self.archive.flush(rows, watermarks.clone()).await?;
         metrics::histogram!("fleetlm_archive_flush_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("fleetlm_archive_messages_total").increment(message_count as u64);
-        let _ = self
-            .shard_commands
-            .send(Command::Archived { through_index: through })
-            .await;
-        if let Err(error) = self.wal.purge_prefix(self.shard, through).await {
-            tracing::warn!(shard = self.shard, %error, "could not purge archived wal entries");
+        for (shard, through) in watermarks {
+            progress[shard as usize].watermark = Some(through);
+            let _ = self.shard_commands[shard as usize]
+                .send(Command::Archived { through_index: through })
+                .await;
+            if let Err(error) = self.wal.purge_prefix(shard, through).await {
+                tracing::warn!(shard, %error, "could not purge archived wal entries");
+            }
         }
-        Ok(through)
+        Ok(())
     }
 }

@@ -94,9 +94,9 @@ impl Archive {
         dispatch!(self, a => a.watermark(shard).await)
     }
 
-    /// Writes the rows and moves the shard's watermark to `through_index`, atomically.
-    pub async fn flush(&self, shard: u16, rows: Arc<FlushRows>, through_index: u64) -> Result<()> {
-        dispatch!(self, a => a.flush(shard, rows, through_index).await)
+    /// Writes the rows and moves each `(shard, through_index)` watermark, in one transaction.
+    pub async fn flush(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<()> {
+        dispatch!(self, a => a.flush(rows, watermarks).await)
     }
 
     /// Inserts a new session's row ahead of the flusher (which would insert the same row), so

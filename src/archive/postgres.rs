@@ -83,14 +83,17 @@ impl PostgresArchive {
         Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
     }
 
-    pub async fn flush(&self, shard: u16, rows: Arc<FlushRows>, through_index: u64) -> Result<()> {
+    pub async fn flush(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(from_pg)?;
         write_rows(&tx, &rows).await?;
+        let shards: Vec<i32> = watermarks.iter().map(|(shard, _)| i32::from(*shard)).collect();
+        let indexes: Vec<i64> = watermarks.iter().map(|(_, index)| *index as i64).collect();
         tx.execute(
-            "INSERT INTO archive_watermarks (shard, log_index) VALUES ($1, $2)
+            "INSERT INTO archive_watermarks (shard, log_index)
+             SELECT * FROM UNNEST($1::int4[], $2::int8[])
              ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
-            &[&i32::from(shard), &(through_index as i64)],
+            &[&shards, &indexes],
         )
         .await
         .map_err(from_pg)?;

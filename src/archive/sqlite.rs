@@ -67,15 +67,19 @@ impl SqliteArchive {
         .await
     }
 
-    pub async fn flush(&self, shard: u16, rows: Arc<FlushRows>, through_index: u64) -> Result<()> {
+    pub async fn flush(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<()> {
         self.with(move |c| {
             let tx = c.transaction()?;
             write_rows(&tx, &rows)?;
-            tx.execute(
-                "INSERT INTO archive_watermarks (shard, log_index) VALUES (?1, ?2)
-                 ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
-                params![shard, through_index as i64],
-            )?;
+            {
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO archive_watermarks (shard, log_index) VALUES (?1, ?2)
+                     ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
+                )?;
+                for (shard, through_index) in &watermarks {
+                    upsert.execute(params![shard, *through_index as i64])?;
+                }
+            }
             tx.commit()
         })
         .await
