@@ -52,6 +52,15 @@ impl WriteRun {
         self.latencies.value_at_quantile(quantile) as f64 / 1000.0
     }
 
+    /// One line of the results table: acked/s and latency quantiles.
+    pub fn print_row(&self, name: &str) {
+        let (p50, p99, p999) = (self.ms(0.5), self.ms(0.99), self.ms(0.999));
+        println!(
+            "{name:<27}{:>8.0}   {p50:>7.2}  {p99:>7.2}  {p999:>7.2}",
+            self.acked_per_sec
+        );
+    }
+
     pub fn to_json(&self) -> Value {
         json!({"acked_per_sec": self.acked_per_sec,
             "latency_ms": {"p50": self.ms(0.5), "p99": self.ms(0.99), "p999": self.ms(0.999)}})
@@ -165,13 +174,7 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
     }
     rows.push(("fleetlm (fsync-acked)", &fleetlm));
     for (name, run) in rows {
-        println!(
-            "{name:<27}{:>8.0}   {:>7.2}  {:>7.2}  {:>7.2}",
-            run.acked_per_sec,
-            run.ms(0.5),
-            run.ms(0.99),
-            run.ms(0.999)
-        );
+        run.print_row(name);
     }
     println!("fleetlm / echo             {ratio:.2}");
     let postgres_ratio = postgres
@@ -191,13 +194,7 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
         let fleetlm_half = drive(&target.base, &sessions, &paced).await?;
         println!("at half load ({rate} sends/s offered)");
         for (name, run) in [("bare echo", &echo_half), ("fleetlm", &fleetlm_half)] {
-            println!(
-                "{name:<27}{:>8.0}   {:>7.2}  {:>7.2}  {:>7.2}",
-                run.acked_per_sec,
-                run.ms(0.5),
-                run.ms(0.99),
-                run.ms(0.999)
-            );
+            run.print_row(name);
         }
         let gap = fleetlm_half.ms(0.99) - echo_half.ms(0.99);
         println!("p99 fleetlm - echo         {gap:.2} ms");

@@ -81,6 +81,7 @@ impl FlushRows {
                 }
             }
         }
+        let mut last_message_of: HashMap<Arc<str>, usize> = HashMap::new();
         for (key, op) in touched {
             let update = updates.get_mut(&key).expect("registered above");
             match op {
@@ -88,11 +89,13 @@ impl FlushRows {
                     let message = &record.message;
                     update.last_seq = message.seq;
                     update.nonuser_count = record.nonuser_through;
+                    // The preview is filled in below, once per session, from its last message.
                     update.last_activity = Some(LastActivity {
                         at: message.inserted_at,
                         sender_id: Some(message.sender_id.clone()),
-                        preview: crate::model::message_preview(&message.content),
+                        preview: None,
                     });
+                    last_message_of.insert(key.clone(), rows.messages.len());
                     update.updated_at = update.updated_at.max(message.inserted_at);
                     if record.from_user {
                         update.dispatch.last_user_seq = message.seq;
@@ -107,6 +110,11 @@ impl FlushRows {
                     update.dispatch.answered_through = update.dispatch.answered_through.max(through_seq);
                 }
                 Op::SessionCreated(_) | Op::ReadCursorMoved { .. } => {}
+            }
+        }
+        for (key, index) in last_message_of {
+            if let Some(activity) = updates.get_mut(&key).and_then(|u| u.last_activity.as_mut()) {
+                activity.preview = crate::model::message_preview(&rows.messages[index].message.content);
             }
         }
         rows.session_updates = order.into_iter().filter_map(|id| updates.remove(&id)).collect();

@@ -87,9 +87,22 @@ impl SessionState {
             last_seq: self.last_seq,
             nonuser_count: self.nonuser_count,
             read_cursor: self.read_cursor,
-            last_activity: self.last_activity.clone(),
+            last_activity: self.last_activity(),
             updated_at: self.updated_at,
             dispatch: self.dispatch,
+        }
+    }
+
+    /// The newest message's activity (its preview is parsed here, on demand, not on every append),
+    /// or what the archive said for a session whose messages are not in memory.
+    fn last_activity(&self) -> LastActivity {
+        match self.hot_tail.back() {
+            Some(record) => LastActivity {
+                at: record.message.inserted_at,
+                sender_id: Some(record.message.sender_id.clone()),
+                preview: crate::model::message_preview(&record.message.content),
+            },
+            None => self.last_activity.clone(),
         }
     }
 
@@ -100,11 +113,6 @@ impl SessionState {
         debug_assert_eq!(message.seq, self.last_seq + 1, "seqs are contiguous");
         self.last_seq = message.seq;
         self.nonuser_count = record.nonuser_through;
-        self.last_activity = LastActivity {
-            at: message.inserted_at,
-            sender_id: Some(message.sender_id.clone()),
-            preview: crate::model::message_preview(&message.content),
-        };
         self.updated_at = message.inserted_at;
         if message.sender_id == self.record.user_id {
             self.dispatch.last_user_seq = message.seq;
