@@ -11,6 +11,7 @@ pub mod hub;
 pub mod ids;
 pub mod metrics;
 pub mod model;
+mod rfc3339;
 pub mod server;
 pub mod shard;
 pub mod wal;

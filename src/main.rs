@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use fleetlm::config::{Config, LogFormat, Settings};
 
+// Many small allocations cross threads on the hot path (socket task → shard writer → lane);
+// mimalloc's per-thread heaps avoid glibc's arena lock contention seen in profiles.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "fleetlm", version, about = "Conversation engine for stateless AI agents")]
 struct Cli {

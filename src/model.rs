@@ -17,14 +17,26 @@ const TIMESTAMP_FORMAT: &[time::format_description::FormatItem<'static>] =
 
 impl Timestamp {
     pub fn to_rfc3339(self) -> String {
+        self.with_rfc3339(str::to_string)
+    }
+
+    /// Lends the formatted text without allocating in the common case (years 0000–9999).
+    fn with_rfc3339<T>(self, use_text: impl FnOnce(&str) -> T) -> T {
+        if let Some(bytes) = crate::rfc3339::format_micros(self.0) {
+            return use_text(std::str::from_utf8(&bytes).expect("the formatter writes ASCII"));
+        }
         let nanos = i128::from(self.0) * 1000;
-        time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        let text = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
             .ok()
             .and_then(|t| t.format(TIMESTAMP_FORMAT).ok())
-            .unwrap_or_else(|| "1970-01-01T00:00:00.000000Z".to_string())
+            .unwrap_or_else(|| "1970-01-01T00:00:00.000000Z".to_string());
+        use_text(&text)
     }
 
     pub fn parse(text: &str) -> Option<Timestamp> {
+        if let Some(micros) = crate::rfc3339::parse_micros(text) {
+            return Some(Timestamp(micros));
+        }
         let parsed = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
         Some(Timestamp((parsed.unix_timestamp_nanos() / 1000) as i64))
     }
@@ -32,13 +44,13 @@ impl Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_rfc3339())
+        self.with_rfc3339(|text| f.write_str(text))
     }
 }
 
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_rfc3339())
+        self.with_rfc3339(|text| serializer.serialize_str(text))
     }
 }
 

@@ -49,19 +49,22 @@ pub struct FlushRows {
 
 impl FlushRows {
     pub fn from_ops(ops: impl IntoIterator<Item = Op>) -> FlushRows {
+        let ops = ops.into_iter();
         let mut rows = FlushRows::default();
         let mut updates: HashMap<Arc<str>, SessionUpdate> = HashMap::new();
         let mut cursors: HashMap<String, ReadCursor> = HashMap::new();
         let mut order: Vec<Arc<str>> = Vec::new();
         let mut update_of = |session_id: &str, at: Timestamp| -> Arc<str> {
-            let key: Arc<str> = Arc::from(session_id);
-            if !updates.contains_key(&key) {
-                order.push(key.clone());
-                updates.insert(key.clone(), SessionUpdate::new(key.clone(), at));
+            if let Some((key, _)) = updates.get_key_value(session_id) {
+                return key.clone();
             }
+            let key: Arc<str> = Arc::from(session_id);
+            order.push(key.clone());
+            updates.insert(key.clone(), SessionUpdate::new(key.clone(), at));
             key
         };
-        let mut touched: Vec<(Arc<str>, Op)> = Vec::new();
+        // Sized up front: a cycle can carry tens of thousands of operations.
+        let mut touched: Vec<(Arc<str>, Op)> = Vec::with_capacity(ops.size_hint().0);
         for op in ops {
             match op {
                 Op::SessionCreated(record) => rows.new_sessions.push(record),

@@ -61,6 +61,9 @@ impl Drop for SocketSlot {
     }
 }
 
+/// Bytes of queued frames that are written before the writer's flush.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
 const TOKEN_PROTOCOL_PREFIX: &str = "base64url.bearer.phx.";
 
 /// The token the JS client sends as a subprotocol (`authToken`): base64 of the token, padding
@@ -140,10 +143,10 @@ pub async fn upgrade(
     let max_frame = config.ws_max_frame_bytes;
     upgrade
         .protocols(["phoenix"])
-        // A small read buffer keeps an idle socket cheap (it grows for a large frame); frames
-        // are written as they come, each send is flushed anyway.
+        // A small read buffer keeps an idle socket cheap (it grows for a large frame). Frames
+        // are buffered until the socket's writer flushes the frames it has queued at once.
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         // Let oversized frames through the codec so the socket can close them with 1009 itself.
         .max_message_size(max_frame.saturating_mul(4))
         .max_frame_size(max_frame.saturating_mul(4))

@@ -33,6 +33,8 @@ const CLOSE_SERVICE_RESTART: u16 = 1012;
 const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 const NULL: &str = "null";
+/// Queued frames written before one flush (bounded so a close signal is never far behind).
+const MAX_FRAMES_PER_FLUSH: usize = 64;
 
 /// Where a send's reply goes.
 struct ReplyTo {
@@ -124,8 +126,18 @@ pub async fn run(
                 }
                 message = outgoing.recv() => {
                     let Some(message) = message else { break };
-                    let is_close = matches!(message, Message::Close(_));
-                    if sink.send(message).await.is_err() || is_close {
+                    // Everything already queued goes out with one flush: one write for the
+                    // replies and pushes of a whole commit instead of one per frame.
+                    let mut is_close = matches!(message, Message::Close(_));
+                    let mut written = sink.feed(message).await.is_ok();
+                    let mut batched = 1;
+                    while written && !is_close && batched < MAX_FRAMES_PER_FLUSH {
+                        let Ok(message) = outgoing.try_recv() else { break };
+                        is_close = matches!(message, Message::Close(_));
+                        written = sink.feed(message).await.is_ok();
+                        batched += 1;
+                    }
+                    if !written || sink.flush().await.is_err() || is_close {
                         break;
                     }
                 }

@@ -20,6 +20,9 @@ use crate::ids;
 use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView};
 use crate::wal::{LogId, Wal};
 
+/// Operations' room a shard keeps between batches (a burst's larger batch is given back).
+const MAX_RETAINED_BATCH_OPS: usize = 1024;
+
 type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
 
 pub enum Command {
@@ -125,12 +128,14 @@ impl ShardWriter {
         self.writer_state
             .recovered
             .store(true, std::sync::atomic::Ordering::Release);
+        // Reused across batches so a busy shard does not regrow them for every entry.
+        let mut batch = Batch {
+            ops: Vec::new(),
+            bytes: 0,
+            replies: Vec::new(),
+        };
         while let Some(first) = commands.recv().await {
-            let mut batch = Batch {
-                ops: Vec::new(),
-                bytes: 0,
-                replies: Vec::new(),
-            };
+            batch.bytes = 0;
             let now = Instant::now();
             self.handle(first, &mut batch, now);
             while batch.bytes < self.entry_soft_limit_bytes {
@@ -143,7 +148,9 @@ impl ShardWriter {
             if failure.is_none() {
                 self.publish(&batch.ops);
             }
-            for reply in batch.replies {
+            batch.ops.clear();
+            batch.ops.shrink_to(MAX_RETAINED_BATCH_OPS);
+            for reply in batch.replies.drain(..) {
                 reply(failure.as_ref());
             }
         }
