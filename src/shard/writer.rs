@@ -5,6 +5,7 @@
 //! the fsync, and only then answers. Answers (reads included) are never sent before the entry
 //! that the state reflects is durable.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,10 +19,21 @@ use crate::archive::{Archive, LoadedSession};
 use crate::clock::Clock;
 use crate::ids;
 use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView};
-use crate::wal::{LogId, Wal};
+use crate::wal::{LogId, Wal, WalError};
 
 /// Operations' room a shard keeps between batches (a burst's larger batch is given back).
 const MAX_RETAINED_BATCH_OPS: usize = 1024;
+/// Entries one shard may have waiting for their fsync. Two let the next batch join the lane's
+/// next fsync while the current one runs, instead of waiting a whole fsync to be sealed.
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
+
+/// Waits for the oldest sealed batch to be durable (at once for a batch without operations).
+async fn front_durable(in_flight: &mut VecDeque<Sealed>) -> Result<(), WalError> {
+    match in_flight.front_mut().and_then(|sealed| sealed.durable.as_mut()) {
+        Some(durable) => durable.await.unwrap_or(Err(WalError::Closed)),
+        None => Ok(()),
+    }
+}
 
 type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
 
@@ -122,58 +134,127 @@ struct Batch {
     replies: Vec<DeferredReply>,
 }
 
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            ops: Vec::new(),
+            bytes: 0,
+            replies: Vec::new(),
+        }
+    }
+}
+
+/// A batch handed to the WAL, waiting for its fsync. Batches complete in the order they were
+/// sealed (the lane keeps a shard's entries in order), so the front is always the next to finish.
+struct Sealed {
+    batch: Batch,
+    /// `None` for a batch without operations (only reads): it is answered once every batch
+    /// before it is durable, since what it read reflects them.
+    durable: Option<oneshot::Receiver<Result<(), WalError>>>,
+    entry_bytes: usize,
+    sealed_at: Instant,
+    /// Inbox entries of the sessions the batch changed, as the batch left them (the state may
+    /// already include later batches by the time this one is durable).
+    inbox_views: Vec<SessionView>,
+}
+
 impl ShardWriter {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         self.recover().await;
         self.writer_state
             .recovered
             .store(true, std::sync::atomic::Ordering::Release);
-        // Reused across batches so a busy shard does not regrow them for every entry.
-        let mut batch = Batch {
-            ops: Vec::new(),
-            bytes: 0,
-            replies: Vec::new(),
-        };
-        while let Some(first) = commands.recv().await {
-            batch.bytes = 0;
-            let now = Instant::now();
-            self.handle(first, &mut batch, now);
-            while batch.bytes < self.entry_soft_limit_bytes {
-                match commands.try_recv() {
-                    Ok(command) => self.handle(command, &mut batch, now),
-                    Err(_) => break,
+        let mut in_flight: VecDeque<Sealed> = VecDeque::with_capacity(MAX_BATCHES_IN_FLIGHT);
+        // A finished batch's buffers, reused so a busy shard does not regrow them for every entry.
+        let mut spare = Batch::new();
+        loop {
+            tokio::select! {
+                biased;
+                outcome = front_durable(&mut in_flight), if !in_flight.is_empty() => {
+                    let sealed = in_flight.pop_front().expect("polled the front");
+                    spare = self.complete(sealed, outcome);
+                }
+                command = commands.recv(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT => {
+                    let Some(first) = command else { break };
+                    let mut batch = std::mem::replace(&mut spare, Batch::new());
+                    let now = Instant::now();
+                    self.handle(first, &mut batch, now);
+                    while batch.bytes < self.entry_soft_limit_bytes {
+                        match commands.try_recv() {
+                            Ok(command) => self.handle(command, &mut batch, now),
+                            Err(_) => break,
+                        }
+                    }
+                    in_flight.push_back(self.seal(batch).await);
                 }
             }
-            let failure = self.commit(&batch.ops).await;
-            if failure.is_none() {
-                self.publish(&batch.ops);
-            }
-            batch.ops.clear();
-            batch.ops.shrink_to(MAX_RETAINED_BATCH_OPS);
-            for reply in batch.replies.drain(..) {
-                reply(failure.as_ref());
-            }
+        }
+        // The queue closed: answer what is still waiting for its fsync.
+        while !in_flight.is_empty() {
+            let outcome = front_durable(&mut in_flight).await;
+            let sealed = in_flight.pop_front().expect("polled the front");
+            self.complete(sealed, outcome);
         }
     }
 
-    /// Writes the batch's operations as one log entry and waits for its fsync.
-    async fn commit(&mut self, ops: &[Op]) -> Option<ShardError> {
-        if ops.is_empty() {
-            return None;
+    /// Hands the batch's operations to the WAL as one entry (without waiting for the fsync).
+    async fn seal(&mut self, batch: Batch) -> Sealed {
+        let sealed_at = Instant::now();
+        if batch.ops.is_empty() {
+            return Sealed {
+                batch,
+                durable: None,
+                entry_bytes: 0,
+                sealed_at,
+                inbox_views: Vec::new(),
+            };
         }
         let log_id = LogId {
             term: 1,
             index: self.state.applied_index,
         };
-        let entry = ops::encode_entry(ops);
+        let entry = ops::encode_entry(&batch.ops);
         let entry_bytes = entry.len();
-        let started = Instant::now();
-        match self.wal.append(self.shard, vec![(log_id, entry)]).await {
+        let inbox_views = self.inbox_views(&batch.ops);
+        let durable = match self.wal.enqueue_append(self.shard, vec![(log_id, entry)]).await {
+            Ok(durable) => Some(durable),
+            Err(error) => {
+                let (failed, durable) = oneshot::channel();
+                let _ = failed.send(Err(error));
+                Some(durable)
+            }
+        };
+        Sealed {
+            batch,
+            durable,
+            entry_bytes,
+            sealed_at,
+            inbox_views,
+        }
+    }
+
+    /// Answers a batch whose entry is durable (or failed): publishes it and sends its replies.
+    /// Returns the emptied batch for reuse.
+    fn complete(&mut self, sealed: Sealed, outcome: Result<(), WalError>) -> Batch {
+        let Sealed {
+            mut batch,
+            durable,
+            entry_bytes,
+            sealed_at,
+            inbox_views,
+        } = sealed;
+        let failure = match outcome {
+            // A failed shard answers nothing as durable again, whatever later batches report.
+            Ok(()) if self.unavailable.is_some() && durable.is_some() => {
+                Some(ShardError::Unavailable(self.unavailable.clone().unwrap_or_default()))
+            }
             Ok(()) => {
-                metrics::histogram!("fleetlm_append_commit_seconds").record(started.elapsed().as_secs_f64());
-                self.unflushed_bytes += entry_bytes;
-                if self.unflushed_bytes >= self.flush_threshold_bytes {
-                    self.flush_wakeup.notify_one();
+                if durable.is_some() {
+                    metrics::histogram!("fleetlm_append_commit_seconds").record(sealed_at.elapsed().as_secs_f64());
+                    self.unflushed_bytes += entry_bytes;
+                    if self.unflushed_bytes >= self.flush_threshold_bytes {
+                        self.flush_wakeup.notify_one();
+                    }
                 }
                 None
             }
@@ -186,13 +267,39 @@ impl ShardWriter {
                 self.writer_state.set_unavailable(reason.clone());
                 Some(ShardError::Unavailable(reason))
             }
+        };
+        if failure.is_none() {
+            self.publish(&batch.ops, inbox_views);
         }
+        batch.ops.clear();
+        batch.ops.shrink_to(MAX_RETAINED_BATCH_OPS);
+        for reply in batch.replies.drain(..) {
+            reply(failure.as_ref());
+        }
+        batch.bytes = 0;
+        batch
+    }
+
+    /// Inbox entries of the sessions `ops` touched whose users have inbox listeners.
+    fn inbox_views(&self, ops: &[Op]) -> Vec<SessionView> {
+        let mut touched: Vec<&str> = Vec::new();
+        for op in ops {
+            let session_id = op.session_id();
+            if !touched.contains(&session_id) {
+                touched.push(session_id);
+            }
+        }
+        touched
+            .into_iter()
+            .filter_map(|session_id| self.state.sessions.get(session_id))
+            .filter(|state| self.hub.has_inbox_listeners(&state.record.user_id))
+            .map(SessionState::view)
+            .collect()
     }
 
     /// Fans committed operations out to live listeners (sockets, inboxes). Runs only after the
     /// entry holding them is durable.
-    fn publish(&self, ops: &[Op]) {
-        let mut inbox_sessions: Vec<&str> = Vec::new();
+    fn publish(&self, ops: &[Op], inbox_views: Vec<SessionView>) {
         for op in ops {
             if let Op::MessageAppended(record) = op {
                 self.hub.publish_message(record);
@@ -203,17 +310,9 @@ impl ShardWriter {
                         .user_message(&state.record.id, &state.record.agent_id, record.message.seq);
                 }
             }
-            let session_id = op.session_id();
-            if !inbox_sessions.contains(&session_id) {
-                inbox_sessions.push(session_id);
-            }
         }
-        for session_id in inbox_sessions {
-            if let Some(state) = self.state.sessions.get(session_id)
-                && self.hub.has_inbox_listeners(&state.record.user_id)
-            {
-                self.hub.publish_inbox(&state.view());
-            }
+        for view in &inbox_views {
+            self.hub.publish_inbox(view);
         }
     }
 

@@ -191,6 +191,18 @@ impl Wal {
     /// Appends entries (contiguous, following the shard's last entry) and resolves once durable.
     /// The entries together may hold at most `max_batch_bytes`.
     pub async fn append(&self, shard: u16, entries: Vec<(LogId, Vec<u8>)>) -> Result<()> {
+        let durable = self.enqueue_append(shard, entries).await?;
+        durable.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Queues entries as `append` does and returns as soon as they are queued; the receiver
+    /// resolves once they are durable. A shard's queued entries are written in queue order, so
+    /// a writer may queue its next entries before the previous ones are durable.
+    pub async fn enqueue_append(
+        &self,
+        shard: u16,
+        entries: Vec<(LogId, Vec<u8>)>,
+    ) -> Result<oneshot::Receiver<Result<()>>> {
         let bytes: usize = entries.iter().map(|(_, body)| body.len()).sum();
         if bytes > self.options.max_batch_bytes {
             return Err(WalError::EntryTooLarge {
@@ -198,8 +210,13 @@ impl Wal {
                 max: self.options.max_batch_bytes,
             });
         }
-        self.submit(shard, |done| LaneRequest::Append { shard, entries, done })
+        let (done, durable) = oneshot::channel();
+        self.lane(shard)
+            .requests
+            .send(LaneRequest::Append { shard, entries, done })
             .await
+            .map_err(|_| WalError::Closed)?;
+        Ok(durable)
     }
 
     /// Discards the shard's entries above `after.index`; durable when it resolves.
