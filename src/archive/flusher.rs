@@ -18,7 +18,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use super::{Archive, ArchiveError, FlushRows};
 use crate::shard::ops;
 use crate::shard::writer::Command;
-use crate::wal::Wal;
+use crate::wal::{EntryRange, Wal};
 
 #[derive(Debug, Clone)]
 pub struct FlusherOptions {
@@ -157,22 +157,29 @@ impl Flusher {
     /// One archive transaction: the next entries of every shard in `shards`.
     async fn flush_once(&self, shards: &[u16], progress: &mut [ShardProgress]) -> Result<(), FlushError> {
         let started = Instant::now();
+        let ranges: Vec<EntryRange> = shards
+            .iter()
+            .map(|&shard| EntryRange {
+                shard,
+                from_index: progress[shard as usize].watermark.unwrap_or_default() + 1,
+                max_entries: self.options.max_entries_per_shard,
+            })
+            .collect();
+        let wal = self.wal.clone();
+        let read = tokio::task::spawn_blocking(move || wal.read_ranges(&ranges).map(|entries| (ranges, entries)));
+        let (ranges, entries_by_shard) = read
+            .await
+            .map_err(|e| FlushError::Wal(e.to_string()))?
+            .map_err(|e| FlushError::Wal(e.to_string()))?;
         let mut all_ops = Vec::new();
         let mut watermarks = Vec::new();
-        for &shard in shards {
-            let watermark = progress[shard as usize].watermark.unwrap_or_default();
-            let wal = self.wal.clone();
-            let max = self.options.max_entries_per_shard;
-            let entries = tokio::task::spawn_blocking(move || wal.read_entries(shard, watermark + 1, max))
-                .await
-                .map_err(|e| FlushError::Wal(e.to_string()))?
-                .map_err(|e| FlushError::Wal(e.to_string()))?;
+        for (range, entries) in ranges.iter().zip(entries_by_shard) {
+            let shard = range.shard;
             let Some((last_id, _)) = entries.last() else { continue };
-            if entries[0].0.index != watermark + 1 {
+            if entries[0].0.index != range.from_index {
                 return Err(FlushError::Wal(format!(
                     "shard {shard}: expected entry {} after the watermark, the wal has {}",
-                    watermark + 1,
-                    entries[0].0.index
+                    range.from_index, entries[0].0.index
                 )));
             }
             watermarks.push((shard, last_id.index));

@@ -28,6 +28,19 @@ use lane::{LaneRequest, LaneWriter};
 use record::Decoded;
 pub use vote::Vote;
 
+/// Entries of one shard to read: from `from_index`, at most `max_entries`.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRange {
+    pub shard: u16,
+    pub from_index: u64,
+    pub max_entries: usize,
+}
+
+/// Wanted entries closer than this in a segment are read together (the gap read and dropped).
+const READ_GAP_BYTES: u64 = 64 * 1024;
+/// Largest single read of `read_ranges`.
+const MAX_READ_BYTES: u64 = 8 * 1024 * 1024;
+
 /// A Raft-style log id. Single node: term 1, index = position in the shard's log (from 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LogId {
@@ -271,38 +284,99 @@ impl Wal {
     /// Reads up to `max_entries` durable entries of `shard` starting at `from_index`. Blocking:
     /// call it from a blocking thread.
     pub fn read_entries(&self, shard: u16, from_index: u64, max_entries: usize) -> Result<Vec<(LogId, Vec<u8>)>> {
-        let locations: Vec<_> = {
-            let mut index = self.lane(shard).index.lock().expect("lane index lock");
-            let locations = index.shard(shard).locations_from(from_index, max_entries);
-            locations
-                .into_iter()
-                .map(|location| {
-                    let file = index.segments.get(&location.segment_no).map(|info| info.file.clone());
-                    (location, file)
-                })
-                .collect()
+        let range = EntryRange {
+            shard,
+            from_index,
+            max_entries,
         };
-        let mut entries = Vec::with_capacity(locations.len());
-        for (location, file) in locations {
-            let file = file.ok_or(WalError::Missing {
-                shard,
-                index: location.log_id.index,
-            })?;
-            let mut frame = vec![0u8; location.framed_len as usize];
-            file.read_exact_at(&mut frame, location.offset).map_err(WalError::io)?;
-            match record::decode(&frame) {
-                Decoded::Record(rec, _) if rec.shard == shard && rec.log_id == location.log_id => {
-                    entries.push((rec.log_id, rec.body.to_vec()));
-                }
-                _ => {
-                    return Err(WalError::Corrupt {
-                        segment_no: location.segment_no,
-                        offset: location.offset,
-                    });
-                }
+        Ok(self.read_ranges(&[range])?.pop().unwrap_or_default())
+    }
+
+    /// Reads several shards' entries at once, one result per range in the same order. Entries
+    /// are read in file order and neighbours (of any shard) share one read, so reading every
+    /// shard's recent entries costs a few large reads rather than one per entry. Blocking.
+    pub fn read_ranges(&self, ranges: &[EntryRange]) -> Result<Vec<Vec<(LogId, Vec<u8>)>>> {
+        struct Wanted {
+            range: usize,
+            slot: usize,
+            lane: usize,
+            location: index::EntryLocation,
+            file: Arc<fs::File>,
+        }
+        let mut wanted = Vec::new();
+        let mut results: Vec<Vec<Option<(LogId, Vec<u8>)>>> = Vec::with_capacity(ranges.len());
+        for (range_no, range) in ranges.iter().enumerate() {
+            let lane = range.shard as usize % self.lanes.len();
+            let mut index = self.lanes[lane].index.lock().expect("lane index lock");
+            let locations = index
+                .shard(range.shard)
+                .locations_from(range.from_index, range.max_entries);
+            results.push(vec![None; locations.len()]);
+            for (slot, location) in locations.into_iter().enumerate() {
+                let file = index
+                    .segments
+                    .get(&location.segment_no)
+                    .map(|info| info.file.clone())
+                    .ok_or(WalError::Missing {
+                        shard: range.shard,
+                        index: location.log_id.index,
+                    })?;
+                wanted.push(Wanted {
+                    range: range_no,
+                    slot,
+                    lane,
+                    location,
+                    file,
+                });
             }
         }
-        Ok(entries)
+        wanted.sort_unstable_by_key(|w| (w.lane, w.location.segment_no, w.location.offset));
+        let mut first = 0;
+        while first < wanted.len() {
+            let start = wanted[first].location.offset;
+            let mut end = start + u64::from(wanted[first].location.framed_len);
+            let mut past = first + 1;
+            while let Some(next) = wanted.get(past) {
+                let next_end = next.location.offset + u64::from(next.location.framed_len);
+                let same_file = Arc::ptr_eq(&next.file, &wanted[first].file);
+                if !same_file || next.location.offset > end + READ_GAP_BYTES || next_end - start > MAX_READ_BYTES {
+                    break;
+                }
+                end = end.max(next_end);
+                past += 1;
+            }
+            let mut buffer = vec![0u8; (end - start) as usize];
+            wanted[first]
+                .file
+                .read_exact_at(&mut buffer, start)
+                .map_err(WalError::io)?;
+            for w in &wanted[first..past] {
+                let at = (w.location.offset - start) as usize;
+                let frame = &buffer[at..at + w.location.framed_len as usize];
+                let shard = ranges[w.range].shard;
+                match record::decode(frame) {
+                    Decoded::Record(rec, _) if rec.shard == shard && rec.log_id == w.location.log_id => {
+                        results[w.range][w.slot] = Some((rec.log_id, rec.body.to_vec()));
+                    }
+                    _ => {
+                        return Err(WalError::Corrupt {
+                            segment_no: w.location.segment_no,
+                            offset: w.location.offset,
+                        });
+                    }
+                }
+            }
+            first = past;
+        }
+        Ok(results
+            .into_iter()
+            .map(|entries| {
+                entries
+                    .into_iter()
+                    .map(|entry| entry.expect("every slot was read"))
+                    .collect()
+            })
+            .collect())
     }
 
     pub fn save_vote(&self, shard: u16, vote: Vote) -> std::io::Result<()> {
