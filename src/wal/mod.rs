@@ -28,6 +28,9 @@ use lane::{LaneRequest, LaneWriter};
 use record::Decoded;
 pub use vote::Vote;
 
+/// One log entry as read back: its id and body.
+pub type Entry = (LogId, Vec<u8>);
+
 /// Entries of one shard to read: from `from_index`, at most `max_entries`.
 #[derive(Debug, Clone, Copy)]
 pub struct EntryRange {
@@ -283,7 +286,7 @@ impl Wal {
 
     /// Reads up to `max_entries` durable entries of `shard` starting at `from_index`. Blocking:
     /// call it from a blocking thread.
-    pub fn read_entries(&self, shard: u16, from_index: u64, max_entries: usize) -> Result<Vec<(LogId, Vec<u8>)>> {
+    pub fn read_entries(&self, shard: u16, from_index: u64, max_entries: usize) -> Result<Vec<Entry>> {
         let range = EntryRange {
             shard,
             from_index,
@@ -295,7 +298,7 @@ impl Wal {
     /// Reads several shards' entries at once, one result per range in the same order. Entries
     /// are read in file order and neighbours (of any shard) share one read, so reading every
     /// shard's recent entries costs a few large reads rather than one per entry. Blocking.
-    pub fn read_ranges(&self, ranges: &[EntryRange]) -> Result<Vec<Vec<(LogId, Vec<u8>)>>> {
+    pub fn read_ranges(&self, ranges: &[EntryRange]) -> Result<Vec<Vec<Entry>>> {
         struct Wanted {
             range: usize,
             slot: usize,
@@ -304,7 +307,7 @@ impl Wal {
             file: Arc<fs::File>,
         }
         let mut wanted = Vec::new();
-        let mut results: Vec<Vec<Option<(LogId, Vec<u8>)>>> = Vec::with_capacity(ranges.len());
+        let mut results: Vec<Vec<Option<Entry>>> = Vec::with_capacity(ranges.len());
         for (range_no, range) in ranges.iter().enumerate() {
             let lane = range.shard as usize % self.lanes.len();
             let mut index = self.lanes[lane].index.lock().expect("lane index lock");
