@@ -57,13 +57,15 @@ pub enum LiveEvent {
 #[derive(Clone)]
 pub struct Listener {
     pub id: u64,
-    pub queue: mpsc::Sender<LiveEvent>,
+    /// Events are shared (one allocation per publish, not per listener) and the queue holds
+    /// only pointers, which keeps an idle socket's queue small.
+    pub queue: mpsc::Sender<Arc<LiveEvent>>,
     /// Set when an event could not be queued: the listener has missed something.
     pub overflowed: Arc<AtomicBool>,
 }
 
 impl Listener {
-    fn deliver(&self, event: LiveEvent) {
+    fn deliver(&self, event: Arc<LiveEvent>) {
         if self.queue.try_send(event).is_err() {
             self.overflowed.store(true, Ordering::Release);
             metrics::counter!("fleetlm_outbound_overflows_total").increment(1);
@@ -116,7 +118,7 @@ impl Hub {
         })
     }
 
-    pub fn new_listener(&self, queue: mpsc::Sender<LiveEvent>) -> Listener {
+    pub fn new_listener(&self, queue: mpsc::Sender<Arc<LiveEvent>>) -> Listener {
         Listener {
             id: self.next_listener_id.fetch_add(1, Ordering::Relaxed),
             queue,
@@ -173,45 +175,49 @@ impl Hub {
             return;
         }
         let json = Bytes::from(serde_json::to_vec(&record.message).expect("messages serialize"));
+        let event = Arc::new(LiveEvent::Message {
+            session_id: session_id.clone(),
+            seq: record.message.seq,
+            json,
+        });
         for listener in &listeners {
-            listener.deliver(LiveEvent::Message {
-                session_id: session_id.clone(),
-                seq: record.message.seq,
-                json: json.clone(),
-            });
+            listener.deliver(event.clone());
         }
     }
 
     pub fn publish_typing(&self, session_id: &Arc<str>, from_listener: u64, json: Bytes) {
+        let event = Arc::new(LiveEvent::Typing {
+            session_id: session_id.clone(),
+            from_listener,
+            json,
+        });
         for listener in self.listeners_of(self.session_registry(session_id), session_id) {
             if listener.id != from_listener {
-                listener.deliver(LiveEvent::Typing {
-                    session_id: session_id.clone(),
-                    from_listener,
-                    json: json.clone(),
-                });
+                listener.deliver(event.clone());
             }
         }
     }
 
     pub fn publish_push(&self, session_id: &Arc<str>, event: &'static str, json: Bytes) {
+        let event = Arc::new(LiveEvent::Push {
+            session_id: session_id.clone(),
+            event,
+            json,
+        });
         for listener in self.listeners_of(self.session_registry(session_id), session_id) {
-            listener.deliver(LiveEvent::Push {
-                session_id: session_id.clone(),
-                event,
-                json: json.clone(),
-            });
+            listener.deliver(event.clone());
         }
     }
 
     pub fn publish_stream_chunk(&self, session_id: &Arc<str>, dispatch_id: &Arc<str>, index: u64, json: Bytes) {
+        let event = Arc::new(LiveEvent::StreamChunk {
+            session_id: session_id.clone(),
+            dispatch_id: dispatch_id.clone(),
+            index,
+            json,
+        });
         for listener in self.listeners_of(self.session_registry(session_id), session_id) {
-            listener.deliver(LiveEvent::StreamChunk {
-                session_id: session_id.clone(),
-                dispatch_id: dispatch_id.clone(),
-                index,
-                json: json.clone(),
-            });
+            listener.deliver(event.clone());
         }
     }
 
@@ -226,14 +232,13 @@ impl Hub {
         if listeners.is_empty() {
             return;
         }
-        let entry = Arc::new(view.to_inbox_entry());
-        let user_id: Arc<str> = Arc::from(user_id.as_str());
+        let event = Arc::new(LiveEvent::InboxEntry {
+            user_id: Arc::from(user_id.as_str()),
+            session_id: view.record.id.clone(),
+            entry: Arc::new(view.to_inbox_entry()),
+        });
         for listener in listeners {
-            listener.deliver(LiveEvent::InboxEntry {
-                user_id: user_id.clone(),
-                session_id: view.record.id.clone(),
-                entry: entry.clone(),
-            });
+            listener.deliver(event.clone());
         }
     }
 }

@@ -61,6 +61,8 @@ impl Drop for SocketSlot {
     }
 }
 
+/// Bytes read from a socket at a time.
+const READ_CHUNK_BYTES: usize = 1024;
 /// Bytes of queued frames that are written before the writer's flush.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -143,9 +145,10 @@ pub async fn upgrade(
     let max_frame = config.ws_max_frame_bytes;
     upgrade
         .protocols(["phoenix"])
-        // A small read buffer keeps an idle socket cheap (it grows for a large frame). Frames
-        // are buffered until the socket's writer flushes the frames it has queued at once.
-        .read_buffer_size(4 * 1024)
+        // The read chunk is what an idle socket keeps (a large frame is read in several chunks;
+        // 1 KiB measured as fast as 4 KiB at write saturation and 3 KiB cheaper per socket).
+        // Frames are buffered until the socket's writer flushes the frames it has queued at once.
+        .read_buffer_size(READ_CHUNK_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
         // Let oversized frames through the codec so the socket can close them with 1009 itself.
         .max_message_size(max_frame.saturating_mul(4))

@@ -145,7 +145,7 @@ pub async fn run(
         }
         let _ = sink.close().await;
     });
-    let (events, mut live) = mpsc::channel::<LiveEvent>(config.ws_outbound_queue);
+    let (events, mut live) = mpsc::channel::<Arc<LiveEvent>>(config.ws_outbound_queue);
     let now_secs = state.clock.now_micros() / 1_000_000;
     let expires_at =
         expires_at_secs.map(|exp| Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs).max(0) as u64));
@@ -176,7 +176,7 @@ pub async fn run(
                     socket.last_received = Instant::now();
                     if text.len() > config.ws_max_frame_bytes {
                         socket.close(CLOSE_MESSAGE_TOO_BIG, "frame too large");
-                    } else if let Some(send) = socket.handle_text(text.as_str()).await {
+                    } else if let Some(send) = Box::pin(socket.handle_text(text.as_str())).await {
                         pending.push_back(send);
                     }
                 }
@@ -601,25 +601,25 @@ impl Socket {
         self.reply(frame, "ok", "{}");
     }
 
-    fn handle_live(&mut self, event: LiveEvent) {
-        match event {
+    fn handle_live(&mut self, event: Arc<LiveEvent>) {
+        match &*event {
             LiveEvent::Message { session_id, seq, json } => {
-                let Some(topic) = self.session_topics.get(&session_id).cloned() else {
+                let Some(topic) = self.session_topics.get(&**session_id).cloned() else {
                     return;
                 };
                 let Some(Channel::Session(channel)) = self.channels.get_mut(&topic) else {
                     return;
                 };
-                if channel.subscription.is_none() || seq < channel.next_seq {
+                if channel.subscription.is_none() || *seq < channel.next_seq {
                     return;
                 }
-                if seq > channel.next_seq {
+                if *seq > channel.next_seq {
                     self.resync(&topic);
                     return;
                 }
                 channel.next_seq += 1;
                 let join_ref = channel.join_ref.clone();
-                let payload = std::str::from_utf8(&json).unwrap_or("{}");
+                let payload = std::str::from_utf8(json).unwrap_or("{}");
                 let text = frame::encode(self.vsn, &join_ref, NULL, &topic, "message", payload);
                 self.send(text);
             }
@@ -628,14 +628,14 @@ impl Socket {
                 event,
                 json,
             } => {
-                let Some(topic) = self.session_topics.get(&session_id).cloned() else {
+                let Some(topic) = self.session_topics.get(&**session_id).cloned() else {
                     return;
                 };
                 let Some(channel) = self.channels.get(&topic) else {
                     return;
                 };
                 let join_ref = channel.join_ref().to_string();
-                self.push(&join_ref, &topic, event, std::str::from_utf8(&json).unwrap_or("{}"));
+                self.push(&join_ref, &topic, event, std::str::from_utf8(json).unwrap_or("{}"));
             }
             LiveEvent::StreamChunk {
                 session_id,
@@ -643,7 +643,7 @@ impl Socket {
                 index,
                 json,
             } => {
-                let Some(topic) = self.session_topics.get(&session_id).cloned() else {
+                let Some(topic) = self.session_topics.get(&**session_id).cloned() else {
                     return;
                 };
                 let Some(Channel::Session(channel)) = self.channels.get(&topic) else {
@@ -653,7 +653,7 @@ impl Socket {
                 let seen = channel
                     .stream_seen
                     .as_ref()
-                    .is_some_and(|(id, next)| *id == dispatch_id && index < *next);
+                    .is_some_and(|(id, next)| id == dispatch_id && *index < *next);
                 if seen {
                     return;
                 }
@@ -662,18 +662,18 @@ impl Socket {
                     &join_ref,
                     &topic,
                     "stream_chunk",
-                    std::str::from_utf8(&json).unwrap_or("{}"),
+                    std::str::from_utf8(json).unwrap_or("{}"),
                 );
             }
             LiveEvent::Typing { session_id, json, .. } => {
-                let Some(topic) = self.session_topics.get(&session_id).cloned() else {
+                let Some(topic) = self.session_topics.get(&**session_id).cloned() else {
                     return;
                 };
                 let Some(channel) = self.channels.get(&topic) else {
                     return;
                 };
                 let join_ref = channel.join_ref().to_string();
-                self.push(&join_ref, &topic, "typing", std::str::from_utf8(&json).unwrap_or("{}"));
+                self.push(&join_ref, &topic, "typing", std::str::from_utf8(json).unwrap_or("{}"));
             }
             LiveEvent::InboxEntry {
                 user_id,
@@ -684,7 +684,7 @@ impl Socket {
                 let Some(Channel::Inbox(inbox)) = self.channels.get_mut(&topic) else {
                     return;
                 };
-                inbox.pending.insert(session_id, entry);
+                inbox.pending.insert(session_id.clone(), entry.clone());
                 let due = inbox
                     .last_push
                     .is_none_or(|at| at.elapsed() >= self.state.config.inbox_push_interval);
