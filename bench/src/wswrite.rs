@@ -40,6 +40,11 @@ pub struct WsWriteOptions {
     /// Connections of the Postgres baseline.
     #[arg(long, default_value_t = 64)]
     pub postgres_connections: usize,
+    /// nats-server (2.10+) for the JetStream baseline: a path; `auto` tries
+    /// $FLEETLM_BENCH_NATS_SERVER, then target/bench-tools (bench/install-nats.sh), then PATH, and
+    /// skips the baseline with a note if none of them can sync every write; `none` skips it.
+    #[arg(long, default_value = "auto")]
+    pub baseline_jetstream: String,
 }
 
 pub struct WriteRun {
@@ -153,6 +158,7 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
         "none" => None,
         url => Some(crate::pgbase::drive(url, options, options.postgres_connections).await?),
     };
+    let jetstream = run_jetstream_baseline(options).await?;
     let appends_before = target.metric(&client, "fleetlm_appends_total").await?;
     let fsyncs_before = target.metric(&client, "fleetlm_wal_fsync_seconds_count").await?;
     let fleetlm = drive(&target.base, &sessions, options).await?;
@@ -172,6 +178,9 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
     if let Some(postgres) = &postgres {
         rows.push(("postgres INSERT per message", postgres));
     }
+    if let Some(jetstream) = &jetstream {
+        rows.push(("jetstream (sync always)", jetstream));
+    }
     rows.push(("fleetlm (fsync-acked)", &fleetlm));
     for (name, run) in rows {
         run.print_row(name);
@@ -182,6 +191,12 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
         .map(|p| fleetlm.acked_per_sec / p.acked_per_sec.max(1.0));
     if let Some(postgres_ratio) = postgres_ratio {
         println!("fleetlm / postgres         {postgres_ratio:.2}");
+    }
+    let jetstream_ratio = jetstream
+        .as_ref()
+        .map(|j| fleetlm.acked_per_sec / j.acked_per_sec.max(1.0));
+    if let Some(jetstream_ratio) = jetstream_ratio {
+        println!("fleetlm / jetstream        {jetstream_ratio:.2}");
     }
     println!("appends per fsync          {per_fsync:.1}");
     let half_load = if options.half_load {
@@ -213,7 +228,48 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
         "postgres": postgres.as_ref().map(WriteRun::to_json),
         "ratio_to_echo": ratio,
         "ratio_to_postgres": postgres_ratio,
+        "jetstream": jetstream.as_ref().map(WriteRun::to_json),
+        "ratio_to_jetstream": jetstream_ratio,
         "appends_per_fsync": per_fsync,
         "half_load": half_load,
     }))
+}
+
+/// The JetStream baseline as `--baseline-jetstream` asks for it (see its help).
+async fn run_jetstream_baseline(options: &WsWriteOptions) -> anyhow::Result<Option<WriteRun>> {
+    match options.baseline_jetstream.as_str() {
+        "none" => Ok(None),
+        "auto" => {
+            for candidate in nats_server_candidates() {
+                match crate::jetstream::drive(&candidate, options).await {
+                    Ok(run) => return Ok(Some(run)),
+                    Err(error) => eprintln!("jetstream baseline: {} not usable: {error:#}", candidate.display()),
+                }
+            }
+            println!("jetstream baseline skipped: no nats-server 2.10+ found (run bench/install-nats.sh)");
+            Ok(None)
+        }
+        path => Ok(Some(
+            crate::jetstream::drive(std::path::Path::new(path), options).await?,
+        )),
+    }
+}
+
+fn nats_server_candidates() -> Vec<std::path::PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(path) = std::env::var_os("FLEETLM_BENCH_NATS_SERVER") {
+        candidates.push(path.into());
+    }
+    // target/<profile>/fleetlm-bench → target/bench-tools/nats/bin/nats-server
+    if let Some(target_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(std::path::Path::to_path_buf))
+    {
+        let installed = target_dir.join("bench-tools/nats/bin/nats-server");
+        if installed.exists() {
+            candidates.push(installed);
+        }
+    }
+    candidates.push("nats-server".into());
+    candidates
 }

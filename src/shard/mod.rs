@@ -10,6 +10,7 @@
 
 pub mod ops;
 pub mod session;
+mod shared_reads;
 mod state;
 pub mod writer;
 
@@ -133,6 +134,7 @@ struct ShardsInner {
     writers: Vec<Arc<Writer>>,
     wal: Arc<Wal>,
     archive: Archive,
+    archive_reads: shared_reads::SharedArchiveReads,
 }
 
 /// The outcome of a submitted append, resolved once it is durable or refused.
@@ -158,6 +160,7 @@ impl Shards {
                 writers,
                 wal,
                 archive,
+                archive_reads: shared_reads::SharedArchiveReads::default(),
             }),
         }
     }
@@ -422,11 +425,10 @@ impl Shards {
         if let Some((from, to)) = plan.archive_range {
             let archived = self
                 .inner
-                .archive
-                .read_messages(session_id, from, to)
-                .await
-                .map_err(|e| e.to_string())?;
-            messages.extend(archived.into_iter().map(Arc::new));
+                .archive_reads
+                .read(&self.inner.archive, session_id, from, to)
+                .await?;
+            messages.extend(archived.iter().cloned());
         }
         if !plan.wal.is_empty() {
             messages.extend(self.read_from_wal(session_id, &plan.wal).await?);
