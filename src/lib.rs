@@ -4,6 +4,7 @@ pub mod agents;
 pub mod api;
 pub mod archive;
 pub mod auth;
+mod background;
 pub mod clock;
 pub mod config;
 pub mod gateway;

@@ -165,47 +165,72 @@ impl Flusher {
                 max_entries: self.options.max_entries_per_shard,
             })
             .collect();
+        // Reading, decoding and sorting into rows is CPU work on the scale of a cycle's traffic:
+        // it runs on the low-priority background thread, not on a runtime worker that sockets
+        // are waiting on.
         let wal = self.wal.clone();
-        let read = tokio::task::spawn_blocking(move || wal.read_ranges(&ranges).map(|entries| (ranges, entries)));
-        let (ranges, entries_by_shard) = read
+        let collected = crate::background::run(move || collect_rows(&wal, &ranges))
             .await
-            .map_err(|e| FlushError::Wal(e.to_string()))?
-            .map_err(|e| FlushError::Wal(e.to_string()))?;
-        let mut all_ops = Vec::new();
-        let mut watermarks = Vec::new();
-        for (range, entries) in ranges.iter().zip(entries_by_shard) {
-            let shard = range.shard;
-            let Some((last_id, _)) = entries.last() else { continue };
-            if entries[0].0.index != range.from_index {
-                return Err(FlushError::Wal(format!(
-                    "shard {shard}: expected entry {} after the watermark, the wal has {}",
-                    range.from_index, entries[0].0.index
-                )));
-            }
-            watermarks.push((shard, last_id.index));
-            for (log_id, body) in &entries {
-                let ops =
-                    ops::decode_entry(body).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
-                all_ops.extend(ops);
-            }
-        }
-        if watermarks.is_empty() {
+            .map_err(FlushError::Wal)??;
+        let Some(Collected { rows, watermarks }) = collected else {
             return Ok(());
-        }
-        let rows = Arc::new(FlushRows::from_ops(all_ops));
+        };
+        let rows = Arc::new(rows);
         let message_count = rows.messages.len();
         self.archive.flush(rows, watermarks.clone()).await?;
         metrics::histogram!("fleetlm_archive_flush_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("fleetlm_archive_messages_total").increment(message_count as u64);
-        for (shard, through) in watermarks {
+        for &(shard, through) in &watermarks {
             progress[shard as usize].watermark = Some(through);
             let _ = self.shard_commands[shard as usize]
                 .send(Command::Archived { through_index: through })
                 .await;
-            if let Err(error) = self.wal.purge_prefix(shard, through).await {
+        }
+        // All purges at once, so they share the lanes' next fsyncs instead of one each.
+        let purges = watermarks
+            .iter()
+            .map(|&(shard, through)| async move { (shard, self.wal.purge_prefix(shard, through).await) });
+        for (shard, outcome) in futures_util::future::join_all(purges).await {
+            if let Err(error) = outcome {
                 tracing::warn!(shard, %error, "could not purge archived wal entries");
             }
         }
         Ok(())
     }
+}
+
+/// One cycle's rows and, per shard, the log index they reach.
+struct Collected {
+    rows: FlushRows,
+    watermarks: Vec<(u16, u64)>,
+}
+
+/// The rows for the entries of `ranges` and each shard's new watermark; `None` if no shard has
+/// entries to flush. Blocking (reads the WAL).
+fn collect_rows(wal: &Wal, ranges: &[EntryRange]) -> Result<Option<Collected>, FlushError> {
+    let entries_by_shard = wal.read_ranges(ranges).map_err(|e| FlushError::Wal(e.to_string()))?;
+    let mut all_ops = Vec::new();
+    let mut watermarks = Vec::new();
+    for (range, entries) in ranges.iter().zip(entries_by_shard) {
+        let shard = range.shard;
+        let Some((last_id, _)) = entries.last() else { continue };
+        if entries[0].0.index != range.from_index {
+            return Err(FlushError::Wal(format!(
+                "shard {shard}: expected entry {} after the watermark, the wal has {}",
+                range.from_index, entries[0].0.index
+            )));
+        }
+        watermarks.push((shard, last_id.index));
+        for (log_id, body) in &entries {
+            let ops = ops::decode_entry(body).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
+            all_ops.extend(ops);
+        }
+    }
+    if watermarks.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Collected {
+        rows: FlushRows::from_ops(all_ops),
+        watermarks,
+    }))
 }

@@ -46,6 +46,21 @@ impl SqliteArchive {
         .map_err(unavailable)
     }
 
+    /// As `with`, on the low-priority background thread (for the flush, which is bulk work).
+    async fn with_in_background<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let connection = self.connection.clone();
+        crate::background::run(move || {
+            let mut connection = connection.lock().expect("sqlite connection lock");
+            work(&mut connection)
+        })
+        .await
+        .map_err(ArchiveError::Unavailable)?
+        .map_err(unavailable)
+    }
+
     pub async fn migrate(&self) -> Result<()> {
         self.with(|c| c.execute_batch(SCHEMA)).await
     }
@@ -68,7 +83,7 @@ impl SqliteArchive {
     }
 
     pub async fn flush(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<()> {
-        self.with(move |c| {
+        self.with_in_background(move |c| {
             let tx = c.transaction()?;
             write_rows(&tx, &rows)?;
             {
