@@ -32,18 +32,23 @@ impl SqliteArchive {
         })
     }
 
+    /// `work` as a blocking job holding the connection.
+    fn job<T>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> impl FnOnce() -> rusqlite::Result<T> + Send + 'static {
+        let connection = self.connection.clone();
+        move || work(&mut connection.lock().expect("sqlite connection lock"))
+    }
+
     async fn with<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let connection = self.connection.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut connection = connection.lock().expect("sqlite connection lock");
-            work(&mut connection)
-        })
-        .await
-        .map_err(|e| ArchiveError::Unavailable(e.to_string()))?
-        .map_err(unavailable)
+        tokio::task::spawn_blocking(self.job(work))
+            .await
+            .map_err(|e| ArchiveError::Unavailable(e.to_string()))?
+            .map_err(unavailable)
     }
 
     /// As `with`, on the low-priority background thread (for the flush, which is bulk work).
@@ -51,14 +56,10 @@ impl SqliteArchive {
         &self,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let connection = self.connection.clone();
-        crate::background::run(move || {
-            let mut connection = connection.lock().expect("sqlite connection lock");
-            work(&mut connection)
-        })
-        .await
-        .map_err(ArchiveError::Unavailable)?
-        .map_err(unavailable)
+        crate::background::run(self.job(work))
+            .await
+            .map_err(ArchiveError::Unavailable)?
+            .map_err(unavailable)
     }
 
     pub async fn migrate(&self) -> Result<()> {
