@@ -41,6 +41,8 @@ struct ReplyTo {
     join_ref: String,
     reference: String,
     topic: String,
+    /// When the frame was handled, for the server-side send → ack latency.
+    received_at: Instant,
 }
 
 type PendingSend =
@@ -529,6 +531,7 @@ impl Socket {
             join_ref: frame.join_ref,
             reference: frame.reference,
             topic: frame.topic,
+            received_at: Instant::now(),
         };
         match self.state.shards.submit_append(request).await {
             Ok(outcome) => Some(Box::pin(async move { (reply_to, outcome.await) })),
@@ -544,7 +547,9 @@ impl Socket {
             join_ref,
             reference,
             topic,
+            received_at,
         } = reply_to;
+        metrics::histogram!("fleetlm_ws_send_seconds").record(received_at.elapsed().as_secs_f64());
         match result {
             Ok(result) => {
                 let mut response = json!({"seq": result.record.message.seq});
