@@ -1,5 +1,9 @@
 //! The embedded archive: one SQLite file in the data directory (WAL journal, `synchronous=FULL`
 //! because WAL segments are deleted once a flush commits).
+//!
+//! Two connections: writes go through one, reads through the other, so a reader (a join
+//! replaying history, a session load) never waits for a flush transaction — SQLite's WAL mode
+//! lets a reader see the last committed state while a write is under way.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -15,6 +19,7 @@ const SCHEMA: &str = include_str!("schema.sql");
 
 pub struct SqliteArchive {
     connection: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
 }
 
 fn unavailable(error: rusqlite::Error) -> ArchiveError {
@@ -27,25 +32,44 @@ impl SqliteArchive {
         connection
             .execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
             .map_err(unavailable)?;
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(unavailable)?;
+        reader.execute_batch("PRAGMA busy_timeout=5000;").map_err(unavailable)?;
         Ok(SqliteArchive {
             connection: Arc::new(Mutex::new(connection)),
+            reader: Arc::new(Mutex::new(reader)),
         })
     }
 
-    /// `work` as a blocking job holding the connection.
+    /// `work` as a blocking job holding `connection`.
     fn job<T>(
-        &self,
+        connection: &Arc<Mutex<Connection>>,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> impl FnOnce() -> rusqlite::Result<T> + Send + 'static {
-        let connection = self.connection.clone();
+        let connection = connection.clone();
         move || work(&mut connection.lock().expect("sqlite connection lock"))
     }
 
+    /// Runs `work` with the write connection on the blocking pool.
     async fn with<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
-        tokio::task::spawn_blocking(self.job(work))
+        tokio::task::spawn_blocking(Self::job(&self.connection, work))
+            .await
+            .map_err(|e| ArchiveError::Unavailable(e.to_string()))?
+            .map_err(unavailable)
+    }
+
+    /// Runs read-only `work` with the read connection on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        tokio::task::spawn_blocking(Self::job(&self.reader, work))
             .await
             .map_err(|e| ArchiveError::Unavailable(e.to_string()))?
             .map_err(unavailable)
@@ -56,7 +80,7 @@ impl SqliteArchive {
         &self,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
-        crate::background::run(self.job(work))
+        crate::background::run(Self::job(&self.connection, work))
             .await
             .map_err(ArchiveError::Unavailable)?
             .map_err(unavailable)
@@ -112,7 +136,7 @@ impl SqliteArchive {
 
     pub async fn load_session(&self, session_id: &str) -> Result<Option<LoadedSession>> {
         let session_id = session_id.to_string();
-        self.with(move |c| {
+        self.read(move |c| {
             let Some(view) = c
                 .query_row(
                     &format!("{SESSION_SELECT} WHERE s.id = ?1"),
@@ -137,7 +161,7 @@ impl SqliteArchive {
 
     pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
         let session_id = session_id.to_string();
-        self.with(move |c| {
+        self.read(move |c| {
             let mut statement = c.prepare_cached(&format!(
                 "{MESSAGE_SELECT} WHERE session_id = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
             ))?;
@@ -150,7 +174,7 @@ impl SqliteArchive {
 
     pub async fn find_by_client_id(&self, session_id: &str, client_id: &str) -> Result<Option<MessageRecord>> {
         let (session_id, client_id) = (session_id.to_string(), client_id.to_string());
-        self.with(move |c| {
+        self.read(move |c| {
             c.query_row(
                 &format!("{MESSAGE_SELECT} WHERE session_id = ?1 AND client_id = ?2"),
                 params![session_id, client_id],
@@ -162,7 +186,7 @@ impl SqliteArchive {
     }
 
     pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionView>> {
-        self.with(move |c| {
+        self.read(move |c| {
             let (before_at, before_id) = filter.before.map_or((None, None), |(at, id)| (Some(at.0), Some(id)));
             let mut statement = c.prepare_cached(&format!(
                 "{SESSION_SELECT}
@@ -189,7 +213,7 @@ impl SqliteArchive {
     }
 
     pub async fn sessions_owing_a_reply(&self, limit: usize) -> Result<Vec<String>> {
-        self.with(move |c| {
+        self.read(move |c| {
             let mut statement = c.prepare_cached(
                 "SELECT id FROM sessions WHERE last_user_seq > answered_through AND status = 'active' LIMIT ?1",
             )?;
@@ -199,7 +223,7 @@ impl SqliteArchive {
     }
 
     pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
-        self.with(move |c| {
+        self.read(move |c| {
             let mut statement = c.prepare_cached(&format!(
                 "{AGENT_SELECT} WHERE (?1 IS NULL OR status = ?1) ORDER BY name, id"
             ))?;
@@ -212,7 +236,7 @@ impl SqliteArchive {
 
     pub async fn get_agent(&self, id: &str) -> Result<Option<Agent>> {
         let id = id.to_string();
-        self.with(move |c| {
+        self.read(move |c| {
             c.query_row(&format!("{AGENT_SELECT} WHERE id = ?1"), [id], agent_from_row)
                 .optional()
         })
