@@ -209,7 +209,9 @@ struct Collected {
 /// entries to flush. Blocking (reads the WAL).
 fn collect_rows(wal: &Wal, ranges: &[EntryRange]) -> Result<Option<Collected>, FlushError> {
     let entries_by_shard = wal.read_ranges(ranges).map_err(|e| FlushError::Wal(e.to_string()))?;
-    let mut all_ops = Vec::new();
+    let entry_count = entries_by_shard.iter().map(Vec::len).sum::<usize>();
+    // Each entry holds a shard batch (often several operations): a first guess saves most regrowth.
+    let mut all_ops = Vec::with_capacity(entry_count * 4);
     let mut watermarks = Vec::new();
     for (range, entries) in ranges.iter().zip(entries_by_shard) {
         let shard = range.shard;

@@ -30,7 +30,10 @@ impl SqliteArchive {
     pub fn open(path: &Path) -> Result<SqliteArchive> {
         let connection = Connection::open(path).map_err(unavailable)?;
         connection
-            .execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
+            .execute_batch(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;
+                 PRAGMA cache_size=-65536;",
+            )
             .map_err(unavailable)?;
         let reader = Connection::open_with_flags(
             path,
