@@ -49,13 +49,33 @@ impl SharedArchiveReads {
                 })
                 .clone()
         };
-        let result = query.clone().await;
-        let mut in_flight = self.in_flight.lock().expect("shared reads lock");
+        // Removed when this request finishes or is cancelled (a client gone mid-join), so no
+        // entry outlives its readers; a reader still waiting keeps its own handle to the query.
+        let _leave = LeaveOnDrop {
+            reads: self,
+            key,
+            query: query.clone(),
+        };
+        query.await
+    }
+}
+
+struct LeaveOnDrop<'a> {
+    reads: &'a SharedArchiveReads,
+    key: RangeKey,
+    query: SharedQuery,
+}
+
+impl Drop for LeaveOnDrop<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.reads.in_flight.lock().expect("shared reads lock");
         // Only the query this request joined leaves the map (a newer one may have replaced it).
-        if in_flight.get(&key).is_some_and(|current| current.ptr_eq(&query)) {
-            in_flight.remove(&key);
+        if in_flight
+            .get(&self.key)
+            .is_some_and(|current| current.ptr_eq(&self.query))
+        {
+            in_flight.remove(&self.key);
         }
-        result
     }
 }
 
@@ -125,6 +145,17 @@ mod tests {
         assert!(
             reads.in_flight.lock().expect("lock").is_empty(),
             "nothing kept after the reads"
+        );
+
+        // A reader cancelled before its answer leaves nothing behind either.
+        tokio::select! {
+            biased;
+            _ = reads.read(&archive, "s1", 1, 2) => panic!("the query cannot end on its first poll"),
+            () = std::future::ready(()) => {}
+        }
+        assert!(
+            reads.in_flight.lock().expect("lock").is_empty(),
+            "nothing kept after a cancel"
         );
 
         let other = reads.read(&archive, "s1", 45, 60).await.expect("read");
