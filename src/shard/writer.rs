@@ -1,9 +1,10 @@
 //! The shard writer: one task per shard, the only writer of its sessions.
 //!
 //! It takes every queued command at once, validates each against the state, assigns `seq`, `id`
-//! and `inserted_at`, applies the resulting operations, writes them as one log entry, waits for
-//! the fsync, and only then answers. Answers (reads included) are never sent before the entry
-//! that the state reflects is durable.
+//! and `inserted_at`, applies the resulting operations, hands them to the WAL as one log entry,
+//! and answers once that entry is fsync'd. While one entry is being fsync'd the next batch may be
+//! sealed (at most `MAX_BATCHES_IN_FLIGHT`); batches are answered strictly in order. Answers
+//! (reads included) are never sent before the entry that the state reflects is durable.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
