@@ -45,6 +45,10 @@ struct ReplyTo {
     received_at: Instant,
 }
 
+/// A frame for the socket's writer task. Boxed so the queue holds pointers: its first block of
+/// slots is allocated with the socket and kept while it is idle (256 bytes instead of 1.5 KiB).
+type Outgoing = Box<Message>;
+
 type PendingSend =
     std::pin::Pin<Box<dyn std::future::Future<Output = (ReplyTo, Result<AppendResult, ShardError>)> + Send>>;
 
@@ -87,7 +91,7 @@ struct Socket {
     state: SharedState,
     identity: Arc<str>,
     vsn: Vsn,
-    out: mpsc::Sender<Message>,
+    out: mpsc::Sender<Outgoing>,
     listener: Listener,
     channels: HashMap<String, Channel>,
     /// Topic of each joined session channel, to route live events.
@@ -108,7 +112,7 @@ pub async fn run(
 ) {
     let config = state.config.clone();
     let (mut sink, mut stream) = websocket.split();
-    let (out, mut outgoing) = mpsc::channel::<Message>(config.ws_outbound_queue);
+    let (out, mut outgoing) = mpsc::channel::<Outgoing>(config.ws_outbound_queue);
     // Jumps the queue: a client too slow to drain it is closed with 1013 at once.
     let (close_now, mut close_signal) = tokio::sync::oneshot::channel::<u16>();
     let writer = tokio::spawn(async move {
@@ -130,13 +134,13 @@ pub async fn run(
                     let Some(message) = message else { break };
                     // Everything already queued goes out with one flush: one write for the
                     // replies and pushes of a whole commit instead of one per frame.
-                    let mut is_close = matches!(message, Message::Close(_));
-                    let mut written = sink.feed(message).await.is_ok();
+                    let mut is_close = matches!(*message, Message::Close(_));
+                    let mut written = sink.feed(*message).await.is_ok();
                     let mut batched = 1;
                     while written && !is_close && batched < MAX_FRAMES_PER_FLUSH {
                         let Ok(message) = outgoing.try_recv() else { break };
-                        is_close = matches!(message, Message::Close(_));
-                        written = sink.feed(message).await.is_ok();
+                        is_close = matches!(*message, Message::Close(_));
+                        written = sink.feed(*message).await.is_ok();
                         batched += 1;
                     }
                     if !written || sink.flush().await.is_err() || is_close {
@@ -263,7 +267,7 @@ impl Socket {
         if self.closing {
             return;
         }
-        match self.out.try_send(Message::Text(text.into())) {
+        match self.out.try_send(Box::new(Message::Text(text.into()))) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!("fleetlm_socket_closed_slow_total").increment(1);
@@ -284,7 +288,7 @@ impl Socket {
             code,
             reason: reason.into(),
         };
-        let _ = self.out.try_send(Message::Close(Some(frame)));
+        let _ = self.out.try_send(Box::new(Message::Close(Some(frame))));
         self.closing = true;
     }
 
