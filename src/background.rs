@@ -17,6 +17,8 @@ const BACKGROUND_NICE: i32 = 10;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Unbounded in type, bounded in use: its callers (the flusher and the SQLite archive's flush)
+/// await each job before sending the next, so it holds at most a job or two.
 fn queue() -> &'static mpsc::Sender<Job> {
     static QUEUE: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
     QUEUE.get_or_init(|| {

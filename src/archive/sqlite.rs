@@ -56,26 +56,31 @@ impl SqliteArchive {
         move || work(&mut connection.lock().expect("sqlite connection lock"))
     }
 
-    /// Runs `work` with the write connection on the blocking pool.
-    async fn with<T: Send + 'static>(
-        &self,
+    /// Runs `work` holding `connection` on the blocking pool.
+    async fn on_blocking_pool<T: Send + 'static>(
+        connection: &Arc<Mutex<Connection>>,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
-        tokio::task::spawn_blocking(Self::job(&self.connection, work))
+        tokio::task::spawn_blocking(Self::job(connection, work))
             .await
             .map_err(|e| ArchiveError::Unavailable(e.to_string()))?
             .map_err(unavailable)
     }
 
-    /// Runs read-only `work` with the read connection on the blocking pool.
+    /// Runs `work` with the write connection.
+    async fn with<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        Self::on_blocking_pool(&self.connection, work).await
+    }
+
+    /// Runs read-only `work` with the read connection.
     async fn read<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
-        tokio::task::spawn_blocking(Self::job(&self.reader, work))
-            .await
-            .map_err(|e| ArchiveError::Unavailable(e.to_string()))?
-            .map_err(unavailable)
+        Self::on_blocking_pool(&self.reader, work).await
     }
 
     /// As `with`, on the low-priority background thread (for the flush, which is bulk work).
