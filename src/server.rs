@@ -59,6 +59,26 @@ impl RunningServer {
     }
 }
 
+/// Logs what opening the WAL found: torn tails (expected after a crash) and damage (never).
+fn log_wal_recovery(reports: &[crate::wal::LaneReport]) {
+    for report in reports {
+        if let Some((segment_no, offset)) = report.torn_tail {
+            tracing::info!(lane = %report.lane_dir.display(), segment_no, offset, "wal: a torn write (never acknowledged) was discarded");
+        }
+        for damage in &report.damage {
+            metrics::counter!("fleetlm_wal_damage_found_total").increment(1);
+            tracing::error!(
+                lane = %report.lane_dir.display(),
+                segment_no = damage.segment_no,
+                offset = damage.offset,
+                len = damage.len,
+                detail = %damage.detail,
+                "wal: damaged bytes found; see `fleetlm wal inspect`"
+            );
+        }
+    }
+}
+
 /// Opens everything and starts serving; returns once the listener is bound.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let config = Arc::new(config);
@@ -75,12 +95,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         queue_depth: SHARD_QUEUE_DEPTH,
     };
     let wal_dir = config.data_dir.join("wal");
-    let (wal, events) = tokio::task::spawn_blocking(move || Wal::open(&wal_dir, wal_options))
+    let (wal, lane_reports) = tokio::task::spawn_blocking(move || Wal::open(&wal_dir, wal_options))
         .await?
         .context("cannot open the write-ahead log")?;
-    for event in &events {
-        tracing::warn!(?event, "wal recovery");
-    }
+    log_wal_recovery(&lane_reports);
     let wal = Arc::new(wal);
 
     let archive = match &config.database_url {
@@ -114,13 +132,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             archive: archive.clone(),
             clock: clock.clone(),
             state: ShardState::new(0),
-            unavailable: None,
+            refusal: None,
+            rebuild_cause: None,
+            max_op_bytes: wal.max_entry_bytes() / 2,
             last_inserted_at: 0,
             flush_wakeup: flush_wakeup.clone(),
             flush_threshold_bytes: config.flush_threshold_bytes,
             unflushed_bytes: 0,
             wal_budget_bytes: config.wal_budget_bytes,
-            entry_soft_limit_bytes: config.wal_max_batch_bytes() / 2,
+            entry_soft_limit_bytes: wal.max_entry_bytes() / 2,
             writer_state: writer_state.clone(),
             hub: hub.clone(),
             user_messages: user_messages.clone(),

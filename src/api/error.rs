@@ -117,6 +117,39 @@ impl From<ShardError> for ApiError {
                 error
             }
             ShardError::Archive(error) => error.into(),
+            ShardError::StorageFailed(reason) => {
+                tracing::error!(%reason, "storage failed");
+                let mut error = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_failed",
+                    "the server's storage failed; this request was not stored (see /health/ready)",
+                );
+                error.retry_after_secs = Some(5);
+                error
+            }
+            ShardError::OutOfSpace(reason) => {
+                tracing::warn!(%reason, "out of disk space");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    "the server is out of disk space; this request was not stored, retry later",
+                )
+            }
+            ShardError::Degraded(reason) => {
+                tracing::warn!(%reason, "shard degraded");
+                let mut error = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shard_degraded",
+                    "the session's storage shard is degraded and accepts no new messages until an operator repairs it",
+                );
+                error.retry_after_secs = Some(30);
+                error
+            }
+            ShardError::TooLarge { bytes, max } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the request takes {bytes} bytes in the log; the limit is {max}"),
+            ),
             ShardError::Unavailable(reason) => {
                 tracing::warn!(%reason, "shard unavailable");
                 ApiError::unavailable(format!("the session's shard is unavailable: {reason}"))

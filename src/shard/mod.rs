@@ -46,6 +46,18 @@ pub enum ShardError {
     Overloaded,
     #[error("shard unavailable: {0}")]
     Unavailable(String),
+    /// The WAL lane failed a write or fsync: the shard refuses writes until a restart.
+    #[error("storage failed: {0}")]
+    StorageFailed(String),
+    /// The disk is full: this request was not stored; the same request may succeed later.
+    #[error("out of disk space: {0}")]
+    OutOfSpace(String),
+    /// The shard's log is damaged: it refuses new seqs (so none is ever reused).
+    #[error("shard degraded: {0}")]
+    Degraded(String),
+    /// The request's log operation could never fit in a log entry.
+    #[error("the request takes {bytes} bytes in the log; the limit is {max}")]
+    TooLarge { bytes: usize, max: usize },
     #[error(transparent)]
     Archive(#[from] ArchiveError),
     /// Internal: the writer does not hold the session; load it from the archive and retry.
@@ -54,6 +66,19 @@ pub enum ShardError {
     /// Internal: the writer needs the non-user count at `seq` to move the read cursor there.
     #[error("read cursor target is not in memory")]
     NeedsCursorAt { seq: u64 },
+}
+
+impl ShardError {
+    /// The error a request gets when the WAL did not make its entry durable.
+    pub fn from_wal(error: crate::wal::WalError) -> ShardError {
+        use crate::wal::WalError;
+        match error {
+            WalError::OutOfSpace(detail) => ShardError::OutOfSpace(detail),
+            WalError::EntryTooLarge { bytes, max } => ShardError::TooLarge { bytes, max },
+            WalError::LaneFailed(detail) | WalError::Io(detail) => ShardError::StorageFailed(detail),
+            other => ShardError::StorageFailed(other.to_string()),
+        }
+    }
 }
 
 /// A validated append, as the edge hands it to the shard.
@@ -117,6 +142,10 @@ pub struct Writer {
 impl Writer {
     pub fn set_unavailable(&self, reason: String) {
         *self.unavailable.lock().expect("writer state lock") = Some(reason);
+    }
+
+    pub fn clear_unavailable(&self) {
+        *self.unavailable.lock().expect("writer state lock") = None;
     }
 
     pub fn unavailable(&self) -> Option<String> {
@@ -431,7 +460,16 @@ impl Shards {
             messages.extend(archived.iter().cloned());
         }
         if !plan.wal.is_empty() {
-            messages.extend(self.read_from_wal(session_id, &plan.wal).await?);
+            let (from_wal, complete) = self.read_from_wal(session_id, &plan.wal).await?;
+            messages.extend(from_wal);
+            if !complete {
+                // Bounded in bytes: the rest of the page comes with the next request.
+                return Ok(MessagePage {
+                    messages,
+                    has_more: true,
+                    session: plan.session,
+                });
+            }
         }
         messages.extend(plan.hot);
         for pair in messages.windows(2) {
@@ -453,35 +491,55 @@ impl Shards {
         &self,
         session_id: &str,
         positions: &[WalPosition],
-    ) -> Result<Vec<Arc<MessageRecord>>, String> {
+    ) -> Result<(Vec<Arc<MessageRecord>>, bool), String> {
         let shard = self.shard_of(session_id);
         let wal = self.inner.wal.clone();
         let positions = positions.to_vec();
         tokio::task::spawn_blocking(move || {
-            let mut entries: BTreeMap<u64, Vec<ops::Op>> = BTreeMap::new();
-            let first_index = positions.first().map_or(0, |p| p.log_index);
-            let last_index = positions.last().map_or(0, |p| p.log_index);
-            let span = (last_index - first_index + 1) as usize;
-            for (log_id, body) in wal.read_entries(shard, first_index, span).map_err(|e| e.to_string())? {
-                entries.insert(log_id.index, ops::decode_entry(&body).map_err(|e| e.to_string())?);
+            // Only the entries that hold the wanted messages, each once (runs of neighbouring
+            // indexes read together), never everything between the first and the last.
+            let mut ranges: Vec<crate::wal::EntryRange> = Vec::new();
+            for index in positions.iter().map(|p| p.log_index) {
+                match ranges.last_mut() {
+                    Some(range) if range.from_index + range.max_entries as u64 == index => range.max_entries += 1,
+                    Some(range) if range.from_index + range.max_entries as u64 > index => {}
+                    _ => ranges.push(crate::wal::EntryRange {
+                        shard,
+                        from_index: index,
+                        max_entries: 1,
+                    }),
+                }
             }
-            positions
-                .iter()
-                .map(|position| {
-                    match entries
-                        .get(&position.log_index)
-                        .and_then(|ops| ops.get(position.op_position as usize))
-                    {
-                        Some(ops::Op::MessageAppended(record)) if record.message.seq == position.seq => {
-                            Ok(Arc::new(record.clone()))
-                        }
-                        _ => Err(format!(
+            let mut entries: BTreeMap<u64, Vec<ops::Op>> = BTreeMap::new();
+            for run in wal.read_ranges(&ranges).map_err(|e| e.to_string())? {
+                for (log_id, body) in run {
+                    entries.insert(log_id.index, ops::decode_entry(&body).map_err(|e| e.to_string())?);
+                }
+            }
+            // The WAL's read budget may stop short: the page then ends at the last entry read.
+            let read_through = entries.keys().next_back().copied().unwrap_or(0);
+            let mut records = Vec::with_capacity(positions.len());
+            for position in positions.iter().take_while(|p| p.log_index <= read_through) {
+                match entries
+                    .get(&position.log_index)
+                    .and_then(|ops| ops.get(position.op_position as usize))
+                {
+                    Some(ops::Op::MessageAppended(record)) if record.message.seq == position.seq => {
+                        records.push(Arc::new(record.clone()));
+                    }
+                    _ => {
+                        return Err(format!(
                             "wal entry {} no longer holds seq {}",
                             position.log_index, position.seq
-                        )),
+                        ));
                     }
-                })
-                .collect()
+                }
+            }
+            if records.is_empty() {
+                return Err("the wal returned none of the entries asked for".to_string());
+            }
+            let complete = records.len() == positions.len();
+            Ok((records, complete))
         })
         .await
         .map_err(|e| e.to_string())?

@@ -52,6 +52,91 @@ struct EntryBody<T> {
     ops: T,
 }
 
+/// Builds one entry's bytes an operation at a time, so a batch knows its exact encoded size
+/// before it is sealed (the WAL refuses an entry over its limit; the writer never makes one).
+/// Produces exactly what `encode_entry` produces for the same operations.
+pub struct EntryEncoder {
+    bytes: Vec<u8>,
+    ops: usize,
+}
+
+const ENTRY_PREFIX: &[u8] = b"{\"v\":1,\"ops\":[";
+const ENTRY_SUFFIX: &[u8] = b"]}";
+
+impl Default for EntryEncoder {
+    fn default() -> Self {
+        EntryEncoder {
+            bytes: ENTRY_PREFIX.to_vec(),
+            ops: 0,
+        }
+    }
+}
+
+impl EntryEncoder {
+    /// Bytes of the entry if it were finished now.
+    pub fn len(&self) -> usize {
+        self.bytes.len() + ENTRY_SUFFIX.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops == 0
+    }
+
+    /// Bytes `op` adds to the entry (its JSON and a separator).
+    pub fn encoded_len(op: &Op) -> usize {
+        let mut counter = ByteCounter(0);
+        serde_json::to_writer(&mut counter, op).expect("ops always serialize");
+        counter.0 + 1
+    }
+
+    pub fn push(&mut self, op: &Op) {
+        let _ = self.try_push(op, usize::MAX);
+    }
+
+    /// Adds `op` unless it would add more than `max_op_bytes`; then the entry is left as it was
+    /// and the bytes it would have added are returned.
+    pub fn try_push(&mut self, op: &Op, max_op_bytes: usize) -> Result<(), usize> {
+        let before = self.bytes.len();
+        if self.ops > 0 {
+            self.bytes.push(b',');
+        }
+        serde_json::to_writer(&mut self.bytes, op).expect("ops always serialize");
+        let added = self.bytes.len() - before;
+        if added > max_op_bytes {
+            self.bytes.truncate(before);
+            return Err(added);
+        }
+        self.ops += 1;
+        Ok(())
+    }
+
+    /// The finished entry; the encoder starts over empty.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut bytes = std::mem::replace(&mut self.bytes, ENTRY_PREFIX.to_vec());
+        bytes.extend_from_slice(ENTRY_SUFFIX);
+        self.ops = 0;
+        bytes
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.truncate(ENTRY_PREFIX.len());
+        self.ops = 0;
+    }
+}
+
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub fn encode_entry(ops: &[Op]) -> Vec<u8> {
     serde_json::to_vec(&EntryBody {
         v: ENTRY_FORMAT_VERSION,
@@ -74,4 +159,38 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Vec<Op>, DecodeError> {
         return Err(DecodeError::Version(body.v));
     }
     Ok(body.ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_incremental_encoder_matches_the_batch_encoding_byte_for_byte() {
+        let ops = vec![
+            Op::SessionArchived {
+                session_id: "s\u{1}\"x".into(),
+                at: Timestamp(1),
+            },
+            Op::DispatchFinished {
+                session_id: "s".into(),
+                dispatch_id: "d".into(),
+                through_seq: 3,
+                error: Some("boom".into()),
+                at: Timestamp(2),
+            },
+        ];
+        let mut encoder = EntryEncoder::default();
+        let mut predicted = encoder.len();
+        for op in &ops {
+            predicted += EntryEncoder::encoded_len(op) - usize::from(encoder.is_empty());
+            encoder.push(op);
+            assert_eq!(encoder.len(), predicted);
+        }
+        let bytes = encoder.finish();
+        assert_eq!(bytes, encode_entry(&ops));
+        assert_eq!(bytes.len(), predicted);
+        assert_eq!(decode_entry(&bytes).unwrap().len(), 2);
+        assert_eq!(encoder.finish(), encode_entry(&[]));
+    }
 }

@@ -10,6 +10,9 @@ use crate::model::{
 
 /// Messages kept in memory per active session.
 pub const HOT_TAIL_LEN: usize = 128;
+/// Bytes of message content and metadata the hot tail keeps at most (older messages are read
+/// from the WAL or the archive); the newest message always stays.
+pub const HOT_TAIL_MAX_BYTES: usize = 1024 * 1024;
 /// Client ids remembered per session before archived ones may be forgotten.
 pub const CLIENT_ID_WINDOW: usize = 1024;
 
@@ -39,6 +42,8 @@ pub struct SessionState {
     pub dispatch: DispatchProgress,
     /// The newest messages, ascending by seq, contiguous, ending at `last_seq`.
     pub hot_tail: VecDeque<Arc<MessageRecord>>,
+    /// Content and metadata bytes of `hot_tail`.
+    pub hot_tail_bytes: usize,
     /// Messages in the WAL but not yet in the archive, ascending.
     pub unarchived: VecDeque<WalPosition>,
     /// Highest seq known to be in the archive.
@@ -70,6 +75,7 @@ impl SessionState {
             updated_at: created_at,
             dispatch: DispatchProgress::default(),
             hot_tail: VecDeque::new(),
+            hot_tail_bytes: 0,
             unarchived: VecDeque::new(),
             archived_seq: 0,
             last_log_index: 0,
@@ -134,9 +140,13 @@ impl SessionState {
             }
             None => self.archived_seq = message.seq,
         }
+        self.hot_tail_bytes += message_bytes(&record);
         self.hot_tail.push_back(record);
-        if self.hot_tail.len() > HOT_TAIL_LEN {
-            self.hot_tail.pop_front();
+        while self.hot_tail.len() > HOT_TAIL_LEN
+            || (self.hot_tail_bytes > HOT_TAIL_MAX_BYTES && self.hot_tail.len() > 1)
+        {
+            let Some(oldest) = self.hot_tail.pop_front() else { break };
+            self.hot_tail_bytes -= message_bytes(&oldest);
         }
     }
 
@@ -188,4 +198,8 @@ impl SessionState {
         }
         self.unarchived.get((seq - first) as usize).copied()
     }
+}
+
+fn message_bytes(record: &MessageRecord) -> usize {
+    record.message.content.get().len() + record.message.metadata.get().len()
 }

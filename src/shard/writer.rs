@@ -5,6 +5,13 @@
 //! and answers once that entry is fsync'd. While one entry is being fsync'd the next batch may be
 //! sealed (at most `MAX_BATCHES_IN_FLIGHT`); batches are answered strictly in order. Answers
 //! (reads included) are never sent before the entry that the state reflects is durable.
+//!
+//! No phantom state: operations are applied when a batch is sealed (the next batch validates
+//! against them), so if an entry fails to become durable, that batch and every batch sealed
+//! after it are answered with the error, nothing of them is published, and the writer rebuilds
+//! its state from the durable log (archive + WAL, as at start) before it takes another command.
+//! A failure is rare and the rebuild costs one replay of the shard's unarchived entries; the
+//! happy path pays nothing for it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -12,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::ops::{self, Op};
+use super::ops::{self, EntryEncoder, Op};
 use super::session::SessionState;
 use super::state::ShardState;
 use super::{AppendOutcome, AppendRequest, ReadPlan, ShardError, Writer};
@@ -115,7 +122,13 @@ pub struct ShardWriter {
     pub clock: Arc<dyn Clock>,
     pub state: ShardState,
     /// Why this shard refuses writes, if it does (degraded WAL, failed fsync, failed recovery).
-    pub unavailable: Option<String>,
+    pub refusal: Option<ShardError>,
+    /// Set when an entry failed to become durable: the error every batch sealed before the
+    /// rebuild is answered with.
+    pub rebuild_cause: Option<ShardError>,
+    /// Bytes one operation may take in an entry (half the WAL's entry limit, so a batch below
+    /// its soft limit always has room for one more).
+    pub max_op_bytes: usize,
     pub last_inserted_at: i64,
     pub flush_wakeup: Arc<tokio::sync::Notify>,
     pub flush_threshold_bytes: usize,
@@ -131,7 +144,8 @@ pub struct ShardWriter {
 
 struct Batch {
     ops: Vec<Op>,
-    bytes: usize,
+    /// The entry being built, op by op: its exact size is known at every step.
+    encoder: EntryEncoder,
     replies: Vec<DeferredReply>,
 }
 
@@ -139,7 +153,7 @@ impl Batch {
     fn new() -> Batch {
         Batch {
             ops: Vec::new(),
-            bytes: 0,
+            encoder: EntryEncoder::default(),
             replies: Vec::new(),
         }
     }
@@ -174,13 +188,16 @@ impl ShardWriter {
                 outcome = front_durable(&mut in_flight), if !in_flight.is_empty() => {
                     let sealed = in_flight.pop_front().expect("polled the front");
                     spare = self.complete(sealed, outcome);
+                    if in_flight.is_empty() && self.rebuild_cause.is_some() {
+                        self.rebuild().await;
+                    }
                 }
-                command = commands.recv(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT => {
+                command = commands.recv(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT && self.rebuild_cause.is_none() => {
                     let Some(first) = command else { break };
                     let mut batch = std::mem::replace(&mut spare, Batch::new());
                     let now = Instant::now();
                     self.handle(first, &mut batch, now);
-                    while batch.bytes < self.entry_soft_limit_bytes {
+                    while batch.encoder.len() < self.entry_soft_limit_bytes {
                         match commands.try_recv() {
                             Ok(command) => self.handle(command, &mut batch, now),
                             Err(_) => break,
@@ -199,7 +216,7 @@ impl ShardWriter {
     }
 
     /// Hands the batch's operations to the WAL as one entry (without waiting for the fsync).
-    async fn seal(&mut self, batch: Batch) -> Sealed {
+    async fn seal(&mut self, mut batch: Batch) -> Sealed {
         let sealed_at = Instant::now();
         if batch.ops.is_empty() {
             return Sealed {
@@ -214,7 +231,7 @@ impl ShardWriter {
             term: 1,
             index: self.state.applied_index,
         };
-        let entry = ops::encode_entry(&batch.ops);
+        let entry = batch.encoder.finish();
         let entry_bytes = entry.len();
         let inbox_views = self.inbox_views(&batch.ops);
         let durable = match self.wal.enqueue_append(self.shard, vec![(log_id, entry)]).await {
@@ -245,10 +262,8 @@ impl ShardWriter {
             inbox_views,
         } = sealed;
         let failure = match outcome {
-            // A failed shard answers nothing as durable again, whatever later batches report.
-            Ok(()) if self.unavailable.is_some() && durable.is_some() => {
-                Some(ShardError::Unavailable(self.unavailable.clone().unwrap_or_default()))
-            }
+            // Sealed on top of a batch that failed: it reflects state that is not durable.
+            _ if self.rebuild_cause.is_some() => self.rebuild_cause.clone(),
             Ok(()) => {
                 if durable.is_some() {
                     metrics::histogram!("fleetlm_append_commit_seconds").record(sealed_at.elapsed().as_secs_f64());
@@ -260,13 +275,12 @@ impl ShardWriter {
                 None
             }
             Err(error) => {
-                // The state already includes these operations but the log does not: the shard
-                // must stop until a restart rebuilds it from the log.
-                tracing::error!(shard = self.shard, %error, "wal append failed; shard stops accepting commands");
-                let reason = format!("wal append failed: {error}");
-                self.unavailable = Some(reason.clone());
-                self.writer_state.set_unavailable(reason.clone());
-                Some(ShardError::Unavailable(reason))
+                // The state already includes these operations but the log does not: answer
+                // them (and everything sealed after them) with the error, then rebuild.
+                tracing::error!(shard = self.shard, %error, "wal append failed; the shard rebuilds its state from the log");
+                let cause = ShardError::from_wal(error);
+                self.rebuild_cause = Some(cause.clone());
+                Some(cause)
             }
         };
         if failure.is_none() {
@@ -277,8 +291,22 @@ impl ShardWriter {
         for reply in batch.replies.drain(..) {
             reply(failure.as_ref());
         }
-        batch.bytes = 0;
+        batch.encoder.clear();
         batch
+    }
+
+    /// Throws away the state (it includes operations that never became durable) and rebuilds it
+    /// from the durable log, as at start. Runs once every failed batch has been answered.
+    async fn rebuild(&mut self) {
+        metrics::counter!("fleetlm_shard_rebuilds_total").increment(1);
+        self.recover().await;
+        self.rebuild_cause = None;
+        if self.refusal.is_none() {
+            tracing::info!(
+                shard = self.shard,
+                "shard rebuilt from its durable log; accepting writes again"
+            );
+        }
     }
 
     /// Inbox entries of the sessions `ops` touched whose users have inbox listeners.
@@ -317,15 +345,22 @@ impl ShardWriter {
         }
     }
 
-    fn push_op(&mut self, op: Op, batch: &mut Batch, now: Instant) -> u32 {
+    /// Adds the operation to the batch's entry and applies it. Refused (and nothing changes)
+    /// if the operation alone is larger than an entry can take beside others.
+    fn push_op(&mut self, op: Op, batch: &mut Batch, now: Instant) -> Result<u32, ShardError> {
+        if let Err(bytes) = batch.encoder.try_push(&op, self.max_op_bytes) {
+            return Err(ShardError::TooLarge {
+                bytes,
+                max: self.max_op_bytes,
+            });
+        }
         if batch.ops.is_empty() {
             self.state.applied_index += 1;
         }
         let position = batch.ops.len() as u32;
-        batch.bytes += approximate_op_bytes(&op);
         self.state.apply(&op, self.state.applied_index, position, now);
         batch.ops.push(op);
-        position
+        Ok(position)
     }
 
     fn handle(&mut self, command: Command, batch: &mut Batch, now: Instant) {
@@ -422,8 +457,8 @@ impl ShardWriter {
     }
 
     fn writable(&self) -> Result<(), ShardError> {
-        if let Some(reason) = &self.unavailable {
-            return Err(ShardError::Unavailable(reason.clone()));
+        if let Some(refusal) = &self.refusal {
+            return Err(refusal.clone());
         }
         if self.wal.disk_bytes() > self.wal_budget_bytes {
             return Err(ShardError::Overloaded);
@@ -453,7 +488,7 @@ impl ShardWriter {
         self.writable()?;
         session.inserted_at = self.next_timestamp();
         let id = session.id.clone();
-        self.push_op(Op::SessionCreated(session), batch, now);
+        self.push_op(Op::SessionCreated(session), batch, now)?;
         Ok(self.state.sessions[&id].view())
     }
 
@@ -524,7 +559,7 @@ impl ShardWriter {
             nonuser_through,
             from_user: is_user,
         };
-        self.push_op(Op::MessageAppended(record), batch, now);
+        self.push_op(Op::MessageAppended(record), batch, now)?;
         let stored = self.state.sessions[&session_id]
             .hot_message(seq)
             .expect("just appended")
@@ -544,6 +579,7 @@ impl ShardWriter {
         self.session(&session_id, now)?;
         self.writable()?;
         let at = self.next_timestamp();
+        let error = error.map(|text| truncate_chars(text, MAX_DISPATCH_ERROR_CHARS));
         self.push_op(
             Op::DispatchFinished {
                 session_id,
@@ -554,7 +590,7 @@ impl ShardWriter {
             },
             batch,
             now,
-        );
+        )?;
         Ok(())
     }
 
@@ -577,7 +613,7 @@ impl ShardWriter {
             },
             batch,
             now,
-        );
+        )?;
         Ok(self.state.sessions[session_id].view())
     }
 
@@ -618,7 +654,7 @@ impl ShardWriter {
             },
             batch,
             now,
-        );
+        )?;
         Ok(self.state.sessions[session_id].view())
     }
 
@@ -629,6 +665,11 @@ impl ShardWriter {
         loop {
             match self.try_recover().await {
                 Ok(replayed) => {
+                    self.refusal = self.wal.lane_failed(self.shard).map(ShardError::StorageFailed);
+                    match &self.refusal {
+                        Some(refusal) => self.writer_state.set_unavailable(refusal.to_string()),
+                        None => self.writer_state.clear_unavailable(),
+                    }
                     tracing::debug!(
                         shard = self.shard,
                         replayed,
@@ -639,8 +680,8 @@ impl ShardWriter {
                 }
                 Err(RecoveryError::Fatal(reason)) => {
                     tracing::error!(shard = self.shard, %reason, "shard degraded");
-                    self.unavailable = Some(reason.clone());
-                    self.writer_state.set_unavailable(reason);
+                    self.writer_state.set_unavailable(reason.clone());
+                    self.refusal = Some(ShardError::Degraded(reason));
                     return;
                 }
                 Err(RecoveryError::Retry(reason)) => {
@@ -660,6 +701,7 @@ impl ShardWriter {
             .await
             .map_err(|e| RecoveryError::Retry(e.to_string()))?;
         self.state = ShardState::new(watermark);
+        self.unflushed_bytes = 0;
         let wal_last = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
         let degraded = self.wal.degraded(self.shard);
         if let Some(first) = self.wal.first_index(self.shard)
@@ -728,13 +770,13 @@ enum RecoveryError {
     Fatal(String),
 }
 
-fn approximate_op_bytes(op: &Op) -> usize {
-    match op {
-        Op::MessageAppended(record) => {
-            256 + record.message.content.get().len() + record.message.metadata.get().len() + record.message.kind.len()
-        }
-        Op::SessionCreated(session) => 256 + session.metadata.get().len(),
-        _ => 128,
+/// A dispatch's error text kept in the log (the full text goes to the server's log).
+const MAX_DISPATCH_ERROR_CHARS: usize = 1024;
+
+fn truncate_chars(text: String, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((cut, _)) => text[..cut].to_string(),
+        None => text,
     }
 }
 

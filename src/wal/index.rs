@@ -4,10 +4,10 @@
 //! reader that finds an entry here can rely on it being fsync'd.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fs::File;
 use std::sync::Arc;
 
 use super::LogId;
+use super::fs::WalFile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EntryLocation {
@@ -28,11 +28,27 @@ pub struct ShardLog {
     pub purged_through: u64,
     /// Why this shard's log cannot be trusted past its last entry, if it cannot.
     pub degraded: Option<String>,
+    /// Entries lost to damage whose loss an operator accepted (`fleetlm wal repair`): after
+    /// `after_index`, the log resumed at `resumed_at` (entries in between are gone).
+    pub accepted_losses: Vec<AcceptedLoss>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptedLoss {
+    pub after_index: u64,
+    /// The first intact entry after the loss (`None` while no entry followed it yet).
+    pub resumed_at: Option<u64>,
 }
 
 impl ShardLog {
     pub fn push(&mut self, location: EntryLocation) {
-        debug_assert!(self.last.is_none_or(|last| location.log_id.index == last.index + 1));
+        debug_assert!(self.last.is_none_or(|last| {
+            location.log_id.index == last.index + 1
+                || self
+                    .accepted_losses
+                    .last()
+                    .is_some_and(|loss| loss.resumed_at == Some(location.log_id.index))
+        }));
         self.last = Some(location.log_id);
         self.entries.push_back(location);
     }
@@ -58,16 +74,14 @@ impl ShardLog {
 
     /// Locations of entries with index >= `from_index`, at most `max_entries`.
     pub fn locations_from(&self, from_index: u64, max_entries: usize) -> Vec<EntryLocation> {
-        let Some(first) = self.first_index() else {
-            return Vec::new();
-        };
-        let skip = from_index.saturating_sub(first) as usize;
+        // Entries are ascending but may skip indexes lost to accepted damage.
+        let skip = self.entries.partition_point(|e| e.log_id.index < from_index);
         self.entries.iter().skip(skip).take(max_entries).copied().collect()
     }
 }
 
 pub struct SegmentInfo {
-    pub file: Arc<File>,
+    pub file: Arc<dyn WalFile>,
     /// Highest entry index each shard has in this segment.
     pub max_index_by_shard: HashMap<u16, u64>,
 }
@@ -87,15 +101,25 @@ impl LaneIndex {
     }
 
     pub fn note_entry(&mut self, shard: u16, location: EntryLocation) {
-        if let Some(segment) = self.segments.get_mut(&location.segment_no) {
-            let max = segment.max_index_by_shard.entry(shard).or_insert(0);
-            *max = (*max).max(location.log_id.index);
-        }
+        self.note_in_segment(shard, location.segment_no, location.log_id.index);
         self.shard(shard).push(location);
     }
 
-    /// Segments (never the active one) whose every entry is purged by its shard.
+    /// Records that `segment_no` holds an entry `index` of `shard` (whether indexed or not).
+    pub fn note_in_segment(&mut self, shard: u16, segment_no: u64, index: u64) {
+        if let Some(segment) = self.segments.get_mut(&segment_no) {
+            let max = segment.max_index_by_shard.entry(shard).or_insert(0);
+            *max = (*max).max(index);
+        }
+    }
+
+    /// Segments (never the active one) whose every entry is purged by its shard. None while a
+    /// shard of the lane is degraded: its records past the damage are not indexed, and no file
+    /// that may hold them is ever deleted.
     pub fn removable_segments(&self) -> Vec<u64> {
+        if self.shards.values().any(|log| log.degraded.is_some()) {
+            return Vec::new();
+        }
         self.segments
             .iter()
             .filter(|(number, _)| **number != self.active_segment)

@@ -1,18 +1,27 @@
 //! A lane: one physical log (a directory of segments) shared by many shards, with its own
-//! group-commit thread. Requests queue while an fsync runs; the next batch takes all of them, so
-//! one fdatasync covers many shards and the thread never waits on a timer.
+//! group-commit thread. Requests queue while an fsync runs; the next commit takes all of them and
+//! writes them as one batch (two when the segment fills), so one fdatasync covers many shards and
+//! the thread never waits on a timer.
+//!
+//! Failure rules (docs/OPERATIONS.md, "When storage fails"):
+//! - a failed `fdatasync` (or a failed write other than "out of space") marks the lane failed for
+//!   good: it is never retried on the same data, since the kernel may have dropped the pages.
+//! - out of space (ENOSPC/EDQUOT) while starting a segment or writing into it fails just the
+//!   requests concerned; what was written of them is zeroed, the write position stays, and the
+//!   next commit tries again, so writes resume by themselves once space is back.
+//! - a request is answered `Ok` only after its batch's fsync returned, and the index learns of its
+//!   records only then.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::fs::{self, FileSystem, WalFile};
 use super::index::{EntryLocation, LaneIndex, SegmentInfo};
-use super::record::{Record, RecordKind};
+use super::record::{self, Record, RecordKind};
 use super::segment::{self, SEGMENT_HEADER_BYTES};
 use super::{LogId, WalError};
 
@@ -22,23 +31,29 @@ pub enum LaneRequest {
         entries: Vec<(LogId, Vec<u8>)>,
         done: oneshot::Sender<Result<(), WalError>>,
     },
-    TruncateSuffix {
+    /// A bodiless record: truncate, purge or an accepted loss.
+    Mark {
+        kind: RecordKind,
         shard: u16,
-        after: LogId,
-        done: oneshot::Sender<Result<(), WalError>>,
-    },
-    PurgePrefix {
-        shard: u16,
-        through_index: u64,
+        log_id: LogId,
         done: oneshot::Sender<Result<(), WalError>>,
     },
 }
 
 impl LaneRequest {
-    fn approx_bytes(&self) -> usize {
+    fn framed_bytes(&self) -> usize {
         match self {
-            LaneRequest::Append { entries, .. } => entries.iter().map(|(_, body)| body.len() + 28).sum(),
-            _ => 28,
+            LaneRequest::Append { entries, .. } => entries
+                .iter()
+                .map(|(_, body)| record::record_framed_len(body.len()))
+                .sum(),
+            LaneRequest::Mark { .. } => record::RECORD_HEADER_BYTES,
+        }
+    }
+
+    fn into_done(self) -> oneshot::Sender<Result<(), WalError>> {
+        match self {
+            LaneRequest::Append { done, .. } | LaneRequest::Mark { done, .. } => done,
         }
     }
 }
@@ -51,27 +66,38 @@ enum IndexChange {
 }
 
 pub struct LaneWriter {
+    pub fs: Arc<dyn FileSystem>,
     pub dir: PathBuf,
     pub index: Arc<Mutex<LaneIndex>>,
     pub segment_bytes: u64,
     pub max_batch_bytes: usize,
-    pub active_file: Arc<File>,
+    pub active_file: Arc<dyn WalFile>,
     pub active_segment_no: u64,
     pub write_offset: u64,
+    pub next_batch_no: u64,
+    /// Shards living in this lane (a new segment starts with one purge mark per shard).
+    pub lane_shard_count: usize,
+}
+
+/// The batch being assembled in the write buffer, and whom it answers.
+#[derive(Default)]
+struct OpenBatch {
+    /// `(request position, index changes)` of the requests whose records are in the buffer.
+    requests: Vec<(usize, Vec<IndexChange>)>,
+    record_count: u32,
 }
 
 impl LaneWriter {
     pub fn run(mut self, mut requests: mpsc::Receiver<LaneRequest>) {
-        let mut buffer = Vec::with_capacity(self.max_batch_bytes);
+        let mut buffer = Vec::with_capacity(self.max_batch_bytes + record::BATCH_HEADER_BYTES + record::BATCH_ALIGN);
         let mut batch = Vec::new();
         while let Some(first) = requests.blocking_recv() {
-            let mut batch_bytes = first.approx_bytes();
+            let mut batch_bytes = first.framed_bytes();
             batch.push(first);
-            // A batch stays under max_batch_bytes plus one request (itself at most that size).
             while batch_bytes < self.max_batch_bytes {
                 match requests.try_recv() {
                     Ok(request) => {
-                        batch_bytes += request.approx_bytes();
+                        batch_bytes += request.framed_bytes();
                         batch.push(request);
                     }
                     Err(_) => break,
@@ -81,213 +107,301 @@ impl LaneWriter {
         }
     }
 
-    /// Writes and fsyncs one batch, then publishes it to the index and answers every request.
+    /// Writes and fsyncs the requests, publishes what became durable and answers every request.
     fn commit(&mut self, batch: &mut Vec<LaneRequest>, buffer: &mut Vec<u8>) {
         let started = Instant::now();
+        let mut outcomes: Vec<Option<Result<(), WalError>>> = (0..batch.len()).map(|_| None).collect();
         let failed = self.index.lock().expect("lane index lock").failed.clone();
-        let mut outcomes: Vec<Result<(), WalError>> = Vec::with_capacity(batch.len());
-        let mut changes = Vec::new();
-        let mut record_count = 0usize;
-        let write_result = match failed {
-            Some(reason) => Err(WalError::LaneFailed(reason)),
-            None => self.encode_and_write(batch, buffer, &mut outcomes, &mut changes, &mut record_count),
-        };
         let mut removed_segments = Vec::new();
-        match write_result {
-            Ok(()) => {
-                let mut index = self.index.lock().expect("lane index lock");
-                for change in changes {
-                    match change {
-                        IndexChange::Entry(shard, location) => index.note_entry(shard, location),
-                        IndexChange::Truncate(shard, after) => index.shard(shard).truncate_suffix(after),
-                        IndexChange::Purge(shard, through) => index.shard(shard).purge_prefix(through),
-                    }
-                }
-                for number in index.removable_segments() {
-                    index.segments.remove(&number);
-                    removed_segments.push(number);
-                }
+        let record_count = match failed {
+            Some(reason) => {
+                outcomes.fill_with(|| Some(Err(WalError::LaneFailed(reason.clone()))));
+                0
             }
-            Err(error) => {
-                tracing::error!(lane = %self.dir.display(), %error, "wal lane failed; refusing further writes");
-                self.index
-                    .lock()
-                    .expect("lane index lock")
-                    .failed
-                    .get_or_insert_with(|| error.to_string());
-                outcomes = batch.iter().map(|_| Err(error.clone())).collect();
-            }
-        }
+            None => self.write_requests(batch, buffer, &mut outcomes, &mut removed_segments),
+        };
         metrics::histogram!("fleetlm_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("fleetlm_wal_fsync_batch_records").record(record_count as f64);
+        metrics::histogram!("fleetlm_wal_fsync_batch_records").record(f64::from(record_count));
         for (request, outcome) in batch.drain(..).zip(outcomes) {
-            let done = match request {
-                LaneRequest::Append { done, .. }
-                | LaneRequest::TruncateSuffix { done, .. }
-                | LaneRequest::PurgePrefix { done, .. } => done,
-            };
-            let _ = done.send(outcome);
+            let outcome = outcome.unwrap_or_else(|| Err(WalError::Io("request was not written".into())));
+            let _ = request.into_done().send(outcome);
         }
         for number in removed_segments {
-            if let Err(error) = std::fs::remove_file(segment::segment_path(&self.dir, number)) {
+            if let Err(error) = self.fs.remove_file(&segment::segment_path(&self.dir, number)) {
                 tracing::warn!(segment = number, %error, "could not delete archived wal segment");
             }
         }
     }
 
-    fn encode_and_write(
+    /// Writes every request it can; returns the number of records made durable.
+    fn write_requests(
         &mut self,
         batch: &[LaneRequest],
         buffer: &mut Vec<u8>,
-        outcomes: &mut Vec<Result<(), WalError>>,
-        changes: &mut Vec<IndexChange>,
-        record_count: &mut usize,
-    ) -> Result<(), WalError> {
-        buffer.clear();
-        // Shards' log ends as this batch will leave them, to check contiguity within the batch.
+        outcomes: &mut [Option<Result<(), WalError>>],
+        removed_segments: &mut Vec<u64>,
+    ) -> u32 {
+        // Shards' log ends as this commit will leave them, to check contiguity within it.
         let mut tentative_last: HashMap<u16, Option<LogId>> = HashMap::new();
-        for request in batch {
-            let outcome = match request {
-                LaneRequest::Append { shard, entries, .. } => {
-                    let last = *tentative_last
-                        .entry(*shard)
-                        .or_insert_with(|| self.index.lock().expect("lane index lock").shard(*shard).last);
-                    match check_append(*shard, last, entries, self.max_record_body()) {
-                        Err(error) => Err(error),
-                        Ok(()) => {
-                            for (log_id, body) in entries {
-                                let record = Record {
-                                    kind: RecordKind::Entry,
-                                    shard: *shard,
-                                    log_id: *log_id,
-                                    body,
-                                };
-                                let location = self.place(&record, buffer)?;
-                                changes.push(IndexChange::Entry(*shard, location));
-                                *record_count += 1;
-                            }
-                            tentative_last.insert(*shard, entries.last().map(|(id, _)| *id));
-                            Ok(())
-                        }
-                    }
+        let mut open = OpenBatch::default();
+        let mut durable_records = 0;
+        let mut stopped: Option<WalError> = None;
+        buffer.clear();
+        record::begin_batch(buffer);
+        for (position, request) in batch.iter().enumerate() {
+            if let Some(error) = &stopped {
+                outcomes[position] = Some(Err(error.clone()));
+                continue;
+            }
+            if let Err(error) = self.check(request, &mut tentative_last) {
+                outcomes[position] = Some(Err(error));
+                continue;
+            }
+            let needed = request.framed_bytes();
+            let body_len = buffer.len() - record::BATCH_HEADER_BYTES;
+            if self.write_offset + record::batch_framed_len(body_len + needed) as u64 > self.segment_bytes {
+                // The segment is full: make what it holds durable, then start the next one.
+                let rotated = self
+                    .write_batch(buffer, &mut open, outcomes, removed_segments)
+                    .map(|written| durable_records += written)
+                    .and_then(|()| self.rotate(buffer, removed_segments));
+                if let Err(error) = rotated {
+                    outcomes[position] = Some(Err(error.clone()));
+                    stopped = Some(error);
+                    continue;
                 }
-                LaneRequest::TruncateSuffix { shard, after, .. } => {
-                    let record = Record {
-                        kind: RecordKind::TruncateSuffix,
-                        shard: *shard,
-                        log_id: *after,
-                        body: &[],
-                    };
-                    self.place(&record, buffer)?;
-                    changes.push(IndexChange::Truncate(*shard, *after));
-                    tentative_last.insert(*shard, (after.index > 0).then_some(*after));
-                    Ok(())
-                }
-                LaneRequest::PurgePrefix {
-                    shard, through_index, ..
-                } => {
-                    let log_id = LogId {
-                        term: 0,
-                        index: *through_index,
-                    };
-                    let record = Record {
-                        kind: RecordKind::PurgePrefix,
-                        shard: *shard,
-                        log_id,
-                        body: &[],
-                    };
-                    self.place(&record, buffer)?;
-                    changes.push(IndexChange::Purge(*shard, *through_index));
-                    Ok(())
-                }
-            };
-            outcomes.push(outcome);
+            }
+            let mut changes = Vec::new();
+            self.encode(request, buffer, &mut changes);
+            open.record_count += changes.len().max(1) as u32;
+            open.requests.push((position, changes));
+            if let LaneRequest::Append { shard, entries, .. } = request {
+                tentative_last.insert(*shard, entries.last().map(|(id, _)| *id));
+            } else if let LaneRequest::Mark {
+                kind: RecordKind::TruncateSuffix,
+                shard,
+                log_id,
+                ..
+            } = request
+            {
+                tentative_last.insert(*shard, (log_id.index > 0).then_some(*log_id));
+            }
         }
-        if !buffer.is_empty() {
-            self.active_file
-                .write_all_at(buffer, self.write_offset)
-                .map_err(WalError::io)?;
-            self.write_offset += buffer.len() as u64;
-            buffer.clear();
+        match self.write_batch(buffer, &mut open, outcomes, removed_segments) {
+            Ok(written) => durable_records + written,
+            Err(_) => durable_records,
         }
-        self.active_file.sync_data().map_err(WalError::io)
     }
 
-    fn max_record_body(&self) -> usize {
-        (self.segment_bytes - SEGMENT_HEADER_BYTES) as usize
-            - super::record::FRAME_HEADER_BYTES
-            - super::record::PAYLOAD_HEADER_BYTES
-    }
-
-    /// Encodes `record` into `buffer`, rotating to a new segment first if it would not fit.
-    fn place(&mut self, record: &Record<'_>, buffer: &mut Vec<u8>) -> Result<EntryLocation, WalError> {
-        let framed_len = record.framed_len() as u64;
-        if self.write_offset + buffer.len() as u64 + framed_len > self.segment_bytes {
-            self.rotate(buffer)?;
+    /// Refuses a request that could never be written as asked (the lane stays healthy).
+    fn check(&self, request: &LaneRequest, tentative_last: &mut HashMap<u16, Option<LogId>>) -> Result<(), WalError> {
+        let max_bytes = self.max_request_bytes();
+        if request.framed_bytes() > max_bytes {
+            return Err(WalError::EntryTooLarge {
+                bytes: request.framed_bytes(),
+                max: max_bytes,
+            });
         }
-        let location = EntryLocation {
-            log_id: record.log_id,
-            segment_no: self.active_segment_no,
-            offset: self.write_offset + buffer.len() as u64,
-            framed_len: framed_len as u32,
+        let LaneRequest::Append { shard, entries, .. } = request else {
+            return Ok(());
         };
-        record.encode_into(buffer);
-        Ok(location)
+        let last = *tentative_last
+            .entry(*shard)
+            .or_insert_with(|| self.index.lock().expect("lane index lock").shard(*shard).last);
+        let mut expected = last.map(|l| l.index + 1);
+        for (log_id, _) in entries {
+            if let Some(expected_index) = expected
+                && log_id.index != expected_index
+            {
+                return Err(WalError::NotContiguous {
+                    shard: *shard,
+                    expected: expected_index,
+                    got: log_id.index,
+                });
+            }
+            expected = Some(log_id.index + 1);
+        }
+        Ok(())
     }
 
-    /// Flushes what the buffer holds into the full segment, makes it durable, and starts the next.
-    fn rotate(&mut self, buffer: &mut Vec<u8>) -> Result<(), WalError> {
-        if !buffer.is_empty() {
-            self.active_file
-                .write_all_at(buffer, self.write_offset)
-                .map_err(WalError::io)?;
-            buffer.clear();
+    /// The largest request (framed records) that always fits in a new segment.
+    pub fn max_request_bytes(&self) -> usize {
+        max_request_bytes(self.segment_bytes, self.max_batch_bytes, self.lane_shard_count)
+    }
+
+    fn encode(&self, request: &LaneRequest, buffer: &mut Vec<u8>, changes: &mut Vec<IndexChange>) {
+        match request {
+            LaneRequest::Append { shard, entries, .. } => {
+                for (log_id, body) in entries {
+                    let record = Record {
+                        kind: RecordKind::Entry,
+                        shard: *shard,
+                        log_id: *log_id,
+                        body,
+                    };
+                    let location = EntryLocation {
+                        log_id: *log_id,
+                        segment_no: self.active_segment_no,
+                        offset: self.write_offset + buffer.len() as u64,
+                        framed_len: record.framed_len() as u32,
+                    };
+                    record.encode_into(buffer);
+                    changes.push(IndexChange::Entry(*shard, location));
+                }
+            }
+            LaneRequest::Mark {
+                kind, shard, log_id, ..
+            } => {
+                Record {
+                    kind: *kind,
+                    shard: *shard,
+                    log_id: *log_id,
+                    body: &[],
+                }
+                .encode_into(buffer);
+                match kind {
+                    RecordKind::TruncateSuffix => changes.push(IndexChange::Truncate(*shard, *log_id)),
+                    RecordKind::PurgePrefix => changes.push(IndexChange::Purge(*shard, log_id.index)),
+                    // Takes effect when the log is next recovered (see recovery.rs).
+                    RecordKind::LossAccepted | RecordKind::Entry => {}
+                }
+            }
         }
-        self.active_file.sync_data().map_err(WalError::io)?;
-        let next = self.active_segment_no + 1;
-        let file = Arc::new(segment::create_segment(&self.dir, next, self.segment_bytes).map_err(WalError::io)?);
+    }
+
+    /// Writes and fsyncs the open batch (if it holds anything), then publishes it and answers its
+    /// requests. On failure its requests get the error and the buffer is emptied either way.
+    fn write_batch(
+        &mut self,
+        buffer: &mut Vec<u8>,
+        open: &mut OpenBatch,
+        outcomes: &mut [Option<Result<(), WalError>>],
+        removed_segments: &mut Vec<u64>,
+    ) -> Result<u32, WalError> {
+        if buffer.len() == record::BATCH_HEADER_BYTES {
+            return Ok(0);
+        }
+        record::seal_batch(buffer, self.next_batch_no, open.record_count);
+        let result = self.write_and_sync(buffer);
+        buffer.clear();
+        record::begin_batch(buffer);
+        let requests = std::mem::take(&mut open.requests);
+        let record_count = std::mem::take(&mut open.record_count);
+        if let Err(error) = result {
+            for (position, _) in &requests {
+                outcomes[*position] = Some(Err(error.clone()));
+            }
+            return Err(error);
+        }
+        self.next_batch_no += 1;
         let mut index = self.index.lock().expect("lane index lock");
-        index.segments.insert(
-            next,
-            SegmentInfo {
-                file: file.clone(),
-                max_index_by_shard: HashMap::new(),
-            },
-        );
-        index.active_segment = next;
-        drop(index);
+        for (position, changes) in requests {
+            for change in changes {
+                match change {
+                    IndexChange::Entry(shard, location) => index.note_entry(shard, location),
+                    IndexChange::Truncate(shard, after) => index.shard(shard).truncate_suffix(after),
+                    IndexChange::Purge(shard, through) => index.shard(shard).purge_prefix(through),
+                }
+            }
+            outcomes[position] = Some(Ok(()));
+        }
+        for number in index.removable_segments() {
+            index.segments.remove(&number);
+            removed_segments.push(number);
+        }
+        Ok(record_count)
+    }
+
+    fn write_and_sync(&mut self, batch: &[u8]) -> Result<(), WalError> {
+        if let Err(error) = self.active_file.write_all_at(batch, self.write_offset) {
+            if fs::is_out_of_space(&error) {
+                // Nothing of it was acknowledged: take it back so the next batch starts clean.
+                let zeros = vec![0u8; batch.len()];
+                if self.active_file.write_all_at(&zeros, self.write_offset).is_ok() {
+                    metrics::counter!("fleetlm_wal_out_of_space_total").increment(1);
+                    return Err(WalError::OutOfSpace(error.to_string()));
+                }
+            }
+            return Err(self.fail(format!("write failed: {error}")));
+        }
+        if let Err(error) = self.active_file.sync_data() {
+            return Err(self.fail(format!("fdatasync failed: {error}")));
+        }
+        self.write_offset += batch.len() as u64;
+        Ok(())
+    }
+
+    /// Marks the lane failed for good and returns the error for the requests concerned.
+    fn fail(&self, reason: String) -> WalError {
+        tracing::error!(lane = %self.dir.display(), %reason, "wal lane failed; it refuses further writes until a restart");
+        metrics::counter!("fleetlm_wal_lane_failures_total").increment(1);
+        let mut index = self.index.lock().expect("lane index lock");
+        WalError::LaneFailed(index.failed.get_or_insert(reason).clone())
+    }
+
+    /// Starts the next segment (the current one's batches are all durable when this is called)
+    /// and carries every shard's purge mark into it, so deleting older segments in any order never
+    /// loses the knowledge of what was purged.
+    fn rotate(&mut self, buffer: &mut Vec<u8>, removed_segments: &mut Vec<u64>) -> Result<(), WalError> {
+        let next = self.active_segment_no + 1;
+        let file = segment::create_segment(self.fs.as_ref(), &self.dir, next, self.segment_bytes).map_err(|error| {
+            if fs::is_out_of_space(&error) {
+                metrics::counter!("fleetlm_wal_out_of_space_total").increment(1);
+                WalError::OutOfSpace(error.to_string())
+            } else {
+                WalError::Io(format!("could not start a new segment: {error}"))
+            }
+        })?;
+        let purge_marks: Vec<(u16, u64)> = {
+            let mut index = self.index.lock().expect("lane index lock");
+            index.segments.insert(
+                next,
+                SegmentInfo {
+                    file: file.clone(),
+                    max_index_by_shard: HashMap::new(),
+                },
+            );
+            index.active_segment = next;
+            index
+                .shards
+                .iter()
+                .filter(|(_, log)| log.purged_through > 0)
+                .map(|(shard, log)| (*shard, log.purged_through))
+                .collect()
+        };
         self.active_file = file;
         self.active_segment_no = next;
         self.write_offset = SEGMENT_HEADER_BYTES;
         metrics::counter!("fleetlm_wal_segment_rotations_total").increment(1);
-        Ok(())
+        if purge_marks.is_empty() {
+            return Ok(());
+        }
+        let mut open = OpenBatch::default();
+        for (shard, through) in purge_marks {
+            Record {
+                kind: RecordKind::PurgePrefix,
+                shard,
+                log_id: LogId {
+                    term: 0,
+                    index: through,
+                },
+                body: &[],
+            }
+            .encode_into(buffer);
+            open.record_count += 1;
+        }
+        self.write_batch(buffer, &mut open, &mut [], removed_segments)
+            .map(|_| ())
     }
 }
 
-fn check_append(
-    shard: u16,
-    last: Option<LogId>,
-    entries: &[(LogId, Vec<u8>)],
-    max_body: usize,
-) -> Result<(), WalError> {
-    let mut expected = last.map(|l| l.index + 1);
-    for (log_id, body) in entries {
-        if let Some(expected_index) = expected
-            && log_id.index != expected_index
-        {
-            return Err(WalError::NotContiguous {
-                shard,
-                expected: expected_index,
-                got: log_id.index,
-            });
-        }
-        if body.len() > max_body {
-            return Err(WalError::EntryTooLarge {
-                bytes: body.len(),
-                max: max_body,
-            });
-        }
-        expected = Some(log_id.index + 1);
-    }
-    Ok(())
+/// The largest request (framed records) that always fits in a new segment: after the magic, the
+/// batch of carried purge marks and its own batch header and padding.
+pub fn max_request_bytes(segment_bytes: u64, max_batch_bytes: usize, lane_shard_count: usize) -> usize {
+    let purge_marks = record::batch_framed_len(lane_shard_count * record::RECORD_HEADER_BYTES);
+    let room = (segment_bytes - SEGMENT_HEADER_BYTES) as usize
+        - purge_marks
+        - record::BATCH_HEADER_BYTES
+        - record::BATCH_ALIGN;
+    max_batch_bytes.min(room)
 }

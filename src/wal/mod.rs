@@ -8,6 +8,9 @@
 //! Architecture invariant: this module knows bytes, shard ids and log indexes; nothing of
 //! sessions, messages or JSON. An `append` resolves only after its records are fdatasync'd.
 
+#[cfg(test)]
+pub mod fault;
+pub mod fs;
 mod index;
 mod lane;
 mod record;
@@ -15,17 +18,18 @@ mod recovery;
 mod segment;
 mod vote;
 
-use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use fs::{FileSystem, RealFs};
+pub use index::AcceptedLoss;
 use index::LaneIndex;
 use lane::{LaneRequest, LaneWriter};
-use record::Decoded;
+use record::{DecodedRecord, RecordKind};
+pub use recovery::{Damage, SegmentSummary};
 pub use vote::Vote;
 
 /// One log entry as read back: its id and body.
@@ -43,6 +47,9 @@ pub struct EntryRange {
 const READ_GAP_BYTES: u64 = 64 * 1024;
 /// Largest single read of `read_ranges`.
 const MAX_READ_BYTES: u64 = 8 * 1024 * 1024;
+/// Bytes of entries one `read_ranges` call returns at most (past the first entry): callers
+/// continue from where it stopped, so memory stays bounded whatever the ranges ask for.
+pub const READ_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A Raft-style log id. Single node: term 1, index = position in the shard's log (from 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -55,6 +62,9 @@ pub struct LogId {
 pub enum WalError {
     #[error("wal i/o error: {0}")]
     Io(String),
+    /// The disk is full: nothing of the request was kept; the same request may succeed later.
+    #[error("no space left for the wal: {0}")]
+    OutOfSpace(String),
     #[error("wal lane failed earlier and refuses writes: {0}")]
     LaneFailed(String),
     #[error("entry index {got} of shard {shard} does not follow {expected}")]
@@ -88,20 +98,26 @@ pub struct WalOptions {
     pub queue_depth: usize,
 }
 
-/// Something recovery found and acted on, for logs and metrics.
+/// What opening (or inspecting) a lane found.
 #[derive(Debug, Clone)]
-pub enum RecoveryEvent {
-    TornTailTruncated {
-        lane_dir: PathBuf,
-        segment_no: u64,
-        offset: u64,
-    },
-    Corruption {
-        lane_dir: PathBuf,
-        segment_no: u64,
-        offset: u64,
-        detail: String,
-    },
+pub struct LaneReport {
+    pub lane_dir: PathBuf,
+    pub segments: Vec<SegmentSummary>,
+    pub damage: Vec<Damage>,
+    /// `(segment_no, offset)` where a torn write (never acknowledged) began.
+    pub torn_tail: Option<(u64, u64)>,
+    /// Per shard of the lane: what its log holds.
+    pub shards: Vec<ShardReport>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShardReport {
+    pub shard: u16,
+    pub first_index: Option<u64>,
+    pub last_index: Option<u64>,
+    pub purged_through: u64,
+    pub degraded: Option<String>,
+    pub accepted_losses: Vec<AcceptedLoss>,
 }
 
 struct LaneHandle {
@@ -111,32 +127,95 @@ struct LaneHandle {
 
 pub struct Wal {
     dir: PathBuf,
+    fs: Arc<dyn FileSystem>,
     options: WalOptions,
     lanes: Vec<LaneHandle>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
+fn lane_dir(dir: &Path, lane_no: usize) -> PathBuf {
+    dir.join(format!("lane-{lane_no:02}"))
+}
+
+fn lane_shards(options: &WalOptions, lane_no: usize) -> Vec<u16> {
+    (0..options.shard_count)
+        .filter(|s| *s as usize % options.lanes == lane_no)
+        .collect()
+}
+
+fn lane_report(
+    lane_dir: PathBuf,
+    recovered: &recovery::RecoveredLane,
+    shards: &[u16],
+    index: &mut LaneIndex,
+) -> LaneReport {
+    LaneReport {
+        lane_dir,
+        segments: recovered.segments.clone(),
+        damage: recovered.damage.clone(),
+        torn_tail: recovered.torn_tail,
+        shards: shards
+            .iter()
+            .map(|&shard| {
+                let log = index.shard(shard);
+                ShardReport {
+                    shard,
+                    first_index: log.first_index(),
+                    last_index: log.last.map(|l| l.index),
+                    purged_through: log.purged_through,
+                    degraded: log.degraded.clone(),
+                    accepted_losses: log.accepted_losses.clone(),
+                }
+            })
+            .collect(),
+    }
+}
+
 impl Wal {
-    /// Opens (or creates) the WAL under `dir`, recovering every lane.
-    pub fn open(dir: &Path, options: WalOptions) -> std::io::Result<(Wal, Vec<RecoveryEvent>)> {
+    /// Opens (or creates) the WAL under `dir` on the real disk, recovering every lane.
+    pub fn open(dir: &Path, options: WalOptions) -> std::io::Result<(Wal, Vec<LaneReport>)> {
+        Wal::open_on(Arc::new(RealFs), dir, options)
+    }
+
+    /// Describes the WAL under `dir` without changing a byte (`fleetlm wal inspect`).
+    pub fn inspect(dir: &Path, options: &WalOptions) -> std::io::Result<Vec<LaneReport>> {
+        let fs = RealFs;
+        let mut reports = Vec::with_capacity(options.lanes);
+        for lane_no in 0..options.lanes {
+            let dir = lane_dir(dir, lane_no);
+            if !dir.exists() {
+                continue;
+            }
+            let shards = lane_shards(options, lane_no);
+            let mut recovered = recovery::recover_lane(&fs, &dir, &shards, false)?;
+            let mut index = std::mem::take(&mut recovered.index);
+            reports.push(lane_report(dir, &recovered, &shards, &mut index));
+        }
+        Ok(reports)
+    }
+
+    /// Opens the WAL on the given filesystem (tests pass a fault-injecting one).
+    pub fn open_on(
+        fs: Arc<dyn FileSystem>,
+        dir: &Path,
+        options: WalOptions,
+    ) -> std::io::Result<(Wal, Vec<LaneReport>)> {
         assert!(
             options.lanes > 0 && options.shard_count > 0,
             "wal needs at least one lane and shard"
         );
-        fs::create_dir_all(dir)?;
-        vote::ensure_dir(dir)?;
+        fs.create_dir_all(dir)?;
+        vote::ensure_dir(fs.as_ref(), dir)?;
         let mut lanes = Vec::with_capacity(options.lanes);
         let mut threads = Vec::with_capacity(options.lanes);
-        let mut events = Vec::new();
+        let mut reports = Vec::new();
         for lane_no in 0..options.lanes {
-            let lane_dir = dir.join(format!("lane-{lane_no:02}"));
-            fs::create_dir_all(&lane_dir)?;
-            let lane_shards: Vec<u16> = (0..options.shard_count)
-                .filter(|s| *s as usize % options.lanes == lane_no)
-                .collect();
-            let recovered = recovery::recover_lane(&lane_dir, &lane_shards, options.max_batch_bytes as u64)?;
-            events.extend(recovered.events);
-            let mut lane_index = recovered.index;
+            let lane_dir = lane_dir(dir, lane_no);
+            fs.create_dir_all(&lane_dir)?;
+            let shards = lane_shards(&options, lane_no);
+            let mut recovered = recovery::recover_lane(fs.as_ref(), &lane_dir, &shards, true)?;
+            let mut lane_index = std::mem::take(&mut recovered.index);
+            reports.push(lane_report(lane_dir.clone(), &recovered, &shards, &mut lane_index));
             let (active_file, active_segment_no, write_offset) = match recovered.resume_offset {
                 Some(offset) => {
                     let info = &lane_index.segments[&lane_index.active_segment];
@@ -144,7 +223,7 @@ impl Wal {
                 }
                 None => {
                     let next = lane_index.segments.keys().next_back().map_or(0, |n| n + 1);
-                    let file = Arc::new(segment::create_segment(&lane_dir, next, options.segment_bytes)?);
+                    let file = segment::create_segment(fs.as_ref(), &lane_dir, next, options.segment_bytes)?;
                     lane_index.segments.insert(
                         next,
                         index::SegmentInfo {
@@ -159,6 +238,7 @@ impl Wal {
             let index = Arc::new(Mutex::new(lane_index));
             let (sender, receiver) = mpsc::channel(options.queue_depth);
             let writer = LaneWriter {
+                fs: fs.clone(),
                 dir: lane_dir,
                 index: index.clone(),
                 segment_bytes: options.segment_bytes,
@@ -166,6 +246,8 @@ impl Wal {
                 active_file,
                 active_segment_no,
                 write_offset,
+                next_batch_no: recovered.next_batch_no,
+                lane_shard_count: shards.len(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("wal-lane-{lane_no}"))
@@ -178,11 +260,19 @@ impl Wal {
         }
         let wal = Wal {
             dir: dir.to_path_buf(),
+            fs,
             options,
             lanes,
             threads: Mutex::new(threads),
         };
-        Ok((wal, events))
+        Ok((wal, reports))
+    }
+
+    /// The largest entry body `append` takes (one entry per call).
+    pub fn max_entry_bytes(&self) -> usize {
+        let lane_shards = (self.options.shard_count as usize).div_ceil(self.options.lanes);
+        lane::max_request_bytes(self.options.segment_bytes, self.options.max_batch_bytes, lane_shards)
+            - record::RECORD_HEADER_BYTES
     }
 
     pub fn shard_count(&self) -> u16 {
@@ -219,11 +309,15 @@ impl Wal {
         shard: u16,
         entries: Vec<(LogId, Vec<u8>)>,
     ) -> Result<oneshot::Receiver<Result<()>>> {
-        let bytes: usize = entries.iter().map(|(_, body)| body.len()).sum();
-        if bytes > self.options.max_batch_bytes {
+        let bytes: usize = entries
+            .iter()
+            .map(|(_, body)| record::record_framed_len(body.len()))
+            .sum::<usize>()
+            - record::RECORD_HEADER_BYTES;
+        if bytes > self.max_entry_bytes() {
             return Err(WalError::EntryTooLarge {
                 bytes,
-                max: self.options.max_batch_bytes,
+                max: self.max_entry_bytes(),
             });
         }
         let (done, durable) = oneshot::channel();
@@ -235,21 +329,58 @@ impl Wal {
         Ok(durable)
     }
 
+    async fn mark(&self, kind: RecordKind, shard: u16, log_id: LogId) -> Result<()> {
+        self.submit(shard, |done| LaneRequest::Mark {
+            kind,
+            shard,
+            log_id,
+            done,
+        })
+        .await
+    }
+
     /// Discards the shard's entries above `after.index`; durable when it resolves.
     pub async fn truncate_suffix(&self, shard: u16, after: LogId) -> Result<()> {
-        self.submit(shard, |done| LaneRequest::TruncateSuffix { shard, after, done })
-            .await
+        self.mark(RecordKind::TruncateSuffix, shard, after).await
     }
 
     /// Lets the shard's entries up to `through_index` go; segments holding only such entries
     /// (for every shard in them) are deleted.
     pub async fn purge_prefix(&self, shard: u16, through_index: u64) -> Result<()> {
-        self.submit(shard, |done| LaneRequest::PurgePrefix {
+        self.mark(
+            RecordKind::PurgePrefix,
             shard,
-            through_index,
-            done,
-        })
+            LogId {
+                term: 0,
+                index: through_index,
+            },
+        )
         .await
+    }
+
+    /// Records that an operator accepts the loss of the shard's damaged entries after
+    /// `after_index` (its last intact entry before the damage). Takes effect at the next open.
+    pub async fn accept_loss(&self, shard: u16, after_index: u64) -> Result<()> {
+        self.mark(
+            RecordKind::LossAccepted,
+            shard,
+            LogId {
+                term: 0,
+                index: after_index,
+            },
+        )
+        .await
+    }
+
+    /// Losses an operator accepted for this shard (see `accept_loss`), oldest first.
+    pub fn accepted_losses(&self, shard: u16) -> Vec<AcceptedLoss> {
+        self.lane(shard)
+            .index
+            .lock()
+            .expect("lane index lock")
+            .shard(shard)
+            .accepted_losses
+            .clone()
     }
 
     pub fn last_log_id(&self, shard: u16) -> Option<LogId> {
@@ -270,10 +401,20 @@ impl Wal {
             .first_index()
     }
 
-    /// Why the shard's log is not trustworthy past its last entry, if so.
+    /// Why the shard's log is not trustworthy past its last entry, if so (damage found at open).
     pub fn degraded(&self, shard: u16) -> Option<String> {
-        let mut index = self.lane(shard).index.lock().expect("lane index lock");
-        index.failed.clone().or_else(|| index.shard(shard).degraded.clone())
+        self.lane(shard)
+            .index
+            .lock()
+            .expect("lane index lock")
+            .shard(shard)
+            .degraded
+            .clone()
+    }
+
+    /// Why the shard's lane refuses writes, if it does (a failed fsync or write).
+    pub fn lane_failed(&self, shard: u16) -> Option<String> {
+        self.lane(shard).index.lock().expect("lane index lock").failed.clone()
     }
 
     /// Bytes of disk the WAL's segments occupy.
@@ -304,16 +445,27 @@ impl Wal {
             slot: usize,
             lane: usize,
             location: index::EntryLocation,
-            file: Arc<fs::File>,
+            file: Arc<dyn fs::WalFile>,
         }
         let mut wanted = Vec::new();
         let mut results: Vec<Vec<Option<Entry>>> = Vec::with_capacity(ranges.len());
+        let mut budget_left = READ_BUDGET_BYTES;
         for (range_no, range) in ranges.iter().enumerate() {
             let lane = range.shard as usize % self.lanes.len();
             let mut index = self.lanes[lane].index.lock().expect("lane index lock");
-            let locations = index
+            let mut locations = index
                 .shard(range.shard)
                 .locations_from(range.from_index, range.max_entries);
+            let within_budget = locations
+                .iter()
+                .take_while(|location| {
+                    let first_of_call = wanted.is_empty() && budget_left == READ_BUDGET_BYTES;
+                    let fits = first_of_call || u64::from(location.framed_len) <= budget_left;
+                    budget_left = budget_left.saturating_sub(u64::from(location.framed_len));
+                    fits
+                })
+                .count();
+            locations.truncate(within_budget);
             results.push(vec![None; locations.len()]);
             for (slot, location) in locations.into_iter().enumerate() {
                 let file = index
@@ -357,8 +509,8 @@ impl Wal {
                 let at = (w.location.offset - start) as usize;
                 let frame = &buffer[at..at + w.location.framed_len as usize];
                 let shard = ranges[w.range].shard;
-                match record::decode(frame) {
-                    Decoded::Record(rec, _) if rec.shard == shard && rec.log_id == w.location.log_id => {
+                match record::decode_record(frame) {
+                    DecodedRecord::Record(rec, _) if rec.shard == shard && rec.log_id == w.location.log_id => {
                         results[w.range][w.slot] = Some((rec.log_id, rec.body.to_vec()));
                     }
                     _ => {
@@ -383,11 +535,11 @@ impl Wal {
     }
 
     pub fn save_vote(&self, shard: u16, vote: Vote) -> std::io::Result<()> {
-        vote::save(&self.dir, shard, vote)
+        vote::save(self.fs.as_ref(), &self.dir, shard, vote)
     }
 
     pub fn read_vote(&self, shard: u16) -> std::io::Result<Option<Vote>> {
-        vote::read(&self.dir, shard)
+        vote::read(self.fs.as_ref(), &self.dir, shard)
     }
 
     /// Stops the lane threads after they have answered every queued request.

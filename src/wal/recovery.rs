@@ -1,174 +1,526 @@
-//! Rebuilds a lane's index from its segment files at open.
+//! Rebuilds a lane's index from its segment files at open (and describes them for `wal inspect`).
 //!
-//! A torn or zero-filled tail of the newest segment (a batch that never finished its fsync, so was
-//! never acknowledged) is zeroed and writing resumes there. Anything else that does not check
-//! out is corruption: the affected shards are marked degraded, their replay stops at the last good
-//! entry, and no byte is deleted.
+//! The framing decides what a damaged region is (see `record.rs`):
+//! - a **torn tail**: a bad batch in the newest segment with no valid batch anywhere after it.
+//!   Its fsync never returned, so none of it was acknowledged: it is zeroed (when opening for
+//!   writing) and writing resumes there.
+//! - **corruption**: anything bad followed by a valid batch, or anything bad in an older segment
+//!   (every older segment was fsync'd before the next was started). A damaged record whose header
+//!   checks out names its shard and entry exactly; that shard is degraded. Bytes whose meaning is
+//!   unknown degrade every shard of the lane. Intact records around the damage are kept, and no
+//!   byte is deleted.
+//!
+//! Per shard, entries at or below the newest purge mark are ignored (they were archived), so
+//! segments deleted out of order never look like a gap; any other gap in entry indexes degrades
+//! the shard, unless an operator accepted the loss (`RecordKind::LossAccepted`).
 
-use std::fs::File;
-use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::Arc;
-
-use super::RecoveryEvent;
-use super::index::{EntryLocation, LaneIndex, SegmentInfo};
-use super::record::{self, Decoded, FRAME_HEADER_BYTES, RecordKind};
+use super::LogId;
+use super::fs::{self, FileSystem};
+use super::index::{AcceptedLoss, EntryLocation, LaneIndex, SegmentInfo};
+use super::record::{
+    self, BATCH_ALIGN, BATCH_HEADER_BYTES, BatchHeader, DecodedBatch, DecodedRecord, RECORD_HEADER_BYTES, RecordKind,
+};
 use super::segment::{self, SEGMENT_HEADER_BYTES};
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::Path;
+
+/// Damage found in a lane, with its exact position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub segment_no: u64,
+    pub offset: u64,
+    /// Bytes the damaged region spans.
+    pub len: u64,
+    /// The entry the damaged bytes held, when its header is intact: `(shard, index)`.
+    pub entry: Option<(u16, u64)>,
+    pub detail: String,
+}
+
+/// One segment as recovery found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentSummary {
+    pub segment_no: u64,
+    pub file_bytes: u64,
+    /// Bytes up to the end of the last valid batch.
+    pub used_bytes: u64,
+    pub batches: u64,
+    pub records: u64,
+}
 
 pub struct RecoveredLane {
     pub index: LaneIndex,
-    /// Where the next record goes in the active segment, `None` if a new segment must be started.
+    /// Where the next batch goes in the newest segment, `None` if a new segment must be started.
     pub resume_offset: Option<u64>,
-    pub events: Vec<RecoveryEvent>,
+    pub next_batch_no: u64,
+    pub segments: Vec<SegmentSummary>,
+    pub damage: Vec<Damage>,
+    /// `(segment_no, offset)` of a torn tail (zeroed if the lane was opened for writing).
+    pub torn_tail: Option<(u64, u64)>,
 }
 
-/// Scans `lane_dir`. `lane_shards` are the shards that live in this lane; `max_batch_bytes`
-/// bounds one group-commit batch (see `Wal::append`), so an unacknowledged, torn write reaches
-/// at most twice that far past the first bad byte; data beyond that was acknowledged.
-pub fn recover_lane(lane_dir: &Path, lane_shards: &[u16], max_batch_bytes: u64) -> io::Result<RecoveredLane> {
+/// What the scan found, in log order.
+enum Found {
+    Record {
+        kind: RecordKind,
+        shard: u16,
+        location: EntryLocation,
+    },
+    DamagedEntry {
+        shard: u16,
+        index: u64,
+        damage: usize,
+    },
+    Unknown {
+        damage: usize,
+    },
+}
+
+/// How a segment's scan ended.
+enum SegmentEnd {
+    /// Everything valid up to `offset`; the rest is zeros (or the segment is full).
+    Clean(usize),
+    /// A torn write starts at `offset` (newest segment only).
+    TornTail(usize),
+    /// Damage reaches the segment's end: do not write here again.
+    Corrupt,
+}
+
+/// Scans `lane_dir`. `lane_shards` are the shards that live in this lane. With `repair_tail`, a
+/// torn tail is zeroed and fsync'd; without, nothing is written (inspection).
+pub fn recover_lane(
+    fs: &dyn FileSystem,
+    lane_dir: &Path,
+    lane_shards: &[u16],
+    repair_tail: bool,
+) -> io::Result<RecoveredLane> {
     let mut index = LaneIndex::default();
-    let mut events = Vec::new();
-    let segment_numbers = segment::list_segments(lane_dir)?;
+    let mut found = Vec::new();
+    let mut damage = Vec::new();
+    let mut summaries = Vec::new();
+    let mut torn_tail = None;
     let mut resume_offset = None;
-    let mut lane_corrupt = false;
+    let mut expected_batch_no: Option<u64> = None;
+    let mut max_batch_no = 0;
+    let segment_numbers = segment::list_segments(fs, lane_dir)?;
 
     for (position, &segment_no) in segment_numbers.iter().enumerate() {
         let is_last = position + 1 == segment_numbers.len();
-        let file = segment::open_segment(lane_dir, segment_no)?;
-        let bytes = segment::read_all(&file)?;
+        let file = segment::open_segment(fs, lane_dir, segment_no)?;
+        let bytes = fs::read_all(file.as_ref())?;
+        if bytes.starts_with(segment::SEGMENT_MAGIC_V1) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} was written by an older FleetLM (WAL format 1), which this version does not read; \
+                     drain it with the version that wrote it (stop it with SIGTERM so the archive has everything), \
+                     then move the wal directory aside",
+                    segment::segment_path(lane_dir, segment_no).display()
+                ),
+            ));
+        }
         if is_last && bytes.iter().all(|b| *b == 0) {
             // A rotation that crashed before its first fsync: nothing was ever written here.
             drop(file);
-            std::fs::remove_file(segment::segment_path(lane_dir, segment_no))?;
+            if repair_tail {
+                fs.remove_file(&segment::segment_path(lane_dir, segment_no))?;
+            }
             break;
         }
-        if !segment::has_magic(&bytes) {
-            events.push(RecoveryEvent::Corruption {
-                lane_dir: lane_dir.to_path_buf(),
-                segment_no,
-                offset: 0,
-                detail: "segment does not start with the FleetLM WAL magic".into(),
-            });
-            degrade_all(&mut index, lane_shards, "unreadable WAL segment header");
-            break;
-        }
-        let file = Arc::new(file);
         index.segments.insert(
             segment_no,
             SegmentInfo {
                 file: file.clone(),
-                max_index_by_shard: Default::default(),
+                max_index_by_shard: HashMap::new(),
             },
         );
         index.active_segment = segment_no;
-
-        let mut offset = SEGMENT_HEADER_BYTES as usize;
-        loop {
-            match record::decode(&bytes[offset..]) {
-                Decoded::Record(rec, used) => {
-                    apply_record(&mut index, &rec, segment_no, offset as u64, used as u32);
-                    offset += used;
-                }
-                Decoded::End => break,
-                bad @ (Decoded::Truncated | Decoded::Corrupt { .. }) => {
-                    let reach = offset.saturating_add(2 * max_batch_bytes as usize).min(bytes.len());
-                    let torn_tail = is_last && bytes[reach..].iter().all(|b| *b == 0);
-                    if torn_tail {
-                        zero_tail(&file, &bytes, offset)?;
-                        events.push(RecoveryEvent::TornTailTruncated {
-                            lane_dir: lane_dir.to_path_buf(),
-                            segment_no,
-                            offset: offset as u64,
-                        });
-                        break;
-                    }
-                    lane_corrupt = true;
-                    events.push(RecoveryEvent::Corruption {
-                        lane_dir: lane_dir.to_path_buf(),
-                        segment_no,
-                        offset: offset as u64,
-                        detail: format!("{bad:?}"),
-                    });
-                    match bad {
-                        Decoded::Corrupt {
-                            framed_len: Some(framed_len),
-                        } => {
-                            // The frame length is plausible: blame the shard its header names and
-                            // carry on; gaps in other shards' indexes reveal any other victim.
-                            let named_shard = raw_shard_field(&bytes[offset..]);
-                            if let Some(shard) = named_shard.filter(|s| lane_shards.contains(s)) {
-                                degrade(&mut index, shard, "corrupt WAL record");
-                            }
-                            offset += framed_len;
-                        }
-                        _ => {
-                            degrade_all(&mut index, lane_shards, "corrupt WAL record with unreadable length");
-                            break;
-                        }
-                    }
-                }
-            }
+        if position > 0 && segment_numbers[position - 1] + 1 != segment_no {
+            // Segments in between were deleted (all archived): batch numbers jump.
+            expected_batch_no = None;
         }
-        if is_last && !lane_corrupt {
-            resume_offset = Some(offset as u64);
+        if !bytes.starts_with(segment::SEGMENT_MAGIC) {
+            damage.push(Damage {
+                segment_no,
+                offset: 0,
+                len: bytes.len() as u64,
+                entry: None,
+                detail: "segment does not start with the FleetLM WAL magic".into(),
+            });
+            found.push(Found::Unknown {
+                damage: damage.len() - 1,
+            });
+            summaries.push(SegmentSummary {
+                segment_no,
+                file_bytes: bytes.len() as u64,
+                used_bytes: 0,
+                batches: 0,
+                records: 0,
+            });
+            continue;
+        }
+        let mut scan = SegmentScan {
+            bytes: &bytes,
+            segment_no,
+            lane_shards,
+            found: &mut found,
+            damage: &mut damage,
+            batches: 0,
+            records: 0,
+            used: SEGMENT_HEADER_BYTES as usize,
+        };
+        let end = scan.run(is_last, &mut expected_batch_no, &mut max_batch_no);
+        summaries.push(SegmentSummary {
+            segment_no,
+            file_bytes: bytes.len() as u64,
+            used_bytes: scan.used as u64,
+            batches: scan.batches,
+            records: scan.records,
+        });
+        match end {
+            SegmentEnd::Clean(offset) if is_last => resume_offset = Some(offset as u64),
+            SegmentEnd::TornTail(offset) => {
+                torn_tail = Some((segment_no, offset as u64));
+                if repair_tail {
+                    zero_tail(file.as_ref(), &bytes, offset)?;
+                }
+                resume_offset = Some(offset as u64);
+            }
+            SegmentEnd::Clean(_) | SegmentEnd::Corrupt => {}
         }
     }
+    fold_into_index(&mut index, &found, &damage, lane_shards);
     Ok(RecoveredLane {
         index,
         resume_offset,
-        events,
+        next_batch_no: max_batch_no + 1,
+        segments: summaries,
+        damage,
+        torn_tail,
     })
 }
 
-fn apply_record(index: &mut LaneIndex, rec: &record::Record<'_>, segment_no: u64, offset: u64, framed_len: u32) {
-    let shard = rec.shard;
-    if index.shard(shard).degraded.is_some() {
-        return;
-    }
-    match rec.kind {
-        RecordKind::Entry => {
-            let log = index.shard(shard);
-            if let Some(last) = log.last
-                && rec.log_id.index != last.index + 1
-            {
-                degrade(index, shard, "gap in WAL entry indexes");
-                return;
+struct SegmentScan<'a> {
+    bytes: &'a [u8],
+    segment_no: u64,
+    lane_shards: &'a [u16],
+    found: &'a mut Vec<Found>,
+    damage: &'a mut Vec<Damage>,
+    batches: u64,
+    records: u64,
+    used: usize,
+}
+
+impl SegmentScan<'_> {
+    fn run(&mut self, is_last: bool, expected_batch_no: &mut Option<u64>, max_batch_no: &mut u64) -> SegmentEnd {
+        let bytes = self.bytes;
+        let mut offset = SEGMENT_HEADER_BYTES as usize;
+        loop {
+            if offset + BATCH_HEADER_BYTES > bytes.len() {
+                return SegmentEnd::Clean(offset);
             }
-            let location = EntryLocation {
-                log_id: rec.log_id,
-                segment_no,
-                offset,
-                framed_len,
+            let header = match record::decode_batch_header(&bytes[offset..]) {
+                DecodedBatch::Header(header) if offset + header.framed_len() <= bytes.len() => Some(header),
+                DecodedBatch::Zeros if bytes[offset..].iter().all(|b| *b == 0) => return SegmentEnd::Clean(offset),
+                DecodedBatch::Zeros | DecodedBatch::Header(_) | DecodedBatch::Damaged => None,
             };
-            index.note_entry(shard, location);
+            let Some(header) = header else {
+                // The length is unknown: the damage reaches the next valid batch, if any.
+                match next_valid_batch(bytes, offset + BATCH_ALIGN) {
+                    Some(next) => {
+                        self.walk_damaged(offset, next, "batch header is damaged");
+                        offset = next;
+                        continue;
+                    }
+                    None if is_last => return SegmentEnd::TornTail(offset),
+                    None => {
+                        self.unknown(
+                            offset,
+                            bytes.len(),
+                            "unreadable bytes up to the end of a sealed segment",
+                        );
+                        return SegmentEnd::Corrupt;
+                    }
+                }
+            };
+            let end = offset + header.framed_len();
+            if let Some(expected) = *expected_batch_no
+                && header.batch_no != expected
+            {
+                self.unknown(
+                    offset,
+                    offset,
+                    &format!("batch {} found where batch {expected} was due", header.batch_no),
+                );
+            }
+            match record::intact_body(&header, &bytes[offset..]) {
+                Some(_) => self.walk_intact(offset, &header),
+                None => {
+                    if is_last && next_valid_batch(bytes, end).is_none() {
+                        return SegmentEnd::TornTail(offset);
+                    }
+                    self.walk_damaged(offset, end, "batch body checksum mismatch");
+                }
+            }
+            *expected_batch_no = Some(header.batch_no + 1);
+            *max_batch_no = (*max_batch_no).max(header.batch_no);
+            self.batches += 1;
+            self.used = end;
+            offset = end;
         }
-        RecordKind::TruncateSuffix => index.shard(shard).truncate_suffix(rec.log_id),
-        RecordKind::PurgePrefix => index.shard(shard).purge_prefix(rec.log_id.index),
+    }
+
+    fn unknown(&mut self, from: usize, to: usize, detail: &str) {
+        self.damage.push(Damage {
+            segment_no: self.segment_no,
+            offset: from as u64,
+            len: (to - from) as u64,
+            entry: None,
+            detail: detail.to_string(),
+        });
+        self.found.push(Found::Unknown {
+            damage: self.damage.len() - 1,
+        });
+    }
+
+    fn walk_intact(&mut self, batch_offset: usize, header: &BatchHeader) {
+        let from = batch_offset + BATCH_HEADER_BYTES;
+        let to = from + header.body_len as usize;
+        let walked = self.walk_records(from, to, false);
+        if walked != header.record_count as u64 {
+            self.unknown(from, to, "batch record count does not match its records");
+        }
+    }
+
+    /// Keeps what can be trusted between `from` and `to` (a damaged batch, header included).
+    fn walk_damaged(&mut self, batch_offset: usize, to: usize, detail: &str) {
+        let damage_before = self.damage.len();
+        self.walk_records(batch_offset + BATCH_HEADER_BYTES, to, true);
+        if self.damage.len() == damage_before {
+            // The records all check out: only the batch framing was hit. Nothing is lost, but the
+            // damage is reported so an operator knows the disk is failing.
+            self.damage.push(Damage {
+                segment_no: self.segment_no,
+                offset: batch_offset as u64,
+                len: (to - batch_offset) as u64,
+                entry: None,
+                detail: format!("{detail}; every record in it is intact"),
+            });
+        }
+    }
+
+    /// Walks records from `from` until `to`; returns how many intact records it found.
+    fn walk_records(&mut self, from: usize, to: usize, may_end_in_padding: bool) -> u64 {
+        let mut at = from;
+        let mut intact = 0;
+        while at < to {
+            let rest = &self.bytes[at..to];
+            if may_end_in_padding && (rest.len() < RECORD_HEADER_BYTES || rest.iter().all(|b| *b == 0)) {
+                break;
+            }
+            match record::decode_record(rest) {
+                DecodedRecord::Record(rec, used) if self.lane_shards.contains(&rec.shard) => {
+                    self.found.push(Found::Record {
+                        kind: rec.kind,
+                        shard: rec.shard,
+                        location: EntryLocation {
+                            log_id: rec.log_id,
+                            segment_no: self.segment_no,
+                            offset: at as u64,
+                            framed_len: used as u32,
+                        },
+                    });
+                    intact += 1;
+                    self.records += 1;
+                    at += used;
+                }
+                DecodedRecord::BadBody {
+                    shard,
+                    log_id,
+                    framed_len,
+                    kind,
+                } if self.lane_shards.contains(&shard) && at + framed_len <= to => {
+                    self.damage.push(Damage {
+                        segment_no: self.segment_no,
+                        offset: at as u64,
+                        len: framed_len as u64,
+                        entry: Some((shard, log_id.index)),
+                        detail: format!(
+                            "{kind:?} record of shard {shard} index {} fails its checksum",
+                            log_id.index
+                        ),
+                    });
+                    self.found.push(Found::DamagedEntry {
+                        shard,
+                        index: log_id.index,
+                        damage: self.damage.len() - 1,
+                    });
+                    at += framed_len;
+                }
+                _ => {
+                    self.unknown(at, to, "record header is damaged");
+                    break;
+                }
+            }
+        }
+        intact
     }
 }
 
-fn degrade(index: &mut LaneIndex, shard: u16, reason: &str) {
-    let log = index.shard(shard);
-    if log.degraded.is_none() {
-        log.degraded = Some(reason.to_string());
+/// The offset of the next batch at or after `from` whose header and body check out.
+fn next_valid_batch(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut offset = from.next_multiple_of(BATCH_ALIGN);
+    while offset + BATCH_HEADER_BYTES <= bytes.len() {
+        if let DecodedBatch::Header(header) = record::decode_batch_header(&bytes[offset..])
+            && offset + header.framed_len() <= bytes.len()
+            && record::intact_body(&header, &bytes[offset..]).is_some()
+        {
+            return Some(offset);
+        }
+        offset += BATCH_ALIGN;
+    }
+    None
+}
+
+/// Builds every shard's log from what the scan found, in log order.
+fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], lane_shards: &[u16]) {
+    let mut purged_through: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut losses_accepted_after: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
+    for item in found {
+        if let Found::Record { kind, shard, location } = item {
+            match kind {
+                RecordKind::PurgePrefix => {
+                    let through = purged_through.entry(*shard).or_default();
+                    *through = (*through).max(location.log_id.index);
+                }
+                RecordKind::LossAccepted => losses_accepted_after
+                    .entry(*shard)
+                    .or_default()
+                    .push(location.log_id.index),
+                RecordKind::Entry | RecordKind::TruncateSuffix => {}
+            }
+        }
+    }
+    for (&shard, &through) in &purged_through {
+        let log = index.shard(shard);
+        log.purged_through = through;
+        // The purged entries' own records may be gone with their segments; the log reached
+        // at least this far.
+        log.last = Some(LogId {
+            term: 0,
+            index: through,
+        });
+    }
+    let loss_accepted = |shard: u16, log: &super::index::ShardLog| {
+        let after = log.last.map_or(0, |l| l.index).max(log.purged_through);
+        losses_accepted_after
+            .get(&shard)
+            .is_some_and(|accepted| accepted.contains(&after))
+    };
+    for item in found {
+        match item {
+            Found::Record { kind, shard, location } => {
+                let shard = *shard;
+                if *kind == RecordKind::Entry {
+                    index.note_in_segment(shard, location.segment_no, location.log_id.index);
+                }
+                let log = index.shard(shard);
+                if log.degraded.is_some() {
+                    continue;
+                }
+                match kind {
+                    RecordKind::Entry => {
+                        let entry_index = location.log_id.index;
+                        if entry_index <= log.purged_through {
+                            // Archived and purged: not indexed, but the log's end is remembered.
+                            if log.last.is_none_or(|last| last.index < entry_index) {
+                                log.last = Some(location.log_id);
+                            }
+                            continue;
+                        }
+                        let expected = log
+                            .last
+                            .map(|l| l.index.max(log.purged_through) + 1)
+                            .or((log.purged_through > 0).then_some(log.purged_through + 1));
+                        let contiguous = expected.is_none_or(|expected| entry_index == expected);
+                        match log.accepted_losses.last_mut().filter(|loss| loss.resumed_at.is_none()) {
+                            // The accepted loss held nothing of this shard after all.
+                            Some(_) if contiguous && expected.is_some() => {
+                                log.accepted_losses.pop();
+                            }
+                            Some(loss) if entry_index > loss.after_index => loss.resumed_at = Some(entry_index),
+                            None if contiguous => {}
+                            _ => {
+                                log.degraded = Some(format!(
+                                    "entry {} is missing from the WAL (the next one found is {entry_index})",
+                                    expected.unwrap_or_default()
+                                ));
+                                continue;
+                            }
+                        }
+                        log.push(*location);
+                    }
+                    RecordKind::TruncateSuffix => {
+                        log.accepted_losses
+                            .retain(|loss| loss.after_index < location.log_id.index);
+                        log.truncate_suffix(location.log_id);
+                    }
+                    RecordKind::PurgePrefix | RecordKind::LossAccepted => {}
+                }
+            }
+            Found::DamagedEntry {
+                shard,
+                index: entry_index,
+                damage: damage_no,
+            } => {
+                let log = index.shard(*shard);
+                if log.degraded.is_some() || *entry_index <= log.purged_through {
+                    continue;
+                }
+                if loss_accepted(*shard, log) {
+                    let after_index = log.last.map_or(log.purged_through, |l| l.index);
+                    log.accepted_losses.push(AcceptedLoss {
+                        after_index,
+                        resumed_at: None,
+                    });
+                    continue;
+                }
+                log.degraded = Some(describe_damage(&damage[*damage_no]));
+            }
+            Found::Unknown { damage: damage_no } => {
+                for &shard in lane_shards {
+                    let log = index.shard(shard);
+                    if log.degraded.is_some() || log.accepted_losses.last().is_some_and(|l| l.resumed_at.is_none()) {
+                        continue;
+                    }
+                    if loss_accepted(shard, log) {
+                        let after_index = log.last.map_or(log.purged_through, |l| l.index);
+                        log.accepted_losses.push(AcceptedLoss {
+                            after_index,
+                            resumed_at: None,
+                        });
+                        continue;
+                    }
+                    log.degraded = Some(describe_damage(&damage[*damage_no]));
+                }
+            }
+        }
     }
 }
 
-fn degrade_all(index: &mut LaneIndex, lane_shards: &[u16], reason: &str) {
-    for shard in lane_shards {
-        degrade(index, *shard, reason);
-    }
-}
-
-/// The shard field of a frame whose CRC failed; only a hint.
-fn raw_shard_field(frame: &[u8]) -> Option<u16> {
-    let at = FRAME_HEADER_BYTES + 2;
-    frame.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+fn describe_damage(damage: &Damage) -> String {
+    let what = match damage.entry {
+        Some((shard, index)) => format!("entry {index} of shard {shard} is damaged"),
+        None => "unreadable bytes may hold entries of this shard".to_string(),
+    };
+    format!(
+        "{what} (segment {} offset {}, {} bytes: {}); see `fleetlm wal inspect`",
+        damage.segment_no, damage.offset, damage.len, damage.detail
+    )
 }
 
 /// Zeroes `[from, last non-zero byte]` so later scans see a clean end, then fsyncs.
-fn zero_tail(file: &File, bytes: &[u8], from: usize) -> io::Result<()> {
+fn zero_tail(file: &dyn fs::WalFile, bytes: &[u8], from: usize) -> io::Result<()> {
     let Some(last_non_zero) = bytes[from..].iter().rposition(|b| *b != 0) else {
         return Ok(());
     };

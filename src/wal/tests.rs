@@ -1,12 +1,13 @@
-//! Model-based tests: random operation sequences with reopen and torn tails, checked against a
-//! plain in-memory model of every shard's log.
+//! Model-based tests: random operation sequences with reopen, power loss and injected faults
+//! (on the fault-injecting filesystem), checked against a plain in-memory model of every shard's
+//! log; plus bit rot on real files.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use proptest::prelude::*;
 
+use super::fault::{Fault, FaultKind, FaultOp, SimFs};
 use super::*;
 
 const SHARDS: u16 = 6;
@@ -92,25 +93,31 @@ fn check(wal: &Wal, model: &BTreeMap<u16, ModelShard>) -> std::result::Result<()
     Ok(())
 }
 
-/// Writes garbage where the next record would go in the newest segment of each lane, as a write
-/// that was cut off mid-way would.
-fn tear_tail(dir: &Path, garbage: &[u8]) {
+fn open_sim(fs: &SimFs) -> Wal {
+    Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), options())
+        .expect("open wal")
+        .0
+}
+
+/// Garbage where the next batch would go in the newest segment of each lane, as a write cut off
+/// mid-way would leave (never fsync'd, so never acknowledged).
+fn tear_tail(fs: &SimFs, garbage: &[u8]) {
     for lane in 0..options().lanes {
-        let lane_dir = dir.join(format!("lane-{lane:02}"));
-        let newest = *segment::list_segments(&lane_dir)
+        let lane_dir = Path::new("/wal").join(format!("lane-{lane:02}"));
+        let newest = *segment::list_segments(fs, &lane_dir)
             .expect("list")
             .last()
             .expect("a segment");
         let path = segment::segment_path(&lane_dir, newest);
-        let bytes = std::fs::read(&path).expect("read segment");
+        let bytes = fs.read(&path).expect("segment");
         let mut end = segment::SEGMENT_HEADER_BYTES as usize;
-        while let record::Decoded::Record(_, used) = record::decode(&bytes[end..]) {
-            end += used;
+        while let record::DecodedBatch::Header(header) = record::decode_batch_header(&bytes[end..]) {
+            end += header.framed_len();
         }
+        let file = fs.open(&path).expect("open");
         let room = bytes.len().saturating_sub(end);
-        let mut file = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
-        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(end as u64)).expect("seek");
-        file.write_all(&garbage[..garbage.len().min(room)]).expect("write");
+        file.write_all_at(&garbage[..garbage.len().min(room)], end as u64)
+            .expect("write");
     }
 }
 
@@ -118,9 +125,9 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
     fn random_operations_survive_reopen_and_torn_tails(ops in proptest::collection::vec(op_strategy(), 1..60)) {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = SimFs::new();
         let runtime = runtime();
-        let mut wal = open(dir.path());
+        let mut wal = open_sim(&fs);
         let mut model: BTreeMap<u16, ModelShard> = BTreeMap::new();
         for op in ops {
             match op {
@@ -150,12 +157,12 @@ proptest! {
                 }
                 Op::Reopen => {
                     wal.shutdown();
-                    wal = open(dir.path());
+                    wal = open_sim(&fs);
                 }
                 Op::TearAndReopen { garbage } => {
                     wal.shutdown();
-                    tear_tail(dir.path(), &garbage);
-                    wal = open(dir.path());
+                    tear_tail(&fs, &garbage);
+                    wal = open_sim(&fs);
                 }
             }
             check(&wal, &model)?;
@@ -201,8 +208,8 @@ fn a_flipped_bit_mid_log_degrades_only_the_affected_shard_and_deletes_nothing() 
                 .expect("append");
         }
     }
-    // Enough later entries that the damaged record cannot be part of an unfinished last batch.
-    for index in 4..=40u64 {
+    // A later batch, so the damaged record cannot be part of an unfinished last batch.
+    for index in 4..=5u64 {
         runtime
             .block_on(wal.append(2, vec![(LogId { term: 1, index }, vec![7u8; 60])]))
             .expect("append");
@@ -220,10 +227,13 @@ fn a_flipped_bit_mid_log_degrades_only_the_affected_shard_and_deletes_nothing() 
     std::fs::write(&path, &bytes).expect("write");
     let len_before = std::fs::metadata(&path).expect("meta").len();
 
-    let (wal, events) = Wal::open(dir.path(), options()).expect("reopen");
+    let (wal, reports) = Wal::open(dir.path(), options()).expect("reopen");
+    let damage: Vec<_> = reports.iter().flat_map(|r| r.damage.clone()).collect();
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert_eq!(damage[0].entry, Some((0, 2)), "the damaged entry is named exactly");
     assert!(
-        events.iter().any(|e| matches!(e, RecoveryEvent::Corruption { .. })),
-        "{events:?}"
+        reports.iter().all(|r| r.torn_tail.is_none()),
+        "bit rot is not a torn tail"
     );
     assert!(wal.degraded(0).is_some(), "the shard whose record rotted is degraded");
     assert_eq!(
@@ -232,7 +242,7 @@ fn a_flipped_bit_mid_log_degrades_only_the_affected_shard_and_deletes_nothing() 
         "replay stops at the last good entry"
     );
     assert!(wal.degraded(2).is_none(), "a shard sharing the lane is unaffected");
-    assert_eq!(wal.read_entries(2, 1, 100).expect("read").len(), 40);
+    assert_eq!(wal.read_entries(2, 1, 100).expect("read").len(), 5);
     assert_eq!(
         std::fs::metadata(&path).expect("meta").len(),
         len_before,
@@ -302,4 +312,378 @@ fn reading_many_ranges_matches_reading_each_shard() {
         }
     }
     wal.shutdown();
+}
+
+// ---- Faults and power loss ------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum FaultyOp {
+    Append { shard: u16, bodies: Vec<Vec<u8>> },
+    Purge { shard: u16, count: u64 },
+    Truncate { shard: u16, keep_back: u64 },
+    Arm(Fault),
+    Disarm,
+    PowerLoss { seed: u64 },
+}
+
+fn fault_strategy() -> impl Strategy<Value = Fault> {
+    let op = prop_oneof![
+        Just(FaultOp::Write),
+        Just(FaultOp::Sync),
+        Just(FaultOp::Allocate),
+        Just(FaultOp::Create)
+    ];
+    let kind = prop_oneof![
+        Just(FaultKind::Eio),
+        Just(FaultKind::NoSpace),
+        (0usize..200).prop_map(FaultKind::TornWrite)
+    ];
+    (op, 0usize..6, kind, any::<bool>()).prop_map(|(op, after, kind, sticky)| Fault {
+        op,
+        after,
+        kind,
+        sticky,
+    })
+}
+
+fn faulty_op_strategy() -> impl Strategy<Value = FaultyOp> {
+    prop_oneof![
+        8 => (0..SHARDS, proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..3))
+            .prop_map(|(shard, bodies)| FaultyOp::Append { shard, bodies }),
+        1 => (0..SHARDS, 0u64..3).prop_map(|(shard, keep_back)| FaultyOp::Truncate { shard, keep_back }),
+        2 => (0..SHARDS, 0u64..5).prop_map(|(shard, count)| FaultyOp::Purge { shard, count }),
+        2 => fault_strategy().prop_map(FaultyOp::Arm),
+        1 => Just(FaultyOp::Disarm),
+        2 => any::<u64>().prop_map(|seed| FaultyOp::PowerLoss { seed }),
+    ]
+}
+
+/// What the log of one shard must and may hold.
+#[derive(Default, Debug)]
+struct Promised {
+    /// Entries the live log shows (acknowledged, or left in place by a failed truncation).
+    acked: BTreeMap<u64, Vec<u8>>,
+    /// Entries whose write failed: never visible live, but may be there after a power loss.
+    maybe: BTreeMap<u64, Vec<Vec<u8>>>,
+    purged_through: u64,
+    /// A purge that failed may still be durable: entries up to here may vanish at a power loss.
+    maybe_purged_through: u64,
+    /// A truncation that failed may still be durable: entries above here may vanish too.
+    fragile_above: Option<u64>,
+}
+
+/// The live log shows exactly what was acknowledged, with its bytes, and nothing that failed.
+fn check_live(wal: &Wal, promised: &BTreeMap<u16, Promised>) -> std::result::Result<(), TestCaseError> {
+    for shard in 0..SHARDS {
+        prop_assert!(
+            wal.degraded(shard).is_none(),
+            "shard {} degraded without bit rot",
+            shard
+        );
+        let last = wal.last_log_id(shard).map_or(0, |id| id.index);
+        let Some(p) = promised.get(&shard) else {
+            prop_assert_eq!(last, 0, "shard {} shows an entry never acknowledged", shard);
+            continue;
+        };
+        let acked_last = p.acked.keys().next_back().copied().unwrap_or(0);
+        prop_assert!(
+            last == acked_last || (acked_last <= p.purged_through && last <= p.purged_through),
+            "shard {}: the live log ends at {} but the last acknowledged entry is {}",
+            shard,
+            last,
+            acked_last
+        );
+        let read = wal.read_entries(shard, p.purged_through + 1, usize::MAX).expect("read");
+        let got: Vec<(u64, &Vec<u8>)> = read.iter().map(|(id, body)| (id.index, body)).collect();
+        let wanted: Vec<(u64, &Vec<u8>)> = p.acked.range(p.purged_through + 1..).map(|(i, b)| (*i, b)).collect();
+        prop_assert_eq!(got, wanted, "entries of shard {}", shard);
+    }
+    Ok(())
+}
+
+/// After a power loss: every acknowledged entry survived with its bytes; anything more is an
+/// entry that was attempted with exactly that index and body. The model then adopts what
+/// survived (recovery made it durable).
+fn reconcile_after_power_loss(
+    wal: &Wal,
+    promised: &mut BTreeMap<u16, Promised>,
+) -> std::result::Result<(), TestCaseError> {
+    for shard in 0..SHARDS {
+        prop_assert!(
+            wal.degraded(shard).is_none(),
+            "a power loss was mistaken for corruption (shard {})",
+            shard
+        );
+        let p = promised.entry(shard).or_default();
+        if let Some(above) = p.fragile_above.take() {
+            let fragile: Vec<(u64, Vec<u8>)> = p.acked.range(above + 1..).map(|(i, b)| (*i, b.clone())).collect();
+            for (index, body) in fragile {
+                p.acked.remove(&index);
+                p.maybe.entry(index).or_default().push(body);
+            }
+        }
+        let first = p.purged_through.max(p.maybe_purged_through) + 1;
+        let read = wal.read_entries(shard, first, usize::MAX).expect("read");
+        let mut survived = BTreeMap::new();
+        for (id, body) in read {
+            if let Some(acked) = p.acked.get(&id.index) {
+                prop_assert_eq!(&body, acked, "acked entry {} of shard {} changed", id.index, shard);
+            } else {
+                let attempted = p.maybe.get(&id.index).is_some_and(|bodies| bodies.contains(&body));
+                prop_assert!(attempted, "entry {} of shard {} was never written", id.index, shard);
+            }
+            survived.insert(id.index, body);
+        }
+        for index in p.acked.keys().filter(|i| **i >= first) {
+            prop_assert!(
+                survived.contains_key(index),
+                "acked entry {} of shard {} was lost",
+                index,
+                shard
+            );
+        }
+        p.purged_through = first - 1;
+        p.maybe_purged_through = 0;
+        p.acked = survived;
+        p.maybe.clear();
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    /// Random appends, truncations and purges × random EIO/ENOSPC/torn writes on any write,
+    /// fsync, preallocation or segment creation × power losses at random points. Fails if the
+    /// lane skipped `fdatasync`, acknowledged before it, went on after a failed one, showed a
+    /// failed entry, reused an index, or mistook a torn tail for corruption.
+    #[test]
+    fn acknowledged_entries_survive_faults_and_power_loss(ops in proptest::collection::vec(faulty_op_strategy(), 1..50)) {
+        let runtime = runtime();
+        let mut fs = SimFs::new();
+        let mut wal = open_sim(&fs);
+        let mut promised: BTreeMap<u16, Promised> = BTreeMap::new();
+        for op in ops {
+            match op {
+                FaultyOp::Append { shard, bodies } => {
+                    let next = wal.last_log_id(shard).map_or(0, |id| id.index) + 1;
+                    let entries: Vec<_> = bodies.into_iter().enumerate()
+                        .map(|(i, body)| (LogId { term: 1, index: next + i as u64 }, body))
+                        .collect();
+                    let result = runtime.block_on(wal.append(shard, entries.clone()));
+                    let p = promised.entry(shard).or_default();
+                    match result {
+                        Ok(()) => {
+                            prop_assert!(wal.lane_failed(shard).is_none(), "acknowledged by a failed lane");
+                            for (id, body) in entries {
+                                p.acked.insert(id.index, body);
+                            }
+                        }
+                        Err(error) => {
+                            if matches!(error, WalError::OutOfSpace(_)) {
+                                prop_assert!(wal.lane_failed(shard).is_none(), "out of space must not fail the lane");
+                            }
+                            for (id, body) in entries {
+                                p.maybe.entry(id.index).or_default().push(body);
+                            }
+                        }
+                    }
+                }
+                FaultyOp::Truncate { shard, keep_back } => {
+                    let last = wal.last_log_id(shard).map_or(0, |id| id.index);
+                    let p = promised.entry(shard).or_default();
+                    let after = last.saturating_sub(keep_back).max(p.purged_through);
+                    let result = runtime.block_on(wal.truncate_suffix(shard, LogId { term: 1, index: after }));
+                    let p = promised.entry(shard).or_default();
+                    if result.is_ok() {
+                        p.acked.retain(|index, _| *index <= after);
+                        p.maybe.retain(|index, _| *index <= after);
+                    } else {
+                        p.fragile_above = Some(p.fragile_above.map_or(after, |a| a.min(after)));
+                    }
+                }
+                FaultyOp::Purge { shard, count } => {
+                    let p = promised.entry(shard).or_default();
+                    let last = p.acked.keys().next_back().copied().unwrap_or(0);
+                    let through = (p.purged_through + count).min(last);
+                    if runtime.block_on(wal.purge_prefix(shard, through)).is_ok() {
+                        p.purged_through = p.purged_through.max(through);
+                    } else {
+                        p.maybe_purged_through = p.maybe_purged_through.max(through);
+                    }
+                }
+                FaultyOp::Arm(fault) => fs.arm(fault),
+                FaultyOp::Disarm => fs.disarm(),
+                FaultyOp::PowerLoss { seed } => {
+                    wal.shutdown();
+                    fs = fs.power_loss(seed);
+                    wal = open_sim(&fs);
+                    reconcile_after_power_loss(&wal, &mut promised)?;
+                }
+            }
+            check_live(&wal, &promised)?;
+        }
+        wal.shutdown();
+    }
+}
+
+/// Out of space while starting a segment fails only the requests that needed it; the lane stays
+/// healthy and takes writes again once space is back.
+#[test]
+fn out_of_space_fails_the_request_and_writes_resume_when_space_returns() {
+    let runtime = runtime();
+    let fs = SimFs::new();
+    let wal = open_sim(&fs);
+    let body = vec![9u8; 900];
+    let mut index = 0;
+    // Fill the first segment of lane 0 (4 KiB segments hold four such batches).
+    for _ in 0..4 {
+        index += 1;
+        runtime
+            .block_on(wal.append(0, vec![(LogId { term: 1, index }, body.clone())]))
+            .expect("fits");
+    }
+    fs.arm(Fault {
+        op: FaultOp::Allocate,
+        after: 0,
+        kind: FaultKind::NoSpace,
+        sticky: true,
+    });
+    let refused = runtime.block_on(wal.append(
+        0,
+        vec![(
+            LogId {
+                term: 1,
+                index: index + 1,
+            },
+            body.clone(),
+        )],
+    ));
+    assert!(matches!(refused, Err(WalError::OutOfSpace(_))), "{refused:?}");
+    assert_eq!(
+        wal.last_log_id(0).map(|id| id.index),
+        Some(index),
+        "the refused entry is not visible"
+    );
+    assert!(wal.lane_failed(0).is_none());
+    fs.disarm();
+    runtime
+        .block_on(wal.append(
+            0,
+            vec![(
+                LogId {
+                    term: 1,
+                    index: index + 1,
+                },
+                body.clone(),
+            )],
+        ))
+        .expect("space is back");
+    assert_eq!(wal.read_entries(0, 1, 10).expect("read").len(), 5);
+    wal.shutdown();
+}
+
+/// A failed fdatasync fails the lane for good: the entry is not visible and nothing later is
+/// acknowledged, even after the disk recovers (the kernel may have dropped the pages).
+#[test]
+fn a_failed_fsync_fails_the_lane_and_is_never_retried() {
+    let runtime = runtime();
+    let fs = SimFs::new();
+    let wal = open_sim(&fs);
+    runtime
+        .block_on(wal.append(0, vec![(LogId { term: 1, index: 1 }, b"a".to_vec())]))
+        .expect("first");
+    fs.arm(Fault {
+        op: FaultOp::Sync,
+        after: 0,
+        kind: FaultKind::Eio,
+        sticky: false,
+    });
+    let failed = runtime.block_on(wal.append(0, vec![(LogId { term: 1, index: 2 }, b"b".to_vec())]));
+    assert!(matches!(failed, Err(WalError::LaneFailed(_))), "{failed:?}");
+    assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(1));
+    let later = runtime.block_on(wal.append(0, vec![(LogId { term: 1, index: 2 }, b"b".to_vec())]));
+    assert!(matches!(later, Err(WalError::LaneFailed(_))), "{later:?}");
+    assert!(wal.lane_failed(0).is_some_and(|reason| reason.contains("fdatasync")));
+    // Shard 1 lives in the other lane and is unaffected.
+    runtime
+        .block_on(wal.append(1, vec![(LogId { term: 1, index: 1 }, b"x".to_vec())]))
+        .expect("other lane");
+    wal.shutdown();
+}
+
+/// Segments deleted out of order (a middle one archived before an older one) never make a
+/// healthy shard look damaged, even after the segment with the purge record is gone.
+#[test]
+fn segments_deleted_out_of_order_do_not_degrade_a_shard() {
+    let runtime = runtime();
+    let fs = SimFs::new();
+    let wal = open_sim(&fs);
+    let body = vec![5u8; 700];
+    // Shard 2 writes one entry early and never purges it: the first segment stays.
+    runtime
+        .block_on(wal.append(2, vec![(LogId { term: 1, index: 1 }, b"pinned".to_vec())]))
+        .expect("pin");
+    for index in 1..=20u64 {
+        runtime
+            .block_on(wal.append(0, vec![(LogId { term: 1, index }, body.clone())]))
+            .expect("append");
+        if index % 5 == 0 {
+            runtime.block_on(wal.purge_prefix(0, index - 2)).expect("purge");
+        }
+    }
+    wal.shutdown();
+    let lane_dir = Path::new("/wal/lane-00");
+    let segments = segment::list_segments(&fs, lane_dir).expect("list");
+    assert!(segments.first() == Some(&0), "the pinned segment remains: {segments:?}");
+    assert!(segments.len() < 8, "middle segments were deleted: {segments:?}");
+    let wal = open_sim(&fs);
+    assert!(wal.degraded(0).is_none(), "{:?}", wal.degraded(0));
+    assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(20));
+    assert_eq!(wal.read_entries(0, 19, 10).expect("read").len(), 2);
+    assert_eq!(wal.read_entries(2, 1, 10).expect("read").len(), 1);
+    wal.shutdown();
+}
+
+/// A torn write anywhere in the last batch is a torn tail; the same damage with a valid batch
+/// after it is corruption, named exactly.
+#[test]
+fn a_torn_tail_and_corruption_are_told_apart_by_the_framing() {
+    let runtime = runtime();
+    for damage_last_batch in [true, false] {
+        let fs = SimFs::new();
+        let wal = open_sim(&fs);
+        for index in 1..=3u64 {
+            runtime
+                .block_on(wal.append(
+                    0,
+                    vec![(LogId { term: 1, index }, format!("entry {index}").into_bytes())],
+                ))
+                .expect("append");
+        }
+        wal.shutdown();
+        let path = segment::segment_path(Path::new("/wal/lane-00"), 0);
+        let bytes = fs.read(&path).expect("segment");
+        let target = if damage_last_batch { "entry 3" } else { "entry 2" };
+        let at = bytes.windows(7).position(|w| w == target.as_bytes()).expect("present");
+        fs.flip_bit(&path, at, 0);
+        let (wal, reports) = Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), options()).expect("open");
+        let lane = &reports[0];
+        if damage_last_batch {
+            assert!(lane.torn_tail.is_some(), "{lane:?}");
+            assert!(lane.damage.is_empty());
+            assert!(wal.degraded(0).is_none());
+            assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(2));
+            // Writing resumes where the torn batch began, with the next index.
+            runtime
+                .block_on(wal.append(0, vec![(LogId { term: 1, index: 3 }, b"again".to_vec())]))
+                .expect("append after torn tail");
+        } else {
+            assert!(lane.torn_tail.is_none(), "{lane:?}");
+            assert_eq!(lane.damage.len(), 1);
+            assert_eq!(lane.damage[0].entry, Some((0, 2)));
+            assert!(wal.degraded(0).is_some());
+            assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(1));
+        }
+        wal.shutdown();
+    }
 }

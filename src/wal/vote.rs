@@ -1,9 +1,10 @@
 //! Per-shard vote files (`vote/NNNNN.vote`): the Raft hard state that must survive a crash
 //! independently of the log. Written to a temporary file, fsync'd, renamed, directory fsync'd.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+
+use super::fs::{self, FileSystem};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Vote {
@@ -17,11 +18,11 @@ fn vote_dir(wal_dir: &Path) -> PathBuf {
     wal_dir.join("vote")
 }
 
-pub fn ensure_dir(wal_dir: &Path) -> io::Result<()> {
-    fs::create_dir_all(vote_dir(wal_dir))
+pub fn ensure_dir(fs: &dyn FileSystem, wal_dir: &Path) -> io::Result<()> {
+    fs.create_dir_all(&vote_dir(wal_dir))
 }
 
-pub fn save(wal_dir: &Path, shard: u16, vote: Vote) -> io::Result<()> {
+pub fn save(fs: &dyn FileSystem, wal_dir: &Path, shard: u16, vote: Vote) -> io::Result<()> {
     let dir = vote_dir(wal_dir);
     let mut bytes = Vec::with_capacity(VOTE_BYTES);
     bytes.extend_from_slice(&vote.term.to_le_bytes());
@@ -29,16 +30,21 @@ pub fn save(wal_dir: &Path, shard: u16, vote: Vote) -> io::Result<()> {
     let crc = crc32c::crc32c(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
     let temporary = dir.join(format!("{shard:05}.vote.tmp"));
-    let mut file = File::create(&temporary)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    fs::rename(&temporary, dir.join(format!("{shard:05}.vote")))?;
-    super::segment::sync_dir(&dir)
+    match fs.remove_file(&temporary) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let file = fs.create_new(&temporary)?;
+    file.write_all_at(&bytes, 0)?;
+    file.sync_data()?;
+    drop(file);
+    fs.rename(&temporary, &dir.join(format!("{shard:05}.vote")))?;
+    fs.sync_dir(&dir)
 }
 
-pub fn read(wal_dir: &Path, shard: u16) -> io::Result<Option<Vote>> {
-    let bytes = match fs::read(vote_dir(wal_dir).join(format!("{shard:05}.vote"))) {
-        Ok(bytes) => bytes,
+pub fn read(fs: &dyn FileSystem, wal_dir: &Path, shard: u16) -> io::Result<Option<Vote>> {
+    let bytes = match fs.open(&vote_dir(wal_dir).join(format!("{shard:05}.vote"))) {
+        Ok(file) => fs::read_all(file.as_ref())?,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(error),
     };
