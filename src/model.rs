@@ -221,7 +221,8 @@ pub fn message_preview(content: &RawValue) -> Option<String> {
         (None, Some(parts)) => parts.iter().filter_map(|p| p.text.as_deref()).collect(),
         (None, None) => return None,
     };
-    (!text.is_empty()).then(|| text.chars().take(100).collect())
+    // NUL is valid in JSON text but not in a Postgres TEXT column (nor useful in a preview).
+    (!text.is_empty()).then(|| text.chars().filter(|c| *c != '\0').take(100).collect())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

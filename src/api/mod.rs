@@ -5,6 +5,7 @@
 //! before anything is written, and never write anywhere but through the shards (sessions,
 //! messages, cursors) or the archive (agents).
 
+mod admin;
 mod agents;
 mod error;
 mod health;
@@ -60,7 +61,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/sessions/{id}", get(sessions::show).delete(sessions::archive))
         .route("/sessions/{id}/messages", get(messages::list).post(messages::append))
         .route("/sessions/{id}/read", post(sessions::mark_read))
-        .route("/users/{user_id}/inbox", get(sessions::inbox));
+        .route("/users/{user_id}/inbox", get(sessions::inbox))
+        .route("/admin/dead_letters", get(admin::dead_letters));
     Router::new()
         .nest("/api", api)
         .route("/health/live", get(health::live))

@@ -177,7 +177,27 @@ impl Flusher {
         };
         let rows = Arc::new(rows);
         let message_count = rows.messages.len();
-        self.archive.flush(rows, watermarks.clone()).await?;
+        match self.archive.flush(rows.clone(), watermarks.clone()).await {
+            Ok(()) => {}
+            Err(ArchiveError::Rejected(error)) => {
+                // One bad row must not stop everything: write the rows one by one and set the
+                // refused ones aside (with the archive's error) in the same transaction.
+                tracing::warn!(%error, "the archive refused a flush; isolating the refused rows");
+                let dead = self.archive.flush_isolating(rows, watermarks.clone()).await?;
+                for letter in &dead {
+                    metrics::counter!("fleetlm_archive_dead_letters_total", "kind" => letter.kind.clone()).increment(1);
+                    tracing::error!(
+                        id = %letter.id,
+                        kind = %letter.kind,
+                        session_id = %letter.session_id,
+                        seq = ?letter.seq,
+                        error = %letter.error,
+                        "archive refused a row; it is set aside as a dead letter (GET /api/admin/dead_letters)"
+                    );
+                }
+            }
+            Err(other) => return Err(other.into()),
+        }
         metrics::histogram!("fleetlm_archive_flush_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("fleetlm_archive_messages_total").increment(message_count as u64);
         for &(shard, through) in &watermarks {

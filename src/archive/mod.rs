@@ -5,6 +5,7 @@
 //! flush writes rows and moves the shard's watermark in one transaction, so a crash at any point
 //! neither loses nor duplicates rows. The archive never decides a seq.
 
+mod dead_letters;
 mod flusher;
 mod postgres;
 mod rows;
@@ -12,6 +13,7 @@ mod sqlite;
 
 use std::sync::Arc;
 
+pub use dead_letters::DeadLetter;
 pub use flusher::{Flusher, FlusherOptions};
 pub use rows::FlushRows;
 
@@ -45,6 +47,17 @@ pub struct SessionFilter {
     pub status: Option<SessionStatus>,
     /// Only sessions older than this `(inserted_at, id)` (the pagination cursor).
     pub before: Option<(Timestamp, String)>,
+    pub limit: usize,
+}
+
+/// Which dead letters to list.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterQuery {
+    pub after_id: Option<String>,
+    pub session_id: Option<String>,
+    pub client_id: Option<String>,
+    pub from_seq: Option<u64>,
+    pub to_seq: Option<u64>,
     pub limit: usize,
 }
 
@@ -120,17 +133,72 @@ impl Archive {
         dispatch!(self, a => a.insert_rows(rows).await)
     }
 
+    /// As `flush`, isolating the rows the archive refuses as dead letters (returned).
+    pub async fn flush_isolating(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<Vec<DeadLetter>> {
+        dispatch!(self, a => a.flush_isolating(rows, watermarks).await)
+    }
+
+    pub async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>> {
+        dispatch!(self, a => a.dead_letters(query).await)
+    }
+
+    /// Dead-lettered messages of the session in `from..=to`, only asked for when the messages
+    /// table has a gap there (rare: a row the archive refused).
+    async fn fill_from_dead_letters(&self, session_id: &str, messages: &mut Vec<MessageRecord>, from: u64, to: u64) -> Result<()> {
+        if from > to || messages.len() as u64 == to - from + 1 {
+            return Ok(());
+        }
+        let dead = self
+            .dead_letters(DeadLetterQuery {
+                session_id: Some(session_id.to_string()),
+                from_seq: Some(from),
+                to_seq: Some(to),
+                limit: (to - from + 1).min(100_000) as usize,
+                ..DeadLetterQuery::default()
+            })
+            .await?;
+        dead_letters::merge_dead_messages(messages, dead, from, to);
+        Ok(())
+    }
+
     pub async fn load_session(&self, session_id: &str) -> Result<Option<LoadedSession>> {
-        dispatch!(self, a => a.load_session(session_id).await)
+        let Some(mut loaded) = dispatch!(self, a => a.load_session(session_id).await)? else {
+            return Ok(None);
+        };
+        // The tail must end at last_seq without gaps; refused rows come from their dead letters.
+        let last_seq = loaded.view.last_seq;
+        let wanted_from = last_seq.saturating_sub(crate::shard::session::HOT_TAIL_LEN as u64 - 1).max(1);
+        let tail_is_whole = loaded.tail.last().map(|m| m.message.seq) == Some(last_seq)
+            && loaded.tail.first().map(|m| m.message.seq) == Some(wanted_from)
+            && loaded.tail.len() as u64 == last_seq - wanted_from + 1;
+        if last_seq > 0 && !tail_is_whole {
+            let mut tail = dispatch!(self, a => a.read_messages(session_id, wanted_from, last_seq).await)?;
+            self.fill_from_dead_letters(session_id, &mut tail, wanted_from, last_seq).await?;
+            loaded.tail = tail;
+        }
+        Ok(Some(loaded))
     }
 
     /// Messages with `from_seq <= seq <= to_seq`, ascending.
     pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
-        dispatch!(self, a => a.read_messages(session_id, from_seq, to_seq).await)
+        let mut messages = dispatch!(self, a => a.read_messages(session_id, from_seq, to_seq).await)?;
+        self.fill_from_dead_letters(session_id, &mut messages, from_seq, to_seq).await?;
+        Ok(messages)
     }
 
     pub async fn find_by_client_id(&self, session_id: &str, client_id: &str) -> Result<Option<MessageRecord>> {
-        dispatch!(self, a => a.find_by_client_id(session_id, client_id).await)
+        if let Some(found) = dispatch!(self, a => a.find_by_client_id(session_id, client_id).await)? {
+            return Ok(Some(found));
+        }
+        let dead = self
+            .dead_letters(DeadLetterQuery {
+                session_id: Some(session_id.to_string()),
+                client_id: Some(client_id.to_string()),
+                limit: 1,
+                ..DeadLetterQuery::default()
+            })
+            .await?;
+        Ok(dead.iter().find_map(DeadLetter::message))
     }
 
     /// Sessions newest first.

@@ -7,9 +7,11 @@ use deadpool_postgres::{Config, Pool, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
+use super::dead_letters::{self, DeadLetter};
 use super::rows::{self, FlushRows};
 use super::sqlite::{AGENT_SELECT, MESSAGE_SELECT, SESSION_SELECT};
-use super::{ArchiveError, LoadedSession, Result, SessionFilter};
+use super::{ArchiveError, DeadLetterQuery, LoadedSession, Result, SessionFilter};
+use crate::clock::Clock;
 use crate::model::{Agent, AgentStatus, MessageRecord, SessionView};
 use crate::shard::session::HOT_TAIL_LEN;
 
@@ -26,12 +28,24 @@ fn unavailable(error: impl std::fmt::Display) -> ArchiveError {
 }
 
 fn from_pg(error: tokio_postgres::Error) -> ArchiveError {
+    // `Display` of a server error is only "db error": the server's own words are in `DbError`.
+    let text = match error.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} ({}): {}", db.severity(), db.code().code(), db.message());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!("; {detail}"));
+            }
+            if let Some(constraint) = db.constraint() {
+                text.push_str(&format!("; constraint {constraint}"));
+            }
+            text
+        }
+        None => error.to_string(),
+    };
     match error.code() {
         // Class 22 (data exception) and 23 (integrity constraint): the data itself is refused.
-        Some(code) if code.code().starts_with("22") || code.code().starts_with("23") => {
-            ArchiveError::Rejected(error.to_string())
-        }
-        _ => ArchiveError::Unavailable(error.to_string()),
+        Some(code) if code.code().starts_with("22") || code.code().starts_with("23") => ArchiveError::Rejected(text),
+        _ => ArchiveError::Unavailable(text),
     }
 }
 
@@ -87,17 +101,93 @@ impl PostgresArchive {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(from_pg)?;
         write_rows(&tx, &rows).await?;
-        let shards: Vec<i32> = watermarks.iter().map(|(shard, _)| i32::from(*shard)).collect();
-        let indexes: Vec<i64> = watermarks.iter().map(|(_, index)| *index as i64).collect();
-        tx.execute(
-            "INSERT INTO archive_watermarks (shard, log_index)
-             SELECT * FROM UNNEST($1::int4[], $2::int8[])
-             ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
-            &[&shards, &indexes],
-        )
-        .await
-        .map_err(from_pg)?;
+        write_watermarks(&tx, &watermarks).await?;
         tx.commit().await.map_err(from_pg)
+    }
+
+    /// As `flush`, but row by row (each under a savepoint): the rows the archive refuses are
+    /// returned as dead letters and stored in `dead_letters`; everything else and the watermarks
+    /// commit together.
+    pub async fn flush_isolating(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<Vec<DeadLetter>> {
+        let mut client = self.client().await?;
+        let mut tx = client.transaction().await.map_err(from_pg)?;
+        let mut dead = Vec::new();
+        let at = crate::model::Timestamp(crate::clock::SystemClock.now_micros());
+        for unit in dead_letters::units(&rows) {
+            let savepoint = tx.savepoint("fleetlm_row").await.map_err(from_pg)?;
+            match write_rows(&savepoint, &unit.rows).await {
+                Ok(()) => savepoint.commit().await.map_err(from_pg)?,
+                Err(ArchiveError::Rejected(error)) => {
+                    savepoint.rollback().await.map_err(from_pg)?;
+                    if let Some(fallback) = &unit.fallback {
+                        let savepoint = tx.savepoint("fleetlm_fallback").await.map_err(from_pg)?;
+                        write_rows(&savepoint, fallback).await?;
+                        savepoint.commit().await.map_err(from_pg)?;
+                    }
+                    dead.push(unit.dead_letter(error, at));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        for letter in &dead {
+            tx.execute(
+                "INSERT INTO dead_letters (id, kind, session_id, seq, client_id, error, payload, inserted_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+                &[
+                    &letter.id,
+                    &letter.kind,
+                    &letter.session_id,
+                    &letter.seq.map(|s| s as i64),
+                    &letter.client_id,
+                    &letter.error,
+                    &letter.payload,
+                    &letter.inserted_at.0,
+                ],
+            )
+            .await
+            .map_err(from_pg)?;
+        }
+        write_watermarks(&tx, &watermarks).await?;
+        tx.commit().await.map_err(from_pg)?;
+        Ok(dead)
+    }
+
+    /// Dead letters, oldest first, after `after_id` (exclusive), at most `limit`; only those of
+    /// `session_id` (and with `client_id`) when given.
+    pub async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, kind, session_id, seq, client_id, error, payload, inserted_at FROM dead_letters
+                 WHERE ($1::text IS NULL OR id > $1) AND ($2::text IS NULL OR session_id = $2)
+                   AND ($3::text IS NULL OR client_id = $3)
+                   AND ($4::int8 IS NULL OR seq >= $4) AND ($5::int8 IS NULL OR seq <= $5)
+                 ORDER BY id LIMIT $6",
+                &[
+                    &query.after_id,
+                    &query.session_id,
+                    &query.client_id,
+                    &query.from_seq.map(|s| s as i64),
+                    &query.to_seq.map(|s| s as i64),
+                    &(query.limit as i64),
+                ],
+            )
+            .await
+            .map_err(from_pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                id: r.get(0),
+                kind: r.get(1),
+                session_id: r.get(2),
+                seq: r.get::<_, Option<i64>>(3).map(|s| s as u64),
+                client_id: r.get(4),
+                error: r.get(5),
+                payload: r.get(6),
+                inserted_at: crate::model::Timestamp(r.get(7)),
+            })
+            .collect())
     }
 
     pub async fn insert_rows(&self, rows: Arc<FlushRows>) -> Result<()> {
@@ -255,6 +345,20 @@ impl PostgresArchive {
             .map_err(from_pg)
             .map(|_| ())
     }
+}
+
+async fn write_watermarks(tx: &deadpool_postgres::Transaction<'_>, watermarks: &[(u16, u64)]) -> Result<()> {
+    let shards: Vec<i32> = watermarks.iter().map(|(shard, _)| i32::from(*shard)).collect();
+    let indexes: Vec<i64> = watermarks.iter().map(|(_, index)| *index as i64).collect();
+    tx.execute(
+        "INSERT INTO archive_watermarks (shard, log_index)
+         SELECT * FROM UNNEST($1::int4[], $2::int8[])
+         ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
+        &[&shards, &indexes],
+    )
+    .await
+    .map_err(from_pg)
+    .map(|_| ())
 }
 
 /// Writes new sessions, messages, session state and read cursors (not the watermark).

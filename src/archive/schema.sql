@@ -58,3 +58,14 @@ CREATE TABLE IF NOT EXISTS archive_watermarks (
     shard INTEGER PRIMARY KEY,
     log_index BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    seq BIGINT,
+    client_id TEXT,
+    error TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    inserted_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_session ON dead_letters (session_id, seq);

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::dead_letters::{self, DeadLetter};
 use super::rows::FlushRows;
-use super::{ArchiveError, LoadedSession, Result, SessionFilter};
+use super::{ArchiveError, DeadLetterQuery, LoadedSession, Result, SessionFilter};
 use crate::model::{Agent, AgentStatus, DispatchProgress, MessageRecord, SessionView};
 use crate::shard::session::HOT_TAIL_LEN;
 
@@ -24,6 +25,23 @@ pub struct SqliteArchive {
 
 fn unavailable(error: rusqlite::Error) -> ArchiveError {
     ArchiveError::Unavailable(error.to_string())
+}
+
+/// Whether SQLite refused the data itself (a constraint, a value too big) rather than failed.
+fn is_rejection(error: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode;
+    matches!(
+        error.sqlite_error_code(),
+        Some(ErrorCode::ConstraintViolation | ErrorCode::TooBig | ErrorCode::TypeMismatch)
+    )
+}
+
+fn from_sqlite(error: rusqlite::Error) -> ArchiveError {
+    if is_rejection(&error) {
+        ArchiveError::Rejected(error.to_string())
+    } else {
+        ArchiveError::Unavailable(error.to_string())
+    }
 }
 
 impl SqliteArchive {
@@ -64,7 +82,7 @@ impl SqliteArchive {
         tokio::task::spawn_blocking(Self::job(connection, work))
             .await
             .map_err(|e| ArchiveError::Unavailable(e.to_string()))?
-            .map_err(unavailable)
+            .map_err(from_sqlite)
     }
 
     /// Runs `work` with the write connection.
@@ -91,7 +109,7 @@ impl SqliteArchive {
         crate::background::run(Self::job(&self.connection, work))
             .await
             .map_err(ArchiveError::Unavailable)?
-            .map_err(unavailable)
+            .map_err(from_sqlite)
     }
 
     pub async fn migrate(&self) -> Result<()> {
@@ -119,16 +137,94 @@ impl SqliteArchive {
         self.with_in_background(move |c| {
             let tx = c.transaction()?;
             write_rows(&tx, &rows)?;
-            {
-                let mut upsert = tx.prepare_cached(
-                    "INSERT INTO archive_watermarks (shard, log_index) VALUES (?1, ?2)
-                     ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
-                )?;
-                for (shard, through_index) in &watermarks {
-                    upsert.execute(params![shard, *through_index as i64])?;
+            write_watermarks(&tx, &watermarks)?;
+            tx.commit()
+        })
+        .await
+    }
+
+    /// As `flush`, row by row under savepoints: refused rows become dead letters (see
+    /// `dead_letters.rs`), the rest and the watermarks commit together.
+    pub async fn flush_isolating(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<Vec<DeadLetter>> {
+        let at = crate::model::Timestamp(crate::clock::Clock::now_micros(&crate::clock::SystemClock));
+        self.with_in_background(move |c| {
+            let mut tx = c.transaction()?;
+            let mut dead = Vec::new();
+            for unit in dead_letters::units(&rows) {
+                let savepoint = tx.savepoint()?;
+                match write_rows(&savepoint, &unit.rows) {
+                    Ok(()) => savepoint.commit()?,
+                    Err(error) if is_rejection(&error) => {
+                        drop(savepoint);
+                        if let Some(fallback) = &unit.fallback {
+                            let savepoint = tx.savepoint()?;
+                            write_rows(&savepoint, fallback)?;
+                            savepoint.commit()?;
+                        }
+                        dead.push(unit.dead_letter(error.to_string(), at));
+                    }
+                    Err(error) => return Err(error),
                 }
             }
-            tx.commit()
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO dead_letters (id, kind, session_id, seq, client_id, error, payload, inserted_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
+                )?;
+                for letter in &dead {
+                    insert.execute(params![
+                        letter.id,
+                        letter.kind,
+                        letter.session_id,
+                        letter.seq.map(|s| s as i64),
+                        letter.client_id,
+                        letter.error,
+                        letter.payload,
+                        letter.inserted_at.0
+                    ])?;
+                }
+            }
+            write_watermarks(&tx, &watermarks)?;
+            tx.commit()?;
+            Ok(dead)
+        })
+        .await
+    }
+
+    /// Dead letters, oldest first (see `PostgresArchive::dead_letters`).
+    pub async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>> {
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT id, kind, session_id, seq, client_id, error, payload, inserted_at FROM dead_letters
+                 WHERE (?1 IS NULL OR id > ?1) AND (?2 IS NULL OR session_id = ?2)
+                   AND (?3 IS NULL OR client_id = ?3)
+                   AND (?4 IS NULL OR seq >= ?4) AND (?5 IS NULL OR seq <= ?5)
+                 ORDER BY id LIMIT ?6",
+            )?;
+            statement
+                .query_map(
+                    params![
+                        query.after_id,
+                        query.session_id,
+                        query.client_id,
+                        query.from_seq.map(|s| s as i64),
+                        query.to_seq.map(|s| s as i64),
+                        query.limit as i64
+                    ],
+                    |r| {
+                        Ok(DeadLetter {
+                            id: r.get(0)?,
+                            kind: r.get(1)?,
+                            session_id: r.get(2)?,
+                            seq: r.get::<_, Option<i64>>(3)?.map(|s| s as u64),
+                            client_id: r.get(4)?,
+                            error: r.get(5)?,
+                            payload: r.get(6)?,
+                            inserted_at: crate::model::Timestamp(r.get(7)?),
+                        })
+                    },
+                )?
+                .collect()
         })
         .await
     }
@@ -284,8 +380,19 @@ impl SqliteArchive {
     }
 }
 
+fn write_watermarks(tx: &Connection, watermarks: &[(u16, u64)]) -> rusqlite::Result<()> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO archive_watermarks (shard, log_index) VALUES (?1, ?2)
+         ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
+    )?;
+    for (shard, through_index) in watermarks {
+        upsert.execute(params![shard, *through_index as i64])?;
+    }
+    Ok(())
+}
+
 /// Writes new sessions, messages, session state and read cursors (not the watermark).
-fn write_rows(tx: &rusqlite::Transaction<'_>, rows: &FlushRows) -> rusqlite::Result<()> {
+fn write_rows(tx: &Connection, rows: &FlushRows) -> rusqlite::Result<()> {
     let mut insert_session = tx.prepare_cached(
         "INSERT INTO sessions (id, user_id, agent_id, status, metadata, last_seq, nonuser_count,
             last_activity_at, inserted_at, updated_at)
