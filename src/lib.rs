@@ -12,6 +12,7 @@ pub mod hub;
 pub mod ids;
 pub mod metrics;
 pub mod model;
+pub mod operator;
 mod rfc3339;
 pub mod server;
 pub mod shard;

@@ -28,6 +28,11 @@ enum CommandLine {
         #[command(flatten)]
         settings: Box<Settings>,
     },
+    /// Operator tools for the write-ahead log (run them while the server is stopped).
+    Wal {
+        #[command(subcommand)]
+        command: WalCommand,
+    },
     /// Mint a user or agent token (HS256 JWT) with the configured secret.
     Token {
         /// The identity the token acts as (user id or agent id).
@@ -41,10 +46,32 @@ enum CommandLine {
     },
 }
 
+#[derive(Subcommand)]
+enum WalCommand {
+    /// Describe every lane: segments, each shard's entries, and any damage with its exact
+    /// position. Read-only. Exits 1 if damage was found.
+    Inspect {
+        #[arg(long, env = "FLEETLM_DATA_DIR", default_value = "./fleetlm-data")]
+        data_dir: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         CommandLine::Serve { config, settings } => serve(config, *settings),
+        CommandLine::Wal {
+            command: WalCommand::Inspect { data_dir },
+        } => match fleetlm::operator::wal_inspect(&data_dir) {
+            Ok((report, damaged)) => {
+                print!("{report}");
+                if damaged { ExitCode::from(1) } else { ExitCode::SUCCESS }
+            }
+            Err(error) => {
+                eprintln!("fleetlm: {error:#}");
+                ExitCode::from(2)
+            }
+        },
         CommandLine::Token {
             sub,
             ttl_secs,

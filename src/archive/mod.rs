@@ -144,7 +144,13 @@ impl Archive {
 
     /// Dead-lettered messages of the session in `from..=to`, only asked for when the messages
     /// table has a gap there (rare: a row the archive refused).
-    async fn fill_from_dead_letters(&self, session_id: &str, messages: &mut Vec<MessageRecord>, from: u64, to: u64) -> Result<()> {
+    async fn fill_from_dead_letters(
+        &self,
+        session_id: &str,
+        messages: &mut Vec<MessageRecord>,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
         if from > to || messages.len() as u64 == to - from + 1 {
             return Ok(());
         }
@@ -167,13 +173,16 @@ impl Archive {
         };
         // The tail must end at last_seq without gaps; refused rows come from their dead letters.
         let last_seq = loaded.view.last_seq;
-        let wanted_from = last_seq.saturating_sub(crate::shard::session::HOT_TAIL_LEN as u64 - 1).max(1);
+        let wanted_from = last_seq
+            .saturating_sub(crate::shard::session::HOT_TAIL_LEN as u64 - 1)
+            .max(1);
         let tail_is_whole = loaded.tail.last().map(|m| m.message.seq) == Some(last_seq)
             && loaded.tail.first().map(|m| m.message.seq) == Some(wanted_from)
             && loaded.tail.len() as u64 == last_seq - wanted_from + 1;
         if last_seq > 0 && !tail_is_whole {
             let mut tail = dispatch!(self, a => a.read_messages(session_id, wanted_from, last_seq).await)?;
-            self.fill_from_dead_letters(session_id, &mut tail, wanted_from, last_seq).await?;
+            self.fill_from_dead_letters(session_id, &mut tail, wanted_from, last_seq)
+                .await?;
             loaded.tail = tail;
         }
         Ok(Some(loaded))
@@ -182,7 +191,8 @@ impl Archive {
     /// Messages with `from_seq <= seq <= to_seq`, ascending.
     pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
         let mut messages = dispatch!(self, a => a.read_messages(session_id, from_seq, to_seq).await)?;
-        self.fill_from_dead_letters(session_id, &mut messages, from_seq, to_seq).await?;
+        self.fill_from_dead_letters(session_id, &mut messages, from_seq, to_seq)
+            .await?;
         Ok(messages)
     }
 

@@ -218,6 +218,16 @@ impl ServerProcess {
     /// Starts `fleetlm serve` on `data_dir` and waits for its listening line. `extra` holds
     /// `--flag value` pairs that replace the test defaults.
     pub fn start(data_dir: &Path, database_url: Option<&str>, extra: &[&str]) -> ServerProcess {
+        Self::start_with_env(data_dir, database_url, extra, &[])
+    }
+
+    /// As `start`, with extra environment variables (e.g. an `LD_PRELOAD` fault shim).
+    pub fn start_with_env(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> ServerProcess {
         let defaults = [
             ("--http-addr", "127.0.0.1:0"),
             ("--shards", "8"),
@@ -241,6 +251,9 @@ impl ServerProcess {
             .stderr(Stdio::inherit());
         if let Some(url) = database_url {
             command.args(["--database-url", url]);
+        }
+        for (name, value) in env {
+            command.env(name, value);
         }
         let mut child = command.spawn().expect("spawn fleetlm");
         let stdout = child.stdout.take().expect("stdout");
@@ -366,4 +379,20 @@ impl WsClient {
         use futures_util::StreamExt;
         tokio::time::timeout(wait, self.stream.next()).await.is_err()
     }
+}
+
+/// Builds `tests/support/fault_shim.c` into `dir` with the system C compiler; returns the
+/// shared object's path (for `LD_PRELOAD`).
+pub fn build_fault_shim(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fault_shim.c");
+    let output = dir.join("fault_shim.so");
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&output)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .expect("a C compiler (cc) is needed to build the fault shim");
+    assert!(status.success(), "building the fault shim failed");
+    output
 }

@@ -1,0 +1,498 @@
+//! The storage promise on the unhappy path, against the real `fleetlm` process and real files:
+//! bit rot in an acknowledged record, a failing fdatasync (an `LD_PRELOAD` shim), a full disk
+//! (a small tmpfs), and a row the archive refuses (a real Postgres constraint).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{ServerProcess, TestDatabase, call};
+
+/// Flags that keep everything in the WAL: the flusher would otherwise archive and purge.
+const NO_FLUSH: &[&str] = &["--flush-interval-ms", "600000", "--flush-threshold-bytes", "1000000000"];
+
+async fn create(base: &str, client: &reqwest::Client, sessions: &[&str]) {
+    let agent = json!({"agent": {"id": "a", "name": "A", "origin_url": "http://127.0.0.1:9"}});
+    call(client, "POST", &format!("{base}/api/agents"), Some(agent)).await;
+    for id in sessions {
+        let reply = call(
+            client,
+            "POST",
+            &format!("{base}/api/sessions"),
+            Some(json!({"user_id": "u", "agent_id": "a", "id": id})),
+        )
+        .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    }
+}
+
+async fn append(
+    base: &str,
+    client: &reqwest::Client,
+    session: &str,
+    content: Value,
+    client_id: Option<&str>,
+) -> support::Reply {
+    let mut body = json!({"user_id": "u", "content": content});
+    if let Some(client_id) = client_id {
+        body["client_id"] = json!(client_id);
+    }
+    call(
+        client,
+        "POST",
+        &format!("{base}/api/sessions/{session}/messages"),
+        Some(body),
+    )
+    .await
+}
+
+async fn history(base: &str, client: &reqwest::Client, session: &str) -> Vec<Value> {
+    let reply = call(
+        client,
+        "GET",
+        &format!("{base}/api/sessions/{session}/messages?after_seq=0&limit=500"),
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.body["messages"].as_array().unwrap().clone()
+}
+
+fn seqs(messages: &[Value]) -> Vec<u64> {
+    messages.iter().map(|m| m["seq"].as_u64().unwrap()).collect()
+}
+
+/// Waits until the server has recovered every shard (ready or not, but no longer recovering).
+async fn settled_readiness(base: &str, client: &reqwest::Client) -> support::Reply {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = call(client, "GET", &format!("{base}/health/ready"), None).await;
+        if !ready.body.to_string().contains("recovering") {
+            return ready;
+        }
+        assert!(Instant::now() < deadline, "recovery did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every WAL segment file under `data_dir` whose bytes contain `needle`.
+fn segments_containing(data_dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for lane in std::fs::read_dir(data_dir.join("wal")).unwrap() {
+        let lane = lane.unwrap().path();
+        if !lane.is_dir() || !lane.file_name().unwrap().to_string_lossy().starts_with("lane-") {
+            continue;
+        }
+        for segment in std::fs::read_dir(&lane).unwrap() {
+            let path = segment.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// The scenario of issue 9, item 1: one byte flipped inside the third of ten acknowledged
+/// messages. It must never be taken for a torn tail (which would drop messages 3..10 and hand
+/// out seq 3 again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_rot_in_an_acknowledged_record_degrades_its_shard_and_no_seq_is_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = "victim";
+    let victim_shard = fleetlm::ids::shard_for_session(victim, 8);
+    // A bystander in the same lane (2 lanes: shard % 2) but another shard.
+    let bystander = (0..)
+        .map(|n| format!("bystander-{n}"))
+        .find(|id| {
+            let shard = fleetlm::ids::shard_for_session(id, 8);
+            shard != victim_shard && shard % 2 == victim_shard % 2
+        })
+        .unwrap();
+    let mut server = ServerProcess::start(dir.path(), None, NO_FLUSH);
+    let client = reqwest::Client::new();
+    create(&server.base, &client, &[victim, &bystander]).await;
+    for n in 1..=10 {
+        let reply = append(
+            &server.base,
+            &client,
+            victim,
+            json!({"text": format!("message-{n:02}-of-ten")}),
+            None,
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let reply = append(
+            &server.base,
+            &client,
+            &bystander,
+            json!({"text": format!("bystander {n}")}),
+            None,
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    server.kill9();
+
+    let needle = b"message-03-of-ten";
+    let damaged = segments_containing(dir.path(), needle);
+    assert_eq!(damaged.len(), 1);
+    let mut bytes = std::fs::read(&damaged[0]).unwrap();
+    let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+    bytes[at + 8] ^= 0x04;
+    std::fs::write(&damaged[0], &bytes).unwrap();
+    let damaged_len = bytes.len();
+
+    // `wal inspect` names the damaged entry without changing a byte.
+    let inspect = std::process::Command::new(support::binary())
+        .args(["wal", "inspect", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&inspect.stdout);
+    assert_eq!(inspect.status.code(), Some(1), "damage found: exit 1\n{report}");
+    assert!(
+        report.contains(&format!("shard {victim_shard}")) && report.contains("DAMAGED"),
+        "{report}"
+    );
+    assert_eq!(std::fs::read(&damaged[0]).unwrap(), bytes, "inspect writes nothing");
+
+    // Restarted with the flusher running: it archives what it can but deletes nothing of the
+    // damaged shard's files.
+    let server = ServerProcess::start(dir.path(), None, &["--flush-interval-ms", "50"]);
+    let ready = settled_readiness(&server.base, &client).await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    let named = ready.body["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["shard"] == victim_shard && r["reason"].as_str().unwrap().contains("damaged"));
+    assert!(named, "readiness names the damaged shard: {}", ready.body);
+
+    let served = history(&server.base, &client, victim).await;
+    assert_eq!(seqs(&served), vec![1, 2], "intact records before the damage are served");
+    assert_eq!(served[1]["content"]["text"], "message-02-of-ten");
+
+    for _ in 0..3 {
+        let refused = append(&server.base, &client, victim, json!({"text": "new"}), None).await;
+        assert_eq!(refused.status, 503, "{}", refused.body);
+        assert_eq!(refused.body["code"], "shard_degraded");
+    }
+    let fine = append(&server.base, &client, &bystander, json!({"text": "after"}), None).await;
+    assert_eq!(fine.status, 200, "the lane's other shards keep working: {}", fine.body);
+    assert_eq!(fine.body["message"]["seq"], 11);
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        std::fs::metadata(&damaged[0]).map(|m| m.len() as usize).ok(),
+        Some(damaged_len),
+        "the segment holding the damaged shard's records is neither deleted nor truncated"
+    );
+    let now = std::fs::read(&damaged[0]).unwrap();
+    assert_eq!(
+        &now[at..at + needle.len()],
+        &bytes[at..at + needle.len()],
+        "nor overwritten"
+    );
+}
+
+/// A failed fdatasync: the append gets `503 storage_failed`, the message is never visible (no
+/// read, no dedupe), the lane takes no further writes even once the disk behaves again, and a
+/// restart recovers from what is on disk without duplicating or reusing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fdatasync_shows_nothing_and_the_lane_refuses_writes_until_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = tempfile::tempdir().unwrap();
+    let shim = support::build_fault_shim(tools.path());
+    let control = tools.path().join("fail-fsync");
+    let mut server = ServerProcess::start_with_env(
+        dir.path(),
+        None,
+        NO_FLUSH,
+        &[("LD_PRELOAD", &shim), ("FLEETLM_FAULT_CONTROL", &control)],
+    );
+    let client = reqwest::Client::new();
+    create(&server.base, &client, &["s"]).await;
+    let first = append(&server.base, &client, "s", json!({"text": "one"}), Some("c1")).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+
+    std::fs::write(&control, b"eio").unwrap();
+    let failed = append(&server.base, &client, "s", json!({"text": "two"}), Some("c2")).await;
+    assert_eq!(failed.status, 503, "{}", failed.body);
+    assert_eq!(failed.body["code"], "storage_failed");
+    assert!(
+        !failed.body["error"].as_str().unwrap().contains("/wal/"),
+        "no internal paths for end users: {}",
+        failed.body
+    );
+    assert_eq!(
+        seqs(&history(&server.base, &client, "s").await),
+        vec![1],
+        "what failed to become durable is not served"
+    );
+    let retry = append(&server.base, &client, "s", json!({"text": "two"}), Some("c2")).await;
+    assert_eq!(
+        retry.status, 503,
+        "a retry is not 'deduplicated' against a write that is not on disk: {}",
+        retry.body
+    );
+
+    let ready = settled_readiness(&server.base, &client).await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.body.to_string().contains("fdatasync"), "{}", ready.body);
+
+    std::fs::remove_file(&control).unwrap();
+    let still = append(&server.base, &client, "s", json!({"text": "three"}), Some("c3")).await;
+    assert_eq!(
+        still.status, 503,
+        "a failed fsync is never retried on the same data: {}",
+        still.body
+    );
+    assert_eq!(still.body["code"], "storage_failed");
+    server.kill9();
+
+    // A restart recovers from the disk. The failed write may or may not be there (its fsync
+    // outcome is unknown); either way a retry with its client_id stores it exactly once.
+    let server = ServerProcess::start(dir.path(), None, NO_FLUSH);
+    let retry = append(&server.base, &client, "s", json!({"text": "two"}), Some("c2")).await;
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    let after = append(&server.base, &client, "s", json!({"text": "four"}), Some("c4")).await;
+    assert_eq!(after.status, 200);
+    let messages = history(&server.base, &client, "s").await;
+    let expected: Vec<u64> = (1..=messages.len() as u64).collect();
+    assert_eq!(seqs(&messages), expected, "contiguous, nothing reused");
+    let twos = messages.iter().filter(|m| m["content"]["text"] == "two").count();
+    assert_eq!(twos, 1, "{messages:?}");
+    assert_eq!(messages[0]["content"]["text"], "one");
+    assert_eq!(messages.last().unwrap()["content"]["text"], "four");
+}
+
+/// A mounted tmpfs, unmounted when dropped.
+struct SmallDisk {
+    mount_point: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(megabytes: u32) -> SmallDisk {
+        let mount_point = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(mount_point.path())
+            .status()
+            .expect("mount(8)");
+        assert!(
+            status.success(),
+            "mounting a small tmpfs failed: this test needs root (as CI has) to fill a real disk"
+        );
+        SmallDisk { mount_point }
+    }
+
+    fn path(&self) -> &Path {
+        self.mount_point.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.mount_point.path())
+            .status();
+    }
+}
+
+/// A full disk: appends get `507 insufficient_storage` with the usual error body (never a
+/// dropped connection, never 500), nothing acknowledged is lost, and writes resume by themselves
+/// once space is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_507_and_writes_resume_when_space_returns() {
+    let disk = SmallDisk::mount(8);
+    let data_dir = disk.path().join("data");
+    let mut flags = NO_FLUSH.to_vec();
+    flags.extend(["--wal-segment-bytes", "1048576"]);
+    let mut server = ServerProcess::start(&data_dir, None, &flags);
+    let client = reqwest::Client::new();
+    create(&server.base, &client, &["s"]).await;
+    // Leave about 1.5 MiB: a few more batches fit, the next 1 MiB segments do not both fit.
+    let free = fs_free_bytes(disk.path());
+    let filler = disk.path().join("filler");
+    std::fs::write(&filler, vec![1u8; (free - 1536 * 1024) as usize]).unwrap();
+
+    let pad = "p".repeat(50_000);
+    let mut acked = 0u64;
+    let mut refused = None;
+    for n in 0..200 {
+        let reply = append(
+            &server.base,
+            &client,
+            "s",
+            json!({"n": n, "pad": pad}),
+            Some(&format!("c{n}")),
+        )
+        .await;
+        match reply.status {
+            200 => acked += 1,
+            507 => {
+                refused = Some((n, reply));
+                break;
+            }
+            other => panic!("unexpected status {other}: {}", reply.body),
+        }
+    }
+    let (refused_n, refused) = refused.expect("the disk filled up");
+    assert_eq!(refused.body["code"], "insufficient_storage", "{}", refused.body);
+    assert!(refused.body["error"].is_string());
+    assert!(acked > 0);
+    // Still full: still 507, and nothing of the refused requests is visible.
+    let again = append(
+        &server.base,
+        &client,
+        "s",
+        json!({"n": refused_n, "pad": pad}),
+        Some(&format!("c{refused_n}")),
+    )
+    .await;
+    assert_eq!(again.status, 507, "{}", again.body);
+    assert_eq!(seqs(&history(&server.base, &client, "s").await).len() as u64, acked);
+
+    std::fs::remove_file(&filler).unwrap();
+    let resumed = append(
+        &server.base,
+        &client,
+        "s",
+        json!({"n": refused_n, "pad": pad}),
+        Some(&format!("c{refused_n}")),
+    )
+    .await;
+    assert_eq!(resumed.status, 200, "writes resume by themselves: {}", resumed.body);
+    assert_eq!(
+        resumed.body["message"]["seq"],
+        acked + 1,
+        "the refused request took no seq"
+    );
+    let messages = history(&server.base, &client, "s").await;
+    assert_eq!(seqs(&messages), (1..=acked + 1).collect::<Vec<_>>());
+
+    // And nothing is corrupted: a restart recovers every acknowledged message.
+    server.kill9();
+    let server = ServerProcess::start(&data_dir, None, &flags);
+    let ready = settled_readiness(&server.base, &client).await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(
+        seqs(&history(&server.base, &client, "s").await),
+        (1..=acked + 1).collect::<Vec<_>>()
+    );
+    drop(server);
+}
+
+fn fs_free_bytes(path: &Path) -> u64 {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) }, 0);
+    stat.f_bavail as u64 * stat.f_frsize as u64
+}
+
+async fn postgres(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// A row the archive refuses is set aside as a dead letter with the archive's own error; every
+/// other row (other sessions and the same session) keeps flowing; the refused message is still
+/// served, also after a restart; and a NUL in message text is archived fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_archive_refuses_is_dead_lettered_and_the_flush_goes_on() {
+    let database = TestDatabase::create();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(dir.path(), Some(&database.url), &["--flush-interval-ms", "50"]);
+    let client = reqwest::Client::new();
+    create(&server.base, &client, &["victim", "other"]).await;
+    let db = postgres(&database.url).await;
+    // A real refusal by the real archive: a constraint the rows of one message violate.
+    db.batch_execute("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (content NOT LIKE '%POISON%')")
+        .await
+        .unwrap();
+
+    let base = &server.base;
+    assert_eq!(
+        append(base, &client, "victim", json!({"text": "before"}), Some("v1"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        append(base, &client, "victim", json!({"text": "POISON"}), Some("v2"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        append(base, &client, "victim", json!({"text": "after"}), Some("v3"))
+            .await
+            .status,
+        200
+    );
+    let nul = append(base, &client, "other", json!({"text": "a\u{0}b"}), Some("o1")).await;
+    assert_eq!(nul.status, 200, "{}", nul.body);
+    assert_eq!(
+        append(base, &client, "other", json!({"text": "fine"}), Some("o2"))
+            .await
+            .status,
+        200
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let archived: i64 = db.query_one("SELECT count(*) FROM messages", &[]).await.unwrap().get(0);
+        if archived == 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flush did not go on ({archived} rows archived)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last_seq: i64 = db
+        .query_one("SELECT last_seq FROM sessions WHERE id = 'victim'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        last_seq, 3,
+        "the session's last seq is archived although one of its rows was refused"
+    );
+
+    let listed = call(&client, "GET", &format!("{base}/api/admin/dead_letters"), None).await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    let letters = listed.body["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{}", listed.body);
+    assert_eq!(letters[0]["kind"], "message");
+    assert_eq!(letters[0]["session_id"], "victim");
+    assert_eq!(letters[0]["seq"], 2);
+    assert!(
+        letters[0]["error"].as_str().unwrap().contains("no_poison"),
+        "the archive's own error: {}",
+        letters[0]
+    );
+
+    // Still served, also from the archive after a restart (the hot tail comes from it).
+    assert_eq!(seqs(&history(base, &client, "victim").await), vec![1, 2, 3]);
+    server.kill9();
+    let server = ServerProcess::start(dir.path(), Some(&database.url), &["--flush-interval-ms", "50"]);
+    let base = &server.base;
+    let messages = history(base, &client, "victim").await;
+    assert_eq!(seqs(&messages), vec![1, 2, 3]);
+    assert_eq!(messages[1]["content"]["text"], "POISON");
+    let retry = append(base, &client, "victim", json!({"text": "POISON"}), Some("v2")).await;
+    assert_eq!(retry.status, 200);
+    assert_eq!(retry.body["deduplicated"], true, "{}", retry.body);
+    assert_eq!(retry.body["message"]["seq"], 2);
+    let next = append(base, &client, "victim", json!({"text": "next"}), None).await;
+    assert_eq!(next.body["message"]["seq"], 4);
+    let other = history(base, &client, "other").await;
+    assert_eq!(other[0]["content"]["text"], "a\u{0}b");
+}
