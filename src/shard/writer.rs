@@ -680,6 +680,7 @@ impl ShardWriter {
                 }
                 Err(RecoveryError::Fatal(reason)) => {
                     tracing::error!(shard = self.shard, %reason, "shard degraded");
+                    metrics::gauge!("fleetlm_shard_degraded", "shard" => self.shard.to_string()).set(1.0);
                     self.writer_state.set_unavailable(reason.clone());
                     self.refusal = Some(ShardError::Degraded(reason));
                     return;
@@ -704,6 +705,13 @@ impl ShardWriter {
         self.unflushed_bytes = 0;
         let wal_last = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
         let degraded = self.wal.degraded(self.shard);
+        if !self.wal.accepted_losses(self.shard).is_empty() {
+            // The log continues past entries an operator gave up, but the seqs those entries may
+            // have held cannot be skipped yet: serving the shard could reuse one. Stay degraded.
+            return Err(RecoveryError::Fatal(
+                "the WAL records an accepted loss; this version cannot skip the seqs it may have held".into(),
+            ));
+        }
         if let Some(first) = self.wal.first_index(self.shard)
             && first > watermark + 1
         {

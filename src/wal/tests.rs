@@ -687,3 +687,54 @@ fn a_torn_tail_and_corruption_are_told_apart_by_the_framing() {
         wal.shutdown();
     }
 }
+
+/// The WAL side of an operator's repair: once the loss of a damaged entry is accepted, the
+/// shard's log continues past it (the gap is reported, never hidden) and is no longer degraded.
+#[test]
+fn an_accepted_loss_lets_the_log_continue_past_the_damage() {
+    let runtime = runtime();
+    let fs = SimFs::new();
+    let wal = open_sim(&fs);
+    for index in 1..=4u64 {
+        runtime
+            .block_on(wal.append(
+                0,
+                vec![(LogId { term: 1, index }, format!("entry {index}").into_bytes())],
+            ))
+            .expect("append");
+    }
+    wal.shutdown();
+    let path = segment::segment_path(Path::new("/wal/lane-00"), 0);
+    let bytes = fs.read(&path).expect("segment");
+    let at = bytes.windows(7).position(|w| w == b"entry 2").expect("present");
+    fs.flip_bit(&path, at, 1);
+
+    let wal = open_sim(&fs);
+    assert!(wal.degraded(0).is_some());
+    assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(1));
+    runtime.block_on(wal.accept_loss(0, 1)).expect("accept");
+    wal.shutdown();
+
+    let wal = open_sim(&fs);
+    assert!(wal.degraded(0).is_none(), "{:?}", wal.degraded(0));
+    assert_eq!(
+        wal.accepted_losses(0),
+        vec![AcceptedLoss {
+            after_index: 1,
+            resumed_at: Some(3)
+        }]
+    );
+    let indexes: Vec<u64> = wal
+        .read_entries(0, 1, 10)
+        .expect("read")
+        .iter()
+        .map(|(id, _)| id.index)
+        .collect();
+    assert_eq!(
+        indexes,
+        vec![1, 3, 4],
+        "entry 2 is gone, the intact ones after it are kept"
+    );
+    assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(4));
+    wal.shutdown();
+}
