@@ -54,6 +54,16 @@ enum WalCommand {
         #[arg(long, env = "FLEETLM_DATA_DIR", default_value = "./fleetlm-data")]
         data_dir: PathBuf,
     },
+    /// Accept the loss of a degraded shard's damaged entries (see `wal inspect`): the shard
+    /// serves again from its next start, and every one of its sessions skips (never reuses) the
+    /// seqs the lost entries could have held. The server must be stopped.
+    Repair {
+        #[arg(long, env = "FLEETLM_DATA_DIR", default_value = "./fleetlm-data")]
+        data_dir: PathBuf,
+        /// A degraded shard whose damaged entries to give up (repeat for several).
+        #[arg(long = "shard", required = true)]
+        shards: Vec<u16>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +76,18 @@ fn main() -> ExitCode {
             Ok((report, damaged)) => {
                 print!("{report}");
                 if damaged { ExitCode::from(1) } else { ExitCode::SUCCESS }
+            }
+            Err(error) => {
+                eprintln!("fleetlm: {error:#}");
+                ExitCode::from(2)
+            }
+        },
+        CommandLine::Wal {
+            command: WalCommand::Repair { data_dir, shards },
+        } => match fleetlm::operator::wal_repair(&data_dir, &shards) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
             }
             Err(error) => {
                 eprintln!("fleetlm: {error:#}");

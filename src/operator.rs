@@ -1,5 +1,6 @@
 //! Operator commands that work on a data directory while the server is stopped:
-//! `fleetlm wal inspect` (read-only description of the WAL and any damage).
+//! `fleetlm wal inspect` (read-only description of the WAL and any damage) and
+//! `fleetlm wal repair` (accept the loss of a degraded shard's damaged entries).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -31,12 +32,22 @@ fn options_on_disk(data_dir: &Path) -> anyhow::Result<WalOptions> {
     if lanes == 0 {
         bail!("{} holds no WAL lanes", wal_dir.display());
     }
+    // Segments are all of one size; a new one (if opening must start one) matches them.
+    let segment_bytes = std::fs::read_dir(&wal_dir)?
+        .filter_map(|lane| lane.ok())
+        .filter_map(|lane| std::fs::read_dir(lane.path()).ok())
+        .flatten()
+        .filter_map(|segment| segment.ok()?.metadata().ok())
+        .map(|metadata| metadata.len())
+        .max()
+        .unwrap_or(128 * 1024 * 1024)
+        .max(64 * 1024);
     Ok(WalOptions {
         lanes,
         shard_count: layout.shards,
-        segment_bytes: 0,
-        max_batch_bytes: 0,
-        queue_depth: 1,
+        segment_bytes,
+        max_batch_bytes: (segment_bytes / 2).min(4 * 1024 * 1024) as usize,
+        queue_depth: 16,
     })
 }
 
@@ -54,7 +65,7 @@ pub fn wal_inspect(data_dir: &Path) -> anyhow::Result<(String, bool)> {
     )?;
     let mut damaged = false;
     for report in &reports {
-        damaged |= !report.damage.is_empty() || report.shards.iter().any(|s| s.degraded.is_some());
+        damaged |= report.shards.iter().any(|s| s.degraded.is_some());
         describe_lane(&mut out, report)?;
     }
     writeln!(
@@ -103,6 +114,17 @@ fn describe_lane(out: &mut String, report: &LaneReport) -> std::fmt::Result {
         };
         let state = match &shard.degraded {
             Some(reason) => format!("DAMAGED: {reason}; intact up to its last entry"),
+            None if !shard.accepted_losses.is_empty() => {
+                let losses: Vec<String> = shard
+                    .accepted_losses
+                    .iter()
+                    .map(|loss| match loss.resumed_at {
+                        Some(resumed) => format!("entries {}..{resumed} lost (accepted)", loss.after_index + 1),
+                        None => format!("entries after {} lost (accepted)", loss.after_index),
+                    })
+                    .collect();
+                format!("ok, {}", losses.join(", "))
+            }
             None => "ok".to_string(),
         };
         writeln!(
@@ -112,4 +134,75 @@ fn describe_lane(out: &mut String, report: &LaneReport) -> std::fmt::Result {
         )?;
     }
     Ok(())
+}
+
+/// `fleetlm wal repair --shard N`: for each named degraded shard, records that the operator
+/// accepts the loss of its damaged entries. At its next start the shard continues past them, and
+/// every session of the shard skips (never reuses) the seqs they could have held. Takes the data
+/// directory's lock, so the server must be stopped.
+pub fn wal_repair(data_dir: &Path, shards: &[u16]) -> anyhow::Result<String> {
+    let _lock = crate::server::lock_data_dir(data_dir)?;
+    let options = options_on_disk(data_dir)?;
+    let wal_dir = data_dir.join("wal");
+    let reports = Wal::inspect(&wal_dir, &options)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (wal, _) = Wal::open(&wal_dir, options.clone()).context("cannot open the write-ahead log")?;
+    let mut out = String::new();
+    let result = (|| -> anyhow::Result<()> {
+        for &shard in shards {
+            if shard >= options.shard_count {
+                bail!(
+                    "shard {shard} does not exist (the data directory has {} shards)",
+                    options.shard_count
+                );
+            }
+            let Some(reason) = wal.degraded(shard) else {
+                bail!("shard {shard} is not damaged; nothing to repair");
+            };
+            let lane = reports
+                .iter()
+                .find(|report| report.shards.iter().any(|s| s.shard == shard))
+                .context("the shard's lane was not found")?;
+            if lane
+                .shards
+                .iter()
+                .filter(|s| s.shard == shard)
+                .flat_map(|s| &s.accepted_losses)
+                .count()
+                >= crate::wal::MAX_CARRIED_LOSSES_PER_SHARD
+            {
+                bail!("shard {shard} already has the most accepted losses a shard may carry; restore it from a backup");
+            }
+            // Damage that may hold this shard's entries: named for it, or of unknown content.
+            let lost_bytes: u64 = lane
+                .damage
+                .iter()
+                .filter(|damage| damage.entry.is_none_or(|(named, _)| named == shard))
+                .map(|damage| damage.len)
+                .sum();
+            let after_index = wal.last_log_id(shard).map_or(0, |id| id.index);
+            runtime.block_on(wal.accept_loss(shard, after_index, lost_bytes.max(1)))?;
+            writeln!(
+                out,
+                "shard {shard}: accepted the loss of its damaged entries after entry {after_index} \
+                 ({lost_bytes} damaged bytes; was: {reason})"
+            )?;
+        }
+        Ok(())
+    })();
+    wal.shutdown();
+    result?;
+    let after = Wal::inspect(&wal_dir, &options)?;
+    for report in &after {
+        for shard in report.shards.iter().filter(|s| shards.contains(&s.shard)) {
+            if let Some(reason) = &shard.degraded {
+                writeln!(out, "shard {}: still DAMAGED after the repair: {reason}", shard.shard)?;
+            }
+        }
+    }
+    writeln!(
+        out,
+        "at the next start every session of the repaired shards skips the seqs the lost entries could have held (never reused)"
+    )?;
+    Ok(out)
 }

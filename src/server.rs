@@ -134,6 +134,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             state: ShardState::new(0),
             refusal: None,
             rebuild_cause: None,
+            losses: Vec::new(),
             max_op_bytes: wal.max_entry_bytes() / 2,
             last_inserted_at: 0,
             flush_wakeup: flush_wakeup.clone(),
@@ -270,7 +271,7 @@ async fn sweep(shards: Shards, idle_for: Duration, mut shutdown: watch::Receiver
 }
 
 /// Takes the data directory's lock file, refusing if another process holds it.
-fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
+pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
     let path = data_dir.join("LOCK");
     let file = File::options()
         .create(true)

@@ -112,9 +112,26 @@ async fn bit_rot_in_an_acknowledged_record_degrades_its_shard_and_no_seq_is_reus
             shard != victim_shard && shard % 2 == victim_shard % 2
         })
         .unwrap();
+    // A session of the damaged shard written before the damage only: it is in the archive (not
+    // in memory) when the repaired shard starts, and must skip seqs when it is loaded.
+    let quiet = (0..)
+        .map(|n| format!("quiet-{n}"))
+        .find(|id| fleetlm::ids::shard_for_session(id, 8) == victim_shard)
+        .unwrap();
     let mut server = ServerProcess::start(dir.path(), None, NO_FLUSH);
     let client = reqwest::Client::new();
-    create(&server.base, &client, &[victim, &bystander]).await;
+    create(&server.base, &client, &[victim, &bystander, &quiet]).await;
+    for n in 1..=2 {
+        let reply = append(
+            &server.base,
+            &client,
+            &quiet,
+            json!({"text": format!("quiet {n}")}),
+            None,
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
     for n in 1..=10 {
         let reply = append(
             &server.base,
@@ -197,6 +214,82 @@ async fn bit_rot_in_an_acknowledged_record_degrades_its_shard_and_no_seq_is_reus
         &bytes[at..at + needle.len()],
         "nor overwritten"
     );
+
+    // The operator accepts the loss of the damaged entry. The server must be stopped first.
+    let repair = |dir: &Path| {
+        std::process::Command::new(support::binary())
+            .args(["wal", "repair", "--data-dir"])
+            .arg(dir)
+            .args(["--shard", &victim_shard.to_string()])
+            .output()
+            .unwrap()
+    };
+    let refused = repair(dir.path());
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "a running server holds the data directory"
+    );
+    drop(server);
+    let repaired = repair(dir.path());
+    assert!(
+        repaired.status.success(),
+        "{}",
+        String::from_utf8_lossy(&repaired.stderr)
+    );
+    assert!(String::from_utf8_lossy(&repaired.stdout).contains("accepted the loss"));
+
+    let mut server = ServerProcess::start(dir.path(), None, &["--flush-interval-ms", "50"]);
+    let ready = settled_readiness(&server.base, &client).await;
+    assert_eq!(ready.status, 200, "the repaired shard serves again: {}", ready.body);
+    // Every intact record is served, across the hole the lost message left.
+    let served = history(&server.base, &client, victim).await;
+    assert_eq!(seqs(&served), vec![1, 2, 4, 5, 6, 7, 8, 9, 10]);
+    assert_eq!(served[2]["content"]["text"], "message-04-of-ten");
+    let page_url = format!("{}/api/sessions/{victim}/messages?after_seq=2&limit=1", server.base);
+    let page = call(&client, "GET", &page_url, None).await;
+    assert_eq!(seqs(page.body["messages"].as_array().unwrap()), vec![4]);
+    // New messages skip the seqs the lost entry could have held: never 3 again, nor 11.
+    let next = append(&server.base, &client, victim, json!({"text": "after repair"}), None).await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    let next_seq = next.body["message"]["seq"].as_u64().unwrap();
+    assert!(next_seq > 11, "the lost entry may have held more seqs: got {next_seq}");
+    let bystander_next = append(&server.base, &client, &bystander, json!({"text": "after repair"}), None).await;
+    assert_eq!(
+        bystander_next.body["message"]["seq"], 12,
+        "another shard of the lane lost nothing and skips nothing"
+    );
+    let quiet_next = append(&server.base, &client, &quiet, json!({"text": "after repair"}), None).await;
+    let quiet_seq = quiet_next.body["message"]["seq"].as_u64().unwrap();
+    assert!(
+        quiet_seq > 3,
+        "a session loaded from the archive skips too: {}",
+        quiet_next.body
+    );
+    assert_eq!(
+        seqs(&history(&server.base, &client, &quiet).await),
+        vec![1, 2, quiet_seq]
+    );
+
+    // Another crash after the archive caught up: the skip happened once, everything is still
+    // served (now from the archive too), and seqs continue.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    server.kill9();
+    let server = ServerProcess::start(dir.path(), None, &["--flush-interval-ms", "50"]);
+    assert_eq!(settled_readiness(&server.base, &client).await.status, 200);
+    let again = append(&server.base, &client, victim, json!({"text": "after restart"}), None).await;
+    assert_eq!(
+        again.body["message"]["seq"].as_u64().unwrap(),
+        next_seq + 1,
+        "{}",
+        again.body
+    );
+    assert_eq!(
+        seqs(&history(&server.base, &client, victim).await),
+        vec![1, 2, 4, 5, 6, 7, 8, 9, 10, next_seq, next_seq + 1]
+    );
+    let quiet_again = append(&server.base, &client, &quiet, json!({"text": "again"}), None).await;
+    assert_eq!(quiet_again.body["message"]["seq"].as_u64().unwrap(), quiet_seq + 1);
 }
 
 /// A failed fdatasync: the append gets `503 storage_failed`, the message is never visible (no

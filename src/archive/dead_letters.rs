@@ -133,6 +133,20 @@ pub fn units(rows: &FlushRows) -> Vec<Unit> {
             payload: payload.to_string(),
         });
     }
+    for (session_id, from_seq, through_seq, at) in &rows.gaps {
+        units.push(Unit {
+            rows: Arc::new(FlushRows {
+                gaps: vec![(session_id.clone(), *from_seq, *through_seq, *at)],
+                ..FlushRows::default()
+            }),
+            fallback: None,
+            kind: "session_gap",
+            session_id: session_id.clone(),
+            seq: Some(*from_seq),
+            client_id: None,
+            payload: json!({"from_seq": from_seq, "through_seq": through_seq}).to_string(),
+        });
+    }
     for (session_id, cursor) in &rows.read_cursors {
         units.push(Unit {
             rows: Arc::new(FlushRows {

@@ -236,7 +236,11 @@ fn collect_rows(wal: &Wal, ranges: &[EntryRange]) -> Result<Option<Collected>, F
     for (range, entries) in ranges.iter().zip(entries_by_shard) {
         let shard = range.shard;
         let Some((last_id, _)) = entries.last() else { continue };
-        if entries[0].0.index != range.from_index {
+        let resumes_after_loss = wal
+            .accepted_losses(shard)
+            .iter()
+            .any(|loss| loss.after_index + 1 == range.from_index && loss.resumed_at == Some(entries[0].0.index));
+        if entries[0].0.index != range.from_index && !resumes_after_loss {
             return Err(FlushError::Wal(format!(
                 "shard {shard}: expected entry {} after the watermark, the wal has {}",
                 range.from_index, entries[0].0.index

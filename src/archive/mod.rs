@@ -38,6 +38,8 @@ pub type Result<T> = std::result::Result<T, ArchiveError>;
 pub struct LoadedSession {
     pub view: SessionView,
     pub tail: Vec<MessageRecord>,
+    /// Seqs skipped after an accepted loss (read only when the tail shows a hole).
+    pub gaps: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -48,6 +50,17 @@ pub struct SessionFilter {
     /// Only sessions older than this `(inserted_at, id)` (the pagination cursor).
     pub before: Option<(Timestamp, String)>,
     pub limit: usize,
+}
+
+/// An accepted loss of a shard's log entries, as the archive remembers it (forever: sessions
+/// loaded later must still skip the seqs it may have held).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLoss {
+    pub after_index: u64,
+    /// Seqs every session of the shard skips once.
+    pub skip_seqs: u64,
+    /// When the writer first recorded it: sessions not updated since skip.
+    pub recorded_at: Timestamp,
 }
 
 /// Which dead letters to list.
@@ -142,6 +155,20 @@ impl Archive {
         dispatch!(self, a => a.dead_letters(query).await)
     }
 
+    pub async fn session_gaps(&self, session_id: &str) -> Result<Vec<(u64, u64)>> {
+        dispatch!(self, a => a.session_gaps(session_id).await)
+    }
+
+    /// Records an accepted loss of `shard` (an earlier record of the same loss wins) and
+    /// returns every loss recorded for the shard.
+    pub async fn record_shard_loss(&self, shard: u16, loss: ShardLoss) -> Result<Vec<ShardLoss>> {
+        dispatch!(self, a => a.record_shard_loss(shard, loss).await)
+    }
+
+    pub async fn shard_losses(&self, shard: u16) -> Result<Vec<ShardLoss>> {
+        dispatch!(self, a => a.shard_losses(shard).await)
+    }
+
     /// Dead-lettered messages of the session in `from..=to`, only asked for when the messages
     /// table has a gap there (rare: a row the archive refused).
     async fn fill_from_dead_letters(
@@ -171,19 +198,21 @@ impl Archive {
         let Some(mut loaded) = dispatch!(self, a => a.load_session(session_id).await)? else {
             return Ok(None);
         };
-        // The tail must end at last_seq without gaps; refused rows come from their dead letters.
+        // The tail (the newest messages) must end at last_seq without holes; a hole is a row
+        // the archive refused (served from its dead letter) or a gap (seqs skipped).
         let last_seq = loaded.view.last_seq;
-        let wanted_from = last_seq
-            .saturating_sub(crate::shard::session::HOT_TAIL_LEN as u64 - 1)
-            .max(1);
+        let tail_from = loaded.tail.first().map_or(
+            last_seq
+                .saturating_sub(crate::shard::session::HOT_TAIL_LEN as u64 - 1)
+                .max(1),
+            |m| m.message.seq,
+        );
         let tail_is_whole = loaded.tail.last().map(|m| m.message.seq) == Some(last_seq)
-            && loaded.tail.first().map(|m| m.message.seq) == Some(wanted_from)
-            && loaded.tail.len() as u64 == last_seq - wanted_from + 1;
+            && loaded.tail.len() as u64 == last_seq + 1 - tail_from;
         if last_seq > 0 && !tail_is_whole {
-            let mut tail = dispatch!(self, a => a.read_messages(session_id, wanted_from, last_seq).await)?;
-            self.fill_from_dead_letters(session_id, &mut tail, wanted_from, last_seq)
+            self.fill_from_dead_letters(session_id, &mut loaded.tail, tail_from, last_seq)
                 .await?;
-            loaded.tail = tail;
+            loaded.gaps = self.session_gaps(session_id).await?;
         }
         Ok(Some(loaded))
     }

@@ -10,7 +10,7 @@ use tokio_postgres::types::ToSql;
 use super::dead_letters::{self, DeadLetter};
 use super::rows::{self, FlushRows};
 use super::sqlite::{AGENT_SELECT, MESSAGE_SELECT, SESSION_SELECT};
-use super::{ArchiveError, DeadLetterQuery, LoadedSession, Result, SessionFilter};
+use super::{ArchiveError, DeadLetterQuery, LoadedSession, Result, SessionFilter, ShardLoss};
 use crate::clock::Clock;
 use crate::model::{Agent, AgentStatus, MessageRecord, SessionView};
 use crate::shard::session::HOT_TAIL_LEN;
@@ -190,6 +190,63 @@ impl PostgresArchive {
             .collect())
     }
 
+    /// The session's gaps (seqs skipped after an accepted loss), ascending.
+    pub async fn session_gaps(&self, session_id: &str) -> Result<Vec<(u64, u64)>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT from_seq, through_seq FROM session_gaps WHERE session_id = $1 ORDER BY from_seq",
+                &[&session_id],
+            )
+            .await
+            .map_err(from_pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
+    /// Records an accepted loss of the shard (kept if already recorded); returns every loss
+    /// recorded for the shard.
+    pub async fn record_shard_loss(&self, shard: u16, loss: ShardLoss) -> Result<Vec<ShardLoss>> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO shard_losses (shard, after_index, skip_seqs, recorded_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (shard, after_index) DO NOTHING",
+                &[
+                    &i32::from(shard),
+                    &(loss.after_index as i64),
+                    &(loss.skip_seqs as i64),
+                    &loss.recorded_at.0,
+                ],
+            )
+            .await
+            .map_err(from_pg)?;
+        self.shard_losses(shard).await
+    }
+
+    pub async fn shard_losses(&self, shard: u16) -> Result<Vec<ShardLoss>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT after_index, skip_seqs, recorded_at FROM shard_losses WHERE shard = $1 ORDER BY after_index",
+                &[&i32::from(shard)],
+            )
+            .await
+            .map_err(from_pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| ShardLoss {
+                after_index: r.get::<_, i64>(0) as u64,
+                skip_seqs: r.get::<_, i64>(1) as u64,
+                recorded_at: crate::model::Timestamp(r.get(2)),
+            })
+            .collect())
+    }
+
     pub async fn insert_rows(&self, rows: Arc<FlushRows>) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(from_pg)?;
@@ -216,7 +273,11 @@ impl PostgresArchive {
             .map_err(from_pg)?;
         let mut tail = rows.iter().map(message_from_row).collect::<Result<Vec<_>>>()?;
         tail.reverse();
-        Ok(Some(LoadedSession { view, tail }))
+        Ok(Some(LoadedSession {
+            view,
+            tail,
+            gaps: Vec::new(),
+        }))
     }
 
     pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
@@ -466,6 +527,21 @@ async fn write_rows(tx: &deadpool_postgres::Transaction<'_>, rows: &FlushRows) -
         tx.execute(
             "UPDATE sessions SET status = 'archived', updated_at = GREATEST(updated_at, $2) WHERE id = $1",
             &[&&*update.session_id, &update.updated_at.0],
+        )
+        .await
+        .map_err(from_pg)?;
+    }
+    for (session_id, from_seq, through_seq, at) in &rows.gaps {
+        tx.execute(
+            "INSERT INTO session_gaps (session_id, from_seq, through_seq) VALUES ($1, $2, $3)
+             ON CONFLICT (session_id, from_seq) DO NOTHING",
+            &[session_id, &(*from_seq as i64), &(*through_seq as i64)],
+        )
+        .await
+        .map_err(from_pg)?;
+        tx.execute(
+            "UPDATE sessions SET last_seq = GREATEST(last_seq, $2), updated_at = GREATEST(updated_at, $3) WHERE id = $1",
+            &[session_id, &(*through_seq as i64), &at.0],
         )
         .await
         .map_err(from_pg)?;

@@ -45,6 +45,8 @@ pub struct FlushRows {
     pub session_updates: Vec<SessionUpdate>,
     /// `(session_id, cursor)`; the cursor belongs to the session's user.
     pub read_cursors: Vec<(String, ReadCursor)>,
+    /// `(session_id, from_seq, through_seq, at)`: seqs skipped after an accepted loss.
+    pub gaps: Vec<(String, u64, u64, Timestamp)>,
 }
 
 impl FlushRows {
@@ -68,6 +70,12 @@ impl FlushRows {
         for op in ops {
             match op {
                 Op::SessionCreated(record) => rows.new_sessions.push(record),
+                Op::SeqsSkipped {
+                    session_id,
+                    from_seq,
+                    through_seq,
+                    at,
+                } => rows.gaps.push((session_id, from_seq, through_seq, at)),
                 Op::ReadCursorMoved { session_id, cursor, .. } => {
                     let entry = cursors.entry(session_id).or_default();
                     if cursor.read_seq > entry.read_seq {
@@ -112,7 +120,7 @@ impl FlushRows {
                 Op::DispatchFinished { through_seq, .. } => {
                     update.dispatch.answered_through = update.dispatch.answered_through.max(through_seq);
                 }
-                Op::SessionCreated(_) | Op::ReadCursorMoved { .. } => {}
+                Op::SessionCreated(_) | Op::ReadCursorMoved { .. } | Op::SeqsSkipped { .. } => {}
             }
         }
         for (key, index) in last_message_of {

@@ -69,3 +69,16 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     inserted_at BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_session ON dead_letters (session_id, seq);
+CREATE TABLE IF NOT EXISTS session_gaps (
+    session_id TEXT NOT NULL,
+    from_seq BIGINT NOT NULL,
+    through_seq BIGINT NOT NULL,
+    PRIMARY KEY (session_id, from_seq)
+);
+CREATE TABLE IF NOT EXISTS shard_losses (
+    shard INTEGER NOT NULL,
+    after_index BIGINT NOT NULL,
+    skip_seqs BIGINT NOT NULL,
+    recorded_at BIGINT NOT NULL,
+    PRIMARY KEY (shard, after_index)
+);

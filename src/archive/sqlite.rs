@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::dead_letters::{self, DeadLetter};
 use super::rows::FlushRows;
-use super::{ArchiveError, DeadLetterQuery, LoadedSession, Result, SessionFilter};
+use super::{ArchiveError, DeadLetterQuery, LoadedSession, Result, SessionFilter, ShardLoss};
 use crate::model::{Agent, AgentStatus, DispatchProgress, MessageRecord, SessionView};
 use crate::shard::session::HOT_TAIL_LEN;
 
@@ -191,6 +191,58 @@ impl SqliteArchive {
         .await
     }
 
+    /// See `PostgresArchive::session_gaps`.
+    pub async fn session_gaps(&self, session_id: &str) -> Result<Vec<(u64, u64)>> {
+        let session_id = session_id.to_string();
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT from_seq, through_seq FROM session_gaps WHERE session_id = ?1 ORDER BY from_seq",
+            )?;
+            statement
+                .query_map([session_id], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                })?
+                .collect()
+        })
+        .await
+    }
+
+    /// See `PostgresArchive::record_shard_loss`.
+    pub async fn record_shard_loss(&self, shard: u16, loss: ShardLoss) -> Result<Vec<ShardLoss>> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO shard_losses (shard, after_index, skip_seqs, recorded_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (shard, after_index) DO NOTHING",
+                params![
+                    shard,
+                    loss.after_index as i64,
+                    loss.skip_seqs as i64,
+                    loss.recorded_at.0
+                ],
+            )
+        })
+        .await?;
+        self.shard_losses(shard).await
+    }
+
+    pub async fn shard_losses(&self, shard: u16) -> Result<Vec<ShardLoss>> {
+        self.with(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT after_index, skip_seqs, recorded_at FROM shard_losses WHERE shard = ?1 ORDER BY after_index",
+            )?;
+            statement
+                .query_map([shard], |r| {
+                    Ok(ShardLoss {
+                        after_index: r.get::<_, i64>(0)? as u64,
+                        skip_seqs: r.get::<_, i64>(1)? as u64,
+                        recorded_at: crate::model::Timestamp(r.get(2)?),
+                    })
+                })?
+                .collect()
+        })
+        .await
+    }
+
     /// Dead letters, oldest first (see `PostgresArchive::dead_letters`).
     pub async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>> {
         self.read(move |c| {
@@ -258,7 +310,11 @@ impl SqliteArchive {
                 .query_map(params![session_id, HOT_TAIL_LEN as i64], message_from_row)?
                 .collect::<rusqlite::Result<_>>()?;
             tail.reverse();
-            Ok(Some(LoadedSession { view, tail }))
+            Ok(Some(LoadedSession {
+                view,
+                tail,
+                gaps: Vec::new(),
+            }))
         })
         .await
     }
@@ -475,6 +531,17 @@ fn write_rows(tx: &Connection, rows: &FlushRows) -> rusqlite::Result<()> {
             cursor.read_seq as i64,
             cursor.nonuser_through as i64
         ])?;
+    }
+    let mut insert_gap = tx.prepare_cached(
+        "INSERT INTO session_gaps (session_id, from_seq, through_seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT (session_id, from_seq) DO NOTHING",
+    )?;
+    let mut raise_last_seq = tx.prepare_cached(
+        "UPDATE sessions SET last_seq = max(last_seq, ?2), updated_at = max(updated_at, ?3) WHERE id = ?1",
+    )?;
+    for (session_id, from_seq, through_seq, at) in &rows.gaps {
+        insert_gap.execute(params![session_id, *from_seq as i64, *through_seq as i64])?;
+        raise_last_seq.execute(params![session_id, *through_seq as i64, at.0])?;
     }
     Ok(())
 }

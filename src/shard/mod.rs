@@ -124,6 +124,8 @@ pub struct ReadPlan {
     pub has_more: bool,
     pub last_seq: u64,
     pub session: SessionView,
+    /// The session's gaps as the writer knows them (older ones may only be in the archive).
+    pub gaps: Vec<(u64, u64)>,
 }
 
 pub struct MessagePage {
@@ -472,12 +474,30 @@ impl Shards {
             }
         }
         messages.extend(plan.hot);
+        let mut gaps = plan.gaps;
+        let mut asked_archive = false;
         for pair in messages.windows(2) {
-            if pair[1].message.seq != pair[0].message.seq + 1 {
-                return Err(format!(
-                    "gap between seq {} and {}",
-                    pair[0].message.seq, pair[1].message.seq
-                ));
+            let (before, after) = (pair[0].message.seq, pair[1].message.seq);
+            if after == before + 1 {
+                continue;
+            }
+            // Only seqs skipped after an accepted loss may be missing.
+            let covered = |gaps: &[(u64, u64)]| {
+                gaps.iter()
+                    .any(|(from, through)| *from <= before + 1 && after - 1 <= *through)
+            };
+            if !covered(&gaps) && !asked_archive {
+                asked_archive = true;
+                gaps.extend(
+                    self.inner
+                        .archive
+                        .session_gaps(session_id)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            if !covered(&gaps) {
+                return Err(format!("gap between seq {before} and {after}"));
             }
         }
         Ok(MessagePage {

@@ -32,6 +32,14 @@ pub enum Op {
         error: Option<String>,
         at: Timestamp,
     },
+    /// Seqs `from_seq..=through_seq` hold no message and are never handed out: they may have
+    /// been acknowledged in log entries an operator accepted losing (`fleetlm wal repair`).
+    SeqsSkipped {
+        session_id: String,
+        from_seq: u64,
+        through_seq: u64,
+        at: Timestamp,
+    },
 }
 
 impl Op {
@@ -41,7 +49,8 @@ impl Op {
             Op::MessageAppended(record) => &record.message.session_id,
             Op::SessionArchived { session_id, .. }
             | Op::ReadCursorMoved { session_id, .. }
-            | Op::DispatchFinished { session_id, .. } => session_id,
+            | Op::DispatchFinished { session_id, .. }
+            | Op::SeqsSkipped { session_id, .. } => session_id,
         }
     }
 }

@@ -48,6 +48,9 @@ pub struct SessionState {
     pub unarchived: VecDeque<WalPosition>,
     /// Highest seq known to be in the archive.
     pub archived_seq: u64,
+    /// Seq ranges (inclusive, ascending) that hold no message: skipped after an operator
+    /// accepted the loss of damaged log entries. Never handed out, never read.
+    pub gaps: Vec<(u64, u64)>,
     /// Highest log index that touched this session; it may be evicted once that is archived.
     pub last_log_index: u64,
     pub client_ids: HashMap<String, ClientIdEntry>,
@@ -78,6 +81,7 @@ impl SessionState {
             hot_tail_bytes: 0,
             unarchived: VecDeque::new(),
             archived_seq: 0,
+            gaps: Vec::new(),
             last_log_index: 0,
             client_ids: HashMap::new(),
             client_id_order: VecDeque::new(),
@@ -150,6 +154,27 @@ impl SessionState {
         }
     }
 
+    /// Makes `last_seq + 1 ..= through` a gap (no message ever has those seqs).
+    pub fn skip_seqs(&mut self, through: u64, at: Timestamp) {
+        if through <= self.last_seq {
+            return;
+        }
+        self.gaps.push((self.last_seq + 1, through));
+        self.last_seq = through;
+        // The hot tail stays contiguous: it starts again after the gap.
+        self.hot_tail.clear();
+        self.hot_tail_bytes = 0;
+        self.updated_at = self.updated_at.max(at);
+    }
+
+    /// The gap holding `seq`, if any.
+    pub fn gap_containing(&self, seq: u64) -> Option<(u64, u64)> {
+        self.gaps
+            .iter()
+            .copied()
+            .find(|(from, through)| (*from..=*through).contains(&seq))
+    }
+
     /// Everything up to `log_index` is in the archive now.
     pub fn mark_archived_through(&mut self, log_index: u64) {
         while let Some(front) = self.unarchived.front() {
@@ -192,11 +217,9 @@ impl SessionState {
     }
 
     pub fn wal_position(&self, seq: u64) -> Option<WalPosition> {
-        let first = self.unarchived.front()?.seq;
-        if seq < first {
-            return None;
-        }
-        self.unarchived.get((seq - first) as usize).copied()
+        // Ascending by seq, but not contiguous across a gap.
+        let at = self.unarchived.binary_search_by_key(&seq, |p| p.seq).ok()?;
+        self.unarchived.get(at).copied()
     }
 }
 

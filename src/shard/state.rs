@@ -47,6 +47,10 @@ impl ShardState {
                 if record.message.seq <= state.last_seq {
                     return;
                 }
+                if record.message.seq > state.last_seq + 1 {
+                    // Only after an accepted loss: the seqs in between were in the lost entries.
+                    state.skip_seqs(record.message.seq - 1, record.message.inserted_at);
+                }
                 let position = WalPosition {
                     seq: record.message.seq,
                     log_index,
@@ -72,6 +76,18 @@ impl ShardState {
                     return;
                 };
                 state.dispatch.answered_through = state.dispatch.answered_through.max(*through_seq);
+                state.last_log_index = state.last_log_index.max(log_index);
+            }
+            Op::SeqsSkipped {
+                session_id,
+                through_seq,
+                at,
+                ..
+            } => {
+                let Some(state) = self.sessions.get_mut(session_id.as_str()) else {
+                    return;
+                };
+                state.skip_seqs(*through_seq, *at);
                 state.last_log_index = state.last_log_index.max(log_index);
             }
             Op::ReadCursorMoved { session_id, cursor, .. } => {
@@ -103,10 +119,19 @@ impl ShardState {
         state.last_seq = first_tail_seq - 1;
         state.archived_seq = state.last_seq;
         state.nonuser_count = view.nonuser_count;
+        state.gaps = loaded.gaps;
         for record in loaded.tail {
+            // A hole in the archive's tail is a gap (seqs skipped after an accepted loss).
+            if record.message.seq > state.last_seq + 1 {
+                state.skip_seqs(record.message.seq - 1, record.message.inserted_at);
+            }
             state.apply_message(Arc::new(record), None);
         }
-        debug_assert_eq!(state.last_seq, view.last_seq);
+        if view.last_seq > state.last_seq {
+            state.skip_seqs(view.last_seq, view.updated_at);
+        }
+        state.gaps.sort_unstable();
+        state.gaps.dedup();
         state.last_seq = view.last_seq;
         state.nonuser_count = view.nonuser_count;
         state.dispatch = view.dispatch;

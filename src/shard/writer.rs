@@ -23,7 +23,7 @@ use super::ops::{self, EntryEncoder, Op};
 use super::session::SessionState;
 use super::state::ShardState;
 use super::{AppendOutcome, AppendRequest, ReadPlan, ShardError, Writer};
-use crate::archive::{Archive, LoadedSession};
+use crate::archive::{Archive, LoadedSession, ShardLoss};
 use crate::clock::Clock;
 use crate::ids;
 use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView};
@@ -126,6 +126,8 @@ pub struct ShardWriter {
     /// Set when an entry failed to become durable: the error every batch sealed before the
     /// rebuild is answered with.
     pub rebuild_cause: Option<ShardError>,
+    /// Losses of this shard's log an operator accepted, as the archive remembers them.
+    pub losses: Vec<ShardLoss>,
     /// Bytes one operation may take in an entry (half the WAL's entry limit, so a batch below
     /// its soft limit always has room for one more).
     pub max_op_bytes: usize,
@@ -365,7 +367,13 @@ impl ShardWriter {
 
     fn handle(&mut self, command: Command, batch: &mut Batch, now: Instant) {
         match command {
-            Command::Install { loaded } => self.state.install(*loaded, now),
+            Command::Install { loaded } => {
+                let session_id = loaded.view.record.id.clone();
+                self.state.install(*loaded, now);
+                if !self.losses.is_empty() {
+                    self.skip_for_losses(&session_id, batch, now);
+                }
+            }
             Command::Archived { through_index } => self.state.mark_archived_through(through_index),
             Command::Sweep { idle_for } => {
                 let evicted = self.state.evict_idle(idle_for, now);
@@ -664,6 +672,17 @@ impl ShardWriter {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.try_recover().await {
+                Ok(replayed) if !self.losses.is_empty() && self.skip_seqs_of_lost_entries().await.is_err() => {
+                    tracing::error!(
+                        shard = self.shard,
+                        replayed,
+                        "could not record the seqs skipped after an accepted loss"
+                    );
+                    self.writer_state
+                        .set_unavailable("could not record skipped seqs".into());
+                    self.refusal = Some(ShardError::StorageFailed("could not record skipped seqs".into()));
+                    return;
+                }
                 Ok(replayed) => {
                     self.refusal = self.wal.lane_failed(self.shard).map(ShardError::StorageFailed);
                     match &self.refusal {
@@ -695,6 +714,58 @@ impl ShardWriter {
         }
     }
 
+    /// Losses an operator accepted (`fleetlm wal repair`): every session of the shard not
+    /// updated since a loss was recorded may have had messages in the lost entries, so it skips
+    /// the seqs they could have held, once. Sessions in memory now; sessions loaded later from
+    /// the archive when they are installed (`skip_for_losses_on_install`).
+    async fn skip_seqs_of_lost_entries(&mut self) -> Result<(), WalError> {
+        let now = Instant::now();
+        let mut batch = Batch::new();
+        let session_ids: Vec<Arc<str>> = self.state.sessions.keys().cloned().collect();
+        for session_id in session_ids {
+            self.skip_for_losses(&session_id, &mut batch, now);
+        }
+        if batch.ops.is_empty() {
+            return Ok(());
+        }
+        let sealed = self.seal(batch).await;
+        let mut in_flight = VecDeque::from([sealed]);
+        let outcome = front_durable(&mut in_flight).await;
+        let sealed = in_flight.pop_front().expect("one batch");
+        self.complete(sealed, outcome.clone());
+        if let Some(cause) = self.rebuild_cause.take() {
+            tracing::error!(shard = self.shard, %cause, "skipping seqs after an accepted loss failed");
+        }
+        outcome
+    }
+
+    /// Adds the skip of every recorded loss the session has not skipped yet to `batch`.
+    fn skip_for_losses(&mut self, session_id: &Arc<str>, batch: &mut Batch, now: Instant) {
+        let Some(session) = self.state.sessions.get(session_id) else {
+            return;
+        };
+        let skip: u64 = self
+            .losses
+            .iter()
+            .filter(|loss| session.updated_at < loss.recorded_at)
+            .map(|loss| loss.skip_seqs)
+            .sum();
+        if skip == 0 || self.writable().is_err() {
+            return;
+        }
+        let from_seq = session.last_seq + 1;
+        let op = Op::SeqsSkipped {
+            session_id: session_id.to_string(),
+            from_seq,
+            through_seq: session.last_seq + skip,
+            at: self.next_timestamp(),
+        };
+        tracing::warn!(shard = self.shard, %session_id, from_seq, skip, "skipping seqs that lost log entries may have held");
+        if let Err(error) = self.push_op(op, batch, now) {
+            tracing::error!(shard = self.shard, %session_id, %error, "could not skip seqs");
+        }
+    }
+
     async fn try_recover(&mut self) -> Result<usize, RecoveryError> {
         let watermark = self
             .archive
@@ -705,15 +776,16 @@ impl ShardWriter {
         self.unflushed_bytes = 0;
         let wal_last = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
         let degraded = self.wal.degraded(self.shard);
-        if !self.wal.accepted_losses(self.shard).is_empty() {
-            // The log continues past entries an operator gave up, but the seqs those entries may
-            // have held cannot be skipped yet: serving the shard could reuse one. Stay degraded.
-            return Err(RecoveryError::Fatal(
-                "the WAL records an accepted loss; this version cannot skip the seqs it may have held".into(),
-            ));
-        }
+        let accepted_losses = self.wal.accepted_losses(self.shard);
+        // An accepted loss right after the watermark: the log resumes past the lost entries.
+        let resumes_after_loss = |first: u64| {
+            accepted_losses
+                .iter()
+                .any(|loss| loss.after_index == watermark && loss.resumed_at == Some(first))
+        };
         if let Some(first) = self.wal.first_index(self.shard)
             && first > watermark + 1
+            && !resumes_after_loss(first)
         {
             return Err(RecoveryError::Fatal(format!(
                 "wal starts at entry {first} but the archive holds only up to {watermark}"
@@ -746,14 +818,27 @@ impl ShardWriter {
                             .archive
                             .load_session(session_id)
                             .await
-                            .map_err(|e| RecoveryError::Retry(e.to_string()))?
-                            .ok_or_else(|| {
-                                RecoveryError::Fatal(format!(
+                            .map_err(|e| RecoveryError::Retry(e.to_string()))?;
+                        match loaded {
+                            Some(loaded) => self.state.install(loaded, now),
+                            // Created in entries an operator accepted losing: nothing is known
+                            // of it but these later operations, which cannot be applied.
+                            None if !accepted_losses.is_empty() => {
+                                tracing::error!(
+                                    shard = self.shard,
+                                    session_id,
+                                    log_index = log_id.index,
+                                    "operation of a session created in lost log entries is dropped"
+                                );
+                                continue;
+                            }
+                            None => {
+                                return Err(RecoveryError::Fatal(format!(
                                     "log entry {} names unknown session {session_id}",
                                     log_id.index
-                                ))
-                            })?;
-                        self.state.install(loaded, now);
+                                )));
+                            }
+                        }
                     }
                     self.state.apply(op, log_id.index, position as u32, now);
                     if let Op::MessageAppended(record) = op {
@@ -769,9 +854,33 @@ impl ShardWriter {
         if let Some(reason) = degraded {
             return Err(RecoveryError::Fatal(format!("wal of this shard is degraded: {reason}")));
         }
+        for loss in &accepted_losses {
+            // Strictly after every replayed write: sessions updated before it skip.
+            let recorded_at = crate::model::Timestamp(self.clock.now_micros().max(self.last_inserted_at + 1));
+            self.last_inserted_at = recorded_at.0;
+            let skip_seqs = loss.lost_bytes / MIN_MESSAGE_OP_BYTES + 1;
+            let shard_loss = ShardLoss {
+                after_index: loss.after_index,
+                skip_seqs,
+                recorded_at,
+            };
+            self.archive
+                .record_shard_loss(self.shard, shard_loss)
+                .await
+                .map_err(|e| RecoveryError::Retry(e.to_string()))?;
+        }
+        self.losses = self
+            .archive
+            .shard_losses(self.shard)
+            .await
+            .map_err(|e| RecoveryError::Retry(e.to_string()))?;
         Ok(replayed)
     }
 }
+
+/// The fewest bytes a message takes in a log entry (its JSON's field names alone take more), so
+/// `lost bytes / this` bounds how many seqs lost entries could have held.
+const MIN_MESSAGE_OP_BYTES: u64 = 64;
 
 enum RecoveryError {
     Retry(String),
@@ -788,18 +897,36 @@ fn truncate_chars(text: String, max_chars: usize) -> String {
     }
 }
 
-/// Which messages of `(after_seq, after_seq + limit]` come from memory, the WAL and the archive.
+/// The first seq at or after `seq` that is not in one of the session's gaps.
+fn skip_gaps(session: &SessionState, mut seq: u64) -> u64 {
+    while let Some((_, through)) = session.gap_containing(seq) {
+        seq = through.saturating_add(1);
+    }
+    seq
+}
+
+/// Which messages of the next `limit` after `after_seq` come from memory, the WAL and the archive
+/// (seqs in a gap hold no message and are not counted).
 fn plan_read(session: &SessionState, after_seq: u64, limit: usize) -> Result<ReadPlan, ShardError> {
     let last_seq = session.last_seq;
     let first = after_seq.saturating_add(1);
-    let last = after_seq.saturating_add(limit as u64).min(last_seq);
+    let mut last = after_seq;
+    let mut seq = skip_gaps(session, first);
+    for _ in 0..limit {
+        if seq > last_seq {
+            break;
+        }
+        last = seq;
+        seq = skip_gaps(session, seq + 1);
+    }
     let mut plan = ReadPlan {
         hot: Vec::new(),
         wal: Vec::new(),
         archive_range: None,
-        has_more: last < last_seq,
+        has_more: skip_gaps(session, last.saturating_add(1)) <= last_seq,
         last_seq,
         session: session.view(),
+        gaps: session.gaps.clone(),
     };
     if first > last {
         return Ok(plan);
@@ -809,7 +936,8 @@ fn plan_read(session: &SessionState, after_seq: u64, limit: usize) -> Result<Rea
     if first <= archived_end {
         plan.archive_range = Some((first, archived_end));
     }
-    for seq in first.max(archived_end + 1)..=last {
+    let mut seq = skip_gaps(session, first.max(archived_end + 1));
+    while seq <= last {
         let found = if seq >= hot_start {
             session.hot_message(seq).map(|record| plan.hot.push(record.clone()))
         } else {
@@ -821,6 +949,7 @@ fn plan_read(session: &SessionState, after_seq: u64, limit: usize) -> Result<Rea
                 "internal: seq {seq} of the session cannot be located"
             )));
         }
+        seq = skip_gaps(session, seq + 1);
     }
     Ok(plan)
 }

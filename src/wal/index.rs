@@ -36,6 +36,8 @@ pub struct ShardLog {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcceptedLoss {
     pub after_index: u64,
+    /// Damaged bytes the operator accepted losing (bounds what the lost entries held).
+    pub lost_bytes: u64,
     /// The first intact entry after the loss (`None` while no entry followed it yet).
     pub resumed_at: Option<u64>,
 }

@@ -352,7 +352,7 @@ impl LaneWriter {
                 WalError::Io(format!("could not start a new segment: {error}"))
             }
         })?;
-        let purge_marks: Vec<(u16, u64)> = {
+        let marks = {
             let mut index = self.index.lock().expect("lane index lock");
             index.segments.insert(
                 next,
@@ -362,29 +362,21 @@ impl LaneWriter {
                 },
             );
             index.active_segment = next;
-            index
-                .shards
-                .iter()
-                .filter(|(_, log)| log.purged_through > 0)
-                .map(|(shard, log)| (*shard, log.purged_through))
-                .collect()
+            carried_marks(&index)
         };
         self.active_file = file;
         self.active_segment_no = next;
         self.write_offset = SEGMENT_HEADER_BYTES;
         metrics::counter!("fleetlm_wal_segment_rotations_total").increment(1);
-        if purge_marks.is_empty() {
+        if marks.is_empty() {
             return Ok(());
         }
         let mut open = OpenBatch::default();
-        for (shard, through) in purge_marks {
+        for (kind, shard, log_id) in marks {
             Record {
-                kind: RecordKind::PurgePrefix,
+                kind,
                 shard,
-                log_id: LogId {
-                    term: 0,
-                    index: through,
-                },
+                log_id,
                 body: &[],
             }
             .encode_into(buffer);
@@ -395,10 +387,44 @@ impl LaneWriter {
     }
 }
 
+/// What a new segment starts with: every shard's purge mark, and its accepted losses whose
+/// damaged entries are not purged yet (the damaged segment may outlive the one holding the
+/// operator's record), so deleting segments in any order loses neither.
+fn carried_marks(index: &LaneIndex) -> Vec<(RecordKind, u16, LogId)> {
+    let mut marks = Vec::new();
+    for (shard, log) in &index.shards {
+        if log.purged_through > 0 {
+            let log_id = LogId {
+                term: 0,
+                index: log.purged_through,
+            };
+            marks.push((RecordKind::PurgePrefix, *shard, log_id));
+        }
+        for loss in log
+            .accepted_losses
+            .iter()
+            .filter(|loss| loss.after_index >= log.purged_through)
+        {
+            let log_id = LogId {
+                term: loss.lost_bytes,
+                index: loss.after_index,
+            };
+            marks.push((RecordKind::LossAccepted, *shard, log_id));
+        }
+    }
+    marks
+}
+
+/// Accepted losses per shard carried into a new segment, at most (`fleetlm wal repair` refuses
+/// to record more).
+pub const MAX_CARRIED_LOSSES_PER_SHARD: usize = 4;
+
 /// The largest request (framed records) that always fits in a new segment: after the magic, the
-/// batch of carried purge marks and its own batch header and padding.
+/// batch of carried marks (a purge mark and accepted losses per shard) and its own batch header
+/// and padding.
 pub fn max_request_bytes(segment_bytes: u64, max_batch_bytes: usize, lane_shard_count: usize) -> usize {
-    let purge_marks = record::batch_framed_len(lane_shard_count * record::RECORD_HEADER_BYTES);
+    let marks_per_shard = 1 + MAX_CARRIED_LOSSES_PER_SHARD;
+    let purge_marks = record::batch_framed_len(lane_shard_count * marks_per_shard * record::RECORD_HEADER_BYTES);
     let room = (segment_bytes - SEGMENT_HEADER_BYTES) as usize
         - purge_marks
         - record::BATCH_HEADER_BYTES

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use fs::{FileSystem, RealFs};
 pub use index::AcceptedLoss;
 use index::LaneIndex;
+pub use lane::MAX_CARRIED_LOSSES_PER_SHARD;
 use lane::{LaneRequest, LaneWriter};
 use record::{DecodedRecord, RecordKind};
 pub use recovery::{Damage, SegmentSummary};
@@ -359,17 +360,14 @@ impl Wal {
     }
 
     /// Records that an operator accepts the loss of the shard's damaged entries after
-    /// `after_index` (its last intact entry before the damage). Takes effect at the next open.
-    pub async fn accept_loss(&self, shard: u16, after_index: u64) -> Result<()> {
-        self.mark(
-            RecordKind::LossAccepted,
-            shard,
-            LogId {
-                term: 0,
-                index: after_index,
-            },
-        )
-        .await
+    /// `after_index` (its last intact entry before the damage), `lost_bytes` being the damaged
+    /// bytes concerned. Takes effect at the next open.
+    pub async fn accept_loss(&self, shard: u16, after_index: u64, lost_bytes: u64) -> Result<()> {
+        let log_id = LogId {
+            term: lost_bytes,
+            index: after_index,
+        };
+        self.mark(RecordKind::LossAccepted, shard, log_id).await
     }
 
     /// Losses an operator accepted for this shard (see `accept_loss`), oldest first.

@@ -38,8 +38,9 @@ pub enum RecordKind {
     TruncateSuffix = 2,
     /// Every entry of `shard` with an index up to and including `log_id.index` may be dropped.
     PurgePrefix = 3,
-    /// An operator accepted the loss of the damaged entry `log_id.index` of `shard`
-    /// (`fleetlm wal repair`); the body says how many seqs per session it may have held.
+    /// An operator accepted the loss of `shard`'s damaged entries after its intact entry
+    /// `log_id.index` (`fleetlm wal repair`). `log_id.term` carries the number of damaged bytes
+    /// accepted, which bounds what the lost entries could have held.
     LossAccepted = 4,
 }
 

@@ -385,7 +385,8 @@ fn next_valid_batch(bytes: &[u8], from: usize) -> Option<usize> {
 /// Builds every shard's log from what the scan found, in log order.
 fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], lane_shards: &[u16]) {
     let mut purged_through: BTreeMap<u16, u64> = BTreeMap::new();
-    let mut losses_accepted_after: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
+    // Per shard: (after_index, lost_bytes) of every accepted loss.
+    let mut losses_accepted_after: BTreeMap<u16, Vec<(u64, u64)>> = BTreeMap::new();
     for item in found {
         if let Found::Record { kind, shard, location } = item {
             match kind {
@@ -396,7 +397,7 @@ fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], la
                 RecordKind::LossAccepted => losses_accepted_after
                     .entry(*shard)
                     .or_default()
-                    .push(location.log_id.index),
+                    .push((location.log_id.index, location.log_id.term)),
                 RecordKind::Entry | RecordKind::TruncateSuffix => {}
             }
         }
@@ -411,11 +412,18 @@ fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], la
             index: through,
         });
     }
-    let loss_accepted = |shard: u16, log: &super::index::ShardLog| {
+    // The accepted loss (if any) covering damage met right after the shard's current end.
+    let loss_accepted = |shard: u16, log: &super::index::ShardLog| -> Option<AcceptedLoss> {
         let after = log.last.map_or(0, |l| l.index).max(log.purged_through);
-        losses_accepted_after
-            .get(&shard)
-            .is_some_and(|accepted| accepted.contains(&after))
+        let (after_index, lost_bytes) = *losses_accepted_after
+            .get(&shard)?
+            .iter()
+            .find(|(accepted_after, _)| *accepted_after == after)?;
+        Some(AcceptedLoss {
+            after_index,
+            lost_bytes,
+            resumed_at: None,
+        })
     };
     for item in found {
         match item {
@@ -477,12 +485,8 @@ fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], la
                 if log.degraded.is_some() || *entry_index <= log.purged_through {
                     continue;
                 }
-                if loss_accepted(*shard, log) {
-                    let after_index = log.last.map_or(log.purged_through, |l| l.index);
-                    log.accepted_losses.push(AcceptedLoss {
-                        after_index,
-                        resumed_at: None,
-                    });
+                if let Some(loss) = loss_accepted(*shard, log) {
+                    log.accepted_losses.push(loss);
                     continue;
                 }
                 log.degraded = Some(describe_damage(&damage[*damage_no]));
@@ -493,12 +497,8 @@ fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], la
                     if log.degraded.is_some() || log.accepted_losses.last().is_some_and(|l| l.resumed_at.is_none()) {
                         continue;
                     }
-                    if loss_accepted(shard, log) {
-                        let after_index = log.last.map_or(log.purged_through, |l| l.index);
-                        log.accepted_losses.push(AcceptedLoss {
-                            after_index,
-                            resumed_at: None,
-                        });
+                    if let Some(loss) = loss_accepted(shard, log) {
+                        log.accepted_losses.push(loss);
                         continue;
                     }
                     log.degraded = Some(describe_damage(&damage[*damage_no]));

@@ -712,7 +712,7 @@ fn an_accepted_loss_lets_the_log_continue_past_the_damage() {
     let wal = open_sim(&fs);
     assert!(wal.degraded(0).is_some());
     assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(1));
-    runtime.block_on(wal.accept_loss(0, 1)).expect("accept");
+    runtime.block_on(wal.accept_loss(0, 1, 90)).expect("accept");
     wal.shutdown();
 
     let wal = open_sim(&fs);
@@ -721,6 +721,7 @@ fn an_accepted_loss_lets_the_log_continue_past_the_damage() {
         wal.accepted_losses(0),
         vec![AcceptedLoss {
             after_index: 1,
+            lost_bytes: 90,
             resumed_at: Some(3)
         }]
     );
