@@ -119,7 +119,7 @@ fn describe_lane(out: &mut String, report: &LaneReport) -> std::fmt::Result {
                     .accepted_losses
                     .iter()
                     .map(|loss| match loss.resumed_at {
-                        Some(resumed) => format!("entries {}..{resumed} lost (accepted)", loss.after_index + 1),
+                        Some(resumed) => format!("entries {}..={} lost (accepted)", loss.after_index + 1, resumed - 1),
                         None => format!("entries after {} lost (accepted)", loss.after_index),
                     })
                     .collect();
