@@ -1,0 +1,232 @@
+// The web console in headless Chromium against a real `fleetlm serve` and the example echo
+// agent: agents (validation, create), the playground (a streamed reply, raw chunks, the webhook
+// request), history after a reload, a live inbox count, sessions (filter, archive), health, and
+// token mode. Run by tests/console_e2e.rs (FLEETLM_BIN set); on failure a screenshot is saved.
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { gzipSync } from "node:zlib";
+import { docsShot, launchBrowser, rest, startEchoAgent, startServer, step, stopAll } from "./harness.mjs";
+
+const WAIT = { timeout: 15000 };
+let base;
+let agentOrigin;
+let browser;
+let sessionId;
+
+before(async () => {
+  [base, agentOrigin] = await Promise.all([startServer(), startEchoAgent()]);
+  browser = await launchBrowser();
+});
+
+after(stopAll);
+
+async function newPage() {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 820 } });
+  const page = await context.newPage();
+  const external = [];
+  page.on("request", (request) => {
+    const url = new URL(request.url());
+    if (!["127.0.0.1", "localhost"].includes(url.hostname) && !url.protocol.startsWith("data")) external.push(request.url());
+  });
+  page.external = external;
+  return page;
+}
+
+describe("open mode", () => {
+  test("the console is small and never shadows the API", async () => {
+    const index = await fetch(`${base}/`);
+    assert.equal(index.status, 200);
+    assert.match(index.headers.get("content-type"), /text\/html/);
+    assert.match(index.headers.get("content-security-policy"), /default-src 'self'/);
+    const html = await index.text();
+    const assets = [...html.matchAll(/(?:src|href)="(\/assets\/[^"]+)"/g)].map((m) => m[1]);
+    assert.ok(assets.length >= 2, `index.html references its assets: ${assets}`);
+    let compressed = gzipSync(Buffer.from(html)).length;
+    for (const asset of assets) {
+      const response = await fetch(`${base}${asset}`);
+      assert.equal(response.status, 200, asset);
+      compressed += gzipSync(Buffer.from(await response.arrayBuffer())).length;
+    }
+    assert.ok(compressed < 200 * 1024, `first load is ${compressed} bytes gzipped`);
+
+    const api404 = await rest(base, "GET", "/api/nope");
+    assert.equal(api404.status, 404);
+    assert.equal(api404.body.code, "not_found");
+    assert.equal((await rest(base, "GET", "/api/agents")).status, 200);
+    const ready = await rest(base, "GET", "/health/ready");
+    assert.equal(ready.body.status, "ready");
+    const metrics = await fetch(`${base}/metrics`);
+    assert.match(metrics.headers.get("content-type"), /text\/plain/);
+    assert.match(await metrics.text(), /fleetlm_/);
+    const socket = await fetch(`${base}/socket/websocket?vsn=2.0.0&user_id=x`);
+    assert.doesNotMatch(socket.headers.get("content-type") ?? "", /html/);
+    assert.equal((await rest(base, "GET", "/assets/missing.js")).status, 404);
+    assert.equal((await rest(base, "GET", "/agents")).body.code, "not_found");
+  });
+
+  test("agents: a validation error is shown inline, then the agent is created", async () => {
+    const page = await newPage();
+    await step(page, "agents", async () => {
+      await page.goto(`${base}/#/agents`);
+      await page.getByRole("button", { name: "New agent" }).click();
+      await page.getByLabel("Id").fill("echo");
+      await page.getByLabel("Name").fill("Echo agent");
+      await page.getByLabel("Origin URL").fill("not a url");
+      await page.getByLabel("Debounce window (ms)").fill("0");
+      await page.getByRole("button", { name: "Create agent" }).click();
+      const fieldError = page.locator(".field.invalid .field-error");
+      await fieldError.waitFor(WAIT);
+      assert.match(await fieldError.innerText(), /Origin URL must be an absolute http\(s\) URL/);
+      assert.equal(await page.getByLabel("Origin URL").getAttribute("aria-invalid"), "true");
+      await page.getByLabel("Origin URL").fill(agentOrigin);
+      await page.getByRole("button", { name: "Create agent" }).click();
+      await page.locator('tr[data-agent="echo"]').waitFor(WAIT);
+      await docsShot(page, "agents");
+    });
+    assert.deepEqual(page.external, []);
+    await page.context().close();
+  });
+
+  test("playground: the reply streams in, with its chunks; a reload shows the history", async () => {
+    const page = await newPage();
+    const words = Array.from({ length: 40 }, (_, i) => `word${i}`).join(" ");
+    await step(page, "playground", async () => {
+      await page.goto(`${base}/#/playground`);
+      await page.getByLabel("Agent").selectOption("echo");
+      await page.getByLabel("User id").fill("alice");
+      await page.getByRole("button", { name: "Start session" }).click();
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      const composer = page.getByLabel("Message as alice");
+      await composer.fill(words);
+      const streaming = page.locator(".msg.streaming").waitFor(WAIT);
+      await page.getByRole("button", { name: "Send" }).click();
+      await streaming;
+      await page.locator(".msg.agent:not(.streaming)", { hasText: `echo: ${words}` }).waitFor(WAIT);
+      await page.locator('[data-testid="agent-status"]', { hasText: "idle" }).waitFor(WAIT);
+      const chunks = await page.locator('[data-testid="chunks"] li').allInnerTexts();
+      assert.ok(chunks.some((c) => c.includes('"type":"text-delta"')), "raw text-delta chunks are listed");
+      assert.ok(chunks.some((c) => c.includes('"type":"finish"')), "the finish chunk is listed");
+      const request = await page.locator("section[aria-labelledby=webhook-title]").innerText();
+      assert.match(request, /"user_id": "alice"/);
+      assert.match(request, /idempotency-key/);
+      sessionId = (await page.locator(".playground a").first().innerText()).trim();
+      await docsShot(page, "playground");
+
+      await page.goto(`${base}/#/sessions/${encodeURIComponent(sessionId)}`);
+      await page.reload();
+      await page.locator(".msg.user", { hasText: "word39" }).waitFor(WAIT);
+      await page.locator(".msg.agent", { hasText: `echo: ${words}` }).waitFor(WAIT);
+      await docsShot(page, "session");
+    });
+    assert.deepEqual(page.external, []);
+    await page.context().close();
+  });
+
+  test("inbox: the unread count goes up live when the agent writes", async () => {
+    const page = await newPage();
+    await step(page, "inbox", async () => {
+      await page.goto(`${base}/#/inbox/alice`);
+      const total = page.locator('[data-testid="total-unread"]');
+      await total.waitFor(WAIT);
+      const before = Number(await total.innerText());
+      const sent = await rest(base, "POST", `/api/sessions/${encodeURIComponent(sessionId)}/messages`, {
+        user_id: "alice",
+        kind: "text",
+        content: { text: "one more please" },
+      });
+      assert.equal(sent.status, 200, JSON.stringify(sent.body));
+      await page.waitForFunction(
+        (expected) => Number(document.querySelector('[data-testid="total-unread"]')?.textContent) === expected,
+        before + 1,
+        WAIT,
+      );
+      await page.locator("td.preview", { hasText: "echo: one more please" }).waitFor(WAIT);
+      await docsShot(page, "inbox");
+      await page.getByRole("button", { name: "Mark read" }).first().click();
+      await page.waitForFunction(() => Number(document.querySelector('[data-testid="total-unread"]')?.textContent) === 0, null, WAIT);
+    });
+    await page.context().close();
+  });
+
+  test("sessions: filter, open, archive", async () => {
+    const page = await newPage();
+    page.on("dialog", (dialog) => dialog.accept());
+    await step(page, "sessions", async () => {
+      await rest(base, "POST", "/api/sessions", { user_id: "bob", agent_id: "echo", id: "bob-session" });
+      await page.goto(`${base}/#/sessions`);
+      await page.getByRole("link", { name: "bob-session" }).waitFor(WAIT);
+      await page.getByLabel("User").fill("alice");
+      await page.getByRole("button", { name: "Filter" }).click();
+      await page.getByRole("link", { name: "bob-session" }).waitFor({ ...WAIT, state: "detached" });
+      await page.getByRole("link", { name: sessionId }).waitFor(WAIT);
+      await docsShot(page, "sessions");
+      await page.getByRole("link", { name: sessionId }).click();
+      await page.getByRole("button", { name: "Archive" }).click();
+      await page.locator('[data-testid="session-status"]', { hasText: "archived" }).waitFor(WAIT);
+    });
+    await page.context().close();
+  });
+
+  test("health: readiness and live charts", async () => {
+    const page = await newPage();
+    await step(page, "health", async () => {
+      await page.goto(`${base}/#/health`);
+      await page.locator('[data-testid="readiness"]', { hasText: "ready" }).waitFor(WAIT);
+      assert.equal(await page.locator("figure.chart").count(), 6);
+      await page.waitForFunction(() => document.querySelectorAll("figure.chart polyline[points*=' ']").length > 0, null, WAIT);
+      await docsShot(page, "health");
+    });
+    await page.context().close();
+  });
+
+  test("keyboard: the navigation is reachable with Tab", async () => {
+    const page = await newPage();
+    await step(page, "keyboard", async () => {
+      await page.goto(`${base}/#/agents`);
+      await page.locator("h2", { hasText: "Agents" }).waitFor(WAIT);
+      const focused = [];
+      for (let i = 0; i < 4; i++) {
+        await page.keyboard.press("Tab");
+        focused.push(await page.evaluate(() => document.activeElement?.textContent?.trim()));
+      }
+      assert.deepEqual(focused.slice(0, 3), ["Skip to content", "Agents", "Sessions"]);
+    });
+    await page.context().close();
+  });
+});
+
+describe("token mode", () => {
+  const apiKey = "console-test-api-key";
+  let tokenBase;
+
+  before(async () => {
+    tokenBase = await startServer({ FLEETLM_AUTH_SECRET: "console-e2e-secret-0123456789", FLEETLM_API_KEY: apiKey });
+  });
+
+  test("asks for the API key, keeps it in sessionStorage, and watches a session live", async () => {
+    const page = await newPage();
+    await step(page, "token-mode", async () => {
+      const agent = await rest(tokenBase, "POST", "/api/agents", { agent: { id: "echo", name: "Echo", origin_url: agentOrigin, debounce_window_ms: 0 } }, apiKey);
+      assert.equal(agent.status, 201, JSON.stringify(agent.body));
+      const session = await rest(tokenBase, "POST", "/api/sessions", { id: "carol-1", user_id: "carol", agent_id: "echo" }, apiKey);
+      assert.equal(session.status, 201, JSON.stringify(session.body));
+
+      await page.goto(`${tokenBase}/#/sessions/carol-1`);
+      await page.getByLabel("Admin API key").fill("wrong key");
+      await page.getByRole("button", { name: "Sign in" }).click();
+      await page.getByText("That API key was not accepted.").waitFor(WAIT);
+      await page.getByLabel("Admin API key").fill(apiKey);
+      await page.getByRole("button", { name: "Sign in" }).click();
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      assert.equal(await page.evaluate(() => sessionStorage.getItem("fleetlm.apiKey")), apiKey);
+      assert.equal(await page.evaluate(() => localStorage.length), 0);
+      await page.getByLabel("Message as carol").fill("hi from token mode");
+      await page.getByRole("button", { name: "Send" }).click();
+      await page.locator(".msg.agent", { hasText: "echo: hi from token mode" }).waitFor(WAIT);
+      await page.getByRole("link", { name: "Agents" }).click();
+      await page.getByRole("button", { name: "Dispatches" }).click();
+      await page.getByText("1 ok").waitFor(WAIT);
+    });
+    await page.context().close();
+  });
+});
