@@ -5,16 +5,17 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { gzipSync } from "node:zlib";
-import { docsShot, launchBrowser, rest, startEchoAgent, startServer, step, stopAll } from "./harness.mjs";
+import { docsShot, launchBrowser, rest, startEchoAgent, startServer, startToolAgent, step, stopAll } from "./harness.mjs";
 
 const WAIT = { timeout: 15000 };
 let base;
 let agentOrigin;
+let toolAgentOrigin;
 let browser;
 let sessionId;
 
 before(async () => {
-  [base, agentOrigin] = await Promise.all([startServer(), startEchoAgent()]);
+  [base, agentOrigin, toolAgentOrigin] = await Promise.all([startServer(), startEchoAgent(), startToolAgent()]);
   browser = await launchBrowser();
 });
 
@@ -81,7 +82,6 @@ describe("open mode", () => {
       await page.getByLabel("Origin URL").fill(agentOrigin);
       await page.getByRole("button", { name: "Create agent" }).click();
       await page.locator('tr[data-agent="echo"]').waitFor(WAIT);
-      await docsShot(page, "agents");
     });
     assert.deepEqual(page.external, []);
     await page.context().close();
@@ -122,6 +122,33 @@ describe("open mode", () => {
     await page.context().close();
   });
 
+  test("playground: reasoning and a tool call with its input and output render as they stream", async () => {
+    const page = await newPage();
+    await step(page, "tools", async () => {
+      const agent = await rest(base, "POST", "/api/agents", { agent: { id: "weather", name: "Weather agent", origin_url: toolAgentOrigin, debounce_window_ms: 0 } });
+      assert.equal(agent.status, 201, JSON.stringify(agent.body));
+      await page.goto(`${base}/#/playground`);
+      await page.getByLabel("Agent").selectOption("weather");
+      await page.getByLabel("User id").fill("alice");
+      await page.getByRole("button", { name: "Start session" }).click();
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      await page.getByLabel("Message as alice").fill("What is the weather in Paris?");
+      const streamingTool = page.locator(".msg.streaming .part-tool", { hasText: "weather" }).waitFor(WAIT);
+      await page.getByRole("button", { name: "Send" }).click();
+      await streamingTool;
+      const stored = page.locator(".msg.agent:not(.streaming)", { hasText: "It is 21 °C and clear in Paris." });
+      await stored.waitFor(WAIT);
+      const text = await stored.innerText();
+      assert.match(text, /call the weather tool/);
+      assert.match(text, /Tool: weather/);
+      assert.match(text, /"city": "Paris"/);
+      assert.match(text, /"temperature_c": 21/);
+      await page.locator('[data-testid="chunks"] li', { hasText: "tool-output-available" }).waitFor(WAIT);
+      await docsShot(page, "playground-tools");
+    });
+    await page.context().close();
+  });
+
   test("inbox: the unread count goes up live when the agent writes", async () => {
     const page = await newPage();
     await step(page, "inbox", async () => {
@@ -142,8 +169,9 @@ describe("open mode", () => {
       );
       await page.locator("td.preview", { hasText: "echo: one more please" }).waitFor(WAIT);
       await docsShot(page, "inbox");
-      await page.getByRole("button", { name: "Mark read" }).first().click();
-      await page.waitForFunction(() => Number(document.querySelector('[data-testid="total-unread"]')?.textContent) === 0, null, WAIT);
+      const row = page.locator(`tr[data-session="${sessionId}"]`);
+      await row.getByRole("button", { name: "Mark read" }).click();
+      await row.locator('[data-testid="unread"]', { hasText: /^0$/ }).waitFor(WAIT);
     });
     await page.context().close();
   });
@@ -173,8 +201,21 @@ describe("open mode", () => {
       await page.goto(`${base}/#/health`);
       await page.locator('[data-testid="readiness"]', { hasText: "ready" }).waitFor(WAIT);
       assert.equal(await page.locator("figure.chart").count(), 6);
-      await page.waitForFunction(() => document.querySelectorAll("figure.chart polyline[points*=' ']").length > 0, null, WAIT);
+      // Some traffic (user messages, each answered by the echo agent) across a few samples.
+      await rest(base, "POST", "/api/sessions", { user_id: "loader", agent_id: "echo", id: "load-1" });
+      for (let round = 0; round < 4; round++) {
+        for (let n = 0; n < 5; n++) {
+          await rest(base, "POST", "/api/sessions/load-1/messages", { user_id: "loader", kind: "text", content: { text: `load ${round}.${n}` } });
+        }
+        await new Promise((done) => setTimeout(done, 1100));
+      }
+      await page.waitForFunction(() => document.querySelectorAll("figure.chart polyline[points*=' ']").length >= 3, null, WAIT);
       await docsShot(page, "health");
+
+      await page.getByRole("link", { name: "Agents" }).click();
+      await page.locator('tr[data-agent="echo"]').getByRole("button", { name: "Dispatches" }).click();
+      await page.locator(".dispatches table").waitFor(WAIT);
+      await docsShot(page, "agents");
     });
     await page.context().close();
   });

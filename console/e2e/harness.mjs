@@ -3,6 +3,7 @@
 // Debian Chromium driven by playwright-core. Everything is stopped by `stopAll()`.
 import { spawn } from "node:child_process";
 import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { createServer as createHttpServer } from "node:http";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -13,6 +14,7 @@ const here = dirname(fileURLToPath(import.meta.url));
 export const repoRoot = resolve(here, "../..");
 const children = [];
 const dirs = [];
+const servers = [];
 let browser = null;
 
 function waitForLine(child, pattern, what, timeoutMs = 20000) {
@@ -73,6 +75,46 @@ export async function startEchoAgent() {
   return `http://127.0.0.1:${port}`;
 }
 
+/** A scripted agent whose reply has reasoning, a tool call with streamed input and output, and
+ * text, paced so the stream is visible; returns its origin URL. */
+export async function startToolAgent() {
+  const chunks = [
+    { type: "start", messageId: "tool-reply" },
+    { type: "start-step" },
+    { type: "reasoning-start", id: "r" },
+    { type: "reasoning-delta", id: "r", delta: "The user wants the weather; " },
+    { type: "reasoning-delta", id: "r", delta: "call the weather tool." },
+    { type: "reasoning-end", id: "r" },
+    { type: "tool-input-start", toolCallId: "call-1", toolName: "weather" },
+    { type: "tool-input-delta", toolCallId: "call-1", inputTextDelta: '{"city":' },
+    { type: "tool-input-delta", toolCallId: "call-1", inputTextDelta: '"Paris"}' },
+    { type: "tool-input-available", toolCallId: "call-1", toolName: "weather", input: { city: "Paris" } },
+    { type: "tool-output-available", toolCallId: "call-1", output: { temperature_c: 21, sky: "clear" } },
+    { type: "finish-step" },
+    { type: "start-step" },
+    { type: "text-start", id: "t" },
+    { type: "text-delta", id: "t", delta: "It is 21 °C " },
+    { type: "text-delta", id: "t", delta: "and clear in Paris." },
+    { type: "text-end", id: "t" },
+    { type: "finish-step" },
+    { type: "finish" },
+  ];
+  const server = createHttpServer((request, response) => {
+    request.resume();
+    request.on("end", async () => {
+      response.writeHead(200, { "content-type": "application/x-ndjson" });
+      for (const chunk of chunks) {
+        response.write(JSON.stringify(chunk) + "\n");
+        await new Promise((done) => setTimeout(done, 60));
+      }
+      response.end();
+    });
+  });
+  await new Promise((done) => server.listen(0, "127.0.0.1", done));
+  servers.push(server);
+  return `http://127.0.0.1:${server.address().port}`;
+}
+
 export async function launchBrowser() {
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
@@ -109,6 +151,7 @@ export async function docsShot(page, name) {
 export async function stopAll() {
   if (browser) await browser.close().catch(() => {});
   for (const child of children) if (child.exitCode === null) child.kill("SIGKILL");
+  for (const server of servers) server.close();
   for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
 }
 

@@ -136,26 +136,32 @@ export function LiveReplyView({ reply, agentId }: { reply: LiveReply; agentId: s
   );
 }
 
-export function Sparkline({ label, values, unit, digits = 1 }: { label: string; values: (number | null)[]; unit: string; digits?: number }) {
+/** A live line chart of the last `capacity` samples, newest at the right; gaps where unknown. */
+export function Sparkline(props: { label: string; values: (number | null)[]; unit: string; digits?: number; capacity?: number }) {
+  const { label, values, unit, digits = 1, capacity = 60 } = props;
   const width = 240;
   const height = 48;
   const known = values.filter((v): v is number => v !== null);
   const max = Math.max(1e-9, ...known);
-  const step = values.length > 1 ? width / (values.length - 1) : width;
-  const points = values
-    .map((v, i) => (v === null ? null : `${(i * step).toFixed(1)},${(height - (v / max) * (height - 4) - 2).toFixed(1)}`))
-    .filter(Boolean)
-    .join(" ");
+  const step = width / Math.max(1, capacity - 1);
+  const offset = capacity - values.length;
+  const coords = values
+    .map((v, i) => (v === null ? null : [(offset + i) * step, height - (v / max) * (height - 4) - 2]))
+    .filter((c): c is number[] => c !== null);
+  const line = coords.map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" ");
+  const area = coords.length > 1 ? `${coords[0][0].toFixed(1)},${height} ${line} ${coords[coords.length - 1][0].toFixed(1)},${height}` : "";
   const last = known.length ? known[known.length - 1] : null;
   return (
     <figure class="chart">
       <figcaption>
         <span>{label}</span>
-        <strong>{last === null ? "–" : `${last.toFixed(digits)} ${unit}`}</strong>
+        <strong>{last === null ? "–" : `${last.toFixed(digits)}${unit ? ` ${unit}` : ""}`}</strong>
       </figcaption>
-      <svg viewBox={`0 0 ${width} ${height}`} role="img" aria-label={`${label}, last ${values.length} samples`} preserveAspectRatio="none">
-        <polyline points={points} fill="none" stroke="currentColor" stroke-width="2" />
+      <svg viewBox={`0 0 ${width} ${height}`} role="img" aria-label={`${label}: ${last === null ? "no data yet" : `now ${last.toFixed(digits)} ${unit}, peak ${max.toFixed(digits)} ${unit}`}`} preserveAspectRatio="none">
+        {area && <polygon points={area} fill="currentColor" fill-opacity="0.12" stroke="none" />}
+        <polyline points={line} fill="none" stroke="currentColor" stroke-width="2" />
       </svg>
+      <small class="muted">peak {known.length ? max.toFixed(digits) : "–"}</small>
     </figure>
   );
 }
