@@ -148,7 +148,11 @@ export function useSessionFeed(mode: Mode, session: Session | null): SessionFeed
         .receive("timeout", () => reject(new Error("no answer from the server")));
     });
 
+  // Typing is sent when it changes, not on every keystroke.
+  const typingSent = useRef(false);
   const setTyping = (value: boolean) => {
+    if (typingSent.current === value) return;
+    typingSent.current = value;
     channelRef.current?.push("typing", { typing: value });
   };
 
