@@ -4,6 +4,7 @@
 //! it); CHROMIUM names another executable. On failure the screenshots are in
 //! FLEETLM_CONSOLE_ARTIFACTS (default: the temp dir's `fleetlm-console-e2e/`).
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,6 +41,8 @@ fn the_console_works_in_a_real_browser() {
         .env("CHROMIUM", &chromium)
         .stdout(std::fs::File::create(output_dir.path().join("stdout")).expect("stdout file"))
         .stderr(Stdio::inherit())
+        // Its own process group, so a timeout kills the server, agent and browser it started too.
+        .process_group(0)
         .spawn()
         .expect("node must be installed (Node 20)");
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -48,7 +51,8 @@ fn the_console_works_in_a_real_browser() {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
+            // SAFETY: kill(2) on the process group made for the child above.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.wait();
             panic!("the console browser tests took over 300 s");
         }

@@ -79,6 +79,7 @@ describe("open mode", () => {
       await fieldError.waitFor(WAIT);
       assert.match(await fieldError.innerText(), /Origin URL must be an absolute http\(s\) URL/);
       assert.equal(await page.getByLabel("Origin URL").getAttribute("aria-invalid"), "true");
+      await page.waitForFunction(() => document.activeElement?.getAttribute("name") === "origin_url", null, WAIT);
       await page.getByLabel("Origin URL").fill(agentOrigin);
       await page.getByRole("button", { name: "Create agent" }).click();
       await page.locator('tr[data-agent="echo"]').waitFor(WAIT);

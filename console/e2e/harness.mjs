@@ -148,6 +148,11 @@ export async function docsShot(page, name) {
   await page.screenshot({ path: join(docsShotsDir, `${name}.png`) });
 }
 
+// Whatever ends this process, the servers and agents it started end with it.
+process.on("exit", () => {
+  for (const child of children) if (child.exitCode === null) child.kill("SIGKILL");
+});
+
 export async function stopAll() {
   if (browser) await browser.close().catch(() => {});
   for (const child of children) if (child.exitCode === null) child.kill("SIGKILL");

@@ -95,6 +95,8 @@ function AgentForm({ editing, onSaved, onCancel }: { editing: Agent | null; onSa
       if (err instanceof ApiError && Object.keys(err.fields).length) {
         setErrors(err.fields);
         setError("Please correct the fields marked below.");
+        // Keyboard and screen-reader users land on the first field to fix.
+        window.setTimeout(() => document.querySelector<HTMLElement>(".agent-form [aria-invalid=true]")?.focus(), 0);
       } else {
         setError((err as Error).message);
       }
