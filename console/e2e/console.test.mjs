@@ -196,6 +196,27 @@ describe("open mode", () => {
     await page.context().close();
   });
 
+  test("a long session shows its newest messages and pages back to the first", async () => {
+    const page = await newPage();
+    await step(page, "long-session", async () => {
+      await rest(base, "POST", "/api/agents", { agent: { id: "quiet", name: "Quiet", origin_url: "http://127.0.0.1:9" } });
+      await rest(base, "POST", "/api/sessions", { user_id: "dora", agent_id: "quiet", id: "long-1" });
+      await rest(base, "DELETE", "/api/agents/quiet");
+      for (let n = 1; n <= 130; n++) {
+        const sent = await rest(base, "POST", "/api/sessions/long-1/messages", { user_id: "dora", content: { text: `line ${n}` } });
+        assert.equal(sent.status, 200, JSON.stringify(sent.body));
+      }
+      await page.goto(`${base}/#/sessions/long-1`);
+      await page.locator('li[data-seq="130"]').waitFor(WAIT);
+      assert.equal(await page.locator('li[data-seq="1"]').count(), 0);
+      await page.getByRole("button", { name: "Show earlier messages" }).click();
+      await page.locator('li[data-seq="1"]').waitFor(WAIT);
+      assert.equal(await page.locator("li[data-seq]").count(), 130);
+      assert.equal(await page.getByRole("button", { name: "Show earlier messages" }).count(), 0);
+    });
+    await page.context().close();
+  });
+
   test("health: readiness and live charts", async () => {
     const page = await newPage();
     await step(page, "health", async () => {

@@ -30,6 +30,8 @@ export interface SessionFeed {
   error: string | null;
   send: (text: string) => Promise<void>;
   setTyping: (typing: boolean) => void;
+  /** Loads up to 100 messages before the oldest shown (the join replays only the newest 100). */
+  loadOlder: () => Promise<void>;
 }
 
 const MAX_CHUNKS = 500;
@@ -44,6 +46,7 @@ export function useSessionFeed(mode: Mode, session: Session | null): SessionFeed
   const [error, setError] = useState<string | null>(null);
   const channelRef = useRef<Channel | null>(null);
   const chunkCount = useRef(0);
+  const knownRef = useRef<Map<number, Message>>(new Map());
 
   useEffect(() => {
     if (!session) return;
@@ -51,6 +54,7 @@ export function useSessionFeed(mode: Mode, session: Session | null): SessionFeed
     let closed = false;
     let lastSeq = Math.max(0, session.last_seq - 100);
     const known = new Map<number, Message>();
+    knownRef.current = known;
     const add = (list: Message[]) => {
       for (const m of list) {
         known.set(m.seq, m);
@@ -156,7 +160,19 @@ export function useSessionFeed(mode: Mode, session: Session | null): SessionFeed
     channelRef.current?.push("typing", { typing: value });
   };
 
-  return { messages: sorted, live, status, typing, chunks, connected, error, send, setTyping };
+  const loadOlder = async () => {
+    if (!session || sorted.length === 0) return;
+    const first = sorted[0].seq;
+    const from = Math.max(0, first - 1 - 100);
+    const page = await api<{ messages: Message[] }>(
+      "GET",
+      `/api/sessions/${encodeURIComponent(session.id)}/messages?after_seq=${from}&limit=${first - 1 - from}`,
+    );
+    for (const m of page.messages) knownRef.current.set(m.seq, m);
+    setMessages(new Map(knownRef.current));
+  };
+
+  return { messages: sorted, live, status, typing, chunks, connected, error, send, setTyping, loadOlder };
 }
 
 export function ChatView({ feed, session, canSend }: { feed: SessionFeed; session: Session; canSend: boolean }) {
@@ -169,7 +185,7 @@ export function ChatView({ feed, session, canSend }: { feed: SessionFeed; sessio
   useEffect(() => {
     const list = listRef.current;
     if (list) list.scrollTop = list.scrollHeight;
-  }, [feed.messages.length, feed.live]);
+  }, [feed.messages[feed.messages.length - 1]?.seq, feed.live]);
 
   const submit = async (e: Event) => {
     e.preventDefault();
@@ -210,6 +226,11 @@ export function ChatView({ feed, session, canSend }: { feed: SessionFeed; sessio
         {status?.error && <span class="error">{status.error}</span>}
       </div>
       <ErrorNote error={feed.error} />
+      {feed.messages.length > 0 && feed.messages[0].seq > 1 && (
+        <button type="button" class="secondary small older" onClick={() => feed.loadOlder().catch((e) => setSendError(e.message))}>
+          Show earlier messages
+        </button>
+      )}
       <ol class="messages" ref={listRef} aria-label="Messages">
         {feed.messages.length === 0 && !feed.live && <li class="muted empty">No messages yet.</li>}
         {feed.messages.map((m) => (
