@@ -117,7 +117,23 @@ describe("open mode", () => {
       await page.reload();
       await page.locator(".msg.user", { hasText: "word39" }).waitFor(WAIT);
       await page.locator(".msg.agent", { hasText: `echo: ${words}` }).waitFor(WAIT);
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
       await docsShot(page, "session");
+
+      // The agent types (a raw Phoenix V2 socket as agent_id=echo): the watcher sees it.
+      const agentPage = await page.context().newPage();
+      await agentPage.goto(`${base}/#/health`);
+      await agentPage.evaluate(async (topic) => {
+        const ws = new WebSocket(`ws://${location.host}/socket/websocket?vsn=2.0.0&agent_id=echo`);
+        await new Promise((done) => (ws.onopen = done));
+        const joined = new Promise((done) => (ws.onmessage = (e) => JSON.parse(e.data)[3] === "phx_reply" && done()));
+        ws.send(JSON.stringify(["1", "1", topic, "phx_join", { last_seq: 1000000 }]));
+        await joined;
+        ws.send(JSON.stringify(["1", "2", topic, "typing", { typing: true }]));
+        window.agentSocket = ws;
+      }, `session:${sessionId}`);
+      await page.getByText("echo is typing…").waitFor(WAIT);
+      await agentPage.close();
     });
     assert.deepEqual(page.external, []);
     await page.context().close();
