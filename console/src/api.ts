@@ -18,7 +18,7 @@ export function redact(text: string): string {
   return text
     .replace(/\b[a-z][a-z0-9+.-]*:\/\/[^\s"',)]+/gi, "[address]")
     .replace(/\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b/g, "[address]")
-    .replace(/\[[0-9a-f:]+\](:\d+)?/gi, "[address]")
+    .replace(/\[[0-9a-f]*:[0-9a-f:]*\](:\d+)?/gi, "[address]")
     .replace(/\b(localhost|[a-z0-9-]+(\.[a-z0-9-]+)+):\d{2,5}\b/gi, "[address]");
 }
 
