@@ -65,7 +65,7 @@ fn the_console_works_in_a_real_browser() {
         "expected no failing console tests:\n{stdout}"
     );
     assert!(
-        stdout.contains("ℹ pass 10"),
-        "expected 10 passing console tests:\n{stdout}"
+        stdout.contains("ℹ pass 11"),
+        "expected 11 passing console tests:\n{stdout}"
     );
 }

@@ -233,6 +233,28 @@ describe("open mode", () => {
     await page.context().close();
   });
 
+  test("a failing agent: agent_status failed with its reason, and no address shown", async () => {
+    const page = await newPage();
+    await step(page, "failing-agent", async () => {
+      await rest(base, "POST", "/api/agents", { agent: { id: "down", name: "Down", origin_url: "http://127.0.0.1:9", debounce_window_ms: 0 } });
+      await rest(base, "POST", "/api/sessions", { user_id: "erin", agent_id: "down", id: "down-1" });
+      await page.goto(`${base}/#/sessions/down-1`);
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      await page.getByLabel("Message as erin").fill("anyone there?");
+      await page.getByRole("button", { name: "Send" }).click();
+      await page.locator('[data-testid="agent-status"]', { hasText: "failed" }).waitFor(WAIT);
+      const status = await page.locator(".chat-status").innerText();
+      assert.match(status, /could not reach the agent/);
+      assert.doesNotMatch(status, /127\.0\.0\.1|http:/);
+      await page.getByRole("link", { name: "Agents" }).click();
+      await page.locator('tr[data-agent="down"]').getByRole("button", { name: "Dispatches" }).click();
+      const dispatches = page.locator(".dispatches");
+      await dispatches.getByText("1 failed").waitFor(WAIT);
+      assert.doesNotMatch(await dispatches.innerText(), /127\.0\.0\.1|http:/);
+    });
+    await page.context().close();
+  });
+
   test("health: readiness and live charts", async () => {
     const page = await newPage();
     await step(page, "health", async () => {

@@ -44,7 +44,7 @@ export async function startServer(env = {}) {
   dirs.push(dataDir);
   const child = spawn(
     binary,
-    ["serve", "--http-addr", "127.0.0.1:0", "--data-dir", dataDir, "--shards", "4", "--wal-lanes", "1", "--flush-interval-ms", "50", "--inbox-push-interval-ms", "200"],
+    ["serve", "--http-addr", "127.0.0.1:0", "--data-dir", dataDir, "--shards", "4", "--wal-lanes", "1", "--flush-interval-ms", "50", "--inbox-push-interval-ms", "200", "--agent-max-attempts", "2"],
     { env: { PATH: process.env.PATH, RUST_LOG: "warn", ...env }, stdio: ["ignore", "pipe", "inherit"] },
   );
   children.push(child);
