@@ -5,7 +5,7 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { gzipSync } from "node:zlib";
-import { docsShot, launchBrowser, rest, startEchoAgent, startServer, startToolAgent, step, stopAll } from "./harness.mjs";
+import { docsShot, docsShotsDir, launchBrowser, rest, startEchoAgent, startServer, startToolAgent, step, stopAll } from "./harness.mjs";
 
 const WAIT = { timeout: 15000 };
 let base;
@@ -263,8 +263,11 @@ describe("open mode", () => {
       assert.equal(await page.locator("figure.chart").count(), 6);
       // Some traffic (user messages, each answered by the echo agent) across a few samples.
       await rest(base, "POST", "/api/sessions", { user_id: "loader", agent_id: "echo", id: "load-1" });
-      for (let round = 0; round < 4; round++) {
-        for (let n = 0; n < 5; n++) {
+      // (Longer and uneven when taking the docs' screenshots, so the charts have a shape.)
+      const rounds = docsShotsDir ? 14 : 4;
+      for (let round = 0; round < rounds; round++) {
+        const messages = docsShotsDir ? 2 + ((round * 7) % 11) : 5;
+        for (let n = 0; n < messages; n++) {
           await rest(base, "POST", "/api/sessions/load-1/messages", { user_id: "loader", kind: "text", content: { text: `load ${round}.${n}` } });
         }
         await new Promise((done) => setTimeout(done, 1100));

@@ -143,8 +143,10 @@ export function Sparkline(props: { label: string; values: (number | null)[]; uni
   const height = 48;
   const known = values.filter((v): v is number => v !== null);
   const max = Math.max(1e-9, ...known);
-  const step = width / Math.max(1, capacity - 1);
-  const offset = capacity - values.length;
+  // The x span grows with the history (at least 15 samples wide) up to `capacity`.
+  const span = Math.min(capacity, Math.max(15, values.length));
+  const step = width / Math.max(1, span - 1);
+  const offset = span - values.length;
   const coords = values
     .map((v, i) => (v === null ? null : [(offset + i) * step, height - (v / max) * (height - 4) - 2]))
     .filter((c): c is number[] => c !== null);

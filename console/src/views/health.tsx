@@ -80,7 +80,7 @@ export function HealthView() {
       <div class="charts">
         <Sparkline label="Appends" unit="/s" values={series("appendsPerSecond")} />
         <Sparkline label="WAL fsync (mean)" unit="ms" digits={2} values={series("fsyncMs")} />
-        <Sparkline label="Archive lag (worst shard)" unit="s" digits={2} values={series("archiveLagSeconds")} />
+        <Sparkline label="Archive lag (worst shard)" unit="ms" digits={0} values={series("archiveLagSeconds").map((v) => (v === null ? null : v * 1000))} />
         <Sparkline label="Sockets" unit="" digits={0} values={series("sockets")} />
         <Sparkline label="Dispatches" unit="/s" digits={2} values={series("dispatchesPerSecond")} />
         <Sparkline label="Failed dispatches" unit="/s" digits={2} values={series("dispatchFailuresPerSecond")} />
