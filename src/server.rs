@@ -169,6 +169,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .context("cannot load the agents")?,
     );
     let streams = Arc::new(crate::agents::LiveStreams::new(hub.clone()));
+    let recent_dispatches = Arc::new(crate::agents::RecentDispatches::default());
     let engine_context = Arc::new(crate::agents::EngineContext {
         shards: shards.clone(),
         registry: registry.clone(),
@@ -189,6 +190,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             max_message_bytes: config.max_message_bytes,
             max_metadata_depth: config.max_metadata_depth,
         },
+        recent: recent_dispatches.clone(),
+        clock: clock.clone(),
     });
     crate::agents::Engine::start(engine_context, engine_inbox, shutdown.clone());
     let sweeper = tokio::spawn(sweep(shards.clone(), config.session_idle, shutdown.clone()));
@@ -211,6 +214,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         hub,
         registry,
         streams,
+        recent_dispatches,
         sockets: Arc::default(),
         shutdown: shutdown.clone(),
     });

@@ -7,6 +7,7 @@
 //! - `reply.rs`, `assembler.rs`, `partial_json.rs`: the pure reply parsing and assembly.
 //! - `streams.rs`: replies streaming now (for `stream_chunk` and `stream_snapshot`).
 //! - `registry.rs`: the agents, in memory.
+//! - `recent.rs`: the last finished dispatches per agent (outcome, latency), in memory.
 //!
 //! Architecture invariant: dispatch state is derived from the log (a session owes a reply while
 //! its last user seq is above the seq its last finished dispatch covered), never from memory
@@ -14,6 +15,7 @@
 
 pub mod assembler;
 mod partial_json;
+pub mod recent;
 pub mod registry;
 pub mod reply;
 mod scheduler;
@@ -26,6 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::json;
 
+pub use recent::RecentDispatches;
 pub use registry::AgentRegistry;
 pub use scheduler::{Engine, EngineInbox, UserMessageSink, channel};
 pub use streams::LiveStreams;
@@ -58,6 +61,8 @@ pub struct EngineContext {
     pub http: reqwest::Client,
     pub config: EngineConfig,
     pub shards_limits: MessageLimits,
+    pub recent: Arc<RecentDispatches>,
+    pub clock: Arc<dyn crate::clock::Clock>,
 }
 
 /// Pushes `agent_status` to the session's members.

@@ -303,10 +303,22 @@ impl Scheduler {
                 agent_id: agent_id.clone(),
                 dispatch_id: Arc::from(crate::ids::generate_id()),
             };
+            let started = std::time::Instant::now();
             let result = run_bounded(&context, &job).await;
             let through_seq = result.through_seq.max(covered_hint);
             let outcome = if result.error.is_some() { "failed" } else { "ok" };
             metrics::counter!("fleetlm_dispatches_total", "outcome" => outcome).increment(1);
+            context.recent.record(
+                &job.agent_id,
+                super::recent::FinishedDispatch {
+                    dispatch_id: job.dispatch_id.to_string(),
+                    session_id: job.session_id.to_string(),
+                    outcome,
+                    error: result.error.clone(),
+                    duration_ms: started.elapsed().as_millis() as u64,
+                    finished_at: crate::model::Timestamp(context.clock.now_micros()),
+                },
+            );
             if let Err(error) = context
                 .shards
                 .finish_dispatch(&job.session_id, &job.dispatch_id, through_seq, result.error.clone())

@@ -116,6 +116,21 @@ pub async fn disable(State(state): State<SharedState>, caller: Caller, Path(id):
     Ok(axum::Json(json!({"agent": agent.to_json(), "message": "Agent disabled"})).into_response())
 }
 
+/// `GET /api/agents/:id/dispatches`: the agent's last finished dispatches (outcome, error,
+/// latency), newest first, from memory since the server started.
+pub async fn dispatches(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    require_admin(&caller)?;
+    if state.registry.get(&id).is_none() {
+        return Err(agent_not_found(&id));
+    }
+    let dispatches = state.recent_dispatches.of_agent(&id);
+    Ok(axum::Json(json!({"dispatches": dispatches})).into_response())
+}
+
 /// The object under `"agent"` (or the body itself when it is not nested).
 fn agent_fields(body: &serde_json::value::RawValue) -> ApiResult<Map<String, Value>> {
     let mut value: Map<String, Value> = serde_json::from_str(body.get())

@@ -1,4 +1,5 @@
-//! The HTTP API (`/api`, `/health`, `/metrics`): routing, request ids, CORS, body limits, auth
+//! The HTTP API (`/api`, `/health`, `/metrics`; the web console's `/` and `/assets/*` come from
+//! `crate::console`): routing, request ids, CORS, body limits, auth
 //! extraction. Handlers live in one file per resource.
 //!
 //! Architecture invariant: handlers validate everything the archive or the log would refuse
@@ -11,6 +12,7 @@ mod error;
 mod health;
 pub mod messages;
 pub mod sessions;
+mod tokens;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -40,6 +42,7 @@ pub struct AppState {
     pub hub: Arc<crate::hub::Hub>,
     pub registry: Arc<crate::agents::AgentRegistry>,
     pub streams: Arc<crate::agents::LiveStreams>,
+    pub recent_dispatches: Arc<crate::agents::RecentDispatches>,
     pub sockets: Arc<crate::gateway::SocketCounts>,
     /// Turns true when the server starts draining; sockets then close with 1012.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
@@ -57,6 +60,8 @@ pub fn router(state: SharedState) -> Router {
                 .patch(agents::update)
                 .delete(agents::disable),
         )
+        .route("/agents/{id}/dispatches", get(agents::dispatches))
+        .route("/tokens", post(tokens::create))
         .route("/sessions", get(sessions::list).post(sessions::create))
         .route("/sessions/{id}", get(sessions::show).delete(sessions::archive))
         .route("/sessions/{id}/messages", get(messages::list).post(messages::append))
@@ -69,6 +74,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
         .route("/socket/websocket", get(crate::gateway::upgrade))
+        .merge(crate::console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), cors))

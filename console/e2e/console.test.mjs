@@ -1,0 +1,336 @@
+// The web console in headless Chromium against a real `fleetlm serve` and the example echo
+// agent: agents (validation, create), the playground (a streamed reply, raw chunks, the webhook
+// request), history after a reload, a live inbox count, sessions (filter, archive), health, and
+// token mode. Run by tests/console_e2e.rs (FLEETLM_BIN set); on failure a screenshot is saved.
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { gzipSync } from "node:zlib";
+import { docsShot, docsShotsDir, launchBrowser, rest, startEchoAgent, startServer, startToolAgent, step, stopAll } from "./harness.mjs";
+
+const WAIT = { timeout: 15000 };
+let base;
+let agentOrigin;
+let toolAgentOrigin;
+let browser;
+let sessionId;
+
+before(async () => {
+  [base, agentOrigin, toolAgentOrigin] = await Promise.all([startServer(), startEchoAgent(), startToolAgent()]);
+  browser = await launchBrowser();
+});
+
+after(stopAll);
+
+async function newPage() {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 820 } });
+  const page = await context.newPage();
+  const external = [];
+  page.on("request", (request) => {
+    const url = new URL(request.url());
+    if (!["127.0.0.1", "localhost"].includes(url.hostname) && !url.protocol.startsWith("data")) external.push(request.url());
+  });
+  page.external = external;
+  return page;
+}
+
+describe("open mode", () => {
+  test("the console is small and never shadows the API", async () => {
+    const index = await fetch(`${base}/`);
+    assert.equal(index.status, 200);
+    assert.match(index.headers.get("content-type"), /text\/html/);
+    assert.match(index.headers.get("content-security-policy"), /default-src 'self'/);
+    const html = await index.text();
+    const assets = [...html.matchAll(/(?:src|href)="(\/assets\/[^"]+)"/g)].map((m) => m[1]);
+    assert.ok(assets.length >= 2, `index.html references its assets: ${assets}`);
+    let compressed = gzipSync(Buffer.from(html)).length;
+    for (const asset of assets) {
+      const response = await fetch(`${base}${asset}`);
+      assert.equal(response.status, 200, asset);
+      compressed += gzipSync(Buffer.from(await response.arrayBuffer())).length;
+    }
+    assert.ok(compressed < 200 * 1024, `first load is ${compressed} bytes gzipped`);
+
+    const api404 = await rest(base, "GET", "/api/nope");
+    assert.equal(api404.status, 404);
+    assert.equal(api404.body.code, "not_found");
+    assert.equal((await rest(base, "GET", "/api/agents")).status, 200);
+    const ready = await rest(base, "GET", "/health/ready");
+    assert.equal(ready.body.status, "ready");
+    const metrics = await fetch(`${base}/metrics`);
+    assert.match(metrics.headers.get("content-type"), /text\/plain/);
+    assert.match(await metrics.text(), /fleetlm_/);
+    const socket = await fetch(`${base}/socket/websocket?vsn=2.0.0&user_id=x`);
+    assert.doesNotMatch(socket.headers.get("content-type") ?? "", /html/);
+    assert.equal((await rest(base, "GET", "/assets/missing.js")).status, 404);
+    assert.equal((await rest(base, "GET", "/agents")).body.code, "not_found");
+  });
+
+  test("agents: a validation error is shown inline, then the agent is created", async () => {
+    const page = await newPage();
+    await step(page, "agents", async () => {
+      await page.goto(`${base}/#/agents`);
+      await page.getByRole("button", { name: "New agent" }).click();
+      await page.getByLabel("Id").fill("echo");
+      await page.getByLabel("Name").fill("Echo agent");
+      await page.getByLabel("Origin URL").fill("not a url");
+      await page.getByLabel("Debounce window (ms)").fill("0");
+      await page.getByRole("button", { name: "Create agent" }).click();
+      const fieldError = page.locator(".field.invalid .field-error");
+      await fieldError.waitFor(WAIT);
+      assert.match(await fieldError.innerText(), /Origin URL must be an absolute http\(s\) URL/);
+      assert.equal(await page.getByLabel("Origin URL").getAttribute("aria-invalid"), "true");
+      await page.waitForFunction(() => document.activeElement?.getAttribute("name") === "origin_url", null, WAIT);
+      await page.getByLabel("Origin URL").fill(agentOrigin);
+      await page.getByRole("button", { name: "Create agent" }).click();
+      await page.locator('tr[data-agent="echo"]').waitFor(WAIT);
+    });
+    assert.deepEqual(page.external, []);
+    await page.context().close();
+  });
+
+  test("playground: the reply streams in, with its chunks; a reload shows the history", async () => {
+    const page = await newPage();
+    const words = Array.from({ length: 40 }, (_, i) => `word${i}`).join(" ");
+    await step(page, "playground", async () => {
+      await page.goto(`${base}/#/playground`);
+      await page.getByLabel("Agent").selectOption("echo");
+      await page.getByLabel("User id").fill("alice");
+      await page.getByRole("button", { name: "Start session" }).click();
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      const composer = page.getByLabel("Message as alice");
+      await composer.fill(words);
+      const streaming = page.locator(".msg.streaming").waitFor(WAIT);
+      await page.getByRole("button", { name: "Send" }).click();
+      await streaming;
+      await page.locator(".msg.agent:not(.streaming)", { hasText: `echo: ${words}` }).waitFor(WAIT);
+      await page.locator('[data-testid="agent-status"]', { hasText: "idle" }).waitFor(WAIT);
+      const chunks = await page.locator('[data-testid="chunks"] li').allInnerTexts();
+      assert.ok(chunks.some((c) => c.includes('"type":"text-delta"')), "raw text-delta chunks are listed");
+      assert.ok(chunks.some((c) => c.includes('"type":"finish"')), "the finish chunk is listed");
+      const request = await page.locator("section[aria-labelledby=webhook-title]").innerText();
+      assert.match(request, /"user_id": "alice"/);
+      assert.match(request, /idempotency-key/);
+      sessionId = (await page.locator(".playground a").first().innerText()).trim();
+      await docsShot(page, "playground");
+
+      await page.goto(`${base}/#/sessions/${encodeURIComponent(sessionId)}`);
+      await page.reload();
+      await page.locator(".msg.user", { hasText: "word39" }).waitFor(WAIT);
+      await page.locator(".msg.agent", { hasText: `echo: ${words}` }).waitFor(WAIT);
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      await docsShot(page, "session");
+
+      // The agent types (a raw Phoenix V2 socket as agent_id=echo): the watcher sees it.
+      const agentPage = await page.context().newPage();
+      await agentPage.goto(`${base}/#/health`);
+      await agentPage.evaluate(async (topic) => {
+        const ws = new WebSocket(`ws://${location.host}/socket/websocket?vsn=2.0.0&agent_id=echo`);
+        await new Promise((done) => (ws.onopen = done));
+        const joined = new Promise((done) => (ws.onmessage = (e) => JSON.parse(e.data)[3] === "phx_reply" && done()));
+        ws.send(JSON.stringify(["1", "1", topic, "phx_join", { last_seq: 1000000 }]));
+        await joined;
+        ws.send(JSON.stringify(["1", "2", topic, "typing", { typing: true }]));
+        window.agentSocket = ws;
+      }, `session:${sessionId}`);
+      await page.getByText("echo is typing…").waitFor(WAIT);
+      await agentPage.close();
+    });
+    assert.deepEqual(page.external, []);
+    await page.context().close();
+  });
+
+  test("playground: reasoning and a tool call with its input and output render as they stream", async () => {
+    const page = await newPage();
+    await step(page, "tools", async () => {
+      const agent = await rest(base, "POST", "/api/agents", { agent: { id: "weather", name: "Weather agent", origin_url: toolAgentOrigin, debounce_window_ms: 0 } });
+      assert.equal(agent.status, 201, JSON.stringify(agent.body));
+      await page.goto(`${base}/#/playground`);
+      await page.getByLabel("Agent").selectOption("weather");
+      await page.getByLabel("User id").fill("alice");
+      await page.getByRole("button", { name: "Start session" }).click();
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      await page.getByLabel("Message as alice").fill("What is the weather in Paris?");
+      const streamingTool = page.locator(".msg.streaming .part-tool", { hasText: "weather" }).waitFor(WAIT);
+      await page.getByRole("button", { name: "Send" }).click();
+      await streamingTool;
+      const stored = page.locator(".msg.agent:not(.streaming)", { hasText: "It is 21 °C and clear in Paris." });
+      await stored.waitFor(WAIT);
+      const text = await stored.innerText();
+      assert.match(text, /call the weather tool/);
+      assert.match(text, /Tool: weather/);
+      assert.match(text, /"city": "Paris"/);
+      assert.match(text, /"temperature_c": 21/);
+      await page.locator('[data-testid="chunks"] li', { hasText: "tool-output-available" }).waitFor(WAIT);
+      await docsShot(page, "playground-tools");
+    });
+    await page.context().close();
+  });
+
+  test("inbox: the unread count goes up live when the agent writes", async () => {
+    const page = await newPage();
+    await step(page, "inbox", async () => {
+      await page.goto(`${base}/#/inbox/alice`);
+      const total = page.locator('[data-testid="total-unread"]');
+      await total.waitFor(WAIT);
+      const before = Number(await total.innerText());
+      const sent = await rest(base, "POST", `/api/sessions/${encodeURIComponent(sessionId)}/messages`, {
+        user_id: "alice",
+        kind: "text",
+        content: { text: "one more please" },
+      });
+      assert.equal(sent.status, 200, JSON.stringify(sent.body));
+      await page.waitForFunction(
+        (expected) => Number(document.querySelector('[data-testid="total-unread"]')?.textContent) === expected,
+        before + 1,
+        WAIT,
+      );
+      await page.locator("td.preview", { hasText: "echo: one more please" }).waitFor(WAIT);
+      await docsShot(page, "inbox");
+      const row = page.locator(`tr[data-session="${sessionId}"]`);
+      await row.getByRole("button", { name: "Mark read" }).click();
+      await row.locator('[data-testid="unread"]', { hasText: /^0$/ }).waitFor(WAIT);
+    });
+    await page.context().close();
+  });
+
+  test("sessions: filter, open, archive", async () => {
+    const page = await newPage();
+    page.on("dialog", (dialog) => dialog.accept());
+    await step(page, "sessions", async () => {
+      await rest(base, "POST", "/api/sessions", { user_id: "bob", agent_id: "echo", id: "bob-session" });
+      await page.goto(`${base}/#/sessions`);
+      await page.getByRole("link", { name: "bob-session" }).waitFor(WAIT);
+      await page.getByLabel("User").fill("alice");
+      await page.getByRole("button", { name: "Filter" }).click();
+      await page.getByRole("link", { name: "bob-session" }).waitFor({ ...WAIT, state: "detached" });
+      await page.getByRole("link", { name: sessionId }).waitFor(WAIT);
+      await docsShot(page, "sessions");
+      await page.getByRole("link", { name: sessionId }).click();
+      await page.getByRole("button", { name: "Archive" }).click();
+      await page.locator('[data-testid="session-status"]', { hasText: "archived" }).waitFor(WAIT);
+    });
+    await page.context().close();
+  });
+
+  test("a long session shows its newest messages and pages back to the first", async () => {
+    const page = await newPage();
+    await step(page, "long-session", async () => {
+      await rest(base, "POST", "/api/agents", { agent: { id: "quiet", name: "Quiet", origin_url: "http://127.0.0.1:9" } });
+      await rest(base, "POST", "/api/sessions", { user_id: "dora", agent_id: "quiet", id: "long-1" });
+      await rest(base, "DELETE", "/api/agents/quiet");
+      for (let n = 1; n <= 130; n++) {
+        const sent = await rest(base, "POST", "/api/sessions/long-1/messages", { user_id: "dora", content: { text: `line ${n}` } });
+        assert.equal(sent.status, 200, JSON.stringify(sent.body));
+      }
+      await page.goto(`${base}/#/sessions/long-1`);
+      await page.locator('li[data-seq="130"]').waitFor(WAIT);
+      assert.equal(await page.locator('li[data-seq="1"]').count(), 0);
+      await page.getByRole("button", { name: "Show earlier messages" }).click();
+      await page.locator('li[data-seq="1"]').waitFor(WAIT);
+      assert.equal(await page.locator("li[data-seq]").count(), 130);
+      assert.equal(await page.getByRole("button", { name: "Show earlier messages" }).count(), 0);
+    });
+    await page.context().close();
+  });
+
+  test("a failing agent: agent_status failed with its reason, and no address shown", async () => {
+    const page = await newPage();
+    await step(page, "failing-agent", async () => {
+      await rest(base, "POST", "/api/agents", { agent: { id: "down", name: "Down", origin_url: "http://127.0.0.1:9", debounce_window_ms: 0 } });
+      await rest(base, "POST", "/api/sessions", { user_id: "erin", agent_id: "down", id: "down-1" });
+      await page.goto(`${base}/#/sessions/down-1`);
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      await page.getByLabel("Message as erin").fill("anyone there?");
+      await page.getByRole("button", { name: "Send" }).click();
+      await page.locator('[data-testid="agent-status"]', { hasText: "failed" }).waitFor(WAIT);
+      const status = await page.locator(".chat-status").innerText();
+      assert.match(status, /could not reach the agent/);
+      assert.doesNotMatch(status, /127\.0\.0\.1|http:/);
+      await page.getByRole("link", { name: "Agents" }).click();
+      await page.locator('tr[data-agent="down"]').getByRole("button", { name: "Dispatches" }).click();
+      const dispatches = page.locator(".dispatches");
+      await dispatches.getByText("1 failed").waitFor(WAIT);
+      assert.doesNotMatch(await dispatches.innerText(), /127\.0\.0\.1|http:/);
+    });
+    await page.context().close();
+  });
+
+  test("health: readiness and live charts", async () => {
+    const page = await newPage();
+    await step(page, "health", async () => {
+      await page.goto(`${base}/#/health`);
+      await page.locator('[data-testid="readiness"]', { hasText: "ready" }).waitFor(WAIT);
+      assert.equal(await page.locator("figure.chart").count(), 6);
+      // Some traffic (user messages, each answered by the echo agent) across a few samples.
+      await rest(base, "POST", "/api/sessions", { user_id: "loader", agent_id: "echo", id: "load-1" });
+      // (Longer and uneven when taking the docs' screenshots, so the charts have a shape.)
+      const rounds = docsShotsDir ? 14 : 4;
+      for (let round = 0; round < rounds; round++) {
+        const messages = docsShotsDir ? 2 + ((round * 7) % 11) : 5;
+        for (let n = 0; n < messages; n++) {
+          await rest(base, "POST", "/api/sessions/load-1/messages", { user_id: "loader", kind: "text", content: { text: `load ${round}.${n}` } });
+        }
+        await new Promise((done) => setTimeout(done, 1100));
+      }
+      await page.waitForFunction(() => document.querySelectorAll("figure.chart polyline[points*=' ']").length >= 3, null, WAIT);
+      await docsShot(page, "health");
+
+      await page.getByRole("link", { name: "Agents" }).click();
+      await page.locator('tr[data-agent="echo"]').getByRole("button", { name: "Dispatches" }).click();
+      await page.locator(".dispatches table").waitFor(WAIT);
+      await docsShot(page, "agents");
+    });
+    await page.context().close();
+  });
+
+  test("keyboard: the navigation is reachable with Tab", async () => {
+    const page = await newPage();
+    await step(page, "keyboard", async () => {
+      await page.goto(`${base}/#/agents`);
+      await page.locator("h2", { hasText: "Agents" }).waitFor(WAIT);
+      const focused = [];
+      for (let i = 0; i < 4; i++) {
+        await page.keyboard.press("Tab");
+        focused.push(await page.evaluate(() => document.activeElement?.textContent?.trim()));
+      }
+      assert.deepEqual(focused.slice(0, 3), ["Skip to content", "Agents", "Sessions"]);
+    });
+    await page.context().close();
+  });
+});
+
+describe("token mode", () => {
+  const apiKey = "console-test-api-key";
+  let tokenBase;
+
+  before(async () => {
+    tokenBase = await startServer({ FLEETLM_AUTH_SECRET: "console-e2e-secret-0123456789", FLEETLM_API_KEY: apiKey });
+  });
+
+  test("asks for the API key, keeps it in sessionStorage, and watches a session live", async () => {
+    const page = await newPage();
+    await step(page, "token-mode", async () => {
+      const agent = await rest(tokenBase, "POST", "/api/agents", { agent: { id: "echo", name: "Echo", origin_url: agentOrigin, debounce_window_ms: 0 } }, apiKey);
+      assert.equal(agent.status, 201, JSON.stringify(agent.body));
+      const session = await rest(tokenBase, "POST", "/api/sessions", { id: "carol-1", user_id: "carol", agent_id: "echo" }, apiKey);
+      assert.equal(session.status, 201, JSON.stringify(session.body));
+
+      await page.goto(`${tokenBase}/#/sessions/carol-1`);
+      await page.getByLabel("Admin API key").fill("wrong key");
+      await page.getByRole("button", { name: "Sign in" }).click();
+      await page.getByText("That API key was not accepted.").waitFor(WAIT);
+      await page.getByLabel("Admin API key").fill(apiKey);
+      await page.getByRole("button", { name: "Sign in" }).click();
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      assert.equal(await page.evaluate(() => sessionStorage.getItem("fleetlm.apiKey")), apiKey);
+      assert.equal(await page.evaluate(() => localStorage.length), 0);
+      await page.getByLabel("Message as carol").fill("hi from token mode");
+      await page.getByRole("button", { name: "Send" }).click();
+      await page.locator(".msg.agent", { hasText: "echo: hi from token mode" }).waitFor(WAIT);
+      await page.getByRole("link", { name: "Agents" }).click();
+      await page.getByRole("button", { name: "Dispatches" }).click();
+      await page.getByText("1 ok").waitFor(WAIT);
+    });
+    await page.context().close();
+  });
+});
