@@ -739,3 +739,20 @@ fn an_accepted_loss_lets_the_log_continue_past_the_damage() {
     assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(4));
     wal.shutdown();
 }
+
+/// A segment of the previous format (before batch framing) is refused with a sentence saying
+/// what to do, never misread.
+#[test]
+fn a_format_1_segment_is_refused_with_a_clear_sentence() {
+    let fs = SimFs::new();
+    let lane_dir = Path::new("/wal/lane-00");
+    let file = fs.create_new(&segment::segment_path(lane_dir, 0)).expect("create");
+    file.write_all_at(segment::SEGMENT_MAGIC_V1, 0).expect("write");
+    file.write_all_at(&[7u8; 64], 8).expect("write");
+    let error = Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), options())
+        .err()
+        .expect("refused");
+    let sentence = error.to_string();
+    assert!(sentence.contains("WAL format 1") && sentence.contains("drain it"), "{sentence}");
+    assert_eq!(fs.read(&segment::segment_path(lane_dir, 0)).expect("kept")[8], 7, "nothing changed");
+}
