@@ -174,14 +174,37 @@ pub fn wal_repair(data_dir: &Path, shards: &[u16]) -> anyhow::Result<String> {
                 bail!("shard {shard} already has the most accepted losses a shard may carry; restore it from a backup");
             }
             // Damage that may hold this shard's entries: named for it, or of unknown content.
-            let lost_bytes: u64 = lane
+            // A region whose content is unknown (or a gap with no damage found, such as a
+            // missing segment) may have held at least a whole entry.
+            let regions: Vec<&crate::wal::Damage> = lane
                 .damage
                 .iter()
                 .filter(|damage| damage.entry.is_none_or(|(named, _)| named == shard))
-                .map(|damage| damage.len)
+                .collect();
+            if regions.len() > crate::wal::MAX_LOSS_REGIONS {
+                bail!(
+                    "shard {shard} has {} damaged regions; more than {} cannot be accepted at once: restore it from a backup",
+                    regions.len(),
+                    crate::wal::MAX_LOSS_REGIONS
+                );
+            }
+            let whole_entry = wal.max_entry_bytes() as u64;
+            let mut lost_bytes: u64 = regions
+                .iter()
+                .map(|damage| {
+                    if damage.entry.is_some() {
+                        damage.len
+                    } else {
+                        damage.len.max(whole_entry)
+                    }
+                })
                 .sum();
+            if regions.is_empty() {
+                lost_bytes = whole_entry;
+            }
+            let positions: Vec<(u64, u64)> = regions.iter().map(|d| (d.segment_no, d.offset)).collect();
             let after_index = wal.last_log_id(shard).map_or(0, |id| id.index);
-            runtime.block_on(wal.accept_loss(shard, after_index, lost_bytes.max(1)))?;
+            runtime.block_on(wal.accept_loss(shard, after_index, lost_bytes, &positions))?;
             writeln!(
                 out,
                 "shard {shard}: accepted the loss of its damaged entries after entry {after_index} \

@@ -122,7 +122,7 @@ impl From<ShardError> for ApiError {
                 let mut error = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "storage_failed",
-                    "the server's storage failed; this request was not stored (see /health/ready)",
+                    "the server's storage failed; the request may or may not have been stored: retry it with the same client_id once the server is back",
                 );
                 error.retry_after_secs = Some(5);
                 error

@@ -18,7 +18,7 @@ use crate::model::{MessageRecord, Timestamp};
 /// One refused row.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
-    /// UUIDv7 (22-char base64url): orders dead letters by when they were set aside.
+    /// UUIDv7 as 32 hex digits: orders dead letters by when they were set aside.
     pub id: String,
     /// `session`, `message`, `session_update` or `read_cursor`.
     pub kind: String,
@@ -59,7 +59,8 @@ pub struct Unit {
 impl Unit {
     pub fn dead_letter(&self, error: String, at: Timestamp) -> DeadLetter {
         DeadLetter {
-            id: crate::ids::generate_id(),
+            // Hex of a UUIDv7: text order is time order, so listings page chronologically.
+            id: uuid::Uuid::now_v7().simple().to_string(),
             kind: self.kind.to_string(),
             // The id column holds text the archive accepts; the exact id is in the payload.
             session_id: self.session_id.replace('\0', "\u{fffd}"),

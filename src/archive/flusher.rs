@@ -239,7 +239,7 @@ fn collect_rows(wal: &Wal, ranges: &[EntryRange]) -> Result<Option<Collected>, F
         let resumes_after_loss = wal
             .accepted_losses(shard)
             .iter()
-            .any(|loss| loss.after_index + 1 == range.from_index && loss.resumed_at == Some(entries[0].0.index));
+            .any(|loss| loss.after_index < range.from_index && loss.resumed_at == Some(entries[0].0.index));
         if entries[0].0.index != range.from_index && !resumes_after_loss {
             return Err(FlushError::Wal(format!(
                 "shard {shard}: expected entry {} after the watermark, the wal has {}",

@@ -388,7 +388,12 @@ impl ShardWriter {
                     .iter()
                     .map(|id| self.state.sessions.get(id).map(SessionState::view))
                     .collect();
-                batch.replies.push(Box::new(move |_| {
+                // Views of state that failed to become durable are never shown.
+                batch.replies.push(Box::new(move |failure| {
+                    let views = match failure {
+                        Some(_) => vec![None; session_ids.len()],
+                        None => views,
+                    };
                     let _ = reply.send(views);
                 }));
             }
@@ -441,8 +446,8 @@ impl ShardWriter {
                     .filter(|s| s.dispatch.is_pending() && s.status == SessionStatus::Active)
                     .map(|s| (s.record.id.clone(), s.record.agent_id.clone(), s.dispatch.last_user_seq))
                     .collect();
-                batch.replies.push(Box::new(move |_| {
-                    let _ = reply.send(owing);
+                batch.replies.push(Box::new(move |failure| {
+                    let _ = reply.send(if failure.is_some() { Vec::new() } else { owing });
                 }));
             }
             Command::MoveReadCursor {
@@ -750,7 +755,9 @@ impl ShardWriter {
             .filter(|loss| session.updated_at < loss.recorded_at)
             .map(|loss| loss.skip_seqs)
             .sum();
-        if skip == 0 || self.writable().is_err() {
+        // Not blocked by the WAL budget (the skip is what makes the session safe to write
+        // again); a shard that refuses writes for another reason skips after its rebuild.
+        if skip == 0 || self.refusal.is_some() {
             return;
         }
         let from_seq = session.last_seq + 1;
@@ -779,9 +786,12 @@ impl ShardWriter {
         let accepted_losses = self.wal.accepted_losses(self.shard);
         // An accepted loss right after the watermark: the log resumes past the lost entries.
         let resumes_after_loss = |first: u64| {
-            accepted_losses
-                .iter()
-                .any(|loss| loss.after_index == watermark && loss.resumed_at == Some(first))
+            accepted_losses.iter().any(|loss| {
+                loss.after_index <= watermark
+                    && loss
+                        .resumed_at
+                        .is_some_and(|resumed| watermark < resumed && resumed == first)
+            })
         };
         if let Some(first) = self.wal.first_index(self.shard)
             && first > watermark + 1

@@ -33,11 +33,14 @@ pub struct ShardLog {
     pub accepted_losses: Vec<AcceptedLoss>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcceptedLoss {
     pub after_index: u64,
     /// Damaged bytes the operator accepted losing (bounds what the lost entries held).
     pub lost_bytes: u64,
+    /// `(segment_no, offset)` of each damaged region accepted: damage found anywhere else later
+    /// is new, and degrades the shard again.
+    pub regions: Vec<(u64, u64)>,
     /// The first intact entry after the loss (`None` while no entry followed it yet).
     pub resumed_at: Option<u64>,
 }

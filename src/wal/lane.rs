@@ -31,11 +31,13 @@ pub enum LaneRequest {
         entries: Vec<(LogId, Vec<u8>)>,
         done: oneshot::Sender<Result<(), WalError>>,
     },
-    /// A bodiless record: truncate, purge or an accepted loss.
+    /// A record that is not an entry: truncate, purge or an accepted loss (whose body lists
+    /// the damaged regions accepted).
     Mark {
         kind: RecordKind,
         shard: u16,
         log_id: LogId,
+        body: Vec<u8>,
         done: oneshot::Sender<Result<(), WalError>>,
     },
 }
@@ -47,7 +49,7 @@ impl LaneRequest {
                 .iter()
                 .map(|(_, body)| record::record_framed_len(body.len()))
                 .sum(),
-            LaneRequest::Mark { .. } => record::RECORD_HEADER_BYTES,
+            LaneRequest::Mark { body, .. } => record::record_framed_len(body.len()),
         }
     }
 
@@ -227,6 +229,7 @@ impl LaneWriter {
     /// The largest request (framed records) that always fits in a new segment.
     pub fn max_request_bytes(&self) -> usize {
         max_request_bytes(self.segment_bytes, self.max_batch_bytes, self.lane_shard_count)
+            .expect("segment size validated when the wal was opened")
     }
 
     fn encode(&self, request: &LaneRequest, buffer: &mut Vec<u8>, changes: &mut Vec<IndexChange>) {
@@ -250,13 +253,17 @@ impl LaneWriter {
                 }
             }
             LaneRequest::Mark {
-                kind, shard, log_id, ..
+                kind,
+                shard,
+                log_id,
+                body,
+                ..
             } => {
                 Record {
                     kind: *kind,
                     shard: *shard,
                     log_id: *log_id,
-                    body: &[],
+                    body,
                 }
                 .encode_into(buffer);
                 match kind {
@@ -372,12 +379,12 @@ impl LaneWriter {
             return Ok(());
         }
         let mut open = OpenBatch::default();
-        for (kind, shard, log_id) in marks {
+        for (kind, shard, log_id, body) in marks {
             Record {
                 kind,
                 shard,
                 log_id,
-                body: &[],
+                body: &body,
             }
             .encode_into(buffer);
             open.record_count += 1;
@@ -390,7 +397,7 @@ impl LaneWriter {
 /// What a new segment starts with: every shard's purge mark, and its accepted losses whose
 /// damaged entries are not purged yet (the damaged segment may outlive the one holding the
 /// operator's record), so deleting segments in any order loses neither.
-fn carried_marks(index: &LaneIndex) -> Vec<(RecordKind, u16, LogId)> {
+fn carried_marks(index: &LaneIndex) -> Vec<(RecordKind, u16, LogId, Vec<u8>)> {
     let mut marks = Vec::new();
     for (shard, log) in &index.shards {
         if log.purged_through > 0 {
@@ -398,7 +405,7 @@ fn carried_marks(index: &LaneIndex) -> Vec<(RecordKind, u16, LogId)> {
                 term: 0,
                 index: log.purged_through,
             };
-            marks.push((RecordKind::PurgePrefix, *shard, log_id));
+            marks.push((RecordKind::PurgePrefix, *shard, log_id, Vec::new()));
         }
         for loss in log
             .accepted_losses
@@ -409,7 +416,12 @@ fn carried_marks(index: &LaneIndex) -> Vec<(RecordKind, u16, LogId)> {
                 term: loss.lost_bytes,
                 index: loss.after_index,
             };
-            marks.push((RecordKind::LossAccepted, *shard, log_id));
+            marks.push((
+                RecordKind::LossAccepted,
+                *shard,
+                log_id,
+                record::encode_regions(&loss.regions),
+            ));
         }
     }
     marks
@@ -418,16 +430,20 @@ fn carried_marks(index: &LaneIndex) -> Vec<(RecordKind, u16, LogId)> {
 /// Accepted losses per shard carried into a new segment, at most (`fleetlm wal repair` refuses
 /// to record more).
 pub const MAX_CARRIED_LOSSES_PER_SHARD: usize = 4;
+/// Damaged regions one accepted loss may name, at most.
+pub const MAX_LOSS_REGIONS: usize = 8;
 
 /// The largest request (framed records) that always fits in a new segment: after the magic, the
 /// batch of carried marks (a purge mark and accepted losses per shard) and its own batch header
 /// and padding.
-pub fn max_request_bytes(segment_bytes: u64, max_batch_bytes: usize, lane_shard_count: usize) -> usize {
-    let marks_per_shard = 1 + MAX_CARRIED_LOSSES_PER_SHARD;
-    let purge_marks = record::batch_framed_len(lane_shard_count * marks_per_shard * record::RECORD_HEADER_BYTES);
-    let room = (segment_bytes - SEGMENT_HEADER_BYTES) as usize
-        - purge_marks
-        - record::BATCH_HEADER_BYTES
-        - record::BATCH_ALIGN;
-    max_batch_bytes.min(room)
+/// `None` when a segment is too small to hold the marks and anything more (a configuration the
+/// WAL refuses at open).
+pub fn max_request_bytes(segment_bytes: u64, max_batch_bytes: usize, lane_shard_count: usize) -> Option<usize> {
+    let loss_mark = record::record_framed_len(MAX_LOSS_REGIONS * record::REGION_BYTES);
+    let marks_per_shard = record::RECORD_HEADER_BYTES + MAX_CARRIED_LOSSES_PER_SHARD * loss_mark;
+    let carried_marks = record::batch_framed_len(lane_shard_count * marks_per_shard);
+    let room = usize::try_from(segment_bytes.checked_sub(SEGMENT_HEADER_BYTES)?)
+        .ok()?
+        .checked_sub(carried_marks + record::BATCH_HEADER_BYTES + record::BATCH_ALIGN)?;
+    Some(max_batch_bytes.min(room))
 }

@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, oneshot};
 pub use fs::{FileSystem, RealFs};
 pub use index::AcceptedLoss;
 use index::LaneIndex;
-pub use lane::MAX_CARRIED_LOSSES_PER_SHARD;
 use lane::{LaneRequest, LaneWriter};
+pub use lane::{MAX_CARRIED_LOSSES_PER_SHARD, MAX_LOSS_REGIONS};
 use record::{DecodedRecord, RecordKind};
 pub use recovery::{Damage, SegmentSummary};
 pub use vote::Vote;
@@ -134,6 +134,16 @@ pub struct Wal {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// The smallest entry limit the WAL accepts to work with (a segment must leave room for this
+/// beside the marks it starts with).
+const MIN_ENTRY_BYTES: usize = 512;
+
+fn max_entry_bytes(options: &WalOptions) -> Option<usize> {
+    let lane_shards = (options.shard_count as usize).div_ceil(options.lanes);
+    lane::max_request_bytes(options.segment_bytes, options.max_batch_bytes, lane_shards)?
+        .checked_sub(record::RECORD_HEADER_BYTES)
+}
+
 fn lane_dir(dir: &Path, lane_no: usize) -> PathBuf {
     dir.join(format!("lane-{lane_no:02}"))
 }
@@ -205,6 +215,15 @@ impl Wal {
             options.lanes > 0 && options.shard_count > 0,
             "wal needs at least one lane and shard"
         );
+        if max_entry_bytes(&options).is_none_or(|bytes| bytes < MIN_ENTRY_BYTES) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "wal_segment_bytes {} is too small for {} shards over {} lanes: raise it or use more lanes",
+                    options.segment_bytes, options.shard_count, options.lanes
+                ),
+            ));
+        }
         fs.create_dir_all(dir)?;
         vote::ensure_dir(fs.as_ref(), dir)?;
         let mut lanes = Vec::with_capacity(options.lanes);
@@ -271,9 +290,7 @@ impl Wal {
 
     /// The largest entry body `append` takes (one entry per call).
     pub fn max_entry_bytes(&self) -> usize {
-        let lane_shards = (self.options.shard_count as usize).div_ceil(self.options.lanes);
-        lane::max_request_bytes(self.options.segment_bytes, self.options.max_batch_bytes, lane_shards)
-            - record::RECORD_HEADER_BYTES
+        max_entry_bytes(&self.options).expect("validated when the wal was opened")
     }
 
     pub fn shard_count(&self) -> u16 {
@@ -330,11 +347,12 @@ impl Wal {
         Ok(durable)
     }
 
-    async fn mark(&self, kind: RecordKind, shard: u16, log_id: LogId) -> Result<()> {
+    async fn mark(&self, kind: RecordKind, shard: u16, log_id: LogId, body: Vec<u8>) -> Result<()> {
         self.submit(shard, |done| LaneRequest::Mark {
             kind,
             shard,
             log_id,
+            body,
             done,
         })
         .await
@@ -342,7 +360,7 @@ impl Wal {
 
     /// Discards the shard's entries above `after.index`; durable when it resolves.
     pub async fn truncate_suffix(&self, shard: u16, after: LogId) -> Result<()> {
-        self.mark(RecordKind::TruncateSuffix, shard, after).await
+        self.mark(RecordKind::TruncateSuffix, shard, after, Vec::new()).await
     }
 
     /// Lets the shard's entries up to `through_index` go; segments holding only such entries
@@ -355,6 +373,7 @@ impl Wal {
                 term: 0,
                 index: through_index,
             },
+            Vec::new(),
         )
         .await
     }
@@ -362,12 +381,21 @@ impl Wal {
     /// Records that an operator accepts the loss of the shard's damaged entries after
     /// `after_index` (its last intact entry before the damage), `lost_bytes` being the damaged
     /// bytes concerned. Takes effect at the next open.
-    pub async fn accept_loss(&self, shard: u16, after_index: u64, lost_bytes: u64) -> Result<()> {
+    /// `regions` are the `(segment_no, offset)` of the damage accepted (see `Damage`).
+    pub async fn accept_loss(
+        &self,
+        shard: u16,
+        after_index: u64,
+        lost_bytes: u64,
+        regions: &[(u64, u64)],
+    ) -> Result<()> {
         let log_id = LogId {
             term: lost_bytes,
             index: after_index,
         };
-        self.mark(RecordKind::LossAccepted, shard, log_id).await
+        let regions = &regions[..regions.len().min(lane::MAX_LOSS_REGIONS)];
+        self.mark(RecordKind::LossAccepted, shard, log_id, record::encode_regions(regions))
+            .await
     }
 
     /// Losses an operator accepted for this shard (see `accept_loss`), oldest first.

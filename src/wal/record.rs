@@ -56,6 +56,28 @@ impl RecordKind {
     }
 }
 
+/// Bytes of one `(segment_no, offset)` region in a `LossAccepted` body.
+pub const REGION_BYTES: usize = 16;
+
+pub fn encode_regions(regions: &[(u64, u64)]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(regions.len() * REGION_BYTES);
+    for (segment_no, offset) in regions {
+        body.extend_from_slice(&segment_no.to_le_bytes());
+        body.extend_from_slice(&offset.to_le_bytes());
+    }
+    body
+}
+
+pub fn decode_regions(body: &[u8]) -> Vec<(u64, u64)> {
+    body.chunks_exact(REGION_BYTES)
+        .map(|chunk| {
+            let segment_no = u64::from_le_bytes(chunk[..8].try_into().expect("8 bytes"));
+            let offset = u64::from_le_bytes(chunk[8..].try_into().expect("8 bytes"));
+            (segment_no, offset)
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record<'a> {
     pub kind: RecordKind,

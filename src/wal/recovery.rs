@@ -74,6 +74,11 @@ enum Found {
     Unknown {
         damage: usize,
     },
+    /// An operator's `LossAccepted` record (or a copy carried into a newer segment).
+    LossMark {
+        shard: u16,
+        loss: AcceptedLoss,
+    },
 }
 
 /// How a segment's scan ended.
@@ -319,6 +324,22 @@ impl SegmentScan<'_> {
                 break;
             }
             match record::decode_record(rest) {
+                DecodedRecord::Record(rec, used)
+                    if self.lane_shards.contains(&rec.shard) && rec.kind == RecordKind::LossAccepted =>
+                {
+                    self.found.push(Found::LossMark {
+                        shard: rec.shard,
+                        loss: AcceptedLoss {
+                            after_index: rec.log_id.index,
+                            lost_bytes: rec.log_id.term,
+                            regions: record::decode_regions(rec.body),
+                            resumed_at: None,
+                        },
+                    });
+                    intact += 1;
+                    self.records += 1;
+                    at += used;
+                }
                 DecodedRecord::Record(rec, used) if self.lane_shards.contains(&rec.shard) => {
                     self.found.push(Found::Record {
                         kind: rec.kind,
@@ -385,21 +406,24 @@ fn next_valid_batch(bytes: &[u8], from: usize) -> Option<usize> {
 /// Builds every shard's log from what the scan found, in log order.
 fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], lane_shards: &[u16]) {
     let mut purged_through: BTreeMap<u16, u64> = BTreeMap::new();
-    // Per shard: (after_index, lost_bytes) of every accepted loss.
-    let mut losses_accepted_after: BTreeMap<u16, Vec<(u64, u64)>> = BTreeMap::new();
+    let mut losses: BTreeMap<u16, Vec<AcceptedLoss>> = BTreeMap::new();
     for item in found {
-        if let Found::Record { kind, shard, location } = item {
-            match kind {
-                RecordKind::PurgePrefix => {
-                    let through = purged_through.entry(*shard).or_default();
-                    *through = (*through).max(location.log_id.index);
-                }
-                RecordKind::LossAccepted => losses_accepted_after
-                    .entry(*shard)
-                    .or_default()
-                    .push((location.log_id.index, location.log_id.term)),
-                RecordKind::Entry | RecordKind::TruncateSuffix => {}
+        match item {
+            Found::Record {
+                kind: RecordKind::PurgePrefix,
+                shard,
+                location,
+            } => {
+                let through = purged_through.entry(*shard).or_default();
+                *through = (*through).max(location.log_id.index);
             }
+            Found::LossMark { shard, loss } => {
+                let known = losses.entry(*shard).or_default();
+                if !known.iter().any(|k| k.after_index == loss.after_index) {
+                    known.push(loss.clone());
+                }
+            }
+            _ => {}
         }
     }
     for (&shard, &through) in &purged_through {
@@ -412,18 +436,23 @@ fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], la
             index: through,
         });
     }
-    // The accepted loss (if any) covering damage met right after the shard's current end.
-    let loss_accepted = |shard: u16, log: &super::index::ShardLog| -> Option<AcceptedLoss> {
+    // Whether damage met by the shard (at its current end) is one an operator accepted: only
+    // the regions a loss names, so damage found later is never absorbed by an old repair.
+    let accept = |shard: u16, log: &mut super::index::ShardLog, damage: &Damage| -> bool {
+        let region = (damage.segment_no, damage.offset);
+        if let Some(pending) = log.accepted_losses.last().filter(|loss| loss.resumed_at.is_none()) {
+            return pending.regions.contains(&region);
+        }
         let after = log.last.map_or(0, |l| l.index).max(log.purged_through);
-        let (after_index, lost_bytes) = *losses_accepted_after
-            .get(&shard)?
-            .iter()
-            .find(|(accepted_after, _)| *accepted_after == after)?;
-        Some(AcceptedLoss {
-            after_index,
-            lost_bytes,
-            resumed_at: None,
-        })
+        let Some(loss) = losses.get(&shard).and_then(|known| {
+            known
+                .iter()
+                .find(|loss| loss.after_index == after && loss.regions.contains(&region))
+        }) else {
+            return false;
+        };
+        log.accepted_losses.push(loss.clone());
+        true
     };
     for item in found {
         match item {
@@ -476,6 +505,7 @@ fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], la
                     RecordKind::PurgePrefix | RecordKind::LossAccepted => {}
                 }
             }
+            Found::LossMark { .. } => {}
             Found::DamagedEntry {
                 shard,
                 index: entry_index,
@@ -485,23 +515,16 @@ fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], la
                 if log.degraded.is_some() || *entry_index <= log.purged_through {
                     continue;
                 }
-                if let Some(loss) = loss_accepted(*shard, log) {
-                    log.accepted_losses.push(loss);
-                    continue;
+                if !accept(*shard, log, &damage[*damage_no]) {
+                    log.degraded = Some(describe_damage(&damage[*damage_no]));
                 }
-                log.degraded = Some(describe_damage(&damage[*damage_no]));
             }
             Found::Unknown { damage: damage_no } => {
                 for &shard in lane_shards {
                     let log = index.shard(shard);
-                    if log.degraded.is_some() || log.accepted_losses.last().is_some_and(|l| l.resumed_at.is_none()) {
-                        continue;
+                    if log.degraded.is_none() && !accept(shard, log, &damage[*damage_no]) {
+                        log.degraded = Some(describe_damage(&damage[*damage_no]));
                     }
-                    if let Some(loss) = loss_accepted(shard, log) {
-                        log.accepted_losses.push(loss);
-                        continue;
-                    }
-                    log.degraded = Some(describe_damage(&damage[*damage_no]));
                 }
             }
         }

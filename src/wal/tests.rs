@@ -709,10 +709,13 @@ fn an_accepted_loss_lets_the_log_continue_past_the_damage() {
     let at = bytes.windows(7).position(|w| w == b"entry 2").expect("present");
     fs.flip_bit(&path, at, 1);
 
-    let wal = open_sim(&fs);
+    let (wal, reports) = Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), options()).expect("open");
     assert!(wal.degraded(0).is_some());
     assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(1));
-    runtime.block_on(wal.accept_loss(0, 1, 90)).expect("accept");
+    let damage = &reports[0].damage[0];
+    runtime
+        .block_on(wal.accept_loss(0, 1, 90, &[(damage.segment_no, damage.offset)]))
+        .expect("accept");
     wal.shutdown();
 
     let wal = open_sim(&fs);
@@ -722,6 +725,7 @@ fn an_accepted_loss_lets_the_log_continue_past_the_damage() {
         vec![AcceptedLoss {
             after_index: 1,
             lost_bytes: 90,
+            regions: vec![(damage.segment_no, damage.offset)],
             resumed_at: Some(3)
         }]
     );
@@ -753,6 +757,13 @@ fn a_format_1_segment_is_refused_with_a_clear_sentence() {
         .err()
         .expect("refused");
     let sentence = error.to_string();
-    assert!(sentence.contains("WAL format 1") && sentence.contains("drain it"), "{sentence}");
-    assert_eq!(fs.read(&segment::segment_path(lane_dir, 0)).expect("kept")[8], 7, "nothing changed");
+    assert!(
+        sentence.contains("WAL format 1") && sentence.contains("drain it"),
+        "{sentence}"
+    );
+    assert_eq!(
+        fs.read(&segment::segment_path(lane_dir, 0)).expect("kept")[8],
+        7,
+        "nothing changed"
+    );
 }
