@@ -33,8 +33,8 @@ enum CommandLine {
         /// The identity the token acts as (user id or agent id).
         #[arg(long)]
         sub: String,
-        /// Lifetime of the token.
-        #[arg(long, default_value_t = 3600)]
+        /// Lifetime of the token, in seconds (at least 1).
+        #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(i64).range(1..))]
         ttl_secs: i64,
         #[arg(long, env = "FLEETLM_AUTH_SECRET", hide_env_values = true)]
         auth_secret: String,
@@ -50,6 +50,19 @@ fn main() -> ExitCode {
             ttl_secs,
             auth_secret,
         } => {
+            // The same rules as `serve`: a secret `serve` would refuse mints nothing.
+            let checked = Settings {
+                auth_secret: Some(auth_secret.clone()),
+                ..Settings::default()
+            };
+            if let Err(error) = checked.validate() {
+                eprintln!("fleetlm: {error}");
+                return ExitCode::from(2);
+            }
+            if auth_secret.is_empty() {
+                eprintln!("fleetlm: invalid configuration: auth_secret: must be set");
+                return ExitCode::from(2);
+            }
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
@@ -80,6 +93,7 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
         }
     };
     init_tracing(config.log_format);
+    let log_format = config.log_format;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -100,10 +114,15 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
                 };
             }
         };
-        println!(
-            "fleetlm listening on http://{} (archive: {})",
-            server.local_addr, server.archive_description
-        );
+        let url = format!("http://{}", server.local_addr);
+        match log_format {
+            LogFormat::Text => println!("fleetlm listening on {url} (archive: {})", server.archive_description),
+            LogFormat::Json => println!(
+                "{}",
+                serde_json::json!({"level": "INFO", "message": "fleetlm listening", "url": url,
+                    "archive": server.archive_description})
+            ),
+        }
         let _ = std::io::Write::flush(&mut std::io::stdout());
         let trigger = server.shutdown_trigger();
         tokio::spawn(async move {
@@ -142,6 +161,7 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -163,6 +163,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             max_in_flight_per_agent: config.agent_max_in_flight,
             max_in_flight: config.max_dispatches_in_flight,
             max_reply_line_bytes: 1024 * 1024,
+            max_reply_bytes: config.agent_max_reply_bytes,
         },
         shards_limits: crate::agents::MessageLimits {
             max_message_bytes: config.max_message_bytes,
@@ -174,12 +175,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     let auth = match &config.auth_secret {
         Some(secret) => AuthMode::Token {
-            secret: secret.as_bytes().to_vec(),
+            rules: Box::new(crate::auth::TokenRules::new(
+                secret.as_bytes(),
+                config.jwt_audience.as_deref(),
+                config.jwt_issuer.as_deref(),
+            )),
             api_key: config.api_key.clone(),
         },
         None => AuthMode::Open,
     };
     let draining = Arc::new(AtomicBool::new(false));
+    let sockets: Arc<crate::gateway::SocketCounts> = Arc::default();
+    let open_sockets = sockets.clone();
     let state = Arc::new(AppState {
         shards,
         config: config.clone(),
@@ -190,7 +197,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         hub,
         registry,
         streams,
-        sockets: Arc::default(),
+        sockets,
         shutdown: shutdown.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -213,6 +220,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             draining.store(true, Ordering::Release);
         });
         serve.await.context("http server failed")?;
+        // Upgraded sockets are not the HTTP server's to wait for: each answers the sends it
+        // took, then closes with 1012; the process exits only after that (bounded).
+        if !open_sockets.wait_until_all_closed(SOCKETS_CLOSE_WAIT).await {
+            tracing::warn!("some sockets did not close within the deadline");
+        }
         // Requests in flight have been answered; the flusher now makes its last pass.
         if tokio::time::timeout(shutdown_deadline, flusher_task).await.is_err() {
             tracing::warn!("final archive flush did not finish within the deadline; the wal keeps the rest");
@@ -235,6 +247,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         task,
     })
 }
+
+/// How long shutdown waits for sockets to answer their sends and close (each gives its sends
+/// 5 s and its close frame 2 s).
+const SOCKETS_CLOSE_WAIT: Duration = Duration::from_secs(8);
 
 async fn sweep(shards: Shards, idle_for: Duration, mut shutdown: watch::Receiver<bool>) {
     loop {
