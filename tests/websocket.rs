@@ -587,10 +587,11 @@ async fn pipelined_sends_stay_in_order_when_one_needs_the_archive() {
     let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
     ws.send(r#"["1","j","session:s","phx_join",{"last_seq":200}]"#).await;
     assert_eq!(ws.next().await[4]["status"], "ok");
-    ws.send(r#"["1","a","session:s","send",{"content":{"content":{"text":"A"}},"client_id":"fresh-a"}]"#)
-        .await;
-    ws.send(r#"["1","b","session:s","send",{"content":{"content":{"text":"B"}}}]"#)
-        .await;
+    ws.send_batch(vec![
+        r#"["1","a","session:s","send",{"content":{"content":{"text":"A"}},"client_id":"fresh-a"}]"#.into(),
+        r#"["1","b","session:s","send",{"content":{"content":{"text":"B"}}}]"#.into(),
+    ])
+    .await;
     let mut stored = Vec::new();
     while stored.len() < 2 {
         let frame = ws.next().await;
@@ -615,42 +616,56 @@ async fn pipelined_sends_stay_in_order_when_one_needs_the_archive() {
 /// guess whether a send it saw no reply for was kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_answers_the_sends_in_flight_before_closing() {
+    const SOCKETS: usize = 8;
+    const SENDS: usize = 64;
     let server = TestServer::start(Store::Sqlite).await;
-    server.agent_and_session("a", "u", "s").await;
-    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
-    ws.send(r#"["1","j","session:s","phx_join",{}]"#).await;
-    assert_eq!(ws.next().await[4]["status"], "ok");
-    for n in 0..60 {
-        ws.send(format!(
-            r#"["1","r{n}","session:s","send",{{"content":{{"content":{{"n":{n}}}}}}}]"#
-        ))
-        .await;
+    let mut sockets = Vec::new();
+    for n in 0..SOCKETS {
+        server.agent_and_session("a", &format!("u{n}"), &format!("s{n}")).await;
+        let mut ws = client(&server, &format!("user_id=u{n}&vsn=2.0.0")).await;
+        ws.send(format!(r#"["1","j","session:s{n}","phx_join",{{}}]"#)).await;
+        assert_eq!(ws.next().await[4]["status"], "ok");
+        sockets.push(ws);
+    }
+    for (n, ws) in sockets.iter_mut().enumerate() {
+        let sends = (0..SENDS)
+            .map(|i| format!(r#"["1","r{i}","session:s{n}","send",{{"content":{{"content":{{"i":{i}}}}}}}]"#))
+            .collect();
+        ws.send_batch(sends).await;
     }
     let stopping = tokio::spawn(server.stop());
-    let mut answered = 0u64;
-    loop {
-        match ws.next_message().await {
-            tokio_tungstenite::tungstenite::Message::Text(text) => {
-                let frame: Value = serde_json::from_str(&text).unwrap();
-                if frame[3] == "phx_reply" {
-                    assert_eq!(frame[4]["status"], "ok", "{frame}");
-                    answered += 1;
+    let mut answered = Vec::new();
+    for ws in &mut sockets {
+        let mut count = 0u64;
+        loop {
+            match ws.next_message().await {
+                tokio_tungstenite::tungstenite::Message::Text(text) => {
+                    let frame: Value = serde_json::from_str(&text).unwrap();
+                    if frame[3] == "phx_reply" {
+                        assert_eq!(frame[4]["status"], "ok", "{frame}");
+                        count += 1;
+                    }
                 }
+                tokio_tungstenite::tungstenite::Message::Close(Some(close)) => {
+                    assert_eq!(u16::from(close.code), 1012);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
             }
-            tokio_tungstenite::tungstenite::Message::Close(Some(close)) => {
-                assert_eq!(u16::from(close.code), 1012);
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
         }
+        answered.push(count);
     }
     let (data_dir, _) = stopping.await.unwrap();
     let path = data_dir.path().to_path_buf();
     let server = TestServer::start_with(Store::Sqlite, |s| s.data_dir = Some(path)).await;
-    let stored = server.get("/api/sessions/s").await.body["session"]["last_seq"]
-        .as_u64()
-        .unwrap();
-    assert_eq!(stored, answered, "every stored send was answered before the close");
+    for (n, answered) in answered.into_iter().enumerate() {
+        let session = server.get(&format!("/api/sessions/s{n}")).await;
+        let stored = session.body["session"]["last_seq"].as_u64().unwrap();
+        assert_eq!(
+            stored, answered,
+            "session s{n}: every stored send was answered before the close"
+        );
+    }
     server.stop().await;
     drop(data_dir);
 }
@@ -661,7 +676,7 @@ async fn sigterm_closes_every_socket_with_1012() {
     let dir = tempfile::tempdir().unwrap();
     let mut process = support::ServerProcess::start(dir.path(), None, &[]);
     let mut sockets = Vec::new();
-    for n in 0..24 {
+    for n in 0..200 {
         let query = format!("user_id=u{n}&vsn=2.0.0");
         match WsClient::connect(&process.base, &query).await {
             Ok(ws) => sockets.push(ws),

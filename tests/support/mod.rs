@@ -310,6 +310,16 @@ impl WsClient {
         }
     }
 
+    /// Sends several frames in one write (the server reads them together).
+    pub async fn send_batch(&mut self, texts: Vec<String>) {
+        use futures_util::SinkExt;
+        for text in texts {
+            let message = tokio_tungstenite::tungstenite::Message::text(text);
+            self.stream.feed(message).await.expect("ws feed");
+        }
+        self.stream.flush().await.expect("ws flush");
+    }
+
     pub async fn send(&mut self, text: impl Into<String>) {
         use futures_util::SinkExt;
         let message = tokio_tungstenite::tungstenite::Message::text(text.into());
