@@ -593,7 +593,7 @@ async fn a_stale_rescan_does_not_call_the_agent_twice() {
             let server = server_ref;
             let session = json!({"id": format!("f{n}"), "user_id": "u", "agent_id": "filler"});
             assert_eq!(server.post("/api/sessions", session).await.status, 201);
-            say(&server, &format!("f{n}"), "waiting").await;
+            say(server, &format!("f{n}"), "waiting").await;
         });
         futures_util::future::join_all(requests).await;
     }
