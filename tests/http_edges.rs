@@ -553,3 +553,79 @@ fn insecure_open_is_a_plain_switch_and_sizes_take_units() {
     );
     assert!(server.base.starts_with("http://127.0.0.1:"), "{}", server.base);
 }
+
+#[test]
+fn a_missing_postgres_database_is_named_with_how_to_create_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = support::database_admin_url();
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    let output = std::process::Command::new(support::binary())
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--database-url"])
+        .arg(format!("{base}/fleetlm_no_such_database"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .expect("run fleetlm");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\"fleetlm_no_such_database\" does not exist") && stderr.contains("createdb"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_archive_at_start_is_waited_for() {
+    let database = support::TestDatabase::create();
+    let (proxy, url) = support::CuttableProxy::to_database(&database).await;
+    proxy.cut();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let starting = tokio::task::spawn_blocking(move || support::ServerProcess::start(&path, Some(&url), &[]));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(
+        !starting.is_finished(),
+        "the server waits for the archive instead of exiting"
+    );
+    proxy.restore();
+    let server = tokio::time::timeout(std::time::Duration::from_secs(20), starting)
+        .await
+        .expect("started once the archive is back")
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let url = format!("{}/health/ready", server.base);
+        let ready = support::call(&reqwest::Client::new(), "GET", &url, None).await;
+        if ready.status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not ready: {}", ready.body);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(server);
+}
+
+#[test]
+fn a_data_directory_keeps_its_archive_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(support::ServerProcess::start(dir.path(), None, &[]));
+    let database = support::TestDatabase::create();
+    let output = std::process::Command::new(support::binary())
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--database-url",
+            &database.url,
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run fleetlm");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("belongs to a sqlite archive and cannot be used with postgres"),
+        "{stderr}"
+    );
+}
