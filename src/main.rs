@@ -102,7 +102,17 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let server = match fleetlm::server::start(config).await {
+        // Listen for signals before anything else: a SIGTERM while the server starts (waiting
+        // for its archive) or right after its listening line must not go unnoticed.
+        let mut signals = Signals::register();
+        let started = tokio::select! {
+            started = fleetlm::server::start(config) => started,
+            () = signals.next() => {
+                eprintln!("fleetlm: signal received while starting; exiting");
+                return ExitCode::from(130);
+            }
+        };
+        let server = match started {
             Ok(server) => server,
             Err(error) => {
                 eprintln!("fleetlm: {error:#}");
@@ -126,10 +136,10 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
         let _ = std::io::Write::flush(&mut std::io::stdout());
         let trigger = server.shutdown_trigger();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.next().await;
             tracing::info!("shutting down: draining requests and flushing the archive");
             let _ = trigger.send(true);
-            wait_for_signal().await;
+            signals.next().await;
             eprintln!("fleetlm: second signal, exiting now (the WAL holds every acknowledged message)");
             std::process::exit(130);
         });
@@ -143,16 +153,32 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+/// SIGTERM and SIGINT, listened for from the start of the process.
+struct Signals {
+    terminate: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn register() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            terminate: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT (never, if they could not be listened for).
+    async fn next(&mut self) {
+        match (self.terminate.as_mut(), self.interrupt.as_mut()) {
+            (Some(terminate), Some(interrupt)) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
     }
 }
 

@@ -629,3 +629,48 @@ fn a_data_directory_keeps_its_archive_kind() {
         "{stderr}"
     );
 }
+
+/// Logs piped to a file carry no colour codes; with `--log-format json` the startup line on
+/// stdout is JSON too.
+#[test]
+fn logs_fit_pipes_and_json_includes_the_startup_line() {
+    use std::io::BufRead;
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(support::binary())
+            .args([
+                "serve",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--log-format",
+                format,
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .env("RUST_LOG", "info")
+            .env_remove("DATABASE_URL")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn fleetlm");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        if format == "json" {
+            let line: serde_json::Value = serde_json::from_str(&first).expect("a JSON startup line");
+            assert!(
+                line["url"].as_str().unwrap().starts_with("http://127.0.0.1:"),
+                "{first}"
+            );
+        } else {
+            assert!(first.starts_with("fleetlm listening on http://"), "{first}");
+        }
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("shutting down"), "{stderr}");
+        assert!(!stderr.contains('\u{1b}'), "no colour codes in a pipe: {stderr:?}");
+    }
+}
