@@ -136,10 +136,10 @@ impl Ordered {
     async fn on_answer(&mut self, outcome: &AppendOutcome) {
         match outcome {
             AppendOutcome::Appended(_) | AppendOutcome::Duplicate { .. } => {
-                let _ = self.placement.send(Placement::Placed);
+                self.placement.send_replace(Placement::Placed);
             }
             AppendOutcome::NotLoaded(_) | AppendOutcome::CheckClientIdInArchive { .. } => {
-                let _ = self.placement.send(Placement::Bounced);
+                self.placement.send_replace(Placement::Bounced);
                 if let Some(previous) = self.previous.as_mut() {
                     previous.wait_until(|p| p == Placement::Placed).await;
                 }
@@ -394,7 +394,7 @@ impl Shards {
                 .send(command)
                 .await
                 .map_err(|_| writer_stopped())?;
-            let _ = placement.send(Placement::Submitted);
+            placement.send_replace(Placement::Submitted);
             let outcome = answer.await.map_err(|_| writer_stopped())??;
             let order = Ordered { placement, previous };
             shards.settle_append(&session_id, shard, outcome, Some(order)).await
