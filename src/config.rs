@@ -13,94 +13,109 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// Address to listen on for HTTP and WebSocket.
+    /// Address to listen on for HTTP and WebSocket. [default: 127.0.0.1:4000]
     #[arg(long, env = "FLEETLM_HTTP_ADDR")]
     pub http_addr: Option<String>,
-    /// Directory for the WAL, the lock file and the SQLite archive.
+    /// Directory for the WAL, the lock file and the SQLite archive. [default: fleetlm-data]
     #[arg(long, env = "FLEETLM_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Postgres URL: archive to Postgres instead of the embedded SQLite file.
+    /// Postgres URL: archive to Postgres instead of the embedded SQLite file. [default: none: SQLite in the data directory]
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
-    /// HS256 secret for user/agent tokens; setting it turns on token mode.
+    /// HS256 secret for user/agent tokens; setting it turns on token mode. [default: none: open mode]
     #[arg(long, env = "FLEETLM_AUTH_SECRET", hide_env_values = true)]
     pub auth_secret: Option<String>,
-    /// Bearer key for admin REST calls in token mode.
+    /// Token mode: tokens must carry this `aud` (unset: `aud` is not checked). [default: none]
+    #[arg(long, env = "FLEETLM_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Token mode: tokens must carry this `iss` (unset: `iss` is not checked). [default: none]
+    #[arg(long, env = "FLEETLM_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Bearer key for admin REST calls in token mode. [default: none]
     #[arg(long, env = "FLEETLM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Allow open mode (no auth) on a non-loopback address.
-    #[arg(long, env = "FLEETLM_INSECURE_OPEN")]
+    /// Allow open mode (no auth) on a non-loopback address. A switch: `--insecure-open`
+    /// (or `--insecure-open=false`, `FLEETLM_INSECURE_OPEN=true`). [default: false]
+    #[arg(long, env = "FLEETLM_INSECURE_OPEN", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_open: Option<bool>,
-    /// Number of shards; fixed when the data directory is created.
+    /// Number of shards; fixed when the data directory is created. [default: 64]
     #[arg(long, env = "FLEETLM_SHARDS")]
     pub shards: Option<u16>,
-    /// Number of physical WAL lanes (each with its own fsync thread).
+    /// Number of physical WAL lanes (each with its own fsync thread). [default: 2]
     #[arg(long, env = "FLEETLM_WAL_LANES")]
     pub wal_lanes: Option<usize>,
-    /// Size of each preallocated WAL segment file.
+    /// Size of each preallocated WAL segment file. [default: 128MiB]
     #[arg(long, env = "FLEETLM_WAL_SEGMENT_BYTES")]
-    pub wal_segment_bytes: Option<u64>,
-    /// WAL disk use above which appends are refused with 503 overloaded.
+    pub wal_segment_bytes: Option<ByteSize>,
+    /// WAL disk use above which appends are refused with 503 overloaded. [default: 8GiB]
     #[arg(long, env = "FLEETLM_WAL_BUDGET_BYTES")]
-    pub wal_budget_bytes: Option<u64>,
-    /// How often each shard flushes to the archive.
+    pub wal_budget_bytes: Option<ByteSize>,
+    /// How often each shard flushes to the archive. [default: 300]
     #[arg(long, env = "FLEETLM_FLUSH_INTERVAL_MS")]
     pub flush_interval_ms: Option<u64>,
-    /// Unflushed bytes that trigger a flush before the interval.
+    /// Unflushed bytes that trigger a flush before the interval. [default: 4MiB]
     #[arg(long, env = "FLEETLM_FLUSH_THRESHOLD_BYTES")]
-    pub flush_threshold_bytes: Option<usize>,
-    /// Largest message (content + metadata + kind, encoded).
+    pub flush_threshold_bytes: Option<ByteSize>,
+    /// Largest message (content + metadata + kind, encoded). [default: 256KiB]
     #[arg(long, env = "FLEETLM_MAX_MESSAGE_BYTES")]
-    pub max_message_bytes: Option<usize>,
-    /// Largest HTTP request body.
+    pub max_message_bytes: Option<ByteSize>,
+    /// Largest HTTP request body. [default: 1MiB]
     #[arg(long, env = "FLEETLM_MAX_BODY_BYTES")]
-    pub max_body_bytes: Option<usize>,
-    /// Largest page of messages.
+    pub max_body_bytes: Option<ByteSize>,
+    /// Largest page of messages. [default: 1000]
     #[arg(long, env = "FLEETLM_MAX_PAGE_SIZE")]
     pub max_page_size: Option<usize>,
-    /// Deepest nesting allowed in message metadata.
+    /// Deepest nesting allowed in message metadata. [default: 32]
     #[arg(long, env = "FLEETLM_MAX_METADATA_DEPTH")]
     pub max_metadata_depth: Option<usize>,
-    /// Sessions unused this long (and fully archived) leave memory.
+    /// Sessions unused this long (and fully archived) leave memory. [default: 900]
     #[arg(long, env = "FLEETLM_SESSION_IDLE_SECS")]
     pub session_idle_secs: Option<u64>,
-    /// Comma-separated CORS origins; `*` (the default) allows any.
-    #[arg(long, env = "FLEETLM_CORS_ORIGINS")]
-    pub cors_origins: Option<String>,
-    /// `text` or `json`.
+    /// Browser origins allowed for CORS and WebSocket upgrades: comma-separated origins
+    /// (`https://app.example`), `loopback` (http(s)://localhost / 127.0.0.1 / [::1], any port)
+    /// or `*`. Default: `loopback` in open mode, `*` in token mode. Requests without an
+    /// `Origin` header (curl, servers) are not affected. [default: loopback in open mode, * in token mode]
+    #[arg(long, visible_alias = "cors-origins", env = "FLEETLM_ALLOWED_ORIGINS")]
+    #[serde(alias = "cors_origins")]
+    pub allowed_origins: Option<String>,
+    /// `text` or `json`. [default: text]
     #[arg(long, env = "FLEETLM_LOG_FORMAT")]
     pub log_format: Option<String>,
-    /// Close a WebSocket that sent nothing for this long.
+    /// Close a WebSocket that sent nothing for this long. [default: 60]
     #[arg(long, env = "FLEETLM_WS_IDLE_TIMEOUT_SECS")]
     pub ws_idle_timeout_secs: Option<u64>,
-    /// Largest WebSocket frame; bigger ones close the socket with 1009.
+    /// Largest WebSocket frame; bigger ones close the socket with 1009. [default: 1MiB]
     #[arg(long, env = "FLEETLM_WS_MAX_FRAME_BYTES")]
-    pub ws_max_frame_bytes: Option<usize>,
-    /// Frames that may wait for a slow socket before it is told to resync or closed.
+    pub ws_max_frame_bytes: Option<ByteSize>,
+    /// Frames that may wait for a slow socket before it is told to resync or closed. [default: 1024]
     #[arg(long, env = "FLEETLM_WS_OUTBOUND_QUEUE")]
     pub ws_outbound_queue: Option<usize>,
-    /// Channels one socket may join.
+    /// Channels one socket may join. [default: 100]
     #[arg(long, env = "FLEETLM_WS_MAX_CHANNELS")]
     pub ws_max_channels: Option<usize>,
-    /// Sockets one identity may hold open.
+    /// Sockets one identity may hold open. [default: 100]
     #[arg(long, env = "FLEETLM_WS_MAX_SOCKETS_PER_IDENTITY")]
     pub ws_max_sockets_per_identity: Option<usize>,
-    /// At most one inbox_delta per user per this interval.
+    /// At most one inbox_delta per user per this interval. [default: 1000]
     #[arg(long, env = "FLEETLM_INBOX_PUSH_INTERVAL_MS")]
     pub inbox_push_interval_ms: Option<u64>,
-    /// Webhook attempts per dispatch (retries included).
+    /// Webhook attempts per dispatch (retries included). [default: 5]
     #[arg(long, env = "FLEETLM_AGENT_MAX_ATTEMPTS")]
     pub agent_max_attempts: Option<u32>,
-    /// Bound on one whole dispatch, retries included.
+    /// Bound on one whole dispatch, retries included. [default: 600]
     #[arg(long, env = "FLEETLM_DISPATCH_DEADLINE_SECS")]
     pub dispatch_deadline_secs: Option<u64>,
-    /// Dispatches one agent may have in flight.
+    /// Largest assembled agent reply message (bytes of its chunks); a longer reply ends the
+    /// dispatch with an error. [default: 1MiB]
+    #[arg(long, env = "FLEETLM_AGENT_MAX_REPLY_BYTES")]
+    pub agent_max_reply_bytes: Option<ByteSize>,
+    /// Dispatches one agent may have in flight. [default: 100]
     #[arg(long, env = "FLEETLM_AGENT_MAX_IN_FLIGHT")]
     pub agent_max_in_flight: Option<usize>,
-    /// Dispatches this node may have in flight.
+    /// Dispatches this node may have in flight. [default: 1000]
     #[arg(long, env = "FLEETLM_MAX_DISPATCHES_IN_FLIGHT")]
     pub max_dispatches_in_flight: Option<usize>,
-    /// Bound on the final archive flush at shutdown.
+    /// Bound on the final archive flush at shutdown. [default: 10000]
     #[arg(long, env = "FLEETLM_SHUTDOWN_DEADLINE_MS")]
     pub shutdown_deadline_ms: Option<u64>,
 }
@@ -118,6 +133,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
     pub auth_secret: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub jwt_issuer: Option<String>,
     pub api_key: Option<String>,
     pub insecure_open: bool,
     /// `None`: use what the data directory records (64 for a new one).
@@ -132,8 +149,8 @@ pub struct Config {
     pub max_page_size: usize,
     pub max_metadata_depth: usize,
     pub session_idle: Duration,
-    /// `None` allows any origin.
-    pub cors_origins: Option<Vec<String>>,
+    /// Browser origins allowed for CORS and WebSocket upgrades.
+    pub allowed_origins: AllowedOrigins,
     pub log_format: LogFormat,
     pub ws_idle_timeout: Duration,
     pub ws_max_frame_bytes: usize,
@@ -143,6 +160,7 @@ pub struct Config {
     pub inbox_push_interval: Duration,
     pub agent_max_attempts: u32,
     pub dispatch_deadline: Duration,
+    pub agent_max_reply_bytes: usize,
     pub agent_max_in_flight: usize,
     pub max_dispatches_in_flight: usize,
     pub shutdown_deadline: Duration,
@@ -169,7 +187,13 @@ impl Settings {
     /// Reads a TOML file of settings (keys as the long flag names with `_`).
     pub fn from_file(path: &std::path::Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| invalid("config", format!("{}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| invalid("config", format!("{}: {}", path.display(), e.message())))
+        toml::from_str(&text).map_err(|e| {
+            let line = e.span().map_or(1, |span| text[..span.start].matches('\n').count() + 1);
+            invalid(
+                "config",
+                format!("{}, line {line}: {}", path.display(), e.message().trim_end()),
+            )
+        })
     }
 
     /// `self` where set, else `fallback`.
@@ -182,6 +206,8 @@ impl Settings {
             data_dir,
             database_url,
             auth_secret,
+            jwt_audience,
+            jwt_issuer,
             api_key,
             insecure_open,
             shards,
@@ -195,7 +221,7 @@ impl Settings {
             max_page_size,
             max_metadata_depth,
             session_idle_secs,
-            cors_origins,
+            allowed_origins,
             log_format,
             ws_idle_timeout_secs,
             ws_max_frame_bytes,
@@ -205,6 +231,7 @@ impl Settings {
             inbox_push_interval_ms,
             agent_max_attempts,
             dispatch_deadline_secs,
+            agent_max_reply_bytes,
             agent_max_in_flight,
             max_dispatches_in_flight,
             shutdown_deadline_ms
@@ -212,15 +239,11 @@ impl Settings {
     }
 
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let http_addr: SocketAddr = self
-            .http_addr
-            .as_deref()
-            .unwrap_or("127.0.0.1:4000")
-            .parse()
-            .map_err(|_| {
+        let http_addr =
+            parse_listen_address(self.http_addr.as_deref().unwrap_or("127.0.0.1:4000")).ok_or_else(|| {
                 invalid(
                     "http_addr",
-                    "expected HOST:PORT with an IP address, e.g. 127.0.0.1:4000",
+                    "expected HOST:PORT, e.g. 127.0.0.1:4000, localhost:4000 or [::1]:4000",
                 )
             })?;
         let auth_secret = self.auth_secret.filter(|s| !s.is_empty());
@@ -245,18 +268,18 @@ impl Settings {
         if !(1..=64).contains(&wal_lanes) {
             return Err(invalid("wal_lanes", "must be between 1 and 64"));
         }
-        let wal_segment_bytes = self.wal_segment_bytes.unwrap_or(128 * 1024 * 1024);
+        let wal_segment_bytes = self.wal_segment_bytes.map_or(128 * 1024 * 1024, ByteSize::get);
         if wal_segment_bytes < 64 * 1024 {
             return Err(invalid("wal_segment_bytes", "must be at least 65536"));
         }
-        let max_message_bytes = self.max_message_bytes.unwrap_or(256 * 1024);
+        let max_message_bytes = self.max_message_bytes.map_or(256 * 1024, ByteSize::get_usize);
         if max_message_bytes == 0 || max_message_bytes as u64 > (wal_segment_bytes / 8).min(1024 * 1024) {
             return Err(invalid(
                 "max_message_bytes",
                 "must be positive, at most 1 MiB and an eighth of wal_segment_bytes",
             ));
         }
-        let max_body_bytes = self.max_body_bytes.unwrap_or(1024 * 1024);
+        let max_body_bytes = self.max_body_bytes.map_or(1024 * 1024, ByteSize::get_usize);
         if max_body_bytes == 0 {
             return Err(invalid("max_body_bytes", "must be positive"));
         }
@@ -275,47 +298,211 @@ impl Settings {
                 return Err(invalid("log_format", format!("expected text or json, got {other:?}")));
             }
         };
-        let cors_origins = match self.cors_origins.as_deref().map(str::trim) {
-            None | Some("*") | Some("") => None,
-            Some(list) => Some(
-                list.split(',')
-                    .map(|o| o.trim().to_string())
-                    .filter(|o| !o.is_empty())
-                    .collect(),
-            ),
+        let allowed_origins = match self.allowed_origins.as_deref().map(str::trim) {
+            None | Some("") if auth_secret.is_none() => AllowedOrigins::loopback(),
+            None | Some("") => AllowedOrigins::any(),
+            Some(list) => AllowedOrigins::parse(list).map_err(|reason| invalid("allowed_origins", reason))?,
         };
         Ok(Config {
             http_addr,
             data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("fleetlm-data")),
             database_url: self.database_url.filter(|u| !u.is_empty()),
             auth_secret,
+            jwt_audience: self.jwt_audience.filter(|a| !a.is_empty()),
+            jwt_issuer: self.jwt_issuer.filter(|i| !i.is_empty()),
             api_key: self.api_key.filter(|k| !k.is_empty()),
             insecure_open,
             shards: self.shards,
             wal_lanes,
             wal_segment_bytes,
-            wal_budget_bytes: self.wal_budget_bytes.unwrap_or(8 * 1024 * 1024 * 1024),
+            wal_budget_bytes: self.wal_budget_bytes.map_or(8 * 1024 * 1024 * 1024, ByteSize::get),
             flush_interval: Duration::from_millis(flush_interval_ms),
-            flush_threshold_bytes: self.flush_threshold_bytes.unwrap_or(4 * 1024 * 1024),
+            flush_threshold_bytes: self.flush_threshold_bytes.map_or(4 * 1024 * 1024, ByteSize::get_usize),
             max_message_bytes,
             max_body_bytes,
             max_page_size,
             max_metadata_depth: self.max_metadata_depth.unwrap_or(32),
             session_idle: Duration::from_secs(self.session_idle_secs.unwrap_or(15 * 60)),
-            cors_origins,
+            allowed_origins,
             log_format,
             ws_idle_timeout: Duration::from_secs(self.ws_idle_timeout_secs.unwrap_or(60).max(1)),
-            ws_max_frame_bytes: self.ws_max_frame_bytes.unwrap_or(1024 * 1024).max(1024),
+            ws_max_frame_bytes: self
+                .ws_max_frame_bytes
+                .map_or(1024 * 1024, ByteSize::get_usize)
+                .max(1024),
             ws_outbound_queue: self.ws_outbound_queue.unwrap_or(1024).max(16),
             ws_max_channels: self.ws_max_channels.unwrap_or(100).max(1),
             ws_max_sockets_per_identity: self.ws_max_sockets_per_identity.unwrap_or(100).max(1),
             inbox_push_interval: Duration::from_millis(self.inbox_push_interval_ms.unwrap_or(1000)),
             agent_max_attempts: self.agent_max_attempts.unwrap_or(5).clamp(1, 20),
             dispatch_deadline: Duration::from_secs(self.dispatch_deadline_secs.unwrap_or(600).max(1)),
+            agent_max_reply_bytes: self
+                .agent_max_reply_bytes
+                .map_or(1024 * 1024, ByteSize::get_usize)
+                .max(1024),
             agent_max_in_flight: self.agent_max_in_flight.unwrap_or(100).max(1),
             max_dispatches_in_flight: self.max_dispatches_in_flight.unwrap_or(1000).max(1),
             shutdown_deadline: Duration::from_millis(self.shutdown_deadline_ms.unwrap_or(10_000)),
         })
+    }
+}
+
+/// `HOST:PORT` to listen on: an IP address, or a name resolved now (`localhost:4000`).
+fn parse_listen_address(text: &str) -> Option<SocketAddr> {
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Some(address);
+    }
+    let (host, port) = text.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    if host.eq_ignore_ascii_case("localhost") {
+        return Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    let resolved: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).ok()?.collect();
+    resolved
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| resolved.first())
+        .copied()
+}
+
+/// A size in bytes: a plain number, or with a unit (`64MiB`, `4 KiB`, `1GB`; KiB/MiB/GiB are
+/// powers of 1024, KB/MB/GB of 1000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    pub fn get_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ByteSize, String> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size; expected e.g. 1048576, 64MiB or 4KiB"))?;
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            _ => {
+                return Err(format!(
+                    "{text:?} has an unknown unit; use B, KiB, MiB, GiB, KB, MB or GB"
+                ));
+            }
+        };
+        number
+            .checked_mul(multiplier)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{text:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<ByteSize, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(number) => Ok(ByteSize(number)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Which browser origins may call the API and open sockets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowedOrigins {
+    pub any: bool,
+    pub loopback: bool,
+    /// Serialized origins (`scheme://host[:port]`, default port omitted).
+    pub exact: Vec<String>,
+}
+
+impl AllowedOrigins {
+    pub fn any() -> AllowedOrigins {
+        AllowedOrigins {
+            any: true,
+            ..AllowedOrigins::default()
+        }
+    }
+
+    pub fn loopback() -> AllowedOrigins {
+        AllowedOrigins {
+            loopback: true,
+            ..AllowedOrigins::default()
+        }
+    }
+
+    /// `*`, or a comma-separated list of origins and the word `loopback`.
+    pub fn parse(list: &str) -> Result<AllowedOrigins, String> {
+        let mut allowed = AllowedOrigins::default();
+        for item in list.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+            match item {
+                "*" => allowed.any = true,
+                "loopback" => allowed.loopback = true,
+                origin => allowed.exact.push(normalize_origin(origin).ok_or_else(|| {
+                    format!("{origin:?} is not an origin; expected e.g. https://app.example or http://localhost:3000, loopback or *")
+                })?),
+            }
+        }
+        Ok(allowed)
+    }
+
+    /// May a request carrying this `Origin` header proceed?
+    pub fn allows(&self, origin: &str) -> bool {
+        if self.any {
+            return true;
+        }
+        let Some(normalized) = normalize_origin(origin) else {
+            return false;
+        };
+        if self.exact.contains(&normalized) {
+            return true;
+        }
+        self.loopback && is_loopback_origin(&normalized)
+    }
+}
+
+/// `scheme://host[:port]` of an http(s) origin, as browsers send it; `None` for anything else
+/// (including `null`, paths and credentials).
+fn normalize_origin(text: &str) -> Option<String> {
+    let parsed = url::Url::parse(text).ok()?;
+    let plain = matches!(parsed.scheme(), "http" | "https")
+        && parsed.host().is_some()
+        && parsed.username().is_empty()
+        && parsed.password().is_none()
+        && parsed.path() == "/"
+        && parsed.query().is_none()
+        && parsed.fragment().is_none();
+    plain.then(|| parsed.origin().ascii_serialization())
+}
+
+fn is_loopback_origin(origin: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(origin) else {
+        return false;
+    };
+    match parsed.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
     }
 }
 
@@ -369,6 +556,67 @@ mod tests {
         };
         let error = settings.validate().unwrap_err();
         assert_eq!(error.setting, "http_addr");
+    }
+
+    #[test]
+    fn origins_default_to_loopback_in_open_mode_and_parse_as_urls() {
+        let open = Settings::default().validate().unwrap().allowed_origins;
+        assert!(open.allows("http://localhost:3000") && open.allows("http://127.0.0.1:5173"));
+        assert!(open.allows("http://[::1]:8080"));
+        assert!(!open.allows("https://evil.example") && !open.allows("null"));
+        assert!(!open.allows("http://localhost.evil.example"));
+        let token = Settings {
+            auth_secret: Some("0123456789abcdef".into()),
+            ..Settings::default()
+        };
+        assert!(
+            token
+                .validate()
+                .unwrap()
+                .allowed_origins
+                .allows("https://anything.example")
+        );
+        let listed = AllowedOrigins::parse("https://app.example/, loopback").unwrap();
+        assert!(listed.allows("https://app.example") && listed.allows("http://localhost"));
+        assert!(!listed.allows("https://app.example.evil"));
+        let bad = Settings {
+            allowed_origins: Some("app.example".into()),
+            ..Settings::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().setting, "allowed_origins");
+    }
+
+    #[test]
+    fn sizes_take_units_and_addresses_take_localhost() {
+        assert_eq!("64MiB".parse::<ByteSize>().unwrap(), ByteSize(64 << 20));
+        assert_eq!("4 KiB".parse::<ByteSize>().unwrap(), ByteSize(4096));
+        assert_eq!("1GB".parse::<ByteSize>().unwrap(), ByteSize(1_000_000_000));
+        assert_eq!("1048576".parse::<ByteSize>().unwrap(), ByteSize(1 << 20));
+        assert!("64 parsecs".parse::<ByteSize>().is_err() && "MiB".parse::<ByteSize>().is_err());
+        let file: Settings = toml::from_str("wal_segment_bytes = \"64MiB\"\nmax_body_bytes = 2048").unwrap();
+        let config = file.validate().unwrap();
+        assert_eq!((config.wal_segment_bytes, config.max_body_bytes), (64 << 20, 2048));
+        let local = Settings {
+            http_addr: Some("localhost:4001".into()),
+            ..Settings::default()
+        };
+        assert_eq!(local.validate().unwrap().http_addr.to_string(), "127.0.0.1:4001");
+    }
+
+    #[test]
+    fn the_sample_file_is_valid_and_states_the_defaults() {
+        let sample: Settings = toml::from_str(include_str!("../examples/fleetlm.toml")).unwrap();
+        let from_sample = format!("{:?}", sample.validate().unwrap());
+        assert_eq!(from_sample, format!("{:?}", Settings::default().validate().unwrap()));
+    }
+
+    #[test]
+    fn toml_errors_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleetlm.toml");
+        std::fs::write(&path, "wal_lanes = 2\nshards = = 8\n").unwrap();
+        let error = Settings::from_file(&path).unwrap_err().to_string();
+        assert!(error.contains("line 2"), "{error}");
     }
 
     #[test]

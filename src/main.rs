@@ -38,8 +38,8 @@ enum CommandLine {
         /// The identity the token acts as (user id or agent id).
         #[arg(long)]
         sub: String,
-        /// Lifetime of the token.
-        #[arg(long, default_value_t = 3600)]
+        /// Lifetime of the token, in seconds (at least 1).
+        #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(i64).range(1..))]
         ttl_secs: i64,
         #[arg(long, env = "FLEETLM_AUTH_SECRET", hide_env_values = true)]
         auth_secret: String,
@@ -99,6 +99,19 @@ fn main() -> ExitCode {
             ttl_secs,
             auth_secret,
         } => {
+            // The same rules as `serve`: a secret `serve` would refuse mints nothing.
+            let checked = Settings {
+                auth_secret: Some(auth_secret.clone()),
+                ..Settings::default()
+            };
+            if let Err(error) = checked.validate() {
+                eprintln!("fleetlm: {error}");
+                return ExitCode::from(2);
+            }
+            if auth_secret.is_empty() {
+                eprintln!("fleetlm: invalid configuration: auth_secret: must be set");
+                return ExitCode::from(2);
+            }
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
@@ -129,6 +142,7 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
         }
     };
     init_tracing(config.log_format);
+    let log_format = config.log_format;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -137,7 +151,17 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let server = match fleetlm::server::start(config).await {
+        // Listen for signals before anything else: a SIGTERM while the server starts (waiting
+        // for its archive) or right after its listening line must not go unnoticed.
+        let mut signals = Signals::register();
+        let started = tokio::select! {
+            started = fleetlm::server::start(config) => started,
+            () = signals.next() => {
+                eprintln!("fleetlm: signal received while starting; exiting");
+                return ExitCode::from(130);
+            }
+        };
+        let server = match started {
             Ok(server) => server,
             Err(error) => {
                 eprintln!("fleetlm: {error:#}");
@@ -149,17 +173,22 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
                 };
             }
         };
-        println!(
-            "fleetlm listening on http://{} (archive: {})",
-            server.local_addr, server.archive_description
-        );
+        let url = format!("http://{}", server.local_addr);
+        match log_format {
+            LogFormat::Text => println!("fleetlm listening on {url} (archive: {})", server.archive_description),
+            LogFormat::Json => println!(
+                "{}",
+                serde_json::json!({"level": "INFO", "message": "fleetlm listening", "url": url,
+                    "archive": server.archive_description})
+            ),
+        }
         let _ = std::io::Write::flush(&mut std::io::stdout());
         let trigger = server.shutdown_trigger();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.next().await;
             tracing::info!("shutting down: draining requests and flushing the archive");
             let _ = trigger.send(true);
-            wait_for_signal().await;
+            signals.next().await;
             eprintln!("fleetlm: second signal, exiting now (the WAL holds every acknowledged message)");
             std::process::exit(130);
         });
@@ -173,16 +202,32 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+/// SIGTERM and SIGINT, listened for from the start of the process.
+struct Signals {
+    terminate: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn register() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            terminate: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT (never, if they could not be listened for).
+    async fn next(&mut self) {
+        match (self.terminate.as_mut(), self.interrupt.as_mut()) {
+            (Some(terminate), Some(interrupt)) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
     }
 }
 
@@ -191,6 +236,7 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

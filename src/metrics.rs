@@ -26,9 +26,118 @@ pub fn prometheus() -> PrometheusHandle {
             // Another recorder may already be installed (an embedding program's); then ours
             // renders nothing, which is the embedder's choice.
             let _ = metrics::set_global_recorder(recorder);
+            describe();
             handle
         })
         .clone()
+}
+
+/// The `# HELP` line of every metric.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "fleetlm_appends_total",
+        "Appends answered, by result (appended, deduplicated, refused)."
+    );
+    describe_counter!(
+        "fleetlm_archive_flush_errors_total",
+        "Archive flush cycles that failed (retried with backoff)."
+    );
+    describe_counter!("fleetlm_archive_messages_total", "Messages written to the archive.");
+    describe_counter!(
+        "fleetlm_dispatches_total",
+        "Agent dispatches ended, by outcome (ok, failed)."
+    );
+    describe_counter!("fleetlm_inbox_pushes_total", "inbox_delta pushes sent.");
+    describe_counter!(
+        "fleetlm_outbound_overflows_total",
+        "Live events dropped because a socket's queue was full."
+    );
+    describe_counter!("fleetlm_sessions_created_total", "Sessions created.");
+    describe_counter!(
+        "fleetlm_sessions_evicted_total",
+        "Idle, fully archived sessions removed from memory."
+    );
+    describe_counter!(
+        "fleetlm_sessions_loaded_total",
+        "Sessions loaded from the archive into memory."
+    );
+    describe_counter!(
+        "fleetlm_socket_bad_frames_total",
+        "WebSocket frames that could not be parsed."
+    );
+    describe_counter!(
+        "fleetlm_socket_closed_slow_total",
+        "Sockets closed with 1013 for not reading."
+    );
+    describe_counter!(
+        "fleetlm_socket_resyncs_total",
+        "resync pushes sent to sockets that fell behind."
+    );
+    describe_counter!(
+        "fleetlm_stream_chunks_total",
+        "Agent reply chunks forwarded as stream_chunk."
+    );
+    describe_counter!("fleetlm_wal_segment_rotations_total", "WAL segment files started.");
+    describe_counter!(
+        "fleetlm_webhook_failures_total",
+        "Webhook transport failures, by cause (connection refused, timed out, ...)."
+    );
+    describe_counter!(
+        "fleetlm_webhook_malformed_lines_total",
+        "Agent reply lines that were not JSON or not a chunk."
+    );
+    describe_counter!(
+        "fleetlm_webhook_replies_cut_total",
+        "Agent replies ended for exceeding the size, chunk or time cap."
+    );
+    describe_counter!("fleetlm_webhook_retries_total", "Webhook attempts retried.");
+    describe_gauge!("fleetlm_active_sessions", "Sessions in memory, by shard.");
+    describe_gauge!("fleetlm_archive_lag_entries", "WAL entries not yet archived, by shard.");
+    describe_gauge!(
+        "fleetlm_archive_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest unarchived WAL entry, by shard."
+    );
+    describe_gauge!(
+        "fleetlm_dispatch_queue_length",
+        "Sessions waiting for a dispatch (debouncing or ready)."
+    );
+    describe_gauge!("fleetlm_joined_channels", "Channels joined on open sockets.");
+    describe_gauge!(
+        "fleetlm_process_rss_bytes",
+        Unit::Bytes,
+        "Resident memory of the process."
+    );
+    describe_gauge!("fleetlm_sockets", "Open WebSockets.");
+    describe_gauge!("fleetlm_wal_disk_bytes", Unit::Bytes, "Disk used by WAL segments.");
+    describe_histogram!(
+        "fleetlm_append_commit_seconds",
+        Unit::Seconds,
+        "Log entry handed to the WAL until durable."
+    );
+    describe_histogram!(
+        "fleetlm_append_seconds",
+        Unit::Seconds,
+        "Append received until acknowledged (after fsync)."
+    );
+    describe_histogram!(
+        "fleetlm_archive_flush_seconds",
+        Unit::Seconds,
+        "One archive flush cycle."
+    );
+    describe_histogram!("fleetlm_wal_fsync_batch_records", "Records per WAL group commit.");
+    describe_histogram!("fleetlm_wal_fsync_seconds", Unit::Seconds, "One WAL write + fdatasync.");
+    describe_histogram!(
+        "fleetlm_webhook_seconds",
+        Unit::Seconds,
+        "One webhook attempt, request to end of reply."
+    );
+    describe_histogram!(
+        "fleetlm_ws_send_seconds",
+        Unit::Seconds,
+        "WebSocket send handled until its ack is queued."
+    );
 }
 
 /// Resident set size of this process, from /proc (Linux).

@@ -33,6 +33,73 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 struct DataDirLayout {
     format: u32,
     shards: u16,
+    /// `sqlite` or `postgres`: the WAL's watermarks belong to that archive. Absent in
+    /// directories made before it was recorded (then recorded at the next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    archive: Option<String>,
+}
+
+/// Connects to the Postgres archive and prepares its schema. A server that is down or
+/// unreachable is waited for with backoff (capped at 5 s; the process is not listening, so not
+/// ready, meanwhile); a problem that waiting cannot fix (no such database, bad credentials, a
+/// malformed URL) ends the start with a sentence saying what to do.
+async fn connect_postgres_waiting(url: &str) -> anyhow::Result<Archive> {
+    let target = describe_postgres_url(url);
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let connected = match Archive::connect_postgres(url).await {
+            Ok(archive) => archive.migrate().await.map(|()| archive),
+            Err(error) => Err(error),
+        };
+        let error = match connected {
+            Ok(archive) => return Ok(archive),
+            Err(crate::archive::ArchiveError::Unavailable(error)) => error,
+            Err(error) => bail!("cannot use the Postgres archive at {target}: {error}"),
+        };
+        if let Some(advice) = postgres_advice(url).await {
+            bail!("cannot use the Postgres archive at {target}: {advice}");
+        }
+        tracing::warn!(archive = %target, %error, retry_in_ms = delay.as_millis() as u64, "the Postgres archive is unreachable; waiting for it");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// `host:port/database` of a Postgres URL, without credentials.
+fn describe_postgres_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(parsed) => format!(
+            "{}:{}{}",
+            parsed.host_str().unwrap_or("localhost"),
+            parsed.port().unwrap_or(5432),
+            parsed.path()
+        ),
+        Err(_) => "the configured database_url".to_string(),
+    }
+}
+
+/// What to do about a Postgres problem that waiting will not fix (asked of the server with a
+/// connection of its own, whose error carries the SQLSTATE); `None` when waiting may help.
+async fn postgres_advice(url: &str) -> Option<String> {
+    use tokio_postgres::error::SqlState;
+    let config: tokio_postgres::Config = match url.parse() {
+        Ok(config) => config,
+        Err(error) => return Some(format!("database_url is not a valid Postgres URL ({error})")),
+    };
+    let error = match tokio::time::timeout(Duration::from_secs(5), config.connect(tokio_postgres::NoTls)).await {
+        Ok(Err(error)) => error,
+        Ok(Ok(_)) | Err(_) => return None,
+    };
+    let database = config.get_dbname().unwrap_or("postgres");
+    match error.code() {
+        Some(code) if *code == SqlState::INVALID_CATALOG_NAME => Some(format!(
+            "the database \"{database}\" does not exist; create it (`createdb {database}`, or `CREATE DATABASE \"{database}\";` in psql) or point database_url at an existing database"
+        )),
+        Some(code) if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+            Some("the server refused the user or password in database_url; check them".into())
+        }
+        _ => None,
+    }
 }
 
 pub struct RunningServer {
@@ -85,7 +152,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let lock = lock_data_dir(&config.data_dir)?;
-    let shard_count = read_or_create_layout(&config.data_dir, config.shards)?;
+    let archive_kind = if config.database_url.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    let shard_count = read_or_create_layout(&config.data_dir, config.shards, archive_kind)?;
 
     let wal_options = WalOptions {
         lanes: config.wal_lanes,
@@ -102,14 +174,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let wal = Arc::new(wal);
 
     let archive = match &config.database_url {
-        Some(url) => Archive::connect_postgres(url)
-            .await
-            .context("cannot connect to the Postgres archive")?,
+        Some(url) => connect_postgres_waiting(url).await?,
         None => {
-            Archive::open_sqlite(&config.data_dir.join("archive.sqlite3")).context("cannot open the SQLite archive")?
+            let archive = Archive::open_sqlite(&config.data_dir.join("archive.sqlite3"))
+                .context("cannot open the SQLite archive")?;
+            archive.migrate().await.context("archive migration failed")?;
+            archive
         }
     };
-    archive.migrate().await.context("archive migration failed")?;
     let archive_description = match &config.database_url {
         Some(_) => "postgres".to_string(),
         None => format!("sqlite at {}", config.data_dir.join("archive.sqlite3").display()),
@@ -185,6 +257,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             max_in_flight_per_agent: config.agent_max_in_flight,
             max_in_flight: config.max_dispatches_in_flight,
             max_reply_line_bytes: 1024 * 1024,
+            max_reply_bytes: config.agent_max_reply_bytes,
         },
         shards_limits: crate::agents::MessageLimits {
             max_message_bytes: config.max_message_bytes,
@@ -198,12 +271,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     let auth = match &config.auth_secret {
         Some(secret) => AuthMode::Token {
-            secret: secret.as_bytes().to_vec(),
+            rules: Box::new(crate::auth::TokenRules::new(
+                secret.as_bytes(),
+                config.jwt_audience.as_deref(),
+                config.jwt_issuer.as_deref(),
+            )),
             api_key: config.api_key.clone(),
         },
         None => AuthMode::Open,
     };
     let draining = Arc::new(AtomicBool::new(false));
+    let sockets: Arc<crate::gateway::SocketCounts> = Arc::default();
+    let open_sockets = sockets.clone();
     let state = Arc::new(AppState {
         shards,
         config: config.clone(),
@@ -215,7 +294,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         registry,
         streams,
         recent_dispatches,
-        sockets: Arc::default(),
+        sockets,
         shutdown: shutdown.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -238,6 +317,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             draining.store(true, Ordering::Release);
         });
         serve.await.context("http server failed")?;
+        // Upgraded sockets are not the HTTP server's to wait for: each answers the sends it
+        // took, then closes with 1012; the process exits only after that (bounded).
+        if !open_sockets.wait_until_all_closed(SOCKETS_CLOSE_WAIT).await {
+            tracing::warn!("some sockets did not close within the deadline");
+        }
         // Requests in flight have been answered; the flusher now makes its last pass.
         if tokio::time::timeout(shutdown_deadline, flusher_task).await.is_err() {
             tracing::warn!("final archive flush did not finish within the deadline; the wal keeps the rest");
@@ -260,6 +344,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         task,
     })
 }
+
+/// How long shutdown waits for sockets to answer their sends and close (each gives its sends
+/// 5 s and its close frame 2 s).
+const SOCKETS_CLOSE_WAIT: Duration = Duration::from_secs(8);
 
 async fn sweep(shards: Shards, idle_for: Duration, mut shutdown: watch::Receiver<bool>) {
     loop {
@@ -296,11 +384,27 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
 }
 
 /// Reads the shard count the data directory was created with, or records it for a new one.
-fn read_or_create_layout(data_dir: &Path, requested_shards: Option<u16>) -> anyhow::Result<u16> {
+fn read_or_create_layout(data_dir: &Path, requested_shards: Option<u16>, archive_kind: &str) -> anyhow::Result<u16> {
     let path: PathBuf = data_dir.join("fleetlm.json");
     if path.exists() {
-        let layout: DataDirLayout = serde_json::from_slice(&fs::read(&path)?)
+        let mut layout: DataDirLayout = serde_json::from_slice(&fs::read(&path)?)
             .with_context(|| format!("{} is not a valid layout file", path.display()))?;
+        match layout.archive.as_deref() {
+            Some(recorded) if recorded != archive_kind => bail!(
+                "invalid configuration: database_url: the data directory {} belongs to a {recorded} archive and cannot be used with {archive_kind} (its log's archive watermarks are that archive's); {}",
+                data_dir.display(),
+                if recorded == "postgres" {
+                    "set database_url to that Postgres database, or use another data_dir"
+                } else {
+                    "unset database_url to keep using its SQLite archive, or use another data_dir"
+                }
+            ),
+            Some(_) => {}
+            None => {
+                layout.archive = Some(archive_kind.to_string());
+                write_layout(data_dir, &layout)?;
+            }
+        }
         if let Some(requested) = requested_shards
             && requested != layout.shards
         {
@@ -314,11 +418,18 @@ fn read_or_create_layout(data_dir: &Path, requested_shards: Option<u16>) -> anyh
     let layout = DataDirLayout {
         format: 1,
         shards: requested_shards.unwrap_or(DEFAULT_SHARDS),
+        archive: Some(archive_kind.to_string()),
     };
-    let temporary = data_dir.join("fleetlm.json.tmp");
-    fs::write(&temporary, serde_json::to_vec_pretty(&layout)?)?;
-    File::open(&temporary)?.sync_all()?;
-    fs::rename(&temporary, &path)?;
-    File::open(data_dir)?.sync_all()?;
+    write_layout(data_dir, &layout)?;
     Ok(layout.shards)
+}
+
+/// Writes `fleetlm.json` atomically (temporary file, fsync, rename, fsync of the directory).
+fn write_layout(data_dir: &Path, layout: &DataDirLayout) -> anyhow::Result<()> {
+    let temporary = data_dir.join("fleetlm.json.tmp");
+    fs::write(&temporary, serde_json::to_vec_pretty(layout)?)?;
+    File::open(&temporary)?.sync_all()?;
+    fs::rename(&temporary, data_dir.join("fleetlm.json"))?;
+    File::open(data_dir)?.sync_all()?;
+    Ok(())
 }

@@ -491,3 +491,140 @@ async fn a_hung_dispatch_ends_at_the_deadline_and_frees_the_session() {
     assert_eq!(agent.calls()[1].body["messages"].as_array().unwrap().len(), 2);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_agent_shows_the_cause_without_its_url_or_key() {
+    let server = TestServer::start_with(Store::Sqlite, |s| s.agent_max_attempts = Some(2)).await;
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let agent = json!({"agent": {"id": "down", "name": "down", "debounce_window_ms": 0,
+        "origin_url": format!("http://127.0.0.1:{closed_port}"), "webhook_path": "/hook?key=TOPSECRET"}});
+    assert_eq!(server.post("/api/agents", agent).await.status, 201);
+    let session = json!({"id": "down-s", "user_id": "u", "agent_id": "down"});
+    assert_eq!(server.post("/api/sessions", session).await.status, 201);
+    let mut ws = join_as_user(&server, "down-s").await;
+    say(&server, "down-s", "hello?").await;
+    let failure = wait_for_failure(&mut ws).await;
+    assert_eq!(failure["error"], "connection refused", "{failure}");
+    let shown = server.get("/api/sessions/down-s").await;
+    assert_eq!(shown.status, 200);
+    let status = &shown.body["session"]["agent_status"];
+    assert_eq!(status["status"], "failed", "{}", shown.body);
+    assert_eq!(status["error"], "connection refused");
+    for text in [failure.to_string(), shown.body.to_string()] {
+        assert!(!text.contains("TOPSECRET") && !text.contains("127.0.0.1"), "{text}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_shows_the_agent_status_of_a_session() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::EchoJsonl).await;
+    register(&server, &agent, "shown", json!({})).await;
+    let idle = server.get("/api/sessions/shown-s").await;
+    assert_eq!(idle.body["session"]["agent_status"]["status"], "idle", "{}", idle.body);
+    say(&server, "shown-s", "hi").await;
+    agent_messages(&server, "shown-s", "shown", 1).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let shown = server.get("/api/sessions/shown-s").await;
+        if shown.body["session"]["agent_status"]["status"] == "idle" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", shown.body);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_over_the_size_cap_ends_the_turn_with_a_clear_error() {
+    let server = TestServer::start_with(Store::Sqlite, |s| {
+        s.agent_max_reply_bytes = Some(fleetlm::config::ByteSize(2048))
+    })
+    .await;
+    let agent = TestAgent::start(Behavior::EchoJsonl).await;
+    register(&server, &agent, "big", json!({})).await;
+    let mut ws = join_as_user(&server, "big-s").await;
+    say(&server, "big-s", &"x".repeat(3000)).await;
+    let failure = wait_for_failure(&mut ws).await;
+    assert_eq!(failure["error"], "reply too large: over 2048 bytes", "{failure}");
+    assert_eq!(agent.calls().len(), 1, "not retried");
+    say(&server, "big-s", "short").await;
+    let replies = agent_messages(&server, "big-s", "big", 1).await;
+    assert_eq!(reply_text(&replies[0]), "echo: short", "the next turn works");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_json_reply_is_stored_as_one_message() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::PlainJson).await;
+    register(&server, &agent, "plain", json!({})).await;
+    say(&server, "plain-s", "hi").await;
+    let replies = agent_messages(&server, "plain-s", "plain", 1).await;
+    assert_eq!(replies[0]["kind"], "assistant");
+    assert_eq!(reply_text(&replies[0]), "plain: hi");
+    assert_eq!(replies[0]["metadata"]["termination"], "finish");
+    server.stop().await;
+}
+
+/// The rescan at start snapshots every session owing a reply, then feeds them to the scheduler
+/// (slowly, here: a thousand sessions to load from the archive after this one, whose id sorts
+/// first). A session whose reply is made
+/// meanwhile by a fresh message must not be dispatched again by the stale snapshot: whether a
+/// reply is owed is read from the log when the dispatch starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_rescan_does_not_call_the_agent_twice() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::EchoJsonl).await;
+    register(&server, &agent, "a0twice", json!({"debounce_window_ms": 60_000})).await;
+    let filler = json!({"agent": {"id": "filler", "name": "filler", "origin_url": "http://127.0.0.1:9",
+        "debounce_window_ms": 60_000}});
+    assert_eq!(server.post("/api/agents", filler).await.status, 201);
+    say(&server, "a0twice-s", "first").await;
+    const FILLERS: usize = 1000;
+    let server_ref = &server;
+    for batch in (0..FILLERS).collect::<Vec<_>>().chunks(50) {
+        let requests = batch.iter().map(|&n| async move {
+            let server = server_ref;
+            let session = json!({"id": format!("f{n}"), "user_id": "u", "agent_id": "filler"});
+            assert_eq!(server.post("/api/sessions", session).await.status, 201);
+            say(server, &format!("f{n}"), "waiting").await;
+        });
+        futures_util::future::join_all(requests).await;
+    }
+    let patch = server
+        .patch("/api/agents/a0twice", json!({"agent": {"debounce_window_ms": 0}}))
+        .await;
+    assert_eq!(patch.status, 200);
+    let (data_dir, _) = server.stop().await;
+    assert!(agent.calls().is_empty());
+
+    let path = data_dir.path().to_path_buf();
+    let mut server = TestServer::start_with(Store::Sqlite, |s| s.data_dir = Some(path)).await;
+    say(&server, "a0twice-s", "second").await;
+    agent_messages(&server, "a0twice-s", "a0twice", 1).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Each call answers a newer user message than the one before; a stale rescan entry would
+    // call again for messages already answered.
+    let answered: Vec<String> = agent.calls().iter().map(|call| last_user_text(&call.body)).collect();
+    let mut distinct = answered.clone();
+    distinct.dedup();
+    assert_eq!(answered, distinct, "the agent was called twice for the same messages");
+    server.data_dir = data_dir;
+    server.stop().await;
+}
+
+fn last_user_text(body: &Value) -> String {
+    let user = body["user_id"].as_str().unwrap_or_default();
+    body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["sender_id"] == user))
+        .and_then(|m| m["content"]["text"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}

@@ -85,7 +85,8 @@ async fn the_api_key_mints_socket_tokens_and_agents_list_recent_dispatches() {
     assert_eq!(minted.status(), 201);
     let body: serde_json::Value = minted.json().await.unwrap();
     let token = body["token"].as_str().unwrap();
-    let claims = fleetlm::auth::verify(SECRET.as_bytes(), token, 0).unwrap();
+    let rules = fleetlm::auth::TokenRules::new(SECRET.as_bytes(), None, None);
+    let claims = fleetlm::auth::verify(&rules, token, 0).unwrap();
     assert_eq!(claims.sub, "carol");
     assert_eq!(
         mint(None, serde_json::json!({"sub": "carol"})).await.unwrap().status(),

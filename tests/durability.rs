@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use serde_json::{Value, json};
-use support::{ServerProcess, TestDatabase, call};
-use tokio::net::{TcpListener, TcpStream};
+use support::{CuttableProxy, ServerProcess, TestDatabase, call};
 
 const SESSIONS: usize = 6;
 const WRITERS: usize = 12;
@@ -170,54 +169,6 @@ async fn sigkill_during_appends_loses_no_acknowledged_message_postgres() {
     kill_and_recover_rounds(Some(&database), 3).await;
 }
 
-/// A TCP forwarder to Postgres that can be cut (every connection dropped, new ones refused)
-/// and restored, to play an archive outage.
-struct CuttableProxy {
-    port: u16,
-    up: Arc<std::sync::atomic::AtomicBool>,
-    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl CuttableProxy {
-    async fn start(target: String) -> CuttableProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (accept_up, accept_connections) = (up.clone(), connections.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if !accept_up.load(std::sync::atomic::Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let target = target.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                accept_connections.lock().unwrap().push(task.abort_handle());
-            }
-        });
-        CuttableProxy { port, up, connections }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 async fn archived_message_count(database: &TestDatabase) -> i64 {
     let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
         .await
@@ -233,15 +184,7 @@ async fn archived_message_count(database: &TestDatabase) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_outage_loses_nothing_and_flush_catches_up() {
     let database = TestDatabase::create();
-    let admin = support::database_admin_url();
-    let host_port = admin
-        .split('@')
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap()
-        .to_string();
-    let proxy = CuttableProxy::start(host_port).await;
-    let proxied_url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, database.name);
+    let (proxy, proxied_url) = CuttableProxy::to_database(&database).await;
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), Some(&proxied_url), &[]);
     let client = reqwest::Client::new();

@@ -95,7 +95,10 @@ async fn heartbeat_join_replay_push_send_and_leave_frame_by_frame() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_replies_and_the_socket_survives() {
-    let server = TestServer::start_with(Store::Sqlite, |s| s.ws_max_frame_bytes = Some(4096)).await;
+    let server = TestServer::start_with(Store::Sqlite, |s| {
+        s.ws_max_frame_bytes = Some(fleetlm::config::ByteSize(4096))
+    })
+    .await;
     server.agent_and_session("a", "u", "s").await;
     server
         .post(
@@ -548,9 +551,9 @@ async fn a_second_join_replaces_the_first_and_idle_sockets_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_an_error_reply_plus_a_backpressure_push() {
     let server = TestServer::start_with(Store::Sqlite, |s| {
-        s.wal_budget_bytes = Some(3 * 1024 * 1024);
+        s.wal_budget_bytes = Some(fleetlm::config::ByteSize(3 * 1024 * 1024));
         s.flush_interval_ms = Some(600_000);
-        s.flush_threshold_bytes = Some(1 << 40);
+        s.flush_threshold_bytes = Some(fleetlm::config::ByteSize(1 << 40));
     })
     .await;
     server.agent_and_session("a", "u", "s").await;
@@ -578,6 +581,151 @@ async fn overload_is_an_error_reply_plus_a_backpressure_push() {
     assert_eq!(
         push,
         json!(["1", null, "session:s", "backpressure", {"reason": "overloaded", "retry_after_ms": 1000}])
+    );
+    server.stop().await;
+}
+
+/// A send that must first look its client id up in the archive (the session was reloaded with
+/// more messages than the in-memory window) is still stored before the sends after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_stay_in_order_when_one_needs_the_archive() {
+    let server = TestServer::start(Store::Sqlite).await;
+    server.agent_and_session("a", "u", "s").await;
+    for n in 0..200 {
+        append(&server, "s", json!({"user_id": "u", "content": {"n": n}})).await;
+    }
+    let (data_dir, _) = server.stop().await;
+    let path = data_dir.path().to_path_buf();
+    let mut server = TestServer::start_with(Store::Sqlite, |s| s.data_dir = Some(path)).await;
+    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
+    ws.send(r#"["1","j","session:s","phx_join",{"last_seq":200}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    ws.send_batch(vec![
+        r#"["1","a","session:s","send",{"content":{"content":{"text":"A"}},"client_id":"fresh-a"}]"#.into(),
+        r#"["1","b","session:s","send",{"content":{"content":{"text":"B"}}}]"#.into(),
+    ])
+    .await;
+    let mut stored = Vec::new();
+    while stored.len() < 2 {
+        let frame = ws.next().await;
+        if frame[3] == "phx_reply" {
+            assert_eq!(frame[4]["status"], "ok", "{frame}");
+            stored.push((
+                frame[1].as_str().unwrap().to_string(),
+                frame[4]["response"]["seq"].as_u64().unwrap(),
+            ));
+        }
+    }
+    assert_eq!(
+        stored,
+        vec![("a".to_string(), 201), ("b".to_string(), 202)],
+        "stored in the order sent"
+    );
+    server.data_dir = data_dir;
+    server.stop().await;
+}
+
+/// Shutdown answers every send it stored before closing with 1012: a client never has to
+/// guess whether a send it saw no reply for was kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_the_sends_in_flight_before_closing() {
+    const SOCKETS: usize = 8;
+    const SENDS: usize = 64;
+    let server = TestServer::start(Store::Sqlite).await;
+    let mut sockets = Vec::new();
+    for n in 0..SOCKETS {
+        server.agent_and_session("a", &format!("u{n}"), &format!("s{n}")).await;
+        let mut ws = client(&server, &format!("user_id=u{n}&vsn=2.0.0")).await;
+        ws.send(format!(r#"["1","j","session:s{n}","phx_join",{{}}]"#)).await;
+        assert_eq!(ws.next().await[4]["status"], "ok");
+        sockets.push(ws);
+    }
+    for (n, ws) in sockets.iter_mut().enumerate() {
+        let sends = (0..SENDS)
+            .map(|i| format!(r#"["1","r{i}","session:s{n}","send",{{"content":{{"content":{{"i":{i}}}}}}}]"#))
+            .collect();
+        ws.send_batch(sends).await;
+    }
+    let stopping = tokio::spawn(server.stop());
+    let mut answered = Vec::new();
+    for ws in &mut sockets {
+        let mut count = 0u64;
+        loop {
+            match ws.next_message().await {
+                tokio_tungstenite::tungstenite::Message::Text(text) => {
+                    let frame: Value = serde_json::from_str(&text).unwrap();
+                    if frame[3] == "phx_reply" {
+                        assert_eq!(frame[4]["status"], "ok", "{frame}");
+                        count += 1;
+                    }
+                }
+                tokio_tungstenite::tungstenite::Message::Close(Some(close)) => {
+                    assert_eq!(u16::from(close.code), 1012);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        answered.push(count);
+    }
+    let (data_dir, _) = stopping.await.unwrap();
+    let path = data_dir.path().to_path_buf();
+    let server = TestServer::start_with(Store::Sqlite, |s| s.data_dir = Some(path)).await;
+    for (n, answered) in answered.into_iter().enumerate() {
+        let session = server.get(&format!("/api/sessions/s{n}")).await;
+        let stored = session.body["session"]["last_seq"].as_u64().unwrap();
+        assert_eq!(
+            stored, answered,
+            "session s{n}: every stored send was answered before the close"
+        );
+    }
+    server.stop().await;
+    drop(data_dir);
+}
+
+/// SIGTERM: every socket gets its 1012 close frame before the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_socket_with_1012() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = support::ServerProcess::start(dir.path(), None, &[]);
+    let mut sockets = Vec::new();
+    for n in 0..200 {
+        let query = format!("user_id=u{n}&vsn=2.0.0");
+        match WsClient::connect(&process.base, &query).await {
+            Ok(ws) => sockets.push(ws),
+            Err(WsError::Refused(status)) => panic!("refused {status}"),
+        }
+    }
+    // SAFETY: sending a signal to the child we started.
+    unsafe { libc::kill(process.child.id() as i32, libc::SIGTERM) };
+    for ws in &mut sockets {
+        assert_eq!(ws.closed_with().await, 1012);
+    }
+    let status = process.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// A client may claim any u64 as its last seq: the join answers, and live messages follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_claiming_the_largest_last_seq_works() {
+    let server = TestServer::start(Store::Sqlite).await;
+    server.agent_and_session("a", "u", "s").await;
+    append(&server, "s", json!({"user_id": "u", "content": {"n": 1}})).await;
+    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
+    ws.send(format!(
+        r#"["1","j","session:s","phx_join",{{"last_seq":{}}}]"#,
+        u64::MAX
+    ))
+    .await;
+    let reply = ws.next().await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    assert_eq!(reply[4]["response"]["messages"], json!([]));
+    append(&server, "s", json!({"user_id": "u", "content": {"n": 2}})).await;
+    let live = ws.next().await;
+    assert_eq!(
+        (live[3].as_str(), live[4]["seq"].as_u64()),
+        (Some("message"), Some(2)),
+        "{live}"
     );
     server.stop().await;
 }

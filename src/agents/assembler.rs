@@ -11,9 +11,15 @@ use serde_json::{Map, Value, json};
 
 use super::partial_json::parse_partial;
 
+/// Streamed tool input up to this size is re-parsed on every delta; beyond it, each time it
+/// doubles (and whenever the message is read), which keeps the work linear in its size.
+const EAGER_TOOL_INPUT_BYTES: usize = 4096;
+
 /// A tool call whose input is still streaming.
 struct PartialToolCall {
     text: String,
+    /// Bytes of `text` already shown in the tool's part.
+    applied_len: usize,
     input_encoding: Option<Value>,
     tool_name: String,
     dynamic: bool,
@@ -46,6 +52,8 @@ pub struct Assembler {
     active_text: HashMap<String, usize>,
     active_reasoning: HashMap<String, usize>,
     partial_tools: HashMap<String, PartialToolCall>,
+    /// The tool call whose latest input deltas are not shown in its part yet.
+    unapplied_tool_input: Option<String>,
     /// A snapshot of the message was taken at least once (the SDK yields nothing before).
     written: bool,
     /// `step-start` parts pushed since the last snapshot (the SDK does not snapshot for them).
@@ -122,6 +130,7 @@ impl Assembler {
             active_text: HashMap::new(),
             active_reasoning: HashMap::new(),
             partial_tools: HashMap::new(),
+            unapplied_tool_input: None,
             written: false,
             unwritten_step_starts: 0,
             failure: None,
@@ -149,7 +158,8 @@ impl Assembler {
     }
 
     /// The message as the SDK would show it now: `None` until anything was assembled.
-    pub fn message(&self) -> Option<Value> {
+    pub fn message(&mut self) -> Option<Value> {
+        self.apply_deferred_tool_input();
         if !self.written {
             return None;
         }
@@ -167,10 +177,50 @@ impl Assembler {
         self.unwritten_step_starts = 0;
     }
 
+    /// Shows the streamed input of the tool call in its part, as the SDK does on every delta.
+    fn apply_tool_input(&mut self, tool_call_id: &str) {
+        let Some(partial) = self.partial_tools.get_mut(tool_call_id) else {
+            return;
+        };
+        partial.applied_len = partial.text.len();
+        let input = if partial.input_encoding.as_ref().and_then(Value::as_str) == Some("text") {
+            Some(Value::String(partial.text.clone()))
+        } else {
+            parse_partial(&partial.text)
+        };
+        let update = ToolUpdate {
+            tool_call_id: tool_call_id.to_string(),
+            tool_name: partial.tool_name.clone(),
+            state: "input-streaming",
+            input_encoding: partial.input_encoding.clone(),
+            input,
+            raw_input: Some(Value::String(partial.text.clone())),
+            title: partial.title.clone(),
+            tool_metadata: partial.tool_metadata.clone(),
+            ..ToolUpdate::default()
+        };
+        let dynamic = partial.dynamic;
+        self.update_tool_part(update, None, dynamic);
+        self.write();
+    }
+
+    /// Applies a tool input whose latest deltas were deferred, before anything else happens
+    /// or the message is read: the result is the same as applying every delta.
+    fn apply_deferred_tool_input(&mut self) {
+        if let Some(tool_call_id) = self.unapplied_tool_input.take() {
+            self.apply_tool_input(&tool_call_id);
+        }
+    }
+
     /// Applies one chunk. After a chunk fails, later ones are ignored, as in the SDK.
     pub fn push(&mut self, chunk: &Value) -> Result<(), String> {
         if let Some(failure) = &self.failure {
             return Err(failure.clone());
+        }
+        let same_tool_delta = chunk.get("type").and_then(Value::as_str) == Some("tool-input-delta")
+            && self.unapplied_tool_input.as_deref() == chunk.get("toolCallId").and_then(Value::as_str);
+        if !same_tool_delta {
+            self.apply_deferred_tool_input();
         }
         self.apply(chunk)
             .inspect_err(|failure| self.failure = Some(failure.clone()))
@@ -376,6 +426,7 @@ impl Assembler {
                 let dynamic = chunk.get("dynamic").and_then(Value::as_bool).unwrap_or(false);
                 let partial = PartialToolCall {
                     text: String::new(),
+                    applied_len: 0,
                     input_encoding: field("inputEncoding"),
                     tool_name: text_field(chunk, "toolName"),
                     dynamic,
@@ -405,25 +456,14 @@ impl Assembler {
                     ));
                 };
                 partial.text.push_str(&text_field(chunk, "inputTextDelta"));
-                let input = if partial.input_encoding.as_ref().and_then(Value::as_str) == Some("text") {
-                    Some(Value::String(partial.text.clone()))
+                // Re-parsing the whole input on every delta is quadratic: parse while it is
+                // small, then each time it has doubled, and whenever anything looks at it.
+                let due = partial.text.len() <= EAGER_TOOL_INPUT_BYTES || partial.text.len() >= 2 * partial.applied_len;
+                if due {
+                    self.apply_tool_input(&tool_call_id);
                 } else {
-                    parse_partial(&partial.text)
-                };
-                let update = ToolUpdate {
-                    tool_call_id,
-                    tool_name: partial.tool_name.clone(),
-                    state: "input-streaming",
-                    input_encoding: partial.input_encoding.clone(),
-                    input,
-                    raw_input: Some(Value::String(partial.text.clone())),
-                    title: partial.title.clone(),
-                    tool_metadata: partial.tool_metadata.clone(),
-                    ..ToolUpdate::default()
-                };
-                let dynamic = partial.dynamic;
-                self.update_tool_part(update, None, dynamic);
-                self.write();
+                    self.unapplied_tool_input = Some(tool_call_id);
+                }
             }
             "tool-input-available" | "tool-input-error" => {
                 let tool_call_id = text_field(chunk, "toolCallId");
@@ -656,5 +696,45 @@ mod tests {
                 .or_else(|| assembler.errors().first().cloned());
             assert_eq!(error, case.error, "case {:?}", case.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod streamed_tool_input {
+    use std::time::{Duration, Instant};
+
+    use serde_json::{Value, json};
+
+    use super::Assembler;
+
+    /// A large tool input streamed in small deltas costs time linear in its size, and the
+    /// message shows exactly what applying every delta would.
+    #[test]
+    fn a_large_streamed_tool_input_is_assembled_in_linear_time() {
+        let mut assembler = Assembler::new();
+        assembler
+            .push(&json!({"type": "tool-input-start", "toolCallId": "c", "toolName": "write"}))
+            .unwrap();
+        let body: String = (0..20_000).map(|n| format!("{},", 10_000 + n)).collect();
+        let input_text = format!("{{\"items\": [{}0]}}", body);
+        let started = Instant::now();
+        for piece in input_text.as_bytes().chunks(8) {
+            let delta = std::str::from_utf8(piece).unwrap();
+            assembler
+                .push(&json!({"type": "tool-input-delta", "toolCallId": "c", "inputTextDelta": delta}))
+                .unwrap();
+        }
+        let message = assembler.message().unwrap();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_secs(3),
+            "{} KiB of input took {elapsed:?}",
+            input_text.len() / 1024
+        );
+        let part = &message["parts"][0];
+        assert_eq!(part["state"], "input-streaming");
+        assert_eq!(part["rawInput"], Value::String(input_text.clone()));
+        let expected: Value = serde_json::from_str(&input_text).unwrap();
+        assert_eq!(part["input"], expected);
     }
 }

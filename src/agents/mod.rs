@@ -43,6 +43,8 @@ pub struct EngineConfig {
     pub max_in_flight_per_agent: usize,
     pub max_in_flight: usize,
     pub max_reply_line_bytes: usize,
+    /// Bytes of chunks one assembled reply message may take.
+    pub max_reply_bytes: usize,
 }
 
 /// Limits the engine applies to the messages it stores (the same as for clients).
@@ -80,6 +82,7 @@ fn status(
     if let Some(error) = error {
         payload["error"] = json!(error);
     }
+    context.streams.record_status(session_id, status, &payload);
     context
         .hub
         .publish_push(session_id, "agent_status", Bytes::from(payload.to_string()));

@@ -306,6 +306,19 @@ impl Scheduler {
             let started = std::time::Instant::now();
             let result = run_bounded(&context, &job).await;
             let through_seq = result.through_seq.max(covered_hint);
+            if result.nothing_owed {
+                // A stale request: the log shows every user message answered. Nothing was
+                // called or recorded; clear the `queued` shown when it was scheduled.
+                status(&context, &job.session_id, "idle", None, None);
+                let _ = sender
+                    .send(Event::Done {
+                        session_id,
+                        agent_id,
+                        through_seq: result.through_seq,
+                    })
+                    .await;
+                return;
+            }
             let outcome = if result.error.is_some() { "failed" } else { "ok" };
             metrics::counter!("fleetlm_dispatches_total", "outcome" => outcome).increment(1);
             context.recent.record(
@@ -376,16 +389,10 @@ async fn run_bounded(context: &Arc<EngineContext>, job: &DispatchJob) -> Dispatc
     let abort = task.abort_handle();
     let result = match tokio::time::timeout(context.config.dispatch_deadline, task).await {
         Ok(Ok(result)) => result,
-        Ok(Err(_)) => DispatchResult {
-            through_seq: 0,
-            error: Some("dispatch crashed".into()),
-        },
+        Ok(Err(_)) => DispatchResult::failed("dispatch crashed"),
         Err(_) => {
             abort.abort();
-            DispatchResult {
-                through_seq: 0,
-                error: Some("dispatch deadline exceeded".into()),
-            }
+            DispatchResult::failed("dispatch deadline exceeded")
         }
     };
     context.streams.end(&job.session_id);

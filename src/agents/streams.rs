@@ -1,6 +1,8 @@
 //! Agent replies streaming right now, one per session at most: their assembled message so far
-//! (for `stream_snapshot` to late joiners) and the count of chunks forwarded, under one lock with
-//! the forwarding itself, so a snapshot and the chunks after it never overlap or leave a gap.
+//! (for `stream_snapshot` to late joiners) and the count of chunks forwarded, under the
+//! session's own lock together with the forwarding itself, so a snapshot and the chunks after it
+//! never overlap or leave a gap. The map of sessions is locked only to find or change an entry:
+//! serializing, fanning out and assembling one session's chunk never holds up another session.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +29,10 @@ pub struct Snapshot {
 
 pub struct LiveStreams {
     hub: Arc<Hub>,
-    streams: Mutex<HashMap<Arc<str>, Streaming>>,
+    streams: Mutex<HashMap<Arc<str>, Arc<Mutex<Streaming>>>>,
+    /// The latest `agent_status` payload of each session whose agent is not idle (queued,
+    /// dispatching, streaming, or failed until the next dispatch), for REST readers.
+    statuses: Mutex<HashMap<Arc<str>, Value>>,
 }
 
 impl LiveStreams {
@@ -35,7 +40,23 @@ impl LiveStreams {
         LiveStreams {
             hub,
             streams: Mutex::default(),
+            statuses: Mutex::default(),
         }
+    }
+
+    /// Remembers the session's latest agent status; `idle` is the default and is not kept.
+    pub fn record_status(&self, session_id: &Arc<str>, status: &str, payload: &Value) {
+        let mut statuses = self.statuses.lock().expect("statuses lock");
+        if status == "idle" {
+            statuses.remove(session_id);
+        } else {
+            statuses.insert(session_id.clone(), payload.clone());
+        }
+    }
+
+    /// The session's latest agent status payload, if it is not idle.
+    pub fn status(&self, session_id: &str) -> Option<Value> {
+        self.statuses.lock().expect("statuses lock").get(session_id).cloned()
     }
 
     pub fn begin(&self, session_id: &Arc<str>, agent_id: &str, dispatch_id: &Arc<str>) {
@@ -48,16 +69,20 @@ impl LiveStreams {
         self.streams
             .lock()
             .expect("streams lock")
-            .insert(session_id.clone(), streaming);
+            .insert(session_id.clone(), Arc::new(Mutex::new(streaming)));
+    }
+
+    fn session(&self, session_id: &str) -> Option<Arc<Mutex<Streaming>>> {
+        self.streams.lock().expect("streams lock").get(session_id).cloned()
     }
 
     /// Forwards `chunk` to the session's members and feeds it to the assembler. Returns the
     /// assembler's verdict on the chunk (an error stops assembly, as in the AI SDK).
     pub fn chunk(&self, session_id: &Arc<str>, chunk: &Value) -> Result<(), String> {
-        let mut streams = self.streams.lock().expect("streams lock");
-        let Some(streaming) = streams.get_mut(session_id) else {
+        let Some(session) = self.session(session_id) else {
             return Ok(());
         };
+        let mut streaming = session.lock().expect("stream lock");
         let payload = json!({"agent_id": streaming.agent_id, "chunk": chunk, "dispatch_id": &*streaming.dispatch_id});
         let index = streaming.next_index;
         streaming.next_index += 1;
@@ -73,10 +98,9 @@ impl LiveStreams {
 
     /// Runs `read` on the assembler of the session's current reply.
     pub fn with_assembler<T>(&self, session_id: &Arc<str>, read: impl FnOnce(&mut Assembler) -> T) -> Option<T> {
-        let mut streams = self.streams.lock().expect("streams lock");
-        streams
-            .get_mut(session_id)
-            .map(|streaming| read(&mut streaming.assembler))
+        let session = self.session(session_id)?;
+        let mut streaming = session.lock().expect("stream lock");
+        Some(read(&mut streaming.assembler))
     }
 
     pub fn end(&self, session_id: &Arc<str>) {
@@ -85,8 +109,8 @@ impl LiveStreams {
 
     /// The reply streaming into `session_id`, if any and if anything was assembled yet.
     pub fn snapshot(&self, session_id: &str) -> Option<Snapshot> {
-        let streams = self.streams.lock().expect("streams lock");
-        let streaming = streams.get(session_id)?;
+        let session = self.session(session_id)?;
+        let mut streaming = session.lock().expect("stream lock");
         let message = streaming.assembler.message()?;
         Some(Snapshot {
             dispatch_id: streaming.dispatch_id.clone(),

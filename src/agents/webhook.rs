@@ -27,6 +27,19 @@ pub struct DispatchJob {
 pub struct DispatchResult {
     pub through_seq: u64,
     pub error: Option<String>,
+    /// The log showed no unanswered user message: the agent was not called and nothing is
+    /// recorded (a stale request, e.g. from a rescan that raced a dispatch).
+    pub nothing_owed: bool,
+}
+
+impl DispatchResult {
+    pub fn failed(error: impl Into<String>) -> DispatchResult {
+        DispatchResult {
+            through_seq: 0,
+            error: Some(error.into()),
+            nothing_owed: false,
+        }
+    }
 }
 
 enum CallError {
@@ -54,23 +67,31 @@ fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
 
 /// Runs the dispatch to its end (success, refusal, exhausted retries).
 pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchResult {
+    let unavailable = |error: ShardError| {
+        tracing::warn!(session_id = %job.session_id, %error, "could not read the history for a dispatch");
+        DispatchResult::failed("history unavailable")
+    };
+    // Whether a reply is owed is decided here, from the log, not from the scheduler's memory:
+    // a stale request (a rescan's snapshot taken while an earlier dispatch was running) must
+    // not call the agent again for messages already answered.
+    let view = match context.shards.view(&job.session_id).await {
+        Ok(view) => view,
+        Err(error) => return unavailable(error),
+    };
+    if !view.dispatch.is_pending() {
+        return DispatchResult {
+            through_seq: view.dispatch.answered_through,
+            error: None,
+            nothing_owed: true,
+        };
+    }
     let agent = match context.registry.get(&job.agent_id) {
         Some(agent) if agent.status == crate::model::AgentStatus::Enabled => agent,
-        _ => {
-            return DispatchResult {
-                through_seq: 0,
-                error: Some("agent_disabled".into()),
-            };
-        }
+        _ => return DispatchResult::failed("agent_disabled"),
     };
-    let (view, history) = match history(context, &job.session_id, &agent).await {
+    let history = match history(context, &job.session_id, &view, &agent).await {
         Ok(found) => found,
-        Err(error) => {
-            return DispatchResult {
-                through_seq: 0,
-                error: Some(format!("history unavailable: {error}")),
-            };
-        }
+        Err(error) => return unavailable(error),
     };
     let through_seq = history
         .iter()
@@ -99,6 +120,7 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
                 return DispatchResult {
                     through_seq,
                     error: None,
+                    nothing_owed: false,
                 };
             }
             Err(CallError::Retryable { reason, retry_after }) if attempt < context.config.max_attempts => {
@@ -111,6 +133,7 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
                 return DispatchResult {
                     through_seq,
                     error: Some(reason),
+                    nothing_owed: false,
                 };
             }
         }
@@ -121,9 +144,9 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
 async fn history(
     context: &EngineContext,
     session_id: &str,
+    view: &SessionView,
     agent: &Agent,
-) -> Result<(SessionView, Vec<Value>), ShardError> {
-    let view = context.shards.view(session_id).await?;
+) -> Result<Vec<Value>, ShardError> {
     let wanted = match agent.message_history_mode {
         HistoryMode::Tail => u64::from(agent.message_history_limit),
         HistoryMode::Last => 1,
@@ -152,7 +175,7 @@ async fn history(
             }));
         }
     }
-    Ok((view, messages))
+    Ok(messages)
 }
 
 /// One HTTP attempt: send, then read the reply line by line until it ends. A reply cut off
@@ -165,7 +188,7 @@ async fn call(
     body: &Value,
     final_attempt: bool,
 ) -> Result<(), CallError> {
-    let url = format!("{}{}", agent.origin_url.trim_end_matches('/'), agent.webhook_path);
+    let url = crate::api::agents::webhook_url(&agent.origin_url, &agent.webhook_path);
     let timeout = Duration::from_millis(u64::from(agent.timeout_ms));
     let mut request = context
         .http
@@ -181,13 +204,13 @@ async fn call(
     let response = match tokio::time::timeout(timeout, request.send()).await {
         Err(_) => {
             return Err(CallError::Retryable {
-                reason: "timed out waiting for the agent's response".into(),
+                reason: "timed out".into(),
                 retry_after: None,
             });
         }
         Ok(Err(error)) => {
             return Err(CallError::Retryable {
-                reason: format!("could not reach the agent: {error}"),
+                reason: transport_failure(agent, error).into(),
                 retry_after: None,
             });
         }
@@ -195,7 +218,7 @@ async fn call(
     };
     let status_code = response.status().as_u16();
     if !response.status().is_success() {
-        let reason = format!("agent answered HTTP {status_code}");
+        let reason = format!("HTTP {status_code}");
         return if is_retryable_status(status_code) {
             let retry_after = response
                 .headers()
@@ -211,9 +234,21 @@ async fn call(
     context.streams.begin(&job.session_id, &agent.id, &job.dispatch_id);
     let mut reply = ReplyState {
         index: 0,
+        message_bytes: 0,
+        message_chunks: 0,
+        message_started: None,
         streaming_announced: false,
         failure: None,
     };
+    let is_plain_json = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
+    if is_plain_json {
+        return plain_json_reply(context, agent, job, &mut reply, response, timeout).await;
+    }
     let mut splitter = LineSplitter::new(context.config.max_reply_line_bytes);
     let mut body_stream = response.bytes_stream();
     'read: loop {
@@ -223,7 +258,7 @@ async fn call(
                     finish_incomplete(context, agent, job, &mut reply).await?;
                 }
                 return Err(CallError::Retryable {
-                    reason: "the agent stopped sending".into(),
+                    reason: "timed out (the reply stalled)".into(),
                     retry_after: None,
                 });
             }
@@ -233,7 +268,7 @@ async fn call(
                     finish_incomplete(context, agent, job, &mut reply).await?;
                 }
                 return Err(CallError::Retryable {
-                    reason: format!("reply interrupted: {error}"),
+                    reason: format!("reply interrupted: {}", transport_failure(agent, error)),
                     retry_after: None,
                 });
             }
@@ -256,9 +291,99 @@ async fn call(
     }
 }
 
+/// Chunks one reply message may have; more end the dispatch.
+const MAX_REPLY_CHUNKS: u64 = 100_000;
+/// How long one reply message may take to stream; longer ends the dispatch.
+const MAX_REPLY_DURATION: Duration = Duration::from_secs(300);
+
+/// A non-streamed reply (`content-type: application/json`): one JSON value, read whole (at most
+/// the line limit), that is a UI message (`{"role": "assistant", "parts": [...]}`, stored as
+/// one message), an array of chunks or legacy lines, or one chunk or legacy line.
+async fn plain_json_reply(
+    context: &EngineContext,
+    agent: &Agent,
+    job: &DispatchJob,
+    reply: &mut ReplyState,
+    response: reqwest::Response,
+    timeout: Duration,
+) -> Result<(), CallError> {
+    let max_bytes = context.config.max_reply_line_bytes;
+    let mut body = Vec::new();
+    let mut body_stream = response.bytes_stream();
+    loop {
+        match tokio::time::timeout(timeout, body_stream.next()).await {
+            Err(_) => {
+                return Err(CallError::Retryable {
+                    reason: "timed out (the reply stalled)".into(),
+                    retry_after: None,
+                });
+            }
+            Ok(None) => break,
+            Ok(Some(Err(error))) => {
+                return Err(CallError::Retryable {
+                    reason: format!("reply interrupted: {}", transport_failure(agent, error)),
+                    retry_after: None,
+                });
+            }
+            Ok(Some(Ok(bytes))) => {
+                if body.len() + bytes.len() > max_bytes {
+                    return Err(CallError::Fatal(format!("reply longer than {max_bytes} bytes")));
+                }
+                body.extend_from_slice(&bytes);
+            }
+        }
+    }
+    let value: Value = serde_json::from_slice(&body).map_err(|error| {
+        metrics::counter!("fleetlm_webhook_malformed_lines_total").increment(1);
+        CallError::Fatal(format!("malformed reply: not JSON ({error})"))
+    })?;
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Object(message) if message.get("parts").is_some_and(Value::is_array) => {
+            let mut metadata = match message.get("metadata") {
+                Some(Value::Object(map)) => map.clone(),
+                _ => Map::new(),
+            };
+            metadata.insert("termination".into(), "finish".into());
+            metadata.insert("dispatch_id".into(), Value::String(job.dispatch_id.to_string()));
+            let id = message
+                .get("id")
+                .cloned()
+                .unwrap_or_else(|| Value::String(String::new()));
+            let content = json!({"id": id, "role": "assistant", "parts": message["parts"]});
+            return store(
+                context,
+                agent,
+                job,
+                reply,
+                "assistant",
+                content,
+                Value::Object(metadata),
+            )
+            .await;
+        }
+        other => vec![other],
+    };
+    for item in items {
+        if handle_line(context, agent, job, reply, &item.to_string()).await? {
+            break;
+        }
+    }
+    finish_incomplete(context, agent, job, reply).await?;
+    match reply.failure.take() {
+        Some(failure) => Err(CallError::Fatal(failure)),
+        None => Ok(()),
+    }
+}
+
 struct ReplyState {
     /// Index of the next message this reply stores (keys `client_id` for retries).
     index: u64,
+    /// Size (bytes of chunk lines) and chunk count of the message being assembled, and when
+    /// its first chunk came.
+    message_bytes: usize,
+    message_chunks: u64,
+    message_started: Option<Instant>,
     streaming_announced: bool,
     /// The assembler refused a chunk: the reply is malformed.
     failure: Option<String>,
@@ -288,6 +413,23 @@ async fn handle_line(
             Ok(false)
         }
         Some(ReplyLine::Chunk(chunk)) => {
+            reply.message_bytes += line.len();
+            reply.message_chunks += 1;
+            let started = *reply.message_started.get_or_insert_with(Instant::now);
+            let max_bytes = context.config.max_reply_bytes;
+            let exceeded = if reply.message_bytes > max_bytes {
+                Some(format!("reply too large: over {max_bytes} bytes"))
+            } else if reply.message_chunks > MAX_REPLY_CHUNKS {
+                Some(format!("reply too long: over {MAX_REPLY_CHUNKS} chunks"))
+            } else if started.elapsed() > MAX_REPLY_DURATION {
+                Some(format!("reply too slow: over {} s", MAX_REPLY_DURATION.as_secs()))
+            } else {
+                None
+            };
+            if let Some(reason) = exceeded {
+                metrics::counter!("fleetlm_webhook_replies_cut_total").increment(1);
+                return Err(CallError::Fatal(reason));
+            }
             if !reply.streaming_announced {
                 reply.streaming_announced = true;
                 status(context, &job.session_id, "streaming", Some(&job.dispatch_id), None);
@@ -324,6 +466,9 @@ async fn finish_message(
         *assembler = super::assembler::Assembler::new();
         (message, metadata, errors, failure)
     });
+    reply.message_bytes = 0;
+    reply.message_chunks = 0;
+    reply.message_started = None;
     let Some((Some(message), message_metadata, errors, failure)) = taken else {
         return Ok(());
     };
@@ -406,6 +551,58 @@ async fn store(
             })
         }
         Err(error) => Err(CallError::Fatal(format!("reply not stored: {error}"))),
+    }
+}
+
+/// What went wrong reaching the agent, in words fit for the session's members: the cause
+/// ("connection refused", "timed out"), never the URL, its query (which may carry a key) or an
+/// address. Operators get the detail in the log and in `fleetlm_webhook_failures_total{reason}`.
+fn transport_failure(agent: &Agent, error: reqwest::Error) -> &'static str {
+    let reason = classify_transport_error(&error);
+    let host = url::Url::parse(&agent.origin_url)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    tracing::warn!(agent_id = %agent.id, %host, %reason, error = %error.without_url(), "webhook transport error");
+    metrics::counter!("fleetlm_webhook_failures_total", "reason" => reason).increment(1);
+    reason
+}
+
+fn classify_transport_error(error: &reqwest::Error) -> &'static str {
+    if error.is_timeout() {
+        return "timed out";
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => return "connection refused",
+                std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof => return "connection reset",
+                std::io::ErrorKind::TimedOut => return "timed out",
+                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => {
+                    return "host unreachable";
+                }
+                _ => {}
+            }
+        }
+        let text = cause.to_string();
+        if text.contains("dns error") || text.contains("failed to lookup address") {
+            return "host not found";
+        }
+        if text.contains("certificate") || text.contains("tls") || text.contains("TLS") {
+            return "TLS handshake failed";
+        }
+        source = cause.source();
+    }
+    if error.is_connect() {
+        "could not connect"
+    } else if error.is_body() || error.is_decode() {
+        "connection lost"
+    } else {
+        "request failed"
     }
 }
 

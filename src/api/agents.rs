@@ -211,11 +211,18 @@ fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Times
         Some("tail"),
     );
 
-    if !origin_url.is_empty() && !is_absolute_http_url(&origin_url) {
-        error("origin_url", "must be an absolute http(s) URL");
+    if !origin_url.is_empty()
+        && let Err(problem) = check_origin_url(&origin_url)
+    {
+        error("origin_url", &problem);
     }
     if !webhook_path.is_empty() && (!webhook_path.starts_with('/') || webhook_path.chars().any(char::is_whitespace)) {
         error("webhook_path", "must start with / and contain no whitespace");
+    } else if !webhook_path.is_empty()
+        && check_origin_url(&origin_url).is_ok()
+        && url::Url::parse(&webhook_url(&origin_url, &webhook_path)).is_err()
+    {
+        error("webhook_path", "does not make a valid URL with origin_url");
     }
     let message_history_mode = match mode_text.as_str() {
         "tail" => HistoryMode::Tail,
@@ -315,11 +322,28 @@ fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Times
     })
 }
 
-fn is_absolute_http_url(url: &str) -> bool {
-    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
-    let Some(rest) = rest else { return false };
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    !host.is_empty() && !host.starts_with(':') && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+/// The URL a dispatch posts to (the same joining as the webhook client).
+pub fn webhook_url(origin_url: &str, webhook_path: &str) -> String {
+    format!("{}{}", origin_url.trim_end_matches('/'), webhook_path)
+}
+
+/// An absolute http(s) URL with a host, as the `url` crate (WHATWG rules) parses it; the
+/// problem in words otherwise.
+fn check_origin_url(text: &str) -> Result<(), String> {
+    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must be an absolute http(s) URL without whitespace".into());
+    }
+    let parsed = url::Url::parse(text).map_err(|e| format!("must be an absolute http(s) URL ({e})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err("must be an absolute http(s) URL".into());
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("must be an absolute http(s) URL with a host".into());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err("must not carry a query or fragment (put them in webhook_path)".into());
+    }
+    Ok(())
 }
 
 fn is_header_name(name: &str) -> bool {
@@ -357,6 +381,39 @@ mod tests {
             (50, 30_000, 500)
         );
         assert_eq!(agent.status, AgentStatus::Enabled);
+    }
+
+    #[test]
+    fn origin_urls_are_parsed_not_pattern_matched() {
+        for bad in [
+            "http://host:99999",
+            "http://[::1",
+            "http://exa mple.com",
+            "http://:80",
+            "https://",
+            "mailto:x@example.com",
+            "http://host:port/",
+        ] {
+            let errors = build_agent(
+                &fields(json!({"id": "a1", "name": "A", "origin_url": bad})),
+                None,
+                Timestamp(1),
+            )
+            .unwrap_err();
+            assert!(errors.contains_key("origin_url"), "{bad} was accepted");
+        }
+        for good in [
+            "http://127.0.0.1:9000",
+            "https://bot.example.com/base/",
+            "http://[::1]:8080",
+        ] {
+            let agent = build_agent(
+                &fields(json!({"id": "a1", "name": "A", "origin_url": good, "webhook_path": "/hook?key=k"})),
+                None,
+                Timestamp(1),
+            );
+            assert!(agent.is_ok(), "{good} was refused: {:?}", agent.err());
+        }
     }
 
     #[test]

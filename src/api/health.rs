@@ -40,7 +40,11 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
     }
 }
 
-pub async fn metrics(State(state): State<SharedState>) -> Response {
+/// Prometheus text; in token mode only for the API key (open mode: anyone on loopback).
+pub async fn metrics(State(state): State<SharedState>, caller: crate::auth::Caller) -> Response {
+    if !caller.is_admin() {
+        return super::ApiError::forbidden("metrics require the API key").into_response();
+    }
     metrics::gauge!("fleetlm_wal_disk_bytes").set(state.shards.wal().disk_bytes() as f64);
     if let Some(rss) = crate::metrics::process_rss_bytes() {
         metrics::gauge!("fleetlm_process_rss_bytes").set(rss as f64);

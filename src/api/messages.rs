@@ -30,8 +30,13 @@ pub async fn list(
         return Err(ApiError::bad_request("invalid_parameter", "limit must be at least 1"));
     }
     let limit = limit.min(state.config.max_page_size as u64) as usize;
+    // Authorize on the session alone before reading any history: an outsider causes no history
+    // read (and learns nothing from how one fails).
+    if !caller.is_admin() {
+        let session = state.shards.view(&id).await?;
+        authorize_session(&caller, &session)?;
+    }
     let page = state.shards.read_messages(&id, after_seq, limit).await?;
-    authorize_session(&caller, &page.session)?;
     let messages: Vec<&crate::model::Message> = page.messages.iter().map(|r| &r.message).collect();
     Ok(axum::Json(json!({"messages": messages, "has_more": page.has_more})).into_response())
 }
@@ -169,10 +174,21 @@ pub fn build_append(
 /// A hash of what the sender sent, insensitive to key order and whitespace, so a retry of the
 /// same message matches and a different one reusing the `client_id` does not.
 fn fingerprint(sender_id: &str, sender_is_user: bool, kind: &str, content: &RawValue, metadata: &Value) -> u64 {
-    let content: Value = serde_json::from_str(content.get()).unwrap_or(Value::Null);
-    // serde_json's map is ordered by key, so re-serializing gives one canonical text.
-    let canonical = json!([sender_id, sender_is_user, kind, content, metadata]).to_string();
-    xxhash_rust::xxh3::xxh3_64(canonical.as_bytes())
+    match serde_json::from_str::<Value>(content.get()) {
+        Ok(content) => {
+            // serde_json's map is ordered by key, so re-serializing gives one canonical text.
+            let canonical = json!([sender_id, sender_is_user, kind, content, metadata]).to_string();
+            xxhash_rust::xxh3::xxh3_64(canonical.as_bytes())
+        }
+        Err(_) => {
+            // Nested deeper than serde_json parses into a value: fingerprint the exact text
+            // (a retry must then repeat it byte for byte). The prefix keeps this apart from
+            // every canonical text, which starts with `[`.
+            let canonical = json!([sender_id, sender_is_user, kind, metadata]).to_string();
+            let text = format!("raw\0{canonical}\0{}", content.get());
+            xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+        }
+    }
 }
 
 pub async fn append(
@@ -245,4 +261,45 @@ fn message_response(record: &MessageRecord, deduplicated: bool) -> Value {
         body["deduplicated"] = Value::Bool(true);
     }
     body
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::value::RawValue;
+    use serde_json::{Value, json};
+
+    use super::fingerprint;
+
+    fn nested(depth: usize, leaf: &str) -> Box<RawValue> {
+        let text = format!("{}{}{}", "{\"a\":".repeat(depth), json!(leaf), "}".repeat(depth));
+        RawValue::from_string(text).unwrap()
+    }
+
+    fn print(content: &RawValue) -> u64 {
+        fingerprint("u", true, "text", content, &json!({}))
+    }
+
+    proptest! {
+        /// Equal fingerprints exactly when the contents are equal, at any depth (serde_json
+        /// parses values only up to depth 128).
+        #[test]
+        fn fingerprints_tell_contents_apart_at_any_depth(
+            depth in 1usize..400,
+            left in "[a-z]{1,8}",
+            right in "[a-z]{1,8}",
+        ) {
+            let (a, b) = (nested(depth, &left), nested(depth, &right));
+            prop_assert_eq!(print(&a) == print(&b), left == right);
+            prop_assert_eq!(print(&a), print(&nested(depth, &left)));
+        }
+    }
+
+    #[test]
+    fn key_order_and_whitespace_do_not_matter_for_parsable_content() {
+        let a = RawValue::from_string(r#"{"x": 1, "y": [2]}"#.into()).unwrap();
+        let b = RawValue::from_string(r#"{"y":[2],"x":1}"#.into()).unwrap();
+        assert_eq!(print(&a), print(&b));
+        let _: Value = serde_json::from_str(a.get()).unwrap();
+    }
 }

@@ -7,7 +7,7 @@
 //! messages, cursors) or the archive (agents).
 
 mod admin;
-mod agents;
+pub mod agents;
 mod error;
 mod health;
 pub mod messages;
@@ -114,16 +114,29 @@ async fn request_id(request: Request, next: Next) -> Response {
     response
 }
 
-/// CORS: answers preflights with 204 and marks responses for allowed origins.
+/// Origins and CORS: a request whose `Origin` is not allowed (`allowed_origins`) is refused
+/// with 403 — API calls and WebSocket upgrades alike, so a web page cannot drive the server
+/// (simple requests need no preflight). Preflights are answered with 204; responses to allowed
+/// origins are marked. Requests without an `Origin` (curl, servers) pass.
 async fn cors(State(state): State<SharedState>, request: Request, next: Next) -> Response {
     let origin = request.headers().get("origin").cloned();
-    let allowed = origin.as_ref().and_then(|origin| {
-        let text = origin.to_str().ok()?;
-        match &state.config.cors_origins {
-            None => Some(origin.clone()),
-            Some(list) => list.iter().any(|o| o == text).then(|| origin.clone()),
+    let allowed = match &origin {
+        None => None,
+        Some(origin) => {
+            let permitted = origin
+                .to_str()
+                .is_ok_and(|text| state.config.allowed_origins.allows(text));
+            if !permitted {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "origin_not_allowed",
+                    "this origin is not allowed; see the allowed_origins setting",
+                )
+                .into_response();
+            }
+            Some(origin.clone())
         }
-    });
+    };
     let is_preflight =
         request.method() == Method::OPTIONS && request.headers().contains_key("access-control-request-method");
     if is_preflight {
@@ -169,6 +182,7 @@ impl FromRequestParts<SharedState> for Caller {
                 AuthError::Missing => "authorization required: send Authorization: Bearer <token>",
                 AuthError::Invalid => "invalid credentials",
                 AuthError::Expired => "token expired",
+                AuthError::NotYetValid => "token not valid yet (nbf)",
             };
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
         })

@@ -181,7 +181,23 @@ fn decode_cursor(cursor: &str) -> Option<(Timestamp, String)> {
 pub async fn show(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
     let view = state.shards.view(&id).await?;
     authorize_session(&caller, &view)?;
-    Ok(axum::Json(json!({"session": view.to_json()})).into_response())
+    let mut session = view.to_json();
+    session["agent_status"] = agent_status(&state, &view);
+    Ok(axum::Json(json!({"session": session})).into_response())
+}
+
+/// The session's agent status as its members last saw it pushed (`queued`, `dispatching`,
+/// `streaming`, `failed` with `error`), or from the log: `queued` while a user message is
+/// unanswered, else `idle`.
+fn agent_status(state: &SharedState, view: &SessionView) -> Value {
+    if let Some(status) = state.streams.status(&view.record.id) {
+        return status;
+    }
+    if view.dispatch.is_pending() && view.status == SessionStatus::Active {
+        json!({"status": "queued"})
+    } else {
+        json!({"status": "idle"})
+    }
 }
 
 pub async fn archive(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {

@@ -10,13 +10,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, ApiResult, JsonBody, SharedState};
-use crate::auth::{AuthMode, Caller, Claims};
+use crate::auth::{AuthMode, Caller};
 
 const DEFAULT_TTL_SECONDS: u64 = 3600;
 const MAX_TTL_SECONDS: u64 = 24 * 3600;
 
 pub async fn create(State(state): State<SharedState>, caller: Caller, JsonBody(body): JsonBody) -> ApiResult<Response> {
-    let AuthMode::Token { secret, .. } = &state.auth else {
+    let AuthMode::Token { rules, .. } = &state.auth else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "open_mode",
@@ -58,7 +58,7 @@ pub async fn create(State(state): State<SharedState>, caller: Caller, JsonBody(b
         }
     };
     let exp = state.clock.now_micros() / 1_000_000 + ttl_seconds as i64;
-    let token = crate::auth::mint(secret, &Claims { sub: sub.clone(), exp });
+    let token = rules.mint(&sub, exp);
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({"token": token, "sub": sub, "expires_at": exp})),

@@ -22,10 +22,12 @@ pub use frame::Vsn;
 use crate::api::{ApiError, SharedState};
 use crate::auth::AuthMode;
 
-/// Open sockets per identity, to enforce the per-identity limit.
+/// Open sockets per identity, to enforce the per-identity limit, and in all, so shutdown can
+/// wait until every socket has said goodbye (close 1012) before the process exits.
 #[derive(Default)]
 pub struct SocketCounts {
     by_identity: Mutex<HashMap<String, usize>>,
+    all_closed: tokio::sync::Notify,
 }
 
 /// Releases one socket slot of an identity when dropped.
@@ -49,6 +51,25 @@ impl SocketCounts {
     }
 }
 
+impl SocketCounts {
+    /// Waits until no socket is open (their tasks have ended, close frames written), at most
+    /// `deadline`; false if some are still open then.
+    pub async fn wait_until_all_closed(&self, deadline: std::time::Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.all_closed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.by_identity.lock().expect("socket counts lock").is_empty() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(deadline, wait).await.is_ok()
+    }
+}
+
 impl Drop for SocketSlot {
     fn drop(&mut self) {
         let mut map = self.counts.by_identity.lock().expect("socket counts lock");
@@ -57,6 +78,9 @@ impl Drop for SocketSlot {
             if *count == 0 {
                 map.remove(&self.identity);
             }
+        }
+        if map.is_empty() {
+            self.counts.all_closed.notify_waiters();
         }
     }
 }
@@ -117,12 +141,12 @@ pub async fn upgrade(
                 return refuse(StatusCode::FORBIDDEN, "forbidden", "user_id (or agent_id) is required");
             }
         },
-        AuthMode::Token { secret, .. } => {
+        AuthMode::Token { rules, .. } => {
             let token = params.get("token").cloned().or_else(|| token_from_protocols(&headers));
             let Some(token) = token else {
                 return refuse(StatusCode::FORBIDDEN, "forbidden", "a token is required");
             };
-            let Ok(claims) = crate::auth::verify(secret, &token, now_secs) else {
+            let Ok(claims) = crate::auth::verify(rules, &token, now_secs) else {
                 return refuse(StatusCode::FORBIDDEN, "forbidden", "invalid or expired token");
             };
             if named.as_ref().is_some_and(|id| *id != claims.sub) {

@@ -22,7 +22,7 @@ use super::frame::{self, InFrame, Vsn};
 use crate::api::messages::{InvalidMessage, MessageInput, build_append};
 use crate::api::{ApiError, SharedState};
 use crate::hub::{Listener, LiveEvent, Subscription};
-use crate::shard::{AppendResult, ShardError};
+use crate::shard::{AppendOrder, AppendResult, ShardError};
 
 /// Messages in a join reply.
 const JOIN_REPLAY_LIMIT: usize = 100;
@@ -33,6 +33,8 @@ const CLOSE_SERVICE_RESTART: u16 = 1012;
 const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 const NULL: &str = "null";
+/// At shutdown, how long sends already taken are given to become durable and be answered.
+const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 /// Queued frames written before one flush (bounded so a close signal is never far behind).
 const MAX_FRAMES_PER_FLUSH: usize = 64;
 
@@ -100,6 +102,8 @@ struct Socket {
     expires_at: Option<Instant>,
     closing: bool,
     close_now: Option<tokio::sync::oneshot::Sender<u16>>,
+    /// Keeps this socket's sends stored in the order they were sent.
+    append_order: AppendOrder,
 }
 
 pub async fn run(
@@ -167,6 +171,7 @@ pub async fn run(
         expires_at,
         closing: false,
         close_now: Some(close_now),
+        append_order: AppendOrder::default(),
     };
     let mut shutdown = state.shutdown.clone();
     metrics::gauge!("fleetlm_sockets").increment(1.0);
@@ -174,10 +179,18 @@ pub async fn run(
     tokio::pin!(timer);
     // Sends waiting for durability, answered in the order they came in.
     let mut pending: FuturesOrdered<PendingSend> = FuturesOrdered::new();
+    // Set when the server shuts down: no more frames are read, sends in flight are answered,
+    // then the socket closes with 1012 (at the latest at this deadline).
+    let mut draining_until: Option<Instant> = None;
     while !socket.closing {
         tokio::select! {
-            Some((reply_to, result)) = pending.next(), if !pending.is_empty() => socket.finish_send(reply_to, result),
-            incoming = stream.next(), if pending.len() < MAX_SENDS_IN_FLIGHT => match incoming {
+            Some((reply_to, result)) = pending.next(), if !pending.is_empty() => {
+                socket.finish_send(reply_to, result);
+                if draining_until.is_some() && pending.is_empty() {
+                    socket.close(CLOSE_SERVICE_RESTART, "server restarting");
+                }
+            }
+            incoming = stream.next(), if pending.len() < MAX_SENDS_IN_FLIGHT && draining_until.is_none() => match incoming {
                 Some(Ok(Message::Text(text))) => {
                     socket.last_received = Instant::now();
                     if text.len() > config.ws_max_frame_bytes {
@@ -197,9 +210,16 @@ pub async fn run(
             },
             Some(event) = live.recv() => socket.handle_live(event),
             () = &mut timer => socket.on_timer(),
-            changed = shutdown.changed() => {
+            () = tokio::time::sleep_until(draining_until.unwrap_or_else(Instant::now)), if draining_until.is_some() => {
+                socket.close(CLOSE_SERVICE_RESTART, "server restarting");
+            }
+            changed = shutdown.changed(), if draining_until.is_none() => {
                 if changed.is_err() || *shutdown.borrow() {
-                    socket.close(CLOSE_SERVICE_RESTART, "server restarting");
+                    if pending.is_empty() {
+                        socket.close(CLOSE_SERVICE_RESTART, "server restarting");
+                    } else {
+                        draining_until = Some(Instant::now() + SHUTDOWN_ACK_WAIT);
+                    }
                 }
             }
         }
@@ -243,6 +263,15 @@ struct SendContent<'a> {
     content: Option<&'a RawValue>,
     #[serde(borrow, default)]
     metadata: Option<&'a RawValue>,
+}
+
+/// The first seq a joined channel delivers live: the one after the replay. A client claiming
+/// more than the session holds (any u64 is accepted) starts after the session's last seq.
+fn first_live_seq(claimed_last_seq: u64, session_last_seq: u64, replayed: usize) -> u64 {
+    claimed_last_seq
+        .min(session_last_seq)
+        .saturating_add(replayed as u64)
+        .saturating_add(1)
 }
 
 impl Socket {
@@ -404,7 +433,7 @@ impl Socket {
             }
         };
         let messages: Vec<&crate::model::Message> = page.messages.iter().map(|r| &r.message).collect();
-        let next_seq = last_seq + messages.len() as u64 + 1;
+        let next_seq = first_live_seq(last_seq, page.session.last_seq, messages.len());
         let response = json!({
             "session_id": &*view.record.id,
             "messages": messages,
@@ -537,13 +566,11 @@ impl Socket {
             topic: frame.topic,
             received_at: Instant::now(),
         };
-        match self.state.shards.submit_append(request).await {
-            Ok(outcome) => Some(Box::pin(async move { (reply_to, outcome.await) })),
-            Err(error) => {
-                self.finish_send(reply_to, Err(error));
-                None
-            }
-        }
+        let outcome = self
+            .state
+            .shards
+            .submit_append_in_order(&mut self.append_order, request);
+        Some(Box::pin(async move { (reply_to, outcome.await) }))
     }
 
     fn finish_send(&mut self, reply_to: ReplyTo, result: Result<AppendResult, ShardError>) {
@@ -774,5 +801,38 @@ impl Socket {
         for topic in due {
             self.flush_inbox(&topic);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::first_live_seq;
+
+    proptest! {
+        #[test]
+        fn the_first_live_seq_follows_the_replay_and_never_overflows(
+            claimed in any::<u64>(),
+            session_last in any::<u64>(),
+            replayed in 0usize..=100,
+        ) {
+            let start = claimed.min(session_last);
+            // The replay holds messages after the claimed seq, never past the session's last.
+            let replayed = replayed.min(usize::try_from(session_last - start).unwrap_or(usize::MAX));
+            let first = first_live_seq(claimed, session_last, replayed);
+            prop_assert!(first > start || start == u64::MAX);
+            if session_last < u64::MAX {
+                prop_assert_eq!(first, start + replayed as u64 + 1);
+                prop_assert!(first <= session_last + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_claim_beyond_the_session_starts_after_its_last_seq() {
+        assert_eq!(first_live_seq(u64::MAX, 10, 0), 11);
+        assert_eq!(first_live_seq(5, 10, 5), 11);
+        assert_eq!(first_live_seq(0, 0, 0), 1);
     }
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::archive::{Archive, ArchiveError};
 use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionView};
@@ -155,6 +155,30 @@ impl Writer {
     }
 }
 
+/// An ordered append's link to its stream while it settles.
+struct Ordered {
+    placement: watch::Sender<Placement>,
+    previous: Option<OrderLink>,
+}
+
+impl Ordered {
+    /// Records the writer's answer; on a bounce, waits until the append before this one is
+    /// placed, so this one's retry cannot overtake it.
+    async fn on_answer(&mut self, outcome: &AppendOutcome) {
+        match outcome {
+            AppendOutcome::Appended(_) | AppendOutcome::Duplicate { .. } => {
+                self.placement.send_replace(Placement::Placed);
+            }
+            AppendOutcome::NotLoaded(_) | AppendOutcome::CheckClientIdInArchive { .. } => {
+                self.placement.send_replace(Placement::Bounced);
+                if let Some(previous) = self.previous.as_mut() {
+                    previous.wait_until(|p| p == Placement::Placed).await;
+                }
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Shards {
     inner: Arc<ShardsInner>,
@@ -177,6 +201,42 @@ fn writer_stopped() -> ShardError {
 
 /// How many times a request is retried after loading a session or checking the archive.
 const MAX_ROUNDS: usize = 4;
+
+/// Where one append of an ordered stream (a socket's sends) stands. A dropped sender counts as
+/// `Placed`: its append has ended one way or another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// Not handed to the writer yet.
+    Waiting,
+    /// In the writer's queue, no answer yet.
+    Submitted,
+    /// The writer sent it back for a round trip (load the session, look up the client id).
+    Bounced,
+    /// Has its seq (or its final refusal): nothing sent later can be stored before it.
+    Placed,
+}
+
+#[derive(Clone)]
+struct OrderLink {
+    placement: watch::Receiver<Placement>,
+    has_client_id: bool,
+}
+
+impl OrderLink {
+    async fn wait_until(&mut self, done: impl Fn(Placement) -> bool) {
+        // An error means the sender is gone: that append has ended, which counts as placed.
+        let _ = self.placement.wait_for(|p| done(*p)).await;
+    }
+}
+
+/// Keeps one caller's appends in the order it submitted them, even when one needs a round
+/// trip to the archive first (its session was not loaded, or its client id is older than the
+/// in-memory window): appends after it are not handed to the writer, or handed again, before
+/// it is placed. Sends pipeline as before in the common case.
+#[derive(Default)]
+pub struct AppendOrder {
+    last: Option<OrderLink>,
+}
 
 impl Shards {
     pub fn new(
@@ -326,8 +386,50 @@ impl Shards {
         let shards = self.clone();
         Ok(Box::pin(async move {
             let outcome = answer.await.map_err(|_| writer_stopped())??;
-            shards.settle_append(&session_id, shard, outcome).await
+            shards.settle_append(&session_id, shard, outcome, None).await
         }))
+    }
+
+    /// Like [`Shards::submit_append`], for one of a stream of appends that must be stored in
+    /// the order submitted (see [`AppendOrder`]). The append is handed to its shard when the
+    /// returned future is first polled, once the one before it may no longer land after it.
+    pub fn submit_append_in_order(&self, order: &mut AppendOrder, request: AppendRequest) -> PendingAppend {
+        let (placement, watched) = watch::channel(Placement::Waiting);
+        let has_client_id = request.client_id.is_some();
+        let previous = order.last.replace(OrderLink {
+            placement: watched,
+            has_client_id,
+        });
+        let shards = self.clone();
+        Box::pin(async move {
+            let mut previous = previous;
+            if let Some(previous) = previous.as_mut() {
+                if previous.has_client_id && !has_client_id {
+                    // The one before may be sent back for an archive look-up, which this one
+                    // would not need: it could be stored first.
+                    previous.wait_until(|p| p == Placement::Placed).await;
+                } else {
+                    previous
+                        .wait_until(|p| matches!(p, Placement::Submitted | Placement::Placed))
+                        .await;
+                }
+            }
+            let session_id = request.session_id.clone();
+            let shard = shards.shard_of(&session_id);
+            let (reply, answer) = oneshot::channel();
+            let command = Command::Append {
+                request: Box::new(request),
+                reply,
+            };
+            shards.inner.senders[shard as usize]
+                .send(command)
+                .await
+                .map_err(|_| writer_stopped())?;
+            placement.send_replace(Placement::Submitted);
+            let outcome = answer.await.map_err(|_| writer_stopped())??;
+            let order = Ordered { placement, previous };
+            shards.settle_append(&session_id, shard, outcome, Some(order)).await
+        })
     }
 
     /// Turns the writer's answer into a result, loading the session or checking the archive and
@@ -337,8 +439,12 @@ impl Shards {
         session_id: &str,
         shard: u16,
         mut outcome: AppendOutcome,
+        mut order: Option<Ordered>,
     ) -> Result<AppendResult, ShardError> {
         for _ in 0..MAX_ROUNDS {
+            if let Some(order) = order.as_mut() {
+                order.on_answer(&outcome).await;
+            }
             let request = match outcome {
                 AppendOutcome::Appended(record) => {
                     return Ok(AppendResult {

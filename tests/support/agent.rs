@@ -33,6 +33,8 @@ pub enum Behavior {
     Dribble,
     /// A reply line of 1.1 MiB.
     HugeLine,
+    /// A plain, pretty-printed `application/json` UI message (not streamed).
+    PlainJson,
 }
 
 #[derive(Clone, Debug)]
@@ -176,6 +178,15 @@ async fn webhook(State(state): State<Arc<AgentState>>, headers: HeaderMap, body:
             streamed(vec![
                 json!({"type": "text-delta", "id": "t", "delta": delta}).to_string(),
             ])
+        }
+        Behavior::PlainJson => {
+            let message = json!({"id": "m1", "role": "assistant",
+                "parts": [{"type": "text", "text": format!("plain: {text}")}]});
+            (
+                [("content-type", "application/json")],
+                serde_json::to_string_pretty(&message).unwrap(),
+            )
+                .into_response()
         }
         Behavior::NoFinish => {
             let mut lines = jsonl(&text);

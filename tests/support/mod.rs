@@ -74,8 +74,8 @@ pub fn test_settings(data_dir: &Path, database_url: Option<&str>) -> Settings {
         database_url: database_url.map(str::to_owned),
         shards: Some(8),
         wal_lanes: Some(2),
-        wal_segment_bytes: Some(1024 * 1024),
-        max_message_bytes: Some(64 * 1024),
+        wal_segment_bytes: Some(fleetlm::config::ByteSize(1024 * 1024)),
+        max_message_bytes: Some(fleetlm::config::ByteSize(64 * 1024)),
         flush_interval_ms: Some(50),
         ..Settings::default()
     }
@@ -306,6 +306,33 @@ impl WsClient {
         }
     }
 
+    /// Connects as a browser page of `origin` would (with an `Origin` header).
+    pub async fn connect_with_origin(base: &str, query: &str, origin: &str) -> Result<WsClient, WsError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}/socket/websocket?{query}", base.replacen("http://", "ws://", 1));
+        let mut request = url.into_client_request().expect("request");
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().expect("origin header"));
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((stream, _)) => Ok(WsClient { stream }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(WsError::Refused(response.status().as_u16()))
+            }
+            Err(error) => panic!("websocket connect failed: {error}"),
+        }
+    }
+
+    /// Sends several frames in one write (the server reads them together).
+    pub async fn send_batch(&mut self, texts: Vec<String>) {
+        use futures_util::SinkExt;
+        for text in texts {
+            let message = tokio_tungstenite::tungstenite::Message::text(text);
+            self.stream.feed(message).await.expect("ws feed");
+        }
+        self.stream.flush().await.expect("ws flush");
+    }
+
     pub async fn send(&mut self, text: impl Into<String>) {
         use futures_util::SinkExt;
         let message = tokio_tungstenite::tungstenite::Message::text(text.into());
@@ -395,4 +422,68 @@ pub fn build_fault_shim(dir: &Path) -> PathBuf {
         .expect("a C compiler (cc) is needed to build the fault shim");
     assert!(status.success(), "building the fault shim failed");
     output
+}
+
+/// A TCP forwarder to Postgres that can be cut (every connection dropped, new ones refused)
+/// and restored, to play an archive outage.
+pub struct CuttableProxy {
+    pub port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl CuttableProxy {
+    pub async fn start(target: String) -> CuttableProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = std::sync::Arc::default();
+        let (accept_up, accept_connections) = (up.clone(), connections.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !accept_up.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                accept_connections.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        CuttableProxy { port, up, connections }
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl CuttableProxy {
+    /// A proxy to the test Postgres server and the URL of `database` through it.
+    pub async fn to_database(database: &TestDatabase) -> (CuttableProxy, String) {
+        let admin = database_admin_url();
+        let host_port = admin
+            .split('@')
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap()
+            .to_string();
+        let proxy = CuttableProxy::start(host_port).await;
+        let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, database.name);
+        (proxy, url)
+    }
 }
