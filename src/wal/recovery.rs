@@ -187,6 +187,7 @@ pub fn recover_lane(
             SegmentEnd::TornTail(offset) => {
                 torn_tail = Some((segment_no, offset as u64));
                 if repair_tail {
+                    save_torn_tail(fs, lane_dir, segment_no, &bytes, offset)?;
                     zero_tail(file.as_ref(), &bytes, offset)?;
                 }
                 resume_offset = Some(offset as u64);
@@ -540,6 +541,25 @@ fn describe_damage(damage: &Damage) -> String {
         "{what} (segment {} offset {}, {} bytes: {}); see `fleetlm wal inspect`",
         damage.segment_no, damage.offset, damage.len, damage.detail
     )
+}
+
+/// Keeps a copy of a torn tail's bytes beside the segments (`torn-<segment>-<offset>.bin`)
+/// before they are zeroed. A torn tail was never acknowledged — unless the damage is bit rot in
+/// the last batch a lane wrote before going idle, which the framing cannot tell from a torn
+/// write (nothing follows it); the copy keeps that case recoverable by hand.
+fn save_torn_tail(fs: &dyn FileSystem, lane_dir: &Path, segment_no: u64, bytes: &[u8], from: usize) -> io::Result<()> {
+    let Some(last_non_zero) = bytes[from..].iter().rposition(|b| *b != 0) else {
+        return Ok(());
+    };
+    let path = lane_dir.join(format!("torn-{segment_no:020}-{from}.bin"));
+    match fs.remove_file(&path) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let copy = fs.create_new(&path)?;
+    copy.write_all_at(&bytes[from..=from + last_non_zero], 0)?;
+    copy.sync_data()?;
+    fs.sync_dir(lane_dir)
 }
 
 /// Zeroes `[from, last non-zero byte]` so later scans see a clean end, then fsyncs.

@@ -670,6 +670,16 @@ fn a_torn_tail_and_corruption_are_told_apart_by_the_framing() {
         let lane = &reports[0];
         if damage_last_batch {
             assert!(lane.torn_tail.is_some(), "{lane:?}");
+            let saved: Vec<_> = fs
+                .paths()
+                .into_iter()
+                .filter(|p| p.to_string_lossy().contains("/torn-"))
+                .collect();
+            assert_eq!(
+                saved.len(),
+                1,
+                "the torn bytes are kept aside before zeroing: {saved:?}"
+            );
             assert!(lane.damage.is_empty());
             assert!(wal.degraded(0).is_none());
             assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(2));
