@@ -753,6 +753,13 @@ fn a_format_1_segment_is_refused_with_a_clear_sentence() {
         .err()
         .expect("refused");
     let sentence = error.to_string();
-    assert!(sentence.contains("WAL format 1") && sentence.contains("drain it"), "{sentence}");
-    assert_eq!(fs.read(&segment::segment_path(lane_dir, 0)).expect("kept")[8], 7, "nothing changed");
+    assert!(
+        sentence.contains("WAL format 1") && sentence.contains("drain it"),
+        "{sentence}"
+    );
+    assert_eq!(
+        fs.read(&segment::segment_path(lane_dir, 0)).expect("kept")[8],
+        7,
+        "nothing changed"
+    );
 }
