@@ -1,7 +1,8 @@
 //! The web console in a real browser: runs `console/e2e` (Node's test runner, playwright-core
 //! driving Debian's headless Chromium) against the built `fleetlm` binary and the example echo
-//! agent. Needs Node 20 and `/usr/bin/chromium` (`apt-get install chromium`; `.ci/run` installs
-//! it); CHROMIUM names another executable. On failure the screenshots are in
+//! agent. Needs Node 20, `/usr/bin/chromium` (`apt-get install chromium`; `.ci/run` installs
+//! it; CHROMIUM names another executable) and the `sqlite3` CLI (`apt-get install sqlite3`), with
+//! which the dead-letter test makes the archive refuse a row. On failure the screenshots are in
 //! FLEETLM_CONSOLE_ARTIFACTS (default: the temp dir's `fleetlm-console-e2e/`).
 
 use std::os::unix::process::CommandExt;
@@ -65,7 +66,7 @@ fn the_console_works_in_a_real_browser() {
         "expected no failing console tests:\n{stdout}"
     );
     assert!(
-        stdout.contains("ℹ pass 11"),
-        "expected 11 passing console tests:\n{stdout}"
+        stdout.contains("ℹ pass 12"),
+        "expected 12 passing console tests:\n{stdout}"
     );
 }

@@ -1,11 +1,11 @@
 // The web console in headless Chromium against a real `fleetlm serve` and the example echo
 // agent: agents (validation, create), the playground (a streamed reply, raw chunks, the webhook
 // request), history after a reload, a live inbox count, sessions (filter, archive), health, and
-// token mode. Run by tests/console_e2e.rs (FLEETLM_BIN set); on failure a screenshot is saved.
+// dead letters (a row the SQLite archive refuses), and token mode. Run by tests/console_e2e.rs (FLEETLM_BIN set); on failure a screenshot is saved.
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { gzipSync } from "node:zlib";
-import { docsShot, docsShotsDir, launchBrowser, rest, startEchoAgent, startServer, startToolAgent, step, stopAll } from "./harness.mjs";
+import { archiveSql, docsShot, docsShotsDir, launchBrowser, rest, startEchoAgent, startServer, startToolAgent, step, stopAll } from "./harness.mjs";
 
 const WAIT = { timeout: 15000 };
 let base;
@@ -283,6 +283,57 @@ describe("open mode", () => {
     await page.context().close();
   });
 
+  test("health: a row the archive refuses is listed as a dead letter, paged with load more", async () => {
+    const page = await newPage();
+    await step(page, "dead-letters", async () => {
+      await page.goto(`${base}/#/health`);
+      await page.getByTestId("no-dead-letters").waitFor(WAIT);
+      assert.match(await page.getByTestId("no-dead-letters").innerText(), /no dead letters/i);
+
+      // SQLite refuses (SQLITE_CONSTRAINT) any message row mentioning POISON from now on.
+      archiveSql(base, "CREATE TRIGGER poison BEFORE INSERT ON messages WHEN NEW.content LIKE '%POISON%' BEGIN SELECT RAISE(ABORT, 'poison refused'); END;");
+      await rest(base, "POST", "/api/agents", { agent: { id: "inert", name: "Inert", origin_url: "http://127.0.0.1:9" } });
+      await rest(base, "POST", "/api/sessions", { user_id: "frank", agent_id: "inert", id: "poison-1" });
+      await rest(base, "DELETE", "/api/agents/inert");
+      // One more than a page (50), so the listing needs "load more".
+      for (let n = 1; n <= 51; n++) {
+        const sent = await rest(base, "POST", "/api/sessions/poison-1/messages", { user_id: "frank", content: { text: `POISON ${n}` } });
+        assert.equal(sent.status, 200, JSON.stringify(sent.body));
+      }
+      // The flushes (every 50 ms) set them aside.
+      const deadline = Date.now() + 15000;
+      for (;;) {
+        const listed = await rest(base, "GET", "/api/admin/dead_letters?session_id=poison-1&limit=500");
+        if (listed.body.dead_letters.length === 51) break;
+        assert.ok(Date.now() < deadline, `expected 51 dead letters: ${JSON.stringify(listed.body)}`);
+        await new Promise((done) => setTimeout(done, 100));
+      }
+
+      await page.getByRole("button", { name: "Refresh" }).click();
+      await page.getByTestId("dead-letter-count").filter({ hasText: "50+" }).waitFor(WAIT);
+      const first = page.locator("tr[data-dead-letter]").first();
+      const cells = await first.locator("td").allInnerTexts();
+      assert.equal(cells[0], "message");
+      assert.equal(cells[1], "poison-1");
+      assert.match(cells[2], /^\d+$/);
+      assert.match(cells[3], /poison/);
+      assert.doesNotMatch(await page.locator(".dead-letters").innerText(), /127\.0\.0\.1|http:/);
+      await first.scrollIntoViewIfNeeded();
+      await docsShot(page, "dead-letters");
+      await page.getByRole("button", { name: "Load more" }).click();
+      await page.getByTestId("dead-letter-count").filter({ hasText: /^51$/ }).waitFor(WAIT);
+      assert.equal(await page.getByRole("button", { name: "Load more" }).count(), 0);
+      // (Ids order dead letters by when they were set aside, not strictly by seq within a flush.)
+      const seqs = (await page.locator("tr[data-dead-letter] td:nth-child(3)").allInnerTexts()).map(Number);
+      assert.deepEqual(seqs.sort((a, b) => a - b), Array.from({ length: 51 }, (_, i) => i + 1));
+
+      // The session link opens the session, whose refused messages are still served.
+      await first.getByRole("link", { name: "poison-1" }).click();
+      await page.locator(".msg.user", { hasText: "POISON 51" }).waitFor(WAIT);
+    });
+    await page.context().close();
+  });
+
   test("keyboard: the navigation is reachable with Tab", async () => {
     const page = await newPage();
     await step(page, "keyboard", async () => {
@@ -330,6 +381,8 @@ describe("token mode", () => {
       await page.getByRole("link", { name: "Agents" }).click();
       await page.getByRole("button", { name: "Dispatches" }).click();
       await page.getByText("1 ok").waitFor(WAIT);
+      await page.getByRole("link", { name: "Health" }).click();
+      await page.getByTestId("no-dead-letters").waitFor(WAIT);
     });
     await page.context().close();
   });

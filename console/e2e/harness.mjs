@@ -1,7 +1,7 @@
 // Starts what the browser tests need: a real `fleetlm serve` (the built binary in FLEETLM_BIN,
 // on 127.0.0.1:0 with a temporary data dir), the example echo agent on a free port, and headless
 // Debian Chromium driven by playwright-core. Everything is stopped by `stopAll()`.
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
 import { createServer as createHttpServer } from "node:http";
 import { createServer } from "node:net";
@@ -15,6 +15,7 @@ export const repoRoot = resolve(here, "../..");
 const children = [];
 const dirs = [];
 const servers = [];
+const dataDirs = new Map();
 let browser = null;
 
 function waitForLine(child, pattern, what, timeoutMs = 20000) {
@@ -49,7 +50,17 @@ export async function startServer(env = {}) {
   );
   children.push(child);
   const match = await waitForLine(child, /listening on (http:\/\/\S+)/, "fleetlm");
+  dataDirs.set(match[1], dataDir);
   return match[1];
+}
+
+/** Runs SQL on the SQLite archive of the server at `base` (Debian's `sqlite3` CLI). */
+export function archiveSql(base, sql) {
+  const file = join(dataDirs.get(base), "archive.sqlite3");
+  const result = spawnSync("sqlite3", ["-cmd", ".timeout 10000", file, sql], { encoding: "utf8" });
+  if (result.error) throw new Error(`the console tests need the sqlite3 CLI (apt-get install sqlite3): ${result.error.message}`);
+  if (result.status !== 0) throw new Error(`sqlite3 failed: ${result.stderr}`);
+  return result.stdout;
 }
 
 async function freePort() {

@@ -144,3 +144,14 @@ export interface FinishedDispatch {
   duration_ms: number;
   finished_at: string;
 }
+
+export interface DeadLetter {
+  id: string;
+  kind: "session" | "message" | "session_update" | "read_cursor" | string;
+  session_id: string;
+  seq?: number;
+  client_id?: string;
+  error: string;
+  payload: string;
+  inserted_at: string;
+}

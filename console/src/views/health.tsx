@@ -1,7 +1,7 @@
-// Health: readiness reasons and small live charts parsed from /metrics.
+// Health: readiness reasons, small live charts parsed from /metrics, and the archive's dead letters.
 import { useEffect, useRef, useState } from "preact/hooks";
-import { redact } from "../api";
-import { Card, ErrorNote, Sparkline } from "../components";
+import { api, redact, type DeadLetter } from "../api";
+import { Card, ErrorNote, formatTime, Sparkline } from "../components";
 import { parsePrometheus, point, totals, type Point, type Totals } from "../metrics";
 
 const INTERVAL_MS = 2000;
@@ -86,6 +86,99 @@ export function HealthView() {
         <Sparkline label="Failed dispatches" unit="/s" digits={2} values={series("dispatchFailuresPerSecond")} />
       </div>
       <p class="muted small">Sampled every {INTERVAL_MS / 1000} s from /metrics; the last {KEEP} samples.</p>
+      <DeadLetters />
     </Card>
+  );
+}
+
+const DEAD_LETTER_PAGE = 50;
+
+/** Rows the archive refused (GET /api/admin/dead_letters), oldest first, paged with next_cursor. */
+function DeadLetters() {
+  const [letters, setLetters] = useState<DeadLetter[] | null>(null);
+  const [next, setNext] = useState<string | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const [busy, setBusy] = useState(false);
+
+  const load = async (after: string | null) => {
+    setBusy(true);
+    try {
+      const query = new URLSearchParams({ limit: String(DEAD_LETTER_PAGE) });
+      if (after) query.set("after", after);
+      const page = await api<{ dead_letters: DeadLetter[]; next_cursor: string | null }>("GET", `/api/admin/dead_letters?${query}`);
+      setLetters((list) => (after && list ? [...list, ...page.dead_letters] : page.dead_letters));
+      setNext(page.next_cursor);
+      setError(null);
+    } catch (e) {
+      setError((e as Error).message);
+    } finally {
+      setBusy(false);
+    }
+  };
+  useEffect(() => {
+    load(null);
+  }, []);
+
+  return (
+    <section class="dead-letters" aria-labelledby="dead-letters-title">
+      <div class="card-head">
+        <h3 id="dead-letters-title">
+          Dead letters{" "}
+          {letters !== null && (
+            <span class={`badge ${letters.length ? "bad" : "good"}`} data-testid="dead-letter-count">
+              {letters.length}
+              {next ? "+" : ""}
+            </span>
+          )}
+        </h3>
+        <button type="button" class="secondary small" disabled={busy} onClick={() => load(null)}>
+          Refresh
+        </button>
+      </div>
+      <p class="muted small">Rows the archive refused, with its error; refused messages are still served.</p>
+      <ErrorNote error={error} />
+      {letters === null ? (
+        !error && <p class="muted">Loading…</p>
+      ) : letters.length === 0 ? (
+        <p class="muted" data-testid="no-dead-letters">
+          No dead letters: the archive has accepted every row.
+        </p>
+      ) : (
+        <div class="table-wrap">
+          <table>
+            <caption class="visually-hidden">Dead letters</caption>
+            <thead>
+              <tr>
+                <th scope="col">Kind</th>
+                <th scope="col">Session</th>
+                <th scope="col">Seq</th>
+                <th scope="col">Archive error</th>
+                <th scope="col">When</th>
+              </tr>
+            </thead>
+            <tbody>
+              {letters.map((l) => (
+                <tr key={l.id} data-dead-letter={l.id}>
+                  <td>{l.kind}</td>
+                  <td>
+                    <a href={`#/sessions/${encodeURIComponent(l.session_id)}`}>{l.session_id}</a>
+                  </td>
+                  <td>{l.seq ?? "–"}</td>
+                  <td class="mono">{redact(l.error)}</td>
+                  <td>{formatTime(l.inserted_at)}</td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </div>
+      )}
+      {next && (
+        <div class="pager">
+          <button type="button" class="secondary" disabled={busy} onClick={() => load(next)}>
+            Load more
+          </button>
+        </div>
+      )}
+    </section>
   );
 }
