@@ -910,7 +910,10 @@ fn truncate_chars(text: String, max_chars: usize) -> String {
 /// The first seq at or after `seq` that is not in one of the session's gaps.
 fn skip_gaps(session: &SessionState, mut seq: u64) -> u64 {
     while let Some((_, through)) = session.gap_containing(seq) {
-        seq = through.saturating_add(1);
+        if through == u64::MAX {
+            return u64::MAX;
+        }
+        seq = through + 1;
     }
     seq
 }
@@ -921,13 +924,12 @@ fn plan_read(session: &SessionState, after_seq: u64, limit: usize) -> Result<Rea
     let last_seq = session.last_seq;
     let first = after_seq.saturating_add(1);
     let mut last = after_seq;
+    let mut count = 0;
     let mut seq = skip_gaps(session, first);
-    for _ in 0..limit {
-        if seq > last_seq {
-            break;
-        }
+    while count < limit && seq <= last_seq {
         last = seq;
-        seq = skip_gaps(session, seq + 1);
+        count += 1;
+        seq = skip_gaps(session, seq.saturating_add(1));
     }
     let mut plan = ReadPlan {
         hot: Vec::new(),
@@ -938,7 +940,7 @@ fn plan_read(session: &SessionState, after_seq: u64, limit: usize) -> Result<Rea
         session: session.view(),
         gaps: session.gaps.clone(),
     };
-    if first > last {
+    if count == 0 {
         return Ok(plan);
     }
     let hot_start = session.hot_tail_start();
@@ -959,7 +961,10 @@ fn plan_read(session: &SessionState, after_seq: u64, limit: usize) -> Result<Rea
                 "internal: seq {seq} of the session cannot be located"
             )));
         }
-        seq = skip_gaps(session, seq + 1);
+        seq = skip_gaps(session, seq.saturating_add(1));
+        if seq == u64::MAX && last == u64::MAX {
+            break;
+        }
     }
     Ok(plan)
 }
