@@ -8,25 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{ServerProcess, TestDatabase, call};
-
-/// Flags that keep everything in the WAL: the flusher would otherwise archive and purge.
-const NO_FLUSH: &[&str] = &["--flush-interval-ms", "600000", "--flush-threshold-bytes", "1000000000"];
-
-async fn create(base: &str, client: &reqwest::Client, sessions: &[&str]) {
-    let agent = json!({"agent": {"id": "a", "name": "A", "origin_url": "http://127.0.0.1:9"}});
-    call(client, "POST", &format!("{base}/api/agents"), Some(agent)).await;
-    for id in sessions {
-        let reply = call(
-            client,
-            "POST",
-            &format!("{base}/api/sessions"),
-            Some(json!({"user_id": "u", "agent_id": "a", "id": id})),
-        )
-        .await;
-        assert_eq!(reply.status, 201, "{}", reply.body);
-    }
-}
+use support::{NO_FLUSH, ServerProcess, TestDatabase, call, create_sessions as create};
 
 async fn append(
     base: &str,

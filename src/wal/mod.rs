@@ -2,7 +2,7 @@
 //!
 //! Each shard's log is a sequence of entries with Raft-style ids `(term, index)`, supporting
 //! `append`, `truncate_suffix` and `purge_prefix`, plus a separately fsync'd vote file per shard,
-//! so the cluster can later replicate it with openraft without a format change. Shard `s` lives in
+//! so the cluster can later replicate it with a consensus engine without a format change. Shard `s` lives in
 //! lane `s % lanes`; every lane has its own group-commit thread (see [`lane`]).
 //!
 //! Architecture invariant: this module knows bytes, shard ids and log indexes; nothing of

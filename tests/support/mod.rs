@@ -487,3 +487,22 @@ impl CuttableProxy {
         (proxy, url)
     }
 }
+
+/// `fleetlm serve` flags that keep everything in the WAL (the flusher would archive and purge).
+pub const NO_FLUSH: &[&str] = &["--flush-interval-ms", "600000", "--flush-threshold-bytes", "1000000000"];
+
+/// Registers agent `a` and creates each session for user `u` (201 expected).
+pub async fn create_sessions(base: &str, client: &reqwest::Client, sessions: &[&str]) {
+    let agent = json!({"agent": {"id": "a", "name": "A", "origin_url": "http://127.0.0.1:9"}});
+    call(client, "POST", &format!("{base}/api/agents"), Some(agent)).await;
+    for id in sessions {
+        let reply = call(
+            client,
+            "POST",
+            &format!("{base}/api/sessions"),
+            Some(json!({"user_id": "u", "agent_id": "a", "id": id})),
+        )
+        .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    }
+}
