@@ -7,6 +7,7 @@ pub mod auth;
 mod background;
 pub mod clock;
 pub mod config;
+pub mod consensus;
 pub mod console;
 pub mod gateway;
 pub mod hub;

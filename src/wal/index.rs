@@ -26,6 +26,9 @@ pub struct ShardLog {
     pub last: Option<LogId>,
     /// Entries up to this index may have been dropped.
     pub purged_through: u64,
+    /// The term of the entry at `purged_through` (0 where the purger did not say; a replicated
+    /// log needs it to name the last purged entry).
+    pub purged_term: u64,
     /// Why this shard's log cannot be trusted past its last entry, if it cannot.
     pub degraded: Option<String>,
     /// Entries lost to damage whose loss an operator accepted (`fleetlm wal repair`): after
@@ -66,11 +69,14 @@ impl ShardLog {
         self.last = if after.index == 0 { None } else { Some(after) };
     }
 
-    pub fn purge_prefix(&mut self, through_index: u64) {
-        while self.entries.front().is_some_and(|e| e.log_id.index <= through_index) {
+    pub fn purge_prefix(&mut self, through: LogId) {
+        while self.entries.front().is_some_and(|e| e.log_id.index <= through.index) {
             self.entries.pop_front();
         }
-        self.purged_through = self.purged_through.max(through_index);
+        if through.index > self.purged_through {
+            self.purged_through = through.index;
+            self.purged_term = through.term;
+        }
     }
 
     pub fn first_index(&self) -> Option<u64> {

@@ -64,7 +64,7 @@ impl LaneRequest {
 enum IndexChange {
     Entry(u16, EntryLocation),
     Truncate(u16, LogId),
-    Purge(u16, u64),
+    Purge(u16, LogId),
 }
 
 pub struct LaneWriter {
@@ -268,7 +268,7 @@ impl LaneWriter {
                 .encode_into(buffer);
                 match kind {
                     RecordKind::TruncateSuffix => changes.push(IndexChange::Truncate(*shard, *log_id)),
-                    RecordKind::PurgePrefix => changes.push(IndexChange::Purge(*shard, log_id.index)),
+                    RecordKind::PurgePrefix => changes.push(IndexChange::Purge(*shard, *log_id)),
                     // Takes effect when the log is next recovered (see recovery.rs).
                     RecordKind::LossAccepted | RecordKind::Entry => {}
                 }
@@ -402,7 +402,7 @@ fn carried_marks(index: &LaneIndex) -> Vec<(RecordKind, u16, LogId, Vec<u8>)> {
     for (shard, log) in &index.shards {
         if log.purged_through > 0 {
             let log_id = LogId {
-                term: 0,
+                term: log.purged_term,
                 index: log.purged_through,
             };
             marks.push((RecordKind::PurgePrefix, *shard, log_id, Vec::new()));

@@ -366,16 +366,27 @@ impl Wal {
     /// Lets the shard's entries up to `through_index` go; segments holding only such entries
     /// (for every shard in them) are deleted.
     pub async fn purge_prefix(&self, shard: u16, through_index: u64) -> Result<()> {
-        self.mark(
-            RecordKind::PurgePrefix,
-            shard,
-            LogId {
-                term: 0,
-                index: through_index,
-            },
-            Vec::new(),
-        )
-        .await
+        let through = LogId {
+            term: 0,
+            index: through_index,
+        };
+        self.purge_through(shard, through).await
+    }
+
+    /// `purge_prefix` that also records the purged entry's term, for a log whose readers must
+    /// name its last purged entry (`purged`).
+    pub async fn purge_through(&self, shard: u16, through: LogId) -> Result<()> {
+        self.mark(RecordKind::PurgePrefix, shard, through, Vec::new()).await
+    }
+
+    /// The newest purged entry of the shard (its term is 0 unless `purge_through` gave one).
+    pub fn purged(&self, shard: u16) -> Option<LogId> {
+        let index = self.lane(shard).index.lock().expect("lane index lock");
+        let log = index.shards.get(&shard)?;
+        (log.purged_through > 0).then_some(LogId {
+            term: log.purged_term,
+            index: log.purged_through,
+        })
     }
 
     /// Records that an operator accepts the loss of the shard's damaged entries after

@@ -406,7 +406,7 @@ fn next_valid_batch(bytes: &[u8], from: usize) -> Option<usize> {
 
 /// Builds every shard's log from what the scan found, in log order.
 fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], lane_shards: &[u16]) {
-    let mut purged_through: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut purged_through: BTreeMap<u16, LogId> = BTreeMap::new();
     let mut losses: BTreeMap<u16, Vec<AcceptedLoss>> = BTreeMap::new();
     for item in found {
         match item {
@@ -415,8 +415,10 @@ fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], la
                 shard,
                 location,
             } => {
-                let through = purged_through.entry(*shard).or_default();
-                *through = (*through).max(location.log_id.index);
+                let through = purged_through.entry(*shard).or_insert(location.log_id);
+                if location.log_id.index > through.index {
+                    *through = location.log_id;
+                }
             }
             Found::LossMark { shard, loss } => {
                 let known = losses.entry(*shard).or_default();
@@ -429,13 +431,11 @@ fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], la
     }
     for (&shard, &through) in &purged_through {
         let log = index.shard(shard);
-        log.purged_through = through;
+        log.purged_through = through.index;
+        log.purged_term = through.term;
         // The purged entries' own records may be gone with their segments; the log reached
         // at least this far.
-        log.last = Some(LogId {
-            term: 0,
-            index: through,
-        });
+        log.last = Some(through);
     }
     // Whether damage met by the shard (at its current end) is one an operator accepted: only
     // the regions a loss names, so damage found later is never absorbed by an old repair.

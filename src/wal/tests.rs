@@ -256,10 +256,25 @@ fn votes_survive_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wal = open(dir.path());
     assert_eq!(wal.read_vote(3).expect("read"), None);
-    wal.save_vote(3, Vote { term: 4, voted_for: 9 }).expect("save");
+    wal.save_vote(
+        3,
+        Vote {
+            term: 4,
+            voted_for: 9,
+            committed: true,
+        },
+    )
+    .expect("save");
     wal.shutdown();
     let wal = open(dir.path());
-    assert_eq!(wal.read_vote(3).expect("read"), Some(Vote { term: 4, voted_for: 9 }));
+    assert_eq!(
+        wal.read_vote(3).expect("read"),
+        Some(Vote {
+            term: 4,
+            voted_for: 9,
+            committed: true
+        })
+    );
     wal.shutdown();
 }
 
@@ -776,4 +791,44 @@ fn a_format_1_segment_is_refused_with_a_clear_sentence() {
         7,
         "nothing changed"
     );
+}
+
+/// A replicated log names its last purged entry by term and index: the term given to
+/// `purge_through` survives reopening, also once no entry is left.
+#[test]
+fn the_purged_entry_keeps_its_term_across_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runtime = runtime();
+    let wal = open(dir.path());
+    for index in 1..=40u64 {
+        let term = if index <= 20 { 3 } else { 4 };
+        runtime
+            .block_on(wal.append(1, vec![(LogId { term, index }, vec![7u8; 200])]))
+            .expect("append");
+    }
+    runtime
+        .block_on(wal.purge_through(1, LogId { term: 3, index: 20 }))
+        .expect("purge");
+    assert_eq!(wal.purged(1), Some(LogId { term: 3, index: 20 }));
+    // Enough further entries to rotate past the segments holding the purge mark.
+    for index in 41..=120u64 {
+        runtime
+            .block_on(wal.append(1, vec![(LogId { term: 4, index }, vec![7u8; 200])]))
+            .expect("append");
+    }
+    wal.shutdown();
+    let wal = open(dir.path());
+    assert_eq!(wal.purged(1), Some(LogId { term: 3, index: 20 }));
+    assert_eq!(wal.first_index(1), Some(21));
+    assert_eq!(wal.last_log_id(1), Some(LogId { term: 4, index: 120 }));
+    // Purging everything leaves the log's end named by the purge.
+    runtime
+        .block_on(wal.purge_through(1, LogId { term: 4, index: 120 }))
+        .expect("purge");
+    wal.shutdown();
+    let wal = open(dir.path());
+    assert_eq!(wal.purged(1), Some(LogId { term: 4, index: 120 }));
+    assert_eq!(wal.last_log_id(1), Some(LogId { term: 4, index: 120 }));
+    assert_eq!(wal.first_index(1), None);
+    wal.shutdown();
 }

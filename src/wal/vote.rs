@@ -10,9 +10,13 @@ use super::fs::{self, FileSystem};
 pub struct Vote {
     pub term: u64,
     pub voted_for: u64,
+    /// Whether a quorum granted this vote (the node it names is the term's leader).
+    pub committed: bool,
 }
 
-const VOTE_BYTES: usize = 8 + 8 + 4;
+/// term, voted_for, flags (bit 0: committed), CRC of the preceding bytes.
+const VOTE_BYTES: usize = 8 + 8 + 8 + 4;
+const FLAG_COMMITTED: u64 = 1;
 
 fn vote_dir(wal_dir: &Path) -> PathBuf {
     wal_dir.join("vote")
@@ -27,6 +31,8 @@ pub fn save(fs: &dyn FileSystem, wal_dir: &Path, shard: u16, vote: Vote) -> io::
     let mut bytes = Vec::with_capacity(VOTE_BYTES);
     bytes.extend_from_slice(&vote.term.to_le_bytes());
     bytes.extend_from_slice(&vote.voted_for.to_le_bytes());
+    let flags = if vote.committed { FLAG_COMMITTED } else { 0 };
+    bytes.extend_from_slice(&flags.to_le_bytes());
     let crc = crc32c::crc32c(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
     let temporary = dir.join(format!("{shard:05}.vote.tmp"));
@@ -48,7 +54,7 @@ pub fn read(fs: &dyn FileSystem, wal_dir: &Path, shard: u16) -> io::Result<Optio
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(error),
     };
-    if bytes.len() != VOTE_BYTES || crc32c::crc32c(&bytes[..16]).to_le_bytes() != bytes[16..20] {
+    if bytes.len() != VOTE_BYTES || crc32c::crc32c(&bytes[..24]).to_le_bytes() != bytes[24..28] {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("vote file of shard {shard} is corrupt"),
@@ -56,5 +62,10 @@ pub fn read(fs: &dyn FileSystem, wal_dir: &Path, shard: u16) -> io::Result<Optio
     }
     let term = u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes"));
     let voted_for = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
-    Ok(Some(Vote { term, voted_for }))
+    let flags = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    Ok(Some(Vote {
+        term,
+        voted_for,
+        committed: flags & FLAG_COMMITTED != 0,
+    }))
 }

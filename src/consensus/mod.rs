@@ -1,0 +1,417 @@
+//! Consensus: every shard's log replicated by its own Raft group (openraft), over the WAL.
+//!
+//! Everything openraft-specific lives in this module, so an engine upgrade touches only here:
+//! - `types`: the type configuration (a log entry carries one `ShardCommand`: a shard writer's
+//!   encoded batch);
+//! - `log_store`: openraft's log storage on the shard's WAL log and vote file;
+//! - `state_machine`: committed entries handed to the shard's consumer in order (`Applied`);
+//!   snapshots are the shared archive;
+//! - `network` + `peer`: Raft RPCs over authenticated connections between nodes.
+//!
+//! The rest of the server sees `Consensus` (propose, leadership, status) and one `ShardFeed` per
+//! shard (the applied stream). Indexes it sees are shard log indexes (WAL indexes).
+//!
+//! Architecture invariant: nothing outside this module names an openraft type; nothing here
+//! knows sessions or messages (commands are opaque bytes).
+
+mod log_store;
+mod network;
+mod peer;
+mod state_machine;
+#[cfg(test)]
+mod tests;
+mod types;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::type_config::async_runtime::WatchReceiver;
+use openraft::{Config, ServerState, SnapshotPolicy};
+use tokio::sync::mpsc;
+
+pub use peer::{MAX_FRAME_BYTES, PeerError};
+pub use state_machine::Applied;
+
+use crate::wal::Wal;
+use network::{RaftService, ShardNetwork};
+use peer::{Identity, PeerClient};
+use types::{Member, Raft, ShardCommand};
+
+/// Committed entries a shard's consumer may lag behind before applying waits for it.
+const APPLIED_QUEUE: usize = 4096;
+
+/// How this node takes part in the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub node_id: u64,
+    /// Every member (this node included) and the address its peer listener is reached at.
+    pub peers: BTreeMap<u64, String>,
+    pub secret: String,
+    /// Where this node's peer listener binds.
+    pub listen: SocketAddr,
+    pub timing: Timing,
+}
+
+/// Raft timing. Failover takes about one election timeout after a leader stops.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub heartbeat: Duration,
+    pub election_min: Duration,
+    pub election_max: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(500),
+            election_max: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// One shard's committed entries, for the shard's consumer (on every node).
+pub struct ShardFeed {
+    pub shard: u16,
+    pub applied: mpsc::Receiver<Applied>,
+    /// Set by the consumer: the shard log index through which the shared archive holds every
+    /// effect of the log (what a snapshot may cover, so what the log may drop).
+    pub archived_through: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ProposeError {
+    /// This node does not lead the shard; `leader` is who does, if known.
+    #[error("not the leader of the shard (leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    /// The proposal's fate is unknown: it may or may not commit (leadership was lost while it
+    /// was in flight). A retry must be idempotent.
+    #[error("the outcome is unknown: {0}")]
+    Unknown(String),
+    /// The shard's group has stopped (a storage failure or shutdown).
+    #[error("the shard's consensus group has stopped: {0}")]
+    Stopped(String),
+    #[error("the command of {bytes} bytes exceeds the maximum of {max}")]
+    TooLarge { bytes: usize, max: usize },
+}
+
+/// A shard's consensus state as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardStatus {
+    pub shard: u16,
+    pub role: &'static str,
+    pub term: u64,
+    pub leader: Option<u64>,
+    /// Shard log indexes (WAL indexes); 0 = none.
+    pub last_log: u64,
+    pub committed: u64,
+    pub applied: u64,
+    /// Leader only: per follower, the last index known replicated to it.
+    pub replicated: BTreeMap<u64, u64>,
+}
+
+pub struct Consensus {
+    node_id: u64,
+    groups: Arc<Vec<Raft>>,
+    members: Vec<u64>,
+    max_command_bytes: usize,
+    peers: Arc<HashMap<u64, Arc<PeerClient>>>,
+    /// Set to stop the peer listener and its connections.
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn raft_config(timing: Timing) -> Result<Arc<Config>, String> {
+    let config = Config {
+        cluster_name: "fleetlm".to_string(),
+        heartbeat_interval: timing.heartbeat.as_millis() as u64,
+        election_timeout_min: timing.election_min.as_millis() as u64,
+        election_timeout_max: timing.election_max.as_millis() as u64,
+        // Snapshots are cheap (the archive is the snapshot): offer one whenever the archive has
+        // moved on by this many entries, and keep some log for followers slightly behind.
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(512),
+        max_in_snapshot_log_to_keep: 256,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    };
+    config
+        .validate()
+        .map(Arc::new)
+        .map_err(|e| format!("raft settings: {e}"))
+}
+
+fn shard_log_index(raft_index: Option<u64>) -> u64 {
+    raft_index.map_or(0, |i| i + 1)
+}
+
+impl Consensus {
+    /// Starts every shard's group and the peer listener. A group whose log and vote are empty
+    /// (a node starting for the first time) proposes the configured membership; the cluster
+    /// forms once a majority is up, whatever the start order.
+    pub async fn start(
+        spec: &ClusterSpec,
+        wal: Arc<Wal>,
+        state_dir: &Path,
+    ) -> Result<(Consensus, Vec<ShardFeed>), String> {
+        let listener = std::net::TcpListener::bind(spec.listen)
+            .map_err(|e| format!("cannot listen for peers on {}: {e}", spec.listen))?;
+        Self::start_on(spec, listener, wal, state_dir).await
+    }
+
+    /// `start` with the peer listener already bound (`spec.listen` is then not used).
+    pub async fn start_on(
+        spec: &ClusterSpec,
+        listener: std::net::TcpListener,
+        wal: Arc<Wal>,
+        state_dir: &Path,
+    ) -> Result<(Consensus, Vec<ShardFeed>), String> {
+        if !spec.peers.contains_key(&spec.node_id) {
+            return Err(format!("node {} is not in the member list", spec.node_id));
+        }
+        let identity = Identity {
+            node_id: spec.node_id,
+            secret: Arc::from(spec.secret.as_bytes()),
+        };
+        let members: Vec<u64> = spec.peers.keys().copied().collect();
+        let clients: HashMap<u64, Arc<PeerClient>> = spec
+            .peers
+            .iter()
+            .filter(|(id, _)| **id != spec.node_id)
+            .map(|(id, addr)| (*id, Arc::new(PeerClient::new(identity.clone(), *id, addr.clone()))))
+            .collect();
+        let clients = Arc::new(clients);
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("peer listener: {e}"))?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| format!("peer listener: {e}"))?;
+        let service = Arc::new(RaftService::default());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(peer::serve(
+            listener,
+            identity,
+            members.clone(),
+            service.clone(),
+            stopped,
+        ));
+
+        let config = raft_config(spec.timing)?;
+        let snapshot_dir = state_dir.join("snapshots");
+        let mut groups = Vec::new();
+        let mut feeds = Vec::new();
+        let mut fresh = Vec::new();
+        for shard in 0..wal.shard_count() {
+            let vote = wal.read_vote(shard).map_err(|e| format!("shard {shard} vote: {e}"))?;
+            fresh.push(vote.is_none() && wal.last_log_id(shard).is_none() && wal.purged(shard).is_none());
+            let log = log_store::ShardLogStore::open(wal.clone(), shard).map_err(|e| e.to_string())?;
+            let (applied, feed) = mpsc::channel(APPLIED_QUEUE);
+            let archived_through = Arc::new(AtomicU64::new(0));
+            let machine =
+                state_machine::ShardStateMachine::open(&snapshot_dir, shard, applied, archived_through.clone())
+                    .map_err(|e| format!("shard {shard} snapshot: {e}"))?;
+            let network = ShardNetwork {
+                shard,
+                peers: clients.clone(),
+            };
+            let raft = Raft::new(spec.node_id, config.clone(), network, log, machine)
+                .await
+                .map_err(|e| format!("shard {shard}: cannot start its consensus group: {e}"))?;
+            groups.push(raft);
+            feeds.push(ShardFeed {
+                shard,
+                applied: feed,
+                archived_through,
+            });
+        }
+        let groups = Arc::new(groups);
+        service.set_groups(groups.clone());
+        let membership: BTreeMap<u64, Member> = members.iter().map(|id| (*id, Member::default())).collect();
+        for (shard, raft) in groups.iter().enumerate() {
+            if fresh[shard] {
+                match raft.initialize(membership.clone()).await {
+                    Ok(()) => {}
+                    // Another path got there first (e.g. a leader's entries arrived): fine.
+                    Err(RaftError::APIError(error)) => tracing::debug!(shard, %error, "initialize skipped"),
+                    Err(error) => return Err(format!("shard {shard}: cannot initialize: {error}")),
+                }
+            }
+        }
+        Ok((
+            Consensus {
+                node_id: spec.node_id,
+                groups,
+                members,
+                max_command_bytes: log_store::max_command_bytes(&wal),
+                peers: clients,
+                stop,
+            },
+            feeds,
+        ))
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    pub fn members(&self) -> &[u64] {
+        &self.members
+    }
+
+    pub fn max_command_bytes(&self) -> usize {
+        self.max_command_bytes
+    }
+
+    fn group(&self, shard: u16) -> &Raft {
+        &self.groups[shard as usize]
+    }
+
+    /// Replicates `command` as one entry of the shard's log and resolves once it is committed
+    /// (durable on a majority) and applied here. Returns its shard log index.
+    pub async fn propose(&self, shard: u16, command: Vec<u8>) -> Result<u64, ProposeError> {
+        if command.len() > self.max_command_bytes {
+            return Err(ProposeError::TooLarge {
+                bytes: command.len(),
+                max: self.max_command_bytes,
+            });
+        }
+        match self.group(shard).client_write(ShardCommand(command)).await {
+            Ok(response) => Ok(response.log_id.index + 1),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => Err(ProposeError::NotLeader {
+                leader: forward.leader_id,
+            }),
+            Err(RaftError::APIError(error)) => Err(ProposeError::Unknown(error.to_string())),
+            Err(RaftError::Fatal(fatal)) => Err(ProposeError::Stopped(fatal.to_string())),
+        }
+    }
+
+    /// Waits until this node may serve a linearizable read of the shard: it leads it, a quorum
+    /// confirmed so, and everything committed before the call is applied here (read index).
+    pub async fn read_barrier(&self, shard: u16) -> Result<(), ProposeError> {
+        match self
+            .group(shard)
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => Err(ProposeError::NotLeader {
+                leader: forward.leader_id,
+            }),
+            Err(RaftError::APIError(error)) => Err(ProposeError::Unknown(error.to_string())),
+            Err(RaftError::Fatal(fatal)) => Err(ProposeError::Stopped(fatal.to_string())),
+        }
+    }
+
+    /// The shard's leader as this node last heard, if any.
+    pub fn leader(&self, shard: u16) -> Option<u64> {
+        self.group(shard).metrics().borrow_watched().current_leader
+    }
+
+    pub fn is_leader(&self, shard: u16) -> bool {
+        self.leader(shard) == Some(self.node_id)
+    }
+
+    pub fn status(&self) -> Vec<ShardStatus> {
+        self.groups
+            .iter()
+            .enumerate()
+            .map(|(shard, raft)| {
+                let metrics = raft.metrics().borrow_watched().clone();
+                let role = match metrics.state {
+                    ServerState::Leader => "leader",
+                    ServerState::Candidate => "candidate",
+                    ServerState::Follower => "follower",
+                    ServerState::Learner => "learner",
+                    ServerState::Shutdown => "stopped",
+                };
+                let replicated = metrics
+                    .replication
+                    .as_ref()
+                    .map(|peers| {
+                        peers
+                            .iter()
+                            .filter(|(id, _)| **id != self.node_id)
+                            .map(|(id, matched)| (*id, shard_log_index(matched.map(|m| m.index))))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                ShardStatus {
+                    shard: shard as u16,
+                    role,
+                    term: metrics.current_term,
+                    leader: metrics.current_leader,
+                    last_log: shard_log_index(metrics.last_log_index),
+                    committed: shard_log_index(metrics.cluster_committed.map(|c| c.index)),
+                    applied: shard_log_index(metrics.last_applied.map(|a| a.index)),
+                    replicated,
+                }
+            })
+            .collect()
+    }
+
+    /// Waits until the shard has a leader this node knows of, at most `timeout`.
+    pub async fn wait_for_leader(&self, shard: u16, timeout: Duration) -> Option<u64> {
+        let mut metrics = self.group(shard).metrics();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(leader) = metrics.borrow_watched().current_leader {
+                return Some(leader);
+            }
+            if !matches!(tokio::time::timeout_at(deadline, metrics.changed()).await, Ok(Ok(()))) {
+                return None;
+            }
+        }
+    }
+
+    /// Hands the leadership of every shard this node leads to another member (before a drain),
+    /// waiting at most `timeout` in all. Returns how many shards it still leads.
+    pub async fn hand_off_leadership(&self, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let led: Vec<u16> = (0..self.groups.len() as u16).filter(|s| self.is_leader(*s)).collect();
+        for shard in &led {
+            let raft = self.group(*shard);
+            // The most up-to-date follower takes over.
+            let target = raft.metrics().borrow_watched().replication.as_ref().and_then(|peers| {
+                peers
+                    .iter()
+                    .filter(|(id, _)| **id != self.node_id)
+                    .max_by_key(|(_, matched)| matched.map(|m| m.index))
+                    .map(|(id, _)| *id)
+            });
+            if let Some(target) = target {
+                let _ = raft.trigger().transfer_leader(target).await;
+            }
+        }
+        for shard in &led {
+            let mut metrics = self.group(*shard).metrics();
+            while metrics.borrow_watched().current_leader == Some(self.node_id) {
+                if !matches!(tokio::time::timeout_at(deadline, metrics.changed()).await, Ok(Ok(()))) {
+                    break;
+                }
+            }
+        }
+        led.iter().filter(|s| self.is_leader(**s)).count()
+    }
+
+    /// Asks the shard's group to snapshot now (as far as the archive reaches) and drop the log
+    /// the snapshot covers, beyond what is kept for followers slightly behind.
+    pub async fn compact(&self, shard: u16) -> Result<(), ProposeError> {
+        self.group(shard)
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|fatal| ProposeError::Stopped(fatal.to_string()))
+    }
+
+    pub async fn shutdown(&self) {
+        for raft in self.groups.iter() {
+            let _ = raft.shutdown().await;
+        }
+        self.stop.send_replace(true);
+        for client in self.peers.values() {
+            client.close().await;
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Raft RPCs between nodes: openraft's network traits on top of `peer` connections, and the
+//! service that answers them with the local shard groups.
+//!
+//! All shards' groups share one connection per pair of nodes; each request names its shard.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use openraft::OptionalSend;
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::v2::RaftNetworkV2;
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use super::peer::{PeerClient, PeerError, PeerHandler};
+use super::types::{Member, Raft, Snapshot, SnapshotData, SnapshotMeta, TypeConfig, Vote};
+
+/// What one node asks another.
+#[derive(Serialize, Deserialize)]
+pub enum PeerRequest {
+    Raft { shard: u16, rpc: RaftRpc },
+}
+
+#[derive(Serialize, Deserialize)]
+pub enum RaftRpc {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<TypeConfig>),
+    PreVote(VoteRequest<TypeConfig>),
+    Snapshot {
+        vote: Vote,
+        meta: SnapshotMeta,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
+}
+
+#[derive(Serialize, Deserialize)]
+pub enum RaftReply {
+    Append(AppendEntriesResponse<TypeConfig>),
+    Vote(VoteResponse<TypeConfig>),
+    Snapshot(SnapshotResponse<TypeConfig>),
+    TransferLeader(TransferLeaderResponse<TypeConfig>),
+    /// The callee could not answer: unknown shard, or its group has stopped.
+    Failed(String),
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    rmp_serde::to_vec(value).expect("raft messages always encode")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calling
+
+/// Creates one shard group's view of its peers: every group of the node shares the connections.
+#[derive(Clone)]
+pub struct ShardNetwork {
+    pub shard: u16,
+    pub peers: Arc<HashMap<u64, Arc<PeerClient>>>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
+    type Network = ShardPeer;
+
+    async fn new_client(&mut self, target: u64, _node: &Member) -> ShardPeer {
+        ShardPeer {
+            shard: self.shard,
+            target,
+            client: self.peers.get(&target).cloned(),
+        }
+    }
+}
+
+pub struct ShardPeer {
+    shard: u16,
+    target: u64,
+    client: Option<Arc<PeerClient>>,
+}
+
+impl ShardPeer {
+    async fn call(&self, rpc: RaftRpc, timeout: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
+        let Some(client) = &self.client else {
+            return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                "node {} is not in this node's --cluster-peers",
+                self.target
+            ))));
+        };
+        let request = encode(&PeerRequest::Raft { shard: self.shard, rpc });
+        let response = client.call(request, timeout).await.map_err(|error| match error {
+            PeerError::Unreachable(..) | PeerError::Refused(..) => {
+                RPCError::Unreachable(Unreachable::from_string(error.to_string()))
+            }
+            PeerError::Disconnected(..) | PeerError::TimedOut(..) => {
+                RPCError::Network(NetworkError::from_string(error.to_string()))
+            }
+        })?;
+        match rmp_serde::from_slice::<RaftReply>(&response) {
+            Ok(RaftReply::Failed(reason)) => Err(RPCError::Unreachable(Unreachable::from_string(reason))),
+            Ok(reply) => Ok(reply),
+            Err(error) => Err(RPCError::Network(NetworkError::from_string(format!(
+                "undecodable reply from node {}: {error}",
+                self.target
+            )))),
+        }
+    }
+}
+
+fn unexpected(target: u64) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(format!(
+        "node {target} answered the wrong kind of reply"
+    )))
+}
+
+impl RaftNetworkV2<TypeConfig> for ShardPeer {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::Append(rpc), option.hard_ttl()).await? {
+            RaftReply::Append(response) => Ok(response),
+            _ => Err(unexpected(self.target)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::Vote(rpc), option.hard_ttl()).await? {
+            RaftReply::Vote(response) => Ok(response),
+            _ => Err(unexpected(self.target)),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::PreVote(rpc), option.hard_ttl()).await? {
+            RaftReply::Vote(response) => Ok(response),
+            _ => Err(unexpected(self.target)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let rpc = RaftRpc::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        };
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            reply = self.call(rpc, option.hard_ttl()) => match reply? {
+                RaftReply::Snapshot(response) => Ok(response),
+                _ => Err(unexpected(self.target).into()),
+            },
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::TransferLeader(req), option.hard_ttl()).await? {
+            RaftReply::TransferLeader(response) => Ok(response),
+            _ => Err(unexpected(self.target)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Answering
+
+/// Answers peers' Raft RPCs with this node's shard groups (set once they exist).
+#[derive(Default)]
+pub struct RaftService {
+    groups: OnceLock<Arc<Vec<Raft>>>,
+}
+
+impl RaftService {
+    pub fn set_groups(&self, groups: Arc<Vec<Raft>>) {
+        let _ = self.groups.set(groups);
+    }
+}
+
+async fn answer(groups: Option<Arc<Vec<Raft>>>, request: PeerRequest) -> RaftReply {
+    let PeerRequest::Raft { shard, rpc } = request;
+    let Some(raft) = groups.as_ref().and_then(|groups| groups.get(shard as usize)) else {
+        return RaftReply::Failed(format!("shard {shard} is not served here (yet)"));
+    };
+    let failed = |e: &dyn std::fmt::Display| RaftReply::Failed(format!("shard {shard}: {e}"));
+    match rpc {
+        RaftRpc::Append(rpc) => match raft.append_entries(rpc).await {
+            Ok(response) => RaftReply::Append(response),
+            Err(error) => failed(&error),
+        },
+        RaftRpc::Vote(rpc) => match raft.vote(rpc).await {
+            Ok(response) => RaftReply::Vote(response),
+            Err(error) => failed(&error),
+        },
+        RaftRpc::PreVote(rpc) => match raft.pre_vote(rpc).await {
+            Ok(response) => RaftReply::Vote(response),
+            Err(error) => failed(&error),
+        },
+        RaftRpc::Snapshot { vote, meta, data } => {
+            let snapshot = Snapshot {
+                meta,
+                snapshot: SnapshotData::new(data),
+            };
+            match raft.install_full_snapshot(vote, snapshot).await {
+                Ok(response) => RaftReply::Snapshot(response),
+                Err(error) => failed(&error),
+            }
+        }
+        RaftRpc::TransferLeader(req) => match raft.handle_transfer_leader(req).await {
+            Ok(response) => RaftReply::TransferLeader(response),
+            Err(error) => failed(&error),
+        },
+    }
+}
+
+impl PeerHandler for RaftService {
+    fn handle(&self, _from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+        let groups = self.groups.get().cloned();
+        Box::pin(async move {
+            let reply = match rmp_serde::from_slice::<PeerRequest>(&request) {
+                Ok(request) => answer(groups, request).await,
+                Err(error) => RaftReply::Failed(format!("undecodable request: {error}")),
+            };
+            encode(&reply)
+        })
+    }
+}

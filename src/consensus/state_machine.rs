@@ -1,0 +1,333 @@
+//! openraft's state machine for one shard: committed entries go, in log order, to the shard's
+//! consumer (`Applied`); snapshots are the shared archive.
+//!
+//! Every node archives into the same Postgres, so a snapshot needs no data of its own: a
+//! snapshot "at index i" says "the archive holds every effect of the log through i". Building
+//! one asks the consumer how far the archive reaches (`archived_through`); installing one on a
+//! replica that fell behind the purged log tells its consumer to reload the shard from the
+//! archive (`Applied::Reload`). The current snapshot's metadata is kept in a small file per shard
+//! so a restarted node knows it (and its membership) after the log before it was purged.
+//!
+//! Indexes given to the consumer are shard log indexes (the WAL's, Raft index + 1).
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::vote::leader_id_std::CommittedLeaderId;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
+
+/// What a shard's consumer receives, in log order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// A committed entry: the leader's command, or `None` for a Raft-internal entry (a new
+    /// leader's blank entry, a membership) that the consumer only counts past.
+    Entry {
+        index: u64,
+        term: u64,
+        command: Option<Vec<u8>>,
+    },
+    /// This replica was behind the log the leader still had: reload the shard from the archive,
+    /// which holds everything through `through`; entries after it follow.
+    Reload { through: u64 },
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    version: u32,
+    shard: u16,
+    /// `(term, raft index)` of the last entry the snapshot covers.
+    last: Option<(u64, u64)>,
+    membership: Vec<u8>,
+}
+
+const SNAPSHOT_VERSION: u32 = 1;
+
+struct Machine {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    /// The membership before `membership` (a snapshot below the newest membership needs it).
+    previous_membership: StoredMembership,
+    /// `(first raft index, term)` of each run of entries applied in one term, oldest first:
+    /// the term of any applied index since the current snapshot.
+    term_runs: VecDeque<(u64, u64)>,
+    current: Option<SnapshotMeta>,
+}
+
+impl Machine {
+    fn term_of(&self, raft_index: u64) -> Option<u64> {
+        self.term_runs
+            .iter()
+            .rev()
+            .find(|(first, _)| *first <= raft_index)
+            .map(|(_, term)| *term)
+    }
+}
+
+/// Cheap to clone: openraft holds one as the state machine and hands clones out as builders.
+#[derive(Clone)]
+pub struct ShardStateMachine {
+    shard: u16,
+    applied: mpsc::Sender<Applied>,
+    archived_through: Arc<AtomicU64>,
+    snapshot_path: PathBuf,
+    machine: Arc<Mutex<Machine>>,
+}
+
+impl ShardStateMachine {
+    /// `archived_through` is written by the consumer: the shard log index through which the
+    /// shared archive holds every effect of the log.
+    pub fn open(
+        snapshot_dir: &Path,
+        shard: u16,
+        applied: mpsc::Sender<Applied>,
+        archived_through: Arc<AtomicU64>,
+    ) -> io::Result<ShardStateMachine> {
+        std::fs::create_dir_all(snapshot_dir)?;
+        let snapshot_path = snapshot_dir.join(format!("{shard:05}.snapshot"));
+        let current = read_snapshot_file(&snapshot_path, shard)?;
+        Ok(ShardStateMachine {
+            shard,
+            applied,
+            archived_through,
+            snapshot_path,
+            machine: Arc::new(Mutex::new(Machine {
+                last_applied: None,
+                membership: StoredMembership::default(),
+                previous_membership: StoredMembership::default(),
+                term_runs: VecDeque::new(),
+                current,
+            })),
+        })
+    }
+
+    /// The snapshot as of what the archive holds, or `None` if it would not be newer than the
+    /// current one (unless `force`).
+    fn snapshot_now(&self, force: bool) -> Option<SnapshotMeta> {
+        let machine = self.machine.lock().expect("machine lock");
+        let applied = machine.last_applied?;
+        let archived = self.archived_through.load(Ordering::Acquire);
+        let current_index = machine.current.as_ref().and_then(|m| m.last_log_id).map(|id| id.index);
+        // Shard log index `archived` is raft index `archived - 1`.
+        let position = archived.checked_sub(1).map(|raft| raft.min(applied.index));
+        let newer = match (position, current_index) {
+            (Some(p), Some(c)) => p > c,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !newer {
+            return if force { machine.current.clone() } else { None };
+        }
+        let position = position.expect("newer implies a position");
+        let term = machine.term_of(position)?;
+        let last_membership = if machine.membership.log_id().is_none_or(|id| id.index <= position) {
+            machine.membership.clone()
+        } else {
+            machine.previous_membership.clone()
+        };
+        Some(SnapshotMeta {
+            last_log_id: Some(LogId {
+                leader_id: CommittedLeaderId::new(term),
+                index: position,
+            }),
+            last_membership,
+        })
+    }
+
+    fn keep_as_current(&self, meta: &SnapshotMeta) -> io::Result<()> {
+        write_snapshot_file(&self.snapshot_path, self.shard, meta)?;
+        let mut machine = self.machine.lock().expect("machine lock");
+        if let Some(position) = meta.last_log_id {
+            // Term runs wholly before the snapshot are no longer needed.
+            while machine.term_runs.len() > 1 && machine.term_runs[1].0 <= position.index {
+                machine.term_runs.pop_front();
+            }
+        }
+        machine.current = Some(meta.clone());
+        Ok(())
+    }
+
+    fn snapshot_of(&self, meta: SnapshotMeta) -> Snapshot {
+        let data = rmp_serde::to_vec(&(SNAPSHOT_VERSION, self.shard)).expect("encodes");
+        Snapshot {
+            meta,
+            snapshot: SnapshotData::new(data),
+        }
+    }
+}
+
+fn read_snapshot_file(path: &Path, shard: u16) -> io::Result<Option<SnapshotMeta>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let file: SnapshotFile = rmp_serde::from_slice(&bytes)
+        .map_err(|e| invalid(format!("snapshot file {} is unreadable: {e}", path.display())))?;
+    if file.version != SNAPSHOT_VERSION || file.shard != shard {
+        return Err(invalid(format!(
+            "snapshot file {} is not shard {shard}'s",
+            path.display()
+        )));
+    }
+    let last_membership: StoredMembership = rmp_serde::from_slice(&file.membership)
+        .map_err(|e| invalid(format!("snapshot file {} membership: {e}", path.display())))?;
+    Ok(Some(SnapshotMeta {
+        last_log_id: file.last.map(|(term, index)| LogId {
+            leader_id: CommittedLeaderId::new(term),
+            index,
+        }),
+        last_membership,
+    }))
+}
+
+/// Written to a temporary file, fsync'd, renamed over the old one, directory fsync'd.
+fn write_snapshot_file(path: &Path, shard: u16, meta: &SnapshotMeta) -> io::Result<()> {
+    let file = SnapshotFile {
+        version: SNAPSHOT_VERSION,
+        shard,
+        last: meta.last_log_id.map(|id| (id.leader_id.term, id.index)),
+        membership: rmp_serde::to_vec(&meta.last_membership).map_err(io::Error::other)?,
+    };
+    let bytes = rmp_serde::to_vec(&file).map_err(io::Error::other)?;
+    let temporary = path.with_extension("snapshot.tmp");
+    {
+        use std::io::Write;
+        let mut out = std::fs::File::create(&temporary)?;
+        out.write_all(&bytes)?;
+        out.sync_data()?;
+    }
+    std::fs::rename(&temporary, path)?;
+    let dir = path.parent().expect("snapshot files live in a directory");
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let meta = self
+            .snapshot_now(true)
+            .ok_or_else(|| io::Error::other(format!("shard {}: nothing archived to snapshot yet", self.shard)))?;
+        let this = self.clone();
+        let kept = meta.clone();
+        tokio::task::spawn_blocking(move || this.keep_as_current(&kept))
+            .await
+            .map_err(io::Error::other)??;
+        Ok(self.snapshot_of(meta))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for ShardStateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = ShardStateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let machine = self.machine.lock().expect("machine lock");
+        Ok((machine.last_applied, machine.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let log_id = entry.log_id;
+            let command = match entry.payload {
+                EntryPayload::Normal(command) => Some(command.0),
+                EntryPayload::Blank => None,
+                EntryPayload::Membership(membership) => {
+                    let mut machine = self.machine.lock().expect("machine lock");
+                    let stored = StoredMembership::new(Some(log_id), membership);
+                    machine.previous_membership = std::mem::replace(&mut machine.membership, stored);
+                    None
+                }
+            };
+            {
+                let mut machine = self.machine.lock().expect("machine lock");
+                if machine
+                    .term_runs
+                    .back()
+                    .is_none_or(|(_, term)| *term != log_id.leader_id.term)
+                {
+                    machine.term_runs.push_back((log_id.index, log_id.leader_id.term));
+                }
+                machine.last_applied = Some(log_id);
+            }
+            let applied = Applied::Entry {
+                index: log_id.index + 1,
+                term: log_id.leader_id.term,
+                command,
+            };
+            // Waits when the consumer is behind: applying is paced by the consumer.
+            self.applied
+                .send(applied)
+                .await
+                .map_err(|_| io::Error::other(format!("shard {}: the consumer is gone", self.shard)))?;
+            if let Some(responder) = responder {
+                responder.send(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn try_create_snapshot_builder(&mut self, force: bool) -> Option<Self::SnapshotBuilder> {
+        if force || self.snapshot_now(false).is_some() {
+            Some(self.clone())
+        } else {
+            None
+        }
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let (version, shard): (u32, u16) = rmp_serde::from_slice(snapshot.get_ref())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot data: {e}")))?;
+        if version != SNAPSHOT_VERSION || shard != self.shard {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a snapshot of shard {shard} (version {version}) sent to shard {}",
+                    self.shard
+                ),
+            ));
+        }
+        let this = self.clone();
+        let kept = meta.clone();
+        tokio::task::spawn_blocking(move || this.keep_as_current(&kept))
+            .await
+            .map_err(io::Error::other)??;
+        {
+            let mut machine = self.machine.lock().expect("machine lock");
+            machine.last_applied = meta.last_log_id;
+            machine.previous_membership = meta.last_membership.clone();
+            machine.membership = meta.last_membership.clone();
+            machine.term_runs.clear();
+            if let Some(last) = meta.last_log_id {
+                machine.term_runs.push_back((last.index, last.leader_id.term));
+            }
+        }
+        let through = meta.last_log_id.map_or(0, |id| id.index + 1);
+        self.applied
+            .send(Applied::Reload { through })
+            .await
+            .map_err(|_| io::Error::other(format!("shard {}: the consumer is gone", self.shard)))
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let current = self.machine.lock().expect("machine lock").current.clone();
+        Ok(current.map(|meta| self.snapshot_of(meta)))
+    }
+}

@@ -1,0 +1,507 @@
+//! The consensus module on real TCP connections and real WALs in temporary directories: three
+//! groups per shard form by themselves, replicate, fail over when the leader stops, recover a
+//! restarted node from its WAL, catch up a wiped-and-new replica from a snapshot, and a leader
+//! cut off from the others acknowledges nothing.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+use crate::wal::{Wal, WalOptions};
+
+const SHARDS: u16 = 2;
+const SECRET: &str = "test-cluster-secret-0123456789";
+
+fn wal_options() -> WalOptions {
+    WalOptions {
+        lanes: 1,
+        shard_count: SHARDS,
+        segment_bytes: 1 << 20,
+        max_batch_bytes: 256 * 1024,
+        queue_depth: 64,
+    }
+}
+
+fn fast_timing() -> Timing {
+    Timing {
+        heartbeat: Duration::from_millis(50),
+        election_min: Duration::from_millis(300),
+        election_max: Duration::from_millis(600),
+    }
+}
+
+/// Everything one node's consumers have received, per shard, as `(index, command)`; a reload
+/// is recorded as `(through, None)` after clearing what it replaces.
+type Received = Arc<Mutex<Vec<Vec<Applied>>>>;
+
+struct Node {
+    id: u64,
+    dir: PathBuf,
+    consensus: Consensus,
+    wal: Arc<Wal>,
+    received: Received,
+    /// Per shard: what the consumer says the archive holds (see `ShardFeed`).
+    archived: Vec<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+struct Cluster {
+    /// `(from, to)` → the cuttable proxy through which `from` dials `to`'s peer listener, so a
+    /// partition can cut exactly the links it wants, in both directions.
+    proxies: BTreeMap<(u64, u64), Proxy>,
+    listen: BTreeMap<u64, std::net::SocketAddr>,
+    nodes: BTreeMap<u64, Node>,
+    _root: tempfile::TempDir,
+}
+
+fn consume(mut feed: ShardFeed, received: Received) {
+    tokio::spawn(async move {
+        while let Some(applied) = feed.applied.recv().await {
+            received.lock().unwrap()[feed.shard as usize].push(applied);
+        }
+    });
+}
+
+impl Cluster {
+    async fn start(ids: &[u64]) -> Cluster {
+        let root = tempfile::tempdir().unwrap();
+        let mut listen = BTreeMap::new();
+        let mut proxies = BTreeMap::new();
+        for id in ids {
+            // Reserve the node's listener address; the proxies forward to it.
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listen.insert(*id, probe.local_addr().unwrap());
+            drop(probe);
+        }
+        for from in ids {
+            for to in ids {
+                if from != to {
+                    proxies.insert((*from, *to), Proxy::start(listen[to]).await);
+                }
+            }
+        }
+        let mut cluster = Cluster {
+            proxies,
+            listen,
+            nodes: BTreeMap::new(),
+            _root: root,
+        };
+        for id in ids {
+            cluster.start_node(*id).await;
+        }
+        cluster
+    }
+
+    fn spec(&self, id: u64) -> ClusterSpec {
+        ClusterSpec {
+            node_id: id,
+            peers: self
+                .listen
+                .iter()
+                .map(|(to, addr)| match self.proxies.get(&(id, *to)) {
+                    Some(proxy) => (*to, proxy.addr.to_string()),
+                    None => (*to, addr.to_string()),
+                })
+                .collect(),
+            secret: SECRET.to_string(),
+            listen: self.listen[&id],
+            timing: fast_timing(),
+        }
+    }
+
+    async fn start_node(&mut self, id: u64) {
+        let dir = self._root.path().join(format!("node{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (wal, _) = Wal::open(&dir.join("wal"), wal_options()).unwrap();
+        let wal = Arc::new(wal);
+        let listener = bind_retrying(self.listen[&id]).await;
+        let (consensus, feeds) = Consensus::start_on(&self.spec(id), listener, wal.clone(), &dir)
+            .await
+            .unwrap();
+        let received: Received = Arc::new(Mutex::new(vec![Vec::new(); SHARDS as usize]));
+        let mut archived = Vec::new();
+        for feed in feeds {
+            archived.push(feed.archived_through.clone());
+            consume(feed, received.clone());
+        }
+        self.nodes.insert(
+            id,
+            Node {
+                id,
+                dir,
+                consensus,
+                wal,
+                received,
+                archived,
+            },
+        );
+    }
+
+    /// Cuts (or heals) every link to and from `id`.
+    fn isolate(&self, id: u64, cut: bool) {
+        for ((from, to), proxy) in &self.proxies {
+            if *from == id || *to == id {
+                proxy.cut(cut);
+            }
+        }
+    }
+
+    /// Stops a node as a crash would look to the others (its state stays on disk).
+    async fn stop_node(&mut self, id: u64) -> PathBuf {
+        let node = self.nodes.remove(&id).unwrap();
+        node.consensus.shutdown().await;
+        drop(node.consensus);
+        if let Ok(wal) = Arc::try_unwrap(node.wal) {
+            wal.shutdown();
+        }
+        node.dir
+    }
+
+    async fn leader(&self, shard: u16) -> u64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            // A leader every running node agrees on.
+            let seen: Vec<Option<u64>> = self.nodes.values().map(|n| n.consensus.leader(shard)).collect();
+            if let Some(Some(leader)) = seen.first()
+                && seen.iter().all(|s| *s == Some(*leader))
+                && self.nodes.contains_key(leader)
+            {
+                return *leader;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no agreed leader for shard {shard}: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn node(&self, id: u64) -> &Node {
+        &self.nodes[&id]
+    }
+}
+
+async fn bind_retrying(addr: std::net::SocketAddr) -> std::net::TcpListener {
+    for _ in 0..100 {
+        if let Ok(listener) = std::net::TcpListener::bind(addr) {
+            return listener;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("cannot bind {addr}");
+}
+
+/// The commands a node applied for a shard, in order, after its latest reload.
+fn commands(node: &Node, shard: u16) -> Vec<(u64, Vec<u8>)> {
+    let received = node.received.lock().unwrap();
+    let mut out = Vec::new();
+    for applied in &received[shard as usize] {
+        match applied {
+            Applied::Entry {
+                index,
+                command: Some(command),
+                ..
+            } => out.push((*index, command.clone())),
+            Applied::Entry { command: None, .. } => {}
+            Applied::Reload { .. } => out.clear(),
+        }
+    }
+    out
+}
+
+/// Indexes applied must only grow (after a reload: past its point).
+fn assert_applied_in_order(node: &Node, shard: u16) {
+    let received = node.received.lock().unwrap();
+    let mut last = 0;
+    for applied in &received[shard as usize] {
+        match applied {
+            Applied::Entry { index, .. } => {
+                assert!(*index > last, "node {} shard {shard}: {index} after {last}", node.id);
+                last = *index;
+            }
+            Applied::Reload { through } => last = *through,
+        }
+    }
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn payload(i: usize) -> Vec<u8> {
+    format!("command-{i}").into_bytes()
+}
+
+/// Proposes at whichever node leads, following `NotLeader` answers.
+async fn propose(cluster: &Cluster, shard: u16, command: Vec<u8>) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let leader = cluster.leader(shard).await;
+        match cluster.node(leader).consensus.propose(shard, command.clone()).await {
+            Ok(index) => return index,
+            Err(ProposeError::NotLeader { .. }) => {}
+            Err(error) => panic!("proposal failed: {error}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no leader took the proposal");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_forms_replicates_fails_over_and_recovers() {
+    let mut cluster = Cluster::start(&[1, 2, 3]).await;
+    let shard = 1;
+    let leader = cluster.leader(shard).await;
+    let mut expected = Vec::new();
+    for i in 0..50 {
+        let index = propose(&cluster, shard, payload(i)).await;
+        expected.push((index, payload(i)));
+    }
+    // Indexes are consecutive past the entries Raft itself wrote (membership, blank).
+    for pair in expected.windows(2) {
+        assert_eq!(pair[1].0, pair[0].0 + 1);
+    }
+    // A follower refuses and names the leader.
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    assert_eq!(
+        cluster.node(follower).consensus.propose(shard, b"x".to_vec()).await,
+        Err(ProposeError::NotLeader { leader: Some(leader) })
+    );
+    // Every node applies every committed entry, in order, with the same content.
+    for id in [1, 2, 3] {
+        wait_until("all applied", || {
+            commands(cluster.node(id), shard).len() == expected.len()
+        })
+        .await;
+        assert_eq!(commands(cluster.node(id), shard), expected, "node {id}");
+    }
+
+    // The leader stops: the others elect a new one and keep committing.
+    cluster.stop_node(leader).await;
+    let new_leader = cluster.leader(shard).await;
+    assert_ne!(new_leader, leader);
+    for i in 50..80 {
+        let index = propose(&cluster, shard, payload(i)).await;
+        expected.push((index, payload(i)));
+    }
+
+    // The old leader comes back from its WAL and catches up to the same history.
+    cluster.start_node(leader).await;
+    for id in [1, 2, 3] {
+        wait_until("all applied after restart", || {
+            commands(cluster.node(id), shard).len() >= expected.len()
+        })
+        .await;
+        assert_eq!(commands(cluster.node(id), shard), expected, "node {id}");
+        assert_applied_in_order(cluster.node(id), shard);
+    }
+    // The other shard formed as well, independently.
+    let other = cluster.leader(0).await;
+    assert!(cluster.node(other).consensus.is_leader(0));
+    for node in cluster.nodes.values() {
+        node.consensus.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_majority_acknowledges_nothing() {
+    let mut cluster = Cluster::start(&[1, 2, 3]).await;
+    let shard = 0;
+    for i in 0..5 {
+        propose(&cluster, shard, payload(i)).await;
+    }
+    let old = cluster.leader(shard).await;
+    // Cut the leader off: nothing reaches it and nothing it sends arrives.
+    cluster.isolate(old, true);
+    let stranded = tokio::time::timeout(
+        Duration::from_secs(3),
+        cluster.node(old).consensus.propose(shard, b"lost".to_vec()),
+    )
+    .await;
+    assert!(
+        !matches!(stranded, Ok(Ok(_))),
+        "a leader without a majority acknowledged a write: {stranded:?}"
+    );
+    // The majority elects a new leader and commits.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let new_leader = loop {
+        let seen = cluster
+            .nodes
+            .values()
+            .filter(|n| n.id != old)
+            .map(|n| n.consensus.leader(shard))
+            .collect::<Vec<_>>();
+        if let Some(Some(l)) = seen.first()
+            && *l != old
+            && seen.iter().all(|s| *s == Some(*l))
+        {
+            break *l;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the majority elected no leader: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let index = cluster
+        .node(new_leader)
+        .consensus
+        .propose(shard, b"kept".to_vec())
+        .await
+        .unwrap();
+    // Healed: the old leader steps down and converges on the majority's history, in which the
+    // stranded write never appears.
+    cluster.isolate(old, false);
+    for id in [1, 2, 3] {
+        wait_until("converged", || {
+            commands(cluster.node(id), shard).iter().any(|(i, _)| *i == index)
+        })
+        .await;
+        let history = commands(cluster.node(id), shard);
+        assert!(
+            history.iter().all(|(_, c)| c != b"lost"),
+            "node {id} applied the stranded write"
+        );
+        assert_eq!(history, commands(cluster.node(new_leader), shard), "node {id}");
+    }
+    let _ = cluster.stop_node(old).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_the_purged_log_catches_up_from_a_snapshot() {
+    let mut cluster = Cluster::start(&[1, 2, 3]).await;
+    let shard = 0;
+    propose(&cluster, shard, payload(0)).await;
+    // Node 3 goes away; the others move far on and compact their logs.
+    let leader = cluster.leader(shard).await;
+    let away = if leader == 3 { 2 } else { 3 };
+    let dir = cluster.stop_node(away).await;
+    let mut last = 0;
+    for i in 1..700 {
+        last = propose(&cluster, shard, payload(i)).await;
+    }
+    // The consumers say the archive holds everything through `last - 10`.
+    let archived = last - 10;
+    for id in cluster.nodes.keys().copied().collect::<Vec<_>>() {
+        set_archived(&cluster, id, shard, archived);
+    }
+    for node in cluster.nodes.values() {
+        node.consensus.compact(shard).await.unwrap();
+    }
+    wait_until("purged", || {
+        cluster
+            .nodes
+            .values()
+            .all(|n| n.wal.first_index(shard).is_some_and(|first| first > 100))
+    })
+    .await;
+    // It comes back with its old log: the leader no longer has the entries it needs, so it must
+    // send a snapshot.
+    let _ = dir;
+    cluster.start_node(away).await;
+    wait_until("caught up", || {
+        cluster.node(away).received.lock().unwrap()[shard as usize]
+            .iter()
+            .any(|a| matches!(a, Applied::Entry { index, .. } if *index == last))
+    })
+    .await;
+    let received = cluster.node(away).received.lock().unwrap()[shard as usize].clone();
+    let reload = received
+        .iter()
+        .find_map(|a| match a {
+            Applied::Reload { through } => Some(*through),
+            _ => None,
+        })
+        .expect("the replica was told to reload from the archive");
+    assert!(reload > 100 && reload <= archived, "reload through {reload}");
+    // After the reload point it applied every entry, in order.
+    let after: Vec<u64> = received
+        .iter()
+        .skip_while(|a| !matches!(a, Applied::Reload { .. }))
+        .filter_map(|a| match a {
+            Applied::Entry { index, .. } => Some(*index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        after.first(),
+        Some(&(reload + 1)),
+        "applied from right after the reload"
+    );
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "no entry skipped or repeated"
+    );
+    assert!(after.contains(&last));
+    for node in cluster.nodes.values() {
+        node.consensus.shutdown().await;
+    }
+}
+
+fn set_archived(cluster: &Cluster, id: u64, shard: u16, through: u64) {
+    cluster.node(id).archived[shard as usize].store(through, Ordering::Release);
+}
+
+/// A TCP proxy for one direction of one link: `cut` drops its connections and refuses new ones.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    cut: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: std::net::SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let (task_cut, task_generation) = (cut.clone(), generation.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if task_cut.load(Ordering::Acquire) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut changed = task_generation.subscribe();
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut a, mut b) = (inbound, outbound);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = changed.changed() => {}
+                    }
+                    let _ = a.shutdown().await;
+                    let _ = b.shutdown().await;
+                });
+            }
+        });
+        Proxy {
+            addr,
+            cut,
+            generation,
+            _task: task,
+        }
+    }
+
+    fn cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Release);
+        if cut {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+}
