@@ -118,6 +118,23 @@ pub struct Settings {
     /// Bound on the final archive flush at shutdown. [default: 10000]
     #[arg(long, env = "FLEETLM_SHUTDOWN_DEADLINE_MS")]
     pub shutdown_deadline_ms: Option<u64>,
+    /// Cluster mode: this node's id (a positive integer, one of --cluster-peers). [default: none: single node]
+    #[arg(long, env = "FLEETLM_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Cluster mode: every member as `id=host:port` (the address of its peer listener),
+    /// comma-separated, the same list on every node; 3 or 5 members. [default: none: single node]
+    #[arg(long, env = "FLEETLM_CLUSTER_PEERS")]
+    pub cluster_peers: Option<String>,
+    /// Cluster mode: the secret every member proves it holds to its peers (at least 16 bytes). [default: none]
+    #[arg(long, env = "FLEETLM_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Cluster mode: where this node's peer listener binds. [default: this node's --cluster-peers address]
+    #[arg(long, env = "FLEETLM_PEER_LISTEN_ADDR")]
+    pub peer_listen_addr: Option<String>,
+    /// Cluster mode: a shard whose leader is silent this long elects another (the timeout is
+    /// randomized between this and twice this; heartbeats go every fifth of it). [default: 500]
+    #[arg(long, env = "FLEETLM_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +181,134 @@ pub struct Config {
     pub agent_max_in_flight: usize,
     pub max_dispatches_in_flight: usize,
     pub shutdown_deadline: Duration,
+    /// `Some` in cluster mode.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// How this node takes part in a cluster (docs/OPERATIONS.md, "Running a cluster").
+#[derive(Clone)]
+pub struct ClusterConfig {
+    pub node_id: u64,
+    /// Every member (this node included) → the address its peer listener is reached at.
+    pub peers: std::collections::BTreeMap<u64, String>,
+    pub secret: String,
+    pub peer_listen_addr: SocketAddr,
+    pub election_timeout: Duration,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret is never printed.
+        f.debug_struct("ClusterConfig")
+            .field("node_id", &self.node_id)
+            .field("peers", &self.peers)
+            .field("peer_listen_addr", &self.peer_listen_addr)
+            .field("election_timeout", &self.election_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Members a cluster may have: a majority survives the loss of one (3) or two (5) nodes.
+const CLUSTER_SIZES: [usize; 2] = [3, 5];
+
+impl Settings {
+    fn cluster(&self, database_url: Option<&str>) -> Result<Option<ClusterConfig>, ConfigError> {
+        let given = [
+            ("node_id", self.node_id.is_some()),
+            (
+                "cluster_peers",
+                self.cluster_peers.as_deref().is_some_and(|p| !p.trim().is_empty()),
+            ),
+            (
+                "cluster_secret",
+                self.cluster_secret.as_deref().is_some_and(|s| !s.is_empty()),
+            ),
+        ];
+        if given.iter().all(|(_, set)| !set) {
+            if self.peer_listen_addr.is_some() {
+                return Err(invalid(
+                    "peer_listen_addr",
+                    "is only used in cluster mode (set cluster_peers)",
+                ));
+            }
+            return Ok(None);
+        }
+        if let Some((missing, _)) = given.iter().find(|(_, set)| !set) {
+            return Err(invalid(
+                missing,
+                "cluster mode needs node_id, cluster_peers and cluster_secret together",
+            ));
+        }
+        let node_id = self.node_id.expect("checked above");
+        let mut peers = std::collections::BTreeMap::new();
+        for pair in self
+            .cluster_peers
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+        {
+            let (id, address) = pair.split_once('=').ok_or_else(|| {
+                invalid(
+                    "cluster_peers",
+                    format!("expected id=host:port pairs separated by commas, got {pair:?}"),
+                )
+            })?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| invalid("cluster_peers", format!("node ids are positive integers, got {id:?}")))?;
+            let address = address.trim();
+            // Only the form is checked: a peer's name may resolve only once it is up.
+            let well_formed = address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+            if !well_formed {
+                return Err(invalid(
+                    "cluster_peers",
+                    format!("node {id}: expected host:port, got {address:?}"),
+                ));
+            }
+            if peers.insert(id, address.to_string()).is_some() {
+                return Err(invalid("cluster_peers", format!("node {id} is listed twice")));
+            }
+        }
+        if !CLUSTER_SIZES.contains(&peers.len()) {
+            return Err(invalid(
+                "cluster_peers",
+                format!("a cluster has 3 or 5 members, got {}", peers.len()),
+            ));
+        }
+        let Some(own) = peers.get(&node_id) else {
+            return Err(invalid("node_id", format!("node {node_id} is not in cluster_peers")));
+        };
+        let secret = self.cluster_secret.clone().unwrap_or_default();
+        if secret.len() < 16 {
+            return Err(invalid("cluster_secret", "must be at least 16 bytes"));
+        }
+        if database_url.is_none() {
+            return Err(invalid(
+                "database_url",
+                "cluster mode archives to one Postgres shared by every node: set database_url",
+            ));
+        }
+        let listen_text = self.peer_listen_addr.as_deref().unwrap_or(own);
+        let peer_listen_addr = parse_listen_address(listen_text)
+            .ok_or_else(|| invalid("peer_listen_addr", format!("expected host:port, got {listen_text:?}")))?;
+        let election_timeout_ms = self.election_timeout_ms.unwrap_or(500);
+        if !(100..=60_000).contains(&election_timeout_ms) {
+            return Err(invalid("election_timeout_ms", "must be between 100 and 60000"));
+        }
+        Ok(Some(ClusterConfig {
+            node_id,
+            peers,
+            secret,
+            peer_listen_addr,
+            election_timeout: Duration::from_millis(election_timeout_ms),
+        }))
+    }
 }
 
 pub const DEFAULT_SHARDS: u16 = 64;
@@ -234,11 +379,18 @@ impl Settings {
             agent_max_reply_bytes,
             agent_max_in_flight,
             max_dispatches_in_flight,
-            shutdown_deadline_ms
+            shutdown_deadline_ms,
+            node_id,
+            cluster_peers,
+            cluster_secret,
+            peer_listen_addr,
+            election_timeout_ms
         )
     }
 
     pub fn validate(self) -> Result<Config, ConfigError> {
+        let database_url = self.database_url.clone().filter(|u| !u.is_empty());
+        let cluster = self.cluster(database_url.as_deref())?;
         let http_addr =
             parse_listen_address(self.http_addr.as_deref().unwrap_or("127.0.0.1:4000")).ok_or_else(|| {
                 invalid(
@@ -306,7 +458,7 @@ impl Settings {
         Ok(Config {
             http_addr,
             data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("fleetlm-data")),
-            database_url: self.database_url.filter(|u| !u.is_empty()),
+            database_url,
             auth_secret,
             jwt_audience: self.jwt_audience.filter(|a| !a.is_empty()),
             jwt_issuer: self.jwt_issuer.filter(|i| !i.is_empty()),
@@ -343,6 +495,7 @@ impl Settings {
             agent_max_in_flight: self.agent_max_in_flight.unwrap_or(100).max(1),
             max_dispatches_in_flight: self.max_dispatches_in_flight.unwrap_or(1000).max(1),
             shutdown_deadline: Duration::from_millis(self.shutdown_deadline_ms.unwrap_or(10_000)),
+            cluster,
         })
     }
 }
@@ -617,6 +770,58 @@ mod tests {
         std::fs::write(&path, "wal_lanes = 2\nshards = = 8\n").unwrap();
         let error = Settings::from_file(&path).unwrap_err().to_string();
         assert!(error.contains("line 2"), "{error}");
+    }
+
+    #[test]
+    fn cluster_settings_are_validated_together() {
+        let cluster = |peers: &str| Settings {
+            node_id: Some(2),
+            cluster_peers: Some(peers.into()),
+            cluster_secret: Some("a-secret-of-sixteen+".into()),
+            database_url: Some("postgres://db/fleetlm".into()),
+            ..Settings::default()
+        };
+        let config = cluster("1=127.0.0.1:4101, 2=localhost:4102,3=10.0.0.3:4103")
+            .validate()
+            .unwrap();
+        let node = config.cluster.expect("cluster mode");
+        assert_eq!(node.node_id, 2);
+        assert_eq!(node.peers.len(), 3);
+        assert_eq!(node.peer_listen_addr.to_string(), "127.0.0.1:4102");
+        assert_eq!(node.election_timeout, Duration::from_millis(500));
+        assert!(!format!("{node:?}").contains("sixteen"), "the secret is never printed");
+        assert!(Settings::default().validate().unwrap().cluster.is_none());
+
+        let error = |settings: Settings| settings.validate().unwrap_err();
+        let e = error(cluster("1=127.0.0.1:4101,2=127.0.0.1:4102"));
+        assert_eq!(
+            (e.setting, e.reason.as_str()),
+            ("cluster_peers", "a cluster has 3 or 5 members, got 2")
+        );
+        assert_eq!(error(cluster("1=a:1,1=b:2,3=c:3")).reason, "node 1 is listed twice");
+        assert_eq!(error(cluster("1=a:1,3=b:2,4=c:3")).setting, "node_id");
+        assert_eq!(error(cluster("0=a:1,2=b:2,3=c:3")).setting, "cluster_peers");
+        assert_eq!(error(cluster("1=a,2=b:2,3=c:3")).setting, "cluster_peers");
+        let no_database = Settings {
+            database_url: None,
+            ..cluster("1=a:1,2=b:2,3=c:3")
+        };
+        assert_eq!(error(no_database).setting, "database_url");
+        let short_secret = Settings {
+            cluster_secret: Some("short".into()),
+            ..cluster("1=a:1,2=b:2,3=c:3")
+        };
+        assert_eq!(error(short_secret).setting, "cluster_secret");
+        let partial = Settings {
+            node_id: Some(1),
+            ..Settings::default()
+        };
+        assert_eq!(error(partial).setting, "cluster_peers");
+        let stray = Settings {
+            peer_listen_addr: Some("127.0.0.1:4101".into()),
+            ..Settings::default()
+        };
+        assert_eq!(error(stray).setting, "peer_listen_addr");
     }
 
     #[test]

@@ -148,6 +148,13 @@ fn log_wal_recovery(reports: &[crate::wal::LaneReport]) {
 
 /// Opens everything and starts serving; returns once the listener is bound.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    if config.cluster.is_some() {
+        // The consensus layer exists but shard writes do not go through it yet; a node that
+        // acknowledged writes without replicating them would lose them with its disk.
+        bail!(
+            "invalid configuration: cluster_peers: cluster mode is not available in this version yet (shard writes are not replicated); run a single node without node_id, cluster_peers and cluster_secret"
+        );
+    }
     let config = Arc::new(config);
     fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;

@@ -376,6 +376,40 @@ fn invalid_configuration_exits_2_with_one_line() {
     assert!(stderr.contains("wal_lanes"), "{stderr}");
 }
 
+/// The cluster flags are spelled as docs/OPERATIONS.md says; a cluster without a shared Postgres
+/// is a configuration error, and until shard writes are replicated a node refuses cluster mode
+/// rather than acknowledge writes only its own disk holds. Neither error shows the secret.
+#[test]
+fn cluster_flags_are_checked_and_cluster_mode_is_refused_until_replication_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = |extra: &[&str]| {
+        let mut command = std::process::Command::new(support::binary());
+        command
+            .args(["serve", "--http-addr", "127.0.0.1:0", "--node-id", "1"])
+            .args(["--cluster-peers", "1=127.0.0.1:4101,2=127.0.0.1:4102,3=127.0.0.1:4103"])
+            .args(["--cluster-secret", "a-cluster-secret-for-tests"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(extra)
+            .env_remove("DATABASE_URL");
+        command.output().expect("run fleetlm")
+    };
+    let without_database = cluster(&[]);
+    assert_eq!(without_database.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&without_database.stderr);
+    assert!(stderr.contains("database_url") && stderr.contains("shared"), "{stderr}");
+    assert!(!stderr.contains("a-cluster-secret-for-tests"), "{stderr}");
+
+    let refused = cluster(&["--database-url", "postgres://postgres@127.0.0.1:1/none"]);
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("not available") && stderr.contains("replicated"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("a-cluster-secret-for-tests"), "{stderr}");
+}
+
 #[test]
 fn a_second_process_cannot_open_the_same_data_dir() {
     let dir = tempfile::tempdir().unwrap();

@@ -353,9 +353,15 @@ impl PeerClient {
 }
 
 /// Writes queued frames, flushing once the queue is empty (many frames per syscall under load).
-async fn write_frames(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Vec<u8>>, connection: Arc<Connection>) {
+async fn write_frames(writer: OwnedWriteHalf, queue: mpsc::Receiver<Vec<u8>>, connection: Arc<Connection>) {
+    pump_frames(writer, queue, connection.ended.subscribe()).await;
+    connection.close();
+}
+
+/// Writes queued frames until the queue closes, a write fails or `ended` turns true; flushes
+/// once the queue is empty, so a burst of frames costs one syscall.
+async fn pump_frames(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Vec<u8>>, mut ended: watch::Receiver<bool>) {
     let mut out = BufWriter::with_capacity(256 * 1024, writer);
-    let mut ended = connection.ended.subscribe();
     'run: loop {
         let frame = tokio::select! {
             frame = queue.recv() => frame,
@@ -374,7 +380,6 @@ async fn write_frames(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Vec<u8>>
             break;
         }
     }
-    connection.close();
 }
 
 async fn read_responses(mut reader: OwnedReadHalf, connection: Arc<Connection>) {
@@ -507,23 +512,9 @@ async fn refuse(stream: &mut TcpStream, reason: String) -> Result<u64, String> {
 async fn serve_connection(stream: TcpStream, from: u64, handler: Arc<dyn PeerHandler>) {
     let (mut reader, writer) = stream.into_split();
     let (outgoing, queue) = mpsc::channel::<Vec<u8>>(OUTGOING_QUEUE);
-    let writer_task = tokio::spawn(async move {
-        let mut out = BufWriter::with_capacity(256 * 1024, writer);
-        let mut queue = queue;
-        'run: while let Some(frame) = queue.recv().await {
-            if write_frame(&mut out, &frame).await.is_err() {
-                break;
-            }
-            while let Ok(frame) = queue.try_recv() {
-                if write_frame(&mut out, &frame).await.is_err() {
-                    break 'run;
-                }
-            }
-            if out.flush().await.is_err() {
-                break;
-            }
-        }
-    });
+    // Never set: this side ends when the peer hangs up or the listener stops (see `serve`).
+    let (_never, not_ended) = watch::channel(false);
+    let writer_task = tokio::spawn(pump_frames(writer, queue, not_ended));
     let in_progress = Arc::new(Semaphore::new(MAX_IN_PROGRESS));
     loop {
         let frame = match read_frame(&mut reader).await.and_then(|bytes| decode::<Frame>(&bytes)) {

@@ -51,6 +51,9 @@ struct Node {
 }
 
 struct Cluster {
+    /// Per node, the simulated filesystem its WAL lives on, if it runs on one (see
+    /// `every_acknowledged_entry_survives_a_power_loss_of_every_node`).
+    filesystems: BTreeMap<u64, crate::wal::fault::SimFs>,
     /// `(from, to)` → the cuttable proxy through which `from` dials `to`'s peer listener, so a
     /// partition can cut exactly the links it wants, in both directions.
     proxies: BTreeMap<(u64, u64), Proxy>,
@@ -69,6 +72,10 @@ fn consume(mut feed: ShardFeed, received: Received) {
 
 impl Cluster {
     async fn start(ids: &[u64]) -> Cluster {
+        Self::start_with(ids, BTreeMap::new()).await
+    }
+
+    async fn start_with(ids: &[u64], filesystems: BTreeMap<u64, crate::wal::fault::SimFs>) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let mut listen = BTreeMap::new();
         let mut proxies = BTreeMap::new();
@@ -86,6 +93,7 @@ impl Cluster {
             }
         }
         let mut cluster = Cluster {
+            filesystems,
             proxies,
             listen,
             nodes: BTreeMap::new(),
@@ -117,7 +125,10 @@ impl Cluster {
     async fn start_node(&mut self, id: u64) {
         let dir = self._root.path().join(format!("node{id}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let (wal, _) = Wal::open(&dir.join("wal"), wal_options()).unwrap();
+        let (wal, _) = match self.filesystems.get(&id) {
+            Some(fs) => Wal::open_on(Arc::new(fs.clone()), &dir.join("wal"), wal_options()).unwrap(),
+            None => Wal::open(&dir.join("wal"), wal_options()).unwrap(),
+        };
         let wal = Arc::new(wal);
         let listener = bind_retrying(self.listen[&id]).await;
         let (consensus, feeds) = Consensus::start_on(&self.spec(id), listener, wal.clone(), &dir)
@@ -502,6 +513,83 @@ impl Proxy {
         self.cut.store(cut, Ordering::Release);
         if cut {
             self.generation.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+/// The disks of every node stop syncing (fdatasync fails from some instant on) while proposals
+/// stream in, then every node loses power: whatever a proposal acknowledged was fdatasync'd on a
+/// majority, so after the restart every node converges on a history holding all of it. Fails if
+/// the log store acknowledged an entry before the WAL's fsync (checked by mutation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_entry_survives_failing_fsyncs_and_a_power_loss_of_every_node() {
+    use crate::wal::fault::{Fault, FaultKind, FaultOp, SimFs};
+    for seed in 0..3u64 {
+        let ids = [1u64, 2, 3];
+        let filesystems: BTreeMap<u64, SimFs> = ids.iter().map(|id| (*id, SimFs::new())).collect();
+        let mut cluster = Cluster::start_with(&ids, filesystems.clone()).await;
+        let shard = 0;
+        let leader = cluster.leader(shard).await;
+        let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let consensus = &cluster.node(leader).consensus;
+        let proposals = (0..400usize).map(|i| {
+            let acknowledged = acknowledged.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(i as u64)).await;
+                // Failures are expected once the disks fail (the group stops): only acks count.
+                if let Ok(index) = consensus.propose(shard, payload(i)).await {
+                    acknowledged.lock().unwrap().push((index, payload(i)));
+                }
+            }
+        });
+        let all = futures_util::future::join_all(proposals);
+        let faults = async {
+            tokio::time::sleep(Duration::from_millis(100 + 40 * seed)).await;
+            for fs in filesystems.values() {
+                fs.arm(Fault {
+                    op: FaultOp::Sync,
+                    after: 0,
+                    kind: FaultKind::Eio,
+                    sticky: true,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        // Every proposal ends: acknowledged, or refused once its group stopped.
+        tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(all, faults) })
+            .await
+            .expect("proposals end");
+        let images: BTreeMap<u64, SimFs> = filesystems.iter().map(|(id, fs)| (*id, fs.power_loss(seed))).collect();
+        let acknowledged = acknowledged.lock().unwrap().clone();
+        assert!(
+            !acknowledged.is_empty(),
+            "seed {seed}: nothing was acknowledged before the disks failed"
+        );
+        for id in ids {
+            cluster.stop_node(id).await;
+        }
+        cluster.filesystems = images;
+        for id in ids {
+            cluster.start_node(id).await;
+        }
+        // A new entry commits (and with it everything before it in the new leader's log).
+        let last = propose(&cluster, shard, b"after the power loss".to_vec()).await;
+        for id in ids {
+            wait_until("applied after the power loss", || {
+                commands(cluster.node(id), shard).iter().any(|(i, _)| *i == last)
+            })
+            .await;
+            let history = commands(cluster.node(id), shard);
+            for (index, command) in &acknowledged {
+                assert!(
+                    history.contains(&(*index, command.clone())),
+                    "seed {seed}: node {id} lost acknowledged entry {index} ({} acknowledged)",
+                    acknowledged.len()
+                );
+            }
+        }
+        for id in ids {
+            cluster.stop_node(id).await;
         }
     }
 }
