@@ -483,7 +483,6 @@ impl Scheduler {
         }
         schedule.first_pending_at = None;
         schedule.in_flight = true;
-        schedule.covered_through = schedule.covered_through.max(last_user_seq);
         let dispatch_id: Arc<str> = Arc::from(crate::ids::generate_id());
         let control = Arc::new(DispatchControl::default());
         control.cancel(last_user_seq);
@@ -500,8 +499,10 @@ impl Scheduler {
                 Ok(false) => {}
                 Err(error) => tracing::warn!(%session_id, %error, "could not record a cancelled turn"),
             }
+            // Covered only if recorded: if the log could not take it, the turn is still owed
+            // and is dispatched as usual.
+            let through_seq = if matches!(recorded, Ok(true)) { last_user_seq } else { 0 };
             let _ = reply.send(recorded.map(|done| done.then_some(dispatch_id)));
-            let through_seq = last_user_seq;
             let _ = sender
                 .send(Event::Done {
                     session_id,

@@ -62,9 +62,11 @@ struct SessionChannel {
     next_seq: u64,
     /// `None` once the channel asked the client to resync and stopped listening.
     subscription: Option<Subscription>,
-    /// The streaming reply whose first chunks this channel got as a `stream_snapshot` on join:
-    /// `(dispatch_id, first chunk index not in it)`.
-    stream_seen: Option<(Arc<str>, u64)>,
+    /// The dispatch whose chunks this channel forwards, and the index of the next one it may
+    /// forward: from the join's snapshot (what it covers was seen), then from each forwarded
+    /// chunk. A chunk of another dispatch is forwarded only if it is that dispatch's first
+    /// (index 0), so a joiner never gets the tail of a message it did not see begin.
+    stream_next: Option<(Arc<str>, u64)>,
 }
 
 struct InboxChannel {
@@ -442,6 +444,7 @@ impl Socket {
         let snapshot = self.state.streams.snapshot(&session_id);
         let stream = snapshot
             .as_ref()
+            .filter(|s| s.payload.is_some())
             .map(|s| json!({"dispatch_id": &*s.dispatch_id, "agent_id": s.agent_id}));
         let response = json!({
             "session_id": &*view.record.id,
@@ -451,9 +454,8 @@ impl Socket {
             "stream": stream,
         });
         self.reply(&frame, "ok", &response.to_string());
-        if let Some(snapshot) = &snapshot {
-            let payload = snapshot.payload.to_string();
-            self.push(&frame.join_ref, &frame.topic, "stream_snapshot", &payload);
+        if let Some(payload) = snapshot.as_ref().and_then(|s| s.payload.as_ref()) {
+            self.push(&frame.join_ref, &frame.topic, "stream_snapshot", &payload.to_string());
         }
         self.session_topics.insert(view.record.id.clone(), frame.topic.clone());
         let channel = SessionChannel {
@@ -462,7 +464,7 @@ impl Socket {
             is_user,
             next_seq,
             subscription: Some(subscription),
-            stream_seen: snapshot.map(|s| (s.dispatch_id, s.next_index)),
+            stream_next: snapshot.map(|s| (s.dispatch_id, s.next_index)),
         };
         self.channels.insert(frame.topic, Channel::Session(channel));
         metrics::gauge!("fleetlm_joined_channels").increment(1.0);
@@ -755,17 +757,19 @@ impl Socket {
                 let Some(topic) = self.session_topics.get(&**session_id).cloned() else {
                     return;
                 };
-                let Some(Channel::Session(channel)) = self.channels.get(&topic) else {
+                let Some(Channel::Session(channel)) = self.channels.get_mut(&topic) else {
                     return;
                 };
-                // Chunks already folded into the snapshot this channel got on join are skipped.
-                let seen = channel
-                    .stream_seen
-                    .as_ref()
-                    .is_some_and(|(id, next)| id == dispatch_id && *index < *next);
-                if seen {
+                // Chunks the join's snapshot covered, and chunks of a message that began before
+                // the join, are skipped.
+                let forward = match &channel.stream_next {
+                    Some((id, next)) if id == dispatch_id => *index >= *next,
+                    _ => *index == 0,
+                };
+                if !forward {
                     return;
                 }
+                channel.stream_next = Some((dispatch_id.clone(), index + 1));
                 let join_ref = channel.join_ref.clone();
                 self.push(
                     &join_ref,
