@@ -300,6 +300,41 @@ async fn cancel_closes_the_agents_request_stores_the_partial_reply_and_is_idempo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_drops_the_follow_up_queued_behind_the_running_dispatch() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::Gated { before: 1, after: 0 }).await;
+    register(&server, &agent, "follow", json!({})).await;
+    let (mut ws, _) = join(&server, "u", "follow-s").await;
+    say(&server, "follow-s", "one").await;
+    chunks_through(&mut ws, 2).await;
+    // Written while the dispatch runs: it would be answered by a follow-up call.
+    say(&server, "follow-s", "two").await;
+    say(&server, "follow-s", "three").await;
+    let (answer, pending) = request(&mut ws, "follow-s", "2", "cancel", json!({})).await;
+    assert_eq!(answer["response"]["cancelled"], true, "{answer}");
+    pushes_until(&mut ws, pending, |f| is_status(f, "cancelled")).await;
+    agent.wait_aborted(1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(agent.calls().len(), 1, "the follow-up for two and three was dropped");
+    let shown = server.get("/api/sessions/follow-s").await;
+    assert_eq!(shown.body["session"]["agent_status"]["status"], "cancelled");
+    // A message written after the cancel is answered, with the whole history.
+    agent.release();
+    say(&server, "follow-s", "four").await;
+    let replies = agent_messages(&server, "follow-s", "follow", 2).await;
+    assert_eq!(replies[1]["metadata"]["termination"], "finish");
+    let texts: Vec<String> = agent.calls()[1].body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["sender_id"] == "u")
+        .map(|m| m["content"]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(texts, ["one", "two", "three", "four"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_before_the_agent_answers_closes_the_request_and_stores_nothing() {
     let server = TestServer::start(Store::Sqlite).await;
     let agent = TestAgent::start(Behavior::Slow(Duration::from_secs(3))).await;
