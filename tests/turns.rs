@@ -597,6 +597,31 @@ async fn regenerate_redoes_the_reply_on_the_current_branch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_then_regenerate_replaces_the_aborted_reply() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::Gated { before: 2, after: 0 }).await;
+    register(&server, &agent, "redo", json!({})).await;
+    let (mut ws, _) = join(&server, "u", "redo-s").await;
+    say(&server, "redo-s", "hello").await;
+    chunks_through(&mut ws, 3).await;
+    // The cancel answers once the aborted reply is stored, so a regenerate written after the
+    // answer comes after it in the log and supersedes it.
+    let (cancelled, _) = request(&mut ws, "redo-s", "2", "cancel", json!({})).await;
+    assert_eq!(cancelled["response"]["cancelled"], true, "{cancelled}");
+    let (regenerated, _) = request(&mut ws, "redo-s", "3", "regenerate", json!({})).await;
+    assert_eq!(regenerated["response"], json!({"seq": 3}), "{regenerated}");
+    agent.release();
+    let stored = agent_messages(&server, "redo-s", "redo", 2).await;
+    assert_eq!(stored[0]["seq"], 2);
+    assert_eq!(stored[0]["metadata"]["termination"], "abort");
+    assert_eq!(stored[1]["metadata"]["termination"], "finish");
+    assert_eq!(stored[1]["metadata"]["replaces"], stored[0]["id"]);
+    let history = agent.calls()[1].body["messages"].clone();
+    assert_eq!(history.as_array().unwrap().len(), 1, "{history}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_results_reach_the_agent_as_sent_and_trigger_a_dispatch() {
     let server = TestServer::start(Store::Sqlite).await;
     let agent = TestAgent::start(Behavior::EchoJsonl).await;
