@@ -28,10 +28,14 @@ createServer((request, response) => {
     }
     // dispatch = {session_id, agent_id, user_id, dispatch_id, attempt, messages: [...]}
     response.writeHead(200, { "content-type": "application/x-ndjson" });
+    // FleetLM closes the connection when the user cancels the turn: stop generating then.
+    let cancelled = false;
+    response.on("close", () => (cancelled = !response.writableFinished));
     const send = (chunk) => response.write(JSON.stringify(chunk) + "\n");
     send({ type: "start", messageId: `reply-${dispatch.dispatch_id}` });
     send({ type: "text-start", id: "t" });
     for (const word of reply(dispatch.messages, dispatch.user_id).split(/(?<= )/)) {
+      if (cancelled) return;
       send({ type: "text-delta", id: "t", delta: word });
       await new Promise((resolve) => setTimeout(resolve, 30)); // let the streaming show
     }

@@ -51,8 +51,15 @@ struct ReplyTo {
 /// slots is allocated with the socket and kept while it is idle (256 bytes instead of 1.5 KiB).
 type Outgoing = Box<Message>;
 
-type PendingSend =
-    std::pin::Pin<Box<dyn std::future::Future<Output = (ReplyTo, Result<AppendResult, ShardError>)> + Send>>;
+/// What a frame answered later waits for.
+enum Pending {
+    /// A `send` or `regenerate`: its append.
+    Append(Result<AppendResult, ShardError>),
+    /// A `cancel`: the answer object, or the error.
+    Cancel(Result<Value, ApiError>),
+}
+
+type PendingSend = std::pin::Pin<Box<dyn std::future::Future<Output = (ReplyTo, Pending)> + Send>>;
 
 struct SessionChannel {
     join_ref: String,
@@ -62,9 +69,11 @@ struct SessionChannel {
     next_seq: u64,
     /// `None` once the channel asked the client to resync and stopped listening.
     subscription: Option<Subscription>,
-    /// The streaming reply whose first chunks this channel got as a `stream_snapshot` on join:
-    /// `(dispatch_id, first chunk index not in it)`.
-    stream_seen: Option<(Arc<str>, u64)>,
+    /// The dispatch whose chunks this channel forwards, and the index of the next one it may
+    /// forward: from the join's snapshot (what it covers was seen), then from each forwarded
+    /// chunk. A chunk of another dispatch is forwarded only if it is that dispatch's first
+    /// (index 0), so a joiner never gets the tail of a message it did not see begin.
+    stream_next: Option<(Arc<str>, u64)>,
 }
 
 struct InboxChannel {
@@ -185,7 +194,10 @@ pub async fn run(
     while !socket.closing {
         tokio::select! {
             Some((reply_to, result)) = pending.next(), if !pending.is_empty() => {
-                socket.finish_send(reply_to, result);
+                match result {
+                    Pending::Append(result) => socket.finish_send(reply_to, result),
+                    Pending::Cancel(result) => socket.finish_cancel(reply_to, result),
+                }
                 if draining_until.is_some() && pending.is_empty() {
                     socket.close(CLOSE_SERVICE_RESTART, "server restarting");
                 }
@@ -365,6 +377,8 @@ impl Socket {
                 self.error_reply(&frame, json!({"reason": "unmatched topic"}));
             }
             (_, "send") => return self.send_message(frame).await,
+            (_, "regenerate") => return self.regenerate(frame),
+            (_, "cancel") => return self.cancel(frame),
             (_, "typing") => self.typing(&frame),
             _ => self.error_reply(&frame, json!({"reason": "unknown_event"})),
         }
@@ -434,18 +448,24 @@ impl Socket {
         };
         let messages: Vec<&crate::model::Message> = page.messages.iter().map(|r| &r.message).collect();
         let next_seq = first_live_seq(last_seq, page.session.last_seq, messages.len());
+        // A reply streaming right now: the joiner gets its message so far (chunks and all) right
+        // after the join reply, then only the chunks after it. Taken after subscribing, so the
+        // chunks queued meanwhile are told apart by index.
+        let snapshot = self.state.streams.snapshot(&session_id);
+        let stream = snapshot
+            .as_ref()
+            .filter(|s| s.payload.is_some())
+            .map(|s| json!({"dispatch_id": &*s.dispatch_id, "agent_id": s.agent_id}));
         let response = json!({
             "session_id": &*view.record.id,
             "messages": messages,
             "has_more": page.has_more,
             "last_seq": page.session.last_seq,
+            "stream": stream,
         });
         self.reply(&frame, "ok", &response.to_string());
-        // A reply streaming right now: the joiner sees it so far, then only its later chunks.
-        let snapshot = self.state.streams.snapshot(&session_id);
-        if let Some(snapshot) = &snapshot {
-            let payload = snapshot.payload.to_string();
-            self.push(&frame.join_ref, &frame.topic, "stream_snapshot", &payload);
+        if let Some(payload) = snapshot.as_ref().and_then(|s| s.payload.as_ref()) {
+            self.push(&frame.join_ref, &frame.topic, "stream_snapshot", &payload.to_string());
         }
         self.session_topics.insert(view.record.id.clone(), frame.topic.clone());
         let channel = SessionChannel {
@@ -454,7 +474,7 @@ impl Socket {
             is_user,
             next_seq,
             subscription: Some(subscription),
-            stream_seen: snapshot.map(|s| (s.dispatch_id, s.next_index)),
+            stream_next: snapshot.map(|s| (s.dispatch_id, s.next_index)),
         };
         self.channels.insert(frame.topic, Channel::Session(channel));
         metrics::gauge!("fleetlm_joined_channels").increment(1.0);
@@ -570,7 +590,95 @@ impl Socket {
             .state
             .shards
             .submit_append_in_order(&mut self.append_order, request);
-        Some(Box::pin(async move { (reply_to, outcome.await) }))
+        Some(Box::pin(async move { (reply_to, Pending::Append(outcome.await)) }))
+    }
+
+    /// The session's user's channel, for `cancel` and `regenerate`: `(session_id)`, or an error
+    /// reply sent.
+    fn user_channel(&mut self, frame: &InFrame, action: &str) -> Option<Arc<str>> {
+        let Some(Channel::Session(channel)) = self.channels.get(&frame.topic) else {
+            self.error_reply(frame, json!({"reason": "unknown_event"}));
+            return None;
+        };
+        if !channel.is_user {
+            let details = format!("only the session's user may {action}");
+            self.error_reply(frame, json!({"error": "forbidden", "details": details}));
+            return None;
+        }
+        Some(channel.session_id.clone())
+    }
+
+    fn api_error_reply(&mut self, frame: &InFrame, error: ApiError) {
+        self.error_reply(frame, json!({"error": error.code, "details": error.message}));
+    }
+
+    /// `cancel` (`{}` or `{"dispatch_id"}`): stops the session's turn; answered
+    /// `{"cancelled", "dispatch_id"?}` once the cancelled dispatch has ended (or, when none was
+    /// running, once the cancel is recorded in the log). The socket goes on meanwhile.
+    fn cancel(&mut self, frame: InFrame) -> Option<PendingSend> {
+        let session_id = self.user_channel(&frame, "cancel its turn")?;
+        let dispatch_id = match crate::api::turns::cancel_target(&frame.payload) {
+            Ok(dispatch_id) => dispatch_id,
+            Err(error) => {
+                self.api_error_reply(&frame, error);
+                return None;
+            }
+        };
+        let reply_to = ReplyTo {
+            join_ref: frame.join_ref,
+            reference: frame.reference,
+            topic: frame.topic,
+            received_at: Instant::now(),
+        };
+        let state = self.state.clone();
+        Some(Box::pin(async move {
+            let answer = match state.shards.view(&session_id).await {
+                Ok(view) => crate::api::turns::cancel_turn(&state, &view, dispatch_id).await,
+                Err(error) => Err(ApiError::from(error)),
+            };
+            (reply_to, Pending::Cancel(answer))
+        }))
+    }
+
+    fn finish_cancel(&mut self, reply_to: ReplyTo, result: Result<Value, ApiError>) {
+        let (status, response) = match result {
+            Ok(answer) => ("ok", answer),
+            Err(error) => ("error", json!({"error": error.code, "details": error.message})),
+        };
+        let text = frame::reply(
+            self.vsn,
+            &reply_to.join_ref,
+            &reply_to.reference,
+            &reply_to.topic,
+            status,
+            &response.to_string(),
+        );
+        self.send(text);
+    }
+
+    /// `regenerate` (`{}` or `{"message_id", "client_id"?}`): stores a `regenerate` message of
+    /// the session's user, answered like a `send`.
+    fn regenerate(&mut self, frame: InFrame) -> Option<PendingSend> {
+        let session_id = self.user_channel(&frame, "regenerate a reply")?;
+        let request = crate::api::turns::regenerate_request(&self.state, &session_id, &self.identity, &frame.payload);
+        let request = match request {
+            Ok(request) => request,
+            Err(error) => {
+                self.api_error_reply(&frame, error);
+                return None;
+            }
+        };
+        let reply_to = ReplyTo {
+            join_ref: frame.join_ref,
+            reference: frame.reference,
+            topic: frame.topic,
+            received_at: Instant::now(),
+        };
+        let outcome = self
+            .state
+            .shards
+            .submit_append_in_order(&mut self.append_order, request);
+        Some(Box::pin(async move { (reply_to, Pending::Append(outcome.await)) }))
     }
 
     fn finish_send(&mut self, reply_to: ReplyTo, result: Result<AppendResult, ShardError>) {
@@ -682,17 +790,19 @@ impl Socket {
                 let Some(topic) = self.session_topics.get(&**session_id).cloned() else {
                     return;
                 };
-                let Some(Channel::Session(channel)) = self.channels.get(&topic) else {
+                let Some(Channel::Session(channel)) = self.channels.get_mut(&topic) else {
                     return;
                 };
-                // Chunks already folded into the snapshot this channel got on join are skipped.
-                let seen = channel
-                    .stream_seen
-                    .as_ref()
-                    .is_some_and(|(id, next)| id == dispatch_id && *index < *next);
-                if seen {
+                // Chunks the join's snapshot covered, and chunks of a message that began before
+                // the join, are skipped.
+                let forward = match &channel.stream_next {
+                    Some((id, next)) if id == dispatch_id => *index >= *next,
+                    _ => *index == 0,
+                };
+                if !forward {
                     return;
                 }
+                channel.stream_next = Some((dispatch_id.clone(), index + 1));
                 let join_ref = channel.join_ref.clone();
                 self.push(
                     &join_ref,
