@@ -2,8 +2,8 @@
 //!
 //! Raft index `i` is WAL index `i + 1` (the WAL counts from 1 and uses 0 for "nothing"; Raft's
 //! first entry, the initial membership, has index 0). Terms are the WAL's terms. A record's body
-//! is a one-byte payload tag followed by the payload: blank, a `ShardCommand`'s bytes, or a
-//! membership (MessagePack).
+//! is a one-byte payload tag followed by the payload: blank, an application command's bytes, a
+//! membership (MessagePack), or a joined member's id (8 bytes, big-endian).
 //!
 //! The storage contract openraft states, and how it is kept here:
 //! - entries are readable as soon as `append` returns (before they are durable): they wait in
@@ -30,6 +30,7 @@ use crate::wal::{self, Wal, WalError};
 const TAG_BLANK: u8 = 0;
 const TAG_COMMAND: u8 = 1;
 const TAG_MEMBERSHIP: u8 = 2;
+const TAG_JOINED: u8 = 3;
 
 /// Largest number of entries one WAL read returns; readers loop for more.
 const READ_CHUNK_ENTRIES: usize = 1024;
@@ -56,10 +57,15 @@ pub fn from_wal_id(log_id: wal::LogId) -> LogId {
 fn encode(entry: &Entry) -> Vec<u8> {
     match &entry.payload {
         EntryPayload::Blank => vec![TAG_BLANK],
-        EntryPayload::Normal(command) => {
-            let mut body = Vec::with_capacity(1 + command.0.len());
+        EntryPayload::Normal(ShardCommand::App(command)) => {
+            let mut body = Vec::with_capacity(1 + command.len());
             body.push(TAG_COMMAND);
-            body.extend_from_slice(&command.0);
+            body.extend_from_slice(command);
+            body
+        }
+        EntryPayload::Normal(ShardCommand::Joined(node)) => {
+            let mut body = vec![TAG_JOINED];
+            body.extend_from_slice(&node.to_be_bytes());
             body
         }
         EntryPayload::Membership(membership) => {
@@ -74,7 +80,11 @@ fn decode(log_id: wal::LogId, body: &[u8]) -> io::Result<Entry> {
     let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
     let payload = match body.split_first() {
         Some((&TAG_BLANK, [])) => EntryPayload::Blank,
-        Some((&TAG_COMMAND, command)) => EntryPayload::Normal(ShardCommand(command.to_vec())),
+        Some((&TAG_COMMAND, command)) => EntryPayload::Normal(ShardCommand::App(command.to_vec())),
+        Some((&TAG_JOINED, node)) => EntryPayload::Normal(ShardCommand::Joined(u64::from_be_bytes(
+            node.try_into()
+                .map_err(|_| invalid(format!("joined entry {log_id:?} is not 8 bytes")))?,
+        ))),
         Some((&TAG_MEMBERSHIP, bytes)) => EntryPayload::Membership(
             rmp_serde::from_slice(bytes).map_err(|e| invalid(format!("membership entry {log_id:?}: {e}")))?,
         ),
@@ -382,11 +392,19 @@ mod tests {
         };
         let command = Entry {
             log_id,
-            payload: EntryPayload::Normal(ShardCommand(b"batch".to_vec())),
+            payload: EntryPayload::Normal(ShardCommand::App(b"batch".to_vec())),
         };
         let decoded = decode(to_wal_id(&log_id), &encode(&command)).expect("decode");
         assert_eq!(decoded.log_id, log_id);
-        assert!(matches!(decoded.payload, EntryPayload::Normal(ShardCommand(ref b)) if b == b"batch"));
+        assert!(matches!(decoded.payload, EntryPayload::Normal(ShardCommand::App(ref b)) if b == b"batch"));
+        let joined = Entry {
+            log_id,
+            payload: EntryPayload::Normal(ShardCommand::Joined(3)),
+        };
+        assert!(matches!(
+            decode(to_wal_id(&log_id), &encode(&joined)).expect("decode").payload,
+            EntryPayload::Normal(ShardCommand::Joined(3))
+        ));
         assert_eq!(to_wal_id(&log_id), wal::LogId { term: 7, index: 42 });
         let blank = Entry {
             log_id,

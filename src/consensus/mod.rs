@@ -120,9 +120,149 @@ pub struct Consensus {
     groups: Arc<Vec<Raft>>,
     members: Vec<u64>,
     max_command_bytes: usize,
+    joined: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
     peers: Arc<HashMap<u64, Arc<PeerClient>>>,
     /// Set to stop the peer listener and its connections.
     stop: tokio::sync::watch::Sender<bool>,
+    formed: tokio::sync::watch::Receiver<Formation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Formation {
+    Pending,
+    TakingPart,
+    Refused(String),
+}
+
+/// What the formation task needs.
+struct Joining {
+    node_id: u64,
+    members: Vec<u64>,
+    groups: Arc<Vec<Raft>>,
+    peers: Arc<HashMap<u64, Arc<PeerClient>>>,
+    service: Arc<RaftService>,
+    joined: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
+    fresh: Vec<bool>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+}
+
+/// How often the leader of shard 0 checks for members to record as joined.
+const JOINED_CHECK: Duration = Duration::from_millis(300);
+
+/// Brings the node into the cluster, then records members as they join.
+///
+/// Wiped members: a node that took part and then lost its storage may have voted and forgotten
+/// it, so it must never take part again under its id. Shard 0's log records each member once it
+/// holds the log (`ShardCommand::Joined`). A node whose every shard starts empty asks its peers
+/// first, and takes part only once a majority of the members (itself included) say it is new;
+/// until then it answers no Raft RPC (so it cannot vote). If any peer says it joined before, it
+/// refuses for good.
+async fn form(mut f: Joining, formation: tokio::sync::watch::Sender<Formation>) {
+    if f.fresh.iter().all(|fresh| *fresh) {
+        match confirm_new(&f).await {
+            Ok(()) => {}
+            Err(reason) => {
+                tracing::error!(node = f.node_id, %reason, "refusing to take part in the cluster");
+                formation.send_replace(Formation::Refused(reason));
+                for raft in f.groups.iter() {
+                    let _ = raft.shutdown().await;
+                }
+                return;
+            }
+        }
+    }
+    f.service.take_part();
+    let membership: BTreeMap<u64, Member> = f.members.iter().map(|id| (*id, Member::default())).collect();
+    for (shard, raft) in f.groups.iter().enumerate() {
+        if f.fresh[shard] {
+            // Refused when the group already has a log or a vote (e.g. a leader's entries
+            // arrived first): fine, the membership came with them.
+            if let Err(error) = raft.initialize(membership.clone()).await {
+                tracing::debug!(shard, %error, "initialize skipped");
+            }
+        }
+    }
+    formation.send_replace(Formation::TakingPart);
+    let mut tick = tokio::time::interval(JOINED_CHECK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = f.stopped.wait_for(|stop| *stop) => return,
+        }
+        record_joined(&f).await;
+    }
+}
+
+/// Asks the peers whether this node joined before; `Ok` once a majority (itself included) say no.
+async fn confirm_new(f: &Joining) -> Result<(), String> {
+    let majority = f.members.len() / 2 + 1;
+    let mut said_new: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    let mut waited = tokio::time::Instant::now();
+    let mut stopped = f.stopped.clone();
+    while said_new.len() + 1 < majority {
+        for (peer, client) in f.peers.iter() {
+            if said_new.contains(peer) {
+                continue;
+            }
+            match network::ask_joined(client, f.node_id, Duration::from_millis(500)).await {
+                Ok(false) => {
+                    said_new.insert(*peer);
+                }
+                Ok(true) => {
+                    return Err(format!(
+                        "node {} starts with an empty data directory, but the cluster recorded it as a member that held the log: it may have voted and forgotten it. Replace it as docs/OPERATIONS.md says (a new node id), or restore its data directory",
+                        f.node_id
+                    ));
+                }
+                Err(_) => {}
+            }
+        }
+        if said_new.len() + 1 >= majority {
+            break;
+        }
+        if waited.elapsed() > Duration::from_secs(5) {
+            tracing::info!(
+                node = f.node_id,
+                "waiting for a majority of the cluster to confirm this node is new"
+            );
+            waited = tokio::time::Instant::now();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stopped.wait_for(|stop| *stop) => return Err("stopped".into()),
+        }
+    }
+    Ok(())
+}
+
+/// On the leader of shard 0: records itself and every follower that holds the log as joined.
+async fn record_joined(f: &Joining) {
+    let raft = &f.groups[0];
+    let holders: Vec<u64> = {
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow_watched();
+        if metrics.current_leader != Some(f.node_id) {
+            return;
+        }
+        let mut holders = vec![f.node_id];
+        if let Some(replication) = &metrics.replication {
+            holders.extend(
+                replication
+                    .iter()
+                    .filter(|(_, matched)| matched.is_some())
+                    .map(|(id, _)| *id),
+            );
+        }
+        holders
+    };
+    for node in holders {
+        if !f.joined.lock().expect("joined lock").contains(&node)
+            && let Err(error) = raft.client_write(ShardCommand::Joined(node)).await
+        {
+            tracing::debug!(node, %error, "recording a joined member failed; retried later");
+            return;
+        }
+    }
 }
 
 fn raft_config(timing: Timing) -> Result<Arc<Config>, String> {
@@ -203,6 +343,7 @@ impl Consensus {
         let mut groups = Vec::new();
         let mut feeds = Vec::new();
         let mut fresh = Vec::new();
+        let mut joined = None;
         for shard in 0..wal.shard_count() {
             let vote = wal.read_vote(shard).map_err(|e| format!("shard {shard} vote: {e}"))?;
             fresh.push(vote.is_none() && wal.last_log_id(shard).is_none() && wal.purged(shard).is_none());
@@ -212,6 +353,9 @@ impl Consensus {
             let machine =
                 state_machine::ShardStateMachine::open(&snapshot_dir, shard, applied, archived_through.clone())
                     .map_err(|e| format!("shard {shard} snapshot: {e}"))?;
+            if shard == 0 {
+                joined = Some(machine.joined());
+            }
             let network = ShardNetwork {
                 shard,
                 peers: clients.clone(),
@@ -227,29 +371,62 @@ impl Consensus {
             });
         }
         let groups = Arc::new(groups);
-        service.set_groups(groups.clone());
-        let membership: BTreeMap<u64, Member> = members.iter().map(|id| (*id, Member::default())).collect();
-        for (shard, raft) in groups.iter().enumerate() {
-            if fresh[shard] {
-                match raft.initialize(membership.clone()).await {
-                    Ok(()) => {}
-                    // Another path got there first (e.g. a leader's entries arrived): fine.
-                    Err(RaftError::APIError(error)) => tracing::debug!(shard, %error, "initialize skipped"),
-                    Err(error) => return Err(format!("shard {shard}: cannot initialize: {error}")),
-                }
-            }
-        }
+        let joined = joined.expect("a cluster has at least one shard");
+        let joined_view = joined.clone();
+        service.set_groups(groups.clone(), joined.clone());
+        let (formation, formed) = tokio::sync::watch::channel(Formation::Pending);
+        tokio::spawn(form(
+            Joining {
+                node_id: spec.node_id,
+                members: members.clone(),
+                groups: groups.clone(),
+                peers: clients.clone(),
+                service,
+                joined,
+                fresh,
+                stopped: stop.subscribe(),
+            },
+            formation,
+        ));
         Ok((
             Consensus {
                 node_id: spec.node_id,
                 groups,
                 members,
                 max_command_bytes: log_store::max_command_bytes(&wal),
+                joined: joined_view,
                 peers: clients,
                 stop,
+                formed,
             },
             feeds,
         ))
+    }
+
+    /// Waits until this node takes part in the cluster, or refuses to (a wiped member).
+    pub async fn formed(&self) -> Result<(), String> {
+        let mut formed = self.formed.clone();
+        let state = formed
+            .wait_for(|f| *f != Formation::Pending)
+            .await
+            .map_err(|_| "stopped".to_string())?;
+        match &*state {
+            Formation::Refused(reason) => Err(reason.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Why this node refuses to take part, if it does.
+    pub fn refusal(&self) -> Option<String> {
+        match &*self.formed.borrow() {
+            Formation::Refused(reason) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+
+    /// The members shard 0's log has recorded as joined, as this node has applied them.
+    pub fn joined(&self) -> Vec<u64> {
+        self.joined.lock().expect("joined lock").iter().copied().collect()
     }
 
     pub fn node_id(&self) -> u64 {
@@ -277,7 +454,7 @@ impl Consensus {
                 max: self.max_command_bytes,
             });
         }
-        match self.group(shard).client_write(ShardCommand(command)).await {
+        match self.group(shard).client_write(ShardCommand::App(command)).await {
             Ok(response) => Ok(response.log_id.index + 1),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => Err(ProposeError::NotLeader {
                 leader: forward.leader_id,

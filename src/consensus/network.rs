@@ -3,10 +3,11 @@
 //!
 //! All shards' groups share one connection per pair of nodes; each request names its shard.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use openraft::OptionalSend;
@@ -25,7 +26,15 @@ use super::types::{Member, Raft, Snapshot, SnapshotData, SnapshotMeta, TypeConfi
 /// What one node asks another.
 #[derive(Serialize, Deserialize)]
 pub enum PeerRequest {
-    Raft { shard: u16, rpc: RaftRpc },
+    Raft {
+        shard: u16,
+        rpc: RaftRpc,
+    },
+    /// Has the cluster recorded `node` as a member that held the log? (Asked by a node that
+    /// starts with empty storage before it takes part: see `Consensus::start`.)
+    Joined {
+        node: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -48,6 +57,7 @@ pub enum RaftReply {
     Vote(VoteResponse<TypeConfig>),
     Snapshot(SnapshotResponse<TypeConfig>),
     TransferLeader(TransferLeaderResponse<TypeConfig>),
+    Joined(bool),
     /// The callee could not answer: unknown shard, or its group has stopped.
     Failed(String),
 }
@@ -109,6 +119,15 @@ impl ShardPeer {
                 self.target
             )))),
         }
+    }
+}
+
+/// Asks `client`'s node whether the cluster recorded `node` as joined.
+pub async fn ask_joined(client: &PeerClient, node: u64, timeout: Duration) -> Result<bool, PeerError> {
+    let response = client.call(encode(&PeerRequest::Joined { node }), timeout).await?;
+    match rmp_serde::from_slice::<RaftReply>(&response) {
+        Ok(RaftReply::Joined(joined)) => Ok(joined),
+        _ => Err(PeerError::Disconnected(client.peer())),
     }
 }
 
@@ -190,20 +209,30 @@ impl RaftNetworkV2<TypeConfig> for ShardPeer {
 // ---------------------------------------------------------------------------------------------
 // Answering
 
-/// Answers peers' Raft RPCs with this node's shard groups (set once they exist).
+/// Answers peers' Raft RPCs with this node's shard groups (set once they exist, and answered
+/// only once the node may take part: a node starting empty first makes sure it is new).
 #[derive(Default)]
 pub struct RaftService {
     groups: OnceLock<Arc<Vec<Raft>>>,
+    joined: OnceLock<Arc<Mutex<BTreeSet<u64>>>>,
+    taking_part: AtomicBool,
 }
 
 impl RaftService {
-    pub fn set_groups(&self, groups: Arc<Vec<Raft>>) {
+    pub fn set_groups(&self, groups: Arc<Vec<Raft>>, joined: Arc<Mutex<BTreeSet<u64>>>) {
         let _ = self.groups.set(groups);
+        let _ = self.joined.set(joined);
+    }
+
+    pub fn take_part(&self) {
+        self.taking_part.store(true, Ordering::Release);
     }
 }
 
 async fn answer(groups: Option<Arc<Vec<Raft>>>, request: PeerRequest) -> RaftReply {
-    let PeerRequest::Raft { shard, rpc } = request;
+    let PeerRequest::Raft { shard, rpc } = request else {
+        unreachable!("answered by the service")
+    };
     let Some(raft) = groups.as_ref().and_then(|groups| groups.get(shard as usize)) else {
         return RaftReply::Failed(format!("shard {shard} is not served here (yet)"));
     };
@@ -241,8 +270,14 @@ async fn answer(groups: Option<Arc<Vec<Raft>>>, request: PeerRequest) -> RaftRep
 impl PeerHandler for RaftService {
     fn handle(&self, _from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
         let groups = self.groups.get().cloned();
+        let joined = self.joined.get().cloned();
+        let taking_part = self.taking_part.load(Ordering::Acquire);
         Box::pin(async move {
             let reply = match rmp_serde::from_slice::<PeerRequest>(&request) {
+                Ok(PeerRequest::Joined { node }) => {
+                    RaftReply::Joined(joined.is_some_and(|joined| joined.lock().expect("joined lock").contains(&node)))
+                }
+                Ok(_) if !taking_part => RaftReply::Failed("this node is not taking part yet".into()),
                 Ok(request) => answer(groups, request).await,
                 Err(error) => RaftReply::Failed(format!("undecodable request: {error}")),
             };

@@ -217,6 +217,11 @@ impl PeerClient {
         }
     }
 
+    /// The node this client calls.
+    pub fn peer(&self) -> u64 {
+        self.to
+    }
+
     /// Closes the connection (calls in progress fail); a later call connects again.
     pub async fn close(&self) {
         if let Some(connection) = self.connection.lock().await.take() {

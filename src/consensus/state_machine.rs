@@ -10,7 +10,7 @@
 //!
 //! Indexes given to the consumer are shard log indexes (the WAL's, Raft index + 1).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +23,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
+use super::types::{LogId, ShardCommand, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 
 /// What a shard's consumer receives, in log order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +47,8 @@ struct SnapshotFile {
     /// `(term, raft index)` of the last entry the snapshot covers.
     last: Option<(u64, u64)>,
     membership: Vec<u8>,
+    /// Members recorded as having joined (only grows; see `ShardCommand::Joined`).
+    joined: Vec<u64>,
 }
 
 const SNAPSHOT_VERSION: u32 = 1;
@@ -76,6 +78,8 @@ impl Machine {
 #[derive(Clone)]
 pub struct ShardStateMachine {
     shard: u16,
+    /// Members recorded as having joined the cluster, as this replica has applied them.
+    joined: Arc<Mutex<BTreeSet<u64>>>,
     applied: mpsc::Sender<Applied>,
     archived_through: Arc<AtomicU64>,
     snapshot_path: PathBuf,
@@ -93,9 +97,13 @@ impl ShardStateMachine {
     ) -> io::Result<ShardStateMachine> {
         std::fs::create_dir_all(snapshot_dir)?;
         let snapshot_path = snapshot_dir.join(format!("{shard:05}.snapshot"));
-        let current = read_snapshot_file(&snapshot_path, shard)?;
+        let (current, joined) = match read_snapshot_file(&snapshot_path, shard)? {
+            Some((meta, joined)) => (Some(meta), joined),
+            None => (None, BTreeSet::new()),
+        };
         Ok(ShardStateMachine {
             shard,
+            joined: Arc::new(Mutex::new(joined)),
             applied,
             archived_through,
             snapshot_path,
@@ -142,8 +150,14 @@ impl ShardStateMachine {
         })
     }
 
+    /// The members recorded as joined (shard 0 records them).
+    pub fn joined(&self) -> Arc<Mutex<BTreeSet<u64>>> {
+        self.joined.clone()
+    }
+
     fn keep_as_current(&self, meta: &SnapshotMeta) -> io::Result<()> {
-        write_snapshot_file(&self.snapshot_path, self.shard, meta)?;
+        let joined = self.joined.lock().expect("joined lock").clone();
+        write_snapshot_file(&self.snapshot_path, self.shard, meta, &joined)?;
         let mut machine = self.machine.lock().expect("machine lock");
         if let Some(position) = meta.last_log_id {
             // Term runs wholly before the snapshot are no longer needed.
@@ -156,7 +170,8 @@ impl ShardStateMachine {
     }
 
     fn snapshot_of(&self, meta: SnapshotMeta) -> Snapshot {
-        let data = rmp_serde::to_vec(&(SNAPSHOT_VERSION, self.shard)).expect("encodes");
+        let joined: Vec<u64> = self.joined.lock().expect("joined lock").iter().copied().collect();
+        let data = rmp_serde::to_vec(&(SNAPSHOT_VERSION, self.shard, joined)).expect("encodes");
         Snapshot {
             meta,
             snapshot: SnapshotData::new(data),
@@ -164,7 +179,7 @@ impl ShardStateMachine {
     }
 }
 
-fn read_snapshot_file(path: &Path, shard: u16) -> io::Result<Option<SnapshotMeta>> {
+fn read_snapshot_file(path: &Path, shard: u16) -> io::Result<Option<(SnapshotMeta, BTreeSet<u64>)>> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -181,22 +196,24 @@ fn read_snapshot_file(path: &Path, shard: u16) -> io::Result<Option<SnapshotMeta
     }
     let last_membership: StoredMembership = rmp_serde::from_slice(&file.membership)
         .map_err(|e| invalid(format!("snapshot file {} membership: {e}", path.display())))?;
-    Ok(Some(SnapshotMeta {
+    let meta = SnapshotMeta {
         last_log_id: file.last.map(|(term, index)| LogId {
             leader_id: CommittedLeaderId::new(term),
             index,
         }),
         last_membership,
-    }))
+    };
+    Ok(Some((meta, file.joined.into_iter().collect())))
 }
 
 /// Written to a temporary file, fsync'd, renamed over the old one, directory fsync'd.
-fn write_snapshot_file(path: &Path, shard: u16, meta: &SnapshotMeta) -> io::Result<()> {
+fn write_snapshot_file(path: &Path, shard: u16, meta: &SnapshotMeta, joined: &BTreeSet<u64>) -> io::Result<()> {
     let file = SnapshotFile {
         version: SNAPSHOT_VERSION,
         shard,
         last: meta.last_log_id.map(|id| (id.leader_id.term, id.index)),
         membership: rmp_serde::to_vec(&meta.last_membership).map_err(io::Error::other)?,
+        joined: joined.iter().copied().collect(),
     };
     let bytes = rmp_serde::to_vec(&file).map_err(io::Error::other)?;
     let temporary = path.with_extension("snapshot.tmp");
@@ -243,7 +260,11 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id;
             let command = match entry.payload {
-                EntryPayload::Normal(command) => Some(command.0),
+                EntryPayload::Normal(ShardCommand::App(command)) => Some(command),
+                EntryPayload::Normal(ShardCommand::Joined(node)) => {
+                    self.joined.lock().expect("joined lock").insert(node);
+                    None
+                }
                 EntryPayload::Blank => None,
                 EntryPayload::Membership(membership) => {
                     let mut machine = self.machine.lock().expect("machine lock");
@@ -293,7 +314,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
-        let (version, shard): (u32, u16) = rmp_serde::from_slice(snapshot.get_ref())
+        let (version, shard, joined): (u32, u16, Vec<u64>) = rmp_serde::from_slice(snapshot.get_ref())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot data: {e}")))?;
         if version != SNAPSHOT_VERSION || shard != self.shard {
             return Err(io::Error::new(
@@ -304,6 +325,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 ),
             ));
         }
+        self.joined.lock().expect("joined lock").extend(joined);
         let this = self.clone();
         let kept = meta.clone();
         tokio::task::spawn_blocking(move || this.keep_as_current(&kept))

@@ -76,6 +76,15 @@ impl Cluster {
     }
 
     async fn start_with(ids: &[u64], filesystems: BTreeMap<u64, crate::wal::fault::SimFs>) -> Cluster {
+        let mut cluster = Cluster::new(ids, filesystems).await;
+        for id in ids {
+            cluster.start_node(*id).await;
+        }
+        cluster
+    }
+
+    /// The members' addresses and links, no node started yet.
+    async fn new(ids: &[u64], filesystems: BTreeMap<u64, crate::wal::fault::SimFs>) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let mut listen = BTreeMap::new();
         let mut proxies = BTreeMap::new();
@@ -92,17 +101,13 @@ impl Cluster {
                 }
             }
         }
-        let mut cluster = Cluster {
+        Cluster {
             filesystems,
             proxies,
             listen,
             nodes: BTreeMap::new(),
             _root: root,
-        };
-        for id in ids {
-            cluster.start_node(*id).await;
         }
-        cluster
     }
 
     fn spec(&self, id: u64) -> ClusterSpec {
@@ -591,5 +596,58 @@ async fn every_acknowledged_entry_survives_failing_fsyncs_and_a_power_loss_of_ev
         for id in ids {
             cluster.stop_node(id).await;
         }
+    }
+}
+
+/// A member that starts for the first time late joins and catches up; once the cluster has
+/// recorded it, the same member coming back with an empty data directory (a wiped or replaced
+/// disk) is refused: it may have voted and forgotten it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_first_start_joins_and_a_wiped_member_is_refused() {
+    let mut cluster = Cluster::new(&[1, 2, 3], BTreeMap::new()).await;
+    cluster.start_node(1).await;
+    cluster.start_node(2).await;
+    let shard = 0;
+    let mut expected = Vec::new();
+    for i in 0..10 {
+        expected.push((propose(&cluster, shard, payload(i)).await, payload(i)));
+    }
+    let leader = cluster.leader(shard).await;
+    wait_until("nodes 1 and 2 recorded as joined", || {
+        cluster.node(leader).consensus.joined() == vec![1, 2]
+    })
+    .await;
+
+    cluster.start_node(3).await;
+    cluster
+        .node(3)
+        .consensus
+        .formed()
+        .await
+        .expect("a new member takes part");
+    wait_until("node 3 caught up", || {
+        commands(cluster.node(3), shard).len() >= expected.len()
+    })
+    .await;
+    assert_eq!(commands(cluster.node(3), shard), expected);
+    wait_until("node 3 recorded as joined", || {
+        cluster.node(leader).consensus.joined() == vec![1, 2, 3]
+    })
+    .await;
+
+    let dir = cluster.stop_node(3).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    cluster.start_node(3).await;
+    let refused = tokio::time::timeout(Duration::from_secs(15), cluster.node(3).consensus.formed())
+        .await
+        .expect("decided");
+    let reason = refused.expect_err("a wiped member is refused");
+    assert!(reason.contains("empty data directory"), "{reason}");
+    assert_eq!(cluster.node(3).consensus.refusal(), Some(reason));
+    cluster.stop_node(3).await;
+    // The others carry on.
+    propose(&cluster, shard, b"still writable".to_vec()).await;
+    for node in cluster.nodes.values() {
+        node.consensus.shutdown().await;
     }
 }

@@ -6,14 +6,23 @@ use std::io::Cursor;
 use openraft::type_config::alias;
 use serde::{Deserialize, Serialize};
 
-/// One proposal: a shard writer's whole group-commit batch, already encoded (`shard::ops`). The
-/// consensus layer never looks inside.
+/// What a log entry carries besides Raft's own entries.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardCommand(#[serde(with = "serde_bytes")] pub Vec<u8>);
+pub enum ShardCommand {
+    /// A shard writer's whole group-commit batch, already encoded (`shard::ops`). The consensus
+    /// layer never looks inside.
+    App(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Shard 0's log records each member once it holds the cluster's log, so that member can
+    /// never come back empty and vote as if it had never voted (see `mod.rs`, wiped nodes).
+    Joined(u64),
+}
 
 impl fmt::Debug for ShardCommand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ShardCommand({} bytes)", self.0.len())
+        match self {
+            ShardCommand::App(bytes) => write!(f, "App({} bytes)", bytes.len()),
+            ShardCommand::Joined(node) => write!(f, "Joined({node})"),
+        }
     }
 }
 
