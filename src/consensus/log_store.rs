@@ -340,8 +340,17 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
             {
                 Ok(receiver) => durable.push(receiver),
                 Err(error) => {
-                    let mut pending = self.shared.pending.lock().expect("pending lock");
-                    pending.retain(|(s, _)| *s != seq);
+                    self.shared
+                        .pending
+                        .lock()
+                        .expect("pending lock")
+                        .retain(|(s, _)| *s != seq);
+                    // Still answered through the completion task, so the flush count moves on
+                    // (a later vote does not wait for this append forever).
+                    let (failed, receiver) = oneshot::channel();
+                    let _ = failed.send(Err(error.clone()));
+                    durable.push(receiver);
+                    let _ = self.flushes.send(Flush { seq, durable, callback });
                     return Err(io_error(error));
                 }
             }

@@ -42,6 +42,10 @@ use network::{RaftService, ShardNetwork};
 use peer::{Identity, PeerClient};
 use types::{Member, Raft, ShardCommand};
 
+/// A proposal not committed by then is answered with an unknown outcome (a leader cut off from
+/// its quorum keeps its uncommitted entries until it hears of a new leader).
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Committed entries a shard's consumer may lag behind before applying waits for it.
 const APPLIED_QUEUE: usize = 4096;
 
@@ -193,38 +197,37 @@ async fn form(mut f: Joining, formation: tokio::sync::watch::Sender<Formation>) 
     }
 }
 
-/// Asks the peers whether this node joined before; `Ok` once a majority (itself included) say no.
+/// Asks the peers whether this node joined before. `Ok` once shard 0's leader says it did not,
+/// or a majority of the members (itself included) started empty and have applied nothing (the
+/// cluster never formed, so nobody can have recorded it); `Err` as soon as the leader says it did.
+///
+/// Limit: when one member never started and another is wiped while the rest cannot form a
+/// quorum (two failures in a cluster of three), the two empty nodes count as a fresh majority.
 async fn confirm_new(f: &Joining) -> Result<(), String> {
+    use network::JoinedAnswer;
     let majority = f.members.len() / 2 + 1;
-    let mut said_new: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
     let mut waited = tokio::time::Instant::now();
     let mut stopped = f.stopped.clone();
-    while said_new.len() + 1 < majority {
-        for (peer, client) in f.peers.iter() {
-            if said_new.contains(peer) {
-                continue;
-            }
-            match network::ask_joined(client, f.node_id, Duration::from_millis(500)).await {
-                Ok(false) => {
-                    said_new.insert(*peer);
-                }
-                Ok(true) => {
+    loop {
+        let mut fresh = 1; // this node
+        for client in f.peers.values() {
+            match network::ask_joined(client, f.node_id, Duration::from_secs(3)).await {
+                Ok(JoinedAnswer::Joined) => {
                     return Err(format!(
                         "node {} starts with an empty data directory, but the cluster recorded it as a member that held the log: it may have voted and forgotten it. Replace it as docs/OPERATIONS.md says (a new node id), or restore its data directory",
                         f.node_id
                     ));
                 }
-                Err(_) => {}
+                Ok(JoinedAnswer::NotJoined) => return Ok(()),
+                Ok(JoinedAnswer::Fresh) => fresh += 1,
+                Ok(JoinedAnswer::Unknown) | Err(_) => {}
             }
         }
-        if said_new.len() + 1 >= majority {
-            break;
+        if fresh >= majority {
+            return Ok(());
         }
         if waited.elapsed() > Duration::from_secs(5) {
-            tracing::info!(
-                node = f.node_id,
-                "waiting for a majority of the cluster to confirm this node is new"
-            );
+            tracing::info!(node = f.node_id, "waiting for the cluster to confirm this node is new");
             waited = tokio::time::Instant::now();
         }
         tokio::select! {
@@ -232,7 +235,6 @@ async fn confirm_new(f: &Joining) -> Result<(), String> {
             _ = stopped.wait_for(|stop| *stop) => return Err("stopped".into()),
         }
     }
-    Ok(())
 }
 
 /// On the leader of shard 0: records itself and every follower that holds the log as joined.
@@ -265,8 +267,11 @@ async fn record_joined(f: &Joining) {
     }
 }
 
-fn raft_config(timing: Timing) -> Result<Arc<Config>, String> {
+fn raft_config(timing: Timing, max_entry_bytes: usize) -> Result<Arc<Config>, String> {
+    // An append to a follower must fit one peer frame whatever its entries weigh.
+    let max_payload_entries = (MAX_FRAME_BYTES / 2 / max_entry_bytes.max(1)).clamp(1, 300) as u64;
     let config = Config {
+        max_payload_entries,
         cluster_name: "fleetlm".to_string(),
         heartbeat_interval: timing.heartbeat.as_millis() as u64,
         election_timeout_min: timing.election_min.as_millis() as u64,
@@ -338,7 +343,7 @@ impl Consensus {
             stopped,
         ));
 
-        let config = raft_config(spec.timing)?;
+        let config = raft_config(spec.timing, wal.max_entry_bytes())?;
         let snapshot_dir = state_dir.join("snapshots");
         let mut groups = Vec::new();
         let mut feeds = Vec::new();
@@ -373,7 +378,7 @@ impl Consensus {
         let groups = Arc::new(groups);
         let joined = joined.expect("a cluster has at least one shard");
         let joined_view = joined.clone();
-        service.set_groups(groups.clone(), joined.clone());
+        service.set_groups(groups.clone(), joined.clone(), fresh.iter().all(|f| *f));
         let (formation, formed) = tokio::sync::watch::channel(Formation::Pending);
         tokio::spawn(form(
             Joining {
@@ -454,7 +459,13 @@ impl Consensus {
                 max: self.max_command_bytes,
             });
         }
-        match self.group(shard).client_write(ShardCommand::App(command)).await {
+        let write = self.group(shard).client_write(ShardCommand::App(command));
+        let Ok(outcome) = tokio::time::timeout(PROPOSE_TIMEOUT, write).await else {
+            return Err(ProposeError::Unknown(format!(
+                "not committed within {PROPOSE_TIMEOUT:?} (no quorum?)"
+            )));
+        };
+        match outcome {
             Ok(response) => Ok(response.log_id.index + 1),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => Err(ProposeError::NotLeader {
                 leader: forward.leader_id,

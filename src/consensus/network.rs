@@ -51,13 +51,27 @@ pub enum RaftRpc {
     TransferLeader(TransferLeaderRequest<TypeConfig>),
 }
 
+/// Whether a node joined the cluster, as a peer can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinedAnswer {
+    /// The leader of shard 0, having caught up with everything committed (read index), found it
+    /// recorded.
+    Joined,
+    /// The same leader found it not recorded.
+    NotJoined,
+    /// The answering node itself started with empty storage and does not take part yet.
+    Fresh,
+    /// The answering node cannot tell (not the leader, or no quorum).
+    Unknown,
+}
+
 #[derive(Serialize, Deserialize)]
 pub enum RaftReply {
     Append(AppendEntriesResponse<TypeConfig>),
     Vote(VoteResponse<TypeConfig>),
     Snapshot(SnapshotResponse<TypeConfig>),
     TransferLeader(TransferLeaderResponse<TypeConfig>),
-    Joined(bool),
+    Joined(JoinedAnswer),
     /// The callee could not answer: unknown shard, or its group has stopped.
     Failed(String),
 }
@@ -107,7 +121,7 @@ impl ShardPeer {
             PeerError::Unreachable(..) | PeerError::Refused(..) => {
                 RPCError::Unreachable(Unreachable::from_string(error.to_string()))
             }
-            PeerError::Disconnected(..) | PeerError::TimedOut(..) => {
+            PeerError::Disconnected(..) | PeerError::TimedOut(..) | PeerError::TooLarge(..) => {
                 RPCError::Network(NetworkError::from_string(error.to_string()))
             }
         })?;
@@ -123,7 +137,7 @@ impl ShardPeer {
 }
 
 /// Asks `client`'s node whether the cluster recorded `node` as joined.
-pub async fn ask_joined(client: &PeerClient, node: u64, timeout: Duration) -> Result<bool, PeerError> {
+pub async fn ask_joined(client: &PeerClient, node: u64, timeout: Duration) -> Result<JoinedAnswer, PeerError> {
     let response = client.call(encode(&PeerRequest::Joined { node }), timeout).await?;
     match rmp_serde::from_slice::<RaftReply>(&response) {
         Ok(RaftReply::Joined(joined)) => Ok(joined),
@@ -215,17 +229,42 @@ impl RaftNetworkV2<TypeConfig> for ShardPeer {
 pub struct RaftService {
     groups: OnceLock<Arc<Vec<Raft>>>,
     joined: OnceLock<Arc<Mutex<BTreeSet<u64>>>>,
+    /// Every shard's storage was empty when this node started.
+    started_empty: AtomicBool,
     taking_part: AtomicBool,
 }
 
 impl RaftService {
-    pub fn set_groups(&self, groups: Arc<Vec<Raft>>, joined: Arc<Mutex<BTreeSet<u64>>>) {
+    pub fn set_groups(&self, groups: Arc<Vec<Raft>>, joined: Arc<Mutex<BTreeSet<u64>>>, started_empty: bool) {
+        self.started_empty.store(started_empty, Ordering::Release);
         let _ = self.groups.set(groups);
         let _ = self.joined.set(joined);
     }
 
     pub fn take_part(&self) {
         self.taking_part.store(true, Ordering::Release);
+    }
+}
+
+fn formed(groups: Option<&Vec<Raft>>) -> bool {
+    use openraft::type_config::async_runtime::WatchReceiver;
+    groups.is_some_and(|groups| groups[0].metrics().borrow_watched().last_applied.is_some())
+}
+
+/// Only shard 0's leader answers for sure, once it has applied everything committed.
+async fn answer_joined(
+    groups: Option<Arc<Vec<Raft>>>,
+    joined: Option<Arc<Mutex<BTreeSet<u64>>>>,
+    node: u64,
+) -> JoinedAnswer {
+    let (Some(groups), Some(joined)) = (groups, joined) else {
+        return JoinedAnswer::Unknown;
+    };
+    let barrier = groups[0].ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
+    match tokio::time::timeout(Duration::from_secs(2), barrier).await {
+        Ok(Ok(_)) if joined.lock().expect("joined lock").contains(&node) => JoinedAnswer::Joined,
+        Ok(Ok(_)) => JoinedAnswer::NotJoined,
+        _ => JoinedAnswer::Unknown,
     }
 }
 
@@ -272,11 +311,16 @@ impl PeerHandler for RaftService {
         let groups = self.groups.get().cloned();
         let joined = self.joined.get().cloned();
         let taking_part = self.taking_part.load(Ordering::Acquire);
+        let started_empty = self.started_empty.load(Ordering::Acquire);
         Box::pin(async move {
             let reply = match rmp_serde::from_slice::<PeerRequest>(&request) {
-                Ok(PeerRequest::Joined { node }) => {
-                    RaftReply::Joined(joined.is_some_and(|joined| joined.lock().expect("joined lock").contains(&node)))
+                // Started empty and has not seen the cluster form (nothing applied in shard 0):
+                // nobody can have recorded anything yet, as far as it knows.
+                Ok(PeerRequest::Joined { .. }) if started_empty && !formed(groups.as_deref()) => {
+                    RaftReply::Joined(JoinedAnswer::Fresh)
                 }
+                Ok(PeerRequest::Joined { .. }) if !taking_part => RaftReply::Joined(JoinedAnswer::Unknown),
+                Ok(PeerRequest::Joined { node }) => RaftReply::Joined(answer_joined(groups, joined, node).await),
                 Ok(_) if !taking_part => RaftReply::Failed("this node is not taking part yet".into()),
                 Ok(request) => answer(groups, request).await,
                 Err(error) => RaftReply::Failed(format!("undecodable request: {error}")),

@@ -47,6 +47,8 @@ pub enum PeerError {
     Disconnected(u64),
     #[error("node {0} did not answer within {1:?}")]
     TimedOut(u64, Duration),
+    #[error("a request of {0} bytes exceeds the peer frame limit")]
+    TooLarge(usize),
 }
 
 /// Answers requests from peers.
@@ -141,10 +143,17 @@ async fn write_frame<W: AsyncWriteExt + Unpin>(out: &mut W, body: &[u8]) -> io::
 }
 
 async fn read_frame<R: AsyncReadExt + Unpin>(input: &mut R) -> io::Result<Vec<u8>> {
+    read_frame_up_to(input, MAX_FRAME_BYTES).await
+}
+
+/// Handshake messages are small; nothing big is read before a peer has proven itself.
+const MAX_HANDSHAKE_BYTES: usize = 4096;
+
+async fn read_frame_up_to<R: AsyncReadExt + Unpin>(input: &mut R, max: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     input.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME_BYTES {
+    if len > max {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "peer frame too large"));
     }
     let mut body = vec![0u8; len];
@@ -165,7 +174,7 @@ async fn send_handshake(stream: &mut TcpStream, message: &Handshake) -> io::Resu
 }
 
 async fn receive_handshake(stream: &mut TcpStream) -> io::Result<Handshake> {
-    decode(&read_frame(stream).await?)
+    decode(&read_frame_up_to(stream, MAX_HANDSHAKE_BYTES).await?)
 }
 
 /// Who this node is and what it shares with its peers.
@@ -243,6 +252,11 @@ impl PeerClient {
             return Err(PeerError::Disconnected(self.to));
         }
         let frame = encode(&Frame::Request { id, body: request });
+        if frame.len() > MAX_FRAME_BYTES {
+            // Refused alone: sending it would fail the connection and every call on it.
+            connection.pending.lock().expect("pending lock").remove(&id);
+            return Err(PeerError::TooLarge(frame.len()));
+        }
         let sent = tokio::time::timeout_at(deadline, connection.outgoing.send(frame)).await;
         if !matches!(sent, Ok(Ok(()))) {
             connection.pending.lock().expect("pending lock").remove(&id);

@@ -84,6 +84,8 @@ pub struct ShardStateMachine {
     archived_through: Arc<AtomicU64>,
     snapshot_path: PathBuf,
     machine: Arc<Mutex<Machine>>,
+    /// Held while the current snapshot is replaced (file and memory together).
+    keeping: Arc<Mutex<()>>,
 }
 
 impl ShardStateMachine {
@@ -114,6 +116,7 @@ impl ShardStateMachine {
                 term_runs: VecDeque::new(),
                 current,
             })),
+            keeping: Arc::new(Mutex::new(())),
         })
     }
 
@@ -155,7 +158,14 @@ impl ShardStateMachine {
         self.joined.clone()
     }
 
+    /// Makes `meta` the current snapshot (file first), unless a newer one already is: building
+    /// and installing may race, and the current snapshot only ever moves forward.
     fn keep_as_current(&self, meta: &SnapshotMeta) -> io::Result<()> {
+        let _one_at_a_time = self.keeping.lock().expect("keeping lock");
+        let current = self.machine.lock().expect("machine lock").current.clone();
+        if current.is_some_and(|c| c.last_log_id >= meta.last_log_id) {
+            return Ok(());
+        }
         let joined = self.joined.lock().expect("joined lock").clone();
         write_snapshot_file(&self.snapshot_path, self.shard, meta, &joined)?;
         let mut machine = self.machine.lock().expect("machine lock");

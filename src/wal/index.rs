@@ -77,6 +77,11 @@ impl ShardLog {
             self.purged_through = through.index;
             self.purged_term = through.term;
         }
+        // A replica that installs a snapshot purges past its own last entry: the log then
+        // continues after the purged one.
+        if self.last.is_none_or(|last| last.index < through.index) {
+            self.last = Some(through);
+        }
     }
 
     pub fn first_index(&self) -> Option<u64> {

@@ -187,6 +187,20 @@ impl LaneWriter {
             } = request
             {
                 tentative_last.insert(*shard, (log_id.index > 0).then_some(*log_id));
+            } else if let LaneRequest::Mark {
+                kind: RecordKind::PurgePrefix,
+                shard,
+                log_id,
+                ..
+            } = request
+            {
+                // A purge past the last entry (a replica installing a snapshot) moves the end.
+                let last = *tentative_last
+                    .entry(*shard)
+                    .or_insert_with(|| self.index.lock().expect("lane index lock").shard(*shard).last);
+                if last.is_none_or(|last| last.index < log_id.index) {
+                    tentative_last.insert(*shard, Some(*log_id));
+                }
             }
         }
         match self.write_batch(buffer, &mut open, outcomes, removed_segments) {

@@ -832,3 +832,29 @@ fn the_purged_entry_keeps_its_term_across_reopen() {
     assert_eq!(wal.first_index(1), None);
     wal.shutdown();
 }
+
+/// A replica that installs a snapshot purges past its own last entry; its log then continues
+/// right after the purged entry (and does so after reopening too).
+#[test]
+fn a_purge_past_the_last_entry_moves_the_log_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runtime = runtime();
+    let wal = open(dir.path());
+    for index in 1..=5u64 {
+        runtime
+            .block_on(wal.append(2, vec![(LogId { term: 1, index }, vec![1u8; 10])]))
+            .expect("append");
+    }
+    runtime
+        .block_on(wal.purge_through(2, LogId { term: 3, index: 689 }))
+        .expect("purge");
+    assert_eq!(wal.last_log_id(2), Some(LogId { term: 3, index: 689 }));
+    runtime
+        .block_on(wal.append(2, vec![(LogId { term: 3, index: 690 }, vec![2u8; 10])]))
+        .expect("the entry after the purged one");
+    wal.shutdown();
+    let wal = open(dir.path());
+    assert_eq!(wal.last_log_id(2), Some(LogId { term: 3, index: 690 }));
+    assert_eq!(wal.first_index(2), Some(690));
+    wal.shutdown();
+}
