@@ -4,6 +4,7 @@
 //! - `scheduler.rs`: when to dispatch — per-session debounce with a cap, one dispatch in flight
 //!   per session with a follow-up, concurrency bounds; rebuilt from the log after a restart.
 //! - `webhook.rs`: one dispatch — request, streamed reply, retries.
+//! - `http.rs`: the pooled webhook clients (HTTP/1.1 or ALPN-negotiated HTTP/2; h2c).
 //! - `reply.rs`, `assembler.rs`, `partial_json.rs`: the pure reply parsing and assembly.
 //! - `streams.rs`: replies streaming now (for `stream_chunk` and `stream_snapshot`).
 //! - `registry.rs`: the agents, in memory.
@@ -14,6 +15,7 @@
 //! alone; nothing here blocks a shard writer.
 
 pub mod assembler;
+pub mod http;
 mod partial_json;
 pub mod recent;
 pub mod registry;
@@ -60,7 +62,7 @@ pub struct EngineContext {
     pub registry: Arc<AgentRegistry>,
     pub streams: Arc<LiveStreams>,
     pub hub: Arc<Hub>,
-    pub http: reqwest::Client,
+    pub http: http::WebhookClients,
     pub config: EngineConfig,
     pub shards_limits: MessageLimits,
     pub recent: Arc<RecentDispatches>,
