@@ -226,8 +226,9 @@ pub async fn run(
         socket.check_overflow();
         timer.as_mut().reset(socket.next_deadline());
     }
-    // Sends still pending are stored all the same (they are queued at their shards); only
-    // their replies are lost with the connection.
+    // Sends still pending are stored all the same (they are queued at their shards, all but
+    // those waiting behind a send's archive round trip); only their replies are lost with the
+    // connection.
     drop(pending);
     metrics::gauge!("fleetlm_sockets").decrement(1.0);
     metrics::gauge!("fleetlm_joined_channels").decrement(socket.channels.len() as f64);
@@ -566,10 +567,13 @@ impl Socket {
             topic: frame.topic,
             received_at: Instant::now(),
         };
+        // Queued at its shard now (unless a send before it is waiting for a round trip), so the
+        // sends of one read join the writer's next batch.
         let outcome = self
             .state
             .shards
-            .submit_append_in_order(&mut self.append_order, request);
+            .submit_append_in_order(&mut self.append_order, request)
+            .await;
         Some(Box::pin(async move { (reply_to, outcome.await) }))
     }
 
