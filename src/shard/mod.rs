@@ -298,7 +298,9 @@ impl OrderLink {
 /// trip to the archive first (its session was not loaded, or its client id is older than the
 /// in-memory window): appends after it are not handed to the writer, or handed again, before
 /// it is placed. In the common case each append is queued at its shard at once, in the
-/// caller's task, exactly as an unordered submission is (pipelined, no extra hop).
+/// caller's task, exactly as an unordered submission is (pipelined, no extra hop). The caller
+/// polls the returned futures from the task that submits (as a socket does), so an append's
+/// placement cannot move while the next one is being queued.
 #[derive(Default)]
 pub struct AppendOrder {
     last: Option<OrderLink>,
