@@ -210,7 +210,9 @@ pub async fn run(
             },
             Some(event) = live.recv() => socket.handle_live(event),
             () = &mut timer => socket.on_timer(),
-            () = tokio::time::sleep_until(draining_until.unwrap_or_else(Instant::now)), if draining_until.is_some() => {
+            // An async block: `select!` builds every branch's future on every turn, even a
+            // disabled one, and a timer (with a clock read) per frame is waste.
+            () = async { if let Some(deadline) = draining_until { tokio::time::sleep_until(deadline).await } }, if draining_until.is_some() => {
                 socket.close(CLOSE_SERVICE_RESTART, "server restarting");
             }
             changed = shutdown.changed(), if draining_until.is_none() => {
