@@ -73,11 +73,24 @@ impl PostgresArchive {
             .map_err(from_pg)?;
         tx.batch_execute(SCHEMA).await.map_err(from_pg)?;
         for (table, column, definition) in super::ADDED_COLUMNS {
-            tx.batch_execute(&format!(
-                "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}"
-            ))
-            .await
-            .map_err(from_pg)?;
+            // Looked up first: `ALTER TABLE` locks the table exclusively even when the column
+            // exists, which would stall other nodes' reads at every start.
+            let present: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                     WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2)",
+                    &[table, column],
+                )
+                .await
+                .map_err(from_pg)?
+                .get(0);
+            if !present {
+                tx.batch_execute(&format!(
+                    "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}"
+                ))
+                .await
+                .map_err(from_pg)?;
+            }
         }
         tx.commit().await.map_err(from_pg)
     }
