@@ -109,6 +109,10 @@ pub struct Settings {
     /// dispatch with an error. [default: 1MiB]
     #[arg(long, env = "FLEETLM_AGENT_MAX_REPLY_BYTES")]
     pub agent_max_reply_bytes: Option<ByteSize>,
+    /// PEM file of CA certificates trusted for `https://` agents besides the built-in roots
+    /// (agents behind a private CA). [default: none]
+    #[arg(long, env = "FLEETLM_AGENT_CA_FILE")]
+    pub agent_ca_file: Option<PathBuf>,
     /// Dispatches one agent may have in flight. [default: 100]
     #[arg(long, env = "FLEETLM_AGENT_MAX_IN_FLIGHT")]
     pub agent_max_in_flight: Option<usize>,
@@ -178,6 +182,8 @@ pub struct Config {
     pub agent_max_attempts: u32,
     pub dispatch_deadline: Duration,
     pub agent_max_reply_bytes: usize,
+    /// Extra roots for `https://` agents (read from `agent_ca_file` at validation).
+    pub agent_ca_certificates: Vec<reqwest::Certificate>,
     pub agent_max_in_flight: usize,
     pub max_dispatches_in_flight: usize,
     pub shutdown_deadline: Duration,
@@ -377,6 +383,7 @@ impl Settings {
             agent_max_attempts,
             dispatch_deadline_secs,
             agent_max_reply_bytes,
+            agent_ca_file,
             agent_max_in_flight,
             max_dispatches_in_flight,
             shutdown_deadline_ms,
@@ -455,6 +462,11 @@ impl Settings {
             None | Some("") => AllowedOrigins::any(),
             Some(list) => AllowedOrigins::parse(list).map_err(|reason| invalid("allowed_origins", reason))?,
         };
+        let agent_ca_certificates = match &self.agent_ca_file {
+            None => Vec::new(),
+            Some(path) if path.as_os_str().is_empty() => Vec::new(),
+            Some(path) => load_ca_file(path).map_err(|reason| invalid("agent_ca_file", reason))?,
+        };
         Ok(Config {
             http_addr,
             data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("fleetlm-data")),
@@ -492,12 +504,32 @@ impl Settings {
                 .agent_max_reply_bytes
                 .map_or(1024 * 1024, ByteSize::get_usize)
                 .max(1024),
+            agent_ca_certificates,
             agent_max_in_flight: self.agent_max_in_flight.unwrap_or(100).max(1),
             max_dispatches_in_flight: self.max_dispatches_in_flight.unwrap_or(1000).max(1),
             shutdown_deadline: Duration::from_millis(self.shutdown_deadline_ms.unwrap_or(10_000)),
             cluster,
         })
     }
+}
+
+/// The CA certificates of a PEM file (one or more `CERTIFICATE` blocks), checked by building a
+/// client that trusts them.
+fn load_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{}: not a PEM certificate file ({e})", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!("{}: holds no PEM certificate", path.display()));
+    }
+    let mut builder = reqwest::Client::builder();
+    for certificate in &certificates {
+        builder = builder.add_root_certificate(certificate.clone());
+    }
+    builder
+        .build()
+        .map_err(|e| format!("{}: not a usable CA certificate ({e})", path.display()))?;
+    Ok(certificates)
 }
 
 /// `HOST:PORT` to listen on: an IP address, or a name resolved now (`localhost:4000`).
@@ -822,6 +854,29 @@ mod tests {
             ..Settings::default()
         };
         assert_eq!(error(stray).setting, "peer_listen_addr");
+    }
+
+    #[test]
+    fn agent_ca_file_must_hold_pem_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_file = |path: std::path::PathBuf| Settings {
+            agent_ca_file: Some(path),
+            ..Settings::default()
+        };
+        let missing = with_file(dir.path().join("absent.pem")).validate().unwrap_err();
+        assert_eq!(missing.setting, "agent_ca_file");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").unwrap();
+        let error = with_file(garbage).validate().unwrap_err();
+        assert_eq!(error.setting, "agent_ca_file", "{error}");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["ca.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.pem()).unwrap();
+        assert_eq!(with_file(good).validate().unwrap().agent_ca_certificates.len(), 1);
     }
 
     #[test]

@@ -270,6 +270,10 @@ pub struct Agent {
     pub timeout_ms: u32,
     pub debounce_window_ms: u32,
     pub headers: std::collections::BTreeMap<String, String>,
+    /// Webhooks to an `http://` origin use HTTP/2 with prior knowledge (h2c). `https://`
+    /// origins negotiate HTTP/2 by ALPN whatever this says.
+    #[serde(default)]
+    pub http2: bool,
     pub status: AgentStatus,
     pub inserted_at: Timestamp,
     pub updated_at: Timestamp,
@@ -293,6 +297,7 @@ impl Agent {
             "timeout_ms": self.timeout_ms,
             "debounce_window_ms": self.debounce_window_ms,
             "headers": masked,
+            "http2": self.http2,
             "status": self.status.as_str(),
             "inserted_at": self.inserted_at,
             "updated_at": self.updated_at,

@@ -254,10 +254,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         registry: registry.clone(),
         streams: streams.clone(),
         hub: hub.clone(),
-        http: reqwest::Client::builder()
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build()
-            .context("cannot build the webhook HTTP client")?,
+        http: crate::agents::http::WebhookClients::new(&config.agent_ca_certificates)
+            .context("cannot build the webhook HTTP clients")?,
         config: crate::agents::EngineConfig {
             max_attempts: config.agent_max_attempts,
             dispatch_deadline: config.dispatch_deadline,

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::agent::{Behavior, TestAgent};
+use support::agent::{Behavior, TestAgent, TestCa, Transport};
 use support::{Store, TestServer};
 
 async fn register(server: &TestServer, agent: &TestAgent, id: &str, extra: Value) {
@@ -627,4 +627,216 @@ fn last_user_text(body: &Value) -> String {
         .and_then(|m| m["content"]["text"].as_str())
         .unwrap_or_default()
         .to_string()
+}
+
+/// Follows one dispatch on `ws` until the agent is idle again: the text of the `stream_chunk`
+/// deltas that came live, and whether the stored `message` came after them.
+async fn live_reply(ws: &mut support::WsClient) -> (String, bool) {
+    let (mut text, mut stored_after_chunks) = (String::new(), false);
+    loop {
+        let frame = ws.next_any().await;
+        match frame[3].as_str().unwrap() {
+            "stream_chunk" if frame[4]["chunk"]["type"] == "text-delta" => {
+                text.push_str(frame[4]["chunk"]["delta"].as_str().unwrap());
+            }
+            "message" if frame[4]["kind"] == "assistant" => stored_after_chunks = !text.is_empty(),
+            "agent_status" if frame[4]["status"] == "failed" => panic!("dispatch failed: {frame}"),
+            "agent_status" if frame[4]["status"] == "idle" => return (text, stored_after_chunks),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_agent_gets_the_webhook_over_http2_and_its_reply_streams_live() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::serve(Behavior::Dribble, Transport::H2c).await;
+    register(&server, &agent, "h2c", json!({"http2": true})).await;
+    let shown = server.get("/api/agents/h2c").await;
+    assert_eq!(shown.body["agent"]["http2"], true, "{}", shown.body);
+    let mut ws = join_as_user(&server, "h2c-s").await;
+    say(&server, "h2c-s", "over h2").await;
+    let (live, stored_after_chunks) = live_reply(&mut ws).await;
+    let expected: String = (0..20).map(|n| format!("{n} ")).collect();
+    assert_eq!(live, expected, "every delta came live over HTTP/2");
+    assert!(stored_after_chunks);
+    let stored = agent_messages(&server, "h2c-s", "h2c", 1).await;
+    assert_eq!(reply_text(&stored[0]), expected);
+    assert_eq!(stored[0]["metadata"]["termination"], "finish");
+
+    // A second session's dispatch reuses the pooled HTTP/2 connection.
+    let session = json!({"id": "h2c-s2", "user_id": "u", "agent_id": "h2c"});
+    assert_eq!(server.post("/api/sessions", session).await.status, 201);
+    say(&server, "h2c-s2", "again").await;
+    agent_messages(&server, "h2c-s2", "h2c", 1).await;
+    let calls = agent.calls();
+    assert_eq!(calls.len(), 2);
+    for call in &calls {
+        assert_eq!(call.version, axum::http::Version::HTTP_2);
+        assert_eq!(call.headers["x-agent-secret"], "s3cret");
+        assert_eq!(
+            call.headers["idempotency-key"].to_str().unwrap(),
+            call.body["dispatch_id"].as_str().unwrap()
+        );
+    }
+    assert_eq!(agent.connections(), 1, "one pooled connection for both dispatches");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_only_agent_registered_with_http2_fails_with_a_clear_error() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::serve(Behavior::EchoJsonl, Transport::Http1Only).await;
+    register(
+        &server,
+        &agent,
+        "h1",
+        json!({"http2": true, "webhook_path": "/webhook?key=TOPSECRET"}),
+    )
+    .await;
+    let mut ws = join_as_user(&server, "h1-s").await;
+    let started = Instant::now();
+    say(&server, "h1-s", "hello?").await;
+    let failure = wait_for_failure(&mut ws).await;
+    assert_eq!(
+        failure["error"], "the agent does not speak HTTP/2 (it is registered with http2: true)",
+        "{failure}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a protocol mismatch is not retried: {:?}",
+        started.elapsed()
+    );
+    let shown = server.get("/api/sessions/h1-s").await;
+    assert_eq!(shown.body["session"]["agent_status"]["error"], failure["error"]);
+    for text in [failure.to_string(), shown.body.to_string()] {
+        assert!(!text.contains("TOPSECRET") && !text.contains("127.0.0.1"), "{text}");
+    }
+    assert!(agent.calls().is_empty(), "the HTTP/1.1 server never saw a request");
+
+    // Registered as it is (HTTP/1.1), the same agent answers.
+    let fixed = server.put("/api/agents/h1", json!({"agent": {"http2": false}})).await;
+    assert_eq!((fixed.status, &fixed.body["agent"]["http2"]), (200, &json!(false)));
+    say(&server, "h1-s", "and now?").await;
+    let replies = agent_messages(&server, "h1-s", "h1", 1).await;
+    assert_eq!(reply_text(&replies[0]), "echo: and now?");
+    assert_eq!(agent.calls()[0].version, axum::http::Version::HTTP_11);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_agent_negotiates_http2_by_alpn_and_falls_back_to_http1() {
+    let ca = TestCa::new();
+    let ca_file = ca.pem_file.clone();
+    let server = TestServer::start_with(Store::Sqlite, |s| s.agent_ca_file = Some(ca_file)).await;
+    let h2 = TestAgent::serve(
+        Behavior::EchoJsonl,
+        Transport::Tls {
+            ca: ca.clone(),
+            alpn: vec!["h2", "http/1.1"],
+        },
+    )
+    .await;
+    let h1 = TestAgent::serve(
+        Behavior::EchoJsonl,
+        Transport::Tls {
+            ca: ca.clone(),
+            alpn: vec!["http/1.1"],
+        },
+    )
+    .await;
+    assert!(h2.url.starts_with("https://127.0.0.1:"), "{}", h2.url);
+    // `http2` does not matter over TLS: ALPN decides.
+    register(&server, &h2, "tls-h2", json!({})).await;
+    register(&server, &h1, "tls-h1", json!({"http2": true})).await;
+    let mut ws = join_as_user(&server, "tls-h2-s").await;
+    say(&server, "tls-h2-s", "secure").await;
+    let (live, _) = live_reply(&mut ws).await;
+    assert_eq!(live, "echo: secure");
+    say(&server, "tls-h1-s", "old school").await;
+    let replies = agent_messages(&server, "tls-h1-s", "tls-h1", 1).await;
+    assert_eq!(reply_text(&replies[0]), "echo: old school");
+    assert_eq!(
+        reply_text(&agent_messages(&server, "tls-h2-s", "tls-h2", 1).await[0]),
+        "echo: secure"
+    );
+    assert_eq!(h2.calls()[0].version, axum::http::Version::HTTP_2);
+    assert_eq!(h1.calls()[0].version, axum::http::Version::HTTP_11);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_agent_whose_ca_is_not_trusted_fails_without_its_address() {
+    let ca = TestCa::new();
+    let server = TestServer::start_with(Store::Sqlite, |s| s.agent_max_attempts = Some(1)).await;
+    let agent = TestAgent::serve(
+        Behavior::EchoJsonl,
+        Transport::Tls {
+            ca,
+            alpn: vec!["h2", "http/1.1"],
+        },
+    )
+    .await;
+    register(&server, &agent, "untrusted", json!({})).await;
+    let mut ws = join_as_user(&server, "untrusted-s").await;
+    say(&server, "untrusted-s", "hi").await;
+    let failure = wait_for_failure(&mut ws).await;
+    assert_eq!(failure["error"], "TLS handshake failed", "{failure}");
+    assert!(!failure.to_string().contains("127.0.0.1"));
+    assert!(agent.calls().is_empty());
+    server.stop().await;
+}
+
+/// `examples/echo-agent/server.mjs` (Node's HTTP/1.1 server, which answers HTTP/2's connection
+/// preface with `400 Bad Request`) registered with `http2: true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_example_agent_registered_with_http2_fails_clearly_and_answers_without() {
+    struct Node(std::process::Child);
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/echo-agent/server.mjs");
+    let _node = Node(
+        std::process::Command::new("node")
+            .arg(script)
+            .env("PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("node runs"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "the Node agent did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = json!({"agent": {"id": "node", "name": "node", "origin_url": format!("http://127.0.0.1:{port}"),
+        "debounce_window_ms": 0, "http2": true}});
+    assert_eq!(server.post("/api/agents", agent).await.status, 201);
+    let session = json!({"id": "node-s", "user_id": "u", "agent_id": "node"});
+    assert_eq!(server.post("/api/sessions", session).await.status, 201);
+    let mut ws = join_as_user(&server, "node-s").await;
+    say(&server, "node-s", "hello").await;
+    let failure = wait_for_failure(&mut ws).await;
+    assert_eq!(
+        failure["error"], "the agent does not speak HTTP/2 (it is registered with http2: true)",
+        "{failure}"
+    );
+    assert!(!failure.to_string().contains("127.0.0.1"));
+    let fixed = server
+        .patch("/api/agents/node", json!({"agent": {"http2": false}}))
+        .await;
+    assert_eq!(fixed.status, 200);
+    say(&server, "node-s", "again").await;
+    let replies = agent_messages(&server, "node-s", "node", 1).await;
+    assert_eq!(reply_text(&replies[0]), "echo: again");
+    server.stop().await;
 }

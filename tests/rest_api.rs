@@ -21,6 +21,7 @@ macro_rules! on_both_stores {
 
 on_both_stores!(
     agents_crud_and_validation,
+    agents_http2_round_trips_survives_restarts_and_migrates,
     sessions_create_list_show_archive,
     append_validation_errors_in_order,
     idempotency_and_expected_seq,
@@ -124,6 +125,101 @@ async fn agents_crud_and_validation(store: Store) {
     let missing = server.get("/api/agents/ghost").await;
     assert_eq!((missing.status, error_code(&missing.body)), (404, "agent_not_found"));
     assert_eq!(server.delete("/api/agents/ghost").await.status, 404);
+    server.stop().await;
+}
+
+async fn agents_http2_round_trips_survives_restarts_and_migrates(store: Store) {
+    let server = TestServer::start(store).await;
+    let created = server
+        .post(
+            "/api/agents",
+            json!({"agent": {"id": "fast", "name": "Fast", "origin_url": "http://a", "http2": true}}),
+        )
+        .await;
+    assert_eq!((created.status, &created.body["agent"]["http2"]), (201, &json!(true)));
+    let plain = server
+        .post(
+            "/api/agents",
+            json!({"agent": {"id": "plain", "name": "Plain", "origin_url": "http://b"}}),
+        )
+        .await;
+    assert_eq!(plain.body["agent"]["http2"], false, "off by default");
+    for bad in [json!("yes"), json!(1), json!({})] {
+        let invalid = server
+            .post(
+                "/api/agents",
+                json!({"agent": {"id": "x", "name": "X", "origin_url": "http://x", "http2": bad}}),
+            )
+            .await;
+        assert_eq!(invalid.status, 422, "{}", invalid.body);
+        assert_eq!(error_code(&invalid.body), "validation_failed");
+        assert_eq!(invalid.body["errors"], json!({"http2": ["must be a boolean"]}));
+        let update = server.patch("/api/agents/fast", json!({"agent": {"http2": bad}})).await;
+        assert_eq!(update.status, 422);
+        assert_eq!(update.body["errors"]["http2"], json!(["must be a boolean"]));
+    }
+    let renamed = server
+        .patch("/api/agents/fast", json!({"agent": {"name": "Fast 2"}}))
+        .await;
+    assert_eq!(renamed.body["agent"]["http2"], true, "kept when not given");
+    let turned_on = server.put("/api/agents/plain", json!({"agent": {"http2": true}})).await;
+    assert_eq!(turned_on.body["agent"]["http2"], true);
+    let turned_off = server
+        .put("/api/agents/plain", json!({"agent": {"http2": false}}))
+        .await;
+    assert_eq!(turned_off.body["agent"]["http2"], false);
+
+    let (data_dir, database) = server.stop().await;
+    let server = restart(store, data_dir, database).await;
+    let http2_of = |body: &Value| -> Vec<(String, Value)> {
+        body["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| (a["id"].as_str().unwrap().to_string(), a["http2"].clone()))
+            .collect()
+    };
+    let listed = server.get("/api/agents").await;
+    assert_eq!(
+        http2_of(&listed.body),
+        vec![("fast".to_string(), json!(true)), ("plain".to_string(), json!(false))]
+    );
+    assert_eq!(server.get("/api/agents/fast").await.body["agent"]["http2"], true);
+
+    // A database from before the column: the next start adds it (off) and keeps the agents.
+    let (data_dir, database) = server.stop().await;
+    match &database {
+        Some(database) => {
+            let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            let connection = tokio::spawn(connection);
+            client
+                .batch_execute("ALTER TABLE agents DROP COLUMN http2")
+                .await
+                .unwrap();
+            drop(client);
+            connection.await.unwrap().unwrap();
+        }
+        None => {
+            let sqlite = rusqlite::Connection::open(data_dir.path().join("archive.sqlite3")).unwrap();
+            sqlite.execute_batch("ALTER TABLE agents DROP COLUMN http2").unwrap();
+        }
+    }
+    let server = restart(store, data_dir, database).await;
+    let listed = server.get("/api/agents").await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(
+        http2_of(&listed.body),
+        vec![("fast".to_string(), json!(false)), ("plain".to_string(), json!(false))]
+    );
+    let on_again = server
+        .patch("/api/agents/fast", json!({"agent": {"http2": true}}))
+        .await;
+    assert_eq!((on_again.status, &on_again.body["agent"]["http2"]), (200, &json!(true)));
+    let (data_dir, database) = server.stop().await;
+    let server = restart(store, data_dir, database).await;
+    assert_eq!(server.get("/api/agents/fast").await.body["agent"]["http2"], true);
     server.stop().await;
 }
 

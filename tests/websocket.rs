@@ -625,6 +625,60 @@ async fn pipelined_sends_stay_in_order_when_one_needs_the_archive() {
     server.stop().await;
 }
 
+/// A longer pipelined mix after a reload: sends with fresh client ids (each needs the archive
+/// look-up) and without, interleaved, then more sends once those settle. Every send is stored in
+/// the order sent, and the socket goes back to queueing sends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_mix_of_archive_checks_and_plain_sends_keeps_the_order_sent() {
+    let server = TestServer::start(Store::Sqlite).await;
+    server.agent_and_session("a", "u", "s").await;
+    for n in 0..200 {
+        append(&server, "s", json!({"user_id": "u", "content": {"n": n}})).await;
+    }
+    let (data_dir, _) = server.stop().await;
+    let path = data_dir.path().to_path_buf();
+    let mut server = TestServer::start_with(Store::Sqlite, |s| s.data_dir = Some(path)).await;
+    let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
+    ws.send(r#"["1","j","session:s","phx_join",{"last_seq":200}]"#).await;
+    assert_eq!(ws.next().await[4]["status"], "ok");
+    let frame = |n: usize| {
+        let client_id = if n.is_multiple_of(3) {
+            format!(r#","client_id":"fresh-{n}""#)
+        } else {
+            String::new()
+        };
+        format!(r#"["1","r{n}","session:s","send",{{"content":{{"content":{{"n":{n}}}}}{client_id}}}]"#)
+    };
+    let mut expected = Vec::new();
+    for round in 0..2 {
+        let sends: Vec<usize> = (round * 12..round * 12 + 12).collect();
+        ws.send_batch(sends.iter().map(|n| frame(*n)).collect()).await;
+        let mut stored = Vec::new();
+        while stored.len() < sends.len() {
+            let frame = ws.next().await;
+            if frame[3] == "phx_reply" {
+                assert_eq!(frame[4]["status"], "ok", "{frame}");
+                stored.push((
+                    frame[1].as_str().unwrap().to_string(),
+                    frame[4]["response"]["seq"].as_u64().unwrap(),
+                ));
+            }
+        }
+        expected.extend(sends.iter().map(|n| (format!("r{n}"), 201 + *n as u64)));
+        assert_eq!(stored, expected[round * 12..], "stored and answered in the order sent");
+    }
+    let page = server.get("/api/sessions/s/messages?after_seq=200&limit=100").await;
+    let order: Vec<u64> = page.body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(order, (0..24).collect::<Vec<u64>>());
+    server.data_dir = data_dir;
+    server.stop().await;
+}
+
 /// Shutdown answers every send it stored before closing with 1012: a client never has to
 /// guess whether a send it saw no reply for was kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 //! - `webhook.rs`: one dispatch — request, streamed reply, retries.
 //! - `branch.rs`: the current branch after `regenerate` messages (history, `replaces`).
 //! - `cancel.rs`: cancelling a running dispatch (the user stops the turn), race-free with its end.
+//! - `http.rs`: the pooled webhook clients (HTTP/1.1 or ALPN-negotiated HTTP/2; h2c).
 //! - `reply.rs`, `assembler.rs`, `partial_json.rs`: the pure reply parsing and assembly.
 //! - `streams.rs`: replies streaming now (for `stream_chunk` and `stream_snapshot`).
 //! - `registry.rs`: the agents, in memory.
@@ -18,6 +19,7 @@
 pub mod assembler;
 pub mod branch;
 mod cancel;
+pub mod http;
 mod partial_json;
 pub mod recent;
 pub mod registry;
@@ -64,7 +66,7 @@ pub struct EngineContext {
     pub registry: Arc<AgentRegistry>,
     pub streams: Arc<LiveStreams>,
     pub hub: Arc<Hub>,
-    pub http: reqwest::Client,
+    pub http: http::WebhookClients,
     pub config: EngineConfig,
     pub shards_limits: MessageLimits,
     pub recent: Arc<RecentDispatches>,

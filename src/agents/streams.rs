@@ -172,3 +172,69 @@ impl LiveStreams {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::hub::LiveEvent;
+
+    /// While one session's stream lock is held (a late joiner's big snapshot being built, a
+    /// chunk being assembled and fanned out), another session's chunks, snapshots and stream
+    /// starts and ends go through. With one lock for all sessions (as before) this fails.
+    #[test]
+    fn one_sessions_stream_lock_never_holds_up_another_session() {
+        let hub = Hub::new(4);
+        let streams = Arc::new(LiveStreams::new(hub.clone()));
+        let (slow, fast, other): (Arc<str>, Arc<str>, Arc<str>) = ("slow".into(), "fast".into(), "other".into());
+        streams.begin(&slow, "agent", &Arc::from("d-slow"));
+        streams.begin(&fast, "agent", &Arc::from("d-fast"));
+        let (queue, mut received) = tokio::sync::mpsc::channel(16);
+        let _subscription = hub.subscribe_session(fast.clone(), hub.new_listener(queue));
+
+        let (entered, wait_entered) = std_mpsc::channel();
+        let (release, wait_release) = std_mpsc::channel::<()>();
+        let holder = std::thread::spawn({
+            let (streams, slow) = (streams.clone(), slow.clone());
+            move || {
+                streams.end_message(&slow, |_| {
+                    entered.send(()).unwrap();
+                    wait_release.recv().unwrap();
+                })
+            }
+        });
+        wait_entered.recv().unwrap();
+
+        let (finished, wait_finished) = std_mpsc::channel();
+        std::thread::spawn({
+            let (streams, fast, other) = (streams.clone(), fast.clone(), other.clone());
+            move || {
+                streams.chunk(&fast, &json!({"type": "text-start", "id": "t"})).unwrap();
+                streams
+                    .chunk(&fast, &json!({"type": "text-delta", "id": "t", "delta": "hi"}))
+                    .unwrap();
+                let snapshot = streams.snapshot(&fast).map(|s| s.next_index);
+                streams.begin(&other, "agent", &Arc::from("d-other"));
+                streams.end(&other);
+                finished.send(snapshot).unwrap();
+            }
+        });
+        let outcome = wait_finished.recv_timeout(Duration::from_secs(5));
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        assert_eq!(
+            outcome,
+            Ok(Some(2)),
+            "the fast session's stream waited for the slow session's lock"
+        );
+        let mut indexes = Vec::new();
+        while let Ok(event) = received.try_recv() {
+            if let LiveEvent::StreamChunk { index, .. } = &*event {
+                indexes.push(*index);
+            }
+        }
+        assert_eq!(indexes, vec![0, 1], "both chunks were fanned out to the fast session");
+    }
+}

@@ -268,6 +268,7 @@ async fn call(
     let timeout = Duration::from_millis(u64::from(agent.timeout_ms));
     let mut request = context
         .http
+        .for_agent(agent)
         .post(&url)
         .header("content-type", "application/json")
         .header("accept", "application/x-ndjson, text/event-stream, application/json")
@@ -290,6 +291,13 @@ async fn call(
             });
         }
         Ok(Err(error)) => {
+            if super::http::uses_h2c(agent) && super::http::failed_for_want_of_http2(agent, &error).await {
+                // Registered with `http2: true` but the agent speaks HTTP/1.1 only: a
+                // registration mistake that another attempt will not fix.
+                tracing::warn!(agent_id = %agent.id, error = %error.without_url(), "the agent does not speak HTTP/2 (it is registered with http2: true)");
+                metrics::counter!("fleetlm_webhook_failures_total", "reason" => "not HTTP/2").increment(1);
+                return Err(CallError::Fatal(super::http::NOT_HTTP2.into()));
+            }
             return Err(CallError::Retryable {
                 reason: transport_failure(agent, error).into(),
                 retry_after: None,

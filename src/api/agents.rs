@@ -294,6 +294,14 @@ fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Times
             BTreeMap::new()
         }
     };
+    let http2 = match fields.get("http2") {
+        None | Some(Value::Null) => existing.is_some_and(|a| a.http2),
+        Some(Value::Bool(http2)) => *http2,
+        Some(_) => {
+            error("http2", "must be a boolean");
+            false
+        }
+    };
     let status = match fields.get("status") {
         None | Some(Value::Null) => existing.map_or(AgentStatus::Enabled, |a| a.status),
         Some(Value::String(s)) if s == "enabled" => AgentStatus::Enabled,
@@ -316,6 +324,7 @@ fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Times
         timeout_ms,
         debounce_window_ms,
         headers,
+        http2,
         status,
         inserted_at: existing.map_or(now, |a| a.inserted_at),
         updated_at: now,
@@ -381,6 +390,26 @@ mod tests {
             (50, 30_000, 500)
         );
         assert_eq!(agent.status, AgentStatus::Enabled);
+        assert!(!agent.http2);
+    }
+
+    #[test]
+    fn http2_is_a_boolean_kept_on_update_unless_given() {
+        let created = build_agent(
+            &fields(json!({"id": "a1", "name": "A", "origin_url": "http://127.0.0.1:9000", "http2": true})),
+            None,
+            Timestamp(1),
+        )
+        .unwrap();
+        assert!(created.http2);
+        let renamed = build_agent(&fields(json!({"name": "B"})), Some(&created), Timestamp(2)).unwrap();
+        assert!(renamed.http2);
+        let off = build_agent(&fields(json!({"http2": false})), Some(&created), Timestamp(3)).unwrap();
+        assert!(!off.http2);
+        for bad in [json!("true"), json!(1), json!([]), json!({})] {
+            let errors = build_agent(&fields(json!({"http2": bad})), Some(&created), Timestamp(4)).unwrap_err();
+            assert_eq!(errors["http2"], vec!["must be a boolean".to_string()]);
+        }
     }
 
     #[test]
@@ -422,7 +451,7 @@ mod tests {
             &fields(
                 json!({"id": "bad id", "name": " ", "origin_url": "ftp://x", "webhook_path": "hook",
                 "message_history_mode": "all", "message_history_limit": 0, "timeout_ms": 600_001,
-                "debounce_window_ms": -1, "headers": {"x": 1}, "status": "paused"}),
+                "debounce_window_ms": -1, "headers": {"x": 1}, "http2": "yes", "status": "paused"}),
             ),
             None,
             Timestamp(1),
@@ -434,6 +463,7 @@ mod tests {
             vec![
                 "debounce_window_ms",
                 "headers",
+                "http2",
                 "id",
                 "message_history_limit",
                 "message_history_mode",

@@ -33,6 +33,12 @@ pub enum ArchiveError {
 
 pub type Result<T> = std::result::Result<T, ArchiveError>;
 
+/// Columns added to a table after its `CREATE TABLE` first shipped: `schema.sql` creates a new
+/// database with them, and `migrate` adds each one an existing database lacks (both archives;
+/// SQLite has no `ADD COLUMN IF NOT EXISTS`, so each backend checks its own catalogue). Append
+/// here, never edit: `(table, column, definition)`.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("agents", "http2", "BOOLEAN NOT NULL DEFAULT FALSE")];
+
 /// A session as the archive knows it, with its newest messages for the hot tail.
 #[derive(Debug, Clone)]
 pub struct LoadedSession {

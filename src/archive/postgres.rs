@@ -72,6 +72,26 @@ impl PostgresArchive {
             .await
             .map_err(from_pg)?;
         tx.batch_execute(SCHEMA).await.map_err(from_pg)?;
+        for (table, column, definition) in super::ADDED_COLUMNS {
+            // Looked up first: `ALTER TABLE` locks the table exclusively even when the column
+            // exists, which would stall other nodes' reads at every start.
+            let present: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                     WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2)",
+                    &[table, column],
+                )
+                .await
+                .map_err(from_pg)?
+                .get(0);
+            if !present {
+                tx.batch_execute(&format!(
+                    "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}"
+                ))
+                .await
+                .map_err(from_pg)?;
+            }
+        }
         tx.commit().await.map_err(from_pg)
     }
 
@@ -378,8 +398,9 @@ impl PostgresArchive {
             .await?
             .execute(
                 "INSERT INTO agents (id, name, origin_url, webhook_path, message_history_mode,
-                    message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING",
+                    message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at,
+                    http2)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (id) DO NOTHING",
                 &params.as_params(),
             )
             .await
@@ -398,7 +419,7 @@ impl PostgresArchive {
             .execute(
                 "UPDATE agents SET name = $2, origin_url = $3, webhook_path = $4, message_history_mode = $5,
                     message_history_limit = $6, timeout_ms = $7, debounce_window_ms = $8, headers = $9,
-                    status = $10, inserted_at = $11, updated_at = $12
+                    status = $10, inserted_at = $11, updated_at = $12, http2 = $13
                  WHERE id = $1",
                 &params.as_params(),
             )
@@ -575,6 +596,7 @@ struct AgentParams {
     status: &'static str,
     inserted_at: i64,
     updated_at: i64,
+    http2: bool,
 }
 
 impl AgentParams {
@@ -588,6 +610,7 @@ impl AgentParams {
             status: agent.status.as_str(),
             inserted_at: agent.inserted_at.0,
             updated_at: agent.updated_at.0,
+            http2: agent.http2,
             id: agent.id,
             name: agent.name,
             origin_url: agent.origin_url,
@@ -595,7 +618,7 @@ impl AgentParams {
         }
     }
 
-    fn as_params(&self) -> [&(dyn ToSql + Sync); 12] {
+    fn as_params(&self) -> [&(dyn ToSql + Sync); 13] {
         [
             &self.id,
             &self.name,
@@ -609,6 +632,7 @@ impl AgentParams {
             &self.status,
             &self.inserted_at,
             &self.updated_at,
+            &self.http2,
         ]
     }
 }
@@ -670,6 +694,7 @@ fn agent_from_row(r: &tokio_postgres::Row) -> Result<Agent> {
         status: r.get(9),
         inserted_at: r.get(10),
         updated_at: r.get(11),
+        http2: r.get(12),
     })
     .map_err(rejected)
 }

@@ -10,7 +10,8 @@ CREATE TABLE IF NOT EXISTS agents (
     headers TEXT NOT NULL,
     status TEXT NOT NULL,
     inserted_at BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL
+    updated_at BIGINT NOT NULL,
+    http2 BOOLEAN NOT NULL DEFAULT FALSE
 );
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,

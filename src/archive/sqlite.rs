@@ -113,7 +113,22 @@ impl SqliteArchive {
     }
 
     pub async fn migrate(&self) -> Result<()> {
-        self.with(|c| c.execute_batch(SCHEMA)).await
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute_batch(SCHEMA)?;
+            for (table, column, definition) in super::ADDED_COLUMNS {
+                let present: bool = tx.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+                    params![table, column],
+                    |r| r.get(0),
+                )?;
+                if !present {
+                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"))?;
+                }
+            }
+            tx.commit()
+        })
+        .await
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -408,8 +423,9 @@ impl SqliteArchive {
             .with(move |c| {
                 c.execute(
                     "INSERT INTO agents (id, name, origin_url, webhook_path, message_history_mode,
-                        message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (id) DO NOTHING",
+                        message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at,
+                        http2)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) ON CONFLICT (id) DO NOTHING",
                     agent_params!(agent),
                 )
             })
@@ -426,7 +442,7 @@ impl SqliteArchive {
             c.execute(
                 "UPDATE agents SET name = ?2, origin_url = ?3, webhook_path = ?4, message_history_mode = ?5,
                     message_history_limit = ?6, timeout_ms = ?7, debounce_window_ms = ?8, headers = ?9,
-                    status = ?10, inserted_at = ?11, updated_at = ?12
+                    status = ?10, inserted_at = ?11, updated_at = ?12, http2 = ?13
                  WHERE id = ?1",
                 agent_params!(agent),
             )
@@ -560,7 +576,8 @@ macro_rules! agent_params {
             serde_json::to_string(&$agent.headers).expect("headers serialize"),
             $agent.status.as_str(),
             $agent.inserted_at.0,
-            $agent.updated_at.0
+            $agent.updated_at.0,
+            $agent.http2
         ]
     };
 }
@@ -575,7 +592,7 @@ pub(super) const MESSAGE_SELECT: &str = "SELECT session_id, seq, id, sender_id, 
     fingerprint, nonuser_through, inserted_at FROM messages";
 
 pub(super) const AGENT_SELECT: &str = "SELECT id, name, origin_url, webhook_path, message_history_mode,
-    message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at FROM agents";
+    message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at, http2 FROM agents";
 
 fn conversion_error(column: usize, error: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, error.into())
@@ -634,6 +651,7 @@ fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Agent> {
         status: r.get(9)?,
         inserted_at: r.get(10)?,
         updated_at: r.get(11)?,
+        http2: r.get(12)?,
     })
     .map_err(|e| conversion_error(8, e))
 }

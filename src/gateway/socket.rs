@@ -222,7 +222,9 @@ pub async fn run(
             },
             Some(event) = live.recv() => socket.handle_live(event),
             () = &mut timer => socket.on_timer(),
-            () = tokio::time::sleep_until(draining_until.unwrap_or_else(Instant::now)), if draining_until.is_some() => {
+            // An async block: `select!` builds every branch's future on every turn, even a
+            // disabled one, and a timer (with a clock read) per frame is waste.
+            () = async { if let Some(deadline) = draining_until { tokio::time::sleep_until(deadline).await } }, if draining_until.is_some() => {
                 socket.close(CLOSE_SERVICE_RESTART, "server restarting");
             }
             changed = shutdown.changed(), if draining_until.is_none() => {
@@ -238,8 +240,9 @@ pub async fn run(
         socket.check_overflow();
         timer.as_mut().reset(socket.next_deadline());
     }
-    // Sends still pending are stored all the same (they are queued at their shards); only
-    // their replies are lost with the connection.
+    // Sends still pending are stored all the same (they are queued at their shards, all but
+    // those waiting behind a send's archive round trip); only their replies are lost with the
+    // connection.
     drop(pending);
     metrics::gauge!("fleetlm_sockets").decrement(1.0);
     metrics::gauge!("fleetlm_joined_channels").decrement(socket.channels.len() as f64);
@@ -377,7 +380,7 @@ impl Socket {
                 self.error_reply(&frame, json!({"reason": "unmatched topic"}));
             }
             (_, "send") => return self.send_message(frame).await,
-            (_, "regenerate") => return self.regenerate(frame),
+            (_, "regenerate") => return self.regenerate(frame).await,
             (_, "cancel") => return self.cancel(frame),
             (_, "typing") => self.typing(&frame),
             _ => self.error_reply(&frame, json!({"reason": "unknown_event"})),
@@ -586,10 +589,13 @@ impl Socket {
             topic: frame.topic,
             received_at: Instant::now(),
         };
+        // Queued at its shard now (unless a send before it is waiting for a round trip), so the
+        // sends of one read join the writer's next batch.
         let outcome = self
             .state
             .shards
-            .submit_append_in_order(&mut self.append_order, request);
+            .submit_append_in_order(&mut self.append_order, request)
+            .await;
         Some(Box::pin(async move { (reply_to, Pending::Append(outcome.await)) }))
     }
 
@@ -658,7 +664,7 @@ impl Socket {
 
     /// `regenerate` (`{}` or `{"message_id", "client_id"?}`): stores a `regenerate` message of
     /// the session's user, answered like a `send`.
-    fn regenerate(&mut self, frame: InFrame) -> Option<PendingSend> {
+    async fn regenerate(&mut self, frame: InFrame) -> Option<PendingSend> {
         let session_id = self.user_channel(&frame, "regenerate a reply")?;
         let request = crate::api::turns::regenerate_request(&self.state, &session_id, &self.identity, &frame.payload);
         let request = match request {
@@ -677,7 +683,8 @@ impl Socket {
         let outcome = self
             .state
             .shards
-            .submit_append_in_order(&mut self.append_order, request);
+            .submit_append_in_order(&mut self.append_order, request)
+            .await;
         Some(Box::pin(async move { (reply_to, Pending::Append(outcome.await)) }))
     }
 

@@ -15,11 +15,11 @@ mod state;
 pub mod writer;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::archive::{Archive, ArchiveError};
 use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionView};
@@ -157,7 +157,7 @@ impl Writer {
 
 /// An ordered append's link to its stream while it settles.
 struct Ordered {
-    placement: watch::Sender<Placement>,
+    placement: PlacementHandle,
     previous: Option<OrderLink>,
 }
 
@@ -167,12 +167,12 @@ impl Ordered {
     async fn on_answer(&mut self, outcome: &AppendOutcome) {
         match outcome {
             AppendOutcome::Appended(_) | AppendOutcome::Duplicate { .. } => {
-                self.placement.send_replace(Placement::Placed);
+                self.placement.set(Placement::Placed);
             }
             AppendOutcome::NotLoaded(_) | AppendOutcome::CheckClientIdInArchive { .. } => {
-                self.placement.send_replace(Placement::Bounced);
-                if let Some(previous) = self.previous.as_mut() {
-                    previous.wait_until(|p| p == Placement::Placed).await;
+                self.placement.set(Placement::Bounced);
+                if let Some(previous) = self.previous.as_ref() {
+                    previous.cell.wait_until(|p| p == Placement::Placed).await;
                 }
             }
         }
@@ -202,37 +202,105 @@ fn writer_stopped() -> ShardError {
 /// How many times a request is retried after loading a session or checking the archive.
 const MAX_ROUNDS: usize = 4;
 
-/// Where one append of an ordered stream (a socket's sends) stands. A dropped sender counts as
-/// `Placed`: its append has ended one way or another.
+/// Where one append of an ordered stream (a socket's sends) stands. An append whose
+/// [`PlacementHandle`] is dropped counts as `Placed`: it has ended one way or another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum Placement {
     /// Not handed to the writer yet.
-    Waiting,
-    /// In the writer's queue, no answer yet.
-    Submitted,
+    Waiting = 0,
+    /// In the writer's queue, no answer handled yet.
+    Submitted = 1,
     /// The writer sent it back for a round trip (load the session, look up the client id).
-    Bounced,
+    Bounced = 2,
     /// Has its seq (or its final refusal): nothing sent later can be stored before it.
-    Placed,
+    Placed = 3,
 }
 
-#[derive(Clone)]
+/// One ordered append's placement, read by the append after it. Cheap on the hot path: an
+/// atomic, and a wake-up only when the next append is actually waiting (rare: a round trip).
+#[derive(Default)]
+struct PlacementCell {
+    state: AtomicU8,
+    /// Set by a waiter before it reads `state`, so `set` knows whether to wake anyone.
+    watched: AtomicBool,
+    changed: Notify,
+}
+
+impl PlacementCell {
+    fn get(&self) -> Placement {
+        match self.state.load(Ordering::SeqCst) {
+            0 => Placement::Waiting,
+            1 => Placement::Submitted,
+            2 => Placement::Bounced,
+            _ => Placement::Placed,
+        }
+    }
+
+    fn set(&self, placement: Placement) {
+        self.state.store(placement as u8, Ordering::SeqCst);
+        // Both sides use SeqCst: either this sees `watched`, or the waiter sees the new state.
+        if self.watched.load(Ordering::SeqCst) {
+            self.changed.notify_waiters();
+        }
+    }
+
+    async fn wait_until(&self, done: impl Fn(Placement) -> bool) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.watched.store(true, Ordering::SeqCst);
+            if done(self.get()) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// An append's own end of its placement: marks it `Placed` when dropped, however it ended
+/// (stored, refused, or its future dropped with the socket).
+struct PlacementHandle(Arc<PlacementCell>);
+
+impl PlacementHandle {
+    fn set(&self, placement: Placement) {
+        self.0.set(placement);
+    }
+}
+
+impl Drop for PlacementHandle {
+    fn drop(&mut self) {
+        self.0.set(Placement::Placed);
+    }
+}
+
 struct OrderLink {
-    placement: watch::Receiver<Placement>,
+    cell: Arc<PlacementCell>,
     has_client_id: bool,
 }
 
 impl OrderLink {
-    async fn wait_until(&mut self, done: impl Fn(Placement) -> bool) {
-        // An error means the sender is gone: that append has ended, which counts as placed.
-        let _ = self.placement.wait_for(|p| done(*p)).await;
+    /// Whether an append (with a client id or not) may be handed to the writer now, with this
+    /// one before it: once this one is in the writer's queue, the writer takes the next one
+    /// after it — unless this one may be sent back for an archive look-up (it has a client id)
+    /// that the next one would not need (it has none); then only once this one is placed.
+    fn lets_through(&self, placement: Placement, has_client_id: bool) -> bool {
+        if self.has_client_id && !has_client_id {
+            placement == Placement::Placed
+        } else {
+            matches!(placement, Placement::Submitted | Placement::Placed)
+        }
     }
 }
 
 /// Keeps one caller's appends in the order it submitted them, even when one needs a round
 /// trip to the archive first (its session was not loaded, or its client id is older than the
 /// in-memory window): appends after it are not handed to the writer, or handed again, before
-/// it is placed. Sends pipeline as before in the common case.
+/// it is placed. In the common case each append is queued at its shard at once, in the
+/// caller's task, exactly as an unordered submission is (pipelined, no extra hop). The caller
+/// polls the returned futures from the task that submits (as a socket does), so an append's
+/// placement cannot move while the next one is being queued.
 #[derive(Default)]
 pub struct AppendOrder {
     last: Option<OrderLink>,
@@ -391,31 +459,51 @@ impl Shards {
     }
 
     /// Like [`Shards::submit_append`], for one of a stream of appends that must be stored in
-    /// the order submitted (see [`AppendOrder`]). The append is handed to its shard when the
-    /// returned future is first polled, once the one before it may no longer land after it.
-    pub fn submit_append_in_order(&self, order: &mut AppendOrder, request: AppendRequest) -> PendingAppend {
-        let (placement, watched) = watch::channel(Placement::Waiting);
+    /// the order submitted (see [`AppendOrder`]). When the append before it is already in its
+    /// shard's queue (or placed), this one is queued now, before this returns, as
+    /// `submit_append` does; otherwise it is handed to its shard by the returned future (when
+    /// polled) once the one before may no longer land after it.
+    pub async fn submit_append_in_order(&self, order: &mut AppendOrder, request: AppendRequest) -> PendingAppend {
         let has_client_id = request.client_id.is_some();
+        let cell = Arc::new(PlacementCell::default());
         let previous = order.last.replace(OrderLink {
-            placement: watched,
+            cell: cell.clone(),
             has_client_id,
         });
+        let placement = PlacementHandle(cell);
+        // A placed predecessor can no longer be overtaken: nothing to wait for, ever.
+        let previous = previous.filter(|p| p.cell.get() != Placement::Placed);
+        let session_id = request.session_id.clone();
+        let shard = self.shard_of(&session_id);
         let shards = self.clone();
-        Box::pin(async move {
-            let mut previous = previous;
-            if let Some(previous) = previous.as_mut() {
-                if previous.has_client_id && !has_client_id {
-                    // The one before may be sent back for an archive look-up, which this one
-                    // would not need: it could be stored first.
-                    previous.wait_until(|p| p == Placement::Placed).await;
-                } else {
-                    previous
-                        .wait_until(|p| matches!(p, Placement::Submitted | Placement::Placed))
-                        .await;
-                }
+        let clear_now = previous
+            .as_ref()
+            .is_none_or(|p| p.lets_through(p.cell.get(), has_client_id));
+        if clear_now {
+            // The common case. The one before cannot change state meanwhile: its future is
+            // polled by the caller, which is here.
+            let (reply, answer) = oneshot::channel();
+            let command = Command::Append {
+                request: Box::new(request),
+                reply,
+            };
+            if self.inner.senders[shard as usize].send(command).await.is_err() {
+                return Box::pin(std::future::ready(Err(writer_stopped())));
             }
-            let session_id = request.session_id.clone();
-            let shard = shards.shard_of(&session_id);
+            placement.set(Placement::Submitted);
+            return Box::pin(async move {
+                let outcome = answer.await.map_err(|_| writer_stopped())??;
+                let order = Ordered { placement, previous };
+                shards.settle_append(&session_id, shard, outcome, Some(order)).await
+            });
+        }
+        Box::pin(async move {
+            if let Some(previous) = previous.as_ref() {
+                previous
+                    .cell
+                    .wait_until(|p| previous.lets_through(p, has_client_id))
+                    .await;
+            }
             let (reply, answer) = oneshot::channel();
             let command = Command::Append {
                 request: Box::new(request),
@@ -425,7 +513,7 @@ impl Shards {
                 .send(command)
                 .await
                 .map_err(|_| writer_stopped())?;
-            placement.send_replace(Placement::Submitted);
+            placement.set(Placement::Submitted);
             let outcome = answer.await.map_err(|_| writer_stopped())??;
             let order = Ordered { placement, previous };
             shards.settle_append(&session_id, shard, outcome, Some(order)).await

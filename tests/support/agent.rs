@@ -1,12 +1,15 @@
 //! Real HTTP agents for the engine tests: an axum server on 127.0.0.1:0 that records every
-//! webhook call and answers as the test's `Behavior` says, streaming its body line by line.
+//! webhook call and answers as the test's `Behavior` says, streaming its body line by line. By
+//! default served by `axum::serve`; `TestAgent::serve` picks the protocol exactly (HTTP/1.1
+//! only, HTTP/2 with prior knowledge, or TLS with a chosen ALPN offer) through hyper itself.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -49,6 +52,8 @@ pub enum Behavior {
 pub struct Call {
     pub body: Value,
     pub headers: HeaderMap,
+    /// The HTTP version the call came in with.
+    pub version: Version,
 }
 
 struct AgentState {
@@ -64,6 +69,67 @@ struct AgentState {
 pub struct TestAgent {
     pub url: String,
     state: Arc<AgentState>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// How `TestAgent::serve` speaks.
+#[derive(Clone)]
+pub enum Transport {
+    /// Cleartext HTTP/1.1 only (HTTP/2's connection preface is refused as HTTP/1.1 refuses it).
+    Http1Only,
+    /// Cleartext HTTP/2 only, with prior knowledge (h2c).
+    H2c,
+    /// TLS with a certificate for 127.0.0.1 issued by `ca`, offering these ALPN protocols
+    /// (`h2`, `http/1.1`) and serving whichever the client picks.
+    Tls { ca: Arc<TestCa>, alpn: Vec<&'static str> },
+}
+
+/// A certificate authority made for one test (rcgen), and its certificate as a PEM file for
+/// the server's `agent_ca_file`.
+pub struct TestCa {
+    certificate: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    pub pem_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    pub fn new() -> Arc<TestCa> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "FleetLM test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pem_file = dir.path().join("ca.pem");
+        std::fs::write(&pem_file, certificate.pem()).unwrap();
+        Arc::new(TestCa {
+            certificate,
+            key,
+            pem_file,
+            _dir: dir,
+        })
+    }
+
+    /// A TLS server configuration for `127.0.0.1` and `localhost`, issued by this CA.
+    fn server_config(&self, alpn: &[&str]) -> rustls::ServerConfig {
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = params.signed_by(&key, &self.certificate, &self.key).unwrap();
+        let chain = vec![leaf.der().clone()];
+        let private_key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, private_key)
+                .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        config
+    }
 }
 
 impl TestAgent {
@@ -86,7 +152,81 @@ impl TestAgent {
         let listener = tokio::net::TcpListener::bind(address).await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        TestAgent { url, state }
+        TestAgent {
+            url,
+            state,
+            connections: Arc::default(),
+        }
+    }
+
+    /// Starts on 127.0.0.1:0 speaking exactly as `transport` says.
+    pub async fn serve(behavior: Behavior, transport: Transport) -> TestAgent {
+        let state = Arc::new(AgentState {
+            behavior,
+            calls: Mutex::default(),
+            in_flight: Mutex::default(),
+            gate: tokio::sync::Semaphore::new(0),
+            aborted: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let app = axum::Router::new()
+            .route("/webhook", axum::routing::post(webhook))
+            .with_state(state.clone());
+        let service = hyper_util::service::TowerToHyperService::new(app);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let url = match transport {
+            Transport::Tls { .. } => format!("https://{address}"),
+            _ => format!("http://{address}"),
+        };
+        let tls = match &transport {
+            Transport::Tls { ca, alpn } => Some(tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config(alpn)))),
+            _ => None,
+        };
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let (service, transport, tls) = (service.clone(), transport.clone(), tls.clone());
+                tokio::spawn(async move {
+                    let http1 = hyper::server::conn::http1::Builder::new();
+                    let http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = match (transport, tls) {
+                        (Transport::Http1Only, _) => {
+                            http1
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                        (Transport::H2c, _) => {
+                            http2
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                        (Transport::Tls { .. }, Some(acceptor)) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            if h2 {
+                                http2.serve_connection(io, service).await
+                            } else {
+                                http1.serve_connection(io, service).await
+                            }
+                        }
+                        (Transport::Tls { .. }, None) => unreachable!(),
+                    };
+                });
+            }
+        });
+        TestAgent {
+            url,
+            state,
+            connections,
+        }
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -120,6 +260,11 @@ impl TestAgent {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// TCP connections accepted so far (`serve` only).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// The most dispatches this agent ever had running at once.
@@ -216,13 +361,14 @@ fn streamed(lines: Vec<String>) -> Response {
         .unwrap()
 }
 
-async fn webhook(State(state): State<Arc<AgentState>>, headers: HeaderMap, body: String) -> Response {
+async fn webhook(State(state): State<Arc<AgentState>>, version: Version, headers: HeaderMap, body: String) -> Response {
     let body: Value = serde_json::from_str(&body).unwrap();
     let call_number = {
         let mut calls = state.calls.lock().unwrap();
         calls.push(Call {
             body: body.clone(),
             headers,
+            version,
         });
         calls.len()
     };
