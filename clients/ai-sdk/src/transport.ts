@@ -334,7 +334,7 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     }
     if (abortSignal?.aborted || !dispatchId) return null;
     const reply = subscription.replies.get(dispatchId);
-    if (!reply || reply.done || reply.messageDone) return null;
+    if (!reply || reply.done || reply.messageDone || reply.chunks[0]?.type !== "start") return null;
     this.#markStreamed(chatId, dispatchId);
     return subscription.replyStream({ dispatchId, signal: abortSignal }) as ReadableStream<UIMessageChunk>;
   }

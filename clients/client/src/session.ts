@@ -264,9 +264,9 @@ export class SessionSubscription {
   #onSnapshot(payload: any): void {
     const dispatchId = payload?.dispatch_id;
     if (typeof dispatchId !== "string") return;
-    const reply = this.#reply(dispatchId, payload.agent_id);
-    reply.done = false;
     if (Array.isArray(payload.chunks) && typeof payload.next_index === "number") {
+      const reply = this.#reply(dispatchId, payload.agent_id);
+      reply.done = false;
       const first = payload.next_index - payload.chunks.length;
       if (reply.nextIndex < first) {
         // What this subscription missed of earlier messages of the dispatch is in the log.
@@ -274,12 +274,10 @@ export class SessionSubscription {
         reply.messageDone = true;
       }
       payload.chunks.forEach((chunk: UIMessageChunk, i: number) => this.#applyChunk(reply, chunk, first + i));
-    } else if (payload.message && reply.nextIndex === 0) {
-      // A server without chunk indexes: rebuild the message so far as chunks.
-      for (const chunk of messageToChunks(payload.message as UIMessageLike, { finished: false })) {
-        this.#applyChunk(reply, chunk, undefined);
-      }
     }
+    // A server older than chunk indexes sends only the message so far: its chunks cannot be
+    // continued (the live deltas name part ids the message does not keep), so such a reply is
+    // not followed; its stored message arrives as a `message`.
   }
 
   #onStatus(status: AgentStatus): void {
