@@ -8,8 +8,8 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The Node suites are heavy (servers, agents, a browser): one at a time.
@@ -36,11 +36,7 @@ fn the_client_packages_pass_their_node_tests() {
         npm(&clients, &["ci", "--no-audit", "--no-fund"]);
     }
     npm(&clients, &["run", "build"]);
-    run_node_tests(
-        &clients,
-        &["client/test/", "ai-sdk/test/"],
-        "client package",
-    );
+    run_node_tests(&clients, &["client/test/", "ai-sdk/test/"], "client package");
 }
 
 #[test]

@@ -263,3 +263,37 @@ export async function stopAll() {
   }
   for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
 }
+
+/**
+ * Which server features of the issue-11 protocol contract the server under test has (docs/
+ * WEBSOCKET.md, docs/API.md): `cancel`, `regenerate` (their REST routes exist) and `resume`
+ * (the session join reply says `stream`, so `stream_snapshot` carries chunks and indexes).
+ * Tests of a missing feature are marked todo with the reason, so they still run and report.
+ */
+export async function probeFeatures(base, { agentId = "bot", WebSocket: ws } = {}) {
+  const route = async (path) => {
+    const response = await rest(base, "POST", path, {});
+    return response.body?.code !== "not_found";
+  };
+  const features = {
+    cancel: await route("/api/sessions/feature-probe/cancel"),
+    regenerate: await route("/api/sessions/feature-probe/regenerate"),
+    resume: false,
+  };
+  const { FleetLMClient } = await import("@fleetlm/client");
+  const client = new FleetLMClient({ url: base, userId: "feature-probe", WebSocket: ws });
+  try {
+    const id = `feature-probe-${Date.now()}`;
+    await client.createSession({ agentId, id });
+    const subscription = await client.subscribe(id);
+    features.resume = (await subscription.joined).stream !== undefined;
+  } finally {
+    client.close();
+  }
+  return features;
+}
+
+/** Marks the test todo (with the reason) when the server lacks a feature it needs. */
+export function needs(t, present, feature) {
+  if (!present) t.todo(`the server under test has no ${feature} yet (issue 11 server half, branch h11s)`);
+}

@@ -99,7 +99,14 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
   };
 
   const ready = (async () => {
-    const sub = await transport.session(chatId);
+    let sub: SessionSubscription;
+    try {
+      sub = await transport.session(chatId, { create: false });
+    } catch (error) {
+      if ((error as { code?: string }).code !== "session_not_found") throw error;
+      // A new chat: its session is created by the first send.
+      sub = await transport.whenOpen(chatId);
+    }
     if (stopped) return;
     subscription = sub;
     offs.push(

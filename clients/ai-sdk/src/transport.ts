@@ -83,6 +83,8 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
   readonly #inFlight = new Map<string, { dispatchId?: string }>();
   /** Each session's user. */
   readonly #users = new Map<string, string>();
+  /** Callers of `whenOpen` waiting for a session to be joined. */
+  readonly #waiters = new Map<string, Array<() => void>>();
 
   constructor(options: FleetLMChatTransportOptions) {
     this.#options = options;
@@ -102,30 +104,45 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     }
   }
 
-  /** The subscription behind a chat (joins it, creating the session if `agentId` is set). */
-  session(chatId: string): Promise<SessionSubscription> {
+  /**
+   * The subscription behind a chat: joins the session, creating it first if it does not exist
+   * and `agentId` is set (unless `create: false`: then a missing session is a
+   * `session_not_found` FleetLMError).
+   */
+  session(chatId: string, options: { create?: boolean } = {}): Promise<SessionSubscription> {
     let pending = this.#sessions.get(chatId);
     if (!pending) {
-      pending = this.#open(chatId);
+      pending = this.#open(chatId, options.create !== false);
       this.#sessions.set(chatId, pending);
       pending.then(
-        (subscription) =>
-          subscription.on("error", (error) => {
-            if (error.code === "closed") this.#sessions.delete(chatId);
-          }),
+        () => {
+          for (const resolve of this.#waiters.get(chatId) ?? []) resolve();
+          this.#waiters.delete(chatId);
+        },
         () => this.#sessions.delete(chatId),
       );
     }
     return pending.then((subscription) => {
       if (subscription.closed) {
-        this.#sessions.delete(chatId);
-        return this.session(chatId);
+        if (this.#sessions.get(chatId) === pending) this.#sessions.delete(chatId);
+        return this.session(chatId, options);
       }
       return subscription;
     });
   }
 
-  async #open(chatId: string): Promise<SessionSubscription> {
+  /** Resolves once this transport has joined the chat's session (e.g. after the first send). */
+  whenOpen(chatId: string): Promise<SessionSubscription> {
+    const pending = this.#sessions.get(chatId);
+    if (pending) return pending.then(() => this.session(chatId), () => this.whenOpen(chatId));
+    return new Promise<void>((resolve) => {
+      const list = this.#waiters.get(chatId) ?? [];
+      list.push(resolve);
+      this.#waiters.set(chatId, list);
+    }).then(() => this.session(chatId));
+  }
+
+  async #open(chatId: string, create: boolean): Promise<SessionSubscription> {
     // The subscription starts at the session's newest seq: the chat's history comes from
     // `loadChatMessages` (and `syncChat` catches up by REST), the join brings the reply
     // streaming now.
@@ -135,7 +152,7 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
       this.#users.set(chatId, session.user_id);
       lastSeq = session.last_seq;
     } catch (error) {
-      if (!(error instanceof FleetLMError) || error.code !== "session_not_found" || !this.#options.agentId) throw error;
+      if (!(error instanceof FleetLMError) || error.code !== "session_not_found" || !this.#options.agentId || !create) throw error;
       try {
         const session = await this.client.createSession({
           id: chatId,
@@ -311,7 +328,14 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     abortSignal?: AbortSignal;
   }): Promise<ReadableStream<UIMessageChunk> | null> {
     const { chatId, abortSignal } = options;
-    const subscription = await this.session(chatId);
+    let subscription: SessionSubscription;
+    try {
+      // Opening a chat page must not create its session: that happens on the first send.
+      subscription = await this.session(chatId, { create: false });
+    } catch (error) {
+      if (error instanceof FleetLMError && error.code === "session_not_found") return null;
+      throw error;
+    }
     const join = subscription.lastJoin;
     let dispatchId = subscription.activeReply()?.dispatchId;
     if (!dispatchId && join && join.stream !== null) {

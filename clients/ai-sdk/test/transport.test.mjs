@@ -6,10 +6,23 @@ import WebSocket from "ws";
 import { lastAssistantMessageIsCompleteWithApprovalResponses, lastAssistantMessageIsCompleteWithToolCalls } from "ai";
 import { FleetLMChatTransport, loadChatMessages, syncChat } from "@fleetlm/ai-sdk";
 import { FleetLMClient } from "@fleetlm/client";
-import { TestChat, eventually, plain, registerAgent, rest, sleep, startAgent, startServer, stopAll } from "../../test-support/harness.mjs";
+import {
+  TestChat,
+  eventually,
+  needs,
+  plain,
+  probeFeatures,
+  registerAgent,
+  rest,
+  sleep,
+  startAgent,
+  startServer,
+  stopAll,
+} from "../../test-support/harness.mjs";
 
 let base;
 let agent;
+let features;
 let counter = 0;
 const fresh = (prefix) => `${prefix}-${++counter}-${Date.now()}`;
 const transports = [];
@@ -27,10 +40,14 @@ before(async () => {
   base = await startServer();
   agent = await startAgent();
   await registerAgent(base, agent.origin, { id: "bot" });
+  features = await probeFeatures(base, { WebSocket });
 });
+
+const clients = [];
 
 after(async () => {
   for (const t of transports) t.close();
+  for (const c of clients) c.close();
   await stopAll();
 });
 
@@ -78,7 +95,8 @@ describe("FleetLMChatTransport", () => {
     assert.deepEqual(await loadChatMessages({ url: base, userId: "alice", chatId: "never-created" }), []);
   });
 
-  test("reconnectToStream: a reloaded chat resumes a reply mid-stream from its first chunk, no part twice", async () => {
+  test("reconnectToStream: a reloaded chat resumes a reply mid-stream from its first chunk, no part twice", async (t) => {
+    needs(t, features.resume, "stream snapshot chunks");
     const chatId = fresh("resume");
     const first = new TestChat({ id: chatId, transport: transport() });
     const sending = first.sendMessage({ text: "slow reply please" });
@@ -101,21 +119,22 @@ describe("FleetLMChatTransport", () => {
     assert.equal(third.messages.length, 2);
   });
 
-  test("a socket drop mid-stream loses and duplicates nothing", async () => {
+  test("a socket drop mid-stream loses and duplicates nothing", async (t) => {
+    needs(t, features.resume, "chunk indexes");
     const chatId = fresh("drop");
     const client = new FleetLMClient({ url: base, userId: "alice", WebSocket, reconnectAfterMs: () => 300 });
-    const t = transport({ client });
-    const chat = new TestChat({ id: chatId, transport: t });
+    clients.push(client);
+    const chat = new TestChat({ id: chatId, transport: transport({ client }) });
     const sending = chat.sendMessage({ text: "slow with a drop" });
     await chat.until((c) => textOf(c.messages.at(-1) ?? { parts: [] }).includes("w3 "), "the reply to start");
     (await client.socket()).conn.close();
     await sending;
     assert.equal(textOf(chat.messages[1]), SLOW_TEXT);
     assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
-    client.close();
   });
 
-  test("stop(): the agent's request is aborted and the stored reply says abort", async () => {
+  test("stop(): the agent's request is aborted and the stored reply says abort", async (t) => {
+    needs(t, features.cancel, "cancel");
     const chatId = fresh("stop");
     const chat = new TestChat({ id: chatId, transport: transport() });
     const sending = chat.sendMessage({ text: "slow then stop" });
@@ -135,7 +154,8 @@ describe("FleetLMChatTransport", () => {
     assert.equal(textOf(chat.messages.at(-1)), "echo: after stop");
   });
 
-  test("regenerate: the agent answers the same turn again; the old reply is gone after a reload", async () => {
+  test("regenerate: the agent answers the same turn again; the old reply is gone after a reload", async (t) => {
+    needs(t, features.regenerate, "regenerate");
     const chatId = fresh("regen");
     const chat = new TestChat({ id: chatId, transport: transport() });
     await chat.sendMessage({ text: "say something" });

@@ -18,7 +18,8 @@ export function messageToChunks(message: UIMessageLike, options: { finished?: bo
       chunks.push({ type: "start-step" });
       inStep = true;
     } else if (type === "text" || type === "reasoning") {
-      const id = `${type[0]}${i}`;
+      // Reasoning parts keep their stream id (as the AI SDK does); text parts do not.
+      const id = typeof part.id === "string" ? part.id : `${type[0]}${i}`;
       const extra = part.providerMetadata ? { providerMetadata: part.providerMetadata } : {};
       chunks.push({ type: `${type}-start`, id, ...extra });
       if (part.text) chunks.push({ type: `${type}-delta`, id, delta: part.text });

@@ -295,8 +295,10 @@ export class SessionSubscription {
 
   #resync(lastSeq: unknown): void {
     if (this.#closed) return;
-    // The server dropped this socket's backlog: leave and rejoin from the last seq delivered.
-    if (typeof lastSeq === "number" && lastSeq < this.lastSeq) this.lastSeq = lastSeq;
+    // The server stopped delivering live to this channel (the socket fell behind, or the join's
+    // replay was cut at 100 and the rest came by REST): rejoin from the last seq delivered here,
+    // which is never below the server's `last_seq` (everything up to it was delivered once).
+    void lastSeq;
     const old = this.#channel;
     old?.leave();
     this.#join(true);
