@@ -102,6 +102,7 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
  *   approves it, the same message continues with "Deleted <file>." (or "Not deleted." if denied);
  * - `ask …`: a client-side tool `askColor` (no output); once a `tool_result` gives the output,
  *   the same message continues with "You chose <output>.";
+ * - `json …`: a plain JSON UI message ("a plain reply"), nothing streamed;
  * - anything else: "echo: <text>" word by word, 20 ms apart.
  * Every request is recorded in `requests` as `{body, aborted, finished}`.
  */
@@ -118,6 +119,17 @@ export async function startAgent() {
       response.on("close", () => {
         if (!response.writableFinished) record.aborted = true;
       });
+      const messages = body.messages;
+      const last = messages[messages.length - 1];
+      const lastText = [...messages].reverse().find((m) => m.sender_id === body.user_id && m.kind === "text");
+      const text = lastText?.content?.text ?? "";
+      if (text.startsWith("json") && last?.kind === "text") {
+        // A plain JSON answer: nothing streams, FleetLM stores the message.
+        record.finished = true;
+        response.writeHead(200, { "content-type": "application/json" });
+        response.end(JSON.stringify({ id: `json-${record.reply}`, role: "assistant", parts: [{ type: "text", text: "a plain reply", state: "done" }] }));
+        return;
+      }
       response.writeHead(200, { "content-type": "application/x-ndjson" });
       const send = async (chunk, delay = 0) => {
         if (record.aborted || response.destroyed) return false;
@@ -125,10 +137,6 @@ export async function startAgent() {
         if (delay) await sleep(delay);
         return !record.aborted;
       };
-      const messages = body.messages;
-      const last = messages[messages.length - 1];
-      const lastText = [...messages].reverse().find((m) => m.sender_id === body.user_id && m.kind === "text");
-      const text = lastText?.content?.text ?? "";
       try {
         if (last?.kind === "tool_result") {
           await continueAfterTool(last, messages, send);

@@ -76,6 +76,26 @@ describe("FleetLMChatTransport", () => {
     assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
   });
 
+  test("a reply sent as plain JSON (not streamed) reaches the chat as the stored message", async () => {
+    const chatId = fresh("json");
+    const chat = new TestChat({ id: chatId, transport: transport() });
+    await chat.sendMessage({ text: "json please" });
+    assert.equal(chat.status, "ready");
+    assert.equal(chat.messages[1].id.startsWith("json-"), true);
+    assert.equal(textOf(chat.messages[1]), "a plain reply");
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
+  });
+
+  test("an agent that cannot be reached: the chat shows the failure's sentence, without its address", async () => {
+    await registerAgent(base, "http://127.0.0.1:9", { id: "unreachable" });
+    const chatId = fresh("down");
+    const chat = new TestChat({ id: chatId, transport: transport({ agentId: "unreachable" }) });
+    await chat.sendMessage({ text: "anyone?" });
+    assert.equal(chat.status, "error");
+    assert.equal(chat.error.message, "connection refused");
+    assert.equal(chat.messages.length, 1, "no assistant message");
+  });
+
   test("a retried send of the same message is stored once", async () => {
     const chatId = fresh("retry");
     const t = transport();
