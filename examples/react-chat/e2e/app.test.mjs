@@ -123,13 +123,14 @@ async function waitForBubbles(page, predicate, what, timeout = 20000) {
 }
 
 async function send(page, text) {
+  await page.waitForFunction(() => document.querySelector("[data-testid=status]")?.textContent === "status: ready");
   await page.fill("input", text);
   await page.press("input", "Enter");
 }
 
 const status = (page) => page.textContent("[data-testid=status]");
 
-test("send, reload mid-reply (resume), a second tab in sync, stop", { timeout: 120000 }, async () => {
+test("send, reload mid-reply (resume), a second tab in sync", { timeout: 120000 }, async () => {
   const chatId = `e2e-${Date.now()}`;
   const context = await browser.newContext();
   const page = await context.newPage();
@@ -157,14 +158,28 @@ test("send, reload mid-reply (resume), a second tab in sync, stop", { timeout: 1
   await send(page, "from the first tab");
   await waitForBubbles(second, (b) => b.length === 6 && b[5].text === "echo: from the first tab", "the second tab to follow");
 
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+test("stop cancels the reply on the server", { timeout: 120000 }, async (t) => {
+  const cancelRoute = await api("POST", "/api/sessions/feature-probe/cancel", {});
+  if (cancelRoute.body?.code === "not_found") t.todo("the server under test has no cancel yet (issue 11 server half, branch h11s)");
+  const chatId = `e2e-stop-${Date.now()}`;
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const errors = [];
+  page.on("pageerror", (error) => errors.push(error.message));
+  await page.goto(`${appUrl}#chat=${chatId}`);
+  await page.waitForSelector("input");
   // Stop: the reply stops growing; the stored reply says abort; nothing else is added.
   await send(page, LONG);
-  await waitForBubbles(page, (b) => b.length === 8 && b[7].text.includes("two"), "the reply to start");
-  await page.click("text=Stop");
+  await waitForBubbles(page, (b) => b.length === 2 && b[1].text.includes("two"), "the reply to start");
+  await page.getByRole("button", { name: "Stop", exact: true }).click();
   await page.waitForFunction(() => document.querySelector("[data-testid=status]")?.textContent === "status: ready");
-  const stopped = (await bubbles(page))[7].text;
+  const stopped = (await bubbles(page))[1].text;
   await page.waitForTimeout(800);
-  assert.equal((await bubbles(page))[7].text, stopped, "the reply does not grow after stop");
+  assert.equal((await bubbles(page))[1].text, stopped, "the reply does not grow after stop");
   assert.notEqual(stopped, `echo: ${LONG}`);
   const log = (await api("GET", `/api/sessions/${chatId}/messages?limit=100`)).body.messages;
   const last = log.at(-1);
