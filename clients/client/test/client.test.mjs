@@ -125,11 +125,18 @@ describe("session subscription", () => {
     for (let i = 1; i <= 130; i++) await c.rest.appendMessage(id, { agentId: "bot" }, { content: { text: `m${i}` } });
     const sub = await c.subscribe(id);
     const seen = [];
+    const joins = [];
     sub.on("message", (m) => seen.push(m.seq));
+    sub.on("join", (info) => joins.push(info));
     await sub.joined;
     await c.rest.appendMessage(id, { agentId: "bot" }, { content: { text: "live" } });
     await eventually(() => seen.length === 131, "131 messages");
     assert.deepEqual(seen, Array.from({ length: 131 }, (_, i) => i + 1));
+    // The server delivered live only after its replay (seq 101 on); the live message past the
+    // REST pages made it send `resync`, and the rejoin from seq 130 brought it, once.
+    await sleep(200);
+    assert.deepEqual(seen.length, 131);
+    assert.ok(joins.some((j) => j.rejoin && j.lastSeq === 131), JSON.stringify(joins));
     sub.leave();
   });
 
