@@ -95,7 +95,16 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
         return next;
       }
     }
-    return [...messages, ui];
+    // In seq order: before the replies at the end that were stored later or are still being
+    // streamed (their stored message comes later than this one). A reply another tab asked
+    // for can start streaming here before the message that asked for it has been applied.
+    let at = messages.length;
+    while (at > 0 && messages[at - 1].role === "assistant") {
+      const seq = transport.seqOf(chatId, messages[at - 1].id);
+      if (seq !== undefined && seq < message.seq) break;
+      at--;
+    }
+    return [...messages.slice(0, at), ui, ...messages.slice(at)];
   };
 
   const ready = (async () => {

@@ -41,6 +41,8 @@ export interface FleetLMChatTransportOptions {
 interface Known {
   /** FleetLM message ids, oldest first. */
   fleetIds: string[];
+  /** The seq of the first of them. */
+  seq?: number;
   /** Tool parts as stored, by toolCallId. */
   toolParts: Map<string, string>;
 }
@@ -205,7 +207,10 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
       entry = { fleetIds: [], toolParts: new Map() };
       known.set(uiId, entry);
     }
-    if (message.kind !== "tool_result" && !entry.fleetIds.includes(message.id)) entry.fleetIds.push(message.id);
+    if (message.kind !== "tool_result" && !entry.fleetIds.includes(message.id)) {
+      entry.fleetIds.push(message.id);
+      entry.seq = Math.min(entry.seq ?? message.seq, message.seq);
+    }
     const parts = Array.isArray(content.parts) ? content.parts : [];
     for (const part of parts) {
       if (part && typeof part.toolCallId === "string") entry.toolParts.set(part.toolCallId, JSON.stringify(part));
@@ -215,6 +220,11 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
   /** The FleetLM ids of the messages a UI message was built from (oldest first). */
   fleetIds(chatId: string, uiMessageId: string): string[] {
     return this.#known.get(chatId)?.get(uiMessageId)?.fleetIds ?? [];
+  }
+
+  /** The seq of the (first) stored message a UI message was built from, if it is stored. */
+  seqOf(chatId: string, uiMessageId: string): number | undefined {
+    return this.#known.get(chatId)?.get(uiMessageId)?.seq;
   }
 
   /** Whether the transport streamed the reply of this dispatch into a chat. */
