@@ -266,6 +266,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         recent: recent_dispatches.clone(),
         clock: clock.clone(),
     });
+    let engine = engine_inbox.handle();
     crate::agents::Engine::start(engine_context, engine_inbox, shutdown.clone());
     let sweeper = tokio::spawn(sweep(shards.clone(), config.session_idle, shutdown.clone()));
 
@@ -293,6 +294,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         hub,
         registry,
         streams,
+        engine,
         recent_dispatches,
         sockets,
         shutdown: shutdown.clone(),

@@ -30,18 +30,18 @@ createServer((request, response) => {
     }
     // dispatch = {session_id, agent_id, user_id, dispatch_id, attempt, messages: [...]}
     response.writeHead(200, { "content-type": "application/x-ndjson" });
-    // FleetLM closes the request when the user stops the turn: stop generating then.
-    let closed = false;
-    response.on("close", () => (closed = true));
+    // FleetLM closes the connection when the user cancels the turn: stop generating then.
+    let cancelled = false;
+    response.on("close", () => (cancelled = !response.writableFinished));
     const send = (chunk) => response.write(JSON.stringify(chunk) + "\n");
     send({ type: "start", messageId: `reply-${dispatch.dispatch_id}` });
     send({ type: "text-start", id: "t" });
     for (const word of reply(dispatch.messages, dispatch.user_id).split(/(?<= )/)) {
-      if (closed) return;
+      if (cancelled) return;
       send({ type: "text-delta", id: "t", delta: word });
       await new Promise((resolve) => setTimeout(resolve, delayMs));
     }
-    if (closed) return;
+    if (cancelled) return;
     send({ type: "text-end", id: "t" });
     send({ type: "finish" });
     response.end();

@@ -4,6 +4,8 @@
 //! - `scheduler.rs`: when to dispatch — per-session debounce with a cap, one dispatch in flight
 //!   per session with a follow-up, concurrency bounds; rebuilt from the log after a restart.
 //! - `webhook.rs`: one dispatch — request, streamed reply, retries.
+//! - `branch.rs`: the current branch after `regenerate` messages (history, `replaces`).
+//! - `cancel.rs`: cancelling a running dispatch (the user stops the turn), race-free with its end.
 //! - `reply.rs`, `assembler.rs`, `partial_json.rs`: the pure reply parsing and assembly.
 //! - `streams.rs`: replies streaming now (for `stream_chunk` and `stream_snapshot`).
 //! - `registry.rs`: the agents, in memory.
@@ -14,6 +16,8 @@
 //! alone; nothing here blocks a shard writer.
 
 pub mod assembler;
+pub mod branch;
+mod cancel;
 mod partial_json;
 pub mod recent;
 pub mod registry;
@@ -30,7 +34,7 @@ use serde_json::json;
 
 pub use recent::RecentDispatches;
 pub use registry::AgentRegistry;
-pub use scheduler::{Engine, EngineInbox, UserMessageSink, channel};
+pub use scheduler::{Engine, EngineHandle, EngineInbox, UserMessageSink, channel};
 pub use streams::LiveStreams;
 
 use crate::hub::Hub;

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::cancel::DispatchControl;
 use super::webhook::{self, DispatchJob, DispatchResult};
 use super::{EngineContext, status};
 
@@ -32,7 +33,54 @@ enum Event {
         session_id: Arc<str>,
         agent_id: String,
         through_seq: u64,
+        /// Whether it counted against the concurrency bounds (a cancel of a turn no dispatch
+        /// was running for does not).
+        counted: bool,
     },
+    Cancel(CancelRequest),
+}
+
+/// The session's user cancels its turn (`EngineHandle::cancel`).
+struct CancelRequest {
+    session_id: Arc<str>,
+    /// Cancel only this dispatch.
+    dispatch_id: Option<String>,
+    /// The session's latest user message when the cancel came, and whether the log owed a
+    /// reply for it then.
+    last_user_seq: u64,
+    owed: bool,
+    reply: oneshot::Sender<Result<Option<Arc<str>>, crate::shard::ShardError>>,
+}
+
+/// The API's side: cancels turns.
+#[derive(Clone)]
+pub struct EngineHandle {
+    events: mpsc::Sender<Event>,
+}
+
+impl EngineHandle {
+    /// Cancels the session's turn: the running dispatch (if `dispatch_id` is given, only that
+    /// one), or, if none runs, the reply the log owes for user messages up to
+    /// `last_user_seq`. Returns the id of the dispatch cancelled, `None` if there was nothing
+    /// to cancel (so a repeated cancel answers `None`).
+    pub async fn cancel(
+        &self,
+        session_id: Arc<str>,
+        dispatch_id: Option<String>,
+        progress: crate::model::DispatchProgress,
+    ) -> Result<Option<Arc<str>>, crate::shard::ShardError> {
+        let (reply, answer) = oneshot::channel();
+        let request = CancelRequest {
+            session_id,
+            dispatch_id,
+            last_user_seq: progress.last_user_seq,
+            owed: progress.is_pending(),
+            reply,
+        };
+        let stopped = || crate::shard::ShardError::Unavailable("the agent engine is stopping".into());
+        self.events.send(Event::Cancel(request)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
 }
 
 /// The shard writers' side: reports durable user messages, never waits.
@@ -62,6 +110,14 @@ pub struct EngineInbox {
     overflowed: Arc<AtomicBool>,
 }
 
+impl EngineInbox {
+    pub fn handle(&self) -> EngineHandle {
+        EngineHandle {
+            events: self.sender.clone(),
+        }
+    }
+}
+
 pub fn channel() -> (UserMessageSink, EngineInbox) {
     let (sender, events) = mpsc::channel(EVENT_QUEUE_DEPTH);
     let overflowed = Arc::new(AtomicBool::new(false));
@@ -88,6 +144,8 @@ struct SessionSchedule {
     first_pending_at: Option<Instant>,
     due_at: Option<Instant>,
     in_flight: bool,
+    /// The running dispatch (or cancel record): its id and its control.
+    running: Option<(Arc<str>, Arc<DispatchControl>)>,
 }
 
 pub struct Engine;
@@ -136,7 +194,8 @@ impl Scheduler {
             tokio::select! {
                 event = events.recv() => match event {
                     Some(Event::UserMessage { session_id, agent_id, seq }) => self.on_user_message(session_id, agent_id, seq),
-                    Some(Event::Done { session_id, agent_id, through_seq }) => self.on_done(session_id, &agent_id, through_seq),
+                    Some(Event::Done { session_id, agent_id, through_seq, counted }) => self.on_done(session_id, &agent_id, through_seq, counted),
+                    Some(Event::Cancel(request)) => self.on_cancel(request),
                     None => return,
                 },
                 () = sleep => self.fire_due_timers(),
@@ -294,6 +353,9 @@ impl Scheduler {
         schedule.first_pending_at = None;
         let covered_hint = schedule.latest_user_seq;
         let agent_id = schedule.agent_id.clone();
+        let dispatch_id: Arc<str> = Arc::from(crate::ids::generate_id());
+        let control = Arc::new(DispatchControl::default());
+        schedule.running = Some((dispatch_id.clone(), control.clone()));
         *self.in_flight_by_agent.entry(agent_id.clone()).or_insert(0) += 1;
         self.in_flight += 1;
         let (context, sender) = (self.context.clone(), self.sender.clone());
@@ -301,10 +363,19 @@ impl Scheduler {
             let job = DispatchJob {
                 session_id: session_id.clone(),
                 agent_id: agent_id.clone(),
-                dispatch_id: Arc::from(crate::ids::generate_id()),
+                dispatch_id,
+                control,
             };
             let started = std::time::Instant::now();
-            let result = run_bounded(&context, &job).await;
+            let mut result = run_bounded(&context, &job).await;
+            // Cancelled before it ended: whatever it stored, the turn is answered through the
+            // user messages written when the cancel came, and it is not reported as failed.
+            let cancelled = job.control.end();
+            if let Some(cancelled_through) = cancelled {
+                result.error = None;
+                result.nothing_owed = false;
+                result.through_seq = result.through_seq.max(cancelled_through);
+            }
             let through_seq = result.through_seq.max(covered_hint);
             if result.nothing_owed {
                 // A stale request: the log shows every user message answered. Nothing was
@@ -315,11 +386,16 @@ impl Scheduler {
                         session_id,
                         agent_id,
                         through_seq: result.through_seq,
+                        counted: true,
                     })
                     .await;
                 return;
             }
-            let outcome = if result.error.is_some() { "failed" } else { "ok" };
+            let outcome = match (&result.error, cancelled) {
+                (Some(_), _) => "failed",
+                (None, Some(_)) => "cancelled",
+                (None, None) => "ok",
+            };
             metrics::counter!("fleetlm_dispatches_total", "outcome" => outcome).increment(1);
             context.recent.record(
                 &job.agent_id,
@@ -334,7 +410,13 @@ impl Scheduler {
             );
             if let Err(error) = context
                 .shards
-                .finish_dispatch(&job.session_id, &job.dispatch_id, through_seq, result.error.clone())
+                .finish_dispatch(
+                    &job.session_id,
+                    &job.dispatch_id,
+                    through_seq,
+                    result.error.clone(),
+                    cancelled.is_some(),
+                )
                 .await
             {
                 tracing::warn!(session_id = %job.session_id, %error, "could not record the end of a dispatch");
@@ -344,6 +426,9 @@ impl Scheduler {
                     tracing::warn!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, %error, "dispatch failed");
                     status(&context, &job.session_id, "failed", Some(&job.dispatch_id), Some(error));
                 }
+                None if cancelled.is_some() => {
+                    status(&context, &job.session_id, "cancelled", Some(&job.dispatch_id), None);
+                }
                 None => status(&context, &job.session_id, "idle", Some(&job.dispatch_id), None),
             }
             let _ = sender
@@ -351,21 +436,96 @@ impl Scheduler {
                     session_id,
                     agent_id,
                     through_seq,
+                    counted: true,
                 })
                 .await;
         });
     }
 
-    fn on_done(&mut self, session_id: Arc<str>, agent_id: &str, through_seq: u64) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-        if let Some(count) = self.in_flight_by_agent.get_mut(agent_id) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.in_flight_by_agent.remove(agent_id);
+    /// The session's user cancels its turn. A running dispatch is cancelled through its
+    /// control (it closes its request, stores what it has as aborted and records the end);
+    /// otherwise a reply the log owes (debouncing, waiting for capacity, or not rescanned yet)
+    /// is recorded as cancelled without calling the agent. Either way the turn is answered
+    /// through the user messages written when the cancel came, durably, so nothing dispatches
+    /// for them again, not even after a restart.
+    fn on_cancel(&mut self, request: CancelRequest) {
+        let CancelRequest {
+            session_id,
+            dispatch_id,
+            last_user_seq,
+            owed,
+            reply,
+        } = request;
+        if let Some(schedule) = self.sessions.get_mut(&session_id)
+            && schedule.in_flight
+        {
+            let Some((running_id, control)) = schedule.running.clone() else {
+                let _ = reply.send(Ok(None));
+                return;
+            };
+            let wanted = dispatch_id.as_deref().is_none_or(|id| id == &*running_id);
+            let cancelled = wanted && control.cancel(last_user_seq);
+            if cancelled {
+                // Messages written up to the cancel are answered: no follow-up for them.
+                schedule.covered_through = schedule.covered_through.max(last_user_seq);
+            }
+            let _ = reply.send(Ok(cancelled.then_some(running_id)));
+            return;
+        }
+        if dispatch_id.is_some() || !owed {
+            // Nothing runs: a named dispatch has ended already, and nothing is owed.
+            let _ = reply.send(Ok(None));
+            return;
+        }
+        let schedule = self.sessions.entry(session_id.clone()).or_default();
+        if let Some(due) = schedule.due_at.take() {
+            self.timers.remove(&(due, session_id.clone()));
+        }
+        schedule.first_pending_at = None;
+        schedule.in_flight = true;
+        schedule.covered_through = schedule.covered_through.max(last_user_seq);
+        let dispatch_id: Arc<str> = Arc::from(crate::ids::generate_id());
+        let control = Arc::new(DispatchControl::default());
+        control.cancel(last_user_seq);
+        schedule.running = Some((dispatch_id.clone(), control));
+        let agent_id = schedule.agent_id.clone();
+        let (context, sender) = (self.context.clone(), self.sender.clone());
+        tokio::spawn(async move {
+            let recorded = context
+                .shards
+                .cancel_owed_turn(&session_id, &dispatch_id, last_user_seq)
+                .await;
+            match &recorded {
+                Ok(true) => status(&context, &session_id, "cancelled", Some(&dispatch_id), None),
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%session_id, %error, "could not record a cancelled turn"),
+            }
+            let _ = reply.send(recorded.map(|done| done.then_some(dispatch_id)));
+            let through_seq = last_user_seq;
+            let _ = sender
+                .send(Event::Done {
+                    session_id,
+                    agent_id,
+                    through_seq,
+                    counted: false,
+                })
+                .await;
+        });
+    }
+
+    fn on_done(&mut self, session_id: Arc<str>, agent_id: &str, through_seq: u64, counted: bool) {
+        if counted {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            if let Some(count) = self.in_flight_by_agent.get_mut(agent_id) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.in_flight_by_agent.remove(agent_id);
+                }
             }
         }
         if let Some(schedule) = self.sessions.get_mut(&session_id) {
             schedule.in_flight = false;
+            schedule.running = None;
             schedule.covered_through = schedule.covered_through.max(through_seq);
             if schedule.latest_user_seq > schedule.covered_through {
                 self.arm(&session_id);
@@ -384,6 +544,7 @@ async fn run_bounded(context: &Arc<EngineContext>, job: &DispatchJob) -> Dispatc
         session_id: job.session_id.clone(),
         agent_id: job.agent_id.clone(),
         dispatch_id: job.dispatch_id.clone(),
+        control: job.control.clone(),
     };
     let task = tokio::spawn(async move { webhook::dispatch(&task_context, &task_job).await });
     let abort = task.abort_handle();

@@ -1,7 +1,7 @@
-//! Agent replies streaming right now, one per session at most: their assembled message so far
-//! (for `stream_snapshot` to late joiners) and the count of chunks forwarded, under the
-//! session's own lock together with the forwarding itself, so a snapshot and the chunks after it
-//! never overlap or leave a gap. The map of sessions is locked only to find or change an entry:
+//! Agent replies streaming right now, one per session at most: the chunks of the message
+//! streaming now and that message assembled so far (for `stream_snapshot` to late joiners), and
+//! the index of the dispatch's next chunk, under the session's own lock together with the
+//! forwarding itself, so a snapshot and the chunks after it never overlap or leave a gap. The map of sessions is locked only to find or change an entry:
 //! serializing, fanning out and assembling one session's chunk never holds up another session.
 
 use std::collections::HashMap;
@@ -17,12 +17,19 @@ struct Streaming {
     agent_id: String,
     dispatch_id: Arc<str>,
     assembler: Assembler,
+    /// The chunks of the message streaming now (since the dispatch's previous message ended),
+    /// bounded like the message itself (`agent_max_reply_bytes`).
+    chunks: Vec<Value>,
+    /// Index of the dispatch's next chunk: counts every chunk of the dispatch, across its
+    /// messages and attempts.
     next_index: u64,
 }
 
-/// What a late joiner needs: the partial message and the first chunk index it has not seen.
+/// What a late joiner needs: the message streaming now, its chunks and the first chunk index it
+/// has not seen.
 pub struct Snapshot {
     pub dispatch_id: Arc<str>,
+    pub agent_id: String,
     pub next_index: u64,
     pub payload: Value,
 }
@@ -59,12 +66,15 @@ impl LiveStreams {
         self.statuses.lock().expect("statuses lock").get(session_id).cloned()
     }
 
-    pub fn begin(&self, session_id: &Arc<str>, agent_id: &str, dispatch_id: &Arc<str>) {
+    /// Starts forwarding a reply of `dispatch_id`; its first chunk gets index `first_index` (an
+    /// attempt after a failed one goes on counting where that one stopped).
+    pub fn begin(&self, session_id: &Arc<str>, agent_id: &str, dispatch_id: &Arc<str>, first_index: u64) {
         let streaming = Streaming {
             agent_id: agent_id.to_string(),
             dispatch_id: dispatch_id.clone(),
             assembler: Assembler::new(),
-            next_index: 0,
+            chunks: Vec::new(),
+            next_index: first_index,
         };
         self.streams
             .lock()
@@ -83,9 +93,10 @@ impl LiveStreams {
             return Ok(());
         };
         let mut streaming = session.lock().expect("stream lock");
-        let payload = json!({"agent_id": streaming.agent_id, "chunk": chunk, "dispatch_id": &*streaming.dispatch_id});
         let index = streaming.next_index;
         streaming.next_index += 1;
+        let payload = json!({"agent_id": streaming.agent_id, "chunk": chunk, "dispatch_id": &*streaming.dispatch_id, "index": index});
+        streaming.chunks.push(chunk.clone());
         self.hub.publish_stream_chunk(
             session_id,
             &streaming.dispatch_id,
@@ -96,26 +107,58 @@ impl LiveStreams {
         streaming.assembler.push(chunk)
     }
 
-    /// Runs `read` on the assembler of the session's current reply.
-    pub fn with_assembler<T>(&self, session_id: &Arc<str>, read: impl FnOnce(&mut Assembler) -> T) -> Option<T> {
+    /// Ends the message streaming now: runs `take` on its assembler, then the next chunk starts
+    /// a new message (a fresh assembler, no chunks).
+    pub fn end_message<T>(&self, session_id: &Arc<str>, take: impl FnOnce(&mut Assembler) -> T) -> Option<T> {
         let session = self.session(session_id)?;
         let mut streaming = session.lock().expect("stream lock");
-        Some(read(&mut streaming.assembler))
+        let taken = take(&mut streaming.assembler);
+        streaming.assembler = Assembler::new();
+        streaming.chunks.clear();
+        Some(taken)
     }
 
-    pub fn end(&self, session_id: &Arc<str>) {
-        self.streams.lock().expect("streams lock").remove(session_id);
+    /// If a message is streaming now (it has chunks and did not end), forwards a final
+    /// `{"type": "abort"}` chunk for it, so clients close it as the AI SDK closes an aborted
+    /// stream. Returns whether it did.
+    pub fn abort_open_message(&self, session_id: &Arc<str>) -> bool {
+        let open = self
+            .session(session_id)
+            .is_some_and(|session| !session.lock().expect("stream lock").chunks.is_empty());
+        if open {
+            let _ = self.chunk(session_id, &json!({"type": "abort"}));
+        }
+        open
     }
 
-    /// The reply streaming into `session_id`, if any and if anything was assembled yet.
+    /// Stops forwarding the session's reply; returns the index its next chunk would have had.
+    pub fn end(&self, session_id: &Arc<str>) -> Option<u64> {
+        let removed = self.streams.lock().expect("streams lock").remove(session_id)?;
+        let next_index = removed.lock().expect("stream lock").next_index;
+        Some(next_index)
+    }
+
+    /// The reply streaming into `session_id`, if a message of it is streaming now: that
+    /// message's chunks so far, the message they assemble to, and the index of the next chunk.
     pub fn snapshot(&self, session_id: &str) -> Option<Snapshot> {
         let session = self.session(session_id)?;
         let mut streaming = session.lock().expect("stream lock");
-        let message = streaming.assembler.message()?;
+        if streaming.chunks.is_empty() {
+            return None;
+        }
+        let message = streaming.assembler.message();
+        let payload = json!({
+            "agent_id": streaming.agent_id,
+            "dispatch_id": &*streaming.dispatch_id,
+            "message": message,
+            "chunks": streaming.chunks,
+            "next_index": streaming.next_index,
+        });
         Some(Snapshot {
             dispatch_id: streaming.dispatch_id.clone(),
+            agent_id: streaming.agent_id.clone(),
             next_index: streaming.next_index,
-            payload: json!({"agent_id": streaming.agent_id, "dispatch_id": &*streaming.dispatch_id, "message": message}),
+            payload,
         })
     }
 }

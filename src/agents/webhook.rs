@@ -8,6 +8,7 @@ use futures_util::StreamExt;
 use rand::Rng;
 use serde_json::{Map, Value, json};
 
+use super::cancel::DispatchControl;
 use super::reply::{LineSplitter, ReplyLine, parse_line};
 use super::{EngineContext, status};
 use crate::model::{Agent, HistoryMode, SessionView};
@@ -21,6 +22,8 @@ pub struct DispatchJob {
     pub session_id: Arc<str>,
     pub agent_id: String,
     pub dispatch_id: Arc<str>,
+    /// Cancels the dispatch (watched at every wait).
+    pub control: Arc<DispatchControl>,
 }
 
 /// How a dispatch ended: the user messages it covered, and the error if it failed.
@@ -49,6 +52,9 @@ enum CallError {
         retry_after: Option<Duration>,
     },
     Fatal(String),
+    /// The session's user cancelled the dispatch: the request was closed and what was
+    /// assembled of the message streaming then is stored as aborted. Never retried.
+    Cancelled,
 }
 
 fn is_retryable_status(status: u16) -> bool {
@@ -71,6 +77,14 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
         tracing::warn!(session_id = %job.session_id, %error, "could not read the history for a dispatch");
         DispatchResult::failed("history unavailable")
     };
+    let cancelled = DispatchResult {
+        through_seq: 0,
+        error: None,
+        nothing_owed: false,
+    };
+    if job.control.is_cancelled() {
+        return cancelled;
+    }
     // Whether a reply is owed is decided here, from the log, not from the scheduler's memory:
     // a stale request (a rescan's snapshot taken while an earlier dispatch was running) must
     // not call the agent again for messages already answered.
@@ -93,30 +107,49 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
         Ok(found) => found,
         Err(error) => return unavailable(error),
     };
-    let through_seq = history
-        .iter()
-        .filter(|m| m["sender_id"].as_str() == Some(view.record.user_id.as_str()))
-        .filter_map(|m| m["seq"].as_u64())
-        .max()
-        .unwrap_or(view.dispatch.last_user_seq);
+    let through_seq = history.last_user_seq.unwrap_or(view.dispatch.last_user_seq);
     status(context, &job.session_id, "dispatching", Some(&job.dispatch_id), None);
     let mut attempt = 1u32;
+    // Chunk indexes count across attempts: a retry's chunks follow the failed attempt's.
+    let mut next_index = 0u64;
     loop {
+        if job.control.is_cancelled() {
+            return DispatchResult {
+                through_seq,
+                ..cancelled
+            };
+        }
         let body = json!({
             "session_id": &*job.session_id,
             "agent_id": agent.id,
             "user_id": view.record.user_id,
             "dispatch_id": &*job.dispatch_id,
             "attempt": attempt,
-            "messages": history,
+            "messages": history.messages,
         });
         let started = Instant::now();
         let final_attempt = attempt >= context.config.max_attempts;
-        let outcome = call(context, &agent, job, &body, final_attempt).await;
+        let turn = Turn {
+            final_attempt,
+            first_index: next_index,
+            replaces: history.replaces.as_deref(),
+        };
+        let outcome = call(context, &agent, job, &body, turn).await;
         metrics::histogram!("fleetlm_webhook_seconds").record(started.elapsed().as_secs_f64());
-        context.streams.end(&job.session_id);
+        if matches!(outcome, Err(CallError::Retryable { .. })) && !final_attempt {
+            // The retry streams the reply afresh: clients close the cut-off message first.
+            context.streams.abort_open_message(&job.session_id);
+        }
+        next_index = context.streams.end(&job.session_id).unwrap_or(next_index);
+        if job.control.is_cancelled() {
+            // Whatever the attempt ended with, a cancelled dispatch is never retried.
+            return DispatchResult {
+                through_seq,
+                ..cancelled
+            };
+        }
         match outcome {
-            Ok(()) => {
+            Ok(()) | Err(CallError::Cancelled) => {
                 return DispatchResult {
                     through_seq,
                     error: None,
@@ -126,7 +159,10 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
             Err(CallError::Retryable { reason, retry_after }) if attempt < context.config.max_attempts => {
                 metrics::counter!("fleetlm_webhook_retries_total").increment(1);
                 tracing::info!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, attempt, %reason, "retrying dispatch");
-                tokio::time::sleep(backoff(attempt, retry_after)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(attempt, retry_after)) => {}
+                    () = job.control.cancelled() => return DispatchResult { through_seq, ..cancelled },
+                }
                 attempt += 1;
             }
             Err(CallError::Retryable { reason, .. } | CallError::Fatal(reason)) => {
@@ -140,42 +176,80 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
     }
 }
 
-/// The messages the agent gets, oldest first, as the agent's history mode asks.
+/// Messages read beyond the history window so that `regenerate` messages and the replies they
+/// supersede, left out of the history, do not shrink it.
+const BRANCH_LOOKBACK: u64 = 64;
+
+/// What a dispatch sends and answers.
+struct History {
+    /// The messages the agent gets, oldest first.
+    messages: Vec<Value>,
+    /// The newest user message read (the dispatch answers through it).
+    last_user_seq: Option<u64>,
+    /// The message the reply replaces, when the newest user message is a `regenerate`.
+    replaces: Option<String>,
+}
+
+/// The messages the agent gets, oldest first, as the agent's history mode asks, on the current
+/// branch (`branch.rs`: no `regenerate` messages, no superseded replies).
 async fn history(
     context: &EngineContext,
     session_id: &str,
     view: &SessionView,
     agent: &Agent,
-) -> Result<Vec<Value>, ShardError> {
+) -> Result<History, ShardError> {
     let wanted = match agent.message_history_mode {
         HistoryMode::Tail => u64::from(agent.message_history_limit),
         HistoryMode::Last => 1,
         HistoryMode::Entire => ENTIRE_HISTORY_CAP,
     };
-    let mut after = view.last_seq.saturating_sub(wanted);
-    let mut messages = Vec::new();
+    let mut after = view.last_seq.saturating_sub(wanted + BRANCH_LOOKBACK);
+    let mut records = Vec::new();
     while after < view.last_seq {
         let page = context.shards.read_messages(session_id, after, HISTORY_PAGE).await?;
         let Some(last) = page.messages.last() else {
             break;
         };
         after = last.message.seq;
-        for record in &page.messages {
-            if record.message.seq > view.last_seq {
-                break;
-            }
-            let m = &record.message;
-            messages.push(json!({
+        records.extend(
+            page.messages
+                .into_iter()
+                .take_while(|record| record.message.seq <= view.last_seq),
+        );
+    }
+    let user_id = view.record.user_id.as_str();
+    let window: Vec<&crate::model::Message> = records.iter().map(|r| &r.message).collect();
+    let last_user_seq = window.iter().filter(|m| m.sender_id == user_id).map(|m| m.seq).max();
+    let branch = super::branch::current_branch(&window, user_id);
+    let kept: Vec<&&crate::model::Message> = window.iter().filter(|m| !branch.hidden.contains(&m.seq)).collect();
+    let skip = kept.len().saturating_sub(usize::try_from(wanted).unwrap_or(usize::MAX));
+    let messages = kept[skip..]
+        .iter()
+        .map(|m| {
+            json!({
                 "seq": m.seq,
                 "sender_id": m.sender_id,
                 "kind": m.kind,
                 "content": &m.content,
                 "metadata": &m.metadata,
                 "inserted_at": m.inserted_at,
-            }));
-        }
-    }
-    Ok(messages)
+            })
+        })
+        .collect();
+    Ok(History {
+        messages,
+        last_user_seq,
+        replaces: branch.replaces,
+    })
+}
+
+/// One attempt's circumstances.
+struct Turn<'a> {
+    final_attempt: bool,
+    /// Index of the attempt's first chunk (indexes count across the dispatch's attempts).
+    first_index: u64,
+    /// Said in the metadata of every message of the reply (`replaces`).
+    replaces: Option<&'a str>,
 }
 
 /// One HTTP attempt: send, then read the reply line by line until it ends. A reply cut off
@@ -186,8 +260,13 @@ async fn call(
     agent: &Agent,
     job: &DispatchJob,
     body: &Value,
-    final_attempt: bool,
+    turn: Turn<'_>,
 ) -> Result<(), CallError> {
+    let Turn {
+        final_attempt,
+        first_index,
+        replaces,
+    } = turn;
     let url = crate::api::agents::webhook_url(&agent.origin_url, &agent.webhook_path);
     let timeout = Duration::from_millis(u64::from(agent.timeout_ms));
     let mut request = context
@@ -201,7 +280,12 @@ async fn call(
         request = request.header(name, value);
     }
     let request = request.body(body.to_string());
-    let response = match tokio::time::timeout(timeout, request.send()).await {
+    let sent = tokio::select! {
+        sent = tokio::time::timeout(timeout, request.send()) => sent,
+        // Dropping the request future closes its connection.
+        () = job.control.cancelled() => return Err(CallError::Cancelled),
+    };
+    let response = match sent {
         Err(_) => {
             return Err(CallError::Retryable {
                 reason: "timed out".into(),
@@ -231,8 +315,11 @@ async fn call(
             Err(CallError::Fatal(reason))
         };
     }
-    context.streams.begin(&job.session_id, &agent.id, &job.dispatch_id);
+    context
+        .streams
+        .begin(&job.session_id, &agent.id, &job.dispatch_id, first_index);
     let mut reply = ReplyState {
+        replaces: replaces.map(str::to_string),
         index: 0,
         message_bytes: 0,
         message_chunks: 0,
@@ -252,7 +339,18 @@ async fn call(
     let mut splitter = LineSplitter::new(context.config.max_reply_line_bytes);
     let mut body_stream = response.bytes_stream();
     'read: loop {
-        let bytes = match tokio::time::timeout(timeout, body_stream.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(timeout, body_stream.next()) => next,
+            () = job.control.cancelled() => {
+                // Close the connection first, so the agent can stop generating, then store
+                // what was assembled as the AI SDK stores an aborted message.
+                drop(body_stream);
+                context.streams.abort_open_message(&job.session_id);
+                finish_message(context, agent, job, &mut reply, "abort").await?;
+                return Err(CallError::Cancelled);
+            }
+        };
+        let bytes = match next {
             Err(_) => {
                 if final_attempt {
                     finish_incomplete(context, agent, job, &mut reply).await?;
@@ -311,7 +409,11 @@ async fn plain_json_reply(
     let mut body = Vec::new();
     let mut body_stream = response.bytes_stream();
     loop {
-        match tokio::time::timeout(timeout, body_stream.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(timeout, body_stream.next()) => next,
+            () = job.control.cancelled() => return Err(CallError::Cancelled),
+        };
+        match next {
             Err(_) => {
                 return Err(CallError::Retryable {
                     reason: "timed out (the reply stalled)".into(),
@@ -377,6 +479,8 @@ async fn plain_json_reply(
 }
 
 struct ReplyState {
+    /// The message this reply replaces (a `regenerate`), put in each message's metadata.
+    replaces: Option<String>,
     /// Index of the next message this reply stores (keys `client_id` for retries).
     index: u64,
     /// Size (bytes of chunk lines) and chunk count of the message being assembled, and when
@@ -458,12 +562,11 @@ async fn finish_message(
     reply: &mut ReplyState,
     termination: &str,
 ) -> Result<(), CallError> {
-    let taken = context.streams.with_assembler(&job.session_id, |assembler| {
+    let taken = context.streams.end_message(&job.session_id, |assembler| {
         let message = assembler.message();
         let metadata = assembler.metadata().cloned();
         let errors = assembler.errors().to_vec();
         let failure = assembler.failure().map(str::to_string);
-        *assembler = super::assembler::Assembler::new();
         (message, metadata, errors, failure)
     });
     reply.message_bytes = 0;
@@ -517,6 +620,10 @@ async fn store(
 ) -> Result<(), CallError> {
     let client_id = format!("dispatch:{}:{}", job.dispatch_id, reply.index);
     reply.index += 1;
+    let mut metadata = metadata;
+    if let (Some(replaces), Value::Object(map)) = (&reply.replaces, &mut metadata) {
+        map.insert("replaces".into(), Value::String(replaces.clone()));
+    }
     let raw = |value: &Value| serde_json::value::to_raw_value(value).expect("values serialize");
     let (kind, content, metadata, client_id_raw) =
         (raw(&json!(kind)), raw(&content), raw(&metadata), raw(&json!(client_id)));

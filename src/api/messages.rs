@@ -114,6 +114,14 @@ pub fn build_append(
         Some(raw) if !raw.get().starts_with('{') => return Err(format("content must be a map")),
         Some(raw) => raw,
     };
+    if super::turns::is_turn_kind(&kind) {
+        if !sender_is_user {
+            return Err(InvalidMessage::Format(format!(
+                "kind {kind} may only be sent by the session's user"
+            )));
+        }
+        super::turns::check_turn_content(&kind, content).map_err(InvalidMessage::Format)?;
+    }
     let metadata_text = match input.metadata {
         None => "{}",
         Some(raw) if raw.get() == "null" => "{}",

@@ -13,6 +13,7 @@ mod health;
 pub mod messages;
 pub mod sessions;
 mod tokens;
+pub mod turns;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub hub: Arc<crate::hub::Hub>,
     pub registry: Arc<crate::agents::AgentRegistry>,
     pub streams: Arc<crate::agents::LiveStreams>,
+    /// Cancels turns (the agent engine's scheduler).
+    pub engine: crate::agents::EngineHandle,
     pub recent_dispatches: Arc<crate::agents::RecentDispatches>,
     pub sockets: Arc<crate::gateway::SocketCounts>,
     /// Turns true when the server starts draining; sockets then close with 1012.
@@ -66,6 +69,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/sessions/{id}", get(sessions::show).delete(sessions::archive))
         .route("/sessions/{id}/messages", get(messages::list).post(messages::append))
         .route("/sessions/{id}/read", post(sessions::mark_read))
+        .route("/sessions/{id}/cancel", post(turns::cancel))
+        .route("/sessions/{id}/regenerate", post(turns::regenerate))
         .route("/users/{user_id}/inbox", get(sessions::inbox))
         .route("/admin/dead_letters", get(admin::dead_letters));
     Router::new()
@@ -219,6 +224,33 @@ impl FromRequest<SharedState> for JsonBody {
             return Err(ApiError::bad_request("invalid_json", "body must be a JSON object"));
         }
         Ok(JsonBody(raw))
+    }
+}
+
+/// Like `JsonBody`, but an empty body (or only whitespace) reads as `{}`.
+pub struct OptionalJsonBody(pub Box<RawValue>);
+
+impl FromRequest<SharedState> for OptionalJsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &SharedState) -> Result<OptionalJsonBody, ApiError> {
+        let limit = state.config.max_body_bytes;
+        let bytes: Bytes = axum::body::to_bytes(request.into_body(), limit).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body exceeds the limit of {limit} bytes"),
+            )
+        })?;
+        let text =
+            std::str::from_utf8(&bytes).map_err(|_| ApiError::bad_request("invalid_json", "body is not UTF-8"))?;
+        let text = if text.trim().is_empty() { "{}" } else { text };
+        let raw: Box<RawValue> = serde_json::from_str(text)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
+        if !raw.get().starts_with('{') {
+            return Err(ApiError::bad_request("invalid_json", "body must be a JSON object"));
+        }
+        Ok(OptionalJsonBody(raw))
     }
 }
 

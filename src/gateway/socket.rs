@@ -365,6 +365,8 @@ impl Socket {
                 self.error_reply(&frame, json!({"reason": "unmatched topic"}));
             }
             (_, "send") => return self.send_message(frame).await,
+            (_, "regenerate") => return self.regenerate(frame),
+            (_, "cancel") => self.cancel(&frame).await,
             (_, "typing") => self.typing(&frame),
             _ => self.error_reply(&frame, json!({"reason": "unknown_event"})),
         }
@@ -434,15 +436,21 @@ impl Socket {
         };
         let messages: Vec<&crate::model::Message> = page.messages.iter().map(|r| &r.message).collect();
         let next_seq = first_live_seq(last_seq, page.session.last_seq, messages.len());
+        // A reply streaming right now: the joiner gets its message so far (chunks and all) right
+        // after the join reply, then only the chunks after it. Taken after subscribing, so the
+        // chunks queued meanwhile are told apart by index.
+        let snapshot = self.state.streams.snapshot(&session_id);
+        let stream = snapshot
+            .as_ref()
+            .map(|s| json!({"dispatch_id": &*s.dispatch_id, "agent_id": s.agent_id}));
         let response = json!({
             "session_id": &*view.record.id,
             "messages": messages,
             "has_more": page.has_more,
             "last_seq": page.session.last_seq,
+            "stream": stream,
         });
         self.reply(&frame, "ok", &response.to_string());
-        // A reply streaming right now: the joiner sees it so far, then only its later chunks.
-        let snapshot = self.state.streams.snapshot(&session_id);
         if let Some(snapshot) = &snapshot {
             let payload = snapshot.payload.to_string();
             self.push(&frame.join_ref, &frame.topic, "stream_snapshot", &payload);
@@ -557,6 +565,71 @@ impl Socket {
             }
             Err(InvalidMessage::TooLarge(details)) => {
                 self.error_reply(&frame, json!({"error": "message_too_large", "details": details}));
+                return None;
+            }
+        };
+        let reply_to = ReplyTo {
+            join_ref: frame.join_ref,
+            reference: frame.reference,
+            topic: frame.topic,
+            received_at: Instant::now(),
+        };
+        let outcome = self
+            .state
+            .shards
+            .submit_append_in_order(&mut self.append_order, request);
+        Some(Box::pin(async move { (reply_to, outcome.await) }))
+    }
+
+    /// The session's user's channel, for `cancel` and `regenerate`: `(session_id)`, or an error
+    /// reply sent.
+    fn user_channel(&mut self, frame: &InFrame, action: &str) -> Option<Arc<str>> {
+        let Some(Channel::Session(channel)) = self.channels.get(&frame.topic) else {
+            self.error_reply(frame, json!({"reason": "unknown_event"}));
+            return None;
+        };
+        if !channel.is_user {
+            let details = format!("only the session's user may {action}");
+            self.error_reply(frame, json!({"error": "forbidden", "details": details}));
+            return None;
+        }
+        Some(channel.session_id.clone())
+    }
+
+    fn api_error_reply(&mut self, frame: &InFrame, error: ApiError) {
+        self.error_reply(frame, json!({"error": error.code, "details": error.message}));
+    }
+
+    /// `cancel` (`{}` or `{"dispatch_id"}`): stops the session's turn; answered
+    /// `{"cancelled", "dispatch_id"?}` once the cancel is decided (and, when no dispatch was
+    /// running, recorded in the log).
+    async fn cancel(&mut self, frame: &InFrame) {
+        let Some(session_id) = self.user_channel(frame, "cancel its turn") else {
+            return;
+        };
+        let dispatch_id = match crate::api::turns::cancel_target(&frame.payload) {
+            Ok(dispatch_id) => dispatch_id,
+            Err(error) => return self.api_error_reply(frame, error),
+        };
+        let answer = match self.state.shards.view(&session_id).await {
+            Ok(view) => crate::api::turns::cancel_turn(&self.state, &view, dispatch_id).await,
+            Err(error) => Err(ApiError::from(error)),
+        };
+        match answer {
+            Ok(answer) => self.reply(frame, "ok", &answer.to_string()),
+            Err(error) => self.api_error_reply(frame, error),
+        }
+    }
+
+    /// `regenerate` (`{}` or `{"message_id", "client_id"?}`): stores a `regenerate` message of
+    /// the session's user, answered like a `send`.
+    fn regenerate(&mut self, frame: InFrame) -> Option<PendingSend> {
+        let session_id = self.user_channel(&frame, "regenerate a reply")?;
+        let request = crate::api::turns::regenerate_request(&self.state, &session_id, &self.identity, &frame.payload);
+        let request = match request {
+            Ok(request) => request,
+            Err(error) => {
+                self.api_error_reply(&frame, error);
                 return None;
             }
         };

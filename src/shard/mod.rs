@@ -703,19 +703,44 @@ impl Shards {
     }
 
     /// Records that a dispatch of the session's agent ended, covering user messages up to
-    /// `through_seq` (durable when this returns).
+    /// `through_seq` (durable when this returns); `cancelled` when the user cancelled it.
     pub async fn finish_dispatch(
         &self,
         session_id: &str,
         dispatch_id: &str,
         through_seq: u64,
         error: Option<String>,
+        cancelled: bool,
     ) -> Result<(), ShardError> {
         self.with_session(session_id, |reply| Command::FinishDispatch {
             session_id: session_id.to_string(),
             dispatch_id: dispatch_id.to_string(),
             through_seq,
             error: error.clone(),
+            cancelled,
+            only_if_owed: false,
+            reply,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Cancels a turn no dispatch is running for: records a cancelled dispatch covering user
+    /// messages up to `through_seq`, only if the log still owes a reply for them (decided by
+    /// the session's writer, so of two racing cancels one records it). Returns whether it did.
+    pub async fn cancel_owed_turn(
+        &self,
+        session_id: &str,
+        dispatch_id: &str,
+        through_seq: u64,
+    ) -> Result<bool, ShardError> {
+        self.with_session(session_id, |reply| Command::FinishDispatch {
+            session_id: session_id.to_string(),
+            dispatch_id: dispatch_id.to_string(),
+            through_seq,
+            error: None,
+            cancelled: true,
+            only_if_owed: true,
             reply,
         })
         .await

@@ -24,13 +24,16 @@ pub enum Op {
         at: Timestamp,
     },
     /// A dispatch of the agent ended: the user's messages up to `through_seq` are answered (or
-    /// given up on, with `error`).
+    /// given up on, with `error`, or cancelled by the session's user: `cancelled`).
     DispatchFinished {
         session_id: String,
         dispatch_id: String,
         through_seq: u64,
         error: Option<String>,
         at: Timestamp,
+        /// Absent (false) in entries written before cancellation existed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cancelled: bool,
     },
     /// Seqs `from_seq..=through_seq` hold no message and are never handed out: they may have
     /// been acknowledged in log entries an operator accepted losing (`fleetlm wal repair`).
@@ -187,6 +190,7 @@ mod tests {
                 through_seq: 3,
                 error: Some("boom".into()),
                 at: Timestamp(2),
+                cancelled: true,
             },
         ];
         let mut encoder = EntryEncoder::default();

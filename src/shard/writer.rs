@@ -95,7 +95,11 @@ pub enum Command {
         dispatch_id: String,
         through_seq: u64,
         error: Option<String>,
-        reply: Reply<()>,
+        cancelled: bool,
+        /// Write it only if the log still owes a reply for a user message up to `through_seq`
+        /// (a cancel of a turn no dispatch is running for); answers whether it was written.
+        only_if_owed: bool,
+        reply: Reply<bool>,
     },
     /// Sessions in memory that owe a reply: `(session_id, agent_id, last_user_seq)`.
     PendingDispatches {
@@ -433,9 +437,18 @@ impl ShardWriter {
                 dispatch_id,
                 through_seq,
                 error,
+                cancelled,
+                only_if_owed,
                 reply,
             } => {
-                let result = self.finish_dispatch(session_id, dispatch_id, through_seq, error, batch, now);
+                let end = DispatchEnd {
+                    dispatch_id,
+                    through_seq,
+                    error,
+                    cancelled,
+                    only_if_owed,
+                };
+                let result = self.finish_dispatch(session_id, end, batch, now);
                 batch.replies.push(defer(reply, result));
             }
             Command::PendingDispatches { reply } => {
@@ -583,28 +596,30 @@ impl ShardWriter {
     fn finish_dispatch(
         &mut self,
         session_id: String,
-        dispatch_id: String,
-        through_seq: u64,
-        error: Option<String>,
+        end: DispatchEnd,
         batch: &mut Batch,
         now: Instant,
-    ) -> Result<(), ShardError> {
-        self.session(&session_id, now)?;
+    ) -> Result<bool, ShardError> {
+        let progress = self.session(&session_id, now)?.dispatch;
+        if end.only_if_owed && !(progress.is_pending() && progress.answered_through < end.through_seq) {
+            return Ok(false);
+        }
         self.writable()?;
         let at = self.next_timestamp();
-        let error = error.map(|text| truncate_chars(text, MAX_DISPATCH_ERROR_CHARS));
+        let error = end.error.map(|text| truncate_chars(text, MAX_DISPATCH_ERROR_CHARS));
         self.push_op(
             Op::DispatchFinished {
                 session_id,
-                dispatch_id,
-                through_seq,
+                dispatch_id: end.dispatch_id,
+                through_seq: end.through_seq,
                 error,
                 at,
+                cancelled: end.cancelled,
             },
             batch,
             now,
         )?;
-        Ok(())
+        Ok(true)
     }
 
     fn archive_session(
@@ -895,6 +910,15 @@ const MIN_MESSAGE_OP_BYTES: u64 = 64;
 enum RecoveryError {
     Retry(String),
     Fatal(String),
+}
+
+/// How a dispatch ended (`Command::FinishDispatch`).
+struct DispatchEnd {
+    dispatch_id: String,
+    through_seq: u64,
+    error: Option<String>,
+    cancelled: bool,
+    only_if_owed: bool,
 }
 
 /// A dispatch's error text kept in the log (the full text goes to the server's log).

@@ -35,6 +35,11 @@ pub enum Behavior {
     HugeLine,
     /// A plain, pretty-printed `application/json` UI message (not streamed).
     PlainJson,
+    /// `start` (messageId `reply-<call>`), `text-start` and `before` text deltas ("0 ", "1 ",
+    /// …) 20 ms apart, then holds the reply open until `release()`; then `after` more deltas,
+    /// `text-end` and `finish`. Records a reply whose connection closed before its end
+    /// (`aborted()`).
+    Gated { before: usize, after: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -47,6 +52,10 @@ struct AgentState {
     behavior: Behavior,
     calls: Mutex<Vec<Call>>,
     in_flight: Mutex<(usize, usize)>,
+    /// Gated replies may go on (one permit per reply).
+    gate: tokio::sync::Semaphore,
+    /// Gated replies whose body was dropped (the client closed the connection) before its end.
+    aborted: std::sync::atomic::AtomicUsize,
 }
 
 pub struct TestAgent {
@@ -65,6 +74,8 @@ impl TestAgent {
             behavior,
             calls: Mutex::default(),
             in_flight: Mutex::default(),
+            gate: tokio::sync::Semaphore::new(0),
+            aborted: std::sync::atomic::AtomicUsize::new(0),
         });
         let app = axum::Router::new()
             .route("/webhook", axum::routing::post(webhook))
@@ -77,6 +88,35 @@ impl TestAgent {
 
     pub fn calls(&self) -> Vec<Call> {
         self.state.calls.lock().unwrap().clone()
+    }
+
+    /// Lets one held (`Gated`) reply go on.
+    pub fn release(&self) {
+        self.state.gate.add_permits(1);
+    }
+
+    /// Takes back release permits no reply took.
+    pub fn drain_permits(&self) {
+        while let Ok(permit) = self.state.gate.try_acquire() {
+            permit.forget();
+        }
+    }
+
+    /// Gated replies whose connection FleetLM closed before the reply's end.
+    pub fn aborted(&self) -> usize {
+        self.state.aborted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits (up to 10 s) until `count` gated replies were aborted by FleetLM.
+    pub async fn wait_aborted(&self, count: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.aborted() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent's request was not closed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// The most dispatches this agent ever had running at once.
@@ -96,6 +136,59 @@ fn chunks(text: &str) -> Vec<Value> {
         json!({"type": "finish-step"}),
         json!({"type": "finish"}),
     ]
+}
+
+/// Counts a gated reply as aborted if its body is dropped before its last line.
+struct BodyGuard {
+    state: Arc<AgentState>,
+    finished: bool,
+}
+
+impl Drop for BodyGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.state.aborted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+fn gated(state: Arc<AgentState>, call_number: usize, before: usize, after: usize) -> Response {
+    let guard = BodyGuard { state, finished: false };
+    let stream = futures_util::stream::unfold((0usize, guard), move |(step, mut guard)| async move {
+        let delta = |n: usize| json!({"type": "text-delta", "id": "t", "delta": format!("{n} ")});
+        let chunk = if step == 0 {
+            json!({"type": "start", "messageId": format!("reply-{call_number}")})
+        } else if step == 1 {
+            json!({"type": "text-start", "id": "t"})
+        } else if step < 2 + before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            delta(step - 2)
+        } else if step < 2 + before + after {
+            if step == 2 + before {
+                guard.state.gate.acquire().await.unwrap().forget();
+            }
+            delta(step - 2)
+        } else if step == 2 + before + after {
+            if after == 0 {
+                guard.state.gate.acquire().await.unwrap().forget();
+            }
+            json!({"type": "text-end", "id": "t"})
+        } else if step == 3 + before + after {
+            json!({"type": "finish"})
+        } else {
+            guard.finished = true;
+            drop(guard);
+            return None;
+        };
+        Some((
+            Ok::<_, std::convert::Infallible>(format!("{chunk}\n")),
+            (step + 1, guard),
+        ))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap()
 }
 
 fn last_user_text(body: &Value) -> String {
@@ -188,6 +281,7 @@ async fn webhook(State(state): State<Arc<AgentState>>, headers: HeaderMap, body:
             )
                 .into_response()
         }
+        Behavior::Gated { before, after } => gated(state.clone(), call_number, *before, *after),
         Behavior::NoFinish => {
             let mut lines = jsonl(&text);
             lines.truncate(5);
