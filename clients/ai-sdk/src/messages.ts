@@ -6,7 +6,7 @@ import type { UIMessage } from "ai";
 export const FLEETLM_METADATA_KEYS = ["termination", "dispatch_id", "replaces", "error"] as const;
 
 /** Tool part states a client writes back (docs/CLIENTS.md, "Tools and approvals"). */
-export const CLIENT_TOOL_STATES = new Set(["output-available", "output-error", "output-denied", "approval-responded"]);
+export const CLIENT_TOOL_STATES = new Set(["output-available", "output-error", "approval-responded"]);
 
 export interface HistoryOptions {
   /** The session's user: messages from anyone else that are not `assistant` replies are the agent's. */

@@ -83,7 +83,21 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
     }
     const [ui] = historyToUIMessages<UI_MESSAGE>([message], { userId: userId! }).messages;
     if (!ui) return messages;
-    if (messages.some((m) => m.id === ui.id)) return messages;
+    const existing = messages.findIndex((m) => m.id === ui.id);
+    if (existing >= 0) {
+      // Shown already (streamed here). The stored reply is authoritative when it is the whole
+      // message (not a continuation) and differs — e.g. a retried dispatch streamed it afresh
+      // after this chat saw an `abort` — unless this chat has changed its tool parts since
+      // (an approval or output not yet sent).
+      const shown = messages[existing];
+      if (ui.role !== "assistant" || transport.fleetIds(chatId, ui.id).length > 1) return messages;
+      if (JSON.stringify(shown.parts) === JSON.stringify(ui.parts)) return messages;
+      const storedTools = new Map(ui.parts.filter((p: any) => p?.toolCallId).map((p: any) => [p.toolCallId, p.state]));
+      if (shown.parts.some((p: any) => p?.toolCallId && storedTools.get(p.toolCallId) !== p.state)) return messages;
+      const next = [...messages];
+      next[existing] = ui;
+      return next;
+    }
     const dispatchId = message.kind === "assistant" ? (message.metadata?.dispatch_id as string | undefined) : undefined;
     if (dispatchId && transport.streamedDispatch(chatId, dispatchId)) {
       // This chat streamed the reply, under an id of its own (the agent's `start` chunk named
