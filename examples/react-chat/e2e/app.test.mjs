@@ -143,12 +143,17 @@ test("send, reload mid-reply (resume), a second tab in sync", { timeout: 120000 
   await send(page, "hello there");
   await waitForBubbles(page, (b) => b.length === 2 && b[1].text === "echo: hello there", "the first reply");
 
-  // Reload in the middle of a reply: the page resumes it; every word appears once.
-  await send(page, LONG);
-  await waitForBubbles(page, (b) => b.length === 4 && b[3].text.includes("three"), "the long reply to start");
+  // Reload in the middle of a reply (40 words, about 5 s): the page resumes it, streaming (not
+  // just the stored message once it is done); every word appears once.
+  const longer = Array.from({ length: 40 }, (_, i) => `word${i}`).join(" ");
+  await send(page, longer);
+  await waitForBubbles(page, (b) => b.length === 4 && b[3].text.includes("word2 "), "the long reply to start");
   await page.reload();
-  const resumed = await waitForBubbles(page, (b) => b.length === 4 && b[3].text === `echo: ${LONG}`, "the resumed reply");
-  assert.equal(resumed[2].text, LONG);
+  await page.waitForFunction(() => document.querySelector("[data-testid=status]")?.textContent === "status: streaming");
+  const partial = (await bubbles(page))[3]?.text ?? "";
+  assert.ok(partial.startsWith("echo: word0 word1 word2 ") && partial !== `echo: ${longer}`, partial);
+  const resumed = await waitForBubbles(page, (b) => b.length === 4 && b[3].text === `echo: ${longer}`, "the resumed reply");
+  assert.equal(resumed[2].text, longer);
   await page.waitForFunction(() => document.querySelector("[data-testid=status]")?.textContent === "status: ready");
 
   // A second tab on the same chat shows the history and follows what the first one does.
