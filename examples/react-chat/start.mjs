@@ -72,6 +72,8 @@ const registered = await fetch(`${fleetlmUrl}/api/agents`, {
 if (registered.status !== 201 && registered.status !== 422) {
   throw new Error(`registering the echo agent failed: HTTP ${registered.status} ${await registered.text()}`);
 }
+// The app talks to this FleetLM (App.tsx reads VITE_FLEETLM_URL).
+process.env.VITE_FLEETLM_URL = fleetlmUrl;
 const vite = await createServer({ configFile: `${here}vite.config.ts`, root: here });
 await vite.listen();
 vite.printUrls();
