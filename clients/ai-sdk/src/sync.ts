@@ -58,9 +58,15 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
   const apply = (messages: UI_MESSAGE[], message: Message): UI_MESSAGE[] => {
     const fromUser = message.sender_id === userId && message.kind !== "assistant";
     if (fromUser && message.kind === "regenerate") {
-      // Another tab asked for a new reply: drop the replies it supersedes.
+      // A new reply was asked for (here or in another tab): drop the replies it supersedes —
+      // the agent's messages after the latest user message, stored before the `regenerate`
+      // (the new reply, stored after it or still streaming, stays).
       const lastUser = messages.findLastIndex((m) => m.role === "user");
-      const kept = messages.filter((m, i) => i <= lastUser || m.role !== "assistant");
+      const kept = messages.filter((m, i) => {
+        if (i <= lastUser || m.role !== "assistant") return true;
+        const seq = transport.seqOf(chatId, m.id);
+        return seq === undefined || seq > message.seq;
+      });
       return kept.length === messages.length ? messages : kept;
     }
     if (fromUser && message.kind === "tool_result") {

@@ -260,6 +260,16 @@ describe("FleetLMChatTransport", () => {
     assert.deepEqual(plain(tabA.messages), plain(tabB.messages));
     assert.equal(textOf(tabA.messages[6]), "a note from the agent");
     assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(tabA.messages));
+    // B regenerates: both agent messages after B's turn are superseded, in both tabs; the new
+    // reply streams into both.
+    if (features.regenerate) {
+      const before = tabA.messages[5].id;
+      await tabB.regenerate();
+      await tabB.until((c) => c.status === "ready" && c.messages.length === 6 && textOf(c.messages[5]) === "echo: from B" && c.messages[5].id !== before, "B's regenerated reply");
+      await tabA.until((c) => c.status === "ready" && c.messages.length === 6 && c.messages[5].id === tabB.messages[5].id, "A to follow the regeneration");
+      assert.deepEqual(plain(tabA.messages), plain(tabB.messages));
+      assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(tabB.messages));
+    }
     syncA.stop();
     syncB.stop();
   });
