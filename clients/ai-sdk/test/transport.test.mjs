@@ -174,6 +174,27 @@ describe("FleetLMChatTransport", () => {
     assert.equal(textOf(chat.messages.at(-1)), "echo: after stop");
   });
 
+  test("stop() before the reply started (debounce): the agent is never called for that turn", async (t) => {
+    needs(t, features.cancel, "cancel");
+    await registerAgent(base, agent.origin, { id: "patient", debounce: 1500 });
+    const chatId = fresh("early-stop");
+    const chat = new TestChat({ id: chatId, transport: transport({ agentId: "patient" }) });
+    const sending = chat.sendMessage({ text: "never mind" });
+    await chat.until((c) => c.status === "submitted", "the send");
+    await eventually(async () => (await stored(chatId))?.length === 1, "the message to be stored");
+    await chat.stop();
+    await sending;
+    assert.equal(chat.status, "ready");
+    const session = await eventually(async () => {
+      const body = (await rest(base, "GET", `/api/sessions/${chatId}`)).body;
+      return body.session.agent_status?.status === "cancelled" && body.session;
+    }, "agent_status cancelled");
+    assert.ok(session.agent_status.dispatch_id);
+    await sleep(2500);
+    assert.equal(requestsFor(chatId).length, 0, "the agent was not called");
+    assert.deepEqual((await stored(chatId)).map((m) => m.kind), ["text"]);
+  });
+
   test("regenerate: the agent answers the same turn again; the old reply is gone after a reload", async (t) => {
     needs(t, features.regenerate, "regenerate");
     const chatId = fresh("regen");
