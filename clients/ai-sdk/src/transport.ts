@@ -3,6 +3,7 @@
 import {
   FleetLMClient,
   FleetLMError,
+  randomId,
   type FleetLMClientOptions,
   type JsonObject,
   type Message,
@@ -262,7 +263,7 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
       const content: JsonObject = {};
       const target = options.messageId ? this.fleetIds(chatId, options.messageId)[0] : undefined;
       if (target) content.message_id = target;
-      send = { kind: "regenerate", content, clientId: `regen-${crypto.randomUUID()}` };
+      send = { kind: "regenerate", content, clientId: randomId("regen-") };
     } else if (last?.role === "assistant") {
       // Tool outputs or approval responses added on this side (addToolOutput /
       // addToolApprovalResponse): a `tool_result` message with the changed parts.
