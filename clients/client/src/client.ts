@@ -48,6 +48,7 @@ export class FleetLMClient {
   readonly #options: FleetLMClientOptions;
   #userId: string | undefined;
   #socket: Socket | null = null;
+  #connecting: Promise<Socket> | null = null;
   #currentToken: string | undefined;
   #subscriptions = new Map<string, SessionSubscription>();
   #inboxes = new Set<InboxSubscription>();
@@ -79,12 +80,20 @@ export class FleetLMClient {
   }
 
   /** The shared Phoenix socket, connected on first use. */
-  async socket(): Promise<Socket> {
-    if (this.#socket) return this.#socket;
+  socket(): Promise<Socket> {
+    if (this.#socket) return Promise.resolve(this.#socket);
+    if (!this.#connecting) {
+      this.#connecting = this.#connect().finally(() => {
+        this.#connecting = null;
+      });
+    }
+    return this.#connecting;
+  }
+
+  async #connect(): Promise<Socket> {
     const options = this.#options;
     const token = options.token;
     const userId = await this.#identity();
-    if (this.#socket) return this.#socket;
     const transport = options.WebSocket ?? (globalThis as { WebSocket?: unknown }).WebSocket;
     if (!transport) {
       throw new Error("no WebSocket implementation: pass options.WebSocket (in Node 20: the `ws` package)");
