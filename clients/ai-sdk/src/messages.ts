@@ -76,34 +76,33 @@ export function historyToUIMessages<UI_MESSAGE extends UIMessage = UIMessage>(
   history: Message[],
   options: HistoryOptions,
 ): ConvertedHistory<UI_MESSAGE> {
-  const out: UIMessage[] = [];
-  const sources = new Map<string, Message[]>();
-  // Index in `out` just after the latest user message of a kind other than `regenerate`.
-  let turnStart = 0;
-  const add = (ui: UIMessage, message: Message) => {
+  // Each UI message is built from segments: the stored messages it came from (a reply and its
+  // continuations), so a `regenerate` can drop exactly the agent messages it supersedes.
+  type Segment = { message: Message; parts: any[]; metadata: unknown; fromAgent: boolean };
+  type Entry = { id: string; role: UIMessage["role"]; segments: Segment[]; toolResults: Message[] };
+  let out: Entry[] = [];
+  // The seq of the latest user message of a kind other than `regenerate`.
+  let turnSeq = 0;
+  const add = (ui: UIMessage, message: Message, fromAgent: boolean) => {
+    const segment: Segment = { message, parts: ui.parts, metadata: ui.metadata, fromAgent };
     const existing = out.findIndex((m) => m.id === ui.id && m.role === ui.role);
     if (existing >= 0 && ui.role === "assistant") {
-      const merged = out[existing];
-      out[existing] = {
-        ...merged,
-        parts: [...merged.parts, ...ui.parts],
-        ...(ui.metadata !== undefined ? { metadata: { ...(merged.metadata as object), ...(ui.metadata as object) } } : {}),
-      };
-      sources.get(ui.id)?.push(message);
+      out[existing].segments.push(segment);
       return;
     }
     if (existing >= 0) {
       // A user message edited in place (`sendMessage({ messageId })`): the chat drops what
       // followed it.
-      for (const removed of out.splice(existing)) sources.delete(removed.id);
+      out = out.slice(0, existing);
     }
-    out.push(ui);
-    sources.set(ui.id, [message]);
+    out.push({ id: ui.id, role: ui.role, segments: [segment], toolResults: [] });
   };
   for (const message of [...history].sort((a, b) => a.seq - b.seq)) {
     const fromUser = message.sender_id === options.userId && message.kind !== "assistant";
     if (fromUser && message.kind === "regenerate") {
-      for (const removed of out.splice(turnStart).filter((m) => m.role === "assistant")) sources.delete(removed.id);
+      // Superseded: every agent message after the latest user turn before it.
+      for (const entry of out) entry.segments = entry.segments.filter((g) => !g.fromAgent || g.message.seq < turnSeq);
+      out = out.filter((entry) => entry.segments.length > 0);
       continue;
     }
     if (fromUser && message.kind === "tool_result") {
@@ -111,26 +110,35 @@ export function historyToUIMessages<UI_MESSAGE extends UIMessage = UIMessage>(
       const target = out.find((m) => m.id === content.message_id);
       if (target && Array.isArray(content.parts)) {
         const updates = new Map<string, any>(content.parts.filter(isObject).map((p: any) => [p.toolCallId, p]));
-        const index = out.indexOf(target);
-        out[index] = {
-          ...target,
-          parts: target.parts.map((part: any) => (isObject(part) && updates.has(part.toolCallId) ? updates.get(part.toolCallId) : part)),
-        };
-        sources.get(target.id)?.push(message);
+        for (const segment of target.segments) {
+          segment.parts = segment.parts.map((part: any) => (isObject(part) && updates.has(part.toolCallId) ? updates.get(part.toolCallId) : part));
+        }
+        target.toolResults.push(message);
       }
-      turnStart = out.length;
+      turnSeq = message.seq;
       continue;
     }
     if (fromUser) {
       const ui = userMessage(message);
-      if (ui) add(ui, message);
-      turnStart = out.length;
+      if (ui) add(ui, message, false);
+      turnSeq = message.seq;
       continue;
     }
     const ui = assistantMessage(message);
-    if (ui) add(ui, message);
+    if (ui) add(ui, message, true);
   }
-  return { messages: out as UI_MESSAGE[], sources };
+  const sources = new Map<string, Message[]>();
+  const messages = out.map((entry) => {
+    sources.set(entry.id, [...entry.segments.map((g) => g.message), ...entry.toolResults]);
+    const ui: UIMessage = { id: entry.id, role: entry.role, parts: entry.segments.flatMap((g) => g.parts) };
+    const metadata = entry.segments.reduce<unknown>(
+      (merged, g) => (g.metadata === undefined ? merged : { ...(merged as object | undefined), ...(g.metadata as object) }),
+      undefined,
+    );
+    if (metadata !== undefined) ui.metadata = metadata;
+    return ui;
+  });
+  return { messages: messages as UI_MESSAGE[], sources };
 }
 
 export interface LoadChatMessagesOptions {
