@@ -86,6 +86,8 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
   readonly #inFlight = new Map<string, { dispatchId?: string }>();
   /** Each session's user. */
   readonly #users = new Map<string, string>();
+  /** Chats whose pending open may create the session. */
+  readonly #creating = new Set<string>();
   /** Callers of `whenOpen` waiting for a session to be joined. */
   readonly #waiters = new Map<string, Array<() => void>>();
 
@@ -113,25 +115,50 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
    * `session_not_found` FleetLMError).
    */
   session(chatId: string, options: { create?: boolean } = {}): Promise<SessionSubscription> {
+    const create = options.create !== false;
     let pending = this.#sessions.get(chatId);
-    if (!pending) {
-      pending = this.#open(chatId, options.create !== false);
+    if (pending && create && !this.#creating.has(chatId)) {
+      // An open that may not create is under way (a reconnect or the sync): if it finds no
+      // session, this call creates it.
+      const previous = pending;
+      pending = previous.catch((error) => {
+        if (!(error instanceof FleetLMError) || error.code !== "session_not_found") throw error;
+        return this.#open(chatId, true);
+      });
+      this.#creating.add(chatId);
       this.#sessions.set(chatId, pending);
-      pending.then(
-        () => {
-          for (const resolve of this.#waiters.get(chatId) ?? []) resolve();
-          this.#waiters.delete(chatId);
-        },
-        () => this.#sessions.delete(chatId),
-      );
+      this.#watch(chatId, pending);
     }
-    return pending.then((subscription) => {
+    if (!pending) {
+      pending = this.#open(chatId, create);
+      if (create) this.#creating.add(chatId);
+      this.#sessions.set(chatId, pending);
+      this.#watch(chatId, pending);
+    }
+    const current = pending;
+    return current.then((subscription) => {
       if (subscription.closed) {
-        if (this.#sessions.get(chatId) === pending) this.#sessions.delete(chatId);
+        if (this.#sessions.get(chatId) === current) this.#sessions.delete(chatId);
+        this.#creating.delete(chatId);
         return this.session(chatId, options);
       }
       return subscription;
     });
+  }
+
+  #watch(chatId: string, pending: Promise<SessionSubscription>): void {
+    pending.then(
+      () => {
+        for (const resolve of this.#waiters.get(chatId) ?? []) resolve();
+        this.#waiters.delete(chatId);
+      },
+      () => {
+        if (this.#sessions.get(chatId) === pending) {
+          this.#sessions.delete(chatId);
+          this.#creating.delete(chatId);
+        }
+      },
+    );
   }
 
   /** Resolves once this transport has joined the chat's session (e.g. after the first send). */

@@ -153,6 +153,23 @@ describe("FleetLMChatTransport", () => {
     assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
   });
 
+  test("a reply that finishes while the socket is down does not leave the chat streaming", async (t) => {
+    needs(t, features.resume, "the join's stream field");
+    const chatId = fresh("outage");
+    const client = new FleetLMClient({ url: base, userId: "alice", WebSocket, reconnectAfterMs: () => 3500 });
+    clients.push(client);
+    const t1 = transport({ client });
+    const chat = new TestChat({ id: chatId, transport: t1 });
+    const sync = syncChat(chat, t1);
+    const sending = chat.sendMessage({ text: "slow through an outage" });
+    await chat.until((c) => textOf(c.messages.at(-1) ?? { parts: [] }).includes("w3 "), "the reply to start");
+    (await client.socket()).conn.close();
+    await sending; // ends once the rejoin shows the reply is over
+    await chat.until((c) => c.status === "ready" && textOf(c.messages[1]) === SLOW_TEXT, "the stored reply to replace the partial one", 15000);
+    assert.deepEqual(plain(chat.messages), plain(await loadChatMessages({ url: base, userId: "alice", chatId })));
+    sync.stop();
+  });
+
   test("stop(): the agent's request is aborted and the stored reply says abort", async (t) => {
     needs(t, features.cancel, "cancel");
     const chatId = fresh("stop");

@@ -374,6 +374,7 @@ export class SessionSubscription {
     let emitted = -1; // the highest index enqueued
     let sentAny = false;
     let closed = false;
+    let reconnected = false;
     let controller!: ReadableStreamDefaultController<UIMessageChunk>;
     const cleanup = () => {
       for (const fn of cleanups.splice(0)) fn();
@@ -444,9 +445,25 @@ export class SessionSubscription {
             const dispatchId = message.kind === "assistant" ? (message.metadata?.dispatch_id as string | undefined) : undefined;
             if (!candidate(dispatchId)) return;
             if (!sentAny) {
-              // Not streamed (a plain JSON answer): play the stored message back.
+              // Not streamed (a plain JSON answer), or streamed entirely while this socket was
+              // reconnecting: play the stored message back.
               for (const chunk of messageToChunks(message.content as unknown as UIMessageLike)) enqueue(chunk);
+            } else if (reconnected) {
+              // The message ended while this socket was down (its end came in the rejoin's
+              // replay, not as chunks): end it here too; the stored message is the whole one.
+              enqueue({ type: message.metadata?.termination === "abort" ? "abort" : "finish" });
             }
+          }),
+          this.on("join", (info) => {
+            if (!info.rejoin || closed) return;
+            reconnected = true;
+            // A server that says what streams (`stream`): if it is not this reply any more, the
+            // reply ended while the socket was down. Its stored message (if any) came in the
+            // replay just before this; without one, the dispatch failed or was cancelled.
+            if (target === undefined || info.stream === undefined || info.stream?.dispatch_id === target) return;
+            if (sentAny) enqueue({ type: "finish" });
+            else enqueue({ type: "error", errorText: "the reply ended while the connection was down" });
+            close();
           }),
         );
         if (options.signal) {
