@@ -205,6 +205,32 @@ async fn a_late_joiner_resumes_from_the_first_chunk_with_no_gap_and_no_duplicate
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_dispatch_closes_the_cut_message_and_its_indexes_go_on() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::CutOnce).await;
+    register(&server, &agent, "cut", json!({})).await;
+    let (mut ws, _) = join(&server, "u", "cut-s").await;
+    say(&server, "cut-s", "again").await;
+    // Attempt 1: start, text-start, one delta, then the connection breaks: the open message
+    // is closed with an abort chunk. Attempt 2 streams the reply afresh (8 chunks).
+    let chunks = chunks_through(&mut ws, 11).await;
+    let indexes: Vec<u64> = chunks.iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    assert_eq!(indexes, (0..=11).collect::<Vec<_>>());
+    let types: Vec<&str> = chunks.iter().map(|c| c["chunk"]["type"].as_str().unwrap()).collect();
+    assert_eq!(&types[..5], ["start", "text-start", "text-delta", "abort", "start"]);
+    assert_eq!(types[11], "finish");
+    let dispatch_ids: std::collections::HashSet<&str> =
+        chunks.iter().map(|c| c["dispatch_id"].as_str().unwrap()).collect();
+    assert_eq!(dispatch_ids.len(), 1, "one dispatch, two attempts");
+    let stored = agent_messages(&server, "cut-s", "cut", 1).await;
+    assert_eq!(text_of(&stored[0]["content"]["parts"]), "echo: again");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(agent_messages(&server, "cut-s", "cut", 1).await.len(), 1);
+    assert_eq!(agent.calls().len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_closes_the_agents_request_stores_the_partial_reply_and_is_idempotent() {
     let server = TestServer::start(Store::Sqlite).await;
     let agent = TestAgent::start(Behavior::Gated { before: 3, after: 3 }).await;
@@ -270,6 +296,78 @@ async fn cancel_closes_the_agents_request_stores_the_partial_reply_and_is_idempo
     let replies = agent_messages(&server, "stop-s", "stop", 2).await;
     assert_eq!(replies[1]["metadata"]["termination"], "finish");
     assert_eq!(agent.calls().len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_drops_the_follow_up_queued_behind_the_running_dispatch() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::Gated { before: 1, after: 0 }).await;
+    register(&server, &agent, "follow", json!({})).await;
+    let (mut ws, _) = join(&server, "u", "follow-s").await;
+    say(&server, "follow-s", "one").await;
+    chunks_through(&mut ws, 2).await;
+    // Written while the dispatch runs: it would be answered by a follow-up call.
+    say(&server, "follow-s", "two").await;
+    say(&server, "follow-s", "three").await;
+    let (answer, pending) = request(&mut ws, "follow-s", "2", "cancel", json!({})).await;
+    assert_eq!(answer["response"]["cancelled"], true, "{answer}");
+    pushes_until(&mut ws, pending, |f| is_status(f, "cancelled")).await;
+    agent.wait_aborted(1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(agent.calls().len(), 1, "the follow-up for two and three was dropped");
+    let shown = server.get("/api/sessions/follow-s").await;
+    assert_eq!(shown.body["session"]["agent_status"]["status"], "cancelled");
+    // A message written after the cancel is answered, with the whole history.
+    agent.release();
+    say(&server, "follow-s", "four").await;
+    let replies = agent_messages(&server, "follow-s", "follow", 2).await;
+    assert_eq!(replies[1]["metadata"]["termination"], "finish");
+    let texts: Vec<String> = agent.calls()[1].body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["sender_id"] == "u")
+        .map(|m| m["content"]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(texts, ["one", "two", "three", "four"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_before_the_agent_answers_closes_the_request_and_stores_nothing() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::Slow(Duration::from_secs(3))).await;
+    register(&server, &agent, "slow", json!({})).await;
+    let (mut ws, _) = join(&server, "u", "slow-s").await;
+    say(&server, "slow-s", "take your time").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.calls().is_empty() {
+        assert!(Instant::now() < deadline, "the agent was not called");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    let (answer, pending) = request(&mut ws, "slow-s", "2", "cancel", json!({})).await;
+    assert_eq!(answer["response"]["cancelled"], true, "{answer}");
+    let frames = pushes_until(&mut ws, pending, |f| is_status(f, "cancelled")).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the dispatch did not wait for the agent's answer"
+    );
+    assert!(
+        !frames
+            .iter()
+            .any(|f| f[3] == "stream_chunk" || (f[3] == "message" && f[4]["sender_id"] == "slow")),
+        "nothing streamed, nothing stored: {frames:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let stored: Vec<Value> = messages(&server, "slow-s")
+        .await
+        .into_iter()
+        .filter(|m| m["sender_id"] == "slow")
+        .collect();
+    assert!(stored.is_empty(), "{stored:?}");
+    assert_eq!(agent.calls().len(), 1, "not retried");
     server.stop().await;
 }
 
@@ -495,6 +593,31 @@ async fn regenerate_redoes_the_reply_on_the_current_branch() {
         server.post("/api/sessions/nope/regenerate", json!({})).await.status,
         404
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_then_regenerate_replaces_the_aborted_reply() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::Gated { before: 2, after: 0 }).await;
+    register(&server, &agent, "redo", json!({})).await;
+    let (mut ws, _) = join(&server, "u", "redo-s").await;
+    say(&server, "redo-s", "hello").await;
+    chunks_through(&mut ws, 3).await;
+    // The cancel answers once the aborted reply is stored, so a regenerate written after the
+    // answer comes after it in the log and supersedes it.
+    let (cancelled, _) = request(&mut ws, "redo-s", "2", "cancel", json!({})).await;
+    assert_eq!(cancelled["response"]["cancelled"], true, "{cancelled}");
+    let (regenerated, _) = request(&mut ws, "redo-s", "3", "regenerate", json!({})).await;
+    assert_eq!(regenerated["response"], json!({"seq": 3}), "{regenerated}");
+    agent.release();
+    let stored = agent_messages(&server, "redo-s", "redo", 2).await;
+    assert_eq!(stored[0]["seq"], 2);
+    assert_eq!(stored[0]["metadata"]["termination"], "abort");
+    assert_eq!(stored[1]["metadata"]["termination"], "finish");
+    assert_eq!(stored[1]["metadata"]["replaces"], stored[0]["id"]);
+    let history = agent.calls()[1].body["messages"].clone();
+    assert_eq!(history.as_array().unwrap().len(), 1, "{history}");
     server.stop().await;
 }
 

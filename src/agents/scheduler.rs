@@ -49,8 +49,10 @@ struct CancelRequest {
     /// reply for it then.
     last_user_seq: u64,
     owed: bool,
-    reply: oneshot::Sender<Result<Option<Arc<str>>, crate::shard::ShardError>>,
+    reply: CancelReply,
 }
+
+type CancelReply = oneshot::Sender<Result<Option<Arc<str>>, crate::shard::ShardError>>;
 
 /// The API's side: cancels turns.
 #[derive(Clone)]
@@ -146,6 +148,9 @@ struct SessionSchedule {
     in_flight: bool,
     /// The running dispatch (or cancel record): its id and its control.
     running: Option<(Arc<str>, Arc<DispatchControl>)>,
+    /// The cancel that stopped the running dispatch, answered once it has ended (its aborted
+    /// message stored, its end recorded).
+    cancelled_by: Option<CancelReply>,
 }
 
 pub struct Engine;
@@ -464,12 +469,15 @@ impl Scheduler {
                 return;
             };
             let wanted = dispatch_id.as_deref().is_none_or(|id| id == &*running_id);
-            let cancelled = wanted && control.cancel(last_user_seq);
-            if cancelled {
-                // Messages written up to the cancel are answered: no follow-up for them.
+            if wanted && control.cancel(last_user_seq) {
+                // Messages written up to the cancel are answered: no follow-up for them. The
+                // answer waits for the dispatch's end, so what the client writes next (e.g. a
+                // `regenerate`) comes after the aborted message in the log.
                 schedule.covered_through = schedule.covered_through.max(last_user_seq);
+                schedule.cancelled_by = Some(reply);
+            } else {
+                let _ = reply.send(Ok(None));
             }
-            let _ = reply.send(Ok(cancelled.then_some(running_id)));
             return;
         }
         if dispatch_id.is_some() || !owed {
@@ -483,7 +491,6 @@ impl Scheduler {
         }
         schedule.first_pending_at = None;
         schedule.in_flight = true;
-        schedule.covered_through = schedule.covered_through.max(last_user_seq);
         let dispatch_id: Arc<str> = Arc::from(crate::ids::generate_id());
         let control = Arc::new(DispatchControl::default());
         control.cancel(last_user_seq);
@@ -500,8 +507,10 @@ impl Scheduler {
                 Ok(false) => {}
                 Err(error) => tracing::warn!(%session_id, %error, "could not record a cancelled turn"),
             }
+            // Covered only if recorded: if the log could not take it, the turn is still owed
+            // and is dispatched as usual.
+            let through_seq = if matches!(recorded, Ok(true)) { last_user_seq } else { 0 };
             let _ = reply.send(recorded.map(|done| done.then_some(dispatch_id)));
-            let through_seq = last_user_seq;
             let _ = sender
                 .send(Event::Done {
                     session_id,
@@ -525,7 +534,10 @@ impl Scheduler {
         }
         if let Some(schedule) = self.sessions.get_mut(&session_id) {
             schedule.in_flight = false;
-            schedule.running = None;
+            let running = schedule.running.take();
+            if let (Some(reply), Some((dispatch_id, _))) = (schedule.cancelled_by.take(), running) {
+                let _ = reply.send(Ok(Some(dispatch_id)));
+            }
             schedule.covered_through = schedule.covered_through.max(through_seq);
             if schedule.latest_user_seq > schedule.covered_through {
                 self.arm(&session_id);

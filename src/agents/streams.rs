@@ -25,13 +25,14 @@ struct Streaming {
     next_index: u64,
 }
 
-/// What a late joiner needs: the message streaming now, its chunks and the first chunk index it
-/// has not seen.
+/// What a joiner needs of the dispatch running now: the first chunk index it has not seen and,
+/// if a message of it is streaming, that message's chunks and what they assemble to.
 pub struct Snapshot {
     pub dispatch_id: Arc<str>,
     pub agent_id: String,
     pub next_index: u64,
-    pub payload: Value,
+    /// The `stream_snapshot` payload, if a message is streaming.
+    pub payload: Option<Value>,
 }
 
 pub struct LiveStreams {
@@ -66,15 +67,15 @@ impl LiveStreams {
         self.statuses.lock().expect("statuses lock").get(session_id).cloned()
     }
 
-    /// Starts forwarding a reply of `dispatch_id`; its first chunk gets index `first_index` (an
-    /// attempt after a failed one goes on counting where that one stopped).
-    pub fn begin(&self, session_id: &Arc<str>, agent_id: &str, dispatch_id: &Arc<str>, first_index: u64) {
+    /// A dispatch starts (its first chunk will have index 0); it stays registered through all
+    /// its attempts, until `end`.
+    pub fn begin(&self, session_id: &Arc<str>, agent_id: &str, dispatch_id: &Arc<str>) {
         let streaming = Streaming {
             agent_id: agent_id.to_string(),
             dispatch_id: dispatch_id.clone(),
             assembler: Assembler::new(),
             chunks: Vec::new(),
-            next_index: first_index,
+            next_index: 0,
         };
         self.streams
             .lock()
@@ -131,29 +132,38 @@ impl LiveStreams {
         open
     }
 
-    /// Stops forwarding the session's reply; returns the index its next chunk would have had.
-    pub fn end(&self, session_id: &Arc<str>) -> Option<u64> {
-        let removed = self.streams.lock().expect("streams lock").remove(session_id)?;
-        let next_index = removed.lock().expect("stream lock").next_index;
-        Some(next_index)
+    /// An attempt ended: a message it left open is dropped (a retry streams the reply afresh);
+    /// chunk indexes go on.
+    pub fn end_attempt(&self, session_id: &Arc<str>) {
+        if let Some(session) = self.session(session_id) {
+            let mut streaming = session.lock().expect("stream lock");
+            streaming.assembler = Assembler::new();
+            streaming.chunks.clear();
+        }
     }
 
-    /// The reply streaming into `session_id`, if a message of it is streaming now: that
-    /// message's chunks so far, the message they assemble to, and the index of the next chunk.
+    /// The dispatch ended.
+    pub fn end(&self, session_id: &Arc<str>) {
+        self.streams.lock().expect("streams lock").remove(session_id);
+    }
+
+    /// The dispatch running for `session_id`, if any: the index of its next chunk and, if a
+    /// message of it is streaming now, that message's chunks so far and what they assemble to.
     pub fn snapshot(&self, session_id: &str) -> Option<Snapshot> {
         let session = self.session(session_id)?;
         let mut streaming = session.lock().expect("stream lock");
-        if streaming.chunks.is_empty() {
-            return None;
-        }
-        let message = streaming.assembler.message();
-        let payload = json!({
-            "agent_id": streaming.agent_id,
-            "dispatch_id": &*streaming.dispatch_id,
-            "message": message,
-            "chunks": streaming.chunks,
-            "next_index": streaming.next_index,
-        });
+        let payload = if streaming.chunks.is_empty() {
+            None
+        } else {
+            let message = streaming.assembler.message();
+            Some(json!({
+                "agent_id": streaming.agent_id,
+                "dispatch_id": &*streaming.dispatch_id,
+                "message": message,
+                "chunks": streaming.chunks,
+                "next_index": streaming.next_index,
+            }))
+        };
         Some(Snapshot {
             dispatch_id: streaming.dispatch_id.clone(),
             agent_id: streaming.agent_id.clone(),

@@ -110,8 +110,9 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
     let through_seq = history.last_user_seq.unwrap_or(view.dispatch.last_user_seq);
     status(context, &job.session_id, "dispatching", Some(&job.dispatch_id), None);
     let mut attempt = 1u32;
-    // Chunk indexes count across attempts: a retry's chunks follow the failed attempt's.
-    let mut next_index = 0u64;
+    // Registered for all attempts: chunk indexes count across them, and a joiner between two
+    // attempts still knows which chunks are new to it.
+    context.streams.begin(&job.session_id, &agent.id, &job.dispatch_id);
     loop {
         if job.control.is_cancelled() {
             return DispatchResult {
@@ -131,7 +132,6 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
         let final_attempt = attempt >= context.config.max_attempts;
         let turn = Turn {
             final_attempt,
-            first_index: next_index,
             replaces: history.replaces.as_deref(),
         };
         let outcome = call(context, &agent, job, &body, turn).await;
@@ -140,7 +140,7 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
             // The retry streams the reply afresh: clients close the cut-off message first.
             context.streams.abort_open_message(&job.session_id);
         }
-        next_index = context.streams.end(&job.session_id).unwrap_or(next_index);
+        context.streams.end_attempt(&job.session_id);
         if job.control.is_cancelled() {
             // Whatever the attempt ended with, a cancelled dispatch is never retried.
             return DispatchResult {
@@ -246,8 +246,6 @@ async fn history(
 /// One attempt's circumstances.
 struct Turn<'a> {
     final_attempt: bool,
-    /// Index of the attempt's first chunk (indexes count across the dispatch's attempts).
-    first_index: u64,
     /// Said in the metadata of every message of the reply (`replaces`).
     replaces: Option<&'a str>,
 }
@@ -264,7 +262,6 @@ async fn call(
 ) -> Result<(), CallError> {
     let Turn {
         final_attempt,
-        first_index,
         replaces,
     } = turn;
     let url = crate::api::agents::webhook_url(&agent.origin_url, &agent.webhook_path);
@@ -315,9 +312,6 @@ async fn call(
             Err(CallError::Fatal(reason))
         };
     }
-    context
-        .streams
-        .begin(&job.session_id, &agent.id, &job.dispatch_id, first_index);
     let mut reply = ReplyState {
         replaces: replaces.map(str::to_string),
         index: 0,

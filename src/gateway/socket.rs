@@ -51,8 +51,15 @@ struct ReplyTo {
 /// slots is allocated with the socket and kept while it is idle (256 bytes instead of 1.5 KiB).
 type Outgoing = Box<Message>;
 
-type PendingSend =
-    std::pin::Pin<Box<dyn std::future::Future<Output = (ReplyTo, Result<AppendResult, ShardError>)> + Send>>;
+/// What a frame answered later waits for.
+enum Pending {
+    /// A `send` or `regenerate`: its append.
+    Append(Result<AppendResult, ShardError>),
+    /// A `cancel`: the answer object, or the error.
+    Cancel(Result<Value, ApiError>),
+}
+
+type PendingSend = std::pin::Pin<Box<dyn std::future::Future<Output = (ReplyTo, Pending)> + Send>>;
 
 struct SessionChannel {
     join_ref: String,
@@ -62,9 +69,11 @@ struct SessionChannel {
     next_seq: u64,
     /// `None` once the channel asked the client to resync and stopped listening.
     subscription: Option<Subscription>,
-    /// The streaming reply whose first chunks this channel got as a `stream_snapshot` on join:
-    /// `(dispatch_id, first chunk index not in it)`.
-    stream_seen: Option<(Arc<str>, u64)>,
+    /// The dispatch whose chunks this channel forwards, and the index of the next one it may
+    /// forward: from the join's snapshot (what it covers was seen), then from each forwarded
+    /// chunk. A chunk of another dispatch is forwarded only if it is that dispatch's first
+    /// (index 0), so a joiner never gets the tail of a message it did not see begin.
+    stream_next: Option<(Arc<str>, u64)>,
 }
 
 struct InboxChannel {
@@ -185,7 +194,10 @@ pub async fn run(
     while !socket.closing {
         tokio::select! {
             Some((reply_to, result)) = pending.next(), if !pending.is_empty() => {
-                socket.finish_send(reply_to, result);
+                match result {
+                    Pending::Append(result) => socket.finish_send(reply_to, result),
+                    Pending::Cancel(result) => socket.finish_cancel(reply_to, result),
+                }
                 if draining_until.is_some() && pending.is_empty() {
                     socket.close(CLOSE_SERVICE_RESTART, "server restarting");
                 }
@@ -366,7 +378,7 @@ impl Socket {
             }
             (_, "send") => return self.send_message(frame).await,
             (_, "regenerate") => return self.regenerate(frame),
-            (_, "cancel") => self.cancel(&frame).await,
+            (_, "cancel") => return self.cancel(frame),
             (_, "typing") => self.typing(&frame),
             _ => self.error_reply(&frame, json!({"reason": "unknown_event"})),
         }
@@ -442,6 +454,7 @@ impl Socket {
         let snapshot = self.state.streams.snapshot(&session_id);
         let stream = snapshot
             .as_ref()
+            .filter(|s| s.payload.is_some())
             .map(|s| json!({"dispatch_id": &*s.dispatch_id, "agent_id": s.agent_id}));
         let response = json!({
             "session_id": &*view.record.id,
@@ -451,9 +464,8 @@ impl Socket {
             "stream": stream,
         });
         self.reply(&frame, "ok", &response.to_string());
-        if let Some(snapshot) = &snapshot {
-            let payload = snapshot.payload.to_string();
-            self.push(&frame.join_ref, &frame.topic, "stream_snapshot", &payload);
+        if let Some(payload) = snapshot.as_ref().and_then(|s| s.payload.as_ref()) {
+            self.push(&frame.join_ref, &frame.topic, "stream_snapshot", &payload.to_string());
         }
         self.session_topics.insert(view.record.id.clone(), frame.topic.clone());
         let channel = SessionChannel {
@@ -462,7 +474,7 @@ impl Socket {
             is_user,
             next_seq,
             subscription: Some(subscription),
-            stream_seen: snapshot.map(|s| (s.dispatch_id, s.next_index)),
+            stream_next: snapshot.map(|s| (s.dispatch_id, s.next_index)),
         };
         self.channels.insert(frame.topic, Channel::Session(channel));
         metrics::gauge!("fleetlm_joined_channels").increment(1.0);
@@ -578,7 +590,7 @@ impl Socket {
             .state
             .shards
             .submit_append_in_order(&mut self.append_order, request);
-        Some(Box::pin(async move { (reply_to, outcome.await) }))
+        Some(Box::pin(async move { (reply_to, Pending::Append(outcome.await)) }))
     }
 
     /// The session's user's channel, for `cancel` and `regenerate`: `(session_id)`, or an error
@@ -601,24 +613,47 @@ impl Socket {
     }
 
     /// `cancel` (`{}` or `{"dispatch_id"}`): stops the session's turn; answered
-    /// `{"cancelled", "dispatch_id"?}` once the cancel is decided (and, when no dispatch was
-    /// running, recorded in the log).
-    async fn cancel(&mut self, frame: &InFrame) {
-        let Some(session_id) = self.user_channel(frame, "cancel its turn") else {
-            return;
-        };
+    /// `{"cancelled", "dispatch_id"?}` once the cancelled dispatch has ended (or, when none was
+    /// running, once the cancel is recorded in the log). The socket goes on meanwhile.
+    fn cancel(&mut self, frame: InFrame) -> Option<PendingSend> {
+        let session_id = self.user_channel(&frame, "cancel its turn")?;
         let dispatch_id = match crate::api::turns::cancel_target(&frame.payload) {
             Ok(dispatch_id) => dispatch_id,
-            Err(error) => return self.api_error_reply(frame, error),
+            Err(error) => {
+                self.api_error_reply(&frame, error);
+                return None;
+            }
         };
-        let answer = match self.state.shards.view(&session_id).await {
-            Ok(view) => crate::api::turns::cancel_turn(&self.state, &view, dispatch_id).await,
-            Err(error) => Err(ApiError::from(error)),
+        let reply_to = ReplyTo {
+            join_ref: frame.join_ref,
+            reference: frame.reference,
+            topic: frame.topic,
+            received_at: Instant::now(),
         };
-        match answer {
-            Ok(answer) => self.reply(frame, "ok", &answer.to_string()),
-            Err(error) => self.api_error_reply(frame, error),
-        }
+        let state = self.state.clone();
+        Some(Box::pin(async move {
+            let answer = match state.shards.view(&session_id).await {
+                Ok(view) => crate::api::turns::cancel_turn(&state, &view, dispatch_id).await,
+                Err(error) => Err(ApiError::from(error)),
+            };
+            (reply_to, Pending::Cancel(answer))
+        }))
+    }
+
+    fn finish_cancel(&mut self, reply_to: ReplyTo, result: Result<Value, ApiError>) {
+        let (status, response) = match result {
+            Ok(answer) => ("ok", answer),
+            Err(error) => ("error", json!({"error": error.code, "details": error.message})),
+        };
+        let text = frame::reply(
+            self.vsn,
+            &reply_to.join_ref,
+            &reply_to.reference,
+            &reply_to.topic,
+            status,
+            &response.to_string(),
+        );
+        self.send(text);
     }
 
     /// `regenerate` (`{}` or `{"message_id", "client_id"?}`): stores a `regenerate` message of
@@ -643,7 +678,7 @@ impl Socket {
             .state
             .shards
             .submit_append_in_order(&mut self.append_order, request);
-        Some(Box::pin(async move { (reply_to, outcome.await) }))
+        Some(Box::pin(async move { (reply_to, Pending::Append(outcome.await)) }))
     }
 
     fn finish_send(&mut self, reply_to: ReplyTo, result: Result<AppendResult, ShardError>) {
@@ -755,17 +790,19 @@ impl Socket {
                 let Some(topic) = self.session_topics.get(&**session_id).cloned() else {
                     return;
                 };
-                let Some(Channel::Session(channel)) = self.channels.get(&topic) else {
+                let Some(Channel::Session(channel)) = self.channels.get_mut(&topic) else {
                     return;
                 };
-                // Chunks already folded into the snapshot this channel got on join are skipped.
-                let seen = channel
-                    .stream_seen
-                    .as_ref()
-                    .is_some_and(|(id, next)| id == dispatch_id && *index < *next);
-                if seen {
+                // Chunks the join's snapshot covered, and chunks of a message that began before
+                // the join, are skipped.
+                let forward = match &channel.stream_next {
+                    Some((id, next)) if id == dispatch_id => *index >= *next,
+                    _ => *index == 0,
+                };
+                if !forward {
                     return;
                 }
+                channel.stream_next = Some((dispatch_id.clone(), index + 1));
                 let join_ref = channel.join_ref.clone();
                 self.push(
                     &join_ref,

@@ -40,6 +40,9 @@ pub enum Behavior {
     /// `text-end` and `finish`. Records a reply whose connection closed before its end
     /// (`aborted()`).
     Gated { before: usize, after: usize },
+    /// The first call streams `start`, `text-start` and one delta, then breaks the connection;
+    /// later calls answer like `EchoJsonl`.
+    CutOnce,
 }
 
 #[derive(Clone, Debug)]
@@ -281,6 +284,26 @@ async fn webhook(State(state): State<Arc<AgentState>>, headers: HeaderMap, body:
             )
                 .into_response()
         }
+        Behavior::CutOnce if call_number == 1 => {
+            let lines: Vec<Result<String, std::io::Error>> = vec![
+                Ok(format!("{}\n", json!({"type": "start", "messageId": "cut"}))),
+                Ok(format!("{}\n", json!({"type": "text-start", "id": "t"}))),
+                Ok(format!(
+                    "{}\n",
+                    json!({"type": "text-delta", "id": "t", "delta": "half"})
+                )),
+                Err(std::io::Error::other("cut")),
+            ];
+            let stream = futures_util::stream::iter(lines).then(|line| async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                line
+            });
+            Response::builder()
+                .header("content-type", "application/x-ndjson")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+        Behavior::CutOnce => streamed(jsonl(&text)),
         Behavior::Gated { before, after } => gated(state.clone(), call_number, *before, *after),
         Behavior::NoFinish => {
             let mut lines = jsonl(&text);
