@@ -287,6 +287,10 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     const last = messages[messages.length - 1];
     let send: Parameters<SessionSubscription["send"]>[0];
     if (trigger === "regenerate-message") {
+      // A reply still streaming would not be superseded (it is stored after the `regenerate`):
+      // cancel it first; the cancel answers once its aborted message is stored.
+      const active = subscription.activeReply();
+      if (active && !active.done) await subscription.cancel({ dispatchId: active.dispatchId }).catch(() => {});
       const content: JsonObject = {};
       const target = options.messageId ? this.fleetIds(chatId, options.messageId)[0] : undefined;
       if (target) content.message_id = target;
