@@ -276,6 +276,15 @@ describe("token mode", () => {
     assert.ok(calls >= 2, "the token function is asked before calls");
     const inbox = await c.getInbox();
     assert.ok(inbox.some((e) => e.session_id === id));
+    // After the connection drops, the token function is asked again for the reconnect, and the
+    // subscription rejoins with it.
+    const before = calls;
+    const seen = [];
+    sub.on("message", (m) => seen.push(m.seq));
+    (await c.socket()).conn.close();
+    await eventually(() => calls > before, "the token to be asked again");
+    const note = await c.rest.appendMessage(id, { userId: "tina" }, { kind: "note", content: { text: "after the drop" } });
+    await eventually(() => seen.includes(note.seq), "the message after the reconnect");
     sub.leave();
   });
 

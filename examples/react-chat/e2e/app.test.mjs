@@ -130,7 +130,7 @@ async function send(page, text) {
 
 const status = (page) => page.textContent("[data-testid=status]");
 
-test("send, reload mid-reply (resume), a second tab in sync", { timeout: 120000 }, async () => {
+test("send, reload mid-reply (resume), a second tab in sync, regenerate from it", { timeout: 120000 }, async () => {
   const chatId = `e2e-${Date.now()}`;
   const context = await browser.newContext();
   const page = await context.newPage();
@@ -162,6 +162,32 @@ test("send, reload mid-reply (resume), a second tab in sync", { timeout: 120000 
   await waitForBubbles(second, (b) => b.length === 4, "the second tab's history");
   await send(page, "from the first tab");
   await waitForBubbles(second, (b) => b.length === 6 && b[5].text === "echo: from the first tab", "the second tab to follow");
+
+  // Regenerate in the second tab: a new reply replaces the last one in both tabs.
+  const replies = async () => (await api("GET", `/api/sessions/${chatId}/messages?limit=100`)).body.messages.filter((m) => m.kind === "assistant");
+  let before = await replies();
+  for (let i = 0; i < 200 && before.length < 3; i++) {
+    await page.waitForTimeout(50);
+    before = await replies();
+  }
+  assert.equal(before.length, 3);
+  await second.waitForFunction(() => document.querySelector("[data-testid=status]")?.textContent === "status: ready");
+  await second.getByRole("button", { name: "Regenerate", exact: true }).click();
+  const regenerated = await (async () => {
+    for (let i = 0; i < 200; i++) {
+      const now = await replies();
+      if (now.length === before.length + 1) return now.at(-1);
+      await page.waitForTimeout(50);
+    }
+    throw new Error("no regenerated reply");
+  })();
+  assert.equal(regenerated.metadata.replaces, before.at(-1).id);
+  for (const tab of [page, second]) {
+    await waitForBubbles(tab, (b) => b.length === 6 && b[5].text === "echo: from the first tab", "both tabs to show one reply");
+    await tab.waitForFunction(() => document.querySelector("[data-testid=status]")?.textContent === "status: ready");
+  }
+  assert.equal((await bubbles(page)).length, 6);
+  assert.equal((await bubbles(second)).length, 6);
 
   assert.deepEqual(errors, []);
   await context.close();
