@@ -86,6 +86,8 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
   readonly #inFlight = new Map<string, { dispatchId?: string }>();
   /** Each session's user. */
   readonly #users = new Map<string, string>();
+  /** A counter per chat of the streams `reconnectToStream` returned. */
+  readonly #resumes = new Map<string, number>();
   /** Chats whose pending open may create the session. */
   readonly #creating = new Set<string>();
   /** Callers of `whenOpen` waiting for a session to be joined. */
@@ -370,6 +372,9 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     abortSignal?: AbortSignal;
   }): Promise<ReadableStream<UIMessageChunk> | null> {
     const { chatId, abortSignal } = options;
+    // Counted at once (the AI SDK aborts the resume it replaces just before this call).
+    const generation = (this.#resumes.get(chatId) ?? 0) + 1;
+    this.#resumes.set(chatId, generation);
     let subscription: SessionSubscription;
     try {
       // Opening a chat page must not create its session: that happens on the first send.
@@ -402,6 +407,20 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     const reply = subscription.replies.get(dispatchId);
     if (!reply || reply.done || reply.messageDone || reply.chunks[0]?.type !== "start") return null;
     this.#markStreamed(chatId, dispatchId);
+    if (abortSignal && this.#options.cancelOnAbort !== false) {
+      const target = dispatchId;
+      const onAbort = () => {
+        // `stop()` on a resumed reply cancels it on the server, like on a reply this chat asked
+        // for. The AI SDK also aborts a resume it replaces with a newer one (it calls
+        // reconnectToStream again at once): that one is not a stop.
+        setTimeout(() => {
+          if (this.#resumes.get(chatId) !== generation) return;
+          if (subscription.replies.get(target)?.done !== false) return;
+          subscription.cancel({ dispatchId: target }).catch(() => {});
+        }, 0);
+      };
+      abortSignal.addEventListener("abort", onAbort, { once: true });
+    }
     return subscription.replyStream({ dispatchId, signal: abortSignal }) as ReadableStream<UIMessageChunk>;
   }
 

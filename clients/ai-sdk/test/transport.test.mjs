@@ -139,6 +139,26 @@ describe("FleetLMChatTransport", () => {
     assert.equal(third.messages.length, 2);
   });
 
+  test("stop() on a resumed reply (after a reload) cancels it on the server", async (t) => {
+    needs(t, features.cancel, "cancel");
+    const chatId = fresh("resume-stop");
+    const first = new TestChat({ id: chatId, transport: transport() });
+    const sending = first.sendMessage({ text: "slow, then reload and stop" });
+    await first.until((c) => textOf(c.messages.at(-1) ?? { parts: [] }).includes("w3 "), "the reply to start");
+    const second = new TestChat({ id: chatId, transport: transport(), messages: await loadChatMessages({ url: base, userId: "alice", chatId }) });
+    const resuming = second.resumeStream();
+    await second.until((c) => c.messages.length === 2 && textOf(c.messages[1]).includes("w5 "), "the resumed reply");
+    await second.stop();
+    await resuming;
+    await sending;
+    const request = await eventually(() => requestsFor(chatId).find((r) => r.aborted), "the agent's request to be aborted");
+    assert.equal(request.finished, false);
+    const reply = await eventually(async () => (await stored(chatId)).find((m) => m.kind === "assistant"), "the stored reply");
+    assert.equal(reply.metadata.termination, "abort");
+    // The first tab's request ended with the abort too.
+    assert.equal(first.status, "ready");
+  });
+
   test("a socket drop mid-stream loses and duplicates nothing", async (t) => {
     needs(t, features.resume, "chunk indexes");
     const chatId = fresh("drop");
