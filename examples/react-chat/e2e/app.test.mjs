@@ -143,9 +143,9 @@ test("send, reload mid-reply (resume), a second tab in sync, regenerate from it"
   await send(page, "hello there");
   await waitForBubbles(page, (b) => b.length === 2 && b[1].text === "echo: hello there", "the first reply");
 
-  // Reload in the middle of a reply (40 words, about 5 s): the page resumes it, streaming (not
+  // Reload in the middle of a reply (60 words, about 7 s): the page resumes it, streaming (not
   // just the stored message once it is done); every word appears once.
-  const longer = Array.from({ length: 40 }, (_, i) => `word${i}`).join(" ");
+  const longer = Array.from({ length: 60 }, (_, i) => `word${i}`).join(" ");
   await send(page, longer);
   await waitForBubbles(page, (b) => b.length === 4 && b[3].text.includes("word2 "), "the long reply to start");
   await page.reload();
