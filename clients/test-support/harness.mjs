@@ -103,6 +103,7 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
  * - `ask …`: a client-side tool `askColor` (no output); once a `tool_result` gives the output,
  *   the same message continues with "You chose <output>.";
  * - `json …`: a plain JSON UI message ("a plain reply"), nothing streamed;
+ * - `anon …`: "no id", with a `start` chunk that names no message id;
  * - anything else: "echo: <text>" word by word, 20 ms apart.
  * Every request is recorded in `requests` as `{body, aborted, finished}`.
  */
@@ -162,6 +163,13 @@ export async function startAgent() {
           await send({ type: "start-step" });
           await send({ type: "tool-input-available", toolCallId: `ask-${record.reply}`, toolName: "askColor", input: { question: "Which color?" } });
           await send({ type: "finish-step" });
+          await send({ type: "finish" });
+        } else if (text.startsWith("anon")) {
+          // A reply whose start chunk names no message id (FleetLM generates one).
+          await send({ type: "start" });
+          await send({ type: "text-start", id: "t" });
+          await send({ type: "text-delta", id: "t", delta: "no id" }, 20);
+          await send({ type: "text-end", id: "t" });
           await send({ type: "finish" });
         } else {
           await send({ type: "start", messageId: `echo-${record.reply}` });

@@ -86,6 +86,19 @@ describe("FleetLMChatTransport", () => {
     assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
   });
 
+  test("a reply whose start chunk names no id takes the stored id (syncChat)", async () => {
+    const chatId = fresh("anon");
+    const t1 = transport();
+    const chat = new TestChat({ id: chatId, transport: t1 });
+    const sync = syncChat(chat, t1);
+    await chat.sendMessage({ text: "anon please" });
+    const storedReply = await eventually(async () => (await stored(chatId)).find((m) => m.kind === "assistant"), "the stored reply");
+    await chat.until((c) => c.messages[1]?.id === storedReply.content.id, "the chat to take the stored id");
+    assert.equal(textOf(chat.messages[1]), "no id");
+    assert.deepEqual(plain(chat.messages), plain(await loadChatMessages({ url: base, userId: "alice", chatId })));
+    sync.stop();
+  });
+
   test("an agent that cannot be reached: the chat shows the failure's sentence, without its address", async () => {
     await registerAgent(base, "http://127.0.0.1:9", { id: "unreachable" });
     const chatId = fresh("down");
