@@ -1,13 +1,15 @@
 // A FleetLM agent in plain Node (no dependencies): it receives the conversation and streams its
 // reply back as AI SDK UI message chunks, one JSON object per line. Copy it and replace `reply`
-// with a call to your model. Run: `node server.mjs` (PORT=8080 by default).
+// with a call to your model. Run: `node server.mjs` (PORT=8080, DELAY_MS=30 between words by
+// default).
 import { createServer } from "node:http";
 
 const port = Number(process.env.PORT ?? 8080);
+const delayMs = Number(process.env.DELAY_MS ?? 30); // between words, to let the streaming show
 
-// The reply to the newest user message; a real agent calls a model here.
+// The reply to the newest user text message; a real agent calls a model here.
 function reply(messages, userId) {
-  const lastUser = [...messages].reverse().find((m) => m.sender_id === userId);
+  const lastUser = [...messages].reverse().find((m) => m.sender_id === userId && m.kind === "text");
   return `echo: ${lastUser?.content?.text ?? "(no text)"}`;
 }
 
@@ -37,8 +39,9 @@ createServer((request, response) => {
     for (const word of reply(dispatch.messages, dispatch.user_id).split(/(?<= )/)) {
       if (cancelled) return;
       send({ type: "text-delta", id: "t", delta: word });
-      await new Promise((resolve) => setTimeout(resolve, 30)); // let the streaming show
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
     }
+    if (cancelled) return;
     send({ type: "text-end", id: "t" });
     send({ type: "finish" });
     response.end();

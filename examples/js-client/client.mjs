@@ -12,18 +12,23 @@ socket.connect();
 
 // Remember the last seq seen: on reconnect, the join asks only for what came after it.
 let lastSeq = 0;
-const channel = socket.channel(`session:${sessionId}`, () => ({ last_seq: lastSeq }));
 const show = (message) => {
-  lastSeq = Math.max(lastSeq, message.seq);
+  if (message.seq <= lastSeq) return; // already shown
+  lastSeq = message.seq;
   console.log(`#${message.seq} ${message.sender_id}: ${JSON.stringify(message.content)}`);
 };
-channel.on("message", show);
-channel.on("resync", ({ last_seq }) => {
-  // The server could not keep up with this socket: rejoin from the last seq delivered.
-  lastSeq = last_seq;
-  channel.leave();
-  channel.join();
-});
+function open() {
+  const channel = socket.channel(`session:${sessionId}`, () => ({ last_seq: lastSeq }));
+  channel.on("message", show);
+  channel.on("resync", () => {
+    // The server stopped delivering live to this channel (it fell behind, or a replay was cut
+    // at 100): leave and join a new channel from the last seq shown (a channel joins once).
+    channel.leave();
+    open().join().receive("ok", ({ messages }) => messages.forEach(show));
+  });
+  return channel;
+}
+const channel = open();
 
 channel
   .join()

@@ -1,0 +1,14 @@
+// @fleetlm/ai-sdk: FleetLM for the Vercel AI SDK (docs/CLIENTS.md). The React hook is in
+// "@fleetlm/ai-sdk/react".
+export { FleetLMChatTransport, type FleetLMChatTransportOptions } from "./transport.js";
+export {
+  CLIENT_TOOL_STATES,
+  FLEETLM_METADATA_KEYS,
+  historyToUIMessages,
+  loadChatMessages,
+  replyMetadata,
+  type ConvertedHistory,
+  type HistoryOptions,
+  type LoadChatMessagesOptions,
+} from "./messages.js";
+export { syncChat, type ChatSync, type ChatSyncOptions } from "./sync.js";

@@ -1,0 +1,175 @@
+// A session's history as the AI SDK's UIMessage[] (what `useChat({ messages })` takes).
+import { FleetLMClient, type FleetLMClientOptions, type Message } from "@fleetlm/client";
+import type { UIMessage } from "ai";
+
+/** Metadata keys FleetLM adds to stored replies; they are not part of the UI message. */
+export const FLEETLM_METADATA_KEYS = ["termination", "dispatch_id", "replaces", "error"] as const;
+
+/** Tool part states a client writes back (docs/CLIENTS.md, "Tools and approvals"). */
+export const CLIENT_TOOL_STATES = new Set(["output-available", "output-error", "approval-responded"]);
+
+export interface HistoryOptions {
+  /** The session's user: messages from anyone else that are not `assistant` replies are the agent's. */
+  userId: string;
+}
+
+/** Where each UI message of a converted history came from. */
+export interface ConvertedHistory<UI_MESSAGE extends UIMessage = UIMessage> {
+  messages: UI_MESSAGE[];
+  /** UI message id → the FleetLM messages (ids, oldest first) it was built from. */
+  sources: Map<string, Message[]>;
+}
+
+function isObject(value: unknown): value is Record<string, any> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+/** The agent's own metadata of a stored reply (FleetLM's keys removed); undefined if none. */
+export function replyMetadata(metadata: Record<string, unknown> | undefined): unknown {
+  if (!isObject(metadata)) return undefined;
+  const rest: Record<string, unknown> = { ...metadata };
+  for (const key of FLEETLM_METADATA_KEYS) delete rest[key];
+  return Object.keys(rest).length ? rest : undefined;
+}
+
+function userMessage(message: Message): UIMessage | null {
+  const content = message.content as Record<string, any>;
+  let parts: any[];
+  if (Array.isArray(content.parts)) parts = content.parts;
+  else if (typeof content.text === "string") parts = [{ type: "text", text: content.text }];
+  else return null;
+  const ui: UIMessage = { id: typeof content.id === "string" ? content.id : message.id, role: "user", parts };
+  if (isObject(message.metadata) && Object.keys(message.metadata).length) ui.metadata = message.metadata;
+  return ui;
+}
+
+function assistantMessage(message: Message): UIMessage | null {
+  const content = message.content as Record<string, any>;
+  if (message.kind === "assistant") {
+    if (!Array.isArray(content.parts)) return null;
+    const ui: UIMessage = { id: typeof content.id === "string" ? content.id : message.id, role: "assistant", parts: content.parts };
+    const metadata = replyMetadata(message.metadata);
+    if (metadata !== undefined) ui.metadata = metadata;
+    return ui;
+  }
+  // The agent writing by REST, or a legacy reply line: `{"text": …}` content.
+  if (Array.isArray(content.parts)) {
+    return { id: typeof content.id === "string" ? content.id : message.id, role: "assistant", parts: content.parts };
+  }
+  if (typeof content.text === "string") return { id: message.id, role: "assistant", parts: [{ type: "text", text: content.text }] };
+  return null;
+}
+
+/**
+ * Converts a session's messages (oldest first) to UI messages, exactly as a chat that watched
+ * them live holds them:
+ * - the user's `text` messages become user messages (their `content.parts` and `content.id`, as
+ *   the transport stored them; a plain `{"text"}` becomes one text part);
+ * - `assistant` replies become assistant messages (`content`, with the agent's metadata); a reply
+ *   continuing an earlier message (same `content.id`, e.g. after a tool approval) appends its parts
+ *   to it;
+ * - a `tool_result` message updates the tool parts of the message it names;
+ * - a `regenerate` message removes the replies it supersedes (docs/API.md, "Regenerate");
+ * - text the agent wrote by REST becomes an assistant message.
+ */
+export function historyToUIMessages<UI_MESSAGE extends UIMessage = UIMessage>(
+  history: Message[],
+  options: HistoryOptions,
+): ConvertedHistory<UI_MESSAGE> {
+  // Each UI message is built from segments: the stored messages it came from (a reply and its
+  // continuations), so a `regenerate` can drop exactly the agent messages it supersedes.
+  type Segment = { message: Message; parts: any[]; metadata: unknown; fromAgent: boolean };
+  type Entry = { id: string; role: UIMessage["role"]; segments: Segment[]; toolResults: Message[] };
+  let out: Entry[] = [];
+  // The seq of the latest user message of a kind other than `regenerate`.
+  let turnSeq = 0;
+  const add = (ui: UIMessage, message: Message, fromAgent: boolean) => {
+    const segment: Segment = { message, parts: ui.parts, metadata: ui.metadata, fromAgent };
+    const existing = out.findIndex((m) => m.id === ui.id && m.role === ui.role);
+    if (existing >= 0 && ui.role === "assistant") {
+      out[existing].segments.push(segment);
+      return;
+    }
+    if (existing >= 0) {
+      // A user message edited in place (`sendMessage({ messageId })`): the chat drops what
+      // followed it.
+      out = out.slice(0, existing);
+    }
+    out.push({ id: ui.id, role: ui.role, segments: [segment], toolResults: [] });
+  };
+  for (const message of [...history].sort((a, b) => a.seq - b.seq)) {
+    const fromUser = message.sender_id === options.userId && message.kind !== "assistant";
+    if (fromUser && message.kind === "regenerate") {
+      // Superseded: every agent message after the latest user turn before it.
+      for (const entry of out) entry.segments = entry.segments.filter((g) => !g.fromAgent || g.message.seq < turnSeq);
+      out = out.filter((entry) => entry.segments.length > 0);
+      continue;
+    }
+    if (fromUser && message.kind === "tool_result") {
+      const content = message.content as Record<string, any>;
+      const target = out.find((m) => m.id === content.message_id);
+      if (target && Array.isArray(content.parts)) {
+        const updates = new Map<string, any>(content.parts.filter(isObject).map((p: any) => [p.toolCallId, p]));
+        for (const segment of target.segments) {
+          segment.parts = segment.parts.map((part: any) => (isObject(part) && updates.has(part.toolCallId) ? updates.get(part.toolCallId) : part));
+        }
+        target.toolResults.push(message);
+      }
+      turnSeq = message.seq;
+      continue;
+    }
+    if (fromUser) {
+      const ui = userMessage(message);
+      if (ui) add(ui, message, false);
+      turnSeq = message.seq;
+      continue;
+    }
+    const ui = assistantMessage(message);
+    if (ui) add(ui, message, true);
+  }
+  const sources = new Map<string, Message[]>();
+  const messages = out.map((entry) => {
+    sources.set(entry.id, [...entry.segments.map((g) => g.message), ...entry.toolResults]);
+    const ui: UIMessage = { id: entry.id, role: entry.role, parts: entry.segments.flatMap((g) => g.parts) };
+    const metadata = entry.segments.reduce<unknown>(
+      (merged, g) => (g.metadata === undefined ? merged : { ...(merged as object | undefined), ...(g.metadata as object) }),
+      undefined,
+    );
+    if (metadata !== undefined) ui.metadata = metadata;
+    return ui;
+  });
+  return { messages: messages as UI_MESSAGE[], sources };
+}
+
+export interface LoadChatMessagesOptions {
+  /** The chat id (= the FleetLM session id). */
+  chatId: string;
+  /** The server's base URL. */
+  url?: string;
+  userId?: string;
+  token?: FleetLMClientOptions["token"];
+  fetch?: typeof fetch;
+  /** An existing client (instead of url/userId/token). */
+  client?: FleetLMClient;
+}
+
+/**
+ * Loads a session's history as UIMessage[] for `useChat({ id: chatId, messages })`. A session
+ * that does not exist yet loads as `[]` (the transport creates it on the first send).
+ */
+export async function loadChatMessages<UI_MESSAGE extends UIMessage = UIMessage>(
+  options: LoadChatMessagesOptions,
+): Promise<UI_MESSAGE[]> {
+  const client =
+    options.client ??
+    new FleetLMClient({ url: options.url ?? "", userId: options.userId, token: options.token, fetch: options.fetch });
+  let userId: string;
+  try {
+    userId = (await client.getSession(options.chatId)).user_id;
+  } catch (error) {
+    if ((error as { code?: string }).code === "session_not_found") return [];
+    throw error;
+  }
+  const history = await client.rest.getAllMessages(options.chatId);
+  return historyToUIMessages<UI_MESSAGE>(history, { userId }).messages;
+}

@@ -1,0 +1,44 @@
+// React: `useFleetLMChat` is `useChat` over a FleetLM session, kept in sync with messages
+// written elsewhere (another tab, another device, the agent writing by REST).
+import { Chat, useChat } from "@ai-sdk/react";
+import type { ChatInit, UIMessage } from "ai";
+import { useEffect, useMemo } from "react";
+import { syncChat, type ChatSyncOptions } from "./sync.js";
+import type { FleetLMChatTransport } from "./transport.js";
+
+export type UseFleetLMChatOptions<UI_MESSAGE extends UIMessage> = Omit<ChatInit<UI_MESSAGE>, "transport" | "id"> & {
+  /** The chat id = the FleetLM session id. */
+  id: string;
+  transport: FleetLMChatTransport<UI_MESSAGE>;
+  /** Resume a reply that is streaming when the component mounts (default true). */
+  resume?: boolean;
+  /** Chunk-rendering throttle passed to `useChat`. */
+  throttle?: number;
+} & ChatSyncOptions;
+
+/**
+ * `useChat` for a FleetLM session: the same helpers (`messages`, `sendMessage`, `stop`,
+ * `regenerate`, `addToolOutput`, `addToolApprovalResponse`, …), plus: messages written elsewhere
+ * appear, replies another tab started stream in, and a reply streaming at mount is resumed.
+ */
+export function useFleetLMChat<UI_MESSAGE extends UIMessage = UIMessage>(options: UseFleetLMChatOptions<UI_MESSAGE>) {
+  const { id, transport, resume = true, throttle, followRemoteStreams, ...init } = options;
+  // One Chat per session id and transport (like useChat's own `id` handling).
+  const chat = useMemo(() => new Chat<UI_MESSAGE>({ ...init, id, transport }), [id, transport]);
+  const helpers = useChat<UI_MESSAGE>({ chat, resume, throttle });
+  useFleetLMSync(chat, transport, { followRemoteStreams });
+  return helpers;
+}
+
+/** Keeps an existing `Chat` (e.g. one passed to `useChat({ chat })`) in sync with its session. */
+export function useFleetLMSync<UI_MESSAGE extends UIMessage>(
+  chat: Chat<UI_MESSAGE>,
+  transport: FleetLMChatTransport<UI_MESSAGE>,
+  options: ChatSyncOptions = {},
+): void {
+  const follow = options.followRemoteStreams;
+  useEffect(() => {
+    const sync = syncChat(chat, transport, { followRemoteStreams: follow });
+    return () => sync.stop();
+  }, [chat, transport, follow]);
+}

@@ -1,0 +1,445 @@
+// FleetLMChatTransport: the AI SDK's ChatTransport over a FleetLM session. The chat id is the
+// session id; sending appends to the session's log, the reply is the agent's streamed chunks.
+import {
+  FleetLMClient,
+  FleetLMError,
+  randomId,
+  type FleetLMClientOptions,
+  type JsonObject,
+  type Message,
+  type SessionSubscription,
+  type UIMessageChunk as FleetChunk,
+} from "@fleetlm/client";
+import type { ChatTransport, UIMessage, UIMessageChunk } from "ai";
+import { CLIENT_TOOL_STATES, historyToUIMessages } from "./messages.js";
+
+export interface FleetLMChatTransportOptions {
+  /** The server's base URL, e.g. `http://127.0.0.1:4000`. */
+  url?: string;
+  /** Open mode: the user this transport writes as. */
+  userId?: string;
+  /** Token mode: the user's JWT, or a function returning the current one. */
+  token?: FleetLMClientOptions["token"];
+  /**
+   * Creates the session (id = the chat id, for this agent) on the first send or reconnect when it
+   * does not exist. Without it, sending to an unknown chat id fails with `not_found`.
+   */
+  agentId?: string;
+  /** Metadata of sessions this transport creates. */
+  sessionMetadata?: JsonObject;
+  /** Cancel the turn on the server when the chat aborts (`stop()`). Default true. */
+  cancelOnAbort?: boolean;
+  /** How long `reconnectToStream` waits for the snapshot the join promised (ms, default 5000). */
+  snapshotTimeoutMs?: number;
+  /** A WebSocket constructor (default: the global one; in Node 20 pass the `ws` package). */
+  WebSocket?: unknown;
+  fetch?: typeof fetch;
+  /** An existing client to share (instead of url/userId/token). */
+  client?: FleetLMClient;
+}
+
+/** What the transport knows of a FleetLM message shown in a chat. */
+interface Known {
+  /** FleetLM message ids, oldest first. */
+  fleetIds: string[];
+  /** The seq of the first of them. */
+  seq?: number;
+  /** Tool parts as stored, by toolCallId. */
+  toolParts: Map<string, string>;
+}
+
+function textOf(message: UIMessage): string {
+  return message.parts
+    .filter((part): part is { type: "text"; text: string } => part.type === "text")
+    .map((part) => part.text)
+    .join("");
+}
+
+/** A short stable hash (FNV-1a, 2 × 32 bits) for idempotent client ids. */
+function hash(text: string): string {
+  let a = 0x811c9dc5;
+  let b = 0x01000193 ^ text.length;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    a = Math.imul(a ^ c, 0x01000193);
+    b = Math.imul(b ^ c, 0x5bd1e995);
+  }
+  return (a >>> 0).toString(36) + (b >>> 0).toString(36);
+}
+
+function clientId(prefix: string, id: string): string {
+  const full = `${prefix}${id}`;
+  return full.length <= 128 ? full : `${prefix}h-${hash(id)}`;
+}
+
+export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> implements ChatTransport<UI_MESSAGE> {
+  /** `reconnectToStream` replays the reply from its first chunk. */
+  readonly resumeStreamIsReplay = true;
+  readonly client: FleetLMClient;
+  readonly #options: FleetLMChatTransportOptions;
+  readonly #ownsClient: boolean;
+  readonly #sessions = new Map<string, Promise<SessionSubscription>>();
+  readonly #known = new Map<string, Map<string, Known>>();
+  /** Dispatches whose replies this transport handed to a chat, per chat id. */
+  readonly #streamed = new Map<string, Set<string>>();
+  /** The dispatch each chat's `sendMessages` stream is following right now. */
+  readonly #inFlight = new Map<string, { dispatchId?: string }>();
+  /** Each session's user. */
+  readonly #users = new Map<string, string>();
+  /** A counter per chat of the streams `reconnectToStream` returned. */
+  readonly #resumes = new Map<string, number>();
+  /** Chats whose pending open may create the session. */
+  readonly #creating = new Set<string>();
+  /** Callers of `whenOpen` waiting for a session to be joined. */
+  readonly #waiters = new Map<string, Array<() => void>>();
+
+  constructor(options: FleetLMChatTransportOptions) {
+    this.#options = options;
+    if (options.client) {
+      this.client = options.client;
+      this.#ownsClient = false;
+    } else {
+      if (!options.url) throw new Error("FleetLMChatTransport needs url (or client)");
+      this.client = new FleetLMClient({
+        url: options.url,
+        userId: options.userId,
+        token: options.token,
+        WebSocket: options.WebSocket,
+        fetch: options.fetch,
+      });
+      this.#ownsClient = true;
+    }
+  }
+
+  /**
+   * The subscription behind a chat: joins the session, creating it first if it does not exist
+   * and `agentId` is set (unless `create: false`: then a missing session is a
+   * `session_not_found` FleetLMError).
+   */
+  session(chatId: string, options: { create?: boolean } = {}): Promise<SessionSubscription> {
+    const create = options.create !== false;
+    let pending = this.#sessions.get(chatId);
+    if (pending && create && !this.#creating.has(chatId)) {
+      // An open that may not create is under way (a reconnect or the sync): if it finds no
+      // session, this call creates it.
+      const previous = pending;
+      pending = previous.catch((error) => {
+        if (!(error instanceof FleetLMError) || error.code !== "session_not_found") throw error;
+        return this.#open(chatId, true);
+      });
+      this.#creating.add(chatId);
+      this.#sessions.set(chatId, pending);
+      this.#watch(chatId, pending);
+    }
+    if (!pending) {
+      pending = this.#open(chatId, create);
+      if (create) this.#creating.add(chatId);
+      this.#sessions.set(chatId, pending);
+      this.#watch(chatId, pending);
+    }
+    const current = pending;
+    return current.then((subscription) => {
+      if (subscription.closed) {
+        if (this.#sessions.get(chatId) === current) this.#sessions.delete(chatId);
+        this.#creating.delete(chatId);
+        return this.session(chatId, options);
+      }
+      return subscription;
+    });
+  }
+
+  #watch(chatId: string, pending: Promise<SessionSubscription>): void {
+    pending.then(
+      () => {
+        for (const resolve of this.#waiters.get(chatId) ?? []) resolve();
+        this.#waiters.delete(chatId);
+      },
+      () => {
+        if (this.#sessions.get(chatId) === pending) {
+          this.#sessions.delete(chatId);
+          this.#creating.delete(chatId);
+        }
+      },
+    );
+  }
+
+  /** Resolves once this transport has joined the chat's session (e.g. after the first send). */
+  whenOpen(chatId: string): Promise<SessionSubscription> {
+    const pending = this.#sessions.get(chatId);
+    if (pending) return pending.then(() => this.session(chatId), () => this.whenOpen(chatId));
+    return new Promise<void>((resolve) => {
+      const list = this.#waiters.get(chatId) ?? [];
+      list.push(resolve);
+      this.#waiters.set(chatId, list);
+    }).then(() => this.session(chatId));
+  }
+
+  async #open(chatId: string, create: boolean): Promise<SessionSubscription> {
+    // The subscription starts at the session's newest seq: the chat's history comes from
+    // `loadChatMessages` (and `syncChat` catches up by REST), the join brings the reply
+    // streaming now.
+    let lastSeq: number;
+    try {
+      const session = await this.client.getSession(chatId);
+      this.#users.set(chatId, session.user_id);
+      lastSeq = session.last_seq;
+    } catch (error) {
+      if (!(error instanceof FleetLMError) || error.code !== "session_not_found" || !this.#options.agentId || !create) throw error;
+      try {
+        const session = await this.client.createSession({
+          id: chatId,
+          agentId: this.#options.agentId,
+          metadata: this.#options.sessionMetadata,
+        });
+        this.#users.set(chatId, session.user_id);
+      } catch (error) {
+        // Created meanwhile by another tab: fine.
+        if (!(error instanceof FleetLMError) || error.code !== "session_exists") throw error;
+      }
+      lastSeq = 0;
+    }
+    const subscription = await this.client.subscribe(chatId, { lastSeq });
+    const off = subscription.on("message", (message) => this.#remember(chatId, message));
+    try {
+      await subscription.joined;
+    } catch (error) {
+      off();
+      throw error;
+    }
+    return subscription;
+  }
+
+  /** The session's whole history (remembered for tool results and regenerate), and its user. */
+  async history(chatId: string): Promise<{ messages: Message[]; userId: string } | null> {
+    let userId = this.#users.get(chatId);
+    if (!userId) {
+      try {
+        userId = (await this.client.getSession(chatId)).user_id;
+      } catch (error) {
+        if (error instanceof FleetLMError && error.code === "session_not_found") return null;
+        throw error;
+      }
+      this.#users.set(chatId, userId);
+    }
+    const messages = await this.client.rest.getAllMessages(chatId);
+    for (const message of messages) this.#remember(chatId, message);
+    return { messages, userId };
+  }
+
+  #remember(chatId: string, message: Message): void {
+    let known = this.#known.get(chatId);
+    if (!known) this.#known.set(chatId, (known = new Map()));
+    const content = message.content as Record<string, any>;
+    const uiId = typeof content.id === "string" ? content.id : message.kind === "tool_result" ? content.message_id : message.id;
+    if (typeof uiId !== "string") return;
+    let entry = known.get(uiId);
+    if (!entry) {
+      entry = { fleetIds: [], toolParts: new Map() };
+      known.set(uiId, entry);
+    }
+    if (message.kind !== "tool_result" && !entry.fleetIds.includes(message.id)) {
+      entry.fleetIds.push(message.id);
+      entry.seq = Math.min(entry.seq ?? message.seq, message.seq);
+    }
+    const parts = Array.isArray(content.parts) ? content.parts : [];
+    for (const part of parts) {
+      if (part && typeof part.toolCallId === "string") entry.toolParts.set(part.toolCallId, JSON.stringify(part));
+    }
+  }
+
+  /** The FleetLM ids of the messages a UI message was built from (oldest first). */
+  fleetIds(chatId: string, uiMessageId: string): string[] {
+    return this.#known.get(chatId)?.get(uiMessageId)?.fleetIds ?? [];
+  }
+
+  /** The seq of the (first) stored message a UI message was built from, if it is stored. */
+  seqOf(chatId: string, uiMessageId: string): number | undefined {
+    return this.#known.get(chatId)?.get(uiMessageId)?.seq;
+  }
+
+  /** Whether the transport streamed the reply of this dispatch into a chat. */
+  streamedDispatch(chatId: string, dispatchId: string): boolean {
+    return this.#streamed.get(chatId)?.has(dispatchId) ?? false;
+  }
+
+  /** The dispatch the chat's own send is following now, if any (undefined before it starts). */
+  inFlight(chatId: string): { dispatchId?: string } | undefined {
+    return this.#inFlight.get(chatId);
+  }
+
+  #markStreamed(chatId: string, dispatchId: string): void {
+    let set = this.#streamed.get(chatId);
+    if (!set) this.#streamed.set(chatId, (set = new Set()));
+    set.add(dispatchId);
+  }
+
+  async sendMessages(
+    options: {
+      trigger: "submit-message" | "regenerate-message";
+      chatId: string;
+      messageId: string | undefined;
+      messages: UI_MESSAGE[];
+      abortSignal: AbortSignal | undefined;
+    } & { headers?: Record<string, string> | Headers; body?: object; metadata?: unknown },
+  ): Promise<ReadableStream<UIMessageChunk>> {
+    const { chatId, messages, abortSignal, trigger } = options;
+    const subscription = await this.session(chatId);
+    abortSignal?.throwIfAborted();
+    const exclude = new Set(subscription.knownDispatches);
+    const last = messages[messages.length - 1];
+    let send: Parameters<SessionSubscription["send"]>[0];
+    if (trigger === "regenerate-message") {
+      // A reply still streaming would not be superseded (it is stored after the `regenerate`):
+      // cancel it first; the cancel answers once its aborted message is stored.
+      const active = subscription.activeReply();
+      if (active && !active.done) await subscription.cancel({ dispatchId: active.dispatchId }).catch(() => {});
+      const content: JsonObject = {};
+      const target = options.messageId ? this.fleetIds(chatId, options.messageId)[0] : undefined;
+      if (target) content.message_id = target;
+      send = { kind: "regenerate", content, clientId: randomId("regen-") };
+    } else if (last?.role === "assistant") {
+      // Tool outputs or approval responses added on this side (addToolOutput /
+      // addToolApprovalResponse): a `tool_result` message with the changed parts.
+      const stored = this.#known.get(chatId)?.get(last.id)?.toolParts;
+      const parts = last.parts.filter((part: any) => {
+        if (typeof part?.toolCallId !== "string" || !CLIENT_TOOL_STATES.has(part.state)) return false;
+        return stored?.get(part.toolCallId) !== JSON.stringify(part);
+      });
+      if (parts.length === 0) throw new Error("nothing to send: the last message is the agent's and no tool part changed");
+      const content = { message_id: last.id, parts } as unknown as JsonObject;
+      send = { kind: "tool_result", content, clientId: clientId("tr-", hash(JSON.stringify(content))) };
+    } else if (last?.role === "user") {
+      const content: JsonObject = { text: textOf(last), id: last.id, parts: last.parts as unknown as JsonObject[] };
+      send = { kind: "text", content, clientId: clientId("", last.id) };
+      if (last.metadata !== undefined && last.metadata !== null) send.metadata = last.metadata as JsonObject;
+    } else {
+      throw new Error("nothing to send: no user message");
+    }
+
+    const flight: { dispatchId?: string } = {};
+    this.#inFlight.set(chatId, flight);
+    let sent = false;
+    let aborted = false;
+    const cancel = () => {
+      if (this.#options.cancelOnAbort === false) return;
+      subscription.cancel(flight.dispatchId ? { dispatchId: flight.dispatchId } : {}).catch(() => {
+        // Best effort: the server may not know the turn any more (finished meanwhile).
+      });
+    };
+    const onAbort = () => {
+      aborted = true;
+      if (sent) cancel();
+    };
+    abortSignal?.addEventListener("abort", onAbort, { once: true });
+    const stream = subscription.replyStream({
+      exclude,
+      signal: abortSignal,
+      onDispatch: (dispatchId) => {
+        flight.dispatchId = dispatchId;
+        this.#markStreamed(chatId, dispatchId);
+      },
+    });
+    try {
+      try {
+        await subscription.send(send);
+      } catch (error) {
+        // An edited user message keeps its id (`sendMessage({ messageId })`): store the new text
+        // under a client id naming its content.
+        if (!(error instanceof FleetLMError) || error.code !== "client_id_conflict" || send.kind !== "text") throw error;
+        await subscription.send({ ...send, clientId: clientId("", `${last.id}~${hash(JSON.stringify(send.content))}`) });
+      }
+    } catch (error) {
+      abortSignal?.removeEventListener("abort", onAbort);
+      if (this.#inFlight.get(chatId) === flight) this.#inFlight.delete(chatId);
+      await stream.cancel().catch(() => {});
+      throw error;
+    }
+    sent = true;
+    if (aborted) cancel();
+    return stream.pipeThrough(
+      new TransformStream<FleetChunk, UIMessageChunk>({
+        transform: (chunk, controller) => controller.enqueue(chunk as UIMessageChunk),
+        flush: () => {
+          abortSignal?.removeEventListener("abort", onAbort);
+          if (this.#inFlight.get(chatId) === flight) this.#inFlight.delete(chatId);
+        },
+      }),
+    );
+  }
+
+  async reconnectToStream(options: {
+    chatId: string;
+    abortSignal?: AbortSignal;
+  }): Promise<ReadableStream<UIMessageChunk> | null> {
+    const { chatId, abortSignal } = options;
+    // Counted at once (the AI SDK aborts the resume it replaces just before this call).
+    const generation = (this.#resumes.get(chatId) ?? 0) + 1;
+    this.#resumes.set(chatId, generation);
+    let subscription: SessionSubscription;
+    try {
+      // Opening a chat page must not create its session: that happens on the first send.
+      subscription = await this.session(chatId, { create: false });
+    } catch (error) {
+      if (error instanceof FleetLMError && error.code === "session_not_found") return null;
+      throw error;
+    }
+    const join = subscription.lastJoin;
+    let dispatchId = subscription.activeReply()?.dispatchId;
+    if (!dispatchId && join && join.stream !== null) {
+      // The join promised a snapshot (or, for an older server, may send one): wait for it.
+      const expected = join.stream?.dispatch_id;
+      dispatchId = await new Promise<string | undefined>((resolve) => {
+        const timeout = setTimeout(() => done(undefined), join.stream ? (this.#options.snapshotTimeoutMs ?? 5000) : 300);
+        const off = subscription.on("chunk", (event) => {
+          if (expected === undefined || event.dispatchId === expected) done(event.dispatchId);
+        });
+        const done = (id: string | undefined) => {
+          clearTimeout(timeout);
+          off();
+          abortSignal?.removeEventListener("abort", onAbort);
+          resolve(id);
+        };
+        const onAbort = () => done(undefined);
+        abortSignal?.addEventListener("abort", onAbort, { once: true });
+      });
+    }
+    if (abortSignal?.aborted || !dispatchId) return null;
+    const reply = subscription.replies.get(dispatchId);
+    if (!reply || reply.done || reply.messageDone || reply.chunks[0]?.type !== "start") return null;
+    this.#markStreamed(chatId, dispatchId);
+    if (abortSignal && this.#options.cancelOnAbort !== false) {
+      const target = dispatchId;
+      const onAbort = () => {
+        // `stop()` on a resumed reply cancels it on the server, like on a reply this chat asked
+        // for. The AI SDK also aborts a resume it replaces with a newer one (it calls
+        // reconnectToStream again at once): that one is not a stop.
+        setTimeout(() => {
+          if (this.#resumes.get(chatId) !== generation) return;
+          if (subscription.replies.get(target)?.done !== false) return;
+          subscription.cancel({ dispatchId: target }).catch(() => {});
+        }, 0);
+      };
+      abortSignal.addEventListener("abort", onAbort, { once: true });
+    }
+    return subscription.replyStream({ dispatchId, signal: abortSignal }) as ReadableStream<UIMessageChunk>;
+  }
+
+  /** The chat's history as UIMessage[] (see `loadChatMessages`). */
+  async loadMessages(chatId: string): Promise<UI_MESSAGE[]> {
+    const history = await this.history(chatId);
+    if (!history) return [];
+    return historyToUIMessages<UI_MESSAGE>(history.messages, { userId: history.userId }).messages;
+  }
+
+  /** Cancels the chat's turn in flight on the server (what `stop()` does through the abort signal). */
+  async cancel(chatId: string): Promise<{ cancelled: boolean; dispatch_id?: string }> {
+    return (await this.session(chatId)).cancel();
+  }
+
+  /** Leaves every session and closes the socket (when the transport created its client). */
+  close(): void {
+    for (const pending of this.#sessions.values()) pending.then((s) => s.leave(), () => {});
+    this.#sessions.clear();
+    if (this.#ownsClient) this.client.close();
+  }
+}

@@ -1,0 +1,200 @@
+// Typed REST calls (docs/API.md). Every error is a FleetLMError with the server's code.
+import type {
+  CancelResult,
+  InboxEntry,
+  JsonObject,
+  Message,
+  NewMessage,
+  SendResult,
+  Session,
+} from "./types.js";
+
+/** An error answered by FleetLM (REST or socket), or a transport failure (`code: "network"`). */
+export class FleetLMError extends Error {
+  /** The server's error code (`session_not_found`, `seq_conflict`, …), or `network`/`timeout`. */
+  readonly code: string;
+  /** The HTTP status for REST errors (0 for socket and network errors). */
+  readonly status: number;
+  /** The full error body. */
+  readonly body: unknown;
+  constructor(message: string, code: string, status = 0, body: unknown = undefined) {
+    super(message);
+    this.name = "FleetLMError";
+    this.code = code;
+    this.status = status;
+    this.body = body;
+  }
+}
+
+/** A token, or a function returning the current one (called before every request). */
+export type TokenProvider = string | (() => string | Promise<string>);
+
+export interface RestOptions {
+  /** The server's base URL, e.g. `http://127.0.0.1:4000`. */
+  url: string;
+  /** Token mode: a JWT for the user (or the API key for admin calls). */
+  token?: TokenProvider;
+  /** A `fetch` implementation (default: the global one). */
+  fetch?: typeof fetch;
+}
+
+export async function resolveToken(token: TokenProvider | undefined): Promise<string | undefined> {
+  if (token === undefined) return undefined;
+  return typeof token === "function" ? await token() : token;
+}
+
+/** The REST API, one method per call. */
+export class RestClient {
+  readonly url: string;
+  readonly #token: TokenProvider | undefined;
+  readonly #fetch: typeof fetch;
+
+  constructor(options: RestOptions) {
+    this.url = options.url.replace(/\/+$/, "");
+    this.#token = options.token;
+    const f = options.fetch ?? globalThis.fetch;
+    if (!f) throw new Error("no fetch implementation: pass options.fetch");
+    this.#fetch = f.bind(globalThis);
+  }
+
+  /** Any call: returns the parsed JSON body, throws FleetLMError on a non-2xx answer. */
+  async request<T>(method: string, path: string, body?: unknown, signal?: AbortSignal): Promise<T> {
+    const headers: Record<string, string> = { accept: "application/json" };
+    if (body !== undefined) headers["content-type"] = "application/json";
+    const token = await resolveToken(this.#token);
+    if (token) headers.authorization = `Bearer ${token}`;
+    let response: Response;
+    try {
+      response = await this.#fetch(`${this.url}${path}`, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal,
+      });
+    } catch (error) {
+      if ((error as Error)?.name === "AbortError") throw error;
+      throw new FleetLMError(`FleetLM is unreachable: ${(error as Error)?.message ?? error}`, "network");
+    }
+    const text = await response.text();
+    let json: any = null;
+    if (text) {
+      try {
+        json = JSON.parse(text);
+      } catch {
+        json = text;
+      }
+    }
+    if (!response.ok) {
+      const message = typeof json?.error === "string" ? json.error : `HTTP ${response.status}`;
+      const code = typeof json?.code === "string" ? json.code : `http_${response.status}`;
+      throw new FleetLMError(message, code, response.status, json);
+    }
+    return json as T;
+  }
+
+  async createSession(options: {
+    userId: string;
+    agentId: string;
+    id?: string;
+    metadata?: JsonObject;
+  }): Promise<Session> {
+    const body: JsonObject = { user_id: options.userId, agent_id: options.agentId };
+    if (options.id !== undefined) body.id = options.id;
+    if (options.metadata !== undefined) body.metadata = options.metadata;
+    return (await this.request<{ session: Session }>("POST", "/api/sessions", body)).session;
+  }
+
+  async getSession(sessionId: string): Promise<Session> {
+    return (await this.request<{ session: Session }>("GET", `/api/sessions/${enc(sessionId)}`)).session;
+  }
+
+  async listSessions(
+    filter: { userId?: string; agentId?: string; status?: "active" | "archived"; limit?: number; cursor?: string } = {},
+  ): Promise<{ sessions: Session[]; next_cursor: string | null }> {
+    const query = new URLSearchParams();
+    if (filter.userId !== undefined) query.set("user_id", filter.userId);
+    if (filter.agentId !== undefined) query.set("agent_id", filter.agentId);
+    if (filter.status !== undefined) query.set("status", filter.status);
+    if (filter.limit !== undefined) query.set("limit", String(filter.limit));
+    if (filter.cursor !== undefined) query.set("cursor", filter.cursor);
+    return this.request("GET", `/api/sessions?${query}`);
+  }
+
+  /** Archives the session (later appends are refused, reads still work). */
+  async archiveSession(sessionId: string): Promise<void> {
+    await this.request("DELETE", `/api/sessions/${enc(sessionId)}`);
+  }
+
+  /** One page of history: `seq > afterSeq`, ascending. */
+  async getMessages(
+    sessionId: string,
+    options: { afterSeq?: number; limit?: number } = {},
+  ): Promise<{ messages: Message[]; has_more: boolean }> {
+    const query = new URLSearchParams({
+      after_seq: String(options.afterSeq ?? 0),
+      limit: String(options.limit ?? 1000),
+    });
+    return this.request("GET", `/api/sessions/${enc(sessionId)}/messages?${query}`);
+  }
+
+  /** Every message after `afterSeq` (default: the whole history), paging as needed. */
+  async getAllMessages(sessionId: string, options: { afterSeq?: number; signal?: AbortSignal } = {}): Promise<Message[]> {
+    const all: Message[] = [];
+    let after = options.afterSeq ?? 0;
+    for (;;) {
+      if (options.signal?.aborted) throw options.signal.reason;
+      const page = await this.getMessages(sessionId, { afterSeq: after, limit: 1000 });
+      all.push(...page.messages);
+      if (!page.has_more || page.messages.length === 0) return all;
+      after = page.messages[page.messages.length - 1].seq;
+    }
+  }
+
+  /** Appends a message as `sender` (`{userId}` or `{agentId}`); resolves once it is on disk. */
+  async appendMessage(
+    sessionId: string,
+    sender: { userId: string } | { agentId: string },
+    message: NewMessage,
+  ): Promise<Message & { deduplicated?: boolean }> {
+    const body: JsonObject = {
+      kind: message.kind ?? "text",
+      content: message.content,
+    };
+    if ("userId" in sender) body.user_id = sender.userId;
+    else body.agent_id = sender.agentId;
+    if (message.metadata !== undefined) body.metadata = message.metadata;
+    if (message.clientId !== undefined) body.client_id = message.clientId;
+    if (message.expectedSeq !== undefined) body.expected_seq = message.expectedSeq;
+    const reply = await this.request<{ message: Message; deduplicated?: boolean }>(
+      "POST",
+      `/api/sessions/${enc(sessionId)}/messages`,
+      body,
+    );
+    return reply.deduplicated ? { ...reply.message, deduplicated: true } : reply.message;
+  }
+
+  /** Moves the user's read cursor. */
+  async markRead(sessionId: string, userId: string, lastSeq: number): Promise<{ read_seq: number }> {
+    return this.request("POST", `/api/sessions/${enc(sessionId)}/read`, { user_id: userId, last_seq: lastSeq });
+  }
+
+  async getInbox(userId: string): Promise<InboxEntry[]> {
+    return (await this.request<{ inbox: InboxEntry[] }>("GET", `/api/users/${enc(userId)}/inbox`)).inbox;
+  }
+
+  /** Cancels the session's turn in flight (or only `dispatchId`). */
+  async cancel(sessionId: string, options: { dispatchId?: string } = {}): Promise<CancelResult> {
+    const body = options.dispatchId === undefined ? {} : { dispatch_id: options.dispatchId };
+    return this.request("POST", `/api/sessions/${enc(sessionId)}/cancel`, body);
+  }
+
+  /** Asks the agent again for the latest turn (`messageId`: the FleetLM id of the reply to replace). */
+  async regenerate(sessionId: string, options: { messageId?: string } = {}): Promise<SendResult> {
+    const body = options.messageId === undefined ? {} : { message_id: options.messageId };
+    return this.request("POST", `/api/sessions/${enc(sessionId)}/regenerate`, body);
+  }
+}
+
+function enc(segment: string): string {
+  return encodeURIComponent(segment);
+}

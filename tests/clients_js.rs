@@ -1,0 +1,95 @@
+//! The client packages (`clients/`: `@fleetlm/client` and `@fleetlm/ai-sdk`) against the real
+//! server: runs their Node test suites (`node --test`, the AI SDK's own chat machinery) with
+//! FLEETLM_BIN naming the `fleetlm` binary cargo built; the suites start it on 127.0.0.1:0 with
+//! temporary data dirs, and a real streaming agent. Then the example app
+//! (`examples/react-chat`) in headless Chromium (playwright-core, `/usr/bin/chromium` or
+//! CHROMIUM). Needs Node 20 with npm; installs a workspace (`npm ci`) when its `node_modules` is
+//! missing and compiles the packages (`tsc`) first. The two suites run one after the other.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The Node suites are heavy (servers, agents, a browser): one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn repo_dir(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn npm(dir: &Path, args: &[&str]) {
+    let status = Command::new("npm")
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .expect("npm must be installed (Node 20) to run the client tests");
+    assert!(status.success(), "npm {args:?} failed in {}", dir.display());
+}
+
+#[test]
+fn the_client_packages_pass_their_node_tests() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let clients = repo_dir("clients");
+    if !clients.join("node_modules/ai").exists() {
+        npm(&clients, &["ci", "--no-audit", "--no-fund"]);
+    }
+    npm(&clients, &["run", "build"]);
+    run_node_tests(&clients, &["client/test/", "ai-sdk/test/"], "client package");
+}
+
+#[test]
+fn the_react_example_works_in_a_real_browser() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "the example's browser test needs Chromium at {chromium}: apt-get install -y chromium (or set CHROMIUM)"
+    );
+    let example = repo_dir("examples/react-chat");
+    if !example.join("node_modules/playwright-core").exists() {
+        npm(&example, &["ci", "--no-audit", "--no-fund"]);
+    }
+    run_node_tests(&example, &["e2e/"], "react-chat example");
+}
+
+fn run_node_tests(dir: &Path, paths: &[&str], what: &str) {
+    let output_dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new("node")
+        .args([
+            "--test",
+            "--test-reporter=spec",
+            "--test-concurrency=1",
+            "--test-timeout=120000",
+        ])
+        .args(paths)
+        .current_dir(dir)
+        .env("FLEETLM_BIN", env!("CARGO_BIN_EXE_fleetlm"))
+        .stdout(std::fs::File::create(output_dir.path().join("stdout")).expect("stdout file"))
+        .stderr(Stdio::inherit())
+        // Its own process group, so a timeout kills the servers and agents it started too.
+        .process_group(0)
+        .spawn()
+        .expect("node must be installed (Node 20)");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for node") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) on the process group made for the child above.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            panic!("the {what} tests took over 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = std::fs::read_to_string(output_dir.path().join("stdout")).unwrap_or_default();
+    println!("{stdout}");
+    assert!(status.success(), "{what} tests failed:\n{stdout}");
+    assert!(
+        stdout.contains("ℹ fail 0"),
+        "expected no failing {what} tests:\n{stdout}"
+    );
+}
