@@ -4,8 +4,11 @@
 //! matched to responses by id. Each frame is a 4-byte big-endian length and a MessagePack body.
 //! A connection starts with a mutual challenge–response over the cluster secret (HMAC-SHA256 of
 //! both nonces and both node ids, with a different label per direction), so neither side accepts
-//! a peer that does not know the secret, and a recorded handshake cannot be replayed. The secret
-//! itself never crosses the wire and is never logged.
+//! a peer that does not know the secret, and a recorded handshake cannot be replayed. Both ends
+//! then derive a session key, and every later frame carries a tag over its sequence number and
+//! body (`FrameAuth`), so nothing on the path can forge, alter, replay or reorder frames. The
+//! secret itself never crosses the wire and is never logged. (Frames are authenticated, not
+//! encrypted: peer traffic belongs on a private network.)
 //!
 //! This module knows nothing of Raft: requests and responses are opaque bytes, answered by a
 //! `PeerHandler`.
@@ -125,6 +128,64 @@ fn verify(
 
 const CLIENT_LABEL: &[u8] = b"fleetlm peer client v1";
 const SERVER_LABEL: &[u8] = b"fleetlm peer server v1";
+const SESSION_LABEL: &[u8] = b"fleetlm peer session v1";
+/// Bytes of the tag that authenticates each frame after the handshake.
+const TAG_BYTES: usize = 16;
+
+/// Authenticates one direction of a connection's frames after the handshake: every frame
+/// carries a tag over its sequence number and body under a key only the two ends derived (from
+/// the secret and both nonces), so a frame cannot be forged, altered, replayed, reordered or
+/// moved to another connection by anyone on the path.
+struct FrameAuth {
+    key: Vec<u8>,
+    direction: &'static [u8],
+    seq: u64,
+}
+
+impl FrameAuth {
+    fn new(key: &[u8], direction: &'static [u8]) -> FrameAuth {
+        FrameAuth {
+            key: key.to_vec(),
+            direction,
+            seq: 0,
+        }
+    }
+
+    fn mac(&self, body: &[u8]) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(self.direction);
+        mac.update(&self.seq.to_be_bytes());
+        mac.update(body);
+        mac
+    }
+
+    /// Appends the tag of the next frame.
+    fn seal(&mut self, mut frame: Vec<u8>) -> Vec<u8> {
+        let tag = self.mac(&frame).finalize().into_bytes();
+        frame.extend_from_slice(&tag[..TAG_BYTES]);
+        self.seq += 1;
+        frame
+    }
+
+    /// Checks and strips the tag of the next frame.
+    fn open(&mut self, mut frame: Vec<u8>) -> io::Result<Vec<u8>> {
+        let refused = || io::Error::new(io::ErrorKind::InvalidData, "a peer frame failed authentication");
+        let body_len = frame.len().checked_sub(TAG_BYTES).ok_or_else(refused)?;
+        self.mac(&frame[..body_len])
+            .verify_truncated_left(&frame[body_len..])
+            .map_err(|_| refused())?;
+        frame.truncate(body_len);
+        self.seq += 1;
+        Ok(frame)
+    }
+}
+
+const CLIENT_TO_SERVER: &[u8] = b"c2s";
+const SERVER_TO_CLIENT: &[u8] = b"s2c";
+
+fn session_key(secret: &[u8], from: u64, to: u64, client_nonce: &[u8], server_nonce: &[u8]) -> Vec<u8> {
+    proof(secret, SESSION_LABEL, from, to, client_nonce, server_nonce)
+}
 
 fn nonce() -> Vec<u8> {
     use rand::RngCore;
@@ -252,7 +313,7 @@ impl PeerClient {
             return Err(PeerError::Disconnected(self.to));
         }
         let frame = encode(&Frame::Request { id, body: request });
-        if frame.len() > MAX_FRAME_BYTES {
+        if frame.len() + TAG_BYTES > MAX_FRAME_BYTES {
             // Refused alone: sending it would fail the connection and every call on it.
             connection.pending.lock().expect("pending lock").remove(&id);
             return Err(PeerError::TooLarge(frame.len()));
@@ -305,7 +366,7 @@ impl PeerClient {
             .map_err(|_| unreachable("connect timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
         stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
+        let key = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
             .await
             .map_err(|_| unreachable("handshake timed out".into()))??;
         let (reader, writer) = stream.into_split();
@@ -318,12 +379,17 @@ impl PeerClient {
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
         });
-        tokio::spawn(write_frames(writer, queue, connection.clone()));
-        tokio::spawn(read_responses(reader, connection.clone()));
+        let (sealer, opener) = (
+            FrameAuth::new(&key, CLIENT_TO_SERVER),
+            FrameAuth::new(&key, SERVER_TO_CLIENT),
+        );
+        tokio::spawn(write_frames(writer, queue, sealer, connection.clone()));
+        tokio::spawn(read_responses(reader, opener, connection.clone()));
         Ok(connection)
     }
 
-    async fn handshake(&self, stream: &mut TcpStream) -> Result<(), PeerError> {
+    /// Returns the connection's session key.
+    async fn handshake(&self, stream: &mut TcpStream) -> Result<Vec<u8>, PeerError> {
         let (from, to) = (self.identity.node_id, self.to);
         let lost = |e: io::Error| PeerError::Unreachable(to, format!("handshake: {e}"));
         let client_nonce = nonce();
@@ -364,7 +430,13 @@ impl PeerClient {
             .await
             .map_err(lost)?;
         match receive_handshake(stream).await.map_err(lost)? {
-            Handshake::Accepted => Ok(()),
+            Handshake::Accepted => Ok(session_key(
+                &self.identity.secret,
+                from,
+                to,
+                &client_nonce,
+                &server_nonce,
+            )),
             Handshake::Refused { reason } => Err(PeerError::Refused(to, reason)),
             _ => Err(PeerError::Refused(to, "unexpected handshake message".into())),
         }
@@ -372,14 +444,24 @@ impl PeerClient {
 }
 
 /// Writes queued frames, flushing once the queue is empty (many frames per syscall under load).
-async fn write_frames(writer: OwnedWriteHalf, queue: mpsc::Receiver<Vec<u8>>, connection: Arc<Connection>) {
-    pump_frames(writer, queue, connection.ended.subscribe()).await;
+async fn write_frames(
+    writer: OwnedWriteHalf,
+    queue: mpsc::Receiver<Vec<u8>>,
+    sealer: FrameAuth,
+    connection: Arc<Connection>,
+) {
+    pump_frames(writer, queue, sealer, connection.ended.subscribe()).await;
     connection.close();
 }
 
 /// Writes queued frames until the queue closes, a write fails or `ended` turns true; flushes
 /// once the queue is empty, so a burst of frames costs one syscall.
-async fn pump_frames(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Vec<u8>>, mut ended: watch::Receiver<bool>) {
+async fn pump_frames(
+    writer: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<Vec<u8>>,
+    mut sealer: FrameAuth,
+    mut ended: watch::Receiver<bool>,
+) {
     let mut out = BufWriter::with_capacity(256 * 1024, writer);
     'run: loop {
         let frame = tokio::select! {
@@ -387,11 +469,11 @@ async fn pump_frames(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Vec<u8>>,
             _ = ended.wait_for(|ended| *ended) => None,
         };
         let Some(frame) = frame else { break };
-        if write_frame(&mut out, &frame).await.is_err() {
+        if write_frame(&mut out, &sealer.seal(frame)).await.is_err() {
             break;
         }
         while let Ok(frame) = queue.try_recv() {
-            if write_frame(&mut out, &frame).await.is_err() {
+            if write_frame(&mut out, &sealer.seal(frame)).await.is_err() {
                 break 'run;
             }
         }
@@ -401,14 +483,17 @@ async fn pump_frames(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Vec<u8>>,
     }
 }
 
-async fn read_responses(mut reader: OwnedReadHalf, connection: Arc<Connection>) {
+async fn read_responses(mut reader: OwnedReadHalf, mut opener: FrameAuth, connection: Arc<Connection>) {
     let mut ended = connection.ended.subscribe();
     loop {
         let read = tokio::select! {
             read = read_frame(&mut reader) => read,
             _ = ended.wait_for(|ended| *ended) => break,
         };
-        let frame = match read.and_then(|bytes| decode::<Frame>(&bytes)) {
+        let frame = match read
+            .and_then(|bytes| opener.open(bytes))
+            .and_then(|bytes| decode::<Frame>(&bytes))
+        {
             Ok(frame) => frame,
             Err(error) => {
                 tracing::debug!(peer = connection.to, %error, "peer connection closed");
@@ -459,9 +544,9 @@ pub async fn serve(
             let accepted =
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_handshake(&mut stream, &identity, &members)).await;
             match accepted {
-                Ok(Ok(from)) => {
+                Ok(Ok((from, key))) => {
                     tokio::select! {
-                        _ = serve_connection(stream, from, handler) => {}
+                        _ = serve_connection(stream, from, key, handler) => {}
                         _ = stop.wait_for(|stop| *stop) => {}
                     }
                 }
@@ -472,7 +557,12 @@ pub async fn serve(
     }
 }
 
-async fn accept_handshake(stream: &mut TcpStream, identity: &Identity, members: &[u64]) -> Result<u64, String> {
+/// Returns the caller's node id and the connection's session key.
+async fn accept_handshake(
+    stream: &mut TcpStream,
+    identity: &Identity,
+    members: &[u64],
+) -> Result<(u64, Vec<u8>), String> {
     let io_reason = |e: io::Error| format!("handshake failed: {e}");
     let (version, from, to, client_nonce) = match receive_handshake(stream).await.map_err(io_reason)? {
         Handshake::Hello {
@@ -519,26 +609,38 @@ async fn accept_handshake(stream: &mut TcpStream, identity: &Identity, members: 
         return refuse(stream, format!("node {from} does not know the cluster secret")).await;
     }
     send_handshake(stream, &Handshake::Accepted).await.map_err(io_reason)?;
-    Ok(from)
+    let key = session_key(&identity.secret, from, to, &client_nonce, &server_nonce);
+    Ok((from, key))
 }
 
 /// Tells the caller why it is refused, then gives the reason back for the log.
-async fn refuse(stream: &mut TcpStream, reason: String) -> Result<u64, String> {
+async fn refuse(stream: &mut TcpStream, reason: String) -> Result<(u64, Vec<u8>), String> {
     let _ = send_handshake(stream, &Handshake::Refused { reason: reason.clone() }).await;
     Err(reason)
 }
 
-async fn serve_connection(stream: TcpStream, from: u64, handler: Arc<dyn PeerHandler>) {
+async fn serve_connection(stream: TcpStream, from: u64, key: Vec<u8>, handler: Arc<dyn PeerHandler>) {
     let (mut reader, writer) = stream.into_split();
+    let mut opener = FrameAuth::new(&key, CLIENT_TO_SERVER);
+    let sealer = FrameAuth::new(&key, SERVER_TO_CLIENT);
     let (outgoing, queue) = mpsc::channel::<Vec<u8>>(OUTGOING_QUEUE);
     // Never set: this side ends when the peer hangs up or the listener stops (see `serve`).
     let (_never, not_ended) = watch::channel(false);
-    let writer_task = tokio::spawn(pump_frames(writer, queue, not_ended));
+    let writer_task = tokio::spawn(pump_frames(writer, queue, sealer, not_ended));
     let in_progress = Arc::new(Semaphore::new(MAX_IN_PROGRESS));
     loop {
-        let frame = match read_frame(&mut reader).await.and_then(|bytes| decode::<Frame>(&bytes)) {
+        let frame = match read_frame(&mut reader)
+            .await
+            .and_then(|bytes| opener.open(bytes))
+            .and_then(|bytes| decode::<Frame>(&bytes))
+        {
             Ok(frame) => frame,
-            Err(_) => break,
+            Err(error) => {
+                if error.kind() == io::ErrorKind::InvalidData {
+                    tracing::warn!(peer = from, %error, "peer connection closed");
+                }
+                break;
+            }
         };
         let Frame::Request { id, body } = frame else { continue };
         let Ok(permit) = in_progress.clone().acquire_owned().await else {
@@ -559,6 +661,7 @@ async fn serve_connection(stream: TcpStream, from: u64, handler: Arc<dyn PeerHan
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     struct Echo;
     impl PeerHandler for Echo {
@@ -622,6 +725,52 @@ mod tests {
         assert!(
             matches!(&error, PeerError::Refused(3, reason) if reason.contains("not node 3")),
             "{error:?}"
+        );
+    }
+
+    /// Something on the path alters a byte of a request after the handshake: the callee closes
+    /// the connection instead of acting on it, and the caller gets an error, not a wrong answer.
+    #[tokio::test]
+    async fn a_frame_altered_on_the_path_is_refused() {
+        let server = server(2, "s3cret-s3cret-s3cret", vec![1, 2]).await;
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut inbound, _) = proxy.accept().await.unwrap();
+            let mut outbound = TcpStream::connect(server).await.unwrap();
+            let (mut in_read, mut in_write) = inbound.split();
+            let (mut out_read, mut out_write) = outbound.split();
+            let upstream = async {
+                let mut seen = 0usize;
+                let mut buffer = vec![0u8; 4096];
+                loop {
+                    let n = in_read.read(&mut buffer).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    // Past the handshake (well under 300 bytes): flip one bit of the request.
+                    for (i, byte) in buffer[..n].iter_mut().enumerate() {
+                        if seen + i == 300 {
+                            *byte ^= 0x01;
+                        }
+                    }
+                    seen += n;
+                    if out_write.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let downstream = async {
+                let _ = tokio::io::copy(&mut out_read, &mut in_write).await;
+                let _ = in_write.shutdown().await;
+            };
+            let _ = tokio::join!(upstream, downstream);
+        });
+        let client = PeerClient::new(identity(1, "s3cret-s3cret-s3cret"), 2, proxy_addr.to_string());
+        let answer = client.call(vec![7u8; 1000], Duration::from_secs(5)).await;
+        assert!(
+            matches!(answer, Err(PeerError::Disconnected(2))),
+            "an altered request was answered: {answer:?}"
         );
     }
 
