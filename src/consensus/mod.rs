@@ -158,9 +158,8 @@ const JOINED_CHECK: Duration = Duration::from_millis(300);
 /// Wiped members: a node that took part and then lost its storage may have voted and forgotten
 /// it, so it must never take part again under its id. Shard 0's log records each member once it
 /// holds the log (`ShardCommand::Joined`). A node whose every shard starts empty asks its peers
-/// first, and takes part only once a majority of the members (itself included) say it is new;
-/// until then it answers no Raft RPC (so it cannot vote). If any peer says it joined before, it
-/// refuses for good.
+/// first (`confirm_new`) and answers no Raft RPC meanwhile (so it cannot vote); if shard 0's
+/// leader says it joined before, it refuses for good.
 async fn form(mut f: Joining, formation: tokio::sync::watch::Sender<Formation>) {
     if f.fresh.iter().all(|fresh| *fresh) {
         match confirm_new(&f).await {
