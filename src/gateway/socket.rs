@@ -47,6 +47,18 @@ struct ReplyTo {
     received_at: Instant,
 }
 
+impl ReplyTo {
+    /// Where the reply to `frame` goes (the frame is consumed; its payload was read before).
+    fn to(frame: InFrame) -> ReplyTo {
+        ReplyTo {
+            join_ref: frame.join_ref,
+            reference: frame.reference,
+            topic: frame.topic,
+            received_at: Instant::now(),
+        }
+    }
+}
+
 /// A frame for the socket's writer task. Boxed so the queue holds pointers: its first block of
 /// slots is allocated with the socket and kept while it is idle (256 bytes instead of 1.5 KiB).
 type Outgoing = Box<Message>;
@@ -583,14 +595,12 @@ impl Socket {
                 return None;
             }
         };
-        let reply_to = ReplyTo {
-            join_ref: frame.join_ref,
-            reference: frame.reference,
-            topic: frame.topic,
-            received_at: Instant::now(),
-        };
-        // Queued at its shard now (unless a send before it is waiting for a round trip), so the
-        // sends of one read join the writer's next batch.
+        self.submit_append(ReplyTo::to(frame), request).await
+    }
+
+    /// Queues an append at its shard now (unless a send before it waits for an archive round
+    /// trip), so the sends of one read join the writer's next batch; answered like a `send`.
+    async fn submit_append(&mut self, reply_to: ReplyTo, request: crate::shard::AppendRequest) -> Option<PendingSend> {
         let outcome = self
             .state
             .shards
@@ -630,12 +640,7 @@ impl Socket {
                 return None;
             }
         };
-        let reply_to = ReplyTo {
-            join_ref: frame.join_ref,
-            reference: frame.reference,
-            topic: frame.topic,
-            received_at: Instant::now(),
-        };
+        let reply_to = ReplyTo::to(frame);
         let state = self.state.clone();
         Some(Box::pin(async move {
             let answer = match state.shards.view(&session_id).await {
@@ -674,18 +679,7 @@ impl Socket {
                 return None;
             }
         };
-        let reply_to = ReplyTo {
-            join_ref: frame.join_ref,
-            reference: frame.reference,
-            topic: frame.topic,
-            received_at: Instant::now(),
-        };
-        let outcome = self
-            .state
-            .shards
-            .submit_append_in_order(&mut self.append_order, request)
-            .await;
-        Some(Box::pin(async move { (reply_to, Pending::Append(outcome.await)) }))
+        self.submit_append(ReplyTo::to(frame), request).await
     }
 
     fn finish_send(&mut self, reply_to: ReplyTo, result: Result<AppendResult, ShardError>) {
