@@ -6,11 +6,12 @@
 //! CHROMIUM). Needs Node 20 with npm; installs a workspace (`npm ci`) when its `node_modules` is
 //! missing and compiles the packages (`tsc`) first. The two suites run one after the other.
 
-use std::os::unix::process::CommandExt;
+#[path = "support/node_tests.rs"]
+mod node_tests;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 /// The Node suites are heavy (servers, agents, a browser): one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -55,41 +56,5 @@ fn the_react_example_works_in_a_real_browser() {
 }
 
 fn run_node_tests(dir: &Path, paths: &[&str], what: &str) {
-    let output_dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new("node")
-        .args([
-            "--test",
-            "--test-reporter=spec",
-            "--test-concurrency=1",
-            "--test-timeout=120000",
-        ])
-        .args(paths)
-        .current_dir(dir)
-        .env("FLEETLM_BIN", env!("CARGO_BIN_EXE_fleetlm"))
-        .stdout(std::fs::File::create(output_dir.path().join("stdout")).expect("stdout file"))
-        .stderr(Stdio::inherit())
-        // Its own process group, so a timeout kills the servers and agents it started too.
-        .process_group(0)
-        .spawn()
-        .expect("node must be installed (Node 20)");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            // SAFETY: kill(2) on the process group made for the child above.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-            panic!("the {what} tests took over 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let stdout = std::fs::read_to_string(output_dir.path().join("stdout")).unwrap_or_default();
-    println!("{stdout}");
-    assert!(status.success(), "{what} tests failed:\n{stdout}");
-    assert!(
-        stdout.contains("ℹ fail 0"),
-        "expected no failing {what} tests:\n{stdout}"
-    );
+    node_tests::run(dir, &["--test-concurrency=1"], paths, &[], what);
 }

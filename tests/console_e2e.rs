@@ -5,10 +5,11 @@
 //! which the dead-letter test makes the archive refuse a row. On failure the screenshots are in
 //! FLEETLM_CONSOLE_ARTIFACTS (default: the temp dir's `fleetlm-console-e2e/`).
 
-use std::os::unix::process::CommandExt;
+#[path = "support/node_tests.rs"]
+mod node_tests;
+
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 fn console_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("console")
@@ -34,36 +35,12 @@ fn the_console_works_in_a_real_browser() {
         "the console tests need Chromium at {chromium}: apt-get install -y chromium (or set CHROMIUM)"
     );
     ensure_node_modules();
-    let output_dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new("node")
-        .args(["--test", "--test-reporter=spec", "--test-timeout=120000", "e2e/"])
-        .current_dir(console_dir())
-        .env("FLEETLM_BIN", env!("CARGO_BIN_EXE_fleetlm"))
-        .env("CHROMIUM", &chromium)
-        .stdout(std::fs::File::create(output_dir.path().join("stdout")).expect("stdout file"))
-        .stderr(Stdio::inherit())
-        // Its own process group, so a timeout kills the server, agent and browser it started too.
-        .process_group(0)
-        .spawn()
-        .expect("node must be installed (Node 20)");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            // SAFETY: kill(2) on the process group made for the child above.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-            panic!("the console browser tests took over 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let stdout = std::fs::read_to_string(output_dir.path().join("stdout")).unwrap_or_default();
-    assert!(status.success(), "console browser tests failed:\n{stdout}");
-    assert!(
-        stdout.contains("ℹ fail 0"),
-        "expected no failing console tests:\n{stdout}"
+    let stdout = node_tests::run(
+        &console_dir(),
+        &[],
+        &["e2e/"],
+        &[("CHROMIUM", chromium.as_str())],
+        "console browser",
     );
     assert!(
         stdout.contains("ℹ pass 12"),
