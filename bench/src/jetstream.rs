@@ -131,5 +131,6 @@ pub async fn drive(binary: &Path, options: &WsWriteOptions) -> anyhow::Result<Wr
     Ok(WriteRun {
         acked_per_sec: latencies.len() as f64 / options.seconds as f64,
         latencies,
+        errors: 0,
     })
 }

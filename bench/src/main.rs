@@ -3,6 +3,7 @@
 //! data directory) unless `--url` points at one.
 
 mod catchup;
+mod cluster;
 mod echo;
 mod fanout;
 mod idle;
@@ -46,7 +47,15 @@ enum Scenario {
     CatchUp(catchup::CatchUpOptions),
     /// Users talking to a local echo agent: turns/s and debounce accuracy.
     AgentTurns(turns::TurnsOptions),
-    /// Every scenario above in turn, each on a fresh server, with the default sizes
+    /// A 3-node cluster against a single node (both archiving to Postgres) under the `ws-write`
+    /// load: acked appends/s, latency, the ratio, appends per log entry. Ignores `--url`.
+    ClusterWrite(cluster::ClusterWriteOptions),
+    /// kill -9 a shard's leader repeatedly under load: time until that shard takes writes again
+    /// through a surviving node (p50/p99/max). Ignores `--url`.
+    Failover(cluster::FailoverOptions),
+    /// CPU and RSS of idle cluster nodes and of an idle single node. Ignores `--url`.
+    ClusterIdle(cluster::ClusterIdleOptions),
+    /// Every single-node scenario above in turn, each on a fresh server, with the default sizes
     /// (about 3 minutes); `--quick` runs them shorter and smaller (under a minute).
     All(AllOptions),
 }
@@ -102,8 +111,20 @@ async fn run_scenario(target: &mut server::Target, name: &str, args: &[&str]) ->
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let extra = cli.server_args.clone().unwrap_or_default();
+    if cli.url.is_some()
+        && matches!(
+            cli.scenario,
+            Scenario::ClusterWrite(_) | Scenario::Failover(_) | Scenario::ClusterIdle(_)
+        )
+    {
+        anyhow::bail!("the cluster scenarios start their own servers; --url does not apply");
+    }
     let results = match cli.scenario {
         Scenario::All(all) => run_all(&cli.url, cli.server_args.as_deref(), all.quick).await?,
+        Scenario::ClusterWrite(options) => cluster::cluster_write(&options, &extra).await?,
+        Scenario::Failover(options) => cluster::failover(&options, &extra).await?,
+        Scenario::ClusterIdle(options) => cluster::cluster_idle(&options, &extra).await?,
         scenario => run_one(&cli.url, cli.server_args.as_deref(), scenario).await?,
     };
     if let Some(path) = cli.json {
@@ -153,7 +174,9 @@ async fn run_one(
         Scenario::IdleSockets(options) => idle::idle_sockets(&server, &options).await?,
         Scenario::CatchUp(options) => catchup::catch_up(&mut server, &options).await?,
         Scenario::AgentTurns(options) => turns::agent_turns(&server, &options).await?,
-        Scenario::All(_) => unreachable!("handled by run_all"),
+        Scenario::All(_) | Scenario::ClusterWrite(_) | Scenario::Failover(_) | Scenario::ClusterIdle(_) => {
+            unreachable!("handled in main")
+        }
     };
     drop(server);
     Ok(results)

@@ -11,7 +11,7 @@ use tokio_postgres::NoTls;
 
 use crate::wswrite::{WriteRun, WsWriteOptions};
 
-async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .context("connecting to Postgres")?;
@@ -19,7 +19,7 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-fn with_database(url: &str, name: &str) -> String {
+pub fn with_database(url: &str, name: &str) -> String {
     let (base, _) = url.rsplit_once('/').unwrap_or((url, ""));
     format!("{base}/{name}")
 }
@@ -92,5 +92,6 @@ async fn run(url: &str, options: &WsWriteOptions, connections: usize) -> anyhow:
     Ok(WriteRun {
         acked_per_sec: latencies.len() as f64 / options.seconds as f64,
         latencies,
+        errors: 0,
     })
 }

@@ -35,13 +35,18 @@ impl Target {
         })
     }
 
-    /// Kills the server (SIGKILL) and starts it again on the same data directory, so sessions
-    /// must come back from the archive. Only for servers this tool started.
+    /// The process id of a server this tool started.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
+    }
+
     /// Whether this tool started the server (and so can restart it).
     pub fn is_own(&self) -> bool {
         self.child.is_some()
     }
 
+    /// Kills the server (SIGKILL) and starts it again on the same data directory, so sessions
+    /// must come back from the archive. Only for servers this tool started.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         let (Some(child), Some(data_dir)) = (&mut self.child, &self._data_dir) else {
             bail!("cannot restart a server this tool did not start");

@@ -50,6 +50,8 @@ pub struct WsWriteOptions {
 pub struct WriteRun {
     pub acked_per_sec: f64,
     pub latencies: Histogram<u64>,
+    /// Sends of the measured window answered with an error (not counted as acked).
+    pub errors: u64,
 }
 
 impl WriteRun {
@@ -89,6 +91,7 @@ pub async fn drive(base: &str, sessions: &[String], options: &WsWriteOptions) ->
         let (text, depth) = (text.clone(), options.depth);
         tasks.push(tokio::spawn(async move {
             let mut latencies = Histogram::<u64>::new(3).expect("histogram");
+            let mut errors = 0u64;
             let mut sent_at: HashMap<String, Instant> = HashMap::new();
             let mut next_send = Instant::now();
             loop {
@@ -123,20 +126,28 @@ pub async fn drive(base: &str, sessions: &[String], options: &WsWriteOptions) ->
                 let Some(sent) = frame[1].as_str().and_then(|r| sent_at.remove(r)) else {
                     continue;
                 };
-                if frame[4]["status"] == "ok" && sent >= measure_from && sent < stop_at {
-                    latencies.record(sent.elapsed().as_micros() as u64).ok();
+                if sent >= measure_from && sent < stop_at {
+                    if frame[4]["status"] == "ok" {
+                        latencies.record(sent.elapsed().as_micros() as u64).ok();
+                    } else {
+                        errors += 1;
+                    }
                 }
             }
-            latencies
+            (latencies, errors)
         }));
     }
     let mut latencies = Histogram::<u64>::new(3)?;
+    let mut errors = 0;
     for task in tasks {
-        latencies.add(task.await?)?;
+        let (histogram, task_errors) = task.await?;
+        latencies.add(histogram)?;
+        errors += task_errors;
     }
     Ok(WriteRun {
         acked_per_sec: latencies.len() as f64 / measured.as_secs_f64(),
         latencies,
+        errors,
     })
 }
 
