@@ -467,6 +467,10 @@ pub struct ClusterWriteOptions {
     /// Offered load in sends/s across all sockets (0 = as fast as acks allow).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// `ws` (the `ws-write` load: one socket per session, `depth` sends pipelined on it) or
+    /// `rest` (the `rest-write` load: `depth` concurrent POST loops per session).
+    #[arg(long, default_value = "ws", value_parser = ["ws", "rest"])]
+    pub transport: String,
     /// Rounds; each runs the single node and the cluster once, the order alternating
     /// (round 1: single node first).
     #[arg(long, default_value_t = 1)]
@@ -482,6 +486,10 @@ struct WriteSample {
     fsyncs: f64,
     committed: Option<u64>,
     nodes: usize,
+    /// CPU time of the server processes and of this tool over the drive (warm-up included).
+    server_cpu_secs: f64,
+    bench_cpu_secs: f64,
+    wall_secs: f64,
 }
 
 impl WriteSample {
@@ -491,6 +499,11 @@ impl WriteSample {
         } else {
             0.0
         }
+    }
+
+    /// Server CPU per append (µs), over the whole drive.
+    fn cpu_us_per_append(&self) -> f64 {
+        self.server_cpu_secs * 1e6 / self.appends.max(1.0)
     }
 
     fn to_json(&self) -> Value {
@@ -504,6 +517,10 @@ impl WriteSample {
             "appends_per_entry": self.per_entry(),
             "committed_index_delta": self.committed,
             "wal_fsyncs_all_nodes": self.fsyncs,
+            "server_cpu_secs": self.server_cpu_secs,
+            "bench_cpu_secs": self.bench_cpu_secs,
+            "drive_wall_secs": self.wall_secs,
+            "server_cpu_us_per_append": self.cpu_us_per_append(),
         })
     }
 }
@@ -512,6 +529,7 @@ impl WriteSample {
 async fn drive_spread(
     client: &reqwest::Client,
     bases: &[String],
+    pids: &[u32],
     options: &ClusterWriteOptions,
     tag: &str,
 ) -> anyhow::Result<WriteSample> {
@@ -537,6 +555,72 @@ async fn drive_spread(
     } else {
         None
     };
+    let cpu_before = cpu_ticks(pids);
+    let bench_before = cpu_ticks(&[std::process::id()]);
+    let wall = Instant::now();
+    let run = if options.transport == "rest" {
+        let urls: Vec<String> = sessions
+            .iter()
+            .enumerate()
+            .map(|(i, session)| format!("{}/api/sessions/{session}/messages", bases[i % bases.len()]))
+            .collect();
+        let rest_options = crate::rest::WriteOptions {
+            sessions: options.sessions,
+            depth: options.depth,
+            seconds: options.seconds,
+            message_bytes: options.message_bytes,
+        };
+        let pooled = reqwest::Client::builder()
+            .pool_max_idle_per_host(options.sessions * options.depth)
+            .build()?;
+        let measure_from = Instant::now() + Duration::from_secs(2);
+        let stop_at = measure_from + Duration::from_secs(options.seconds);
+        let workers = crate::rest::spawn_workers(&pooled, &urls, &rest_options, measure_from, stop_at);
+        let (latencies, errors) = crate::rest::collect(workers).await?;
+        WriteRun {
+            acked_per_sec: latencies.len() as f64 / options.seconds as f64,
+            latencies,
+            errors,
+        }
+    } else {
+        drive_ws(bases, &sessions, options, &ws_options).await?
+    };
+    let wall = wall.elapsed().as_secs_f64();
+    let ticks = clock_ticks_per_second();
+    let server_cpu_secs = (cpu_ticks(pids) - cpu_before) as f64 / ticks;
+    let bench_cpu_secs = (cpu_ticks(&[std::process::id()]) - bench_before) as f64 / ticks;
+    let appends = metric_sum(client, bases, "fleetlm_appends_total").await? - appends_before;
+    let entries = metric_sum(client, bases, "fleetlm_append_commit_seconds_count").await? - entries_before;
+    let fsyncs = metric_sum(client, bases, "fleetlm_wal_fsync_seconds_count").await? - fsyncs_before;
+    let committed = match committed_before {
+        Some(before) => Some(committed_sum(client, &bases[0]).await? - before),
+        None => None,
+    };
+    Ok(WriteSample {
+        run,
+        appends,
+        entries,
+        fsyncs,
+        committed,
+        nodes: bases.len(),
+        server_cpu_secs,
+        bench_cpu_secs,
+        wall_secs: wall,
+    })
+}
+
+/// utime+stime of the processes, summed (clock ticks).
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|p| proc_sample(*p).ok()).map(|s| s.0).sum()
+}
+
+/// The `ws-write` drive on every node at once, each with its share of the sessions.
+async fn drive_ws(
+    bases: &[String],
+    sessions: &[String],
+    options: &ClusterWriteOptions,
+    ws_options: &WsWriteOptions,
+) -> anyhow::Result<WriteRun> {
     let drives = bases.iter().enumerate().map(|(i, base)| {
         let mine: Vec<String> = sessions.iter().skip(i).step_by(bases.len()).cloned().collect();
         let per_node = WsWriteOptions {
@@ -555,24 +639,10 @@ async fn drive_spread(
         errors += run.errors;
         latencies.add(run.latencies)?;
     }
-    let appends = metric_sum(client, bases, "fleetlm_appends_total").await? - appends_before;
-    let entries = metric_sum(client, bases, "fleetlm_append_commit_seconds_count").await? - entries_before;
-    let fsyncs = metric_sum(client, bases, "fleetlm_wal_fsync_seconds_count").await? - fsyncs_before;
-    let committed = match committed_before {
-        Some(before) => Some(committed_sum(client, &bases[0]).await? - before),
-        None => None,
-    };
-    Ok(WriteSample {
-        run: WriteRun {
-            acked_per_sec,
-            latencies,
-            errors,
-        },
-        appends,
-        entries,
-        fsyncs,
-        committed,
-        nodes: bases.len(),
+    Ok(WriteRun {
+        acked_per_sec,
+        latencies,
+        errors,
     })
 }
 
@@ -586,7 +656,8 @@ async fn single_write(options: &ClusterWriteOptions, extra: &str) -> anyhow::Res
         let server = Target::spawn(&args).await?;
         let client = reqwest::Client::new();
         wait_ready(&client, &server.base, START_TIMEOUT).await?;
-        let sample = drive_spread(&client, std::slice::from_ref(&server.base), options, "single").await;
+        let pid = server.pid().context("single node pid")?;
+        let sample = drive_spread(&client, std::slice::from_ref(&server.base), &[pid], options, "single").await;
         drop(server);
         sample
     }
@@ -600,7 +671,8 @@ async fn cluster_write_once(options: &ClusterWriteOptions, extra: &str) -> anyho
     let result = async {
         let mut cluster = Cluster::start(&options.cluster, &db.url, extra).await?;
         let client = reqwest::Client::new();
-        let sample = drive_spread(&client, &cluster.bases(), options, "cluster").await;
+        let pids: Vec<u32> = (0..cluster.len()).filter_map(|i| cluster.pid(i)).collect();
+        let sample = drive_spread(&client, &cluster.bases(), &pids, options, "cluster").await;
         report_warnings(&cluster);
         cluster.stop().await;
         sample
@@ -616,7 +688,7 @@ fn report_warnings(cluster: &Cluster) {
     for (id, lines) in cluster.warnings() {
         if !lines.is_empty() {
             println!(
-                "node {id}: {} WARN/ERROR log lines (log: {}); first: {}",
+                "node {id}: {} WARN/ERROR log lines ({}; kept with --logs DIR); first: {}",
                 lines.len(),
                 cluster.log(id - 1).display(),
                 lines[0].chars().take(300).collect::<String>()
@@ -627,8 +699,13 @@ fn report_warnings(cluster: &Cluster) {
 
 pub async fn cluster_write(options: &ClusterWriteOptions, extra: &str) -> anyhow::Result<Value> {
     println!(
-        "scenario                   cluster-write ({} sessions x {} in flight, {} B, {} shards, {} nodes vs 1, Postgres archive)",
-        options.sessions, options.depth, options.message_bytes, options.cluster.shards, options.cluster.nodes
+        "scenario                   cluster-write ({}: {} sessions x {} in flight, {} B, {} shards, {} nodes vs 1, Postgres archive)",
+        options.transport,
+        options.sessions,
+        options.depth,
+        options.message_bytes,
+        options.cluster.shards,
+        options.cluster.nodes
     );
     if options.rate > 0 {
         println!("offered load               {} sends/s", options.rate);
@@ -669,11 +746,21 @@ pub async fn cluster_write(options: &ClusterWriteOptions, extra: &str) -> anyhow
             "wal fsyncs                 single {:.0}, cluster {:.0} (all nodes)",
             single.fsyncs, cluster.fsyncs
         );
+        for (name, sample) in [("single node", &single), ("cluster", &cluster)] {
+            println!(
+                "{:<27}server CPU {:.2} cores ({:.1} µs per append), load generator {:.2} cores",
+                format!("{name} CPU"),
+                sample.server_cpu_secs / sample.wall_secs,
+                sample.cpu_us_per_append(),
+                sample.bench_cpu_secs / sample.wall_secs
+            );
+        }
         println!("cluster / single           {ratio:.2}");
         rounds.push(json!({"single": single.to_json(), "cluster": cluster.to_json(), "ratio": ratio}));
     }
     Ok(json!({
         "scenario": "cluster-write",
+        "transport": options.transport,
         "sessions": options.sessions,
         "depth": options.depth,
         "message_bytes": options.message_bytes,

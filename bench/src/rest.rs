@@ -43,31 +43,10 @@ pub async fn write_saturation(target: &Target, options: &WriteOptions) -> anyhow
     let started = Instant::now();
     let measure_from = started + warmup;
     let stop_at = measure_from + measured;
-    let text = "x".repeat(options.message_bytes);
-    let mut workers = Vec::new();
-    for s in 0..options.sessions {
-        for _ in 0..options.depth {
-            let (client, base, text) = (client.clone(), target.base.clone(), text.clone());
-            let url = format!("{base}/api/sessions/bench-{run}-{s}/messages");
-            workers.push(tokio::spawn(async move {
-                let mut latencies = Histogram::<u64>::new(3).expect("histogram");
-                let mut errors = 0u64;
-                let body = Arc::new(json!({"agent_id": "bench-agent", "content": {"text": text}}));
-                while Instant::now() < stop_at {
-                    let sent = Instant::now();
-                    let ok = matches!(client.post(&url).json(&*body).send().await, Ok(r) if r.status() == 200);
-                    if sent >= measure_from && Instant::now() <= stop_at {
-                        if ok {
-                            latencies.record(sent.elapsed().as_micros() as u64).ok();
-                        } else {
-                            errors += 1;
-                        }
-                    }
-                }
-                (latencies, errors)
-            }));
-        }
-    }
+    let urls: Vec<String> = (0..options.sessions)
+        .map(|s| format!("{}/api/sessions/bench-{run}-{s}/messages", target.base))
+        .collect();
+    let workers = spawn_workers(&client, &urls, options, measure_from, stop_at);
     // Server-side counters sampled at the edges of the measured window.
     tokio::time::sleep_until((measure_from).into()).await;
     let appends_before = target.metric(&client, "fleetlm_appends_total").await?;
@@ -75,13 +54,7 @@ pub async fn write_saturation(target: &Target, options: &WriteOptions) -> anyhow
     tokio::time::sleep_until(stop_at.into()).await;
     let appends_after = target.metric(&client, "fleetlm_appends_total").await?;
     let fsyncs_after = target.metric(&client, "fleetlm_wal_fsync_seconds_count").await?;
-    let mut latencies = Histogram::<u64>::new(3)?;
-    let mut errors = 0;
-    for worker in workers {
-        let (histogram, worker_errors) = worker.await?;
-        latencies.add(histogram)?;
-        errors += worker_errors;
-    }
+    let (latencies, errors) = collect(workers).await?;
     let acked_per_sec = latencies.len() as f64 / measured.as_secs_f64();
     let fsyncs = fsyncs_after - fsyncs_before;
     let appends_per_fsync = if fsyncs > 0.0 {
@@ -115,4 +88,55 @@ pub async fn write_saturation(target: &Target, options: &WriteOptions) -> anyhow
         "fsyncs_per_sec": fsyncs / measured.as_secs_f64(),
         "appends_per_fsync": appends_per_fsync,
     }))
+}
+
+type Worker = tokio::task::JoinHandle<(Histogram<u64>, u64)>;
+
+/// `options.depth` workers per URL (a session's messages endpoint), each posting as fast as
+/// its answers come back until `stop_at`; latencies and errors of requests sent from
+/// `measure_from` on.
+pub fn spawn_workers(
+    client: &reqwest::Client,
+    urls: &[String],
+    options: &WriteOptions,
+    measure_from: Instant,
+    stop_at: Instant,
+) -> Vec<Worker> {
+    let text = "x".repeat(options.message_bytes);
+    let mut workers = Vec::new();
+    for url in urls {
+        for _ in 0..options.depth {
+            let (client, url, text) = (client.clone(), url.clone(), text.clone());
+            workers.push(tokio::spawn(async move {
+                let mut latencies = Histogram::<u64>::new(3).expect("histogram");
+                let mut errors = 0u64;
+                let body = Arc::new(json!({"agent_id": "bench-agent", "content": {"text": text}}));
+                while Instant::now() < stop_at {
+                    let sent = Instant::now();
+                    let ok = matches!(client.post(&url).json(&*body).send().await, Ok(r) if r.status() == 200);
+                    if sent >= measure_from && Instant::now() <= stop_at {
+                        if ok {
+                            latencies.record(sent.elapsed().as_micros() as u64).ok();
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                }
+                (latencies, errors)
+            }));
+        }
+    }
+    workers
+}
+
+/// The workers' latencies and errors, merged.
+pub async fn collect(workers: Vec<Worker>) -> anyhow::Result<(Histogram<u64>, u64)> {
+    let mut latencies = Histogram::<u64>::new(3)?;
+    let mut errors = 0;
+    for worker in workers {
+        let (histogram, worker_errors) = worker.await?;
+        latencies.add(histogram)?;
+        errors += worker_errors;
+    }
+    Ok((latencies, errors))
 }

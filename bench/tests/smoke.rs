@@ -73,3 +73,42 @@ fn every_scenario_runs_and_reports() {
     let turns = run(&["agent-turns", "--seconds", "1", "--sessions", "2"]);
     assert!(turns["turns_per_sec"].as_f64().unwrap() > 0.0, "{turns}");
 }
+
+/// The cluster scenarios, each at the smallest size that still exercises it: a 3-node cluster
+/// and a single node on fresh Postgres databases (needs Postgres on 127.0.0.1, as above).
+#[test]
+fn cluster_scenarios_run_and_report() {
+    let write = run(&[
+        "cluster-write",
+        "--seconds",
+        "1",
+        "--sessions",
+        "6",
+        "--depth",
+        "1",
+        "--shards",
+        "8",
+    ]);
+    let round = &write["rounds"][0];
+    assert!(round["cluster"]["acked_per_sec"].as_f64().unwrap() > 0.0, "{write}");
+    assert!(round["single"]["acked_per_sec"].as_f64().unwrap() > 0.0, "{write}");
+    assert!(round["cluster"]["appends_per_entry"].as_f64().unwrap() > 0.0, "{write}");
+    let failover = run(&[
+        "failover",
+        "--kills",
+        "1",
+        "--shards",
+        "8",
+        "--load-rate",
+        "50",
+        "--steady-secs",
+        "0.2",
+    ]);
+    assert_eq!(failover["unrecovered"], 0, "{failover}");
+    assert!(
+        failover["writable_after_ms"]["max"].as_f64().unwrap() > 0.0,
+        "{failover}"
+    );
+    let idle = run(&["cluster-idle", "--settle-secs", "0", "--seconds", "1", "--shards", "8"]);
+    assert_eq!(idle["cluster"]["processes"].as_array().unwrap().len(), 3, "{idle}");
+}
