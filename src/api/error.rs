@@ -161,6 +161,7 @@ impl From<ShardError> for ApiError {
                 no_leader("the session's shard has no leader right now; retry shortly".into())
             }
             ShardError::NoLeader(reason) => no_leader(reason),
+            ShardError::Superseded => no_leader("the shard's leadership changed; retry".into()),
         }
     }
 }

@@ -729,6 +729,11 @@ impl ShardWriter {
         if !participant {
             return Err(ShardError::NotParticipant);
         }
+        if let Some(term) = request.leader_term
+            && self.cluster.as_ref().and_then(ClusterLink::leading_term) != Some(term)
+        {
+            return Err(ShardError::Superseded);
+        }
         if let Some(client_id) = &request.client_id {
             if let Some(entry) = session.client_ids.get(client_id) {
                 return if entry.fingerprint == request.fingerprint {
