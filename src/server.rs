@@ -345,6 +345,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         sockets,
         shutdown: shutdown.clone(),
         consensus: consensus.clone(),
+        catch_up: consensus.as_ref().map(|consensus| {
+            let catch_up = Arc::new(crate::cluster::CatchUp::default());
+            catch_up.start(consensus.clone());
+            catch_up
+        }),
     });
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
@@ -540,7 +545,7 @@ fn read_or_create_layout(
                 data_dir.display()
             ),
             (None, _) => bail!(
-                "invalid configuration: node_id: the data directory {} belongs to a single node and cannot join a cluster; start a cluster member on an empty data_dir (its sessions' archive is shared: they stay available)",
+                "invalid configuration: node_id: the data directory {} belongs to a single node and cannot join a cluster; start each cluster member on an empty data_dir and a database of its own (docs/OPERATIONS.md, Running a cluster)",
                 data_dir.display()
             ),
         }

@@ -46,8 +46,9 @@ use peer::{Identity, PeerClient};
 use types::{LogId, Member, Raft, ShardCommand, TypeConfig};
 
 /// A proposal not committed by then is answered with an unknown outcome (a leader cut off from
-/// its quorum keeps its uncommitted entries until it hears of a new leader).
-const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// its quorum keeps its uncommitted entries until it hears of a new leader): a client of a node
+/// cut off from the majority gets `no_leader` in seconds, not a hang.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Committed entries a shard's consumer may lag behind before applying waits for it.
 const APPLIED_QUEUE: usize = 4096;
@@ -598,11 +599,15 @@ impl Consensus {
     /// Waits until this node may serve a linearizable read of the shard: it leads it, a quorum
     /// confirmed so, and everything committed before the call is applied here (read index).
     pub async fn read_barrier(&self, shard: u16) -> Result<(), ProposeError> {
-        match self
+        let barrier = self
             .group(shard)
-            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
-            .await
-        {
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
+        let Ok(outcome) = tokio::time::timeout(PROPOSE_TIMEOUT, barrier).await else {
+            return Err(ProposeError::Unknown(
+                "no quorum confirmed the leadership in time".into(),
+            ));
+        };
+        match outcome {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => Err(ProposeError::NotLeader {
                 leader: forward.leader_id,

@@ -22,7 +22,7 @@ use crate::model::{MessageRecord, SessionRecord, SessionView};
 
 /// How long a forwarded request may take (longer than a proposal's own timeout, so the leader
 /// answers first when it can).
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(12);
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// What the router needs of the cluster.
 pub struct ClusterRouting {
