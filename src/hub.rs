@@ -81,6 +81,31 @@ pub struct Hub {
     inboxes: Registry,
     next_listener_id: AtomicU64,
     shard_count: u16,
+    /// Cluster mode: ephemeral events published here also go to the other nodes' listeners
+    /// (messages do not: every node publishes those from its own applied log).
+    relay: std::sync::OnceLock<mpsc::Sender<RelayedEvent>>,
+}
+
+/// An ephemeral event on its way to the other nodes of a cluster.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum RelayedEvent {
+    Typing {
+        session_id: Arc<str>,
+        json: String,
+    },
+    AgentStatus {
+        session_id: Arc<str>,
+        json: String,
+    },
+    StreamChunk {
+        session_id: Arc<str>,
+        dispatch_id: Arc<str>,
+        index: u64,
+        json: String,
+    },
+    Inbox {
+        view: SessionView,
+    },
 }
 
 /// Removes the subscription when dropped.
@@ -115,7 +140,39 @@ impl Hub {
             inboxes: Mutex::default(),
             next_listener_id: AtomicU64::new(1),
             shard_count,
+            relay: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Cluster mode: sends ephemeral events to `relay` too (a full queue drops them: they are
+    /// best effort, and a socket rebuilds from the log and the next snapshot).
+    pub fn relay_to(&self, relay: mpsc::Sender<RelayedEvent>) {
+        let _ = self.relay.set(relay);
+    }
+
+    fn relay(&self, event: impl FnOnce() -> RelayedEvent) {
+        if let Some(relay) = self.relay.get()
+            && relay.try_send(event()).is_err()
+        {
+            metrics::counter!("fleetlm_cluster_relay_dropped_total").increment(1);
+        }
+    }
+
+    /// Delivers an event another node published, to this node's listeners only.
+    pub fn deliver_relayed(&self, event: RelayedEvent) {
+        match event {
+            RelayedEvent::Typing { session_id, json } => self.deliver_typing(&session_id, 0, Bytes::from(json)),
+            RelayedEvent::AgentStatus { session_id, json } => {
+                self.deliver_push(&session_id, "agent_status", Bytes::from(json))
+            }
+            RelayedEvent::StreamChunk {
+                session_id,
+                dispatch_id,
+                index,
+                json,
+            } => self.deliver_stream_chunk(&session_id, &dispatch_id, index, Bytes::from(json)),
+            RelayedEvent::Inbox { view } => self.deliver_inbox(&view),
+        }
     }
 
     pub fn new_listener(&self, queue: mpsc::Sender<Arc<LiveEvent>>) -> Listener {
@@ -186,6 +243,14 @@ impl Hub {
     }
 
     pub fn publish_typing(&self, session_id: &Arc<str>, from_listener: u64, json: Bytes) {
+        self.relay(|| RelayedEvent::Typing {
+            session_id: session_id.clone(),
+            json: String::from_utf8_lossy(&json).into_owned(),
+        });
+        self.deliver_typing(session_id, from_listener, json);
+    }
+
+    fn deliver_typing(&self, session_id: &Arc<str>, from_listener: u64, json: Bytes) {
         let event = Arc::new(LiveEvent::Typing {
             session_id: session_id.clone(),
             from_listener,
@@ -199,6 +264,16 @@ impl Hub {
     }
 
     pub fn publish_push(&self, session_id: &Arc<str>, event: &'static str, json: Bytes) {
+        if event == "agent_status" {
+            self.relay(|| RelayedEvent::AgentStatus {
+                session_id: session_id.clone(),
+                json: String::from_utf8_lossy(&json).into_owned(),
+            });
+        }
+        self.deliver_push(session_id, event, json);
+    }
+
+    fn deliver_push(&self, session_id: &Arc<str>, event: &'static str, json: Bytes) {
         let event = Arc::new(LiveEvent::Push {
             session_id: session_id.clone(),
             event,
@@ -210,6 +285,16 @@ impl Hub {
     }
 
     pub fn publish_stream_chunk(&self, session_id: &Arc<str>, dispatch_id: &Arc<str>, index: u64, json: Bytes) {
+        self.relay(|| RelayedEvent::StreamChunk {
+            session_id: session_id.clone(),
+            dispatch_id: dispatch_id.clone(),
+            index,
+            json: String::from_utf8_lossy(&json).into_owned(),
+        });
+        self.deliver_stream_chunk(session_id, dispatch_id, index, json);
+    }
+
+    fn deliver_stream_chunk(&self, session_id: &Arc<str>, dispatch_id: &Arc<str>, index: u64, json: Bytes) {
         let event = Arc::new(LiveEvent::StreamChunk {
             session_id: session_id.clone(),
             dispatch_id: dispatch_id.clone(),
@@ -221,12 +306,19 @@ impl Hub {
         }
     }
 
+    /// Whether an inbox change of this user must be published (in a cluster, the user's inbox
+    /// sockets may be on any node).
     pub fn has_inbox_listeners(&self, user_id: &str) -> bool {
-        self.inboxes.lock().expect("hub lock").contains_key(user_id)
+        self.relay.get().is_some() || self.inboxes.lock().expect("hub lock").contains_key(user_id)
     }
 
     /// Tells the session's user's inbox listeners that the session changed.
     pub fn publish_inbox(&self, view: &SessionView) {
+        self.relay(|| RelayedEvent::Inbox { view: view.clone() });
+        self.deliver_inbox(view);
+    }
+
+    fn deliver_inbox(&self, view: &SessionView) {
         let user_id = &view.record.user_id;
         let listeners = self.listeners_of(&self.inboxes, user_id);
         if listeners.is_empty() {

@@ -6,6 +6,7 @@ pub mod archive;
 pub mod auth;
 mod background;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod consensus;
 pub mod console;

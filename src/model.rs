@@ -154,7 +154,7 @@ impl DispatchProgress {
 }
 
 /// Everything known about a session at one moment: the REST `Session` and the inbox entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionView {
     pub record: SessionRecord,
     pub status: SessionStatus,

@@ -20,7 +20,7 @@ use crate::archive::{Archive, Flusher, FlusherOptions};
 use crate::auth::AuthMode;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEFAULT_SHARDS};
-use crate::shard::writer::{Command, ShardWriter};
+use crate::shard::writer::{ClusterFeed, Command, ShardWriter};
 use crate::shard::{ShardState, Shards, Writer};
 use crate::wal::{Wal, WalOptions};
 
@@ -37,6 +37,10 @@ struct DataDirLayout {
     /// directories made before it was recorded (then recorded at the next start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     archive: Option<String>,
+    /// The cluster member id the directory belongs to (its log is that member's replica of
+    /// the cluster's logs); absent for a single node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node_id: Option<u64>,
 }
 
 /// Connects to the Postgres archive and prepares its schema. A server that is down or
@@ -148,13 +152,6 @@ fn log_wal_recovery(reports: &[crate::wal::LaneReport]) {
 
 /// Opens everything and starts serving; returns once the listener is bound.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
-    if config.cluster.is_some() {
-        // The consensus layer exists but shard writes do not go through it yet; a node that
-        // acknowledged writes without replicating them would lose them with its disk.
-        bail!(
-            "invalid configuration: cluster_peers: cluster mode is not available in this version yet (shard writes are not replicated); run a single node without node_id, cluster_peers and cluster_secret"
-        );
-    }
     let config = Arc::new(config);
     fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -164,7 +161,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     } else {
         "sqlite"
     };
-    let shard_count = read_or_create_layout(&config.data_dir, config.shards, archive_kind)?;
+    let node_id = config.cluster.as_ref().map(|cluster| cluster.node_id);
+    let shard_count = read_or_create_layout(&config.data_dir, config.shards, archive_kind, node_id)?;
 
     let wal_options = WalOptions {
         lanes: config.wal_lanes,
@@ -198,6 +196,16 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let (shutdown_sender, shutdown) = watch::channel(false);
     let hub = crate::hub::Hub::new(shard_count);
     let (user_messages, engine_inbox) = crate::agents::channel();
+
+    // Cluster mode: every shard's consensus group, and its committed log for its writer.
+    let (consensus, mut feeds) = match &config.cluster {
+        Some(cluster) => {
+            let (consensus, feeds) = start_consensus(cluster, wal.clone(), &config.data_dir).await?;
+            (Some(consensus), feeds.into_iter().map(Some).collect())
+        }
+        None => (None, Vec::new()),
+    };
+    let mut archived_through = Vec::new();
     let mut senders = Vec::with_capacity(shard_count as usize);
     let mut writer_states = Vec::with_capacity(shard_count as usize);
     let mut writer_tasks = Vec::with_capacity(shard_count as usize);
@@ -224,8 +232,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             writer_state: writer_state.clone(),
             hub: hub.clone(),
             user_messages: user_messages.clone(),
+            cluster: consensus
+                .as_ref()
+                .map(|consensus| crate::shard::replica::ClusterLink::new(consensus.clone())),
         };
-        writer_tasks.push(tokio::spawn(writer.run(receiver)));
+        let feed = match (&consensus, feeds.get_mut(shard as usize).and_then(Option::take)) {
+            (Some(consensus), Some(feed)) => {
+                archived_through.push(feed.archived_through.clone());
+                Some(ClusterFeed {
+                    applied: feed.applied,
+                    watch: consensus.watch(shard),
+                })
+            }
+            _ => None,
+        };
+        writer_tasks.push(tokio::spawn(writer.run(receiver, feed)));
         senders.push(sender);
         writer_states.push(writer_state);
     }
@@ -234,6 +255,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         archive: archive.clone(),
         shard_commands: senders.clone(),
         wakeup: flush_wakeup,
+        cluster: consensus.as_ref().map(|consensus| crate::archive::FlushCluster {
+            consensus: consensus.clone(),
+            archived_through,
+        }),
         options: FlusherOptions {
             interval: config.flush_interval,
             max_entries_per_shard: 512,
@@ -241,12 +266,25 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         },
     };
     let flusher_task = tokio::spawn(flusher.run(shutdown.clone()));
-    let shards = Shards::new(senders, writer_states, wal.clone(), archive.clone());
+    let routing = consensus.as_ref().map(|consensus| crate::shard::routing::ClusterRouting {
+        consensus: consensus.clone(),
+        leader_patience: leader_patience(&config),
+    });
+    let shards = Shards::new(senders, writer_states, wal.clone(), archive.clone(), routing);
     let registry = Arc::new(
         crate::agents::AgentRegistry::load(&archive)
             .await
             .context("cannot load the agents")?,
     );
+    if let Some(consensus) = &consensus {
+        consensus.serve_app(Arc::new(crate::cluster::NodeService {
+            shards: shards.clone(),
+            hub: hub.clone(),
+            registry: registry.clone(),
+        }));
+        crate::cluster::start_relay(consensus.clone(), &hub, &registry);
+        crate::cluster::start_agent_refresh(registry.clone(), archive.clone());
+    }
     let streams = Arc::new(crate::agents::LiveStreams::new(hub.clone()));
     let recent_dispatches = Arc::new(crate::agents::RecentDispatches::default());
     let engine_context = Arc::new(crate::agents::EngineContext {
@@ -303,6 +341,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         recent_dispatches,
         sockets,
         shutdown: shutdown.clone(),
+        consensus: consensus.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
@@ -316,11 +355,31 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     });
     let app = api::router(state);
 
+    // A wiped member refuses to take part: the node stops with the reason.
+    let refusal = Arc::new(std::sync::Mutex::new(None::<String>));
+    if let Some(consensus) = &consensus {
+        let (consensus, refusal, trigger) = (consensus.clone(), refusal.clone(), shutdown_sender.clone());
+        tokio::spawn(async move {
+            if let Err(reason) = consensus.formed().await {
+                *refusal.lock().expect("refusal lock") = Some(reason);
+                let _ = trigger.send(true);
+            }
+        });
+    }
     let mut http_shutdown = shutdown.clone();
     let shutdown_deadline = config.shutdown_deadline;
+    let handing_off = consensus.clone();
     let task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = http_shutdown.wait_for(|stop| *stop).await;
+            // A cluster member first hands its shards to other members, so their clients
+            // wait for no election; its requests in flight still reach the new leaders.
+            if let Some(consensus) = &handing_off {
+                let still_led = consensus.hand_off_leadership(HAND_OFF_WAIT).await;
+                if still_led > 0 {
+                    tracing::warn!(still_led, "some shards could not hand their leadership over");
+                }
+            }
             draining.store(true, Ordering::Release);
         });
         serve.await.context("http server failed")?;
@@ -337,11 +396,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         for task in writer_tasks {
             task.abort();
         }
+        if let Some(consensus) = &consensus {
+            consensus.shutdown().await;
+        }
+        drop(consensus);
         match Arc::try_unwrap(wal) {
             Ok(wal) => tokio::task::spawn_blocking(move || wal.shutdown()).await?,
             Err(_) => tracing::debug!("wal still referenced at shutdown; its threads stop with the process"),
         }
         drop(lock);
+        if let Some(reason) = refusal.lock().expect("refusal lock").take() {
+            bail!("{reason}");
+        }
         Ok(())
     });
     Ok(RunningServer {
@@ -350,6 +416,42 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         shutdown: shutdown_sender,
         task,
     })
+}
+
+/// How long a draining cluster member waits for its shards' leadership to move.
+const HAND_OFF_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a request waits for its shard to have a leader before `503 no_leader`: a few
+/// election timeouts, so a failover is waited out and a lost quorum is answered quickly.
+fn leader_patience(config: &Config) -> Duration {
+    config
+        .cluster
+        .as_ref()
+        .map_or(Duration::ZERO, |cluster| (cluster.election_timeout * 4).max(Duration::from_secs(1)))
+}
+
+/// Starts this node's consensus groups (one per shard) and its peer listener.
+async fn start_consensus(
+    cluster: &crate::config::ClusterConfig,
+    wal: Arc<Wal>,
+    data_dir: &Path,
+) -> anyhow::Result<(Arc<crate::consensus::Consensus>, Vec<crate::consensus::ShardFeed>)> {
+    let election = cluster.election_timeout;
+    let spec = crate::consensus::ClusterSpec {
+        node_id: cluster.node_id,
+        peers: cluster.peers.clone(),
+        secret: cluster.secret.clone(),
+        listen: cluster.peer_listen_addr,
+        timing: crate::consensus::Timing {
+            heartbeat: election / 5,
+            election_min: election,
+            election_max: election * 2,
+        },
+    };
+    let (consensus, feeds) = crate::consensus::Consensus::start(&spec, wal, &data_dir.join("consensus"))
+        .await
+        .map_err(|reason| anyhow::anyhow!("cannot start the cluster member: {reason}"))?;
+    Ok((Arc::new(consensus), feeds))
 }
 
 /// How long shutdown waits for sockets to answer their sends and close (each gives its sends
@@ -391,7 +493,12 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
 }
 
 /// Reads the shard count the data directory was created with, or records it for a new one.
-fn read_or_create_layout(data_dir: &Path, requested_shards: Option<u16>, archive_kind: &str) -> anyhow::Result<u16> {
+fn read_or_create_layout(
+    data_dir: &Path,
+    requested_shards: Option<u16>,
+    archive_kind: &str,
+    node_id: Option<u64>,
+) -> anyhow::Result<u16> {
     let path: PathBuf = data_dir.join("fleetlm.json");
     if path.exists() {
         let mut layout: DataDirLayout = serde_json::from_slice(&fs::read(&path)?)
@@ -420,12 +527,28 @@ fn read_or_create_layout(data_dir: &Path, requested_shards: Option<u16>, archive
                 layout.shards
             );
         }
+        match (layout.node_id, node_id) {
+            (recorded, configured) if recorded == configured => {}
+            (Some(recorded), Some(configured)) => bail!(
+                "invalid configuration: node_id: the data directory {} belongs to cluster member {recorded}, not {configured}; give each member its own data_dir",
+                data_dir.display()
+            ),
+            (Some(recorded), None) => bail!(
+                "invalid configuration: cluster_peers: the data directory {} belongs to cluster member {recorded}; start it with its cluster settings (node_id, cluster_peers, cluster_secret), or use another data_dir for a single node",
+                data_dir.display()
+            ),
+            (None, _) => bail!(
+                "invalid configuration: node_id: the data directory {} belongs to a single node and cannot join a cluster; start a cluster member on an empty data_dir (its sessions' archive is shared: they stay available)",
+                data_dir.display()
+            ),
+        }
         return Ok(layout.shards);
     }
     let layout = DataDirLayout {
         format: 1,
         shards: requested_shards.unwrap_or(DEFAULT_SHARDS),
         archive: Some(archive_kind.to_string()),
+        node_id,
     };
     write_layout(data_dir, &layout)?;
     Ok(layout.shards)

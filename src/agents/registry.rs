@@ -8,9 +8,14 @@ use std::sync::{Arc, RwLock};
 use crate::archive::{Archive, ArchiveError};
 use crate::model::Agent;
 
+/// Told of each agent this node records (cluster mode: so the other members learn it).
+pub type AgentChanged = Box<dyn Fn(&Agent) + Send + Sync>;
+
 #[derive(Default)]
 pub struct AgentRegistry {
     agents: RwLock<HashMap<String, Arc<Agent>>>,
+    /// Cluster mode: told of every agent this node writes, so the other nodes learn it.
+    on_change: std::sync::OnceLock<AgentChanged>,
 }
 
 impl AgentRegistry {
@@ -22,7 +27,29 @@ impl AgentRegistry {
             .collect();
         Ok(AgentRegistry {
             agents: RwLock::new(map),
+            on_change: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Cluster mode: `notify` is called with every agent `put` records.
+    pub fn notify_changes(&self, notify: AgentChanged) {
+        let _ = self.on_change.set(notify);
+    }
+
+    /// Records an agent another node wrote (newer than what is here, by `updated_at`).
+    pub fn install(&self, agent: Agent) {
+        let mut agents = self.agents.write().expect("agent registry lock");
+        if agents.get(&agent.id).is_none_or(|known| known.updated_at <= agent.updated_at) {
+            agents.insert(agent.id.clone(), Arc::new(agent));
+        }
+    }
+
+    /// Re-reads every agent from the archive (the cluster's safety net for a missed change).
+    pub async fn reload(&self, archive: &Archive) -> Result<(), ArchiveError> {
+        for agent in archive.list_agents(None).await? {
+            self.install(agent);
+        }
+        Ok(())
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Agent>> {
@@ -31,6 +58,9 @@ impl AgentRegistry {
 
     /// Records an agent the archive now holds (created, updated or disabled).
     pub fn put(&self, agent: Agent) {
+        if let Some(notify) = self.on_change.get() {
+            notify(&agent);
+        }
         self.agents
             .write()
             .expect("agent registry lock")

@@ -42,3 +42,45 @@ pub async fn dead_letters(
     let next_cursor = has_more.then(|| page.last().map(|l| l.id.clone())).flatten();
     Ok(axum::Json(json!({"dead_letters": page, "next_cursor": next_cursor})).into_response())
 }
+
+/// `GET /api/admin/cluster`: this member's view of the cluster — members, which of them the
+/// cluster recorded as joined, and per shard its role here, term, leader, and log positions
+/// (last, committed, applied; on a leader, how far each follower has the log). 404 on a single
+/// node. `fleetlm cluster status` prints it as a table.
+pub async fn cluster(State(state): State<SharedState>, caller: Caller) -> ApiResult<Response> {
+    if !caller.is_admin() {
+        return Err(ApiError::forbidden("the cluster status requires the API key"));
+    }
+    let Some(consensus) = &state.consensus else {
+        return Err(ApiError::not_found("not_a_cluster", "this server runs as a single node"));
+    };
+    let shards: Vec<_> = consensus
+        .status()
+        .into_iter()
+        .map(|status| {
+            let replicated: serde_json::Map<String, serde_json::Value> = status
+                .replicated
+                .iter()
+                .map(|(node, index)| (node.to_string(), json!(index)))
+                .collect();
+            json!({
+                "shard": status.shard,
+                "role": status.role,
+                "term": status.term,
+                "leader": status.leader,
+                "last_log": status.last_log,
+                "committed": status.committed,
+                "applied": status.applied,
+                "replicated": replicated,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "node_id": consensus.node_id(),
+        "members": consensus.members(),
+        "joined": consensus.joined(),
+        "refusal": consensus.refusal(),
+        "shards": shards,
+    }))
+    .into_response())
+}

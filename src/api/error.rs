@@ -157,8 +157,17 @@ impl From<ShardError> for ApiError {
             ShardError::NotLoaded | ShardError::NeedsCursorAt { .. } => {
                 ApiError::unavailable("the request could not be completed; retry")
             }
+            ShardError::NotLeader { .. } => no_leader("the session's shard has no leader right now; retry shortly".into()),
+            ShardError::NoLeader(reason) => no_leader(reason),
         }
     }
+}
+
+/// Cluster: the shard has no leader (an election, or this node cannot reach the majority).
+fn no_leader(message: String) -> ApiError {
+    let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", message);
+    error.retry_after_secs = Some(1);
+    error
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -24,6 +24,9 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
     for (shard, reason) in state.shards.not_ready() {
         reasons.push(json!({"component": "shard", "shard": shard, "reason": reason}));
     }
+    if let Some(consensus) = &state.consensus {
+        cluster_reasons(consensus, &mut reasons);
+    }
     match tokio::time::timeout(Duration::from_secs(2), state.shards.archive().ping()).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => reasons.push(json!({"component": "archive", "reason": error.to_string()})),
@@ -37,6 +40,23 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
             axum::Json(json!({"status": "not_ready", "reasons": reasons})),
         )
             .into_response()
+    }
+}
+
+/// A cluster member is ready once it takes part, knows a leader for every shard, and has
+/// applied everything it knows committed.
+fn cluster_reasons(consensus: &crate::consensus::Consensus, reasons: &mut Vec<serde_json::Value>) {
+    if let Some(refusal) = consensus.refusal() {
+        reasons.push(json!({"component": "cluster", "reason": refusal}));
+        return;
+    }
+    for status in consensus.status() {
+        if status.leader.is_none() {
+            reasons.push(json!({"component": "cluster", "shard": status.shard, "reason": "no known leader"}));
+        } else if status.applied < status.committed {
+            reasons.push(json!({"component": "cluster", "shard": status.shard,
+                "reason": format!("catching up: applied {} of {} committed", status.applied, status.committed)}));
+        }
     }
 }
 

@@ -49,6 +49,8 @@ pub struct AppState {
     pub sockets: Arc<crate::gateway::SocketCounts>,
     /// Turns true when the server starts draining; sockets then close with 1012.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Cluster mode: this member's consensus groups.
+    pub consensus: Option<Arc<crate::consensus::Consensus>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -72,7 +74,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/sessions/{id}/cancel", post(turns::cancel))
         .route("/sessions/{id}/regenerate", post(turns::regenerate))
         .route("/users/{user_id}/inbox", get(sessions::inbox))
-        .route("/admin/dead_letters", get(admin::dead_letters));
+        .route("/admin/dead_letters", get(admin::dead_letters))
+        .route("/admin/cluster", get(admin::cluster));
     Router::new()
         .nest("/api", api)
         .route("/health/live", get(health::live))

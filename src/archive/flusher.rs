@@ -11,6 +11,7 @@
 //! queue that would be lost on a crash, so after a restart it resumes at the watermarks.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, watch};
@@ -36,7 +37,23 @@ pub struct Flusher {
     /// Woken by a shard writer whose unflushed bytes passed the threshold.
     pub wakeup: Arc<Notify>,
     pub options: FlusherOptions,
+    /// Cluster mode: only the shards this member leads are flushed, only as far as committed
+    /// and applied; the log is purged by consensus (as far as `archived_through` allows), not
+    /// here.
+    pub cluster: Option<FlushCluster>,
 }
+
+/// What the flusher of a cluster member needs.
+pub struct FlushCluster {
+    pub consensus: Arc<crate::consensus::Consensus>,
+    /// Per shard: the log index through which the shared archive holds everything, for
+    /// consensus (snapshots, and so log purges, never pass it).
+    pub archived_through: Vec<Arc<AtomicU64>>,
+}
+
+/// How often a cluster member re-reads the watermarks of shards it does not lead (another
+/// member flushes them).
+const FOLLOWER_WATERMARK_REFRESH: Duration = Duration::from_secs(2);
 
 /// How far the archive is behind one shard's log, in entries and in seconds since it last had
 /// everything.
@@ -102,9 +119,14 @@ impl Flusher {
             })
             .collect();
         let mut backoff = self.options.interval;
+        let mut refreshed_at = Instant::now();
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            if self.cluster.is_some() && refreshed_at.elapsed() >= FOLLOWER_WATERMARK_REFRESH {
+                refreshed_at = Instant::now();
+                self.refresh_followed_watermarks(&mut progress).await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -113,6 +135,14 @@ impl Flusher {
             }
             match self.flush_available(&mut progress).await {
                 Ok(()) => backoff = self.options.interval,
+                Err(FlushError::Archive(ArchiveError::Conflict)) => {
+                    // Another member flushed these shards meanwhile (a former leader): start
+                    // again from the archive's watermarks.
+                    tracing::info!("the archive's watermarks moved under this flush; re-reading them");
+                    for state in progress.iter_mut() {
+                        state.watermark = None;
+                    }
+                }
                 Err(error) => {
                     metrics::counter!("fleetlm_archive_flush_errors_total").increment(1);
                     tracing::warn!(%error, "archive flush failed; will retry");
@@ -127,10 +157,11 @@ impl Flusher {
 
     /// Flushes until the archive has everything the WAL had when it started.
     async fn flush_available(&self, progress: &mut [ShardProgress]) -> Result<(), FlushError> {
-        let targets: Vec<u64> = (0..progress.len())
-            .map(|shard| self.wal.last_log_id(shard as u16).map_or(0, |id| id.index))
-            .collect();
+        let targets: Vec<u64> = (0..progress.len()).map(|shard| self.target(shard as u16)).collect();
         for (shard, state) in progress.iter_mut().enumerate() {
+            if targets[shard] == 0 {
+                continue;
+            }
             if state.watermark.is_none() {
                 state.watermark = Some(self.archive.watermark(shard as u16).await?);
             }
@@ -154,6 +185,40 @@ impl Flusher {
         }
     }
 
+    /// How far this node flushes a shard now: a single node, everything its WAL holds; a cluster
+    /// member, what it has applied of a shard it leads (nothing of the others).
+    fn target(&self, shard: u16) -> u64 {
+        let wal_last = self.wal.last_log_id(shard).map_or(0, |id| id.index);
+        match &self.cluster {
+            None => wal_last,
+            Some(cluster) => cluster
+                .consensus
+                .applied_if_leading(shard)
+                .map_or(0, |applied| applied.min(wal_last)),
+        }
+    }
+
+    /// Cluster mode: learns the watermarks other members moved, for the shards this member
+    /// does not lead, and tells consensus how far the archive reaches.
+    async fn refresh_followed_watermarks(&self, progress: &mut [ShardProgress]) {
+        let Some(cluster) = &self.cluster else { return };
+        for (shard, state) in progress.iter_mut().enumerate() {
+            if cluster.consensus.is_leader(shard as u16) {
+                continue;
+            }
+            match self.archive.watermark(shard as u16).await {
+                Ok(watermark) => {
+                    state.watermark = Some(watermark);
+                    cluster.archived_through[shard].fetch_max(watermark, Ordering::AcqRel);
+                }
+                Err(error) => {
+                    tracing::debug!(shard, %error, "could not read the archive watermark");
+                    return;
+                }
+            }
+        }
+    }
+
     /// One archive transaction: the next entries of every shard in `shards`.
     async fn flush_once(&self, shards: &[u16], progress: &mut [ShardProgress]) -> Result<(), FlushError> {
         let started = Instant::now();
@@ -169,7 +234,8 @@ impl Flusher {
         // it runs on the low-priority background thread, not on a runtime worker that sockets
         // are waiting on.
         let wal = self.wal.clone();
-        let collected = crate::background::run(move || collect_rows(&wal, &ranges))
+        let tagged = self.cluster.is_some();
+        let collected = crate::background::run(move || collect_rows(&wal, &ranges, tagged))
             .await
             .map_err(FlushError::Wal)??;
         let Some(Collected { rows, watermarks }) = collected else {
@@ -206,6 +272,13 @@ impl Flusher {
                 .send(Command::Archived { through_index: through })
                 .await;
         }
+        if let Some(cluster) = &self.cluster {
+            // Consensus drops the log as far as the archive reaches (its snapshots).
+            for &(shard, through) in &watermarks {
+                cluster.archived_through[shard as usize].fetch_max(through, Ordering::AcqRel);
+            }
+            return Ok(());
+        }
         // All purges at once, so they share the lanes' next fsyncs instead of one each.
         let purges = watermarks
             .iter()
@@ -227,7 +300,7 @@ struct Collected {
 
 /// The rows for the entries of `ranges` and each shard's new watermark; `None` if no shard has
 /// entries to flush. Blocking (reads the WAL).
-fn collect_rows(wal: &Wal, ranges: &[EntryRange]) -> Result<Option<Collected>, FlushError> {
+fn collect_rows(wal: &Wal, ranges: &[EntryRange], tagged: bool) -> Result<Option<Collected>, FlushError> {
     let entries_by_shard = wal.read_ranges(ranges).map_err(|e| FlushError::Wal(e.to_string()))?;
     let entry_count = entries_by_shard.iter().map(Vec::len).sum::<usize>();
     // Each entry holds a shard batch (often several operations): a first guess saves most regrowth.
@@ -248,7 +321,17 @@ fn collect_rows(wal: &Wal, ranges: &[EntryRange]) -> Result<Option<Collected>, F
         }
         watermarks.push((shard, last_id.index));
         for (log_id, body) in &entries {
-            let ops = ops::decode_entry(body).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
+            let command = match tagged {
+                // A cluster member's records carry a consensus tag; Raft's own hold no operations.
+                true => match crate::consensus::command_in_record(body)
+                    .map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?
+                {
+                    Some(command) => command,
+                    None => continue,
+                },
+                false => &body[..],
+            };
+            let ops = ops::decode_entry(command).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
             all_ops.extend(ops);
         }
     }

@@ -14,7 +14,7 @@ mod sqlite;
 use std::sync::Arc;
 
 pub use dead_letters::DeadLetter;
-pub use flusher::{Flusher, FlusherOptions};
+pub use flusher::{FlushCluster, Flusher, FlusherOptions};
 pub use rows::FlushRows;
 
 use crate::model::{Agent, AgentStatus, MessageRecord, SessionRecord, SessionStatus, SessionView, Timestamp};

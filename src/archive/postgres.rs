@@ -429,18 +429,26 @@ impl PostgresArchive {
     }
 }
 
+/// Moves the watermarks forward. A watermark that is already at or past the new one means
+/// another flusher (a cluster's former leader) got there first: the whole flush is refused
+/// (`Conflict`) and rolls back, so a watermark never moves back over rows it covers.
 async fn write_watermarks(tx: &deadpool_postgres::Transaction<'_>, watermarks: &[(u16, u64)]) -> Result<()> {
     let shards: Vec<i32> = watermarks.iter().map(|(shard, _)| i32::from(*shard)).collect();
     let indexes: Vec<i64> = watermarks.iter().map(|(_, index)| *index as i64).collect();
-    tx.execute(
-        "INSERT INTO archive_watermarks (shard, log_index)
-         SELECT * FROM UNNEST($1::int4[], $2::int8[])
-         ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
-        &[&shards, &indexes],
-    )
-    .await
-    .map_err(from_pg)
-    .map(|_| ())
+    let moved = tx
+        .execute(
+            "INSERT INTO archive_watermarks (shard, log_index)
+             SELECT * FROM UNNEST($1::int4[], $2::int8[])
+             ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index
+             WHERE archive_watermarks.log_index < excluded.log_index",
+            &[&shards, &indexes],
+        )
+        .await
+        .map_err(from_pg)?;
+    if moved != watermarks.len() as u64 {
+        return Err(ArchiveError::Conflict);
+    }
+    Ok(())
 }
 
 /// Writes new sessions, messages, session state and read cursors (not the watermark).

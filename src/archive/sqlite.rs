@@ -452,13 +452,19 @@ impl SqliteArchive {
     }
 }
 
+/// Moves the watermarks forward only (as the Postgres archive does; one flusher per SQLite
+/// archive makes a refusal there a bug, reported as a failed flush).
 fn write_watermarks(tx: &Connection, watermarks: &[(u16, u64)]) -> rusqlite::Result<()> {
     let mut upsert = tx.prepare_cached(
         "INSERT INTO archive_watermarks (shard, log_index) VALUES (?1, ?2)
-         ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
+         ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index
+         WHERE archive_watermarks.log_index < excluded.log_index",
     )?;
     for (shard, through_index) in watermarks {
-        upsert.execute(params![shard, *through_index as i64])?;
+        let moved = upsert.execute(params![shard, *through_index as i64])?;
+        if moved != 1 {
+            return Err(rusqlite::Error::StatementChangedRows(moved));
+        }
     }
     Ok(())
 }

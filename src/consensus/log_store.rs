@@ -54,6 +54,17 @@ pub fn from_wal_id(log_id: wal::LogId) -> LogId {
     }
 }
 
+/// The application command a WAL record of a consensus log holds, or `None` for Raft's own
+/// entries (blank, membership, joined member), which the application skips.
+pub fn command_in_record(body: &[u8]) -> Result<Option<&[u8]>, String> {
+    match body.split_first() {
+        Some((&TAG_COMMAND, command)) => Ok(Some(command)),
+        Some((&TAG_BLANK | &TAG_MEMBERSHIP | &TAG_JOINED, _)) => Ok(None),
+        Some((tag, _)) => Err(format!("unknown consensus record tag {tag}")),
+        None => Err("empty consensus record".to_string()),
+    }
+}
+
 fn encode(entry: &Entry) -> Vec<u8> {
     match &entry.payload {
         EntryPayload::Blank => vec![TAG_BLANK],

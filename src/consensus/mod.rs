@@ -30,17 +30,20 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::impls::ProgressResponder;
 use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::{Config, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 
+pub use log_store::command_in_record;
+pub use network::AppService;
 pub use peer::{MAX_FRAME_BYTES, PeerError};
 pub use state_machine::Applied;
 
 use crate::wal::Wal;
 use network::{RaftService, ShardNetwork};
 use peer::{Identity, PeerClient};
-use types::{Member, Raft, ShardCommand};
+use types::{LogId, Member, Raft, ShardCommand, TypeConfig};
 
 /// A proposal not committed by then is answered with an unknown outcome (a leader cut off from
 /// its quorum keeps its uncommitted entries until it hears of a new leader).
@@ -126,9 +129,80 @@ pub struct Consensus {
     max_command_bytes: usize,
     joined: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
     peers: Arc<HashMap<u64, Arc<PeerClient>>>,
+    service: Arc<RaftService>,
     /// Set to stop the peer listener and its connections.
     stop: tokio::sync::watch::Sender<bool>,
     formed: tokio::sync::watch::Receiver<Formation>,
+}
+
+/// Who leads a shard, as this node sees it now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leadership {
+    pub term: u64,
+    pub leader: Option<u64>,
+    /// This node is the shard's leader in `term`.
+    pub leading: bool,
+    /// The shard log index of this node's last entry.
+    pub last_log: u64,
+}
+
+/// Wakes when a shard's leadership (as this node sees it) may have changed.
+pub struct LeadershipWatch {
+    node_id: u64,
+    metrics: openraft::type_config::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>,
+}
+
+impl LeadershipWatch {
+    pub fn now(&self) -> Leadership {
+        let metrics = self.metrics.borrow_watched();
+        Leadership {
+            term: metrics.current_term,
+            leader: metrics.current_leader,
+            leading: metrics.state == ServerState::Leader && metrics.current_leader == Some(self.node_id),
+            last_log: shard_log_index(metrics.last_log_index),
+        }
+    }
+
+    /// Resolves at the next change of the shard's metrics (`false` once the group stopped).
+    pub async fn changed(&mut self) -> bool {
+        self.metrics.changed().await.is_ok()
+    }
+}
+
+type CommitReceiver = openraft::type_config::alias::OneshotReceiverOf<TypeConfig, LogId>;
+type CompleteReceiver = openraft::type_config::alias::OneshotReceiverOf<
+    TypeConfig,
+    openraft::raft::ClientWriteResult<TypeConfig>,
+>;
+
+/// A command queued in its shard's log (in the order `Consensus::enqueue` was called), not yet
+/// known committed.
+pub struct Proposal {
+    commit: CommitReceiver,
+    complete: CompleteReceiver,
+}
+
+impl Proposal {
+    /// Resolves with the entry's shard log index once it is committed (durable on a majority),
+    /// or with why it is not (then its fate is unknown unless the error says otherwise).
+    pub async fn committed(self) -> Result<u64, ProposeError> {
+        let Proposal { commit, complete } = self;
+        match tokio::time::timeout(PROPOSE_TIMEOUT, commit).await {
+            Ok(Ok(log_id)) => Ok(log_id.index + 1),
+            Ok(Err(_)) => match tokio::time::timeout(Duration::from_secs(1), complete).await {
+                Ok(Ok(Err(ClientWriteError::ForwardToLeader(forward)))) => Err(ProposeError::Unknown(format!(
+                    "leadership moved to {:?} before the entry committed",
+                    forward.leader_id
+                ))),
+                Ok(Ok(Err(error))) => Err(ProposeError::Unknown(error.to_string())),
+                Ok(Ok(Ok(response))) => Ok(response.log_id.index + 1),
+                Ok(Err(_)) | Err(_) => Err(ProposeError::Unknown("the shard's group dropped the proposal".into())),
+            },
+            Err(_) => Err(ProposeError::Unknown(format!(
+                "not committed within {PROPOSE_TIMEOUT:?} (no quorum?)"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,6 +452,7 @@ impl Consensus {
         let joined = joined.expect("a cluster has at least one shard");
         let joined_view = joined.clone();
         service.set_groups(groups.clone(), joined.clone(), fresh.iter().all(|f| *f));
+        let service_handle = service.clone();
         let (formation, formed) = tokio::sync::watch::channel(Formation::Pending);
         tokio::spawn(form(
             Joining {
@@ -400,6 +475,7 @@ impl Consensus {
                 max_command_bytes: log_store::max_command_bytes(&wal),
                 joined: joined_view,
                 peers: clients,
+                service: service_handle,
                 stop,
                 formed,
             },
@@ -474,6 +550,53 @@ impl Consensus {
         }
     }
 
+    /// Queues `command` as the next entry of the shard's log, only if this node still leads the
+    /// shard in `term` (so a writer whose state was built in one term never writes in another).
+    /// Entries are appended in the order of the calls; await `Proposal::committed` for each.
+    pub async fn enqueue(&self, shard: u16, term: u64, command: Vec<u8>) -> Result<Proposal, ProposeError> {
+        if command.len() > self.max_command_bytes {
+            return Err(ProposeError::TooLarge {
+                bytes: command.len(),
+                max: self.max_command_bytes,
+            });
+        }
+        let (responder, commit, complete) = ProgressResponder::new();
+        self.group(shard)
+            .write(ShardCommand::App(command))
+            .with_leader(term)
+            .responder(responder)
+            .await
+            .map_err(|fatal| ProposeError::Stopped(fatal.to_string()))?;
+        Ok(Proposal { commit, complete })
+    }
+
+    /// Follows the shard's leadership as this node sees it.
+    pub fn watch(&self, shard: u16) -> LeadershipWatch {
+        LeadershipWatch {
+            node_id: self.node_id,
+            metrics: self.group(shard).metrics(),
+        }
+    }
+
+    /// Answers peers' application requests (`call`) with `app`.
+    pub fn serve_app(&self, app: Arc<dyn AppService>) {
+        self.service.serve_app(app);
+    }
+
+    /// Sends an application request to a member and returns its answer. An error that
+    /// `PeerError::surely_not_delivered` accepts means the member never got it.
+    pub async fn call(&self, node: u64, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, PeerError> {
+        let Some(client) = self.peers.get(&node) else {
+            return Err(PeerError::Unreachable(node, "not a member".into()));
+        };
+        network::call_app(client, request, timeout).await
+    }
+
+    /// The other members.
+    pub fn peers(&self) -> Vec<u64> {
+        self.peers.keys().copied().collect()
+    }
+
     /// Waits until this node may serve a linearizable read of the shard: it leads it, a quorum
     /// confirmed so, and everything committed before the call is applied here (read index).
     pub async fn read_barrier(&self, shard: u16) -> Result<(), ProposeError> {
@@ -494,6 +617,14 @@ impl Consensus {
     /// The shard's leader as this node last heard, if any.
     pub fn leader(&self, shard: u16) -> Option<u64> {
         self.group(shard).metrics().borrow_watched().current_leader
+    }
+
+    /// The shard log index this node has applied, if it leads the shard.
+    pub fn applied_if_leading(&self, shard: u16) -> Option<u64> {
+        let metrics = self.group(shard).metrics();
+        let metrics = metrics.borrow_watched();
+        (metrics.current_leader == Some(self.node_id) && metrics.state == ServerState::Leader)
+            .then(|| shard_log_index(metrics.last_applied.map(|a| a.index)))
     }
 
     pub fn is_leader(&self, shard: u16) -> bool {

@@ -35,6 +35,9 @@ pub enum PeerRequest {
     Joined {
         node: u64,
     },
+    /// A request of the application above consensus (forwarded writes and reads, events for
+    /// sockets): opaque bytes answered by the node's `AppService`.
+    App(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -72,6 +75,7 @@ pub enum RaftReply {
     Snapshot(SnapshotResponse<TypeConfig>),
     TransferLeader(TransferLeaderResponse<TypeConfig>),
     Joined(JoinedAnswer),
+    App(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The callee could not answer: unknown shard, or its group has stopped.
     Failed(String),
 }
@@ -223,6 +227,22 @@ impl RaftNetworkV2<TypeConfig> for ShardPeer {
 // ---------------------------------------------------------------------------------------------
 // Answering
 
+/// The application's side of peer requests (`PeerRequest::App`): bytes in, bytes out.
+pub trait AppService: Send + Sync + 'static {
+    fn handle(&self, from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+}
+
+/// Sends one application request to `client`'s node and returns its answer.
+pub async fn call_app(client: &PeerClient, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, PeerError> {
+    let response = client.call(encode(&PeerRequest::App(request)), timeout).await?;
+    match rmp_serde::from_slice::<RaftReply>(&response) {
+        Ok(RaftReply::App(answer)) => Ok(answer),
+        // Not served there (yet): nothing was done, as if the node were unreachable.
+        Ok(RaftReply::Failed(reason)) => Err(PeerError::Refused(client.peer(), reason)),
+        _ => Err(PeerError::Disconnected(client.peer())),
+    }
+}
+
 /// Answers peers' Raft RPCs with this node's shard groups (set once they exist, and answered
 /// only once the node may take part: a node starting empty first makes sure it is new).
 #[derive(Default)]
@@ -232,6 +252,7 @@ pub struct RaftService {
     /// Every shard's storage was empty when this node started.
     started_empty: AtomicBool,
     taking_part: AtomicBool,
+    app: OnceLock<Arc<dyn AppService>>,
 }
 
 impl RaftService {
@@ -243,6 +264,10 @@ impl RaftService {
 
     pub fn take_part(&self) {
         self.taking_part.store(true, Ordering::Release);
+    }
+
+    pub fn serve_app(&self, app: Arc<dyn AppService>) {
+        let _ = self.app.set(app);
     }
 }
 
@@ -307,13 +332,18 @@ async fn answer(groups: Option<Arc<Vec<Raft>>>, request: PeerRequest) -> RaftRep
 }
 
 impl PeerHandler for RaftService {
-    fn handle(&self, _from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+    fn handle(&self, from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
         let groups = self.groups.get().cloned();
         let joined = self.joined.get().cloned();
         let taking_part = self.taking_part.load(Ordering::Acquire);
         let started_empty = self.started_empty.load(Ordering::Acquire);
+        let app = self.app.get().cloned();
         Box::pin(async move {
             let reply = match rmp_serde::from_slice::<PeerRequest>(&request) {
+                Ok(PeerRequest::App(request)) => match app {
+                    Some(app) => RaftReply::App(app.handle(from, request).await),
+                    None => RaftReply::Failed("this node does not serve requests yet".into()),
+                },
                 // Started empty and has not seen the cluster form (nothing applied in shard 0):
                 // nobody can have recorded anything yet, as far as it knows.
                 Ok(PeerRequest::Joined { .. }) if started_empty && !formed(groups.as_deref()) => {

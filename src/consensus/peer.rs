@@ -54,6 +54,14 @@ pub enum PeerError {
     TooLarge(usize),
 }
 
+impl PeerError {
+    /// The request surely never reached the peer (so it was not acted on): no connection, the
+    /// peer refused it before reading requests, or it was too large to send.
+    pub fn surely_not_delivered(&self) -> bool {
+        matches!(self, PeerError::Unreachable(..) | PeerError::Refused(..) | PeerError::TooLarge(..))
+    }
+}
+
 /// Answers requests from peers.
 pub trait PeerHandler: Send + Sync + 'static {
     fn handle(&self, from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;

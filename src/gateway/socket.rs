@@ -713,8 +713,8 @@ impl Socket {
                 if let Some((key, value)) = api_error.extra {
                     response[key] = value;
                 }
-                if overloaded {
-                    response["retry_after_ms"] = json!(1000);
+                if let Some(seconds) = api_error.retry_after_secs {
+                    response["retry_after_ms"] = json!(seconds * 1000);
                 }
                 let text = frame::reply(self.vsn, &join_ref, &reference, &topic, "error", &response.to_string());
                 self.send(text);

@@ -9,6 +9,8 @@
 //! records not yet archived is never evicted, so "not in memory" always means "archive is truth".
 
 pub mod ops;
+pub mod replica;
+pub mod routing;
 pub mod session;
 mod shared_reads;
 mod state;
@@ -28,7 +30,7 @@ use session::WalPosition;
 pub use state::ShardState;
 use writer::Command;
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ShardError {
     #[error("session not found")]
     NotFound,
@@ -58,7 +60,9 @@ pub enum ShardError {
     /// The request's log operation could never fit in a log entry.
     #[error("the request takes {bytes} bytes in the log; the limit is {max}")]
     TooLarge { bytes: usize, max: usize },
+    /// (Never sent to a peer: `routing` turns it into `Unavailable` first.)
     #[error(transparent)]
+    #[serde(skip)]
     Archive(#[from] ArchiveError),
     /// Internal: the writer does not hold the session; load it from the archive and retry.
     #[error("session not loaded")]
@@ -66,6 +70,15 @@ pub enum ShardError {
     /// Internal: the writer needs the non-user count at `seq` to move the read cursor there.
     #[error("read cursor target is not in memory")]
     NeedsCursorAt { seq: u64 },
+    /// Cluster: this node does not lead the session's shard (`leader`: who does, if known).
+    /// Internal: the router sends the request on; it reaches a client only as `NoLeader`.
+    #[error("this node does not lead the shard")]
+    NotLeader { leader: Option<u64> },
+    /// Cluster: the shard has no leader now (an election, or this node is cut off from the
+    /// majority), or leadership moved while the request was in flight and its outcome is
+    /// unknown. Retry (an append with the same `client_id`).
+    #[error("{0}")]
+    NoLeader(String),
 }
 
 impl ShardError {
@@ -81,8 +94,26 @@ impl ShardError {
     }
 }
 
+impl ShardError {
+    /// The error a request gets when its proposal did not commit.
+    pub fn from_propose(error: crate::consensus::ProposeError) -> ShardError {
+        use crate::consensus::ProposeError;
+        match error {
+            ProposeError::NotLeader { leader } => ShardError::NotLeader { leader },
+            ProposeError::Unknown(detail) => {
+                tracing::debug!(%detail, "proposal outcome unknown");
+                ShardError::NoLeader(
+                    "the shard's leadership changed while the write was in flight; its outcome is unknown: retry it (with the same client_id)".into(),
+                )
+            }
+            ProposeError::Stopped(detail) => ShardError::StorageFailed(detail),
+            ProposeError::TooLarge { bytes, max } => ShardError::TooLarge { bytes, max },
+        }
+    }
+}
+
 /// A validated append, as the edge hands it to the shard.
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AppendRequest {
     pub session_id: String,
     pub sender_id: String,
@@ -190,6 +221,8 @@ struct ShardsInner {
     wal: Arc<Wal>,
     archive: Archive,
     archive_reads: shared_reads::SharedArchiveReads,
+    /// Cluster mode: requests run on their shard's leader.
+    cluster: Option<routing::ClusterRouting>,
 }
 
 /// The outcome of a submitted append, resolved once it is durable or refused.
@@ -312,6 +345,7 @@ impl Shards {
         writers: Vec<Arc<Writer>>,
         wal: Arc<Wal>,
         archive: Archive,
+        cluster: Option<routing::ClusterRouting>,
     ) -> Shards {
         Shards {
             inner: Arc::new(ShardsInner {
@@ -320,8 +354,13 @@ impl Shards {
                 wal,
                 archive,
                 archive_reads: shared_reads::SharedArchiveReads::default(),
+                cluster,
             }),
         }
+    }
+
+    fn clustered(&self) -> bool {
+        self.inner.cluster.is_some()
     }
 
     pub fn shard_count(&self) -> u16 {
@@ -396,6 +435,13 @@ impl Shards {
     }
 
     pub async fn create_session(&self, session: SessionRecord) -> Result<SessionView, ShardError> {
+        if self.clustered() {
+            return self.routed(routing::ShardCall::Create { session }).await?.view();
+        }
+        self.create_session_here(session).await
+    }
+
+    async fn create_session_here(&self, session: SessionRecord) -> Result<SessionView, ShardError> {
         let shard = self.shard_of(&session.id);
         let mut known_absent = false;
         for _ in 0..MAX_ROUNDS {
@@ -416,6 +462,16 @@ impl Shards {
     }
 
     pub async fn view(&self, session_id: &str) -> Result<SessionView, ShardError> {
+        if self.clustered() {
+            let call = routing::ShardCall::View {
+                session_id: session_id.to_string(),
+            };
+            return self.routed(call).await?.view();
+        }
+        self.view_here(session_id).await
+    }
+
+    async fn view_here(&self, session_id: &str) -> Result<SessionView, ShardError> {
         self.with_session(session_id, |reply| Command::View {
             session_id: session_id.to_string(),
             reply,
@@ -424,6 +480,16 @@ impl Shards {
     }
 
     pub async fn archive_session(&self, session_id: &str) -> Result<SessionView, ShardError> {
+        if self.clustered() {
+            let call = routing::ShardCall::ArchiveSession {
+                session_id: session_id.to_string(),
+            };
+            return self.routed(call).await?.view();
+        }
+        self.archive_session_here(session_id).await
+    }
+
+    async fn archive_session_here(&self, session_id: &str) -> Result<SessionView, ShardError> {
         self.with_session(session_id, |reply| Command::Archive {
             session_id: session_id.to_string(),
             reply,
@@ -440,6 +506,16 @@ impl Shards {
     /// one after another by the same caller are assigned seqs in that order, so a socket can
     /// keep many sends in flight and still have them stored in the order it sent them.
     pub async fn submit_append(&self, request: AppendRequest) -> Result<PendingAppend, ShardError> {
+        if self.clustered() {
+            let shards = self.clone();
+            return Ok(Box::pin(async move {
+                shards.routed(routing::ShardCall::Append { request }).await?.appended()
+            }));
+        }
+        self.submit_append_here(request).await
+    }
+
+    async fn submit_append_here(&self, request: AppendRequest) -> Result<PendingAppend, ShardError> {
         let session_id = request.session_id.clone();
         let shard = self.shard_of(&session_id);
         let (reply, answer) = oneshot::channel();
@@ -473,6 +549,18 @@ impl Shards {
         let placement = PlacementHandle(cell);
         // A placed predecessor can no longer be overtaken: nothing to wait for, ever.
         let previous = previous.filter(|p| p.cell.get() != Placement::Placed);
+        if self.clustered() {
+            // Each append of the stream goes to the leader once the one before it has ended.
+            let shards = self.clone();
+            return Box::pin(async move {
+                if let Some(previous) = previous {
+                    previous.cell.wait_until(|p| p == Placement::Placed).await;
+                }
+                let result = shards.routed(routing::ShardCall::Append { request }).await;
+                drop(placement);
+                result?.appended()
+            });
+        }
         let session_id = request.session_id.clone();
         let shard = self.shard_of(&session_id);
         let shards = self.clone();
@@ -583,6 +671,23 @@ impl Shards {
         user_id: &str,
         read_seq: u64,
     ) -> Result<SessionView, ShardError> {
+        if self.clustered() {
+            let call = routing::ShardCall::MoveReadCursor {
+                session_id: session_id.to_string(),
+                user_id: user_id.to_string(),
+                read_seq,
+            };
+            return self.routed(call).await?.view();
+        }
+        self.move_read_cursor_here(session_id, user_id, read_seq).await
+    }
+
+    async fn move_read_cursor_here(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        read_seq: u64,
+    ) -> Result<SessionView, ShardError> {
         let mut known: Option<ReadCursor> = None;
         for _ in 0..MAX_ROUNDS {
             let result = self
@@ -609,7 +714,7 @@ impl Shards {
     }
 
     async fn read_one(&self, session_id: &str, seq: u64) -> Result<Arc<MessageRecord>, ShardError> {
-        let page = self.read_messages(session_id, seq - 1, 1).await?;
+        let page = self.read_messages_here(session_id, seq - 1, 1).await?;
         page.messages
             .into_iter()
             .next()
@@ -620,6 +725,23 @@ impl Shards {
     /// merged by seq. A WAL segment deleted between plan and read (the archive has it by then)
     /// makes the plan stale; it is then made again.
     pub async fn read_messages(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<MessagePage, ShardError> {
+        if self.clustered() {
+            let call = routing::ShardCall::ReadMessages {
+                session_id: session_id.to_string(),
+                after_seq,
+                limit,
+            };
+            return self.routed(call).await?.page();
+        }
+        self.read_messages_here(session_id, after_seq, limit).await
+    }
+
+    async fn read_messages_here(
         &self,
         session_id: &str,
         after_seq: u64,
@@ -709,6 +831,7 @@ impl Shards {
         let shard = self.shard_of(session_id);
         let wal = self.inner.wal.clone();
         let positions = positions.to_vec();
+        let tagged = self.clustered();
         tokio::task::spawn_blocking(move || {
             // Only the entries that hold the wanted messages, each once (runs of neighbouring
             // indexes read together), never everything between the first and the last.
@@ -727,7 +850,14 @@ impl Shards {
             let mut entries: BTreeMap<u64, Vec<ops::Op>> = BTreeMap::new();
             for run in wal.read_ranges(&ranges).map_err(|e| e.to_string())? {
                 for (log_id, body) in run {
-                    entries.insert(log_id.index, ops::decode_entry(&body).map_err(|e| e.to_string())?);
+                    let command = match tagged {
+                        true => match crate::consensus::command_in_record(&body)? {
+                            Some(command) => command,
+                            None => continue,
+                        },
+                        false => &body[..],
+                    };
+                    entries.insert(log_id.index, ops::decode_entry(command).map_err(|e| e.to_string())?);
                 }
             }
             // The WAL's read budget may stop short: the page then ends at the last entry read.
@@ -771,28 +901,67 @@ impl Shards {
         }
         let mut views = views;
         for (shard, positions) in by_shard {
-            let session_ids = positions.iter().map(|p| views[*p].record.id.clone()).collect();
-            let (reply, answer) = oneshot::channel();
-            if self.inner.senders[shard as usize]
-                .send(Command::Overlay { session_ids, reply })
-                .await
-                .is_err()
-            {
-                continue;
-            }
-            let Ok(fresh) = answer.await else { continue };
-            for (position, fresh) in positions.into_iter().zip(fresh) {
-                if let Some(fresh) = fresh {
-                    views[position] = fresh;
+            let part: Vec<SessionView> = positions.iter().map(|p| views[*p].clone()).collect();
+            let fresh = if self.clustered() {
+                // The archive's views stand if the leader cannot be asked.
+                match self.routed(routing::ShardCall::Overlay { shard, views: part }).await {
+                    Ok(answer) => answer.views().unwrap_or_default(),
+                    Err(_) => continue,
                 }
+            } else {
+                self.overlay_here(shard, part).await
+            };
+            for (position, fresh) in positions.into_iter().zip(fresh) {
+                views[position] = fresh;
             }
         }
         views
     }
 
+    /// `views` (all of `shard`) with the shard writer's in-memory view where it has one.
+    async fn overlay_here(&self, shard: u16, views: Vec<SessionView>) -> Vec<SessionView> {
+        let session_ids = views.iter().map(|view| view.record.id.clone()).collect();
+        let (reply, answer) = oneshot::channel();
+        if self.inner.senders[shard as usize]
+            .send(Command::Overlay { session_ids, reply })
+            .await
+            .is_err()
+        {
+            return views;
+        }
+        let Ok(fresh) = answer.await else { return views };
+        views
+            .into_iter()
+            .zip(fresh)
+            .map(|(archived, fresh)| fresh.unwrap_or(archived))
+            .collect()
+    }
+
     /// Records that a dispatch of the session's agent ended, covering user messages up to
     /// `through_seq` (durable when this returns); `cancelled` when the user cancelled it.
     pub async fn finish_dispatch(
+        &self,
+        session_id: &str,
+        dispatch_id: &str,
+        through_seq: u64,
+        error: Option<String>,
+        cancelled: bool,
+    ) -> Result<(), ShardError> {
+        if self.clustered() {
+            let call = routing::ShardCall::FinishDispatch {
+                session_id: session_id.to_string(),
+                dispatch_id: dispatch_id.to_string(),
+                through_seq,
+                error,
+                cancelled,
+            };
+            return self.routed(call).await.map(|_| ());
+        }
+        self.finish_dispatch_here(session_id, dispatch_id, through_seq, error, cancelled)
+            .await
+    }
+
+    async fn finish_dispatch_here(
         &self,
         session_id: &str,
         dispatch_id: &str,
@@ -817,6 +986,23 @@ impl Shards {
     /// messages up to `through_seq`, only if the log still owes a reply for them (decided by
     /// the session's writer, so of two racing cancels one records it). Returns whether it did.
     pub async fn cancel_owed_turn(
+        &self,
+        session_id: &str,
+        dispatch_id: &str,
+        through_seq: u64,
+    ) -> Result<bool, ShardError> {
+        if self.clustered() {
+            let call = routing::ShardCall::CancelOwedTurn {
+                session_id: session_id.to_string(),
+                dispatch_id: dispatch_id.to_string(),
+                through_seq,
+            };
+            return self.routed(call).await?.flag();
+        }
+        self.cancel_owed_turn_here(session_id, dispatch_id, through_seq).await
+    }
+
+    async fn cancel_owed_turn_here(
         &self,
         session_id: &str,
         dispatch_id: &str,

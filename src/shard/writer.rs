@@ -14,12 +14,15 @@
 //! happy path pays nothing for it.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{self, EntryEncoder, Op};
+use super::replica::{ClusterLink, Role};
 use super::session::SessionState;
 use super::state::ShardState;
 use super::{AppendOutcome, AppendRequest, ReadPlan, ShardError, Writer};
@@ -35,12 +38,25 @@ const MAX_RETAINED_BATCH_OPS: usize = 1024;
 /// next fsync while the current one runs, instead of waiting a whole fsync to be sealed.
 const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
+/// Resolves with the log index of a sealed batch's entry once it is durable (single node:
+/// fsync'd; cluster: committed), or with why it is not.
+type Durable = Pin<Box<dyn Future<Output = Result<u64, ShardError>> + Send>>;
+
 /// Waits for the oldest sealed batch to be durable (at once for a batch without operations).
-async fn front_durable(in_flight: &mut VecDeque<Sealed>) -> Result<(), WalError> {
-    match in_flight.front_mut().and_then(|sealed| sealed.durable.as_mut()) {
-        Some(durable) => durable.await.unwrap_or(Err(WalError::Closed)),
-        None => Ok(()),
+async fn front_durable(in_flight: &mut VecDeque<Sealed>) -> Result<u64, ShardError> {
+    match in_flight.front_mut() {
+        Some(Sealed {
+            durable: Some(durable), ..
+        }) => durable.await,
+        Some(sealed) => Ok(sealed.log_index),
+        None => Ok(0),
     }
+}
+
+/// A cluster member's shard feed: the committed log, and who leads.
+pub struct ClusterFeed {
+    pub applied: mpsc::Receiver<crate::consensus::Applied>,
+    pub watch: crate::consensus::LeadershipWatch,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
@@ -146,6 +162,8 @@ pub struct ShardWriter {
     pub writer_state: Arc<Writer>,
     pub hub: Arc<crate::hub::Hub>,
     pub user_messages: crate::agents::UserMessageSink,
+    /// Cluster mode: the shard's consensus group (`None`: a single node writing its own WAL).
+    pub cluster: Option<ClusterLink>,
 }
 
 struct Batch {
@@ -171,7 +189,9 @@ struct Sealed {
     batch: Batch,
     /// `None` for a batch without operations (only reads): it is answered once every batch
     /// before it is durable, since what it read reflects them.
-    durable: Option<oneshot::Receiver<Result<(), WalError>>>,
+    durable: Option<Durable>,
+    /// The log index the entry was given (the writer counts them: one entry per batch).
+    log_index: u64,
     entry_bytes: usize,
     sealed_at: Instant,
     /// Inbox entries of the sessions the batch changed, as the batch left them (the state may
@@ -180,11 +200,20 @@ struct Sealed {
 }
 
 impl ShardWriter {
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        self.recover().await;
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, feed: Option<ClusterFeed>) {
+        if self.cluster.is_none() {
+            self.recover().await;
+        }
         self.writer_state
             .recovered
             .store(true, std::sync::atomic::Ordering::Release);
+        let (mut applied, mut watch) = match feed {
+            Some(feed) => (Some(feed.applied), Some(feed.watch)),
+            None => (None, None),
+        };
+        if let Some(watch) = &watch {
+            self.on_leadership(watch.now(), true).await;
+        }
         let mut in_flight: VecDeque<Sealed> = VecDeque::with_capacity(MAX_BATCHES_IN_FLIGHT);
         // A finished batch's buffers, reused so a busy shard does not regrow them for every entry.
         let mut spare = Batch::new();
@@ -194,11 +223,29 @@ impl ShardWriter {
                 outcome = front_durable(&mut in_flight), if !in_flight.is_empty() => {
                     let sealed = in_flight.pop_front().expect("polled the front");
                     spare = self.complete(sealed, outcome);
-                    if in_flight.is_empty() && self.rebuild_cause.is_some() {
+                    if in_flight.is_empty() && (self.rebuild_cause.is_some() || self.resync_pending()) {
                         self.rebuild().await;
+                        if let Some(watch) = &watch {
+                            self.on_leadership(watch.now(), true).await;
+                        }
                     }
                 }
-                command = commands.recv(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT && self.rebuild_cause.is_none() => {
+                entry = async { applied.as_mut().expect("cluster mode").recv().await }, if applied.is_some() => {
+                    match entry {
+                        Some(entry) => self.on_applied(entry, in_flight.is_empty()).await,
+                        None => applied = None,
+                    }
+                }
+                alive = async { watch.as_mut().expect("cluster mode").changed().await }, if watch.is_some() => {
+                    match alive {
+                        true => {
+                            let now = watch.as_ref().expect("cluster mode").now();
+                            self.on_leadership(now, in_flight.is_empty()).await;
+                        }
+                        false => watch = None,
+                    }
+                }
+                command = commands.recv(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT && self.rebuild_cause.is_none() && !self.resync_pending() => {
                     let Some(first) = command else { break };
                     let mut batch = std::mem::replace(&mut spare, Batch::new());
                     let now = Instant::now();
@@ -221,6 +268,88 @@ impl ShardWriter {
         }
     }
 
+    fn resync_pending(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|link| link.resync)
+    }
+
+    /// Cluster mode: follows a leadership change. A writer that loses the shard throws its state
+    /// away (at once if nothing is in flight, else once that has settled); one that gains it
+    /// takes over once the feed has caught up.
+    async fn on_leadership(&mut self, now: crate::consensus::Leadership, idle: bool) {
+        let Some(link) = self.cluster.as_mut() else { return };
+        let before = link.role;
+        if link.on_leadership(now) {
+            tracing::info!(shard = self.shard, term = now.term, leader = ?now.leader, "no longer leading the shard");
+            if idle {
+                self.state = ShardState::new(0);
+            } else {
+                link.resync = true;
+            }
+        }
+        if before != link.role {
+            metrics::gauge!("fleetlm_shard_leader", "shard" => self.shard.to_string())
+                .set(if matches!(link.role, Role::Follower) { 0.0 } else { 1.0 });
+        }
+        if idle {
+            self.try_take_over().await;
+        }
+    }
+
+    /// Cluster mode: one committed entry of the shard's log. A member that does not lead
+    /// publishes its messages to its own listeners.
+    async fn on_applied(&mut self, applied: crate::consensus::Applied, idle: bool) {
+        let Some(link) = self.cluster.as_mut() else { return };
+        if let Some(command) = link.on_applied(applied) {
+            match ops::decode_entry(&command) {
+                Ok(ops) => {
+                    for op in &ops {
+                        if let Op::MessageAppended(record) = op {
+                            self.hub.publish_message(record);
+                        }
+                    }
+                }
+                Err(error) => tracing::error!(shard = self.shard, %error, "undecodable committed entry"),
+            }
+        }
+        if idle {
+            self.try_take_over().await;
+        }
+    }
+
+    /// Cluster mode: once elected and caught up, rebuilds the state from the archive and the
+    /// committed log (as a restart does) and starts writing; then dispatches what the log owes.
+    async fn try_take_over(&mut self) {
+        let Some((term, through)) = self
+            .cluster
+            .as_ref()
+            .filter(|link| !link.resync)
+            .and_then(ClusterLink::ready_to_take_over)
+        else {
+            return;
+        };
+        let started = Instant::now();
+        self.recover().await;
+        // A leadership change during the recovery is handled by the next `on_leadership`.
+        let link = self.cluster.as_mut().expect("cluster mode");
+        link.role = Role::Leader { term };
+        link.published_through = link.published_through.max(through);
+        self.state.applied_index = through;
+        metrics::counter!("fleetlm_shard_takeovers_total").increment(1);
+        tracing::info!(
+            shard = self.shard,
+            term,
+            through,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "leading the shard"
+        );
+        for session in self.state.sessions.values() {
+            if session.dispatch.is_pending() && session.status == SessionStatus::Active {
+                self.user_messages
+                    .user_message(&session.record.id, &session.record.agent_id, session.dispatch.last_user_seq);
+            }
+        }
+    }
+
     /// Hands the batch's operations to the WAL as one entry (without waiting for the fsync).
     async fn seal(&mut self, mut batch: Batch) -> Sealed {
         let sealed_at = Instant::now();
@@ -228,41 +357,63 @@ impl ShardWriter {
             return Sealed {
                 batch,
                 durable: None,
+                log_index: 0,
                 entry_bytes: 0,
                 sealed_at,
                 inbox_views: Vec::new(),
             };
         }
-        let log_id = LogId {
-            term: 1,
-            index: self.state.applied_index,
-        };
+        let log_index = self.state.applied_index;
         let entry = batch.encoder.finish();
         let entry_bytes = entry.len();
         let inbox_views = self.inbox_views(&batch.ops);
-        let durable = match self.wal.enqueue_append(self.shard, vec![(log_id, entry)]).await {
-            Ok(durable) => Some(durable),
-            Err(error) => {
-                let (failed, durable) = oneshot::channel();
-                let _ = failed.send(Err(error));
-                Some(durable)
-            }
-        };
+        let durable = self.make_durable(log_index, entry).await;
         Sealed {
             batch,
-            durable,
+            durable: Some(durable),
+            log_index,
             entry_bytes,
             sealed_at,
             inbox_views,
         }
     }
 
+    /// Hands one entry to the WAL (single node) or to the shard's consensus group (cluster
+    /// leader), in call order.
+    async fn make_durable(&self, log_index: u64, entry: Vec<u8>) -> Durable {
+        let failed = |error: ShardError| -> Durable { Box::pin(std::future::ready(Err(error))) };
+        let Some(link) = &self.cluster else {
+            let log_id = LogId {
+                term: 1,
+                index: log_index,
+            };
+            return match self.wal.enqueue_append(self.shard, vec![(log_id, entry)]).await {
+                Ok(durable) => Box::pin(async move {
+                    match durable.await {
+                        Ok(Ok(())) => Ok(log_index),
+                        Ok(Err(error)) => Err(ShardError::from_wal(error)),
+                        Err(_) => Err(ShardError::from_wal(WalError::Closed)),
+                    }
+                }),
+                Err(error) => failed(ShardError::from_wal(error)),
+            };
+        };
+        let Some(term) = link.leading_term() else {
+            return failed(ShardError::NotLeader { leader: None });
+        };
+        match link.consensus.enqueue(self.shard, term, entry).await {
+            Ok(proposal) => Box::pin(async move { proposal.committed().await.map_err(ShardError::from_propose) }),
+            Err(error) => failed(ShardError::from_propose(error)),
+        }
+    }
+
     /// Answers a batch whose entry is durable (or failed): publishes it and sends its replies.
     /// Returns the emptied batch for reuse.
-    fn complete(&mut self, sealed: Sealed, outcome: Result<(), WalError>) -> Batch {
+    fn complete(&mut self, sealed: Sealed, outcome: Result<u64, ShardError>) -> Batch {
         let Sealed {
             mut batch,
             durable,
+            log_index,
             entry_bytes,
             sealed_at,
             inbox_views,
@@ -270,21 +421,34 @@ impl ShardWriter {
         let failure = match outcome {
             // Sealed on top of a batch that failed: it reflects state that is not durable.
             _ if self.rebuild_cause.is_some() => self.rebuild_cause.clone(),
-            Ok(()) => {
+            Ok(index) => {
                 if durable.is_some() {
                     metrics::histogram!("fleetlm_append_commit_seconds").record(sealed_at.elapsed().as_secs_f64());
                     self.unflushed_bytes += entry_bytes;
                     if self.unflushed_bytes >= self.flush_threshold_bytes {
                         self.flush_wakeup.notify_one();
                     }
+                    if let Some(link) = self.cluster.as_mut() {
+                        link.published_through = link.published_through.max(index);
+                        if index != log_index {
+                            // Another proposer (the cluster recording a member in shard 0) took
+                            // an index among ours: the batch is committed, but the WAL positions
+                            // the state holds are off. Rebuild once the batches in flight settle.
+                            tracing::info!(shard = self.shard, index, log_index, "log index moved; the shard rebuilds its state");
+                            link.resync = true;
+                        }
+                    }
                 }
                 None
             }
-            Err(error) => {
+            Err(cause) => {
                 // The state already includes these operations but the log does not: answer
                 // them (and everything sealed after them) with the error, then rebuild.
-                tracing::error!(shard = self.shard, %error, "wal append failed; the shard rebuilds its state from the log");
-                let cause = ShardError::from_wal(error);
+                if self.cluster.is_some() {
+                    tracing::warn!(shard = self.shard, %cause, "a proposal did not commit; the shard rebuilds its state from the committed log");
+                } else {
+                    tracing::error!(shard = self.shard, %cause, "wal append failed; the shard rebuilds its state from the log");
+                }
                 self.rebuild_cause = Some(cause.clone());
                 Some(cause)
             }
@@ -305,6 +469,17 @@ impl ShardWriter {
     /// from the durable log, as at start. Runs once every failed batch has been answered.
     async fn rebuild(&mut self) {
         metrics::counter!("fleetlm_shard_rebuilds_total").increment(1);
+        if let Some(link) = self.cluster.as_mut() {
+            // Only the committed log is truth: back to follower, and take over again (from the
+            // archive and the committed log) if this node still leads.
+            link.resync = false;
+            if let Role::Leader { .. } = link.role {
+                link.role = Role::Follower;
+            }
+            self.state = ShardState::new(0);
+            self.rebuild_cause = None;
+            return;
+        }
         self.recover().await;
         self.rebuild_cause = None;
         if self.refusal.is_none() {
@@ -335,10 +510,13 @@ impl ShardWriter {
     /// Fans committed operations out to live listeners (sockets, inboxes). Runs only after the
     /// entry holding them is durable.
     fn publish(&self, ops: &[Op], inbox_views: Vec<SessionView>) {
+        // A cluster member that lost the shard while this batch was in flight does not dispatch.
+        let dispatches = self.cluster.as_ref().is_none_or(|link| link.leading_term().is_some());
         for op in ops {
             if let Op::MessageAppended(record) = op {
                 self.hub.publish_message(record);
-                if record.from_user
+                if dispatches
+                    && record.from_user
                     && let Some(state) = self.state.sessions.get(&*record.message.session_id)
                 {
                     self.user_messages
@@ -370,6 +548,12 @@ impl ShardWriter {
     }
 
     fn handle(&mut self, command: Command, batch: &mut Batch, now: Instant) {
+        if let Some(link) = &self.cluster
+            && link.leading_term().is_none()
+        {
+            refuse_as_follower(command, link.known_leader(self.shard));
+            return;
+        }
         match command {
             Command::Install { loaded } => {
                 let session_id = loaded.view.record.id.clone();
@@ -738,7 +922,7 @@ impl ShardWriter {
     /// updated since a loss was recorded may have had messages in the lost entries, so it skips
     /// the seqs they could have held, once. Sessions in memory now; sessions loaded later from
     /// the archive when they are installed (`skip_for_losses_on_install`).
-    async fn skip_seqs_of_lost_entries(&mut self) -> Result<(), WalError> {
+    async fn skip_seqs_of_lost_entries(&mut self) -> Result<(), ShardError> {
         let now = Instant::now();
         let mut batch = Batch::new();
         let session_ids: Vec<Arc<str>> = self.state.sessions.keys().cloned().collect();
@@ -756,7 +940,7 @@ impl ShardWriter {
         if let Some(cause) = self.rebuild_cause.take() {
             tracing::error!(shard = self.shard, %cause, "skipping seqs after an accepted loss failed");
         }
-        outcome
+        outcome.map(|_| ())
     }
 
     /// Adds the skip of every recorded loss the session has not skipped yet to `batch`.
@@ -788,6 +972,19 @@ impl ShardWriter {
         }
     }
 
+    /// The operations a WAL record holds (a cluster member's records carry a consensus tag;
+    /// Raft's own entries hold none).
+    fn entry_ops(&self, body: &[u8]) -> Result<Vec<Op>, String> {
+        let command = match &self.cluster {
+            None => body,
+            Some(_) => match crate::consensus::command_in_record(body)? {
+                Some(command) => command,
+                None => return Ok(Vec::new()),
+            },
+        };
+        ops::decode_entry(command).map_err(|e| e.to_string())
+    }
+
     async fn try_recover(&mut self) -> Result<usize, RecoveryError> {
         let watermark = self
             .archive
@@ -796,7 +993,9 @@ impl ShardWriter {
             .map_err(|e| RecoveryError::Retry(e.to_string()))?;
         self.state = ShardState::new(watermark);
         self.unflushed_bytes = 0;
-        let wal_last = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
+        // A cluster member replays only the committed log (it waited for the feed to reach it).
+        let committed = self.cluster.as_ref().map(|link| link.applied_through);
+        let wal_last = committed.unwrap_or_else(|| self.wal.last_log_id(self.shard).map_or(0, |id| id.index));
         let degraded = self.wal.degraded(self.shard);
         let accepted_losses = self.wal.accepted_losses(self.shard);
         // An accepted loss right after the watermark: the log resumes past the lost entries.
@@ -835,7 +1034,10 @@ impl ShardWriter {
                 break;
             }
             for (log_id, body) in entries {
-                let ops = ops::decode_entry(&body).map_err(|e| RecoveryError::Fatal(e.to_string()))?;
+                if log_id.index > wal_last {
+                    break;
+                }
+                let ops = self.entry_ops(&body).map_err(RecoveryError::Fatal)?;
                 for (position, op) in ops.iter().enumerate() {
                     let session_id = op.session_id();
                     if !matches!(op, Op::SessionCreated(_)) && !self.state.sessions.contains_key(session_id) {
@@ -875,6 +1077,24 @@ impl ShardWriter {
                 next = log_id.index + 1;
             }
         }
+        if committed.is_some() {
+            if next <= wal_last {
+                // Committed, but not yet indexed by this node's WAL: wait for it.
+                return Err(RecoveryError::Retry(format!(
+                    "the log is not yet durable here through entry {wal_last}"
+                )));
+            }
+            // A flush that committed meanwhile (a former leader's) may have changed sessions
+            // loaded above: their archive rows would already hold replayed operations.
+            let now_archived = self
+                .archive
+                .watermark(self.shard)
+                .await
+                .map_err(|e| RecoveryError::Retry(e.to_string()))?;
+            if now_archived != watermark {
+                return Err(RecoveryError::Retry("the archive moved during recovery".into()));
+            }
+        }
         self.state.applied_index = self.state.applied_index.max(wal_last);
         if let Some(reason) = degraded {
             return Err(RecoveryError::Fatal(format!("wal of this shard is degraded: {reason}")));
@@ -900,6 +1120,30 @@ impl ShardWriter {
             .await
             .map_err(|e| RecoveryError::Retry(e.to_string()))?;
         Ok(replayed)
+    }
+}
+
+/// Answers a command this cluster member cannot serve: it does not lead the shard (the router
+/// sends it to the leader).
+fn refuse_as_follower(command: Command, leader: Option<u64>) {
+    fn refuse<T>(reply: Reply<T>, leader: Option<u64>) {
+        let _ = reply.send(Err(ShardError::NotLeader { leader }));
+    }
+    match command {
+        Command::Create { reply, .. } | Command::Archive { reply, .. } | Command::View { reply, .. } => {
+            refuse(reply, leader)
+        }
+        Command::MoveReadCursor { reply, .. } => refuse(reply, leader),
+        Command::Append { reply, .. } => refuse(reply, leader),
+        Command::PlanRead { reply, .. } => refuse(reply, leader),
+        Command::FinishDispatch { reply, .. } => refuse(reply, leader),
+        Command::Overlay { session_ids, reply } => {
+            let _ = reply.send(vec![None; session_ids.len()]);
+        }
+        Command::PendingDispatches { reply } => {
+            let _ = reply.send(Vec::new());
+        }
+        Command::Install { .. } | Command::Archived { .. } | Command::Sweep { .. } => {}
     }
 }
 

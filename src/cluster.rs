@@ -1,0 +1,144 @@
+//! Cluster mode, the node's side of peer traffic above consensus: requests forwarded to this
+//! node as a shard's leader, ephemeral events other nodes publish (typing, agent status, stream
+//! chunks, inbox changes), and agents written on other nodes.
+//!
+//! Everything here travels as JSON inside the consensus module's authenticated peer frames
+//! (`Consensus::call`); messages carry raw JSON (message contents) that only serde_json keeps
+//! byte for byte.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::agents::AgentRegistry;
+use crate::consensus::{AppService, Consensus};
+use crate::hub::{Hub, RelayedEvent};
+use crate::model::Agent;
+use crate::shard::routing::{ShardAnswer, ShardCall};
+use crate::shard::{ShardError, Shards};
+
+/// Events waiting for the relay before new ones are dropped.
+const RELAY_QUEUE: usize = 16_384;
+/// Events sent to a peer in one request at most.
+const RELAY_BATCH: usize = 256;
+const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Serialize, Deserialize)]
+enum PeerMessage {
+    Shard(ShardCall),
+    Events(Vec<RelayedEvent>),
+    Agent(Agent),
+}
+
+#[derive(Serialize)]
+enum PeerMessageRef<'a> {
+    Shard(&'a ShardCall),
+    Events(&'a [RelayedEvent]),
+    Agent(&'a Agent),
+}
+
+pub fn encode_shard_call(call: &ShardCall) -> Vec<u8> {
+    serde_json::to_vec(&PeerMessageRef::Shard(call)).expect("shard calls serialize")
+}
+
+pub fn decode_shard_answer(bytes: &[u8]) -> Result<ShardAnswer, ShardError> {
+    serde_json::from_slice::<Result<ShardAnswer, ShardError>>(bytes)
+        .unwrap_or_else(|error| Err(ShardError::Unavailable(format!("undecodable answer from the leader: {error}"))))
+}
+
+/// Answers other nodes' application requests.
+pub struct NodeService {
+    pub shards: Shards,
+    pub hub: Arc<Hub>,
+    pub registry: Arc<AgentRegistry>,
+}
+
+impl AppService for NodeService {
+    fn handle(&self, from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+        let (shards, hub, registry) = (self.shards.clone(), self.hub.clone(), self.registry.clone());
+        Box::pin(async move {
+            match serde_json::from_slice::<PeerMessage>(&request) {
+                Ok(PeerMessage::Shard(call)) => {
+                    let result = shards.serve_call(call).await;
+                    serde_json::to_vec(&result).expect("answers serialize")
+                }
+                Ok(PeerMessage::Events(events)) => {
+                    for event in events {
+                        hub.deliver_relayed(event);
+                    }
+                    b"{}".to_vec()
+                }
+                Ok(PeerMessage::Agent(agent)) => {
+                    registry.install(agent);
+                    b"{}".to_vec()
+                }
+                Err(error) => {
+                    tracing::warn!(from, %error, "undecodable request from a peer");
+                    let refused: Result<ShardAnswer, ShardError> =
+                        Err(ShardError::Unavailable(format!("undecodable request: {error}")));
+                    serde_json::to_vec(&refused).expect("answers serialize")
+                }
+            }
+        })
+    }
+}
+
+/// Starts relaying this node's ephemeral events and agent changes to the other nodes: one task
+/// per peer sends them in order, batched, and drops what a peer cannot take (they are best
+/// effort; a socket that missed some rebuilds from the log).
+pub fn start_relay(consensus: Arc<Consensus>, hub: &Hub, registry: &AgentRegistry) {
+    let (events, mut queue) = mpsc::channel::<RelayedEvent>(RELAY_QUEUE);
+    hub.relay_to(events);
+    let mut per_peer: HashMap<u64, mpsc::Sender<Arc<Vec<u8>>>> = HashMap::new();
+    for peer in consensus.peers() {
+        let (sender, receiver) = mpsc::channel(64);
+        per_peer.insert(peer, sender);
+        tokio::spawn(send_to_peer(consensus.clone(), peer, receiver));
+    }
+    let per_peer = Arc::new(per_peer);
+    let agents_to = per_peer.clone();
+    registry.notify_changes(Box::new(move |agent| {
+        let body = Arc::new(serde_json::to_vec(&PeerMessageRef::Agent(agent)).expect("agents serialize"));
+        for sender in agents_to.values() {
+            let _ = sender.try_send(body.clone());
+        }
+    }));
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(RELAY_BATCH);
+        while queue.recv_many(&mut batch, RELAY_BATCH).await > 0 {
+            let body = Arc::new(serde_json::to_vec(&PeerMessageRef::Events(&batch)).expect("events serialize"));
+            for sender in per_peer.values() {
+                if sender.try_send(body.clone()).is_err() {
+                    metrics::counter!("fleetlm_cluster_relay_dropped_total").increment(batch.len() as u64);
+                }
+            }
+            batch.clear();
+        }
+    });
+}
+
+async fn send_to_peer(consensus: Arc<Consensus>, peer: u64, mut bodies: mpsc::Receiver<Arc<Vec<u8>>>) {
+    while let Some(body) = bodies.recv().await {
+        if let Err(error) = consensus.call(peer, body.to_vec(), RELAY_TIMEOUT).await {
+            tracing::debug!(peer, %error, "relaying events failed; they are dropped");
+        }
+    }
+}
+
+/// Re-reads the agents from the archive now and then, in case a change notice was lost.
+pub fn start_agent_refresh(registry: Arc<AgentRegistry>, archive: crate::archive::Archive) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            if let Err(error) = registry.reload(&archive).await {
+                tracing::debug!(%error, "agent refresh failed");
+            }
+        }
+    });
+}

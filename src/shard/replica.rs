@@ -1,0 +1,134 @@
+//! A shard writer's part in a cluster: whether it leads its shard, and what it does with the
+//! shard's committed log (the consensus feed) when it does not.
+//!
+//! - **Follower**: holds no session state. Every committed entry is decoded and its messages are
+//!   published to this node's listeners (sockets joined here), in log order; requests are answered
+//!   `NotLeader` (the router forwards them to the leader).
+//! - **Taking over**: this node was elected. It waits until the feed has delivered an entry of its
+//!   own term (its blank entry: everything before it is then committed and in the local log), then
+//!   rebuilds the state from the archive plus the log through that entry, exactly as a restart
+//!   does, and starts writing.
+//! - **Leader**: validates, stamps and applies as a single node does, and hands each batch to
+//!   consensus (`Consensus::enqueue`, conditional on its term) instead of the WAL; it answers once
+//!   the entry is committed. The feed then repeats its own entries, which it skips (they were
+//!   published when they committed). Losing leadership, or a proposal that fails, throws the
+//!   state away (it may hold operations that never committed): back to follower.
+
+use std::sync::Arc;
+
+use crate::consensus::{Applied, Consensus, Leadership};
+
+/// Where this writer stands in its shard's group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    /// Elected in `term`; writes once the feed has delivered every entry through `through` and
+    /// one of `term`.
+    TakingOver {
+        term: u64,
+        through: u64,
+    },
+    Leader {
+        term: u64,
+    },
+}
+
+/// What a shard writer keeps of its group.
+pub struct ClusterLink {
+    pub consensus: Arc<Consensus>,
+    pub role: Role,
+    /// The last shard log index the feed delivered, and its term.
+    pub applied_through: u64,
+    pub applied_term: u64,
+    /// Entries through this index were published to this node's listeners.
+    pub published_through: u64,
+    /// The state must be rebuilt once the batches in flight have settled (leadership was lost
+    /// while they were in flight, or the log index moved under them); no new batch meanwhile.
+    pub resync: bool,
+}
+
+impl ClusterLink {
+    pub fn new(consensus: Arc<Consensus>) -> ClusterLink {
+        ClusterLink {
+            consensus,
+            role: Role::Follower,
+            applied_through: 0,
+            applied_term: 0,
+            published_through: 0,
+            resync: false,
+        }
+    }
+
+    pub fn leading_term(&self) -> Option<u64> {
+        match self.role {
+            Role::Leader { term } => Some(term),
+            _ => None,
+        }
+    }
+
+    /// The leader to send requests to, as far as this node knows.
+    pub fn known_leader(&self, shard: u16) -> Option<u64> {
+        self.consensus.leader(shard)
+    }
+
+    /// Moves the role on after a leadership change this node observed. Returns whether the
+    /// writer must throw its state away (it led and no longer does, or leads in a new term).
+    pub fn on_leadership(&mut self, now: Leadership) -> bool {
+        match self.role {
+            Role::Leader { term } if now.leading && now.term == term => false,
+            Role::Leader { .. } => {
+                self.role = Role::Follower;
+                self.start_taking_over(now);
+                true
+            }
+            Role::TakingOver { term, .. } if now.leading && now.term == term => false,
+            Role::TakingOver { .. } | Role::Follower => {
+                self.role = Role::Follower;
+                self.start_taking_over(now);
+                false
+            }
+        }
+    }
+
+    fn start_taking_over(&mut self, now: Leadership) {
+        if now.leading {
+            self.role = Role::TakingOver {
+                term: now.term,
+                through: now.last_log,
+            };
+        }
+    }
+
+    /// Whether a writer taking over has seen enough of the feed to rebuild and write.
+    pub fn ready_to_take_over(&self) -> Option<(u64, u64)> {
+        match self.role {
+            Role::TakingOver { term, through } if self.applied_term == term && self.applied_through >= through => {
+                Some((term, self.applied_through))
+            }
+            _ => None,
+        }
+    }
+
+    /// Records a delivered entry. Returns the command to publish, if this node should publish
+    /// it from the feed (it does not lead, and has not published it when it committed).
+    pub fn on_applied(&mut self, applied: Applied) -> Option<Vec<u8>> {
+        match applied {
+            Applied::Entry { index, term, command } => {
+                self.applied_through = index;
+                self.applied_term = term;
+                if matches!(self.role, Role::Leader { .. }) || index <= self.published_through {
+                    return None;
+                }
+                self.published_through = index;
+                command
+            }
+            Applied::Reload { through } => {
+                // Only a follower installs a snapshot: it holds no state; listeners that missed
+                // entries see a seq gap and rejoin from the archive.
+                self.applied_through = self.applied_through.max(through);
+                self.published_through = self.published_through.max(through);
+                None
+            }
+        }
+    }
+}

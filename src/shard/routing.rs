@@ -1,0 +1,297 @@
+//! Cluster mode: every request for a session runs on the leader of the session's shard.
+//!
+//! The router asks consensus who leads the shard. This node: the request runs here (a read first
+//! passes a read-index barrier, so it sees every write acknowledged anywhere before it started).
+//! Another node: the request goes there over the peer connection as a `ShardCall` and its answer
+//! comes back; the client's connection stays where it is. No leader (an election, or this node is
+//! cut off): the router waits a little for one, then answers `NoLeader` (503 `no_leader`).
+//!
+//! A request is sent again only when it surely did not run (the leader refused it as not leading,
+//! or it never reached the peer) or when it only reads. A write whose outcome is unknown (the
+//! peer went silent after it was sent) is answered `NoLeader` with an "outcome unknown" sentence:
+//! the client retries it with its `client_id`, which the new leader deduplicates.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{AppendRequest, AppendResult, MessagePage, ShardError, Shards};
+use crate::consensus::Consensus;
+use crate::model::{MessageRecord, SessionRecord, SessionView};
+
+/// How long a forwarded request may take (longer than a proposal's own timeout, so the leader
+/// answers first when it can).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(12);
+
+/// What the router needs of the cluster.
+pub struct ClusterRouting {
+    pub consensus: Arc<Consensus>,
+    /// How long a request waits for its shard to have a leader before `no_leader`.
+    pub leader_patience: Duration,
+}
+
+/// One request for a session's shard, as it travels to the shard's leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ShardCall {
+    Create {
+        session: SessionRecord,
+    },
+    View {
+        session_id: String,
+    },
+    ArchiveSession {
+        session_id: String,
+    },
+    Append {
+        request: AppendRequest,
+    },
+    MoveReadCursor {
+        session_id: String,
+        user_id: String,
+        read_seq: u64,
+    },
+    ReadMessages {
+        session_id: String,
+        after_seq: u64,
+        limit: usize,
+    },
+    Overlay {
+        shard: u16,
+        views: Vec<SessionView>,
+    },
+    FinishDispatch {
+        session_id: String,
+        dispatch_id: String,
+        through_seq: u64,
+        error: Option<String>,
+        cancelled: bool,
+    },
+    CancelOwedTurn {
+        session_id: String,
+        dispatch_id: String,
+        through_seq: u64,
+    },
+}
+
+/// The leader's answer to a `ShardCall`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ShardAnswer {
+    View(SessionView),
+    Appended { record: MessageRecord, deduplicated: bool },
+    Page { messages: Vec<MessageRecord>, has_more: bool, session: SessionView },
+    Views(Vec<SessionView>),
+    Done,
+    Flag(bool),
+}
+
+impl ShardCall {
+    fn shard(&self, shards: &Shards) -> u16 {
+        match self {
+            ShardCall::Create { session } => shards.shard_of(&session.id),
+            ShardCall::Append { request } => shards.shard_of(&request.session_id),
+            ShardCall::Overlay { shard, .. } => *shard,
+            ShardCall::View { session_id }
+            | ShardCall::ArchiveSession { session_id }
+            | ShardCall::MoveReadCursor { session_id, .. }
+            | ShardCall::ReadMessages { session_id, .. }
+            | ShardCall::FinishDispatch { session_id, .. }
+            | ShardCall::CancelOwedTurn { session_id, .. } => shards.shard_of(session_id),
+        }
+    }
+
+    /// Reads change nothing: they may be sent again whatever happened to an earlier attempt.
+    fn is_read(&self) -> bool {
+        matches!(
+            self,
+            ShardCall::View { .. } | ShardCall::ReadMessages { .. } | ShardCall::Overlay { .. }
+        )
+    }
+}
+
+/// An answer that crosses the peer connection: the error's archive detail stays on the leader.
+fn for_the_wire(result: Result<ShardAnswer, ShardError>) -> Result<ShardAnswer, ShardError> {
+    result.map_err(|error| match error {
+        ShardError::Archive(detail) => {
+            tracing::warn!(%detail, "archive error serving a forwarded request");
+            ShardError::Unavailable("the archive is unavailable; try again shortly".into())
+        }
+        other => other,
+    })
+}
+
+fn unexpected() -> ShardError {
+    ShardError::Unavailable("the leader answered the wrong kind of reply".into())
+}
+
+impl ShardAnswer {
+    pub fn view(self) -> Result<SessionView, ShardError> {
+        match self {
+            ShardAnswer::View(view) => Ok(view),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn appended(self) -> Result<AppendResult, ShardError> {
+        match self {
+            ShardAnswer::Appended { record, deduplicated } => Ok(AppendResult {
+                record: Arc::new(record),
+                deduplicated,
+            }),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn page(self) -> Result<MessagePage, ShardError> {
+        match self {
+            ShardAnswer::Page {
+                messages,
+                has_more,
+                session,
+            } => Ok(MessagePage {
+                messages: messages.into_iter().map(Arc::new).collect(),
+                has_more,
+                session,
+            }),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn views(self) -> Result<Vec<SessionView>, ShardError> {
+        match self {
+            ShardAnswer::Views(views) => Ok(views),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn flag(self) -> Result<bool, ShardError> {
+        match self {
+            ShardAnswer::Flag(flag) => Ok(flag),
+            ShardAnswer::Done => Ok(true),
+            _ => Err(unexpected()),
+        }
+    }
+}
+
+impl Shards {
+    /// Runs `call` on the leader of its shard (here or on a peer), waiting a little for one.
+    pub(super) async fn routed(&self, call: ShardCall) -> Result<ShardAnswer, ShardError> {
+        let cluster = self.inner.cluster.as_ref().expect("routed calls are for cluster mode");
+        let shard = call.shard(self);
+        let deadline = Instant::now() + cluster.leader_patience;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let outcome = match cluster.consensus.leader(shard) {
+                Some(leader) if leader == cluster.consensus.node_id() => self.serve_call(call.clone()).await,
+                Some(leader) => self.forward(cluster, leader, &call).await,
+                None => Err(ShardError::NotLeader { leader: None }),
+            };
+            match outcome {
+                Err(ShardError::NotLeader { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(ShardError::NotLeader { .. }) => {
+                    metrics::counter!("fleetlm_cluster_no_leader_total").increment(1);
+                    return Err(ShardError::NoLeader(
+                        "the session's shard has no leader right now (an election is under way, or this node cannot reach a majority); retry shortly".into(),
+                    ));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Runs a call here, as the shard's leader (`NotLeader` if this node does not lead it).
+    /// Reads first make sure this node still leads and has applied everything committed.
+    pub async fn serve_call(&self, call: ShardCall) -> Result<ShardAnswer, ShardError> {
+        let cluster = self.inner.cluster.as_ref().expect("served calls are for cluster mode");
+        let shard = call.shard(self);
+        if !cluster.consensus.is_leader(shard) {
+            return Err(ShardError::NotLeader {
+                leader: cluster.consensus.leader(shard),
+            });
+        }
+        if call.is_read() {
+            use crate::consensus::ProposeError;
+            match cluster.consensus.read_barrier(shard).await {
+                Ok(()) => {}
+                Err(ProposeError::NotLeader { leader }) => return Err(ShardError::NotLeader { leader }),
+                Err(ProposeError::Unknown(_)) => return Err(ShardError::NotLeader { leader: None }),
+                Err(other) => return Err(ShardError::from_propose(other)),
+            }
+        }
+        let result = match call {
+            ShardCall::Create { session } => self.create_session_here(session).await.map(ShardAnswer::View),
+            ShardCall::View { session_id } => self.view_here(&session_id).await.map(ShardAnswer::View),
+            ShardCall::ArchiveSession { session_id } => {
+                self.archive_session_here(&session_id).await.map(ShardAnswer::View)
+            }
+            ShardCall::Append { request } => match self.submit_append_here(request).await {
+                Ok(pending) => pending.await.map(|result| ShardAnswer::Appended {
+                    record: Arc::unwrap_or_clone(result.record),
+                    deduplicated: result.deduplicated,
+                }),
+                Err(error) => Err(error),
+            },
+            ShardCall::MoveReadCursor {
+                session_id,
+                user_id,
+                read_seq,
+            } => self
+                .move_read_cursor_here(&session_id, &user_id, read_seq)
+                .await
+                .map(ShardAnswer::View),
+            ShardCall::ReadMessages {
+                session_id,
+                after_seq,
+                limit,
+            } => self
+                .read_messages_here(&session_id, after_seq, limit)
+                .await
+                .map(|page| ShardAnswer::Page {
+                    messages: page.messages.into_iter().map(Arc::unwrap_or_clone).collect(),
+                    has_more: page.has_more,
+                    session: page.session,
+                }),
+            ShardCall::Overlay { shard, views } => Ok(ShardAnswer::Views(self.overlay_here(shard, views).await)),
+            ShardCall::FinishDispatch {
+                session_id,
+                dispatch_id,
+                through_seq,
+                error,
+                cancelled,
+            } => self
+                .finish_dispatch_here(&session_id, &dispatch_id, through_seq, error, cancelled)
+                .await
+                .map(|()| ShardAnswer::Done),
+            ShardCall::CancelOwedTurn {
+                session_id,
+                dispatch_id,
+                through_seq,
+            } => self
+                .cancel_owed_turn_here(&session_id, &dispatch_id, through_seq)
+                .await
+                .map(ShardAnswer::Flag),
+        };
+        for_the_wire(result)
+    }
+
+    async fn forward(&self, cluster: &ClusterRouting, leader: u64, call: &ShardCall) -> Result<ShardAnswer, ShardError> {
+        metrics::counter!("fleetlm_cluster_forwarded_total").increment(1);
+        let request = crate::cluster::encode_shard_call(call);
+        match cluster.consensus.call(leader, request, FORWARD_TIMEOUT).await {
+            Ok(answer) => crate::cluster::decode_shard_answer(&answer),
+            Err(error) if error.surely_not_delivered() || call.is_read() => {
+                tracing::debug!(leader, %error, "forwarding failed; trying again");
+                Err(ShardError::NotLeader { leader: None })
+            }
+            Err(error) => {
+                tracing::warn!(leader, %error, "a forwarded write's outcome is unknown");
+                Err(ShardError::NoLeader(
+                    "the shard's leader stopped answering while the write was in flight; its outcome is unknown: retry it (with the same client_id)".into(),
+                ))
+            }
+        }
+    }
+}
