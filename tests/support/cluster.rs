@@ -88,17 +88,18 @@ struct LinkState {
 }
 
 impl LinkProxy {
-    async fn start(target_port: u16) -> LinkProxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind link proxy");
+    /// Binds now (so the port is held) and serves on `runtime`.
+    fn start(runtime: &tokio::runtime::Runtime, target_port: u16) -> LinkProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind link proxy");
+        listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(LinkState {
             up: true,
             ..LinkState::default()
         }));
         let accept_state = state.clone();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("link proxy listener");
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     return;
@@ -229,7 +230,7 @@ impl Cluster {
                 for b in 1..=n {
                     if a != b {
                         let target = nodes[b - 1].peer_port;
-                        links.insert((a, b), runtime.block_on(LinkProxy::start(target)));
+                        links.insert((a, b), LinkProxy::start(&runtime, target));
                     }
                 }
             }
@@ -369,7 +370,8 @@ impl Cluster {
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { return };
                 // The sessions' agent is disabled on purpose: its failed dispatches are noise.
-                if line.contains("error=agent_disabled") {
+                // So is openraft's note that a client gave up waiting on a write's progress.
+                if line.contains("error=agent_disabled") || line.contains("ProgressResponder.complete_tx.send") {
                     continue;
                 }
                 let line = format!("[node {id}] {line}");
