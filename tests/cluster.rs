@@ -838,68 +838,121 @@ async fn cluster_wiped_node_refuses_to_rejoin() {
     .await;
 }
 
-/// (h) A follower is down while the others write enough (and archive it) that their logs are
-/// purged past it; restarted, it catches up (from a snapshot) before it reports ready.
+/// `shard`'s entry in node `id`'s `/api/admin/cluster` answer (Null without one).
+async fn shard_status(cluster: &Cluster, id: usize, shard: u16) -> Value {
+    cluster
+        .status(id)
+        .await
+        .and_then(|status| {
+            status["shards"]
+                .as_array()
+                .and_then(|s| s.iter().find(|e| e["shard"] == json!(shard)).cloned())
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// Node `follower` goes down while the others write until each shard's leader is `ahead`
+/// entries past it (and archive it), then comes back. Returns what the clients recorded and
+/// every shard where it reported ready before applying what was committed before it restarted.
+async fn follower_down_while_others_write(
+    cluster: &mut Cluster,
+    sessions: &[String],
+    follower: usize,
+    ahead: u64,
+) -> (Recorded, Vec<String>) {
+    let shards = cluster.options.shards;
+    cluster.kill9(follower);
+    let mut behind = Vec::new();
+    for shard in 0..shards {
+        let leader = cluster.leader_of(shard).await;
+        let status = shard_status(cluster, leader, shard).await;
+        let position = status["replicated"][follower.to_string()].as_u64().unwrap_or(0);
+        behind.push((leader, position));
+    }
+    eprintln!("node {follower} down; (leader, its position) by shard: {behind:?}");
+    let routing = Routing::new(cluster.bases());
+    routing.exclude(follower);
+    let load = Load::start_with_routing(
+        routing,
+        sessions,
+        LoadOptions {
+            writers: 8,
+            sockets: 0,
+            pace: Duration::ZERO,
+            pad: 0,
+            ..LoadOptions::default()
+        },
+    );
+    let started = Instant::now();
+    loop {
+        let mut past = Vec::new();
+        for (shard, (leader, position)) in behind.iter().enumerate() {
+            let last = shard_status(cluster, *leader, shard as u16).await["last_log"]
+                .as_u64()
+                .unwrap_or(0);
+            past.push(last.saturating_sub(*position));
+        }
+        if past.iter().all(|n| *n >= ahead) {
+            eprintln!(
+                "leaders {past:?} entries past node {follower} after {:?} ({} acks)",
+                started.elapsed(),
+                load.acked_so_far()
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(100),
+            "the leaders' logs are only {past:?} entries past node {follower} after 100 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recorded = load.finish().await;
+    // Let the archive flush everything (the leaders purge only archived entries).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut committed = Vec::new();
+    for (shard, (leader, _)) in behind.iter().enumerate() {
+        let status = shard_status(cluster, *leader, shard as u16).await;
+        eprintln!("shard {shard} on its leader node {leader} before node {follower} restarts: {status}");
+        committed.push(status["committed"].as_u64().unwrap_or(0));
+    }
+    cluster.restart(follower);
+    cluster.wait_ready(follower).await;
+    let mut early = Vec::new();
+    for shard in 0..shards {
+        let status = shard_status(cluster, follower, shard).await;
+        let applied = status["applied"].as_u64().unwrap_or(0);
+        if applied < committed[shard as usize] {
+            early.push(format!(
+                "({ahead} entries behind) shard {shard}: applied {applied} of the {} its leader had committed before node {follower} restarted; node {follower} says {status}",
+                committed[shard as usize]
+            ));
+        }
+    }
+    (recorded, early)
+}
+
+/// (h) A follower is down while the others write, then restarted: first briefly (it catches up
+/// from the leaders' logs), then long enough that the logs were purged past it (it catches up
+/// from a snapshot, the archive); both times before it reports ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_follower_catches_up_after_the_log_was_purged() {
     bounded(Duration::from_secs(180), async {
-        const SHARDS_H: u16 = 2;
-        let (mut cluster, sessions) = start_with_sessions(ClusterOptions {
-            shards: SHARDS_H,
-            ..options()
-        })
-        .await;
+        // The leaders snapshot every 512 entries (as far as the archive reaches) and keep 256:
+        // 2000 entries past the follower's last one are purged past it whatever the timing.
+        let (mut cluster, sessions) = start_with_sessions(ClusterOptions { shards: 2, ..options() }).await;
         let leaders = cluster.leaders().await;
         let follower = (1..=3).find(|id| !leaders.contains(id)).unwrap_or(3);
-        eprintln!("leaders {leaders:?}; node {follower} goes down");
-        cluster.kill9(follower);
-        let routing = Routing::new(cluster.bases());
-        routing.exclude(follower);
-        let load = Load::start_with_routing(
-            routing,
-            &sessions,
-            LoadOptions {
-                writers: 16,
-                sockets: 0,
-                pace: Duration::ZERO,
-                pad: 0,
-                ..LoadOptions::default()
-            },
-        );
-        // At least 1500 entries on each shard.
-        let started = Instant::now();
-        let target = 1500usize;
-        loop {
-            let ops = load.ops_so_far();
-            let mut per_shard = vec![0usize; SHARDS_H as usize];
-            for op in &ops {
-                if matches!(op.outcome, Outcome::Acked { .. }) {
-                    per_shard[fleetlm::ids::shard_for_session(&op.session, SHARDS_H) as usize] += 1;
-                }
-            }
-            if per_shard.iter().all(|n| *n >= target) {
-                eprintln!("acked per shard {per_shard:?} after {:?}", started.elapsed());
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(100),
-                "only {per_shard:?} acks per shard after 100 s"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        let recorded = load.finish().await;
-        // Let the archive flush what was written (the leaders purge only archived entries).
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        for id in (1..=3).filter(|id| *id != follower) {
-            eprintln!("node {id} before the restart: {:?}", cluster.status(id).await);
-        }
-        cluster.restart(follower);
-        cluster.wait_ready(follower).await;
-        eprintln!(
-            "node {follower} after catching up: {:?}",
-            cluster.status(follower).await
-        );
+        eprintln!("leaders {leaders:?}; node {follower} is the follower taken down");
+        let (mut recorded, mut early) = follower_down_while_others_write(&mut cluster, &sessions, follower, 300).await;
+        let (purged, early_purged) = follower_down_while_others_write(&mut cluster, &sessions, follower, 2000).await;
+        recorded.ops.extend(purged.ops);
+        early.extend(early_purged);
         check_history(&recorded, &cluster).await;
+        assert!(
+            early.is_empty(),
+            "node {follower} reported ready before it had caught up:\n{}",
+            early.join("\n")
+        );
     })
     .await;
 }

@@ -2204,9 +2204,75 @@ pub fn verify(recorded: &Recorded, histories: &Histories) -> Vec<String> {
 }
 
 /// Reads every history (all nodes must be up and ready) and panics with every problem found.
+/// Cluster mode: waits (up to 20 s) until every node agrees on each shard's leader and has
+/// applied everything that leader had committed when the wait began; what is still short then,
+/// one sentence per node and shard.
+pub async fn convergence_problems(cluster: &Cluster) -> Vec<String> {
+    if !cluster.clustered {
+        return Vec::new();
+    }
+    let started = Instant::now();
+    let mut goal: BTreeMap<u64, (u64, u64)> = BTreeMap::new(); // shard → (leader, committed)
+    loop {
+        let mut problems = Vec::new();
+        let mut statuses = BTreeMap::new();
+        for id in cluster.ids() {
+            match cluster.status(id).await {
+                Some(status) => {
+                    statuses.insert(id as u64, status);
+                }
+                None => problems.push(format!("node {id} gave no /api/admin/cluster answer")),
+            }
+        }
+        for shard in 0..u64::from(cluster.options.shards) {
+            let entry = |status: &Value| -> Value {
+                status["shards"]
+                    .as_array()
+                    .and_then(|s| s.iter().find(|e| e["shard"].as_u64() == Some(shard)))
+                    .cloned()
+                    .unwrap_or(Value::Null)
+            };
+            let leaders: BTreeSet<Option<u64>> = statuses.values().map(|s| entry(s)["leader"].as_u64()).collect();
+            let leader = match leaders.iter().collect::<Vec<_>>().as_slice() {
+                [Some(leader)] => *leader,
+                _ => {
+                    problems.push(format!(
+                        "shard {shard}: the nodes name different leaders (or none): {leaders:?}"
+                    ));
+                    continue;
+                }
+            };
+            let Some(leader_entry) = statuses.get(&leader).map(entry) else {
+                problems.push(format!("shard {shard}: its leader node {leader} gave no status"));
+                continue;
+            };
+            let committed = leader_entry["committed"].as_u64().unwrap_or(0);
+            let (goal_leader, goal_committed) = *goal.entry(shard).or_insert((leader, committed));
+            if goal_leader != leader {
+                goal.insert(shard, (leader, committed));
+            }
+            for (id, status) in &statuses {
+                let applied = entry(status)["applied"].as_u64().unwrap_or(0);
+                if applied < goal_committed {
+                    problems.push(format!(
+                        "node {id}, shard {shard}: applied {applied}, but its leader node {leader} had committed {goal_committed} ({:.0?} ago); node {id} says {}",
+                        started.elapsed(),
+                        entry(status)
+                    ));
+                }
+            }
+        }
+        if problems.is_empty() || started.elapsed() > Duration::from_secs(20) {
+            return problems;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub async fn check_history(recorded: &Recorded, cluster: &Cluster) {
     let histories = collect_histories(cluster, &recorded.sessions).await;
     let mut problems = verify(recorded, &histories);
+    problems.extend(convergence_problems(cluster).await);
     if recorded.acked() == 0 {
         problems.push("no append was acked: the run checked nothing".into());
     }
