@@ -33,6 +33,8 @@ enum PeerMessage {
     Shard(ShardCall),
     Events(Vec<RelayedEvent>),
     Agent(Agent),
+    /// This member's view of its groups (`member_status`), for `/api/admin/cluster`.
+    Status,
 }
 
 #[derive(Serialize)]
@@ -40,6 +42,56 @@ enum PeerMessageRef<'a> {
     Shard(&'a ShardCall),
     Events(&'a [RelayedEvent]),
     Agent(&'a Agent),
+    Status,
+}
+
+/// A member's view of the cluster: its groups' roles, terms, leaders and log positions.
+pub fn member_status(consensus: &Consensus) -> serde_json::Value {
+    let shards: Vec<_> = consensus
+        .status()
+        .into_iter()
+        .map(|status| {
+            let replicated: serde_json::Map<String, serde_json::Value> = status
+                .replicated
+                .iter()
+                .map(|(node, index)| (node.to_string(), serde_json::json!(index)))
+                .collect();
+            serde_json::json!({
+                "shard": status.shard,
+                "role": status.role,
+                "term": status.term,
+                "leader": status.leader,
+                "last_log": status.last_log,
+                "committed": status.committed,
+                "applied": status.applied,
+                "replicated": replicated,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "node_id": consensus.node_id(),
+        "members": consensus.members(),
+        "joined": consensus.joined(),
+        "refusal": consensus.refusal(),
+        "shards": shards,
+    })
+}
+
+/// Every other member's status, as it answers (or why it does not), by member id.
+pub async fn peer_statuses(consensus: &Consensus) -> serde_json::Map<String, serde_json::Value> {
+    let request = serde_json::to_vec(&PeerMessageRef::Status).expect("requests serialize");
+    let asks = consensus.peers().into_iter().map(|peer| {
+        let request = request.clone();
+        async move {
+            let answer = match consensus.call(peer, request, Duration::from_secs(2)).await {
+                Ok(bytes) => serde_json::from_slice(&bytes)
+                    .unwrap_or_else(|e| serde_json::json!({"error": format!("undecodable status: {e}")})),
+                Err(error) => serde_json::json!({"error": error.to_string()}),
+            };
+            (peer.to_string(), answer)
+        }
+    });
+    futures_util::future::join_all(asks).await.into_iter().collect()
 }
 
 pub fn encode_shard_call(call: &ShardCall) -> Vec<u8> {
@@ -56,11 +108,13 @@ pub struct NodeService {
     pub shards: Shards,
     pub hub: Arc<Hub>,
     pub registry: Arc<AgentRegistry>,
+    pub consensus: std::sync::Weak<Consensus>,
 }
 
 impl AppService for NodeService {
     fn handle(&self, from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
         let (shards, hub, registry) = (self.shards.clone(), self.hub.clone(), self.registry.clone());
+        let consensus = self.consensus.clone();
         Box::pin(async move {
             match serde_json::from_slice::<PeerMessage>(&request) {
                 Ok(PeerMessage::Shard(call)) => {
@@ -76,6 +130,13 @@ impl AppService for NodeService {
                 Ok(PeerMessage::Agent(agent)) => {
                     registry.install(agent);
                     b"{}".to_vec()
+                }
+                Ok(PeerMessage::Status) => {
+                    let status = match consensus.upgrade() {
+                        Some(consensus) => member_status(&consensus),
+                        None => serde_json::json!({"error": "stopping"}),
+                    };
+                    serde_json::to_vec(&status).expect("statuses serialize")
                 }
                 Err(error) => {
                     tracing::warn!(from, %error, "undecodable request from a peer");

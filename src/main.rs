@@ -33,6 +33,11 @@ enum CommandLine {
         #[command(subcommand)]
         command: WalCommand,
     },
+    /// Cluster tools.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Mint a user or agent token (HS256 JWT) with the configured secret.
     Token {
         /// The identity the token acts as (user id or agent id).
@@ -66,6 +71,52 @@ enum WalCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Print the members, each shard's leader and term, and each member's lag, as any member
+    /// sees them (its `/api/admin/cluster`). Exits 1 if a member is unreachable or a shard has
+    /// no leader.
+    Status {
+        /// HTTP address of any member, e.g. http://127.0.0.1:4001
+        #[arg(long)]
+        url: String,
+        /// The API key (token mode).
+        #[arg(long, env = "FLEETLM_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Print the raw JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn cluster_status(url: &str, api_key: Option<&str>, json: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("fleetlm: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fleetlm::cluster_status::fetch(url, api_key)) {
+        Ok(status) => {
+            if json {
+                println!("{status:#}");
+            } else {
+                print!("{}", fleetlm::cluster_status::render(&status));
+            }
+            if fleetlm::cluster_status::healthy(&status) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(error) => {
+            eprintln!("fleetlm: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -94,6 +145,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        CommandLine::Cluster {
+            command: ClusterCommand::Status { url, api_key, json },
+        } => cluster_status(&url, api_key.as_deref(), json),
         CommandLine::Token {
             sub,
             ttl_secs,

@@ -281,6 +281,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             shards: shards.clone(),
             hub: hub.clone(),
             registry: registry.clone(),
+            consensus: Arc::downgrade(consensus),
         }));
         crate::cluster::start_relay(consensus.clone(), &hub, &registry);
         crate::cluster::start_agent_refresh(registry.clone(), archive.clone());

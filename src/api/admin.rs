@@ -43,10 +43,11 @@ pub async fn dead_letters(
     Ok(axum::Json(json!({"dead_letters": page, "next_cursor": next_cursor})).into_response())
 }
 
-/// `GET /api/admin/cluster`: this member's view of the cluster — members, which of them the
-/// cluster recorded as joined, and per shard its role here, term, leader, and log positions
-/// (last, committed, applied; on a leader, how far each follower has the log). 404 on a single
-/// node. `fleetlm cluster status` prints it as a table.
+/// `GET /api/admin/cluster`: the cluster as this member sees it — members, which of them the
+/// cluster recorded as joined, and per shard its role here, term, leader and log positions
+/// (last, committed, applied; on a leader, how far each follower has the log) — plus each other
+/// member's own view under `peers` (or why it did not answer). 404 on a single node.
+/// `fleetlm cluster status` prints it as tables.
 pub async fn cluster(State(state): State<SharedState>, caller: Caller) -> ApiResult<Response> {
     if !caller.is_admin() {
         return Err(ApiError::forbidden("the cluster status requires the API key"));
@@ -54,33 +55,7 @@ pub async fn cluster(State(state): State<SharedState>, caller: Caller) -> ApiRes
     let Some(consensus) = &state.consensus else {
         return Err(ApiError::not_found("not_a_cluster", "this server runs as a single node"));
     };
-    let shards: Vec<_> = consensus
-        .status()
-        .into_iter()
-        .map(|status| {
-            let replicated: serde_json::Map<String, serde_json::Value> = status
-                .replicated
-                .iter()
-                .map(|(node, index)| (node.to_string(), json!(index)))
-                .collect();
-            json!({
-                "shard": status.shard,
-                "role": status.role,
-                "term": status.term,
-                "leader": status.leader,
-                "last_log": status.last_log,
-                "committed": status.committed,
-                "applied": status.applied,
-                "replicated": replicated,
-            })
-        })
-        .collect();
-    Ok(axum::Json(json!({
-        "node_id": consensus.node_id(),
-        "members": consensus.members(),
-        "joined": consensus.joined(),
-        "refusal": consensus.refusal(),
-        "shards": shards,
-    }))
-    .into_response())
+    let mut status = crate::cluster::member_status(consensus);
+    status["peers"] = serde_json::Value::Object(crate::cluster::peer_statuses(consensus).await);
+    Ok(axum::Json(status).into_response())
 }

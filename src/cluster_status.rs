@@ -1,0 +1,166 @@
+//! `fleetlm cluster status --url <any member>`: fetches `/api/admin/cluster` and prints the
+//! members, each shard's leader and term, and how far each member is behind, as tables.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde_json::Value;
+
+/// Fetches the status from a member's HTTP address.
+pub async fn fetch(url: &str, api_key: Option<&str>) -> anyhow::Result<Value> {
+    let endpoint = format!("{}/api/admin/cluster", url.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?;
+    let mut request = client.get(&endpoint);
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {}", e.without_url()))?;
+    let status = response.status();
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| anyhow::anyhow!("{url} did not answer: {}", e.without_url()))?;
+    let body: Value =
+        serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{url} did not answer with JSON: {e}"))?;
+    if !status.is_success() {
+        let reason = body["error"].as_str().unwrap_or("no reason given");
+        anyhow::bail!("{url} answered {status}: {reason}");
+    }
+    Ok(body)
+}
+
+/// One member's status: its own, or the one it answered through the member asked.
+fn member_views(status: &Value) -> BTreeMap<u64, Result<&Value, String>> {
+    let mut views = BTreeMap::new();
+    if let Some(id) = status["node_id"].as_u64() {
+        views.insert(id, Ok(status));
+    }
+    if let Some(peers) = status["peers"].as_object() {
+        for (id, view) in peers {
+            let Ok(id) = id.parse::<u64>() else { continue };
+            let view = match view["error"].as_str() {
+                Some(error) => Err(error.to_string()),
+                None => Ok(view),
+            };
+            views.insert(id, view);
+        }
+    }
+    views
+}
+
+/// The status as two tables: members, then shards (each member's lag behind the commit index
+/// its leader reports).
+pub fn render(status: &Value) -> String {
+    let views = member_views(status);
+    let asked = status["node_id"].as_u64().unwrap_or_default();
+    let joined: Vec<u64> = status["joined"]
+        .as_array()
+        .map(|ids| ids.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<8}{:<14}{:<8}{:<8}NOTE", "MEMBER", "STATE", "LEADS", "JOINED");
+    for (id, view) in &views {
+        let (state, leads, note) = match view {
+            Ok(view) => {
+                let leads = view["shards"]
+                    .as_array()
+                    .map_or(0, |shards| shards.iter().filter(|s| s["role"] == "leader").count());
+                let note = view["refusal"].as_str().unwrap_or_default().to_string();
+                let state = if *id == asked { "up (asked)" } else { "up" };
+                (state.to_string(), leads.to_string(), note)
+            }
+            Err(error) => ("unreachable".to_string(), "-".to_string(), error.clone()),
+        };
+        let joined = if joined.contains(id) { "yes" } else { "no" };
+        let _ = writeln!(out, "{id:<8}{state:<14}{leads:<8}{joined:<8}{note}");
+    }
+    let _ = writeln!(out);
+    let mut header = format!("{:<7}{:<8}{:<7}{:<11}", "SHARD", "LEADER", "TERM", "COMMITTED");
+    for id in views.keys() {
+        let _ = write!(header, "{:<9}", format!("LAG({id})"));
+    }
+    let _ = writeln!(out, "{}", header.trim_end());
+    let shard_count = status["shards"].as_array().map_or(0, Vec::len);
+    for shard in 0..shard_count {
+        let of = |view: &Value| view["shards"][shard].clone();
+        let mine = of(status);
+        let leader = mine["leader"].as_u64();
+        // The leader's own view has the cluster's commit index; else the asked member's.
+        let leader_view = leader
+            .and_then(|id| views.get(&id))
+            .and_then(|view| view.as_ref().ok())
+            .map(|view| of(view))
+            .unwrap_or_else(|| mine.clone());
+        let committed = leader_view["committed"].as_u64().unwrap_or_default();
+        let mut line = format!(
+            "{:<7}{:<8}{:<7}{:<11}",
+            shard,
+            leader.map_or("none".to_string(), |id| id.to_string()),
+            leader_view["term"].as_u64().unwrap_or_default(),
+            committed
+        );
+        for view in views.values() {
+            let lag = match view {
+                Ok(view) => of(view)["applied"]
+                    .as_u64()
+                    .map_or("?".to_string(), |applied| committed.saturating_sub(applied).to_string()),
+                Err(_) => "-".to_string(),
+            };
+            let _ = write!(line, "{lag:<9}");
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
+/// Every member answered and every shard has a leader.
+pub fn healthy(status: &Value) -> bool {
+    let members_up = member_views(status).values().all(Result::is_ok);
+    let led = status["shards"]
+        .as_array()
+        .is_some_and(|shards| shards.iter().all(|shard| shard["leader"].is_u64()));
+    members_up && led
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::render;
+
+    #[test]
+    fn renders_members_and_shards_with_lag() {
+        let status = json!({
+            "node_id": 1, "members": [1, 2, 3], "joined": [1, 2, 3], "refusal": null,
+            "shards": [
+                {"shard": 0, "role": "leader", "term": 4, "leader": 1, "committed": 10, "applied": 10},
+                {"shard": 1, "role": "follower", "term": 2, "leader": 2, "committed": 7, "applied": 5},
+            ],
+            "peers": {
+                "2": {"node_id": 2, "shards": [
+                    {"shard": 0, "role": "follower", "term": 4, "leader": 1, "committed": 10, "applied": 9},
+                    {"shard": 1, "role": "leader", "term": 2, "leader": 2, "committed": 8, "applied": 8},
+                ]},
+                "3": {"error": "node 3 is unreachable: connection refused"},
+            }
+        });
+        let text = render(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["MEMBER", "STATE", "LEADS", "JOINED", "NOTE"]);
+        assert!(lines[1].starts_with("1") && lines[1].contains("up (asked)"), "{text}");
+        assert!(lines[3].starts_with("3") && lines[3].contains("unreachable"), "{text}");
+        // Shard 1: node 2 leads with commit 8; node 1 applied 5 (lag 3), node 2 8 (lag 0).
+        assert_eq!(lines[4], "");
+        let columns = |line: &str| line.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(columns(lines[5]), ["SHARD", "LEADER", "TERM", "COMMITTED", "LAG(1)", "LAG(2)", "LAG(3)"]);
+        // Shard 0: node 1 leads with commit 10; node 2 applied 9.
+        assert_eq!(columns(lines[6]), ["0", "1", "4", "10", "0", "1", "-"], "{text}");
+        // Shard 1: node 2 leads with commit 8; node 1 applied 5 (lag 3).
+        assert_eq!(columns(lines[7]), ["1", "2", "2", "8", "3", "0", "-"], "{text}");
+    }
+}
