@@ -746,6 +746,14 @@ async fn cluster_partitioned_node_acknowledges_nothing() {
             acked_by_cut.is_empty(),
             "the cut-off node acknowledged writes: {acked_by_cut:?}"
         );
+        let unexpected: Vec<&String> = cut_answers
+            .iter()
+            .filter(|a| !a.contains(": 503 \"no_leader\" in") && !a.contains(": timeout in"))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "the cut-off node answered other than 503 no_leader or a timeout: {unexpected:?}"
+        );
         for (shard, took, outcome) in majority {
             assert!(
                 matches!(outcome, Outcome::Acked { .. }),

@@ -530,12 +530,13 @@ impl Cluster {
         self.partitioned.remove(&id);
     }
 
-    /// Node `id`'s `/api/admin/cluster` answer, if it gives one within 2 s.
+    /// Node `id`'s `/api/admin/cluster` answer, if it gives one within 5 s (it asks its peers
+    /// for their views, waiting up to 2 s for one that is down).
     pub async fn status(&self, id: usize) -> Option<Value> {
         let response = self
             .client
             .get(format!("{}/api/admin/cluster", self.node(id)))
-            .timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
             .send()
             .await
             .ok()?;
