@@ -666,55 +666,66 @@ async fn cluster_partitioned_node_acknowledges_nothing() {
         cluster.partition(cut);
         let acked_before = load.acked_so_far();
 
-        // Writes through the cut node: none may be acknowledged.
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(3))
-            .build()
-            .unwrap();
+        // Writes through the cut node, on every shard at once, for 5 s (each waits up to 15 s
+        // for its answer): none may be acknowledged.
+        let mut probers = Vec::new();
+        for shard in 0..SHARDS {
+            let session = session_of(&sessions, shard, SHARDS);
+            let base = cluster.node(cut);
+            probers.push(tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(15))
+                    .build()
+                    .unwrap();
+                let probe_until = Instant::now() + Duration::from_secs(5);
+                let mut results = Vec::new();
+                let mut n = 0;
+                while Instant::now() < probe_until {
+                    n += 1;
+                    let client_id = format!("cut-{shard}-{n}");
+                    let body = json!({"user_id": "u", "content": {"text": client_id}, "client_id": client_id});
+                    let started = Instant::now();
+                    let answer = client
+                        .post(format!("{base}/api/sessions/{session}/messages"))
+                        .json(&body)
+                        .send()
+                        .await;
+                    let (answer, acked) = match answer {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            let body: Value = response.json().await.unwrap_or(Value::Null);
+                            let acked = (200..300).contains(&status).then(|| format!("{status} {body}"));
+                            (format!("{status} {}", body["code"]), acked)
+                        }
+                        Err(error) if error.is_timeout() => ("timeout".to_string(), None),
+                        Err(error) => (format!("error {error}"), None),
+                    };
+                    let answer = format!("shard {shard}: {answer} in {:?}", started.elapsed());
+                    let op = OpRecord {
+                        session: session.clone(),
+                        client_id: client_id.clone(),
+                        content: json!({"text": client_id}),
+                        via: Via::Probe,
+                        outcome: Outcome::Unknown(answer.clone()),
+                        errors: Vec::new(),
+                    };
+                    results.push((answer, acked, op));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                results
+            }));
+        }
         let mut probes = Vec::new();
         let mut cut_answers: Vec<String> = Vec::new();
         let mut acked_by_cut = Vec::new();
-        let probe_until = Instant::now() + Duration::from_secs(5);
-        let mut n = 0;
-        while Instant::now() < probe_until {
-            n += 1;
-            let shard = (n % SHARDS as usize) as u16;
-            let session = session_of(&sessions, shard, SHARDS);
-            let client_id = format!("cut-{n}");
-            let body = json!({"user_id": "u", "content": {"text": client_id}, "client_id": client_id});
-            let started = Instant::now();
-            let answer = client
-                .post(format!("{}/api/sessions/{session}/messages", cluster.node(cut)))
-                .json(&body)
-                .send()
-                .await;
-            let (answer, outcome) = match answer {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let body: Value = response.json().await.unwrap_or(Value::Null);
-                    if (200..300).contains(&status) {
-                        acked_by_cut.push(format!("{client_id} on shard {shard}: {status} {body}"));
-                    }
-                    let outcome = if status == 503 {
-                        Outcome::Failed(format!("503 {}", body["code"]))
-                    } else {
-                        Outcome::Unknown(format!("{status} {body}"))
-                    };
-                    (format!("{status} {}", body["code"]), outcome)
+        for prober in probers {
+            for (answer, acked, op) in prober.await.expect("prober") {
+                if let Some(acked) = acked {
+                    acked_by_cut.push(format!("{}: {acked}", op.client_id));
                 }
-                Err(error) if error.is_timeout() => ("timeout".to_string(), Outcome::Unknown("timeout".into())),
-                Err(error) => (format!("error {error}"), Outcome::Unknown(error.to_string())),
-            };
-            cut_answers.push(format!("shard {shard}: {answer} in {:?}", started.elapsed()));
-            probes.push(OpRecord {
-                session,
-                client_id: client_id.clone(),
-                content: json!({"text": client_id}),
-                via: Via::Probe,
-                outcome,
-                errors: Vec::new(),
-            });
-            tokio::time::sleep(Duration::from_millis(200)).await;
+                cut_answers.push(answer);
+                probes.push(op);
+            }
         }
         // Every shard takes writes on the majority side.
         let mut majority = Vec::new();
