@@ -99,8 +99,11 @@ pub fn encode_shard_call(call: &ShardCall) -> Vec<u8> {
 }
 
 pub fn decode_shard_answer(bytes: &[u8]) -> Result<ShardAnswer, ShardError> {
-    serde_json::from_slice::<Result<ShardAnswer, ShardError>>(bytes)
-        .unwrap_or_else(|error| Err(ShardError::Unavailable(format!("undecodable answer from the leader: {error}"))))
+    serde_json::from_slice::<Result<ShardAnswer, ShardError>>(bytes).unwrap_or_else(|error| {
+        Err(ShardError::Unavailable(format!(
+            "undecodable answer from the leader: {error}"
+        )))
+    })
 }
 
 /// Answers other nodes' application requests.

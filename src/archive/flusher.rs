@@ -331,7 +331,8 @@ fn collect_rows(wal: &Wal, ranges: &[EntryRange], tagged: bool) -> Result<Option
                 },
                 false => &body[..],
             };
-            let ops = ops::decode_entry(command).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
+            let ops =
+                ops::decode_entry(command).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
             all_ops.extend(ops);
         }
     }

@@ -170,10 +170,8 @@ impl LeadershipWatch {
 }
 
 type CommitReceiver = openraft::type_config::alias::OneshotReceiverOf<TypeConfig, LogId>;
-type CompleteReceiver = openraft::type_config::alias::OneshotReceiverOf<
-    TypeConfig,
-    openraft::raft::ClientWriteResult<TypeConfig>,
->;
+type CompleteReceiver =
+    openraft::type_config::alias::OneshotReceiverOf<TypeConfig, openraft::raft::ClientWriteResult<TypeConfig>>;
 
 /// A command queued in its shard's log (in the order `Consensus::enqueue` was called), not yet
 /// known committed.

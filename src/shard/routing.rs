@@ -78,8 +78,15 @@ pub enum ShardCall {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ShardAnswer {
     View(SessionView),
-    Appended { record: MessageRecord, deduplicated: bool },
-    Page { messages: Vec<MessageRecord>, has_more: bool, session: SessionView },
+    Appended {
+        record: MessageRecord,
+        deduplicated: bool,
+    },
+    Page {
+        messages: Vec<MessageRecord>,
+        has_more: bool,
+        session: SessionView,
+    },
     Views(Vec<SessionView>),
     Done,
     Flag(bool),
@@ -277,7 +284,12 @@ impl Shards {
         for_the_wire(result)
     }
 
-    async fn forward(&self, cluster: &ClusterRouting, leader: u64, call: &ShardCall) -> Result<ShardAnswer, ShardError> {
+    async fn forward(
+        &self,
+        cluster: &ClusterRouting,
+        leader: u64,
+        call: &ShardCall,
+    ) -> Result<ShardAnswer, ShardError> {
         metrics::counter!("fleetlm_cluster_forwarded_total").increment(1);
         let request = crate::cluster::encode_shard_call(call);
         match cluster.consensus.call(leader, request, FORWARD_TIMEOUT).await {

@@ -344,8 +344,11 @@ impl ShardWriter {
         );
         for session in self.state.sessions.values() {
             if session.dispatch.is_pending() && session.status == SessionStatus::Active {
-                self.user_messages
-                    .user_message(&session.record.id, &session.record.agent_id, session.dispatch.last_user_seq);
+                self.user_messages.user_message(
+                    &session.record.id,
+                    &session.record.agent_id,
+                    session.dispatch.last_user_seq,
+                );
             }
         }
     }
@@ -434,7 +437,12 @@ impl ShardWriter {
                             // Another proposer (the cluster recording a member in shard 0) took
                             // an index among ours: the batch is committed, but the WAL positions
                             // the state holds are off. Rebuild once the batches in flight settle.
-                            tracing::info!(shard = self.shard, index, log_index, "log index moved; the shard rebuilds its state");
+                            tracing::info!(
+                                shard = self.shard,
+                                index,
+                                log_index,
+                                "log index moved; the shard rebuilds its state"
+                            );
                             link.resync = true;
                         }
                     }
