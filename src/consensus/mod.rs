@@ -187,7 +187,14 @@ impl Proposal {
     pub async fn committed(self) -> Result<u64, ProposeError> {
         let Proposal { commit, complete } = self;
         match tokio::time::timeout(PROPOSE_TIMEOUT, commit).await {
-            Ok(Ok(log_id)) => Ok(log_id.index + 1),
+            Ok(Ok(log_id)) => {
+                // openraft also reports when the entry is applied; a dropped receiver would make
+                // it log a warning per entry.
+                tokio::spawn(async move {
+                    let _ = complete.await;
+                });
+                Ok(log_id.index + 1)
+            }
             Ok(Err(_)) => match tokio::time::timeout(Duration::from_secs(1), complete).await {
                 Ok(Ok(Err(ClientWriteError::ForwardToLeader(forward)))) => Err(ProposeError::Unknown(format!(
                     "leadership moved to {:?} before the entry committed",
