@@ -603,6 +603,27 @@ impl Consensus {
         self.peers.keys().copied().collect()
     }
 
+    /// Confirms with a quorum that this node leads the shard in `term`, and returns the shard log
+    /// index every entry committed so far is at or below (read index: at least this leader's
+    /// own first entry). Does not wait for the entries to be applied.
+    pub async fn confirm_leadership(&self, shard: u16, term: u64) -> Result<u64, ProposeError> {
+        let read = self.group(shard).get_read_log_id(openraft::raft::ReadPolicy::ReadIndex);
+        let Ok(outcome) = tokio::time::timeout(PROPOSE_TIMEOUT, read).await else {
+            return Err(ProposeError::Unknown(
+                "no quorum confirmed the leadership in time".into(),
+            ));
+        };
+        match outcome {
+            Ok((read, _)) if read.committed_leader_id().term == term => Ok(read.index() + 1),
+            Ok(_) => Err(ProposeError::NotLeader { leader: None }),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => Err(ProposeError::NotLeader {
+                leader: forward.leader_id,
+            }),
+            Err(RaftError::APIError(error)) => Err(ProposeError::Unknown(error.to_string())),
+            Err(RaftError::Fatal(fatal)) => Err(ProposeError::Stopped(fatal.to_string())),
+        }
+    }
+
     /// Waits until this node may serve a linearizable read of the shard: it leads it, a quorum
     /// confirmed so, and everything committed before the call is applied here (read index).
     pub async fn read_barrier(&self, shard: u16) -> Result<(), ProposeError> {
@@ -693,24 +714,29 @@ impl Consensus {
         }
     }
 
+    /// Asks the most up-to-date follower of a shard this node leads to take the leadership over
+    /// (without waiting for it).
+    pub async fn transfer_leadership(&self, shard: u16) {
+        let raft = self.group(shard);
+        let target = raft.metrics().borrow_watched().replication.as_ref().and_then(|peers| {
+            peers
+                .iter()
+                .filter(|(id, _)| **id != self.node_id)
+                .max_by_key(|(_, matched)| matched.map(|m| m.index))
+                .map(|(id, _)| *id)
+        });
+        if let Some(target) = target {
+            let _ = raft.trigger().transfer_leader(target).await;
+        }
+    }
+
     /// Hands the leadership of every shard this node leads to another member (before a drain),
     /// waiting at most `timeout` in all. Returns how many shards it still leads.
     pub async fn hand_off_leadership(&self, timeout: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + timeout;
         let led: Vec<u16> = (0..self.groups.len() as u16).filter(|s| self.is_leader(*s)).collect();
         for shard in &led {
-            let raft = self.group(*shard);
-            // The most up-to-date follower takes over.
-            let target = raft.metrics().borrow_watched().replication.as_ref().and_then(|peers| {
-                peers
-                    .iter()
-                    .filter(|(id, _)| **id != self.node_id)
-                    .max_by_key(|(_, matched)| matched.map(|m| m.index))
-                    .map(|(id, _)| *id)
-            });
-            if let Some(target) = target {
-                let _ = raft.trigger().transfer_leader(target).await;
-            }
+            self.transfer_leadership(*shard).await;
         }
         for shard in &led {
             let mut metrics = self.group(*shard).metrics();

@@ -114,6 +114,12 @@ impl ShardCall {
             ShardCall::View { .. } | ShardCall::ReadMessages { .. } | ShardCall::Overlay { .. }
         )
     }
+
+    /// Reads that must see every write acknowledged before they began (a listing's overlay of
+    /// fresher in-memory views is best effort over the archive, as on a single node).
+    fn is_linearizable_read(&self) -> bool {
+        matches!(self, ShardCall::View { .. } | ShardCall::ReadMessages { .. })
+    }
 }
 
 /// An answer that crosses the peer connection: the error's archive detail stays on the leader.
@@ -219,7 +225,7 @@ impl Shards {
                 leader: cluster.consensus.leader(shard),
             });
         }
-        if call.is_read() {
+        if call.is_linearizable_read() {
             use crate::consensus::ProposeError;
             match cluster.consensus.read_barrier(shard).await {
                 Ok(()) => {}
