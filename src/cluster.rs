@@ -77,6 +77,25 @@ pub fn member_status(consensus: &Consensus) -> serde_json::Value {
     })
 }
 
+/// Sets the per-shard consensus gauges (read when `/metrics` is scraped): role, term, log
+/// positions, and on a leader each follower's lag in entries.
+pub fn record_metrics(consensus: &Consensus) {
+    for status in consensus.status() {
+        let shard = status.shard.to_string();
+        let leading = f64::from(u8::from(status.role == "leader"));
+        metrics::gauge!("fleetlm_cluster_shard_leader", "shard" => shard.clone()).set(leading);
+        metrics::gauge!("fleetlm_cluster_shard_has_leader", "shard" => shard.clone())
+            .set(f64::from(u8::from(status.leader.is_some())));
+        metrics::gauge!("fleetlm_cluster_term", "shard" => shard.clone()).set(status.term as f64);
+        metrics::gauge!("fleetlm_cluster_committed_index", "shard" => shard.clone()).set(status.committed as f64);
+        metrics::gauge!("fleetlm_cluster_applied_index", "shard" => shard.clone()).set(status.applied as f64);
+        for (peer, replicated) in &status.replicated {
+            metrics::gauge!("fleetlm_cluster_replication_lag_entries", "shard" => shard.clone(), "peer" => peer.to_string())
+                .set(status.last_log.saturating_sub(*replicated) as f64);
+        }
+    }
+}
+
 /// Every other member's status, as it answers (or why it does not), by member id.
 pub async fn peer_statuses(consensus: &Consensus) -> serde_json::Map<String, serde_json::Value> {
     let request = serde_json::to_vec(&PeerMessageRef::Status).expect("requests serialize");
@@ -99,8 +118,11 @@ pub fn encode_shard_call(call: &ShardCall) -> Vec<u8> {
 }
 
 pub fn decode_shard_answer(bytes: &[u8]) -> Result<ShardAnswer, ShardError> {
-    serde_json::from_slice::<Result<ShardAnswer, ShardError>>(bytes)
-        .unwrap_or_else(|error| Err(ShardError::Unavailable(format!("undecodable answer from the leader: {error}"))))
+    serde_json::from_slice::<Result<ShardAnswer, ShardError>>(bytes).unwrap_or_else(|error| {
+        Err(ShardError::Unavailable(format!(
+            "undecodable answer from the leader: {error}"
+        )))
+    })
 }
 
 /// Answers other nodes' application requests.
@@ -188,6 +210,58 @@ async fn send_to_peer(consensus: Arc<Consensus>, peer: u64, mut bodies: mpsc::Re
         if let Err(error) = consensus.call(peer, body.to_vec(), RELAY_TIMEOUT).await {
             tracing::debug!(peer, %error, "relaying events failed; they are dropped");
         }
+    }
+}
+
+/// Shards this member has not caught up on: its applied index trails what the shard's leader
+/// reports committed (a follower's own commit index lags the leader's, and is 0 right after a
+/// restart until the leader tells it more). Watched for `/health/ready`.
+#[derive(Default)]
+pub struct CatchUp {
+    behind: std::sync::Mutex<Option<Vec<(u16, String)>>>,
+}
+
+/// Entries a replica may trail its leader's commit index and still count as caught up (the
+/// leader commits continuously under load).
+const CAUGHT_UP_SLACK: u64 = 64;
+
+impl CatchUp {
+    /// `None` until the first check has run.
+    pub fn behind(&self) -> Option<Vec<(u16, String)>> {
+        self.behind.lock().expect("catch-up lock").clone()
+    }
+
+    /// Compares this member's applied indexes with its leaders' commit indexes, twice a second.
+    pub fn start(self: &Arc<Self>, consensus: Arc<Consensus>) {
+        let catch_up = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let peers = peer_statuses(&consensus).await;
+                let mut behind = Vec::new();
+                for status in consensus.status() {
+                    let Some(leader) = status.leader.filter(|leader| *leader != consensus.node_id()) else {
+                        continue;
+                    };
+                    let committed = peers
+                        .get(&leader.to_string())
+                        .and_then(|view| view["shards"][usize::from(status.shard)]["committed"].as_u64());
+                    match committed {
+                        Some(committed) if status.applied + CAUGHT_UP_SLACK >= committed => {}
+                        Some(committed) => behind.push((
+                            status.shard,
+                            format!(
+                                "catching up: applied {} of the {committed} entries its leader committed",
+                                status.applied
+                            ),
+                        )),
+                        None => behind.push((status.shard, format!("cannot reach its leader, node {leader}"))),
+                    }
+                }
+                *catch_up.behind.lock().expect("catch-up lock") = Some(behind);
+            }
+        });
     }
 }
 

@@ -151,13 +151,19 @@ mod tests {
         });
         let text = render(&status);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["MEMBER", "STATE", "LEADS", "JOINED", "NOTE"]);
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["MEMBER", "STATE", "LEADS", "JOINED", "NOTE"]
+        );
         assert!(lines[1].starts_with("1") && lines[1].contains("up (asked)"), "{text}");
         assert!(lines[3].starts_with("3") && lines[3].contains("unreachable"), "{text}");
         // Shard 1: node 2 leads with commit 8; node 1 applied 5 (lag 3), node 2 8 (lag 0).
         assert_eq!(lines[4], "");
         let columns = |line: &str| line.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-        assert_eq!(columns(lines[5]), ["SHARD", "LEADER", "TERM", "COMMITTED", "LAG(1)", "LAG(2)", "LAG(3)"]);
+        assert_eq!(
+            columns(lines[5]),
+            ["SHARD", "LEADER", "TERM", "COMMITTED", "LAG(1)", "LAG(2)", "LAG(3)"]
+        );
         // Shard 0: node 1 leads with commit 10; node 2 applied 9.
         assert_eq!(columns(lines[6]), ["0", "1", "4", "10", "0", "1", "-"], "{text}");
         // Shard 1: node 2 leads with commit 8; node 1 applied 5 (lag 3).

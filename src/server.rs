@@ -266,10 +266,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         },
     };
     let flusher_task = tokio::spawn(flusher.run(shutdown.clone()));
-    let routing = consensus.as_ref().map(|consensus| crate::shard::routing::ClusterRouting {
-        consensus: consensus.clone(),
-        leader_patience: leader_patience(&config),
-    });
+    let routing = consensus
+        .as_ref()
+        .map(|consensus| crate::shard::routing::ClusterRouting {
+            consensus: consensus.clone(),
+            leader_patience: leader_patience(&config),
+        });
     let shards = Shards::new(senders, writer_states, wal.clone(), archive.clone(), routing);
     let registry = Arc::new(
         crate::agents::AgentRegistry::load(&archive)
@@ -343,6 +345,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         sockets,
         shutdown: shutdown.clone(),
         consensus: consensus.clone(),
+        catch_up: consensus.as_ref().map(|consensus| {
+            let catch_up = Arc::new(crate::cluster::CatchUp::default());
+            catch_up.start(consensus.clone());
+            catch_up
+        }),
     });
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
@@ -425,10 +432,9 @@ const HAND_OFF_WAIT: Duration = Duration::from_secs(5);
 /// How long a request waits for its shard to have a leader before `503 no_leader`: a few
 /// election timeouts, so a failover is waited out and a lost quorum is answered quickly.
 fn leader_patience(config: &Config) -> Duration {
-    config
-        .cluster
-        .as_ref()
-        .map_or(Duration::ZERO, |cluster| (cluster.election_timeout * 4).max(Duration::from_secs(1)))
+    config.cluster.as_ref().map_or(Duration::ZERO, |cluster| {
+        (cluster.election_timeout * 4).max(Duration::from_secs(1))
+    })
 }
 
 /// Starts this node's consensus groups (one per shard) and its peer listener.
@@ -539,7 +545,7 @@ fn read_or_create_layout(
                 data_dir.display()
             ),
             (None, _) => bail!(
-                "invalid configuration: node_id: the data directory {} belongs to a single node and cannot join a cluster; start a cluster member on an empty data_dir (its sessions' archive is shared: they stay available)",
+                "invalid configuration: node_id: the data directory {} belongs to a single node and cannot join a cluster; start each cluster member on an empty data_dir and a database of its own (docs/OPERATIONS.md, Running a cluster)",
                 data_dir.display()
             ),
         }

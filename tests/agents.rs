@@ -840,3 +840,38 @@ async fn the_node_example_agent_registered_with_http2_fails_clearly_and_answers_
     assert_eq!(reply_text(&replies[0]), "echo: again");
     server.stop().await;
 }
+
+/// A finished reply already in the log for the newest user message (a dispatch stored it, then
+/// stopped before recording its end: a crash, or a cluster leader change) answers the turn: the
+/// agent is not asked again, and the next user message is dispatched as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_already_stored_for_the_turn_is_not_asked_for_again() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::EchoJsonl).await;
+    register(&server, &agent, "once", json!({"debounce_window_ms": 1500})).await;
+    say(&server, "once-s", "first").await;
+    // What a dispatch that died after storing its reply leaves behind.
+    let stored = server
+        .post(
+            "/api/sessions/once-s/messages",
+            json!({"agent_id": "once", "kind": "assistant",
+                "content": {"id": "m1", "role": "assistant", "parts": [{"type": "text", "text": "already"}]},
+                "metadata": {"termination": "finish", "dispatch_id": "earlier", "answers_seq": 1}}),
+        )
+        .await;
+    assert_eq!(stored.status, 200, "{}", stored.body);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(agent.calls().len(), 0, "the stored reply answered the turn");
+    assert_eq!(agent_messages(&server, "once-s", "once", 1).await.len(), 1);
+    // The turn was recorded as answered: a new message is a new turn, dispatched once.
+    say(&server, "once-s", "second").await;
+    let replies = agent_messages(&server, "once-s", "once", 2).await;
+    assert_eq!(reply_text(&replies[1]), "echo: second");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(agent.calls().len(), 1);
+    // A reply that answered only an older message does not count for a newer one.
+    say(&server, "once-s", "third").await;
+    let replies = agent_messages(&server, "once-s", "once", 3).await;
+    assert_eq!(reply_text(&replies[2]), "echo: third");
+    server.stop().await;
+}

@@ -380,12 +380,12 @@ fn invalid_configuration_exits_2_with_one_line() {
 /// is a configuration error, and until shard writes are replicated a node refuses cluster mode
 /// rather than acknowledge writes only its own disk holds. Neither error shows the secret.
 #[test]
-fn cluster_flags_are_checked_and_cluster_mode_is_refused_until_replication_lands() {
+fn cluster_flags_are_checked_and_a_data_dir_keeps_its_cluster_identity() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = |extra: &[&str]| {
+    let cluster = |node: &str, extra: &[&str]| {
         let mut command = std::process::Command::new(support::binary());
         command
-            .args(["serve", "--http-addr", "127.0.0.1:0", "--node-id", "1"])
+            .args(["serve", "--http-addr", "127.0.0.1:0", "--node-id", node])
             .args(["--cluster-peers", "1=127.0.0.1:4101,2=127.0.0.1:4102,3=127.0.0.1:4103"])
             .args(["--cluster-secret", "a-cluster-secret-for-tests"])
             .arg("--data-dir")
@@ -394,20 +394,57 @@ fn cluster_flags_are_checked_and_cluster_mode_is_refused_until_replication_lands
             .env_remove("DATABASE_URL");
         command.output().expect("run fleetlm")
     };
-    let without_database = cluster(&[]);
+    let without_database = cluster("1", &[]);
     assert_eq!(without_database.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&without_database.stderr);
     assert!(stderr.contains("database_url") && stderr.contains("shared"), "{stderr}");
     assert!(!stderr.contains("a-cluster-secret-for-tests"), "{stderr}");
 
-    let refused = cluster(&["--database-url", "postgres://postgres@127.0.0.1:1/none"]);
+    // A single node's data directory cannot become a cluster member (its log is not a
+    // replica of anything), and a member's directory stays that member's.
+    let database = support::TestDatabase::create();
+    let mut single = support::ServerProcess::start(dir.path(), Some(&database.url), &[]);
+    single.kill9();
+    let refused = cluster("1", &["--database-url", &database.url]);
     assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        stderr.contains("not available") && stderr.contains("replicated"),
+        stderr.contains("single node") && stderr.contains("empty data_dir"),
         "{stderr}"
     );
     assert!(!stderr.contains("a-cluster-secret-for-tests"), "{stderr}");
+
+    let member_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        member_dir.path().join("fleetlm.json"),
+        r#"{"format":1,"shards":8,"archive":"postgres","node_id":2}"#,
+    )
+    .unwrap();
+    let other_member = std::process::Command::new(support::binary())
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--node-id", "1"])
+        .args(["--cluster-peers", "1=127.0.0.1:4101,2=127.0.0.1:4102,3=127.0.0.1:4103"])
+        .args([
+            "--cluster-secret",
+            "a-cluster-secret-for-tests",
+            "--database-url",
+            &database.url,
+        ])
+        .arg("--data-dir")
+        .arg(member_dir.path())
+        .output()
+        .expect("run fleetlm");
+    assert_eq!(other_member.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&other_member.stderr);
+    assert!(stderr.contains("belongs to cluster member 2, not 1"), "{stderr}");
+    let as_single = std::process::Command::new(support::binary())
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--database-url", &database.url])
+        .arg("--data-dir")
+        .arg(member_dir.path())
+        .output()
+        .expect("run fleetlm");
+    assert_eq!(as_single.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&as_single.stderr);
+    assert!(stderr.contains("belongs to cluster member 2"), "{stderr}");
 }
 
 #[test]

@@ -39,7 +39,10 @@ impl AgentRegistry {
     /// Records an agent another node wrote (newer than what is here, by `updated_at`).
     pub fn install(&self, agent: Agent) {
         let mut agents = self.agents.write().expect("agent registry lock");
-        if agents.get(&agent.id).is_none_or(|known| known.updated_at <= agent.updated_at) {
+        if agents
+            .get(&agent.id)
+            .is_none_or(|known| known.updated_at <= agent.updated_at)
+        {
             agents.insert(agent.id.clone(), Arc::new(agent));
         }
     }

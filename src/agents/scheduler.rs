@@ -365,11 +365,24 @@ impl Scheduler {
         self.in_flight += 1;
         let (context, sender) = (self.context.clone(), self.sender.clone());
         tokio::spawn(async move {
+            let Some(leader_term) = context.shards.dispatch_term(&session_id) else {
+                // A cluster member that does not lead the session's shard: its leader dispatches.
+                let _ = sender
+                    .send(Event::Done {
+                        session_id,
+                        agent_id,
+                        through_seq: covered_hint,
+                        counted: true,
+                    })
+                    .await;
+                return;
+            };
             let job = DispatchJob {
                 session_id: session_id.clone(),
                 agent_id: agent_id.clone(),
                 dispatch_id,
                 control,
+                leader_term,
             };
             let started = std::time::Instant::now();
             let mut result = run_bounded(&context, &job).await;
@@ -382,6 +395,18 @@ impl Scheduler {
                 result.through_seq = result.through_seq.max(cancelled_through);
             }
             let through_seq = result.through_seq.max(covered_hint);
+            if result.superseded {
+                tracing::info!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, "dispatch ended: the shard's new leader answers the turn");
+                let _ = sender
+                    .send(Event::Done {
+                        session_id,
+                        agent_id,
+                        through_seq: covered_hint,
+                        counted: true,
+                    })
+                    .await;
+                return;
+            }
             if result.nothing_owed {
                 // A stale request: the log shows every user message answered. Nothing was
                 // called or recorded; clear the `queued` shown when it was scheduled.
@@ -557,6 +582,7 @@ async fn run_bounded(context: &Arc<EngineContext>, job: &DispatchJob) -> Dispatc
         agent_id: job.agent_id.clone(),
         dispatch_id: job.dispatch_id.clone(),
         control: job.control.clone(),
+        leader_term: job.leader_term,
     };
     let task = tokio::spawn(async move { webhook::dispatch(&task_context, &task_job).await });
     let abort = task.abort_handle();

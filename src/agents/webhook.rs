@@ -22,6 +22,9 @@ pub struct DispatchJob {
     pub session_id: Arc<str>,
     pub agent_id: String,
     pub dispatch_id: Arc<str>,
+    /// Cluster: the leadership term of the session's shard this node dispatches under; the
+    /// reply is stored only while that term lasts (a new leader dispatches the turn itself).
+    pub leader_term: Option<u64>,
     /// Cancels the dispatch (watched at every wait).
     pub control: Arc<DispatchControl>,
 }
@@ -33,6 +36,9 @@ pub struct DispatchResult {
     /// The log showed no unanswered user message: the agent was not called and nothing is
     /// recorded (a stale request, e.g. from a rescan that raced a dispatch).
     pub nothing_owed: bool,
+    /// Cluster: this node stopped leading the session's shard; the new leader dispatches the
+    /// turn. Nothing more is stored or recorded by this dispatch.
+    pub superseded: bool,
 }
 
 impl DispatchResult {
@@ -41,6 +47,7 @@ impl DispatchResult {
             through_seq: 0,
             error: Some(error.into()),
             nothing_owed: false,
+            superseded: false,
         }
     }
 }
@@ -55,6 +62,8 @@ enum CallError {
     /// The session's user cancelled the dispatch: the request was closed and what was
     /// assembled of the message streaming then is stored as aborted. Never retried.
     Cancelled,
+    /// Cluster: this node no longer leads the session's shard. Never retried.
+    Superseded,
 }
 
 fn is_retryable_status(status: u16) -> bool {
@@ -81,6 +90,7 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
         through_seq: 0,
         error: None,
         nothing_owed: false,
+        superseded: false,
     };
     if job.control.is_cancelled() {
         return cancelled;
@@ -97,6 +107,7 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
             through_seq: view.dispatch.answered_through,
             error: None,
             nothing_owed: true,
+            superseded: false,
         };
     }
     let agent = match context.registry.get(&job.agent_id) {
@@ -108,6 +119,14 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
         Err(error) => return unavailable(error),
     };
     let through_seq = history.last_user_seq.unwrap_or(view.dispatch.last_user_seq);
+    if history.reply_stored {
+        // A dispatch stored its whole reply and ended before recording it (a crash, or a
+        // leadership change): the turn is answered; record it, do not ask the agent again.
+        return DispatchResult {
+            through_seq,
+            ..cancelled
+        };
+    }
     status(context, &job.session_id, "dispatching", Some(&job.dispatch_id), None);
     let mut attempt = 1u32;
     // Registered for all attempts: chunk indexes count across them, and a joiner between two
@@ -133,6 +152,7 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
         let turn = Turn {
             final_attempt,
             replaces: history.replaces.as_deref(),
+            answers_through: through_seq,
         };
         let outcome = call(context, &agent, job, &body, turn).await;
         metrics::histogram!("fleetlm_webhook_seconds").record(started.elapsed().as_secs_f64());
@@ -154,6 +174,14 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
                     through_seq,
                     error: None,
                     nothing_owed: false,
+                    superseded: false,
+                };
+            }
+            Err(CallError::Superseded) => {
+                return DispatchResult {
+                    through_seq,
+                    superseded: true,
+                    ..cancelled
                 };
             }
             Err(CallError::Retryable { reason, retry_after }) if attempt < context.config.max_attempts => {
@@ -170,6 +198,7 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
                     through_seq,
                     error: Some(reason),
                     nothing_owed: false,
+                    superseded: false,
                 };
             }
         }
@@ -188,6 +217,9 @@ struct History {
     last_user_seq: Option<u64>,
     /// The message the reply replaces, when the newest user message is a `regenerate`.
     replaces: Option<String>,
+    /// After the newest user message the log already holds a whole reply of the agent (a
+    /// message it finished): a dispatch stored it and stopped before recording its end.
+    reply_stored: bool,
 }
 
 /// The messages the agent gets, oldest first, as the agent's history mode asks, on the current
@@ -220,6 +252,15 @@ async fn history(
     let user_id = view.record.user_id.as_str();
     let window: Vec<&crate::model::Message> = records.iter().map(|r| &r.message).collect();
     let last_user_seq = window.iter().filter(|m| m.sender_id == user_id).map(|m| m.seq).max();
+    let reply_stored = last_user_seq.is_some_and(|last_user_seq| {
+        window.iter().any(|m| {
+            m.seq > last_user_seq
+                && m.sender_id == agent.id
+                && serde_json::from_str::<Value>(m.metadata.get()).is_ok_and(|metadata| {
+                    metadata["termination"] == "finish" && metadata["answers_seq"].as_u64() >= Some(last_user_seq)
+                })
+        })
+    });
     let branch = super::branch::current_branch(&window, user_id);
     let kept: Vec<&&crate::model::Message> = window.iter().filter(|m| !branch.hidden.contains(&m.seq)).collect();
     let skip = kept.len().saturating_sub(usize::try_from(wanted).unwrap_or(usize::MAX));
@@ -240,6 +281,7 @@ async fn history(
         messages,
         last_user_seq,
         replaces: branch.replaces,
+        reply_stored,
     })
 }
 
@@ -248,6 +290,8 @@ struct Turn<'a> {
     final_attempt: bool,
     /// Said in the metadata of every message of the reply (`replaces`).
     replaces: Option<&'a str>,
+    /// The newest user message the reply answers (`answers_seq` in its messages' metadata).
+    answers_through: u64,
 }
 
 /// One HTTP attempt: send, then read the reply line by line until it ends. A reply cut off
@@ -263,6 +307,7 @@ async fn call(
     let Turn {
         final_attempt,
         replaces,
+        answers_through,
     } = turn;
     let url = crate::api::agents::webhook_url(&agent.origin_url, &agent.webhook_path);
     let timeout = Duration::from_millis(u64::from(agent.timeout_ms));
@@ -322,6 +367,7 @@ async fn call(
     }
     let mut reply = ReplyState {
         replaces: replaces.map(str::to_string),
+        answers_through,
         index: 0,
         message_bytes: 0,
         message_chunks: 0,
@@ -483,6 +529,8 @@ async fn plain_json_reply(
 struct ReplyState {
     /// The message this reply replaces (a `regenerate`), put in each message's metadata.
     replaces: Option<String>,
+    /// The newest user message the reply answers, put in each message's metadata.
+    answers_through: u64,
     /// Index of the next message this reply stores (keys `client_id` for retries).
     index: u64,
     /// Size (bytes of chunk lines) and chunk count of the message being assembled, and when
@@ -623,6 +671,9 @@ async fn store(
     let client_id = format!("dispatch:{}:{}", job.dispatch_id, reply.index);
     reply.index += 1;
     let mut metadata = metadata;
+    if let Value::Object(map) = &mut metadata {
+        map.insert("answers_seq".into(), json!(reply.answers_through));
+    }
     if let (Some(replaces), Value::Object(map)) = (&reply.replaces, &mut metadata) {
         map.insert("replaces".into(), Value::String(replaces.clone()));
     }
@@ -651,8 +702,11 @@ async fn store(
             CallError::Fatal(format!("reply message refused: {reason}"))
         }
     })?;
+    let mut request = request;
+    request.leader_term = job.leader_term;
     match context.shards.append(request).await {
         Ok(_) | Err(ShardError::ClientIdConflict) => Ok(()),
+        Err(ShardError::Superseded) => Err(CallError::Superseded),
         Err(ShardError::Overloaded | ShardError::Unavailable(_) | ShardError::Archive(_)) => {
             Err(CallError::Retryable {
                 reason: "could not store the reply yet".into(),

@@ -53,7 +53,10 @@ pub async fn cluster(State(state): State<SharedState>, caller: Caller) -> ApiRes
         return Err(ApiError::forbidden("the cluster status requires the API key"));
     }
     let Some(consensus) = &state.consensus else {
-        return Err(ApiError::not_found("not_a_cluster", "this server runs as a single node"));
+        return Err(ApiError::not_found(
+            "not_a_cluster",
+            "this server runs as a single node",
+        ));
     };
     let mut status = crate::cluster::member_status(consensus);
     status["peers"] = serde_json::Value::Object(crate::cluster::peer_statuses(consensus).await);

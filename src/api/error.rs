@@ -157,8 +157,11 @@ impl From<ShardError> for ApiError {
             ShardError::NotLoaded | ShardError::NeedsCursorAt { .. } => {
                 ApiError::unavailable("the request could not be completed; retry")
             }
-            ShardError::NotLeader { .. } => no_leader("the session's shard has no leader right now; retry shortly".into()),
+            ShardError::NotLeader { .. } => {
+                no_leader("the session's shard has no leader right now; retry shortly".into())
+            }
             ShardError::NoLeader(reason) => no_leader(reason),
+            ShardError::Superseded => no_leader("the shard's leadership changed; retry".into()),
         }
     }
 }

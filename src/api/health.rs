@@ -25,7 +25,7 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
         reasons.push(json!({"component": "shard", "shard": shard, "reason": reason}));
     }
     if let Some(consensus) = &state.consensus {
-        cluster_reasons(consensus, &mut reasons);
+        cluster_reasons(consensus, state.catch_up.as_deref(), &mut reasons);
     }
     match tokio::time::timeout(Duration::from_secs(2), state.shards.archive().ping()).await {
         Ok(Ok(())) => {}
@@ -45,7 +45,11 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
 
 /// A cluster member is ready once it takes part, knows a leader for every shard, and has
 /// applied everything it knows committed.
-fn cluster_reasons(consensus: &crate::consensus::Consensus, reasons: &mut Vec<serde_json::Value>) {
+fn cluster_reasons(
+    consensus: &crate::consensus::Consensus,
+    catch_up: Option<&crate::cluster::CatchUp>,
+    reasons: &mut Vec<serde_json::Value>,
+) {
     if let Some(refusal) = consensus.refusal() {
         reasons.push(json!({"component": "cluster", "reason": refusal}));
         return;
@@ -53,9 +57,14 @@ fn cluster_reasons(consensus: &crate::consensus::Consensus, reasons: &mut Vec<se
     for status in consensus.status() {
         if status.leader.is_none() {
             reasons.push(json!({"component": "cluster", "shard": status.shard, "reason": "no known leader"}));
-        } else if status.applied < status.committed {
-            reasons.push(json!({"component": "cluster", "shard": status.shard,
-                "reason": format!("catching up: applied {} of {} committed", status.applied, status.committed)}));
+        }
+    }
+    match catch_up.and_then(crate::cluster::CatchUp::behind) {
+        None => reasons.push(json!({"component": "cluster", "reason": "comparing its log with its leaders'"})),
+        Some(behind) => {
+            for (shard, reason) in behind {
+                reasons.push(json!({"component": "cluster", "shard": shard, "reason": reason}));
+            }
         }
     }
 }
@@ -68,6 +77,9 @@ pub async fn metrics(State(state): State<SharedState>, caller: crate::auth::Call
     metrics::gauge!("fleetlm_wal_disk_bytes").set(state.shards.wal().disk_bytes() as f64);
     if let Some(rss) = crate::metrics::process_rss_bytes() {
         metrics::gauge!("fleetlm_process_rss_bytes").set(rss as f64);
+    }
+    if let Some(consensus) = &state.consensus {
+        crate::cluster::record_metrics(consensus);
     }
     ([("content-type", "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }

@@ -176,6 +176,7 @@ pub fn build_append(
         expected_seq,
         fingerprint,
         archive_checked_below: None,
+        leader_term: None,
     })
 }
 

@@ -51,6 +51,8 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Cluster mode: this member's consensus groups.
     pub consensus: Option<Arc<crate::consensus::Consensus>>,
+    /// Cluster mode: the shards this member has not caught up on.
+    pub catch_up: Option<Arc<crate::cluster::CatchUp>>,
 }
 
 pub type SharedState = Arc<AppState>;

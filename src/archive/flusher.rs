@@ -175,7 +175,7 @@ impl Flusher {
             if behind.is_empty() {
                 return Ok(());
             }
-            self.flush_once(&behind, progress).await?;
+            self.flush_once(&behind, &targets, progress).await?;
             for shard in behind {
                 let state = &mut progress[shard as usize];
                 state
@@ -219,15 +219,25 @@ impl Flusher {
         }
     }
 
-    /// One archive transaction: the next entries of every shard in `shards`.
-    async fn flush_once(&self, shards: &[u16], progress: &mut [ShardProgress]) -> Result<(), FlushError> {
+    /// One archive transaction: the next entries of every shard in `shards`, never past its
+    /// target (a cluster leader's WAL also holds entries not committed yet, which may never be).
+    async fn flush_once(
+        &self,
+        shards: &[u16],
+        targets: &[u64],
+        progress: &mut [ShardProgress],
+    ) -> Result<(), FlushError> {
         let started = Instant::now();
         let ranges: Vec<EntryRange> = shards
             .iter()
-            .map(|&shard| EntryRange {
-                shard,
-                from_index: progress[shard as usize].watermark.unwrap_or_default() + 1,
-                max_entries: self.options.max_entries_per_shard,
+            .map(|&shard| {
+                let watermark = progress[shard as usize].watermark.unwrap_or_default();
+                let up_to_target = targets[shard as usize].saturating_sub(watermark);
+                EntryRange {
+                    shard,
+                    from_index: watermark + 1,
+                    max_entries: self.options.max_entries_per_shard.min(up_to_target as usize),
+                }
             })
             .collect();
         // Reading, decoding and sorting into rows is CPU work on the scale of a cycle's traffic:
@@ -331,7 +341,8 @@ fn collect_rows(wal: &Wal, ranges: &[EntryRange], tagged: bool) -> Result<Option
                 },
                 false => &body[..],
             };
-            let ops = ops::decode_entry(command).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
+            let ops =
+                ops::decode_entry(command).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
             all_ops.extend(ops);
         }
     }

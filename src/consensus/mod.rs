@@ -46,8 +46,9 @@ use peer::{Identity, PeerClient};
 use types::{LogId, Member, Raft, ShardCommand, TypeConfig};
 
 /// A proposal not committed by then is answered with an unknown outcome (a leader cut off from
-/// its quorum keeps its uncommitted entries until it hears of a new leader).
-const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// its quorum keeps its uncommitted entries until it hears of a new leader): a client of a node
+/// cut off from the majority gets `no_leader` in seconds, not a hang.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Committed entries a shard's consumer may lag behind before applying waits for it.
 const APPLIED_QUEUE: usize = 4096;
@@ -170,10 +171,8 @@ impl LeadershipWatch {
 }
 
 type CommitReceiver = openraft::type_config::alias::OneshotReceiverOf<TypeConfig, LogId>;
-type CompleteReceiver = openraft::type_config::alias::OneshotReceiverOf<
-    TypeConfig,
-    openraft::raft::ClientWriteResult<TypeConfig>,
->;
+type CompleteReceiver =
+    openraft::type_config::alias::OneshotReceiverOf<TypeConfig, openraft::raft::ClientWriteResult<TypeConfig>>;
 
 /// A command queued in its shard's log (in the order `Consensus::enqueue` was called), not yet
 /// known committed.
@@ -188,7 +187,14 @@ impl Proposal {
     pub async fn committed(self) -> Result<u64, ProposeError> {
         let Proposal { commit, complete } = self;
         match tokio::time::timeout(PROPOSE_TIMEOUT, commit).await {
-            Ok(Ok(log_id)) => Ok(log_id.index + 1),
+            Ok(Ok(log_id)) => {
+                // openraft also reports when the entry is applied; a dropped receiver would make
+                // it log a warning per entry.
+                tokio::spawn(async move {
+                    let _ = complete.await;
+                });
+                Ok(log_id.index + 1)
+            }
             Ok(Err(_)) => match tokio::time::timeout(Duration::from_secs(1), complete).await {
                 Ok(Ok(Err(ClientWriteError::ForwardToLeader(forward)))) => Err(ProposeError::Unknown(format!(
                     "leadership moved to {:?} before the entry committed",
@@ -597,14 +603,39 @@ impl Consensus {
         self.peers.keys().copied().collect()
     }
 
+    /// Confirms with a quorum that this node leads the shard in `term`, and returns the shard log
+    /// index every entry committed so far is at or below (read index: at least this leader's
+    /// own first entry). Does not wait for the entries to be applied.
+    pub async fn confirm_leadership(&self, shard: u16, term: u64) -> Result<u64, ProposeError> {
+        let read = self.group(shard).get_read_log_id(openraft::raft::ReadPolicy::ReadIndex);
+        let Ok(outcome) = tokio::time::timeout(PROPOSE_TIMEOUT, read).await else {
+            return Err(ProposeError::Unknown(
+                "no quorum confirmed the leadership in time".into(),
+            ));
+        };
+        match outcome {
+            Ok((read, _)) if read.committed_leader_id().term == term => Ok(read.index() + 1),
+            Ok(_) => Err(ProposeError::NotLeader { leader: None }),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => Err(ProposeError::NotLeader {
+                leader: forward.leader_id,
+            }),
+            Err(RaftError::APIError(error)) => Err(ProposeError::Unknown(error.to_string())),
+            Err(RaftError::Fatal(fatal)) => Err(ProposeError::Stopped(fatal.to_string())),
+        }
+    }
+
     /// Waits until this node may serve a linearizable read of the shard: it leads it, a quorum
     /// confirmed so, and everything committed before the call is applied here (read index).
     pub async fn read_barrier(&self, shard: u16) -> Result<(), ProposeError> {
-        match self
+        let barrier = self
             .group(shard)
-            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
-            .await
-        {
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
+        let Ok(outcome) = tokio::time::timeout(PROPOSE_TIMEOUT, barrier).await else {
+            return Err(ProposeError::Unknown(
+                "no quorum confirmed the leadership in time".into(),
+            ));
+        };
+        match outcome {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => Err(ProposeError::NotLeader {
                 leader: forward.leader_id,
@@ -683,24 +714,29 @@ impl Consensus {
         }
     }
 
+    /// Asks the most up-to-date follower of a shard this node leads to take the leadership over
+    /// (without waiting for it).
+    pub async fn transfer_leadership(&self, shard: u16) {
+        let raft = self.group(shard);
+        let target = raft.metrics().borrow_watched().replication.as_ref().and_then(|peers| {
+            peers
+                .iter()
+                .filter(|(id, _)| **id != self.node_id)
+                .max_by_key(|(_, matched)| matched.map(|m| m.index))
+                .map(|(id, _)| *id)
+        });
+        if let Some(target) = target {
+            let _ = raft.trigger().transfer_leader(target).await;
+        }
+    }
+
     /// Hands the leadership of every shard this node leads to another member (before a drain),
     /// waiting at most `timeout` in all. Returns how many shards it still leads.
     pub async fn hand_off_leadership(&self, timeout: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + timeout;
         let led: Vec<u16> = (0..self.groups.len() as u16).filter(|s| self.is_leader(*s)).collect();
         for shard in &led {
-            let raft = self.group(*shard);
-            // The most up-to-date follower takes over.
-            let target = raft.metrics().borrow_watched().replication.as_ref().and_then(|peers| {
-                peers
-                    .iter()
-                    .filter(|(id, _)| **id != self.node_id)
-                    .max_by_key(|(_, matched)| matched.map(|m| m.index))
-                    .map(|(id, _)| *id)
-            });
-            if let Some(target) = target {
-                let _ = raft.trigger().transfer_leader(target).await;
-            }
+            self.transfer_leadership(*shard).await;
         }
         for shard in &led {
             let mut metrics = self.group(*shard).metrics();

@@ -58,7 +58,10 @@ impl PeerError {
     /// The request surely never reached the peer (so it was not acted on): no connection, the
     /// peer refused it before reading requests, or it was too large to send.
     pub fn surely_not_delivered(&self) -> bool {
-        matches!(self, PeerError::Unreachable(..) | PeerError::Refused(..) | PeerError::TooLarge(..))
+        matches!(
+            self,
+            PeerError::Unreachable(..) | PeerError::Refused(..) | PeerError::TooLarge(..)
+        )
     }
 }
 

@@ -79,6 +79,10 @@ pub enum ShardError {
     /// unknown. Retry (an append with the same `client_id`).
     #[error("{0}")]
     NoLeader(String),
+    /// Cluster: the request belongs to a leadership term that has ended (an agent's reply
+    /// dispatched by a former leader: the new leader dispatches the turn itself).
+    #[error("the shard's leadership changed since this request's dispatch began")]
+    Superseded,
 }
 
 impl ShardError {
@@ -126,6 +130,10 @@ pub struct AppendRequest {
     pub fingerprint: u64,
     /// The archive was searched for `client_id` among messages below this seq.
     pub archive_checked_below: Option<u64>,
+    /// Cluster: store it only if the shard's leader is still the one of this term (an agent's
+    /// reply, dispatched by that leader); refused `Superseded` otherwise.
+    #[serde(default)]
+    pub leader_term: Option<u64>,
 }
 
 pub enum AppendOutcome {
@@ -361,6 +369,16 @@ impl Shards {
 
     fn clustered(&self) -> bool {
         self.inner.cluster.is_some()
+    }
+
+    /// Whether this node should dispatch the session's agent, and under which leadership term:
+    /// a single node always (no term); a cluster member only while it leads the session's shard.
+    pub fn dispatch_term(&self, session_id: &str) -> Option<Option<u64>> {
+        let Some(cluster) = &self.inner.cluster else {
+            return Some(None);
+        };
+        let leadership = cluster.consensus.watch(self.shard_of(session_id)).now();
+        leadership.leading.then_some(Some(leadership.term))
     }
 
     pub fn shard_count(&self) -> u16 {

@@ -22,11 +22,15 @@ use crate::consensus::{Applied, Consensus, Leadership};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Follower,
-    /// Elected in `term`; writes once the feed has delivered every entry through `through` and
-    /// one of `term`.
+    /// Elected in `term`; writes once a quorum has confirmed the leadership (`confirmed`: then
+    /// `through` includes the read index, so everything committed anywhere, and so everything
+    /// the archive may hold) and the feed has delivered every entry through `through` and one
+    /// of `term`. Without the confirmation a leader that was cut off (or stopped) and still
+    /// believes it leads would rebuild from a log the others have moved past.
     TakingOver {
         term: u64,
         through: u64,
+        confirmed: bool,
     },
     Leader {
         term: u64,
@@ -45,6 +49,11 @@ pub struct ClusterLink {
     /// The state must be rebuilt once the batches in flight have settled (leadership was lost
     /// while they were in flight, or the log index moved under them); no new batch meanwhile.
     pub resync: bool,
+    /// A term this writer was elected in but could not lead (its log failed to recover): it
+    /// handed the leadership over and does not try again in that term.
+    pub gave_up_term: Option<u64>,
+    /// The quorum's confirmation of a takeover: `(term, read index)`.
+    pub confirmation: Option<tokio::sync::oneshot::Receiver<(u64, u64)>>,
 }
 
 impl ClusterLink {
@@ -56,6 +65,8 @@ impl ClusterLink {
             applied_term: 0,
             published_through: 0,
             resync: false,
+            gave_up_term: None,
+            confirmation: None,
         }
     }
 
@@ -91,18 +102,71 @@ impl ClusterLink {
     }
 
     fn start_taking_over(&mut self, now: Leadership) {
+        // A confirmation asked for in another role is dropped (its task stops).
+        self.confirmation = None;
         if now.leading {
             self.role = Role::TakingOver {
                 term: now.term,
                 through: now.last_log,
+                confirmed: false,
             };
         }
     }
 
-    /// Whether a writer taking over has seen enough of the feed to rebuild and write.
+    /// Asks a quorum to confirm the leadership being taken over, once (retried until it is
+    /// confirmed or the role changes).
+    pub fn request_confirmation(&mut self, shard: u16) {
+        let Role::TakingOver {
+            term, confirmed: false, ..
+        } = self.role
+        else {
+            return;
+        };
+        if self.confirmation.is_some() || self.gave_up_term == Some(term) {
+            return;
+        }
+        let (answer, confirmation) = tokio::sync::oneshot::channel();
+        self.confirmation = Some(confirmation);
+        let consensus = self.consensus.clone();
+        tokio::spawn(async move {
+            while !answer.is_closed() {
+                match consensus.confirm_leadership(shard, term).await {
+                    Ok(index) => {
+                        let _ = answer.send((term, index));
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::debug!(shard, term, %error, "leadership not confirmed yet");
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// A quorum confirmed the leadership of `term` with this read index.
+    pub fn on_confirmed(&mut self, confirmed_term: u64, read_index: u64) {
+        self.confirmation = None;
+        if let Role::TakingOver { term, through, .. } = self.role
+            && term == confirmed_term
+        {
+            self.role = Role::TakingOver {
+                term,
+                through: through.max(read_index),
+                confirmed: true,
+            };
+        }
+    }
+
+    /// Whether a writer taking over has its leadership confirmed and has seen enough of the
+    /// feed to rebuild and write.
     pub fn ready_to_take_over(&self) -> Option<(u64, u64)> {
         match self.role {
-            Role::TakingOver { term, through } if self.applied_term == term && self.applied_through >= through => {
+            Role::TakingOver {
+                term,
+                through,
+                confirmed: true,
+            } if self.applied_term == term && self.applied_through >= through && self.gave_up_term != Some(term) => {
                 Some((term, self.applied_through))
             }
             _ => None,

@@ -22,7 +22,7 @@ use crate::model::{MessageRecord, SessionRecord, SessionView};
 
 /// How long a forwarded request may take (longer than a proposal's own timeout, so the leader
 /// answers first when it can).
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(12);
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// What the router needs of the cluster.
 pub struct ClusterRouting {
@@ -78,8 +78,15 @@ pub enum ShardCall {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ShardAnswer {
     View(SessionView),
-    Appended { record: MessageRecord, deduplicated: bool },
-    Page { messages: Vec<MessageRecord>, has_more: bool, session: SessionView },
+    Appended {
+        record: MessageRecord,
+        deduplicated: bool,
+    },
+    Page {
+        messages: Vec<MessageRecord>,
+        has_more: bool,
+        session: SessionView,
+    },
     Views(Vec<SessionView>),
     Done,
     Flag(bool),
@@ -106,6 +113,12 @@ impl ShardCall {
             self,
             ShardCall::View { .. } | ShardCall::ReadMessages { .. } | ShardCall::Overlay { .. }
         )
+    }
+
+    /// Reads that must see every write acknowledged before they began (a listing's overlay of
+    /// fresher in-memory views is best effort over the archive, as on a single node).
+    fn is_linearizable_read(&self) -> bool {
+        matches!(self, ShardCall::View { .. } | ShardCall::ReadMessages { .. })
     }
 }
 
@@ -212,7 +225,7 @@ impl Shards {
                 leader: cluster.consensus.leader(shard),
             });
         }
-        if call.is_read() {
+        if call.is_linearizable_read() {
             use crate::consensus::ProposeError;
             match cluster.consensus.read_barrier(shard).await {
                 Ok(()) => {}
@@ -277,7 +290,12 @@ impl Shards {
         for_the_wire(result)
     }
 
-    async fn forward(&self, cluster: &ClusterRouting, leader: u64, call: &ShardCall) -> Result<ShardAnswer, ShardError> {
+    async fn forward(
+        &self,
+        cluster: &ClusterRouting,
+        leader: u64,
+        call: &ShardCall,
+    ) -> Result<ShardAnswer, ShardError> {
         metrics::counter!("fleetlm_cluster_forwarded_total").increment(1);
         let request = crate::cluster::encode_shard_call(call);
         match cluster.consensus.call(leader, request, FORWARD_TIMEOUT).await {

@@ -236,6 +236,21 @@ impl ShardWriter {
                         None => applied = None,
                     }
                 }
+                confirmed = async {
+                    match self.cluster.as_mut().and_then(|link| link.confirmation.as_mut()) {
+                        Some(confirmation) => confirmation.await.ok(),
+                        None => std::future::pending().await,
+                    }
+                }, if self.cluster.as_ref().is_some_and(|link| link.confirmation.is_some()) => {
+                    let link = self.cluster.as_mut().expect("cluster mode");
+                    match confirmed {
+                        Some((term, read_index)) => link.on_confirmed(term, read_index),
+                        None => link.confirmation = None,
+                    }
+                    if in_flight.is_empty() {
+                        self.try_take_over().await;
+                    }
+                }
                 alive = async { watch.as_mut().expect("cluster mode").changed().await }, if watch.is_some() => {
                     match alive {
                         true => {
@@ -319,6 +334,9 @@ impl ShardWriter {
     /// Cluster mode: once elected and caught up, rebuilds the state from the archive and the
     /// committed log (as a restart does) and starts writing; then dispatches what the log owes.
     async fn try_take_over(&mut self) {
+        if let Some(link) = self.cluster.as_mut() {
+            link.request_confirmation(self.shard);
+        }
         let Some((term, through)) = self
             .cluster
             .as_ref()
@@ -329,6 +347,16 @@ impl ShardWriter {
         };
         let started = Instant::now();
         self.recover().await;
+        if let Some(refusal) = &self.refusal {
+            // This replica cannot vouch for its log: another member leads better.
+            tracing::error!(shard = self.shard, %refusal, "cannot lead the shard; handing its leadership over");
+            self.state = ShardState::new(0);
+            let link = self.cluster.as_mut().expect("cluster mode");
+            link.role = Role::Follower;
+            link.gave_up_term = Some(term);
+            link.consensus.transfer_leadership(self.shard).await;
+            return;
+        }
         // A leadership change during the recovery is handled by the next `on_leadership`.
         let link = self.cluster.as_mut().expect("cluster mode");
         link.role = Role::Leader { term };
@@ -344,8 +372,11 @@ impl ShardWriter {
         );
         for session in self.state.sessions.values() {
             if session.dispatch.is_pending() && session.status == SessionStatus::Active {
-                self.user_messages
-                    .user_message(&session.record.id, &session.record.agent_id, session.dispatch.last_user_seq);
+                self.user_messages.user_message(
+                    &session.record.id,
+                    &session.record.agent_id,
+                    session.dispatch.last_user_seq,
+                );
             }
         }
     }
@@ -434,7 +465,12 @@ impl ShardWriter {
                             // Another proposer (the cluster recording a member in shard 0) took
                             // an index among ours: the batch is committed, but the WAL positions
                             // the state holds are off. Rebuild once the batches in flight settle.
-                            tracing::info!(shard = self.shard, index, log_index, "log index moved; the shard rebuilds its state");
+                            tracing::info!(
+                                shard = self.shard,
+                                index,
+                                log_index,
+                                "log index moved; the shard rebuilds its state"
+                            );
                             link.resync = true;
                         }
                     }
@@ -720,6 +756,11 @@ impl ShardWriter {
         };
         if !participant {
             return Err(ShardError::NotParticipant);
+        }
+        if let Some(term) = request.leader_term
+            && self.cluster.as_ref().and_then(ClusterLink::leading_term) != Some(term)
+        {
+            return Err(ShardError::Superseded);
         }
         if let Some(client_id) = &request.client_id {
             if let Some(entry) = session.client_ids.get(client_id) {

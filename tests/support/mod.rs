@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -3,7 +3,7 @@ import { FleetLMClient, type FleetLMClientOptions, type Message } from "@fleetlm
 import type { UIMessage } from "ai";
 
 /** Metadata keys FleetLM adds to stored replies; they are not part of the UI message. */
-export const FLEETLM_METADATA_KEYS = ["termination", "dispatch_id", "replaces", "error"] as const;
+export const FLEETLM_METADATA_KEYS = ["termination", "dispatch_id", "answers_seq", "replaces", "error"] as const;
 
 /** Tool part states a client writes back (docs/CLIENTS.md, "Tools and approvals"). */
 export const CLIENT_TOOL_STATES = new Set(["output-available", "output-error", "approval-responded"]);

@@ -1,0 +1,977 @@
+//! The cluster as users meet it: three real `fleetlm serve` processes sharing one Postgres,
+//! under a concurrent REST + WebSocket load, through kill -9, SIGSTOP, SIGTERM, partitions and
+//! a wiped disk; after each run one checker reads every session's history from every node and
+//! from the archive and compares it with every acknowledgement the clients got
+//! (tests/support/cluster.rs).
+//!
+//! The scenarios run one at a time (a lock file), each within a bound.
+
+mod support;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::cluster::{
+    ARCHIVE, Cluster, ClusterOptions, Histories, Load, LoadOptions, OpRecord, Outcome, Recorded, Routing, SocketEvent,
+    SocketRecord, Started, StoredMessage, Via, append_with_retry, check_history, collect_histories, create_sessions,
+    node_source, spread_sessions, verify,
+};
+
+const SHARDS: u16 = 4;
+
+/// Holds the lock that runs the cluster scenarios one at a time (also across nextest's
+/// processes): each starts three servers on a small machine.
+struct Serial(#[allow(dead_code)] std::fs::File);
+
+fn serial() -> Serial {
+    let path = std::env::temp_dir().join("fleetlm-cluster-tests.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .expect("lock file");
+    file.lock().expect("lock the cluster tests' lock file");
+    Serial(file)
+}
+
+/// Runs a scenario within `limit`.
+async fn bounded(limit: Duration, scenario: impl Future<Output = ()>) {
+    let _serial = serial();
+    if tokio::time::timeout(limit, scenario).await.is_err() {
+        panic!("the scenario did not finish within {limit:?}");
+    }
+}
+
+fn options() -> ClusterOptions {
+    ClusterOptions {
+        shards: SHARDS,
+        ..ClusterOptions::default()
+    }
+}
+
+async fn start_with_sessions(options: ClusterOptions) -> (Cluster, Vec<String>) {
+    let shards = options.shards;
+    let cluster = Cluster::start(3, options).await;
+    let sessions = spread_sessions("s", shards, 2);
+    create_sessions(&cluster.node(1), &sessions).await;
+    (cluster, sessions)
+}
+
+/// A session of `shard` among `sessions`.
+fn session_of(sessions: &[String], shard: u16, shards: u16) -> String {
+    sessions
+        .iter()
+        .find(|s| fleetlm::ids::shard_for_session(s, shards) == shard)
+        .expect("a session on every shard")
+        .clone()
+}
+
+/// Appends one message through any node but `avoid` until acked (up to `limit`); returns the
+/// record and how long it took.
+async fn probe_write(
+    cluster: &Cluster,
+    avoid: Option<usize>,
+    session: &str,
+    name: &str,
+    limit: Duration,
+) -> (OpRecord, Duration) {
+    let routing = Routing::new(cluster.bases());
+    if let Some(avoid) = avoid {
+        routing.exclude(avoid);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let mut op = append_with_retry(
+        &client,
+        &routing,
+        session,
+        name,
+        json!({"text": name}),
+        Instant::now() + limit,
+    )
+    .await;
+    op.via = Via::Probe;
+    (op, started.elapsed())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checker checks
+// ---------------------------------------------------------------------------------------------
+
+fn stored(seq: u64, marker: &str) -> StoredMessage {
+    StoredMessage {
+        seq,
+        id: format!("id-{marker}"),
+        content: json!({"text": marker}),
+        client_id: None,
+    }
+}
+
+fn acked(session: &str, marker: &str, seq: u64) -> OpRecord {
+    OpRecord {
+        session: session.into(),
+        client_id: marker.into(),
+        content: json!({"text": marker}),
+        via: Via::Rest,
+        outcome: Outcome::Acked {
+            seq,
+            id: Some(format!("id-{marker}")),
+            node: 1,
+        },
+        errors: Vec::new(),
+    }
+}
+
+/// A consistent three-message history on two nodes and the archive.
+fn good_run() -> (Recorded, Histories) {
+    let recorded = Recorded {
+        sessions: vec!["s".into()],
+        ops: vec![acked("s", "a", 1), acked("s", "b", 2), acked("s", "c", 3)],
+        sockets: vec![SocketRecord {
+            index: 0,
+            session: "s".into(),
+            events: vec![
+                SocketEvent::Joined {
+                    node: 1,
+                    sent: 0,
+                    last_seq: 0,
+                },
+                SocketEvent::Message {
+                    seq: 1,
+                    id: "id-a".into(),
+                    marker: "a".into(),
+                },
+                SocketEvent::Message {
+                    seq: 2,
+                    id: "id-b".into(),
+                    marker: "b".into(),
+                },
+                SocketEvent::Message {
+                    seq: 3,
+                    id: "id-c".into(),
+                    marker: "c".into(),
+                },
+            ],
+            target_seq: 3,
+        }],
+    };
+    let mut histories = Histories::default();
+    let messages = vec![stored(1, "a"), stored(2, "b"), stored(3, "c")];
+    for source in [node_source(1), node_source(2), ARCHIVE.to_string()] {
+        let mut copy = messages.clone();
+        if source == ARCHIVE {
+            for m in &mut copy {
+                m.client_id = Some(super_marker(&m.content));
+            }
+        } else {
+            histories
+                .last_seqs
+                .entry(source.clone())
+                .or_default()
+                .insert("s".into(), 3);
+        }
+        histories.sources.entry(source).or_default().insert("s".into(), copy);
+    }
+    (recorded, histories)
+}
+
+fn super_marker(content: &Value) -> String {
+    content["text"].as_str().unwrap().to_string()
+}
+
+fn messages_of<'a>(histories: &'a mut Histories, source: &str) -> &'a mut Vec<StoredMessage> {
+    histories.sources.get_mut(source).unwrap().get_mut("s").unwrap()
+}
+
+fn assert_reports(problems: &[String], needle: &str) {
+    assert!(
+        problems.iter().any(|p| p.contains(needle)),
+        "expected a problem containing {needle:?}, got {problems:#?}"
+    );
+}
+
+#[test]
+fn the_checker_passes_a_consistent_run() {
+    let (recorded, histories) = good_run();
+    assert_eq!(verify(&recorded, &histories), Vec::<String>::new());
+}
+
+#[test]
+fn the_checker_reports_a_lost_ack() {
+    let (recorded, mut histories) = good_run();
+    // Node 2 lost the last acked message.
+    messages_of(&mut histories, "node 2").pop();
+    let problems = verify(&recorded, &histories);
+    assert_reports(
+        &problems,
+        "acked message c (session s, seq 3, acked by node 1 via REST) is missing on node 2",
+    );
+    assert_reports(
+        &problems,
+        "node 2, session s: the session's last_seq is 3 but its history ends at seq 2",
+    );
+    assert_reports(
+        &problems,
+        "session s, seq 3 (id id-c, from archive) is missing on node 2",
+    );
+}
+
+#[test]
+fn the_checker_reports_a_duplicate() {
+    let (recorded, mut histories) = good_run();
+    // The archive stored "b" twice (a retry not deduplicated).
+    let mut again = stored(4, "b");
+    again.id = "id-b2".into();
+    again.client_id = Some("b".into());
+    messages_of(&mut histories, ARCHIVE).push(again);
+    let problems = verify(&recorded, &histories);
+    assert_reports(
+        &problems,
+        "archive, session s: client_id b appears twice, at seq 2 and at seq 4",
+    );
+    assert_reports(
+        &problems,
+        "session s, seq 4 (id id-b2, from archive) is missing on node 1, node 2",
+    );
+}
+
+#[test]
+fn the_checker_reports_a_gap_a_disagreement_and_a_reused_seq() {
+    let (mut recorded, mut histories) = good_run();
+    // Node 1 skips seq 2; node 2 shows other content at seq 3; two acks name seq 3.
+    messages_of(&mut histories, "node 1").remove(1);
+    messages_of(&mut histories, "node 2")[2].content = json!({"text": "c", "x": 1});
+    recorded.ops.push(acked("s", "d", 3));
+    let problems = verify(&recorded, &histories);
+    assert_reports(
+        &problems,
+        "node 1, session s: seq 3 follows seq 1 (seqs 2..=2 are missing)",
+    );
+    assert_reports(
+        &problems,
+        "session s, seq 3: archive has id id-c content {\"text\":\"c\"}, node 2 has id id-c",
+    );
+    assert_reports(&problems, "session s: seq 3 was acked twice, for c and for d");
+    assert_reports(
+        &problems,
+        "acked message d (session s, seq 3, acked by node 1 via REST) is missing on node 1",
+    );
+}
+
+#[test]
+fn the_checker_reports_a_socket_gap_a_repeat_and_a_short_stream() {
+    let (mut recorded, histories) = good_run();
+    let events = &mut recorded.sockets[0].events;
+    // Seq 2 never arrived, seq 1 arrived twice, and the stream stops at 3 of 4.
+    events.remove(2);
+    events.push(SocketEvent::Message {
+        seq: 1,
+        id: "id-a".into(),
+        marker: "a".into(),
+    });
+    recorded.sockets[0].target_seq = 4;
+    let problems = verify(&recorded, &histories);
+    assert_reports(
+        &problems,
+        "socket 0 (session s): received seq 3 right after seq 1: seqs 2..=2 never arrived (no resync)",
+    );
+    assert_reports(
+        &problems,
+        "socket 0 (session s): received seq 1 after seq 3 (a repeat or out of order)",
+    );
+    assert_reports(
+        &problems,
+        "socket 0 (session s): its stream ends at seq 3 but the session's last seq is 4",
+    );
+
+    // After a resync a jump is allowed, a repeat is not.
+    let (mut recorded, histories) = good_run();
+    recorded.sockets[0]
+        .events
+        .insert(2, SocketEvent::Resync { last_seq: 1 });
+    recorded.sockets[0].events.remove(3);
+    assert_eq!(verify(&recorded, &histories), Vec::<String>::new());
+}
+
+#[test]
+fn the_checker_reports_a_message_nobody_sent_and_a_wrong_id() {
+    let (recorded, mut histories) = good_run();
+    for source in ["node 1", "node 2", ARCHIVE] {
+        let mut ghost = stored(4, "ghost");
+        if source == ARCHIVE {
+            ghost.client_id = Some("ghost".into());
+        }
+        messages_of(&mut histories, source).push(ghost);
+    }
+    messages_of(&mut histories, "node 1")[0].id = "other".into();
+    let problems = verify(&recorded, &histories);
+    assert_reports(&problems, "node 1, session s, seq 4: a message no client sent");
+    assert_reports(
+        &problems,
+        "acked message a (session s, seq 1, acked by node 1 via REST) was acked with id id-a but has id other on node 1",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness against one node (no cluster flags): load driver and checker end to end
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_load_through_a_kill_passes_the_checker() {
+    bounded(Duration::from_secs(90), async {
+        let mut cluster = Cluster::start_single(options()).await;
+        let sessions = spread_sessions("s", SHARDS, 2);
+        create_sessions(&cluster.node(1), &sessions).await;
+        let load = Load::start(&cluster, &sessions, LoadOptions::default());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.kill9(1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.restart(1);
+        cluster.wait_ready(1).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let recorded = load.finish().await;
+        assert!(recorded.acked() > 50, "too few acks: {}", recorded.summary());
+        check_history(&recorded, &cluster).await;
+
+        // The checker reads what is really there: an archived row removed behind the server's
+        // back is reported.
+        let victim = recorded
+            .ops
+            .iter()
+            .find_map(|op| match &op.outcome {
+                Outcome::Acked { seq, .. } => Some((op.session.clone(), *seq, op.client_id.clone())),
+                _ => None,
+            })
+            .unwrap();
+        let (client, connection) = tokio_postgres::connect(&cluster.database.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let deleted = client
+            .execute(
+                "DELETE FROM messages WHERE session_id = $1 AND seq = $2",
+                &[&victim.0, &(victim.1 as i64)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(deleted, 1);
+        let histories = collect_histories(&cluster, &recorded.sessions).await;
+        let problems = verify(&recorded, &histories);
+        assert_reports(
+            &problems,
+            &format!("acked message {} (session {}, seq {}", victim.2, victim.0, victim.1),
+        );
+        assert_reports(&problems, "is missing on archive");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster scenarios
+// ---------------------------------------------------------------------------------------------
+
+/// (a) The cluster forms whatever the start order; a write acked through one node is read
+/// through every other node right away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_forms_in_any_order_and_reads_are_linearizable() {
+    bounded(Duration::from_secs(90), async {
+        let mut cluster = Cluster::start_unready(
+            3,
+            ClusterOptions {
+                start_order: Some(vec![3, 1, 2]),
+                start_gap: Duration::from_millis(1500),
+                ..options()
+            },
+        );
+        cluster.wait_all_ready().await;
+        for id in cluster.ids() {
+            let status = cluster
+                .status(id)
+                .await
+                .unwrap_or_else(|| panic!("node {id}: no /api/admin/cluster answer"));
+            assert_eq!(status["node_id"], json!(id), "node {id}: {status}");
+            assert_eq!(status["members"], json!([1, 2, 3]), "node {id}: {status}");
+            assert_eq!(
+                status["shards"].as_array().map(Vec::len),
+                Some(SHARDS as usize),
+                "node {id}: {status}"
+            );
+        }
+        let leaders = cluster.leaders().await;
+        eprintln!("leaders by shard: {leaders:?}");
+        let sessions = spread_sessions("s", SHARDS, 2);
+        create_sessions(&cluster.node(2), &sessions).await;
+
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let mut probes = Vec::new();
+        let mut stale = Vec::new();
+        for writer in cluster.ids() {
+            for session in &sessions {
+                let client_id = format!("ryw-{writer}-{session}");
+                let body = json!({"user_id": "u", "content": {"text": client_id}, "client_id": client_id});
+                let reply = client
+                    .post(format!("{}/api/sessions/{session}/messages", cluster.node(writer)))
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("append");
+                let status = reply.status().as_u16();
+                let reply: Value = reply.json().await.expect("json");
+                assert_eq!(status, 200, "append through node {writer} to {session}: {reply}");
+                let seq = reply["message"]["seq"].as_u64().unwrap();
+                let id = reply["message"]["id"].as_str().unwrap().to_string();
+                probes.push(OpRecord {
+                    session: session.clone(),
+                    client_id: client_id.clone(),
+                    content: json!({"text": client_id}),
+                    via: Via::Probe,
+                    outcome: Outcome::Acked {
+                        seq,
+                        id: Some(id.clone()),
+                        node: writer,
+                    },
+                    errors: Vec::new(),
+                });
+                for reader in cluster.ids() {
+                    let url = format!(
+                        "{}/api/sessions/{session}/messages?after_seq={}&limit=1",
+                        cluster.node(reader),
+                        seq - 1
+                    );
+                    let read = client.get(url).send().await.expect("read");
+                    let status = read.status().as_u16();
+                    let read: Value = read.json().await.expect("json");
+                    if status != 200 || read["messages"][0]["id"] != json!(id) {
+                        stale.push(format!(
+                            "seq {seq} of {session} acked through node {writer} (id {id}), read through node {reader} right after: {status} {read}"
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(stale.is_empty(), "reads that missed an acked write:\n{}", stale.join("\n"));
+
+        let load = Load::start(&cluster, &sessions, LoadOptions::default());
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let mut recorded = load.finish().await;
+        recorded.ops.extend(probes);
+        check_history(&recorded, &cluster).await;
+    })
+    .await;
+}
+
+/// (b) kill -9 of the leader of a shard under load, three times (a different node each time
+/// when possible), each restarted; failover stays within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_survives_kill_9_of_leaders() {
+    bounded(Duration::from_secs(120), async {
+        let (mut cluster, sessions) = start_with_sessions(options()).await;
+        let load = Load::start(&cluster, &sessions, LoadOptions::default());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut killed: Vec<usize> = Vec::new();
+        let mut probes = Vec::new();
+        let mut failovers = Vec::new();
+        for cycle in 0..3 {
+            let leaders = cluster.leaders().await;
+            let (shard, victim) = leaders
+                .iter()
+                .enumerate()
+                .find(|(_, leader)| !killed.contains(leader))
+                .or_else(|| leaders.iter().enumerate().next())
+                .map(|(shard, leader)| (shard as u16, *leader))
+                .unwrap();
+            eprintln!("cycle {cycle}: leaders {leaders:?}; kill -9 node {victim} (leader of shard {shard})");
+            cluster.kill9(victim);
+            killed.push(victim);
+            let session = session_of(&sessions, shard, SHARDS);
+            let (probe, took) = probe_write(
+                &cluster,
+                Some(victim),
+                &session,
+                &format!("failover-{cycle}"),
+                Duration::from_secs(15),
+            )
+            .await;
+            eprintln!("cycle {cycle}: shard {shard} writable again after {took:?}: {:?}", probe.outcome);
+            failovers.push((shard, victim, took, probe.outcome.clone()));
+            probes.push(probe);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            cluster.restart(victim);
+            cluster.wait_ready(victim).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        cluster.wait_all_ready().await;
+        let mut recorded = load.finish().await;
+        recorded.ops.extend(probes);
+        check_history(&recorded, &cluster).await;
+        for (shard, victim, took, outcome) in failovers {
+            assert!(
+                matches!(outcome, Outcome::Acked { .. }) && took <= Duration::from_secs(2),
+                "after kill -9 of node {victim}, shard {shard} took {took:?} to take a write ({outcome:?}); the spec says 2 s"
+            );
+        }
+    })
+    .await;
+}
+
+/// (c) kill -9 of every node at once under load, then all restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_survives_kill_9_of_every_node() {
+    bounded(Duration::from_secs(120), async {
+        let (mut cluster, sessions) = start_with_sessions(options()).await;
+        let load = Load::start(&cluster, &sessions, LoadOptions::default());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for id in cluster.ids() {
+            cluster.kill9(id);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for id in cluster.ids() {
+            cluster.restart(id);
+        }
+        cluster.wait_all_ready().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let recorded = load.finish().await;
+        check_history(&recorded, &cluster).await;
+    })
+    .await;
+}
+
+/// (d) SIGSTOP of a leader for ten election timeouts, then SIGCONT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_survives_a_stopped_leader() {
+    bounded(Duration::from_secs(120), async {
+        let (mut cluster, sessions) = start_with_sessions(options()).await;
+        let load = Load::start(&cluster, &sessions, LoadOptions::default());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let leader = cluster.leader_of(0).await;
+        eprintln!("SIGSTOP node {leader} (leader of shard 0)");
+        cluster.sigstop(leader);
+        let stopped_at = Instant::now();
+        let session = session_of(&sessions, 0, SHARDS);
+        let (probe, took) = probe_write(
+            &cluster,
+            Some(leader),
+            &session,
+            "while-stopped",
+            Duration::from_secs(15),
+        )
+        .await;
+        eprintln!("shard 0 writable again after {took:?}: {:?}", probe.outcome);
+        let hold = Duration::from_millis(cluster.options.election_timeout_ms * 10);
+        if let Some(rest) = hold.checked_sub(stopped_at.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+        cluster.sigcont(leader);
+        cluster.wait_all_ready().await;
+        let after = cluster.leader_of(0).await;
+        eprintln!("after SIGCONT the leader of shard 0 is node {after}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let outcome = probe.outcome.clone();
+        let mut recorded = load.finish().await;
+        recorded.ops.push(probe);
+        check_history(&recorded, &cluster).await;
+        assert!(
+            matches!(outcome, Outcome::Acked { .. }),
+            "shard 0 took no write while its leader was stopped: {outcome:?}"
+        );
+    })
+    .await;
+}
+
+/// (e) Every node in turn: taken out of the clients' rotation, SIGTERM (exit 0), restarted,
+/// ready, put back. No client sees an error other than a retried no_leader / overloaded /
+/// unavailable, and sockets are closed with 1012 only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_rolling_restart_loses_nothing() {
+    bounded(Duration::from_secs(150), async {
+        let (mut cluster, sessions) = start_with_sessions(options()).await;
+        let load = Load::start(&cluster, &sessions, LoadOptions::default());
+        let routing = load.routing.clone();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut exits = Vec::new();
+        for id in cluster.ids() {
+            routing.exclude(id);
+            let started = Instant::now();
+            let status = cluster.sigterm(id);
+            eprintln!("node {id} exited with {status} {:?} after SIGTERM", started.elapsed());
+            exits.push((id, status));
+            cluster.restart(id);
+            cluster.wait_ready(id).await;
+            routing.include(id);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let recorded = load.finish().await;
+        check_history(&recorded, &cluster).await;
+        for (id, status) in exits {
+            assert_eq!(status.code(), Some(0), "node {id} after SIGTERM: {status}");
+        }
+        let errors = recorded.errors_other_than(&["no_leader", "overloaded", "unavailable"]);
+        assert!(
+            errors.is_empty(),
+            "client errors during the rolling restart (only retried no_leader/overloaded/unavailable are allowed):\n{}",
+            errors.join("\n")
+        );
+        let closes: Vec<String> = recorded
+            .sockets
+            .iter()
+            .flat_map(|s| {
+                s.events.iter().filter_map(move |e| match e {
+                    SocketEvent::Disconnected { node, reason } if !allowed_disconnect(reason) => {
+                        Some(format!("socket {} on node {node}: {reason}", s.index))
+                    }
+                    _ => None,
+                })
+            })
+            .collect();
+        assert!(
+            closes.is_empty(),
+            "sockets ended other than with 1012 during the rolling restart:\n{}",
+            closes.join("\n")
+        );
+    })
+    .await;
+}
+
+/// A socket's end that a rolling restart may cause: the drain's 1012, or a join refused while a
+/// shard briefly has no leader (retried).
+fn allowed_disconnect(reason: &str) -> bool {
+    reason == "close 1012"
+        || (reason.starts_with("join refused")
+            && ["no_leader", "overloaded", "unavailable"]
+                .iter()
+                .any(|code| reason.contains(code)))
+}
+
+/// (f) The leader of shard 0 is cut off from the others: the majority keeps acknowledging
+/// (shard 0 too, after an election), the cut node acknowledges nothing; healed, it catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_partitioned_node_acknowledges_nothing() {
+    bounded(Duration::from_secs(120), async {
+        let (mut cluster, sessions) = start_with_sessions(options()).await;
+        let load = Load::start(&cluster, &sessions, LoadOptions::default());
+        let routing = load.routing.clone();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let cut = cluster.leader_of(0).await;
+        eprintln!("partitioning node {cut} (leader of shard 0)");
+        routing.exclude(cut);
+        cluster.partition(cut);
+        let acked_before = load.acked_so_far();
+
+        // Writes through the cut node, on every shard at once, for 5 s (each waits up to 15 s
+        // for its answer): none may be acknowledged.
+        let mut probers = Vec::new();
+        for shard in 0..SHARDS {
+            let session = session_of(&sessions, shard, SHARDS);
+            let base = cluster.node(cut);
+            probers.push(tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(15))
+                    .build()
+                    .unwrap();
+                let probe_until = Instant::now() + Duration::from_secs(5);
+                let mut results = Vec::new();
+                let mut n = 0;
+                while Instant::now() < probe_until {
+                    n += 1;
+                    let client_id = format!("cut-{shard}-{n}");
+                    let body = json!({"user_id": "u", "content": {"text": client_id}, "client_id": client_id});
+                    let started = Instant::now();
+                    let answer = client
+                        .post(format!("{base}/api/sessions/{session}/messages"))
+                        .json(&body)
+                        .send()
+                        .await;
+                    let (answer, acked) = match answer {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            let body: Value = response.json().await.unwrap_or(Value::Null);
+                            let acked = (200..300).contains(&status).then(|| format!("{status} {body}"));
+                            (format!("{status} {}", body["code"]), acked)
+                        }
+                        Err(error) if error.is_timeout() => ("timeout".to_string(), None),
+                        Err(error) => (format!("error {error}"), None),
+                    };
+                    let answer = format!("shard {shard}: {answer} in {:?}", started.elapsed());
+                    let op = OpRecord {
+                        session: session.clone(),
+                        client_id: client_id.clone(),
+                        content: json!({"text": client_id}),
+                        via: Via::Probe,
+                        outcome: Outcome::Unknown(answer.clone()),
+                        errors: Vec::new(),
+                    };
+                    results.push((answer, acked, op));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                results
+            }));
+        }
+        let mut probes = Vec::new();
+        let mut cut_answers: Vec<String> = Vec::new();
+        let mut acked_by_cut = Vec::new();
+        for prober in probers {
+            for (answer, acked, op) in prober.await.expect("prober") {
+                if let Some(acked) = acked {
+                    acked_by_cut.push(format!("{}: {acked}", op.client_id));
+                }
+                cut_answers.push(answer);
+                probes.push(op);
+            }
+        }
+        // Every shard takes writes on the majority side.
+        let mut majority = Vec::new();
+        for shard in 0..SHARDS {
+            let session = session_of(&sessions, shard, SHARDS);
+            let (probe, took) = probe_write(
+                &cluster,
+                Some(cut),
+                &session,
+                &format!("majority-{shard}"),
+                Duration::from_secs(10),
+            )
+            .await;
+            majority.push((shard, took, probe.outcome.clone()));
+            probes.push(probe);
+        }
+        let acked_during = load.acked_so_far() - acked_before;
+        eprintln!("answers of the cut node: {cut_answers:?}");
+        eprintln!("majority probes: {majority:?}; load acks during the partition: {acked_during}");
+
+        cluster.heal(cut);
+        cluster.wait_all_ready().await;
+        routing.include(cut);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut recorded = load.finish().await;
+        recorded.ops.extend(probes);
+        check_history(&recorded, &cluster).await;
+        assert!(
+            acked_by_cut.is_empty(),
+            "the cut-off node acknowledged writes: {acked_by_cut:?}"
+        );
+        let unexpected: Vec<&String> = cut_answers
+            .iter()
+            .filter(|a| !a.contains(": 503 \"no_leader\" in") && !a.contains(": timeout in"))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "the cut-off node answered other than 503 no_leader or a timeout: {unexpected:?}"
+        );
+        for (shard, took, outcome) in majority {
+            assert!(
+                matches!(outcome, Outcome::Acked { .. }),
+                "shard {shard} took no write on the majority side within 10 s ({took:?}): {outcome:?}"
+            );
+        }
+        assert!(acked_during > 0, "the load got no ack during the partition");
+    })
+    .await;
+}
+
+/// (g) A node whose data directory was wiped after it joined refuses to take part (exits
+/// non-zero saying it was recorded as a member, or never reports ready, logging it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_wiped_node_refuses_to_rejoin() {
+    bounded(Duration::from_secs(90), async {
+        let (mut cluster, sessions) = start_with_sessions(options()).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = cluster.status(1).await.unwrap_or(Value::Null);
+            if status["joined"].as_array().is_some_and(|j| j.contains(&json!(3))) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node 3 not recorded as joined: {status}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let load = Load::start(
+            &cluster,
+            &sessions,
+            LoadOptions {
+                sockets: 0,
+                ..LoadOptions::default()
+            },
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        load.routing.exclude(3);
+        cluster.kill9(3);
+        cluster.wipe(3);
+        let verdict = match cluster.spawn(3) {
+            Started::Exited(status) => Err(status),
+            Started::Listening => {
+                let until = Instant::now() + Duration::from_secs(15);
+                loop {
+                    if let Some(status) = cluster.exited(3) {
+                        break Err(status);
+                    }
+                    assert!(
+                        !cluster.is_ready(3).await,
+                        "the wiped node 3 reported ready; its log:\n{}",
+                        cluster.log_tail(3, 30)
+                    );
+                    if Instant::now() > until {
+                        break Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let mentions = cluster.log_lines_matching(3, "member");
+        match verdict {
+            Err(status) => {
+                assert!(!status.success(), "the wiped node 3 exited with {status}");
+                assert!(
+                    !mentions.is_empty(),
+                    "the wiped node 3 exited ({status}) without saying it was recorded as a member; its log:\n{}",
+                    cluster.log_tail(3, 30)
+                );
+                eprintln!("wiped node 3 refused: {status}: {mentions:?}");
+            }
+            Ok(()) => {
+                assert!(
+                    !mentions.is_empty(),
+                    "the wiped node 3 stayed up, not ready, without logging why; its log:\n{}",
+                    cluster.log_tail(3, 30)
+                );
+                eprintln!("wiped node 3 stayed unready: {mentions:?}");
+                cluster.kill9(3);
+            }
+        }
+        // The two others still serve.
+        let (probe, took) = probe_write(&cluster, Some(3), &sessions[0], "after-wipe", Duration::from_secs(10)).await;
+        assert!(
+            matches!(probe.outcome, Outcome::Acked { .. }),
+            "nodes 1 and 2 took no write after node 3 was refused ({took:?}): {:?}",
+            probe.outcome
+        );
+        let recorded = load.finish().await;
+        assert!(recorded.acked() > 0, "{}", recorded.summary());
+    })
+    .await;
+}
+
+/// `shard`'s entry in node `id`'s `/api/admin/cluster` answer (Null without one).
+async fn shard_status(cluster: &Cluster, id: usize, shard: u16) -> Value {
+    cluster
+        .status(id)
+        .await
+        .and_then(|status| {
+            status["shards"]
+                .as_array()
+                .and_then(|s| s.iter().find(|e| e["shard"] == json!(shard)).cloned())
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// Node `follower` goes down while the others write until each shard's leader is `ahead`
+/// entries past it (and archive it), then comes back. Returns what the clients recorded and
+/// every shard where it reported ready before applying what was committed before it restarted.
+async fn follower_down_while_others_write(
+    cluster: &mut Cluster,
+    sessions: &[String],
+    follower: usize,
+    ahead: u64,
+) -> (Recorded, Vec<String>) {
+    let shards = cluster.options.shards;
+    cluster.kill9(follower);
+    let mut behind = Vec::new();
+    for shard in 0..shards {
+        let leader = cluster.leader_of(shard).await;
+        let status = shard_status(cluster, leader, shard).await;
+        let position = status["replicated"][follower.to_string()].as_u64().unwrap_or(0);
+        behind.push((leader, position));
+    }
+    eprintln!("node {follower} down; (leader, its position) by shard: {behind:?}");
+    let routing = Routing::new(cluster.bases());
+    routing.exclude(follower);
+    let load = Load::start_with_routing(
+        routing,
+        sessions,
+        LoadOptions {
+            writers: 8,
+            sockets: 0,
+            pace: Duration::ZERO,
+            pad: 0,
+            ..LoadOptions::default()
+        },
+    );
+    let started = Instant::now();
+    loop {
+        let mut past = Vec::new();
+        for (shard, (leader, position)) in behind.iter().enumerate() {
+            let last = shard_status(cluster, *leader, shard as u16).await["last_log"]
+                .as_u64()
+                .unwrap_or(0);
+            past.push(last.saturating_sub(*position));
+        }
+        if past.iter().all(|n| *n >= ahead) {
+            eprintln!(
+                "leaders {past:?} entries past node {follower} after {:?} ({} acks)",
+                started.elapsed(),
+                load.acked_so_far()
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(100),
+            "the leaders' logs are only {past:?} entries past node {follower} after 100 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recorded = load.finish().await;
+    // Let the archive flush everything (the leaders purge only archived entries).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut committed = Vec::new();
+    for (shard, (leader, _)) in behind.iter().enumerate() {
+        let status = shard_status(cluster, *leader, shard as u16).await;
+        eprintln!("shard {shard} on its leader node {leader} before node {follower} restarts: {status}");
+        committed.push(status["committed"].as_u64().unwrap_or(0));
+    }
+    cluster.restart(follower);
+    cluster.wait_ready(follower).await;
+    let mut early = Vec::new();
+    for shard in 0..shards {
+        let status = shard_status(cluster, follower, shard).await;
+        let applied = status["applied"].as_u64().unwrap_or(0);
+        if applied < committed[shard as usize] {
+            early.push(format!(
+                "({ahead} entries behind) shard {shard}: applied {applied} of the {} its leader had committed before node {follower} restarted; node {follower} says {status}",
+                committed[shard as usize]
+            ));
+        }
+    }
+    (recorded, early)
+}
+
+/// (h) A follower is down while the others write, then restarted: first briefly (it catches up
+/// from the leaders' logs), then long enough that the logs were purged past it (it catches up
+/// from a snapshot, the archive); both times before it reports ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_follower_catches_up_after_the_log_was_purged() {
+    bounded(Duration::from_secs(180), async {
+        // The leaders snapshot every 512 entries (as far as the archive reaches) and keep 256:
+        // 2000 entries past the follower's last one are purged past it whatever the timing.
+        let (mut cluster, sessions) = start_with_sessions(ClusterOptions { shards: 2, ..options() }).await;
+        let leaders = cluster.leaders().await;
+        let follower = (1..=3).find(|id| !leaders.contains(id)).unwrap_or(3);
+        eprintln!("leaders {leaders:?}; node {follower} is the follower taken down");
+        let (mut recorded, mut early) = follower_down_while_others_write(&mut cluster, &sessions, follower, 300).await;
+        let (purged, early_purged) = follower_down_while_others_write(&mut cluster, &sessions, follower, 2000).await;
+        recorded.ops.extend(purged.ops);
+        early.extend(early_purged);
+        check_history(&recorded, &cluster).await;
+        assert!(
+            early.is_empty(),
+            "node {follower} reported ready before it had caught up:\n{}",
+            early.join("\n")
+        );
+    })
+    .await;
+}
