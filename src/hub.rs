@@ -306,6 +306,14 @@ impl Hub {
         }
     }
 
+    /// Whether any socket here listens to a session of `shard` (a cluster follower decodes the
+    /// shard's committed entries only then).
+    pub fn has_session_listeners(&self, shard: u16) -> bool {
+        self.sessions
+            .get(shard as usize)
+            .is_some_and(|registry| !registry.lock().expect("hub lock").is_empty())
+    }
+
     /// Whether an inbox change of this user must be published (in a cluster, the user's inbox
     /// sockets may be on any node).
     pub fn has_inbox_listeners(&self, user_id: &str) -> bool {

@@ -147,9 +147,11 @@ pub struct Leadership {
     pub last_log: u64,
 }
 
-/// Wakes when a shard's leadership (as this node sees it) may have changed.
+/// Wakes when a shard's leadership (as this node sees it) may have changed: its vote, role or
+/// known leader (not at every entry, as the full metrics would).
 pub struct LeadershipWatch {
     node_id: u64,
+    server: openraft::type_config::alias::WatchReceiverOf<TypeConfig, openraft::metrics::RaftServerMetrics<TypeConfig>>,
     metrics: openraft::type_config::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>,
 }
 
@@ -164,9 +166,10 @@ impl LeadershipWatch {
         }
     }
 
-    /// Resolves at the next change of the shard's metrics (`false` once the group stopped).
+    /// Resolves at the next change of the shard's vote, role or leader (`false` once the group
+    /// stopped).
     pub async fn changed(&mut self) -> bool {
-        self.metrics.changed().await.is_ok()
+        self.server.changed().await.is_ok()
     }
 }
 
@@ -580,6 +583,7 @@ impl Consensus {
     pub fn watch(&self, shard: u16) -> LeadershipWatch {
         LeadershipWatch {
             node_id: self.node_id,
+            server: self.group(shard).server_metrics(),
             metrics: self.group(shard).metrics(),
         }
     }

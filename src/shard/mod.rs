@@ -567,8 +567,14 @@ impl Shards {
         let placement = PlacementHandle(cell);
         // A placed predecessor can no longer be overtaken: nothing to wait for, ever.
         let previous = previous.filter(|p| p.cell.get() != Placement::Placed);
-        if self.clustered() {
-            // Each append of the stream goes to the leader once the one before it has ended.
+        if let Some(cluster) = &self.inner.cluster
+            && !cluster.consensus.is_leader(self.shard_of(&request.session_id))
+        {
+            // Another node leads: each append of the stream goes there once the one before it
+            // has ended (forwarded calls could overtake each other). Where this node leads, the
+            // stream is pipelined into the local writer as on a single node; a writer that is
+            // not writing (yet, or any more) answers `NotLeader` with nothing stored, and the
+            // client resends (`no_leader`).
             let shards = self.clone();
             return Box::pin(async move {
                 if let Some(previous) = previous {

@@ -314,7 +314,9 @@ impl ShardWriter {
     /// publishes its messages to its own listeners.
     async fn on_applied(&mut self, applied: crate::consensus::Applied, idle: bool) {
         let Some(link) = self.cluster.as_mut() else { return };
-        if let Some(command) = link.on_applied(applied) {
+        if let Some(command) = link.on_applied(applied)
+            && self.hub.has_session_listeners(self.shard)
+        {
             match ops::decode_entry(&command) {
                 Ok(ops) => {
                     for op in &ops {
