@@ -15,7 +15,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::agents::AgentRegistry;
+use crate::agents::streams::Snapshot;
+use crate::agents::{AgentRegistry, LiveStreams};
 use crate::consensus::{AppService, Consensus};
 use crate::hub::{Hub, RelayedEvent};
 use crate::model::Agent;
@@ -35,6 +36,9 @@ enum PeerMessage {
     Agent(Agent),
     /// This member's view of its groups (`member_status`), for `/api/admin/cluster`.
     Status,
+    /// The reply streaming now in a session, as the dispatching node (the shard's leader) has
+    /// it, for a socket joining on another node.
+    StreamSnapshot(String),
 }
 
 #[derive(Serialize)]
@@ -43,6 +47,22 @@ enum PeerMessageRef<'a> {
     Events(&'a [RelayedEvent]),
     Agent(&'a Agent),
     Status,
+    StreamSnapshot(&'a str),
+}
+
+/// How long a joining socket waits for the leader's stream snapshot (it joins without one if
+/// the leader does not answer: the chunks after the join still arrive).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The reply streaming now in `session_id`, asked of the session's shard's leader (which
+/// dispatches its agent) when that is another node.
+pub async fn remote_stream_snapshot(consensus: &Consensus, shard: u16, session_id: &str) -> Option<Snapshot> {
+    let leader = consensus
+        .leader(shard)
+        .filter(|leader| *leader != consensus.node_id())?;
+    let request = serde_json::to_vec(&PeerMessageRef::StreamSnapshot(session_id)).expect("requests serialize");
+    let answer = consensus.call(leader, request, SNAPSHOT_TIMEOUT).await.ok()?;
+    serde_json::from_slice::<Option<Snapshot>>(&answer).ok().flatten()
 }
 
 /// A member's view of the cluster: its groups' roles, terms, leaders and log positions.
@@ -130,12 +150,14 @@ pub struct NodeService {
     pub shards: Shards,
     pub hub: Arc<Hub>,
     pub registry: Arc<AgentRegistry>,
+    pub streams: Arc<LiveStreams>,
     pub consensus: std::sync::Weak<Consensus>,
 }
 
 impl AppService for NodeService {
     fn handle(&self, from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
         let (shards, hub, registry) = (self.shards.clone(), self.hub.clone(), self.registry.clone());
+        let streams = self.streams.clone();
         let consensus = self.consensus.clone();
         Box::pin(async move {
             match serde_json::from_slice::<PeerMessage>(&request) {
@@ -145,9 +167,19 @@ impl AppService for NodeService {
                 }
                 Ok(PeerMessage::Events(events)) => {
                     for event in events {
+                        if let RelayedEvent::AgentStatus { session_id, json } = &event
+                            && let Ok(payload) = serde_json::from_str::<serde_json::Value>(json)
+                            && let Some(status) = payload["status"].as_str()
+                        {
+                            // REST readers on this node see the status the dispatching node has.
+                            streams.record_status(session_id, status, &payload);
+                        }
                         hub.deliver_relayed(event);
                     }
                     b"{}".to_vec()
+                }
+                Ok(PeerMessage::StreamSnapshot(session_id)) => {
+                    serde_json::to_vec(&streams.snapshot(&session_id)).expect("snapshots serialize")
                 }
                 Ok(PeerMessage::Agent(agent)) => {
                     registry.install(agent);

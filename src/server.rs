@@ -278,17 +278,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .await
             .context("cannot load the agents")?,
     );
+    let streams = Arc::new(crate::agents::LiveStreams::new(hub.clone()));
     if let Some(consensus) = &consensus {
         consensus.serve_app(Arc::new(crate::cluster::NodeService {
             shards: shards.clone(),
             hub: hub.clone(),
             registry: registry.clone(),
+            streams: streams.clone(),
             consensus: Arc::downgrade(consensus),
         }));
         crate::cluster::start_relay(consensus.clone(), &hub, &registry);
         crate::cluster::start_agent_refresh(registry.clone(), archive.clone());
     }
-    let streams = Arc::new(crate::agents::LiveStreams::new(hub.clone()));
     let recent_dispatches = Arc::new(crate::agents::RecentDispatches::default());
     let engine_context = Arc::new(crate::agents::EngineContext {
         shards: shards.clone(),

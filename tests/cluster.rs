@@ -975,3 +975,133 @@ async fn cluster_follower_catches_up_after_the_log_was_purged() {
     })
     .await;
 }
+
+/// Agents in a cluster: only the shard's leader calls the agent, once; its reply streams to
+/// sockets on the other nodes (chunks relayed, agent status too), a socket joining on another
+/// node mid-reply gets the leader's `stream_snapshot` and then only the chunks after it, and
+/// the stored reply is the same on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_agents_answer_once_and_stream_to_every_node() {
+    use support::agent::{Behavior, TestAgent};
+    bounded(Duration::from_secs(120), async {
+        let cluster = Cluster::start(3, options()).await;
+        let agent = TestAgent::start(Behavior::Gated { before: 3, after: 2 }).await;
+        let client = reqwest::Client::new();
+        let created = support::call(
+            &client,
+            "POST",
+            &format!("{}/api/agents", cluster.node(1)),
+            Some(json!({"agent": {"id": "g", "name": "g", "origin_url": agent.url, "debounce_window_ms": 0}})),
+        )
+        .await;
+        assert_eq!(created.status, 201, "{}", created.body);
+        let shard = fleetlm::ids::shard_for_session("ga", SHARDS);
+        let leader = cluster.leader_of(shard).await;
+        let followers: Vec<usize> = cluster.ids().into_iter().filter(|id| *id != leader).collect();
+        // The session is created through a follower (forwarded), whose agent registry learned
+        // the agent from node 1.
+        let session = support::call(
+            &client,
+            "POST",
+            &format!("{}/api/sessions", cluster.node(followers[0])),
+            Some(json!({"id": "ga", "user_id": "u", "agent_id": "g"})),
+        )
+        .await;
+        assert_eq!(session.status, 201, "{}", session.body);
+
+        let join = |node: usize| {
+            let base = cluster.node(node);
+            async move {
+                let mut ws = support::WsClient::connect(&base, "user_id=u&vsn=2.0.0")
+                    .await
+                    .ok()
+                    .unwrap();
+                ws.send(r#"["1","1","session:ga","phx_join",{}]"#.to_string()).await;
+                let reply = ws.next().await;
+                assert_eq!(reply[4]["status"], "ok", "{reply}");
+                (ws, reply[4]["response"].clone())
+            }
+        };
+        let (mut early, joined) = join(followers[0]).await;
+        assert_eq!(joined["stream"], Value::Null);
+        let said = support::call(
+            &client,
+            "POST",
+            &format!("{}/api/sessions/ga/messages", cluster.node(followers[1])),
+            Some(json!({"user_id": "u", "content": {"text": "go"}})),
+        )
+        .await;
+        assert_eq!(said.status, 200, "{}", said.body);
+
+        // start, text-start and three deltas (indexes 0..=4) reach the follower's socket.
+        let mut first = Vec::new();
+        let mut statuses = Vec::new();
+        while first.last().is_none_or(|c: &Value| c["index"].as_u64() < Some(4)) {
+            let frame = early.next_any().await;
+            match frame[3].as_str() {
+                Some("stream_chunk") => first.push(frame[4].clone()),
+                Some("agent_status") => statuses.push(frame[4]["status"].clone()),
+                _ => {}
+            }
+        }
+        let indexes: Vec<u64> = first.iter().map(|c| c["index"].as_u64().unwrap()).collect();
+        assert_eq!(indexes, (0..=4).collect::<Vec<_>>(), "relayed chunks, in order, once");
+        assert!(statuses.contains(&json!("streaming")), "{statuses:?}");
+        let dispatch_id = first[0]["dispatch_id"].as_str().unwrap().to_string();
+
+        // A late joiner on the other follower gets the leader's snapshot.
+        let (mut late, joined) = join(followers[1]).await;
+        assert_eq!(joined["stream"]["dispatch_id"], dispatch_id.as_str(), "{joined}");
+        let snapshot = late.next_any().await;
+        assert_eq!(snapshot[3], "stream_snapshot", "{snapshot}");
+        assert_eq!(snapshot[4]["next_index"], 5);
+        assert_eq!(snapshot[4]["chunks"].as_array().unwrap().len(), 5);
+
+        agent.release();
+        let mut rest = Vec::new();
+        while rest.last().is_none_or(|c: &Value| c["chunk"]["type"] != "finish") {
+            let frame = late.next_any().await;
+            if frame[3] == "stream_chunk" {
+                rest.push(frame[4].clone());
+            }
+        }
+        let indexes: Vec<u64> = rest.iter().map(|c| c["index"].as_u64().unwrap()).collect();
+        assert_eq!(
+            indexes,
+            (5..=8).collect::<Vec<_>>(),
+            "live chunks go on right after the snapshot"
+        );
+
+        // The reply is stored once, the same on every node; the agent was called once.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for id in cluster.ids() {
+            loop {
+                let page = support::call(
+                    &client,
+                    "GET",
+                    &format!("{}/api/sessions/ga/messages", cluster.node(id)),
+                    None,
+                )
+                .await;
+                let replies: Vec<Value> = page.body["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["sender_id"] == "g")
+                    .cloned()
+                    .collect();
+                if replies.len() == 1 {
+                    assert_eq!(replies[0]["seq"], 2);
+                    assert_eq!(replies[0]["metadata"]["dispatch_id"], dispatch_id.as_str());
+                    break;
+                }
+                assert!(replies.len() < 2, "node {id} shows two replies: {replies:?}");
+                assert!(Instant::now() < deadline, "node {id}: no stored reply");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(agent.calls().len(), 1, "only the leader calls the agent, once");
+    })
+    .await;
+}

@@ -27,6 +27,7 @@ struct Streaming {
 
 /// What a joiner needs of the dispatch running now: the first chunk index it has not seen and,
 /// if a message of it is streaming, that message's chunks and what they assemble to.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub dispatch_id: Arc<str>,
     pub agent_id: String,

@@ -466,7 +466,14 @@ impl Socket {
         // A reply streaming right now: the joiner gets its message so far (chunks and all) right
         // after the join reply, then only the chunks after it. Taken after subscribing, so the
         // chunks queued meanwhile are told apart by index.
-        let snapshot = self.state.streams.snapshot(&session_id);
+        let mut snapshot = self.state.streams.snapshot(&session_id);
+        if snapshot.is_none()
+            && let Some(consensus) = &self.state.consensus
+        {
+            // In a cluster the shard's leader dispatches: it has the reply streaming now.
+            let shard = self.state.shards.shard_of(&session_id);
+            snapshot = crate::cluster::remote_stream_snapshot(consensus, shard, &session_id).await;
+        }
         let stream = snapshot
             .as_ref()
             .filter(|s| s.payload.is_some())
