@@ -399,11 +399,17 @@ impl Consensus {
         if !spec.peers.contains_key(&spec.node_id) {
             return Err(format!("node {} is not in the member list", spec.node_id));
         }
+        let members: Vec<u64> = spec.peers.keys().copied().collect();
+        let member_list: Vec<String> = members.iter().map(u64::to_string).collect();
         let identity = Identity {
             node_id: spec.node_id,
             secret: Arc::from(spec.secret.as_bytes()),
+            shape: Arc::from(format!(
+                "shards={} members={}",
+                wal.shard_count(),
+                member_list.join(",")
+            )),
         };
-        let members: Vec<u64> = spec.peers.keys().copied().collect();
         let clients: HashMap<u64, Arc<PeerClient>> = spec
             .peers
             .iter()

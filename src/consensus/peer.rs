@@ -29,7 +29,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-const PROTOCOL_VERSION: u32 = 1;
+const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted (a Raft append of many batches stays far below).
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,6 +78,8 @@ enum Handshake {
         to: u64,
         #[serde(with = "serde_bytes")]
         nonce: Vec<u8>,
+        /// The caller's cluster settings that every member must share (`Identity::shape`).
+        shape: String,
     },
     Challenge {
         #[serde(with = "serde_bytes")]
@@ -254,6 +256,10 @@ async fn receive_handshake(stream: &mut TcpStream) -> io::Result<Handshake> {
 pub struct Identity {
     pub node_id: u64,
     pub secret: Arc<[u8]>,
+    /// The settings every member must share, e.g. `shards=64 members=1,2,3`: members that
+    /// disagree would map sessions to different shards or count different majorities, so their
+    /// connections are refused with both settings named.
+    pub shape: Arc<str>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -411,6 +417,7 @@ impl PeerClient {
                 from,
                 to,
                 nonce: client_nonce.clone(),
+                shape: self.identity.shape.to_string(),
             },
         )
         .await
@@ -426,7 +433,10 @@ impl PeerClient {
                 }
                 nonce
             }
-            Handshake::Refused { reason } => return Err(PeerError::Refused(to, reason)),
+            Handshake::Refused { reason } => {
+                tracing::error!(peer = to, %reason, "a peer refused this node");
+                return Err(PeerError::Refused(to, reason));
+            }
             _ => return Err(PeerError::Refused(to, "unexpected handshake message".into())),
         };
         let proof = proof(
@@ -575,13 +585,14 @@ async fn accept_handshake(
     members: &[u64],
 ) -> Result<(u64, Vec<u8>), String> {
     let io_reason = |e: io::Error| format!("handshake failed: {e}");
-    let (version, from, to, client_nonce) = match receive_handshake(stream).await.map_err(io_reason)? {
+    let (version, from, to, client_nonce, shape) = match receive_handshake(stream).await.map_err(io_reason)? {
         Handshake::Hello {
             version,
             from,
             to,
             nonce,
-        } => (version, from, to, nonce),
+            shape,
+        } => (version, from, to, nonce, shape),
         _ => return Err("the first message was not a hello".into()),
     };
     if version != PROTOCOL_VERSION {
@@ -592,6 +603,16 @@ async fn accept_handshake(
     }
     if from == identity.node_id || !members.contains(&from) {
         return refuse(stream, format!("node {from} is not a member of this cluster")).await;
+    }
+    if shape != *identity.shape {
+        return refuse(
+            stream,
+            format!(
+                "cluster settings differ: node {from} has {shape}, node {to} has {}; every member needs the same shards and cluster_peers ids",
+                identity.shape
+            ),
+        )
+        .await;
     }
     let server_nonce = nonce();
     let proof_of_server = proof(&identity.secret, SERVER_LABEL, from, to, &client_nonce, &server_nonce);
@@ -689,6 +710,7 @@ mod tests {
         Identity {
             node_id,
             secret: Arc::from(secret.as_bytes()),
+            shape: Arc::from("shards=1 members=1,2"),
         }
     }
 
@@ -728,6 +750,22 @@ mod tests {
         let error = stranger.call(vec![1], timeout).await.expect_err("refused");
         assert!(
             matches!(&error, PeerError::Refused(2, reason) if reason.contains("not a member")),
+            "{error:?}"
+        );
+
+        // A member started with other shards or another member list maps sessions to other
+        // groups: refused, with both settings named.
+        let other_shape = Identity {
+            shape: Arc::from("shards=8 members=1,2"),
+            ..identity(1, "s3cret-s3cret-s3cret")
+        };
+        let error = PeerClient::new(other_shape, 2, addr.to_string())
+            .call(vec![1], timeout)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&error, PeerError::Refused(2, reason)
+                if reason.contains("node 1 has shards=8 members=1,2, node 2 has shards=1 members=1,2")),
             "{error:?}"
         );
 
