@@ -39,6 +39,12 @@ enum PeerMessage {
     /// The reply streaming now in a session, as the dispatching node (the shard's leader) has
     /// it, for a socket joining on another node.
     StreamSnapshot(String),
+    /// Cancel a session's turn where its agent is dispatched (the shard's leader).
+    Cancel {
+        session_id: String,
+        dispatch_id: Option<String>,
+        progress: crate::model::DispatchProgress,
+    },
 }
 
 #[derive(Serialize)]
@@ -48,6 +54,50 @@ enum PeerMessageRef<'a> {
     Agent(&'a Agent),
     Status,
     StreamSnapshot(&'a str),
+    Cancel {
+        session_id: &'a str,
+        dispatch_id: Option<&'a str>,
+        progress: crate::model::DispatchProgress,
+    },
+}
+
+/// Cancels a session's turn on the node that dispatches its agent (the shard's leader; this
+/// node if it leads). Answers the id of the dispatch cancelled, if any.
+pub async fn cancel_turn(
+    consensus: &Consensus,
+    engine: &crate::agents::EngineHandle,
+    shard: u16,
+    session_id: &Arc<str>,
+    dispatch_id: Option<String>,
+    progress: crate::model::DispatchProgress,
+) -> Result<Option<Arc<str>>, ShardError> {
+    let no_leader = || ShardError::NoLeader("the session's shard has no leader right now; retry shortly".into());
+    let leader = consensus
+        .wait_for_leader(shard, Duration::from_secs(2))
+        .await
+        .ok_or_else(no_leader)?;
+    if leader == consensus.node_id() {
+        return engine.cancel(session_id.clone(), dispatch_id, progress).await;
+    }
+    let request = serde_json::to_vec(&PeerMessageRef::Cancel {
+        session_id,
+        dispatch_id: dispatch_id.as_deref(),
+        progress,
+    })
+    .expect("requests serialize");
+    match consensus.call(leader, request, Duration::from_secs(6)).await {
+        Ok(answer) => serde_json::from_slice::<Result<Option<String>, ShardError>>(&answer)
+            .unwrap_or_else(|e| {
+                Err(ShardError::Unavailable(format!(
+                    "undecodable answer from the leader: {e}"
+                )))
+            })
+            .map(|cancelled| cancelled.map(Arc::from)),
+        Err(error) => {
+            tracing::warn!(leader, %error, "cancel not delivered to the shard's leader");
+            Err(no_leader())
+        }
+    }
 }
 
 /// How long a joining socket waits for the leader's stream snapshot (it joins without one if
@@ -147,6 +197,7 @@ pub fn decode_shard_answer(bytes: &[u8]) -> Result<ShardAnswer, ShardError> {
 
 /// Answers other nodes' application requests.
 pub struct NodeService {
+    pub engine: crate::agents::EngineHandle,
     pub shards: Shards,
     pub hub: Arc<Hub>,
     pub registry: Arc<AgentRegistry>,
@@ -158,6 +209,7 @@ impl AppService for NodeService {
     fn handle(&self, from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
         let (shards, hub, registry) = (self.shards.clone(), self.hub.clone(), self.registry.clone());
         let streams = self.streams.clone();
+        let engine = self.engine.clone();
         let consensus = self.consensus.clone();
         Box::pin(async move {
             match serde_json::from_slice::<PeerMessage>(&request) {
@@ -177,6 +229,17 @@ impl AppService for NodeService {
                         hub.deliver_relayed(event);
                     }
                     b"{}".to_vec()
+                }
+                Ok(PeerMessage::Cancel {
+                    session_id,
+                    dispatch_id,
+                    progress,
+                }) => {
+                    let cancelled = engine
+                        .cancel(Arc::from(session_id), dispatch_id, progress)
+                        .await
+                        .map(|cancelled| cancelled.map(|id| id.to_string()));
+                    serde_json::to_vec(&crate::shard::routing::for_the_wire(cancelled)).expect("answers serialize")
                 }
                 Ok(PeerMessage::StreamSnapshot(session_id)) => {
                     serde_json::to_vec(&streams.snapshot(&session_id)).expect("snapshots serialize")

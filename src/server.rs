@@ -281,6 +281,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let streams = Arc::new(crate::agents::LiveStreams::new(hub.clone()));
     if let Some(consensus) = &consensus {
         consensus.serve_app(Arc::new(crate::cluster::NodeService {
+            engine: engine_inbox.handle(),
             shards: shards.clone(),
             hub: hub.clone(),
             registry: registry.clone(),

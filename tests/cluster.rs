@@ -1102,6 +1102,40 @@ async fn cluster_agents_answer_once_and_stream_to_every_node() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(agent.calls().len(), 1, "only the leader calls the agent, once");
+
+        // A cancel sent to a follower stops the reply the leader is streaming.
+        let said = support::call(
+            &client,
+            "POST",
+            &format!("{}/api/sessions/ga/messages", cluster.node(followers[0])),
+            Some(json!({"user_id": "u", "content": {"text": "again"}})),
+        )
+        .await;
+        assert_eq!(said.status, 200, "{}", said.body);
+        let mut seen = 0;
+        while seen < 3 {
+            let frame = early.next_any().await;
+            if frame[3] == "stream_chunk" && frame[4]["dispatch_id"] != dispatch_id.as_str() {
+                seen += 1;
+            }
+        }
+        let cancel = support::call(
+            &client,
+            "POST",
+            &format!("{}/api/sessions/ga/cancel", cluster.node(followers[1])),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(cancel.status, 200, "{}", cancel.body);
+        assert_eq!(cancel.body["cancelled"], true, "{}", cancel.body);
+        agent.wait_aborted(1).await;
+        loop {
+            let frame = early.next_any().await;
+            if frame[3] == "agent_status" && frame[4]["status"] == "cancelled" {
+                break;
+            }
+        }
+        assert_eq!(agent.calls().len(), 2);
     })
     .await;
 }

@@ -41,10 +41,27 @@ pub fn cancel_target(body: &RawValue) -> ApiResult<Option<String>> {
 /// Cancels the session's turn for its user (authorized by the caller): the answer object
 /// `{"cancelled", "dispatch_id"?}`.
 pub async fn cancel_turn(state: &SharedState, view: &SessionView, dispatch_id: Option<String>) -> ApiResult<Value> {
-    let cancelled = state
-        .engine
-        .cancel(view.record.id.clone(), dispatch_id, view.dispatch)
-        .await?;
+    let cancelled = match &state.consensus {
+        // The shard's leader dispatches the agent: the cancel goes there.
+        Some(consensus) => {
+            let shard = state.shards.shard_of(&view.record.id);
+            crate::cluster::cancel_turn(
+                consensus,
+                &state.engine,
+                shard,
+                &view.record.id,
+                dispatch_id,
+                view.dispatch,
+            )
+            .await?
+        }
+        None => {
+            state
+                .engine
+                .cancel(view.record.id.clone(), dispatch_id, view.dispatch)
+                .await?
+        }
+    };
     Ok(match cancelled {
         Some(dispatch_id) => json!({"cancelled": true, "dispatch_id": &*dispatch_id}),
         None => json!({"cancelled": false}),

@@ -123,7 +123,7 @@ impl ShardCall {
 }
 
 /// An answer that crosses the peer connection: the error's archive detail stays on the leader.
-fn for_the_wire(result: Result<ShardAnswer, ShardError>) -> Result<ShardAnswer, ShardError> {
+pub(crate) fn for_the_wire<T>(result: Result<T, ShardError>) -> Result<T, ShardError> {
     result.map_err(|error| match error {
         ShardError::Archive(detail) => {
             tracing::warn!(%detail, "archive error serving a forwarded request");
