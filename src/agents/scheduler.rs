@@ -446,6 +446,7 @@ impl Scheduler {
                     through_seq,
                     result.error.clone(),
                     cancelled.is_some(),
+                    job.leader_term,
                 )
                 .await
             {

@@ -139,6 +139,14 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
                 ..cancelled
             };
         }
+        if job.leader_term.is_some() && context.shards.dispatch_term(&job.session_id) != Some(job.leader_term) {
+            // Cluster: this node no longer leads the session's shard; the new leader answers.
+            return DispatchResult {
+                through_seq,
+                superseded: true,
+                ..cancelled
+            };
+        }
         let body = json!({
             "session_id": &*job.session_id,
             "agent_id": agent.id,
@@ -707,6 +715,12 @@ async fn store(
     match context.shards.append(request).await {
         Ok(_) | Err(ShardError::ClientIdConflict) => Ok(()),
         Err(ShardError::Superseded) => Err(CallError::Superseded),
+        // Cluster: leadership is moving; the store's outcome may be unknown. Retried with the
+        // same client id (a stored message is not stored twice); the term check above decides.
+        Err(ShardError::NoLeader(_) | ShardError::NotLeader { .. }) => Err(CallError::Retryable {
+            reason: "the session's shard is changing leader".into(),
+            retry_after: Some(Duration::from_millis(500)),
+        }),
         Err(ShardError::Overloaded | ShardError::Unavailable(_) | ShardError::Archive(_)) => {
             Err(CallError::Retryable {
                 reason: "could not store the reply yet".into(),

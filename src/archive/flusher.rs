@@ -146,6 +146,13 @@ impl Flusher {
                 Err(error) => {
                     metrics::counter!("fleetlm_archive_flush_errors_total").increment(1);
                     tracing::warn!(%error, "archive flush failed; will retry");
+                    if self.cluster.is_some() && matches!(error, FlushError::Wal(_)) {
+                        // A member whose log was replaced by a snapshot (and purged past its end)
+                        // may have taken over with a watermark cached from before: re-read them.
+                        for state in progress.iter_mut() {
+                            state.watermark = None;
+                        }
+                    }
                     backoff = (backoff * 2).min(self.options.max_backoff);
                 }
             }

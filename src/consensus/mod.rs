@@ -156,13 +156,18 @@ pub struct LeadershipWatch {
 }
 
 impl LeadershipWatch {
+    /// Read from the server metrics (the watch that wakes `changed`), so a wake-up always sees
+    /// the change that caused it; only `last_log` comes from the full metrics.
     pub fn now(&self) -> Leadership {
-        let metrics = self.metrics.borrow_watched();
+        let (term, leader, state) = {
+            let server = self.server.borrow_watched();
+            (server.vote.leader_id().term, server.current_leader, server.state)
+        };
         Leadership {
-            term: metrics.current_term,
-            leader: metrics.current_leader,
-            leading: metrics.state == ServerState::Leader && metrics.current_leader == Some(self.node_id),
-            last_log: shard_log_index(metrics.last_log_index),
+            term,
+            leader,
+            leading: state == ServerState::Leader && leader == Some(self.node_id),
+            last_log: shard_log_index(self.metrics.borrow_watched().last_log_index),
         }
     }
 

@@ -962,7 +962,9 @@ impl Shards {
     }
 
     /// Records that a dispatch of the session's agent ended, covering user messages up to
-    /// `through_seq` (durable when this returns); `cancelled` when the user cancelled it.
+    /// `through_seq` (durable when this returns); `cancelled` when the user cancelled it. In a
+    /// cluster `leader_term` is the term the dispatch ran under: a later leader refuses the
+    /// record (`Superseded`), since it answers the turn itself.
     pub async fn finish_dispatch(
         &self,
         session_id: &str,
@@ -970,6 +972,7 @@ impl Shards {
         through_seq: u64,
         error: Option<String>,
         cancelled: bool,
+        leader_term: Option<u64>,
     ) -> Result<(), ShardError> {
         if self.clustered() {
             let call = routing::ShardCall::FinishDispatch {
@@ -978,10 +981,11 @@ impl Shards {
                 through_seq,
                 error,
                 cancelled,
+                leader_term,
             };
             return self.routed(call).await.map(|_| ());
         }
-        self.finish_dispatch_here(session_id, dispatch_id, through_seq, error, cancelled)
+        self.finish_dispatch_here(session_id, dispatch_id, through_seq, error, cancelled, leader_term)
             .await
     }
 
@@ -992,6 +996,7 @@ impl Shards {
         through_seq: u64,
         error: Option<String>,
         cancelled: bool,
+        leader_term: Option<u64>,
     ) -> Result<(), ShardError> {
         self.with_session(session_id, |reply| Command::FinishDispatch {
             session_id: session_id.to_string(),
@@ -1000,6 +1005,7 @@ impl Shards {
             error: error.clone(),
             cancelled,
             only_if_owed: false,
+            leader_term,
             reply,
         })
         .await
@@ -1039,6 +1045,7 @@ impl Shards {
             error: None,
             cancelled: true,
             only_if_owed: true,
+            leader_term: None,
             reply,
         })
         .await

@@ -173,14 +173,18 @@ impl ClusterLink {
         }
     }
 
-    /// Records a delivered entry. Returns the command to publish, if this node should publish
-    /// it from the feed (it does not lead, and has not published it when it committed).
+    /// Records a delivered entry. Returns the command to publish, if this node has not published
+    /// it yet. A leader published its own entries when they committed: the writer completes a
+    /// batch (which sets `published_through`) before the feed can repeat its entry, since the
+    /// commit is reported before the entry is applied and the writer polls its batches first.
+    /// Any other entry (a former leader's, or one of its own whose proposal timed out and
+    /// committed later) is published from here, whatever the role.
     pub fn on_applied(&mut self, applied: Applied) -> Option<Vec<u8>> {
         match applied {
             Applied::Entry { index, term, command } => {
                 self.applied_through = index;
                 self.applied_term = term;
-                if matches!(self.role, Role::Leader { .. }) || index <= self.published_through {
+                if index <= self.published_through {
                     return None;
                 }
                 self.published_through = index;

@@ -66,6 +66,8 @@ pub enum ShardCall {
         through_seq: u64,
         error: Option<String>,
         cancelled: bool,
+        #[serde(default)]
+        leader_term: Option<u64>,
     },
     CancelOwedTurn {
         session_id: String,
@@ -274,8 +276,9 @@ impl Shards {
                 through_seq,
                 error,
                 cancelled,
+                leader_term,
             } => self
-                .finish_dispatch_here(&session_id, &dispatch_id, through_seq, error, cancelled)
+                .finish_dispatch_here(&session_id, &dispatch_id, through_seq, error, cancelled, leader_term)
                 .await
                 .map(|()| ShardAnswer::Done),
             ShardCall::CancelOwedTurn {

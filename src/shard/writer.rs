@@ -115,6 +115,8 @@ pub enum Command {
         /// Write it only if the log still owes a reply for a user message up to `through_seq`
         /// (a cancel of a turn no dispatch is running for); answers whether it was written.
         only_if_owed: bool,
+        /// Cluster: the leadership term the dispatch ran under (refused after it).
+        leader_term: Option<u64>,
         reply: Reply<bool>,
     },
     /// Sessions in memory that owe a reply: `(session_id, agent_id, last_user_seq)`.
@@ -359,8 +361,15 @@ impl ShardWriter {
             link.consensus.transfer_leadership(self.shard).await;
             return;
         }
-        // A leadership change during the recovery is handled by the next `on_leadership`.
         let link = self.cluster.as_mut().expect("cluster mode");
+        let now = link.consensus.watch(self.shard).now();
+        if !(now.leading && now.term == term) {
+            // Leadership moved on while the state was rebuilt: the next change decides.
+            self.state = ShardState::new(0);
+            link.role = Role::Follower;
+            link.on_leadership(now);
+            return;
+        }
         link.role = Role::Leader { term };
         link.published_through = link.published_through.max(through);
         self.state.applied_index = through;
@@ -661,6 +670,7 @@ impl ShardWriter {
                 error,
                 cancelled,
                 only_if_owed,
+                leader_term,
                 reply,
             } => {
                 let end = DispatchEnd {
@@ -669,6 +679,7 @@ impl ShardWriter {
                     error,
                     cancelled,
                     only_if_owed,
+                    leader_term,
                 };
                 let result = self.finish_dispatch(session_id, end, batch, now);
                 batch.replies.push(defer(reply, result));
@@ -827,6 +838,11 @@ impl ShardWriter {
         batch: &mut Batch,
         now: Instant,
     ) -> Result<bool, ShardError> {
+        if let Some(term) = end.leader_term
+            && self.cluster.as_ref().and_then(ClusterLink::leading_term) != Some(term)
+        {
+            return Err(ShardError::Superseded);
+        }
         let progress = self.session(&session_id, now)?.dispatch;
         if end.only_if_owed && !(progress.is_pending() && progress.answered_through < end.through_seq) {
             return Ok(false);
@@ -1206,6 +1222,7 @@ struct DispatchEnd {
     error: Option<String>,
     cancelled: bool,
     only_if_owed: bool,
+    leader_term: Option<u64>,
 }
 
 /// A dispatch's error text kept in the log (the full text goes to the server's log).
