@@ -177,6 +177,11 @@ pub struct MessagePage {
 #[derive(Default)]
 pub struct Writer {
     pub recovered: AtomicBool,
+    /// Counts the times the writer's state was replaced (rebuilt, taken over) or forgot
+    /// sessions (evicted). A session read from the archive is installed only if no such change
+    /// happened since before the read: the read may predate writes that were archived and
+    /// forgotten meanwhile, and installing it would hand out their seqs again.
+    pub epoch: std::sync::atomic::AtomicU64,
     unavailable: Mutex<Option<String>>,
 }
 
@@ -416,20 +421,29 @@ impl Shards {
         answer.await.map_err(|_| closed())?
     }
 
-    /// Loads the session from the archive into its shard. `Ok(false)` if it does not exist.
-    async fn load(&self, shard: u16, session_id: &str) -> Result<bool, ShardError> {
+    /// Loads the session from the archive into its shard. `Ok(None)` if it does not exist, with
+    /// the writer's epoch from before the read (see `Writer::epoch`).
+    async fn load(&self, shard: u16, session_id: &str) -> Result<Option<()>, ShardError> {
+        self.load_at_epoch(shard, session_id)
+            .await
+            .map(|(found, _)| found.then_some(()))
+    }
+
+    async fn load_at_epoch(&self, shard: u16, session_id: &str) -> Result<(bool, u64), ShardError> {
+        let epoch = self.inner.writers[shard as usize].epoch.load(Ordering::Acquire);
         let Some(loaded) = self.inner.archive.load_session(session_id).await? else {
-            return Ok(false);
+            return Ok((false, epoch));
         };
         metrics::counter!("fleetlm_sessions_loaded_total").increment(1);
         let command = Command::Install {
             loaded: Box::new(loaded),
+            epoch,
         };
         self.inner.senders[shard as usize]
             .send(command)
             .await
             .map_err(|_| ShardError::Unavailable("shard writer stopped".into()))?;
-        Ok(true)
+        Ok((true, epoch))
     }
 
     /// Runs `make` against the session's shard, loading the session when the writer asks.
@@ -442,7 +456,7 @@ impl Shards {
         for _ in 0..MAX_ROUNDS {
             match self.call(shard, &mut make).await {
                 Err(ShardError::NotLoaded) => {
-                    if !self.load(shard, session_id).await? {
+                    if self.load(shard, session_id).await?.is_none() {
                         return Err(ShardError::NotFound);
                     }
                 }
@@ -461,7 +475,7 @@ impl Shards {
 
     async fn create_session_here(&self, session: SessionRecord) -> Result<SessionView, ShardError> {
         let shard = self.shard_of(&session.id);
-        let mut known_absent = false;
+        let mut known_absent = None;
         for _ in 0..MAX_ROUNDS {
             let attempt = session.clone();
             match self
@@ -472,7 +486,10 @@ impl Shards {
                 })
                 .await
             {
-                Err(ShardError::NotLoaded) => known_absent = !self.load(shard, &session.id).await?,
+                Err(ShardError::NotLoaded) => {
+                    let (found, epoch) = self.load_at_epoch(shard, &session.id).await?;
+                    known_absent = (!found).then_some(epoch);
+                }
                 other => return other,
             }
         }
@@ -660,7 +677,7 @@ impl Shards {
                     });
                 }
                 AppendOutcome::NotLoaded(returned) => {
-                    if !self.load(shard, session_id).await? {
+                    if self.load(shard, session_id).await?.is_none() {
                         return Err(ShardError::NotFound);
                     }
                     returned

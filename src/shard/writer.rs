@@ -64,7 +64,8 @@ type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
 pub enum Command {
     Create {
         session: SessionRecord,
-        known_absent: bool,
+        /// The archive had no such session, as read at this writer epoch (`Writer::epoch`).
+        known_absent: Option<u64>,
         reply: Reply<SessionView>,
     },
     Append {
@@ -98,6 +99,8 @@ pub enum Command {
     },
     Install {
         loaded: Box<LoadedSession>,
+        /// The writer's epoch from before the archive read (`Writer::epoch`).
+        epoch: u64,
     },
     Archived {
         through_index: u64,
@@ -285,6 +288,19 @@ impl ShardWriter {
         }
     }
 
+    fn epoch(&self) -> u64 {
+        self.writer_state.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Replaces the state with an empty one at the archive watermark; archive reads begun
+    /// before are refused from now on (`Writer::epoch`).
+    fn reset_state(&mut self, archived_index: u64) {
+        self.writer_state
+            .epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.state = ShardState::new(archived_index);
+    }
+
     fn resync_pending(&self) -> bool {
         self.cluster.as_ref().is_some_and(|link| link.resync)
     }
@@ -295,17 +311,19 @@ impl ShardWriter {
     async fn on_leadership(&mut self, now: crate::consensus::Leadership, idle: bool) {
         let Some(link) = self.cluster.as_mut() else { return };
         let before = link.role;
-        if link.on_leadership(now) {
-            tracing::info!(shard = self.shard, term = now.term, leader = ?now.leader, "no longer leading the shard");
-            if idle {
-                self.state = ShardState::new(0);
-            } else {
-                link.resync = true;
-            }
+        let lost = link.on_leadership(now);
+        if lost && !idle {
+            link.resync = true;
         }
         if before != link.role {
             metrics::gauge!("fleetlm_shard_leader", "shard" => self.shard.to_string())
                 .set(if matches!(link.role, Role::Follower) { 0.0 } else { 1.0 });
+        }
+        if lost {
+            tracing::info!(shard = self.shard, term = now.term, leader = ?now.leader, "no longer leading the shard");
+            if idle {
+                self.reset_state(0);
+            }
         }
         if idle {
             self.try_take_over().await;
@@ -354,22 +372,29 @@ impl ShardWriter {
         if let Some(refusal) = &self.refusal {
             // This replica cannot vouch for its log: another member leads better.
             tracing::error!(shard = self.shard, %refusal, "cannot lead the shard; handing its leadership over");
-            self.state = ShardState::new(0);
+            self.reset_state(0);
             let link = self.cluster.as_mut().expect("cluster mode");
             link.role = Role::Follower;
             link.gave_up_term = Some(term);
             link.consensus.transfer_leadership(self.shard).await;
             return;
         }
-        let link = self.cluster.as_mut().expect("cluster mode");
-        let now = link.consensus.watch(self.shard).now();
+        let now = self
+            .cluster
+            .as_ref()
+            .expect("cluster mode")
+            .consensus
+            .watch(self.shard)
+            .now();
         if !(now.leading && now.term == term) {
             // Leadership moved on while the state was rebuilt: the next change decides.
-            self.state = ShardState::new(0);
+            self.reset_state(0);
+            let link = self.cluster.as_mut().expect("cluster mode");
             link.role = Role::Follower;
             link.on_leadership(now);
             return;
         }
+        let link = self.cluster.as_mut().expect("cluster mode");
         link.role = Role::Leader { term };
         link.published_through = link.published_through.max(through);
         self.state.applied_index = through;
@@ -523,7 +548,7 @@ impl ShardWriter {
             if let Role::Leader { .. } = link.role {
                 link.role = Role::Follower;
             }
-            self.state = ShardState::new(0);
+            self.reset_state(0);
             self.rebuild_cause = None;
             return;
         }
@@ -602,7 +627,13 @@ impl ShardWriter {
             return;
         }
         match command {
-            Command::Install { loaded } => {
+            Command::Install { loaded, epoch } => {
+                if epoch != self.epoch() {
+                    // Read before the state changed: possibly stale. The request that asked
+                    // for it finds the session still missing and loads it again.
+                    metrics::counter!("fleetlm_stale_session_loads_total").increment(1);
+                    return;
+                }
                 let session_id = loaded.view.record.id.clone();
                 self.state.install(*loaded, now);
                 if !self.losses.is_empty() {
@@ -613,6 +644,9 @@ impl ShardWriter {
             Command::Sweep { idle_for } => {
                 let evicted = self.state.evict_idle(idle_for, now);
                 if evicted > 0 {
+                    self.writer_state
+                        .epoch
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     metrics::counter!("fleetlm_sessions_evicted_total").increment(evicted as u64);
                 }
                 metrics::gauge!("fleetlm_active_sessions", "shard" => self.shard.to_string())
@@ -734,14 +768,15 @@ impl ShardWriter {
     fn create(
         &mut self,
         mut session: SessionRecord,
-        known_absent: bool,
+        known_absent: Option<u64>,
         batch: &mut Batch,
         now: Instant,
     ) -> Result<SessionView, ShardError> {
         if self.state.sessions.contains_key(&session.id) {
             return Err(ShardError::SessionExists);
         }
-        if !known_absent {
+        if known_absent != Some(self.epoch()) {
+            // Not looked up in the archive, or looked up before the state changed.
             return Err(ShardError::NotLoaded);
         }
         self.writable()?;
@@ -971,7 +1006,7 @@ impl ShardWriter {
                     tracing::warn!(shard = self.shard, %reason, "shard recovery waits for the archive");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
-                    self.state = ShardState::new(0);
+                    self.reset_state(0);
                 }
             }
         }
@@ -1050,7 +1085,7 @@ impl ShardWriter {
             .watermark(self.shard)
             .await
             .map_err(|e| RecoveryError::Retry(e.to_string()))?;
-        self.state = ShardState::new(watermark);
+        self.reset_state(watermark);
         self.unflushed_bytes = 0;
         // A cluster member replays only the committed log (it waited for the feed to reach it).
         let committed = self.cluster.as_ref().map(|link| link.applied_through);
