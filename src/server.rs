@@ -258,6 +258,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         cluster: consensus.as_ref().map(|consensus| crate::archive::FlushCluster {
             consensus: consensus.clone(),
             archived_through,
+            writers: writer_states.clone(),
         }),
         options: FlusherOptions {
             interval: config.flush_interval,

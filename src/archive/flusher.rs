@@ -49,6 +49,9 @@ pub struct FlushCluster {
     /// Per shard: the log index through which the shared archive holds everything, for
     /// consensus (snapshots, and so log purges, never pass it).
     pub archived_through: Vec<Arc<AtomicU64>>,
+    /// Per shard: whether its writer here leads and writes (a writer still taking over rebuilds
+    /// from the archive: this node must not move it meanwhile).
+    pub writers: Vec<Arc<crate::shard::Writer>>,
 }
 
 /// How often a cluster member re-reads the watermarks of shards it does not lead (another
@@ -198,6 +201,7 @@ impl Flusher {
         let wal_last = self.wal.last_log_id(shard).map_or(0, |id| id.index);
         match &self.cluster {
             None => wal_last,
+            Some(cluster) if !cluster.writers[shard as usize].leading.load(Ordering::Acquire) => 0,
             Some(cluster) => cluster
                 .consensus
                 .applied_if_leading(shard)

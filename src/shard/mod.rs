@@ -182,6 +182,10 @@ pub struct Writer {
     /// happened since before the read: the read may predate writes that were archived and
     /// forgotten meanwhile, and installing it would hand out their seqs again.
     pub epoch: std::sync::atomic::AtomicU64,
+    /// Cluster mode: the writer leads its shard and writes (not while it is still taking over):
+    /// only then does this node's flusher archive the shard, so the archive never moves past
+    /// what a writer taking over is rebuilding from.
+    pub leading: AtomicBool,
     unavailable: Mutex<Option<String>>,
 }
 

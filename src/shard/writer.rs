@@ -301,6 +301,14 @@ impl ShardWriter {
         self.state = ShardState::new(archived_index);
     }
 
+    /// Tells the flusher whether this writer leads and writes (`Writer::leading`).
+    fn publish_leading(&self) {
+        let leading = self.cluster.as_ref().and_then(ClusterLink::leading_term).is_some();
+        self.writer_state
+            .leading
+            .store(leading, std::sync::atomic::Ordering::Release);
+    }
+
     fn resync_pending(&self) -> bool {
         self.cluster.as_ref().is_some_and(|link| link.resync)
     }
@@ -319,6 +327,7 @@ impl ShardWriter {
             metrics::gauge!("fleetlm_shard_leader", "shard" => self.shard.to_string())
                 .set(if matches!(link.role, Role::Follower) { 0.0 } else { 1.0 });
         }
+        self.publish_leading();
         if lost {
             tracing::info!(shard = self.shard, term = now.term, leader = ?now.leader, "no longer leading the shard");
             if idle {
@@ -396,6 +405,8 @@ impl ShardWriter {
         }
         let link = self.cluster.as_mut().expect("cluster mode");
         link.role = Role::Leader { term };
+        self.publish_leading();
+        let link = self.cluster.as_mut().expect("cluster mode");
         link.published_through = link.published_through.max(through);
         self.state.applied_index = through;
         metrics::counter!("fleetlm_shard_takeovers_total").increment(1);
@@ -548,6 +559,7 @@ impl ShardWriter {
             if let Role::Leader { .. } = link.role {
                 link.role = Role::Follower;
             }
+            self.publish_leading();
             self.reset_state(0);
             self.rebuild_cause = None;
             return;
