@@ -286,9 +286,12 @@ impl Signals {
 }
 
 fn init_tracing(format: LogFormat) {
-    // openraft narrates every group's start and election at info: 64 shards make that noise.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,tokio_postgres=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "info,{},tokio_postgres=warn",
+            fleetlm::consensus::LOG_DIRECTIVES
+        ))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

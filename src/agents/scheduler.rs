@@ -367,14 +367,7 @@ impl Scheduler {
         tokio::spawn(async move {
             let Some(leader_term) = context.shards.dispatch_term(&session_id) else {
                 // A cluster member that does not lead the session's shard: its leader dispatches.
-                let _ = sender
-                    .send(Event::Done {
-                        session_id,
-                        agent_id,
-                        through_seq: covered_hint,
-                        counted: true,
-                    })
-                    .await;
+                dispatch_ended(&sender, session_id, agent_id, covered_hint).await;
                 return;
             };
             let job = DispatchJob {
@@ -397,28 +390,14 @@ impl Scheduler {
             let through_seq = result.through_seq.max(covered_hint);
             if result.superseded {
                 tracing::info!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, "dispatch ended: the shard's new leader answers the turn");
-                let _ = sender
-                    .send(Event::Done {
-                        session_id,
-                        agent_id,
-                        through_seq: covered_hint,
-                        counted: true,
-                    })
-                    .await;
+                dispatch_ended(&sender, session_id, agent_id, covered_hint).await;
                 return;
             }
             if result.nothing_owed {
                 // A stale request: the log shows every user message answered. Nothing was
                 // called or recorded; clear the `queued` shown when it was scheduled.
                 status(&context, &job.session_id, "idle", None, None);
-                let _ = sender
-                    .send(Event::Done {
-                        session_id,
-                        agent_id,
-                        through_seq: result.through_seq,
-                        counted: true,
-                    })
-                    .await;
+                dispatch_ended(&sender, session_id, agent_id, result.through_seq).await;
                 return;
             }
             let outcome = match (&result.error, cancelled) {
@@ -462,14 +441,7 @@ impl Scheduler {
                 }
                 None => status(&context, &job.session_id, "idle", Some(&job.dispatch_id), None),
             }
-            let _ = sender
-                .send(Event::Done {
-                    session_id,
-                    agent_id,
-                    through_seq,
-                    counted: true,
-                })
-                .await;
+            dispatch_ended(&sender, session_id, agent_id, through_seq).await;
         });
     }
 
@@ -573,6 +545,19 @@ impl Scheduler {
         }
         self.start_ready();
     }
+}
+
+/// Tells the scheduler a dispatch it started has ended, covering user messages up to
+/// `through_seq`.
+async fn dispatch_ended(sender: &mpsc::Sender<Event>, session_id: Arc<str>, agent_id: String, through_seq: u64) {
+    let _ = sender
+        .send(Event::Done {
+            session_id,
+            agent_id,
+            through_seq,
+            counted: true,
+        })
+        .await;
 }
 
 /// A dispatch that panics or outlives the deadline still ends, as a failure.

@@ -45,6 +45,10 @@ use network::{RaftService, ShardNetwork};
 use peer::{Identity, PeerClient};
 use types::{LogId, Member, Raft, ShardCommand, TypeConfig};
 
+/// Log filter directives for the consensus engine: it narrates every group's start and election
+/// at info, which with 64 shards is noise (its warnings stay).
+pub const LOG_DIRECTIVES: &str = "openraft=warn";
+
 /// A proposal not committed by then is answered with an unknown outcome (a leader cut off from
 /// its quorum keeps its uncommitted entries until it hears of a new leader): a client of a node
 /// cut off from the majority gets `no_leader` in seconds, not a hang.
