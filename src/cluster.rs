@@ -135,6 +135,8 @@ pub fn member_status(consensus: &Consensus) -> serde_json::Value {
                 "committed": status.committed,
                 "applied": status.applied,
                 "replicated": replicated,
+                "voters": status.voters,
+                "learners": status.learners,
             })
         })
         .collect();

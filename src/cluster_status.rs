@@ -12,7 +12,11 @@ pub async fn fetch(url: &str, api_key: Option<&str>) -> anyhow::Result<Value> {
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()?;
-    let mut request = client.get(&endpoint);
+    answer_of(url, client.get(&endpoint), api_key).await
+}
+
+/// Sends an admin request to the member at `url` and returns its JSON answer, or why not.
+async fn answer_of(url: &str, mut request: reqwest::RequestBuilder, api_key: Option<&str>) -> anyhow::Result<Value> {
     if let Some(key) = api_key {
         request = request.bearer_auth(key);
     }
@@ -62,8 +66,18 @@ pub fn render(status: &Value) -> String {
         .as_array()
         .map(|ids| ids.iter().filter_map(Value::as_u64).collect())
         .unwrap_or_default();
+    let voter_of = |id: u64| {
+        status["shards"]
+            .as_array()
+            .map_or(0, |shards| shards.iter().filter(|s| is_voter(s, id)).count())
+    };
+    let shard_count = status["shards"].as_array().map_or(0, Vec::len);
     let mut out = String::new();
-    let _ = writeln!(out, "{:<8}{:<14}{:<8}{:<8}NOTE", "MEMBER", "STATE", "LEADS", "JOINED");
+    let _ = writeln!(
+        out,
+        "{:<8}{:<14}{:<8}{:<8}{:<10}NOTE",
+        "MEMBER", "STATE", "LEADS", "JOINED", "VOTER IN"
+    );
     for (id, view) in &views {
         let (state, leads, note) = match view {
             Ok(view) => {
@@ -77,7 +91,8 @@ pub fn render(status: &Value) -> String {
             Err(error) => ("unreachable".to_string(), "-".to_string(), error.clone()),
         };
         let joined = if joined.contains(id) { "yes" } else { "no" };
-        let _ = writeln!(out, "{id:<8}{state:<14}{leads:<8}{joined:<8}{note}");
+        let voter = format!("{}/{shard_count}", voter_of(*id));
+        let _ = writeln!(out, "{id:<8}{state:<14}{leads:<8}{joined:<8}{voter:<10}{note}");
     }
     let _ = writeln!(out);
     let mut header = format!("{:<7}{:<8}{:<7}{:<11}", "SHARD", "LEADER", "TERM", "COMMITTED");
@@ -85,7 +100,6 @@ pub fn render(status: &Value) -> String {
         let _ = write!(header, "{:<9}", format!("LAG({id})"));
     }
     let _ = writeln!(out, "{}", header.trim_end());
-    let shard_count = status["shards"].as_array().map_or(0, Vec::len);
     for shard in 0..shard_count {
         let of = |view: &Value| view["shards"][shard].clone();
         let mine = of(status);
@@ -118,13 +132,35 @@ pub fn render(status: &Value) -> String {
     out
 }
 
-/// Every member answered and every shard has a leader.
+/// Whether a shard's group (as the asked member has it) counts `id` as a voter. A status
+/// without the field (an older member) counts every member.
+fn is_voter(shard: &Value, id: u64) -> bool {
+    match shard["voters"].as_array() {
+        Some(voters) => voters.iter().any(|v| v.as_u64() == Some(id)),
+        None => true,
+    }
+}
+
+/// Every member answered, every shard has a leader, and every member is a voter of every shard
+/// (not in the middle of being replaced).
 pub fn healthy(status: &Value) -> bool {
-    let members_up = member_views(status).values().all(Result::is_ok);
-    let led = status["shards"]
-        .as_array()
-        .is_some_and(|shards| shards.iter().all(|shard| shard["leader"].is_u64()));
-    members_up && led
+    let views = member_views(status);
+    let members_up = views.values().all(Result::is_ok);
+    let shards = status["shards"].as_array();
+    let led = shards.is_some_and(|shards| shards.iter().all(|shard| shard["leader"].is_u64()));
+    let full = shards.is_some_and(|shards| shards.iter().all(|shard| views.keys().all(|id| is_voter(shard, *id))));
+    members_up && led && full
+}
+
+/// `fleetlm cluster forget-node` / `add-node`: asks a member to carry out a step of replacing
+/// `node` (`step` is `forget` or `add`) and returns its answer.
+pub async fn change_member(url: &str, api_key: Option<&str>, node: u64, step: &str) -> anyhow::Result<Value> {
+    let endpoint = format!("{}/api/admin/cluster/members/{node}/{step}", url.trim_end_matches('/'));
+    // Adding waits until the member has every shard's log.
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(15 * 60))
+        .build()?;
+    answer_of(url, client.post(&endpoint), api_key).await
 }
 
 #[cfg(test)]

@@ -87,15 +87,66 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// First step of replacing a member whose storage is lost (stop it first): every shard's
+    /// group stops counting it and the cluster forgets it joined, so it may start again on
+    /// empty storage. See docs/OPERATIONS.md, "Replacing a node".
+    ForgetNode {
+        /// HTTP address of a running member (not the one being replaced).
+        #[arg(long)]
+        url: String,
+        /// The member to replace.
+        #[arg(long)]
+        node_id: u64,
+        #[arg(long, env = "FLEETLM_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// Last step of replacing a member: once it runs again on empty storage, every shard's
+    /// group sends it the log and counts it as a voter again. Waits until done.
+    AddNode {
+        /// HTTP address of a running member (not the one being added).
+        #[arg(long)]
+        url: String,
+        /// The member to add back.
+        #[arg(long)]
+        node_id: u64,
+        #[arg(long, env = "FLEETLM_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+}
+
+/// A runtime for the commands that talk to a running server.
+fn client_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("fleetlm: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Runs a step of replacing a member and prints the answer; exit 1 if the step failed.
+fn cluster_member_step(url: &str, api_key: Option<&str>, node: u64, step: &str) -> ExitCode {
+    let runtime = match client_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(fleetlm::cluster_status::change_member(url, api_key, node, step)) {
+        Ok(answer) => {
+            println!("{answer:#}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("fleetlm: {error:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn cluster_status(url: &str, api_key: Option<&str>, json: bool) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match client_runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("fleetlm: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(fleetlm::cluster_status::fetch(url, api_key)) {
         Ok(status) => {
@@ -148,6 +199,12 @@ fn main() -> ExitCode {
         CommandLine::Cluster {
             command: ClusterCommand::Status { url, api_key, json },
         } => cluster_status(&url, api_key.as_deref(), json),
+        CommandLine::Cluster {
+            command: ClusterCommand::ForgetNode { url, node_id, api_key },
+        } => cluster_member_step(&url, api_key.as_deref(), node_id, "forget"),
+        CommandLine::Cluster {
+            command: ClusterCommand::AddNode { url, node_id, api_key },
+        } => cluster_member_step(&url, api_key.as_deref(), node_id, "add"),
         CommandLine::Token {
             sub,
             ttl_secs,

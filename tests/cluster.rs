@@ -776,11 +776,33 @@ async fn cluster_partitioned_node_acknowledges_nothing() {
     .await;
 }
 
+/// Runs `fleetlm <args>` (the operator's commands) and returns its exit status and output.
+async fn operator(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(support::binary())
+            .args(&args)
+            .output()
+            .expect("run fleetlm")
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status, text)
+}
+
 /// (g) A node whose data directory was wiped after it joined refuses to take part (exits
-/// non-zero saying it was recorded as a member, or never reports ready, logging it).
+/// non-zero saying it was recorded as a member, or never reports ready, logging it). Then it is
+/// replaced as docs/OPERATIONS.md says, under the load: `cluster forget-node`, started on empty
+/// storage, `cluster add-node`; it gets the whole history and votes again (the cluster writes
+/// with another node down).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_wiped_node_refuses_to_rejoin() {
-    bounded(Duration::from_secs(90), async {
+async fn cluster_wiped_node_refuses_to_rejoin_and_is_replaced() {
+    bounded(Duration::from_secs(150), async {
         let (mut cluster, sessions) = start_with_sessions(options()).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -851,8 +873,67 @@ async fn cluster_wiped_node_refuses_to_rejoin() {
             "nodes 1 and 2 took no write after node 3 was refused ({took:?}): {:?}",
             probe.outcome
         );
-        let recorded = load.finish().await;
-        assert!(recorded.acked() > 0, "{}", recorded.summary());
+
+        let mut probes = vec![probe];
+
+        // Replacing it. Forgetting a member that runs is refused.
+        let (status, text) = operator(&["cluster", "forget-node", "--url", &cluster.node(2), "--node-id", "1"]).await;
+        assert!(!status.success() && text.contains("is running"), "{status}: {text}");
+        let (status, text) = operator(&["cluster", "forget-node", "--url", &cluster.node(1), "--node-id", "3"]).await;
+        assert!(status.success(), "forget-node failed: {status}: {text}");
+        let (status, text) = operator(&["cluster", "status", "--url", &cluster.node(1)]).await;
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "a forgotten member is not a healthy cluster: {text}"
+        );
+        match cluster.spawn(3) {
+            Started::Listening => {}
+            Started::Exited(status) => panic!(
+                "the forgotten node 3 exited with {status} on empty storage; its log:\n{}",
+                cluster.log_tail(3, 30)
+            ),
+        }
+        assert!(!cluster.is_ready(3).await, "node 3 is ready before it was added back");
+        let (status, text) = operator(&["cluster", "add-node", "--url", &cluster.node(2), "--node-id", "3"]).await;
+        assert!(
+            status.success(),
+            "add-node failed: {status}: {text}\nnode 3:\n{}",
+            cluster.log_tail(3, 30)
+        );
+        cluster.wait_ready(3).await;
+        load.routing.include(3);
+        let (status, text) = operator(&["cluster", "status", "--url", &cluster.node(3)]).await;
+        assert!(status.success(), "cluster status after the replacement: {text}");
+        assert!(text.contains(&format!("{SHARDS}/{SHARDS}")), "{text}");
+
+        // Node 3 votes: with node 1 down, nodes 2 and 3 take writes on every shard.
+        load.routing.exclude(1);
+        cluster.kill9(1);
+        for shard in 0..SHARDS {
+            let session = session_of(&sessions, shard, SHARDS);
+            let (probe, took) = probe_write(
+                &cluster,
+                Some(1),
+                &session,
+                &format!("two-of-three-{shard}"),
+                Duration::from_secs(15),
+            )
+            .await;
+            assert!(
+                matches!(probe.outcome, Outcome::Acked { .. }),
+                "shard {shard} took no write on nodes 2 and 3 ({took:?}): {:?}",
+                probe.outcome
+            );
+            probes.push(probe);
+        }
+        cluster.restart(1);
+        cluster.wait_all_ready().await;
+        load.routing.include(1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut recorded = load.finish().await;
+        recorded.ops.extend(probes);
+        check_history(&recorded, &cluster).await;
     })
     .await;
 }

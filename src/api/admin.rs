@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -61,4 +62,81 @@ pub async fn cluster(State(state): State<SharedState>, caller: Caller) -> ApiRes
     let mut status = crate::cluster::member_status(consensus);
     status["peers"] = serde_json::Value::Object(crate::cluster::peer_statuses(consensus).await);
     Ok(axum::Json(status).into_response())
+}
+
+/// `POST /api/admin/cluster/members/{id}/forget`: the first step of replacing a member whose
+/// storage is lost (docs/OPERATIONS.md, "Replacing a node"): every shard's group stops counting
+/// it, and the cluster forgets it joined, so it may start again on empty storage. Refused while
+/// the member answers (it must be stopped first). Idempotent; answers when done.
+pub async fn forget_member(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(node): Path<String>,
+) -> ApiResult<Response> {
+    let (consensus, node) = member_change_target(&state, &caller, &node)?;
+    let peers = crate::cluster::peer_statuses(consensus).await;
+    if peers
+        .get(&node.to_string())
+        .is_some_and(|view| view.get("error").is_none())
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "member_running",
+            format!(
+                "node {node} is running: stop it before forgetting it (only a member whose storage is lost is replaced)"
+            ),
+        ));
+    }
+    consensus.forget_member(node).await.map_err(member_change_failed)?;
+    Ok(axum::Json(json!({
+        "node_id": node,
+        "status": "forgotten",
+        "next": format!("start node {node} on empty storage, then run `fleetlm cluster add-node --node-id {node}`"),
+    }))
+    .into_response())
+}
+
+/// `POST /api/admin/cluster/members/{id}/add`: the last step of replacing a member: once it runs
+/// again on empty storage, every shard's group sends it the log, then counts it as a voter
+/// again. Idempotent; answers when done (up to a minute per shard while it catches up).
+pub async fn add_member(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(node): Path<String>,
+) -> ApiResult<Response> {
+    let (consensus, node) = member_change_target(&state, &caller, &node)?;
+    consensus.add_member(node).await.map_err(member_change_failed)?;
+    Ok(axum::Json(json!({"node_id": node, "status": "voter"})).into_response())
+}
+
+fn member_change_target<'a>(
+    state: &'a SharedState,
+    caller: &Caller,
+    node: &str,
+) -> ApiResult<(&'a crate::consensus::Consensus, u64)> {
+    if !caller.is_admin() {
+        return Err(ApiError::forbidden(
+            "changing the cluster's members requires the API key",
+        ));
+    }
+    let Some(consensus) = &state.consensus else {
+        return Err(ApiError::not_found(
+            "not_a_cluster",
+            "this server runs as a single node",
+        ));
+    };
+    let node = node
+        .parse::<u64>()
+        .map_err(|_| ApiError::bad_request("invalid_parameter", "the member id must be a number"))?;
+    if !consensus.members().contains(&node) {
+        return Err(ApiError::not_found(
+            "no_such_member",
+            format!("node {node} is not in --cluster-peers"),
+        ));
+    }
+    Ok((consensus, node))
+}
+
+fn member_change_failed(reason: String) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "member_change_failed", reason)
 }

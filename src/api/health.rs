@@ -55,7 +55,12 @@ fn cluster_reasons(
         return;
     }
     for status in consensus.status() {
-        if status.leader.is_none() {
+        if !status.voters.contains(&consensus.node_id()) {
+            reasons.push(json!({"component": "cluster", "shard": status.shard, "reason": format!(
+                "not a voter of the shard's group (a replaced member waits for `fleetlm cluster add-node --node-id {}`)",
+                consensus.node_id()
+            )}));
+        } else if status.leader.is_none() {
             reasons.push(json!({"component": "cluster", "shard": status.shard, "reason": "no known leader"}));
         }
     }

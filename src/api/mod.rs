@@ -77,7 +77,9 @@ pub fn router(state: SharedState) -> Router {
         .route("/sessions/{id}/regenerate", post(turns::regenerate))
         .route("/users/{user_id}/inbox", get(sessions::inbox))
         .route("/admin/dead_letters", get(admin::dead_letters))
-        .route("/admin/cluster", get(admin::cluster));
+        .route("/admin/cluster", get(admin::cluster))
+        .route("/admin/cluster/members/{id}/forget", post(admin::forget_member))
+        .route("/admin/cluster/members/{id}/add", post(admin::add_member));
     Router::new()
         .nest("/api", api)
         .route("/health/live", get(health::live))

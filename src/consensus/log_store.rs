@@ -3,7 +3,7 @@
 //! Raft index `i` is WAL index `i + 1` (the WAL counts from 1 and uses 0 for "nothing"; Raft's
 //! first entry, the initial membership, has index 0). Terms are the WAL's terms. A record's body
 //! is a one-byte payload tag followed by the payload: blank, an application command's bytes, a
-//! membership (MessagePack), or a joined member's id (8 bytes, big-endian).
+//! membership (MessagePack), or a joined or forgotten member's id (8 bytes, big-endian).
 //!
 //! The storage contract openraft states, and how it is kept here:
 //! - entries are readable as soon as `append` returns (before they are durable): they wait in
@@ -31,6 +31,7 @@ const TAG_BLANK: u8 = 0;
 const TAG_COMMAND: u8 = 1;
 const TAG_MEMBERSHIP: u8 = 2;
 const TAG_JOINED: u8 = 3;
+const TAG_FORGOTTEN: u8 = 4;
 
 /// Largest number of entries one WAL read returns; readers loop for more.
 const READ_CHUNK_ENTRIES: usize = 1024;
@@ -55,11 +56,11 @@ pub fn from_wal_id(log_id: wal::LogId) -> LogId {
 }
 
 /// The application command a WAL record of a consensus log holds, or `None` for Raft's own
-/// entries (blank, membership, joined member), which the application skips.
+/// entries (blank, membership, joined or forgotten member), which the application skips.
 pub fn command_in_record(body: &[u8]) -> Result<Option<&[u8]>, String> {
     match body.split_first() {
         Some((&TAG_COMMAND, command)) => Ok(Some(command)),
-        Some((&TAG_BLANK | &TAG_MEMBERSHIP | &TAG_JOINED, _)) => Ok(None),
+        Some((&TAG_BLANK | &TAG_MEMBERSHIP | &TAG_JOINED | &TAG_FORGOTTEN, _)) => Ok(None),
         Some((tag, _)) => Err(format!("unknown consensus record tag {tag}")),
         None => Err("empty consensus record".to_string()),
     }
@@ -74,11 +75,8 @@ fn encode(entry: &Entry) -> Vec<u8> {
             body.extend_from_slice(command);
             body
         }
-        EntryPayload::Normal(ShardCommand::Joined(node)) => {
-            let mut body = vec![TAG_JOINED];
-            body.extend_from_slice(&node.to_be_bytes());
-            body
-        }
+        EntryPayload::Normal(ShardCommand::Joined(node)) => member_record(TAG_JOINED, *node),
+        EntryPayload::Normal(ShardCommand::Forgotten(node)) => member_record(TAG_FORGOTTEN, *node),
         EntryPayload::Membership(membership) => {
             let mut body = vec![TAG_MEMBERSHIP];
             body.extend(rmp_serde::to_vec(membership).expect("a membership always encodes"));
@@ -87,15 +85,24 @@ fn encode(entry: &Entry) -> Vec<u8> {
     }
 }
 
+fn member_record(tag: u8, node: u64) -> Vec<u8> {
+    let mut body = vec![tag];
+    body.extend_from_slice(&node.to_be_bytes());
+    body
+}
+
 fn decode(log_id: wal::LogId, body: &[u8]) -> io::Result<Entry> {
     let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let member = |node: &[u8]| -> io::Result<u64> {
+        Ok(u64::from_be_bytes(node.try_into().map_err(|_| {
+            invalid(format!("member entry {log_id:?} is not 8 bytes"))
+        })?))
+    };
     let payload = match body.split_first() {
         Some((&TAG_BLANK, [])) => EntryPayload::Blank,
         Some((&TAG_COMMAND, command)) => EntryPayload::Normal(ShardCommand::App(command.to_vec())),
-        Some((&TAG_JOINED, node)) => EntryPayload::Normal(ShardCommand::Joined(u64::from_be_bytes(
-            node.try_into()
-                .map_err(|_| invalid(format!("joined entry {log_id:?} is not 8 bytes")))?,
-        ))),
+        Some((&TAG_JOINED, node)) => EntryPayload::Normal(ShardCommand::Joined(member(node)?)),
+        Some((&TAG_FORGOTTEN, node)) => EntryPayload::Normal(ShardCommand::Forgotten(member(node)?)),
         Some((&TAG_MEMBERSHIP, bytes)) => EntryPayload::Membership(
             rmp_serde::from_slice(bytes).map_err(|e| invalid(format!("membership entry {log_id:?}: {e}")))?,
         ),
@@ -425,6 +432,17 @@ mod tests {
             decode(to_wal_id(&log_id), &encode(&joined)).expect("decode").payload,
             EntryPayload::Normal(ShardCommand::Joined(3))
         ));
+        let forgotten = Entry {
+            log_id,
+            payload: EntryPayload::Normal(ShardCommand::Forgotten(3)),
+        };
+        let forgotten_body = encode(&forgotten);
+        assert!(matches!(
+            decode(to_wal_id(&log_id), &forgotten_body).expect("decode").payload,
+            EntryPayload::Normal(ShardCommand::Forgotten(3))
+        ));
+        assert_eq!(command_in_record(&forgotten_body), Ok(None));
+        assert!(decode(to_wal_id(&log_id), &forgotten_body[..5]).is_err());
         assert_eq!(to_wal_id(&log_id), wal::LogId { term: 7, index: 42 });
         let blank = Entry {
             log_id,

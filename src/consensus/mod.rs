@@ -6,7 +6,9 @@
 //! - `log_store`: openraft's log storage on the shard's WAL log and vote file;
 //! - `state_machine`: committed entries handed to the shard's consumer in order (`Applied`);
 //!   snapshots are the shared archive;
-//! - `network` + `peer`: Raft RPCs over authenticated connections between nodes.
+//! - `network` + `peer`: Raft RPCs over authenticated connections between nodes;
+//! - `membership`: replacing a member whose storage is lost (the operator's only membership
+//!   change).
 //!
 //! The rest of the server sees `Consensus` (propose, leadership, status) and one `ShardFeed` per
 //! shard (the applied stream). Indexes it sees are shard log indexes (WAL indexes).
@@ -15,6 +17,7 @@
 //! knows sessions or messages (commands are opaque bytes).
 
 mod log_store;
+mod membership;
 mod network;
 mod peer;
 mod state_machine;
@@ -41,6 +44,7 @@ pub use peer::{MAX_FRAME_BYTES, PeerError};
 pub use state_machine::Applied;
 
 use crate::wal::Wal;
+use membership::{MemberChange, MemberChangeError};
 use network::{RaftService, ShardNetwork};
 use peer::{Identity, PeerClient};
 use types::{LogId, Member, Raft, ShardCommand, TypeConfig};
@@ -125,6 +129,10 @@ pub struct ShardStatus {
     pub applied: u64,
     /// Leader only: per follower, the last index known replicated to it.
     pub replicated: BTreeMap<u64, u64>,
+    /// The members the shard's group counts (its newest membership as this node has it), and
+    /// those it only replicates to (being added back: see `membership`).
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
 }
 
 pub struct Consensus {
@@ -253,9 +261,12 @@ const JOINED_CHECK: Duration = Duration::from_millis(300);
 /// first (`confirm_new`) and answers no Raft RPC meanwhile (so it cannot vote); if shard 0's
 /// leader says it joined before, it refuses for good.
 async fn form(mut f: Joining, formation: tokio::sync::watch::Sender<Formation>) {
+    // A node joining a cluster that already formed gets its membership with the leaders' logs
+    // (as a voter the groups count, or as a learner being added); it proposes none of its own.
+    let mut cluster_formed = false;
     if f.fresh.iter().all(|fresh| *fresh) {
         match confirm_new(&f).await {
-            Ok(()) => {}
+            Ok(formed) => cluster_formed = formed,
             Err(reason) => {
                 tracing::error!(node = f.node_id, %reason, "refusing to take part in the cluster");
                 formation.send_replace(Formation::Refused(reason));
@@ -269,7 +280,7 @@ async fn form(mut f: Joining, formation: tokio::sync::watch::Sender<Formation>) 
     f.service.take_part();
     let membership: BTreeMap<u64, Member> = f.members.iter().map(|id| (*id, Member::default())).collect();
     for (shard, raft) in f.groups.iter().enumerate() {
-        if f.fresh[shard] {
+        if f.fresh[shard] && !cluster_formed {
             // Refused when the group already has a log or a vote (e.g. a leader's entries
             // arrived first): fine, the membership came with them.
             if let Err(error) = raft.initialize(membership.clone()).await {
@@ -288,13 +299,14 @@ async fn form(mut f: Joining, formation: tokio::sync::watch::Sender<Formation>) 
     }
 }
 
-/// Asks the peers whether this node joined before. `Ok` once shard 0's leader says it did not,
-/// or a majority of the members (itself included) started empty and have applied nothing (the
+/// Asks the peers whether this node joined before. `Ok(true)` once shard 0's leader says it did
+/// not (the cluster formed without it, or forgot it: see `membership`), `Ok(false)` once a
+/// majority of the members (itself included) started empty and have applied nothing (the
 /// cluster never formed, so nobody can have recorded it); `Err` as soon as the leader says it did.
 ///
 /// Limit: when one member never started and another is wiped while the rest cannot form a
 /// quorum (two failures in a cluster of three), the two empty nodes count as a fresh majority.
-async fn confirm_new(f: &Joining) -> Result<(), String> {
+async fn confirm_new(f: &Joining) -> Result<bool, String> {
     use network::JoinedAnswer;
     let majority = f.members.len() / 2 + 1;
     let mut waited = tokio::time::Instant::now();
@@ -305,17 +317,17 @@ async fn confirm_new(f: &Joining) -> Result<(), String> {
             match network::ask_joined(client, f.node_id, Duration::from_secs(3)).await {
                 Ok(JoinedAnswer::Joined) => {
                     return Err(format!(
-                        "node {} starts with an empty data directory, but the cluster recorded it as a member that held the log: it may have voted and forgotten it. Replace it as docs/OPERATIONS.md says (a new node id), or restore its data directory",
-                        f.node_id
+                        "node {id} starts with an empty data directory, but the cluster recorded it as a member that held the log: it may have voted and forgotten it. Restore its data directory, or replace it: stop it, run `fleetlm cluster forget-node --node-id {id}` against a running member, start it again on empty storage, then run `fleetlm cluster add-node --node-id {id}` (docs/OPERATIONS.md, \"Replacing a node\")",
+                        id = f.node_id
                     ));
                 }
-                Ok(JoinedAnswer::NotJoined) => return Ok(()),
+                Ok(JoinedAnswer::NotJoined) => return Ok(true),
                 Ok(JoinedAnswer::Fresh) => fresh += 1,
                 Ok(JoinedAnswer::Unknown) | Err(_) => {}
             }
         }
         if fresh >= majority {
-            return Ok(());
+            return Ok(false);
         }
         if waited.elapsed() > Duration::from_secs(5) {
             tracing::info!(node = f.node_id, "waiting for the cluster to confirm this node is new");
@@ -330,6 +342,8 @@ async fn confirm_new(f: &Joining) -> Result<(), String> {
 
 /// On the leader of shard 0: records itself and every follower that holds the log as joined.
 async fn record_joined(f: &Joining) {
+    // Not while a member is being forgotten: it could be recorded again right after.
+    let _records = f.service.member_records().lock_owned().await;
     let raft = &f.groups[0];
     let holders: Vec<u64> = {
         let metrics = raft.metrics();
@@ -337,12 +351,13 @@ async fn record_joined(f: &Joining) {
         if metrics.current_leader != Some(f.node_id) {
             return;
         }
+        let membership = metrics.membership_config.membership();
         let mut holders = vec![f.node_id];
         if let Some(replication) = &metrics.replication {
             holders.extend(
                 replication
                     .iter()
-                    .filter(|(_, matched)| matched.is_some())
+                    .filter(|(id, matched)| matched.is_some() && membership.get_node(id).is_some())
                     .map(|(id, _)| *id),
             );
         }
@@ -475,7 +490,7 @@ impl Consensus {
         let groups = Arc::new(groups);
         let joined = joined.expect("a cluster has at least one shard");
         let joined_view = joined.clone();
-        service.set_groups(groups.clone(), joined.clone(), fresh.iter().all(|f| *f));
+        service.set_groups(spec.node_id, groups.clone(), joined.clone(), fresh.iter().all(|f| *f));
         let service_handle = service.clone();
         let (formation, formed) = tokio::sync::watch::channel(Formation::Pending);
         tokio::spawn(form(
@@ -705,7 +720,10 @@ impl Consensus {
                             .collect()
                     })
                     .unwrap_or_default();
+                let membership = metrics.membership_config.membership();
                 ShardStatus {
+                    voters: membership.voter_ids().collect(),
+                    learners: membership.learner_ids().collect(),
                     shard: shard as u16,
                     role,
                     term: metrics.current_term,
@@ -737,13 +755,18 @@ impl Consensus {
     /// (without waiting for it).
     pub async fn transfer_leadership(&self, shard: u16) {
         let raft = self.group(shard);
-        let target = raft.metrics().borrow_watched().replication.as_ref().and_then(|peers| {
-            peers
-                .iter()
-                .filter(|(id, _)| **id != self.node_id)
-                .max_by_key(|(_, matched)| matched.map(|m| m.index))
-                .map(|(id, _)| *id)
-        });
+        let target = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow_watched();
+            let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
+            metrics.replication.as_ref().and_then(|peers| {
+                peers
+                    .iter()
+                    .filter(|(id, _)| **id != self.node_id && voters.contains(id))
+                    .max_by_key(|(_, matched)| matched.map(|m| m.index))
+                    .map(|(id, _)| *id)
+            })
+        };
         if let Some(target) = target {
             let _ = raft.trigger().transfer_leader(target).await;
         }
@@ -776,6 +799,107 @@ impl Consensus {
             .snapshot()
             .await
             .map_err(|fatal| ProposeError::Stopped(fatal.to_string()))
+    }
+
+    /// Carries out one membership step on the shard's leader, wherever it is, following leader
+    /// changes until the step's patience runs out.
+    async fn change_member(&self, shard: u16, change: MemberChange) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + change.patience() + Duration::from_secs(5);
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let outcome = match self.wait_for_leader(shard, remaining).await {
+                Some(leader) if leader == self.node_id => self.service.members().change(shard, change).await,
+                Some(leader) => match self.peers.get(&leader) {
+                    Some(client) => network::ask_member_change(client, shard, change).await,
+                    None => Err(MemberChangeError::NotLeader { leader: None }),
+                },
+                None => Err(MemberChangeError::NotLeader { leader: None }),
+            };
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(MemberChangeError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(MemberChangeError::NotLeader { .. }) => {
+                    return Err(format!("shard {shard}: no leader carried out {change:?} in time"));
+                }
+                Err(MemberChangeError::Failed(reason)) => return Err(format!("shard {shard}: {reason}")),
+            }
+        }
+    }
+
+    /// Runs `change` on the leader of each of `shards`, a few at a time.
+    async fn change_member_on(&self, shards: Vec<u16>, change: MemberChange) -> Result<(), String> {
+        use futures_util::StreamExt;
+        let failures: Vec<String> = futures_util::stream::iter(shards)
+            .map(|shard| self.change_member(shard, change))
+            .buffer_unordered(8)
+            .filter_map(|outcome| async move { outcome.err() })
+            .collect()
+            .await;
+        match failures.as_slice() {
+            [] => Ok(()),
+            [only] => Err(only.clone()),
+            [first, rest @ ..] => Err(format!("{first} (and {} more shards failed)", rest.len())),
+        }
+    }
+
+    /// Every shard but shard 0, which holds the member records.
+    fn shards_but_the_first(&self) -> Vec<u16> {
+        (1..self.groups.len() as u16).collect()
+    }
+
+    /// The operator's first step of replacing `node`, whose storage is lost (see `membership`):
+    /// removes it from every shard's group, then forgets that it joined, so it may start again
+    /// on empty storage. Idempotent. Refuses while another member is not a voter everywhere
+    /// (one replacement at a time).
+    pub async fn forget_member(&self, node: u64) -> Result<(), String> {
+        self.check_replaceable(node)?;
+        for status in self.status() {
+            if let Some(other) = self
+                .members
+                .iter()
+                .find(|m| **m != node && !status.voters.is_empty() && !status.voters.contains(m))
+            {
+                return Err(format!(
+                    "node {other} is not a voter of shard {} yet: finish replacing it first (`fleetlm cluster add-node --node-id {other}`)",
+                    status.shard
+                ));
+            }
+        }
+        // Shard 0 last: its `Forgotten` record is what lets the node start empty.
+        self.change_member_on(self.shards_but_the_first(), MemberChange::Remove(node))
+            .await?;
+        self.change_member(0, MemberChange::Remove(node)).await?;
+        self.change_member(0, MemberChange::Forget(node)).await
+    }
+
+    /// The operator's last step of replacing `node`: once it runs again on empty storage, every
+    /// shard's leader adds it as a learner and waits until it has the log; shard 0 records it
+    /// joined; then it becomes a voter of every shard again. Idempotent.
+    pub async fn add_member(&self, node: u64) -> Result<(), String> {
+        self.check_replaceable(node)?;
+        // Shard 0 first: a node that does not get its log is not running, or refuses.
+        self.change_member(0, MemberChange::AddLearner(node)).await?;
+        self.change_member_on(self.shards_but_the_first(), MemberChange::AddLearner(node))
+            .await?;
+        // Recorded before it votes anywhere: a second wipe is refused again.
+        self.change_member(0, MemberChange::RecordJoined(node)).await?;
+        self.change_member(0, MemberChange::Promote(node)).await?;
+        self.change_member_on(self.shards_but_the_first(), MemberChange::Promote(node))
+            .await
+    }
+
+    fn check_replaceable(&self, node: u64) -> Result<(), String> {
+        if !self.members.contains(&node) {
+            return Err(format!("node {node} is not in --cluster-peers"));
+        }
+        if node == self.node_id {
+            return Err(format!(
+                "node {node} is the member asked: ask another member to replace it"
+            ));
+        }
+        Ok(())
     }
 
     pub async fn shutdown(&self) {

@@ -20,6 +20,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::membership::{self, MemberChange, MemberChangeError};
 use super::peer::{PeerClient, PeerError, PeerHandler};
 use super::types::{Member, Raft, Snapshot, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 
@@ -38,6 +39,11 @@ pub enum PeerRequest {
     /// A request of the application above consensus (forwarded writes and reads, events for
     /// sockets): opaque bytes answered by the node's `AppService`.
     App(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A step of replacing a member, for the shard's leader (see `membership`).
+    Member {
+        shard: u16,
+        change: MemberChange,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -78,6 +84,7 @@ pub enum RaftReply {
     App(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The callee could not answer: unknown shard, or its group has stopped.
     Failed(String),
+    Member(Result<(), MemberChangeError>),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -146,6 +153,34 @@ pub async fn ask_joined(client: &PeerClient, node: u64, timeout: Duration) -> Re
     match rmp_serde::from_slice::<RaftReply>(&response) {
         Ok(RaftReply::Joined(joined)) => Ok(joined),
         _ => Err(PeerError::Disconnected(client.peer())),
+    }
+}
+
+/// Asks `client`'s node, which this node believes leads `shard`, to carry out `change`.
+pub async fn ask_member_change(client: &PeerClient, shard: u16, change: MemberChange) -> Result<(), MemberChangeError> {
+    let request = encode(&PeerRequest::Member { shard, change });
+    let response = client
+        .call(request, change.patience() + Duration::from_secs(2))
+        .await
+        .map_err(|error| match error {
+            // Never got there: as if it did not lead; the caller looks for the leader again.
+            error if error.surely_not_delivered() => MemberChangeError::NotLeader { leader: None },
+            error => {
+                // The details may name addresses: logged, not answered.
+                tracing::warn!(peer = client.peer(), shard, ?change, %error, "a membership step's outcome is unknown");
+                MemberChangeError::Failed(format!(
+                    "node {} took the step over but did not answer (run the command again)",
+                    client.peer()
+                ))
+            }
+        })?;
+    match rmp_serde::from_slice::<RaftReply>(&response) {
+        Ok(RaftReply::Member(outcome)) => outcome,
+        Ok(RaftReply::Failed(_)) => Err(MemberChangeError::NotLeader { leader: None }),
+        _ => Err(MemberChangeError::Failed(format!(
+            "node {} answered the wrong kind of reply",
+            client.peer()
+        ))),
     }
 }
 
@@ -247,16 +282,27 @@ pub async fn call_app(client: &PeerClient, request: Vec<u8>, timeout: Duration) 
 /// only once the node may take part: a node starting empty first makes sure it is new).
 #[derive(Default)]
 pub struct RaftService {
+    node_id: OnceLock<u64>,
     groups: OnceLock<Arc<Vec<Raft>>>,
     joined: OnceLock<Arc<Mutex<BTreeSet<u64>>>>,
     /// Every shard's storage was empty when this node started.
     started_empty: AtomicBool,
     taking_part: AtomicBool,
     app: OnceLock<Arc<dyn AppService>>,
+    /// Held while shard 0's membership records change (`Joined`, `Forgotten`), so recording a
+    /// joined member cannot interleave with forgetting it.
+    member_records: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl RaftService {
-    pub fn set_groups(&self, groups: Arc<Vec<Raft>>, joined: Arc<Mutex<BTreeSet<u64>>>, started_empty: bool) {
+    pub fn set_groups(
+        &self,
+        node_id: u64,
+        groups: Arc<Vec<Raft>>,
+        joined: Arc<Mutex<BTreeSet<u64>>>,
+        started_empty: bool,
+    ) {
+        let _ = self.node_id.set(node_id);
         self.started_empty.store(started_empty, Ordering::Release);
         let _ = self.groups.set(groups);
         let _ = self.joined.set(joined);
@@ -268,6 +314,43 @@ impl RaftService {
 
     pub fn serve_app(&self, app: Arc<dyn AppService>) {
         let _ = self.app.set(app);
+    }
+
+    pub fn member_records(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.member_records.clone()
+    }
+
+    /// What carries out membership steps on this node's groups.
+    pub fn members(&self) -> LocalMembers {
+        LocalMembers {
+            node_id: self.node_id.get().copied(),
+            groups: self.groups.get().cloned(),
+            records: self.member_records.clone(),
+        }
+    }
+}
+
+/// Carries out membership steps on this node's groups (for a request of a peer or of this node).
+pub struct LocalMembers {
+    node_id: Option<u64>,
+    groups: Option<Arc<Vec<Raft>>>,
+    records: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl LocalMembers {
+    /// Carries out `change` on this node's group of `shard`, which must lead it.
+    pub async fn change(&self, shard: u16, change: MemberChange) -> Result<(), MemberChangeError> {
+        let (Some(groups), Some(node_id)) = (&self.groups, self.node_id) else {
+            return Err(MemberChangeError::NotLeader { leader: None });
+        };
+        let Some(raft) = groups.get(shard as usize) else {
+            return Err(MemberChangeError::Failed(format!("there is no shard {shard}")));
+        };
+        let _records = match change {
+            MemberChange::Forget(_) | MemberChange::RecordJoined(_) => Some(self.records.lock().await),
+            _ => None,
+        };
+        membership::change_here(raft, node_id, change).await
     }
 }
 
@@ -333,6 +416,7 @@ async fn answer(groups: Option<Arc<Vec<Raft>>>, request: PeerRequest) -> RaftRep
 
 impl PeerHandler for RaftService {
     fn handle(&self, from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+        let members = self.members();
         let groups = self.groups.get().cloned();
         let joined = self.joined.get().cloned();
         let taking_part = self.taking_part.load(Ordering::Acquire);
@@ -352,6 +436,7 @@ impl PeerHandler for RaftService {
                 Ok(PeerRequest::Joined { .. }) if !taking_part => RaftReply::Joined(JoinedAnswer::Unknown),
                 Ok(PeerRequest::Joined { node }) => RaftReply::Joined(answer_joined(groups, joined, node).await),
                 Ok(_) if !taking_part => RaftReply::Failed("this node is not taking part yet".into()),
+                Ok(PeerRequest::Member { shard, change }) => RaftReply::Member(members.change(shard, change).await),
                 Ok(request) => answer(groups, request).await,
                 Err(error) => RaftReply::Failed(format!("undecodable request: {error}")),
             };

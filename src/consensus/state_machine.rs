@@ -47,7 +47,7 @@ struct SnapshotFile {
     /// `(term, raft index)` of the last entry the snapshot covers.
     last: Option<(u64, u64)>,
     membership: Vec<u8>,
-    /// Members recorded as having joined (only grows; see `ShardCommand::Joined`).
+    /// Members recorded as having joined (`ShardCommand::Joined`, less those `Forgotten` since).
     joined: Vec<u64>,
 }
 
@@ -275,6 +275,10 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     self.joined.lock().expect("joined lock").insert(node);
                     None
                 }
+                EntryPayload::Normal(ShardCommand::Forgotten(node)) => {
+                    self.joined.lock().expect("joined lock").remove(&node);
+                    None
+                }
                 EntryPayload::Blank => None,
                 EntryPayload::Membership(membership) => {
                     let mut machine = self.machine.lock().expect("machine lock");
@@ -335,7 +339,8 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 ),
             ));
         }
-        self.joined.lock().expect("joined lock").extend(joined);
+        // The snapshot's set replaces this replica's: a member forgotten since must not linger.
+        *self.joined.lock().expect("joined lock") = joined.into_iter().collect();
         let this = self.clone();
         let kept = meta.clone();
         tokio::task::spawn_blocking(move || this.keep_as_current(&kept))

@@ -653,3 +653,113 @@ async fn a_late_first_start_joins_and_a_wiped_member_is_refused() {
         node.consensus.shutdown().await;
     }
 }
+
+fn voters_everywhere(node: &Node) -> Vec<Vec<u64>> {
+    node.consensus.status().into_iter().map(|s| s.voters).collect()
+}
+
+/// Replacing a member whose storage is lost: forgotten (removed from every group, its joined
+/// record dropped), started on empty storage, added back; it then holds the whole log and
+/// counts as a voter (the cluster commits with it while another member is down), and a second
+/// wipe is refused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_lost_storage_is_forgotten_started_empty_and_added_back() {
+    let mut cluster = Cluster::start(&[1, 2, 3]).await;
+    let mut expected: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); SHARDS as usize];
+    for i in 0..10 {
+        for shard in 0..SHARDS {
+            expected[shard as usize].push((propose(&cluster, shard, payload(i)).await, payload(i)));
+        }
+    }
+    let leader0 = cluster.leader(0).await;
+    wait_until("every member recorded as joined", || {
+        cluster.node(leader0).consensus.joined() == vec![1, 2, 3]
+    })
+    .await;
+
+    let dir = cluster.stop_node(3).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    let error = cluster
+        .node(1)
+        .consensus
+        .forget_member(1)
+        .await
+        .expect_err("not itself");
+    assert!(error.contains("ask another member"), "{error}");
+    cluster.node(1).consensus.forget_member(3).await.expect("forgotten");
+    // Idempotent.
+    cluster
+        .node(2)
+        .consensus
+        .forget_member(3)
+        .await
+        .expect("forgotten again");
+    for id in [1, 2] {
+        wait_until("node 3 forgotten everywhere", || {
+            voters_everywhere(cluster.node(id)) == vec![vec![1, 2]; SHARDS as usize]
+                && cluster.node(id).consensus.joined() == vec![1, 2]
+        })
+        .await;
+    }
+    // One replacement at a time.
+    let error = cluster
+        .node(1)
+        .consensus
+        .forget_member(2)
+        .await
+        .expect_err("3 is not back");
+    assert!(error.contains("finish replacing it first"), "{error}");
+    // The two remaining voters commit on their own.
+    for i in 10..15 {
+        for shard in 0..SHARDS {
+            expected[shard as usize].push((propose(&cluster, shard, payload(i)).await, payload(i)));
+        }
+    }
+
+    cluster.start_node(3).await;
+    tokio::time::timeout(Duration::from_secs(15), cluster.node(3).consensus.formed())
+        .await
+        .expect("decided")
+        .expect("a forgotten member may start empty");
+    assert!(
+        voters_everywhere(cluster.node(3))
+            .iter()
+            .all(|voters| voters.is_empty()),
+        "it proposes no membership of its own"
+    );
+    cluster.node(2).consensus.add_member(3).await.expect("added back");
+    for id in [1, 2, 3] {
+        wait_until("node 3 a voter everywhere", || {
+            voters_everywhere(cluster.node(id)) == vec![vec![1, 2, 3]; SHARDS as usize]
+        })
+        .await;
+    }
+    assert!(cluster.node(1).consensus.joined().contains(&3));
+    for shard in 0..SHARDS {
+        wait_until("node 3 has the log", || {
+            commands(cluster.node(3), shard).len() >= expected[shard as usize].len()
+        })
+        .await;
+        assert_eq!(commands(cluster.node(3), shard), expected[shard as usize]);
+    }
+
+    // Node 3 votes: with node 1 down, nodes 2 and 3 still commit.
+    cluster.stop_node(1).await;
+    for shard in 0..SHARDS {
+        propose(&cluster, shard, b"committed by 2 and 3".to_vec()).await;
+    }
+
+    // Recorded as joined again: a second wipe is refused.
+    let dir = cluster.stop_node(3).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    cluster.start_node(1).await;
+    cluster.start_node(3).await;
+    let refused = tokio::time::timeout(Duration::from_secs(15), cluster.node(3).consensus.formed())
+        .await
+        .expect("decided");
+    assert!(refused.expect_err("wiped again").contains("forget-node"));
+    cluster.stop_node(3).await;
+    for node in cluster.nodes.values() {
+        node.consensus.shutdown().await;
+    }
+}

@@ -15,6 +15,9 @@ pub enum ShardCommand {
     /// Shard 0's log records each member once it holds the cluster's log, so that member can
     /// never come back empty and vote as if it had never voted (see `mod.rs`, wiped nodes).
     Joined(u64),
+    /// Shard 0's log forgets a member the operator removed from every group to replace its
+    /// lost storage (`membership`): from then on it may start empty once more.
+    Forgotten(u64),
 }
 
 impl fmt::Debug for ShardCommand {
@@ -22,6 +25,7 @@ impl fmt::Debug for ShardCommand {
         match self {
             ShardCommand::App(bytes) => write!(f, "App({} bytes)", bytes.len()),
             ShardCommand::Joined(node) => write!(f, "Joined({node})"),
+            ShardCommand::Forgotten(node) => write!(f, "Forgotten({node})"),
         }
     }
 }
