@@ -92,7 +92,8 @@ pub fn render(status: &Value) -> String {
         };
         let joined = if joined.contains(id) { "yes" } else { "no" };
         let voter = format!("{}/{shard_count}", voter_of(*id));
-        let _ = writeln!(out, "{id:<8}{state:<14}{leads:<8}{joined:<8}{voter:<10}{note}");
+        let row = format!("{id:<8}{state:<14}{leads:<8}{joined:<8}{voter:<10}{note}");
+        let _ = writeln!(out, "{}", row.trim_end());
     }
     let _ = writeln!(out);
     let mut header = format!("{:<7}{:<8}{:<7}{:<11}", "SHARD", "LEADER", "TERM", "COMMITTED");
@@ -167,15 +168,17 @@ pub async fn change_member(url: &str, api_key: Option<&str>, node: u64, step: &s
 mod tests {
     use serde_json::json;
 
-    use super::render;
+    use super::{healthy, render};
 
     #[test]
     fn renders_members_and_shards_with_lag() {
         let status = json!({
             "node_id": 1, "members": [1, 2, 3], "joined": [1, 2, 3], "refusal": null,
             "shards": [
-                {"shard": 0, "role": "leader", "term": 4, "leader": 1, "committed": 10, "applied": 10},
-                {"shard": 1, "role": "follower", "term": 2, "leader": 2, "committed": 7, "applied": 5},
+                {"shard": 0, "role": "leader", "term": 4, "leader": 1, "committed": 10, "applied": 10,
+                 "voters": [1, 2, 3]},
+                {"shard": 1, "role": "follower", "term": 2, "leader": 2, "committed": 7, "applied": 5,
+                 "voters": [1, 2]},
             ],
             "peers": {
                 "2": {"node_id": 2, "shards": [
@@ -189,9 +192,10 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0].split_whitespace().collect::<Vec<_>>(),
-            ["MEMBER", "STATE", "LEADS", "JOINED", "NOTE"]
+            ["MEMBER", "STATE", "LEADS", "JOINED", "VOTER", "IN", "NOTE"]
         );
         assert!(lines[1].starts_with("1") && lines[1].contains("up (asked)"), "{text}");
+        assert!(lines[1].contains("2/2") && lines[3].contains("1/2"), "{text}");
         assert!(lines[3].starts_with("3") && lines[3].contains("unreachable"), "{text}");
         // Shard 1: node 2 leads with commit 8; node 1 applied 5 (lag 3), node 2 8 (lag 0).
         assert_eq!(lines[4], "");
@@ -204,5 +208,22 @@ mod tests {
         assert_eq!(columns(lines[6]), ["0", "1", "4", "10", "0", "1", "-"], "{text}");
         // Shard 1: node 2 leads with commit 8; node 1 applied 5 (lag 3).
         assert_eq!(columns(lines[7]), ["1", "2", "2", "8", "3", "0", "-"], "{text}");
+        assert!(text.lines().all(|line| line == line.trim_end()), "{text:?}");
+    }
+
+    #[test]
+    fn healthy_needs_every_member_up_leading_shards_and_voting_everywhere() {
+        let view = |voters: serde_json::Value| {
+            json!({"node_id": 1, "shards": [{"shard": 0, "leader": 1, "voters": voters}],
+                   "peers": {"2": {"node_id": 2, "shards": []}, "3": {"node_id": 3, "shards": []}}})
+        };
+        assert!(healthy(&view(json!([1, 2, 3]))));
+        assert!(!healthy(&view(json!([1, 2]))), "node 3 is being replaced");
+        let mut leaderless = view(json!([1, 2, 3]));
+        leaderless["shards"][0]["leader"] = json!(null);
+        assert!(!healthy(&leaderless));
+        let mut down = view(json!([1, 2, 3]));
+        down["peers"]["3"] = json!({"error": "unreachable"});
+        assert!(!healthy(&down));
     }
 }

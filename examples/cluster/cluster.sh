@@ -6,6 +6,8 @@
 #   examples/cluster/cluster.sh restart        # rolling restart: each node drained, restarted, ready
 #   examples/cluster/cluster.sh kill 2         # kill -9 node 2 (its shards fail over)
 #   examples/cluster/cluster.sh up 2           # start node 2 again and wait until it is ready
+#   examples/cluster/cluster.sh replace 2      # node 2 lost its disk: stop it, wipe its data,
+#                                              # forget-node, start it empty, add-node
 #   examples/cluster/cluster.sh stop           # drain and stop every node
 #
 # Nodes listen for HTTP on 127.0.0.1:4001-4003 and for peers on 127.0.0.1:4101-4103 and keep
@@ -82,11 +84,24 @@ case "${1:-}" in
     start_node "${2:?which node}"
     wait_ready "$2"
     ;;
+  replace)
+    id=${2:?which node}
+    other=""
+    for m in $(members); do if [ "$m" != "$id" ]; then other=$m; break; fi; done
+    pid=$(cat "$DATA/node$id.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -9 "$pid"; fi
+    while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    rm -rf "$DATA/node$id" # the lost disk
+    "$FLEETLM" cluster forget-node --url "http://127.0.0.1:$(http_port "$other")" --node-id "$id"
+    start_node "$id"
+    "$FLEETLM" cluster add-node --url "http://127.0.0.1:$(http_port "$other")" --node-id "$id"
+    wait_ready "$id"
+    ;;
   stop)
     for id in $(members); do stop_node "$id"; done
     ;;
   *)
-    sed -n '2,13p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
     ;;
 esac
