@@ -938,6 +938,85 @@ async fn cluster_wiped_node_refuses_to_rejoin_and_is_replaced() {
     .await;
 }
 
+/// (i) A node elected while it cannot reach the archive cannot take a shard over (it rebuilds
+/// from the archive): instead of blocking the shard it retries, then hands the leadership to
+/// another member, so every shard stays writable; with its archive back it serves again, and the
+/// history checks out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_leader_without_archive_hands_its_shards_over() {
+    bounded(Duration::from_secs(180), async {
+        let mut options = options();
+        // When a leader fails, node 2 campaigns well before the others.
+        options.election_timeout_ms = 1000;
+        options
+            .node_extra
+            .insert(2, vec!["--election-timeout-ms".into(), "150".into()]);
+        let (mut cluster, sessions) = start_with_sessions(options).await;
+        let load = Load::start(
+            &cluster,
+            &sessions,
+            LoadOptions {
+                sockets: 0,
+                ..LoadOptions::default()
+            },
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cluster.cut_archive(2, true);
+        // Node 2 won the first elections (it campaigns first): a partition makes the others
+        // lead; then each round kills one of them, and node 2 is elected with no archive.
+        cluster.partition(2);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        cluster.heal(2);
+        let mut probes = Vec::new();
+        let mut elected = false;
+        for round in 0..4 {
+            let leaders = cluster.leaders().await;
+            let victim = leaders.iter().copied().find(|id| *id != 2).unwrap_or(1 + 2 * (round % 2));
+            eprintln!("round {round}: leaders {leaders:?}; killing node {victim}");
+            load.routing.exclude(victim);
+            cluster.kill9(victim);
+            for shard in 0..SHARDS {
+                let session = session_of(&sessions, shard, SHARDS);
+                let (probe, took) = probe_write(
+                    &cluster,
+                    Some(victim),
+                    &session,
+                    &format!("round-{round}-shard-{shard}"),
+                    Duration::from_secs(40),
+                )
+                .await;
+                assert!(
+                    matches!(probe.outcome, Outcome::Acked { .. }),
+                    "shard {shard} took no write with node {victim} down and node 2 cut from the archive ({took:?}): {:?}\n{}",
+                    probe.outcome,
+                    cluster.all_logs_tail(20)
+                );
+                eprintln!("round {round}: shard {shard} writable after {took:?}");
+                probes.push(probe);
+            }
+            elected = !cluster.log_lines_matching(2, "taking the shard over failed").is_empty();
+            cluster.restart(victim);
+            cluster.wait_ready(victim).await;
+            load.routing.include(victim);
+            if elected {
+                break;
+            }
+        }
+        assert!(
+            elected,
+            "node 2 was never elected while cut from the archive (the scenario did not happen); its log:\n{}",
+            cluster.log_tail(2, 30)
+        );
+        cluster.cut_archive(2, false);
+        cluster.wait_all_ready().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut recorded = load.finish().await;
+        recorded.ops.extend(probes);
+        check_history(&recorded, &cluster).await;
+    })
+    .await;
+}
+
 /// `shard`'s entry in node `id`'s `/api/admin/cluster` answer (Null without one).
 async fn shard_status(cluster: &Cluster, id: usize, shard: u16) -> Value {
     cluster

@@ -2,6 +2,7 @@
 //! flush of thousands of messages is a handful of statements in one transaction.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::{Config, Pool, Runtime};
 use tokio_postgres::NoTls;
@@ -49,13 +50,41 @@ fn from_pg(error: tokio_postgres::Error) -> ArchiveError {
     }
 }
 
+/// Connecting (and checking a pooled connection) gives up after this.
+const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection whose sent data stays unacknowledged this long is dropped (Linux
+/// `TCP_USER_TIMEOUT`): a query to a Postgres that vanished fails instead of hanging.
+const PG_UNACKNOWLEDGED_TIMEOUT: Duration = Duration::from_secs(10);
+const PG_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// Waiting for a free pooled connection gives up after this.
+const PG_POOL_WAIT: Duration = Duration::from_secs(10);
+
 impl PostgresArchive {
     pub async fn connect(url: &str) -> Result<PostgresArchive> {
-        let config = Config {
-            url: Some(url.to_string()),
-            ..Config::default()
-        };
-        let pool = config.create_pool(Some(Runtime::Tokio1), NoTls).map_err(unavailable)?;
+        // Postgres that stops answering (a network partition, a host gone without closing its
+        // connections) must fail calls within seconds, not hang them: a writer waiting on the
+        // archive cannot take a shard over, a flush cannot finish. The URL's own settings win.
+        let mut pg_config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| ArchiveError::Unavailable(format!("invalid database URL: {e}")))?;
+        if pg_config.get_connect_timeout().is_none() {
+            pg_config.connect_timeout(PG_CONNECT_TIMEOUT);
+        }
+        if pg_config.get_tcp_user_timeout().is_none() {
+            pg_config.tcp_user_timeout(PG_UNACKNOWLEDGED_TIMEOUT);
+        }
+        pg_config.keepalives(true);
+        pg_config.keepalives_idle(PG_KEEPALIVE_IDLE);
+        let manager =
+            deadpool_postgres::Manager::from_config(pg_config, NoTls, deadpool_postgres::ManagerConfig::default());
+        let pool = Pool::builder(manager)
+            .max_size(Config::default().get_pool_config().max_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(PG_POOL_WAIT))
+            .create_timeout(Some(PG_CONNECT_TIMEOUT))
+            .recycle_timeout(Some(PG_CONNECT_TIMEOUT))
+            .build()
+            .map_err(unavailable)?;
         let archive = PostgresArchive { pool };
         archive.ping().await?;
         Ok(archive)

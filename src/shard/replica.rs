@@ -54,6 +54,10 @@ pub struct ClusterLink {
     pub gave_up_term: Option<u64>,
     /// The quorum's confirmation of a takeover: `(term, read index)`.
     pub confirmation: Option<tokio::sync::oneshot::Receiver<(u64, u64)>>,
+    /// Takeovers of the current role that failed (the archive did not answer), and when to try
+    /// again (also: when to repeat the hand-over of a term given up).
+    pub takeover_failures: u32,
+    pub takeover_retry_at: Option<tokio::time::Instant>,
 }
 
 impl ClusterLink {
@@ -67,6 +71,8 @@ impl ClusterLink {
             resync: false,
             gave_up_term: None,
             confirmation: None,
+            takeover_failures: 0,
+            takeover_retry_at: None,
         }
     }
 
@@ -101,9 +107,20 @@ impl ClusterLink {
         }
     }
 
+    /// This node is still elected in a term whose leadership it gave up (see `gave_up_term`).
+    pub fn still_leads_a_term_it_gave_up(&self, shard: u16) -> bool {
+        let Some(given_up) = self.gave_up_term else {
+            return false;
+        };
+        let now = self.consensus.watch(shard).now();
+        now.leading && now.term == given_up
+    }
+
     fn start_taking_over(&mut self, now: Leadership) {
         // A confirmation asked for in another role is dropped (its task stops).
         self.confirmation = None;
+        self.takeover_failures = 0;
+        self.takeover_retry_at = None;
         if now.leading {
             self.role = Role::TakingOver {
                 term: now.term,

@@ -38,6 +38,12 @@ const MAX_RETAINED_BATCH_OPS: usize = 1024;
 /// next fsync while the current one runs, instead of waiting a whole fsync to be sealed.
 const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
+/// A failed takeover (the archive did not answer) is tried again after this, doubling up to
+/// `TAKEOVER_RETRY_MAX`. The first failure also offers the leadership to another member (whose
+/// archive connection may be fine); if nobody takes it, this one keeps trying.
+const TAKEOVER_RETRY_FIRST: Duration = Duration::from_millis(200);
+const TAKEOVER_RETRY_MAX: Duration = Duration::from_secs(3);
+
 /// Resolves with the log index of a sealed batch's entry once it is durable (single node:
 /// fsync'd; cluster: committed), or with why it is not.
 type Durable = Pin<Box<dyn Future<Output = Result<u64, ShardError>> + Send>>;
@@ -223,6 +229,7 @@ impl ShardWriter {
         // A finished batch's buffers, reused so a busy shard does not regrow them for every entry.
         let mut spare = Batch::new();
         loop {
+            let takeover_retry_at = self.cluster.as_ref().and_then(|link| link.takeover_retry_at);
             tokio::select! {
                 biased;
                 outcome = front_durable(&mut in_flight), if !in_flight.is_empty() => {
@@ -264,6 +271,14 @@ impl ShardWriter {
                         }
                         false => watch = None,
                     }
+                }
+                _ = async move {
+                    match takeover_retry_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }, if in_flight.is_empty() && takeover_retry_at.is_some() => {
+                    self.try_take_over().await;
                 }
                 command = commands.recv(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT && self.rebuild_cause.is_none() && !self.resync_pending() => {
                     let Some(first) = command else { break };
@@ -365,9 +380,15 @@ impl ShardWriter {
     /// Cluster mode: once elected and caught up, rebuilds the state from the archive and the
     /// committed log (as a restart does) and starts writing; then dispatches what the log owes.
     async fn try_take_over(&mut self) {
-        if let Some(link) = self.cluster.as_mut() {
-            link.request_confirmation(self.shard);
+        let Some(link) = self.cluster.as_mut() else { return };
+        link.takeover_retry_at = None;
+        if link.still_leads_a_term_it_gave_up(self.shard) {
+            // The hand-over did not happen (yet): ask again, later again.
+            link.consensus.transfer_leadership(self.shard).await;
+            link.takeover_retry_at = Some(tokio::time::Instant::now() + TAKEOVER_RETRY_MAX);
+            return;
         }
+        link.request_confirmation(self.shard);
         let Some((term, through)) = self
             .cluster
             .as_ref()
@@ -377,7 +398,21 @@ impl ShardWriter {
             return;
         };
         let started = Instant::now();
-        self.recover().await;
+        if let Err(reason) = self.recover_once().await {
+            // Not now (the archive did not answer): requests meanwhile get `no_leader` instead
+            // of waiting on a blocked writer, and another member may do better.
+            let link = self.cluster.as_mut().expect("cluster mode");
+            link.takeover_failures += 1;
+            let failures = link.takeover_failures;
+            let delay = (TAKEOVER_RETRY_FIRST * 2u32.saturating_pow(failures - 1)).min(TAKEOVER_RETRY_MAX);
+            link.takeover_retry_at = Some(tokio::time::Instant::now() + delay);
+            tracing::warn!(shard = self.shard, term, failures, %reason, "taking the shard over failed; retrying");
+            metrics::counter!("fleetlm_shard_takeover_retries_total").increment(1);
+            if failures == 1 {
+                link.consensus.transfer_leadership(self.shard).await;
+            }
+            return;
+        }
         if let Some(refusal) = &self.refusal {
             // This replica cannot vouch for its log: another member leads better.
             tracing::error!(shard = self.shard, %refusal, "cannot lead the shard; handing its leadership over");
@@ -386,6 +421,7 @@ impl ShardWriter {
             link.role = Role::Follower;
             link.gave_up_term = Some(term);
             link.consensus.transfer_leadership(self.shard).await;
+            link.takeover_retry_at = Some(tokio::time::Instant::now() + TAKEOVER_RETRY_MAX);
             return;
         }
         let now = self
@@ -976,50 +1012,58 @@ impl ShardWriter {
         Ok(self.state.sessions[session_id].view())
     }
 
-    /// Rebuilds the state from the archive and the WAL entries past the archive's watermark.
+    /// Rebuilds the state from the archive and the WAL entries past the archive's watermark,
+    /// waiting as long as the archive takes to answer (a single node has nothing else to do).
     async fn recover(&mut self) {
-        let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.try_recover().await {
-                Ok(replayed) if !self.losses.is_empty() && self.skip_seqs_of_lost_entries().await.is_err() => {
-                    tracing::error!(
-                        shard = self.shard,
-                        replayed,
-                        "could not record the seqs skipped after an accepted loss"
-                    );
-                    self.writer_state
-                        .set_unavailable("could not record skipped seqs".into());
-                    self.refusal = Some(ShardError::StorageFailed("could not record skipped seqs".into()));
-                    return;
+        while let Err(reason) = self.recover_once().await {
+            tracing::warn!(shard = self.shard, %reason, "shard recovery waits for the archive");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One attempt at `recover`. `Err` when it must be tried again later (the archive did not
+    /// answer, or moved meanwhile); a refusal (storage failure, degraded log) is `Ok`, with
+    /// `refusal` set.
+    async fn recover_once(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        match self.try_recover().await {
+            Ok(replayed) if !self.losses.is_empty() && self.skip_seqs_of_lost_entries().await.is_err() => {
+                tracing::error!(
+                    shard = self.shard,
+                    replayed,
+                    "could not record the seqs skipped after an accepted loss"
+                );
+                self.writer_state
+                    .set_unavailable("could not record skipped seqs".into());
+                self.refusal = Some(ShardError::StorageFailed("could not record skipped seqs".into()));
+                Ok(())
+            }
+            Ok(replayed) => {
+                self.refusal = self.wal.lane_failed(self.shard).map(ShardError::StorageFailed);
+                match &self.refusal {
+                    Some(refusal) => self.writer_state.set_unavailable(refusal.to_string()),
+                    None => self.writer_state.clear_unavailable(),
                 }
-                Ok(replayed) => {
-                    self.refusal = self.wal.lane_failed(self.shard).map(ShardError::StorageFailed);
-                    match &self.refusal {
-                        Some(refusal) => self.writer_state.set_unavailable(refusal.to_string()),
-                        None => self.writer_state.clear_unavailable(),
-                    }
-                    tracing::debug!(
-                        shard = self.shard,
-                        replayed,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "shard recovered"
-                    );
-                    return;
-                }
-                Err(RecoveryError::Fatal(reason)) => {
-                    tracing::error!(shard = self.shard, %reason, "shard degraded");
-                    metrics::gauge!("fleetlm_shard_degraded", "shard" => self.shard.to_string()).set(1.0);
-                    self.writer_state.set_unavailable(reason.clone());
-                    self.refusal = Some(ShardError::Degraded(reason));
-                    return;
-                }
-                Err(RecoveryError::Retry(reason)) => {
-                    tracing::warn!(shard = self.shard, %reason, "shard recovery waits for the archive");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    self.reset_state(0);
-                }
+                tracing::debug!(
+                    shard = self.shard,
+                    replayed,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "shard recovered"
+                );
+                Ok(())
+            }
+            Err(RecoveryError::Fatal(reason)) => {
+                tracing::error!(shard = self.shard, %reason, "shard degraded");
+                metrics::gauge!("fleetlm_shard_degraded", "shard" => self.shard.to_string()).set(1.0);
+                self.writer_state.set_unavailable(reason.clone());
+                self.refusal = Some(ShardError::Degraded(reason));
+                Ok(())
+            }
+            Err(RecoveryError::Retry(reason)) => {
+                self.reset_state(0);
+                Err(reason)
             }
         }
     }

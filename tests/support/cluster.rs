@@ -36,6 +36,8 @@ pub struct ClusterOptions {
     pub start_gap: Duration,
     /// How long `wait_ready` waits.
     pub ready_timeout: Duration,
+    /// Per node: `--flag value` pairs given after `extra` (they replace both).
+    pub node_extra: BTreeMap<usize, Vec<String>>,
 }
 
 impl Default for ClusterOptions {
@@ -47,6 +49,7 @@ impl Default for ClusterOptions {
             start_order: None,
             start_gap: Duration::ZERO,
             ready_timeout: Duration::from_secs(45),
+            node_extra: BTreeMap::new(),
         }
     }
 }
@@ -90,6 +93,11 @@ struct LinkState {
 impl LinkProxy {
     /// Binds now (so the port is held) and serves on `runtime`.
     fn start(runtime: &tokio::runtime::Runtime, target_port: u16) -> LinkProxy {
+        Self::start_to(runtime, "127.0.0.1".to_string(), target_port)
+    }
+
+    /// A proxy to `host:port`.
+    fn start_to(runtime: &tokio::runtime::Runtime, target_host: String, target_port: u16) -> LinkProxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind link proxy");
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -111,8 +119,10 @@ impl LinkProxy {
                     state.held.push(inbound);
                     continue;
                 }
+                let target_host = target_host.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect((target_host.as_str(), target_port)).await
+                    {
                         let _ = outbound.set_nodelay(true);
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
@@ -136,6 +146,25 @@ impl LinkProxy {
         state.up = true;
         state.held.clear();
     }
+}
+
+/// The host and port of a Postgres URL, and a function giving the same URL at another port of
+/// 127.0.0.1 (a proxy's).
+fn database_authority(url: &str) -> (String, u16, impl Fn(u16) -> String) {
+    let (scheme, rest) = url.split_once("://").expect("a database URL with a scheme");
+    let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let (user, hostport) = match authority.rsplit_once('@') {
+        Some((user, hostport)) => (format!("{user}@"), hostport),
+        None => (String::new(), authority),
+    };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((host, port)) => (host.to_string(), port.parse().expect("a numeric port")),
+        None => (hostport.to_string(), 5432),
+    };
+    let (scheme, path) = (scheme.to_string(), path.to_string());
+    (host, port, move |proxy: u16| {
+        format!("{scheme}://{user}127.0.0.1:{proxy}{path}")
+    })
 }
 
 pub fn free_port() -> u16 {
@@ -163,6 +192,8 @@ pub struct Cluster {
     pub clustered: bool,
     pub secret: String,
     links: BTreeMap<(usize, usize), LinkProxy>,
+    /// Per node: the proxy through which it reaches the archive (Postgres), and the URL naming it.
+    archive_links: BTreeMap<usize, (LinkProxy, String)>,
     partitioned: BTreeSet<usize>,
     runtime: Option<tokio::runtime::Runtime>,
     pub client: reqwest::Client,
@@ -224,8 +255,16 @@ impl Cluster {
                 runs: 0,
             })
             .collect();
+        let database = TestDatabase::create();
         let mut links = BTreeMap::new();
+        let mut archive_links = BTreeMap::new();
         if clustered {
+            let (host, port, rewrite) = database_authority(&database.url);
+            for id in 1..=n {
+                let proxy = LinkProxy::start_to(&runtime, host.clone(), port);
+                let url = rewrite(proxy.port);
+                archive_links.insert(id, (proxy, url));
+            }
             for a in 1..=n {
                 for b in 1..=n {
                     if a != b {
@@ -238,10 +277,11 @@ impl Cluster {
         Cluster {
             options,
             nodes,
-            database: TestDatabase::create(),
+            database,
             clustered,
             secret: format!("cluster-secret-{}", uuid::Uuid::now_v7().simple()),
             links,
+            archive_links,
             partitioned: BTreeSet::new(),
             runtime: Some(runtime),
             client: short_client(Duration::from_secs(3)),
@@ -287,7 +327,9 @@ impl Cluster {
             "--data-dir".into(),
             node.data_dir.path().display().to_string(),
             "--database-url".into(),
-            self.database.url.clone(),
+            self.archive_links
+                .get(&id)
+                .map_or_else(|| self.database.url.clone(), |(_, url)| url.clone()),
         ];
         let mut flags: Vec<(String, String)> = vec![
             ("--http-addr".into(), format!("127.0.0.1:{}", node.http_port)),
@@ -321,15 +363,31 @@ impl Cluster {
                 ),
             ]);
         }
-        let extra = &self.options.extra;
+        let node_extra = self.options.node_extra.get(&id).cloned().unwrap_or_default();
+        let extra: Vec<String> = self
+            .options
+            .extra
+            .chunks(2)
+            .filter(|pair| !node_extra.contains(&pair[0]))
+            .flatten()
+            .cloned()
+            .chain(node_extra.iter().cloned())
+            .collect();
         for (flag, value) in flags {
             if !extra.contains(&flag) {
                 args.push(flag);
                 args.push(value);
             }
         }
-        args.extend(extra.iter().cloned());
+        args.extend(extra);
         args
+    }
+
+    /// Cuts node `id`'s connections to the archive (held silent, as a network partition would)
+    /// or restores them.
+    pub fn cut_archive(&self, id: usize, cut: bool) {
+        let (proxy, _) = &self.archive_links[&id];
+        if cut { proxy.cut() } else { proxy.restore() }
     }
 
     /// Starts node `id` (same data directory, same ports) and waits for its listening line;
