@@ -12,17 +12,24 @@ use crate::wal::{LaneReport, Wal, WalOptions};
 #[derive(serde::Deserialize)]
 struct Layout {
     shards: u16,
+    /// Set when the directory belongs to a cluster member.
+    #[serde(default)]
+    node_id: Option<u64>,
+}
+
+fn layout_of(data_dir: &Path) -> anyhow::Result<Layout> {
+    let layout_path = data_dir.join("fleetlm.json");
+    serde_json::from_slice(
+        &std::fs::read(&layout_path)
+            .with_context(|| format!("{} is not a FleetLM data directory", data_dir.display()))?,
+    )
+    .with_context(|| format!("{} is not a valid layout file", layout_path.display()))
 }
 
 /// WAL options matching the data directory as it is on disk (shards from its layout file,
 /// lanes from its lane directories); only what reading needs.
 fn options_on_disk(data_dir: &Path) -> anyhow::Result<WalOptions> {
-    let layout_path = data_dir.join("fleetlm.json");
-    let layout: Layout = serde_json::from_slice(
-        &std::fs::read(&layout_path)
-            .with_context(|| format!("{} is not a FleetLM data directory", data_dir.display()))?,
-    )
-    .with_context(|| format!("{} is not a valid layout file", layout_path.display()))?;
+    let layout = layout_of(data_dir)?;
     let wal_dir = data_dir.join("wal");
     let lanes = std::fs::read_dir(&wal_dir)
         .with_context(|| format!("cannot read {}", wal_dir.display()))?
@@ -142,6 +149,14 @@ fn describe_lane(out: &mut String, report: &LaneReport) -> std::fmt::Result {
 /// directory's lock, so the server must be stopped.
 pub fn wal_repair(data_dir: &Path, shards: &[u16]) -> anyhow::Result<String> {
     let _lock = crate::server::lock_data_dir(data_dir)?;
+    if let Some(node) = layout_of(data_dir)?.node_id {
+        // The other members hold the whole log: accepting a loss here would make this replica
+        // disagree with them. It is replaced with an empty one that receives the log again.
+        bail!(
+            "{} belongs to cluster member {node}, whose log the other members hold: do not accept a loss, replace the member: keep it stopped, move this data directory away, run `fleetlm cluster forget-node --node-id {node}` against a running member, start it on an empty data directory, then run `fleetlm cluster add-node --node-id {node}` (docs/OPERATIONS.md, \"Replacing a node\")",
+            data_dir.display()
+        );
+    }
     let options = options_on_disk(data_dir)?;
     let wal_dir = data_dir.join("wal");
     let reports = Wal::inspect(&wal_dir, &options)?;
@@ -228,4 +243,24 @@ pub fn wal_repair(data_dir: &Path, shards: &[u16]) -> anyhow::Result<String> {
         "at the next start every session of the repaired shards skips the seqs the lost entries could have held (never reused)"
     )?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    /// A cluster member's log is the others' too: `wal repair` refuses and names the
+    /// replacement, changing nothing.
+    #[test]
+    fn repair_refuses_a_cluster_members_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = br#"{"version":1,"shards":4,"archive":"postgres","node_id":3}"#;
+        std::fs::write(dir.path().join("fleetlm.json"), layout).unwrap();
+        std::fs::create_dir_all(dir.path().join("wal/lane-00")).unwrap();
+        let error = super::wal_repair(dir.path(), &[1]).expect_err("refused").to_string();
+        assert!(
+            error.contains("cluster member 3") && error.contains("forget-node"),
+            "{error}"
+        );
+        assert_eq!(std::fs::read(dir.path().join("fleetlm.json")).unwrap(), layout);
+        assert_eq!(std::fs::read_dir(dir.path().join("wal/lane-00")).unwrap().count(), 0);
+    }
 }
