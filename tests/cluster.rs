@@ -1296,6 +1296,67 @@ async fn cluster_agents_answer_once_and_stream_to_every_node() {
             }
         }
         assert_eq!(agent.calls().len(), 2);
+
+        // A leader that loses the shard while it streams a reply stops that dispatch as soon as
+        // it learns of the new leader (its request to the agent is closed; it stores nothing),
+        // and the new leader's reply is the one stored.
+        let said = support::call(
+            &client,
+            "POST",
+            &format!("{}/api/sessions/ga/messages", cluster.node(followers[0])),
+            Some(json!({"user_id": "u", "content": {"text": "once more"}})),
+        )
+        .await;
+        assert_eq!(said.status, 200, "{}", said.body);
+        let once_more = said.body["message"]["seq"].as_u64().expect("stored with a seq");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent.calls().len() < 3 {
+            assert!(Instant::now() < deadline, "the leader did not call the agent");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut cluster = cluster;
+        cluster.partition(leader);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while agent.calls().len() < 4 {
+            assert!(
+                Instant::now() < deadline,
+                "no new leader called the agent for the owed turn\n{}",
+                cluster.all_logs_tail(20)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cluster.heal(leader);
+        agent.wait_aborted(2).await;
+        agent.release();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for id in cluster.ids() {
+            loop {
+                let page = support::call(
+                    &client,
+                    "GET",
+                    &format!("{}/api/sessions/ga/messages", cluster.node(id)),
+                    None,
+                )
+                .await;
+                let answers: Vec<Value> = page.body["messages"]
+                    .as_array()
+                    .map(|messages| {
+                        messages
+                            .iter()
+                            .filter(|m| m["sender_id"] == "g" && m["seq"].as_u64() > Some(once_more))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if answers.len() == 1 && answers[0]["metadata"]["termination"] == "finish" {
+                    break;
+                }
+                assert!(answers.len() < 2, "node {id} stored two answers: {answers:?}");
+                assert!(Instant::now() < deadline, "node {id}: no answer stored: {answers:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        assert_eq!(agent.calls().len(), 4, "the former leader did not ask again");
     })
     .await;
 }

@@ -15,19 +15,26 @@ enum Phase {
     /// Cancelled; the user messages up to this seq were written when the cancel came, and the
     /// turn counts as answered through them.
     Cancelled(u64),
+    /// Cluster: this node no longer leads the session's shard; the new leader answers the turn,
+    /// so the dispatch stops quietly (stores nothing more, records no end).
+    Superseded,
     Ended,
 }
 
 pub struct DispatchControl {
     phase: Mutex<Phase>,
-    signal: watch::Sender<bool>,
+    /// Turns true on a cancel or a supersede (sent after the phase lock is released).
+    stopped: watch::Sender<bool>,
+    /// Turns true when the dispatch ends.
+    ended: watch::Sender<bool>,
 }
 
 impl Default for DispatchControl {
     fn default() -> Self {
         DispatchControl {
             phase: Mutex::new(Phase::Running),
-            signal: watch::Sender::new(false),
+            stopped: watch::Sender::new(false),
+            ended: watch::Sender::new(false),
         }
     }
 }
@@ -36,37 +43,67 @@ impl DispatchControl {
     /// Cancels the dispatch if it is still running; `through_seq` is the session's latest user
     /// message when the cancel came. Returns whether this call cancelled it.
     pub fn cancel(&self, through_seq: u64) -> bool {
-        let mut phase = self.phase.lock().expect("dispatch phase lock");
-        if !matches!(*phase, Phase::Running) {
-            return false;
+        self.stop(Phase::Cancelled(through_seq))
+    }
+
+    /// The node lost the leadership the dispatch runs under: it stops at the next wait, quietly
+    /// (the shard's new leader answers the turn). Returns whether this call stopped it.
+    pub fn supersede(&self) -> bool {
+        self.stop(Phase::Superseded)
+    }
+
+    fn stop(&self, to: Phase) -> bool {
+        {
+            let mut phase = self.phase.lock().expect("dispatch phase lock");
+            if !matches!(*phase, Phase::Running) {
+                return false;
+            }
+            *phase = to;
         }
-        *phase = Phase::Cancelled(through_seq);
-        self.signal.send_replace(true);
+        self.stopped.send_replace(true);
         true
     }
 
-    /// Whether a cancel came (the dispatch should stop at its next wait).
-    pub fn is_cancelled(&self) -> bool {
-        *self.signal.borrow()
+    pub fn is_superseded(&self) -> bool {
+        matches!(*self.phase.lock().expect("dispatch phase lock"), Phase::Superseded)
     }
 
-    /// Resolves once the dispatch is cancelled (never, if it is not).
+    /// Whether a cancel came, or the dispatch was superseded (it should stop at its next wait).
+    pub fn is_cancelled(&self) -> bool {
+        *self.stopped.borrow()
+    }
+
+    /// Resolves once the dispatch is cancelled or superseded (never, if it is not).
     pub async fn cancelled(&self) {
-        let mut receiver = self.signal.subscribe();
-        let _ = receiver.wait_for(|cancelled| *cancelled).await;
+        let mut receiver = self.stopped.subscribe();
+        let _ = receiver.wait_for(|stopped| *stopped).await;
+    }
+
+    /// Resolves once the dispatch was stopped or has ended.
+    pub async fn settled(&self) {
+        let mut ended = self.ended.subscribe();
+        tokio::select! {
+            () = self.cancelled() => {}
+            _ = ended.wait_for(|ended| *ended) => {}
+        }
     }
 
     /// The dispatch ends: from now on a cancel changes nothing. Returns `Some(through_seq)` if
     /// it was cancelled before it ended.
     pub fn end(&self) -> Option<u64> {
-        let mut phase = self.phase.lock().expect("dispatch phase lock");
-        match *phase {
-            Phase::Cancelled(through_seq) => Some(through_seq),
-            Phase::Running | Phase::Ended => {
-                *phase = Phase::Ended;
-                None
+        let outcome = {
+            let mut phase = self.phase.lock().expect("dispatch phase lock");
+            match *phase {
+                Phase::Cancelled(through_seq) => Some(through_seq),
+                Phase::Superseded => None,
+                Phase::Running | Phase::Ended => {
+                    *phase = Phase::Ended;
+                    None
+                }
             }
-        }
+        };
+        self.ended.send_replace(true);
+        outcome
     }
 }
 
@@ -86,6 +123,33 @@ mod tests {
         assert_eq!(ended_first.end(), None);
         assert!(!ended_first.cancel(3), "a cancel after the end changes nothing");
         assert!(!ended_first.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_superseded_dispatch_stops_and_its_watch_settles() {
+        let control = std::sync::Arc::new(DispatchControl::default());
+        let waiting = tokio::spawn({
+            let control = control.clone();
+            async move { control.cancelled().await }
+        });
+        assert!(control.supersede());
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert!(control.is_cancelled() && control.is_superseded());
+        assert!(!control.cancel(9), "a cancel after a supersede changes nothing");
+        assert_eq!(control.end(), None, "a superseded dispatch is not reported cancelled");
+        tokio::time::timeout(std::time::Duration::from_secs(5), control.settled())
+            .await
+            .expect("settled");
+
+        let ended = DispatchControl::default();
+        assert_eq!(ended.end(), None);
+        tokio::time::timeout(std::time::Duration::from_secs(5), ended.settled())
+            .await
+            .expect("an ended dispatch's watch settles");
+        assert!(!ended.supersede() && !ended.is_superseded());
     }
 
     #[tokio::test]

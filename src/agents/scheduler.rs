@@ -105,6 +105,15 @@ impl UserMessageSink {
     }
 }
 
+impl UserMessageSink {
+    /// Asks the scheduler to look for every session owing a reply, in memory and in the archive
+    /// (within a second): a cluster member that starts leading a shard owes the turns of
+    /// sessions its rebuilt state does not hold (archived, not in the log it replayed).
+    pub fn rescan(&self) {
+        self.overflowed.store(true, Ordering::Release);
+    }
+}
+
 /// The scheduler's side of the queue, until the engine starts.
 pub struct EngineInbox {
     events: mpsc::Receiver<Event>,
@@ -233,7 +242,11 @@ impl Scheduler {
                 .await
             {
                 Ok(ids) => {
-                    for id in ids.into_iter().filter(|id| !known.contains(id.as_str())) {
+                    // A cluster member dispatches only for the shards it leads.
+                    let ids = ids
+                        .into_iter()
+                        .filter(|id| !known.contains(id.as_str()) && context.shards.dispatch_term(id).is_some());
+                    for id in ids {
                         if let Ok(view) = context.shards.view(&id).await
                             && view.dispatch.is_pending()
                             && view.status == crate::model::SessionStatus::Active
@@ -370,6 +383,21 @@ impl Scheduler {
                 dispatch_ended(&sender, session_id, agent_id, covered_hint).await;
                 return;
             };
+            if let Some(term) = leader_term
+                && let Some(ended) = context.shards.leadership_ended(&session_id, term)
+            {
+                // Stops the dispatch (and its stream to sockets) as soon as this node loses the
+                // shard: the new leader answers the turn.
+                let control = control.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = ended => {
+                            control.supersede();
+                        }
+                        () = control.settled() => {}
+                    }
+                });
+            }
             let job = DispatchJob {
                 session_id: session_id.clone(),
                 agent_id: agent_id.clone(),
@@ -379,6 +407,7 @@ impl Scheduler {
             };
             let started = std::time::Instant::now();
             let mut result = run_bounded(&context, &job).await;
+            result.superseded |= job.control.is_superseded();
             // Cancelled before it ended: whatever it stored, the turn is answered through the
             // user messages written when the cancel came, and it is not reported as failed.
             let cancelled = job.control.end();

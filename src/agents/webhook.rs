@@ -402,6 +402,10 @@ async fn call(
                 // what was assembled as the AI SDK stores an aborted message.
                 drop(body_stream);
                 context.streams.abort_open_message(&job.session_id);
+                if job.control.is_superseded() {
+                    // The shard's new leader answers the turn; nothing more is stored here.
+                    return Err(CallError::Superseded);
+                }
                 finish_message(context, agent, job, &mut reply, "abort").await?;
                 return Err(CallError::Cancelled);
             }

@@ -390,6 +390,22 @@ impl Shards {
         leadership.leading.then_some(Some(leadership.term))
     }
 
+    /// Cluster mode: resolves once this node no longer leads the session's shard in `term`
+    /// (a dispatch under that term is then superseded). `None` on a single node.
+    pub fn leadership_ended(&self, session_id: &str, term: u64) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let cluster = self.inner.cluster.as_ref()?;
+        let mut watch = cluster.consensus.watch(self.shard_of(session_id));
+        Some(async move {
+            loop {
+                let now = watch.now();
+                let still_leading = now.leading && now.term == term;
+                if !still_leading || !watch.changed().await {
+                    return;
+                }
+            }
+        })
+    }
+
     pub fn shard_count(&self) -> u16 {
         self.inner.senders.len() as u16
     }

@@ -462,6 +462,8 @@ impl ShardWriter {
                 );
             }
         }
+        // Turns owed by sessions only the archive holds (flushed before this node led).
+        self.user_messages.rescan();
     }
 
     /// Hands the batch's operations to the WAL as one entry (without waiting for the fsync).
