@@ -167,12 +167,26 @@ fn database_authority(url: &str) -> (String, u16, impl Fn(u16) -> String) {
     })
 }
 
+/// A port free now, for a listener that must keep its port across restarts (so it cannot be
+/// held). Taken below the kernel's ephemeral range (32768 and up by default): an outgoing
+/// connection of any process can take a freed ephemeral port before the node binds it, which
+/// made a node fail to start now and then ("Address already in use").
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..1000 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos(),
+        );
+        let port = 20_000 + (hasher.finish() % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000");
 }
 
 /// How a start attempt ended.
