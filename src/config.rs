@@ -136,7 +136,7 @@ pub struct Settings {
     #[arg(long, env = "FLEETLM_PEER_LISTEN_ADDR")]
     pub peer_listen_addr: Option<String>,
     /// Cluster mode: a shard whose leader is silent this long elects another (the timeout is
-    /// randomized between this and twice this; heartbeats go every fifth of it). [default: 500]
+    /// randomized between this and 1.5 times this; heartbeats go every fifth of it). [default: 500]
     #[arg(long, env = "FLEETLM_ELECTION_TIMEOUT_MS")]
     pub election_timeout_ms: Option<u64>,
 }

@@ -50,8 +50,10 @@ use peer::{Identity, PeerClient};
 use types::{LogId, Member, Raft, ShardCommand, TypeConfig};
 
 /// Log filter directives for the consensus engine: it narrates every group's start and election
-/// at info, which with 64 shards is noise (its warnings stay).
-pub const LOG_DIRECTIVES: &str = "openraft=warn";
+/// at info, which with 64 shards is noise, and warns about every failed RPC of every group
+/// while a peer is down (hundreds of lines a second); the peer connection logs that once
+/// instead (`peer`). Its errors stay.
+pub const LOG_DIRECTIVES: &str = "openraft=warn,openraft::core::heartbeat=error,openraft::replication=error,openraft::engine::handler::replication_handler=error,openraft::core::raft_core=error";
 
 /// A proposal not committed by then is answered with an unknown outcome (a leader cut off from
 /// its quorum keeps its uncommitted entries until it hears of a new leader): a client of a node

@@ -272,6 +272,9 @@ pub struct PeerClient {
     addr: String,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     last_failure: Mutex<Option<(Instant, PeerError)>>,
+    /// Since when connecting fails (logged once when it starts and once when it ends, instead
+    /// of at every one of the many shard groups' RPCs).
+    down_since: Mutex<Option<Instant>>,
 }
 
 struct Connection {
@@ -301,6 +304,7 @@ impl PeerClient {
             addr,
             connection: tokio::sync::Mutex::new(None),
             last_failure: Mutex::new(None),
+            down_since: Mutex::new(None),
         }
     }
 
@@ -367,10 +371,22 @@ impl PeerClient {
             Ok(connection) => {
                 *slot = Some(connection.clone());
                 *self.last_failure.lock().expect("failure lock") = None;
+                if let Some(since) = self.down_since.lock().expect("down lock").take() {
+                    tracing::info!(
+                        peer = self.to,
+                        down_ms = since.elapsed().as_millis() as u64,
+                        "peer reachable again"
+                    );
+                }
                 Ok(connection)
             }
             Err(error) => {
                 *self.last_failure.lock().expect("failure lock") = Some((Instant::now(), error.clone()));
+                let mut down_since = self.down_since.lock().expect("down lock");
+                if down_since.is_none() {
+                    *down_since = Some(Instant::now());
+                    tracing::warn!(peer = self.to, %error, "peer unreachable; retrying (logged again once it is back)");
+                }
                 Err(error)
             }
         }
