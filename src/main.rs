@@ -90,28 +90,23 @@ enum ClusterCommand {
     /// First step of replacing a member whose storage is lost (stop it first): every shard's
     /// group stops counting it and the cluster forgets it joined, so it may start again on
     /// empty storage. See docs/OPERATIONS.md, "Replacing a node".
-    ForgetNode {
-        /// HTTP address of a running member (not the one being replaced).
-        #[arg(long)]
-        url: String,
-        /// The member to replace.
-        #[arg(long)]
-        node_id: u64,
-        #[arg(long, env = "FLEETLM_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
-    },
+    ForgetNode(MemberStep),
     /// Last step of replacing a member: once it runs again on empty storage, every shard's
     /// group sends it the log and counts it as a voter again. Waits until done.
-    AddNode {
-        /// HTTP address of a running member (not the one being added).
-        #[arg(long)]
-        url: String,
-        /// The member to add back.
-        #[arg(long)]
-        node_id: u64,
-        #[arg(long, env = "FLEETLM_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
-    },
+    AddNode(MemberStep),
+}
+
+#[derive(clap::Args)]
+struct MemberStep {
+    /// HTTP address of a running member other than the one named, e.g. http://127.0.0.1:4001
+    #[arg(long)]
+    url: String,
+    /// The member being replaced.
+    #[arg(long)]
+    node_id: u64,
+    /// The API key (token mode).
+    #[arg(long, env = "FLEETLM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 /// A runtime for the commands that talk to a running server.
@@ -126,12 +121,18 @@ fn client_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 /// Runs a step of replacing a member and prints the answer; exit 1 if the step failed.
-fn cluster_member_step(url: &str, api_key: Option<&str>, node: u64, step: &str) -> ExitCode {
+fn cluster_member_step(member: &MemberStep, step: &str) -> ExitCode {
     let runtime = match client_runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    match runtime.block_on(fleetlm::cluster_status::change_member(url, api_key, node, step)) {
+    let MemberStep { url, node_id, api_key } = member;
+    match runtime.block_on(fleetlm::cluster_status::change_member(
+        url,
+        api_key.as_deref(),
+        *node_id,
+        step,
+    )) {
         Ok(answer) => {
             println!("{answer:#}");
             ExitCode::SUCCESS
@@ -200,11 +201,11 @@ fn main() -> ExitCode {
             command: ClusterCommand::Status { url, api_key, json },
         } => cluster_status(&url, api_key.as_deref(), json),
         CommandLine::Cluster {
-            command: ClusterCommand::ForgetNode { url, node_id, api_key },
-        } => cluster_member_step(&url, api_key.as_deref(), node_id, "forget"),
+            command: ClusterCommand::ForgetNode(step),
+        } => cluster_member_step(&step, "forget"),
         CommandLine::Cluster {
-            command: ClusterCommand::AddNode { url, node_id, api_key },
-        } => cluster_member_step(&url, api_key.as_deref(), node_id, "add"),
+            command: ClusterCommand::AddNode(step),
+        } => cluster_member_step(&step, "add"),
         CommandLine::Token {
             sub,
             ttl_secs,

@@ -68,6 +68,14 @@ fn session_of(sessions: &[String], shard: u16, shards: u16) -> String {
         .clone()
 }
 
+/// Stops the load and checks its history, with the probes' operations, against every node and
+/// the archive.
+async fn finish_and_check(load: Load, probes: Vec<OpRecord>, cluster: &Cluster) {
+    let mut recorded = load.finish().await;
+    recorded.ops.extend(probes);
+    check_history(&recorded, cluster).await;
+}
+
 /// Appends one message through any node but `avoid` until acked (up to `limit`); returns the
 /// record and how long it took.
 async fn probe_write(
@@ -462,9 +470,7 @@ async fn cluster_forms_in_any_order_and_reads_are_linearizable() {
 
         let load = Load::start(&cluster, &sessions, LoadOptions::default());
         tokio::time::sleep(Duration::from_secs(4)).await;
-        let mut recorded = load.finish().await;
-        recorded.ops.extend(probes);
-        check_history(&recorded, &cluster).await;
+        finish_and_check(load, probes, &cluster).await;
     })
     .await;
 }
@@ -510,9 +516,7 @@ async fn cluster_survives_kill_9_of_leaders() {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         cluster.wait_all_ready().await;
-        let mut recorded = load.finish().await;
-        recorded.ops.extend(probes);
-        check_history(&recorded, &cluster).await;
+        finish_and_check(load, probes, &cluster).await;
         for (shard, victim, took, outcome) in failovers {
             assert!(
                 matches!(outcome, Outcome::Acked { .. }) && took <= Duration::from_secs(2),
@@ -576,9 +580,7 @@ async fn cluster_survives_a_stopped_leader() {
         eprintln!("after SIGCONT the leader of shard 0 is node {after}");
         tokio::time::sleep(Duration::from_secs(2)).await;
         let outcome = probe.outcome.clone();
-        let mut recorded = load.finish().await;
-        recorded.ops.push(probe);
-        check_history(&recorded, &cluster).await;
+        finish_and_check(load, vec![probe], &cluster).await;
         assert!(
             matches!(outcome, Outcome::Acked { .. }),
             "shard 0 took no write while its leader was stopped: {outcome:?}"
@@ -750,9 +752,7 @@ async fn cluster_partitioned_node_acknowledges_nothing() {
         cluster.wait_all_ready().await;
         routing.include(cut);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let mut recorded = load.finish().await;
-        recorded.ops.extend(probes);
-        check_history(&recorded, &cluster).await;
+        finish_and_check(load, probes, &cluster).await;
         assert!(
             acked_by_cut.is_empty(),
             "the cut-off node acknowledged writes: {acked_by_cut:?}"
@@ -931,9 +931,7 @@ async fn cluster_wiped_node_refuses_to_rejoin_and_is_replaced() {
         cluster.wait_all_ready().await;
         load.routing.include(1);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let mut recorded = load.finish().await;
-        recorded.ops.extend(probes);
-        check_history(&recorded, &cluster).await;
+        finish_and_check(load, probes, &cluster).await;
     })
     .await;
 }
@@ -1010,9 +1008,7 @@ async fn cluster_leader_without_archive_hands_its_shards_over() {
         cluster.cut_archive(2, false);
         cluster.wait_all_ready().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let mut recorded = load.finish().await;
-        recorded.ops.extend(probes);
-        check_history(&recorded, &cluster).await;
+        finish_and_check(load, probes, &cluster).await;
     })
     .await;
 }
