@@ -88,23 +88,34 @@ impl DispatchControl {
         }
     }
 
-    /// The dispatch ends: from now on a cancel changes nothing. Returns `Some(through_seq)` if
-    /// it was cancelled before it ended.
-    pub fn end(&self) -> Option<u64> {
-        let outcome = {
+    /// The dispatch ends: from now on a cancel changes nothing. Returns how it ended, decided in
+    /// one step with any cancel or supersede racing it.
+    pub fn end(&self) -> Ending {
+        let ending = {
             let mut phase = self.phase.lock().expect("dispatch phase lock");
             match *phase {
-                Phase::Cancelled(through_seq) => Some(through_seq),
-                Phase::Superseded => None,
+                Phase::Cancelled(through_seq) => Ending::Cancelled(through_seq),
+                Phase::Superseded => Ending::Superseded,
                 Phase::Running | Phase::Ended => {
                     *phase = Phase::Ended;
-                    None
+                    Ending::Completed
                 }
             }
         };
         self.ended.send_replace(true);
-        outcome
+        ending
     }
+}
+
+/// How a dispatch ended (`DispatchControl::end`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// On its own (answered, failed or found nothing owed).
+    Completed,
+    /// Cancelled; the user messages up to this seq count as answered.
+    Cancelled(u64),
+    /// Its node lost the shard; the new leader answers the turn.
+    Superseded,
 }
 
 #[cfg(test)]
@@ -117,10 +128,10 @@ mod tests {
         assert!(cancelled_first.cancel(7));
         assert!(!cancelled_first.cancel(8), "a second cancel changes nothing");
         assert!(cancelled_first.is_cancelled());
-        assert_eq!(cancelled_first.end(), Some(7));
+        assert_eq!(cancelled_first.end(), Ending::Cancelled(7));
 
         let ended_first = DispatchControl::default();
-        assert_eq!(ended_first.end(), None);
+        assert_eq!(ended_first.end(), Ending::Completed);
         assert!(!ended_first.cancel(3), "a cancel after the end changes nothing");
         assert!(!ended_first.is_cancelled());
     }
@@ -139,13 +150,17 @@ mod tests {
             .unwrap();
         assert!(control.is_cancelled() && control.is_superseded());
         assert!(!control.cancel(9), "a cancel after a supersede changes nothing");
-        assert_eq!(control.end(), None, "a superseded dispatch is not reported cancelled");
+        assert_eq!(
+            control.end(),
+            Ending::Superseded,
+            "a superseded dispatch is not reported cancelled"
+        );
         tokio::time::timeout(std::time::Duration::from_secs(5), control.settled())
             .await
             .expect("settled");
 
         let ended = DispatchControl::default();
-        assert_eq!(ended.end(), None);
+        assert_eq!(ended.end(), Ending::Completed);
         tokio::time::timeout(std::time::Duration::from_secs(5), ended.settled())
             .await
             .expect("an ended dispatch's watch settles");

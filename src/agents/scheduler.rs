@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::cancel::DispatchControl;
+use super::cancel::{DispatchControl, Ending};
 use super::webhook::{self, DispatchJob, DispatchResult};
 use super::{EngineContext, status};
 
@@ -32,7 +32,9 @@ enum Event {
     Done {
         session_id: Arc<str>,
         agent_id: String,
-        through_seq: u64,
+        /// The user messages up to here are answered; `None`: released unanswered (this
+        /// cluster member does not lead the session's shard).
+        through_seq: Option<u64>,
         /// Whether it counted against the concurrency bounds (a cancel of a turn no dispatch
         /// was running for does not).
         counted: bool,
@@ -160,6 +162,9 @@ struct SessionSchedule {
     /// The cancel that stopped the running dispatch, answered once it has ended (its aborted
     /// message stored, its end recorded).
     cancelled_by: Option<CancelReply>,
+    /// A user message was reported while a dispatch ran (cluster: this node may have started
+    /// leading the shard meanwhile, and owes it even if the running dispatch did not answer).
+    renotified: bool,
 }
 
 pub struct Engine;
@@ -297,6 +302,7 @@ impl Scheduler {
         if seq <= schedule.covered_through {
             return;
         }
+        schedule.renotified |= schedule.in_flight;
         schedule.latest_user_seq = schedule.latest_user_seq.max(seq);
         if !schedule.in_flight {
             self.arm(&session_id);
@@ -380,7 +386,7 @@ impl Scheduler {
         tokio::spawn(async move {
             let Some(leader_term) = context.shards.dispatch_term(&session_id) else {
                 // A cluster member that does not lead the session's shard: its leader dispatches.
-                dispatch_ended(&sender, session_id, agent_id, covered_hint).await;
+                dispatch_released(&sender, session_id, agent_id).await;
                 return;
             };
             if let Some(term) = leader_term
@@ -407,19 +413,22 @@ impl Scheduler {
             };
             let started = std::time::Instant::now();
             let mut result = run_bounded(&context, &job).await;
-            result.superseded |= job.control.is_superseded();
+            let ending = job.control.end();
             // Cancelled before it ended: whatever it stored, the turn is answered through the
             // user messages written when the cancel came, and it is not reported as failed.
-            let cancelled = job.control.end();
+            let cancelled = match ending {
+                Ending::Cancelled(through) => Some(through),
+                Ending::Completed | Ending::Superseded => None,
+            };
             if let Some(cancelled_through) = cancelled {
                 result.error = None;
                 result.nothing_owed = false;
                 result.through_seq = result.through_seq.max(cancelled_through);
             }
             let through_seq = result.through_seq.max(covered_hint);
-            if result.superseded {
+            if result.superseded || ending == Ending::Superseded {
                 tracing::info!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, "dispatch ended: the shard's new leader answers the turn");
-                dispatch_ended(&sender, session_id, agent_id, covered_hint).await;
+                dispatch_released(&sender, session_id, agent_id).await;
                 return;
             }
             if result.nothing_owed {
@@ -542,14 +551,14 @@ impl Scheduler {
                 .send(Event::Done {
                     session_id,
                     agent_id,
-                    through_seq,
+                    through_seq: Some(through_seq),
                     counted: false,
                 })
                 .await;
         });
     }
 
-    fn on_done(&mut self, session_id: Arc<str>, agent_id: &str, through_seq: u64, counted: bool) {
+    fn on_done(&mut self, session_id: Arc<str>, agent_id: &str, through_seq: Option<u64>, counted: bool) {
         if counted {
             self.in_flight = self.in_flight.saturating_sub(1);
             if let Some(count) = self.in_flight_by_agent.get_mut(agent_id) {
@@ -565,6 +574,14 @@ impl Scheduler {
             if let (Some(reply), Some((dispatch_id, _))) = (schedule.cancelled_by.take(), running) {
                 let _ = reply.send(Ok(Some(dispatch_id)));
             }
+            let renotified = std::mem::take(&mut schedule.renotified);
+            let through_seq = match through_seq {
+                Some(through_seq) => through_seq,
+                // Ended without answering (this node does not lead the shard): the session is
+                // dropped unless it was reported again meanwhile (it may lead it now).
+                None if renotified => schedule.covered_through,
+                None => schedule.latest_user_seq,
+            };
             schedule.covered_through = schedule.covered_through.max(through_seq);
             if schedule.latest_user_seq > schedule.covered_through {
                 self.arm(&session_id);
@@ -579,6 +596,16 @@ impl Scheduler {
 /// Tells the scheduler a dispatch it started has ended, covering user messages up to
 /// `through_seq`.
 async fn dispatch_ended(sender: &mpsc::Sender<Event>, session_id: Arc<str>, agent_id: String, through_seq: u64) {
+    send_done(sender, session_id, agent_id, Some(through_seq)).await;
+}
+
+/// Tells the scheduler a dispatch ended without answering anything: this cluster member does
+/// not lead (or no longer leads) the session's shard, whose leader answers the turn.
+async fn dispatch_released(sender: &mpsc::Sender<Event>, session_id: Arc<str>, agent_id: String) {
+    send_done(sender, session_id, agent_id, None).await;
+}
+
+async fn send_done(sender: &mpsc::Sender<Event>, session_id: Arc<str>, agent_id: String, through_seq: Option<u64>) {
     let _ = sender
         .send(Event::Done {
             session_id,

@@ -106,7 +106,18 @@ pub async fn add_member(
 ) -> ApiResult<Response> {
     let (consensus, node) = member_change_target(&state, &caller, &node)?;
     consensus.add_member(node).await.map_err(member_change_failed)?;
-    Ok(axum::Json(json!({"node_id": node, "status": "voter"})).into_response())
+    // Every step is skipped for a member that already votes everywhere, running or not.
+    let running = crate::cluster::peer_statuses(consensus)
+        .await
+        .get(&node.to_string())
+        .is_some_and(|view| view.get("error").is_none());
+    let mut answer = json!({"node_id": node, "status": "voter", "running": running});
+    if !running {
+        answer["note"] = json!(format!(
+            "node {node} votes in every shard but does not answer: start it (if it refuses because its storage was lost, run forget-node first)"
+        ));
+    }
+    Ok(axum::Json(answer).into_response())
 }
 
 fn member_change_target<'a>(

@@ -56,6 +56,8 @@ const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `TCP_USER_TIMEOUT`): a query to a Postgres that vanished fails instead of hanging.
 const PG_UNACKNOWLEDGED_TIMEOUT: Duration = Duration::from_secs(10);
 const PG_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const PG_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const PG_KEEPALIVE_RETRIES: u32 = 3;
 /// Waiting for a free pooled connection gives up after this.
 const PG_POOL_WAIT: Duration = Duration::from_secs(10);
 
@@ -63,7 +65,8 @@ impl PostgresArchive {
     pub async fn connect(url: &str) -> Result<PostgresArchive> {
         // Postgres that stops answering (a network partition, a host gone without closing its
         // connections) must fail calls within seconds, not hang them: a writer waiting on the
-        // archive cannot take a shard over, a flush cannot finish. The URL's own settings win.
+        // archive cannot take a shard over, a flush cannot finish. The URL's own settings
+        // (connect_timeout, tcp_user_timeout, keepalives*) win.
         let mut pg_config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| ArchiveError::Unavailable(format!("invalid database URL: {e}")))?;
@@ -73,8 +76,14 @@ impl PostgresArchive {
         if pg_config.get_tcp_user_timeout().is_none() {
             pg_config.tcp_user_timeout(PG_UNACKNOWLEDGED_TIMEOUT);
         }
-        pg_config.keepalives(true);
-        pg_config.keepalives_idle(PG_KEEPALIVE_IDLE);
+        if !url.contains("keepalives") {
+            // A connection idle in the pool, or waiting on an answer the server acknowledged,
+            // is found dead after about idle + interval × retries.
+            pg_config.keepalives(true);
+            pg_config.keepalives_idle(PG_KEEPALIVE_IDLE);
+            pg_config.keepalives_interval(PG_KEEPALIVE_INTERVAL);
+            pg_config.keepalives_retries(PG_KEEPALIVE_RETRIES);
+        }
         let manager =
             deadpool_postgres::Manager::from_config(pg_config, NoTls, deadpool_postgres::ManagerConfig::default());
         let pool = Pool::builder(manager)

@@ -68,6 +68,9 @@ impl MemberChange {
 pub enum MemberChangeError {
     #[error("not the shard's leader (leader: {leader:?})")]
     NotLeader { leader: Option<u64> },
+    /// The leader cannot take the step yet (it has not applied a record the step needs).
+    #[error("{0}")]
+    NotYet(String),
     #[error("{0}")]
     Failed(String),
 }

@@ -147,6 +147,8 @@ pub struct Consensus {
     service: Arc<RaftService>,
     /// Set to stop the peer listener and its connections.
     stop: tokio::sync::watch::Sender<bool>,
+    /// Held while this node drives a member replacement step (one at a time here).
+    member_steps: tokio::sync::Mutex<()>,
     formed: tokio::sync::watch::Receiver<Formation>,
 }
 
@@ -518,6 +520,7 @@ impl Consensus {
                 peers: clients,
                 service: service_handle,
                 stop,
+                member_steps: tokio::sync::Mutex::new(()),
                 formed,
             },
             feeds,
@@ -819,12 +822,15 @@ impl Consensus {
             };
             match outcome {
                 Ok(()) => return Ok(()),
-                Err(MemberChangeError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                Err(MemberChangeError::NotLeader { .. } | MemberChangeError::NotYet(_))
+                    if tokio::time::Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(MemberChangeError::NotLeader { .. }) => {
                     return Err(format!("shard {shard}: no leader carried out {change:?} in time"));
                 }
+                Err(MemberChangeError::NotYet(reason)) => return Err(format!("shard {shard}: {reason}")),
                 Err(MemberChangeError::Failed(reason)) => return Err(format!("shard {shard}: {reason}")),
             }
         }
@@ -857,6 +863,7 @@ impl Consensus {
     /// (one replacement at a time).
     pub async fn forget_member(&self, node: u64) -> Result<(), String> {
         self.check_replaceable(node)?;
+        let _one_at_a_time = self.member_steps.lock().await;
         for status in self.status() {
             if let Some(other) = self
                 .members
@@ -873,7 +880,11 @@ impl Consensus {
         self.change_member_on(self.shards_but_the_first(), MemberChange::Remove(node))
             .await?;
         self.change_member(0, MemberChange::Remove(node)).await?;
-        self.change_member(0, MemberChange::Forget(node)).await
+        self.change_member(0, MemberChange::Forget(node)).await?;
+        // Once more everywhere: an `add_member` run concurrently elsewhere may have made it a
+        // voter again before the `Forgotten` record reached every leader.
+        let all: Vec<u16> = (0..self.groups.len() as u16).collect();
+        self.change_member_on(all, MemberChange::Remove(node)).await
     }
 
     /// The operator's last step of replacing `node`: once it runs again on empty storage, every
@@ -881,6 +892,7 @@ impl Consensus {
     /// joined; then it becomes a voter of every shard again. Idempotent.
     pub async fn add_member(&self, node: u64) -> Result<(), String> {
         self.check_replaceable(node)?;
+        let _one_at_a_time = self.member_steps.lock().await;
         // Shard 0 first: a node that does not get its log is not running, or refuses.
         self.change_member(0, MemberChange::AddLearner(node)).await?;
         self.change_member_on(self.shards_but_the_first(), MemberChange::AddLearner(node))

@@ -162,17 +162,11 @@ pub async fn ask_member_change(client: &PeerClient, shard: u16, change: MemberCh
     let response = client
         .call(request, change.patience() + Duration::from_secs(2))
         .await
-        .map_err(|error| match error {
-            // Never got there: as if it did not lead; the caller looks for the leader again.
-            error if error.surely_not_delivered() => MemberChangeError::NotLeader { leader: None },
-            error => {
-                // The details may name addresses: logged, not answered.
-                tracing::warn!(peer = client.peer(), shard, ?change, %error, "a membership step's outcome is unknown");
-                MemberChangeError::Failed(format!(
-                    "node {} took the step over but did not answer (run the command again)",
-                    client.peer()
-                ))
-            }
+        .map_err(|error| {
+            // Every step is idempotent, so even a step that may have run is simply asked for
+            // again (of whoever leads by then). The details may name addresses: logged only.
+            tracing::debug!(peer = client.peer(), shard, ?change, %error, "a membership step is asked for again");
+            MemberChangeError::NotLeader { leader: None }
         })?;
     match rmp_serde::from_slice::<RaftReply>(&response) {
         Ok(RaftReply::Member(outcome)) => outcome,
@@ -325,6 +319,7 @@ impl RaftService {
         LocalMembers {
             node_id: self.node_id.get().copied(),
             groups: self.groups.get().cloned(),
+            joined: self.joined.get().cloned(),
             records: self.member_records.clone(),
         }
     }
@@ -334,23 +329,40 @@ impl RaftService {
 pub struct LocalMembers {
     node_id: Option<u64>,
     groups: Option<Arc<Vec<Raft>>>,
+    joined: Option<Arc<Mutex<BTreeSet<u64>>>>,
     records: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl LocalMembers {
-    /// Carries out `change` on this node's group of `shard`, which must lead it.
+    /// Carries out `change` on this node's group of `shard`, which must lead it, within the
+    /// step's patience.
     pub async fn change(&self, shard: u16, change: MemberChange) -> Result<(), MemberChangeError> {
-        let (Some(groups), Some(node_id)) = (&self.groups, self.node_id) else {
+        let (Some(groups), Some(node_id), Some(joined)) = (&self.groups, self.node_id, &self.joined) else {
             return Err(MemberChangeError::NotLeader { leader: None });
         };
         let Some(raft) = groups.get(shard as usize) else {
             return Err(MemberChangeError::Failed(format!("there is no shard {shard}")));
         };
+        if let MemberChange::Promote(node) = change
+            && !joined.lock().expect("joined lock").contains(&node)
+        {
+            // Only a member recorded as joined may vote: a wipe of it is then refused. (A stale
+            // view here only delays the step; a concurrent forget removes it again.)
+            return Err(MemberChangeError::NotYet(format!(
+                "node {node} is not recorded as joined (as this leader has applied shard 0)"
+            )));
+        }
         let _records = match change {
             MemberChange::Forget(_) | MemberChange::RecordJoined(_) => Some(self.records.lock().await),
             _ => None,
         };
-        membership::change_here(raft, node_id, change).await
+        match tokio::time::timeout(change.patience(), membership::change_here(raft, node_id, change)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(MemberChangeError::Failed(format!(
+                "{change:?} did not complete within {:?} (no quorum?)",
+                change.patience()
+            ))),
+        }
     }
 }
 

@@ -39,10 +39,15 @@ const MAX_RETAINED_BATCH_OPS: usize = 1024;
 const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
 /// A failed takeover (the archive did not answer) is tried again after this, doubling up to
-/// `TAKEOVER_RETRY_MAX`. The first failure also offers the leadership to another member (whose
-/// archive connection may be fine); if nobody takes it, this one keeps trying.
+/// `TAKEOVER_RETRY_MAX`. The second failure in a row also offers the leadership to another
+/// member (whose archive connection may be fine); if nobody takes it, this one keeps trying.
+/// An attempt that lost a race with the log or the archive moving on is retried at once.
 const TAKEOVER_RETRY_FIRST: Duration = Duration::from_millis(200);
 const TAKEOVER_RETRY_MAX: Duration = Duration::from_secs(3);
+const TAKEOVER_FAILURES_BEFORE_HAND_OVER: u32 = 2;
+const TAKEOVER_RACE_RETRY: Duration = Duration::from_millis(50);
+/// One attempt to rebuild from the archive gives up after this.
+const TAKEOVER_ATTEMPT_LIMIT: Duration = Duration::from_secs(8);
 
 /// Resolves with the log index of a sealed batch's entry once it is durable (single node:
 /// fsync'd; cluster: committed), or with why it is not.
@@ -398,18 +403,37 @@ impl ShardWriter {
             return;
         };
         let started = Instant::now();
-        if let Err(reason) = self.recover_once().await {
-            // Not now (the archive did not answer): requests meanwhile get `no_leader` instead
-            // of waiting on a blocked writer, and another member may do better.
+        // Bounded: requests wait on the writer meanwhile, and archive calls can each take seconds.
+        let attempt = match tokio::time::timeout(TAKEOVER_ATTEMPT_LIMIT, self.recover_once()).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                self.reset_state(0);
+                Err(RecoveryError::Retry(format!(
+                    "rebuilding from the archive took over {TAKEOVER_ATTEMPT_LIMIT:?}"
+                )))
+            }
+        };
+        if let Err(failure) = attempt {
             let link = self.cluster.as_mut().expect("cluster mode");
-            link.takeover_failures += 1;
-            let failures = link.takeover_failures;
-            let delay = (TAKEOVER_RETRY_FIRST * 2u32.saturating_pow(failures - 1)).min(TAKEOVER_RETRY_MAX);
-            link.takeover_retry_at = Some(tokio::time::Instant::now() + delay);
-            tracing::warn!(shard = self.shard, term, failures, %reason, "taking the shard over failed; retrying");
-            metrics::counter!("fleetlm_shard_takeover_retries_total").increment(1);
-            if failures == 1 {
-                link.consensus.transfer_leadership(self.shard).await;
+            match failure {
+                RecoveryError::Race(reason) => {
+                    // The log or the archive moved on meanwhile: again, at once.
+                    tracing::debug!(shard = self.shard, term, %reason, "taking the shard over again");
+                    link.takeover_retry_at = Some(tokio::time::Instant::now() + TAKEOVER_RACE_RETRY);
+                }
+                RecoveryError::Retry(reason) | RecoveryError::Fatal(reason) => {
+                    // The archive did not answer: requests meanwhile get `no_leader` instead of
+                    // waiting on a blocked writer, and another member may do better.
+                    link.takeover_failures += 1;
+                    let failures = link.takeover_failures;
+                    let delay = (TAKEOVER_RETRY_FIRST * 2u32.saturating_pow(failures - 1)).min(TAKEOVER_RETRY_MAX);
+                    link.takeover_retry_at = Some(tokio::time::Instant::now() + delay);
+                    tracing::warn!(shard = self.shard, term, failures, %reason, "taking the shard over failed; retrying");
+                    metrics::counter!("fleetlm_shard_takeover_retries_total").increment(1);
+                    if failures == TAKEOVER_FAILURES_BEFORE_HAND_OVER {
+                        link.consensus.transfer_leadership(self.shard).await;
+                    }
+                }
             }
             return;
         }
@@ -1018,17 +1042,19 @@ impl ShardWriter {
     /// waiting as long as the archive takes to answer (a single node has nothing else to do).
     async fn recover(&mut self) {
         let mut backoff = Duration::from_millis(100);
-        while let Err(reason) = self.recover_once().await {
+        while let Err(RecoveryError::Retry(reason) | RecoveryError::Race(reason) | RecoveryError::Fatal(reason)) =
+            self.recover_once().await
+        {
             tracing::warn!(shard = self.shard, %reason, "shard recovery waits for the archive");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
-    /// One attempt at `recover`. `Err` when it must be tried again later (the archive did not
-    /// answer, or moved meanwhile); a refusal (storage failure, degraded log) is `Ok`, with
+    /// One attempt at `recover`. `Err` when it must be tried again (the archive did not answer,
+    /// or moved meanwhile: `Race`); a refusal (storage failure, degraded log) is `Ok`, with
     /// `refusal` set.
-    async fn recover_once(&mut self) -> Result<(), String> {
+    async fn recover_once(&mut self) -> Result<(), RecoveryError> {
         let started = Instant::now();
         match self.try_recover().await {
             Ok(replayed) if !self.losses.is_empty() && self.skip_seqs_of_lost_entries().await.is_err() => {
@@ -1063,9 +1089,9 @@ impl ShardWriter {
                 self.refusal = Some(ShardError::Degraded(reason));
                 Ok(())
             }
-            Err(RecoveryError::Retry(reason)) => {
+            Err(retry) => {
                 self.reset_state(0);
-                Err(reason)
+                Err(retry)
             }
         }
     }
@@ -1232,7 +1258,7 @@ impl ShardWriter {
         if committed.is_some() {
             if next <= wal_last {
                 // Committed, but not yet indexed by this node's WAL: wait for it.
-                return Err(RecoveryError::Retry(format!(
+                return Err(RecoveryError::Race(format!(
                     "the log is not yet durable here through entry {wal_last}"
                 )));
             }
@@ -1244,7 +1270,7 @@ impl ShardWriter {
                 .await
                 .map_err(|e| RecoveryError::Retry(e.to_string()))?;
             if now_archived != watermark {
-                return Err(RecoveryError::Retry("the archive moved during recovery".into()));
+                return Err(RecoveryError::Race("the archive moved during recovery".into()));
             }
         }
         self.state.applied_index = self.state.applied_index.max(wal_last);
@@ -1304,7 +1330,11 @@ fn refuse_as_follower(command: Command, leader: Option<u64>) {
 const MIN_MESSAGE_OP_BYTES: u64 = 64;
 
 enum RecoveryError {
+    /// The archive did not answer: try again later.
     Retry(String),
+    /// A race with the log or the archive moving on (a former leader's last flush, an entry
+    /// not yet durable here): try again at once.
+    Race(String),
     Fatal(String),
 }
 
