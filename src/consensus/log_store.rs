@@ -35,12 +35,13 @@ const TAG_JOINED: u8 = 3;
 /// Largest number of entries one WAL read returns; readers loop for more.
 const READ_CHUNK_ENTRIES: usize = 1024;
 
-/// Entries the tail keeps in memory: it lets durable ones go past these bounds (entries not
-/// durable yet always stay, whatever their number). openraft reads every entry back soon after appending it, to replicate it to each
-/// follower and to apply it, and the tail answers those reads without a WAL read (a blocking-pool
-/// hand-off, a pread and two copies per entry). Whichever bound is reached first applies.
-const TAIL_DURABLE_ENTRIES: usize = 256;
-const TAIL_DURABLE_BYTES: usize = 256 * 1024;
+/// How much the in-memory tail of the log holds before it lets its oldest durable entries go
+/// (entries not durable yet always stay, whatever their number); whichever bound is passed first.
+/// openraft reads every entry back soon after appending it, to replicate it to each follower and
+/// to apply it; the tail answers those reads without a WAL read (a blocking-pool hand-off, a
+/// `pread` into a zeroed buffer and two copies per entry). At most ~16 MiB over 64 shards.
+const TAIL_KEEP_ENTRIES: usize = 256;
+const TAIL_KEEP_BYTES: usize = 256 * 1024;
 
 /// The bytes a `ShardCommand` may take at most so that its entry fits the WAL.
 pub fn max_command_bytes(wal: &Wal) -> usize {
@@ -130,7 +131,7 @@ struct Flush {
 
 /// The newest entries of the log, contiguous and oldest first, with the append call that brought
 /// each: every entry not yet durable, and before them the newest durable ones within
-/// `TAIL_DURABLE_*`.
+/// `TAIL_KEEP_*`.
 /// Entries leave it from the front only once durable and indexed by the WAL (so anything older
 /// than its front is in the WAL), and truncation and purging remove theirs here exactly as in
 /// the WAL (before the WAL's marks are written), so it never serves an entry the log dropped.
@@ -169,7 +170,7 @@ impl Tail {
     /// durable entries go while the tail is over its bounds.
     fn made_durable(&mut self, seq: u64) {
         self.durable_seq = self.durable_seq.max(seq);
-        while (self.entries.len() > TAIL_DURABLE_ENTRIES || self.bytes > TAIL_DURABLE_BYTES)
+        while (self.entries.len() > TAIL_KEEP_ENTRIES || self.bytes > TAIL_KEEP_BYTES)
             && self.entries.front().is_some_and(|(s, _)| *s <= self.durable_seq)
         {
             let (_, entry) = self.entries.pop_front().expect("checked");
@@ -559,11 +560,11 @@ mod tests {
         {
             let tail = store.shared.tail.lock().unwrap();
             assert!(
-                tail.entries.len() <= TAIL_DURABLE_ENTRIES,
+                tail.entries.len() <= TAIL_KEEP_ENTRIES,
                 "bounded: {}",
                 tail.entries.len()
             );
-            assert_eq!(tail.front_index(), Some(400 - TAIL_DURABLE_ENTRIES as u64));
+            assert_eq!(tail.front_index(), Some(400 - TAIL_KEEP_ENTRIES as u64));
         }
         // Across the WAL and the tail, and within each.
         assert_eq!(read(&mut store, 0..400).await, ids(1, 0..400));
