@@ -7,7 +7,7 @@
 //!
 //! The storage contract openraft states, and how it is kept here:
 //! - entries are readable as soon as `append` returns (before they are durable): they wait in
-//!   `pending` until the WAL has made them durable and indexed them;
+//!   the in-memory `tail` until the WAL has made them durable and indexed them;
 //! - the flush callback fires only after fdatasync, in append order (one completion task per
 //!   shard awaits the WAL's answers in order);
 //! - all writes are serialized: appends, truncations and purges go through the shard's single
@@ -35,6 +35,14 @@ const TAG_FORGOTTEN: u8 = 4;
 
 /// Largest number of entries one WAL read returns; readers loop for more.
 const READ_CHUNK_ENTRIES: usize = 1024;
+
+/// How much the in-memory tail of the log holds before it lets its oldest durable entries go
+/// (entries not durable yet always stay, whatever their number); whichever bound is passed first.
+/// openraft reads every entry back soon after appending it, to replicate it to each follower and
+/// to apply it; the tail answers those reads without a WAL read (a blocking-pool hand-off, a
+/// `pread` into a zeroed buffer and two copies per entry). At most ~16 MiB over 64 shards.
+const TAIL_KEEP_ENTRIES: usize = 256;
+const TAIL_KEEP_BYTES: usize = 256 * 1024;
 
 /// The bytes a `ShardCommand` may take at most so that its entry fits the WAL.
 pub fn max_command_bytes(wal: &Wal) -> usize {
@@ -128,11 +136,60 @@ struct Flush {
     callback: IOFlushed<TypeConfig>,
 }
 
+/// The newest entries of the log, contiguous and oldest first, with the append call that brought
+/// each: every entry not yet durable, and before them the newest durable ones within
+/// `TAIL_KEEP_*`.
+/// Entries leave it from the front only once durable and indexed by the WAL (so anything older
+/// than its front is in the WAL), and truncation and purging remove theirs here exactly as in
+/// the WAL (before the WAL's marks are written), so it never serves an entry the log dropped.
+#[derive(Default)]
+struct Tail {
+    entries: VecDeque<(u64, Entry)>,
+    /// Every append call up to this one is durable (its entries are in the WAL's index).
+    durable_seq: u64,
+    /// Payload bytes of `entries` (approximate: what a command carries).
+    bytes: usize,
+}
+
+fn entry_bytes(entry: &Entry) -> usize {
+    match &entry.payload {
+        EntryPayload::Normal(ShardCommand::App(command)) => command.len(),
+        _ => 64,
+    }
+}
+
+impl Tail {
+    fn front_index(&self) -> Option<u64> {
+        self.entries.front().map(|(_, entry)| entry.log_id.index)
+    }
+
+    fn push(&mut self, seq: u64, entry: Entry) {
+        self.bytes += entry_bytes(&entry);
+        self.entries.push_back((seq, entry));
+    }
+
+    fn retain(&mut self, keep: impl Fn(u64, &Entry) -> bool) {
+        self.entries.retain(|(seq, entry)| keep(*seq, entry));
+        self.bytes = self.entries.iter().map(|(_, entry)| entry_bytes(entry)).sum();
+    }
+
+    /// Notes that append call `seq` (and every one before it) is durable, and lets the oldest
+    /// durable entries go while the tail is over its bounds.
+    fn made_durable(&mut self, seq: u64) {
+        self.durable_seq = self.durable_seq.max(seq);
+        while (self.entries.len() > TAIL_KEEP_ENTRIES || self.bytes > TAIL_KEEP_BYTES)
+            && self.entries.front().is_some_and(|(s, _)| *s <= self.durable_seq)
+        {
+            let (_, entry) = self.entries.pop_front().expect("checked");
+            self.bytes -= entry_bytes(&entry);
+        }
+    }
+}
+
 struct Shared {
     wal: Arc<Wal>,
     shard: u16,
-    /// Entries appended but not yet durable, with the append call that brought them.
-    pending: Mutex<VecDeque<(u64, Entry)>>,
+    tail: Mutex<Tail>,
     vote: Mutex<Option<Vote>>,
     /// Number of append calls made / made durable (a vote waits until they are equal).
     appended: Mutex<u64>,
@@ -161,7 +218,7 @@ impl ShardLogStore {
         let shared = Arc::new(Shared {
             wal,
             shard,
-            pending: Mutex::new(VecDeque::new()),
+            tail: Mutex::new(Tail::default()),
             vote: Mutex::new(vote),
             appended: Mutex::new(0),
             flushed: watch::channel(0).0,
@@ -191,11 +248,9 @@ async fn complete_flushes(shared: Arc<Shared>, mut queue: mpsc::UnboundedReceive
             }
         }
         if outcome.is_ok() {
-            // Durable and in the WAL's index now: readers find them there.
-            let mut pending = shared.pending.lock().expect("pending lock");
-            while pending.front().is_some_and(|(seq, _)| *seq <= flush.seq) {
-                pending.pop_front();
-            }
+            // Durable and in the WAL's index now: readers find them there once the tail lets
+            // them go.
+            shared.tail.lock().expect("tail lock").made_durable(flush.seq);
         }
         shared.flushed.send_replace(flush.seq);
         flush.callback.io_completed(outcome);
@@ -205,13 +260,14 @@ async fn complete_flushes(shared: Arc<Shared>, mut queue: mpsc::UnboundedReceive
 impl Shared {
     fn log_state(&self) -> LogState<TypeConfig> {
         let last_purged_log_id = self.wal.purged(self.shard).map(from_wal_id);
-        let pending_last = self
-            .pending
+        let tail_last = self
+            .tail
             .lock()
-            .expect("pending lock")
+            .expect("tail lock")
+            .entries
             .back()
             .map(|(_, entry)| entry.log_id);
-        let last_log_id = pending_last
+        let last_log_id = tail_last
             .or_else(|| self.wal.last_log_id(self.shard).map(from_wal_id))
             .or(last_purged_log_id);
         LogState {
@@ -224,20 +280,24 @@ impl Shared {
         if start >= end {
             return Ok(Vec::new());
         }
-        // Pending entries first: anything older than the oldest of them is already indexed by
-        // the WAL (an entry leaves `pending` only after the WAL published it).
-        let (pending_from, mut newer): (u64, Vec<Entry>) = {
-            let pending = self.pending.lock().expect("pending lock");
-            let from = pending.front().map_or(u64::MAX, |(_, entry)| entry.log_id.index);
-            let entries = pending
-                .iter()
+        // The tail first: anything older than its oldest entry is already indexed by the WAL
+        // (an entry leaves the tail only after the WAL published it).
+        let (tail_from, mut newer): (u64, Vec<Entry>) = {
+            let tail = self.tail.lock().expect("tail lock");
+            let from = tail.front_index().unwrap_or(u64::MAX);
+            // Contiguous by index: the wanted ones are one run from `start - from`.
+            let skip = start.saturating_sub(from).min(tail.entries.len() as u64) as usize;
+            let entries = tail
+                .entries
+                .range(skip..)
                 .map(|(_, entry)| entry)
-                .filter(|entry| entry.log_id.index >= start && entry.log_id.index < end)
+                .take_while(|entry| entry.log_id.index < end)
+                .filter(|entry| entry.log_id.index >= start)
                 .cloned()
                 .collect();
             (from, entries)
         };
-        let durable_end = end.min(pending_from);
+        let durable_end = end.min(tail_from);
         let mut entries = Vec::new();
         let mut next = start;
         while next < durable_end {
@@ -340,11 +400,12 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
             *appended += 1;
             *appended
         };
-        self.shared
-            .pending
-            .lock()
-            .expect("pending lock")
-            .extend(entries.iter().map(|entry| (seq, entry.clone())));
+        {
+            let mut tail = self.shared.tail.lock().expect("tail lock");
+            for entry in &entries {
+                tail.push(seq, entry.clone());
+            }
+        }
         // One WAL request per entry (each fits the WAL on its own); the lane still writes all
         // that are queued in one batch and one fdatasync.
         let mut durable = Vec::with_capacity(entries.len());
@@ -358,11 +419,7 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
             {
                 Ok(receiver) => durable.push(receiver),
                 Err(error) => {
-                    self.shared
-                        .pending
-                        .lock()
-                        .expect("pending lock")
-                        .retain(|(s, _)| *s != seq);
+                    self.shared.tail.lock().expect("tail lock").retain(|s, _| s != seq);
                     // Still answered through the completion task, so the flush count moves on
                     // (a later vote does not wait for this append forever).
                     let (failed, receiver) = oneshot::channel();
@@ -381,10 +438,10 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let keep_through = last_log_id.map(|id| id.index);
         self.shared
-            .pending
+            .tail
             .lock()
-            .expect("pending lock")
-            .retain(|(_, entry)| keep_through.is_some_and(|k| entry.log_id.index <= k));
+            .expect("tail lock")
+            .retain(|_, entry| keep_through.is_some_and(|k| entry.log_id.index <= k));
         let after = last_log_id.map_or(wal::LogId { term: 0, index: 0 }, |id| to_wal_id(&id));
         self.shared
             .wal
@@ -395,10 +452,10 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         self.shared
-            .pending
+            .tail
             .lock()
-            .expect("pending lock")
-            .retain(|(_, entry)| entry.log_id.index > log_id.index);
+            .expect("tail lock")
+            .retain(|_, entry| entry.log_id.index > log_id.index);
         self.shared
             .wal
             .purge_through(self.shared.shard, to_wal_id(&log_id))
@@ -454,5 +511,116 @@ mod tests {
         ));
         let error = decode(to_wal_id(&log_id), b"{\"ops\":[]}").expect_err("a single-node entry");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+    }
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: raft_id(term, index),
+            payload: EntryPayload::Normal(ShardCommand::App(format!("{term}/{index}").into_bytes())),
+        }
+    }
+
+    fn raft_id(term: u64, index: u64) -> LogId {
+        LogId {
+            leader_id: CommittedLeaderId::new(term),
+            index,
+        }
+    }
+
+    /// `(term, index)` of what the store returns for `range`, checking each payload matches.
+    async fn read(store: &mut ShardLogStore, range: std::ops::Range<u64>) -> Vec<(u64, u64)> {
+        store
+            .try_get_log_entries(range)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|entry| {
+                let (term, index) = (entry.log_id.leader_id.term, entry.log_id.index);
+                assert!(
+                    matches!(&entry.payload, EntryPayload::Normal(ShardCommand::App(b)) if *b == format!("{term}/{index}").into_bytes()),
+                    "payload of {term}/{index}"
+                );
+                (term, index)
+            })
+            .collect()
+    }
+
+    fn ids(term: u64, range: std::ops::Range<u64>) -> Vec<(u64, u64)> {
+        range.map(|index| (term, index)).collect()
+    }
+
+    async fn append(
+        store: &mut ShardLogStore,
+        entries: Vec<Entry>,
+    ) -> openraft::type_config::alias::OneshotReceiverOf<TypeConfig, Result<(), io::Error>> {
+        use openraft::type_config::TypeConfigExt;
+        let (flushed, receiver) = TypeConfig::oneshot();
+        store.append(entries, IOFlushed::signal(flushed)).await.expect("append");
+        receiver
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_tail_serves_recent_entries_and_never_one_the_log_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = wal::WalOptions {
+            lanes: 1,
+            shard_count: 1,
+            segment_bytes: 4 << 20,
+            max_batch_bytes: 256 * 1024,
+            queue_depth: 64,
+        };
+        let (wal, _) = Wal::open(dir.path(), options).unwrap();
+        let mut store = ShardLogStore::open(Arc::new(wal), 0).unwrap();
+        for first in (0..400).step_by(10) {
+            let flushed = append(&mut store, (first..first + 10).map(|i| entry(1, i)).collect()).await;
+            flushed.await.unwrap().unwrap();
+        }
+        {
+            let tail = store.shared.tail.lock().unwrap();
+            assert!(
+                tail.entries.len() <= TAIL_KEEP_ENTRIES,
+                "bounded: {}",
+                tail.entries.len()
+            );
+            assert_eq!(tail.front_index(), Some(400 - TAIL_KEEP_ENTRIES as u64));
+        }
+        // Across the WAL and the tail, and within each.
+        assert_eq!(read(&mut store, 0..400).await, ids(1, 0..400));
+        assert_eq!(read(&mut store, 100..140).await, ids(1, 100..140));
+        assert_eq!(read(&mut store, 390..1000).await, ids(1, 390..400));
+
+        // A truncation inside the tail, then a new term's entries read before they are durable.
+        store.truncate_after(Some(raft_id(1, 349))).await.unwrap();
+        assert_eq!(read(&mut store, 340..400).await, ids(1, 340..350));
+        let flushed = append(&mut store, (350..355).map(|i| entry(2, i)).collect()).await;
+        let mut expected = ids(1, 345..350);
+        expected.extend(ids(2, 350..355));
+        assert_eq!(read(&mut store, 345..400).await, expected);
+        flushed.await.unwrap().unwrap();
+        assert_eq!(read(&mut store, 345..400).await, expected);
+
+        // A truncation below the tail's oldest entry empties it; the WAL answers the rest.
+        store.truncate_after(Some(raft_id(1, 99))).await.unwrap();
+        assert!(store.shared.tail.lock().unwrap().entries.is_empty());
+        assert_eq!(read(&mut store, 90..400).await, ids(1, 90..100));
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(raft_id(1, 99)));
+        let flushed = append(&mut store, (100..110).map(|i| entry(3, i)).collect()).await;
+        flushed.await.unwrap().unwrap();
+        let mut expected = ids(1, 95..100);
+        expected.extend(ids(3, 100..110));
+        assert_eq!(read(&mut store, 95..200).await, expected);
+
+        // Purging drops from the tail as from the WAL, past the end too (a snapshot installed).
+        store.purge(raft_id(3, 104)).await.unwrap();
+        assert_eq!(read(&mut store, 0..200).await, ids(3, 105..110));
+        store.purge(raft_id(4, 150)).await.unwrap();
+        assert_eq!(read(&mut store, 0..200).await, Vec::<(u64, u64)>::new());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(raft_id(4, 150)));
+        assert_eq!(state.last_purged_log_id, Some(raft_id(4, 150)));
+        let flushed = append(&mut store, (151..153).map(|i| entry(4, i)).collect()).await;
+        assert_eq!(read(&mut store, 0..200).await, ids(4, 151..153));
+        flushed.await.unwrap().unwrap();
     }
 }

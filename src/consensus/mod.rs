@@ -384,6 +384,9 @@ fn raft_config(timing: Timing, max_entry_bytes: usize) -> Result<Arc<Config>, St
         max_payload_entries,
         cluster_name: "fleetlm".to_string(),
         heartbeat_interval: timing.heartbeat.as_millis() as u64,
+        // No heartbeat to a follower that acknowledged a replication sent within the last
+        // heartbeat interval (it proves the same): under writes, busy groups send none.
+        heartbeat_min_interval: Some(timing.heartbeat.as_millis() as u64),
         election_timeout_min: timing.election_min.as_millis() as u64,
         election_timeout_max: timing.election_max.as_millis() as u64,
         // Snapshots are cheap (the archive is the snapshot): offer one whenever the archive has

@@ -492,7 +492,8 @@ async fn write_frames(
 }
 
 /// Writes queued frames until the queue closes, a write fails or `ended` turns true; flushes
-/// once the queue is empty, so a burst of frames costs one syscall.
+/// once the queue is empty (and stayed so for one scheduler turn), so a burst of frames costs
+/// one syscall.
 async fn pump_frames(
     writer: OwnedWriteHalf,
     mut queue: mpsc::Receiver<Vec<u8>>,
@@ -509,9 +510,16 @@ async fn pump_frames(
         if write_frame(&mut out, &sealer.seal(frame)).await.is_err() {
             break;
         }
-        while let Ok(frame) = queue.try_recv() {
-            if write_frame(&mut out, &sealer.seal(frame)).await.is_err() {
-                break 'run;
+        // Take what is queued, then once more after letting the tasks that are about to queue
+        // frames run (other groups' RPCs, answers being encoded): one syscall for all of them.
+        for last_round in [false, true] {
+            while let Ok(frame) = queue.try_recv() {
+                if write_frame(&mut out, &sealer.seal(frame)).await.is_err() {
+                    break 'run;
+                }
+            }
+            if !last_round {
+                tokio::task::yield_now().await;
             }
         }
         if out.flush().await.is_err() {
