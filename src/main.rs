@@ -344,7 +344,15 @@ impl Signals {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+    // The consensus engine's directives apply under RUST_LOG too (`RUST_LOG=warn` would let
+    // every group's failed RPC through while a peer is down), unless it names the engine.
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(env) if env.contains("openraft") => env,
+        Ok(env) if !env.trim().is_empty() => format!("{env},{}", fleetlm::consensus::LOG_DIRECTIVES),
+        _ => format!("info,{},tokio_postgres=warn", fleetlm::consensus::LOG_DIRECTIVES),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|error| {
+        eprintln!("fleetlm: RUST_LOG is not a valid filter ({error}); using the default");
         tracing_subscriber::EnvFilter::new(format!(
             "info,{},tokio_postgres=warn",
             fleetlm::consensus::LOG_DIRECTIVES
