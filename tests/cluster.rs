@@ -1013,6 +1013,96 @@ async fn cluster_leader_without_archive_hands_its_shards_over() {
     .await;
 }
 
+/// A counter of node `base`'s `/metrics` (0 if absent).
+async fn counter(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// (j) A socket on a node that does not lead its session's shard pipelines its sends: they are
+/// forwarded in batches (fewer forwarded calls than sends), every one is acknowledged, and the
+/// seqs follow the order they were sent in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_forwarded_socket_sends_are_pipelined_in_order() {
+    bounded(Duration::from_secs(90), async {
+        let (cluster, sessions) = start_with_sessions(options()).await;
+        let session = sessions[0].clone();
+        let leader = cluster.leader_of(fleetlm::ids::shard_for_session(&session, SHARDS)).await;
+        let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+        let base = cluster.node(follower);
+        let (warm_up, _) = probe_write(&cluster, None, &session, "warm-up", Duration::from_secs(15)).await;
+        assert!(matches!(warm_up.outcome, Outcome::Acked { .. }), "{:?}", warm_up.outcome);
+        let mut ws = support::WsClient::connect(&base, "user_id=u&vsn=2.0.0").await.ok().unwrap();
+        ws.send(format!(r#"["1","1","session:{session}","phx_join",{{}}]"#)).await;
+        let joined = ws.next().await;
+        assert_eq!(joined[4]["status"], "ok", "{joined}");
+        let forwarded_before = counter(&base, "fleetlm_cluster_forwarded_total").await;
+        const SENDS: u64 = 200;
+        for i in 0..SENDS {
+            ws.send(format!(
+                r#"["1","{}","session:{session}","send",{{"content":{{"content":{{"text":"m{i}"}}}},"client_id":"order-{i}"}}]"#,
+                100 + i
+            ))
+            .await;
+        }
+        let mut seqs: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+        while (seqs.len() as u64) < SENDS {
+            let frame = ws.next().await;
+            if frame[3] != "phx_reply" {
+                continue;
+            }
+            let reference: u64 = frame[1].as_str().unwrap().parse().unwrap();
+            assert_eq!(frame[4]["status"], "ok", "send {} was refused: {frame}", reference - 100);
+            seqs.insert(reference, frame[4]["response"]["seq"].as_u64().expect("a seq"));
+        }
+        let ordered: Vec<u64> = seqs.values().copied().collect();
+        assert!(
+            ordered.windows(2).all(|pair| pair[0] < pair[1]),
+            "seqs out of send order: {ordered:?}"
+        );
+        // And each answer is its own send's: the message at its seq is what was sent.
+        let page = support::call(
+            &reqwest::Client::new(),
+            "GET",
+            &format!("{base}/api/sessions/{session}/messages?after_seq=0&limit=500"),
+            None,
+        )
+        .await;
+        let stored: std::collections::HashMap<u64, String> = page.body["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| {
+                let text = m["content"]["text"].as_str().unwrap_or_default().to_string();
+                (m["seq"].as_u64().unwrap(), text)
+            })
+            .collect();
+        for (reference, seq) in &seqs {
+            assert_eq!(
+                stored.get(seq).map(String::as_str),
+                Some(format!("m{}", reference - 100).as_str()),
+                "send {} was answered with seq {seq}, which holds another message",
+                reference - 100
+            );
+        }
+        let forwarded = counter(&base, "fleetlm_cluster_forwarded_total").await - forwarded_before;
+        eprintln!("{SENDS} sends forwarded in {forwarded} calls");
+        assert!(
+            forwarded < SENDS as f64,
+            "{SENDS} pipelined sends took {forwarded} forwarded calls: not batched"
+        );
+    })
+    .await;
+}
+
 /// `shard`'s entry in node `id`'s `/api/admin/cluster` answer (Null without one).
 async fn shard_status(cluster: &Cluster, id: usize, shard: u16) -> Value {
     cluster

@@ -8,6 +8,7 @@
 //! Architecture invariant: only the shard writer assigns seq, id and inserted_at; a session with
 //! records not yet archived is never evicted, so "not in memory" always means "archive is truth".
 
+mod forward_lane;
 pub mod ops;
 pub mod replica;
 pub mod routing;
@@ -134,6 +135,13 @@ pub struct AppendRequest {
     /// reply, dispatched by that leader); refused `Superseded` otherwise.
     #[serde(default)]
     pub leader_term: Option<u64>,
+}
+
+impl AppendRequest {
+    /// Roughly what it weighs on the wire (content, metadata, ids).
+    fn approximate_bytes(&self) -> usize {
+        self.content.get().len() + self.metadata.get().len() + self.session_id.len() + self.sender_id.len() + 128
+    }
 }
 
 pub enum AppendOutcome {
@@ -354,6 +362,8 @@ impl OrderLink {
 #[derive(Default)]
 pub struct AppendOrder {
     last: Option<OrderLink>,
+    /// Cluster mode: the sends forwarded to another node's leader.
+    lane: Option<Arc<forward_lane::ForwardLane>>,
 }
 
 impl Shards {
@@ -607,20 +617,13 @@ impl Shards {
         if let Some(cluster) = &self.inner.cluster
             && !cluster.consensus.is_leader(self.shard_of(&request.session_id))
         {
-            // Another node leads: each append of the stream goes there once the one before it
-            // has ended (forwarded calls could overtake each other). Where this node leads, the
-            // stream is pipelined into the local writer as on a single node; a writer that is
-            // not writing (yet, or any more) answers `NotLeader` with nothing stored, and the
-            // client resends (`no_leader`).
-            let shards = self.clone();
-            return Box::pin(async move {
-                if let Some(previous) = previous {
-                    previous.cell.wait_until(|p| p == Placement::Placed).await;
-                }
-                let result = shards.routed(routing::ShardCall::Append { request }).await;
-                drop(placement);
-                result?.appended()
-            });
+            // Another node leads: the stream goes there in batches, in order (`forward_lane`).
+            // Where this node leads, the stream is pipelined into the local writer as on a
+            // single node; a writer that is not writing (yet, or any more) answers `NotLeader`
+            // with nothing stored, and the client resends (`no_leader`).
+            let lane = order.lane.get_or_insert_with(Default::default).clone();
+            let answered = lane.submit(self, request, previous, placement);
+            return Box::pin(async move { answered.await.map_err(|_| writer_stopped())? });
         }
         let session_id = request.session_id.clone();
         let shard = self.shard_of(&session_id);

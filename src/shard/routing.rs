@@ -46,6 +46,10 @@ pub enum ShardCall {
     Append {
         request: AppendRequest,
     },
+    /// A socket's sends, to be queued at the writer in this order (`forward_lane`).
+    AppendMany {
+        requests: Vec<AppendRequest>,
+    },
     MoveReadCursor {
         session_id: String,
         user_id: String,
@@ -92,6 +96,8 @@ pub enum ShardAnswer {
     Views(Vec<SessionView>),
     Done,
     Flag(bool),
+    /// Each append of an `AppendMany`, in its order.
+    AppendedMany(Vec<Result<(MessageRecord, bool), ShardError>>),
 }
 
 impl ShardCall {
@@ -99,6 +105,7 @@ impl ShardCall {
         match self {
             ShardCall::Create { session } => shards.shard_of(&session.id),
             ShardCall::Append { request } => shards.shard_of(&request.session_id),
+            ShardCall::AppendMany { requests } => requests.first().map_or(0, |r| shards.shard_of(&r.session_id)),
             ShardCall::Overlay { shard, .. } => *shard,
             ShardCall::View { session_id }
             | ShardCall::ArchiveSession { session_id }
@@ -154,6 +161,23 @@ impl ShardAnswer {
                 deduplicated,
             }),
             _ => Err(unexpected()),
+        }
+    }
+
+    /// The answers of an `AppendMany` of `count` appends (each the batch's error if the answer
+    /// is of the wrong kind or length).
+    pub fn appended_many(self, count: usize) -> Vec<Result<AppendResult, ShardError>> {
+        match self {
+            ShardAnswer::AppendedMany(answers) if answers.len() == count => answers
+                .into_iter()
+                .map(|answer| {
+                    answer.map(|(record, deduplicated)| AppendResult {
+                        record: Arc::new(record),
+                        deduplicated,
+                    })
+                })
+                .collect(),
+            _ => (0..count).map(|_| Err(unexpected())).collect(),
         }
     }
 
@@ -249,6 +273,24 @@ impl Shards {
                 }),
                 Err(error) => Err(error),
             },
+            ShardCall::AppendMany { requests } => {
+                // Queued at the writer in the batch's order before any answer is awaited.
+                let mut order = super::AppendOrder::default();
+                let mut pending = Vec::with_capacity(requests.len());
+                for request in requests {
+                    pending.push(self.submit_append_in_order(&mut order, request).await);
+                }
+                let answers = futures_util::future::join_all(pending).await;
+                Ok(ShardAnswer::AppendedMany(
+                    answers
+                        .into_iter()
+                        .map(|answer| {
+                            for_the_wire(answer)
+                                .map(|result| (Arc::unwrap_or_clone(result.record), result.deduplicated))
+                        })
+                        .collect(),
+                ))
+            }
             ShardCall::MoveReadCursor {
                 session_id,
                 user_id,
