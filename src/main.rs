@@ -344,19 +344,14 @@ impl Signals {
 }
 
 fn init_tracing(format: LogFormat) {
-    // The consensus engine's directives apply under RUST_LOG too (`RUST_LOG=warn` would let
-    // every group's failed RPC through while a peer is down), unless it names the engine.
+    let default = || format!("info,{},tokio_postgres=warn", fleetlm::consensus::LOG_DIRECTIVES);
     let directives = match std::env::var("RUST_LOG") {
-        Ok(env) if env.contains("openraft") => env,
-        Ok(env) if !env.trim().is_empty() => format!("{env},{}", fleetlm::consensus::LOG_DIRECTIVES),
-        _ => format!("info,{},tokio_postgres=warn", fleetlm::consensus::LOG_DIRECTIVES),
+        Ok(env) if !env.trim().is_empty() => fleetlm::consensus::with_log_directives(&env),
+        _ => default(),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|error| {
         eprintln!("fleetlm: RUST_LOG is not a valid filter ({error}); using the default");
-        tracing_subscriber::EnvFilter::new(format!(
-            "info,{},tokio_postgres=warn",
-            fleetlm::consensus::LOG_DIRECTIVES
-        ))
+        tracing_subscriber::EnvFilter::new(default())
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -55,6 +55,17 @@ use types::{LogId, Member, Raft, ShardCommand, TypeConfig};
 /// instead (`peer`). Its errors stay.
 pub const LOG_DIRECTIVES: &str = "openraft=warn,openraft::core::heartbeat=error,openraft::replication=error,openraft::engine::handler::replication_handler=error,openraft::core::raft_core=error";
 
+/// `filter` (an operator's `RUST_LOG`) with `LOG_DIRECTIVES` added, unless it already says
+/// something about the engine: `RUST_LOG=warn` alone would let every group's failed RPC through
+/// while a peer is down.
+pub fn with_log_directives(filter: &str) -> String {
+    if filter.contains("openraft") {
+        filter.to_string()
+    } else {
+        format!("{filter},{LOG_DIRECTIVES}")
+    }
+}
+
 /// A proposal not committed by then is answered with an unknown outcome (a leader cut off from
 /// its quorum keeps its uncommitted entries until it hears of a new leader): a client of a node
 /// cut off from the majority gets `no_leader` in seconds, not a hang.

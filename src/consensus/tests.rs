@@ -927,3 +927,9 @@ async fn run_fault_schedule(seed: u64, steps: usize) {
         node.consensus.shutdown().await;
     }
 }
+
+#[test]
+fn an_operators_log_filter_gets_the_engine_directives_unless_it_names_the_engine() {
+    assert_eq!(with_log_directives("warn"), format!("warn,{LOG_DIRECTIVES}"));
+    assert_eq!(with_log_directives("info,openraft=debug"), "info,openraft=debug");
+}
