@@ -173,6 +173,9 @@ fn database_authority(url: &str) -> (String, u16, impl Fn(u16) -> String) {
 /// made a node fail to start now and then ("Address already in use").
 pub fn free_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
+    // Never the same port twice in this process: two nodes of one cluster (or of two clusters
+    // run one after another) must not be given the same free port.
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     for _ in 0..1000 {
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         hasher.write_u128(
@@ -182,7 +185,8 @@ pub fn free_port() -> u16 {
                 .as_nanos(),
         );
         let port = 20_000 + (hasher.finish() % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !GIVEN.lock().unwrap().contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            GIVEN.lock().unwrap().insert(port);
             return port;
         }
     }
