@@ -270,6 +270,38 @@ async fn refusals_and_malformed_replies_fail_without_retry_and_say_so_live() {
     server.stop().await;
 }
 
+/// A redirect is not followed: the agent's secret headers (and the conversation) never reach
+/// the host it points to, and the turn fails once, clearly, without a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_agent_fails_and_its_headers_never_reach_the_redirect_target() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let elsewhere = TestAgent::start(Behavior::EchoJsonl).await;
+    let redirecting = TestAgent::start(Behavior::Redirect(format!("{}/webhook", elsewhere.url))).await;
+    register(&server, &redirecting, "moved", json!({})).await;
+    let mut ws = join_as_user(&server, "moved-s").await;
+    say(&server, "moved-s", "hi").await;
+    let failure = wait_for_failure(&mut ws).await;
+    assert_eq!(failure["error"], "agent answered a redirect (HTTP 307)", "{failure}");
+    assert!(!failure.to_string().contains("127.0.0.1"), "{failure}");
+    assert_eq!(redirecting.calls().len(), 1, "not retried");
+    assert_eq!(
+        redirecting.calls()[0]
+            .headers
+            .get("x-agent-secret")
+            .map(|v| v.to_str().unwrap()),
+        Some("s3cret"),
+        "the registered origin gets its headers"
+    );
+    // Give a follower the time to have followed, then check nothing arrived there.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        elsewhere.calls().is_empty(),
+        "the redirect target was called (headers: {:?})",
+        elsewhere.calls().iter().map(|c| c.headers.clone()).collect::<Vec<_>>()
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_see_chunks_live_then_the_stored_message() {
     let server = TestServer::start(Store::Sqlite).await;

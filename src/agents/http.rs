@@ -6,6 +6,12 @@
 //!   by ALPN and use HTTP/2 whenever the agent accepts it, whatever the agent's `http2` says.
 //! - `h2c`: HTTP/2 with prior knowledge, for `http://` origins of agents registered with
 //!   `http2: true` (an HTTP/1.1-only agent fails with [`NOT_HTTP2`]).
+//!
+//! Neither follows redirects: a webhook call carries the agent's secret `headers`, and a
+//! redirect would hand them (and the conversation) to whatever host the answer names. Same-origin
+//! redirects are not followed either: the registered URL is the one to call, a POST body is not
+//! re-sent on 301/302 anyway, and a 3xx is a misconfiguration the operator should see
+//! ([`REDIRECTED`], not retried).
 
 use std::time::Duration;
 
@@ -17,6 +23,9 @@ use crate::model::Agent;
 /// `http://` (no URL, no address).
 pub const NOT_HTTP2: &str = "the agent does not speak HTTP/2 (it is registered with http2: true)";
 
+/// What members see when the agent answered a redirect (no `location`, no address).
+pub const REDIRECTED: &str = "agent answered a redirect";
+
 pub struct WebhookClients {
     negotiated: reqwest::Client,
     h2c: reqwest::Client,
@@ -27,7 +36,9 @@ impl WebhookClients {
     /// roots (the `agent_ca_file` setting).
     pub fn new(extra_roots: &[reqwest::Certificate]) -> Result<WebhookClients, reqwest::Error> {
         let builder = || {
-            let mut builder = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(90));
+            let mut builder = reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(90))
+                .redirect(reqwest::redirect::Policy::none());
             for root in extra_roots {
                 builder = builder.add_root_certificate(root.clone());
             }

@@ -359,6 +359,13 @@ async fn call(
         Ok(Ok(response)) => response,
     };
     let status_code = response.status().as_u16();
+    if response.status().is_redirection() {
+        // Never followed (the agent's headers would go wherever it points): not retried.
+        return Err(CallError::Fatal(format!(
+            "{} (HTTP {status_code})",
+            super::http::REDIRECTED
+        )));
+    }
     if !response.status().is_success() {
         let reason = format!("HTTP {status_code}");
         return if is_retryable_status(status_code) {

@@ -28,6 +28,9 @@ pub enum Behavior {
     Flaky(usize),
     /// Always 400.
     Refuse,
+    /// Always `307 Temporary Redirect` (a follower re-sends the same POST, headers and all)
+    /// with this `location` (e.g. another agent's webhook URL).
+    Redirect(String),
     /// A line that is not JSON.
     Malformed,
     /// Text chunks but no `finish`.
@@ -114,7 +117,7 @@ impl TestCa {
     }
 
     /// A TLS server configuration for `127.0.0.1` and `localhost`, issued by this CA.
-    fn server_config(&self, alpn: &[&str]) -> rustls::ServerConfig {
+    pub fn server_config(&self, alpn: &[&str]) -> rustls::ServerConfig {
         let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let leaf = params.signed_by(&key, &self.certificate, &self.key).unwrap();
@@ -398,6 +401,9 @@ async fn webhook(State(state): State<Arc<AgentState>>, version: Version, headers
         }
         Behavior::Flaky(_) => streamed(jsonl(&text)),
         Behavior::Refuse => (StatusCode::BAD_REQUEST, "{\"type\":\"text-start\"}").into_response(),
+        Behavior::Redirect(location) => {
+            (StatusCode::TEMPORARY_REDIRECT, [("location", location.clone())]).into_response()
+        }
         Behavior::Malformed => streamed(vec!["{\"type\":\"start\"}".into(), "this is not json".into()]),
         Behavior::Dribble => {
             let mut lines = vec![json!({"type": "text-start", "id": "t"}).to_string()];
