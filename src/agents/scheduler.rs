@@ -177,6 +177,7 @@ impl Engine {
             context,
             sender: inbox.sender,
             overflowed: inbox.overflowed,
+            rescans: RescanGate::default(),
             sessions: HashMap::new(),
             timers: BTreeSet::new(),
             ready: VecDeque::new(),
@@ -191,6 +192,7 @@ struct Scheduler {
     context: Arc<EngineContext>,
     sender: mpsc::Sender<Event>,
     overflowed: Arc<AtomicBool>,
+    rescans: RescanGate,
     sessions: HashMap<Arc<str>, SessionSchedule>,
     timers: BTreeSet<(Instant, Arc<str>)>,
     ready: VecDeque<Arc<str>>,
@@ -200,7 +202,9 @@ struct Scheduler {
 
 impl Scheduler {
     async fn run(mut self, mut events: mpsc::Receiver<Event>, mut shutdown: watch::Receiver<bool>) {
-        self.spawn_rescan();
+        // The rescan at start (sessions owing a reply after a crash).
+        self.overflowed.store(true, Ordering::Release);
+        self.start_rescan_if_asked();
         let mut rescan_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             let next_timer = self.timers.first().map(|(at, _)| *at);
@@ -218,11 +222,7 @@ impl Scheduler {
                     None => return,
                 },
                 () = sleep => self.fire_due_timers(),
-                _ = rescan_check.tick() => {
-                    if self.overflowed.swap(false, Ordering::AcqRel) {
-                        self.spawn_rescan();
-                    }
-                }
+                _ = rescan_check.tick() => self.start_rescan_if_asked(),
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
                         return;
@@ -233,11 +233,19 @@ impl Scheduler {
         }
     }
 
+    /// Starts a rescan if one was asked for and none is running (coalesced: see [`RescanGate`]).
+    fn start_rescan_if_asked(&self) {
+        if let Some(running) = self.rescans.try_start(&self.overflowed) {
+            self.spawn_rescan(running);
+        }
+    }
+
     /// Finds every session owing a reply (in the shards' memory and in the archive) and feeds
-    /// them in as user messages.
-    fn spawn_rescan(&self) {
+    /// them in as user messages. `running` is held until the rescan ends (or panics).
+    fn spawn_rescan(&self, running: RescanRunning) {
         let (context, sender) = (self.context.clone(), self.sender.clone());
         tokio::spawn(async move {
+            let _running = running;
             let mut owing = context.shards.pending_dispatches().await;
             let known: std::collections::HashSet<Arc<str>> = owing.iter().map(|(id, _, _)| id.clone()).collect();
             match context
@@ -616,6 +624,37 @@ async fn send_done(sender: &mpsc::Sender<Event>, session_id: Arc<str>, agent_id:
         .await;
 }
 
+/// At most one rescan runs at a time. A rescan asked for while one runs stays asked for (the
+/// `overflowed` flag is not taken) and starts once the running one has ended; however many
+/// times it was asked meanwhile, that is one rescan. A rescan slower than the 1 s check (a big
+/// archive) thus never piles up: at most one running and one pending.
+#[derive(Default)]
+struct RescanGate {
+    running: Arc<AtomicBool>,
+}
+
+impl RescanGate {
+    /// Takes the request in `asked` and returns the running rescan's guard, if a rescan was
+    /// asked for and none runs. Called only from the scheduler's task.
+    fn try_start(&self, asked: &AtomicBool) -> Option<RescanRunning> {
+        if self.running.load(Ordering::Acquire) || !asked.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.running.store(true, Ordering::Release);
+        Some(RescanRunning(self.running.clone()))
+    }
+}
+
+/// Held by the running rescan; dropping it (the rescan ended, or its task panicked) lets the
+/// next one start.
+struct RescanRunning(Arc<AtomicBool>);
+
+impl Drop for RescanRunning {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// A dispatch that panics or outlives the deadline still ends, as a failure.
 async fn run_bounded(context: &Arc<EngineContext>, job: &DispatchJob) -> DispatchResult {
     let task_context = context.clone();
@@ -638,4 +677,49 @@ async fn run_bounded(context: &Arc<EngineContext>, job: &DispatchJob) -> Dispatc
     };
     context.streams.end(&job.session_id);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slow rescan asked for again and again while it runs (every writer overflow, every
+    /// takeover, every 1 s check) is followed by one rescan, not one per request: at most two
+    /// run in all, never two at once.
+    #[test]
+    fn rescans_asked_for_during_a_slow_rescan_coalesce_into_one() {
+        let gate = RescanGate::default();
+        let asked = AtomicBool::new(true);
+        // While one rescan runs, any number of requests make exactly one more, after it.
+        let first = gate.try_start(&asked).expect("asked for, none running");
+        let mut during = 0;
+        for _ in 0..1000 {
+            asked.store(true, Ordering::Release);
+            during += usize::from(gate.try_start(&asked).is_some());
+        }
+        assert_eq!(during, 0, "none starts while one runs");
+        drop(first);
+        let second = gate.try_start(&asked);
+        assert!(second.is_some(), "the pending one runs after it");
+        drop(second);
+        assert!(
+            gate.try_start(&asked).is_none(),
+            "and only one: nothing was asked since"
+        );
+    }
+
+    /// A rescan whose task panics still lets the next one start.
+    #[tokio::test]
+    async fn a_panicking_rescan_does_not_block_later_ones() {
+        let gate = RescanGate::default();
+        let asked = AtomicBool::new(true);
+        let running = gate.try_start(&asked).unwrap();
+        let crashed = tokio::spawn(async move {
+            let _running = running;
+            panic!("rescan crashed");
+        });
+        assert!(crashed.await.is_err());
+        asked.store(true, Ordering::Release);
+        assert!(gate.try_start(&asked).is_some());
+    }
 }
