@@ -75,10 +75,18 @@ impl Listener {
 
 type Registry = Mutex<HashMap<Arc<str>, Vec<Listener>>>;
 
+/// Inbox listeners are split by a hash of the user id into this many registries (the shard
+/// writers publish inbox changes concurrently; one lock for all users made them contend).
+const INBOX_REGISTRIES: usize = 64;
+
 pub struct Hub {
     /// Session listeners, one map per shard so writers of different shards never contend.
     sessions: Vec<Registry>,
-    inboxes: Registry,
+    /// Inbox listeners, split by user ([`INBOX_REGISTRIES`]).
+    inboxes: Vec<Registry>,
+    /// Counts inbox registry lookups (tests check a batch costs one per user, not per session).
+    #[cfg(test)]
+    inbox_lookups: AtomicU64,
     next_listener_id: AtomicU64,
     shard_count: u16,
     /// Cluster mode: ephemeral events published here also go to the other nodes' listeners
@@ -119,7 +127,7 @@ pub struct Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let registry = if self.inbox {
-            &self.hub.inboxes
+            self.hub.inbox_registry(&self.key)
         } else {
             self.hub.session_registry(&self.key)
         };
@@ -137,7 +145,9 @@ impl Hub {
     pub fn new(shard_count: u16) -> Arc<Hub> {
         Arc::new(Hub {
             sessions: (0..shard_count).map(|_| Mutex::default()).collect(),
-            inboxes: Mutex::default(),
+            inboxes: (0..INBOX_REGISTRIES).map(|_| Mutex::default()).collect(),
+            #[cfg(test)]
+            inbox_lookups: AtomicU64::new(0),
             next_listener_id: AtomicU64::new(1),
             shard_count,
             relay: std::sync::OnceLock::new(),
@@ -187,6 +197,17 @@ impl Hub {
         &self.sessions[crate::ids::shard_for_session(session_id, self.shard_count) as usize]
     }
 
+    fn inbox_registry(&self, user_id: &str) -> &Registry {
+        &self.inboxes[(xxhash_rust::xxh3::xxh3_64(user_id.as_bytes()) % INBOX_REGISTRIES as u64) as usize]
+    }
+
+    /// The inbox listeners of `user_id` (one lookup).
+    fn inbox_listeners_of(&self, user_id: &str) -> Vec<Listener> {
+        #[cfg(test)]
+        self.inbox_lookups.fetch_add(1, Ordering::Relaxed);
+        self.listeners_of(self.inbox_registry(user_id), user_id)
+    }
+
     pub fn subscribe_session(self: &Arc<Hub>, session_id: Arc<str>, listener: Listener) -> Subscription {
         let listener_id = listener.id;
         let registry = self.session_registry(&session_id);
@@ -206,7 +227,7 @@ impl Hub {
 
     pub fn subscribe_inbox(self: &Arc<Hub>, user_id: Arc<str>, listener: Listener) -> Subscription {
         let listener_id = listener.id;
-        self.inboxes
+        self.inbox_registry(&user_id)
             .lock()
             .expect("hub lock")
             .entry(user_id.clone())
@@ -317,28 +338,156 @@ impl Hub {
     /// Whether an inbox change of this user must be published (in a cluster, the user's inbox
     /// sockets may be on any node).
     pub fn has_inbox_listeners(&self, user_id: &str) -> bool {
-        self.relay.get().is_some() || self.inboxes.lock().expect("hub lock").contains_key(user_id)
+        if self.relay.get().is_some() {
+            return true;
+        }
+        #[cfg(test)]
+        self.inbox_lookups.fetch_add(1, Ordering::Relaxed);
+        self.inbox_registry(user_id)
+            .lock()
+            .expect("hub lock")
+            .contains_key(user_id)
     }
 
-    /// Tells the session's user's inbox listeners that the session changed.
-    pub fn publish_inbox(&self, view: &SessionView) {
-        self.relay(|| RelayedEvent::Inbox { view: view.clone() });
-        self.deliver_inbox(view);
+    /// Tells the users' inbox listeners that these sessions changed (a committed batch's
+    /// views): each user's listeners are looked up once, whatever the number of views.
+    pub fn publish_inboxes(&self, views: &[SessionView]) {
+        for view in views {
+            self.relay(|| RelayedEvent::Inbox { view: view.clone() });
+        }
+        self.deliver_inboxes(views);
     }
 
     fn deliver_inbox(&self, view: &SessionView) {
-        let user_id = &view.record.user_id;
-        let listeners = self.listeners_of(&self.inboxes, user_id);
-        if listeners.is_empty() {
-            return;
+        self.deliver_inboxes(std::slice::from_ref(view));
+    }
+
+    fn deliver_inboxes(&self, views: &[SessionView]) {
+        let mut by_user: HashMap<&str, Vec<&SessionView>> = HashMap::new();
+        for view in views {
+            by_user.entry(view.record.user_id.as_str()).or_default().push(view);
         }
-        let event = Arc::new(LiveEvent::InboxEntry {
-            user_id: Arc::from(user_id.as_str()),
-            session_id: view.record.id.clone(),
-            entry: Arc::new(view.to_inbox_entry()),
-        });
-        for listener in listeners {
-            listener.deliver(event.clone());
+        for (user_id, views) in by_user {
+            let listeners = self.inbox_listeners_of(user_id);
+            if listeners.is_empty() {
+                continue;
+            }
+            let user_id: Arc<str> = Arc::from(user_id);
+            for view in views {
+                let event = Arc::new(LiveEvent::InboxEntry {
+                    user_id: user_id.clone(),
+                    session_id: view.record.id.clone(),
+                    entry: Arc::new(view.to_inbox_entry()),
+                });
+                for listener in &listeners {
+                    listener.deliver(event.clone());
+                }
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{SessionRecord, SessionStatus, Timestamp};
+
+    fn view(session_id: &str, user_id: &str, last_seq: u64) -> SessionView {
+        SessionView {
+            record: SessionRecord {
+                id: Arc::from(session_id),
+                user_id: user_id.to_string(),
+                agent_id: "a".into(),
+                metadata: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                inserted_at: Timestamp(0),
+            },
+            status: SessionStatus::Active,
+            last_seq,
+            nonuser_count: 0,
+            read_cursor: Default::default(),
+            last_activity: Default::default(),
+            updated_at: Timestamp(0),
+            dispatch: Default::default(),
+        }
+    }
+
+    fn received(queue: &mut mpsc::Receiver<Arc<LiveEvent>>) -> Vec<(String, String, u64)> {
+        let mut got = Vec::new();
+        while let Ok(event) = queue.try_recv() {
+            match &*event {
+                LiveEvent::InboxEntry {
+                    user_id,
+                    session_id,
+                    entry,
+                } => got.push((
+                    user_id.to_string(),
+                    session_id.to_string(),
+                    entry["last_seq"].as_u64().unwrap(),
+                )),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        got
+    }
+
+    /// A batch's inbox changes reach exactly their users' listeners, in batch order per user,
+    /// and cost one registry lookup per user, not one per session (nor one per pair).
+    #[test]
+    fn a_batch_of_inbox_changes_reaches_each_user_with_one_lookup_per_user() {
+        let hub = Hub::new(4);
+        let mut queues = Vec::new();
+        let mut subscriptions = Vec::new();
+        for user in ["alice", "bob", "carol"] {
+            let (sender, queue) = mpsc::channel(10_000);
+            let listener = hub.new_listener(sender);
+            subscriptions.push(hub.subscribe_inbox(Arc::from(user), listener.clone()));
+            queues.push(queue);
+        }
+        // A second socket of alice's.
+        let (sender, mut alice_again) = mpsc::channel(10_000);
+        subscriptions.push(hub.subscribe_inbox(Arc::from("alice"), hub.new_listener(sender)));
+
+        // 1000 sessions of alice, 1000 of bob, 1000 of dave (nobody listens), interleaved.
+        let mut views = Vec::new();
+        for n in 0..1000u64 {
+            views.push(view(&format!("a{n}"), "alice", n));
+            views.push(view(&format!("b{n}"), "bob", n));
+            views.push(view(&format!("d{n}"), "dave", n));
+        }
+        let before = hub.inbox_lookups.load(Ordering::Relaxed);
+        hub.publish_inboxes(&views);
+        assert_eq!(
+            hub.inbox_lookups.load(Ordering::Relaxed) - before,
+            3,
+            "one lookup per user in the batch"
+        );
+
+        let expected = |user: &str, prefix: &str| -> Vec<(String, String, u64)> {
+            (0..1000u64)
+                .map(|n| (user.to_string(), format!("{prefix}{n}"), n))
+                .collect()
+        };
+        assert_eq!(received(&mut queues[0]), expected("alice", "a"));
+        assert_eq!(received(&mut alice_again), expected("alice", "a"));
+        assert_eq!(received(&mut queues[1]), expected("bob", "b"));
+        assert!(received(&mut queues[2]).is_empty(), "carol has no session in the batch");
+
+        // Unsubscribing removes exactly that socket.
+        subscriptions.remove(0);
+        hub.publish_inboxes(&[view("a1", "alice", 7)]);
+        assert!(received(&mut queues[0]).is_empty());
+        assert_eq!(received(&mut alice_again), vec![("alice".into(), "a1".into(), 7)]);
+        assert!(hub.has_inbox_listeners("alice"));
+        assert!(!hub.has_inbox_listeners("dave"));
+    }
+
+    /// Users are spread over the registries (not one lock for all).
+    #[test]
+    fn inbox_listeners_are_split_over_many_registries() {
+        let hub = Hub::new(1);
+        let used: std::collections::HashSet<*const Registry> = (0..1000)
+            .map(|n| hub.inbox_registry(&format!("user-{n}")) as *const Registry)
+            .collect();
+        assert!(used.len() > INBOX_REGISTRIES / 2, "{} registries used", used.len());
     }
 }

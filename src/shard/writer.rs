@@ -13,7 +13,7 @@
 //! A failure is rare and the rebuild costs one replay of the shard's unarchived entries; the
 //! happy path pays nothing for it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -637,20 +637,28 @@ impl ShardWriter {
     }
 
     /// Inbox entries of the sessions `ops` touched whose users have inbox listeners.
+    /// Linear in the batch: each session once, each user's listeners looked up once.
     fn inbox_views(&self, ops: &[Op]) -> Vec<SessionView> {
-        let mut touched: Vec<&str> = Vec::new();
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut listened: HashMap<&str, bool> = HashMap::new();
+        let mut views = Vec::new();
         for op in ops {
             let session_id = op.session_id();
-            if !touched.contains(&session_id) {
-                touched.push(session_id);
+            if !seen.insert(session_id) {
+                continue;
+            }
+            let Some(state) = self.state.sessions.get(session_id) else {
+                continue;
+            };
+            let user_id = state.record.user_id.as_str();
+            if *listened
+                .entry(user_id)
+                .or_insert_with(|| self.hub.has_inbox_listeners(user_id))
+            {
+                views.push(state.view());
             }
         }
-        touched
-            .into_iter()
-            .filter_map(|session_id| self.state.sessions.get(session_id))
-            .filter(|state| self.hub.has_inbox_listeners(&state.record.user_id))
-            .map(SessionState::view)
-            .collect()
+        views
     }
 
     /// Fans committed operations out to live listeners (sockets, inboxes). Runs only after the
@@ -670,9 +678,7 @@ impl ShardWriter {
                 }
             }
         }
-        for view in &inbox_views {
-            self.hub.publish_inbox(view);
-        }
+        self.hub.publish_inboxes(&inbox_views);
     }
 
     /// Adds the operation to the batch's entry and applies it. Refused (and nothing changes)
