@@ -86,14 +86,23 @@ fn describe_postgres_url(url: &str) -> String {
 /// connection of its own, whose error carries the SQLSTATE); `None` when waiting may help.
 async fn postgres_advice(url: &str) -> Option<String> {
     use tokio_postgres::error::SqlState;
-    let config: tokio_postgres::Config = match url.parse() {
-        Ok(config) => config,
-        Err(error) => return Some(format!("database_url is not a valid Postgres URL ({error})")),
+    let target = match crate::archive::postgres_tls::parse_database_url(url) {
+        Ok(target) => target,
+        Err(problem) => return Some(problem),
     };
-    let error = match tokio::time::timeout(Duration::from_secs(5), config.connect(tokio_postgres::NoTls)).await {
+    let config = &target.config;
+    let error = match tokio::time::timeout(Duration::from_secs(5), config.connect(target.tls.clone())).await {
         Ok(Err(error)) => error,
         Ok(Ok(_)) | Err(_) => return None,
     };
+    if crate::archive::postgres_tls::is_tls_failure(&error) {
+        // A certificate refused, or no TLS where it is required: waiting will not fix it.
+        let sslmode = target.sslmode;
+        let error = crate::archive::postgres_tls::with_causes(&error);
+        return Some(format!(
+            "the TLS connection failed with sslmode={sslmode} ({error}); check sslmode and sslrootcert in database_url and the server's ssl settings"
+        ));
+    }
     let database = config.get_dbname().unwrap_or("postgres");
     match error.code() {
         Some(code) if *code == SqlState::INVALID_CATALOG_NAME => Some(format!(

@@ -8,6 +8,7 @@
 mod dead_letters;
 mod flusher;
 mod postgres;
+pub(crate) mod postgres_tls;
 mod rows;
 mod sqlite;
 

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Config, Pool, Runtime};
-use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::dead_letters::{self, DeadLetter};
@@ -67,9 +66,9 @@ impl PostgresArchive {
         // connections) must fail calls within seconds, not hang them: a writer waiting on the
         // archive cannot take a shard over, a flush cannot finish. The URL's own settings
         // (connect_timeout, tcp_user_timeout, keepalives*) win.
-        let mut pg_config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| ArchiveError::Unavailable(format!("invalid database URL: {e}")))?;
+        // `sslmode`/`sslrootcert` choose the TLS (postgres_tls.rs).
+        let target = super::postgres_tls::parse_database_url(url).map_err(ArchiveError::Unavailable)?;
+        let mut pg_config = target.config;
         if pg_config.get_connect_timeout().is_none() {
             pg_config.connect_timeout(PG_CONNECT_TIMEOUT);
         }
@@ -85,7 +84,7 @@ impl PostgresArchive {
             pg_config.keepalives_retries(PG_KEEPALIVE_RETRIES);
         }
         let manager =
-            deadpool_postgres::Manager::from_config(pg_config, NoTls, deadpool_postgres::ManagerConfig::default());
+            deadpool_postgres::Manager::from_config(pg_config, target.tls, deadpool_postgres::ManagerConfig::default());
         let pool = Pool::builder(manager)
             .max_size(Config::default().get_pool_config().max_size)
             .runtime(Runtime::Tokio1)
