@@ -27,6 +27,7 @@ on_both_stores!(
     idempotency_and_expected_seq,
     read_cursor_and_inbox,
     reads_merge_memory_wal_and_archive_across_restarts,
+    history_pages_are_bounded_in_bytes_and_paging_reaches_the_end,
 );
 
 fn error_code(body: &Value) -> &str {
@@ -616,4 +617,67 @@ async fn check_history(server: &TestServer, appended: &[Value]) {
         }
         assert_eq!(page.body["has_more"], (after as usize + limit) < appended.len());
     }
+}
+
+/// A page stops at its byte bound (4 MiB, docs/API.md) whatever `limit` says, says `has_more`,
+/// and paging by the last seq reaches the end with every message once: right after the writes
+/// (WAL and memory) and again once the flusher has archived them (archive and memory).
+async fn history_pages_are_bounded_in_bytes_and_paging_reaches_the_end(store: Store) {
+    const PAGE_BYTES: usize = 4 * 1024 * 1024;
+    const MESSAGES: u64 = 150;
+    let server = TestServer::start(store).await;
+    server.agent_and_session("a", "u", "big").await;
+    let text = "x".repeat(60 * 1024);
+    for n in 1..=MESSAGES {
+        let reply = server
+            .post(
+                "/api/sessions/big/messages",
+                json!({"user_id": "u", "content": {"text": text, "n": n}}),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    for pass in ["fresh", "archived"] {
+        if pass == "archived" {
+            // The test flusher runs every 50 ms.
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        }
+        let (mut after, mut seen, mut pages) = (0u64, Vec::new(), 0);
+        loop {
+            let page = server
+                .get(&format!("/api/sessions/big/messages?after_seq={after}&limit=1000"))
+                .await;
+            assert_eq!(page.status, 200, "{}", page.body);
+            let messages = page.body["messages"].as_array().unwrap();
+            assert!(!messages.is_empty(), "{pass}: a page after seq {after} is empty");
+            let bytes: usize = messages.iter().map(|m| m.to_string().len()).sum();
+            // The message that crosses the bound is in the page, no more.
+            assert!(
+                bytes <= PAGE_BYTES + 64 * 1024,
+                "{pass}: a page of {} messages weighs {bytes} bytes",
+                messages.len()
+            );
+            seen.extend(messages.iter().map(|m| m["seq"].as_u64().unwrap()));
+            assert_eq!(messages[0]["content"]["n"], json!(after + 1));
+            after = *seen.last().unwrap();
+            pages += 1;
+            if page.body["has_more"] != json!(true) {
+                break;
+            }
+            assert!(
+                (messages.len() as u64) < MESSAGES,
+                "{pass}: has_more on a page that holds everything"
+            );
+        }
+        assert_eq!(
+            seen,
+            (1..=MESSAGES).collect::<Vec<_>>(),
+            "{pass}: every message once, in order"
+        );
+        assert!(
+            pages >= 3,
+            "{pass}: ~9 MiB of history in {pages} page(s) of at most 4 MiB"
+        );
+    }
+    server.stop().await;
 }

@@ -96,6 +96,28 @@ macro_rules! dispatch {
     };
 }
 
+/// What a message weighs in a history page: its content and metadata as stored, plus a fixed
+/// allowance for ids and the rest. The archives' bounded reads compute the same sum in SQL
+/// ([`MESSAGE_BYTES_SQL`]).
+pub fn message_bytes(record: &MessageRecord) -> usize {
+    record.message.content.get().len() + record.message.metadata.get().len() + MESSAGE_OVERHEAD_BYTES
+}
+
+/// The fixed part of [`message_bytes`].
+pub const MESSAGE_OVERHEAD_BYTES: usize = 256;
+
+/// [`message_bytes`] of a `messages` row, in SQL (SQLite and Postgres alike).
+const MESSAGE_BYTES_SQL: &str = "octet_length(content) + octet_length(metadata) + 256";
+
+/// The condition "`seq` is within the byte budget" for a bounded read of
+/// `session_id = {p}1 AND seq BETWEEN {p}2 AND {p}3` with the budget in `{p}4`: rows up to the
+/// first one that brings the running total to the budget (SQLite `?`, Postgres `$`).
+fn within_budget_sql(p: char) -> String {
+    format!(
+        "seq <= COALESCE((SELECT MAX(seq) FROM (SELECT seq, SUM({MESSAGE_BYTES_SQL}) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS bytes_before FROM messages WHERE session_id = {p}1 AND seq >= {p}2 AND seq <= {p}3) AS sized WHERE COALESCE(bytes_before, 0) < {p}4), {p}3)"
+    )
+}
+
 impl Archive {
     pub fn open_sqlite(path: &std::path::Path) -> Result<Archive> {
         Ok(Archive::Sqlite(Arc::new(sqlite::SqliteArchive::open(path)?)))
@@ -224,10 +246,24 @@ impl Archive {
         Ok(Some(loaded))
     }
 
-    /// Messages with `from_seq <= seq <= to_seq`, ascending.
-    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
-        let mut messages = dispatch!(self, a => a.read_messages(session_id, from_seq, to_seq).await)?;
-        self.fill_from_dead_letters(session_id, &mut messages, from_seq, to_seq)
+    /// Messages with `from_seq <= seq <= to_seq`, ascending, bounded in bytes: they stop after
+    /// the first message that brings the total ([`message_bytes`]) to `max_bytes` (the first
+    /// is always there). The range was cut short iff the total is at least `max_bytes`.
+    pub async fn read_messages(
+        &self,
+        session_id: &str,
+        from_seq: u64,
+        to_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<MessageRecord>> {
+        let mut messages = dispatch!(self, a => a.read_messages(session_id, from_seq, to_seq, max_bytes).await)?;
+        let total: usize = messages.iter().map(message_bytes).sum();
+        // Cut short: refused rows are looked for only up to where the page stops.
+        let through = match messages.last() {
+            Some(last) if total >= max_bytes => last.message.seq,
+            _ => to_seq,
+        };
+        self.fill_from_dead_letters(session_id, &mut messages, from_seq, through)
             .await?;
         Ok(messages)
     }

@@ -337,13 +337,23 @@ impl PostgresArchive {
         }))
     }
 
-    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
+    pub async fn read_messages(
+        &self,
+        session_id: &str,
+        from_seq: u64,
+        to_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<MessageRecord>> {
+        let budget = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         let rows = self
             .client()
             .await?
             .query(
-                &format!("{MESSAGE_SELECT} WHERE session_id = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq"),
-                &[&session_id, &(from_seq as i64), &(to_seq as i64)],
+                &format!(
+                    "{MESSAGE_SELECT} WHERE session_id = $1 AND seq >= $2 AND seq <= $3 AND {} ORDER BY seq",
+                    super::within_budget_sql('$')
+                ),
+                &[&session_id, &(from_seq as i64), &(to_seq as i64), &budget],
             )
             .await
             .map_err(from_pg)?;

@@ -334,14 +334,25 @@ impl SqliteArchive {
         .await
     }
 
-    pub async fn read_messages(&self, session_id: &str, from_seq: u64, to_seq: u64) -> Result<Vec<MessageRecord>> {
+    pub async fn read_messages(
+        &self,
+        session_id: &str,
+        from_seq: u64,
+        to_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<MessageRecord>> {
         let session_id = session_id.to_string();
         self.read(move |c| {
             let mut statement = c.prepare_cached(&format!(
-                "{MESSAGE_SELECT} WHERE session_id = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
+                "{MESSAGE_SELECT} WHERE session_id = ?1 AND seq >= ?2 AND seq <= ?3 AND {} ORDER BY seq",
+                super::within_budget_sql('?')
             ))?;
+            let budget = i64::try_from(max_bytes).unwrap_or(i64::MAX);
             statement
-                .query_map(params![session_id, from_seq as i64, to_seq as i64], message_from_row)?
+                .query_map(
+                    params![session_id, from_seq as i64, to_seq as i64, budget],
+                    message_from_row,
+                )?
                 .collect()
         })
         .await

@@ -10,6 +10,7 @@
 
 mod forward_lane;
 pub mod ops;
+pub mod page_budget;
 pub mod replica;
 pub mod routing;
 pub mod session;
@@ -832,28 +833,33 @@ impl Shards {
     }
 
     async fn execute_plan(&self, session_id: &str, plan: ReadPlan) -> Result<MessagePage, String> {
+        // Bounded in bytes as well as in count: a page ends at `MAX_PAGE_BYTES` and the rest
+        // comes with the next request (`has_more`).
+        let mut page = page_budget::PageBudget::new(page_budget::MAX_PAGE_BYTES);
         let mut messages: Vec<Arc<MessageRecord>> = Vec::new();
         if let Some((from, to)) = plan.archive_range {
             let archived = self
                 .inner
                 .archive_reads
-                .read(&self.inner.archive, session_id, from, to)
+                .read(&self.inner.archive, session_id, from, to, page.left())
                 .await?;
-            messages.extend(archived.iter().cloned());
+            page.take_archived(&archived, to, &mut messages);
         }
-        if !plan.wal.is_empty() {
-            let (from_wal, complete) = self.read_from_wal(session_id, &plan.wal).await?;
-            messages.extend(from_wal);
-            if !complete {
-                // Bounded in bytes: the rest of the page comes with the next request.
-                return Ok(MessagePage {
-                    messages,
-                    has_more: true,
-                    session: plan.session,
-                });
+        if page.is_full() && !(plan.wal.is_empty() && plan.hot.is_empty()) {
+            page.cut_short();
+        } else {
+            if !plan.wal.is_empty() {
+                let (from_wal, complete) = self.read_from_wal(session_id, &plan.wal).await?;
+                page.take(from_wal, &mut messages);
+                if !complete {
+                    // The WAL's own read budget stopped short.
+                    page.cut_short();
+                }
+            }
+            if !page.was_cut() {
+                page.take(plan.hot, &mut messages);
             }
         }
-        messages.extend(plan.hot);
         let mut gaps = plan.gaps;
         let mut asked_archive = false;
         for pair in messages.windows(2) {
@@ -882,7 +888,7 @@ impl Shards {
         }
         Ok(MessagePage {
             messages,
-            has_more: plan.has_more,
+            has_more: plan.has_more || page.was_cut(),
             session: plan.session,
         })
     }

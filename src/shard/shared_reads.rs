@@ -17,8 +17,8 @@ use crate::model::MessageRecord;
 
 type Messages = Arc<Vec<Arc<MessageRecord>>>;
 type SharedQuery = Shared<BoxFuture<'static, Result<Messages, String>>>;
-/// `(session_id, from_seq, to_seq)`
-type RangeKey = (Arc<str>, u64, u64);
+/// `(session_id, from_seq, to_seq, max_bytes)`
+type RangeKey = (Arc<str>, u64, u64, usize);
 
 #[derive(Default)]
 pub struct SharedArchiveReads {
@@ -26,10 +26,17 @@ pub struct SharedArchiveReads {
 }
 
 impl SharedArchiveReads {
-    /// Archived messages `from..=to` of the session, joining a query for the same range that is
-    /// already running.
-    pub async fn read(&self, archive: &Archive, session_id: &str, from: u64, to: u64) -> Result<Messages, String> {
-        let key: RangeKey = (Arc::from(session_id), from, to);
+    /// Archived messages `from..=to` of the session, bounded in bytes as
+    /// [`Archive::read_messages`] says, joining a query for the same range that is already running.
+    pub async fn read(
+        &self,
+        archive: &Archive,
+        session_id: &str,
+        from: u64,
+        to: u64,
+        max_bytes: usize,
+    ) -> Result<Messages, String> {
+        let key: RangeKey = (Arc::from(session_id), from, to, max_bytes);
         let query = {
             let mut in_flight = self.in_flight.lock().expect("shared reads lock");
             in_flight
@@ -39,7 +46,7 @@ impl SharedArchiveReads {
                     let session_id = key.0.clone();
                     async move {
                         let records = archive
-                            .read_messages(&session_id, from, to)
+                            .read_messages(&session_id, from, to, max_bytes)
                             .await
                             .map_err(|e| e.to_string())?;
                         Ok(Arc::new(records.into_iter().map(Arc::new).collect()))
@@ -133,7 +140,7 @@ mod tests {
         let readers: Vec<_> = (0..64)
             .map(|_| {
                 let (reads, archive) = (reads.clone(), archive.clone());
-                tokio::spawn(async move { reads.read(&archive, "s1", 3, 40).await })
+                tokio::spawn(async move { reads.read(&archive, "s1", 3, 40, usize::MAX).await })
             })
             .collect();
         for reader in readers {
@@ -151,7 +158,7 @@ mod tests {
         // machine the query may already have answered by then; that must leave nothing too).
         tokio::select! {
             biased;
-            _ = reads.read(&archive, "s1", 1, 2) => {}
+            _ = reads.read(&archive, "s1", 1, 2, usize::MAX) => {}
             () = std::future::ready(()) => {}
         }
         assert!(
@@ -159,7 +166,7 @@ mod tests {
             "nothing kept after a cancel"
         );
 
-        let other = reads.read(&archive, "s1", 45, 60).await.expect("read");
+        let other = reads.read(&archive, "s1", 45, 60, usize::MAX).await.expect("read");
         assert_eq!(
             other.iter().map(|m| m.message.seq).collect::<Vec<_>>(),
             vec![45, 46, 47, 48, 49, 50]
