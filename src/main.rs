@@ -342,6 +342,10 @@ fn exit_after(bound: Duration, progress: fleetlm::server::ShutdownProgress) {
         .name("fleetlm-exit-bound".into())
         .spawn(move || {
             std::thread::sleep(bound);
+            if progress.finished() {
+                // The orderly path ended; what is left of the exit is bounded on its own.
+                std::thread::sleep(RUNTIME_STOP_WAIT + LOG_FLUSH_AT_EXIT);
+            }
             tracing::error!(
                 step = progress.current(),
                 bound_ms = bound.as_millis() as u64,

@@ -132,7 +132,14 @@ impl ShutdownProgress {
     pub fn current(&self) -> &'static str {
         *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    /// Whether the orderly shutdown ran to its end (the process is exiting).
+    pub fn finished(&self) -> bool {
+        self.current() == STOPPED
+    }
 }
+
+const STOPPED: &str = "stopped";
 
 impl RunningServer {
     /// Asks the server to drain and stop, and waits until it has.
@@ -488,7 +495,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             Err(_) => tracing::debug!("wal still referenced at shutdown; its threads stop with the process"),
         }
         drop(lock);
-        step.set("stopped");
+        step.set(STOPPED);
         if let Some(reason) = refusal.lock().expect("refusal lock").take() {
             bail!("{reason}");
         }
