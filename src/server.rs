@@ -575,14 +575,23 @@ fn log_unarchived(wal: &Wal, flush_finished: bool, cluster: bool) {
             (last > archived).then(|| format!("{shard} ({} entries)", last - archived))
         })
         .collect();
-    match (flush_finished, pending.is_empty()) {
-        (true, true) => {}
-        (finished, _) => tracing::warn!(
-            final_flush = if finished { "ended" } else { "cut off at the shutdown deadline" },
-            unarchived_shards = %if pending.is_empty() { "none".to_string() } else { pending.join(", ") },
-            "stopping with log entries the archive does not have yet; the wal keeps them and they are archived at the next start"
-        ),
+    if flush_finished && pending.is_empty() {
+        return;
     }
+    let unarchived = if pending.is_empty() {
+        "none".to_string()
+    } else {
+        pending.join(", ")
+    };
+    tracing::warn!(
+        final_flush = if flush_finished {
+            "ended"
+        } else {
+            "cut off at the shutdown deadline"
+        },
+        unarchived_shards = unarchived.as_str(),
+        "stopping with log entries the archive does not have yet; the wal keeps them and they are archived at the next start"
+    );
 }
 
 async fn sweep(shards: Shards, idle_for: Duration, mut shutdown: watch::Receiver<bool>) {

@@ -128,6 +128,21 @@ async fn append_padded(client: &reqwest::Client, base: &str, session: &str, n: u
     .await
 }
 
+/// Waits (up to 10 s) until `/metrics` counts at least `lines` dropped log lines (the log's
+/// writer thread counts them as it gets to them); false if it never does.
+async fn log_lines_dropped_reach(client: &reqwest::Client, base: &str, lines: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if log_lines_dropped(client, base).await >= lines {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `fleetlm_log_lines_dropped_total` as `/metrics` shows it.
 async fn log_lines_dropped(client: &reqwest::Client, base: &str) -> u64 {
     let response = client.get(format!("{base}/metrics")).send().await.expect("metrics");
@@ -226,7 +241,7 @@ async fn a_full_disk_under_the_log_kills_nothing_and_sigterm_still_exits() {
         n += 1;
     }
     assert!(
-        log_lines_dropped(&client, &server.base).await > 0,
+        log_lines_dropped_reach(&client, &server.base, 1).await,
         "the log did fail while the disk was full"
     );
 
@@ -266,7 +281,7 @@ async fn a_closed_log_pipe_kills_nothing_and_sigterm_still_exits() {
             assert_eq!(status, 200, "{body}");
         }
     }
-    assert!(log_lines_dropped(&client, &server.base).await >= 40);
+    assert!(log_lines_dropped_reach(&client, &server.base, 40).await);
 
     let (status, took) = server.terminate();
     let status = status.unwrap_or_else(|| panic!("no exit within {EXIT_BOUND:?} of SIGTERM"));
