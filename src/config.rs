@@ -119,7 +119,7 @@ pub struct Settings {
     /// Dispatches this node may have in flight. [default: 1000]
     #[arg(long, env = "FLEETLM_MAX_DISPATCHES_IN_FLIGHT")]
     pub max_dispatches_in_flight: Option<usize>,
-    /// Bound on the final archive flush at shutdown. [default: 10000]
+    /// Bound on the whole shutdown, from the signal to the exit (the final archive flush included). [default: 10000]
     #[arg(long, env = "FLEETLM_SHUTDOWN_DEADLINE_MS")]
     pub shutdown_deadline_ms: Option<u64>,
     /// Cluster mode: this node's id (a positive integer, one of --cluster-peers). [default: none: single node]

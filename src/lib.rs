@@ -14,6 +14,7 @@ pub mod console;
 pub mod gateway;
 pub mod hub;
 pub mod ids;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod operator;

@@ -2,9 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use fleetlm::config::{Config, LogFormat, Settings};
+use fleetlm::logging::{print_stdout, say};
 
 // Many small allocations cross threads on the hot path (socket task → shard writer → lane);
 // mimalloc's per-thread heaps avoid glibc's arena lock contention seen in profiles.
@@ -115,7 +117,7 @@ fn client_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         .enable_all()
         .build()
         .map_err(|error| {
-            eprintln!("fleetlm: cannot start the async runtime: {error}");
+            say(&format!("fleetlm: cannot start the async runtime: {error}"));
             ExitCode::FAILURE
         })
 }
@@ -134,11 +136,11 @@ fn cluster_member_step(member: &MemberStep, step: &str) -> ExitCode {
         step,
     )) {
         Ok(answer) => {
-            println!("{answer:#}");
+            print_stdout(&format!("{answer:#}\n"));
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("fleetlm: {error:#}");
+            say(&format!("fleetlm: {error:#}"));
             ExitCode::from(1)
         }
     }
@@ -152,9 +154,9 @@ fn cluster_status(url: &str, api_key: Option<&str>, json: bool) -> ExitCode {
     match runtime.block_on(fleetlm::cluster_status::fetch(url, api_key)) {
         Ok(status) => {
             if json {
-                println!("{status:#}");
+                print_stdout(&format!("{status:#}\n"));
             } else {
-                print!("{}", fleetlm::cluster_status::render(&status));
+                print_stdout(&fleetlm::cluster_status::render(&status));
             }
             if fleetlm::cluster_status::healthy(&status) {
                 ExitCode::SUCCESS
@@ -163,7 +165,7 @@ fn cluster_status(url: &str, api_key: Option<&str>, json: bool) -> ExitCode {
             }
         }
         Err(error) => {
-            eprintln!("fleetlm: {error:#}");
+            say(&format!("fleetlm: {error:#}"));
             ExitCode::from(2)
         }
     }
@@ -177,11 +179,11 @@ fn main() -> ExitCode {
             command: WalCommand::Inspect { data_dir },
         } => match fleetlm::operator::wal_inspect(&data_dir) {
             Ok((report, damaged)) => {
-                print!("{report}");
+                print_stdout(&report);
                 if damaged { ExitCode::from(1) } else { ExitCode::SUCCESS }
             }
             Err(error) => {
-                eprintln!("fleetlm: {error:#}");
+                say(&format!("fleetlm: {error:#}"));
                 ExitCode::from(2)
             }
         },
@@ -189,11 +191,11 @@ fn main() -> ExitCode {
             command: WalCommand::Repair { data_dir, shards },
         } => match fleetlm::operator::wal_repair(&data_dir, &shards) {
             Ok(report) => {
-                print!("{report}");
+                print_stdout(&report);
                 ExitCode::SUCCESS
             }
             Err(error) => {
-                eprintln!("fleetlm: {error:#}");
+                say(&format!("fleetlm: {error:#}"));
                 ExitCode::from(2)
             }
         },
@@ -217,11 +219,11 @@ fn main() -> ExitCode {
                 ..Settings::default()
             };
             if let Err(error) = checked.validate() {
-                eprintln!("fleetlm: {error}");
+                say(&format!("fleetlm: {error}"));
                 return ExitCode::from(2);
             }
             if auth_secret.is_empty() {
-                eprintln!("fleetlm: invalid configuration: auth_secret: must be set");
+                say("fleetlm: invalid configuration: auth_secret: must be set");
                 return ExitCode::from(2);
             }
             let now = std::time::SystemTime::now()
@@ -231,7 +233,7 @@ fn main() -> ExitCode {
                 sub,
                 exp: now.as_secs() as i64 + ttl_secs,
             };
-            println!("{}", fleetlm::auth::mint(auth_secret.as_bytes(), &claims));
+            print_stdout(&format!("{}\n", fleetlm::auth::mint(auth_secret.as_bytes(), &claims)));
             ExitCode::SUCCESS
         }
     }
@@ -249,69 +251,112 @@ fn serve(file: Option<PathBuf>, settings: Settings) -> ExitCode {
     let config = match load_config(file, settings) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("fleetlm: {error}");
+            say(&format!("fleetlm: {error}"));
             return ExitCode::from(2);
         }
     };
-    init_tracing(config.log_format);
-    let log_format = config.log_format;
+    fleetlm::logging::init(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("fleetlm: cannot start the async runtime: {error}");
+            say(&format!("fleetlm: cannot start the async runtime: {error}"));
+            fleetlm::logging::flush(LOG_FLUSH_AT_EXIT);
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
-        // Listen for signals before anything else: a SIGTERM while the server starts (waiting
-        // for its archive) or right after its listening line must not go unnoticed.
-        let mut signals = Signals::register();
-        let started = tokio::select! {
-            started = fleetlm::server::start(config) => started,
-            () = signals.next() => {
-                eprintln!("fleetlm: signal received while starting; exiting");
-                return ExitCode::from(130);
-            }
-        };
-        let server = match started {
-            Ok(server) => server,
-            Err(error) => {
-                eprintln!("fleetlm: {error:#}");
-                let is_config = format!("{error:#}").starts_with("invalid configuration");
-                return if is_config {
-                    ExitCode::from(2)
-                } else {
-                    ExitCode::FAILURE
-                };
-            }
-        };
-        let url = format!("http://{}", server.local_addr);
-        match log_format {
-            LogFormat::Text => println!("fleetlm listening on {url} (archive: {})", server.archive_description),
-            LogFormat::Json => println!(
-                "{}",
-                serde_json::json!({"level": "INFO", "message": "fleetlm listening", "url": url,
-                    "archive": server.archive_description})
-            ),
+    let code = runtime.block_on(run_server(config));
+    // A blocking task that never returns (a read stuck on a dead disk) must not hold the exit.
+    runtime.shutdown_timeout(RUNTIME_STOP_WAIT);
+    fleetlm::logging::flush(LOG_FLUSH_AT_EXIT);
+    code
+}
+
+/// How long the exit waits for the log to take its last lines, and for the runtime's tasks.
+const LOG_FLUSH_AT_EXIT: Duration = Duration::from_secs(1);
+const RUNTIME_STOP_WAIT: Duration = Duration::from_secs(1);
+/// Past the shutdown deadline, how long the orderly path may still take before the process
+/// exits regardless.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+async fn run_server(config: Config) -> ExitCode {
+    let log_format = config.log_format;
+    let shutdown_deadline = config.shutdown_deadline;
+    // Listen for signals before anything else: a SIGTERM while the server starts (waiting
+    // for its archive) or right after its listening line must not go unnoticed.
+    let mut signals = Signals::register();
+    let started = tokio::select! {
+        started = fleetlm::server::start(config) => started,
+        () = signals.next() => {
+            say("fleetlm: signal received while starting; exiting");
+            return ExitCode::from(130);
         }
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-        let trigger = server.shutdown_trigger();
-        tokio::spawn(async move {
-            signals.next().await;
-            tracing::info!("shutting down: draining requests and flushing the archive");
-            let _ = trigger.send(true);
-            signals.next().await;
-            eprintln!("fleetlm: second signal, exiting now (the WAL holds every acknowledged message)");
-            std::process::exit(130);
-        });
-        match server.wait().await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("fleetlm: {error:#}");
+    };
+    let server = match started {
+        Ok(server) => server,
+        Err(error) => {
+            say(&format!("fleetlm: {error:#}"));
+            let is_config = format!("{error:#}").starts_with("invalid configuration");
+            return if is_config {
+                ExitCode::from(2)
+            } else {
                 ExitCode::FAILURE
-            }
+            };
         }
-    })
+    };
+    let url = format!("http://{}", server.local_addr);
+    let listening = match log_format {
+        LogFormat::Text => format!("fleetlm listening on {url} (archive: {})\n", server.archive_description),
+        LogFormat::Json => format!(
+            "{}\n",
+            serde_json::json!({"level": "INFO", "message": "fleetlm listening", "url": url,
+                "archive": server.archive_description})
+        ),
+    };
+    print_stdout(&listening);
+    let trigger = server.shutdown_trigger();
+    let progress = server.shutdown_progress();
+    tokio::spawn(async move {
+        signals.next().await;
+        // First the bound, so nothing below (nor a wedged runtime) can keep the process alive.
+        exit_after(shutdown_deadline + EXIT_GRACE, progress);
+        let _ = trigger.send(true);
+        tracing::info!("shutting down: draining requests and flushing the archive");
+        signals.next().await;
+        tracing::warn!("second signal, exiting now (the WAL holds every acknowledged message)");
+        fleetlm::logging::flush(LOG_FLUSH_AT_EXIT);
+        std::process::exit(130);
+    });
+    match server.wait().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            say(&format!("fleetlm: {error:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ends the process `bound` after a shutdown began if it has not ended by then, saying which
+/// step was still running. A thread of its own: it must work even if the runtime does not.
+fn exit_after(bound: Duration, progress: fleetlm::server::ShutdownProgress) {
+    let spawned = std::thread::Builder::new()
+        .name("fleetlm-exit-bound".into())
+        .spawn(move || {
+            std::thread::sleep(bound);
+            if progress.finished() {
+                // The orderly path ended; what is left of the exit is bounded on its own.
+                std::thread::sleep(RUNTIME_STOP_WAIT + LOG_FLUSH_AT_EXIT);
+            }
+            tracing::error!(
+                step = progress.current(),
+                bound_ms = bound.as_millis() as u64,
+                "shutdown did not finish in time; exiting now (the WAL holds every acknowledged entry; what the archive lacks is archived at the next start)"
+            );
+            fleetlm::logging::flush(LOG_FLUSH_AT_EXIT);
+            std::process::exit(1);
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot bound the shutdown's duration");
+    }
 }
 
 /// SIGTERM and SIGINT, listened for from the start of the process.
@@ -340,25 +385,5 @@ impl Signals {
             }
             _ => std::future::pending::<()>().await,
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let default = || format!("info,{},tokio_postgres=warn", fleetlm::consensus::LOG_DIRECTIVES);
-    let directives = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.trim().is_empty() => fleetlm::consensus::with_log_directives(&env),
-        _ => default(),
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|error| {
-        eprintln!("fleetlm: RUST_LOG is not a valid filter ({error}); using the default");
-        tracing_subscriber::EnvFilter::new(default())
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

@@ -4,6 +4,7 @@
 //! Architecture invariant: startup and shutdown order lives here and only here.
 
 use std::fs::{self, File};
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::api::{self, AppState};
 use crate::archive::{Archive, Flusher, FlusherOptions};
@@ -119,8 +121,34 @@ pub struct RunningServer {
     pub local_addr: SocketAddr,
     pub archive_description: String,
     shutdown: watch::Sender<bool>,
+    progress: ShutdownProgress,
     task: JoinHandle<anyhow::Result<()>>,
 }
+
+/// Which step of the orderly shutdown runs now, for whoever must say why it did not finish.
+#[derive(Clone)]
+pub struct ShutdownProgress(Arc<std::sync::Mutex<&'static str>>);
+
+impl ShutdownProgress {
+    fn new() -> ShutdownProgress {
+        ShutdownProgress(Arc::new(std::sync::Mutex::new("not stopping")))
+    }
+
+    fn set(&self, step: &'static str) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = step;
+    }
+
+    pub fn current(&self) -> &'static str {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the orderly shutdown ran to its end (the process is exiting).
+    pub fn finished(&self) -> bool {
+        self.current() == STOPPED
+    }
+}
+
+const STOPPED: &str = "stopped";
 
 impl RunningServer {
     /// Asks the server to drain and stop, and waits until it has.
@@ -132,6 +160,11 @@ impl RunningServer {
     /// A handle that triggers shutdown from elsewhere (signal handlers).
     pub fn shutdown_trigger(&self) -> watch::Sender<bool> {
         self.shutdown.clone()
+    }
+
+    /// The step the orderly shutdown is at.
+    pub fn shutdown_progress(&self) -> ShutdownProgress {
+        self.progress.clone()
     }
 
     pub async fn wait(self) -> anyhow::Result<()> {
@@ -387,44 +420,91 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         });
     }
     let mut http_shutdown = shutdown.clone();
+    let mut stop_requested = shutdown.clone();
     let shutdown_deadline = config.shutdown_deadline;
     let handing_off = consensus.clone();
+    let progress = ShutdownProgress::new();
+    let step = progress.clone();
     let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = http_shutdown.wait_for(|stop| *stop).await;
-            // A cluster member first hands its shards to other members, so their clients
-            // wait for no election; its requests in flight still reach the new leaders.
-            if let Some(consensus) = &handing_off {
-                let still_led = consensus.hand_off_leadership(HAND_OFF_WAIT).await;
-                if still_led > 0 {
-                    tracing::warn!(still_led, "some shards could not hand their leadership over");
+        let serve = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.wait_for(|stop| *stop).await;
+                // A cluster member first hands its shards to other members, so their clients
+                // wait for no election; its requests in flight still reach the new leaders.
+                if let Some(consensus) = &handing_off {
+                    let still_led = consensus.hand_off_leadership(HAND_OFF_WAIT).await;
+                    if still_led > 0 {
+                        tracing::warn!(still_led, "some shards could not hand their leadership over");
+                    }
                 }
+                draining.store(true, Ordering::Release);
+            })
+            .into_future();
+        tokio::pin!(serve);
+        // The whole orderly shutdown, from the request to stop, gets `shutdown_deadline`: a
+        // request or socket that never ends, a flush that cannot finish, a stuck disk are cut
+        // off there. Exiting is safe: every acknowledged entry is in the WAL already.
+        let deadline = tokio::select! {
+            served = &mut serve => {
+                served.context("http server failed")?;
+                Instant::now() + shutdown_deadline
             }
-            draining.store(true, Ordering::Release);
-        });
-        serve.await.context("http server failed")?;
+            () = async { drop(stop_requested.wait_for(|stop| *stop).await) } => {
+                let deadline = Instant::now() + shutdown_deadline;
+                step.set("draining requests in flight");
+                match tokio::time::timeout_at(deadline, &mut serve).await {
+                    Ok(served) => served.context("http server failed")?,
+                    Err(_) => tracing::warn!("requests still in flight at the shutdown deadline were cut off"),
+                }
+                deadline
+            }
+        };
         // Upgraded sockets are not the HTTP server's to wait for: each answers the sends it
         // took, then closes with 1012; the process exits only after that (bounded).
-        if !open_sockets.wait_until_all_closed(SOCKETS_CLOSE_WAIT).await {
+        step.set("closing sockets");
+        let sockets_wait = SOCKETS_CLOSE_WAIT.min(deadline.saturating_duration_since(Instant::now()));
+        if !open_sockets.wait_until_all_closed(sockets_wait).await {
             tracing::warn!("some sockets did not close within the deadline");
         }
         // Requests in flight have been answered; the flusher now makes its last pass.
-        if tokio::time::timeout(shutdown_deadline, flusher_task).await.is_err() {
-            tracing::warn!("final archive flush did not finish within the deadline; the wal keeps the rest");
+        step.set("final archive flush");
+        let mut flusher_task = flusher_task;
+        let flushed = tokio::time::timeout_at(deadline, &mut flusher_task).await.is_ok();
+        if !flushed {
+            flusher_task.abort();
         }
+        log_unarchived(&wal, flushed, consensus.is_some());
         sweeper.abort();
         for task in writer_tasks {
             task.abort();
         }
+        // Closing gets a moment past the deadline even when the steps above used it all up.
+        let closing_deadline = deadline.max(Instant::now()) + CLOSING_GRACE;
         if let Some(consensus) = &consensus {
-            consensus.shutdown().await;
+            step.set("stopping the cluster member");
+            if tokio::time::timeout_at(closing_deadline, consensus.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!("the cluster member did not stop in time; its peers see it gone");
+            }
         }
         drop(consensus);
+        step.set("closing the wal");
         match Arc::try_unwrap(wal) {
-            Ok(wal) => tokio::task::spawn_blocking(move || wal.shutdown()).await?,
+            Ok(wal) => {
+                let closing = tokio::task::spawn_blocking(move || wal.shutdown());
+                match tokio::time::timeout_at(closing_deadline, closing).await {
+                    Ok(closed) => closed?,
+                    Err(_) => tracing::warn!(
+                        "the wal's lanes did not stop in time (a stuck disk?); every acknowledged entry was synced before its ack"
+                    ),
+                }
+            }
             Err(_) => tracing::debug!("wal still referenced at shutdown; its threads stop with the process"),
         }
         drop(lock);
+        step.set(STOPPED);
         if let Some(reason) = refusal.lock().expect("refusal lock").take() {
             bail!("{reason}");
         }
@@ -434,6 +514,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         local_addr,
         archive_description,
         shutdown: shutdown_sender,
+        progress,
         task,
     })
 }
@@ -479,6 +560,48 @@ async fn start_consensus(
 /// How long shutdown waits for sockets to answer their sends and close (each gives its sends
 /// 5 s and its close frame 2 s).
 const SOCKETS_CLOSE_WAIT: Duration = Duration::from_secs(8);
+
+/// How long past the shutdown deadline stopping the cluster member and the WAL may take.
+const CLOSING_GRACE: Duration = Duration::from_secs(1);
+
+/// Says, as the server stops, what the archive does not have yet: the WAL keeps it and the
+/// archive gets it at the next start. A single node's flusher deletes what it archived from the
+/// WAL at once, so what the WAL still holds is what is not archived; a cluster member keeps
+/// archived entries until its snapshot, so it can only say whether the last flush finished.
+fn log_unarchived(wal: &Wal, flush_finished: bool, cluster: bool) {
+    if cluster {
+        if !flush_finished {
+            tracing::warn!(
+                "the final archive flush did not finish within the shutdown deadline; the replicated log keeps the rest"
+            );
+        }
+        return;
+    }
+    let pending: Vec<String> = (0..wal.shard_count())
+        .filter_map(|shard| {
+            let last = wal.last_log_id(shard)?.index;
+            let archived = wal.purged(shard).map_or(0, |id| id.index);
+            (last > archived).then(|| format!("{shard} ({} entries)", last - archived))
+        })
+        .collect();
+    if flush_finished && pending.is_empty() {
+        return;
+    }
+    let unarchived = if pending.is_empty() {
+        "none".to_string()
+    } else {
+        pending.join(", ")
+    };
+    tracing::warn!(
+        final_flush = if flush_finished {
+            "ended"
+        } else {
+            "cut off at the shutdown deadline"
+        },
+        unarchived_shards = unarchived.as_str(),
+        "stopping with log entries the archive does not have yet; the wal keeps them and they are archived at the next start"
+    );
+}
 
 async fn sweep(shards: Shards, idle_for: Duration, mut shutdown: watch::Receiver<bool>) {
     loop {
