@@ -227,7 +227,7 @@ impl Flusher {
         for (shard, state) in progress.iter_mut().enumerate() {
             // Nothing left to take from a set-aside shard here (a cluster member that no longer
             // leads it): it is not this member's to report.
-            if state.set_aside.is_some() && state.watermark.unwrap_or_default() >= targets[shard] {
+            if state.watermark.unwrap_or_default() >= targets[shard] {
                 self.resume(shard as u16, state);
             }
         }
@@ -342,10 +342,15 @@ impl Flusher {
         });
     }
 
-    /// A set-aside shard flushes again (or is no longer this member's to flush).
+    /// A set-aside shard flushes again (or is no longer this member's to flush). Also clears a
+    /// mark left in the WAL by an earlier run of the flusher (restarted since).
     fn resume(&self, shard: u16, state: &mut ShardProgress) {
-        let Some(aside) = state.set_aside.take() else { return };
-        tracing::info!(shard, failures = aside.failures, "archiving this shard resumed");
+        let aside = state.set_aside.take();
+        if aside.is_none() && self.wal.archive_stalled(shard).is_none() {
+            return;
+        }
+        let failures = aside.map_or(0, |aside| aside.failures);
+        tracing::info!(shard, failures, "archiving this shard resumed");
         metrics::gauge!("fleetlm_archive_shard_stalled", "shard" => shard.to_string()).set(0.0);
         self.wal.set_archive_stalled(shard, None);
     }
