@@ -225,8 +225,9 @@ impl Flusher {
             state.lag.observe(targets[shard], state.watermark.unwrap_or_default());
         }
         for (shard, state) in progress.iter_mut().enumerate() {
-            // Nothing left to take from a set-aside shard here (a cluster member that no longer
-            // leads it): it is not this member's to report.
+            // Nothing left to take from the shard here: it is not (or no longer) stalled — a
+            // cluster member that stopped leading a set-aside shard, or a mark an earlier run of
+            // the flusher left in the WAL.
             if state.watermark.unwrap_or_default() >= targets[shard] {
                 self.resume(shard as u16, state);
             }
