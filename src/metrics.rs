@@ -45,6 +45,10 @@ fn describe() {
     );
     describe_counter!("fleetlm_archive_messages_total", "Messages written to the archive.");
     describe_counter!(
+        "fleetlm_archive_shard_failures_total",
+        "Flush attempts of one shard whose WAL entries could not be read or decoded, by shard."
+    );
+    describe_counter!(
         "fleetlm_dispatches_total",
         "Agent dispatches ended, by outcome (ok, failed)."
     );
@@ -111,6 +115,15 @@ fn describe() {
     );
     describe_gauge!("fleetlm_sockets", "Open WebSockets.");
     describe_gauge!("fleetlm_wal_disk_bytes", Unit::Bytes, "Disk used by WAL segments.");
+    describe_gauge!(
+        "fleetlm_wal_kept_bytes",
+        Unit::Bytes,
+        "WAL segments by what keeps them: for=flowing (counted against every shard's budget), archive_stalled, degraded."
+    );
+    describe_gauge!(
+        "fleetlm_archive_shard_stalled",
+        "1 while the flusher cannot read or decode this shard's WAL entries (set aside, retried), by shard."
+    );
     describe_histogram!(
         "fleetlm_append_commit_seconds",
         Unit::Seconds,

@@ -24,6 +24,7 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
     for (shard, reason) in state.shards.not_ready() {
         reasons.push(json!({"component": "shard", "shard": shard, "reason": reason}));
     }
+    archive_stalled_reasons(&state, &mut reasons);
     if let Some(consensus) = &state.consensus {
         cluster_reasons(consensus, state.catch_up.as_deref(), &mut reasons);
     }
@@ -40,6 +41,14 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
             axum::Json(json!({"status": "not_ready", "reasons": reasons})),
         )
             .into_response()
+    }
+}
+
+/// Shards whose WAL entries the archive cannot take now (the flusher set them aside; the other
+/// shards keep archiving), each with why.
+fn archive_stalled_reasons(state: &SharedState, reasons: &mut Vec<serde_json::Value>) {
+    for (shard, reason) in state.shards.wal().archive_stalled_shards() {
+        reasons.push(json!({"component": "archive", "shard": shard, "reason": reason}));
     }
 }
 
@@ -80,6 +89,14 @@ pub async fn metrics(State(state): State<SharedState>, caller: crate::auth::Call
         return super::ApiError::forbidden("metrics require the API key").into_response();
     }
     metrics::gauge!("fleetlm_wal_disk_bytes").set(state.shards.wal().disk_bytes() as f64);
+    let usage = state.shards.wal().usage();
+    for (kept_for, bytes) in [
+        ("flowing", usage.flowing),
+        ("archive_stalled", usage.stalled_only),
+        ("degraded", usage.degraded_only),
+    ] {
+        metrics::gauge!("fleetlm_wal_kept_bytes", "for" => kept_for).set(bytes as f64);
+    }
     if let Some(rss) = crate::metrics::process_rss_bytes() {
         metrics::gauge!("fleetlm_process_rss_bytes").set(rss as f64);
     }

@@ -7,6 +7,12 @@
 //! fsync, and 64 shards committing separately every 300 ms competed with the WAL lanes for the
 //! disk (docs/BENCHMARKS.md measures it).
 //!
+//! A shard whose entries cannot be read or decoded is set aside (`SetAside`): what came before
+//! the bad entry is archived, the shard is retried with its own backoff, and every other shard
+//! keeps flushing in the same cycles. The WAL is told (`Wal::set_archive_stalled`), so the
+//! segments only it keeps do not count against the other shards' budget, and `/health/ready`
+//! names it.
+//!
 //! Architecture invariant: the flusher only reads the WAL; it never learns of records from a
 //! queue that would be lost on a crash, so after a restart it resumes at the watermarks.
 
@@ -19,7 +25,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use super::{Archive, ArchiveError, FlushRows};
 use crate::shard::ops;
 use crate::shard::writer::Command;
-use crate::wal::{EntryRange, Wal};
+use crate::wal::{EntryRange, RangeRead, Wal};
 
 #[derive(Debug, Clone)]
 pub struct FlusherOptions {
@@ -92,6 +98,55 @@ enum FlushError {
 struct ShardProgress {
     watermark: Option<u64>,
     lag: ArchiveLag,
+    /// Set while the shard's entries cannot be read or decoded.
+    set_aside: Option<SetAside>,
+}
+
+impl ShardProgress {
+    fn all(shards: usize) -> Vec<ShardProgress> {
+        (0..shards)
+            .map(|shard| ShardProgress {
+                watermark: None,
+                lag: ArchiveLag {
+                    shard: shard.to_string(),
+                    behind_since: None,
+                },
+                set_aside: None,
+            })
+            .collect()
+    }
+}
+
+/// A shard the flusher could not read or decode: left out of the cycles until `retry_at`.
+struct SetAside {
+    /// When it last failed: it is not tried again in the same `flush_available`.
+    failed_at: Instant,
+    retry_at: Instant,
+    backoff: Duration,
+    failures: u64,
+}
+
+/// Why one shard's next entries cannot be archived now.
+#[derive(Debug, Clone)]
+struct ShardFailure {
+    shard: u16,
+    /// The first entry that could not be archived.
+    index: u64,
+    /// `(segment, offset)` of that entry in its lane, when the WAL knows it.
+    position: Option<(u64, u64)>,
+    reason: String,
+}
+
+impl ShardFailure {
+    fn describe(&self) -> String {
+        match self.position {
+            Some((segment, offset)) => format!(
+                "the archive cannot take entry {} (wal segment {segment} offset {offset}): {}",
+                self.index, self.reason
+            ),
+            None => format!("the archive cannot take entry {}: {}", self.index, self.reason),
+        }
+    }
 }
 
 impl Flusher {
@@ -112,15 +167,7 @@ impl Flusher {
             }
             let _ = recovered.await;
         }
-        let mut progress: Vec<ShardProgress> = (0..self.shard_commands.len())
-            .map(|shard| ShardProgress {
-                watermark: None,
-                lag: ArchiveLag {
-                    shard: shard.to_string(),
-                    behind_since: None,
-                },
-            })
-            .collect();
+        let mut progress = ShardProgress::all(self.shard_commands.len());
         let mut backoff = self.options.interval;
         let mut refreshed_at = Instant::now();
         loop {
@@ -177,9 +224,25 @@ impl Flusher {
             }
             state.lag.observe(targets[shard], state.watermark.unwrap_or_default());
         }
+        for (shard, state) in progress.iter_mut().enumerate() {
+            // Nothing left to take from the shard here: it is not (or no longer) stalled — a
+            // cluster member that stopped leading a set-aside shard, or a mark an earlier run of
+            // the flusher left in the WAL.
+            if state.watermark.unwrap_or_default() >= targets[shard] {
+                self.resume(shard as u16, state);
+            }
+        }
+        let started = Instant::now();
         loop {
+            let now = Instant::now();
             let behind: Vec<u16> = (0..progress.len())
                 .filter(|shard| progress[*shard].watermark.unwrap_or_default() < targets[*shard])
+                .filter(|shard| {
+                    progress[*shard]
+                        .set_aside
+                        .as_ref()
+                        .is_none_or(|aside| aside.retry_at <= now && aside.failed_at < started)
+                })
                 .map(|shard| shard as u16)
                 .collect();
             if behind.is_empty() {
@@ -230,6 +293,69 @@ impl Flusher {
         }
     }
 
+    /// Leaves a shard out of the next cycles (doubling its own backoff), and says so: a log
+    /// line naming the shard and the entry, a metric, the WAL (budget) and `/health/ready`.
+    fn set_aside(&self, failure: &ShardFailure, state: &mut ShardProgress) {
+        let shard = failure.shard;
+        let backoff = state
+            .set_aside
+            .as_ref()
+            .map_or(self.options.interval, |aside| aside.backoff * 2)
+            .min(self.options.max_backoff)
+            .max(Duration::from_millis(1));
+        let failures = state.set_aside.as_ref().map_or(0, |aside| aside.failures) + 1;
+        let description = failure.describe();
+        metrics::counter!("fleetlm_archive_shard_failures_total", "shard" => shard.to_string()).increment(1);
+        metrics::gauge!("fleetlm_archive_shard_stalled", "shard" => shard.to_string()).set(1.0);
+        let (segment, offset) = failure.position.unzip();
+        if failures == 1 {
+            tracing::error!(
+                shard,
+                entry = failure.index,
+                segment,
+                offset,
+                reason = %failure.reason,
+                "the archive cannot take this shard's wal entries; the shard is set aside and retried, the others keep flushing"
+            );
+        } else {
+            tracing::warn!(
+                shard,
+                entry = failure.index,
+                segment,
+                offset,
+                failures,
+                retry_in_ms = backoff.as_millis() as u64,
+                reason = %failure.reason,
+                "archiving this shard failed again"
+            );
+        }
+        self.wal.set_archive_stalled(shard, Some(description));
+        if self.cluster.is_some() {
+            // A member whose log was replaced by a snapshot may hold a stale watermark: re-read.
+            state.watermark = None;
+        }
+        let now = Instant::now();
+        state.set_aside = Some(SetAside {
+            failed_at: now,
+            retry_at: now + backoff,
+            backoff,
+            failures,
+        });
+    }
+
+    /// A set-aside shard flushes again (or is no longer this member's to flush). Also clears a
+    /// mark left in the WAL by an earlier run of the flusher (restarted since).
+    fn resume(&self, shard: u16, state: &mut ShardProgress) {
+        let aside = state.set_aside.take();
+        if aside.is_none() && self.wal.archive_stalled(shard).is_none() {
+            return;
+        }
+        let failures = aside.map_or(0, |aside| aside.failures);
+        tracing::info!(shard, failures, "archiving this shard resumed");
+        metrics::gauge!("fleetlm_archive_shard_stalled", "shard" => shard.to_string()).set(0.0);
+        self.wal.set_archive_stalled(shard, None);
+    }
+
     /// One archive transaction: the next entries of every shard in `shards`, never past its
     /// target (a cluster leader's WAL also holds entries not committed yet, which may never be).
     async fn flush_once(
@@ -258,10 +384,18 @@ impl Flusher {
         let tagged = self.cluster.is_some();
         let collected = crate::background::run(move || collect_rows(&wal, &ranges, tagged))
             .await
-            .map_err(FlushError::Wal)??;
-        let Some(Collected { rows, watermarks }) = collected else {
+            .map_err(FlushError::Wal)?;
+        let Collected {
+            rows,
+            watermarks,
+            failures,
+        } = collected;
+        for failure in &failures {
+            self.set_aside(failure, &mut progress[failure.shard as usize]);
+        }
+        if watermarks.is_empty() {
             return Ok(());
-        };
+        }
         let rows = Arc::new(rows);
         let message_count = rows.messages.len();
         match self.archive.flush(rows.clone(), watermarks.clone()).await {
@@ -289,6 +423,9 @@ impl Flusher {
         metrics::counter!("fleetlm_archive_messages_total").increment(message_count as u64);
         for &(shard, through) in &watermarks {
             progress[shard as usize].watermark = Some(through);
+            if !failures.iter().any(|failure| failure.shard == shard) {
+                self.resume(shard, &mut progress[shard as usize]);
+            }
             let _ = self.shard_commands[shard as usize]
                 .send(Command::Archived { through_index: through })
                 .await;
@@ -313,55 +450,124 @@ impl Flusher {
     }
 }
 
-/// One cycle's rows and, per shard, the log index they reach.
+/// One cycle's rows, per shard the log index they reach, and the shards that failed.
 struct Collected {
     rows: FlushRows,
     watermarks: Vec<(u16, u64)>,
+    failures: Vec<ShardFailure>,
 }
 
-/// The rows for the entries of `ranges` and each shard's new watermark; `None` if no shard has
-/// entries to flush. Blocking (reads the WAL).
-fn collect_rows(wal: &Wal, ranges: &[EntryRange], tagged: bool) -> Result<Option<Collected>, FlushError> {
-    let entries_by_shard = wal.read_ranges(ranges).map_err(|e| FlushError::Wal(e.to_string()))?;
-    let entry_count = entries_by_shard.iter().map(Vec::len).sum::<usize>();
+/// The rows for the entries of `ranges` and each shard's new watermark. A shard whose entries
+/// cannot be read or decoded contributes what came before the bad entry and is named in
+/// `failures`; the others are not affected. Blocking (reads the WAL).
+fn collect_rows(wal: &Wal, ranges: &[EntryRange], tagged: bool) -> Collected {
+    let reads = wal.read_ranges_each(ranges);
+    let nothing_read = reads
+        .iter()
+        .all(|read| read.entries.is_empty() && read.failure.is_none());
+    let entry_count = reads.iter().map(|read| read.entries.len()).sum::<usize>();
     // Each entry holds a shard batch (often several operations): a first guess saves most regrowth.
     let mut all_ops = Vec::with_capacity(entry_count * 4);
     let mut watermarks = Vec::new();
-    for (range, entries) in ranges.iter().zip(entries_by_shard) {
-        let shard = range.shard;
-        let Some((last_id, _)) = entries.last() else { continue };
-        let resumes_after_loss = wal
-            .accepted_losses(shard)
-            .iter()
-            .any(|loss| loss.after_index < range.from_index && loss.resumed_at == Some(entries[0].0.index));
-        if entries[0].0.index != range.from_index && !resumes_after_loss {
-            return Err(FlushError::Wal(format!(
-                "shard {shard}: expected entry {} after the watermark, the wal has {}",
-                range.from_index, entries[0].0.index
-            )));
+    let mut failures = Vec::new();
+    for (range, read) in ranges.iter().zip(reads) {
+        if nothing_read {
+            // The byte budget always lets the first range's first entry through: no range
+            // has the entries its shard's log end promises.
+            failures.push(ShardFailure {
+                shard: range.shard,
+                index: range.from_index,
+                position: None,
+                reason: "the entry is not in the wal".into(),
+            });
+            continue;
         }
-        watermarks.push((shard, last_id.index));
-        for (log_id, body) in &entries {
-            let command = match tagged {
-                // A cluster member's records carry a consensus tag; Raft's own hold no operations.
-                true => match crate::consensus::command_in_record(body)
-                    .map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?
-                {
-                    Some(command) => command,
-                    None => continue,
-                },
-                false => &body[..],
-            };
-            let ops =
-                ops::decode_entry(command).map_err(|e| FlushError::Wal(format!("entry {}: {e}", log_id.index)))?;
-            all_ops.extend(ops);
+        let shard_ops = shard_ops(wal, range, read, tagged);
+        if let Some(through) = shard_ops.through {
+            watermarks.push((range.shard, through));
+            all_ops.extend(shard_ops.ops);
         }
+        failures.extend(shard_ops.failure);
     }
-    if watermarks.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(Collected {
+    Collected {
         rows: FlushRows::from_ops(all_ops),
         watermarks,
-    }))
+        failures,
+    }
 }
+
+/// One shard's part of a cycle: the operations of its entries up to the first that cannot be
+/// read or decoded, the index they reach, and that failure.
+struct ShardOps {
+    ops: Vec<ops::Op>,
+    through: Option<u64>,
+    failure: Option<ShardFailure>,
+}
+
+fn shard_ops(wal: &Wal, range: &EntryRange, read: RangeRead, tagged: bool) -> ShardOps {
+    let shard = range.shard;
+    let mut taken = ShardOps {
+        ops: Vec::new(),
+        through: None,
+        failure: read.failure.map(|failure| ShardFailure {
+            shard,
+            index: failure.index,
+            position: Some((failure.segment_no, failure.offset)),
+            reason: failure.error.to_string(),
+        }),
+    };
+    let entries = read.entries;
+    let Some((first, _)) = entries.first() else {
+        return taken;
+    };
+    let resumes_after_loss = wal
+        .accepted_losses(shard)
+        .iter()
+        .any(|loss| loss.after_index < range.from_index && loss.resumed_at == Some(first.index));
+    if first.index != range.from_index && !resumes_after_loss {
+        taken.failure = Some(ShardFailure {
+            shard,
+            index: range.from_index,
+            position: None,
+            reason: format!("the wal's next entry is {}", first.index),
+        });
+        return taken;
+    }
+    for (log_id, body) in &entries {
+        let command = match tagged {
+            // A cluster member's records carry a consensus tag; Raft's own hold no operations.
+            true => match crate::consensus::command_in_record(body) {
+                Ok(Some(command)) => Some(command),
+                Ok(None) => None,
+                Err(error) => {
+                    taken.failure = Some(undecodable(shard, log_id.index, error.to_string()));
+                    return taken;
+                }
+            },
+            false => Some(&body[..]),
+        };
+        if let Some(command) = command {
+            match ops::decode_entry(command) {
+                Ok(ops) => taken.ops.extend(ops),
+                Err(error) => {
+                    taken.failure = Some(undecodable(shard, log_id.index, error.to_string()));
+                    return taken;
+                }
+            }
+        }
+        taken.through = Some(log_id.index);
+    }
+    taken
+}
+
+fn undecodable(shard: u16, index: u64, error: String) -> ShardFailure {
+    ShardFailure {
+        shard,
+        index,
+        position: None,
+        reason: format!("the entry cannot be decoded: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

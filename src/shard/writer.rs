@@ -833,7 +833,9 @@ impl ShardWriter {
         if let Some(refusal) = &self.refusal {
             return Err(refusal.clone());
         }
-        if self.wal.disk_bytes() > self.wal_budget_bytes {
+        // Segments kept only for degraded or archive-stalled shards do not count against a
+        // flowing shard (`Wal::budget_bytes`, docs/OPERATIONS.md "WAL budget").
+        if self.wal.budget_bytes(self.shard) > self.wal_budget_bytes {
             return Err(ShardError::Overloaded);
         }
         Ok(())

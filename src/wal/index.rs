@@ -3,8 +3,9 @@
 //! Only the lane thread mutates it, and only after the records it describes are durable, so a
 //! reader that finds an entry here can rely on it being fsync'd.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::LogId;
 use super::fs::WalFile;
@@ -34,6 +35,13 @@ pub struct ShardLog {
     /// Entries lost to damage whose loss an operator accepted (`fleetlm wal repair`): after
     /// `after_index`, the log resumed at `resumed_at` (entries in between are gone).
     pub accepted_losses: Vec<AcceptedLoss>,
+    /// Segments holding damage that may be this shard's records (found at open). While the
+    /// shard is degraded they are kept, like every segment holding one of its entries.
+    pub damaged_segments: BTreeSet<u64>,
+    /// Why the archive cannot take this shard's entries now, if it cannot (set by the flusher:
+    /// a read or decoding failure). The segments only such shards need are kept but not counted
+    /// against the other shards' budget (`SegmentUsage`).
+    pub archive_stalled: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +110,27 @@ pub struct SegmentInfo {
     pub max_index_by_shard: HashMap<u16, u64>,
 }
 
+/// Why a segment is still on disk (the first that applies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keeper {
+    /// The active segment, or one holding unarchived entries of a shard that flows (neither
+    /// degraded nor stalled).
+    Flowing,
+    /// Only shards the archive cannot read now still need it.
+    Stalled,
+    /// Only a degraded shard's records (or damage that may be its records) keep it.
+    Degraded,
+}
+
+/// A lane's segments by what keeps them, in segments; updated by whoever changes the index
+/// (under its lock) and read without it (the shard writers' budget check).
+#[derive(Debug, Default)]
+pub struct SegmentUsage {
+    pub flowing: AtomicU64,
+    pub stalled_only: AtomicU64,
+    pub degraded_only: AtomicU64,
+}
+
 #[derive(Default)]
 pub struct LaneIndex {
     pub shards: HashMap<u16, ShardLog>,
@@ -109,6 +138,8 @@ pub struct LaneIndex {
     pub active_segment: u64,
     /// Set once a write or fsync failed: the lane then refuses everything.
     pub failed: Option<String>,
+    /// Shared with the WAL's handle of this lane.
+    pub usage: Arc<SegmentUsage>,
 }
 
 impl LaneIndex {
@@ -129,24 +160,73 @@ impl LaneIndex {
         }
     }
 
-    /// Segments (never the active one) whose every entry is purged by its shard. None while a
-    /// shard of the lane is degraded: its records past the damage are not indexed, and no file
-    /// that may hold them is ever deleted.
-    pub fn removable_segments(&self) -> Vec<u64> {
-        if self.shards.values().any(|log| log.degraded.is_some()) {
-            return Vec::new();
+    /// What keeps a segment on disk, `None` if nothing does. Deletion is decided per shard: a
+    /// degraded shard keeps every segment holding one of its entries (purged or not: no file
+    /// holding its records is deleted) or damage that may be its records; any other shard keeps
+    /// the segments holding its unpurged entries. A degraded shard's records past the damage are
+    /// not indexed, but recovery notes them in `max_index_by_shard` all the same.
+    fn keeper(&self, number: u64, info: &SegmentInfo) -> Option<Keeper> {
+        if number == self.active_segment {
+            return Some(Keeper::Flowing);
         }
-        self.segments
+        let mut keeper = None;
+        for (shard, max_index) in &info.max_index_by_shard {
+            let Some(log) = self.shards.get(shard) else {
+                return Some(Keeper::Flowing);
+            };
+            let kept_by = if log.degraded.is_some() {
+                Keeper::Degraded
+            } else if log.purged_through >= *max_index {
+                continue;
+            } else if log.archive_stalled.is_some() {
+                Keeper::Stalled
+            } else {
+                return Some(Keeper::Flowing);
+            };
+            keeper = Some(match keeper {
+                Some(Keeper::Stalled) => Keeper::Stalled,
+                _ => kept_by,
+            });
+        }
+        if keeper.is_none()
+            && self
+                .shards
+                .values()
+                .any(|log| log.degraded.is_some() && log.damaged_segments.contains(&number))
+        {
+            keeper = Some(Keeper::Degraded);
+        }
+        keeper
+    }
+
+    /// Takes the segments nothing keeps out of the index (never the active one) and returns their
+    /// numbers, for the caller to delete; then counts what keeps the rest (`usage`).
+    pub fn remove_unneeded_segments(&mut self) -> Vec<u64> {
+        let removable: Vec<u64> = self
+            .segments
             .iter()
-            .filter(|(number, _)| **number != self.active_segment)
-            .filter(|(_, info)| {
-                info.max_index_by_shard.iter().all(|(shard, max_index)| {
-                    self.shards
-                        .get(shard)
-                        .is_some_and(|log| log.purged_through >= *max_index)
-                })
-            })
+            .filter(|(number, info)| self.keeper(**number, info).is_none())
             .map(|(number, _)| *number)
-            .collect()
+            .collect();
+        for number in &removable {
+            self.segments.remove(number);
+        }
+        self.refresh_usage();
+        removable
+    }
+
+    /// Recounts the segments by what keeps them (after a purge, a rotation, a flag change).
+    pub fn refresh_usage(&self) {
+        let (mut flowing, mut stalled, mut degraded) = (0, 0, 0);
+        for (number, info) in &self.segments {
+            match self.keeper(*number, info) {
+                Some(Keeper::Flowing) | None => flowing += 1,
+                Some(Keeper::Stalled) => stalled += 1,
+                Some(Keeper::Degraded) => degraded += 1,
+            }
+        }
+        self.usage.flowing.store(flowing, Ordering::Release);
+        self.usage.stalled_only.store(stalled, Ordering::Release);
+        self.usage.degraded_only.store(degraded, Ordering::Release);
     }
 }

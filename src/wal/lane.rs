@@ -326,10 +326,7 @@ impl LaneWriter {
             }
             outcomes[position] = Some(Ok(()));
         }
-        for number in index.removable_segments() {
-            index.segments.remove(&number);
-            removed_segments.push(number);
-        }
+        removed_segments.extend(index.remove_unneeded_segments());
         Ok(record_count)
     }
 

@@ -9,6 +9,8 @@
 //! sessions, messages or JSON. An `append` resolves only after its records are fdatasync'd.
 
 #[cfg(test)]
+pub mod bad_reads;
+#[cfg(test)]
 pub mod fault;
 pub mod fs;
 mod index;
@@ -19,6 +21,7 @@ mod segment;
 mod vote;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -26,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use fs::{FileSystem, RealFs};
 pub use index::AcceptedLoss;
-use index::LaneIndex;
+use index::{LaneIndex, SegmentUsage};
 use lane::{LaneRequest, LaneWriter};
 pub use lane::{MAX_CARRIED_LOSSES_PER_SHARD, MAX_LOSS_REGIONS};
 use record::{DecodedRecord, RecordKind};
@@ -35,6 +38,24 @@ pub use vote::Vote;
 
 /// One log entry as read back: its id and body.
 pub type Entry = (LogId, Vec<u8>);
+
+/// What `read_ranges_each` read of one range: its entries in order up to the first it could not
+/// read (all of them when `failure` is `None`; fewer than asked when the call's byte budget ran
+/// out).
+#[derive(Debug, Default)]
+pub struct RangeRead {
+    pub entries: Vec<Entry>,
+    pub failure: Option<RangeFailure>,
+}
+
+/// The first entry of a range that could not be read, where it sits, and why.
+#[derive(Debug, Clone)]
+pub struct RangeFailure {
+    pub index: u64,
+    pub segment_no: u64,
+    pub offset: u64,
+    pub error: WalError,
+}
 
 /// Entries of one shard to read: from `from_index`, at most `max_entries`.
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +145,18 @@ pub struct ShardReport {
 struct LaneHandle {
     requests: mpsc::Sender<LaneRequest>,
     index: Arc<Mutex<LaneIndex>>,
+    usage: Arc<SegmentUsage>,
+}
+
+/// The WAL's disk by what keeps it, in bytes (see `Wal::budget_bytes`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalUsage {
+    /// The active segments and those a flowing shard (neither degraded nor stalled) needs.
+    pub flowing: u64,
+    /// Segments only archive-stalled shards need.
+    pub stalled_only: u64,
+    /// Segments kept only for degraded shards' records.
+    pub degraded_only: u64,
 }
 
 pub struct Wal {
@@ -152,6 +185,20 @@ fn lane_shards(options: &WalOptions, lane_no: usize) -> Vec<u16> {
     (0..options.shard_count)
         .filter(|s| *s as usize % options.lanes == lane_no)
         .collect()
+}
+
+/// Notes, per shard, the segments holding damage that may be its records (all the lane's shards
+/// when the damage names no shard), so they are kept while the shard is degraded.
+fn pin_damage(index: &mut LaneIndex, damage: &[Damage], lane_shards: &[u16]) {
+    for region in damage {
+        let shards = match region.entry {
+            Some((shard, _)) => vec![shard],
+            None => lane_shards.to_vec(),
+        };
+        for shard in shards {
+            index.shard(shard).damaged_segments.insert(region.segment_no);
+        }
+    }
 }
 
 fn lane_report(
@@ -255,6 +302,9 @@ impl Wal {
                     (file, next, segment::SEGMENT_HEADER_BYTES)
                 }
             };
+            pin_damage(&mut lane_index, &recovered.damage, &shards);
+            lane_index.refresh_usage();
+            let usage = lane_index.usage.clone();
             let index = Arc::new(Mutex::new(lane_index));
             let (sender, receiver) = mpsc::channel(options.queue_depth);
             let writer = LaneWriter {
@@ -276,6 +326,7 @@ impl Wal {
             lanes.push(LaneHandle {
                 requests: sender,
                 index,
+                usage,
             });
         }
         let wal = Wal {
@@ -462,6 +513,72 @@ impl Wal {
             .sum()
     }
 
+    /// The WAL's disk by what keeps it.
+    pub fn usage(&self) -> WalUsage {
+        let mut usage = WalUsage::default();
+        for lane in &self.lanes {
+            let segments = &lane.usage;
+            usage.flowing += segments.flowing.load(Ordering::Acquire) * self.options.segment_bytes;
+            usage.stalled_only += segments.stalled_only.load(Ordering::Acquire) * self.options.segment_bytes;
+            usage.degraded_only += segments.degraded_only.load(Ordering::Acquire) * self.options.segment_bytes;
+        }
+        usage
+    }
+
+    /// The bytes a shard's writes are judged by against the WAL budget: the segments a flowing
+    /// shard needs (and the active ones), plus, for a shard the archive cannot read now, the
+    /// segments only stalled shards need. Segments kept only for degraded shards (which take no
+    /// writes, so they never grow) and, for a flowing shard, those kept only for stalled shards
+    /// do not count: one stuck shard cannot push the others into `overloaded`, and a stalled
+    /// shard reaches it before they do. Disk stays bounded: flowing and stalled-only bytes each
+    /// stay within about the budget, and degraded-only bytes are what the damage left at open.
+    pub fn budget_bytes(&self, shard: u16) -> u64 {
+        let usage = self.usage();
+        match self.archive_stalled(shard) {
+            Some(_) => usage.flowing + usage.stalled_only,
+            None => usage.flowing,
+        }
+    }
+
+    /// Why the archive cannot take this shard's entries now, if it cannot (see
+    /// `set_archive_stalled`).
+    pub fn archive_stalled(&self, shard: u16) -> Option<String> {
+        self.lane(shard)
+            .index
+            .lock()
+            .expect("lane index lock")
+            .shards
+            .get(&shard)
+            .and_then(|log| log.archive_stalled.clone())
+    }
+
+    /// Records (`Some(reason)`) or clears (`None`) that the archive cannot take this shard's
+    /// entries (its WAL read or decoding fails). Its segments are kept as before; what only
+    /// stalled shards keep is no longer counted against the other shards' budget.
+    pub fn set_archive_stalled(&self, shard: u16, reason: Option<String>) {
+        let mut index = self.lane(shard).index.lock().expect("lane index lock");
+        index.shard(shard).archive_stalled = reason;
+        index.refresh_usage();
+    }
+
+    /// Every shard the archive cannot take entries of now, with why.
+    pub fn archive_stalled_shards(&self) -> Vec<(u16, String)> {
+        let mut stalled: Vec<(u16, String)> = self
+            .lanes
+            .iter()
+            .flat_map(|lane| {
+                let index = lane.index.lock().expect("lane index lock");
+                index
+                    .shards
+                    .iter()
+                    .filter_map(|(shard, log)| Some((*shard, log.archive_stalled.clone()?)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        stalled.sort();
+        stalled
+    }
+
     /// Reads up to `max_entries` durable entries of `shard` starting at `from_index`. Blocking:
     /// call it from a blocking thread.
     pub fn read_entries(&self, shard: u16, from_index: u64, max_entries: usize) -> Result<Vec<Entry>> {
@@ -476,7 +593,22 @@ impl Wal {
     /// Reads several shards' entries at once, one result per range in the same order. Entries
     /// are read in file order and neighbours (of any shard) share one read, so reading every
     /// shard's recent entries costs a few large reads rather than one per entry. Blocking.
+    /// Fails if any range fails; `read_ranges_each` says which.
     pub fn read_ranges(&self, ranges: &[EntryRange]) -> Result<Vec<Vec<Entry>>> {
+        self.read_ranges_each(ranges)
+            .into_iter()
+            .map(|read| match read.failure {
+                Some(failure) => Err(failure.error),
+                None => Ok(read.entries),
+            })
+            .collect()
+    }
+
+    /// `read_ranges`, with the outcome of each range on its own: a record that cannot be read
+    /// (EIO) or does not check out fails only the range it belongs to, from that entry on; the
+    /// others are read as usual. A shared read that fails is retried record by record, so the
+    /// failure is pinned on the records it really hits. Blocking.
+    pub fn read_ranges_each(&self, ranges: &[EntryRange]) -> Vec<RangeRead> {
         struct Wanted {
             range: usize,
             slot: usize,
@@ -486,6 +618,7 @@ impl Wal {
         }
         let mut wanted = Vec::new();
         let mut results: Vec<Vec<Option<Entry>>> = Vec::with_capacity(ranges.len());
+        let mut failures: Vec<Option<RangeFailure>> = vec![None; ranges.len()];
         let mut budget_left = READ_BUDGET_BYTES;
         for (range_no, range) in ranges.iter().enumerate() {
             let lane = range.shard as usize % self.lanes.len();
@@ -505,20 +638,24 @@ impl Wal {
             locations.truncate(within_budget);
             results.push(vec![None; locations.len()]);
             for (slot, location) in locations.into_iter().enumerate() {
-                let file = index
-                    .segments
-                    .get(&location.segment_no)
-                    .map(|info| info.file.clone())
-                    .ok_or(WalError::Missing {
-                        shard: range.shard,
+                let Some(info) = index.segments.get(&location.segment_no) else {
+                    failures[range_no] = Some(RangeFailure {
                         index: location.log_id.index,
-                    })?;
+                        segment_no: location.segment_no,
+                        offset: location.offset,
+                        error: WalError::Missing {
+                            shard: range.shard,
+                            index: location.log_id.index,
+                        },
+                    });
+                    break;
+                };
                 wanted.push(Wanted {
                     range: range_no,
                     slot,
                     lane,
                     location,
-                    file,
+                    file: info.file.clone(),
                 });
             }
         }
@@ -538,37 +675,63 @@ impl Wal {
                 past += 1;
             }
             let mut buffer = vec![0u8; (end - start) as usize];
-            wanted[first]
-                .file
-                .read_exact_at(&mut buffer, start)
-                .map_err(WalError::io)?;
+            let shared_read = wanted[first].file.read_exact_at(&mut buffer, start);
             for w in &wanted[first..past] {
-                let at = (w.location.offset - start) as usize;
-                let frame = &buffer[at..at + w.location.framed_len as usize];
-                let shard = ranges[w.range].shard;
-                match record::decode_record(frame) {
-                    DecodedRecord::Record(rec, _) if rec.shard == shard && rec.log_id == w.location.log_id => {
-                        results[w.range][w.slot] = Some((rec.log_id, rec.body.to_vec()));
+                let location = w.location;
+                if failures[w.range]
+                    .as_ref()
+                    .is_some_and(|failure| failure.index <= location.log_id.index)
+                {
+                    continue;
+                }
+                let len = location.framed_len as usize;
+                let mut own;
+                let frame = match &shared_read {
+                    Ok(()) => {
+                        let at = (location.offset - start) as usize;
+                        Ok(&buffer[at..at + len])
                     }
-                    _ => {
-                        return Err(WalError::Corrupt {
-                            segment_no: w.location.segment_no,
-                            offset: w.location.offset,
+                    Err(_) => {
+                        own = vec![0u8; len];
+                        w.file
+                            .read_exact_at(&mut own, location.offset)
+                            .map(|()| &own[..])
+                            .map_err(WalError::io)
+                    }
+                };
+                let shard = ranges[w.range].shard;
+                let outcome = frame.and_then(|frame| match record::decode_record(frame) {
+                    DecodedRecord::Record(rec, _) if rec.shard == shard && rec.log_id == location.log_id => {
+                        Ok((rec.log_id, rec.body.to_vec()))
+                    }
+                    _ => Err(WalError::Corrupt {
+                        segment_no: location.segment_no,
+                        offset: location.offset,
+                    }),
+                });
+                match outcome {
+                    Ok(entry) => results[w.range][w.slot] = Some(entry),
+                    Err(error) => {
+                        failures[w.range] = Some(RangeFailure {
+                            index: location.log_id.index,
+                            segment_no: location.segment_no,
+                            offset: location.offset,
+                            error,
                         });
                     }
                 }
             }
             first = past;
         }
-        Ok(results
+        results
             .into_iter()
-            .map(|entries| {
-                entries
-                    .into_iter()
-                    .map(|entry| entry.expect("every slot was read"))
-                    .collect()
+            .zip(failures)
+            .map(|(slots, failure)| RangeRead {
+                // Entries are in order: everything before the first failure was read.
+                entries: slots.into_iter().map_while(|entry| entry).collect(),
+                failure,
             })
-            .collect())
+            .collect()
     }
 
     pub fn save_vote(&self, shard: u16, vote: Vote) -> std::io::Result<()> {
@@ -589,5 +752,7 @@ impl Wal {
     }
 }
 
+#[cfg(test)]
+mod isolation_tests;
 #[cfg(test)]
 mod tests;
