@@ -107,6 +107,8 @@ pub struct LaneReport {
     pub damage: Vec<Damage>,
     /// `(segment_no, offset)` where a torn write (never acknowledged) began.
     pub torn_tail: Option<(u64, u64)>,
+    /// `(segment_no, offset, len)` of every region the disk could not read (EIO).
+    pub unreadable: Vec<(u64, u64, u64)>,
     /// Per shard of the lane: what its log holds.
     pub shards: Vec<ShardReport>,
 }
@@ -165,6 +167,7 @@ fn lane_report(
         segments: recovered.segments.clone(),
         damage: recovered.damage.clone(),
         torn_tail: recovered.torn_tail,
+        unreadable: recovered.unreadable.clone(),
         shards: shards
             .iter()
             .map(|&shard| {
@@ -538,10 +541,18 @@ impl Wal {
                 past += 1;
             }
             let mut buffer = vec![0u8; (end - start) as usize];
-            wanted[first]
-                .file
-                .read_exact_at(&mut buffer, start)
-                .map_err(WalError::io)?;
+            if let Err(error) = wanted[first].file.read_exact_at(&mut buffer, start) {
+                if past - first == 1 {
+                    return Err(WalError::io(error));
+                }
+                // The shared read may span an unreadable sector between the records wanted
+                // (one a damaged shard's): read each record alone.
+                for w in &wanted[first..past] {
+                    let at = (w.location.offset - start) as usize;
+                    let frame = &mut buffer[at..at + w.location.framed_len as usize];
+                    w.file.read_exact_at(frame, w.location.offset).map_err(WalError::io)?;
+                }
+            }
             for w in &wanted[first..past] {
                 let at = (w.location.offset - start) as usize;
                 let frame = &buffer[at..at + w.location.framed_len as usize];
