@@ -274,6 +274,55 @@ async fn bit_rot_in_an_acknowledged_record_degrades_its_shard_and_no_seq_is_reus
     assert_eq!(quiet_again.body["message"]["seq"].as_u64().unwrap(), quiet_seq + 1);
 }
 
+/// Bit rot in the very last batch a lane wrote (an acknowledged message, then the process
+/// stopped): the batch was written whole, so it is corruption, not a torn write. Before, it was
+/// dropped as a torn tail and its seq handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_rot_in_the_newest_batch_degrades_its_shard_and_its_seq_is_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(dir.path(), None, NO_FLUSH);
+    let client = reqwest::Client::new();
+    create(&server.base, &client, &["newest"]).await;
+    for n in 1..=3 {
+        // Sent as the agent: no dispatch is recorded after it, so it stays the lane's last batch.
+        let body = json!({"agent_id": "a", "content": {"text": format!("newest-batch-{n}")}});
+        let url = format!("{}/api/sessions/newest/messages", server.base);
+        let reply = call(&client, "POST", &url, Some(body)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    server.kill9();
+    let needle = b"newest-batch-3";
+    let damaged = segments_containing(dir.path(), needle);
+    assert_eq!(damaged.len(), 1);
+    let mut bytes = std::fs::read(&damaged[0]).unwrap();
+    let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+    bytes[at + 2] ^= 0x01;
+    std::fs::write(&damaged[0], &bytes).unwrap();
+
+    let server = ServerProcess::start(dir.path(), None, NO_FLUSH);
+    let ready = settled_readiness(&server.base, &client).await;
+    assert_eq!(
+        ready.status, 503,
+        "taken for corruption, not a torn tail: {}",
+        ready.body
+    );
+    let refused = append(&server.base, &client, "newest", json!({"text": "again"}), None).await;
+    assert_eq!(
+        refused.body["code"], "shard_degraded",
+        "seq 3 is never handed out again: {}",
+        refused.body
+    );
+    assert_eq!(seqs(&history(&server.base, &client, "newest").await), vec![1, 2]);
+    assert!(
+        std::fs::read(&damaged[0]).unwrap()[at..at + needle.len()] == bytes[at..at + needle.len()],
+        "the damaged batch is neither zeroed nor overwritten"
+    );
+    let saved = std::fs::read_dir(damaged[0].parent().unwrap())
+        .unwrap()
+        .any(|entry| entry.unwrap().file_name().to_string_lossy().starts_with("torn-"));
+    assert!(!saved, "not set aside as a torn tail");
+}
+
 /// `wal repair` on a shard holding many sessions: every one of them skips the seqs the lost
 /// entry could have held. Written as one entry, those skips exceed the WAL's entry limit (64 KiB
 /// segments: about 32 KiB) and the shard stayed unavailable at every start; they must be split.
