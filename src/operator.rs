@@ -72,7 +72,7 @@ pub fn wal_inspect(data_dir: &Path) -> anyhow::Result<(String, bool)> {
     )?;
     let mut damaged = false;
     for report in &reports {
-        damaged |= report.shards.iter().any(|s| s.degraded.is_some());
+        damaged |= report.shards.iter().any(|s| s.degraded.is_some()) || !report.unreadable.is_empty();
         describe_lane(&mut out, report)?;
     }
     writeln!(
@@ -100,6 +100,12 @@ fn describe_lane(out: &mut String, report: &LaneReport) -> std::fmt::Result {
         writeln!(
             out,
             "  torn tail at segment {segment_no} offset {offset}: a write that never finished its fsync (never acknowledged); discarded at the next start"
+        )?;
+    }
+    for &(segment_no, offset, len) in &report.unreadable {
+        writeln!(
+            out,
+            "  UNREADABLE at segment {segment_no} offset {offset} ({len} bytes): the disk fails to read these sectors (EIO); entries they held, if any, are listed as DAMAGE"
         )?;
     }
     for damage in &report.damage {

@@ -274,6 +274,240 @@ async fn bit_rot_in_an_acknowledged_record_degrades_its_shard_and_no_seq_is_reus
     assert_eq!(quiet_again.body["message"]["seq"].as_u64().unwrap(), quiet_seq + 1);
 }
 
+/// Bit rot in the very last batch a lane wrote (an acknowledged message, then the process
+/// stopped): the batch was written whole, so it is corruption, not a torn write. Before, it was
+/// dropped as a torn tail and its seq handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_rot_in_the_newest_batch_degrades_its_shard_and_its_seq_is_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(dir.path(), None, NO_FLUSH);
+    let client = reqwest::Client::new();
+    create(&server.base, &client, &["newest"]).await;
+    for n in 1..=3 {
+        // Sent as the agent: no dispatch is recorded after it, so it stays the lane's last batch.
+        let body = json!({"agent_id": "a", "content": {"text": format!("newest-batch-{n}")}});
+        let url = format!("{}/api/sessions/newest/messages", server.base);
+        let reply = call(&client, "POST", &url, Some(body)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    server.kill9();
+    let needle = b"newest-batch-3";
+    let damaged = segments_containing(dir.path(), needle);
+    assert_eq!(damaged.len(), 1);
+    let mut bytes = std::fs::read(&damaged[0]).unwrap();
+    let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+    bytes[at + 2] ^= 0x01;
+    std::fs::write(&damaged[0], &bytes).unwrap();
+
+    let server = ServerProcess::start(dir.path(), None, NO_FLUSH);
+    let ready = settled_readiness(&server.base, &client).await;
+    assert_eq!(
+        ready.status, 503,
+        "taken for corruption, not a torn tail: {}",
+        ready.body
+    );
+    let refused = append(&server.base, &client, "newest", json!({"text": "again"}), None).await;
+    assert_eq!(
+        refused.body["code"], "shard_degraded",
+        "seq 3 is never handed out again: {}",
+        refused.body
+    );
+    assert_eq!(seqs(&history(&server.base, &client, "newest").await), vec![1, 2]);
+    assert!(
+        std::fs::read(&damaged[0]).unwrap()[at..at + needle.len()] == bytes[at..at + needle.len()],
+        "the damaged batch is neither zeroed nor overwritten"
+    );
+    let saved = std::fs::read_dir(damaged[0].parent().unwrap())
+        .unwrap()
+        .any(|entry| entry.unwrap().file_name().to_string_lossy().starts_with("torn-"));
+    assert!(!saved, "not set aside as a torn tail");
+}
+
+/// `wal repair` on a shard holding many sessions: every one of them skips the seqs the lost
+/// entry could have held. Written as one entry, those skips exceed the WAL's entry limit (64 KiB
+/// segments: about 32 KiB) and the shard stayed unavailable at every start; they must be split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_of_a_shard_with_many_sessions_writes_its_seq_skips_in_entries_that_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = "victim";
+    let victim_shard = fleetlm::ids::shard_for_session(victim, 8);
+    // ~150 bytes of skip per session: 400 sessions need about 60 KiB.
+    let many: Vec<String> = (0..)
+        .map(|n| format!("crowd-{n:05}-with-an-id-long-enough-to-matter"))
+        .filter(|id| fleetlm::ids::shard_for_session(id, 8) == victim_shard)
+        .take(400)
+        .collect();
+    let mut flags = NO_FLUSH.to_vec();
+    flags.extend(["--wal-segment-bytes", "65536", "--max-message-bytes", "8192"]);
+    let mut server = ServerProcess::start(dir.path(), None, &flags);
+    let client = reqwest::Client::new();
+    let mut ids: Vec<&str> = many.iter().map(String::as_str).collect();
+    ids.push(victim);
+    create(&server.base, &client, &ids).await;
+    for n in 1..=3 {
+        let text = format!("crowded-{n:02}-message");
+        let reply = append(&server.base, &client, victim, json!({ "text": text }), None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    server.kill9();
+
+    let needle = b"crowded-02-message";
+    let damaged = segments_containing(dir.path(), needle);
+    assert_eq!(damaged.len(), 1);
+    let mut bytes = std::fs::read(&damaged[0]).unwrap();
+    let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+    bytes[at + 3] ^= 0x02;
+    std::fs::write(&damaged[0], &bytes).unwrap();
+
+    let repaired = std::process::Command::new(support::binary())
+        .args(["wal", "repair", "--data-dir"])
+        .arg(dir.path())
+        .args(["--shard", &victim_shard.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        repaired.status.success(),
+        "{}",
+        String::from_utf8_lossy(&repaired.stderr)
+    );
+
+    for restart in 0..2 {
+        let mut server = ServerProcess::start(dir.path(), None, &flags);
+        let ready = settled_readiness(&server.base, &client).await;
+        assert_eq!(
+            ready.status, 200,
+            "the repaired shard serves again (start {restart}): {}",
+            ready.body
+        );
+        let next = append(&server.base, &client, &many[0], json!({"text": "after"}), None).await;
+        assert_eq!(next.status, 200, "{}", next.body);
+        let seq = next.body["message"]["seq"].as_u64().unwrap();
+        if restart == 0 {
+            assert!(seq > 1, "the session skipped the seqs the lost entry could have held");
+        }
+        let last = append(&server.base, &client, &many[399], json!({"text": "after"}), None).await;
+        assert!(
+            last.body["message"]["seq"].as_u64().unwrap() > 1,
+            "every session skipped: {}",
+            last.body
+        );
+        server.kill9();
+    }
+}
+
+/// One unreadable sector (EIO on every read touching it, through an `LD_PRELOAD` shim) in the
+/// middle of an acknowledged message: the node starts anyway, exactly the shard whose record
+/// the sector holds is degraded (the lane's other shard serves and writes), `wal inspect`
+/// names the unreadable region with its exact position, and `wal repair` works on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_sector_degrades_only_its_shard_and_the_node_still_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = tempfile::tempdir().unwrap();
+    let shim = support::build_fault_shim(tools.path());
+    let control = tools.path().join("unreadable");
+    let victim = "victim";
+    let victim_shard = fleetlm::ids::shard_for_session(victim, 8);
+    let bystander = (0..)
+        .map(|n| format!("bystander-{n}"))
+        .find(|id| {
+            let shard = fleetlm::ids::shard_for_session(id, 8);
+            shard != victim_shard && shard % 2 == victim_shard % 2
+        })
+        .unwrap();
+    let mut server = ServerProcess::start(dir.path(), None, NO_FLUSH);
+    let client = reqwest::Client::new();
+    create(&server.base, &client, &[victim, &bystander]).await;
+    let big = format!("big-message-{}", "x".repeat(3000));
+    for text in ["before", big.as_str(), "after"] {
+        let reply = append(&server.base, &client, victim, json!({ "text": text }), None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let reply = append(&server.base, &client, &bystander, json!({ "text": text }), None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    server.kill9();
+
+    // The first sector wholly inside the victim's big message: it touches no other record.
+    let needle = b"big-message-xxxx";
+    let segments = segments_containing(dir.path(), needle);
+    let segment = &segments[0];
+    let bytes = std::fs::read(segment).unwrap();
+    let mut at = 0;
+    while let Some(found) = bytes[at..].windows(needle.len()).position(|w| w == needle) {
+        let start = at + found;
+        let sector = start.next_multiple_of(512);
+        if sector + 512 <= start + 3000 {
+            at = sector;
+            break;
+        }
+        at = start + 1;
+    }
+    assert!(at > 0 && at % 512 == 0);
+    std::fs::write(&control, format!("{} {} {}", segment.display(), at, at + 512)).unwrap();
+    let env = [
+        ("LD_PRELOAD", shim.as_path()),
+        ("FLEETLM_FAULT_UNREADABLE", control.as_path()),
+    ];
+    let cli = |args: &[&str]| {
+        let mut command = std::process::Command::new(support::binary());
+        command.args(args).arg("--data-dir").arg(dir.path());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        command.output().unwrap()
+    };
+
+    let inspect = cli(&["wal", "inspect"]);
+    let report = String::from_utf8_lossy(&inspect.stdout);
+    assert_eq!(
+        inspect.status.code(),
+        Some(1),
+        "{report}{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let segment_no: u64 = segment.file_stem().unwrap().to_string_lossy().parse().unwrap();
+    assert!(
+        report.contains(&format!("UNREADABLE at segment {segment_no} offset {at} (512 bytes)")),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("of shard {victim_shard}")) && report.contains("DAMAGED"),
+        "{report}"
+    );
+    let bystander_shard = fleetlm::ids::shard_for_session(&bystander, 8);
+    let bystander_line = report
+        .lines()
+        .find(|line| line.starts_with(&format!("  shard {bystander_shard}:")))
+        .unwrap();
+    assert!(bystander_line.ends_with("; ok"), "{report}");
+
+    let server = ServerProcess::start_with_env(dir.path(), None, NO_FLUSH, &env);
+    let ready = settled_readiness(&server.base, &client).await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    let reasons = ready.body["reasons"].as_array().unwrap();
+    assert!(reasons.iter().any(|r| r["shard"] == victim_shard), "{}", ready.body);
+    assert!(reasons.iter().all(|r| r["shard"] != bystander_shard), "{}", ready.body);
+    assert_eq!(seqs(&history(&server.base, &client, victim).await), vec![1]);
+    assert_eq!(seqs(&history(&server.base, &client, &bystander).await), vec![1, 2, 3]);
+    let fine = append(&server.base, &client, &bystander, json!({"text": "more"}), None).await;
+    assert_eq!(fine.status, 200, "{}", fine.body);
+    let refused = append(&server.base, &client, victim, json!({"text": "more"}), None).await;
+    assert_eq!(refused.body["code"], "shard_degraded", "{}", refused.body);
+    drop(server);
+
+    let repaired = cli(&["wal", "repair", "--shard", &victim_shard.to_string()]);
+    assert!(
+        repaired.status.success(),
+        "{}",
+        String::from_utf8_lossy(&repaired.stderr)
+    );
+    let server = ServerProcess::start_with_env(dir.path(), None, NO_FLUSH, &env);
+    let ready = settled_readiness(&server.base, &client).await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(seqs(&history(&server.base, &client, victim).await), vec![1, 3]);
+    let next = append(&server.base, &client, victim, json!({"text": "after repair"}), None).await;
+    assert!(next.body["message"]["seq"].as_u64().unwrap() > 3, "{}", next.body);
+}
+
 /// A failed fdatasync: the append gets `503 storage_failed`, the message is never visible (no
 /// read, no dedupe), the lane takes no further writes even once the disk behaves again, and a
 /// restart recovers from what is on disk without duplicating or reusing anything.
@@ -459,6 +693,131 @@ async fn a_full_disk_answers_507_and_writes_resume_when_space_returns() {
         seqs(&history(&server.base, &client, "s").await),
         (1..=acked + 1).collect::<Vec<_>>()
     );
+    drop(server);
+}
+
+/// A counter of the server's `/metrics` (0 if absent).
+async fn counter(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Each write refused for space undoes only what it changed: the shard is not replayed as a
+/// whole (no full rebuild is counted, a partial one is), and its state is exactly the durable
+/// log's afterwards: no phantom seq, the next append gets the right seq, dedupe answers only
+/// durable client_ids, and another session of the shard is as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_for_space_undoes_only_its_sessions_without_a_full_replay() {
+    let disk = SmallDisk::mount(8);
+    let data_dir = disk.path().join("data");
+    let mut flags = NO_FLUSH.to_vec();
+    flags.extend(["--wal-segment-bytes", "1048576"]);
+    let server = ServerProcess::start(&data_dir, None, &flags);
+    let client = reqwest::Client::new();
+    let neighbour = (0..)
+        .map(|n| format!("neighbour-{n}"))
+        .find(|id| fleetlm::ids::shard_for_session(id, 8) == fleetlm::ids::shard_for_session("s", 8))
+        .unwrap();
+    create(&server.base, &client, &["s", &neighbour]).await;
+    for n in 0..3 {
+        let reply = append(
+            &server.base,
+            &client,
+            &neighbour,
+            json!({"n": n}),
+            Some(&format!("n{n}")),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let free = fs_free_bytes(disk.path());
+    let filler = disk.path().join("filler");
+    std::fs::write(&filler, vec![1u8; (free - 1536 * 1024) as usize]).unwrap();
+
+    let pad = "p".repeat(50_000);
+    let mut acked = 0u64;
+    let mut refused_n = None;
+    for n in 0..200 {
+        let reply = append(
+            &server.base,
+            &client,
+            "s",
+            json!({"n": n, "pad": pad}),
+            Some(&format!("c{n}")),
+        )
+        .await;
+        match reply.status {
+            200 => acked += 1,
+            507 => {
+                refused_n = Some(n);
+                break;
+            }
+            other => panic!("unexpected status {other}: {}", reply.body),
+        }
+    }
+    let refused_n = refused_n.expect("the disk filled up");
+    for _ in 0..3 {
+        let again = append(
+            &server.base,
+            &client,
+            "s",
+            json!({"n": refused_n, "pad": pad}),
+            Some(&format!("c{refused_n}")),
+        )
+        .await;
+        assert_eq!(
+            again.status, 507,
+            "a refused client_id is never 'deduplicated': {}",
+            again.body
+        );
+    }
+    assert_eq!(
+        counter(&server.base, "fleetlm_shard_rebuilds_total").await,
+        0.0,
+        "no write refused for space replays the whole shard"
+    );
+    assert!(counter(&server.base, "fleetlm_shard_partial_rebuilds_total").await >= 1.0);
+    // A durable client_id is still recognised; the state shows nothing of the refused writes.
+    let duplicate = append(&server.base, &client, "s", json!({"n": 0, "pad": pad}), Some("c0")).await;
+    assert_eq!(duplicate.status, 200, "{}", duplicate.body);
+    assert_eq!(duplicate.body["message"]["seq"], 1, "{}", duplicate.body);
+    assert_eq!(
+        seqs(&history(&server.base, &client, "s").await),
+        (1..=acked).collect::<Vec<_>>()
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let resumed = append(
+        &server.base,
+        &client,
+        "s",
+        json!({"n": refused_n, "pad": pad}),
+        Some(&format!("c{refused_n}")),
+    )
+    .await;
+    assert_eq!(resumed.status, 200, "{}", resumed.body);
+    assert_eq!(resumed.body["message"]["seq"], acked + 1, "no phantom seq");
+    let neighbour_next = append(&server.base, &client, &neighbour, json!({"n": 3}), Some("n3")).await;
+    assert_eq!(neighbour_next.body["message"]["seq"], 4, "{}", neighbour_next.body);
+    let neighbour_duplicate = append(&server.base, &client, &neighbour, json!({"n": 1}), Some("n1")).await;
+    assert_eq!(
+        neighbour_duplicate.body["message"]["seq"], 2,
+        "{}",
+        neighbour_duplicate.body
+    );
+    assert_eq!(
+        seqs(&history(&server.base, &client, "s").await),
+        (1..=acked + 1).collect::<Vec<_>>()
+    );
+    assert_eq!(counter(&server.base, "fleetlm_shard_rebuilds_total").await, 0.0);
     drop(server);
 }
 

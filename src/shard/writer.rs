@@ -11,7 +11,9 @@
 //! after it are answered with the error, nothing of them is published, and the writer rebuilds
 //! its state from the durable log (archive + WAL, as at start) before it takes another command.
 //! A failure is rare and the rebuild costs one replay of the shard's unarchived entries; the
-//! happy path pays nothing for it.
+//! happy path pays nothing for it. A write refused for space (a full disk can refuse every
+//! write for a while) rebuilds only the sessions the refused batches touched
+//! (`rebuild_sessions`): the other sessions' state is durable as it is.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -233,15 +235,20 @@ impl ShardWriter {
         let mut in_flight: VecDeque<Sealed> = VecDeque::with_capacity(MAX_BATCHES_IN_FLIGHT);
         // A finished batch's buffers, reused so a busy shard does not regrow them for every entry.
         let mut spare = Batch::new();
+        // Sessions the batches that failed to become durable touched (single node).
+        let mut undo: HashSet<String> = HashSet::new();
         loop {
             let takeover_retry_at = self.cluster.as_ref().and_then(|link| link.takeover_retry_at);
             tokio::select! {
                 biased;
                 outcome = front_durable(&mut in_flight), if !in_flight.is_empty() => {
                     let sealed = in_flight.pop_front().expect("polled the front");
+                    if self.cluster.is_none() && (outcome.is_err() || self.rebuild_cause.is_some()) {
+                        undo.extend(sealed.batch.ops.iter().map(|op| op.session_id().to_string()));
+                    }
                     spare = self.complete(sealed, outcome);
                     if in_flight.is_empty() && (self.rebuild_cause.is_some() || self.resync_pending()) {
-                        self.rebuild().await;
+                        self.rebuild(std::mem::take(&mut undo)).await;
                         if let Some(watch) = &watch {
                             self.on_leadership(watch.now(), true).await;
                         }
@@ -612,7 +619,30 @@ impl ShardWriter {
 
     /// Throws away the state (it includes operations that never became durable) and rebuilds it
     /// from the durable log, as at start. Runs once every failed batch has been answered.
-    async fn rebuild(&mut self) {
+    /// `touched`: the sessions the failed batches changed; when they were refused for space
+    /// only those are rebuilt.
+    async fn rebuild(&mut self, touched: HashSet<String>) {
+        if self.cluster.is_none()
+            && matches!(self.rebuild_cause, Some(ShardError::OutOfSpace(_)))
+            && self.wal.lane_failed(self.shard).is_none()
+        {
+            match self.rebuild_sessions(&touched).await {
+                Ok(replayed) => {
+                    metrics::counter!("fleetlm_shard_partial_rebuilds_total").increment(1);
+                    tracing::info!(
+                        shard = self.shard,
+                        sessions = touched.len(),
+                        replayed,
+                        "sessions of writes refused for space rebuilt from the durable log"
+                    );
+                    self.rebuild_cause = None;
+                    return;
+                }
+                Err(reason) => {
+                    tracing::warn!(shard = self.shard, %reason, "rebuilding the refused writes' sessions failed; rebuilding the whole shard");
+                }
+            }
+        }
         metrics::counter!("fleetlm_shard_rebuilds_total").increment(1);
         if let Some(link) = self.cluster.as_mut() {
             // Only the committed log is truth: back to follower, and take over again (from the
@@ -634,6 +664,80 @@ impl ShardWriter {
                 "shard rebuilt from its durable log; accepting writes again"
             );
         }
+    }
+
+    /// Puts the sessions in `touched` back to what the durable log holds of them: dropped, then
+    /// installed from the archive and replayed from the WAL entries past the archive's
+    /// watermark that name them (entries that do not are skipped without decoding). Every
+    /// other session is left as it is: the failed batches did not change it. Returns the
+    /// operations replayed.
+    async fn rebuild_sessions(&mut self, touched: &HashSet<String>) -> Result<usize, String> {
+        // Archive reads begun before this may carry the discarded state: refuse them.
+        self.writer_state
+            .epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        for session_id in touched {
+            self.state.sessions.remove(session_id.as_str());
+        }
+        let durable_last = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
+        self.state.applied_index = durable_last.max(self.state.archived_index);
+        let watermark = self.archive.watermark(self.shard).await.map_err(|e| e.to_string())?;
+        // As JSON writes them: an id needing escapes is always decoded.
+        let needles: Option<Vec<Vec<u8>>> = touched
+            .iter()
+            .map(|id| {
+                (!id.chars().any(|c| c == '"' || c == '\\' || c.is_control())).then(|| format!("\"{id}\"").into_bytes())
+            })
+            .collect();
+        let mentions_touched = |body: &[u8]| match &needles {
+            Some(needles) => needles
+                .iter()
+                .any(|needle| body.windows(needle.len()).any(|window| window == needle.as_slice())),
+            None => true,
+        };
+        let now = Instant::now();
+        let mut replayed = 0;
+        let mut next = watermark + 1;
+        while next <= durable_last {
+            let wal = self.wal.clone();
+            let shard = self.shard;
+            let entries = tokio::task::spawn_blocking(move || wal.read_entries(shard, next, 256))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            if entries.first().is_none_or(|(log_id, _)| log_id.index != next) {
+                return Err(format!("wal entry {next} is missing (archived meanwhile?)"));
+            }
+            for (log_id, body) in entries {
+                if log_id.index > durable_last {
+                    break;
+                }
+                next = log_id.index + 1;
+                if !mentions_touched(&body) {
+                    continue;
+                }
+                for (position, op) in self.entry_ops(&body)?.iter().enumerate() {
+                    let session_id = op.session_id();
+                    if !touched.contains(session_id) {
+                        continue;
+                    }
+                    if !matches!(op, Op::SessionCreated(_)) && !self.state.sessions.contains_key(session_id) {
+                        match self.archive.load_session(session_id).await.map_err(|e| e.to_string())? {
+                            Some(loaded) => self.state.install(loaded, now),
+                            None => return Err(format!("session {session_id} is in neither the archive nor the log")),
+                        }
+                    }
+                    self.state.apply(op, log_id.index, position as u32, now);
+                    replayed += 1;
+                }
+            }
+        }
+        // A flush that committed meanwhile may have changed the sessions loaded above.
+        if self.archive.watermark(self.shard).await.map_err(|e| e.to_string())? != watermark {
+            return Err("the archive moved during the rebuild".into());
+        }
+        self.state.applied_index = durable_last.max(self.state.archived_index);
+        Ok(replayed)
     }
 
     /// Inbox entries of the sessions `ops` touched whose users have inbox listeners.
@@ -1108,13 +1212,24 @@ impl ShardWriter {
     /// updated since a loss was recorded may have had messages in the lost entries, so it skips
     /// the seqs they could have held, once. Sessions in memory now; sessions loaded later from
     /// the archive when they are installed (`skip_for_losses_on_install`).
+    ///
+    /// The skips are written as several entries, each within the WAL's entry limit (one entry
+    /// for thousands of sessions would be refused, leaving the shard unavailable for good).
     async fn skip_seqs_of_lost_entries(&mut self) -> Result<(), ShardError> {
         let now = Instant::now();
         let mut batch = Batch::new();
         let session_ids: Vec<Arc<str>> = self.state.sessions.keys().cloned().collect();
         for session_id in session_ids {
             self.skip_for_losses(&session_id, &mut batch, now);
+            if batch.encoder.len() >= self.entry_soft_limit_bytes {
+                self.write_now(std::mem::replace(&mut batch, Batch::new())).await?;
+            }
         }
+        self.write_now(batch).await
+    }
+
+    /// Seals `batch` as one entry and waits until it is durable (nothing else is in flight).
+    async fn write_now(&mut self, batch: Batch) -> Result<(), ShardError> {
         if batch.ops.is_empty() {
             return Ok(());
         }

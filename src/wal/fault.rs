@@ -9,6 +9,8 @@
 //!
 //! Faults are armed with [`SimFs::arm`]: the n-th call of an operation from now fails with EIO
 //! or ENOSPC, and a write may be torn (only a prefix reaches the page cache).
+//! [`SimFs::make_unreadable`] turns a byte range of a file into bad sectors: every read that
+//! touches it fails with EIO (until a write touches it, as a drive remaps a rewritten sector).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -51,6 +53,8 @@ pub struct Fault {
 struct FileImage {
     visible: Vec<u8>,
     durable: Vec<u8>,
+    /// `[from, to)` ranges that cannot be read (bad sectors); they survive a power loss.
+    unreadable: Vec<(usize, usize)>,
 }
 
 type SharedFile = Arc<Mutex<FileImage>>;
@@ -155,6 +159,7 @@ impl SimFs {
             let file = Arc::new(Mutex::new(FileImage {
                 visible: bytes.clone(),
                 durable: bytes,
+                unreadable: image.unreadable.clone(),
             }));
             after.visible.insert(path.clone(), file.clone());
             after.durable.insert(path.clone(), file);
@@ -171,6 +176,13 @@ impl SimFs {
         let mut image = file.lock().unwrap();
         image.visible[offset] ^= 1 << bit;
         image.durable[offset] ^= 1 << bit;
+    }
+
+    /// Makes `[from, to)` of a file unreadable: reads touching it fail with EIO.
+    pub fn make_unreadable(&self, path: &Path, from: usize, to: usize) {
+        let state = self.state.lock().unwrap();
+        let file = state.visible.get(path).expect("file exists");
+        file.lock().unwrap().unreadable.push((from, to));
     }
 
     pub fn file_len(&self, path: &Path) -> Option<usize> {
@@ -198,7 +210,11 @@ impl WalFile for SimFile {
     fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> io::Result<()> {
         let image = self.image.lock().unwrap();
         let offset = offset as usize;
-        let Some(bytes) = image.visible.get(offset..offset + buffer.len()) else {
+        let end = offset + buffer.len();
+        if image.unreadable.iter().any(|&(from, to)| from < end && offset < to) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let Some(bytes) = image.visible.get(offset..end) else {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
         };
         buffer.copy_from_slice(bytes);
@@ -218,6 +234,9 @@ impl WalFile for SimFile {
             image.visible.resize(offset + written.len(), 0);
         }
         image.visible[offset..offset + written.len()].copy_from_slice(written);
+        let end = offset + written.len();
+        // Writeback rewrites whole pages: the drive remaps a bad sector it is given again.
+        image.unreadable.retain(|&(from, to)| !(from < end && offset < to));
         match fault {
             Some(kind) => Err(error(kind)),
             None => Ok(()),

@@ -128,6 +128,8 @@ pub struct LaneReport {
     pub damage: Vec<Damage>,
     /// `(segment_no, offset)` where a torn write (never acknowledged) began.
     pub torn_tail: Option<(u64, u64)>,
+    /// `(segment_no, offset, len)` of every region the disk could not read (EIO).
+    pub unreadable: Vec<(u64, u64, u64)>,
     /// Per shard of the lane: what its log holds.
     pub shards: Vec<ShardReport>,
 }
@@ -212,6 +214,7 @@ fn lane_report(
         segments: recovered.segments.clone(),
         damage: recovered.damage.clone(),
         torn_tail: recovered.torn_tail,
+        unreadable: recovered.unreadable.clone(),
         shards: shards
             .iter()
             .map(|&shard| {

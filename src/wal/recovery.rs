@@ -1,14 +1,20 @@
 //! Rebuilds a lane's index from its segment files at open (and describes them for `wal inspect`).
 //!
 //! The framing decides what a damaged region is (see `record.rs`):
-//! - a **torn tail**: a bad batch in the newest segment with no valid batch anywhere after it.
-//!   Its fsync never returned, so none of it was acknowledged: it is zeroed (when opening for
-//!   writing) and writing resumes there.
-//! - **corruption**: anything bad followed by a valid batch, or anything bad in an older segment
-//!   (every older segment was fsync'd before the next was started). A damaged record whose header
-//!   checks out names its shard and entry exactly; that shard is degraded. Bytes whose meaning is
-//!   unknown degrade every shard of the lane. Intact records around the damage are kept, and no
-//!   byte is deleted.
+//! - a **torn tail**: a bad batch in the newest segment with no valid batch anywhere after it
+//!   **that shows unwritten bytes** (see `looks_torn`). Its fsync never returned, so none of it
+//!   was acknowledged: it is zeroed (when opening for writing) and writing resumes there.
+//! - **corruption**: anything bad followed by a valid batch, anything bad in an older segment
+//!   (every older segment was fsync'd before the next was started), and a last batch that was
+//!   written whole but fails its checksum (bit rot: a flipped bit leaves no unwritten sector).
+//!   A damaged record whose header checks out names its shard and entry exactly; that shard is
+//!   degraded. Bytes whose meaning is unknown degrade every shard of the lane. Intact records
+//!   around the damage are kept, and no byte is deleted.
+//! - **unreadable sectors** (EIO on read): read around sector by sector (`segment::read_segment`).
+//!   A record touching one is damaged (its shard degraded); an unreadable batch or record header
+//!   is unknown damage; an unreadable sector past the lane's last batch held nothing (batches
+//!   are written one after the other, and the position of the next one reads as zeros) and is
+//!   only reported.
 //!
 //! Per shard, entries at or below the newest purge mark are ignored (they were archived), so
 //! segments deleted out of order never look like a gap; any other gap in entry indexes degrades
@@ -20,7 +26,7 @@ use super::index::{AcceptedLoss, EntryLocation, LaneIndex, SegmentInfo};
 use super::record::{
     self, BATCH_ALIGN, BATCH_HEADER_BYTES, BatchHeader, DecodedBatch, DecodedRecord, RECORD_HEADER_BYTES, RecordKind,
 };
-use super::segment::{self, SEGMENT_HEADER_BYTES};
+use super::segment::{self, SECTOR_BYTES, SEGMENT_HEADER_BYTES};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::Path;
@@ -57,6 +63,8 @@ pub struct RecoveredLane {
     pub damage: Vec<Damage>,
     /// `(segment_no, offset)` of a torn tail (zeroed if the lane was opened for writing).
     pub torn_tail: Option<(u64, u64)>,
+    /// Every region the disk could not read: `(segment_no, offset, len)`.
+    pub unreadable: Vec<(u64, u64, u64)>,
 }
 
 /// What the scan found, in log order.
@@ -107,12 +115,28 @@ pub fn recover_lane(
     let mut resume_offset = None;
     let mut expected_batch_no: Option<u64> = None;
     let mut max_batch_no = 0;
+    let mut unreadable = Vec::new();
     let segment_numbers = segment::list_segments(fs, lane_dir)?;
 
     for (position, &segment_no) in segment_numbers.iter().enumerate() {
         let is_last = position + 1 == segment_numbers.len();
         let file = segment::open_segment(fs, lane_dir, segment_no)?;
-        let bytes = fs::read_all(file.as_ref())?;
+        let read = segment::read_segment(file.as_ref())?;
+        let bytes = read.bytes;
+        for &(from, to) in &read.unreadable {
+            tracing::error!(
+                segment_no,
+                offset = from,
+                len = to - from,
+                lane = %lane_dir.display(),
+                "WAL segment has unreadable sectors (EIO)"
+            );
+            unreadable.push((segment_no, from as u64, (to - from) as u64));
+        }
+        let magic_unreadable = read
+            .unreadable
+            .first()
+            .is_some_and(|&(from, _)| from < SEGMENT_HEADER_BYTES as usize);
         if bytes.starts_with(segment::SEGMENT_MAGIC_V1) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -124,7 +148,7 @@ pub fn recover_lane(
                 ),
             ));
         }
-        if is_last && bytes.iter().all(|b| *b == 0) {
+        if is_last && read.unreadable.is_empty() && bytes.iter().all(|b| *b == 0) {
             // A rotation that crashed before its first fsync: nothing was ever written here.
             drop(file);
             if repair_tail {
@@ -144,7 +168,7 @@ pub fn recover_lane(
             // Segments in between were deleted (all archived): batch numbers jump.
             expected_batch_no = None;
         }
-        if !bytes.starts_with(segment::SEGMENT_MAGIC) {
+        if !magic_unreadable && !bytes.starts_with(segment::SEGMENT_MAGIC) {
             damage.push(Damage {
                 segment_no,
                 offset: 0,
@@ -166,6 +190,7 @@ pub fn recover_lane(
         }
         let mut scan = SegmentScan {
             bytes: &bytes,
+            unreadable: &read.unreadable,
             segment_no,
             lane_shards,
             found: &mut found,
@@ -203,11 +228,15 @@ pub fn recover_lane(
         segments: summaries,
         damage,
         torn_tail,
+        unreadable,
     })
 }
 
 struct SegmentScan<'a> {
+    /// The segment; unreadable sectors read as zeros.
     bytes: &'a [u8],
+    /// `[from, to)` ranges of `bytes` the disk could not read, ascending.
+    unreadable: &'a [(usize, usize)],
     segment_no: u64,
     lane_shards: &'a [u16],
     found: &'a mut Vec<Found>,
@@ -225,8 +254,26 @@ impl SegmentScan<'_> {
             if offset + BATCH_HEADER_BYTES > bytes.len() {
                 return SegmentEnd::Clean(offset);
             }
+            if let Some((from, to)) = self.unreadable_in(offset, offset + BATCH_HEADER_BYTES) {
+                // Whether a batch starts here, and how long it is, cannot be known.
+                let detail = format!("unreadable sectors (EIO) at bytes {from}..{to} hide a batch header");
+                match next_valid_batch(bytes, offset + BATCH_ALIGN) {
+                    Some(next) => {
+                        self.unknown(offset, next, &detail);
+                        offset = next;
+                        continue;
+                    }
+                    None => {
+                        let end = self.damaged_extent(offset);
+                        self.unknown(offset, end, &detail);
+                        return SegmentEnd::Corrupt;
+                    }
+                }
+            }
             let header = match record::decode_batch_header(&bytes[offset..]) {
                 DecodedBatch::Header(header) if offset + header.framed_len() <= bytes.len() => Some(header),
+                // Nothing was written here, so nothing after it either (batches are written in
+                // order); an unreadable sector further on held nothing.
                 DecodedBatch::Zeros if bytes[offset..].iter().all(|b| *b == 0) => return SegmentEnd::Clean(offset),
                 DecodedBatch::Zeros | DecodedBatch::Header(_) | DecodedBatch::Damaged => None,
             };
@@ -234,17 +281,14 @@ impl SegmentScan<'_> {
                 // The length is unknown: the damage reaches the next valid batch, if any.
                 match next_valid_batch(bytes, offset + BATCH_ALIGN) {
                     Some(next) => {
-                        self.walk_damaged(offset, next, "batch header is damaged");
+                        self.walk_damaged(offset, next, None, "batch header is damaged");
                         offset = next;
                         continue;
                     }
-                    None if is_last => return SegmentEnd::TornTail(offset),
+                    None if is_last && self.looks_torn(offset, None) => return SegmentEnd::TornTail(offset),
                     None => {
-                        self.unknown(
-                            offset,
-                            bytes.len(),
-                            "unreadable bytes up to the end of a sealed segment",
-                        );
+                        let end = self.damaged_extent(offset);
+                        self.walk_damaged(offset, end, None, "batch header is damaged, nothing valid after it");
                         return SegmentEnd::Corrupt;
                     }
                 }
@@ -262,10 +306,10 @@ impl SegmentScan<'_> {
             match record::intact_body(&header, &bytes[offset..]) {
                 Some(_) => self.walk_intact(offset, &header),
                 None => {
-                    if is_last && next_valid_batch(bytes, end).is_none() {
+                    if is_last && next_valid_batch(bytes, end).is_none() && self.looks_torn(offset, Some(&header)) {
                         return SegmentEnd::TornTail(offset);
                     }
-                    self.walk_damaged(offset, end, "batch body checksum mismatch");
+                    self.walk_damaged(offset, end, Some(header.record_count), "batch body checksum mismatch");
                 }
             }
             *expected_batch_no = Some(header.batch_no + 1);
@@ -274,6 +318,66 @@ impl SegmentScan<'_> {
             self.used = end;
             offset = end;
         }
+    }
+
+    /// The first unreadable range overlapping `[from, to)`.
+    fn unreadable_in(&self, from: usize, to: usize) -> Option<(usize, usize)> {
+        self.unreadable
+            .iter()
+            .copied()
+            .find(|&(bad_from, bad_to)| bad_from < to && from < bad_to)
+    }
+
+    /// Where damage that starts at `from` and runs to the segment's end stops mattering: after
+    /// the last byte that is not zero or not readable.
+    fn damaged_extent(&self, from: usize) -> usize {
+        let written = self.bytes[from..]
+            .iter()
+            .rposition(|b| *b != 0)
+            .map_or(from, |at| from + at + 1);
+        let unreadable = self.unreadable.last().map_or(from, |&(_, to)| to);
+        written.max(unreadable).max(from + 1).min(self.bytes.len())
+    }
+
+    /// Whether the bad last batch at `offset` (the newest segment, nothing valid after it) shows
+    /// a write that never finished. The batch is one write into preallocated zeros and a disk
+    /// writes whole sectors, so a torn batch lacks whole sectors of its bytes, or (a write cut
+    /// short) its final bytes: they read as zeros. A flipped bit leaves every byte written.
+    /// `header` is the batch's header if it checks out.
+    fn looks_torn(&self, offset: usize, header: Option<&BatchHeader>) -> bool {
+        if self.unreadable.iter().any(|&(_, to)| to > offset) {
+            // What cannot be read may be the written bytes that prove otherwise.
+            return false;
+        }
+        let Some(header) = header else {
+            // The header does not check out. Never written (zeros, or a sector of it missing)
+            // is torn; a header hit by a flipped bit still has its records after it, intact.
+            let header_bytes = &self.bytes[offset..offset + BATCH_HEADER_BYTES];
+            if header_bytes.iter().all(|b| *b == 0) || has_zero_sector_part(header_bytes, offset) {
+                return true;
+            }
+            let first_record = &self.bytes[offset + BATCH_HEADER_BYTES..];
+            return !matches!(
+                record::decode_record(first_record),
+                DecodedRecord::Record(rec, _) if self.lane_shards.contains(&rec.shard)
+            );
+        };
+        let body_from = offset + BATCH_HEADER_BYTES;
+        let body = &self.bytes[body_from..body_from + header.body_len as usize];
+        let Some(&last) = body.last() else {
+            return false;
+        };
+        // A write cut short: its end reads as zeros (unless the batch's last record, intact,
+        // really ends with a zero byte).
+        if last == 0 && !last_record_intact(body) {
+            return true;
+        }
+        // A sector lost at a power loss: a whole sector of the body reads as zeros.
+        let first_sector = body_from.next_multiple_of(SECTOR_BYTES);
+        (first_sector..body_from + body.len())
+            .step_by(SECTOR_BYTES)
+            .filter(|sector| sector + SECTOR_BYTES <= body_from + body.len())
+            .any(|sector| self.bytes[sector..sector + SECTOR_BYTES].iter().all(|b| *b == 0))
     }
 
     fn unknown(&mut self, from: usize, to: usize, detail: &str) {
@@ -299,10 +403,14 @@ impl SegmentScan<'_> {
     }
 
     /// Keeps what can be trusted between `from` and `to` (a damaged batch, header included).
-    fn walk_damaged(&mut self, batch_offset: usize, to: usize, detail: &str) {
+    /// `record_count`: how many records the batch holds, when its header checks out.
+    fn walk_damaged(&mut self, batch_offset: usize, to: usize, record_count: Option<u32>, detail: &str) {
         let damage_before = self.damage.len();
-        self.walk_records(batch_offset + BATCH_HEADER_BYTES, to, true);
-        if self.damage.len() == damage_before {
+        let walked = self.walk_records(batch_offset + BATCH_HEADER_BYTES, to, true);
+        if self.damage.len() == damage_before && record_count.is_some_and(|count| walked < u64::from(count)) {
+            // Records the header counts read as zeros (a lost write): what they held is unknown.
+            self.unknown(batch_offset, to, &format!("{detail}; records of the batch are missing"));
+        } else if self.damage.len() == damage_before {
             // The records all check out: only the batch framing was hit. Nothing is lost, but the
             // damage is reported so an operator knows the disk is failing.
             self.damage.push(Damage {
@@ -315,16 +423,40 @@ impl SegmentScan<'_> {
         }
     }
 
-    /// Walks records from `from` until `to`; returns how many intact records it found.
+    /// Walks records from `from` until `to`; returns how many records with a trustworthy
+    /// header it found (intact or with a damaged body).
     fn walk_records(&mut self, from: usize, to: usize, may_end_in_padding: bool) -> u64 {
         let mut at = from;
-        let mut intact = 0;
+        let mut walked = 0;
         while at < to {
             let rest = &self.bytes[at..to];
-            if may_end_in_padding && (rest.len() < RECORD_HEADER_BYTES || rest.iter().all(|b| *b == 0)) {
+            if let Some((bad_from, bad_to)) = self.unreadable_in(at, (at + RECORD_HEADER_BYTES).min(to)) {
+                self.unknown(
+                    at,
+                    to,
+                    &format!("unreadable sectors (EIO) at bytes {bad_from}..{bad_to} hide a record header"),
+                );
                 break;
             }
-            match record::decode_record(rest) {
+            if may_end_in_padding
+                && (rest.len() < RECORD_HEADER_BYTES || rest.iter().all(|b| *b == 0))
+                && self.unreadable_in(at, to).is_none()
+            {
+                break;
+            }
+            let decoded = match record::decode_record(rest) {
+                // Bytes that could not be read are not trusted, even if the checksum agrees.
+                DecodedRecord::Record(rec, used) if self.unreadable_in(at, at + used).is_some() => {
+                    DecodedRecord::BadBody {
+                        kind: rec.kind,
+                        shard: rec.shard,
+                        log_id: rec.log_id,
+                        framed_len: used,
+                    }
+                }
+                decoded => decoded,
+            };
+            match decoded {
                 DecodedRecord::Record(rec, used)
                     if self.lane_shards.contains(&rec.shard) && rec.kind == RecordKind::LossAccepted =>
                 {
@@ -337,7 +469,7 @@ impl SegmentScan<'_> {
                             resumed_at: None,
                         },
                     });
-                    intact += 1;
+                    walked += 1;
                     self.records += 1;
                     at += used;
                 }
@@ -352,7 +484,7 @@ impl SegmentScan<'_> {
                             framed_len: used as u32,
                         },
                     });
-                    intact += 1;
+                    walked += 1;
                     self.records += 1;
                     at += used;
                 }
@@ -362,21 +494,25 @@ impl SegmentScan<'_> {
                     framed_len,
                     kind,
                 } if self.lane_shards.contains(&shard) && at + framed_len <= to => {
+                    let cause = match self.unreadable_in(at, at + framed_len) {
+                        Some((bad_from, bad_to)) => {
+                            format!("has unreadable sectors (EIO) at bytes {bad_from}..{bad_to}")
+                        }
+                        None => "fails its checksum".to_string(),
+                    };
                     self.damage.push(Damage {
                         segment_no: self.segment_no,
                         offset: at as u64,
                         len: framed_len as u64,
                         entry: Some((shard, log_id.index)),
-                        detail: format!(
-                            "{kind:?} record of shard {shard} index {} fails its checksum",
-                            log_id.index
-                        ),
+                        detail: format!("{kind:?} record of shard {shard} index {} {cause}", log_id.index),
                     });
                     self.found.push(Found::DamagedEntry {
                         shard,
                         index: log_id.index,
                         damage: self.damage.len() - 1,
                     });
+                    walked += 1;
                     at += framed_len;
                 }
                 _ => {
@@ -385,8 +521,40 @@ impl SegmentScan<'_> {
                 }
             }
         }
-        intact
+        walked
     }
+}
+
+/// Whether the part of `bytes` (found at file offset `at`) in some disk sector is all zeros
+/// while another part is not: a write of which a sector never reached the disk.
+fn has_zero_sector_part(bytes: &[u8], at: usize) -> bool {
+    let boundary = at.next_multiple_of(SECTOR_BYTES);
+    if boundary <= at || boundary >= at + bytes.len() {
+        return false;
+    }
+    let (before, after) = bytes.split_at(boundary - at);
+    before.iter().all(|b| *b == 0) || after.iter().all(|b| *b == 0)
+}
+
+/// Whether the records of a batch body, walked from its start, end with an intact record
+/// that ends exactly where the body does.
+fn last_record_intact(body: &[u8]) -> bool {
+    let mut at = 0;
+    let mut last_intact = false;
+    while at < body.len() {
+        match record::decode_record(&body[at..]) {
+            DecodedRecord::Record(_, used) => {
+                last_intact = true;
+                at += used;
+            }
+            DecodedRecord::BadBody { framed_len, .. } => {
+                last_intact = false;
+                at += framed_len;
+            }
+            DecodedRecord::BadHeader => return false,
+        }
+    }
+    last_intact && at == body.len()
 }
 
 /// The offset of the next batch at or after `from` whose header and body check out.
@@ -544,9 +712,10 @@ fn describe_damage(damage: &Damage) -> String {
 }
 
 /// Keeps a copy of a torn tail's bytes beside the segments (`torn-<segment>-<offset>.bin`)
-/// before they are zeroed. A torn tail was never acknowledged — unless the damage is bit rot in
-/// the last batch a lane wrote before going idle, which the framing cannot tell from a torn
-/// write (nothing follows it); the copy keeps that case recoverable by hand.
+/// before they are zeroed. A torn tail was never acknowledged; the copy keeps the cases the
+/// rule in `looks_torn` cannot tell apart (a device that writes garbage instead of leaving a
+/// sector unwritten, or bit rot in a last batch whose real bytes end in zeros) recoverable by
+/// hand.
 fn save_torn_tail(fs: &dyn FileSystem, lane_dir: &Path, segment_no: u64, bytes: &[u8], from: usize) -> io::Result<()> {
     let Some(last_non_zero) = bytes[from..].iter().rposition(|b| *b != 0) else {
         return Ok(());

@@ -62,3 +62,67 @@ pub fn create_segment(
 pub fn open_segment(fs: &dyn FileSystem, lane_dir: &Path, segment_no: u64) -> io::Result<Arc<dyn WalFile>> {
     fs.open(&segment_path(lane_dir, segment_no))
 }
+
+/// Bytes of the sector granularity unreadable regions are found at.
+pub const SECTOR_BYTES: usize = 512;
+/// Bytes read at once when the disk reads fine.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Attempts per sector before it is taken as unreadable.
+const SECTOR_READ_ATTEMPTS: usize = 2;
+
+/// A segment's bytes as far as the disk can read them.
+pub struct SegmentBytes {
+    /// The whole file; unreadable sectors read as zeros here.
+    pub bytes: Vec<u8>,
+    /// `[from, to)` byte ranges the disk could not read (EIO), ascending and merged.
+    pub unreadable: Vec<(usize, usize)>,
+}
+
+/// Whether a read error means "this part of the medium cannot be read" (one bad sector must
+/// not stop the node), as opposed to an error about the file or the process.
+fn is_unreadable(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EIO) | Some(libc::ENXIO) | Some(libc::EBADMSG) | Some(libc::EILSEQ)
+    )
+}
+
+/// Reads a whole segment. A chunk that fails with a media error is read again sector by
+/// sector (each retried once), so one bad sector costs that sector, not the segment; the
+/// sectors that still fail are returned as `unreadable`. Other errors are returned.
+pub fn read_segment(file: &dyn WalFile) -> io::Result<SegmentBytes> {
+    let len = usize::try_from(file.byte_len()?).map_err(io::Error::other)?;
+    let mut bytes = vec![0u8; len];
+    let mut unreadable: Vec<(usize, usize)> = Vec::new();
+    for chunk_start in (0..len).step_by(READ_CHUNK_BYTES) {
+        let chunk_end = (chunk_start + READ_CHUNK_BYTES).min(len);
+        match file.read_exact_at(&mut bytes[chunk_start..chunk_end], chunk_start as u64) {
+            Ok(()) => continue,
+            Err(error) if is_unreadable(&error) => {}
+            Err(error) => return Err(error),
+        }
+        for sector_start in (chunk_start..chunk_end).step_by(SECTOR_BYTES) {
+            let sector_end = (sector_start + SECTOR_BYTES).min(chunk_end);
+            let sector = &mut bytes[sector_start..sector_end];
+            let mut read = Err(io::Error::from_raw_os_error(libc::EIO));
+            for _ in 0..SECTOR_READ_ATTEMPTS {
+                read = file.read_exact_at(sector, sector_start as u64);
+                if read.is_ok() {
+                    break;
+                }
+            }
+            match read {
+                Ok(()) => {}
+                Err(error) if is_unreadable(&error) => {
+                    sector.fill(0);
+                    match unreadable.last_mut() {
+                        Some(last) if last.1 == sector_start => last.1 = sector_end,
+                        _ => unreadable.push((sector_start, sector_end)),
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+    Ok(SegmentBytes { bytes, unreadable })
+}

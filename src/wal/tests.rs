@@ -3,7 +3,7 @@
 //! log; plus bit rot on real files.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 
@@ -659,10 +659,14 @@ fn segments_deleted_out_of_order_do_not_degrade_a_shard() {
     wal.shutdown();
 }
 
-/// A torn write anywhere in the last batch is a torn tail; the same damage with a valid batch
-/// after it is corruption, named exactly.
+/// Bit rot in the newest batch of a lane (written whole, fsync'd, acknowledged) is corruption,
+/// not a torn write: the shard is degraded, the batch is neither zeroed nor overwritten, and
+/// its index is never handed out again. The same damage with a valid batch after it is
+/// corruption too, named exactly. (This replaced a test asserting the old behaviour: a bad
+/// last batch was dropped as a torn tail, its acknowledged entries lost and their indexes
+/// reused.)
 #[test]
-fn a_torn_tail_and_corruption_are_told_apart_by_the_framing() {
+fn bit_rot_in_the_last_batch_is_corruption_not_a_torn_tail() {
     let runtime = runtime();
     for damage_last_batch in [true, false] {
         let fs = SimFs::new();
@@ -679,38 +683,259 @@ fn a_torn_tail_and_corruption_are_told_apart_by_the_framing() {
         let path = segment::segment_path(Path::new("/wal/lane-00"), 0);
         let bytes = fs.read(&path).expect("segment");
         let target = if damage_last_batch { "entry 3" } else { "entry 2" };
+        let damaged_index = if damage_last_batch { 3 } else { 2 };
         let at = bytes.windows(7).position(|w| w == target.as_bytes()).expect("present");
         fs.flip_bit(&path, at, 0);
+        let rotten = fs.read(&path).expect("segment");
         let (wal, reports) = Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), options()).expect("open");
         let lane = &reports[0];
-        if damage_last_batch {
-            assert!(lane.torn_tail.is_some(), "{lane:?}");
-            let saved: Vec<_> = fs
-                .paths()
-                .into_iter()
-                .filter(|p| p.to_string_lossy().contains("/torn-"))
-                .collect();
-            assert_eq!(
-                saved.len(),
-                1,
-                "the torn bytes are kept aside before zeroing: {saved:?}"
-            );
-            assert!(lane.damage.is_empty());
-            assert!(wal.degraded(0).is_none());
-            assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(2));
-            // Writing resumes where the torn batch began, with the next index.
-            runtime
-                .block_on(wal.append(0, vec![(LogId { term: 1, index: 3 }, b"again".to_vec())]))
-                .expect("append after torn tail");
-        } else {
-            assert!(lane.torn_tail.is_none(), "{lane:?}");
-            assert_eq!(lane.damage.len(), 1);
-            assert_eq!(lane.damage[0].entry, Some((0, 2)));
-            assert!(wal.degraded(0).is_some());
-            assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(1));
-        }
+        assert!(lane.torn_tail.is_none(), "{lane:?}");
+        assert_eq!(lane.damage.len(), 1, "{lane:?}");
+        assert_eq!(lane.damage[0].entry, Some((0, damaged_index)));
+        assert!(wal.degraded(0).is_some());
+        assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(damaged_index - 1));
+        assert!(fs.read(&path).expect("segment") == rotten, "nothing zeroed");
+        assert!(
+            !fs.paths().iter().any(|p| p.to_string_lossy().contains("/torn-")),
+            "not set aside as a torn tail"
+        );
+        // Another shard of the lane writes on, after the damaged batch, never over it.
+        runtime
+            .block_on(wal.append(2, vec![(LogId { term: 1, index: 1 }, b"bystander".to_vec())]))
+            .expect("a bystander writes on");
+        wal.shutdown();
+        let (wal, reports) = Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), options()).expect("reopen");
+        let written = rotten.iter().rposition(|b| *b != 0).expect("written") + 1;
+        assert!(
+            fs.read(&path).expect("segment")[..written] == rotten[..written],
+            "the damaged batch is still there"
+        );
+        assert_eq!(reports[0].damage.len(), 1, "{:?}", reports[0]);
+        assert!(wal.degraded(0).is_some(), "still degraded after a restart");
+        assert_eq!(wal.read_entries(2, 1, 10).expect("read").len(), 1);
+        // The operator accepts the loss: the log continues past it, the index is never reused.
+        let damage = &reports[0].damage[0];
+        runtime
+            .block_on(wal.accept_loss(0, damaged_index - 1, damage.len, &[(damage.segment_no, damage.offset)]))
+            .expect("accept");
+        wal.shutdown();
+        let wal = open_sim(&fs);
+        assert!(wal.degraded(0).is_none(), "{:?}", wal.degraded(0));
+        let intact: Vec<u64> = wal
+            .read_entries(0, 1, 10)
+            .expect("read")
+            .iter()
+            .map(|(id, _)| id.index)
+            .collect();
+        let expected = if damage_last_batch { vec![1, 2] } else { vec![1, 3] };
+        assert_eq!(intact, expected);
         wal.shutdown();
     }
+}
+
+/// A write that never finished is still a torn tail: cut short (the rest of the batch never
+/// reached the page cache), or with its unsynced sectors dropped at a power loss (any subset
+/// of them). It is discarded, nothing is degraded, and writing resumes at its place.
+#[test]
+fn a_torn_write_of_the_last_batch_is_still_a_torn_tail() {
+    let runtime = runtime();
+    // Batches of about 960 bytes: the second spans three sectors, one of them whole.
+    let body = |index: u64| format!("entry {index} {}", "z".repeat(890)).into_bytes();
+    // Cut short at many points of the batch.
+    for keep in [10usize, 30, 60, 100, 300, 500, 700, 900, 950] {
+        let fs = SimFs::new();
+        let wal = open_sim(&fs);
+        runtime
+            .block_on(wal.append(0, vec![(LogId { term: 1, index: 1 }, body(1))]))
+            .expect("append");
+        fs.arm(Fault {
+            op: FaultOp::Write,
+            after: 0,
+            kind: FaultKind::TornWrite(keep),
+            sticky: false,
+        });
+        assert!(
+            runtime
+                .block_on(wal.append(0, vec![(LogId { term: 1, index: 2 }, body(2))]))
+                .is_err()
+        );
+        wal.shutdown();
+        let (wal, reports) = Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), options()).expect("open");
+        assert!(
+            reports[0].torn_tail.is_some(),
+            "cut after {keep} bytes: {:?}",
+            reports[0]
+        );
+        assert!(reports[0].damage.is_empty(), "cut after {keep} bytes: {:?}", reports[0]);
+        assert!(wal.degraded(0).is_none());
+        assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(1));
+        runtime
+            .block_on(wal.append(0, vec![(LogId { term: 1, index: 2 }, b"again".to_vec())]))
+            .expect("writing resumes at the torn tail");
+        wal.shutdown();
+    }
+    // Written whole but never fsync'd (the fsync failed), then a power loss: each of its
+    // sectors survives or not.
+    let mut torn = 0;
+    for seed in 0..40u64 {
+        let fs = SimFs::new();
+        let wal = open_sim(&fs);
+        runtime
+            .block_on(wal.append(0, vec![(LogId { term: 1, index: 1 }, body(1))]))
+            .expect("append");
+        fs.arm(Fault {
+            op: FaultOp::Sync,
+            after: 0,
+            kind: FaultKind::Eio,
+            sticky: false,
+        });
+        assert!(
+            runtime
+                .block_on(wal.append(0, vec![(LogId { term: 1, index: 2 }, body(2))]))
+                .is_err()
+        );
+        wal.shutdown();
+        let after = fs.power_loss(seed);
+        let (wal, reports) = Wal::open_on(Arc::new(after), Path::new("/wal"), options()).expect("open");
+        assert!(reports[0].damage.is_empty(), "seed {seed}: {:?}", reports[0]);
+        assert!(wal.degraded(0).is_none(), "seed {seed}");
+        let last = wal.last_log_id(0).map(|id| id.index);
+        assert!(last == Some(1) || last == Some(2), "seed {seed}: {last:?}");
+        torn += usize::from(reports[0].torn_tail.is_some());
+        wal.shutdown();
+    }
+    assert!(torn > 0, "some power losses tore the batch");
+}
+
+/// Lane 0 (shards 0, 2, 4): a small entry of shard 2, one of shard 0, then shard 0's entry 2
+/// with a 900-byte body (its body holds the whole sector 512..1024), then unless `last`, more
+/// entries of shards 2 and 4. Shard 1 writes in lane 1.
+fn write_around_a_sector(fs: &SimFs, last: bool) -> PathBuf {
+    let runtime = runtime();
+    let wal = open_sim(fs);
+    let append = |shard: u16, index: u64, body: Vec<u8>| {
+        runtime
+            .block_on(wal.append(shard, vec![(LogId { term: 1, index }, body)]))
+            .expect("append");
+    };
+    append(2, 1, b"bystander entry 1".to_vec());
+    append(0, 1, b"victim entry 1".to_vec());
+    append(0, 2, vec![b'v'; 900]);
+    if !last {
+        append(2, 2, b"bystander entry 2".to_vec());
+        append(4, 1, b"other entry 1".to_vec());
+    }
+    append(1, 1, b"other lane".to_vec());
+    wal.shutdown();
+    let path = segment::segment_path(Path::new("/wal/lane-00"), 0);
+    let bytes = fs.read(&path).expect("segment");
+    let body_at = bytes.windows(900).position(|w| w == [b'v'; 900]).expect("present");
+    assert!(
+        body_at <= 512 && body_at + 900 >= 1024,
+        "sector 512..1024 lies in the body"
+    );
+    path
+}
+
+/// One unreadable sector (EIO on every read of it) does not stop the WAL from opening: it was
+/// read around sector by sector, the shard whose record it touches is degraded (exactly that
+/// one), the region is reported with its exact position, the other shards read and write on,
+/// and the operator's repair works on it. Also when the sector lies in the newest batch, which
+/// must not be taken for a torn tail (zeroing it would drop an acknowledged entry).
+#[test]
+fn an_unreadable_sector_degrades_only_the_shard_whose_record_it_touches() {
+    let runtime = runtime();
+    for last in [false, true] {
+        let fs = SimFs::new();
+        let path = write_around_a_sector(&fs, last);
+        let before = fs.read(&path).expect("segment");
+        fs.make_unreadable(&path, 512, 1024);
+        let (wal, reports) =
+            Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), options()).expect("opens despite EIO");
+        let lane = &reports[0];
+        assert_eq!(lane.unreadable, vec![(0, 512, 512)], "{lane:?}");
+        assert!(lane.torn_tail.is_none(), "{lane:?}");
+        assert_eq!(lane.damage.len(), 1, "{lane:?}");
+        assert_eq!(lane.damage[0].entry, Some((0, 2)));
+        assert!(lane.damage[0].detail.contains("unreadable"), "{:?}", lane.damage[0]);
+        assert!(wal.degraded(0).is_some());
+        assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(1));
+        assert!(fs.read(&path).expect("segment") == before, "nothing zeroed or moved");
+        for shard in [2u16, 4, 1] {
+            assert!(wal.degraded(shard).is_none(), "shard {shard}");
+        }
+        let bystander = wal.read_entries(2, 1, 10).expect("read around the bad sector");
+        assert_eq!(bystander.len(), if last { 1 } else { 2 });
+        runtime
+            .block_on(wal.append(
+                2,
+                vec![(
+                    LogId {
+                        term: 1,
+                        index: if last { 2 } else { 3 },
+                    },
+                    b"later".to_vec(),
+                )],
+            ))
+            .expect("the lane writes on");
+        let damage = lane.damage[0].clone();
+        runtime
+            .block_on(wal.accept_loss(0, 1, damage.len, &[(damage.segment_no, damage.offset)]))
+            .expect("repair");
+        wal.shutdown();
+        let (wal, reports) = Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), options()).expect("reopen");
+        assert_eq!(reports[0].unreadable, vec![(0, 512, 512)]);
+        assert!(wal.degraded(0).is_none(), "{:?}", wal.degraded(0));
+        assert_eq!(
+            wal.read_entries(2, 1, 10).expect("read").len(),
+            if last { 2 } else { 3 }
+        );
+        wal.shutdown();
+    }
+}
+
+/// An unreadable sector holding batch headers: which shards' entries it held cannot be known,
+/// so every shard of that lane is degraded (the rule for unknown damage), and the WAL still
+/// opens; the other lane is untouched.
+#[test]
+fn an_unreadable_batch_header_degrades_its_lane_and_the_wal_still_opens() {
+    let fs = SimFs::new();
+    let path = write_around_a_sector(&fs, false);
+    fs.make_unreadable(&path, 0, 512);
+    let (wal, reports) = Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), options()).expect("opens");
+    assert_eq!(reports[0].unreadable, vec![(0, 0, 512)]);
+    assert!(
+        reports[0].damage.iter().any(|d| d.entry.is_none() && d.offset == 8),
+        "{:?}",
+        reports[0]
+    );
+    for shard in [0u16, 2, 4] {
+        assert!(wal.degraded(shard).is_some(), "shard {shard}");
+    }
+    assert!(wal.degraded(1).is_none());
+    assert_eq!(wal.read_entries(1, 1, 10).expect("read").len(), 1);
+    wal.shutdown();
+}
+
+/// An unreadable sector past the last batch held nothing (the next batch's position reads as
+/// zeros): it is reported, nothing is degraded, and writing goes on.
+#[test]
+fn an_unreadable_sector_past_the_last_batch_is_reported_only() {
+    let runtime = runtime();
+    let fs = SimFs::new();
+    let path = write_around_a_sector(&fs, true);
+    fs.make_unreadable(&path, 3584, 4096);
+    let (wal, reports) = Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), options()).expect("opens");
+    assert_eq!(reports[0].unreadable, vec![(0, 3584, 512)]);
+    assert!(reports[0].damage.is_empty(), "{:?}", reports[0]);
+    for shard in [0u16, 2, 4] {
+        assert!(wal.degraded(shard).is_none(), "shard {shard}");
+    }
+    runtime
+        .block_on(wal.append(0, vec![(LogId { term: 1, index: 3 }, b"more".to_vec())]))
+        .expect("append");
+    assert_eq!(wal.read_entries(0, 1, 10).expect("read").len(), 3);
+    wal.shutdown();
 }
 
 /// The WAL side of an operator's repair: once the loss of a damaged entry is accepted, the

@@ -187,7 +187,7 @@ impl Fixture {
 
     async fn archived_seqs(&self, shard: u16) -> Vec<u64> {
         self.archive
-            .read_messages(&session_id(shard), 1, 1000)
+            .read_messages(&session_id(shard), 1, 1000, usize::MAX)
             .await
             .expect("read archive")
             .iter()
