@@ -135,8 +135,10 @@ impl SqliteArchive {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 
+    /// Read on the read connection: a session load checks it (`Shards::load`) and must not
+    /// wait behind a flush.
     pub async fn watermark(&self, shard: u16) -> Result<u64> {
-        self.with(move |c| {
+        self.read(move |c| {
             c.query_row(
                 "SELECT log_index FROM archive_watermarks WHERE shard = ?1",
                 [shard],

@@ -1204,10 +1204,14 @@ impl ShardWriter {
             }
             other => RecoveryError::Retry(other.to_string()),
         })?;
-        // The WAL purges only what the archive was given (a committed flush; in a cluster, a
-        // snapshot at a watermark read from it): an archive holding less went back in time,
-        // and the purged entries cannot be replayed into it.
-        let given = self.wal.purged(self.shard).map_or(0, |id| id.index);
+        // A single node's WAL purges only what a committed flush gave the archive: an archive
+        // holding less went back in time, and the purged entries cannot be replayed into it.
+        // (A cluster member's log is purged by consensus; there only the flusher's and the
+        // loads' checks against watermarks this process saw apply.)
+        let given = match self.cluster {
+            None => self.wal.purged(self.shard).map_or(0, |id| id.index),
+            Some(_) => 0,
+        };
         self.archive.note_given(self.shard, given);
         if watermark < given {
             let regression = crate::archive::regression::Regression {
