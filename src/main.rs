@@ -35,6 +35,11 @@ enum CommandLine {
         #[command(subcommand)]
         command: WalCommand,
     },
+    /// Operator tools for an archive that went back in time (restored from an older backup).
+    Archive {
+        #[command(subcommand)]
+        command: ArchiveCommand,
+    },
     /// Cluster tools.
     Cluster {
         #[command(subcommand)]
@@ -69,6 +74,31 @@ enum WalCommand {
         data_dir: PathBuf,
         /// A degraded shard whose damaged entries to give up (repeat for several).
         #[arg(long = "shard", required = true)]
+        shards: Vec<u16>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArchiveCommand {
+    /// Per shard, what the WAL says the archive was given against what the archive holds.
+    /// Read-only. Exits 1 if the archive holds less for any shard.
+    Check {
+        #[arg(long, env = "FLEETLM_DATA_DIR", default_value = "./fleetlm-data")]
+        data_dir: PathBuf,
+        /// The Postgres archive (unset: the data directory's SQLite archive).
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+    },
+    /// Give up the log entries an archive that went back in time lost: the shards write again
+    /// from their next start, and their sessions skip (never reuse) the seqs those entries
+    /// could have held. The server must be stopped.
+    Accept {
+        #[arg(long, env = "FLEETLM_DATA_DIR", default_value = "./fleetlm-data")]
+        data_dir: PathBuf,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Only this shard (repeat for several; default: every shard that went back).
+        #[arg(long = "shard")]
         shards: Vec<u16>,
     },
 }
@@ -196,6 +226,39 @@ fn main() -> ExitCode {
             }
             Err(error) => {
                 say(&format!("fleetlm: {error:#}"));
+                ExitCode::from(2)
+            }
+        },
+        CommandLine::Archive {
+            command: ArchiveCommand::Check { data_dir, database_url },
+        } => match fleetlm::archive::check::archive_check(&data_dir, database_url.as_deref()) {
+            Ok((report, consistent)) => {
+                print!("{report}");
+                if consistent {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(error) => {
+                eprintln!("fleetlm: {error:#}");
+                ExitCode::from(2)
+            }
+        },
+        CommandLine::Archive {
+            command:
+                ArchiveCommand::Accept {
+                    data_dir,
+                    database_url,
+                    shards,
+                },
+        } => match fleetlm::archive::check::archive_accept(&data_dir, database_url.as_deref(), &shards) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("fleetlm: {error:#}");
                 ExitCode::from(2)
             }
         },

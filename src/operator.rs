@@ -28,7 +28,7 @@ fn layout_of(data_dir: &Path) -> anyhow::Result<Layout> {
 
 /// WAL options matching the data directory as it is on disk (shards from its layout file,
 /// lanes from its lane directories); only what reading needs.
-fn options_on_disk(data_dir: &Path) -> anyhow::Result<WalOptions> {
+pub(crate) fn options_on_disk(data_dir: &Path) -> anyhow::Result<WalOptions> {
     let layout = layout_of(data_dir)?;
     let wal_dir = data_dir.join("wal");
     let lanes = std::fs::read_dir(&wal_dir)

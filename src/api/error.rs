@@ -72,6 +72,9 @@ impl IntoResponse for ApiError {
 
 impl From<ArchiveError> for ApiError {
     fn from(error: ArchiveError) -> ApiError {
+        if let ArchiveError::Regressed(regressions) = error {
+            return ShardError::ArchiveRegressed(crate::archive::regression::describe(&regressions)).into();
+        }
         tracing::warn!(%error, "archive error");
         ApiError::unavailable("the archive is unavailable; try again shortly")
     }
@@ -141,6 +144,16 @@ impl From<ShardError> for ApiError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "shard_degraded",
                     "the session's storage shard is degraded and accepts no new messages until an operator repairs it",
+                );
+                error.retry_after_secs = Some(30);
+                error
+            }
+            ShardError::ArchiveRegressed(reason) => {
+                tracing::warn!(%reason, "archive regressed");
+                let mut error = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "archive_regressed",
+                    "the archive holds less of this session's shard than it was given (restored from an older backup?); the shard accepts no new messages until an operator decides (fleetlm archive check / accept)",
                 );
                 error.retry_after_secs = Some(30);
                 error

@@ -25,6 +25,10 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
         reasons.push(json!({"component": "shard", "shard": shard, "reason": reason}));
     }
     archive_stalled_reasons(&state, &mut reasons);
+    // The archive went back in time: the shard refuses new seqs until an operator decides.
+    for (shard, reason) in state.shards.archive_regressions() {
+        reasons.push(json!({"component": "archive_regressed", "shard": shard, "reason": reason}));
+    }
     if let Some(consensus) = &state.consensus {
         cluster_reasons(consensus, state.catch_up.as_deref(), &mut reasons);
     }

@@ -100,6 +100,9 @@ struct ShardProgress {
     lag: ArchiveLag,
     /// Set while the shard's entries cannot be read or decoded.
     set_aside: Option<SetAside>,
+    /// The archive went back in time for this shard: not flushed until an operator decides
+    /// (the writer refuses new seqs meanwhile).
+    regressed: bool,
 }
 
 impl ShardProgress {
@@ -112,6 +115,7 @@ impl ShardProgress {
                     behind_since: None,
                 },
                 set_aside: None,
+                regressed: false,
             })
             .collect()
     }
@@ -185,6 +189,9 @@ impl Flusher {
             }
             match self.flush_available(&mut progress).await {
                 Ok(()) => backoff = self.options.interval,
+                Err(FlushError::Archive(ArchiveError::Regressed(regressions))) => {
+                    self.stop_flushing_regressed(&regressions, &mut progress).await;
+                }
                 Err(FlushError::Archive(ArchiveError::Conflict)) => {
                     // Another member flushed these shards meanwhile (a former leader): start
                     // again from the archive's watermarks.
@@ -216,7 +223,7 @@ impl Flusher {
     async fn flush_available(&self, progress: &mut [ShardProgress]) -> Result<(), FlushError> {
         let targets: Vec<u64> = (0..progress.len()).map(|shard| self.target(shard as u16)).collect();
         for (shard, state) in progress.iter_mut().enumerate() {
-            if targets[shard] == 0 {
+            if targets[shard] == 0 || state.regressed {
                 continue;
             }
             if state.watermark.is_none() {
@@ -236,6 +243,7 @@ impl Flusher {
         loop {
             let now = Instant::now();
             let behind: Vec<u16> = (0..progress.len())
+                .filter(|shard| !progress[*shard].regressed)
                 .filter(|shard| progress[*shard].watermark.unwrap_or_default() < targets[*shard])
                 .filter(|shard| {
                     progress[*shard]
@@ -255,6 +263,30 @@ impl Flusher {
                     .lag
                     .observe(targets[shard as usize], state.watermark.unwrap_or_default());
             }
+        }
+    }
+
+    /// The archive went back in time for these shards (their watermark is below what this
+    /// node gave it): flushing them would move the watermark over the hole, so they are left
+    /// alone, and their writers refuse new seqs, until an operator decides.
+    async fn stop_flushing_regressed(
+        &self,
+        regressions: &[super::regression::Regression],
+        progress: &mut [ShardProgress],
+    ) {
+        for regression in regressions {
+            let Some(state) = progress.get_mut(regression.shard as usize) else {
+                continue;
+            };
+            if !state.regressed {
+                tracing::error!(shard = regression.shard, reason = %regression, "the archive went back in time; no longer flushing the shard");
+            }
+            state.regressed = true;
+            let _ = self.shard_commands[regression.shard as usize]
+                .send(Command::ArchiveRegressed {
+                    reason: regression.to_string(),
+                })
+                .await;
         }
     }
 

@@ -5,10 +5,12 @@
 //! flush writes rows and moves the shard's watermark in one transaction, so a crash at any point
 //! neither loses nor duplicates rows. The archive never decides a seq.
 
+pub mod check;
 mod dead_letters;
 mod flusher;
 mod postgres;
 pub(crate) mod postgres_tls;
+pub mod regression;
 mod rows;
 mod sqlite;
 
@@ -30,6 +32,9 @@ pub enum ArchiveError {
     Rejected(String),
     #[error("already exists")]
     Conflict,
+    /// The archive holds less of these shards' logs than it was given (see `regression`).
+    #[error("{}", regression::describe(.0))]
+    Regressed(Vec<regression::Regression>),
 }
 
 pub type Result<T> = std::result::Result<T, ArchiveError>;
@@ -82,16 +87,24 @@ pub struct DeadLetterQuery {
 }
 
 #[derive(Clone)]
-pub enum Archive {
+pub struct Archive {
+    backend: Backend,
+    /// The highest watermark per shard this process has known the archive to reach: one found
+    /// below it went back in time (`regression`).
+    seen: Arc<regression::SeenWatermarks>,
+}
+
+#[derive(Clone)]
+enum Backend {
     Sqlite(Arc<sqlite::SqliteArchive>),
     Postgres(Arc<postgres::PostgresArchive>),
 }
 
 macro_rules! dispatch {
     ($self:ident, $archive:ident => $call:expr) => {
-        match $self {
-            Archive::Sqlite($archive) => $call,
-            Archive::Postgres($archive) => $call,
+        match &$self.backend {
+            Backend::Sqlite($archive) => $call,
+            Backend::Postgres($archive) => $call,
         }
     };
 }
@@ -119,20 +132,29 @@ fn within_budget_sql(p: char) -> String {
 }
 
 impl Archive {
+    fn new(backend: Backend) -> Archive {
+        Archive {
+            backend,
+            seen: Arc::default(),
+        }
+    }
+
     pub fn open_sqlite(path: &std::path::Path) -> Result<Archive> {
-        Ok(Archive::Sqlite(Arc::new(sqlite::SqliteArchive::open(path)?)))
+        Ok(Archive::new(Backend::Sqlite(Arc::new(sqlite::SqliteArchive::open(
+            path,
+        )?))))
     }
 
     pub async fn connect_postgres(url: &str) -> Result<Archive> {
-        Ok(Archive::Postgres(Arc::new(
+        Ok(Archive::new(Backend::Postgres(Arc::new(
             postgres::PostgresArchive::connect(url).await?,
-        )))
+        ))))
     }
 
     pub fn describe(&self) -> &'static str {
-        match self {
-            Archive::Sqlite(_) => "sqlite",
-            Archive::Postgres(_) => "postgres",
+        match &self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
         }
     }
 
@@ -144,14 +166,55 @@ impl Archive {
         dispatch!(self, a => a.ping().await)
     }
 
-    /// Log index up to which the shard's entries are archived (0 if none).
+    /// Log index up to which the shard's entries are archived (0 if none). `Regressed` if that
+    /// is less than this process knew the archive to hold.
     pub async fn watermark(&self, shard: u16) -> Result<u64> {
-        dispatch!(self, a => a.watermark(shard).await)
+        let holds = dispatch!(self, a => a.watermark(shard).await)?;
+        if let Some(regression) = self.seen.check(shard, holds) {
+            return Err(ArchiveError::Regressed(vec![regression]));
+        }
+        self.seen.observe(shard, holds);
+        Ok(holds)
+    }
+
+    /// Records that the archive was given the shard's log through `index` (the WAL's purge
+    /// mark says so): a watermark read below it is a regression.
+    pub fn note_given(&self, shard: u16, index: u64) {
+        self.seen.observe(shard, index);
+    }
+
+    /// What each shard's watermark must be at least, as this process knows it.
+    fn expected(&self, watermarks: &[(u16, u64)]) -> Vec<(u16, u64)> {
+        watermarks
+            .iter()
+            .map(|&(shard, _)| (shard, self.seen.get(shard)))
+            .collect()
+    }
+
+    fn observe_moved(&self, watermarks: &[(u16, u64)]) {
+        for &(shard, through) in watermarks {
+            self.seen.observe(shard, through);
+        }
     }
 
     /// Writes the rows and moves each `(shard, through_index)` watermark, in one transaction.
+    /// Refused whole with `Regressed` if a shard's watermark is below what this process knew it
+    /// to be (the archive went back in time: the rows would leave a hole), or `Conflict` if one
+    /// is already at or past its new value (another member flushed it).
     pub async fn flush(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<()> {
-        dispatch!(self, a => a.flush(rows, watermarks).await)
+        let expected = self.expected(&watermarks);
+        dispatch!(self, a => a.flush(rows, watermarks.clone(), expected).await)?;
+        self.observe_moved(&watermarks);
+        Ok(())
+    }
+
+    /// `fleetlm archive accept`: records the operator's decision that the archive lost the
+    /// shard's log entries after `loss.after_index` through `given` (`after_index` is the
+    /// watermark it holds now): the loss, so every session of the shard skips the seqs they could
+    /// have held, and the watermark moved to `given`, in one transaction. `Conflict` if the
+    /// watermark is no longer `loss.after_index`.
+    pub async fn accept_regression(&self, shard: u16, loss: ShardLoss, given: u64) -> Result<()> {
+        dispatch!(self, a => a.accept_regression(shard, loss, given).await)
     }
 
     /// Inserts a new session's row ahead of the flusher (which would insert the same row), so
@@ -177,7 +240,10 @@ impl Archive {
 
     /// As `flush`, isolating the rows the archive refuses as dead letters (returned).
     pub async fn flush_isolating(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<Vec<DeadLetter>> {
-        dispatch!(self, a => a.flush_isolating(rows, watermarks).await)
+        let expected = self.expected(&watermarks);
+        let dead = dispatch!(self, a => a.flush_isolating(rows, watermarks.clone(), expected).await)?;
+        self.observe_moved(&watermarks);
+        Ok(dead)
     }
 
     pub async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>> {

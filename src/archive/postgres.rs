@@ -154,9 +154,15 @@ impl PostgresArchive {
         Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
     }
 
-    pub async fn flush(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<()> {
+    pub async fn flush(
+        &self,
+        rows: Arc<FlushRows>,
+        watermarks: Vec<(u16, u64)>,
+        expected: Vec<(u16, u64)>,
+    ) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(from_pg)?;
+        refuse_regressed(&tx, &expected).await?;
         write_rows(&tx, &rows).await?;
         write_watermarks(&tx, &watermarks).await?;
         tx.commit().await.map_err(from_pg)
@@ -165,9 +171,15 @@ impl PostgresArchive {
     /// As `flush`, but row by row (each under a savepoint): the rows the archive refuses are
     /// returned as dead letters and stored in `dead_letters`; everything else and the watermarks
     /// commit together.
-    pub async fn flush_isolating(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<Vec<DeadLetter>> {
+    pub async fn flush_isolating(
+        &self,
+        rows: Arc<FlushRows>,
+        watermarks: Vec<(u16, u64)>,
+        expected: Vec<(u16, u64)>,
+    ) -> Result<Vec<DeadLetter>> {
         let mut client = self.client().await?;
         let mut tx = client.transaction().await.map_err(from_pg)?;
+        refuse_regressed(&tx, &expected).await?;
         let mut dead = Vec::new();
         let at = crate::model::Timestamp(crate::clock::SystemClock.now_micros());
         for unit in dead_letters::units(&rows) {
@@ -282,6 +294,46 @@ impl PostgresArchive {
             .await
             .map_err(from_pg)?;
         self.shard_losses(shard).await
+    }
+
+    /// See `Archive::accept_regression`. A loss already recorded after the same index (an
+    /// earlier `wal repair`, or this same decision) gets the skip added, and the later time.
+    pub async fn accept_regression(&self, shard: u16, loss: ShardLoss, given: u64) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(from_pg)?;
+        let holds = tx
+            .query_opt(
+                "SELECT log_index FROM archive_watermarks WHERE shard = $1 FOR UPDATE",
+                &[&i32::from(shard)],
+            )
+            .await
+            .map_err(from_pg)?
+            .map_or(0, |r| r.get::<_, i64>(0) as u64);
+        if holds != loss.after_index {
+            return Err(ArchiveError::Conflict);
+        }
+        tx.execute(
+            "INSERT INTO shard_losses (shard, after_index, skip_seqs, recorded_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (shard, after_index) DO UPDATE
+             SET skip_seqs = shard_losses.skip_seqs + excluded.skip_seqs,
+                 recorded_at = GREATEST(shard_losses.recorded_at, excluded.recorded_at)",
+            &[
+                &i32::from(shard),
+                &(loss.after_index as i64),
+                &(loss.skip_seqs as i64),
+                &loss.recorded_at.0,
+            ],
+        )
+        .await
+        .map_err(from_pg)?;
+        tx.execute(
+            "INSERT INTO archive_watermarks (shard, log_index) VALUES ($1, $2)
+             ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
+            &[&i32::from(shard), &(given as i64)],
+        )
+        .await
+        .map_err(from_pg)?;
+        tx.commit().await.map_err(from_pg)
     }
 
     pub async fn shard_losses(&self, shard: u16) -> Result<Vec<ShardLoss>> {
@@ -473,6 +525,29 @@ impl PostgresArchive {
             .await
             .map_err(from_pg)
             .map(|_| ())
+    }
+}
+
+/// Refuses the flush if a shard's watermark is below what it must be at least (`expected`): the
+/// archive went back in time, and moving the watermark over the hole would hide it. Locks the
+/// rows, so a concurrent flush of the same shard waits.
+async fn refuse_regressed(tx: &deadpool_postgres::Transaction<'_>, expected: &[(u16, u64)]) -> Result<()> {
+    let shards: Vec<i32> = expected.iter().map(|(shard, _)| i32::from(*shard)).collect();
+    let held: Vec<(u16, u64)> = tx
+        .query(
+            "SELECT shard, log_index FROM archive_watermarks WHERE shard = ANY($1) FOR UPDATE",
+            &[&shards],
+        )
+        .await
+        .map_err(from_pg)?
+        .iter()
+        .map(|r| (r.get::<_, i32>(0) as u16, r.get::<_, i64>(1) as u64))
+        .collect();
+    let regressed = super::regression::regressions_among(&held, expected);
+    if regressed.is_empty() {
+        Ok(())
+    } else {
+        Err(ArchiveError::Regressed(regressed))
     }
 }
 

@@ -135,8 +135,10 @@ impl SqliteArchive {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 
+    /// Read on the read connection: a session load checks it (`Shards::load`) and must not
+    /// wait behind a flush.
     pub async fn watermark(&self, shard: u16) -> Result<u64> {
-        self.with(move |c| {
+        self.read(move |c| {
             c.query_row(
                 "SELECT log_index FROM archive_watermarks WHERE shard = ?1",
                 [shard],
@@ -148,22 +150,40 @@ impl SqliteArchive {
         .await
     }
 
-    pub async fn flush(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<()> {
+    pub async fn flush(
+        &self,
+        rows: Arc<FlushRows>,
+        watermarks: Vec<(u16, u64)>,
+        expected: Vec<(u16, u64)>,
+    ) -> Result<()> {
         self.with_in_background(move |c| {
             let tx = c.transaction()?;
+            let regressed = regressions(&tx, &expected)?;
+            if !regressed.is_empty() {
+                return Ok(Err(ArchiveError::Regressed(regressed)));
+            }
             write_rows(&tx, &rows)?;
             write_watermarks(&tx, &watermarks)?;
-            tx.commit()
+            tx.commit().map(Ok)
         })
-        .await
+        .await?
     }
 
     /// As `flush`, row by row under savepoints: refused rows become dead letters (see
     /// `dead_letters.rs`), the rest and the watermarks commit together.
-    pub async fn flush_isolating(&self, rows: Arc<FlushRows>, watermarks: Vec<(u16, u64)>) -> Result<Vec<DeadLetter>> {
+    pub async fn flush_isolating(
+        &self,
+        rows: Arc<FlushRows>,
+        watermarks: Vec<(u16, u64)>,
+        expected: Vec<(u16, u64)>,
+    ) -> Result<Vec<DeadLetter>> {
         let at = crate::model::Timestamp(crate::clock::Clock::now_micros(&crate::clock::SystemClock));
         self.with_in_background(move |c| {
             let mut tx = c.transaction()?;
+            let regressed = regressions(&tx, &expected)?;
+            if !regressed.is_empty() {
+                return Ok(Err(ArchiveError::Regressed(regressed)));
+            }
             let mut dead = Vec::new();
             for unit in dead_letters::units(&rows) {
                 let savepoint = tx.savepoint()?;
@@ -201,9 +221,46 @@ impl SqliteArchive {
             }
             write_watermarks(&tx, &watermarks)?;
             tx.commit()?;
-            Ok(dead)
+            Ok(Ok(dead))
         })
-        .await
+        .await?
+    }
+
+    /// See `PostgresArchive::accept_regression`.
+    pub async fn accept_regression(&self, shard: u16, loss: ShardLoss, given: u64) -> Result<()> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let holds = tx
+                .query_row(
+                    "SELECT log_index FROM archive_watermarks WHERE shard = ?1",
+                    [shard],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()?
+                .map_or(0, |index| index as u64);
+            if holds != loss.after_index {
+                return Ok(Err(ArchiveError::Conflict));
+            }
+            tx.execute(
+                "INSERT INTO shard_losses (shard, after_index, skip_seqs, recorded_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (shard, after_index) DO UPDATE
+                 SET skip_seqs = shard_losses.skip_seqs + excluded.skip_seqs,
+                     recorded_at = MAX(shard_losses.recorded_at, excluded.recorded_at)",
+                params![
+                    shard,
+                    loss.after_index as i64,
+                    loss.skip_seqs as i64,
+                    loss.recorded_at.0
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO archive_watermarks (shard, log_index) VALUES (?1, ?2)
+                 ON CONFLICT (shard) DO UPDATE SET log_index = excluded.log_index",
+                params![shard, given as i64],
+            )?;
+            tx.commit().map(Ok)
+        })
+        .await?
     }
 
     /// See `PostgresArchive::session_gaps`.
@@ -461,6 +518,19 @@ impl SqliteArchive {
         })
         .await
     }
+}
+
+/// The shards whose watermark is below what it must be at least (see `PostgresArchive`'s
+/// `refuse_regressed`).
+fn regressions(tx: &Connection, expected: &[(u16, u64)]) -> rusqlite::Result<Vec<super::regression::Regression>> {
+    let mut select = tx.prepare_cached("SELECT log_index FROM archive_watermarks WHERE shard = ?1")?;
+    let mut held = Vec::with_capacity(expected.len());
+    for &(shard, _) in expected {
+        if let Some(index) = select.query_row([shard], |r| r.get::<_, i64>(0)).optional()? {
+            held.push((shard, index as u64));
+        }
+    }
+    Ok(super::regression::regressions_among(&held, expected))
 }
 
 /// Moves the watermarks forward only (as the Postgres archive does; one flusher per SQLite

@@ -59,6 +59,11 @@ pub enum ShardError {
     /// The shard's log is damaged: it refuses new seqs (so none is ever reused).
     #[error("shard degraded: {0}")]
     Degraded(String),
+    /// The archive holds less of the shard's log than it was given (restored from an older
+    /// backup, a lagging replica): the shard refuses new seqs until an operator decides
+    /// (`fleetlm archive accept`), so none is ever handed out twice.
+    #[error("archive regressed: {0}")]
+    ArchiveRegressed(String),
     /// The request's log operation could never fit in a log entry.
     #[error("the request takes {bytes} bytes in the log; the limit is {max}")]
     TooLarge { bytes: usize, max: usize },
@@ -196,6 +201,9 @@ pub struct Writer {
     /// what a writer taking over is rebuilding from.
     pub leading: AtomicBool,
     unavailable: Mutex<Option<String>>,
+    /// Why the shard refuses new seqs because the archive went back in time, if it does
+    /// (shown by `/health/ready` on its own line).
+    archive_regressed: Mutex<Option<String>>,
 }
 
 impl Writer {
@@ -209,6 +217,14 @@ impl Writer {
 
     pub fn unavailable(&self) -> Option<String> {
         self.unavailable.lock().expect("writer state lock").clone()
+    }
+
+    pub fn set_archive_regressed(&self, reason: Option<String>) {
+        *self.archive_regressed.lock().expect("writer state lock") = reason;
+    }
+
+    pub fn archive_regressed(&self) -> Option<String> {
+        self.archive_regressed.lock().expect("writer state lock").clone()
     }
 }
 
@@ -438,6 +454,16 @@ impl Shards {
         problems
     }
 
+    /// Shards refusing new seqs because the archive went back in time, and why.
+    pub fn archive_regressions(&self) -> Vec<(u16, String)> {
+        self.inner
+            .writers
+            .iter()
+            .enumerate()
+            .filter_map(|(shard, writer)| Some((shard as u16, writer.archive_regressed()?)))
+            .collect()
+    }
+
     async fn call<T>(
         &self,
         shard: u16,
@@ -462,7 +488,19 @@ impl Shards {
 
     async fn load_at_epoch(&self, shard: u16, session_id: &str) -> Result<(bool, u64), ShardError> {
         let epoch = self.inner.writers[shard as usize].epoch.load(Ordering::Acquire);
-        let Some(loaded) = self.inner.archive.load_session(session_id).await? else {
+        let loaded = self.inner.archive.load_session(session_id).await?;
+        // What was read is only as complete as the archive: one that went back in time since
+        // this node knew it would hand out acknowledged seqs again, so the shard stops writing.
+        if let Err(ArchiveError::Regressed(regressions)) = self.inner.archive.watermark(shard).await {
+            let reason = crate::archive::regression::describe(&regressions);
+            if self.inner.writers[shard as usize].archive_regressed().is_none() {
+                let _ = self.inner.senders[shard as usize]
+                    .send(Command::ArchiveRegressed { reason: reason.clone() })
+                    .await;
+            }
+            return Err(ShardError::ArchiveRegressed(reason));
+        }
+        let Some(loaded) = loaded else {
             return Ok((false, epoch));
         };
         metrics::counter!("fleetlm_sessions_loaded_total").increment(1);

@@ -28,7 +28,7 @@ use super::replica::{ClusterLink, Role};
 use super::session::SessionState;
 use super::state::ShardState;
 use super::{AppendOutcome, AppendRequest, ReadPlan, ShardError, Writer};
-use crate::archive::{Archive, LoadedSession, ShardLoss};
+use crate::archive::{Archive, ArchiveError, LoadedSession, ShardLoss};
 use crate::clock::Clock;
 use crate::ids;
 use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView};
@@ -138,6 +138,11 @@ pub enum Command {
     /// Sessions in memory that owe a reply: `(session_id, agent_id, last_user_seq)`.
     PendingDispatches {
         reply: oneshot::Sender<Vec<(Arc<str>, String, u64)>>,
+    },
+    /// The archive went back in time (found by the flusher or a session load): refuse new
+    /// seqs until an operator decides.
+    ArchiveRegressed {
+        reason: String,
     },
 }
 
@@ -428,7 +433,7 @@ impl ShardWriter {
                     tracing::debug!(shard = self.shard, term, %reason, "taking the shard over again");
                     link.takeover_retry_at = Some(tokio::time::Instant::now() + TAKEOVER_RACE_RETRY);
                 }
-                RecoveryError::Retry(reason) | RecoveryError::Fatal(reason) => {
+                RecoveryError::Retry(reason) | RecoveryError::Fatal(reason) | RecoveryError::Regressed(reason) => {
                     // The archive did not answer: requests meanwhile get `no_leader` instead of
                     // waiting on a blocked writer, and another member may do better.
                     link.takeover_failures += 1;
@@ -825,6 +830,7 @@ impl ShardWriter {
                 }
             }
             Command::Archived { through_index } => self.state.mark_archived_through(through_index),
+            Command::ArchiveRegressed { reason } => self.refuse_for_regressed_archive(reason),
             Command::Sweep { idle_for } => {
                 let evicted = self.state.evict_idle(idle_for, now);
                 if evicted > 0 {
@@ -1154,8 +1160,12 @@ impl ShardWriter {
     /// waiting as long as the archive takes to answer (a single node has nothing else to do).
     async fn recover(&mut self) {
         let mut backoff = Duration::from_millis(100);
-        while let Err(RecoveryError::Retry(reason) | RecoveryError::Race(reason) | RecoveryError::Fatal(reason)) =
-            self.recover_once().await
+        while let Err(
+            RecoveryError::Retry(reason)
+            | RecoveryError::Race(reason)
+            | RecoveryError::Fatal(reason)
+            | RecoveryError::Regressed(reason),
+        ) = self.recover_once().await
         {
             tracing::warn!(shard = self.shard, %reason, "shard recovery waits for the archive");
             tokio::time::sleep(backoff).await;
@@ -1182,6 +1192,7 @@ impl ShardWriter {
             }
             Ok(replayed) => {
                 self.refusal = self.wal.lane_failed(self.shard).map(ShardError::StorageFailed);
+                self.writer_state.set_archive_regressed(None);
                 match &self.refusal {
                     Some(refusal) => self.writer_state.set_unavailable(refusal.to_string()),
                     None => self.writer_state.clear_unavailable(),
@@ -1192,6 +1203,12 @@ impl ShardWriter {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "shard recovered"
                 );
+                Ok(())
+            }
+            Err(RecoveryError::Regressed(reason)) => {
+                // Nothing is served from a state built on the archive as it is now.
+                self.reset_state(0);
+                self.refuse_for_regressed_archive(reason);
                 Ok(())
             }
             Err(RecoveryError::Fatal(reason)) => {
@@ -1205,6 +1222,23 @@ impl ShardWriter {
                 self.reset_state(0);
                 Err(retry)
             }
+        }
+    }
+
+    /// Refuses new seqs because the archive holds less than it was given: a session loaded from
+    /// it would hand out acknowledged seqs again. Until an operator decides (`fleetlm archive
+    /// accept`, then a restart).
+    fn refuse_for_regressed_archive(&mut self, reason: String) {
+        if self.writer_state.archive_regressed().is_none() {
+            tracing::error!(shard = self.shard, %reason, "the archive went back in time; the shard refuses new messages");
+        }
+        metrics::gauge!("fleetlm_archive_regressed", "shard" => self.shard.to_string()).set(1.0);
+        self.writer_state.set_archive_regressed(Some(reason.clone()));
+        if !matches!(
+            self.refusal,
+            Some(ShardError::StorageFailed(_) | ShardError::Degraded(_))
+        ) {
+            self.refusal = Some(ShardError::ArchiveRegressed(reason));
         }
     }
 
@@ -1287,11 +1321,29 @@ impl ShardWriter {
     }
 
     async fn try_recover(&mut self) -> Result<usize, RecoveryError> {
-        let watermark = self
-            .archive
-            .watermark(self.shard)
-            .await
-            .map_err(|e| RecoveryError::Retry(e.to_string()))?;
+        let watermark = self.archive.watermark(self.shard).await.map_err(|e| match e {
+            ArchiveError::Regressed(regressions) => {
+                RecoveryError::Regressed(crate::archive::regression::describe(&regressions))
+            }
+            other => RecoveryError::Retry(other.to_string()),
+        })?;
+        // A single node's WAL purges only what a committed flush gave the archive: an archive
+        // holding less went back in time, and the purged entries cannot be replayed into it.
+        // (A cluster member's log is purged by consensus; there only the flusher's and the
+        // loads' checks against watermarks this process saw apply.)
+        let given = match self.cluster {
+            None => self.wal.purged(self.shard).map_or(0, |id| id.index),
+            Some(_) => 0,
+        };
+        self.archive.note_given(self.shard, given);
+        if watermark < given {
+            let regression = crate::archive::regression::Regression {
+                shard: self.shard,
+                holds: watermark,
+                given,
+            };
+            return Err(RecoveryError::Regressed(regression.to_string()));
+        }
         self.reset_state(watermark);
         self.unflushed_bytes = 0;
         // A cluster member replays only the committed log (it waited for the feed to reach it).
@@ -1444,7 +1496,10 @@ fn refuse_as_follower(command: Command, leader: Option<u64>) {
         Command::PendingDispatches { reply } => {
             let _ = reply.send(Vec::new());
         }
-        Command::Install { .. } | Command::Archived { .. } | Command::Sweep { .. } => {}
+        Command::Install { .. }
+        | Command::Archived { .. }
+        | Command::Sweep { .. }
+        | Command::ArchiveRegressed { .. } => {}
     }
 }
 
@@ -1459,6 +1514,8 @@ enum RecoveryError {
     /// not yet durable here): try again at once.
     Race(String),
     Fatal(String),
+    /// The archive holds less than it was given (`crate::archive::regression`).
+    Regressed(String),
 }
 
 /// How a dispatch ended (`Command::FinishDispatch`).
