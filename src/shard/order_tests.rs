@@ -52,6 +52,10 @@ async fn one_shard() -> (Shards, tempfile::TempDir) {
         cluster: None,
     };
     tokio::spawn(writer.run(receiver, None));
+    // Recovery replaces the state (a new epoch): an install read before it would be dropped.
+    while !writer_state.recovered.load(std::sync::atomic::Ordering::Acquire) {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     let shards = Shards::new(vec![sender], vec![writer_state], wal, archive, None);
     (shards, dir)
 }
@@ -88,22 +92,55 @@ async fn archived_session(shards: &Shards, id: &str) {
     shards.archive().record_session(&record).await.expect("session row");
 }
 
+/// How the session load lands between the two sends.
+#[derive(Clone, Copy)]
+enum Interleaving {
+    /// The writer runs between them: it has answered the first before the second is submitted.
+    WriterRunsBetween,
+    /// Nothing runs in between (a single-threaded runtime, nothing awaited that waits): the
+    /// writer finds the first send, the install and the second in its queue together.
+    AllQueuedTogether,
+}
+
 /// Two pipelined sends to an unloaded session with a session load queued between them: the
 /// first is sent back (not loaded), the load lands, and the second must not be stored before
 /// the first comes back.
-async fn load_between_pipelined_sends(client_ids: [Option<&str>; 2]) {
+async fn load_between_pipelined_sends(client_ids: [Option<&str>; 2], interleaving: Interleaving) {
     let (shards, _dir) = one_shard().await;
     archived_session(&shards, "s").await;
     let mut order = AppendOrder::default();
-    let first = shards
-        .submit_append_in_order(&mut order, send("s", 1, client_ids[0]))
-        .await;
-    // Another request (a REST read, another socket) loads the session now: its install is
-    // queued behind the first send.
-    shards.load(0, "s").await.expect("load").expect("session exists");
-    let second = shards
-        .submit_append_in_order(&mut order, send("s", 2, client_ids[1]))
-        .await;
+    let (first, second) = match interleaving {
+        Interleaving::WriterRunsBetween => {
+            let first = shards
+                .submit_append_in_order(&mut order, send("s", 1, client_ids[0]))
+                .await;
+            // Another request (a REST read, another socket) loads the session now: its install
+            // is queued behind the first send.
+            shards.load(0, "s").await.expect("load").expect("session exists");
+            let second = shards
+                .submit_append_in_order(&mut order, send("s", 2, client_ids[1]))
+                .await;
+            (first, second)
+        }
+        Interleaving::AllQueuedTogether => {
+            // Another request's archive read finished; its install is queued right after the
+            // first send, before the writer runs.
+            let epoch = shards.inner.writers[0].epoch.load(std::sync::atomic::Ordering::Acquire);
+            let loaded = shards.archive().load_session("s").await.expect("read").expect("exists");
+            let first = shards
+                .submit_append_in_order(&mut order, send("s", 1, client_ids[0]))
+                .await;
+            let install = Command::Install {
+                loaded: Box::new(loaded),
+                epoch,
+            };
+            assert!(shards.inner.senders[0].try_send(install).is_ok());
+            let second = shards
+                .submit_append_in_order(&mut order, send("s", 2, client_ids[1]))
+                .await;
+            (first, second)
+        }
+    };
     let (first, second) = tokio::join!(first, second);
     let (first, second) = (first.expect("first stored"), second.expect("second stored"));
     assert_eq!(
@@ -118,12 +155,14 @@ async fn load_between_pipelined_sends(client_ids: [Option<&str>; 2]) {
 
 #[tokio::test]
 async fn a_session_load_between_pipelined_sends_keeps_their_order() {
-    load_between_pipelined_sends([None, None]).await;
+    load_between_pipelined_sends([None, None], Interleaving::WriterRunsBetween).await;
+    load_between_pipelined_sends([None, None], Interleaving::AllQueuedTogether).await;
 }
 
 #[tokio::test]
 async fn a_session_load_between_pipelined_sends_with_client_ids_keeps_their_order() {
-    load_between_pipelined_sends([Some("c1"), Some("c2")]).await;
+    load_between_pipelined_sends([Some("c1"), Some("c2")], Interleaving::WriterRunsBetween).await;
+    load_between_pipelined_sends([Some("c1"), Some("c2")], Interleaving::AllQueuedTogether).await;
 }
 
 /// A chain: the first bounces, the load lands, and every later send waits its turn.
@@ -132,8 +171,14 @@ async fn a_load_between_a_bounced_send_and_many_pipelined_ones_keeps_their_order
     let (shards, _dir) = one_shard().await;
     archived_session(&shards, "s").await;
     let mut order = AppendOrder::default();
+    let epoch = shards.inner.writers[0].epoch.load(std::sync::atomic::Ordering::Acquire);
+    let loaded = shards.archive().load_session("s").await.expect("read").expect("exists");
     let mut pending = vec![shards.submit_append_in_order(&mut order, send("s", 1, None)).await];
-    shards.load(0, "s").await.expect("load").expect("session exists");
+    let install = Command::Install {
+        loaded: Box::new(loaded),
+        epoch,
+    };
+    assert!(shards.inner.senders[0].try_send(install).is_ok());
     for n in 2..=20 {
         let client_id = format!("c{n}");
         let client_id = (n % 3 == 0).then_some(client_id.as_str());
