@@ -164,3 +164,83 @@ async fn client_id_sends_to_a_reloaded_long_session_go_on_during_an_archive_outa
     assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
     drop(server);
 }
+
+/// Beyond the window, during an outage: a retry of a client id older than the session's newest
+/// 1024 is taken as new (stored, not refused); when the archive returns, that second copy cannot
+/// take the client id and is set aside as a dead letter, still served: no hole in the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_older_than_the_window_during_an_outage_is_stored_and_later_dead_lettered() {
+    const LENGTH: u64 = 1100;
+    let database = TestDatabase::create();
+    let (proxy, proxied_url) = CuttableProxy::to_database(&database).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut server = ServerProcess::start(dir.path(), Some(&proxied_url), &[]);
+    create_sessions(&server.base, &client, &["s"]).await;
+    for n in 1..=LENGTH {
+        let reply = send(&client, &server.base, &format!("c{n}"), n).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    wait_archived(&database, LENGTH as i64).await;
+    server.kill9();
+    drop(server);
+    let server = ServerProcess::start(dir.path(), Some(&proxied_url), &[]);
+    let base = server.base.clone();
+    wait_ready(&client, &base).await;
+    assert_eq!(
+        call(&client, "GET", &format!("{base}/api/sessions/s"), None)
+            .await
+            .status,
+        200
+    );
+
+    proxy.cut();
+    let retry = send(&client, &base, "c5", 5).await;
+    assert_eq!(retry.status, 200, "taken as new, not refused: {}", retry.body);
+    assert_eq!(retry.body["message"]["seq"], LENGTH + 1);
+    assert!(retry.body.get("deduplicated").is_none());
+    let fresh = send(&client, &base, "fresh", 0).await;
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let dead: i64 = query_one(&database, "SELECT count(*) FROM dead_letters WHERE kind = 'message'")
+            .await
+            .get(0);
+        if dead == 1 && archived_messages(&database).await == LENGTH as i64 + 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the flusher did not set the copy aside");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let page = call(
+        &client,
+        "GET",
+        &format!("{base}/api/sessions/s/messages?after_seq={}&limit=10", LENGTH - 1),
+        None,
+    )
+    .await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let seqs: Vec<u64> = page.body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m: &Value| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        [LENGTH, LENGTH + 1, LENGTH + 2],
+        "the copy is served from its dead letter"
+    );
+    let retry = send(&client, &base, "c5", 5).await;
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    assert_eq!(
+        retry.body["deduplicated"], true,
+        "not stored a third time: {}",
+        retry.body
+    );
+    let next = send(&client, &base, "after", 1).await;
+    assert_eq!(next.body["message"]["seq"], LENGTH + 3);
+    drop(server);
+}
