@@ -67,6 +67,10 @@ fn describe() {
         "Sessions loaded from the archive into memory."
     );
     describe_counter!(
+        "fleetlm_client_id_unchecked_total",
+        "Sends whose client_id, older than the in-memory window, was taken as new because the archive could not be asked."
+    );
+    describe_counter!(
         "fleetlm_socket_bad_frames_total",
         "WebSocket frames that could not be parsed."
     );

@@ -585,20 +585,29 @@ async fn overload_is_an_error_reply_plus_a_backpressure_push() {
     server.stop().await;
 }
 
+/// Messages (each with a client id) of the sessions reloaded below: more than `CLIENT_ID_WINDOW`.
+const RELOADED: u64 = 1100;
+
 /// A send that must first look its client id up in the archive (the session was reloaded with
-/// more messages than the in-memory window) is still stored before the sends after it.
+/// more client ids than the in-memory window) is still stored before the sends after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_sends_stay_in_order_when_one_needs_the_archive() {
     let server = TestServer::start(Store::Sqlite).await;
     server.agent_and_session("a", "u", "s").await;
-    for n in 0..200 {
-        append(&server, "s", json!({"user_id": "u", "content": {"n": n}})).await;
+    // More client ids than a loaded session keeps in memory: a fresh one needs the archive.
+    for n in 0..RELOADED {
+        append(
+            &server,
+            "s",
+            json!({"user_id": "u", "content": {"n": n}, "client_id": format!("old{n}")}),
+        )
+        .await;
     }
     let (data_dir, _) = server.stop().await;
     let path = data_dir.path().to_path_buf();
     let mut server = TestServer::start_with(Store::Sqlite, |s| s.data_dir = Some(path)).await;
     let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
-    ws.send(r#"["1","j","session:s","phx_join",{"last_seq":200}]"#).await;
+    ws.send(r#"["1","j","session:s","phx_join",{"last_seq":1100}]"#).await;
     assert_eq!(ws.next().await[4]["status"], "ok");
     ws.send_batch(vec![
         r#"["1","a","session:s","send",{"content":{"content":{"text":"A"}},"client_id":"fresh-a"}]"#.into(),
@@ -618,7 +627,7 @@ async fn pipelined_sends_stay_in_order_when_one_needs_the_archive() {
     }
     assert_eq!(
         stored,
-        vec![("a".to_string(), 201), ("b".to_string(), 202)],
+        vec![("a".to_string(), RELOADED + 1), ("b".to_string(), RELOADED + 2)],
         "stored in the order sent"
     );
     server.data_dir = data_dir;
@@ -632,14 +641,20 @@ async fn pipelined_sends_stay_in_order_when_one_needs_the_archive() {
 async fn a_pipelined_mix_of_archive_checks_and_plain_sends_keeps_the_order_sent() {
     let server = TestServer::start(Store::Sqlite).await;
     server.agent_and_session("a", "u", "s").await;
-    for n in 0..200 {
-        append(&server, "s", json!({"user_id": "u", "content": {"n": n}})).await;
+    // More client ids than a loaded session keeps in memory: a fresh one needs the archive.
+    for n in 0..RELOADED {
+        append(
+            &server,
+            "s",
+            json!({"user_id": "u", "content": {"n": n}, "client_id": format!("old{n}")}),
+        )
+        .await;
     }
     let (data_dir, _) = server.stop().await;
     let path = data_dir.path().to_path_buf();
     let mut server = TestServer::start_with(Store::Sqlite, |s| s.data_dir = Some(path)).await;
     let mut ws = client(&server, "user_id=u&vsn=2.0.0").await;
-    ws.send(r#"["1","j","session:s","phx_join",{"last_seq":200}]"#).await;
+    ws.send(r#"["1","j","session:s","phx_join",{"last_seq":1100}]"#).await;
     assert_eq!(ws.next().await[4]["status"], "ok");
     let frame = |n: usize| {
         let client_id = if n.is_multiple_of(3) {
@@ -664,10 +679,10 @@ async fn a_pipelined_mix_of_archive_checks_and_plain_sends_keeps_the_order_sent(
                 ));
             }
         }
-        expected.extend(sends.iter().map(|n| (format!("r{n}"), 201 + *n as u64)));
+        expected.extend(sends.iter().map(|n| (format!("r{n}"), RELOADED + 1 + *n as u64)));
         assert_eq!(stored, expected[round * 12..], "stored and answered in the order sent");
     }
-    let page = server.get("/api/sessions/s/messages?after_seq=200&limit=100").await;
+    let page = server.get("/api/sessions/s/messages?after_seq=1100&limit=100").await;
     let order: Vec<u64> = page.body["messages"]
         .as_array()
         .unwrap()

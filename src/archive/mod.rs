@@ -52,6 +52,27 @@ pub struct LoadedSession {
     pub tail: Vec<MessageRecord>,
     /// Seqs skipped after an accepted loss (read only when the tail shows a hole).
     pub gaps: Vec<(u64, u64)>,
+    /// The session's newest client ids, so retries are recognised without asking the archive.
+    pub client_ids: ClientIdWindow,
+}
+
+/// A session's newest client ids (`CLIENT_ID_WINDOW` at most), read when it is loaded.
+#[derive(Debug, Clone)]
+pub struct ClientIdWindow {
+    /// `(seq, client_id, fingerprint)`, ascending by seq.
+    pub ids: Vec<(u64, String, u64)>,
+    /// Every message with `seq >= complete_from` has its client id (if it has one) in `ids`.
+    pub complete_from: u64,
+}
+
+impl Default for ClientIdWindow {
+    /// Nothing known: every client id must be looked up in the archive.
+    fn default() -> ClientIdWindow {
+        ClientIdWindow {
+            ids: Vec::new(),
+            complete_from: u64::MAX,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -309,7 +330,46 @@ impl Archive {
                 .await?;
             loaded.gaps = self.session_gaps(session_id).await?;
         }
+        loaded.client_ids = self.client_id_window(session_id, last_seq).await?;
         Ok(Some(loaded))
+    }
+
+    /// The session's newest client ids: those of its newest `CLIENT_ID_WINDOW` messages that
+    /// carry one, looked for among its newest `CLIENT_ID_SCAN` messages (dead letters included).
+    async fn client_id_window(&self, session_id: &str, last_seq: u64) -> Result<ClientIdWindow> {
+        use crate::shard::session::{CLIENT_ID_SCAN, CLIENT_ID_WINDOW};
+        let scan_from = (last_seq + 1).saturating_sub(CLIENT_ID_SCAN).max(1);
+        let mut ids = dispatch!(self, a => a.recent_client_ids(session_id, scan_from, CLIENT_ID_WINDOW).await)?;
+        let mut complete_from = match ids.last() {
+            Some((oldest, ..)) if ids.len() == CLIENT_ID_WINDOW => *oldest,
+            _ => scan_from,
+        };
+        // A refused row's client id is taken as much as an archived one's (rare: usually none).
+        let dead = self
+            .dead_letters(DeadLetterQuery {
+                session_id: Some(session_id.to_string()),
+                from_seq: Some(complete_from),
+                limit: CLIENT_ID_WINDOW,
+                ..DeadLetterQuery::default()
+            })
+            .await?;
+        if dead.len() == CLIENT_ID_WINDOW {
+            // Not all read: leave every client id to the archive look-up.
+            return Ok(ClientIdWindow::default());
+        }
+        ids.extend(
+            dead.iter()
+                .filter_map(DeadLetter::message)
+                .filter_map(|m| Some((m.message.seq, m.client_id?, m.fingerprint))),
+        );
+        ids.sort_unstable_by_key(|(seq, ..)| std::cmp::Reverse(*seq));
+        ids.dedup_by_key(|(seq, ..)| *seq);
+        if ids.len() > CLIENT_ID_WINDOW {
+            ids.truncate(CLIENT_ID_WINDOW);
+            complete_from = ids.last().map_or(complete_from, |(seq, ..)| *seq);
+        }
+        ids.reverse();
+        Ok(ClientIdWindow { ids, complete_from })
     }
 
     /// Messages with `from_seq <= seq <= to_seq`, ascending, bounded in bytes: they stop after

@@ -386,7 +386,32 @@ impl PostgresArchive {
             view,
             tail,
             gaps: Vec::new(),
+            client_ids: Default::default(),
         }))
+    }
+
+    /// `(seq, client_id, fingerprint)` of the session's newest messages with `seq >= from_seq`
+    /// that carry a client id, newest first, at most `limit`.
+    pub async fn recent_client_ids(
+        &self,
+        session_id: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, u64)>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT seq, client_id, fingerprint FROM messages
+                 WHERE session_id = $1 AND seq >= $2 AND client_id IS NOT NULL ORDER BY seq DESC LIMIT $3",
+                &[&session_id, &(from_seq as i64), &(limit as i64)],
+            )
+            .await
+            .map_err(from_pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get(1), r.get::<_, i64>(2) as u64))
+            .collect())
     }
 
     pub async fn read_messages(
@@ -618,12 +643,15 @@ async fn write_rows(tx: &deadpool_postgres::Transaction<'_>, rows: &FlushRows) -
             &nonuser,
             &at,
         ];
+        // Only a row already written (same seq) is skipped; a client id another seq holds (a retry
+        // taken as new during an archive outage) is refused, so the row becomes a dead letter and
+        // is still served, instead of silently leaving a hole.
         tx.execute(
             "INSERT INTO messages (session_id, seq, id, sender_id, kind, content, metadata, client_id,
                 fingerprint, nonuser_through, inserted_at)
              SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
                 $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[])
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT (session_id, seq) DO NOTHING",
             &params,
         )
         .await

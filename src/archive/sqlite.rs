@@ -386,7 +386,31 @@ impl SqliteArchive {
                 view,
                 tail,
                 gaps: Vec::new(),
+                client_ids: Default::default(),
             }))
+        })
+        .await
+    }
+
+    /// `(seq, client_id, fingerprint)` of the session's newest messages with `seq >= from_seq`
+    /// that carry a client id, newest first, at most `limit`.
+    pub async fn recent_client_ids(
+        &self,
+        session_id: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, u64)>> {
+        let session_id = session_id.to_string();
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT seq, client_id, fingerprint FROM messages
+                 WHERE session_id = ?1 AND seq >= ?2 AND client_id IS NOT NULL ORDER BY seq DESC LIMIT ?3",
+            )?;
+            statement
+                .query_map(params![session_id, from_seq as i64, limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get::<_, i64>(2)? as u64))
+                })?
+                .collect()
         })
         .await
     }
@@ -566,10 +590,13 @@ fn write_rows(tx: &Connection, rows: &FlushRows) -> rusqlite::Result<()> {
             s.inserted_at.0
         ])?;
     }
+    // Only a row already written (same seq) is skipped; a client id another seq holds (a retry
+    // taken as new during an archive outage) is refused, so the row becomes a dead letter and
+    // is still served, instead of silently leaving a hole.
     let mut insert_message = tx.prepare_cached(
         "INSERT INTO messages (session_id, seq, id, sender_id, kind, content, metadata, client_id,
             fingerprint, nonuser_through, inserted_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (session_id, seq) DO NOTHING",
     )?;
     for r in &rows.messages {
         let m = &r.message;

@@ -11,6 +11,8 @@
 mod forward_lane;
 pub mod ops;
 pub mod page_budget;
+#[cfg(test)]
+mod order_tests;
 pub mod replica;
 pub mod routing;
 pub mod session;
@@ -163,6 +165,19 @@ pub enum AppendOutcome {
         below: u64,
         request: Box<AppendRequest>,
     },
+    /// The append before this one in its ordered stream was sent back for a round trip and is
+    /// not placed yet: send this one again once it is (storing it now would overtake it).
+    Behind(Box<AppendRequest>),
+}
+
+impl AppendOutcome {
+    /// Whether the writer sent the request back instead of answering it.
+    fn is_bounce(&self) -> bool {
+        matches!(
+            self,
+            AppendOutcome::NotLoaded(_) | AppendOutcome::CheckClientIdInArchive { .. } | AppendOutcome::Behind(_)
+        )
+    }
 }
 
 pub struct AppendResult {
@@ -235,6 +250,13 @@ struct Ordered {
 }
 
 impl Ordered {
+    fn ticket(&self) -> OrderTicket {
+        OrderTicket {
+            own: self.placement.0.clone(),
+            after: self.previous.as_ref().map(|p| p.cell.clone()),
+        }
+    }
+
     /// Records the writer's answer; on a bounce, waits until the append before this one is
     /// placed, so this one's retry cannot overtake it.
     async fn on_answer(&mut self, outcome: &AppendOutcome) {
@@ -242,7 +264,7 @@ impl Ordered {
             AppendOutcome::Appended(_) | AppendOutcome::Duplicate { .. } => {
                 self.placement.set(Placement::Placed);
             }
-            AppendOutcome::NotLoaded(_) | AppendOutcome::CheckClientIdInArchive { .. } => {
+            AppendOutcome::NotLoaded(_) | AppendOutcome::CheckClientIdInArchive { .. } | AppendOutcome::Behind(_) => {
                 self.placement.set(Placement::Bounced);
                 if let Some(previous) = self.previous.as_ref() {
                     previous.cell.wait_until(|p| p == Placement::Placed).await;
@@ -320,6 +342,19 @@ impl PlacementCell {
         }
     }
 
+    /// `Bounced`, unless it is placed already (its future ended: nothing will place it again).
+    fn bounce(&self) {
+        let changed = self
+            .state
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |state| {
+                (state != Placement::Placed as u8).then_some(Placement::Bounced as u8)
+            })
+            .is_ok();
+        if changed && self.watched.load(Ordering::SeqCst) {
+            self.changed.notify_waiters();
+        }
+    }
+
     async fn wait_until(&self, done: impl Fn(Placement) -> bool) {
         loop {
             let notified = self.changed.notified();
@@ -353,6 +388,28 @@ impl Drop for PlacementHandle {
 struct OrderLink {
     cell: Arc<PlacementCell>,
     has_client_id: bool,
+}
+
+/// What an ordered append carries to its writer: its own placement and the one before's. The
+/// writer marks a bounce at once (the append's future learns of it only after the batch's
+/// fsync), and sends an append back while the one before it is bounced: a session load queued
+/// between two pipelined sends would otherwise let the second be stored while the first is on
+/// its round trip.
+pub struct OrderTicket {
+    own: Arc<PlacementCell>,
+    after: Option<Arc<PlacementCell>>,
+}
+
+impl OrderTicket {
+    /// The append before this one was sent back and is not placed yet.
+    pub(crate) fn behind_a_bounce(&self) -> bool {
+        self.after.as_ref().is_some_and(|cell| cell.get() == Placement::Bounced)
+    }
+
+    /// Called by the writer when it sends this append back.
+    pub(crate) fn mark_bounced(&self) {
+        self.own.bounce();
+    }
 }
 
 impl OrderLink {
@@ -625,6 +682,7 @@ impl Shards {
         let (reply, answer) = oneshot::channel();
         let command = Command::Append {
             request: Box::new(request),
+            order: None,
             reply,
         };
         self.inner.senders[shard as usize]
@@ -671,20 +729,22 @@ impl Shards {
             .as_ref()
             .is_none_or(|p| p.lets_through(p.cell.get(), has_client_id));
         if clear_now {
-            // The common case. The one before cannot change state meanwhile: its future is
-            // polled by the caller, which is here.
+            // The common case. The one before cannot change state meanwhile, except that its
+            // writer may mark it bounced, which this one's writer then sees (`OrderTicket`).
             let (reply, answer) = oneshot::channel();
+            let order = Ordered { placement, previous };
+            // Submitted before it is queued: the writer may mark it bounced at once.
+            order.placement.set(Placement::Submitted);
             let command = Command::Append {
                 request: Box::new(request),
+                order: Some(order.ticket()),
                 reply,
             };
             if self.inner.senders[shard as usize].send(command).await.is_err() {
                 return Box::pin(std::future::ready(Err(writer_stopped())));
             }
-            placement.set(Placement::Submitted);
             return Box::pin(async move {
                 let outcome = answer.await.map_err(|_| writer_stopped())??;
-                let order = Ordered { placement, previous };
                 shards.settle_append(&session_id, shard, outcome, Some(order)).await
             });
         }
@@ -696,17 +756,18 @@ impl Shards {
                     .await;
             }
             let (reply, answer) = oneshot::channel();
+            let order = Ordered { placement, previous };
+            order.placement.set(Placement::Submitted);
             let command = Command::Append {
                 request: Box::new(request),
+                order: Some(order.ticket()),
                 reply,
             };
             shards.inner.senders[shard as usize]
                 .send(command)
                 .await
                 .map_err(|_| writer_stopped())?;
-            placement.set(Placement::Submitted);
             let outcome = answer.await.map_err(|_| writer_stopped())??;
-            let order = Ordered { placement, previous };
             shards.settle_append(&session_id, shard, outcome, Some(order)).await
         })
     }
@@ -732,7 +793,14 @@ impl Shards {
                     });
                 }
                 AppendOutcome::Duplicate { seq } => {
-                    let record = self.read_one(session_id, seq).await?;
+                    // Known from memory; its body is read back (from the archive only when it
+                    // is older than the hot tail and the WAL): nothing is stored twice either way.
+                    let record = self.read_one(session_id, seq).await.map_err(|error| {
+                        tracing::debug!(session_id, seq, %error, "a deduplicated message could not be read back");
+                        ShardError::Unavailable(
+                            "the message this client_id was first sent with cannot be read now; retry later".into(),
+                        )
+                    })?;
                     return Ok(AppendResult {
                         record,
                         deduplicated: true,
@@ -749,21 +817,41 @@ impl Shards {
                     request: mut returned,
                 } => {
                     let client_id = returned.client_id.as_deref().unwrap_or_default();
-                    if let Some(original) = self.inner.archive.find_by_client_id(session_id, client_id).await? {
-                        return if original.fingerprint == returned.fingerprint {
-                            Ok(AppendResult {
-                                record: Arc::new(original),
-                                deduplicated: true,
-                            })
-                        } else {
-                            Err(ShardError::ClientIdConflict)
-                        };
+                    match self.inner.archive.find_by_client_id(session_id, client_id).await {
+                        Ok(Some(original)) => {
+                            return if original.fingerprint == returned.fingerprint {
+                                Ok(AppendResult {
+                                    record: Arc::new(original),
+                                    deduplicated: true,
+                                })
+                            } else {
+                                Err(ShardError::ClientIdConflict)
+                            };
+                        }
+                        Ok(None) => {}
+                        Err(ArchiveError::Unavailable(error)) => {
+                            // An archive outage only makes the archive lag: the client id is
+                            // not among the session's newest `CLIENT_ID_WINDOW` nor unarchived,
+                            // so it is taken as new (docs/API.md, "Idempotency").
+                            metrics::counter!("fleetlm_client_id_unchecked_total").increment(1);
+                            tracing::debug!(session_id, %error, "archive unreachable: an older client_id is taken as new");
+                        }
+                        Err(other) => return Err(other.into()),
                     }
                     returned.archive_checked_below = Some(below);
                     returned
                 }
+                // The one before is placed now (`on_answer` waited): just send it again.
+                AppendOutcome::Behind(returned) => returned,
             };
-            outcome = self.call(shard, |reply| Command::Append { request, reply }).await?;
+            let ticket = order.as_ref().map(Ordered::ticket);
+            outcome = self
+                .call(shard, |reply| Command::Append {
+                    request,
+                    order: ticket,
+                    reply,
+                })
+                .await?;
         }
         Err(ShardError::Unavailable("append could not be completed".into()))
     }

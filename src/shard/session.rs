@@ -13,8 +13,14 @@ pub const HOT_TAIL_LEN: usize = 128;
 /// Bytes of message content and metadata the hot tail keeps at most (older messages are read
 /// from the WAL or the archive); the newest message always stays.
 pub const HOT_TAIL_MAX_BYTES: usize = 1024 * 1024;
-/// Client ids remembered per session before archived ones may be forgotten.
+/// Client ids remembered per session before archived ones may be forgotten; a session loaded
+/// from the archive starts with its newest ones (up to this many), so a retry among them is
+/// recognised without the archive (during an archive outage too). Each takes about its length
+/// plus 100 bytes: at most ~230 KiB per session with 128-character ids, ~130 KiB with UUIDs.
 pub const CLIENT_ID_WINDOW: usize = 1024;
+/// How many of its newest messages a session load looks through for client ids (bounds the
+/// archive query when few messages carry one).
+pub const CLIENT_ID_SCAN: u64 = 16 * CLIENT_ID_WINDOW as u64;
 
 /// Where a message that is not archived yet sits in the WAL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +59,10 @@ pub struct SessionState {
     pub gaps: Vec<(u64, u64)>,
     /// Highest log index that touched this session; it may be evicted once that is archived.
     pub last_log_index: u64,
-    pub client_ids: HashMap<String, ClientIdEntry>,
-    pub client_id_order: VecDeque<(u64, String)>,
+    /// Client ids of recent and unarchived messages (the key shared with `client_id_order`).
+    pub client_ids: HashMap<Arc<str>, ClientIdEntry>,
+    /// `client_ids`' keys ascending by seq: the oldest archived ones are forgotten first.
+    pub client_id_order: VecDeque<(u64, Arc<str>)>,
     /// Every message with `seq >= client_ids_complete_from` has its client id (if any) in
     /// `client_ids`; older ones must be looked up in the archive.
     pub client_ids_complete_from: u64,
@@ -129,13 +137,7 @@ impl SessionState {
         }
         if let Some(client_id) = &record.client_id {
             let log_index = position.map_or(0, |p| p.log_index);
-            let entry = ClientIdEntry {
-                seq: message.seq,
-                fingerprint: record.fingerprint,
-                log_index,
-            };
-            self.client_ids.insert(client_id.clone(), entry);
-            self.client_id_order.push_back((message.seq, client_id.clone()));
+            self.remember_client_id(client_id, message.seq, record.fingerprint, log_index);
         }
         match position {
             Some(position) => {
@@ -152,6 +154,18 @@ impl SessionState {
             let Some(oldest) = self.hot_tail.pop_front() else { break };
             self.hot_tail_bytes -= message_bytes(&oldest);
         }
+    }
+
+    /// Remembers the client id of the message at `seq` (newer than every one remembered).
+    pub fn remember_client_id(&mut self, client_id: &str, seq: u64, fingerprint: u64, log_index: u64) {
+        let client_id: Arc<str> = Arc::from(client_id);
+        let entry = ClientIdEntry {
+            seq,
+            fingerprint,
+            log_index,
+        };
+        self.client_ids.insert(client_id.clone(), entry);
+        self.client_id_order.push_back((seq, client_id));
     }
 
     /// Makes `last_seq + 1 ..= through` a gap (no message ever has those seqs).

@@ -120,6 +120,11 @@ impl ShardState {
         state.archived_seq = state.last_seq;
         state.nonuser_count = view.nonuser_count;
         state.gaps = loaded.gaps;
+        // The client ids older than the tail first (the tail adds its own): kept ascending.
+        let window = loaded.client_ids;
+        for (seq, client_id, fingerprint) in window.ids.iter().filter(|(seq, ..)| *seq < first_tail_seq) {
+            state.remember_client_id(client_id, *seq, *fingerprint, 0);
+        }
         for record in loaded.tail {
             // A hole in the archive's tail is a gap (seqs skipped after an accepted loss).
             if record.message.seq > state.last_seq + 1 {
@@ -135,7 +140,7 @@ impl ShardState {
         state.last_seq = view.last_seq;
         state.nonuser_count = view.nonuser_count;
         state.dispatch = view.dispatch;
-        state.client_ids_complete_from = first_tail_seq;
+        state.client_ids_complete_from = window.complete_from.min(first_tail_seq);
         self.sessions.insert(id, state);
     }
 
@@ -231,6 +236,56 @@ mod tests {
             1,
             "idle and archived: evicted"
         );
+    }
+
+    #[test]
+    fn a_session_loaded_from_the_archive_knows_its_newest_client_ids() {
+        use crate::archive::{ClientIdWindow, LoadedSession};
+        use crate::shard::session::{CLIENT_ID_WINDOW, HOT_TAIL_LEN};
+        let now = Instant::now();
+        let last_seq = 2000u64;
+        let Op::SessionCreated(record) = session("s") else {
+            unreachable!()
+        };
+        let mut view = SessionState::new(record, now).view();
+        view.last_seq = last_seq;
+        let first_tail = last_seq - HOT_TAIL_LEN as u64 + 1;
+        let tail = (first_tail..=last_seq)
+            .map(|seq| match message("s", seq) {
+                Op::MessageAppended(record) => record,
+                _ => unreachable!(),
+            })
+            .collect();
+        let window_from = last_seq - CLIENT_ID_WINDOW as u64 + 1;
+        let ids = (window_from..=last_seq)
+            .map(|seq| (seq, format!("c{seq}"), seq))
+            .collect();
+        let loaded = LoadedSession {
+            view,
+            tail,
+            gaps: Vec::new(),
+            client_ids: ClientIdWindow {
+                ids,
+                complete_from: window_from,
+            },
+        };
+        let mut state = ShardState::new(0);
+        state.install(loaded, now);
+        let s = &state.sessions["s"];
+        assert_eq!(s.client_ids_complete_from, window_from, "older ones need the archive");
+        assert_eq!(s.client_ids.len(), CLIENT_ID_WINDOW);
+        assert_eq!(
+            s.client_ids["c1000"].seq, 1000,
+            "beyond the hot tail, known from memory"
+        );
+        assert!(!s.client_ids.contains_key("c976"));
+        let order: Vec<u64> = s.client_id_order.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(
+            order,
+            (window_from..=last_seq).collect::<Vec<_>>(),
+            "ascending, each once"
+        );
+        assert_eq!(s.hot_tail_start(), first_tail);
     }
 
     #[test]

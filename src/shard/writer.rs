@@ -27,7 +27,7 @@ use super::ops::{self, EntryEncoder, Op};
 use super::replica::{ClusterLink, Role};
 use super::session::SessionState;
 use super::state::ShardState;
-use super::{AppendOutcome, AppendRequest, ReadPlan, ShardError, Writer};
+use super::{AppendOutcome, AppendRequest, OrderTicket, ReadPlan, ShardError, Writer};
 use crate::archive::{Archive, ArchiveError, LoadedSession, ShardLoss};
 use crate::clock::Clock;
 use crate::ids;
@@ -83,6 +83,8 @@ pub enum Command {
     },
     Append {
         request: Box<AppendRequest>,
+        /// One of a stream of appends to be stored in the order sent (a socket's sends).
+        order: Option<OrderTicket>,
         reply: Reply<AppendOutcome>,
     },
     Archive {
@@ -879,8 +881,17 @@ impl ShardWriter {
                 let result = self.create(session, known_absent, batch, now);
                 batch.replies.push(defer(reply, result));
             }
-            Command::Append { request, reply } => {
-                let result = self.append(request, batch, now);
+            Command::Append { request, order, reply } => {
+                let result = match &order {
+                    // Storing it would overtake the one before, which is on a round trip.
+                    Some(ticket) if ticket.behind_a_bounce() => Ok(AppendOutcome::Behind(request)),
+                    _ => self.append(request, batch, now),
+                };
+                if let (Some(ticket), Ok(outcome)) = (&order, &result)
+                    && outcome.is_bounce()
+                {
+                    ticket.mark_bounced();
+                }
                 batch.replies.push(defer(reply, result));
             }
             Command::Archive { session_id, reply } => {
@@ -1003,7 +1014,7 @@ impl ShardWriter {
             return Err(ShardError::Superseded);
         }
         if let Some(client_id) = &request.client_id {
-            if let Some(entry) = session.client_ids.get(client_id) {
+            if let Some(entry) = session.client_ids.get(client_id.as_str()) {
                 return if entry.fingerprint == request.fingerprint {
                     Ok(AppendOutcome::Duplicate { seq: entry.seq })
                 } else {
