@@ -20,4 +20,5 @@ pub mod operator;
 mod rfc3339;
 pub mod server;
 pub mod shard;
+pub mod supervisor;
 pub mod wal;

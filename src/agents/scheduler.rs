@@ -172,18 +172,36 @@ pub struct Engine;
 impl Engine {
     /// Starts the scheduler; it stops when `shutdown` turns true (dispatches in flight end with
     /// the process; their sessions still owe a reply in the log and are dispatched again).
+    ///
+    /// Supervised (`crate::supervisor`): a scheduler that panics is replaced by a fresh one on
+    /// the same queue, whose rescan of the log finds every session owing a reply.
     pub fn start(context: Arc<EngineContext>, inbox: EngineInbox, shutdown: watch::Receiver<bool>) {
-        let scheduler = Scheduler {
-            context,
-            sender: inbox.sender,
-            overflowed: inbox.overflowed,
+        let EngineInbox {
+            mut events,
+            sender,
+            overflowed,
+        } = inbox;
+        let make_scheduler = move || Scheduler {
+            context: context.clone(),
+            sender: sender.clone(),
+            overflowed: overflowed.clone(),
             sessions: HashMap::new(),
             timers: BTreeSet::new(),
             ready: VecDeque::new(),
             in_flight_by_agent: HashMap::new(),
             in_flight: 0,
         };
-        tokio::spawn(scheduler.run(inbox.events, shutdown));
+        let supervisor_shutdown = shutdown.clone();
+        tokio::spawn(crate::supervisor::supervise(
+            "dispatcher",
+            "dispatcher".into(),
+            Some(supervisor_shutdown),
+            async move || {
+                make_scheduler().run(&mut events, shutdown.clone()).await;
+                // It returns only when stopping (or when every sender is gone).
+                crate::supervisor::Ended::Finished
+            },
+        ));
     }
 }
 
@@ -199,7 +217,7 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    async fn run(mut self, mut events: mpsc::Receiver<Event>, mut shutdown: watch::Receiver<bool>) {
+    async fn run(mut self, events: &mut mpsc::Receiver<Event>, mut shutdown: watch::Receiver<bool>) {
         self.spawn_rescan();
         let mut rescan_check = tokio::time::interval(Duration::from_secs(1));
         loop {

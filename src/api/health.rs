@@ -14,7 +14,8 @@ pub async fn live() -> Response {
     axum::Json(json!({"status": "live"})).into_response()
 }
 
-/// Ready when every shard is recovered and writable, the archive answers, and we are not
+/// Ready when every shard is recovered and writable, no part keeps failing (restarting now, or
+/// restarted 3 times within a minute: `crate::supervisor`), the archive answers, and we are not
 /// draining; otherwise 503 with the reasons.
 pub async fn ready(State(state): State<SharedState>) -> Response {
     let mut reasons = Vec::new();
@@ -23,6 +24,9 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
     }
     for (shard, reason) in state.shards.not_ready() {
         reasons.push(json!({"component": "shard", "shard": shard, "reason": reason}));
+    }
+    for failing in crate::supervisor::failing_parts() {
+        reasons.push(json!({"component": "supervisor", "part": failing.part, "reason": failing.reason}));
     }
     if let Some(consensus) = &state.consensus {
         cluster_reasons(consensus, state.catch_up.as_deref(), &mut reasons);

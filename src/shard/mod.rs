@@ -253,6 +253,14 @@ struct ShardsInner {
 /// The outcome of a submitted append, resolved once it is durable or refused.
 pub type PendingAppend = std::pin::Pin<Box<dyn std::future::Future<Output = Result<AppendResult, ShardError>> + Send>>;
 
+/// A request whose writer failed before answering: it may or may not have been applied.
+fn writer_restarted() -> ShardError {
+    ShardError::Unavailable(
+        "the shard writer restarted after an internal error; the request may or may not have been applied, retry it (with the same client_id)"
+            .into(),
+    )
+}
+
 fn writer_stopped() -> ShardError {
     ShardError::Unavailable("shard writer stopped".into())
 }
@@ -448,7 +456,8 @@ impl Shards {
             .send(make(reply))
             .await
             .map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+        // The writer failed holding the reply; its supervisor restarts it from the log.
+        answer.await.map_err(|_| writer_restarted())?
     }
 
     /// Loads the session from the archive into its shard. `Ok(None)` if it does not exist, with
@@ -594,7 +603,7 @@ impl Shards {
             .map_err(|_| writer_stopped())?;
         let shards = self.clone();
         Ok(Box::pin(async move {
-            let outcome = answer.await.map_err(|_| writer_stopped())??;
+            let outcome = answer.await.map_err(|_| writer_restarted())??;
             shards.settle_append(&session_id, shard, outcome, None).await
         }))
     }
@@ -644,7 +653,7 @@ impl Shards {
             }
             placement.set(Placement::Submitted);
             return Box::pin(async move {
-                let outcome = answer.await.map_err(|_| writer_stopped())??;
+                let outcome = answer.await.map_err(|_| writer_restarted())??;
                 let order = Ordered { placement, previous };
                 shards.settle_append(&session_id, shard, outcome, Some(order)).await
             });
@@ -666,7 +675,7 @@ impl Shards {
                 .await
                 .map_err(|_| writer_stopped())?;
             placement.set(Placement::Submitted);
-            let outcome = answer.await.map_err(|_| writer_stopped())??;
+            let outcome = answer.await.map_err(|_| writer_restarted())??;
             let order = Ordered { placement, previous };
             shards.settle_append(&session_id, shard, outcome, Some(order)).await
         })

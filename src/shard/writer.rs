@@ -216,7 +216,13 @@ struct Sealed {
 }
 
 impl ShardWriter {
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, feed: Option<ClusterFeed>) {
+    /// Serves the shard's queue until it closes. The queue and the cluster feed are borrowed:
+    /// they outlive a writer that panics, and the supervisor (`crate::supervisor`) runs a fresh
+    /// writer on them, which recovers from the durable log as at start.
+    pub async fn run(mut self, commands: &mut mpsc::Receiver<Command>, feed: &mut Option<ClusterFeed>) {
+        self.writer_state
+            .recovered
+            .store(false, std::sync::atomic::Ordering::Release);
         if self.cluster.is_none() {
             self.recover().await;
         }
@@ -224,7 +230,7 @@ impl ShardWriter {
             .recovered
             .store(true, std::sync::atomic::Ordering::Release);
         let (mut applied, mut watch) = match feed {
-            Some(feed) => (Some(feed.applied), Some(feed.watch)),
+            Some(feed) => (Some(&mut feed.applied), Some(&mut feed.watch)),
             None => (None, None),
         };
         if let Some(watch) = &watch {
