@@ -256,6 +256,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 Some(ClusterFeed {
                     applied: feed.applied,
                     watch: consensus.watch(shard),
+                    progress: Default::default(),
                 })
             }
             _ => None,
