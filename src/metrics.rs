@@ -45,6 +45,10 @@ fn describe() {
     );
     describe_counter!("fleetlm_archive_messages_total", "Messages written to the archive.");
     describe_counter!(
+        "fleetlm_task_restarts_total",
+        "Long-lived parts (shard writer, wal lane, flusher, dispatcher, ...) restarted after a panic or an unexpected stop, by task."
+    );
+    describe_counter!(
         "fleetlm_dispatches_total",
         "Agent dispatches ended, by outcome (ok, failed)."
     );
