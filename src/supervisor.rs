@@ -112,6 +112,12 @@ pub fn record_restarted(part: &str) {
     }
 }
 
+/// Forgets every failure (tests that run servers one after another in one process).
+#[cfg(test)]
+pub fn forget_failures() {
+    lock_records().clear();
+}
+
 /// A part that keeps failing, for `/health/ready`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailingPart {

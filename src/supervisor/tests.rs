@@ -29,7 +29,12 @@ fn panic_messages_are_read_from_literals_and_formatted_strings() {
     assert_eq!(panic_message(formatted.as_ref()), "shard 3");
 }
 
+/// Crash points and the restart record are process-wide: the server tests run one at a time
+/// (under `cargo test`, which runs tests as threads of one process).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Server {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
     base: String,
     client: reqwest::Client,
     data_dir: tempfile::TempDir,
@@ -43,6 +48,8 @@ struct Reply {
 
 impl Server {
     async fn start() -> Server {
+        let serial = SERIAL.lock().await;
+        forget_failures();
         let data_dir = tempfile::tempdir().expect("tempdir");
         let settings = Settings {
             http_addr: Some("127.0.0.1:0".into()),
@@ -58,6 +65,7 @@ impl Server {
             .await
             .expect("server starts");
         let server = Server {
+            _serial: serial,
             base: format!("http://{}", server.local_addr),
             client: reqwest::Client::new(),
             data_dir,
