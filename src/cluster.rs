@@ -22,6 +22,7 @@ use crate::hub::{Hub, RelayedEvent};
 use crate::model::Agent;
 use crate::shard::routing::{ShardAnswer, ShardCall};
 use crate::shard::{ShardError, Shards};
+use crate::supervisor::{Ended, supervise};
 
 /// Events waiting for the relay before new ones are dropped.
 const RELAY_QUEUE: usize = 16_384;
@@ -278,7 +279,16 @@ pub fn start_relay(consensus: Arc<Consensus>, hub: &Hub, registry: &AgentRegistr
     for peer in consensus.peers() {
         let (sender, receiver) = mpsc::channel(64);
         per_peer.insert(peer, sender);
-        tokio::spawn(send_to_peer(consensus.clone(), peer, receiver));
+        let (consensus, mut receiver) = (consensus.clone(), receiver);
+        tokio::spawn(supervise(
+            "cluster_relay",
+            format!("cluster_relay/{peer}"),
+            None,
+            async move || {
+                send_to_peer(&consensus, peer, &mut receiver).await;
+                Ended::Finished
+            },
+        ));
     }
     let per_peer = Arc::new(per_peer);
     let agents_to = per_peer.clone();
@@ -288,21 +298,28 @@ pub fn start_relay(consensus: Arc<Consensus>, hub: &Hub, registry: &AgentRegistr
             let _ = sender.try_send(body.clone());
         }
     }));
-    tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(RELAY_BATCH);
-        while queue.recv_many(&mut batch, RELAY_BATCH).await > 0 {
-            let body = Arc::new(serde_json::to_vec(&PeerMessageRef::Events(&batch)).expect("events serialize"));
-            for sender in per_peer.values() {
-                if sender.try_send(body.clone()).is_err() {
-                    metrics::counter!("fleetlm_cluster_relay_dropped_total").increment(batch.len() as u64);
+    // Supervised: the queue outlives a run that panics; it ends when the hub is gone.
+    tokio::spawn(supervise(
+        "cluster_relay",
+        "cluster_relay".into(),
+        None,
+        async move || {
+            let mut batch = Vec::with_capacity(RELAY_BATCH);
+            while queue.recv_many(&mut batch, RELAY_BATCH).await > 0 {
+                let body = Arc::new(serde_json::to_vec(&PeerMessageRef::Events(&batch)).expect("events serialize"));
+                for sender in per_peer.values() {
+                    if sender.try_send(body.clone()).is_err() {
+                        metrics::counter!("fleetlm_cluster_relay_dropped_total").increment(batch.len() as u64);
+                    }
                 }
+                batch.clear();
             }
-            batch.clear();
-        }
-    });
+            Ended::Finished
+        },
+    ));
 }
 
-async fn send_to_peer(consensus: Arc<Consensus>, peer: u64, mut bodies: mpsc::Receiver<Arc<Vec<u8>>>) {
+async fn send_to_peer(consensus: &Consensus, peer: u64, bodies: &mut mpsc::Receiver<Arc<Vec<u8>>>) {
     while let Some(body) = bodies.recv().await {
         if let Err(error) = consensus.call(peer, body.to_vec(), RELAY_TIMEOUT).await {
             tracing::debug!(peer, %error, "relaying events failed; they are dropped");
@@ -331,46 +348,56 @@ impl CatchUp {
     /// Compares this member's applied indexes with its leaders' commit indexes, twice a second.
     pub fn start(self: &Arc<Self>, consensus: Arc<Consensus>) {
         let catch_up = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            loop {
-                tick.tick().await;
-                let peers = peer_statuses(&consensus).await;
-                let mut behind = Vec::new();
-                for status in consensus.status() {
-                    let Some(leader) = status.leader.filter(|leader| *leader != consensus.node_id()) else {
-                        continue;
-                    };
-                    let committed = peers
-                        .get(&leader.to_string())
-                        .and_then(|view| view["shards"][usize::from(status.shard)]["committed"].as_u64());
-                    match committed {
-                        Some(committed) if status.applied + CAUGHT_UP_SLACK >= committed => {}
-                        Some(committed) => behind.push((
-                            status.shard,
-                            format!(
-                                "catching up: applied {} of the {committed} entries its leader committed",
-                                status.applied
-                            ),
-                        )),
-                        None => behind.push((status.shard, format!("cannot reach its leader, node {leader}"))),
+        tokio::spawn(supervise(
+            "cluster_catch_up",
+            "cluster_catch_up".into(),
+            None,
+            async move || {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tick.tick().await;
+                    let peers = peer_statuses(&consensus).await;
+                    let mut behind = Vec::new();
+                    for status in consensus.status() {
+                        let Some(leader) = status.leader.filter(|leader| *leader != consensus.node_id()) else {
+                            continue;
+                        };
+                        let committed = peers
+                            .get(&leader.to_string())
+                            .and_then(|view| view["shards"][usize::from(status.shard)]["committed"].as_u64());
+                        match committed {
+                            Some(committed) if status.applied + CAUGHT_UP_SLACK >= committed => {}
+                            Some(committed) => behind.push((
+                                status.shard,
+                                format!(
+                                    "catching up: applied {} of the {committed} entries its leader committed",
+                                    status.applied
+                                ),
+                            )),
+                            None => behind.push((status.shard, format!("cannot reach its leader, node {leader}"))),
+                        }
                     }
+                    *catch_up.behind.lock().expect("catch-up lock") = Some(behind);
                 }
-                *catch_up.behind.lock().expect("catch-up lock") = Some(behind);
-            }
-        });
+            },
+        ));
     }
 }
 
 /// Re-reads the agents from the archive now and then, in case a change notice was lost.
 pub fn start_agent_refresh(registry: Arc<AgentRegistry>, archive: crate::archive::Archive) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
-        loop {
-            tick.tick().await;
-            if let Err(error) = registry.reload(&archive).await {
-                tracing::debug!(%error, "agent refresh failed");
+    tokio::spawn(supervise(
+        "agent_refresh",
+        "agent_refresh".into(),
+        None,
+        async move || {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                if let Err(error) = registry.reload(&archive).await {
+                    tracing::debug!(%error, "agent refresh failed");
+                }
             }
-        }
-    });
+        },
+    ));
 }

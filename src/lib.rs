@@ -21,4 +21,5 @@ pub mod operator;
 mod rfc3339;
 pub mod server;
 pub mod shard;
+pub mod supervisor;
 pub mod wal;

@@ -49,6 +49,10 @@ fn describe() {
         "Flush attempts of one shard whose WAL entries could not be read or decoded, by shard."
     );
     describe_counter!(
+        "fleetlm_task_restarts_total",
+        "Long-lived parts (shard writer, wal lane, flusher, dispatcher, ...) restarted after a panic or an unexpected stop, by task."
+    );
+    describe_counter!(
         "fleetlm_dispatches_total",
         "Agent dispatches ended, by outcome (ok, failed)."
     );

@@ -24,6 +24,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEFAULT_SHARDS};
 use crate::shard::writer::{ClusterFeed, Command, ShardWriter};
 use crate::shard::{ShardState, Shards, Writer};
+use crate::supervisor::{Ended, supervise};
 use crate::wal::{Wal, WalOptions};
 
 /// Commands that may wait for one shard writer.
@@ -255,28 +256,41 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     for shard in 0..shard_count {
         let (sender, receiver) = mpsc::channel::<Command>(SHARD_QUEUE_DEPTH);
         let writer_state = Arc::new(Writer::default());
-        let writer = ShardWriter {
-            shard,
-            wal: wal.clone(),
-            archive: archive.clone(),
-            clock: clock.clone(),
-            state: ShardState::new(0),
-            refusal: None,
-            rebuild_cause: None,
-            losses: Vec::new(),
-            max_op_bytes: wal.max_entry_bytes() / 2,
-            last_inserted_at: 0,
-            flush_wakeup: flush_wakeup.clone(),
-            flush_threshold_bytes: config.flush_threshold_bytes,
-            unflushed_bytes: 0,
-            wal_budget_bytes: config.wal_budget_bytes,
-            entry_soft_limit_bytes: wal.max_entry_bytes() / 2,
-            writer_state: writer_state.clone(),
-            hub: hub.clone(),
-            user_messages: user_messages.clone(),
-            cluster: consensus
-                .as_ref()
-                .map(|consensus| crate::shard::replica::ClusterLink::new(consensus.clone())),
+        let (wal, archive, clock, flush_wakeup, hub, user_messages) = (
+            wal.clone(),
+            archive.clone(),
+            clock.clone(),
+            flush_wakeup.clone(),
+            hub.clone(),
+            user_messages.clone(),
+        );
+        let (config, consensus_link, state) = (config.clone(), consensus.clone(), writer_state.clone());
+        // A fresh writer, as at start; a restarted one also refuses archive reads begun before.
+        let make_writer = move || {
+            state.epoch.fetch_add(1, Ordering::AcqRel);
+            ShardWriter {
+                shard,
+                wal: wal.clone(),
+                archive: archive.clone(),
+                clock: clock.clone(),
+                state: ShardState::new(0),
+                refusal: None,
+                rebuild_cause: None,
+                losses: Vec::new(),
+                max_op_bytes: wal.max_entry_bytes() / 2,
+                last_inserted_at: 0,
+                flush_wakeup: flush_wakeup.clone(),
+                flush_threshold_bytes: config.flush_threshold_bytes,
+                unflushed_bytes: 0,
+                wal_budget_bytes: config.wal_budget_bytes,
+                entry_soft_limit_bytes: wal.max_entry_bytes() / 2,
+                writer_state: state.clone(),
+                hub: hub.clone(),
+                user_messages: user_messages.clone(),
+                cluster: consensus_link
+                    .as_ref()
+                    .map(|consensus| crate::shard::replica::ClusterLink::new(consensus.clone())),
+            }
         };
         let feed = match (&consensus, feeds.get_mut(shard as usize).and_then(Option::take)) {
             (Some(consensus), Some(feed)) => {
@@ -284,31 +298,63 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 Some(ClusterFeed {
                     applied: feed.applied,
                     watch: consensus.watch(shard),
+                    progress: Default::default(),
                 })
             }
             _ => None,
         };
-        writer_tasks.push(tokio::spawn(writer.run(receiver, feed)));
+        let (mut commands, mut feed) = (receiver, feed);
+        // The queue and the feed outlive a writer that panics: the next one serves them.
+        writer_tasks.push(tokio::spawn(supervise(
+            "shard_writer",
+            format!("shard_writer/{shard}"),
+            None,
+            async move || {
+                make_writer().run(&mut commands, &mut feed).await;
+                if commands.is_closed() {
+                    Ended::Finished
+                } else {
+                    Ended::Stopped
+                }
+            },
+        )));
         senders.push(sender);
         writer_states.push(writer_state);
     }
-    let flusher = Flusher {
-        wal: wal.clone(),
-        archive: archive.clone(),
-        shard_commands: senders.clone(),
-        wakeup: flush_wakeup,
-        cluster: consensus.as_ref().map(|consensus| crate::archive::FlushCluster {
-            consensus: consensus.clone(),
-            archived_through,
-            writers: writer_states.clone(),
-        }),
+    let flush_cluster = consensus
+        .as_ref()
+        .map(|consensus| (consensus.clone(), archived_through));
+    let (flusher_wal, flusher_archive, flusher_commands) = (wal.clone(), archive.clone(), senders.clone());
+    let (flusher_writers, flush_interval) = (writer_states.clone(), config.flush_interval);
+    // A fresh flusher resumes from the archive's watermarks, as at start.
+    let make_flusher = move || Flusher {
+        wal: flusher_wal.clone(),
+        archive: flusher_archive.clone(),
+        shard_commands: flusher_commands.clone(),
+        wakeup: flush_wakeup.clone(),
+        cluster: flush_cluster
+            .as_ref()
+            .map(|(consensus, archived_through)| crate::archive::FlushCluster {
+                consensus: consensus.clone(),
+                archived_through: archived_through.clone(),
+                writers: flusher_writers.clone(),
+            }),
         options: FlusherOptions {
-            interval: config.flush_interval,
+            interval: flush_interval,
             max_entries_per_shard: 512,
             max_backoff: Duration::from_secs(5),
         },
     };
-    let flusher_task = tokio::spawn(flusher.run(shutdown.clone()));
+    let flusher_shutdown = shutdown.clone();
+    let flusher_task = tokio::spawn(supervise(
+        "flusher",
+        "flusher".into(),
+        Some(shutdown.clone()),
+        async move || {
+            make_flusher().run(flusher_shutdown.clone()).await;
+            finished_if_stopping(&flusher_shutdown)
+        },
+    ));
     let routing = consensus
         .as_ref()
         .map(|consensus| crate::shard::routing::ClusterRouting {
@@ -359,7 +405,16 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     });
     let engine = engine_inbox.handle();
     crate::agents::Engine::start(engine_context, engine_inbox, shutdown.clone());
-    let sweeper = tokio::spawn(sweep(shards.clone(), config.session_idle, shutdown.clone()));
+    let (sweep_shards, session_idle, sweep_shutdown) = (shards.clone(), config.session_idle, shutdown.clone());
+    let sweeper = tokio::spawn(supervise(
+        "sweeper",
+        "sweeper".into(),
+        Some(shutdown.clone()),
+        async move || {
+            sweep(sweep_shards.clone(), session_idle, sweep_shutdown.clone()).await;
+            finished_if_stopping(&sweep_shutdown)
+        },
+    ));
 
     let auth = match &config.auth_secret {
         Some(secret) => AuthMode::Token {
@@ -601,6 +656,16 @@ fn log_unarchived(wal: &Wal, flush_finished: bool, cluster: bool) {
         unarchived_shards = unarchived.as_str(),
         "stopping with log entries the archive does not have yet; the wal keeps them and they are archived at the next start"
     );
+}
+
+/// How a supervised task that runs until the shutdown ended: done if the shutdown is on (or
+/// the server that could turn it on is gone).
+fn finished_if_stopping(shutdown: &watch::Receiver<bool>) -> Ended {
+    if *shutdown.borrow() || shutdown.has_changed().is_err() {
+        Ended::Finished
+    } else {
+        Ended::Stopped
+    }
 }
 
 async fn sweep(shards: Shards, idle_for: Duration, mut shutdown: watch::Receiver<bool>) {

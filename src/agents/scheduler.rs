@@ -172,19 +172,42 @@ pub struct Engine;
 impl Engine {
     /// Starts the scheduler; it stops when `shutdown` turns true (dispatches in flight end with
     /// the process; their sessions still owe a reply in the log and are dispatched again).
+    ///
+    /// Supervised (`crate::supervisor`): a scheduler that panics is replaced by a fresh one on
+    /// the same queue, whose rescan of the log finds every session owing a reply.
     pub fn start(context: Arc<EngineContext>, inbox: EngineInbox, shutdown: watch::Receiver<bool>) {
-        let scheduler = Scheduler {
-            context,
-            sender: inbox.sender,
-            overflowed: inbox.overflowed,
-            rescans: RescanGate::default(),
+        let EngineInbox {
+            mut events,
+            sender,
+            overflowed,
+        } = inbox;
+        // Shared by every scheduler the supervisor starts: a rescan still running from a
+        // scheduler that panicked is not doubled by its successor's.
+        let rescans_running: Arc<AtomicBool> = Arc::default();
+        let make_scheduler = move || Scheduler {
+            context: context.clone(),
+            sender: sender.clone(),
+            overflowed: overflowed.clone(),
+            rescans: RescanGate {
+                running: rescans_running.clone(),
+            },
             sessions: HashMap::new(),
             timers: BTreeSet::new(),
             ready: VecDeque::new(),
             in_flight_by_agent: HashMap::new(),
             in_flight: 0,
         };
-        tokio::spawn(scheduler.run(inbox.events, shutdown));
+        let supervisor_shutdown = shutdown.clone();
+        tokio::spawn(crate::supervisor::supervise(
+            "dispatcher",
+            "dispatcher".into(),
+            Some(supervisor_shutdown),
+            async move || {
+                make_scheduler().run(&mut events, shutdown.clone()).await;
+                // It returns only when stopping (or when every sender is gone).
+                crate::supervisor::Ended::Finished
+            },
+        ));
     }
 }
 
@@ -201,7 +224,7 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    async fn run(mut self, mut events: mpsc::Receiver<Event>, mut shutdown: watch::Receiver<bool>) {
+    async fn run(mut self, events: &mut mpsc::Receiver<Event>, mut shutdown: watch::Receiver<bool>) {
         // The rescan at start (sessions owing a reply after a crash).
         self.overflowed.store(true, Ordering::Release);
         self.start_rescan_if_asked();

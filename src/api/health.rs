@@ -14,7 +14,8 @@ pub async fn live() -> Response {
     axum::Json(json!({"status": "live"})).into_response()
 }
 
-/// Ready when every shard is recovered and writable, the archive answers, and we are not
+/// Ready when every shard is recovered and writable, no part keeps failing (restarting now, or
+/// restarted 3 times within a minute: `crate::supervisor`), the archive answers, and we are not
 /// draining; otherwise 503 with the reasons.
 pub async fn ready(State(state): State<SharedState>) -> Response {
     let mut reasons = Vec::new();
@@ -28,6 +29,9 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
     // The archive went back in time: the shard refuses new seqs until an operator decides.
     for (shard, reason) in state.shards.archive_regressions() {
         reasons.push(json!({"component": "archive_regressed", "shard": shard, "reason": reason}));
+    }
+    for failing in crate::supervisor::failing_parts() {
+        reasons.push(json!({"component": "supervisor", "part": failing.part, "reason": failing.reason}));
     }
     if let Some(consensus) = &state.consensus {
         cluster_reasons(consensus, state.catch_up.as_deref(), &mut reasons);

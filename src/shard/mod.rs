@@ -10,9 +10,9 @@
 
 mod forward_lane;
 pub mod ops;
-pub mod page_budget;
 #[cfg(test)]
 mod order_tests;
+pub mod page_budget;
 pub mod replica;
 pub mod routing;
 pub mod session;
@@ -292,6 +292,14 @@ struct ShardsInner {
 /// The outcome of a submitted append, resolved once it is durable or refused.
 pub type PendingAppend = std::pin::Pin<Box<dyn std::future::Future<Output = Result<AppendResult, ShardError>> + Send>>;
 
+/// A request whose writer failed before answering: it may or may not have been applied.
+fn writer_restarted() -> ShardError {
+    ShardError::Unavailable(
+        "the shard writer restarted after an internal error; the request may or may not have been applied, retry it (with the same client_id)"
+            .into(),
+    )
+}
+
 fn writer_stopped() -> ShardError {
     ShardError::Unavailable("shard writer stopped".into())
 }
@@ -532,7 +540,8 @@ impl Shards {
             .send(make(reply))
             .await
             .map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+        // The writer failed holding the reply; its supervisor restarts it from the log.
+        answer.await.map_err(|_| writer_restarted())?
     }
 
     /// Loads the session from the archive into its shard. `Ok(None)` if it does not exist, with
@@ -691,7 +700,7 @@ impl Shards {
             .map_err(|_| writer_stopped())?;
         let shards = self.clone();
         Ok(Box::pin(async move {
-            let outcome = answer.await.map_err(|_| writer_stopped())??;
+            let outcome = answer.await.map_err(|_| writer_restarted())??;
             shards.settle_append(&session_id, shard, outcome, None).await
         }))
     }
@@ -744,7 +753,7 @@ impl Shards {
                 return Box::pin(std::future::ready(Err(writer_stopped())));
             }
             return Box::pin(async move {
-                let outcome = answer.await.map_err(|_| writer_stopped())??;
+                let outcome = answer.await.map_err(|_| writer_restarted())??;
                 shards.settle_append(&session_id, shard, outcome, Some(order)).await
             });
         }
@@ -767,7 +776,7 @@ impl Shards {
                 .send(command)
                 .await
                 .map_err(|_| writer_stopped())?;
-            let outcome = answer.await.map_err(|_| writer_stopped())??;
+            let outcome = answer.await.map_err(|_| writer_restarted())??;
             shards.settle_append(&session_id, shard, outcome, Some(order)).await
         })
     }

@@ -51,7 +51,10 @@ async fn one_shard() -> (Shards, tempfile::TempDir) {
         user_messages,
         cluster: None,
     };
-    tokio::spawn(writer.run(receiver, None));
+    tokio::spawn(async move {
+        let mut receiver = receiver;
+        writer.run(&mut receiver, &mut None).await;
+    });
     // Recovery replaces the state (a new epoch): an install read before it would be dropped.
     while !writer_state.recovered.load(std::sync::atomic::Ordering::Acquire) {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;

@@ -70,6 +70,31 @@ async fn front_durable(in_flight: &mut VecDeque<Sealed>) -> Result<u64, ShardErr
 pub struct ClusterFeed {
     pub applied: mpsc::Receiver<crate::consensus::Applied>,
     pub watch: crate::consensus::LeadershipWatch,
+    /// How far the feed has delivered: a writer restarted after a panic continues from here
+    /// (the feed does not deliver again what the failed writer took).
+    pub progress: FeedProgress,
+}
+
+/// What a writer has taken from its cluster feed (`ClusterLink`'s copy, kept across restarts).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FeedProgress {
+    applied_through: u64,
+    applied_term: u64,
+    published_through: u64,
+}
+
+impl FeedProgress {
+    fn save(&mut self, link: &ClusterLink) {
+        self.applied_through = link.applied_through;
+        self.applied_term = link.applied_term;
+        self.published_through = link.published_through;
+    }
+
+    fn restore(&self, link: &mut ClusterLink) {
+        link.applied_through = self.applied_through;
+        link.applied_term = self.applied_term;
+        link.published_through = self.published_through;
+    }
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
@@ -225,17 +250,26 @@ struct Sealed {
 }
 
 impl ShardWriter {
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, feed: Option<ClusterFeed>) {
+    /// Serves the shard's queue until it closes. The queue and the cluster feed are borrowed:
+    /// they outlive a writer that panics, and the supervisor (`crate::supervisor`) runs a fresh
+    /// writer on them, which recovers from the durable log as at start.
+    pub async fn run(mut self, commands: &mut mpsc::Receiver<Command>, feed: &mut Option<ClusterFeed>) {
+        self.writer_state
+            .recovered
+            .store(false, std::sync::atomic::Ordering::Release);
         if self.cluster.is_none() {
             self.recover().await;
         }
         self.writer_state
             .recovered
             .store(true, std::sync::atomic::Ordering::Release);
-        let (mut applied, mut watch) = match feed {
-            Some(feed) => (Some(feed.applied), Some(feed.watch)),
-            None => (None, None),
+        let (mut applied, mut watch, mut progress) = match feed {
+            Some(feed) => (Some(&mut feed.applied), Some(&mut feed.watch), Some(&mut feed.progress)),
+            None => (None, None, None),
         };
+        if let (Some(link), Some(progress)) = (self.cluster.as_mut(), progress.as_deref()) {
+            progress.restore(link);
+        }
         if let Some(watch) = &watch {
             self.on_leadership(watch.now(), true).await;
         }
@@ -263,7 +297,12 @@ impl ShardWriter {
                 }
                 entry = async { applied.as_mut().expect("cluster mode").recv().await }, if applied.is_some() => {
                     match entry {
-                        Some(entry) => self.on_applied(entry, in_flight.is_empty()).await,
+                        Some(entry) => {
+                            self.on_applied(entry, in_flight.is_empty()).await;
+                            if let (Some(link), Some(progress)) = (self.cluster.as_ref(), progress.as_deref_mut()) {
+                                progress.save(link);
+                            }
+                        }
                         None => applied = None,
                     }
                 }

@@ -79,7 +79,39 @@ pub struct LaneWriter {
     pub next_batch_no: u64,
     /// Shards living in this lane (a new segment starts with one purge mark per shard).
     pub lane_shard_count: usize,
+    /// Which shards those are (a restart recovers them from disk).
+    pub shards: Vec<u16>,
 }
+
+/// Where a recovered lane writes next: the active segment at `resume_offset`, or a new segment
+/// (registered in `index`) when recovery found no segment to write into.
+pub fn resume_point(
+    fs: &dyn FileSystem,
+    lane_dir: &std::path::Path,
+    index: &mut LaneIndex,
+    resume_offset: Option<u64>,
+    segment_bytes: u64,
+) -> std::io::Result<(Arc<dyn WalFile>, u64, u64)> {
+    if let Some(offset) = resume_offset {
+        let info = &index.segments[&index.active_segment];
+        return Ok((info.file.clone(), index.active_segment, offset));
+    }
+    let next = index.segments.keys().next_back().map_or(0, |n| n + 1);
+    let file = segment::create_segment(fs, lane_dir, next, segment_bytes)?;
+    index.segments.insert(
+        next,
+        SegmentInfo {
+            file: file.clone(),
+            max_index_by_shard: HashMap::new(),
+        },
+    );
+    index.active_segment = next;
+    Ok((file, next, SEGMENT_HEADER_BYTES))
+}
+
+/// A lane restart waits this long after a failed attempt to recover, doubling up to the max.
+const RESTART_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+const RESTART_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The batch being assembled in the write buffer, and whom it answers.
 #[derive(Default)]
@@ -90,9 +122,14 @@ struct OpenBatch {
 }
 
 impl LaneWriter {
+    /// The lane thread's loop. A panic in a commit does not end it: the requests not yet
+    /// answered get an error, and the lane restarts from what is on disk (`restart`); the
+    /// shards whose entries failed rebuild from the durable log, as after any failed entry.
     pub fn run(mut self, mut requests: mpsc::Receiver<LaneRequest>) {
         let mut buffer = Vec::with_capacity(self.max_batch_bytes + record::BATCH_HEADER_BYTES + record::BATCH_ALIGN);
         let mut batch = Vec::new();
+        let mut backoff = crate::supervisor::Backoff::default();
+        let mut healthy_since = Instant::now();
         while let Some(first) = requests.blocking_recv() {
             let mut batch_bytes = first.framed_bytes();
             batch.push(first);
@@ -105,8 +142,80 @@ impl LaneWriter {
                     Err(_) => break,
                 }
             }
-            self.commit(&mut batch, &mut buffer);
+            let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.commit(&mut batch, &mut buffer);
+            }));
+            if let Err(payload) = committed {
+                let reason = format!("panicked: {}", crate::supervisor::panic_message(payload.as_ref()));
+                for request in batch.drain(..) {
+                    let _ = request.into_done().send(Err(WalError::Io(
+                        "the wal lane restarted after an internal error; the write may or may not be durable".into(),
+                    )));
+                }
+                let delay = backoff.after_failure(healthy_since.elapsed());
+                self.restart(&reason, delay);
+                healthy_since = Instant::now();
+            }
         }
+    }
+
+    /// Rebuilds the lane's writing position and index from the segments on disk, as opening
+    /// the WAL does (retrying with backoff while that fails; requests wait in the queue).
+    /// A lane that had failed for good (a failed fsync) stays failed.
+    fn restart(&mut self, reason: &str, delay: std::time::Duration) {
+        let part = format!("wal_lane/{}", self.dir.display());
+        crate::supervisor::record_failure("wal_lane", &part, reason, delay);
+        // The panic may have poisoned the index lock: readers (shard writers) must not fail on it.
+        let failed = {
+            let index = self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            index.failed.clone()
+        };
+        self.index.clear_poison();
+        std::thread::sleep(delay);
+        let mut retry = RESTART_RETRY_FIRST;
+        loop {
+            match self.reopen(failed.clone()) {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::error!(lane = %self.dir.display(), %error, "wal lane could not restart from disk; retrying");
+                    std::thread::sleep(retry);
+                    retry = (retry * 2).min(RESTART_RETRY_MAX);
+                }
+            }
+        }
+        crate::supervisor::record_restarted(&part);
+        tracing::info!(lane = %self.dir.display(), "wal lane restarted from its segments on disk");
+    }
+
+    fn reopen(&mut self, failed: Option<String>) -> std::io::Result<()> {
+        let mut recovered = super::recovery::recover_lane(self.fs.as_ref(), &self.dir, &self.shards, true)?;
+        let mut fresh = std::mem::take(&mut recovered.index);
+        let (file, segment_no, offset) = resume_point(
+            self.fs.as_ref(),
+            &self.dir,
+            &mut fresh,
+            recovered.resume_offset,
+            self.segment_bytes,
+        )?;
+        fresh.failed = failed;
+        super::pin_damage(&mut fresh, &recovered.damage, &self.shards);
+        let mut index = self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // What the rest of the WAL shares with this lane, and what the flusher found, outlive
+        // the restart: the usage counters are the WAL handle's, the stalled marks the flusher's.
+        fresh.usage = index.usage.clone();
+        for (shard, log) in &index.shards {
+            if let Some(reason) = &log.archive_stalled {
+                fresh.shard(*shard).archive_stalled = Some(reason.clone());
+            }
+        }
+        fresh.refresh_usage();
+        *index = fresh;
+        drop(index);
+        self.active_file = file;
+        self.active_segment_no = segment_no;
+        self.write_offset = offset;
+        self.next_batch_no = recovered.next_batch_no;
+        Ok(())
     }
 
     /// Writes and fsyncs the requests, publishes what became durable and answers every request.
@@ -122,6 +231,8 @@ impl LaneWriter {
             }
             None => self.write_requests(batch, buffer, &mut outcomes, &mut removed_segments),
         };
+        #[cfg(test)]
+        crate::supervisor::crash::point(&format!("wal_lane/{}", self.dir.display()));
         metrics::histogram!("fleetlm_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("fleetlm_wal_fsync_batch_records").record(f64::from(record_count));
         for (request, outcome) in batch.drain(..).zip(outcomes) {

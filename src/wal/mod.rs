@@ -286,25 +286,13 @@ impl Wal {
             let mut recovered = recovery::recover_lane(fs.as_ref(), &lane_dir, &shards, true)?;
             let mut lane_index = std::mem::take(&mut recovered.index);
             reports.push(lane_report(lane_dir.clone(), &recovered, &shards, &mut lane_index));
-            let (active_file, active_segment_no, write_offset) = match recovered.resume_offset {
-                Some(offset) => {
-                    let info = &lane_index.segments[&lane_index.active_segment];
-                    (info.file.clone(), lane_index.active_segment, offset)
-                }
-                None => {
-                    let next = lane_index.segments.keys().next_back().map_or(0, |n| n + 1);
-                    let file = segment::create_segment(fs.as_ref(), &lane_dir, next, options.segment_bytes)?;
-                    lane_index.segments.insert(
-                        next,
-                        index::SegmentInfo {
-                            file: file.clone(),
-                            max_index_by_shard: Default::default(),
-                        },
-                    );
-                    lane_index.active_segment = next;
-                    (file, next, segment::SEGMENT_HEADER_BYTES)
-                }
-            };
+            let (active_file, active_segment_no, write_offset) = lane::resume_point(
+                fs.as_ref(),
+                &lane_dir,
+                &mut lane_index,
+                recovered.resume_offset,
+                options.segment_bytes,
+            )?;
             pin_damage(&mut lane_index, &recovered.damage, &shards);
             lane_index.refresh_usage();
             let usage = lane_index.usage.clone();
@@ -321,6 +309,7 @@ impl Wal {
                 write_offset,
                 next_batch_no: recovered.next_batch_no,
                 lane_shard_count: shards.len(),
+                shards,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("wal-lane-{lane_no}"))
