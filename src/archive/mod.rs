@@ -190,9 +190,17 @@ impl Archive {
     /// Log index up to which the shard's entries are archived (0 if none). `Regressed` if that
     /// is less than this process knew the archive to hold.
     pub async fn watermark(&self, shard: u16) -> Result<u64> {
+        // The floor is taken before the read: a flush committing while the read is in flight
+        // raises what was seen past what this (older) read can show, which is no regression.
+        // A watermark only grows, so a read begun after the floor was known must show it.
+        let floor = self.seen.get(shard);
         let holds = dispatch!(self, a => a.watermark(shard).await)?;
-        if let Some(regression) = self.seen.check(shard, holds) {
-            return Err(ArchiveError::Regressed(vec![regression]));
+        if holds < floor {
+            return Err(ArchiveError::Regressed(vec![regression::Regression {
+                shard,
+                holds,
+                given: floor,
+            }]));
         }
         self.seen.observe(shard, holds);
         Ok(holds)

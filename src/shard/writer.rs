@@ -1371,21 +1371,23 @@ impl ShardWriter {
     }
 
     async fn try_recover(&mut self) -> Result<usize, RecoveryError> {
+        // A single node's WAL purges only what a committed flush gave the archive: an archive
+        // holding less went back in time, and the purged entries cannot be replayed into it.
+        // (A cluster member's log is purged by consensus; there only the flusher's and the
+        // loads' checks against watermarks this process saw apply.) The purge mark is read
+        // before the watermark: a flush that commits and purges in between then only makes
+        // the watermark read higher, never the mark higher than the watermark it was read with.
+        let given = match self.cluster {
+            None => self.wal.purged(self.shard).map_or(0, |id| id.index),
+            Some(_) => 0,
+        };
+        self.archive.note_given(self.shard, given);
         let watermark = self.archive.watermark(self.shard).await.map_err(|e| match e {
             ArchiveError::Regressed(regressions) => {
                 RecoveryError::Regressed(crate::archive::regression::describe(&regressions))
             }
             other => RecoveryError::Retry(other.to_string()),
         })?;
-        // A single node's WAL purges only what a committed flush gave the archive: an archive
-        // holding less went back in time, and the purged entries cannot be replayed into it.
-        // (A cluster member's log is purged by consensus; there only the flusher's and the
-        // loads' checks against watermarks this process saw apply.)
-        let given = match self.cluster {
-            None => self.wal.purged(self.shard).map_or(0, |id| id.index),
-            Some(_) => 0,
-        };
-        self.archive.note_given(self.shard, given);
         if watermark < given {
             let regression = crate::archive::regression::Regression {
                 shard: self.shard,
