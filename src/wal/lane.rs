@@ -198,6 +198,16 @@ impl LaneWriter {
             self.segment_bytes,
         )?;
         fresh.failed = failed;
+        // The panic may have come between a batch's write and its fsync: what recovery just
+        // read may be in the page cache only. It is made durable before the index shows it
+        // (a failed fsync fails the lane, as always: never retried).
+        if fresh.failed.is_none()
+            && let Err(error) = file.sync_data()
+        {
+            fresh.failed = Some(format!(
+                "fdatasync of the active segment after a restart failed: {error}"
+            ));
+        }
         super::pin_damage(&mut fresh, &recovered.damage, &self.shards);
         let mut index = self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // What the rest of the WAL shares with this lane, and what the flusher found, outlive
