@@ -185,6 +185,14 @@ impl SimFs {
         file.lock().unwrap().unreadable.push((from, to));
     }
 
+    /// Every region of a file reads again (a transient error that went away).
+    pub fn clear_unreadable(&self, path: &Path) {
+        let state = self.state.lock().unwrap();
+        if let Some(file) = state.visible.get(path) {
+            file.lock().unwrap().unreadable.clear();
+        }
+    }
+
     pub fn file_len(&self, path: &Path) -> Option<usize> {
         let state = self.state.lock().unwrap();
         state.visible.get(path).map(|f| f.lock().unwrap().visible.len())

@@ -9,8 +9,6 @@
 //! sessions, messages or JSON. An `append` resolves only after its records are fdatasync'd.
 
 #[cfg(test)]
-pub mod bad_reads;
-#[cfg(test)]
 pub mod fault;
 pub mod fs;
 mod index;

@@ -11,7 +11,6 @@ use serde_json::value::RawValue;
 use super::*;
 use crate::model::{Message, MessageRecord, SessionRecord, Timestamp};
 use crate::shard::ops::Op;
-use crate::wal::bad_reads::BadReads;
 use crate::wal::fault::SimFs;
 use crate::wal::{LogId, WalOptions};
 
@@ -81,7 +80,7 @@ fn entry(shard: u16, index: u64) -> Vec<u8> {
 }
 
 struct Fixture {
-    fs: BadReads,
+    fs: SimFs,
     wal: Arc<Wal>,
     archive: Archive,
     flusher: Flusher,
@@ -92,7 +91,7 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let fs = BadReads::new(SimFs::new());
+    let fs = SimFs::new();
     let wal = Arc::new(
         Wal::open_on(Arc::new(fs.clone()), Path::new("/wal"), wal_options())
             .expect("open wal")
@@ -158,7 +157,6 @@ impl Fixture {
 
     fn segment_files(&self) -> Vec<PathBuf> {
         self.fs
-            .sim
             .paths()
             .into_iter()
             .filter(|path| path.extension().is_some_and(|ext| ext == "wal"))
@@ -171,7 +169,7 @@ impl Fixture {
         self.segment_files()
             .into_iter()
             .find_map(|path| {
-                let bytes = self.fs.sim.read(&path)?;
+                let bytes = self.fs.read(&path)?;
                 let at = bytes.windows(needle.len()).position(|w| w == needle.as_bytes())?;
                 Some((path, at))
             })
@@ -179,7 +177,7 @@ impl Fixture {
     }
 
     fn holds_any(&self, path: &Path, needles: &[String]) -> bool {
-        let bytes = self.fs.sim.read(path).expect("segment");
+        let bytes = self.fs.read(path).expect("segment");
         needles
             .iter()
             .any(|needle| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
@@ -215,8 +213,8 @@ impl Fixture {
     fn damage(&self, shard: u16, index: u64, fault: Fault) {
         let (path, at) = self.locate(shard, index);
         match fault {
-            Fault::Unreadable => self.fs.make_unreadable(&path, at as u64, 1),
-            Fault::BitFlip => self.fs.sim.flip_bit(&path, at + needle(shard, index).len() + 1, 0),
+            Fault::Unreadable => self.fs.make_unreadable(&path, at, at + 1),
+            Fault::BitFlip => self.fs.flip_bit(&path, at + needle(shard, index).len() + 1, 0),
             Fault::Undecodable => {}
         }
     }
@@ -335,10 +333,10 @@ fn a_shard_that_became_readable_again_resumes() {
         // A read that fails once (a transient EIO): a single-entry region made unreadable and
         // then readable again is the same as a retry succeeding.
         let (path, at) = fixture.locate(2, 2);
-        fixture.fs.make_unreadable(&path, at as u64, 1);
+        fixture.fs.make_unreadable(&path, at, at + 1);
         fixture.flush().await;
         assert!(fixture.wal.archive_stalled(2).is_some());
-        fixture.fs.clear_unreadable();
+        fixture.fs.clear_unreadable(&path);
         // As a restarted flusher would: it knows nothing of the shard set aside before.
         fixture.progress = ShardProgress::all(SHARDS as usize);
         fixture.flush().await;
