@@ -936,12 +936,12 @@ async fn cluster_wiped_node_refuses_to_rejoin_and_is_replaced() {
     .await;
 }
 
-/// (i) A node elected while it cannot reach the archive cannot take a shard over (it rebuilds
-/// from the archive): instead of blocking the shard it retries, then hands the leadership to
-/// another member, so every shard stays writable; with its archive back it serves again, and the
-/// history checks out.
+/// (i) A node elected while it cannot reach the archive leads anyway: every member applies the
+/// committed log to its own copy of the shard's state, so taking a shard over reads nothing from
+/// the archive. Every shard stays writable through leader kills while node 2 is cut from the
+/// archive; with its archive back it archives what it wrote, and the history checks out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_leader_without_archive_hands_its_shards_over() {
+async fn cluster_leader_without_archive_still_leads() {
     bounded(Duration::from_secs(180), async {
         let mut options = options();
         // When a leader fails, node 2 campaigns well before the others.
@@ -965,6 +965,7 @@ async fn cluster_leader_without_archive_hands_its_shards_over() {
         cluster.partition(2);
         tokio::time::sleep(Duration::from_secs(5)).await;
         cluster.heal(2);
+        let led_before = cluster.log_lines_matching(2, "leading the shard").len();
         let mut probes = Vec::new();
         let mut elected = false;
         for round in 0..4 {
@@ -992,7 +993,7 @@ async fn cluster_leader_without_archive_hands_its_shards_over() {
                 eprintln!("round {round}: shard {shard} writable after {took:?}");
                 probes.push(probe);
             }
-            elected = !cluster.log_lines_matching(2, "taking the shard over failed").is_empty();
+            elected = cluster.log_lines_matching(2, "leading the shard").len() > led_before;
             cluster.restart(victim);
             cluster.wait_ready(victim).await;
             load.routing.include(victim);
@@ -1005,8 +1006,83 @@ async fn cluster_leader_without_archive_hands_its_shards_over() {
             "node 2 was never elected while cut from the archive (the scenario did not happen); its log:\n{}",
             cluster.log_tail(2, 30)
         );
+        assert!(
+            cluster.log_lines_matching(2, "taking the shard over failed").is_empty(),
+            "node 2 needed the archive to take a shard over; its log:\n{}",
+            cluster.log_tail(2, 30)
+        );
         cluster.cut_archive(2, false);
         cluster.wait_all_ready().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        finish_and_check(load, probes, &cluster).await;
+    })
+    .await;
+}
+
+/// How long the archive is cut from every node under load before a leader is killed.
+const ARCHIVE_OUTAGE: Duration = Duration::from_secs(60);
+/// The failover target is 2 s (p99, measured by the `failover` benchmark); a test on a shared
+/// 2-core machine allows for scheduling noise, while a new leader that needed the archive would
+/// not be writable at all until it came back.
+const FAILOVER_BOUND_IN_TESTS: Duration = Duration::from_secs(5);
+
+/// (issue 20) A leader change never waits on the archive: with the archive cut from every node for
+/// a minute under write load (a large unarchived backlog), killing a leader leaves its shards
+/// writable again within the failover bound, the archive still down; once the archive is back
+/// everything lands in it (the checker reads the archive too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_leader_change_never_waits_on_the_archive() {
+    bounded(Duration::from_secs(300), async {
+        let (mut cluster, sessions) = start_with_sessions(options()).await;
+        let load = Load::start(
+            &cluster,
+            &sessions,
+            LoadOptions {
+                sockets: 0,
+                ..LoadOptions::default()
+            },
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for id in cluster.ids() {
+            cluster.cut_archive(id, true);
+        }
+        tokio::time::sleep(ARCHIVE_OUTAGE).await;
+        let leaders = cluster.leaders().await;
+        let victim = leaders[0];
+        let led: Vec<u16> = (0..SHARDS).filter(|shard| leaders[*shard as usize] == victim).collect();
+        eprintln!("leaders {leaders:?}; killing node {victim}, leader of shards {led:?}");
+        load.routing.exclude(victim);
+        cluster.kill9(victim);
+        let mut probes = Vec::new();
+        for shard in led {
+            let session = session_of(&sessions, shard, SHARDS);
+            let (probe, took) = probe_write(
+                &cluster,
+                Some(victim),
+                &session,
+                &format!("after-kill-shard-{shard}"),
+                Duration::from_secs(30),
+            )
+            .await;
+            assert!(
+                matches!(probe.outcome, Outcome::Acked { .. }),
+                "shard {shard} took no write after its leader was killed with the archive down ({took:?}): {:?}\n{}",
+                probe.outcome,
+                cluster.all_logs_tail(20)
+            );
+            eprintln!("shard {shard} writable after {took:?}");
+            assert!(
+                took <= FAILOVER_BOUND_IN_TESTS,
+                "shard {shard} was writable again only after {took:?}, with the archive down"
+            );
+            probes.push(probe);
+        }
+        for id in cluster.ids() {
+            cluster.cut_archive(id, false);
+        }
+        cluster.restart(victim);
+        cluster.wait_all_ready().await;
+        load.routing.include(victim);
         tokio::time::sleep(Duration::from_secs(1)).await;
         finish_and_check(load, probes, &cluster).await;
     })

@@ -305,7 +305,8 @@ impl Flusher {
     }
 
     /// Cluster mode: learns the watermarks other members moved, for the shards this member
-    /// does not lead, and tells consensus how far the archive reaches.
+    /// does not lead, and tells consensus and the shard's writer (its copy of the state) how far
+    /// the archive reaches.
     async fn refresh_followed_watermarks(&self, progress: &mut [ShardProgress]) {
         let Some(cluster) = &self.cluster else { return };
         for (shard, state) in progress.iter_mut().enumerate() {
@@ -314,6 +315,13 @@ impl Flusher {
             }
             match self.archive.watermark(shard as u16).await {
                 Ok(watermark) => {
+                    if state.watermark != Some(watermark) {
+                        // The writer's copy of the state forgets what the archive now holds
+                        // (a full queue: told at the next refresh).
+                        let _ = self.shard_commands[shard].try_send(Command::Archived {
+                            through_index: watermark,
+                        });
+                    }
                     state.watermark = Some(watermark);
                     cluster.archived_through[shard].fetch_max(watermark, Ordering::AcqRel);
                 }

@@ -56,6 +56,19 @@ pub struct LoadedSession {
     pub client_ids: ClientIdWindow,
 }
 
+impl LoadedSession {
+    /// A session known only by its summary (`Op::SessionLoaded` on a replica): no messages in
+    /// memory, every earlier client id to be looked up in the archive.
+    pub fn summary(view: SessionView, gaps: Vec<(u64, u64)>) -> LoadedSession {
+        LoadedSession {
+            view,
+            tail: Vec::new(),
+            gaps,
+            client_ids: ClientIdWindow::default(),
+        }
+    }
+}
+
 /// A session's newest client ids (`CLIENT_ID_WINDOW` at most), read when it is loaded.
 #[derive(Debug, Clone)]
 pub struct ClientIdWindow {

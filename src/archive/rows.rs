@@ -90,6 +90,8 @@ impl FlushRows {
                     let key = update_of(session_id, at);
                     touched.push((key, op));
                 }
+                // What replicas hold in memory; the archive already has all of it.
+                Op::SessionLoaded { .. } | Op::SessionEvicted { .. } => {}
             }
         }
         let mut last_message_of: HashMap<Arc<str>, usize> = HashMap::new();
@@ -120,7 +122,11 @@ impl FlushRows {
                 Op::DispatchFinished { through_seq, .. } => {
                     update.dispatch.answered_through = update.dispatch.answered_through.max(through_seq);
                 }
-                Op::SessionCreated(_) | Op::ReadCursorMoved { .. } | Op::SeqsSkipped { .. } => {}
+                Op::SessionCreated(_)
+                | Op::ReadCursorMoved { .. }
+                | Op::SeqsSkipped { .. }
+                | Op::SessionLoaded { .. }
+                | Op::SessionEvicted { .. } => {}
             }
         }
         for (key, index) in last_message_of {

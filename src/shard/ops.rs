@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{MessageRecord, ReadCursor, SessionRecord, Timestamp};
+use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionView, Timestamp};
 
 pub const ENTRY_FORMAT_VERSION: u8 = 1;
 
@@ -43,17 +43,33 @@ pub enum Op {
         through_seq: u64,
         at: Timestamp,
     },
+    /// Cluster: the leader installed this session from the archive (its summary as loaded), so
+    /// every replica holds it too and a new leader can write to it without the archive. Carries
+    /// no messages and no client ids: a replica's copy starts with an empty hot tail (its reads
+    /// go to the archive) and looks older client ids up in the archive.
+    SessionLoaded {
+        view: SessionView,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gaps: Vec<(u64, u64)>,
+    },
+    /// Cluster: the leader forgot this session (idle, every record archived); every replica
+    /// forgets it too, so replicas hold exactly the sessions the leader holds.
+    SessionEvicted {
+        session_id: String,
+    },
 }
 
 impl Op {
     pub fn session_id(&self) -> &str {
         match self {
             Op::SessionCreated(session) => &session.id,
+            Op::SessionLoaded { view, .. } => &view.record.id,
             Op::MessageAppended(record) => &record.message.session_id,
             Op::SessionArchived { session_id, .. }
             | Op::ReadCursorMoved { session_id, .. }
             | Op::DispatchFinished { session_id, .. }
-            | Op::SeqsSkipped { session_id, .. } => session_id,
+            | Op::SeqsSkipped { session_id, .. }
+            | Op::SessionEvicted { session_id } => session_id,
         }
     }
 }

@@ -1,18 +1,24 @@
 //! A shard writer's part in a cluster: whether it leads its shard, and what it does with the
-//! shard's committed log (the consensus feed) when it does not.
+//! shard's committed log (the consensus feed).
 //!
-//! - **Follower**: holds no session state. Every committed entry is decoded and its messages are
-//!   published to this node's listeners (sockets joined here), in log order; requests are answered
-//!   `NotLeader` (the router forwards them to the leader).
-//! - **Taking over**: this node was elected. It waits until the feed has delivered an entry of its
-//!   own term (its blank entry: everything before it is then committed and in the local log), then
-//!   rebuilds the state from the archive plus the log through that entry, exactly as a restart
-//!   does, and starts writing.
+//! Every member holds the shard's state, not only its leader:
+//! - **Follower**: applies every committed entry to its own copy of the state (the same fold the
+//!   leader's writer uses; the leader logs the sessions it loads from the archive and the ones
+//!   it forgets, so every copy holds the same sessions) and publishes its messages to this
+//!   node's listeners, in log order; requests are answered `NotLeader` (the router forwards them
+//!   to the leader). A copy that cannot be kept by the fold (a writer restart, a snapshot
+//!   installed, an entry naming a session it does not hold) is rebuilt from the archive plus the
+//!   committed log, in the background of the feed.
+//! - **Taking over**: this node was elected. Once a quorum confirmed it and the feed delivered an
+//!   entry of its own term (its blank entry: everything before it is committed and applied), it
+//!   starts writing from the state it holds: no archive read on the way. Only a member whose copy
+//!   is not current rebuilds first, from the archive plus the log, as a restart does.
 //! - **Leader**: validates, stamps and applies as a single node does, and hands each batch to
 //!   consensus (`Consensus::enqueue`, conditional on its term) instead of the WAL; it answers once
-//!   the entry is committed. The feed then repeats its own entries, which it skips (they were
-//!   published when they committed). Losing leadership, or a proposal that fails, throws the
-//!   state away (it may hold operations that never committed): back to follower.
+//!   the entry is committed. The feed then repeats its own entries, which it skips. A proposal
+//!   that fails (its outcome unknown) throws the state away (it may hold operations that never
+//!   committed) and rebuilds it from the archive and the committed log; losing leadership with
+//!   nothing in flight keeps it (everything in it committed).
 
 use std::sync::Arc;
 
@@ -58,6 +64,23 @@ pub struct ClusterLink {
     /// again (also: when to repeat the hand-over of a term given up).
     pub takeover_failures: u32,
     pub takeover_retry_at: Option<tokio::time::Instant>,
+    /// The writer's state is the fold of the committed log through `applied_through` (plus the
+    /// leader's own batches in flight): kept up by applying each delivered entry. When false the
+    /// state is rebuilt from the archive and the log before it is used.
+    pub replica_current: bool,
+}
+
+/// What the feed delivered, as the writer must act on it.
+pub enum Delivered {
+    /// Entry `index`: its command (`None` for consensus' own entries), and whether this node
+    /// still has to publish it to its listeners.
+    Entry {
+        index: u64,
+        command: Option<Vec<u8>>,
+        publish: bool,
+    },
+    /// A snapshot was installed: the log before it is not here; the state must be rebuilt.
+    Reload,
 }
 
 impl ClusterLink {
@@ -73,6 +96,7 @@ impl ClusterLink {
             confirmation: None,
             takeover_failures: 0,
             takeover_retry_at: None,
+            replica_current: false,
         }
     }
 
@@ -190,29 +214,30 @@ impl ClusterLink {
         }
     }
 
-    /// Records a delivered entry. Returns the command to publish, if this node has not published
-    /// it yet. A leader published its own entries when they committed: the writer completes a
-    /// batch (which sets `published_through`) before the feed can repeat its entry, since the
-    /// commit is reported before the entry is applied and the writer polls its batches first.
-    /// Any other entry (a former leader's, or one of its own whose proposal timed out and
-    /// committed later) is published from here, whatever the role.
-    pub fn on_applied(&mut self, applied: Applied) -> Option<Vec<u8>> {
+    /// Records a delivered entry. A leader published its own entries when they committed: the
+    /// writer completes a batch (which sets `published_through`) before the feed can repeat its
+    /// entry, since the commit is reported before the entry is applied and the writer polls its
+    /// batches first. Any other entry (a former leader's, or one of its own whose proposal timed
+    /// out and committed later) is published from here, whatever the role.
+    pub fn on_applied(&mut self, applied: Applied) -> Delivered {
         match applied {
             Applied::Entry { index, term, command } => {
                 self.applied_through = index;
                 self.applied_term = term;
-                if index <= self.published_through {
-                    return None;
+                let publish = index > self.published_through;
+                self.published_through = self.published_through.max(index);
+                Delivered::Entry {
+                    index,
+                    command,
+                    publish,
                 }
-                self.published_through = index;
-                command
             }
             Applied::Reload { through } => {
-                // Only a follower installs a snapshot: it holds no state; listeners that missed
-                // entries see a seq gap and rejoin from the archive.
+                // Only a follower installs a snapshot; listeners that missed entries see a seq
+                // gap and rejoin from the archive.
                 self.applied_through = self.applied_through.max(through);
                 self.published_through = self.published_through.max(through);
-                None
+                Delivered::Reload
             }
         }
     }

@@ -90,6 +90,17 @@ impl ShardState {
                 state.skip_seqs(*through_seq, *at);
                 state.last_log_index = state.last_log_index.max(log_index);
             }
+            Op::SessionLoaded { view, gaps } => {
+                if !self.sessions.contains_key(&view.record.id) {
+                    self.install(LoadedSession::summary(view.clone(), gaps.clone()), now);
+                }
+                if let Some(state) = self.sessions.get_mut(&view.record.id) {
+                    state.last_log_index = state.last_log_index.max(log_index);
+                }
+            }
+            Op::SessionEvicted { session_id } => {
+                self.sessions.remove(session_id.as_str());
+            }
             Op::ReadCursorMoved { session_id, cursor, .. } => {
                 let Some(state) = self.sessions.get_mut(session_id.as_str()) else {
                     return;
@@ -154,6 +165,17 @@ impl ShardState {
                 state.mark_archived_through(log_index);
             }
         }
+    }
+
+    /// Sessions `evict_idle` would forget now (oldest first is not promised).
+    pub fn idle_sessions(&self, idle_for: Duration, now: Instant) -> impl Iterator<Item = &Arc<str>> {
+        let archived_index = self.archived_index;
+        self.sessions
+            .iter()
+            .filter(move |(_, state)| {
+                state.last_log_index <= archived_index && now.duration_since(state.last_used) >= idle_for
+            })
+            .map(|(id, _)| id)
     }
 
     /// Forgets sessions unused for `idle_for` whose every record is archived; they are reloaded
@@ -297,5 +319,82 @@ mod tests {
         state.apply(&message("s", 1), 3, 0, now);
         assert_eq!(state.sessions["s"].last_seq, 1);
         assert_eq!(state.sessions["s"].hot_tail.len(), 1);
+    }
+
+    /// A replica that applies the leader's log (session loads and evictions included) holds the
+    /// same sessions with the same counters as the leader, though the archive gave it nothing.
+    #[test]
+    fn a_replica_folding_the_log_holds_what_the_leader_holds() {
+        use crate::archive::{ClientIdWindow, LoadedSession};
+        let now = Instant::now();
+        let Op::SessionCreated(record) = session("old") else {
+            unreachable!()
+        };
+        // The leader loads "old" from the archive (40 messages, a turn answered through 38).
+        let mut view = SessionState::new(record, now).view();
+        view.last_seq = 40;
+        view.nonuser_count = 19;
+        view.dispatch.last_user_seq = 39;
+        view.dispatch.answered_through = 38;
+        let tail = (1..=40)
+            .map(|seq| match message("old", seq) {
+                Op::MessageAppended(record) => record,
+                _ => unreachable!(),
+            })
+            .collect();
+        let loaded = LoadedSession {
+            view,
+            tail,
+            gaps: vec![(5, 6)],
+            client_ids: ClientIdWindow {
+                ids: Vec::new(),
+                complete_from: 1,
+            },
+        };
+        let mut leader = ShardState::new(10);
+        leader.install(loaded, now);
+        let summary = &leader.sessions["old"];
+        let log = [
+            (
+                11,
+                Op::SessionLoaded {
+                    view: summary.view(),
+                    gaps: summary.gaps.clone(),
+                },
+            ),
+            (12, message("old", 41)),
+            (13, session("new")),
+            (14, message("new", 1)),
+        ];
+        let mut replica = ShardState::new(10);
+        for (index, op) in &log {
+            if !matches!(op, Op::SessionLoaded { .. }) {
+                leader.apply(op, *index, 0, now);
+            }
+            replica.apply(op, *index, 0, now);
+        }
+        for id in ["old", "new"] {
+            let (l, r) = (&leader.sessions[id], &replica.sessions[id]);
+            assert_eq!(l.last_seq, r.last_seq, "{id}");
+            assert_eq!(l.dispatch, r.dispatch, "{id}");
+            assert_eq!(l.nonuser_count, r.nonuser_count, "{id}");
+            assert_eq!(l.gaps, r.gaps, "{id}");
+            assert_eq!(l.status, r.status, "{id}");
+        }
+        let old = &replica.sessions["old"];
+        assert_eq!(old.last_seq, 41);
+        assert_eq!(old.archived_seq, 40, "what the archive held, read from it on demand");
+        assert_eq!(old.hot_tail_start(), 41, "only what the replica applied is in memory");
+        assert_eq!(old.client_ids_complete_from, 41, "older client ids are the archive's");
+        assert!(old.client_ids.contains_key("c41"));
+        assert_eq!(replica.applied_index, 14);
+
+        let evicted = Op::SessionEvicted {
+            session_id: "old".into(),
+        };
+        leader.apply(&evicted, 15, 0, now);
+        replica.apply(&evicted, 15, 0, now);
+        assert!(!leader.sessions.contains_key("old") && !replica.sessions.contains_key("old"));
+        assert!(replica.sessions.contains_key("new"));
     }
 }
