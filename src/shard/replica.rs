@@ -68,6 +68,26 @@ pub struct ClusterLink {
     /// leader's own batches in flight): kept up by applying each delivered entry. When false the
     /// state is rebuilt from the archive and the log before it is used.
     pub replica_current: bool,
+    /// The term this writer last led in (its proposals all carry it).
+    pub led_term: u64,
+    /// The first index of a proposal that failed (its outcome unknown), until the rebuild.
+    pub failed_from: Option<u64>,
+    /// A committed index differed from the one the writer counted, until the rebuild.
+    pub index_moved: bool,
+    /// Proposals whose outcome is unknown, which the state includes (see `Unsure`).
+    pub unsure: Option<Unsure>,
+}
+
+/// A former leader's proposals whose outcome is unknown (leadership lost, no quorum in time):
+/// entries `from..=through`, all of `term`, which its state already includes. They commit or not
+/// as the log decides: if the feed delivers every one of them in `term`, they committed and the
+/// state is kept; an index delivered in another term means they were replaced, and the state is
+/// rebuilt. Either way no archive read is needed in the common case of a leader change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsure {
+    pub from: u64,
+    pub through: u64,
+    pub term: u64,
 }
 
 /// What the feed delivered, as the writer must act on it.
@@ -76,6 +96,7 @@ pub enum Delivered {
     /// still has to publish it to its listeners.
     Entry {
         index: u64,
+        term: u64,
         command: Option<Vec<u8>>,
         publish: bool,
     },
@@ -97,6 +118,10 @@ impl ClusterLink {
             takeover_failures: 0,
             takeover_retry_at: None,
             replica_current: false,
+            led_term: 0,
+            failed_from: None,
+            index_moved: false,
+            unsure: None,
         }
     }
 
@@ -228,6 +253,7 @@ impl ClusterLink {
                 self.published_through = self.published_through.max(index);
                 Delivered::Entry {
                     index,
+                    term,
                     command,
                     publish,
                 }

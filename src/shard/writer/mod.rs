@@ -369,6 +369,7 @@ impl ShardWriter {
         self.state = ShardState::new(archived_index);
         if let Some(link) = self.cluster.as_mut() {
             link.replica_current = false;
+            link.unsure = None;
         }
     }
 
@@ -475,16 +476,22 @@ impl ShardWriter {
                                 "log index moved; the shard rebuilds its state"
                             );
                             link.resync = true;
+                            link.index_moved = true;
                         }
                     }
                 }
                 None
             }
             Err(cause) => {
+                if let Some(link) = self.cluster.as_mut()
+                    && durable.is_some()
+                {
+                    link.failed_from = Some(link.failed_from.unwrap_or(log_index).min(log_index));
+                }
                 // The state already includes these operations but the log does not: answer
                 // them (and everything sealed after them) with the error, then rebuild.
                 if self.cluster.is_some() {
-                    tracing::warn!(shard = self.shard, %cause, "a proposal did not commit; the shard rebuilds its state from the committed log");
+                    tracing::warn!(shard = self.shard, %cause, "a proposal did not commit; the shard follows the committed log to learn its outcome");
                 } else {
                     tracing::error!(shard = self.shard, %cause, "wal append failed; the shard rebuilds its state from the log");
                 }

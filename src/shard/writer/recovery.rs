@@ -31,15 +31,39 @@ impl ShardWriter {
         }
         metrics::counter!("fleetlm_shard_rebuilds_total").increment(1);
         if let Some(link) = self.cluster.as_mut() {
-            // Only the committed log is truth: back to follower, and take over again (from the
-            // archive and the committed log) if this node still leads.
+            // Only the committed log is truth: back to follower (taking over again if this node
+            // still leads). The state includes every batch sealed; those that failed may still
+            // commit, so the log decides (`Unsure`) whether it is kept. A moved index means the
+            // state's WAL positions are off: rebuilt from the archive and the log.
             link.resync = false;
             if let Role::Leader { .. } = link.role {
                 link.role = Role::Follower;
             }
+            let failed_from = link.failed_from.take();
+            let index_moved = std::mem::take(&mut link.index_moved);
+            let through = self.state.applied_index;
             self.publish_leading();
-            self.reset_state(0);
             self.rebuild_cause = None;
+            let link = self.cluster.as_mut().expect("cluster mode");
+            // Entries the feed already delivered: by Raft's log matching, a delivered entry of
+            // the term this writer led in means every entry of its up to it committed.
+            let delivered_ours = link.applied_term == link.led_term;
+            match failed_from {
+                _ if index_moved || link.led_term == 0 => self.reset_state(0),
+                Some(_) if delivered_ours && link.applied_through >= through => {}
+                Some(from) if from <= through && (link.applied_through < from || delivered_ours) => {
+                    link.unsure = Some(super::super::replica::Unsure {
+                        from: from.max(link.applied_through + 1),
+                        through,
+                        term: link.led_term,
+                    });
+                    link.replica_current = false;
+                }
+                // Every batch in flight committed (leadership was lost meanwhile): the state
+                // is the committed log.
+                None => {}
+                Some(_) => self.reset_state(0),
+            }
             return;
         }
         self.recover().await;

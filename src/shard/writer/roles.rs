@@ -55,9 +55,14 @@ impl ShardWriter {
             }
             Delivered::Entry {
                 index,
+                term,
                 command,
                 publish,
             } => {
+                if !leading {
+                    self.resolve_unsure(index, term);
+                }
+                let link = self.cluster.as_mut().expect("cluster mode");
                 let to_apply = !leading && link.replica_current && index > self.state.applied_index;
                 let to_publish = publish && self.hub.has_session_listeners(self.shard);
                 let decoded = match &command {
@@ -85,6 +90,41 @@ impl ShardWriter {
         if idle {
             self.try_take_over().await;
         }
+    }
+
+    /// A former leader learns the outcome of its proposals whose outcome was unknown (`Unsure`)
+    /// as the feed delivers their indexes: each in the term it proposed them in, and they
+    /// committed (the state, which includes them, is current again); one in another term, and
+    /// they were replaced (the state is rebuilt from the archive and the log).
+    pub(super) fn resolve_unsure(&mut self, index: u64, term: u64) {
+        let Some(link) = self.cluster.as_mut() else { return };
+        let Some(unsure) = link.unsure else { return };
+        if index < unsure.from {
+            return;
+        }
+        if term == unsure.term && index < unsure.through {
+            return;
+        }
+        if term == unsure.term && index == unsure.through {
+            link.unsure = None;
+            link.replica_current = true;
+            tracing::info!(
+                shard = self.shard,
+                from = unsure.from,
+                through = index,
+                "proposals whose outcome was unknown committed; the state is kept"
+            );
+            return;
+        }
+        tracing::info!(
+            shard = self.shard,
+            index,
+            term,
+            proposed_in = unsure.term,
+            "proposals whose outcome was unknown were replaced; the state is rebuilt"
+        );
+        metrics::counter!("fleetlm_replica_rebuilds_total").increment(1);
+        self.reset_state(0);
     }
 
     /// A follower's fold of committed entry `index` into its copy of the state (`ops`: the
@@ -145,7 +185,7 @@ impl ShardWriter {
     /// does not answer or the log is still catching up).
     pub(super) async fn build_replica_state(&mut self) {
         let Some(link) = self.cluster.as_mut() else { return };
-        if link.replica_current || link.role != Role::Follower || link.resync {
+        if link.replica_current || link.role != Role::Follower || link.resync || link.unsure.is_some() {
             return;
         }
         if link
@@ -258,7 +298,9 @@ impl ShardWriter {
                     link.takeover_retry_at = Some(tokio::time::Instant::now() + delay);
                     tracing::warn!(shard = self.shard, term, failures, %reason, "taking the shard over failed; retrying");
                     metrics::counter!("fleetlm_shard_takeover_retries_total").increment(1);
-                    if failures == TAKEOVER_FAILURES_BEFORE_HAND_OVER {
+                    // A member whose copy of the state was current would not need the archive:
+                    // offer it the leadership at once.
+                    if failures == TAKEOVER_FAILURES_BEFORE_HAND_OVER || (!current && failures == 1) {
                         link.consensus.transfer_leadership(self.shard).await;
                     }
                 }
@@ -294,6 +336,7 @@ impl ShardWriter {
         }
         let link = self.cluster.as_mut().expect("cluster mode");
         link.role = Role::Leader { term };
+        link.led_term = term;
         link.replica_current = true;
         self.publish_leading();
         let link = self.cluster.as_mut().expect("cluster mode");
