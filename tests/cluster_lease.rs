@@ -214,6 +214,9 @@ async fn answer_of(cluster: &Cluster, id: usize, method: &str, path: &str, body:
     (reply.status, reply.body)
 }
 
+/// One read: method, path, body, and where its answer shows the session's last seq.
+type ReadCheck = (&'static str, String, Option<Value>, fn(&Value) -> Option<u64>);
+
 /// A leader cut off from the others never answers a read from its own state once a new leader
 /// took writes: the session, its messages, the session listing, the user's inbox and a read
 /// cursor answer either `503 no_leader` or the fresh state, never the stale one.
@@ -258,7 +261,7 @@ async fn a_partitioned_leader_serves_no_stale_read() {
 
         // Every read on the cut-off node: refused, or fresh.
         let session_path = format!("/api/sessions/{session}");
-        let checks: Vec<(&str, String, Option<Value>, fn(&Value) -> Option<u64>)> = vec![
+        let checks: Vec<ReadCheck> = vec![
             ("GET", session_path.clone(), None, |b| b["session"]["last_seq"].as_u64()),
             ("GET", format!("{session_path}/messages"), None, |b| {
                 b["messages"].as_array()?.iter().filter_map(|m| m["seq"].as_u64()).max()
