@@ -413,7 +413,7 @@ impl Scheduler {
         schedule.running = Some((dispatch_id.clone(), control.clone()));
         *self.in_flight_by_agent.entry(agent_id.clone()).or_insert(0) += 1;
         self.in_flight += 1;
-        let (context, sender) = (self.context.clone(), self.sender.clone());
+        let (context, sender, overflowed) = (self.context.clone(), self.sender.clone(), self.overflowed.clone());
         tokio::spawn(async move {
             let Some(leader_term) = context.shards.dispatch_term(&session_id) else {
                 // A cluster member that does not lead the session's shard: its leader dispatches.
@@ -421,10 +421,10 @@ impl Scheduler {
                 return;
             };
             if let Some(term) = leader_term
-                && let Some(ended) = context.shards.leadership_ended(&session_id, term)
+                && let Some(ended) = context.shards.lease_ended(&session_id, term)
             {
                 // Stops the dispatch (and its stream to sockets) as soon as this node loses the
-                // shard: the new leader answers the turn.
+                // shard or its lease: the shard's leader answers the turn.
                 let control = control.clone();
                 tokio::spawn(async move {
                     tokio::select! {
@@ -459,7 +459,10 @@ impl Scheduler {
             let through_seq = result.through_seq.max(covered_hint);
             if result.superseded || ending == Ending::Superseded {
                 tracing::info!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, "dispatch ended: the shard's new leader answers the turn");
-                dispatch_released(&sender, session_id, agent_id).await;
+                dispatch_released(&sender, session_id.clone(), agent_id.clone()).await;
+                if let Some(term) = job.leader_term {
+                    resume_after_lease(&context, &sender, &overflowed, session_id, agent_id, term, through_seq).await;
+                }
                 return;
             }
             if result.nothing_owed {
@@ -621,6 +624,41 @@ impl Scheduler {
             }
         }
         self.start_ready();
+    }
+}
+
+/// How long a dispatch stopped by a lapsed lease waits for it to come back before the turn is
+/// left to a rescan.
+const LEASE_RESUME_PATIENCE: Duration = Duration::from_secs(60);
+
+/// A dispatch stopped because this node's lease lapsed while it still leads the shard in the
+/// same term (cut off from the quorum, or a hiccup): if another member is elected it answers
+/// the turn; if the lease comes back in this term, nobody else will, so the turn is scheduled
+/// here again. Past the patience a rescan finds it.
+async fn resume_after_lease(
+    context: &EngineContext,
+    sender: &mpsc::Sender<Event>,
+    overflowed: &AtomicBool,
+    session_id: Arc<str>,
+    agent_id: String,
+    term: u64,
+    through_seq: u64,
+) {
+    if context.shards.dispatch_term(&session_id) != Some(Some(term)) {
+        return;
+    }
+    let Some(regained) = context.shards.lease_regained(&session_id, term, LEASE_RESUME_PATIENCE) else {
+        return;
+    };
+    if regained.await {
+        let event = Event::UserMessage {
+            session_id,
+            agent_id,
+            seq: through_seq.max(1),
+        };
+        let _ = sender.send(event).await;
+    } else if context.shards.dispatch_term(&session_id) == Some(Some(term)) {
+        overflowed.store(true, Ordering::Release);
     }
 }
 

@@ -95,6 +95,9 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
     if job.control.is_cancelled() {
         return cancelled;
     }
+    if !lease_or_wait(context, job).await {
+        return lease_gone(job, 0);
+    }
     // Whether a reply is owed is decided here, from the log, not from the scheduler's memory:
     // a stale request (a rescan's snapshot taken while an earlier dispatch was running) must
     // not call the agent again for messages already answered.
@@ -139,13 +142,8 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
                 ..cancelled
             };
         }
-        if job.leader_term.is_some() && context.shards.dispatch_term(&job.session_id) != Some(job.leader_term) {
-            // Cluster: this node no longer leads the session's shard; the new leader answers.
-            return DispatchResult {
-                through_seq,
-                superseded: true,
-                ..cancelled
-            };
+        if !lease_or_wait(context, job).await {
+            return lease_gone(job, through_seq);
         }
         let body = json!({
             "session_id": &*job.session_id,
@@ -210,6 +208,36 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
                 };
             }
         }
+    }
+}
+
+/// Cluster: whether this dispatch may still act for the session's shard — this node holds its
+/// leadership lease in the term the dispatch runs under, at once or after a short wait for a
+/// lapsed one (`Shards::await_lease`). `false` also when the dispatch is stopped meanwhile. A
+/// leader cut off from the quorum thus calls the agent no more and relays nothing once its
+/// lease has run out.
+async fn lease_or_wait(context: &EngineContext, job: &DispatchJob) -> bool {
+    let Some(term) = job.leader_term else {
+        return true;
+    };
+    tokio::select! {
+        held = context.shards.await_lease(&job.session_id, term) => held && !job.control.is_cancelled(),
+        () = job.control.cancelled() => false,
+    }
+}
+
+/// How a dispatch ends when `lease_or_wait` said no: cancelled by the user (recorded as such),
+/// or superseded (the shard's leader answers the turn; nothing is recorded here).
+fn lease_gone(job: &DispatchJob, through_seq: u64) -> DispatchResult {
+    let superseded = job.control.is_superseded() || !job.control.is_cancelled();
+    if superseded {
+        job.control.supersede();
+    }
+    DispatchResult {
+        through_seq,
+        error: None,
+        nothing_owed: false,
+        superseded,
     }
 }
 
@@ -602,6 +630,15 @@ async fn handle_line(
             if let Some(reason) = exceeded {
                 metrics::counter!("fleetlm_webhook_replies_cut_total").increment(1);
                 return Err(CallError::Fatal(reason));
+            }
+            if !lease_or_wait(context, job).await {
+                // Nothing more is relayed: the sockets close the open message.
+                context.streams.abort_open_message(&job.session_id);
+                if lease_gone(job, 0).superseded {
+                    return Err(CallError::Superseded);
+                }
+                finish_message(context, agent, job, reply, "abort").await?;
+                return Err(CallError::Cancelled);
             }
             if !reply.streaming_announced {
                 reply.streaming_announced = true;

@@ -163,7 +163,7 @@ pub async fn list(
     } else {
         None
     };
-    let views = state.shards.overlay(views).await;
+    let views = state.shards.overlay(views).await?;
     let sessions: Vec<Value> = views.iter().map(SessionView::to_json).collect();
     Ok(axum::Json(json!({"sessions": sessions, "next_cursor": next_cursor})).into_response())
 }
@@ -264,7 +264,7 @@ pub async fn inbox_entries(state: &SharedState, user_id: &str) -> ApiResult<Vec<
         ..SessionFilter::default()
     };
     let views = state.shards.archive().list_sessions(filter).await?;
-    let mut views = state.shards.overlay(views).await;
+    let mut views = state.shards.overlay(views).await?;
     views.sort_by(|a, b| {
         b.last_activity
             .at

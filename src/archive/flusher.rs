@@ -291,12 +291,14 @@ impl Flusher {
     }
 
     /// How far this node flushes a shard now: a single node, everything its WAL holds; a cluster
-    /// member, what it has applied of a shard it leads (nothing of the others).
+    /// member, what it has applied of a shard it leads and holds the lease of (nothing of the
+    /// others: a leader cut off from the quorum may already have been replaced).
     fn target(&self, shard: u16) -> u64 {
         let wal_last = self.wal.last_log_id(shard).map_or(0, |id| id.index);
         match &self.cluster {
             None => wal_last,
             Some(cluster) if !cluster.writers[shard as usize].leading.load(Ordering::Acquire) => 0,
+            Some(cluster) if cluster.consensus.lease(shard).is_none() => 0,
             Some(cluster) => cluster
                 .consensus
                 .applied_if_leading(shard)

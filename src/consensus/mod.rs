@@ -8,7 +8,9 @@
 //!   snapshots are the shared archive;
 //! - `network` + `peer`: Raft RPCs over authenticated connections between nodes;
 //! - `membership`: replacing a member whose storage is lost (the operator's only membership
-//!   change).
+//!   change);
+//! - `lease`: leadership as a lease confirmed by a quorum (what a leader checks before acting
+//!   on its own: calling agents, flushing the archive, answering reads from its state).
 //!
 //! The rest of the server sees `Consensus` (propose, leadership, status) and one `ShardFeed` per
 //! shard (the applied stream). Indexes it sees are shard log indexes (WAL indexes).
@@ -16,6 +18,7 @@
 //! Architecture invariant: nothing outside this module names an openraft type; nothing here
 //! knows sessions or messages (commands are opaque bytes).
 
+mod lease;
 mod log_store;
 mod membership;
 mod network;
@@ -38,6 +41,7 @@ use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::{Config, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 
+pub use lease::{Lease, LeaseWatch};
 pub use log_store::command_in_record;
 pub use network::AppService;
 pub use peer::{MAX_FRAME_BYTES, PeerError};
@@ -92,6 +96,13 @@ pub struct Timing {
     pub heartbeat: Duration,
     pub election_min: Duration,
     pub election_max: Duration,
+}
+
+impl Timing {
+    /// How long a leader counts on its leadership after a quorum acknowledged it (`lease`).
+    pub fn lease(&self) -> Duration {
+        lease::length(self.election_min)
+    }
 }
 
 impl Default for Timing {
@@ -161,6 +172,11 @@ pub struct Consensus {
     /// Held while this node drives a member replacement step (one at a time here).
     member_steps: tokio::sync::Mutex<()>,
     formed: tokio::sync::watch::Receiver<Formation>,
+    leases: Arc<lease::LeaseBook>,
+    /// How long a read barrier may take before the leadership counts as unconfirmed.
+    barrier_timeout: Duration,
+    /// How long work paused by a lapsed lease waits for it to come back (`await_lease`).
+    lease_grace: Duration,
 }
 
 /// Who leads a shard, as this node sees it now.
@@ -536,6 +552,14 @@ impl Consensus {
                 stop,
                 member_steps: tokio::sync::Mutex::new(()),
                 formed,
+                leases: Arc::new(lease::LeaseBook::new(
+                    spec.node_id,
+                    spec.timing.lease(),
+                    spec.timing.election_max,
+                    wal.shard_count(),
+                )),
+                barrier_timeout: (spec.timing.election_max * 4).max(Duration::from_secs(1)),
+                lease_grace: spec.timing.election_max,
             },
             feeds,
         ))
@@ -680,10 +704,14 @@ impl Consensus {
     /// Waits until this node may serve a linearizable read of the shard: it leads it, a quorum
     /// confirmed so, and everything committed before the call is applied here (read index).
     pub async fn read_barrier(&self, shard: u16) -> Result<(), ProposeError> {
+        self.barrier_within(shard, PROPOSE_TIMEOUT).await
+    }
+
+    async fn barrier_within(&self, shard: u16, timeout: Duration) -> Result<(), ProposeError> {
         let barrier = self
             .group(shard)
             .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
-        let Ok(outcome) = tokio::time::timeout(PROPOSE_TIMEOUT, barrier).await else {
+        let Ok(outcome) = tokio::time::timeout(timeout, barrier).await else {
             return Err(ProposeError::Unknown(
                 "no quorum confirmed the leadership in time".into(),
             ));
@@ -696,6 +724,53 @@ impl Consensus {
             Err(RaftError::APIError(error)) => Err(ProposeError::Unknown(error.to_string())),
             Err(RaftError::Fatal(fatal)) => Err(ProposeError::Stopped(fatal.to_string())),
         }
+    }
+
+    /// The lease this node holds on the shard's leadership now (`lease`): `None` when it does
+    /// not lead the shard, or no quorum acknowledged it within the lease.
+    pub fn lease(&self, shard: u16) -> Option<Lease> {
+        self.leases.lease(shard, &self.group(shard).metrics().borrow_watched())
+    }
+
+    /// Whether this node holds the lease of the shard's leadership in `term` now.
+    pub fn lease_holds(&self, shard: u16, term: u64) -> bool {
+        self.lease(shard).is_some_and(|lease| lease.term == term)
+    }
+
+    /// Follows this node's lease on the shard (to wait for its loss or its return).
+    pub fn lease_watch(&self, shard: u16) -> LeaseWatch {
+        LeaseWatch {
+            shard,
+            book: self.leases.clone(),
+            metrics: self.group(shard).metrics(),
+            server: self.group(shard).server_metrics(),
+        }
+    }
+
+    /// Whether this node holds the lease of `term` now, or gets it back within a grace of one
+    /// election timeout (a heartbeat acknowledged late under load); `false` once it surely does
+    /// not (another member leads, or no quorum answered meanwhile).
+    pub async fn await_lease(&self, shard: u16, term: u64) -> bool {
+        self.lease_holds(shard, term) || self.lease_watch(shard).regained(term, self.lease_grace).await
+    }
+
+    /// Resolves once this node's lease of `term` on the shard has lapsed and not come back
+    /// within the grace of `await_lease`, or it no longer leads the shard in `term`.
+    pub fn lease_ended(&self, shard: u16, term: u64) -> impl Future<Output = ()> + Send + 'static {
+        self.lease_watch(shard).ended(term, self.lease_grace)
+    }
+
+    /// Makes sure this node may answer from its own state of the shard: it holds the lease (no
+    /// round trip), or else a quorum confirms its leadership now (a read-index barrier, which
+    /// also renews the lease). A node cut off from the quorum gets `Unknown` within a few
+    /// election timeouts.
+    pub async fn confirm_lease(&self, shard: u16) -> Result<(), ProposeError> {
+        if self.lease(shard).is_some() {
+            metrics::counter!("fleetlm_cluster_lease_reads_total", "path" => "lease").increment(1);
+            return Ok(());
+        }
+        metrics::counter!("fleetlm_cluster_lease_reads_total", "path" => "barrier").increment(1);
+        self.barrier_within(shard, self.barrier_timeout).await
     }
 
     /// The shard's leader as this node last heard, if any.
@@ -787,6 +862,9 @@ impl Consensus {
             })
         };
         if let Some(target) = target {
+            // The target's election is granted inside the followers' leases: this node's ends.
+            let term = raft.metrics().borrow_watched().vote.leader_id().term;
+            self.leases.hand_off(shard, term);
             let _ = raft.trigger().transfer_leader(target).await;
         }
     }

@@ -395,6 +395,101 @@ async fn a_leader_cut_off_from_the_majority_acknowledges_nothing() {
     let _ = cluster.stop_node(old).await;
 }
 
+/// The leadership lease: a leader holds it while a quorum acknowledges it; cut off, it loses it
+/// (while it still counts itself leader by its role) before any other member can lead; a
+/// leadership transfer drops it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_leader_loses_its_lease_before_another_member_leads() {
+    let mut cluster = Cluster::start(&[1, 2, 3]).await;
+    let shard = 0;
+    propose(&cluster, shard, payload(0)).await;
+    let old = cluster.leader(shard).await;
+    wait_until("the leader holds its lease", || {
+        cluster.node(old).consensus.lease(shard).is_some()
+    })
+    .await;
+    let term = cluster.node(old).consensus.lease(shard).expect("a lease").term;
+    for other in [1, 2, 3].into_iter().filter(|id| *id != old) {
+        assert!(
+            cluster.node(other).consensus.lease(shard).is_none(),
+            "a follower holds no lease"
+        );
+    }
+    let lost = tokio::spawn(cluster.node(old).consensus.lease_ended(shard, term));
+
+    cluster.isolate(old, true);
+    let cut = tokio::time::Instant::now();
+    // Lost within the lease (plus scheduling slack), while the role still says leader.
+    let mut lapsed_at = None;
+    while lapsed_at.is_none() {
+        if !cluster.node(old).consensus.lease_holds(shard, term) {
+            lapsed_at = Some(tokio::time::Instant::now());
+        }
+        let others_lease = [1, 2, 3]
+            .into_iter()
+            .filter(|id| *id != old)
+            .any(|id| cluster.node(id).consensus.lease(shard).is_some());
+        assert!(
+            lapsed_at.is_some() || !others_lease,
+            "another member holds a lease while the cut-off leader still does"
+        );
+        assert!(
+            cut.elapsed() < Duration::from_secs(5),
+            "the cut-off leader kept its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let lapsed_after = lapsed_at.expect("lapsed") - cut;
+    assert!(
+        lapsed_after <= fast_timing().lease() + Duration::from_millis(150),
+        "the lease outlived its length: {lapsed_after:?}"
+    );
+    assert!(
+        cluster.node(old).consensus.is_leader(shard),
+        "openraft keeps a cut-off leader's role: the lease is what tells"
+    );
+    tokio::time::timeout(Duration::from_secs(5), lost)
+        .await
+        .expect("the lease's end was observed")
+        .expect("the watch task");
+    assert!(
+        !cluster.node(old).consensus.await_lease(shard, term).await,
+        "a cut-off leader's lease does not come back"
+    );
+
+    // The majority elects a leader, which gets a lease; the old one never holds one again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let new = loop {
+        if let Some(id) = [1, 2, 3]
+            .into_iter()
+            .filter(|id| *id != old)
+            .find(|id| cluster.node(*id).consensus.lease(shard).is_some())
+        {
+            break id;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no new leader got a lease");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(cluster.node(old).consensus.lease(shard).is_none());
+    cluster.isolate(old, false);
+    wait_until("the old leader follows", || {
+        !cluster.node(old).consensus.is_leader(shard)
+    })
+    .await;
+
+    // A transfer drops the lease as it starts: the target's election is granted inside the
+    // followers' leases.
+    let term = cluster
+        .node(new)
+        .consensus
+        .lease(shard)
+        .expect("the new leader's lease")
+        .term;
+    cluster.node(new).consensus.transfer_leadership(shard).await;
+    assert!(!cluster.node(new).consensus.lease_holds(shard, term));
+    let _ = cluster.stop_node(old).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_the_purged_log_catches_up_from_a_snapshot() {
     let mut cluster = Cluster::start(&[1, 2, 3]).await;

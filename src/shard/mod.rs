@@ -482,20 +482,36 @@ impl Shards {
         leadership.leading.then_some(Some(leadership.term))
     }
 
-    /// Cluster mode: resolves once this node no longer leads the session's shard in `term`
+    /// Cluster mode: resolves once this node's leadership lease on the session's shard in `term`
+    /// has ended — another member leads, or no quorum was heard within the lease and a grace
     /// (a dispatch under that term is then superseded). `None` on a single node.
-    pub fn leadership_ended(&self, session_id: &str, term: u64) -> Option<impl Future<Output = ()> + Send + 'static> {
+    pub fn lease_ended(&self, session_id: &str, term: u64) -> Option<impl Future<Output = ()> + Send + 'static> {
         let cluster = self.inner.cluster.as_ref()?;
-        let mut watch = cluster.consensus.watch(self.shard_of(session_id));
-        Some(async move {
-            loop {
-                let now = watch.now();
-                let still_leading = now.leading && now.term == term;
-                if !still_leading || !watch.changed().await {
-                    return;
-                }
-            }
-        })
+        Some(cluster.consensus.lease_ended(self.shard_of(session_id), term))
+    }
+
+    /// Whether this node may act on its own for the session's shard in `term` (call its agents,
+    /// relay their replies): a single node always; a cluster member while it holds its
+    /// leadership lease in `term`, waiting a little for a lapsed one to come back.
+    pub async fn await_lease(&self, session_id: &str, term: u64) -> bool {
+        let Some(cluster) = &self.inner.cluster else {
+            return true;
+        };
+        cluster.consensus.await_lease(self.shard_of(session_id), term).await
+    }
+
+    /// Cluster mode: resolves `true` once this node holds its lease on the session's shard in
+    /// `term` again, `false` once it no longer leads the shard in `term` or after `patience`.
+    /// `None` on a single node.
+    pub fn lease_regained(
+        &self,
+        session_id: &str,
+        term: u64,
+        patience: std::time::Duration,
+    ) -> Option<impl Future<Output = bool> + Send + 'static> {
+        let cluster = self.inner.cluster.as_ref()?;
+        let mut watch = cluster.consensus.lease_watch(self.shard_of(session_id));
+        Some(async move { watch.regained(term, patience).await })
     }
 
     pub fn shard_count(&self) -> u16 {
@@ -1095,8 +1111,10 @@ impl Shards {
     }
 
     /// Replaces archive views with the shards' in-memory views where a shard holds the session
-    /// (the archive may lag; a session not in memory has nothing unarchived).
-    pub async fn overlay(&self, views: Vec<SessionView>) -> Vec<SessionView> {
+    /// (the archive may lag; a session not in memory has nothing unarchived). In a cluster each
+    /// shard's part is answered by its leader under its lease: when no leader can answer for a
+    /// shard, the listing fails (`NoLeader`) rather than show the archive's possibly stale views.
+    pub async fn overlay(&self, views: Vec<SessionView>) -> Result<Vec<SessionView>, ShardError> {
         let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for (position, view) in views.iter().enumerate() {
             by_shard
@@ -1108,19 +1126,22 @@ impl Shards {
         for (shard, positions) in by_shard {
             let part: Vec<SessionView> = positions.iter().map(|p| views[*p].clone()).collect();
             let fresh = if self.clustered() {
-                // The archive's views stand if the leader cannot be asked.
-                match self.routed(routing::ShardCall::Overlay { shard, views: part }).await {
-                    Ok(answer) => answer.views().unwrap_or_default(),
-                    Err(_) => continue,
-                }
+                self.routed(routing::ShardCall::Overlay { shard, views: part })
+                    .await?
+                    .views()?
             } else {
                 self.overlay_here(shard, part).await
             };
+            if fresh.len() != positions.len() {
+                return Err(ShardError::Unavailable(
+                    "the leader answered a listing with the wrong number of sessions".into(),
+                ));
+            }
             for (position, fresh) in positions.into_iter().zip(fresh) {
                 views[position] = fresh;
             }
         }
-        views
+        Ok(views)
     }
 
     /// `views` (all of `shard`) with the shard writer's in-memory view where it has one.

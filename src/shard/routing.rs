@@ -1,7 +1,10 @@
 //! Cluster mode: every request for a session runs on the leader of the session's shard.
 //!
-//! The router asks consensus who leads the shard. This node: the request runs here (a read first
-//! passes a read-index barrier, so it sees every write acknowledged anywhere before it started).
+//! The router asks consensus who leads the shard. This node: the request runs here, but only
+//! while this node holds its leadership lease (no quorum heard within it: a read-index barrier
+//! first, which a cut-off leader fails), so whatever it answers from its own state — a read, a
+//! listing's overlay, a read cursor that did not move, a duplicate — reflects every write
+//! acknowledged anywhere before the request started.
 //! Another node: the request goes there over the peer connection as a `ShardCall` and its answer
 //! comes back; the client's connection stays where it is. No leader (an election, or this node is
 //! cut off): the router waits a little for one, then answers `NoLeader` (503 `no_leader`).
@@ -123,12 +126,6 @@ impl ShardCall {
             ShardCall::View { .. } | ShardCall::ReadMessages { .. } | ShardCall::Overlay { .. }
         )
     }
-
-    /// Reads that must see every write acknowledged before they began (a listing's overlay of
-    /// fresher in-memory views is best effort over the archive, as on a single node).
-    fn is_linearizable_read(&self) -> bool {
-        matches!(self, ShardCall::View { .. } | ShardCall::ReadMessages { .. })
-    }
 }
 
 /// An answer that crosses the peer connection: the error's archive detail stays on the leader.
@@ -242,7 +239,9 @@ impl Shards {
     }
 
     /// Runs a call here, as the shard's leader (`NotLeader` if this node does not lead it).
-    /// Reads first make sure this node still leads and has applied everything committed.
+    /// Every call first makes sure this node still leads: its lease holds (no round trip), or a
+    /// quorum confirms it now. Reads, listings' overlays and the answers a writer gives from its
+    /// state without writing (a cursor already there, a duplicate) are thus linearizable.
     pub async fn serve_call(&self, call: ShardCall) -> Result<ShardAnswer, ShardError> {
         let cluster = self.inner.cluster.as_ref().expect("served calls are for cluster mode");
         let shard = call.shard(self);
@@ -251,9 +250,9 @@ impl Shards {
                 leader: cluster.consensus.leader(shard),
             });
         }
-        if call.is_linearizable_read() {
+        {
             use crate::consensus::ProposeError;
-            match cluster.consensus.read_barrier(shard).await {
+            match cluster.consensus.confirm_lease(shard).await {
                 Ok(()) => {}
                 Err(ProposeError::NotLeader { leader }) => return Err(ShardError::NotLeader { leader }),
                 Err(ProposeError::Unknown(_)) => return Err(ShardError::NotLeader { leader: None }),

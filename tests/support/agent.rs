@@ -57,6 +57,8 @@ pub struct Call {
     pub headers: HeaderMap,
     /// The HTTP version the call came in with.
     pub version: Version,
+    /// When the call arrived.
+    pub at: std::time::Instant,
 }
 
 struct AgentState {
@@ -372,6 +374,7 @@ async fn webhook(State(state): State<Arc<AgentState>>, version: Version, headers
             body: body.clone(),
             headers,
             version,
+            at: std::time::Instant::now(),
         });
         calls.len()
     };

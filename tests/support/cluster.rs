@@ -38,6 +38,9 @@ pub struct ClusterOptions {
     pub ready_timeout: Duration,
     /// Per node: `--flag value` pairs given after `extra` (they replace both).
     pub node_extra: BTreeMap<usize, Vec<String>>,
+    /// Per node: environment variables its process gets (e.g. `HTTP_PROXY`, so that each node
+    /// reaches the agent through its own address and the agent can tell callers apart).
+    pub node_env: BTreeMap<usize, Vec<(String, String)>>,
 }
 
 impl Default for ClusterOptions {
@@ -50,6 +53,7 @@ impl Default for ClusterOptions {
             start_gap: Duration::ZERO,
             ready_timeout: Duration::from_secs(45),
             node_extra: BTreeMap::new(),
+            node_env: BTreeMap::new(),
         }
     }
 }
@@ -424,6 +428,7 @@ impl Cluster {
     pub fn spawn(&mut self, id: usize) -> Started {
         assert!(self.node_ref(id).child.is_none(), "node {id} is already running");
         let args = self.arguments(id);
+        let env = self.options.node_env.get(&id).cloned().unwrap_or_default();
         let node = self.node_mut(id);
         node.runs += 1;
         let run = node.runs;
@@ -435,6 +440,7 @@ impl Cluster {
             .args(&args)
             .env_remove("DATABASE_URL")
             .env("RUST_LOG", "warn")
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
