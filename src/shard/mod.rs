@@ -1108,11 +1108,26 @@ impl Shards {
         for (shard, positions) in by_shard {
             let part: Vec<SessionView> = positions.iter().map(|p| views[*p].clone()).collect();
             let fresh = if self.clustered() {
-                // The archive's views stand if the leader cannot be asked.
-                match self.routed(routing::ShardCall::Overlay { shard, views: part }).await {
-                    Ok(answer) => answer.views().unwrap_or_default(),
-                    Err(_) => continue,
+                // In parts bounded in bytes (they travel to the leader and back); the archive's
+                // views stand where the leader cannot be asked.
+                let mut fresh = Vec::with_capacity(part.len());
+                for part in routing::overlay_parts(part) {
+                    let count = part.len();
+                    match self
+                        .routed(routing::ShardCall::Overlay {
+                            shard,
+                            views: part.clone(),
+                        })
+                        .await
+                    {
+                        Ok(answer) => match answer.views() {
+                            Ok(views) if views.len() == count => fresh.extend(views),
+                            _ => fresh.extend(part),
+                        },
+                        Err(_) => fresh.extend(part),
+                    }
                 }
+                fresh
             } else {
                 self.overlay_here(shard, part).await
             };
