@@ -44,7 +44,7 @@ use tokio::sync::mpsc;
 pub use lease::{Lease, LeaseWatch};
 pub use log_store::command_in_record;
 pub use network::AppService;
-pub use peer::{MAX_FRAME_BYTES, PeerError};
+pub use peer::{MAX_ANSWER_BYTES, MAX_FRAME_BYTES, PeerError};
 pub use state_machine::Applied;
 
 use crate::wal::Wal;

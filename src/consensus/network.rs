@@ -1,7 +1,11 @@
 //! Raft RPCs between nodes: openraft's network traits on top of `peer` connections, and the
 //! service that answers them with the local shard groups.
 //!
-//! All shards' groups share one connection per pair of nodes; each request names its shard.
+//! All shards' groups share the connections between two nodes; each request names its shard.
+//! Requests travel on the lane that keeps them from waiting behind bigger ones (`peer::Lane`):
+//! heartbeats (appends without entries), votes and membership questions on the control lane,
+//! appends with entries and snapshots on the replication lane, the application's requests on
+//! the application lane.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -21,7 +25,7 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use super::membership::{self, MemberChange, MemberChangeError};
-use super::peer::{PeerClient, PeerError, PeerHandler};
+use super::peer::{Lane, PeerClient, PeerError, PeerHandler};
 use super::types::{Member, Raft, Snapshot, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 
 /// What one node asks another.
@@ -121,6 +125,11 @@ pub struct ShardPeer {
 
 impl ShardPeer {
     async fn call(&self, rpc: RaftRpc, timeout: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
+        let lane = match &rpc {
+            RaftRpc::Append(append) if !append.entries.is_empty() => Lane::Replication,
+            RaftRpc::Snapshot { .. } => Lane::Replication,
+            RaftRpc::Append(_) | RaftRpc::Vote(_) | RaftRpc::PreVote(_) | RaftRpc::TransferLeader(_) => Lane::Control,
+        };
         let Some(client) = &self.client else {
             return Err(RPCError::Unreachable(Unreachable::from_string(format!(
                 "node {} is not in this node's --cluster-peers",
@@ -128,13 +137,14 @@ impl ShardPeer {
             ))));
         };
         let request = encode(&PeerRequest::Raft { shard: self.shard, rpc });
-        let response = client.call(request, timeout).await.map_err(|error| match error {
+        let response = client.call(lane, request, timeout).await.map_err(|error| match error {
             PeerError::Unreachable(..) | PeerError::Refused(..) => {
                 RPCError::Unreachable(Unreachable::from_string(error.to_string()))
             }
-            PeerError::Disconnected(..) | PeerError::TimedOut(..) | PeerError::TooLarge(..) => {
-                RPCError::Network(NetworkError::from_string(error.to_string()))
-            }
+            PeerError::Disconnected(..)
+            | PeerError::TimedOut(..)
+            | PeerError::TooLarge(..)
+            | PeerError::AnswerTooLarge(..) => RPCError::Network(NetworkError::from_string(error.to_string())),
         })?;
         match rmp_serde::from_slice::<RaftReply>(&response) {
             Ok(RaftReply::Failed(reason)) => Err(RPCError::Unreachable(Unreachable::from_string(reason))),
@@ -149,7 +159,9 @@ impl ShardPeer {
 
 /// Asks `client`'s node whether the cluster recorded `node` as joined.
 pub async fn ask_joined(client: &PeerClient, node: u64, timeout: Duration) -> Result<JoinedAnswer, PeerError> {
-    let response = client.call(encode(&PeerRequest::Joined { node }), timeout).await?;
+    let response = client
+        .call(Lane::Control, encode(&PeerRequest::Joined { node }), timeout)
+        .await?;
     match rmp_serde::from_slice::<RaftReply>(&response) {
         Ok(RaftReply::Joined(joined)) => Ok(joined),
         _ => Err(PeerError::Disconnected(client.peer())),
@@ -160,7 +172,7 @@ pub async fn ask_joined(client: &PeerClient, node: u64, timeout: Duration) -> Re
 pub async fn ask_member_change(client: &PeerClient, shard: u16, change: MemberChange) -> Result<(), MemberChangeError> {
     let request = encode(&PeerRequest::Member { shard, change });
     let response = client
-        .call(request, change.patience() + Duration::from_secs(2))
+        .call(Lane::Control, request, change.patience() + Duration::from_secs(2))
         .await
         .map_err(|error| {
             // Every step is idempotent, so even a step that may have run is simply asked for
@@ -263,7 +275,9 @@ pub trait AppService: Send + Sync + 'static {
 
 /// Sends one application request to `client`'s node and returns its answer.
 pub async fn call_app(client: &PeerClient, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, PeerError> {
-    let response = client.call(encode(&PeerRequest::App(request)), timeout).await?;
+    let response = client
+        .call(Lane::Application, encode(&PeerRequest::App(request)), timeout)
+        .await?;
     match rmp_serde::from_slice::<RaftReply>(&response) {
         Ok(RaftReply::App(answer)) => Ok(answer),
         // Not served there (yet): nothing was done, as if the node were unreachable.

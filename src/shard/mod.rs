@@ -1126,9 +1126,18 @@ impl Shards {
         for (shard, positions) in by_shard {
             let part: Vec<SessionView> = positions.iter().map(|p| views[*p].clone()).collect();
             let fresh = if self.clustered() {
-                self.routed(routing::ShardCall::Overlay { shard, views: part })
-                    .await?
-                    .views()?
+                // In parts bounded in bytes (they travel to the leader and back). A part no
+                // leader can answer fails the listing (`no_leader`): the archive's views may be
+                // stale, and every read is linearizable.
+                let mut fresh = Vec::with_capacity(part.len());
+                for part in routing::overlay_parts(part) {
+                    let views = self
+                        .routed(routing::ShardCall::Overlay { shard, views: part })
+                        .await?
+                        .views()?;
+                    fresh.extend(views);
+                }
+                fresh
             } else {
                 self.overlay_here(shard, part).await
             };

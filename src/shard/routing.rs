@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{AppendRequest, AppendResult, MessagePage, ShardError, Shards};
-use crate::consensus::Consensus;
+use crate::consensus::{Consensus, PeerError};
 use crate::model::{MessageRecord, SessionRecord, SessionView};
 
 /// How long a forwarded request may take (longer than a proposal's own timeout, so the leader
@@ -81,6 +81,39 @@ pub enum ShardCall {
         dispatch_id: String,
         through_seq: u64,
     },
+}
+
+/// What a forwarded listing overlay may carry (its views travel there and back): a listing's
+/// views for one shard are sent in parts of at most this many bytes, so neither the request nor
+/// the answer ever nears the peer answer limit, whatever the sessions' metadata weighs.
+const MAX_OVERLAY_PART_BYTES: usize = 2 * 1024 * 1024;
+
+/// A view's weight on the wire, over-estimated: its metadata (the only unbounded part, up to a
+/// request body) and its preview, plus the bounded fields.
+fn view_bytes(view: &SessionView) -> usize {
+    let preview = view.last_activity.preview.as_ref().map_or(0, String::len);
+    view.record.metadata.get().len() + preview + 1024
+}
+
+/// `views` in consecutive parts of at most `MAX_OVERLAY_PART_BYTES` each (a view heavier than
+/// that travels alone).
+pub(super) fn overlay_parts(views: Vec<SessionView>) -> Vec<Vec<SessionView>> {
+    let mut parts: Vec<Vec<SessionView>> = Vec::new();
+    let mut part_bytes = 0;
+    for view in views {
+        let bytes = view_bytes(&view);
+        match parts.last_mut() {
+            Some(part) if part_bytes + bytes <= MAX_OVERLAY_PART_BYTES => {
+                part_bytes += bytes;
+                part.push(view);
+            }
+            _ => {
+                part_bytes = bytes;
+                parts.push(vec![view]);
+            }
+        }
+    }
+    parts
 }
 
 /// The leader's answer to a `ShardCall`.
@@ -344,6 +377,14 @@ impl Shards {
         let request = crate::cluster::encode_shard_call(call);
         match cluster.consensus.call(leader, request, FORWARD_TIMEOUT).await {
             Ok(answer) => crate::cluster::decode_shard_answer(&answer),
+            Err(error @ PeerError::AnswerTooLarge(..)) => {
+                // It ran, and asking again would get the same answer: fail this request alone.
+                // (Pages and batches are bounded well below the limit, so this is a bug.)
+                tracing::error!(leader, %error, "a forwarded call's answer is over the peer answer limit");
+                Err(ShardError::Unavailable(
+                    "the shard's leader could not send its answer to this node (too large)".into(),
+                ))
+            }
             Err(error) if error.surely_not_delivered() || call.is_read() => {
                 tracing::debug!(leader, %error, "forwarding failed; trying again");
                 Err(ShardError::NotLeader { leader: None })
@@ -355,5 +396,102 @@ impl Shards {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LastActivity, Message, ReadCursor, SessionStatus, Timestamp};
+    use serde_json::value::RawValue;
+
+    /// The largest content a message may have (`max_message_bytes` is at most 1 MiB).
+    const LARGEST_MESSAGE: usize = 1024 * 1024;
+
+    fn record(seq: u64, content_bytes: usize) -> Arc<MessageRecord> {
+        // Every character escaped in the client's JSON: the stored text is what travels.
+        let text = "\\n".repeat(content_bytes / 2 - 1);
+        Arc::new(MessageRecord {
+            message: Message {
+                id: format!("msg_{seq:026}"),
+                session_id: Arc::from("s".repeat(255)),
+                seq,
+                sender_id: "u".repeat(255),
+                kind: "k".repeat(64),
+                content: RawValue::from_string(format!("\"{text}\"")).unwrap(),
+                metadata: RawValue::from_string("{}".into()).unwrap(),
+                inserted_at: Timestamp(0),
+            },
+            client_id: Some("c".repeat(128)),
+            fingerprint: u64::MAX,
+            nonuser_through: u64::MAX,
+            from_user: true,
+        })
+    }
+
+    fn view(metadata_bytes: usize) -> SessionView {
+        SessionView {
+            record: SessionRecord {
+                id: Arc::from("s"),
+                user_id: "u".into(),
+                agent_id: "a".into(),
+                metadata: RawValue::from_string(format!("{{\"m\":\"{}\"}}", "x".repeat(metadata_bytes))).unwrap(),
+                inserted_at: Timestamp(0),
+            },
+            status: SessionStatus::Active,
+            last_seq: 0,
+            nonuser_count: 0,
+            read_cursor: ReadCursor::default(),
+            last_activity: LastActivity::default(),
+            updated_at: Timestamp(0),
+            dispatch: Default::default(),
+        }
+    }
+
+    /// The bytes a page takes in a forwarded answer (JSON, as `cluster` sends it).
+    fn wire_bytes(page: Vec<Arc<MessageRecord>>) -> usize {
+        let answer: Result<ShardAnswer, ShardError> = Ok(ShardAnswer::Page {
+            messages: page.into_iter().map(Arc::unwrap_or_clone).collect(),
+            has_more: true,
+            session: view(0),
+        });
+        serde_json::to_vec(&answer).unwrap().len()
+    }
+
+    /// The largest history page the leader makes (of the largest messages, or of `limit` tiny
+    /// ones with every field at its longest) travels back in one peer answer with room to spare.
+    #[test]
+    fn the_largest_history_page_fits_one_peer_answer() {
+        use crate::shard::page_budget::{MAX_PAGE_BYTES, PageBudget};
+        let margin = 1024 * 1024;
+        for content_bytes in [LARGEST_MESSAGE, LARGEST_MESSAGE / 2 + 1, 200 * 1024, 16] {
+            let mut budget = PageBudget::new(MAX_PAGE_BYTES);
+            let mut page = Vec::new();
+            budget.take((1..=1000).map(|seq| record(seq, content_bytes)), &mut page);
+            let bytes = wire_bytes(page);
+            assert!(
+                bytes + margin <= crate::consensus::MAX_ANSWER_BYTES,
+                "a page of {content_bytes}-byte messages takes {bytes} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn a_listing_overlay_travels_in_parts_bounded_in_bytes() {
+        let views: Vec<SessionView> = (0..500).map(|_| view(100 * 1024)).collect();
+        let parts = overlay_parts(views);
+        assert!(parts.len() > 1);
+        assert_eq!(
+            parts.iter().map(Vec::len).sum::<usize>(),
+            500,
+            "every view, once, in order"
+        );
+        for part in &parts {
+            let bytes = serde_json::to_vec(part).unwrap().len();
+            assert!(bytes <= MAX_OVERLAY_PART_BYTES, "{bytes}");
+        }
+        // One view heavier than a part travels alone; small ones share a part.
+        let parts = overlay_parts(vec![view(10), view(3 * 1024 * 1024), view(10), view(10)]);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 2]);
     }
 }

@@ -1,7 +1,14 @@
 //! Authenticated request/response connections between cluster nodes.
 //!
-//! One TCP connection per (caller, callee) pair carries any number of concurrent requests,
-//! matched to responses by id. Each frame is a 4-byte big-endian length and a MessagePack body.
+//! A caller keeps one TCP connection per lane (`Lane`) to each callee; each carries any number
+//! of concurrent requests, matched to responses by id. The lanes are separate connections so
+//! that nothing queued on one (a big application answer, a log append heavy with entries) ever
+//! delays a frame on another (a heartbeat, a vote): not in this module's queues, not in the
+//! callee's reader, not in TCP. Each frame is a 4-byte big-endian length and a MessagePack body.
+//!
+//! Every answer is bounded (`MAX_ANSWER_BYTES`, well under the frame limit): the callee refuses
+//! to send a bigger one and fails that one call with `PeerError::AnswerTooLarge` instead, so an
+//! oversized answer never breaks the connection and the other calls on it.
 //! A connection starts with a mutual challenge–response over the cluster secret (HMAC-SHA256 of
 //! both nonces and both node ids, with a different label per direction), so neither side accepts
 //! a peer that does not know the secret, and a recorded handshake cannot be replayed. Both ends
@@ -21,17 +28,27 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-const PROTOCOL_VERSION: u32 = 2;
+mod auth;
+
+use auth::{
+    CLIENT_LABEL, CLIENT_TO_SERVER, FrameAuth, SERVER_LABEL, SERVER_TO_CLIENT, TAG_BYTES, nonce, proof, session_key,
+    verify,
+};
+
+/// 3: answers may be refused as too large (`Frame::Refused`); callers open one connection per lane.
+const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame accepted (a Raft append of many batches stays far below).
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// Largest answer a callee sends (its whole frame). A bigger one fails its call alone
+/// (`PeerError::AnswerTooLarge`); whatever can grow (history pages, listings) is paged by its
+/// owner well below this.
+pub const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// After a failed connect, calls fail at once for this long instead of dialing again.
@@ -52,6 +69,26 @@ pub enum PeerError {
     TimedOut(u64, Duration),
     #[error("a request of {0} bytes exceeds the peer frame limit")]
     TooLarge(usize),
+    /// The callee ran the request but its answer was over `MAX_ANSWER_BYTES`: not sent.
+    #[error("node {0} could not send its answer of {1} bytes: the peer answer limit is {MAX_ANSWER_BYTES} bytes")]
+    AnswerTooLarge(u64, usize),
+}
+
+/// The connection a request travels on (see the module comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Small requests whose delay costs availability: heartbeats, votes, membership questions.
+    Control,
+    /// Requests carrying data for a consensus log: appends with entries, snapshots.
+    Replication,
+    /// Requests of the application above consensus: forwarded calls, relayed events.
+    Application,
+}
+
+impl Lane {
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
 impl PeerError {
@@ -109,102 +146,27 @@ enum Frame {
         #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
+    /// The request ran, but its answer of `bytes` was over `MAX_ANSWER_BYTES`.
+    AnswerTooLarge { id: u64, bytes: u64 },
 }
 
-fn proof(secret: &[u8], label: &[u8], from: u64, to: u64, client_nonce: &[u8], server_nonce: &[u8]) -> Vec<u8> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(label);
-    mac.update(&from.to_be_bytes());
-    mac.update(&to.to_be_bytes());
-    mac.update(client_nonce);
-    mac.update(server_nonce);
-    mac.finalize().into_bytes().to_vec()
-}
-
-fn verify(
-    secret: &[u8],
-    label: &[u8],
-    from: u64,
-    to: u64,
-    client_nonce: &[u8],
-    server_nonce: &[u8],
-    given: &[u8],
-) -> bool {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(label);
-    mac.update(&from.to_be_bytes());
-    mac.update(&to.to_be_bytes());
-    mac.update(client_nonce);
-    mac.update(server_nonce);
-    mac.verify_slice(given).is_ok()
-}
-
-const CLIENT_LABEL: &[u8] = b"fleetlm peer client v1";
-const SERVER_LABEL: &[u8] = b"fleetlm peer server v1";
-const SESSION_LABEL: &[u8] = b"fleetlm peer session v1";
-/// Bytes of the tag that authenticates each frame after the handshake.
-const TAG_BYTES: usize = 16;
-
-/// Authenticates one direction of a connection's frames after the handshake: every frame
-/// carries a tag over its sequence number and body under a key only the two ends derived (from
-/// the secret and both nonces), so a frame cannot be forged, altered, replayed, reordered or
-/// moved to another connection by anyone on the path.
-struct FrameAuth {
-    key: Vec<u8>,
-    direction: &'static [u8],
-    seq: u64,
-}
-
-impl FrameAuth {
-    fn new(key: &[u8], direction: &'static [u8]) -> FrameAuth {
-        FrameAuth {
-            key: key.to_vec(),
-            direction,
-            seq: 0,
-        }
+/// The frame that answers request `id` with `body`, or says the answer was too large to send.
+fn answer_frame(from: u64, id: u64, body: Vec<u8>) -> Vec<u8> {
+    let frame = encode(&Frame::Response { id, body });
+    if frame.len() + TAG_BYTES <= MAX_ANSWER_BYTES {
+        return frame;
     }
-
-    fn mac(&self, body: &[u8]) -> Hmac<Sha256> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
-        mac.update(self.direction);
-        mac.update(&self.seq.to_be_bytes());
-        mac.update(body);
-        mac
-    }
-
-    /// Appends the tag of the next frame.
-    fn seal(&mut self, mut frame: Vec<u8>) -> Vec<u8> {
-        let tag = self.mac(&frame).finalize().into_bytes();
-        frame.extend_from_slice(&tag[..TAG_BYTES]);
-        self.seq += 1;
-        frame
-    }
-
-    /// Checks and strips the tag of the next frame.
-    fn open(&mut self, mut frame: Vec<u8>) -> io::Result<Vec<u8>> {
-        let refused = || io::Error::new(io::ErrorKind::InvalidData, "a peer frame failed authentication");
-        let body_len = frame.len().checked_sub(TAG_BYTES).ok_or_else(refused)?;
-        self.mac(&frame[..body_len])
-            .verify_truncated_left(&frame[body_len..])
-            .map_err(|_| refused())?;
-        frame.truncate(body_len);
-        self.seq += 1;
-        Ok(frame)
-    }
-}
-
-const CLIENT_TO_SERVER: &[u8] = b"c2s";
-const SERVER_TO_CLIENT: &[u8] = b"s2c";
-
-fn session_key(secret: &[u8], from: u64, to: u64, client_nonce: &[u8], server_nonce: &[u8]) -> Vec<u8> {
-    proof(secret, SESSION_LABEL, from, to, client_nonce, server_nonce)
-}
-
-fn nonce() -> Vec<u8> {
-    use rand::RngCore;
-    let mut bytes = vec![0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes
+    tracing::warn!(
+        peer = from,
+        bytes = frame.len(),
+        limit = MAX_ANSWER_BYTES,
+        "an answer to a peer is over the answer limit; that call fails"
+    );
+    metrics::counter!("fleetlm_peer_answers_too_large_total").increment(1);
+    encode(&Frame::AnswerTooLarge {
+        id,
+        bytes: frame.len() as u64,
+    })
 }
 
 async fn write_frame<W: AsyncWriteExt + Unpin>(out: &mut W, body: &[u8]) -> io::Result<()> {
@@ -265,24 +227,34 @@ pub struct Identity {
 // ---------------------------------------------------------------------------------------------
 // Calling a peer
 
-/// Calls to one peer over a connection made on first use and made again after it breaks.
+/// Calls to one peer, over one connection per lane, each made on first use and made again after
+/// it breaks.
 pub struct PeerClient {
     identity: Identity,
     to: u64,
     addr: String,
-    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
-    last_failure: Mutex<Option<(Instant, PeerError)>>,
+    lanes: [LaneLink; 3],
     /// Since when connecting fails (logged once when it starts and once when it ends, instead
     /// of at every one of the many shard groups' RPCs).
     down_since: Mutex<Option<Instant>>,
 }
+
+/// One lane's connection to the peer.
+#[derive(Default)]
+struct LaneLink {
+    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    last_failure: Mutex<Option<(Instant, PeerError)>>,
+}
+
+/// What a caller waiting for an answer gets.
+type Answer = Result<Vec<u8>, PeerError>;
 
 struct Connection {
     to: u64,
     outgoing: mpsc::Sender<Vec<u8>>,
     /// Set when the connection must end (closed by us or lost): stops both its tasks.
     ended: watch::Sender<bool>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     next_id: AtomicU64,
     closed: AtomicBool,
 }
@@ -302,8 +274,7 @@ impl PeerClient {
             identity,
             to,
             addr,
-            connection: tokio::sync::Mutex::new(None),
-            last_failure: Mutex::new(None),
+            lanes: Default::default(),
             down_since: Mutex::new(None),
         }
     }
@@ -313,17 +284,19 @@ impl PeerClient {
         self.to
     }
 
-    /// Closes the connection (calls in progress fail); a later call connects again.
+    /// Closes every lane's connection (calls in progress fail); a later call connects again.
     pub async fn close(&self) {
-        if let Some(connection) = self.connection.lock().await.take() {
-            connection.close();
+        for lane in &self.lanes {
+            if let Some(connection) = lane.connection.lock().await.take() {
+                connection.close();
+            }
         }
     }
 
-    /// Sends `request` and waits for its response, at most `timeout` in all.
-    pub async fn call(&self, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, PeerError> {
+    /// Sends `request` on `lane` and waits for its response, at most `timeout` in all.
+    pub async fn call(&self, lane: Lane, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, PeerError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let connection = tokio::time::timeout_at(deadline, self.connection())
+        let connection = tokio::time::timeout_at(deadline, self.connection(lane))
             .await
             .map_err(|_| PeerError::TimedOut(self.to, timeout))??;
         let id = connection.next_id.fetch_add(1, Ordering::Relaxed);
@@ -348,7 +321,7 @@ impl PeerClient {
             });
         }
         match tokio::time::timeout_at(deadline, response).await {
-            Ok(Ok(body)) => Ok(body),
+            Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(PeerError::Disconnected(self.to)),
             Err(_) => {
                 connection.pending.lock().expect("pending lock").remove(&id);
@@ -357,12 +330,13 @@ impl PeerClient {
         }
     }
 
-    async fn connection(&self) -> Result<Arc<Connection>, PeerError> {
-        let mut slot = self.connection.lock().await;
+    async fn connection(&self, lane: Lane) -> Result<Arc<Connection>, PeerError> {
+        let link = &self.lanes[lane.index()];
+        let mut slot = link.connection.lock().await;
         if let Some(connection) = slot.as_ref().filter(|c| !c.closed.load(Ordering::Acquire)) {
             return Ok(connection.clone());
         }
-        if let Some((at, error)) = self.last_failure.lock().expect("failure lock").clone()
+        if let Some((at, error)) = link.last_failure.lock().expect("failure lock").clone()
             && at.elapsed() < RECONNECT_PAUSE
         {
             return Err(error);
@@ -370,7 +344,7 @@ impl PeerClient {
         match self.connect().await {
             Ok(connection) => {
                 *slot = Some(connection.clone());
-                *self.last_failure.lock().expect("failure lock") = None;
+                *link.last_failure.lock().expect("failure lock") = None;
                 if let Some(since) = self.down_since.lock().expect("down lock").take() {
                     tracing::info!(
                         peer = self.to,
@@ -381,11 +355,11 @@ impl PeerClient {
                 Ok(connection)
             }
             Err(error) => {
-                *self.last_failure.lock().expect("failure lock") = Some((Instant::now(), error.clone()));
+                *link.last_failure.lock().expect("failure lock") = Some((Instant::now(), error.clone()));
                 let mut down_since = self.down_since.lock().expect("down lock");
                 if down_since.is_none() {
                     *down_since = Some(Instant::now());
-                    tracing::warn!(peer = self.to, %error, "peer unreachable; retrying (logged again once it is back)");
+                    tracing::warn!(peer = self.to, ?lane, %error, "peer unreachable; retrying (logged again once it is back)");
                 }
                 Err(error)
             }
@@ -545,10 +519,19 @@ async fn read_responses(mut reader: OwnedReadHalf, mut opener: FrameAuth, connec
                 break;
             }
         };
-        if let Frame::Response { id, body } = frame
-            && let Some(answer) = connection.pending.lock().expect("pending lock").remove(&id)
-        {
-            let _ = answer.send(body);
+        let (id, answer) = match frame {
+            Frame::Response { id, body } => (id, Ok(body)),
+            Frame::AnswerTooLarge { id, bytes } => (
+                id,
+                Err(PeerError::AnswerTooLarge(
+                    connection.to,
+                    usize::try_from(bytes).unwrap_or(usize::MAX),
+                )),
+            ),
+            Frame::Request { .. } => continue,
+        };
+        if let Some(waiting) = connection.pending.lock().expect("pending lock").remove(&id) {
+            let _ = waiting.send(answer);
         }
     }
     connection.close();
@@ -705,7 +688,7 @@ async fn serve_connection(stream: TcpStream, from: u64, key: Vec<u8>, handler: A
         let (handler, outgoing) = (handler.clone(), outgoing.clone());
         tokio::spawn(async move {
             let response = handler.handle(from, body).await;
-            let _ = outgoing.send(encode(&Frame::Response { id, body: response })).await;
+            let _ = outgoing.send(answer_frame(from, id, response)).await;
             drop(permit);
         });
     }
@@ -714,173 +697,4 @@ async fn serve_connection(stream: TcpStream, from: u64, key: Vec<u8>, handler: A
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::SocketAddr;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    struct Echo;
-    impl PeerHandler for Echo {
-        fn handle(&self, from: u64, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
-            Box::pin(async move {
-                let mut response = from.to_be_bytes().to_vec();
-                response.extend(request);
-                response
-            })
-        }
-    }
-
-    fn identity(node_id: u64, secret: &str) -> Identity {
-        Identity {
-            node_id,
-            secret: Arc::from(secret.as_bytes()),
-            shape: Arc::from("shards=1 members=1,2"),
-        }
-    }
-
-    async fn server(node_id: u64, secret: &str, members: Vec<u64>) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        std::mem::forget(stop);
-        tokio::spawn(serve(
-            listener,
-            identity(node_id, secret),
-            members,
-            Arc::new(Echo),
-            stopped,
-        ));
-        addr
-    }
-
-    #[tokio::test]
-    async fn members_with_the_secret_talk_and_others_are_refused() {
-        let addr = server(2, "s3cret-s3cret-s3cret", vec![1, 2, 3]).await;
-        let good = PeerClient::new(identity(1, "s3cret-s3cret-s3cret"), 2, addr.to_string());
-        let timeout = Duration::from_secs(5);
-        // Many concurrent calls over one connection come back matched to their callers.
-        let calls = (0u8..50).map(|i| good.call(vec![i], timeout));
-        for (i, answer) in futures_util::future::join_all(calls).await.into_iter().enumerate() {
-            let mut expected = 1u64.to_be_bytes().to_vec();
-            expected.push(i as u8);
-            assert_eq!(answer.expect("answered"), expected);
-        }
-
-        let wrong_secret = PeerClient::new(identity(1, "another-secret-entirely"), 2, addr.to_string());
-        let error = wrong_secret.call(vec![1], timeout).await.expect_err("refused");
-        assert!(matches!(error, PeerError::Refused(2, _)), "{error:?}");
-
-        let stranger = PeerClient::new(identity(9, "s3cret-s3cret-s3cret"), 2, addr.to_string());
-        let error = stranger.call(vec![1], timeout).await.expect_err("refused");
-        assert!(
-            matches!(&error, PeerError::Refused(2, reason) if reason.contains("not a member")),
-            "{error:?}"
-        );
-
-        // A member started with other shards or another member list maps sessions to other
-        // groups: refused, with both settings named.
-        let other_shape = Identity {
-            shape: Arc::from("shards=8 members=1,2"),
-            ..identity(1, "s3cret-s3cret-s3cret")
-        };
-        let error = PeerClient::new(other_shape, 2, addr.to_string())
-            .call(vec![1], timeout)
-            .await
-            .expect_err("refused");
-        assert!(
-            matches!(&error, PeerError::Refused(2, reason)
-                if reason.contains("node 1 has shards=8 members=1,2, node 2 has shards=1 members=1,2")),
-            "{error:?}"
-        );
-
-        let wrong_node = PeerClient::new(identity(1, "s3cret-s3cret-s3cret"), 3, addr.to_string());
-        let error = wrong_node.call(vec![1], timeout).await.expect_err("refused");
-        assert!(
-            matches!(&error, PeerError::Refused(3, reason) if reason.contains("not node 3")),
-            "{error:?}"
-        );
-    }
-
-    /// Something on the path alters a byte of a request after the handshake: the callee closes
-    /// the connection instead of acting on it, and the caller gets an error, not a wrong answer.
-    #[tokio::test]
-    async fn a_frame_altered_on_the_path_is_refused() {
-        let server = server(2, "s3cret-s3cret-s3cret", vec![1, 2]).await;
-        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy_addr = proxy.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut inbound, _) = proxy.accept().await.unwrap();
-            let mut outbound = TcpStream::connect(server).await.unwrap();
-            let (mut in_read, mut in_write) = inbound.split();
-            let (mut out_read, mut out_write) = outbound.split();
-            let upstream = async {
-                let mut seen = 0usize;
-                let mut buffer = vec![0u8; 4096];
-                loop {
-                    let n = in_read.read(&mut buffer).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    // Past the handshake (well under 300 bytes): flip one bit of the request.
-                    for (i, byte) in buffer[..n].iter_mut().enumerate() {
-                        if seen + i == 300 {
-                            *byte ^= 0x01;
-                        }
-                    }
-                    seen += n;
-                    if out_write.write_all(&buffer[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            let downstream = async {
-                let _ = tokio::io::copy(&mut out_read, &mut in_write).await;
-                let _ = in_write.shutdown().await;
-            };
-            let _ = tokio::join!(upstream, downstream);
-        });
-        let client = PeerClient::new(identity(1, "s3cret-s3cret-s3cret"), 2, proxy_addr.to_string());
-        let answer = client.call(vec![7u8; 1000], Duration::from_secs(5)).await;
-        assert!(
-            matches!(answer, Err(PeerError::Disconnected(2))),
-            "an altered request was answered: {answer:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn an_impostor_server_is_not_trusted() {
-        // A listener that answers the handshake without the secret cannot pass as node 2.
-        let addr = server(2, "the-impostor-guesses", vec![1, 2]).await;
-        let client = PeerClient::new(identity(1, "the-real-cluster-key"), 2, addr.to_string());
-        let error = client.call(vec![1], Duration::from_secs(5)).await.expect_err("refused");
-        assert!(
-            matches!(&error, PeerError::Refused(2, reason) if reason.contains("secret")),
-            "{error:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn an_unreachable_peer_fails_fast_and_reconnects_when_back() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let client = PeerClient::new(identity(1, "s3cret-s3cret-s3cret"), 2, addr.to_string());
-        let error = client
-            .call(vec![1], Duration::from_secs(5))
-            .await
-            .expect_err("nothing listens");
-        assert!(matches!(error, PeerError::Unreachable(2, _)), "{error:?}");
-        let listener = TcpListener::bind(addr).await.unwrap();
-        let (stop, stopped) = watch::channel(false);
-        std::mem::forget(stop);
-        tokio::spawn(serve(
-            listener,
-            identity(2, "s3cret-s3cret-s3cret"),
-            vec![1, 2],
-            Arc::new(Echo),
-            stopped,
-        ));
-        tokio::time::sleep(RECONNECT_PAUSE).await;
-        assert!(client.call(vec![7], Duration::from_secs(5)).await.is_ok());
-    }
-}
+mod tests;
