@@ -479,17 +479,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     // A wiped member refuses to take part: the node stops with the reason.
     let refusal = Arc::new(std::sync::Mutex::new(None::<String>));
-    if let Some(consensus) = &consensus {
-        let (consensus, refusal, trigger) = (consensus.clone(), refusal.clone(), shutdown_sender.clone());
+    if let Some(member) = &consensus {
+        let (consensus, refused, trigger) = (member.clone(), refusal.clone(), shutdown_sender.clone());
         tokio::spawn(async move {
             if let Err(reason) = consensus.formed().await {
-                *refusal.lock().expect("refusal lock") = Some(reason);
+                *refused.lock().expect("refusal lock") = Some(reason);
                 let _ = trigger.send(true);
             }
         });
         // Once it holds the log, the member records the cluster's id in its data directory.
         if recorded_cluster_id.is_none() {
-            let (consensus, refusal, trigger) = (consensus.clone(), refusal.clone(), shutdown_sender.clone());
+            let (consensus, refused, trigger) = (member.clone(), refusal.clone(), shutdown_sender.clone());
             let (archive, data_dir, stop) = (archive.clone(), config.data_dir.clone(), shutdown.clone());
             tokio::spawn(async move {
                 let persist = |id: &str| record_cluster_id(&data_dir, id);
@@ -497,7 +497,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                     crate::cluster_identity::persist_once_joined(consensus, archive, persist, stop).await
                 {
                     tracing::error!(%reason, "refusing to take part in the cluster");
-                    *refusal.lock().expect("refusal lock") = Some(reason);
+                    *refused.lock().expect("refusal lock") = Some(reason);
                     let _ = trigger.send(true);
                 }
             });

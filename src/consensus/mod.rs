@@ -55,7 +55,7 @@ use identity::IdentityRecords;
 use membership::{MemberChange, MemberChangeError};
 use network::{RaftService, ShardNetwork};
 use peer::{Identity, PeerClient};
-use types::{LogId, Member, Raft, ShardCommand, TypeConfig};
+use types::{LogId, Raft, ShardCommand, TypeConfig};
 
 /// Log filter directives for the consensus engine: it narrates every group's start and election
 /// at info, which with 64 shards is noise, and warns about every failed RPC of every group
