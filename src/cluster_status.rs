@@ -213,7 +213,10 @@ mod tests {
         // Shard 1: node 2 leads with commit 8; node 1 applied 5 (lag 3).
         assert_eq!(columns(lines[7]), ["1", "2", "2", "8", "3", "0", "-"], "{text}");
         assert_eq!(lines[8], "");
-        assert_eq!(columns(lines[9]), ["CLUSTER", "ID", "0198c6d2-7f3a-7b51-9f0e-2b7f4f1d9a10"]);
+        assert_eq!(
+            columns(lines[9]),
+            ["CLUSTER", "ID", "0198c6d2-7f3a-7b51-9f0e-2b7f4f1d9a10"]
+        );
         assert!(text.lines().all(|line| line == line.trim_end()), "{text:?}");
     }
 

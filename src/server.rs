@@ -636,9 +636,14 @@ async fn start_consensus(
             election_max: election * 3 / 2,
         },
     };
-    let (consensus, feeds) = crate::consensus::Consensus::start(&spec, wal, &data_dir.join("consensus"), Some(records as Arc<dyn crate::consensus::identity::IdentityRecords>))
-        .await
-        .map_err(|reason| anyhow::anyhow!("cannot start the cluster member: {reason}"))?;
+    let (consensus, feeds) = crate::consensus::Consensus::start(
+        &spec,
+        wal,
+        &data_dir.join("consensus"),
+        Some(records as Arc<dyn crate::consensus::identity::IdentityRecords>),
+    )
+    .await
+    .map_err(|reason| anyhow::anyhow!("cannot start the cluster member: {reason}"))?;
     Ok((Arc::new(consensus), feeds))
 }
 

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::TestDatabase;
-use support::cluster::{Cluster, ClusterOptions, Load, LoadOptions, Started, check_history, create_sessions, spread_sessions};
+use support::cluster::{
+    Cluster, ClusterOptions, Load, LoadOptions, Started, check_history, create_sessions, spread_sessions,
+};
 
 const SHARDS: u16 = 4;
 
@@ -71,7 +73,9 @@ async fn wait_identity(cluster: &Cluster, members: &[usize]) -> String {
         let joined = status["joined"] == json!(members);
         if let Some(id) = id
             && joined
-            && members.iter().all(|m| recorded_id(cluster.data_dir(*m)).as_deref() == Some(id.as_str()))
+            && members
+                .iter()
+                .all(|m| recorded_id(cluster.data_dir(*m)).as_deref() == Some(id.as_str()))
         {
             return id;
         }
@@ -111,7 +115,11 @@ fn expect_refused_as_wiped(cluster: &mut Cluster, id: usize) -> String {
     match cluster.spawn(id) {
         Started::Exited(status) => {
             let log = cluster.log_tail(id, 20);
-            assert_eq!(status.code(), Some(2), "node {id} exited with {status}; its log:\n{log}");
+            assert_eq!(
+                status.code(),
+                Some(2),
+                "node {id} exited with {status}; its log:\n{log}"
+            );
             assert!(
                 log.contains("recorded it as a member that held the log") && log.contains("forget-node"),
                 "node {id} refused without saying why; its log:\n{log}"
@@ -283,7 +291,10 @@ fn run_until_exit(args: &[String]) -> (ExitStatus, String) {
 
 /// `args` with the value of `--database-url` replaced.
 fn with_database(mut args: Vec<String>, url: &str) -> Vec<String> {
-    let at = args.iter().position(|a| a == "--database-url").expect("--database-url given");
+    let at = args
+        .iter()
+        .position(|a| a == "--database-url")
+        .expect("--database-url given");
     args[at + 1] = url.to_string();
     args
 }
@@ -325,10 +336,13 @@ async fn a_cluster_never_forms_twice_over_one_database() {
             )
             .await
             .unwrap();
-        let (status, text) = tokio::task::spawn_blocking(move || run_until_exit(&args)).await.unwrap();
+        let (status, text) = tokio::task::spawn_blocking(move || run_until_exit(&args))
+            .await
+            .unwrap();
         assert_eq!(status.code(), Some(2), "{text}");
         assert!(
-            text.contains(&format!("belongs to cluster {id}")) && text.contains(&format!("belongs to cluster {foreign}")),
+            text.contains(&format!("belongs to cluster {id}"))
+                && text.contains(&format!("belongs to cluster {foreign}")),
             "{text}"
         );
 
@@ -366,7 +380,11 @@ async fn a_cluster_never_forms_twice_over_one_database() {
             );
         }
         let waiting = cluster.log_lines_matching(1, "does not form a cluster");
-        assert!(!waiting.is_empty(), "node 1 does not say why it waits:\n{}", cluster.log_tail(1, 20));
+        assert!(
+            !waiting.is_empty(),
+            "node 1 does not say why it waits:\n{}",
+            cluster.log_tail(1, 20)
+        );
         assert_eq!(shared_id(&cluster.database.url).await.as_deref(), Some(id.as_str()));
         for node in 1..=3 {
             cluster.kill9(node);

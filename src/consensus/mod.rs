@@ -793,10 +793,9 @@ impl Consensus {
         self.change_member(0, MemberChange::Forget(node)).await?;
         // The shared record too: only then may it start on empty storage (see `identity`).
         if let Some(records) = &self.records {
-            records
-                .forget_member(node)
-                .await
-                .map_err(|e| format!("node {node} is forgotten by the cluster but not by the archive ({e}); run the command again"))?;
+            records.forget_member(node).await.map_err(|e| {
+                format!("node {node} is forgotten by the cluster but not by the archive ({e}); run the command again")
+            })?;
         }
         // Once more everywhere: an `add_member` run concurrently elsewhere may have made it a
         // voter again before the `Forgotten` record reached every leader.
