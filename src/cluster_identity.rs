@@ -69,6 +69,11 @@ pub async fn check_at_start(
     let shared = read_waiting("the cluster id", || archive.cluster_id()).await?;
     let empty = Consensus::holds_nothing(wal).map_err(|e| anyhow::anyhow!("cannot read the consensus state: {e}"))?;
     let dir = data_dir.display();
+    // Empty, and the archive records this member as one that took part: it lost its storage.
+    let lost_storage = recorded.is_none()
+        && shared.is_some()
+        && empty
+        && read_waiting("the cluster's members", || archive.member_recorded(node_id)).await?;
     match (recorded, shared.as_deref()) {
         (Some(mine), None) => bail!(
             "invalid configuration: database_url: the data directory {dir} belongs to cluster {mine}, but the archive records no cluster: point database_url at that cluster's database"
@@ -80,10 +85,8 @@ pub async fn check_at_start(
             "invalid configuration: data_dir: the data directory {dir} belongs to cluster {mine} but holds no log (lost?): {}",
             wiped_member(node_id)
         ),
-        (None, Some(_)) if empty => {
-            if read_waiting("the cluster's members", || archive.member_recorded(node_id)).await? {
-                bail!("invalid configuration: data_dir: {}", wiped_member(node_id));
-            }
+        (None, Some(_)) if lost_storage => {
+            bail!("invalid configuration: data_dir: {}", wiped_member(node_id))
         }
         _ => {}
     }
