@@ -143,6 +143,7 @@ pub fn member_status(consensus: &Consensus) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "node_id": consensus.node_id(),
+        "cluster_id": consensus.cluster_id(),
         "members": consensus.members(),
         "joined": consensus.joined(),
         "refusal": consensus.refusal(),

@@ -58,7 +58,7 @@ fn member_views(status: &Value) -> BTreeMap<u64, Result<&Value, String>> {
 }
 
 /// The status as two tables: members, then shards (each member's lag behind the commit index
-/// its leader reports).
+/// its leader reports); then the cluster's id.
 pub fn render(status: &Value) -> String {
     let views = member_views(status);
     let asked = status["node_id"].as_u64().unwrap_or_default();
@@ -130,6 +130,9 @@ pub fn render(status: &Value) -> String {
         }
         let _ = writeln!(out, "{}", line.trim_end());
     }
+    let _ = writeln!(out);
+    let cluster_id = status["cluster_id"].as_str().unwrap_or("not recorded yet");
+    let _ = writeln!(out, "CLUSTER ID  {cluster_id}");
     out
 }
 
@@ -173,7 +176,8 @@ mod tests {
     #[test]
     fn renders_members_and_shards_with_lag() {
         let status = json!({
-            "node_id": 1, "members": [1, 2, 3], "joined": [1, 2, 3], "refusal": null,
+            "node_id": 1, "cluster_id": "0198c6d2-7f3a-7b51-9f0e-2b7f4f1d9a10", "members": [1, 2, 3],
+            "joined": [1, 2, 3], "refusal": null,
             "shards": [
                 {"shard": 0, "role": "leader", "term": 4, "leader": 1, "committed": 10, "applied": 10,
                  "voters": [1, 2, 3]},
@@ -208,6 +212,11 @@ mod tests {
         assert_eq!(columns(lines[6]), ["0", "1", "4", "10", "0", "1", "-"], "{text}");
         // Shard 1: node 2 leads with commit 8; node 1 applied 5 (lag 3).
         assert_eq!(columns(lines[7]), ["1", "2", "2", "8", "3", "0", "-"], "{text}");
+        assert_eq!(lines[8], "");
+        assert_eq!(
+            columns(lines[9]),
+            ["CLUSTER", "ID", "0198c6d2-7f3a-7b51-9f0e-2b7f4f1d9a10"]
+        );
         assert!(text.lines().all(|line| line == line.trim_end()), "{text:?}");
     }
 

@@ -7,6 +7,7 @@ pub mod auth;
 mod background;
 pub mod clock;
 pub mod cluster;
+pub mod cluster_identity;
 pub mod cluster_status;
 pub mod config;
 pub mod consensus;

@@ -44,6 +44,10 @@ struct DataDirLayout {
     /// the cluster's logs); absent for a single node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     node_id: Option<u64>,
+    /// The cluster the member took part in (`consensus::identity`), written once it holds the
+    /// log; absent for a single node and for a member that never held it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster_id: Option<String>,
 }
 
 /// Connects to the Postgres archive and prepares its schema. A server that is down or
@@ -205,7 +209,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         "sqlite"
     };
     let node_id = config.cluster.as_ref().map(|cluster| cluster.node_id);
-    let shard_count = read_or_create_layout(&config.data_dir, config.shards, archive_kind, node_id)?;
+    let (shard_count, recorded_cluster_id) =
+        read_or_create_layout(&config.data_dir, config.shards, archive_kind, node_id)?;
 
     let wal_options = WalOptions {
         lanes: config.wal_lanes,
@@ -243,7 +248,16 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     // Cluster mode: every shard's consensus group, and its committed log for its writer.
     let (consensus, mut feeds) = match &config.cluster {
         Some(cluster) => {
-            let (consensus, feeds) = start_consensus(cluster, wal.clone(), &config.data_dir).await?;
+            crate::cluster_identity::check_at_start(
+                &archive,
+                &wal,
+                cluster.node_id,
+                recorded_cluster_id.as_deref(),
+                &config.data_dir,
+            )
+            .await?;
+            let records = Arc::new(crate::cluster_identity::ArchiveRecords(archive.clone()));
+            let (consensus, feeds) = start_consensus(cluster, wal.clone(), &config.data_dir, records).await?;
             (Some(consensus), feeds.into_iter().map(Some).collect())
         }
         None => (None, Vec::new()),
@@ -465,14 +479,29 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     // A wiped member refuses to take part: the node stops with the reason.
     let refusal = Arc::new(std::sync::Mutex::new(None::<String>));
-    if let Some(consensus) = &consensus {
-        let (consensus, refusal, trigger) = (consensus.clone(), refusal.clone(), shutdown_sender.clone());
+    if let Some(member) = &consensus {
+        let (consensus, refused, trigger) = (member.clone(), refusal.clone(), shutdown_sender.clone());
         tokio::spawn(async move {
             if let Err(reason) = consensus.formed().await {
-                *refusal.lock().expect("refusal lock") = Some(reason);
+                *refused.lock().expect("refusal lock") = Some(reason);
                 let _ = trigger.send(true);
             }
         });
+        // Once it holds the log, the member records the cluster's id in its data directory.
+        if recorded_cluster_id.is_none() {
+            let (consensus, refused, trigger) = (member.clone(), refusal.clone(), shutdown_sender.clone());
+            let (archive, data_dir, stop) = (archive.clone(), config.data_dir.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let persist = |id: &str| record_cluster_id(&data_dir, id);
+                if let Some(reason) =
+                    crate::cluster_identity::persist_once_joined(consensus, archive, persist, stop).await
+                {
+                    tracing::error!(%reason, "refusing to take part in the cluster");
+                    *refused.lock().expect("refusal lock") = Some(reason);
+                    let _ = trigger.send(true);
+                }
+            });
+        }
     }
     let mut http_shutdown = shutdown.clone();
     let mut stop_requested = shutdown.clone();
@@ -590,6 +619,7 @@ async fn start_consensus(
     cluster: &crate::config::ClusterConfig,
     wal: Arc<Wal>,
     data_dir: &Path,
+    records: Arc<crate::cluster_identity::ArchiveRecords>,
 ) -> anyhow::Result<(Arc<crate::consensus::Consensus>, Vec<crate::consensus::ShardFeed>)> {
     let election = cluster.election_timeout;
     let spec = crate::consensus::ClusterSpec {
@@ -606,9 +636,14 @@ async fn start_consensus(
             election_max: election * 3 / 2,
         },
     };
-    let (consensus, feeds) = crate::consensus::Consensus::start(&spec, wal, &data_dir.join("consensus"))
-        .await
-        .map_err(|reason| anyhow::anyhow!("cannot start the cluster member: {reason}"))?;
+    let (consensus, feeds) = crate::consensus::Consensus::start(
+        &spec,
+        wal,
+        &data_dir.join("consensus"),
+        Some(records as Arc<dyn crate::consensus::identity::IdentityRecords>),
+    )
+    .await
+    .map_err(|reason| anyhow::anyhow!("cannot start the cluster member: {reason}"))?;
     Ok((Arc::new(consensus), feeds))
 }
 
@@ -702,13 +737,14 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
     }
 }
 
-/// Reads the shard count the data directory was created with, or records it for a new one.
+/// Reads the shard count the data directory was created with (and the cluster it took part
+/// in), or records them for a new one.
 fn read_or_create_layout(
     data_dir: &Path,
     requested_shards: Option<u16>,
     archive_kind: &str,
     node_id: Option<u64>,
-) -> anyhow::Result<u16> {
+) -> anyhow::Result<(u16, Option<String>)> {
     let path: PathBuf = data_dir.join("fleetlm.json");
     if path.exists() {
         let mut layout: DataDirLayout = serde_json::from_slice(&fs::read(&path)?)
@@ -752,16 +788,26 @@ fn read_or_create_layout(
                 data_dir.display()
             ),
         }
-        return Ok(layout.shards);
+        return Ok((layout.shards, layout.cluster_id));
     }
     let layout = DataDirLayout {
         format: 1,
         shards: requested_shards.unwrap_or(DEFAULT_SHARDS),
         archive: Some(archive_kind.to_string()),
         node_id,
+        cluster_id: None,
     };
     write_layout(data_dir, &layout)?;
-    Ok(layout.shards)
+    Ok((layout.shards, None))
+}
+
+/// Records in `fleetlm.json` the cluster this member took part in.
+fn record_cluster_id(data_dir: &Path, cluster_id: &str) -> anyhow::Result<()> {
+    let path = data_dir.join("fleetlm.json");
+    let mut layout: DataDirLayout = serde_json::from_slice(&fs::read(&path)?)
+        .with_context(|| format!("{} is not a valid layout file", path.display()))?;
+    layout.cluster_id = Some(cluster_id.to_string());
+    write_layout(data_dir, &layout)
 }
 
 /// Writes `fleetlm.json` atomically (temporary file, fsync, rename, fsync of the directory).

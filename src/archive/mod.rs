@@ -8,6 +8,7 @@
 pub mod check;
 mod dead_letters;
 mod flusher;
+mod identity;
 mod postgres;
 pub(crate) mod postgres_tls;
 pub mod regression;

@@ -27,7 +27,7 @@ fn unavailable(error: impl std::fmt::Display) -> ArchiveError {
     ArchiveError::Unavailable(error.to_string())
 }
 
-fn from_pg(error: tokio_postgres::Error) -> ArchiveError {
+pub(super) fn from_pg(error: tokio_postgres::Error) -> ArchiveError {
     // `Display` of a server error is only "db error": the server's own words are in `DbError`.
     let text = match error.as_db_error() {
         Some(db) => {
@@ -98,7 +98,7 @@ impl PostgresArchive {
         Ok(archive)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object> {
+    pub(super) async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(unavailable)
     }
 

@@ -83,3 +83,17 @@ CREATE TABLE IF NOT EXISTS shard_losses (
     recorded_at BIGINT NOT NULL,
     PRIMARY KEY (shard, after_index)
 );
+-- Cluster mode: the cluster this database archives for, one row made when the cluster forms
+-- (`archive::identity`); an empty node forms a cluster only while there is none.
+CREATE TABLE IF NOT EXISTS cluster_identity (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    cluster_id TEXT NOT NULL,
+    formed_at BIGINT NOT NULL
+);
+-- Cluster mode: the members that took part (hold or held the log), recorded before the log
+-- records them joined and removed when the operator forgets one; a member found here that
+-- starts with an empty data directory lost it.
+CREATE TABLE IF NOT EXISTS cluster_members (
+    node_id BIGINT PRIMARY KEY,
+    recorded_at BIGINT NOT NULL
+);

@@ -32,6 +32,8 @@ const TAG_COMMAND: u8 = 1;
 const TAG_MEMBERSHIP: u8 = 2;
 const TAG_JOINED: u8 = 3;
 const TAG_FORGOTTEN: u8 = 4;
+/// The cluster's id (UTF-8), shard 0 only (`identity`).
+const TAG_IDENTITY: u8 = 5;
 
 /// Largest number of entries one WAL read returns; readers loop for more.
 const READ_CHUNK_ENTRIES: usize = 1024;
@@ -64,11 +66,11 @@ pub fn from_wal_id(log_id: wal::LogId) -> LogId {
 }
 
 /// The application command a WAL record of a consensus log holds, or `None` for Raft's own
-/// entries (blank, membership, joined or forgotten member), which the application skips.
+/// entries (blank, membership, joined or forgotten member, cluster id), which the application skips.
 pub fn command_in_record(body: &[u8]) -> Result<Option<&[u8]>, String> {
     match body.split_first() {
         Some((&TAG_COMMAND, command)) => Ok(Some(command)),
-        Some((&TAG_BLANK | &TAG_MEMBERSHIP | &TAG_JOINED | &TAG_FORGOTTEN, _)) => Ok(None),
+        Some((&TAG_BLANK | &TAG_MEMBERSHIP | &TAG_JOINED | &TAG_FORGOTTEN | &TAG_IDENTITY, _)) => Ok(None),
         Some((tag, _)) => Err(format!("unknown consensus record tag {tag}")),
         None => Err("empty consensus record".to_string()),
     }
@@ -85,6 +87,11 @@ fn encode(entry: &Entry) -> Vec<u8> {
         }
         EntryPayload::Normal(ShardCommand::Joined(node)) => member_record(TAG_JOINED, *node),
         EntryPayload::Normal(ShardCommand::Forgotten(node)) => member_record(TAG_FORGOTTEN, *node),
+        EntryPayload::Normal(ShardCommand::Identity(id)) => {
+            let mut body = vec![TAG_IDENTITY];
+            body.extend_from_slice(id.as_bytes());
+            body
+        }
         EntryPayload::Membership(membership) => {
             let mut body = vec![TAG_MEMBERSHIP];
             body.extend(rmp_serde::to_vec(membership).expect("a membership always encodes"));
@@ -111,6 +118,9 @@ fn decode(log_id: wal::LogId, body: &[u8]) -> io::Result<Entry> {
         Some((&TAG_COMMAND, command)) => EntryPayload::Normal(ShardCommand::App(command.to_vec())),
         Some((&TAG_JOINED, node)) => EntryPayload::Normal(ShardCommand::Joined(member(node)?)),
         Some((&TAG_FORGOTTEN, node)) => EntryPayload::Normal(ShardCommand::Forgotten(member(node)?)),
+        Some((&TAG_IDENTITY, id)) => EntryPayload::Normal(ShardCommand::Identity(
+            String::from_utf8(id.to_vec()).map_err(|_| invalid(format!("identity entry {log_id:?} is not UTF-8")))?,
+        )),
         Some((&TAG_MEMBERSHIP, bytes)) => EntryPayload::Membership(
             rmp_serde::from_slice(bytes).map_err(|e| invalid(format!("membership entry {log_id:?}: {e}")))?,
         ),

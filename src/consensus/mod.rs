@@ -9,6 +9,9 @@
 //! - `network` + `peer`: Raft RPCs over authenticated connections between nodes;
 //! - `membership`: replacing a member whose storage is lost (the operator's only membership
 //!   change);
+//! - `formation`: a node's entry into the cluster at start, and the member records;
+//! - `identity`: the cluster id, made at formation, that keeps wiped disks from starting a
+//!   second history;
 //! - `lease`: leadership as a lease confirmed by a quorum (what a leader checks before acting
 //!   on its own: calling agents, flushing the archive, answering reads from its state).
 //!
@@ -18,6 +21,8 @@
 //! Architecture invariant: nothing outside this module names an openraft type; nothing here
 //! knows sessions or messages (commands are opaque bytes).
 
+mod formation;
+pub mod identity;
 mod lease;
 mod log_store;
 mod membership;
@@ -41,6 +46,7 @@ use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::{Config, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 
+pub use formation::wiped_member;
 pub use lease::{Lease, LeaseWatch};
 pub use log_store::command_in_record;
 pub use network::AppService;
@@ -48,10 +54,12 @@ pub use peer::{MAX_ANSWER_BYTES, MAX_FRAME_BYTES, PeerError};
 pub use state_machine::Applied;
 
 use crate::wal::Wal;
+use formation::{Formation, Joining};
+use identity::IdentityRecords;
 use membership::{MemberChange, MemberChangeError};
 use network::{RaftService, ShardNetwork};
 use peer::{Identity, PeerClient};
-use types::{LogId, Member, Raft, ShardCommand, TypeConfig};
+use types::{LogId, Raft, ShardCommand, TypeConfig};
 
 /// Log filter directives for the consensus engine: it narrates every group's start and election
 /// at info, which with 64 shards is noise, and warns about every failed RPC of every group
@@ -165,6 +173,9 @@ pub struct Consensus {
     members: Vec<u64>,
     max_command_bytes: usize,
     joined: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
+    /// The cluster id shard 0's log recorded, as this node has applied it.
+    identity: Arc<std::sync::Mutex<Option<String>>>,
+    records: Option<Arc<dyn IdentityRecords>>,
     peers: Arc<HashMap<u64, Arc<PeerClient>>>,
     service: Arc<RaftService>,
     /// Set to stop the peer listener and its connections.
@@ -262,148 +273,6 @@ impl Proposal {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Formation {
-    Pending,
-    TakingPart,
-    Refused(String),
-}
-
-/// What the formation task needs.
-struct Joining {
-    node_id: u64,
-    members: Vec<u64>,
-    groups: Arc<Vec<Raft>>,
-    peers: Arc<HashMap<u64, Arc<PeerClient>>>,
-    service: Arc<RaftService>,
-    joined: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
-    fresh: Vec<bool>,
-    stopped: tokio::sync::watch::Receiver<bool>,
-}
-
-/// How often the leader of shard 0 checks for members to record as joined.
-const JOINED_CHECK: Duration = Duration::from_millis(300);
-
-/// Brings the node into the cluster, then records members as they join.
-///
-/// Wiped members: a node that took part and then lost its storage may have voted and forgotten
-/// it, so it must never take part again under its id. Shard 0's log records each member once it
-/// holds the log (`ShardCommand::Joined`). A node whose every shard starts empty asks its peers
-/// first (`confirm_new`) and answers no Raft RPC meanwhile (so it cannot vote); if shard 0's
-/// leader says it joined before, it refuses for good.
-async fn form(mut f: Joining, formation: tokio::sync::watch::Sender<Formation>) {
-    // A node joining a cluster that already formed gets its membership with the leaders' logs
-    // (as a voter the groups count, or as a learner being added); it proposes none of its own.
-    let mut cluster_formed = false;
-    if f.fresh.iter().all(|fresh| *fresh) {
-        match confirm_new(&f).await {
-            Ok(formed) => cluster_formed = formed,
-            Err(reason) => {
-                tracing::error!(node = f.node_id, %reason, "refusing to take part in the cluster");
-                formation.send_replace(Formation::Refused(reason));
-                for raft in f.groups.iter() {
-                    let _ = raft.shutdown().await;
-                }
-                return;
-            }
-        }
-    }
-    f.service.take_part();
-    let membership: BTreeMap<u64, Member> = f.members.iter().map(|id| (*id, Member::default())).collect();
-    for (shard, raft) in f.groups.iter().enumerate() {
-        if f.fresh[shard] && !cluster_formed {
-            // Refused when the group already has a log or a vote (e.g. a leader's entries
-            // arrived first): fine, the membership came with them.
-            if let Err(error) = raft.initialize(membership.clone()).await {
-                tracing::debug!(shard, %error, "initialize skipped");
-            }
-        }
-    }
-    formation.send_replace(Formation::TakingPart);
-    let mut tick = tokio::time::interval(JOINED_CHECK);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = f.stopped.wait_for(|stop| *stop) => return,
-        }
-        record_joined(&f).await;
-    }
-}
-
-/// Asks the peers whether this node joined before. `Ok(true)` once shard 0's leader says it did
-/// not (the cluster formed without it, or forgot it: see `membership`), `Ok(false)` once a
-/// majority of the members (itself included) started empty and have applied nothing (the
-/// cluster never formed, so nobody can have recorded it); `Err` as soon as the leader says it did.
-///
-/// Limit: when one member never started and another is wiped while the rest cannot form a
-/// quorum (two failures in a cluster of three), the two empty nodes count as a fresh majority.
-async fn confirm_new(f: &Joining) -> Result<bool, String> {
-    use network::JoinedAnswer;
-    let majority = f.members.len() / 2 + 1;
-    let mut waited = tokio::time::Instant::now();
-    let mut stopped = f.stopped.clone();
-    loop {
-        let mut fresh = 1; // this node
-        for client in f.peers.values() {
-            match network::ask_joined(client, f.node_id, Duration::from_secs(3)).await {
-                Ok(JoinedAnswer::Joined) => {
-                    return Err(format!(
-                        "node {id} starts with an empty data directory, but the cluster recorded it as a member that held the log: it may have voted and forgotten it. Restore its data directory, or replace it: stop it, run `fleetlm cluster forget-node --node-id {id}` against a running member, start it again on empty storage, then run `fleetlm cluster add-node --node-id {id}` (docs/OPERATIONS.md, \"Replacing a node\")",
-                        id = f.node_id
-                    ));
-                }
-                Ok(JoinedAnswer::NotJoined) => return Ok(true),
-                Ok(JoinedAnswer::Fresh) => fresh += 1,
-                Ok(JoinedAnswer::Unknown) | Err(_) => {}
-            }
-        }
-        if fresh >= majority {
-            return Ok(false);
-        }
-        if waited.elapsed() > Duration::from_secs(5) {
-            tracing::info!(node = f.node_id, "waiting for the cluster to confirm this node is new");
-            waited = tokio::time::Instant::now();
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = stopped.wait_for(|stop| *stop) => return Err("stopped".into()),
-        }
-    }
-}
-
-/// On the leader of shard 0: records itself and every follower that holds the log as joined.
-async fn record_joined(f: &Joining) {
-    // Not while a member is being forgotten: it could be recorded again right after.
-    let _records = f.service.member_records().lock_owned().await;
-    let raft = &f.groups[0];
-    let holders: Vec<u64> = {
-        let metrics = raft.metrics();
-        let metrics = metrics.borrow_watched();
-        if metrics.current_leader != Some(f.node_id) {
-            return;
-        }
-        let membership = metrics.membership_config.membership();
-        let mut holders = vec![f.node_id];
-        if let Some(replication) = &metrics.replication {
-            holders.extend(
-                replication
-                    .iter()
-                    .filter(|(id, matched)| matched.is_some() && membership.get_node(id).is_some())
-                    .map(|(id, _)| *id),
-            );
-        }
-        holders
-    };
-    for node in holders {
-        if !f.joined.lock().expect("joined lock").contains(&node)
-            && let Err(error) = raft.client_write(ShardCommand::Joined(node)).await
-        {
-            tracing::debug!(node, %error, "recording a joined member failed; retried later");
-            return;
-        }
-    }
-}
-
 fn raft_config(timing: Timing, max_entry_bytes: usize) -> Result<Arc<Config>, String> {
     // An append to a follower must fit one peer frame whatever its entries weigh.
     let max_payload_entries = (MAX_FRAME_BYTES / 2 / max_entry_bytes.max(1)).clamp(1, 300) as u64;
@@ -435,16 +304,30 @@ fn shard_log_index(raft_index: Option<u64>) -> u64 {
 
 impl Consensus {
     /// Starts every shard's group and the peer listener. A group whose log and vote are empty
-    /// (a node starting for the first time) proposes the configured membership; the cluster
-    /// forms once a majority is up, whatever the start order.
+    /// (a node starting for the first time) proposes the configured membership if no cluster
+    /// formed yet (`records`, the shared record of the cluster's identity, holds no id); the
+    /// cluster forms once a majority is up, whatever the start order.
     pub async fn start(
         spec: &ClusterSpec,
         wal: Arc<Wal>,
         state_dir: &Path,
+        records: Option<Arc<dyn IdentityRecords>>,
     ) -> Result<(Consensus, Vec<ShardFeed>), String> {
         let listener = std::net::TcpListener::bind(spec.listen)
             .map_err(|e| format!("cannot listen for peers on {}: {e}", spec.listen))?;
-        Self::start_on(spec, listener, wal, state_dir).await
+        Self::start_on(spec, listener, wal, state_dir, records).await
+    }
+
+    /// Whether this node's storage holds nothing of any shard's group (no vote, no log, no
+    /// snapshot): a node starting for the first time, or one whose storage was lost.
+    pub fn holds_nothing(wal: &Wal) -> Result<bool, String> {
+        for shard in 0..wal.shard_count() {
+            let vote = wal.read_vote(shard).map_err(|e| format!("shard {shard} vote: {e}"))?;
+            if vote.is_some() || wal.last_log_id(shard).is_some() || wal.purged(shard).is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// `start` with the peer listener already bound (`spec.listen` is then not used).
@@ -453,6 +336,7 @@ impl Consensus {
         listener: std::net::TcpListener,
         wal: Arc<Wal>,
         state_dir: &Path,
+        records: Option<Arc<dyn IdentityRecords>>,
     ) -> Result<(Consensus, Vec<ShardFeed>), String> {
         if !spec.peers.contains_key(&spec.node_id) {
             return Err(format!("node {} is not in the member list", spec.node_id));
@@ -495,6 +379,7 @@ impl Consensus {
         let mut feeds = Vec::new();
         let mut fresh = Vec::new();
         let mut joined = None;
+        let mut cluster_identity = None;
         for shard in 0..wal.shard_count() {
             let vote = wal.read_vote(shard).map_err(|e| format!("shard {shard} vote: {e}"))?;
             fresh.push(vote.is_none() && wal.last_log_id(shard).is_none() && wal.purged(shard).is_none());
@@ -506,6 +391,7 @@ impl Consensus {
                     .map_err(|e| format!("shard {shard} snapshot: {e}"))?;
             if shard == 0 {
                 joined = Some(machine.joined());
+                cluster_identity = Some(machine.identity());
             }
             let network = ShardNetwork {
                 shard,
@@ -524,10 +410,11 @@ impl Consensus {
         let groups = Arc::new(groups);
         let joined = joined.expect("a cluster has at least one shard");
         let joined_view = joined.clone();
+        let cluster_identity = cluster_identity.expect("a cluster has at least one shard");
         service.set_groups(spec.node_id, groups.clone(), joined.clone(), fresh.iter().all(|f| *f));
         let service_handle = service.clone();
         let (formation, formed) = tokio::sync::watch::channel(Formation::Pending);
-        tokio::spawn(form(
+        tokio::spawn(formation::form(
             Joining {
                 node_id: spec.node_id,
                 members: members.clone(),
@@ -535,6 +422,8 @@ impl Consensus {
                 peers: clients.clone(),
                 service,
                 joined,
+                identity: cluster_identity.clone(),
+                records: records.clone(),
                 fresh,
                 stopped: stop.subscribe(),
             },
@@ -547,6 +436,8 @@ impl Consensus {
                 members,
                 max_command_bytes: log_store::max_command_bytes(&wal),
                 joined: joined_view,
+                identity: cluster_identity,
+                records,
                 peers: clients,
                 service: service_handle,
                 stop,
@@ -589,6 +480,11 @@ impl Consensus {
     /// The members shard 0's log has recorded as joined, as this node has applied them.
     pub fn joined(&self) -> Vec<u64> {
         self.joined.lock().expect("joined lock").iter().copied().collect()
+    }
+
+    /// The cluster's id as shard 0's log recorded it and this node has applied it.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.identity.lock().expect("identity lock").clone()
     }
 
     pub fn node_id(&self) -> u64 {
@@ -973,6 +869,12 @@ impl Consensus {
             .await?;
         self.change_member(0, MemberChange::Remove(node)).await?;
         self.change_member(0, MemberChange::Forget(node)).await?;
+        // The shared record too: only then may it start on empty storage (see `identity`).
+        if let Some(records) = &self.records {
+            records.forget_member(node).await.map_err(|e| {
+                format!("node {node} is forgotten by the cluster but not by the archive ({e}); run the command again")
+            })?;
+        }
         // Once more everywhere: an `add_member` run concurrently elsewhere may have made it a
         // voter again before the `Forgotten` record reached every leader.
         let all: Vec<u16> = (0..self.groups.len() as u16).collect();
@@ -989,7 +891,14 @@ impl Consensus {
         self.change_member(0, MemberChange::AddLearner(node)).await?;
         self.change_member_on(self.shards_but_the_first(), MemberChange::AddLearner(node))
             .await?;
-        // Recorded before it votes anywhere: a second wipe is refused again.
+        // Recorded before it votes anywhere: a second wipe is refused again (by the archive's
+        // record even when no quorum is left to answer for the log's).
+        if let Some(records) = &self.records {
+            records
+                .record_member(node)
+                .await
+                .map_err(|e| format!("cannot record node {node} in the archive ({e}); run the command again"))?;
+        }
         self.change_member(0, MemberChange::RecordJoined(node)).await?;
         self.change_member(0, MemberChange::Promote(node)).await?;
         self.change_member_on(self.shards_but_the_first(), MemberChange::Promote(node))

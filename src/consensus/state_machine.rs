@@ -49,6 +49,20 @@ struct SnapshotFile {
     membership: Vec<u8>,
     /// Members recorded as having joined (`ShardCommand::Joined`, less those `Forgotten` since).
     joined: Vec<u64>,
+    /// The cluster id (`ShardCommand::Identity`); absent in files written before it existed.
+    #[serde(default)]
+    cluster_id: Option<String>,
+}
+
+/// What a snapshot sent to a replica carries besides its metadata: shard 0's records.
+#[derive(Serialize, Deserialize)]
+struct SnapshotRecords {
+    version: u32,
+    shard: u16,
+    joined: Vec<u64>,
+    /// Absent in snapshots of nodes from before it existed.
+    #[serde(default)]
+    cluster_id: Option<String>,
 }
 
 const SNAPSHOT_VERSION: u32 = 1;
@@ -80,6 +94,8 @@ pub struct ShardStateMachine {
     shard: u16,
     /// Members recorded as having joined the cluster, as this replica has applied them.
     joined: Arc<Mutex<BTreeSet<u64>>>,
+    /// The cluster id shard 0 recorded, as this replica has applied it.
+    identity: Arc<Mutex<Option<String>>>,
     applied: mpsc::Sender<Applied>,
     archived_through: Arc<AtomicU64>,
     snapshot_path: PathBuf,
@@ -99,13 +115,14 @@ impl ShardStateMachine {
     ) -> io::Result<ShardStateMachine> {
         std::fs::create_dir_all(snapshot_dir)?;
         let snapshot_path = snapshot_dir.join(format!("{shard:05}.snapshot"));
-        let (current, joined) = match read_snapshot_file(&snapshot_path, shard)? {
-            Some((meta, joined)) => (Some(meta), joined),
-            None => (None, BTreeSet::new()),
+        let (current, joined, identity) = match read_snapshot_file(&snapshot_path, shard)? {
+            Some((meta, joined, identity)) => (Some(meta), joined, identity),
+            None => (None, BTreeSet::new(), None),
         };
         Ok(ShardStateMachine {
             shard,
             joined: Arc::new(Mutex::new(joined)),
+            identity: Arc::new(Mutex::new(identity)),
             applied,
             archived_through,
             snapshot_path,
@@ -158,6 +175,26 @@ impl ShardStateMachine {
         self.joined.clone()
     }
 
+    /// The cluster id (shard 0 records it).
+    pub fn identity(&self) -> Arc<Mutex<Option<String>>> {
+        self.identity.clone()
+    }
+
+    /// Keeps the first id recorded: the shared record makes every leader propose the same one.
+    fn record_identity(&self, id: String) {
+        let mut identity = self.identity.lock().expect("identity lock");
+        match identity.as_deref() {
+            None => *identity = Some(id),
+            Some(kept) if kept == id => {}
+            Some(kept) => tracing::error!(
+                shard = self.shard,
+                kept,
+                proposed = id.as_str(),
+                "the log records a second cluster id; the first is kept"
+            ),
+        }
+    }
+
     /// Makes `meta` the current snapshot (file first), unless a newer one already is: building
     /// and installing may race, and the current snapshot only ever moves forward.
     fn keep_as_current(&self, meta: &SnapshotMeta) -> io::Result<()> {
@@ -167,7 +204,8 @@ impl ShardStateMachine {
             return Ok(());
         }
         let joined = self.joined.lock().expect("joined lock").clone();
-        write_snapshot_file(&self.snapshot_path, self.shard, meta, &joined)?;
+        let identity = self.identity.lock().expect("identity lock").clone();
+        write_snapshot_file(&self.snapshot_path, self.shard, meta, &joined, identity)?;
         let mut machine = self.machine.lock().expect("machine lock");
         if let Some(position) = meta.last_log_id {
             // Term runs wholly before the snapshot are no longer needed.
@@ -180,8 +218,13 @@ impl ShardStateMachine {
     }
 
     fn snapshot_of(&self, meta: SnapshotMeta) -> Snapshot {
-        let joined: Vec<u64> = self.joined.lock().expect("joined lock").iter().copied().collect();
-        let data = rmp_serde::to_vec(&(SNAPSHOT_VERSION, self.shard, joined)).expect("encodes");
+        let records = SnapshotRecords {
+            version: SNAPSHOT_VERSION,
+            shard: self.shard,
+            joined: self.joined.lock().expect("joined lock").iter().copied().collect(),
+            cluster_id: self.identity.lock().expect("identity lock").clone(),
+        };
+        let data = rmp_serde::to_vec(&records).expect("encodes");
         Snapshot {
             meta,
             snapshot: SnapshotData::new(data),
@@ -189,7 +232,9 @@ impl ShardStateMachine {
     }
 }
 
-fn read_snapshot_file(path: &Path, shard: u16) -> io::Result<Option<(SnapshotMeta, BTreeSet<u64>)>> {
+type SnapshotFileContents = (SnapshotMeta, BTreeSet<u64>, Option<String>);
+
+fn read_snapshot_file(path: &Path, shard: u16) -> io::Result<Option<SnapshotFileContents>> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -213,17 +258,24 @@ fn read_snapshot_file(path: &Path, shard: u16) -> io::Result<Option<(SnapshotMet
         }),
         last_membership,
     };
-    Ok(Some((meta, file.joined.into_iter().collect())))
+    Ok(Some((meta, file.joined.into_iter().collect(), file.cluster_id)))
 }
 
 /// Written to a temporary file, fsync'd, renamed over the old one, directory fsync'd.
-fn write_snapshot_file(path: &Path, shard: u16, meta: &SnapshotMeta, joined: &BTreeSet<u64>) -> io::Result<()> {
+fn write_snapshot_file(
+    path: &Path,
+    shard: u16,
+    meta: &SnapshotMeta,
+    joined: &BTreeSet<u64>,
+    cluster_id: Option<String>,
+) -> io::Result<()> {
     let file = SnapshotFile {
         version: SNAPSHOT_VERSION,
         shard,
         last: meta.last_log_id.map(|id| (id.leader_id.term, id.index)),
         membership: rmp_serde::to_vec(&meta.last_membership).map_err(io::Error::other)?,
         joined: joined.iter().copied().collect(),
+        cluster_id,
     };
     let bytes = rmp_serde::to_vec(&file).map_err(io::Error::other)?;
     let temporary = path.with_extension("snapshot.tmp");
@@ -279,6 +331,10 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     self.joined.lock().expect("joined lock").remove(&node);
                     None
                 }
+                EntryPayload::Normal(ShardCommand::Identity(id)) => {
+                    self.record_identity(id);
+                    None
+                }
                 EntryPayload::Blank => None,
                 EntryPayload::Membership(membership) => {
                     let mut machine = self.machine.lock().expect("machine lock");
@@ -328,7 +384,12 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
-        let (version, shard, joined): (u32, u16, Vec<u64>) = rmp_serde::from_slice(snapshot.get_ref())
+        let SnapshotRecords {
+            version,
+            shard,
+            joined,
+            cluster_id,
+        } = rmp_serde::from_slice(snapshot.get_ref())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot data: {e}")))?;
         if version != SNAPSHOT_VERSION || shard != self.shard {
             return Err(io::Error::new(
@@ -341,6 +402,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         }
         // The snapshot's set replaces this replica's: a member forgotten since must not linger.
         *self.joined.lock().expect("joined lock") = joined.into_iter().collect();
+        if let Some(id) = cluster_id {
+            self.record_identity(id);
+        }
         let this = self.clone();
         let kept = meta.clone();
         tokio::task::spawn_blocking(move || this.keep_as_current(&kept))
@@ -366,5 +430,26 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
         let current = self.machine.lock().expect("machine lock").current.clone();
         Ok(current.map(|meta| self.snapshot_of(meta)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SNAPSHOT_VERSION, SnapshotRecords};
+
+    #[test]
+    fn a_snapshot_from_before_the_cluster_id_still_decodes() {
+        let old = rmp_serde::to_vec(&(SNAPSHOT_VERSION, 0u16, vec![1u64, 2, 3])).unwrap();
+        let records: SnapshotRecords = rmp_serde::from_slice(&old).unwrap();
+        assert_eq!(records.joined, vec![1, 2, 3]);
+        assert_eq!(records.cluster_id, None);
+        let new = SnapshotRecords {
+            version: SNAPSHOT_VERSION,
+            shard: 0,
+            joined: vec![1],
+            cluster_id: Some("id".into()),
+        };
+        let decoded: SnapshotRecords = rmp_serde::from_slice(&rmp_serde::to_vec(&new).unwrap()).unwrap();
+        assert_eq!(decoded.cluster_id.as_deref(), Some("id"));
     }
 }

@@ -136,7 +136,7 @@ impl Cluster {
         };
         let wal = Arc::new(wal);
         let listener = bind_retrying(self.listen[&id]).await;
-        let (consensus, feeds) = Consensus::start_on(&self.spec(id), listener, wal.clone(), &dir)
+        let (consensus, feeds) = Consensus::start_on(&self.spec(id), listener, wal.clone(), &dir, None)
             .await
             .unwrap();
         let received: Received = Arc::new(Mutex::new(vec![Vec::new(); SHARDS as usize]));

@@ -18,6 +18,9 @@ pub enum ShardCommand {
     /// Shard 0's log forgets a member the operator removed from every group to replace its
     /// lost storage (`membership`): from then on it may start empty once more.
     Forgotten(u64),
+    /// Shard 0's log records the cluster's id, made when it formed (`identity`). Appended last,
+    /// so entries already written decode as before.
+    Identity(String),
 }
 
 impl fmt::Debug for ShardCommand {
@@ -26,6 +29,7 @@ impl fmt::Debug for ShardCommand {
             ShardCommand::App(bytes) => write!(f, "App({} bytes)", bytes.len()),
             ShardCommand::Joined(node) => write!(f, "Joined({node})"),
             ShardCommand::Forgotten(node) => write!(f, "Forgotten({node})"),
+            ShardCommand::Identity(id) => write!(f, "Identity({id})"),
         }
     }
 }

@@ -341,6 +341,11 @@ impl Cluster {
         self.node_ref(id).data_dir.path()
     }
 
+    /// The `fleetlm serve` arguments node `id` is started with (for a test that runs it by hand).
+    pub fn serve_arguments(&self, id: usize) -> Vec<String> {
+        self.arguments(id)
+    }
+
     /// The `fleetlm serve` arguments of node `id`.
     fn arguments(&self, id: usize) -> Vec<String> {
         let node = self.node_ref(id);
