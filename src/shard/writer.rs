@@ -34,6 +34,9 @@ use crate::ids;
 use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionStatus, SessionView};
 use crate::wal::{LogId, Wal, WalError};
 
+#[path = "dispatch_ops.rs"]
+mod dispatch_ops;
+
 /// Operations' room a shard keeps between batches (a burst's larger batch is given back).
 const MAX_RETAINED_BATCH_OPS: usize = 1024;
 /// Entries one shard may have waiting for their fsync. Two let the next batch join the lane's
@@ -161,6 +164,16 @@ pub enum Command {
         /// Cluster: the leadership term the dispatch ran under (refused after it).
         leader_term: Option<u64>,
         reply: Reply<bool>,
+    },
+    /// Records the start of a dispatch's turn before the agent is called (see
+    /// `Op::DispatchStarted`); answers the session's open turn (this one, or one started
+    /// before), or `None` if nothing is owed.
+    StartDispatch {
+        session_id: String,
+        turn: crate::model::OpenTurn,
+        /// Cluster: the leadership term the dispatch runs under (refused after it).
+        leader_term: Option<u64>,
+        reply: Reply<Option<crate::model::OpenTurn>>,
     },
     /// Sessions in memory that owe a reply: `(session_id, agent_id, last_user_seq)`.
     PendingDispatches {
@@ -958,6 +971,15 @@ impl ShardWriter {
                 let result = self.finish_dispatch(session_id, end, batch, now);
                 batch.replies.push(defer(reply, result));
             }
+            Command::StartDispatch {
+                session_id,
+                turn,
+                leader_term,
+                reply,
+            } => {
+                let result = self.start_dispatch(session_id, turn, leader_term, batch, now);
+                batch.replies.push(defer(reply, result));
+            }
             Command::PendingDispatches { reply } => {
                 let owing = self
                     .state
@@ -1542,6 +1564,7 @@ fn refuse_as_follower(command: Command, leader: Option<u64>) {
         Command::Append { reply, .. } => refuse(reply, leader),
         Command::PlanRead { reply, .. } => refuse(reply, leader),
         Command::FinishDispatch { reply, .. } => refuse(reply, leader),
+        Command::StartDispatch { reply, .. } => refuse(reply, leader),
         Command::Overlay { session_ids, reply } => {
             let _ = reply.send(vec![None; session_ids.len()]);
         }
