@@ -9,6 +9,53 @@ pub fn generate_id() -> String {
     URL_SAFE_NO_PAD.encode(uuid::Uuid::now_v7().as_bytes())
 }
 
+/// A turn's id (`OpenTurn`, docs/AGENTS.md `idempotency-key`): the same for every attempt and
+/// every leader that dispatches the turn. Derived, not random, from what identifies the turn
+/// (the session, when it was created, and the newest user message the turn answers), so that
+/// even a node that lost the record of the turn's start (its log entry archived and purged)
+/// finds the same id again. 16 bytes, shown like generated ids (22 URL-safe base64 chars).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TurnId([u8; 16]);
+
+impl TurnId {
+    pub fn derive(session_id: &str, session_inserted_at: i64, through_seq: u64) -> TurnId {
+        let mut input = Vec::with_capacity(session_id.len() + 24);
+        input.extend_from_slice(b"fleetlm-turn\0");
+        input.extend_from_slice(session_id.as_bytes());
+        input.push(0);
+        input.extend_from_slice(&session_inserted_at.to_be_bytes());
+        input.extend_from_slice(&through_seq.to_be_bytes());
+        TurnId(xxhash_rust::xxh3::xxh3_128(&input).to_be_bytes())
+    }
+
+    pub fn parse(text: &str) -> Option<TurnId> {
+        let mut bytes = [0u8; 16];
+        match URL_SAFE_NO_PAD.decode_slice(text, &mut bytes) {
+            Ok(16) => Some(TurnId(bytes)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TurnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&URL_SAFE_NO_PAD.encode(self.0))
+    }
+}
+
+impl serde::Serialize for TurnId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TurnId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<TurnId, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        TurnId::parse(&text).ok_or_else(|| serde::de::Error::custom("a turn id is 22 URL-safe base64 characters"))
+    }
+}
+
 /// Client-chosen ids: 1–255 characters of `[A-Za-z0-9._:@-]`.
 pub fn is_valid_client_chosen_id(id: &str) -> bool {
     !id.is_empty()
@@ -40,6 +87,22 @@ mod tests {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         );
         assert_ne!(first, second);
+    }
+
+    #[test]
+    fn turn_ids_are_stable_per_turn_and_round_trip() {
+        let id = TurnId::derive("s", 7, 3);
+        assert_eq!(id, TurnId::derive("s", 7, 3), "the same turn, the same id");
+        assert_ne!(id, TurnId::derive("s", 7, 4));
+        assert_ne!(id, TurnId::derive("s", 8, 3), "a session made again is another session");
+        assert_ne!(id, TurnId::derive("t", 7, 3));
+        let text = id.to_string();
+        assert_eq!(text.len(), 22);
+        assert_eq!(TurnId::parse(&text), Some(id));
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(serde_json::from_str::<TurnId>(&json).unwrap(), id);
+        assert!(TurnId::parse("short").is_none());
+        assert!(serde_json::from_str::<TurnId>("\"not an id at all, no\"").is_err());
     }
 
     #[test]

@@ -145,11 +145,33 @@ pub struct LastActivity {
 pub struct DispatchProgress {
     pub last_user_seq: u64,
     pub answered_through: u64,
+    /// The turn a dispatch started (`Op::DispatchStarted`) and has not finished: whoever
+    /// dispatches next resumes it, with its id. Not archived: a session loaded from the archive
+    /// has none, and a dispatch derives the same id again (`TurnId::derive`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<OpenTurn>,
+}
+
+/// A dispatched turn not finished yet (`DispatchProgress::turn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenTurn {
+    /// The agent's `idempotency-key`, and the `dispatch_id` of every attempt.
+    pub id: crate::ids::TurnId,
+    /// The newest user message the turn answers.
+    pub through_seq: u64,
+    /// The newest message of the history the agent is given (a resumed turn asks again with
+    /// the same history, not with messages that arrived since).
+    pub history_seq: u64,
 }
 
 impl DispatchProgress {
     pub fn is_pending(&self) -> bool {
         self.last_user_seq > self.answered_through
+    }
+
+    /// The started turn a reply is still owed for, if any.
+    pub fn open_turn(&self) -> Option<OpenTurn> {
+        self.turn.filter(|turn| turn.through_seq > self.answered_through)
     }
 }
 

@@ -6,7 +6,7 @@
 //! dispatch ended changes nothing (`cancel` answers false), and a dispatch that ends after a
 //! cancel reports itself cancelled, whatever it stored before it noticed.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::watch;
 
@@ -27,6 +27,9 @@ pub struct DispatchControl {
     stopped: watch::Sender<bool>,
     /// Turns true when the dispatch ends.
     ended: watch::Sender<bool>,
+    /// The id the dispatch runs under once its turn is known (the turn's id, which a cancel
+    /// may name), set once.
+    turn_id: OnceLock<Arc<str>>,
 }
 
 impl Default for DispatchControl {
@@ -35,6 +38,7 @@ impl Default for DispatchControl {
             phase: Mutex::new(Phase::Running),
             stopped: watch::Sender::new(false),
             ended: watch::Sender::new(false),
+            turn_id: OnceLock::new(),
         }
     }
 }
@@ -62,6 +66,16 @@ impl DispatchControl {
         }
         self.stopped.send_replace(true);
         true
+    }
+
+    /// The dispatch answers the turn `id` (its `dispatch_id` from now on).
+    pub fn set_turn_id(&self, id: Arc<str>) {
+        let _ = self.turn_id.set(id);
+    }
+
+    /// The turn's id, once the dispatch knows it.
+    pub fn turn_id(&self) -> Option<Arc<str>> {
+        self.turn_id.get().cloned()
     }
 
     pub fn is_superseded(&self) -> bool {

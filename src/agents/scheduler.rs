@@ -456,9 +456,17 @@ impl Scheduler {
                 result.nothing_owed = false;
                 result.through_seq = result.through_seq.max(cancelled_through);
             }
-            let through_seq = result.through_seq.max(covered_hint);
+            // The turn's own bound when it has one: a resumed turn answers what it answered
+            // when it started, not messages written since (a follow-up answers those).
+            let through_seq = if result.through_seq == 0 {
+                covered_hint
+            } else {
+                result.through_seq
+            };
+            // The turn's id once the dispatch opened its turn (`webhook::dispatch`).
+            let dispatch_id = job.control.turn_id().unwrap_or_else(|| job.dispatch_id.clone());
             if result.superseded || ending == Ending::Superseded {
-                tracing::info!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, "dispatch ended: the shard's new leader answers the turn");
+                tracing::info!(session_id = %job.session_id, %dispatch_id, "dispatch ended: the shard's new leader answers the turn");
                 dispatch_released(&sender, session_id.clone(), agent_id.clone()).await;
                 if let Some(term) = job.leader_term {
                     resume_after_lease(&context, &sender, &overflowed, session_id, agent_id, term, through_seq).await;
@@ -481,7 +489,7 @@ impl Scheduler {
             context.recent.record(
                 &job.agent_id,
                 super::recent::FinishedDispatch {
-                    dispatch_id: job.dispatch_id.to_string(),
+                    dispatch_id: dispatch_id.to_string(),
                     session_id: job.session_id.to_string(),
                     outcome,
                     error: result.error.clone(),
@@ -493,7 +501,7 @@ impl Scheduler {
                 .shards
                 .finish_dispatch(
                     &job.session_id,
-                    &job.dispatch_id,
+                    &dispatch_id,
                     through_seq,
                     result.error.clone(),
                     cancelled.is_some(),
@@ -505,13 +513,13 @@ impl Scheduler {
             }
             match &result.error {
                 Some(error) => {
-                    tracing::warn!(session_id = %job.session_id, dispatch_id = %job.dispatch_id, %error, "dispatch failed");
-                    status(&context, &job.session_id, "failed", Some(&job.dispatch_id), Some(error));
+                    tracing::warn!(session_id = %job.session_id, %dispatch_id, %error, "dispatch failed");
+                    status(&context, &job.session_id, "failed", Some(&dispatch_id), Some(error));
                 }
                 None if cancelled.is_some() => {
-                    status(&context, &job.session_id, "cancelled", Some(&job.dispatch_id), None);
+                    status(&context, &job.session_id, "cancelled", Some(&dispatch_id), None);
                 }
-                None => status(&context, &job.session_id, "idle", Some(&job.dispatch_id), None),
+                None => status(&context, &job.session_id, "idle", Some(&dispatch_id), None),
             }
             dispatch_ended(&sender, session_id, agent_id, through_seq).await;
         });
@@ -538,6 +546,8 @@ impl Scheduler {
                 let _ = reply.send(Ok(None));
                 return;
             };
+            // Named by its turn's id once it has one (the id its statuses and chunks carry).
+            let running_id = control.turn_id().unwrap_or(running_id);
             let wanted = dispatch_id.as_deref().is_none_or(|id| id == &*running_id);
             if wanted && control.cancel(last_user_seq) {
                 // Messages written up to the cancel are answered: no follow-up for them. The
@@ -605,8 +615,8 @@ impl Scheduler {
         if let Some(schedule) = self.sessions.get_mut(&session_id) {
             schedule.in_flight = false;
             let running = schedule.running.take();
-            if let (Some(reply), Some((dispatch_id, _))) = (schedule.cancelled_by.take(), running) {
-                let _ = reply.send(Ok(Some(dispatch_id)));
+            if let (Some(reply), Some((dispatch_id, control))) = (schedule.cancelled_by.take(), running) {
+                let _ = reply.send(Ok(Some(control.turn_id().unwrap_or(dispatch_id))));
             }
             let renotified = std::mem::take(&mut schedule.renotified);
             let through_seq = match through_seq {

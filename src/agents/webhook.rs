@@ -11,7 +11,8 @@ use serde_json::{Map, Value, json};
 use super::cancel::DispatchControl;
 use super::reply::{LineSplitter, ReplyLine, parse_line};
 use super::{EngineContext, status};
-use crate::model::{Agent, HistoryMode, SessionView};
+use crate::ids::TurnId;
+use crate::model::{Agent, HistoryMode, OpenTurn, SessionView};
 use crate::shard::ShardError;
 
 /// History for `entire` mode is capped at the newest this many messages.
@@ -27,6 +28,19 @@ pub struct DispatchJob {
     pub leader_term: Option<u64>,
     /// Cancels the dispatch (watched at every wait).
     pub control: Arc<DispatchControl>,
+}
+
+impl DispatchJob {
+    /// The same dispatch, running under its turn's id.
+    fn for_turn(&self, turn_id: Arc<str>) -> DispatchJob {
+        DispatchJob {
+            session_id: self.session_id.clone(),
+            agent_id: self.agent_id.clone(),
+            dispatch_id: turn_id,
+            leader_term: self.leader_term,
+            control: self.control.clone(),
+        }
+    }
 }
 
 /// How a dispatch ended: the user messages it covered, and the error if it failed.
@@ -117,19 +131,31 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
         Some(agent) if agent.status == crate::model::AgentStatus::Enabled => agent,
         _ => return DispatchResult::failed("agent_disabled"),
     };
-    let history = match history(context, &job.session_id, &view, &agent).await {
-        Ok(found) => found,
-        Err(error) => return unavailable(error),
+    let (turn, history) = match open_turn(context, job, &view, &agent).await {
+        Ok(opened) => opened,
+        Err(NotOpened::NothingOwed) => {
+            return DispatchResult {
+                through_seq: view.dispatch.answered_through,
+                error: None,
+                nothing_owed: true,
+                superseded: false,
+            };
+        }
+        Err(NotOpened::Superseded) => {
+            return DispatchResult {
+                superseded: true,
+                ..cancelled
+            };
+        }
+        Err(NotOpened::Cancelled) => return cancelled,
+        Err(NotOpened::Failed(reason)) => return DispatchResult::failed(reason),
     };
-    let through_seq = history.last_user_seq.unwrap_or(view.dispatch.last_user_seq);
-    if history.reply_stored {
-        // A dispatch stored its whole reply and ended before recording it (a crash, or a
-        // leadership change): the turn is answered; record it, do not ask the agent again.
-        return DispatchResult {
-            through_seq,
-            ..cancelled
-        };
-    }
+    // From here on the dispatch runs under its turn's id: the agent's `idempotency-key`, the
+    // `dispatch_id` of its statuses, chunks and messages, and the key of its reply's messages.
+    let turn_id: Arc<str> = Arc::from(turn.id.to_string());
+    job.control.set_turn_id(turn_id.clone());
+    let job = &job.for_turn(turn_id);
+    let through_seq = turn.through_seq;
     status(context, &job.session_id, "dispatching", Some(&job.dispatch_id), None);
     let mut attempt = 1u32;
     // Registered for all attempts: chunk indexes count across them, and a joiner between two
@@ -253,27 +279,132 @@ struct History {
     last_user_seq: Option<u64>,
     /// The message the reply replaces, when the newest user message is a `regenerate`.
     replaces: Option<String>,
-    /// After the newest user message the log already holds a whole reply of the agent (a
-    /// message it finished): a dispatch stored it and stopped before recording its end.
-    reply_stored: bool,
+    /// The agent's messages after the newest user message: `(seq, dispatch_id)` from their
+    /// metadata (a reply of a turn whose start is no longer in the log; `open_turn`).
+    replies_after_user: Vec<(u64, Option<String>)>,
 }
 
-/// The messages the agent gets, oldest first, as the agent's history mode asks, on the current
-/// branch (`branch.rs`: no `regenerate` messages, no superseded replies).
+/// Why a dispatch did not open a turn.
+enum NotOpened {
+    /// The log owes no reply (a stale request).
+    NothingOwed,
+    /// Cluster: this node no longer leads the session's shard.
+    Superseded,
+    Cancelled,
+    Failed(String),
+}
+
+/// How often a dispatch tries to record its turn's start while the shard cannot take it.
+const START_ATTEMPTS: u32 = 5;
+
+/// The turn this dispatch answers and the history it sends. A turn the log shows started and
+/// not finished (a crash, a leader change, a retry) is resumed as it started: the same id, the
+/// same history, so a reply cut after some of its messages is completed, not asked for twice.
+/// Otherwise the turn is recorded in the log (`Op::DispatchStarted`) before the agent is
+/// called.
+async fn open_turn(
+    context: &EngineContext,
+    job: &DispatchJob,
+    view: &SessionView,
+    agent: &Agent,
+) -> Result<(OpenTurn, History), NotOpened> {
+    let unavailable = |error: ShardError| {
+        tracing::warn!(session_id = %job.session_id, %error, "could not read the history for a dispatch");
+        NotOpened::Failed("history unavailable".into())
+    };
+    if let Some(open) = view.dispatch.open_turn() {
+        let found = history(context, &job.session_id, view, agent, open.history_seq).await;
+        return Ok((open, found.map_err(unavailable)?));
+    }
+    let found = history(context, &job.session_id, view, agent, view.last_seq)
+        .await
+        .map_err(unavailable)?;
+    let through_seq = found.last_user_seq.unwrap_or(view.dispatch.last_user_seq);
+    let id = TurnId::derive(&view.record.id, view.record.inserted_at.0, through_seq);
+    // A turn whose start left the log with the archive (the session was loaded from there) has
+    // the same id; if part of its reply is stored, its history ends before that reply, as it
+    // did when the turn started.
+    let id_text = id.to_string();
+    let resumed_reply = found
+        .replies_after_user
+        .iter()
+        .find(|(_, dispatch_id)| dispatch_id.as_deref() == Some(id_text.as_str()))
+        .map(|(seq, _)| *seq);
+    let (found, history_seq) = match resumed_reply {
+        Some(seq) => {
+            let bounded = history(context, &job.session_id, view, agent, seq - 1).await;
+            (bounded.map_err(unavailable)?, seq - 1)
+        }
+        None => (found, view.last_seq),
+    };
+    let turn = OpenTurn {
+        id,
+        through_seq,
+        history_seq,
+    };
+    let mut attempt = 1;
+    let opened = loop {
+        if job.control.is_cancelled() {
+            return Err(NotOpened::Cancelled);
+        }
+        match context
+            .shards
+            .start_dispatch(&job.session_id, turn, job.leader_term)
+            .await
+        {
+            Ok(opened) => break opened,
+            Err(ShardError::Superseded) => return Err(NotOpened::Superseded),
+            Err(
+                error @ (ShardError::NoLeader(_)
+                | ShardError::NotLeader { .. }
+                | ShardError::Overloaded
+                | ShardError::Unavailable(_)
+                | ShardError::Archive(_)),
+            ) if attempt < START_ATTEMPTS => {
+                tracing::info!(session_id = %job.session_id, %error, attempt, "could not record a dispatch's start yet");
+                if job.leader_term.is_some() && context.shards.dispatch_term(&job.session_id) != Some(job.leader_term) {
+                    return Err(NotOpened::Superseded);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(attempt, Some(Duration::from_millis(500)))) => {}
+                    () = job.control.cancelled() => return Err(NotOpened::Cancelled),
+                }
+                attempt += 1;
+            }
+            Err(error) => {
+                tracing::warn!(session_id = %job.session_id, %error, "could not record a dispatch's start");
+                return Err(NotOpened::Failed("could not record the dispatch".into()));
+            }
+        }
+    };
+    match opened {
+        None => Err(NotOpened::NothingOwed),
+        Some(opened) if opened == turn => Ok((turn, found)),
+        // Another dispatch started a turn meanwhile (a stale request racing it): resume that one.
+        Some(opened) => {
+            let found = history(context, &job.session_id, view, agent, opened.history_seq).await;
+            Ok((opened, found.map_err(unavailable)?))
+        }
+    }
+}
+
+/// The messages up to `upto` the agent gets, oldest first, as the agent's history mode asks, on
+/// the current branch (`branch.rs`: no `regenerate` messages, no superseded replies).
 async fn history(
     context: &EngineContext,
     session_id: &str,
     view: &SessionView,
     agent: &Agent,
+    upto: u64,
 ) -> Result<History, ShardError> {
     let wanted = match agent.message_history_mode {
         HistoryMode::Tail => u64::from(agent.message_history_limit),
         HistoryMode::Last => 1,
         HistoryMode::Entire => ENTIRE_HISTORY_CAP,
     };
-    let mut after = view.last_seq.saturating_sub(wanted + BRANCH_LOOKBACK);
+    let mut after = upto.saturating_sub(wanted + BRANCH_LOOKBACK);
     let mut records = Vec::new();
-    while after < view.last_seq {
+    while after < upto {
         let page = context.shards.read_messages(session_id, after, HISTORY_PAGE).await?;
         let Some(last) = page.messages.last() else {
             break;
@@ -282,21 +413,20 @@ async fn history(
         records.extend(
             page.messages
                 .into_iter()
-                .take_while(|record| record.message.seq <= view.last_seq),
+                .take_while(|record| record.message.seq <= upto),
         );
     }
     let user_id = view.record.user_id.as_str();
     let window: Vec<&crate::model::Message> = records.iter().map(|r| &r.message).collect();
     let last_user_seq = window.iter().filter(|m| m.sender_id == user_id).map(|m| m.seq).max();
-    let reply_stored = last_user_seq.is_some_and(|last_user_seq| {
-        window.iter().any(|m| {
-            m.seq > last_user_seq
-                && m.sender_id == agent.id
-                && serde_json::from_str::<Value>(m.metadata.get()).is_ok_and(|metadata| {
-                    metadata["termination"] == "finish" && metadata["answers_seq"].as_u64() >= Some(last_user_seq)
-                })
+    let replies_after_user = window
+        .iter()
+        .filter(|m| m.seq > last_user_seq.unwrap_or(0) && m.sender_id == agent.id)
+        .map(|m| {
+            let metadata = serde_json::from_str::<Value>(m.metadata.get()).unwrap_or_default();
+            (m.seq, metadata["dispatch_id"].as_str().map(str::to_string))
         })
-    });
+        .collect();
     let branch = super::branch::current_branch(&window, user_id);
     let kept: Vec<&&crate::model::Message> = window.iter().filter(|m| !branch.hidden.contains(&m.seq)).collect();
     let skip = kept.len().saturating_sub(usize::try_from(wanted).unwrap_or(usize::MAX));
@@ -317,7 +447,7 @@ async fn history(
         messages,
         last_user_seq,
         replaces: branch.replaces,
-        reply_stored,
+        replies_after_user,
     })
 }
 
@@ -332,7 +462,7 @@ struct Turn<'a> {
 
 /// One HTTP attempt: send, then read the reply line by line until it ends. A reply cut off
 /// mid-way is stored as `incomplete` only on the final attempt: an earlier one is retried, and
-/// the retry's messages take the same `(dispatch_id, index)` keys.
+/// the retry's messages take the same `(turn id, ordinal)` keys.
 async fn call(
     context: &EngineContext,
     agent: &Agent,
@@ -713,8 +843,9 @@ async fn finish_incomplete(
     finish_message(context, agent, job, reply, "incomplete").await
 }
 
-/// Appends one message of the reply as the agent. The `client_id` (dispatch id + index) makes a
-/// retried reply that produces the same message again a no-op.
+/// Appends one message of the reply as the agent. The `client_id` (the turn's id + the
+/// message's ordinal in the reply) makes a message a retry or a resumed turn produces again a
+/// no-op: a reply cut after k messages is completed from message k on, each stored once.
 async fn store(
     context: &EngineContext,
     agent: &Agent,
@@ -724,7 +855,7 @@ async fn store(
     content: Value,
     metadata: Value,
 ) -> Result<(), CallError> {
-    let client_id = format!("dispatch:{}:{}", job.dispatch_id, reply.index);
+    let client_id = format!("turn:{}:{}", job.dispatch_id, reply.index);
     reply.index += 1;
     let mut metadata = metadata;
     if let Value::Object(map) = &mut metadata {

@@ -76,6 +76,9 @@ impl FlushRows {
                     through_seq,
                     at,
                 } => rows.gaps.push((session_id, from_seq, through_seq, at)),
+                // Not archived: a session loaded from the archive derives its open turn's id
+                // again (`TurnId::derive`).
+                Op::DispatchStarted { .. } => {}
                 Op::ReadCursorMoved { session_id, cursor, .. } => {
                     let entry = cursors.entry(session_id).or_default();
                     if cursor.read_seq > entry.read_seq {
@@ -126,7 +129,8 @@ impl FlushRows {
                 | Op::ReadCursorMoved { .. }
                 | Op::SeqsSkipped { .. }
                 | Op::SessionLoaded { .. }
-                | Op::SessionEvicted { .. } => {}
+                | Op::SessionEvicted { .. }
+                | Op::DispatchStarted { .. } => {}
             }
         }
         for (key, index) in last_message_of {
@@ -187,6 +191,7 @@ pub fn session_view(c: SessionColumns) -> Result<SessionView, String> {
         dispatch: DispatchProgress {
             last_user_seq: c.last_user_seq as u64,
             answered_through: c.answered_through as u64,
+            turn: None,
         },
     })
 }

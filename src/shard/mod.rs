@@ -1172,6 +1172,42 @@ impl Shards {
             .collect()
     }
 
+    /// Records the start of a dispatch's `turn` before the agent is called (durable when this
+    /// returns). Answers the session's open turn: `turn`, or one started earlier and not
+    /// finished (the dispatch resumes that one), or `None` if no reply is owed. In a cluster
+    /// `leader_term` is the term the dispatch runs under: a later leader refuses (`Superseded`).
+    pub async fn start_dispatch(
+        &self,
+        session_id: &str,
+        turn: crate::model::OpenTurn,
+        leader_term: Option<u64>,
+    ) -> Result<Option<crate::model::OpenTurn>, ShardError> {
+        if self.clustered() {
+            let call = routing::ShardCall::StartDispatch {
+                session_id: session_id.to_string(),
+                turn,
+                leader_term,
+            };
+            return self.routed(call).await?.turn();
+        }
+        self.start_dispatch_here(session_id, turn, leader_term).await
+    }
+
+    async fn start_dispatch_here(
+        &self,
+        session_id: &str,
+        turn: crate::model::OpenTurn,
+        leader_term: Option<u64>,
+    ) -> Result<Option<crate::model::OpenTurn>, ShardError> {
+        self.with_session(session_id, |reply| Command::StartDispatch {
+            session_id: session_id.to_string(),
+            turn,
+            leader_term,
+            reply,
+        })
+        .await
+    }
+
     /// Records that a dispatch of the session's agent ended, covering user messages up to
     /// `through_seq` (durable when this returns); `cancelled` when the user cancelled it. In a
     /// cluster `leader_term` is the term the dispatch ran under: a later leader refuses the

@@ -23,6 +23,17 @@ pub enum Op {
         cursor: ReadCursor,
         at: Timestamp,
     },
+    /// A dispatch of the agent is about to call it for the turn answering the user's messages up
+    /// to `through_seq`, given the history up to `history_seq`; written before the first call.
+    /// Every attempt and every later leader resumes the turn with `turn_id` until its
+    /// `DispatchFinished`. (Absent from logs written before it existed.)
+    DispatchStarted {
+        session_id: String,
+        turn_id: crate::ids::TurnId,
+        through_seq: u64,
+        history_seq: u64,
+        at: Timestamp,
+    },
     /// A dispatch of the agent ended: the user's messages up to `through_seq` are answered (or
     /// given up on, with `error`, or cancelled by the session's user: `cancelled`).
     DispatchFinished {
@@ -67,6 +78,7 @@ impl Op {
             Op::MessageAppended(record) => &record.message.session_id,
             Op::SessionArchived { session_id, .. }
             | Op::ReadCursorMoved { session_id, .. }
+            | Op::DispatchStarted { session_id, .. }
             | Op::DispatchFinished { session_id, .. }
             | Op::SeqsSkipped { session_id, .. }
             | Op::SessionEvicted { session_id } => session_id,
@@ -196,6 +208,13 @@ mod tests {
     #[test]
     fn the_incremental_encoder_matches_the_batch_encoding_byte_for_byte() {
         let ops = vec![
+            Op::DispatchStarted {
+                session_id: "s".into(),
+                turn_id: crate::ids::TurnId::derive("s", 1, 3),
+                through_seq: 3,
+                history_seq: 4,
+                at: Timestamp(1),
+            },
             Op::SessionArchived {
                 session_id: "s\u{1}\"x".into(),
                 at: Timestamp(1),
@@ -219,7 +238,7 @@ mod tests {
         let bytes = encoder.finish();
         assert_eq!(bytes, encode_entry(&ops));
         assert_eq!(bytes.len(), predicted);
-        assert_eq!(decode_entry(&bytes).unwrap().len(), 2);
+        assert_eq!(decode_entry(&bytes).unwrap().len(), 3);
         assert_eq!(encoder.finish(), encode_entry(&[]));
     }
 }

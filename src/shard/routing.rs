@@ -81,6 +81,11 @@ pub enum ShardCall {
         dispatch_id: String,
         through_seq: u64,
     },
+    StartDispatch {
+        session_id: String,
+        turn: crate::model::OpenTurn,
+        leader_term: Option<u64>,
+    },
 }
 
 /// What a forwarded listing overlay may carry (its views travel there and back): a listing's
@@ -134,6 +139,8 @@ pub enum ShardAnswer {
     Flag(bool),
     /// Each append of an `AppendMany`, in its order.
     AppendedMany(Vec<Result<(MessageRecord, bool), ShardError>>),
+    /// The session's open turn (`StartDispatch`).
+    Turn(Option<crate::model::OpenTurn>),
 }
 
 impl ShardCall {
@@ -148,7 +155,8 @@ impl ShardCall {
             | ShardCall::MoveReadCursor { session_id, .. }
             | ShardCall::ReadMessages { session_id, .. }
             | ShardCall::FinishDispatch { session_id, .. }
-            | ShardCall::CancelOwedTurn { session_id, .. } => shards.shard_of(session_id),
+            | ShardCall::CancelOwedTurn { session_id, .. }
+            | ShardCall::StartDispatch { session_id, .. } => shards.shard_of(session_id),
         }
     }
 
@@ -229,6 +237,13 @@ impl ShardAnswer {
     pub fn views(self) -> Result<Vec<SessionView>, ShardError> {
         match self {
             ShardAnswer::Views(views) => Ok(views),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn turn(self) -> Result<Option<crate::model::OpenTurn>, ShardError> {
+        match self {
+            ShardAnswer::Turn(turn) => Ok(turn),
             _ => Err(unexpected()),
         }
     }
@@ -363,6 +378,14 @@ impl Shards {
                 .cancel_owed_turn_here(&session_id, &dispatch_id, through_seq)
                 .await
                 .map(ShardAnswer::Flag),
+            ShardCall::StartDispatch {
+                session_id,
+                turn,
+                leader_term,
+            } => self
+                .start_dispatch_here(&session_id, turn, leader_term)
+                .await
+                .map(ShardAnswer::Turn),
         };
         for_the_wire(result)
     }

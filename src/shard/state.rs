@@ -76,6 +76,28 @@ impl ShardState {
                     return;
                 };
                 state.dispatch.answered_through = state.dispatch.answered_through.max(*through_seq);
+                if state.dispatch.open_turn().is_none() {
+                    state.dispatch.turn = None;
+                }
+                state.last_log_index = state.last_log_index.max(log_index);
+            }
+            Op::DispatchStarted {
+                session_id,
+                turn_id,
+                through_seq,
+                history_seq,
+                ..
+            } => {
+                let Some(state) = self.sessions.get_mut(session_id.as_str()) else {
+                    return;
+                };
+                if *through_seq > state.dispatch.answered_through {
+                    state.dispatch.turn = Some(crate::model::OpenTurn {
+                        id: *turn_id,
+                        through_seq: *through_seq,
+                        history_seq: *history_seq,
+                    });
+                }
                 state.last_log_index = state.last_log_index.max(log_index);
             }
             Op::SeqsSkipped {
@@ -308,6 +330,41 @@ mod tests {
             "ascending, each once"
         );
         assert_eq!(s.hot_tail_start(), first_tail);
+    }
+
+    #[test]
+    fn a_started_turn_stays_open_until_its_dispatch_finishes() {
+        let now = Instant::now();
+        let mut state = ShardState::new(0);
+        state.apply(&session("s"), 1, 0, now);
+        state.apply(&message("s", 1), 2, 0, now);
+        let turn_id = crate::ids::TurnId::derive("s", 1, 1);
+        let started = Op::DispatchStarted {
+            session_id: "s".into(),
+            turn_id,
+            through_seq: 1,
+            history_seq: 1,
+            at: Timestamp(2),
+        };
+        state.apply(&started, 3, 0, now);
+        state.apply(&message("s", 2), 4, 0, now);
+        let open = state.sessions["s"].dispatch.open_turn().expect("open");
+        assert_eq!((open.id, open.through_seq, open.history_seq), (turn_id, 1, 1));
+        let finished = Op::DispatchFinished {
+            session_id: "s".into(),
+            dispatch_id: turn_id.to_string(),
+            through_seq: 1,
+            error: None,
+            at: Timestamp(3),
+            cancelled: false,
+        };
+        state.apply(&finished, 5, 0, now);
+        let dispatch = state.sessions["s"].dispatch;
+        assert_eq!(dispatch.turn, None, "finished: nothing to resume");
+        assert!(dispatch.is_pending(), "the message written meanwhile is still owed");
+        // A start replayed after its turn finished (or an older start) opens nothing.
+        state.apply(&started, 6, 0, now);
+        assert_eq!(state.sessions["s"].dispatch.turn, None);
     }
 
     #[test]

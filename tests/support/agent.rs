@@ -49,6 +49,11 @@ pub enum Behavior {
     /// The first call streams `start`, `text-start` and one delta, then breaks the connection;
     /// later calls answer like `EchoJsonl`.
     CutOnce,
+    /// A reply of `messages` whole messages ("part 0", "part 1", …, each from `start` to
+    /// `finish`, message ids `part-<n>`). The first call streams only the first `hold_after` of
+    /// them and then holds the reply open (until FleetLM closes the connection, e.g. because it
+    /// was killed); later calls stream all of them.
+    Parts { messages: usize, hold_after: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -344,6 +349,17 @@ fn gated(state: Arc<AgentState>, call_number: usize, before: usize, after: usize
         .unwrap()
 }
 
+/// The chunks of message `n` of a `Parts` reply.
+fn part_chunks(n: usize) -> Vec<Value> {
+    vec![
+        json!({"type": "start", "messageId": format!("part-{n}")}),
+        json!({"type": "text-start", "id": "t"}),
+        json!({"type": "text-delta", "id": "t", "delta": format!("part {n}")}),
+        json!({"type": "text-end", "id": "t"}),
+        json!({"type": "finish"}),
+    ]
+}
+
 fn last_user_text(body: &Value) -> String {
     let user = body["user_id"].as_str().unwrap_or_default();
     body["messages"]
@@ -460,6 +476,20 @@ async fn webhook(State(state): State<Arc<AgentState>>, version: Version, headers
         }
         Behavior::CutOnce => streamed(jsonl(&text)),
         Behavior::Gated { before, after } => gated(state.clone(), call_number, *before, *after),
+        Behavior::Parts { messages, hold_after } => {
+            let count = if call_number == 1 { *hold_after } else { *messages };
+            let lines: Vec<String> = (0..count).flat_map(part_chunks).map(|c| format!("{c}\n")).collect();
+            let body = futures_util::stream::iter(lines.into_iter().map(Ok::<_, std::convert::Infallible>));
+            let response = if call_number == 1 {
+                Body::from_stream(body.chain(futures_util::stream::pending()))
+            } else {
+                Body::from_stream(body)
+            };
+            Response::builder()
+                .header("content-type", "application/x-ndjson")
+                .body(response)
+                .unwrap()
+        }
         Behavior::NoFinish => {
             let mut lines = jsonl(&text);
             lines.truncate(5);

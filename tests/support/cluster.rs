@@ -444,7 +444,11 @@ impl Cluster {
         let mut child = Command::new(binary())
             .args(&args)
             .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "warn")
+            // FLEETLM_TEST_NODE_LOG: the nodes' log filter when debugging a test (default warn).
+            .env(
+                "RUST_LOG",
+                std::env::var("FLEETLM_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

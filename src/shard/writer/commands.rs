@@ -124,6 +124,15 @@ impl ShardWriter {
                 let result = self.finish_dispatch(session_id, end, batch, now);
                 batch.replies.push(defer(reply, result));
             }
+            Command::StartDispatch {
+                session_id,
+                turn,
+                leader_term,
+                reply,
+            } => {
+                let result = self.start_dispatch(session_id, turn, leader_term, batch, now);
+                batch.replies.push(defer(reply, result));
+            }
             Command::PendingDispatches { reply } => {
                 let owing = self
                     .state
@@ -424,6 +433,7 @@ pub(super) fn refuse_as_follower(command: Command, leader: Option<u64>) {
         Command::Append { reply, .. } => refuse(reply, leader),
         Command::PlanRead { reply, .. } => refuse(reply, leader),
         Command::FinishDispatch { reply, .. } => refuse(reply, leader),
+        Command::StartDispatch { reply, .. } => refuse(reply, leader),
         Command::Overlay { session_ids, reply } => {
             let _ = reply.send(vec![None; session_ids.len()]);
         }

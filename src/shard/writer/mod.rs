@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 mod commands;
+mod dispatch_ops;
 mod recovery;
 mod roles;
 
@@ -156,6 +157,16 @@ pub enum Command {
         /// Cluster: the leadership term the dispatch ran under (refused after it).
         leader_term: Option<u64>,
         reply: Reply<bool>,
+    },
+    /// Records the start of a dispatch's turn before the agent is called (see
+    /// `Op::DispatchStarted`); answers the session's open turn (this one, or one started
+    /// before), or `None` if nothing is owed.
+    StartDispatch {
+        session_id: String,
+        turn: crate::model::OpenTurn,
+        /// Cluster: the leadership term the dispatch runs under (refused after it).
+        leader_term: Option<u64>,
+        reply: Reply<Option<crate::model::OpenTurn>>,
     },
     /// Sessions in memory that owe a reply: `(session_id, agent_id, last_user_seq)`.
     PendingDispatches {
