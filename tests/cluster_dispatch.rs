@@ -5,6 +5,8 @@
 
 mod support;
 
+use support::cluster::serial;
+
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -13,22 +15,6 @@ use support::cluster::{ARCHIVE, Cluster, ClusterOptions, collect_histories};
 
 const SHARDS: u16 = 4;
 const MESSAGES: usize = 3;
-
-/// Holds the lock that runs the cluster scenarios one at a time (shared with tests/cluster.rs,
-/// also across nextest's processes): each starts three servers on a small machine.
-struct Serial(#[allow(dead_code)] std::fs::File);
-
-fn serial() -> Serial {
-    let path = std::env::temp_dir().join("fleetlm-cluster-tests.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .expect("lock file");
-    file.lock().expect("lock the cluster tests' lock file");
-    Serial(file)
-}
 
 /// The agent's messages in `session` as node `base` shows them now (empty if it does not
 /// answer).

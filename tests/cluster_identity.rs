@@ -7,7 +7,8 @@
 
 mod support;
 
-use std::future::Future;
+use support::cluster::bounded;
+
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -19,28 +20,6 @@ use support::cluster::{
 };
 
 const SHARDS: u16 = 4;
-
-/// Holds the lock that runs the cluster scenarios one at a time (shared with tests/cluster.rs).
-struct Serial(#[allow(dead_code)] std::fs::File);
-
-fn serial() -> Serial {
-    let path = std::env::temp_dir().join("fleetlm-cluster-tests.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .expect("lock file");
-    file.lock().expect("lock the cluster tests' lock file");
-    Serial(file)
-}
-
-async fn bounded(limit: Duration, scenario: impl Future<Output = ()>) {
-    let _serial = serial();
-    if tokio::time::timeout(limit, scenario).await.is_err() {
-        panic!("the scenario did not finish within {limit:?}");
-    }
-}
 
 fn options() -> ClusterOptions {
     ClusterOptions {

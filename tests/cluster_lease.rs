@@ -6,8 +6,9 @@
 
 mod support;
 
+use support::cluster::bounded;
+
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -18,30 +19,6 @@ const SHARDS: u16 = 2;
 /// The cluster's election timeout (its minimum; the maximum is 1.5 times it). The lease is
 /// shorter than this, so a cut-off leader stops within one election timeout.
 const ELECTION_MS: u64 = 300;
-
-/// Holds the lock that runs the cluster scenarios one at a time (shared with tests/cluster.rs,
-/// also across nextest's processes): each starts three servers on a small machine.
-struct Serial(#[allow(dead_code)] std::fs::File);
-
-fn serial() -> Serial {
-    let path = std::env::temp_dir().join("fleetlm-cluster-tests.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .expect("lock file");
-    file.lock().expect("lock the cluster tests' lock file");
-    Serial(file)
-}
-
-/// Runs a scenario within `limit`.
-async fn bounded(limit: Duration, scenario: impl Future<Output = ()>) {
-    let _serial = serial();
-    if tokio::time::timeout(limit, scenario).await.is_err() {
-        panic!("the scenario did not finish within {limit:?}");
-    }
-}
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()

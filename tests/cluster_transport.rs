@@ -5,8 +5,9 @@
 
 mod support;
 
+use support::cluster::bounded;
+
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,29 +17,6 @@ use support::cluster::{Cluster, ClusterOptions, create_sessions, spread_sessions
 const SHARDS: u16 = 4;
 const MESSAGES: usize = 1000;
 const MESSAGE_BYTES: usize = 200 * 1024;
-
-/// Holds the lock that runs the cluster scenarios one at a time (the same lock as
-/// tests/cluster.rs): each starts three servers on a small machine.
-struct Serial(#[allow(dead_code)] std::fs::File);
-
-fn serial() -> Serial {
-    let path = std::env::temp_dir().join("fleetlm-cluster-tests.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .expect("lock file");
-    file.lock().expect("lock the cluster tests' lock file");
-    Serial(file)
-}
-
-async fn bounded(limit: Duration, scenario: impl Future<Output = ()>) {
-    let _serial = serial();
-    if tokio::time::timeout(limit, scenario).await.is_err() {
-        panic!("the scenario did not finish within {limit:?}");
-    }
-}
 
 /// Message `n`'s content: about 200 KiB, different for every message (so a mix-up shows).
 fn content(n: usize) -> Value {

@@ -2400,3 +2400,27 @@ pub async fn check_history(recorded: &Recorded, cluster: &Cluster) {
         cluster.all_logs_tail(15)
     );
 }
+
+/// Holds the lock that runs the cluster scenarios one at a time (also across nextest's
+/// processes and test binaries): each starts several servers on a small machine.
+pub struct Serial(#[allow(dead_code)] std::fs::File);
+
+pub fn serial() -> Serial {
+    let path = std::env::temp_dir().join("fleetlm-cluster-tests.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .expect("lock file");
+    file.lock().expect("lock the cluster tests' lock file");
+    Serial(file)
+}
+
+/// Runs a cluster scenario within `limit`, one at a time (`serial`).
+pub async fn bounded(limit: Duration, scenario: impl std::future::Future<Output = ()>) {
+    let _serial = serial();
+    if tokio::time::timeout(limit, scenario).await.is_err() {
+        panic!("the scenario did not finish within {limit:?}");
+    }
+}
