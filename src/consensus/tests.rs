@@ -90,9 +90,7 @@ impl Cluster {
         let mut proxies = BTreeMap::new();
         for id in ids {
             // Reserve the node's listener address; the proxies forward to it.
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listen.insert(*id, probe.local_addr().unwrap());
-            drop(probe);
+            listen.insert(*id, reserve_listen_addr());
         }
         for from in ids {
             for to in ids {
@@ -200,6 +198,19 @@ impl Cluster {
     fn node(&self, id: u64) -> &Node {
         &self.nodes[&id]
     }
+}
+
+/// An address a node listens on across its restarts. Chosen below Linux's ephemeral port range
+/// (32768 and up): an address from there could be taken, while the node is down, by an outgoing
+/// connection of any test in this process (peers redial a stopped node all the time).
+fn reserve_listen_addr() -> std::net::SocketAddr {
+    for _ in 0..1000 {
+        let port = rand::random_range(20_000..32_000u16);
+        if let Ok(probe) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return probe.local_addr().unwrap();
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 async fn bind_retrying(addr: std::net::SocketAddr) -> std::net::TcpListener {
