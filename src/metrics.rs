@@ -49,6 +49,10 @@ fn describe() {
         "Flush attempts of one shard whose WAL entries could not be read or decoded, by shard."
     );
     describe_counter!(
+        "fleetlm_consensus_group_restarts_total",
+        "A shard's consensus group on this node stopped on a storage error (a full disk, an unreadable entry) and was started again from its durable log, by shard."
+    );
+    describe_counter!(
         "fleetlm_task_restarts_total",
         "Long-lived parts (shard writer, wal lane, flusher, dispatcher, ...) restarted after a panic or an unexpected stop, by task."
     );

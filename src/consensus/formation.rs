@@ -15,10 +15,11 @@ use std::time::Duration;
 
 use openraft::type_config::async_runtime::WatchReceiver;
 
+use super::groups::Groups;
 use super::identity::{self, IdentityRecords};
 use super::network::{self, RaftService};
 use super::peer::PeerClient;
-use super::types::{Member, Raft, ShardCommand};
+use super::types::{Member, ShardCommand};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Formation {
@@ -31,7 +32,7 @@ pub(super) enum Formation {
 pub(super) struct Joining {
     pub node_id: u64,
     pub members: Vec<u64>,
-    pub groups: Arc<Vec<Raft>>,
+    pub groups: Arc<Groups>,
     pub peers: Arc<HashMap<u64, Arc<PeerClient>>>,
     pub service: Arc<RaftService>,
     pub joined: Arc<Mutex<BTreeSet<u64>>>,
@@ -60,7 +61,7 @@ pub(super) async fn form(mut f: Joining, formation: tokio::sync::watch::Sender<F
             Err(reason) => {
                 tracing::error!(node = f.node_id, %reason, "refusing to take part in the cluster");
                 formation.send_replace(Formation::Refused(reason));
-                for raft in f.groups.iter() {
+                for raft in f.groups.all() {
                     let _ = raft.shutdown().await;
                 }
                 return;
@@ -69,7 +70,7 @@ pub(super) async fn form(mut f: Joining, formation: tokio::sync::watch::Sender<F
     }
     f.service.take_part();
     let membership: BTreeMap<u64, Member> = f.members.iter().map(|id| (*id, Member::default())).collect();
-    for (shard, raft) in f.groups.iter().enumerate() {
+    for (shard, raft) in f.groups.all().into_iter().enumerate() {
         if f.fresh[shard] && !cluster_formed {
             // Refused when the group already has a log or a vote (e.g. a leader's entries
             // arrived first): fine, the membership came with them.
@@ -174,7 +175,7 @@ struct Recorder {
 async fn record_joined(f: &Joining, recorder: &mut Recorder) {
     // Not while a member is being forgotten: it could be recorded again right after.
     let _records = f.service.member_records().lock_owned().await;
-    let raft = &f.groups[0];
+    let raft = &f.groups.get(0);
     let (holders, term): (Vec<u64>, u64) = {
         let metrics = raft.metrics();
         let metrics = metrics.borrow_watched();
@@ -247,7 +248,8 @@ async fn record_identity(f: &Joining, recorder: &mut Recorder, term: u64) -> Res
         None => {
             // A leader that has not applied its predecessor's record proposes the same id again.
             let id = records.claim(identity::new_cluster_id()).await?;
-            f.groups[0]
+            f.groups
+                .get(0)
                 .client_write(ShardCommand::Identity(id.clone()))
                 .await
                 .map_err(|e| e.to_string())?;

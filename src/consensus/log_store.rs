@@ -240,6 +240,25 @@ impl ShardLogStore {
     }
 }
 
+/// Waits for a store's appends to settle (see `ShardLogStore::settled`).
+pub struct Settled(Arc<Shared>);
+
+impl Settled {
+    /// Resolves once every append made through the store so far was answered (durable or
+    /// failed): nothing it queued can land in the WAL after that, so the log may be reopened.
+    pub async fn wait(self) {
+        let appended = *self.0.appended.lock().expect("appended lock");
+        let mut flushed = self.0.flushed.subscribe();
+        let _ = flushed.wait_for(|done| *done >= appended).await;
+    }
+}
+
+impl ShardLogStore {
+    pub fn settled(&self) -> Settled {
+        Settled(self.shared.clone())
+    }
+}
+
 /// Answers openraft's flush callbacks in append order, once the WAL says each append is durable.
 async fn complete_flushes(shared: Arc<Shared>, mut queue: mpsc::UnboundedReceiver<Flush>) {
     while let Some(flush) = queue.recv().await {

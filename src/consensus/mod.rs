@@ -9,6 +9,8 @@
 //! - `network` + `peer`: Raft RPCs over authenticated connections between nodes;
 //! - `membership`: replacing a member whose storage is lost (the operator's only membership
 //!   change);
+//! - `groups`: the shard groups of this node, each started again when it stopped on a storage
+//!   error (a full disk heals without a restart);
 //! - `formation`: a node's entry into the cluster at start, and the member records;
 //! - `identity`: the cluster id, made at formation, that keeps wiped disks from starting a
 //!   second history;
@@ -22,6 +24,7 @@
 //! knows sessions or messages (commands are opaque bytes).
 
 mod formation;
+mod groups;
 pub mod identity;
 mod lease;
 mod log_store;
@@ -55,6 +58,7 @@ pub use state_machine::Applied;
 
 use crate::wal::Wal;
 use formation::{Formation, Joining};
+use groups::{GroupParts, Groups};
 use identity::IdentityRecords;
 use membership::{MemberChange, MemberChangeError};
 use network::{RaftService, ShardNetwork};
@@ -169,7 +173,7 @@ pub struct ShardStatus {
 
 pub struct Consensus {
     node_id: u64,
-    groups: Arc<Vec<Raft>>,
+    groups: Arc<Groups>,
     members: Vec<u64>,
     max_command_bytes: usize,
     joined: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
@@ -202,14 +206,35 @@ pub struct Leadership {
 }
 
 /// Wakes when a shard's leadership (as this node sees it) may have changed: its vote, role or
-/// known leader (not at every entry, as the full metrics would).
+/// known leader (not at every entry, as the full metrics would). Follows the group across its
+/// restarts (`groups`): while it is stopped, this node neither leads nor knows a leader.
 pub struct LeadershipWatch {
     node_id: u64,
+    shard: u16,
+    groups: Arc<Groups>,
+    generation: tokio::sync::watch::Receiver<u64>,
+    /// The instance watched stopped and no new one replaced it yet.
+    stopped: bool,
     server: openraft::type_config::alias::WatchReceiverOf<TypeConfig, openraft::metrics::RaftServerMetrics<TypeConfig>>,
     metrics: openraft::type_config::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>,
 }
 
 impl LeadershipWatch {
+    fn new(node_id: u64, shard: u16, groups: Arc<Groups>) -> LeadershipWatch {
+        let mut generation = groups.generation(shard);
+        generation.mark_unchanged();
+        let raft = groups.get(shard);
+        LeadershipWatch {
+            node_id,
+            shard,
+            groups,
+            generation,
+            stopped: false,
+            server: raft.server_metrics(),
+            metrics: raft.metrics(),
+        }
+    }
+
     /// Read from the server metrics (the watch that wakes `changed`), so a wake-up always sees
     /// the change that caused it; only `last_log` comes from the full metrics.
     pub fn now(&self) -> Leadership {
@@ -217,18 +242,41 @@ impl LeadershipWatch {
             let server = self.server.borrow_watched();
             (server.vote.leader_id().term, server.current_leader, server.state)
         };
+        let last_log = shard_log_index(self.metrics.borrow_watched().last_log_index);
+        if self.stopped {
+            return Leadership {
+                term,
+                leader: None,
+                leading: false,
+                last_log,
+            };
+        }
         Leadership {
             term,
             leader,
             leading: state == ServerState::Leader && leader == Some(self.node_id),
-            last_log: shard_log_index(self.metrics.borrow_watched().last_log_index),
+            last_log,
         }
     }
 
-    /// Resolves at the next change of the shard's vote, role or leader (`false` once the group
-    /// stopped).
+    /// Resolves at the next change of the shard's vote, role or leader, its group's stop or its
+    /// restart (`false` once the node shuts down).
     pub async fn changed(&mut self) -> bool {
-        self.server.changed().await.is_ok()
+        if !self.stopped {
+            if self.server.changed().await.is_ok() {
+                return true;
+            }
+            self.stopped = true;
+            return true;
+        }
+        if self.generation.changed().await.is_err() {
+            return false;
+        }
+        let raft = self.groups.get(self.shard);
+        self.server = raft.server_metrics();
+        self.metrics = raft.metrics();
+        self.stopped = false;
+        true
     }
 }
 
@@ -376,6 +424,7 @@ impl Consensus {
         let config = raft_config(spec.timing, wal.max_entry_bytes())?;
         let snapshot_dir = state_dir.join("snapshots");
         let mut groups = Vec::new();
+        let mut parts = Vec::new();
         let mut feeds = Vec::new();
         let mut fresh = Vec::new();
         let mut joined = None;
@@ -383,7 +432,6 @@ impl Consensus {
         for shard in 0..wal.shard_count() {
             let vote = wal.read_vote(shard).map_err(|e| format!("shard {shard} vote: {e}"))?;
             fresh.push(vote.is_none() && wal.last_log_id(shard).is_none() && wal.purged(shard).is_none());
-            let log = log_store::ShardLogStore::open(wal.clone(), shard).map_err(|e| e.to_string())?;
             let (applied, feed) = mpsc::channel(APPLIED_QUEUE);
             let archived_through = Arc::new(AtomicU64::new(0));
             let machine =
@@ -393,21 +441,30 @@ impl Consensus {
                 joined = Some(machine.joined());
                 cluster_identity = Some(machine.identity());
             }
-            let network = ShardNetwork {
+            let group = GroupParts {
+                node_id: spec.node_id,
                 shard,
-                peers: clients.clone(),
+                config: config.clone(),
+                network: ShardNetwork {
+                    shard,
+                    peers: clients.clone(),
+                },
+                wal: wal.clone(),
+                machine,
             };
-            let raft = Raft::new(spec.node_id, config.clone(), network, log, machine)
-                .await
-                .map_err(|e| format!("shard {shard}: cannot start its consensus group: {e}"))?;
+            let (raft, settled) = group.start().await?;
             groups.push(raft);
+            parts.push((group, settled));
             feeds.push(ShardFeed {
                 shard,
                 applied: feed,
                 archived_through,
             });
         }
-        let groups = Arc::new(groups);
+        let groups = Arc::new(Groups::new(groups));
+        for (group, settled) in parts {
+            tokio::spawn(groups::keep_running(groups.clone(), group, settled, stop.subscribe()));
+        }
         let joined = joined.expect("a cluster has at least one shard");
         let joined_view = joined.clone();
         let cluster_identity = cluster_identity.expect("a cluster has at least one shard");
@@ -499,8 +556,8 @@ impl Consensus {
         self.max_command_bytes
     }
 
-    fn group(&self, shard: u16) -> &Raft {
-        &self.groups[shard as usize]
+    fn group(&self, shard: u16) -> Raft {
+        self.groups.get(shard)
     }
 
     /// Replicates `command` as one entry of the shard's log and resolves once it is committed
@@ -512,7 +569,8 @@ impl Consensus {
                 max: self.max_command_bytes,
             });
         }
-        let write = self.group(shard).client_write(ShardCommand::App(command));
+        let raft = self.group(shard);
+        let write = raft.client_write(ShardCommand::App(command));
         let Ok(outcome) = tokio::time::timeout(PROPOSE_TIMEOUT, write).await else {
             return Err(ProposeError::Unknown(format!(
                 "not committed within {PROPOSE_TIMEOUT:?} (no quorum?)"
@@ -550,11 +608,7 @@ impl Consensus {
 
     /// Follows the shard's leadership as this node sees it.
     pub fn watch(&self, shard: u16) -> LeadershipWatch {
-        LeadershipWatch {
-            node_id: self.node_id,
-            server: self.group(shard).server_metrics(),
-            metrics: self.group(shard).metrics(),
-        }
+        LeadershipWatch::new(self.node_id, shard, self.groups.clone())
     }
 
     /// Answers peers' application requests (`call`) with `app`.
@@ -580,7 +634,8 @@ impl Consensus {
     /// index every entry committed so far is at or below (read index: at least this leader's
     /// own first entry). Does not wait for the entries to be applied.
     pub async fn confirm_leadership(&self, shard: u16, term: u64) -> Result<u64, ProposeError> {
-        let read = self.group(shard).get_read_log_id(openraft::raft::ReadPolicy::ReadIndex);
+        let raft = self.group(shard);
+        let read = raft.get_read_log_id(openraft::raft::ReadPolicy::ReadIndex);
         let Ok(outcome) = tokio::time::timeout(PROPOSE_TIMEOUT, read).await else {
             return Err(ProposeError::Unknown(
                 "no quorum confirmed the leadership in time".into(),
@@ -604,9 +659,8 @@ impl Consensus {
     }
 
     async fn barrier_within(&self, shard: u16, timeout: Duration) -> Result<(), ProposeError> {
-        let barrier = self
-            .group(shard)
-            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
+        let raft = self.group(shard);
+        let barrier = raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
         let Ok(outcome) = tokio::time::timeout(timeout, barrier).await else {
             return Err(ProposeError::Unknown(
                 "no quorum confirmed the leadership in time".into(),
@@ -688,11 +742,14 @@ impl Consensus {
 
     pub fn status(&self) -> Vec<ShardStatus> {
         self.groups
+            .all()
             .iter()
             .enumerate()
             .map(|(shard, raft)| {
                 let metrics = raft.metrics().borrow_watched().clone();
+                let stopped = self.groups.stopped(shard as u16).is_some() || metrics.running_state.is_err();
                 let role = match metrics.state {
+                    _ if stopped => "stopped",
                     ServerState::Leader => "leader",
                     ServerState::Candidate => "candidate",
                     ServerState::Follower => "follower",
@@ -918,10 +975,10 @@ impl Consensus {
     }
 
     pub async fn shutdown(&self) {
-        for raft in self.groups.iter() {
+        self.stop.send_replace(true);
+        for raft in self.groups.all() {
             let _ = raft.shutdown().await;
         }
-        self.stop.send_replace(true);
         for client in self.peers.values() {
             client.close().await;
         }

@@ -24,9 +24,10 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::groups::Groups;
 use super::membership::{self, MemberChange, MemberChangeError};
 use super::peer::{Lane, PeerClient, PeerError, PeerHandler};
-use super::types::{Member, Raft, Snapshot, SnapshotData, SnapshotMeta, TypeConfig, Vote};
+use super::types::{Member, Snapshot, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 
 /// What one node asks another.
 #[derive(Serialize, Deserialize)]
@@ -291,7 +292,7 @@ pub async fn call_app(client: &PeerClient, request: Vec<u8>, timeout: Duration) 
 #[derive(Default)]
 pub struct RaftService {
     node_id: OnceLock<u64>,
-    groups: OnceLock<Arc<Vec<Raft>>>,
+    groups: OnceLock<Arc<Groups>>,
     joined: OnceLock<Arc<Mutex<BTreeSet<u64>>>>,
     /// Every shard's storage was empty when this node started.
     started_empty: AtomicBool,
@@ -306,7 +307,7 @@ impl RaftService {
     pub fn set_groups(
         &self,
         node_id: u64,
-        groups: Arc<Vec<Raft>>,
+        groups: Arc<Groups>,
         joined: Arc<Mutex<BTreeSet<u64>>>,
         started_empty: bool,
     ) {
@@ -342,7 +343,7 @@ impl RaftService {
 /// Carries out membership steps on this node's groups (for a request of a peer or of this node).
 pub struct LocalMembers {
     node_id: Option<u64>,
-    groups: Option<Arc<Vec<Raft>>>,
+    groups: Option<Arc<Groups>>,
     joined: Option<Arc<Mutex<BTreeSet<u64>>>>,
     records: Arc<tokio::sync::Mutex<()>>,
 }
@@ -354,7 +355,7 @@ impl LocalMembers {
         let (Some(groups), Some(node_id), Some(joined)) = (&self.groups, self.node_id, &self.joined) else {
             return Err(MemberChangeError::NotLeader { leader: None });
         };
-        let Some(raft) = groups.get(shard as usize) else {
+        let Some(raft) = groups.try_get(shard) else {
             return Err(MemberChangeError::Failed(format!("there is no shard {shard}")));
         };
         if let MemberChange::Promote(node) = change
@@ -370,7 +371,7 @@ impl LocalMembers {
             MemberChange::Forget(_) | MemberChange::RecordJoined(_) => Some(self.records.lock().await),
             _ => None,
         };
-        match tokio::time::timeout(change.patience(), membership::change_here(raft, node_id, change)).await {
+        match tokio::time::timeout(change.patience(), membership::change_here(&raft, node_id, change)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(MemberChangeError::Failed(format!(
                 "{change:?} did not complete within {:?} (no quorum?)",
@@ -380,21 +381,22 @@ impl LocalMembers {
     }
 }
 
-fn formed(groups: Option<&Vec<Raft>>) -> bool {
+fn formed(groups: Option<&Groups>) -> bool {
     use openraft::type_config::async_runtime::WatchReceiver;
-    groups.is_some_and(|groups| groups[0].metrics().borrow_watched().last_applied.is_some())
+    groups.is_some_and(|groups| groups.get(0).metrics().borrow_watched().last_applied.is_some())
 }
 
 /// Only shard 0's leader answers for sure, once it has applied everything committed.
 async fn answer_joined(
-    groups: Option<Arc<Vec<Raft>>>,
+    groups: Option<Arc<Groups>>,
     joined: Option<Arc<Mutex<BTreeSet<u64>>>>,
     node: u64,
 ) -> JoinedAnswer {
     let (Some(groups), Some(joined)) = (groups, joined) else {
         return JoinedAnswer::Unknown;
     };
-    let barrier = groups[0].ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
+    let shard_zero = groups.get(0);
+    let barrier = shard_zero.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
     match tokio::time::timeout(Duration::from_secs(2), barrier).await {
         Ok(Ok(_)) if joined.lock().expect("joined lock").contains(&node) => JoinedAnswer::Joined,
         Ok(Ok(_)) => JoinedAnswer::NotJoined,
@@ -402,11 +404,11 @@ async fn answer_joined(
     }
 }
 
-async fn answer(groups: Option<Arc<Vec<Raft>>>, request: PeerRequest) -> RaftReply {
+async fn answer(groups: Option<Arc<Groups>>, request: PeerRequest) -> RaftReply {
     let PeerRequest::Raft { shard, rpc } = request else {
         unreachable!("answered by the service")
     };
-    let Some(raft) = groups.as_ref().and_then(|groups| groups.get(shard as usize)) else {
+    let Some(raft) = groups.as_ref().and_then(|groups| groups.try_get(shard)) else {
         return RaftReply::Failed(format!("shard {shard} is not served here (yet)"));
     };
     let failed = |e: &dyn std::fmt::Display| RaftReply::Failed(format!("shard {shard}: {e}"));

@@ -41,6 +41,9 @@ pub struct ClusterOptions {
     /// Per node: environment variables its process gets (e.g. `HTTP_PROXY`, so that each node
     /// reaches the agent through its own address and the agent can tell callers apart).
     pub node_env: BTreeMap<usize, Vec<(String, String)>>,
+    /// Per node: its data directory is a tmpfs of this many bytes (mounted at start, unmounted
+    /// at drop; needs root), so a test can fill that node's disk alone.
+    pub tmpfs_data: BTreeMap<usize, u64>,
 }
 
 impl Default for ClusterOptions {
@@ -54,6 +57,7 @@ impl Default for ClusterOptions {
             ready_timeout: Duration::from_secs(45),
             node_extra: BTreeMap::new(),
             node_env: BTreeMap::new(),
+            tmpfs_data: BTreeMap::new(),
         }
     }
 }
@@ -69,6 +73,8 @@ pub struct Node {
     /// Every stderr (and stdout after the first) line of every run of this node.
     pub log: Arc<Mutex<Vec<String>>>,
     runs: usize,
+    /// The data directory is a tmpfs mounted by the test (`ClusterOptions::tmpfs_data`).
+    mounted: bool,
 }
 
 impl Node {
@@ -275,8 +281,15 @@ impl Cluster {
                 stopped: false,
                 log: Arc::default(),
                 runs: 0,
+                mounted: false,
             })
             .collect();
+        let mut nodes = nodes;
+        for (id, bytes) in &options.tmpfs_data {
+            let node = &mut nodes[id - 1];
+            mount_tmpfs(node.data_dir.path(), *bytes);
+            node.mounted = true;
+        }
         let database = TestDatabase::create();
         let mut links = BTreeMap::new();
         let mut archive_links = BTreeMap::new();
@@ -780,11 +793,32 @@ impl Drop for Cluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            if node.mounted {
+                let _ = std::process::Command::new("umount")
+                    .arg("--lazy")
+                    .arg(node.data_dir.path())
+                    .status();
+            }
         }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
     }
+}
+
+/// Mounts a tmpfs of `bytes` at `path` (an empty directory). Fails the test loudly when the
+/// mount is refused (the test needs root, as on the machines this suite runs on).
+fn mount_tmpfs(path: &Path, bytes: u64) {
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+        .arg(path)
+        .status()
+        .expect("run mount");
+    assert!(
+        status.success(),
+        "cannot mount a tmpfs at {} ({status}): this test needs root to give one node a disk of its own",
+        path.display()
+    );
 }
 
 /// Session ids spread over the shards: `per_shard` sessions on each of `shards` shards.

@@ -1,0 +1,185 @@
+//! A member's own storage failing under a running cluster: the member heals by itself once the
+//! storage works again, without a restart, while the others keep serving; the history checker
+//! then reads every session from every node (the healed one included) and from the archive.
+
+mod support;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::cluster::{
+    Cluster, ClusterOptions, Load, LoadOptions, bounded, check_history, create_sessions, spread_sessions,
+};
+
+const SHARDS: u16 = 4;
+/// How long the member's disk stays full.
+const FULL_FOR: Duration = Duration::from_secs(30);
+/// How long it may take, once space is back, to hold everything committed again.
+const HEAL_BOUND: Duration = Duration::from_secs(30);
+
+/// Keeps a directory's filesystem full: writes into a filler file until ENOSPC, again whenever
+/// space appears (a segment deleted), until stopped; then deletes the filler.
+struct DiskFiller {
+    stop: Arc<AtomicBool>,
+    /// Times a write met ENOSPC (the disk was full at least then).
+    full_seen: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl DiskFiller {
+    fn start(dir: &std::path::Path) -> DiskFiller {
+        let path = dir.join("filler");
+        let stop = Arc::new(AtomicBool::new(false));
+        let full_seen = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (path, stop, full_seen) = (path.clone(), stop.clone(), full_seen.clone());
+            std::thread::spawn(move || {
+                let mut file = std::fs::File::create(&path).expect("create the filler");
+                let chunk = vec![0xA5u8; 16 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    match file.write(&chunk) {
+                        Ok(_) => {}
+                        Err(error) if error.raw_os_error() == Some(libc_enospc()) => {
+                            full_seen.fetch_add(1, Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(error) => panic!("filler write: {error}"),
+                    }
+                }
+            })
+        };
+        DiskFiller {
+            stop,
+            full_seen,
+            thread: Some(thread),
+            path,
+        }
+    }
+
+    fn full_seen(&self) -> u64 {
+        self.full_seen.load(Ordering::Relaxed)
+    }
+
+    /// Stops filling and gives the space back.
+    fn release(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("filler thread");
+        }
+        std::fs::remove_file(&self.path).expect("remove the filler");
+    }
+}
+
+fn libc_enospc() -> i32 {
+    28 // ENOSPC on Linux
+}
+
+async fn counter(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn shard_status(cluster: &Cluster, id: usize, shard: u16) -> Value {
+    cluster
+        .status(id)
+        .await
+        .and_then(|status| {
+            status["shards"]
+                .as_array()
+                .and_then(|s| s.iter().find(|e| e["shard"] == json!(shard)).cloned())
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// A member's disk is full for 30 s under a write load, then space comes back: the others keep
+/// acknowledging throughout, its groups stop and start again (never the process), and it holds
+/// everything committed again within the bound, serving it like the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_member_with_a_full_disk_heals_without_a_restart() {
+    bounded(Duration::from_secs(300), async {
+        let mut options = ClusterOptions {
+            shards: SHARDS,
+            ..ClusterOptions::default()
+        };
+        let full = 3;
+        options.tmpfs_data.insert(full, 64 * 1024 * 1024);
+        let cluster = Cluster::start(3, options).await;
+        let sessions = spread_sessions("s", SHARDS, 2);
+        create_sessions(&cluster.node(1), &sessions).await;
+        let pid = cluster.nodes[full - 1].pid();
+        let load = Load::start(&cluster, &sessions, LoadOptions::default());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let filler = DiskFiller::start(cluster.data_dir(full));
+        let started = Instant::now();
+        let acked_before = load.acked_so_far();
+        tokio::time::sleep(FULL_FOR).await;
+        let restarts = counter(&cluster.node(full), "fleetlm_consensus_group_restarts_total").await;
+        let acked_while_full = load.acked_so_far() - acked_before;
+        eprintln!(
+            "disk of node {full} full for {:?} (ENOSPC seen {} times by the filler): {restarts} group restarts there, {acked_while_full} appends acknowledged meanwhile",
+            started.elapsed(),
+            filler.full_seen()
+        );
+        assert!(filler.full_seen() > 0, "the filler never filled the disk");
+        assert!(
+            acked_while_full > 100,
+            "the other members kept acknowledging only {acked_while_full} appends while node {full}'s disk was full"
+        );
+        filler.release();
+
+        // Everything committed while the disk was full reaches the member, without a restart.
+        let released = Instant::now();
+        let mut targets = Vec::new();
+        for shard in 0..SHARDS {
+            let leader = cluster.leader_of(shard).await;
+            targets.push(shard_status(&cluster, leader, shard).await["committed"].as_u64().unwrap_or(0));
+        }
+        loop {
+            let mut behind = Vec::new();
+            for shard in 0..SHARDS {
+                let status = shard_status(&cluster, full, shard).await;
+                let applied = status["applied"].as_u64().unwrap_or(0);
+                if applied < targets[shard as usize] || status["role"] == json!("stopped") {
+                    behind.push(format!("shard {shard}: {status}"));
+                }
+            }
+            if behind.is_empty() && cluster.is_ready(full).await {
+                break;
+            }
+            assert!(
+                released.elapsed() < HEAL_BOUND,
+                "node {full} had not caught up {HEAL_BOUND:?} after space came back (targets {targets:?}): {behind:?}\n{}",
+                cluster.log_tail(full, 30)
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        eprintln!("node {full} caught up {:?} after space came back", released.elapsed());
+        // (Asserted after the catch-up, so that code without the restarts fails there.)
+        assert!(
+            restarts > 0.0,
+            "node {full} never met its full disk (no group stopped): the test proves nothing\n{}",
+            cluster.log_tail(full, 30)
+        );
+
+        assert_eq!(cluster.nodes[full - 1].pid(), pid, "node {full} was restarted");
+
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let recorded = load.finish().await;
+        check_history(&recorded, &cluster).await;
+    })
+    .await;
+}
