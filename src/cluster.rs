@@ -138,6 +138,7 @@ pub fn member_status(consensus: &Consensus) -> serde_json::Value {
                 "replicated": replicated,
                 "voters": status.voters,
                 "learners": status.learners,
+                "refetching": status.refetching,
             })
         })
         .collect();

@@ -53,6 +53,10 @@ fn describe() {
         "A shard's consensus group on this node stopped on a storage error (a full disk, an unreadable entry) and was started again from its durable log, by shard."
     );
     describe_counter!(
+        "fleetlm_replica_refetches_total",
+        "Damaged shard logs of this cluster member cut back to their intact prefix and refetched from the other members (counted when the member votes again)."
+    );
+    describe_counter!(
         "fleetlm_task_restarts_total",
         "Long-lived parts (shard writer, wal lane, flusher, dispatcher, ...) restarted after a panic or an unexpected stop, by task."
     );

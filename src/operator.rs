@@ -180,51 +180,10 @@ pub fn wal_repair(data_dir: &Path, shards: &[u16]) -> anyhow::Result<String> {
             let Some(reason) = wal.degraded(shard) else {
                 bail!("shard {shard} is not damaged; nothing to repair");
             };
-            let lane = reports
-                .iter()
-                .find(|report| report.shards.iter().any(|s| s.shard == shard))
-                .context("the shard's lane was not found")?;
-            if lane
-                .shards
-                .iter()
-                .filter(|s| s.shard == shard)
-                .flat_map(|s| &s.accepted_losses)
-                .count()
-                >= crate::wal::MAX_CARRIED_LOSSES_PER_SHARD
-            {
-                bail!("shard {shard} already has the most accepted losses a shard may carry; restore it from a backup");
-            }
-            // Damage that may hold this shard's entries: named for it, or of unknown content.
-            // A region whose content is unknown (or a gap with no damage found, such as a
-            // missing segment) may have held at least a whole entry.
-            let regions: Vec<&crate::wal::Damage> = lane
-                .damage
-                .iter()
-                .filter(|damage| damage.entry.is_none_or(|(named, _)| named == shard))
-                .collect();
-            if regions.len() > crate::wal::MAX_LOSS_REGIONS {
-                bail!(
-                    "shard {shard} has {} damaged regions; more than {} cannot be accepted at once: restore it from a backup",
-                    regions.len(),
-                    crate::wal::MAX_LOSS_REGIONS
-                );
-            }
-            let whole_entry = wal.max_entry_bytes() as u64;
-            let mut lost_bytes: u64 = regions
-                .iter()
-                .map(|damage| {
-                    if damage.entry.is_some() {
-                        damage.len
-                    } else {
-                        damage.len.max(whole_entry)
-                    }
-                })
-                .sum();
-            if regions.is_empty() {
-                lost_bytes = whole_entry;
-            }
-            let positions: Vec<(u64, u64)> = regions.iter().map(|d| (d.segment_no, d.offset)).collect();
-            let after_index = wal.last_log_id(shard).map_or(0, |id| id.index);
+            let loss = wal
+                .loss_to_accept(shard, &reports)
+                .map_err(|reason| anyhow::anyhow!("{reason}; restore it from a backup"))?;
+            let (after_index, lost_bytes, positions) = (loss.after_index, loss.lost_bytes, loss.regions);
             runtime.block_on(wal.accept_loss(shard, after_index, lost_bytes, &positions))?;
             writeln!(
                 out,

@@ -220,10 +220,22 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         queue_depth: SHARD_QUEUE_DEPTH,
     };
     let wal_dir = config.data_dir.join("wal");
+    let wal_options_again = wal_options.clone();
     let (wal, lane_reports) = tokio::task::spawn_blocking(move || Wal::open(&wal_dir, wal_options))
         .await?
         .context("cannot open the write-ahead log")?;
     log_wal_recovery(&lane_reports);
+    // A member's damaged shard logs are cut back and refetched from its peers, not kept down.
+    let (wal, _lane_reports) = match &config.cluster {
+        Some(_) => {
+            let wal_dir = config.data_dir.join("wal");
+            let state_dir = config.data_dir.join("consensus");
+            crate::consensus::refetch::prepare(wal, lane_reports, &wal_dir, wal_options_again, &state_dir)
+                .await
+                .map_err(|reason| anyhow::anyhow!(reason))?
+        }
+        None => (wal, lane_reports),
+    };
     let wal = Arc::new(wal);
 
     let archive = match &config.database_url {

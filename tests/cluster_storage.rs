@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::cluster::{
-    Cluster, ClusterOptions, Load, LoadOptions, bounded, check_history, create_sessions, spread_sessions,
+    Cluster, ClusterOptions, Load, LoadOptions, Outcome, Routing, Via, append_with_retry, bounded, check_history,
+    create_sessions, spread_sessions,
 };
 
 const SHARDS: u16 = 4;
@@ -179,6 +180,127 @@ async fn cluster_member_with_a_full_disk_heals_without_a_restart() {
 
         tokio::time::sleep(Duration::from_secs(1)).await;
         let recorded = load.finish().await;
+        check_history(&recorded, &cluster).await;
+    })
+    .await;
+}
+
+/// Every WAL segment file under `data_dir` whose bytes contain `needle`.
+fn segments_containing(data_dir: &std::path::Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for lane in std::fs::read_dir(data_dir.join("wal")).unwrap() {
+        let lane = lane.unwrap().path();
+        if !lane.is_dir() {
+            continue;
+        }
+        for segment in std::fs::read_dir(&lane).unwrap() {
+            let path = segment.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Bit rot in an acknowledged entry of one shard's log on a member: the member still starts,
+/// serves, cuts that log back to its intact prefix and refetches the rest from the others
+/// (voting again only once it holds what it may have acknowledged), and the checker finds every
+/// acknowledged message on every node. Before, the member refused to start at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_member_with_a_damaged_log_refetches_it_and_serves_meanwhile() {
+    bounded(Duration::from_secs(300), async {
+        let mut cluster = Cluster::start(
+            3,
+            ClusterOptions {
+                shards: SHARDS,
+                ..ClusterOptions::default()
+            },
+        )
+        .await;
+        let sessions = spread_sessions("s", SHARDS, 2);
+        create_sessions(&cluster.node(1), &sessions).await;
+        let damaged = 3;
+        let load = Load::start(
+            &cluster,
+            &sessions,
+            LoadOptions {
+                sockets: 0,
+                ..LoadOptions::default()
+            },
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        // One acknowledged message whose bytes are easy to find, then more after it (so that
+        // its batch is not the newest: damage there is bit rot, never a torn tail).
+        let needle = format!("rot-needle-{}", uuid::Uuid::now_v7().simple());
+        let session = sessions[0].clone();
+        let shard = fleetlm::ids::shard_for_session(&session, SHARDS);
+        let routing = Routing::new(cluster.bases());
+        routing.exclude(damaged);
+        let client = reqwest::Client::new();
+        let mut probe = append_with_retry(
+            &client,
+            &routing,
+            &session,
+            &needle,
+            json!({"text": needle}),
+            Instant::now() + Duration::from_secs(20),
+        )
+        .await;
+        probe.via = Via::Probe;
+        assert!(matches!(probe.outcome, Outcome::Acked { .. }), "{:?}", probe.outcome);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        load.routing.exclude(damaged);
+        cluster.kill9(damaged);
+        let segments = segments_containing(cluster.data_dir(damaged), needle.as_bytes());
+        assert!(
+            !segments.is_empty(),
+            "node {damaged}'s WAL does not hold the acknowledged message (replicated to it and not yet deleted)"
+        );
+        for segment in &segments {
+            let mut bytes = std::fs::read(segment).unwrap();
+            let at = bytes
+                .windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+                .expect("found before")
+                + needle.len() / 2;
+            bytes[at] ^= 0x10;
+            std::fs::write(segment, &bytes).unwrap();
+        }
+        eprintln!("flipped a bit of the message's entry (shard {shard}) in {segments:?}");
+
+        // It starts (before: it refused, its log being damaged) and serves.
+        cluster.restart(damaged);
+        cluster.wait_ready(damaged).await;
+        let started = Instant::now();
+        loop {
+            let status = shard_status(&cluster, damaged, shard).await;
+            let refetches = counter(&cluster.node(damaged), "fleetlm_replica_refetches_total").await;
+            if status["refetching"] == json!(false) && refetches >= 1.0 {
+                eprintln!("shard {shard} refetched after {:?}: {status}", started.elapsed());
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "node {damaged} did not finish refetching shard {shard} within 60 s: {status}, {refetches} refetches\n{}",
+                cluster.log_tail(damaged, 30)
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let leader = cluster.leader_of(shard).await;
+        let committed = shard_status(&cluster, leader, shard).await["committed"].as_u64().unwrap_or(0);
+        let here = shard_status(&cluster, damaged, shard).await;
+        assert!(
+            here["last_log"].as_u64().unwrap_or(0) + 64 >= committed,
+            "node {damaged} holds shard {shard} only through {here} while its leader committed {committed}"
+        );
+        load.routing.include(damaged);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut recorded = load.finish().await;
+        recorded.ops.push(probe);
         check_history(&recorded, &cluster).await;
     })
     .await;

@@ -11,6 +11,7 @@
 //! replica that lagged, and it catches up by the ordinary replication (or a snapshot). What was
 //! not durable was never acknowledged by this node, so dropping it loses nothing.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,9 @@ struct Slot {
     generation: watch::Sender<u64>,
     /// Why the group is stopped now (between its failure and its restart).
     stopped: RwLock<Option<String>>,
+    /// The shard's log is being refetched here (see `refetch`): the group neither stands for
+    /// election nor votes.
+    refetching: AtomicBool,
 }
 
 /// What a group is made of, kept to start it again.
@@ -84,6 +88,7 @@ impl Groups {
                     raft: RwLock::new(raft),
                     generation: watch::channel(0).0,
                     stopped: RwLock::new(None),
+                    refetching: AtomicBool::new(false),
                 })
                 .collect(),
         }
@@ -118,8 +123,28 @@ impl Groups {
         self.slots[shard as usize].stopped.read().expect("group lock").clone()
     }
 
+    /// Whether the shard's log is being refetched here.
+    pub fn refetching(&self, shard: u16) -> bool {
+        self.slots
+            .get(shard as usize)
+            .is_some_and(|slot| slot.refetching.load(Ordering::Acquire))
+    }
+
+    /// Starts or ends the refetch of the shard's log: while it lasts, the group does not stand
+    /// for election (and `network` refuses the votes it is asked for).
+    pub fn set_refetching(&self, shard: u16, refetching: bool) {
+        let slot = &self.slots[shard as usize];
+        slot.refetching.store(refetching, Ordering::Release);
+        slot.raft
+            .read()
+            .expect("group lock")
+            .runtime_config()
+            .elect(!refetching);
+    }
+
     fn replace(&self, shard: u16, raft: Raft) {
         let slot = &self.slots[shard as usize];
+        raft.runtime_config().elect(!slot.refetching.load(Ordering::Acquire));
         *slot.raft.write().expect("group lock") = raft;
         *slot.stopped.write().expect("group lock") = None;
         slot.generation.send_modify(|generation| *generation += 1);

@@ -14,6 +14,8 @@
 //! - `formation`: a node's entry into the cluster at start, and the member records;
 //! - `identity`: the cluster id, made at formation, that keeps wiped disks from starting a
 //!   second history;
+//! - `refetch`: a member's damaged shard log cut back to its intact prefix and refetched from
+//!   its peers (it votes again once it holds what it may have acknowledged);
 //! - `lease`: leadership as a lease confirmed by a quorum (what a leader checks before acting
 //!   on its own: calling agents, flushing the archive, answering reads from its state).
 //!
@@ -31,6 +33,7 @@ mod log_store;
 mod membership;
 mod network;
 mod peer;
+pub mod refetch;
 mod state_machine;
 #[cfg(test)]
 mod tests;
@@ -169,6 +172,8 @@ pub struct ShardStatus {
     /// those it only replicates to (being added back: see `membership`).
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+    /// This member refetches the shard's damaged log and does not vote in it yet (`refetch`).
+    pub refetching: bool,
 }
 
 pub struct Consensus {
@@ -338,6 +343,12 @@ fn raft_config(timing: Timing, max_entry_bytes: usize) -> Result<Arc<Config>, St
         snapshot_policy: SnapshotPolicy::LogsSinceLast(512),
         max_in_snapshot_log_to_keep: 256,
         enable_pre_vote: Some(true),
+        // A member that refetches its damaged log (`refetch`) answers with a shorter log than it
+        // acknowledged before: the leader restarts its search for where they agree instead of
+        // treating it as a bug. Safe here because such a member neither votes nor stands for
+        // election until it holds again what it may have acknowledged, and the quorum-accepted
+        // position is never lowered by it.
+        allow_log_reversion: Some(true),
         ..Default::default()
     };
     config
@@ -464,6 +475,22 @@ impl Consensus {
         let groups = Arc::new(Groups::new(groups));
         for (group, settled) in parts {
             tokio::spawn(groups::keep_running(groups.clone(), group, settled, stop.subscribe()));
+        }
+        for (shard, marker) in refetch::markers(state_dir)? {
+            let refetching = refetch::Refetching {
+                shard,
+                marker,
+                wal: wal.clone(),
+                data_dir: state_dir.to_path_buf(),
+            };
+            groups.set_refetching(shard, true);
+            tokio::spawn(refetch::complete(
+                refetching,
+                groups.clone(),
+                clients.clone(),
+                spec.node_id,
+                stop.subscribe(),
+            ));
         }
         let joined = joined.expect("a cluster has at least one shard");
         let joined_view = joined.clone();
@@ -769,6 +796,7 @@ impl Consensus {
                     .unwrap_or_default();
                 let membership = metrics.membership_config.membership();
                 ShardStatus {
+                    refetching: self.groups.refetching(shard as u16),
                     voters: membership.voter_ids().collect(),
                     learners: membership.learner_ids().collect(),
                     shard: shard as u16,

@@ -49,6 +49,11 @@ pub enum PeerRequest {
         shard: u16,
         change: MemberChange,
     },
+    /// The shard's commit index (shard log index), if the callee leads it (asked by a member
+    /// refetching its damaged log: see `refetch`).
+    Committed {
+        shard: u16,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -90,6 +95,7 @@ pub enum RaftReply {
     /// The callee could not answer: unknown shard, or its group has stopped.
     Failed(String),
     Member(Result<(), MemberChangeError>),
+    Committed(Option<u64>),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -165,6 +171,17 @@ pub async fn ask_joined(client: &PeerClient, node: u64, timeout: Duration) -> Re
         .await?;
     match rmp_serde::from_slice::<RaftReply>(&response) {
         Ok(RaftReply::Joined(joined)) => Ok(joined),
+        _ => Err(PeerError::Disconnected(client.peer())),
+    }
+}
+
+/// Asks `client`'s node for its commit index of `shard`: `Some` only if it leads the shard.
+pub async fn ask_committed(client: &PeerClient, shard: u16, timeout: Duration) -> Result<Option<u64>, PeerError> {
+    let response = client
+        .call(Lane::Control, encode(&PeerRequest::Committed { shard }), timeout)
+        .await?;
+    match rmp_serde::from_slice::<RaftReply>(&response) {
+        Ok(RaftReply::Committed(committed)) => Ok(committed),
         _ => Err(PeerError::Disconnected(client.peer())),
     }
 }
@@ -404,6 +421,16 @@ async fn answer_joined(
     }
 }
 
+/// The shard's commit index, if this node leads it.
+fn answer_committed(groups: Option<&Groups>, shard: u16) -> Option<u64> {
+    use openraft::type_config::async_runtime::WatchReceiver;
+    let raft = groups?.try_get(shard)?;
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow_watched();
+    (metrics.state == openraft::ServerState::Leader && metrics.current_leader == Some(metrics.id))
+        .then(|| metrics.cluster_committed.map_or(0, |id| id.index + 1))
+}
+
 async fn answer(groups: Option<Arc<Groups>>, request: PeerRequest) -> RaftReply {
     let PeerRequest::Raft { shard, rpc } = request else {
         unreachable!("answered by the service")
@@ -412,6 +439,11 @@ async fn answer(groups: Option<Arc<Groups>>, request: PeerRequest) -> RaftReply 
         return RaftReply::Failed(format!("shard {shard} is not served here (yet)"));
     };
     let failed = |e: &dyn std::fmt::Display| RaftReply::Failed(format!("shard {shard}: {e}"));
+    let electing = matches!(rpc, RaftRpc::Vote(_) | RaftRpc::PreVote(_) | RaftRpc::TransferLeader(_));
+    if electing && groups.as_ref().is_some_and(|groups| groups.refetching(shard)) {
+        // It may have acknowledged entries it no longer holds: no vote until it holds them.
+        return failed(&"this member is refetching its damaged log and does not vote yet");
+    }
     match rpc {
         RaftRpc::Append(rpc) => match raft.append_entries(rpc).await {
             Ok(response) => RaftReply::Append(response),
@@ -465,6 +497,9 @@ impl PeerHandler for RaftService {
                 Ok(PeerRequest::Joined { node }) => RaftReply::Joined(answer_joined(groups, joined, node).await),
                 Ok(_) if !taking_part => RaftReply::Failed("this node is not taking part yet".into()),
                 Ok(PeerRequest::Member { shard, change }) => RaftReply::Member(members.change(shard, change).await),
+                Ok(PeerRequest::Committed { shard }) => {
+                    RaftReply::Committed(answer_committed(groups.as_deref(), shard))
+                }
                 Ok(request) => answer(groups, request).await,
                 Err(error) => RaftReply::Failed(format!("undecodable request: {error}")),
             };

@@ -71,6 +71,8 @@ impl ShardLog {
 
     /// Drops every entry above `after.index`; the log then ends at `after`.
     pub fn truncate_suffix(&mut self, after: LogId) {
+        // A loss accepted at or past the cut is cut with it (a replica refetching its log).
+        self.accepted_losses.retain(|loss| loss.after_index < after.index);
         while self.entries.back().is_some_and(|e| e.log_id.index > after.index) {
             self.entries.pop_back();
         }

@@ -34,6 +34,16 @@ use record::{DecodedRecord, RecordKind};
 pub use recovery::{Damage, SegmentSummary};
 pub use vote::Vote;
 
+/// The loss of a degraded shard's damage, as `accept_loss` records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LossToAccept {
+    /// The shard's last intact entry before the damage.
+    pub after_index: u64,
+    pub lost_bytes: u64,
+    /// `(segment_no, offset)` of each damaged region.
+    pub regions: Vec<(u64, u64)>,
+}
+
 /// One log entry as read back: its id and body.
 pub type Entry = (LogId, Vec<u8>);
 
@@ -448,6 +458,53 @@ impl Wal {
         let regions = &regions[..regions.len().min(lane::MAX_LOSS_REGIONS)];
         self.mark(RecordKind::LossAccepted, shard, log_id, record::encode_regions(regions))
             .await
+    }
+
+    /// What accepting the loss of a degraded shard's damage takes (see `accept_loss`), from the
+    /// lane reports `open` or `inspect` gave: the damage that may hold its entries (named for
+    /// it, or of unknown content, which may have held at least one whole entry).
+    pub fn loss_to_accept(&self, shard: u16, reports: &[LaneReport]) -> std::result::Result<LossToAccept, String> {
+        let lane = reports
+            .iter()
+            .find(|report| report.shards.iter().any(|s| s.shard == shard))
+            .ok_or_else(|| format!("the lane of shard {shard} was not found"))?;
+        if self.accepted_losses(shard).len() >= MAX_CARRIED_LOSSES_PER_SHARD {
+            return Err(format!(
+                "shard {shard} already has the most accepted losses a shard may carry"
+            ));
+        }
+        let regions: Vec<&Damage> = lane
+            .damage
+            .iter()
+            .filter(|damage| damage.entry.is_none_or(|(named, _)| named == shard))
+            .collect();
+        if regions.len() > MAX_LOSS_REGIONS {
+            return Err(format!(
+                "shard {shard} has {} damaged regions; more than {MAX_LOSS_REGIONS} cannot be accepted at once",
+                regions.len()
+            ));
+        }
+        let whole_entry = self.max_entry_bytes() as u64;
+        let lost_bytes = if regions.is_empty() {
+            // A gap with no damage found (a missing segment, say).
+            whole_entry
+        } else {
+            regions
+                .iter()
+                .map(|damage| {
+                    if damage.entry.is_some() {
+                        damage.len
+                    } else {
+                        damage.len.max(whole_entry)
+                    }
+                })
+                .sum()
+        };
+        Ok(LossToAccept {
+            after_index: self.last_log_id(shard).map_or(0, |id| id.index),
+            lost_bytes,
+            regions: regions.iter().map(|d| (d.segment_no, d.offset)).collect(),
+        })
     }
 
     /// Losses an operator accepted for this shard (see `accept_loss`), oldest first.

@@ -666,11 +666,7 @@ fn fold_into_index(index: &mut LaneIndex, found: &[Found], damage: &[Damage], la
                         }
                         log.push(*location);
                     }
-                    RecordKind::TruncateSuffix => {
-                        log.accepted_losses
-                            .retain(|loss| loss.after_index < location.log_id.index);
-                        log.truncate_suffix(location.log_id);
-                    }
+                    RecordKind::TruncateSuffix => log.truncate_suffix(location.log_id),
                     RecordKind::PurgePrefix | RecordKind::LossAccepted => {}
                 }
             }
