@@ -172,9 +172,12 @@ pub async fn keep_running(
             reason = failure(&raft) => reason,
             _ = stopping.wait_for(|stop| *stop) => return,
         };
-        let Some(reason) = reason else {
-            // Shut down by this node (its metrics closed without an error).
-            return;
+        let reason = match reason {
+            Some(reason) => reason,
+            // Shut down by this node (which sets `stopping` first).
+            None if *stopping.borrow() => return,
+            // Its core ended without saying why (a panic in it).
+            None => "its core ended unexpectedly".to_string(),
         };
         if started.elapsed() >= HEALTHY_AFTER {
             backoff = FIRST_BACKOFF;
@@ -210,7 +213,7 @@ pub async fn keep_running(
     }
 }
 
-/// Resolves when the instance stopped: `Some(why)` if on an error, `None` if it was shut down.
+/// Resolves when the instance stopped: `Some(why)` if on an error, `None` if it did not say.
 async fn failure(raft: &Raft) -> Option<String> {
     let mut metrics = raft.metrics();
     loop {
