@@ -20,6 +20,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
+use crate::archive_link::{self, ArchiveLink};
 use crate::server::Target;
 use crate::wswrite::{WriteRun, WsWriteOptions};
 
@@ -183,6 +184,8 @@ pub struct Cluster {
     nodes: Vec<Node>,
     peers: String,
     database_url: String,
+    /// Per node, when the scenario can cut nodes off the archive: its link to Postgres.
+    archive_links: Vec<ArchiveLink>,
     settings: ClusterSettings,
     extra_args: String,
     _root: tempfile::TempDir,
@@ -191,7 +194,25 @@ pub struct Cluster {
 impl Cluster {
     /// Starts every node at once and waits until each is ready (`/health/ready` 200).
     pub async fn start(settings: &ClusterSettings, database_url: &str, extra_args: &str) -> anyhow::Result<Cluster> {
+        Self::start_linked(settings, database_url, extra_args, false).await
+    }
+
+    /// `start`, with each node reaching the archive through its own link when `linked` (see
+    /// `cut_archive`).
+    pub async fn start_linked(
+        settings: &ClusterSettings,
+        database_url: &str,
+        extra_args: &str,
+        linked: bool,
+    ) -> anyhow::Result<Cluster> {
         let root = tempfile::tempdir()?;
+        let mut archive_links = Vec::new();
+        if linked {
+            for _ in 0..settings.nodes {
+                let (_, target) = archive_link::through_port(database_url, 0)?;
+                archive_links.push(ArchiveLink::start(target).await?);
+            }
+        }
         let log_dir = match &settings.logs {
             Some(dir) => {
                 std::fs::create_dir_all(dir)?;
@@ -227,6 +248,7 @@ impl Cluster {
             nodes,
             peers,
             database_url: database_url.to_string(),
+            archive_links,
             settings: settings.clone(),
             extra_args: extra_args.to_string(),
             _root: root,
@@ -265,7 +287,7 @@ impl Cluster {
             "--data-dir",
             &node.data_dir.to_string_lossy(),
             "--database-url",
-            &self.database_url,
+            &self.database_url_of(index),
             "--shards",
             &self.settings.shards.to_string(),
             "--ws-max-sockets-per-identity",
@@ -279,6 +301,22 @@ impl Cluster {
         }
         args.extend(self.extra_args.split_whitespace().map(str::to_string));
         args
+    }
+
+    fn database_url_of(&self, index: usize) -> String {
+        match self.archive_links.get(index) {
+            Some(link) => archive_link::through_port(&self.database_url, link.port)
+                .map(|(url, _)| url)
+                .unwrap_or_else(|_| self.database_url.clone()),
+            None => self.database_url.clone(),
+        }
+    }
+
+    /// Cuts node `index` off the archive (or lets it through again). Needs `start_linked`.
+    pub fn cut_archive(&self, index: usize, cut: bool) {
+        if let Some(link) = self.archive_links.get(index) {
+            if cut { link.cut() } else { link.restore() }
+        }
     }
 
     pub fn bases(&self) -> Vec<String> {
@@ -800,8 +838,68 @@ pub struct FailoverOptions {
     /// Seconds of steady load before each kill.
     #[arg(long, default_value_t = 1.0)]
     pub steady_secs: f64,
+    /// The archive during the kills: `healthy`; `down` (every node cut off it before the first
+    /// kill; a killed node is let through only while it restarts, as a follower); `backlog`
+    /// (down, and the probed shard first given `--backlog` unarchived messages).
+    #[arg(long, value_enum, default_value = "healthy")]
+    pub archive: ArchiveMode,
+    /// Unarchived messages written to the probed shard before the kills (`--archive backlog`).
+    #[arg(long, default_value_t = 100_000)]
+    pub backlog: u64,
     #[command(flatten)]
     pub cluster: ClusterSettings,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum ArchiveMode {
+    Healthy,
+    Down,
+    Backlog,
+}
+
+/// Writes `count` messages to `sessions` (all on one shard) through the live nodes, 32 at a
+/// time; returns how long it took.
+async fn fill_backlog(
+    client: &reqwest::Client,
+    bases: &[String],
+    sessions: &[String],
+    count: u64,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let written = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..32usize)
+        .map(|w| {
+            let (client, written, failed) = (client.clone(), written.clone(), failed.clone());
+            let (base, session) = (bases[w % bases.len()].clone(), sessions[w % sessions.len()].clone());
+            tokio::spawn(async move {
+                let url = format!("{base}/api/sessions/{session}/messages");
+                let body = json!({"agent_id": "bench-agent", "content": {"text": "x".repeat(100)}});
+                while written.load(Ordering::Relaxed) < count {
+                    match post_message(&client, &url, &body, Duration::from_secs(5)).await {
+                        Outcome::Ok => {
+                            written.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            if failed.fetch_add(1, Ordering::Relaxed) > 1000 {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await?;
+    }
+    let written = written.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        written >= count,
+        "the backlog stopped at {written} of {count} messages ({} failed writes)",
+        failed.load(Ordering::Relaxed)
+    );
+    Ok(started.elapsed())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -994,7 +1092,8 @@ pub async fn failover(options: &FailoverOptions, extra: &str) -> anyhow::Result<
     anyhow::ensure!(options.shard < options.cluster.shards, "--shard must be below --shards");
     let db = TempDatabase::create(&options.cluster.postgres, "failover").await?;
     let result = async {
-        let mut cluster = Cluster::start(&options.cluster, &db.url, extra).await?;
+        let linked = options.archive != ArchiveMode::Healthy;
+        let mut cluster = Cluster::start_linked(&options.cluster, &db.url, extra, linked).await?;
         let result = failover_on(&mut cluster, options).await;
         report_warnings(&cluster);
         cluster.stop().await;
@@ -1016,9 +1115,29 @@ async fn failover_on(cluster: &mut Cluster, options: &FailoverOptions) -> anyhow
     let load_sessions: Vec<String> = (0..options.load_sessions)
         .map(|s| format!("fo-load-{run}-{s}"))
         .collect();
+    let backlog_sessions: Vec<String> = (0..)
+        .map(|n| format!("fo-backlog-{run}-{n}"))
+        .filter(|s| shard_for_session(s, options.cluster.shards) == options.shard)
+        .take(if options.archive == ArchiveMode::Backlog { 16 } else { 0 })
+        .collect();
     let mut all_sessions = load_sessions.clone();
     all_sessions.push(probe_session.clone());
+    all_sessions.extend(backlog_sessions.iter().cloned());
     set_up_sessions(&client, &cluster.bases(), &all_sessions).await?;
+    if options.archive != ArchiveMode::Healthy {
+        for index in 0..cluster.len() {
+            cluster.cut_archive(index, true);
+        }
+    }
+    if options.archive == ArchiveMode::Backlog {
+        let took = fill_backlog(&client, &cluster.bases(), &backlog_sessions, options.backlog).await?;
+        println!(
+            "backlog                    {} unarchived messages on shard {} in {:.1} s (archive cut off every node)",
+            options.backlog,
+            options.shard,
+            took.as_secs_f64()
+        );
+    }
 
     let live: Shared<Vec<Option<String>>> = Arc::new(Mutex::new(cluster.bases().into_iter().map(Some).collect()));
     let probe_target: Shared<Option<String>> = Arc::new(Mutex::new(None));
@@ -1045,9 +1164,10 @@ async fn failover_on(cluster: &mut Cluster, options: &FailoverOptions) -> anyhow
     );
 
     println!(
-        "scenario                   failover ({} nodes, {} shards, shard {} probed via {}, {} appends/s background over {} sessions, probe every {} ms, timeout {} ms)",
+        "scenario                   failover ({} nodes, {} shards, archive {:?}, shard {} probed via {}, {} appends/s background over {} sessions, probe every {} ms, timeout {} ms)",
         options.cluster.nodes,
         options.cluster.shards,
+        options.archive,
         options.shard,
         probe_session,
         options.load_rate,
@@ -1161,8 +1281,13 @@ async fn failover_on(cluster: &mut Cluster, options: &FailoverOptions) -> anyhow
             .map(|(l, t)| (Some(l), Some(t)))
             .unwrap_or((None, None));
         let restart_started = Instant::now();
+        // A node needs the archive to start; it is let through while it restarts (a follower).
+        cluster.cut_archive(leader_index, false);
         cluster.restart(leader_index).await?;
         cluster.wait_all_ready(START_TIMEOUT).await?;
+        if options.archive != ArchiveMode::Healthy {
+            cluster.cut_archive(leader_index, true);
+        }
         let restart_ms = restart_started.elapsed().as_secs_f64() * 1000.0;
         live.lock().expect("live")[leader_index] = Some(cluster.base(leader_index).to_string());
         let failures_text = failures
@@ -1234,6 +1359,8 @@ async fn failover_on(cluster: &mut Cluster, options: &FailoverOptions) -> anyhow
     );
     Ok(json!({
         "scenario": "failover",
+        "archive": format!("{:?}", options.archive).to_lowercase(),
+        "backlog": (options.archive == ArchiveMode::Backlog).then_some(options.backlog),
         "nodes": options.cluster.nodes,
         "shards": options.cluster.shards,
         "shard": options.shard,

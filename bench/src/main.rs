@@ -2,6 +2,7 @@
 //! latency and fsync batching. Starts its own server (release binary beside this one, temporary
 //! data directory) unless `--url` points at one.
 
+mod archive_link;
 mod catchup;
 mod cluster;
 mod echo;
