@@ -36,7 +36,7 @@ use serde_json::json;
 
 pub use recent::RecentDispatches;
 pub use registry::AgentRegistry;
-pub use scheduler::{Engine, EngineHandle, EngineInbox, UserMessageSink, channel};
+pub use scheduler::{Engine, EngineHandle, EngineInbox, channel};
 pub use streams::LiveStreams;
 
 use crate::hub::Hub;

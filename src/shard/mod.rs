@@ -7,6 +7,9 @@
 //!
 //! Architecture invariant: only the shard writer assigns seq, id and inserted_at; a session with
 //! records not yet archived is never evicted, so "not in memory" always means "archive is truth".
+//! The shard runtime depends on neither the agent engine nor the cluster module: the engine is
+//! reached through `UserMessageSink` (`user_messages.rs`), and cluster mode's peer encoding of
+//! shard calls is `wire.rs`.
 
 mod forward_lane;
 pub mod ops;
@@ -18,6 +21,8 @@ pub mod routing;
 pub mod session;
 mod shared_reads;
 mod state;
+mod user_messages;
+pub mod wire;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -32,6 +37,9 @@ use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionView};
 use crate::wal::Wal;
 use session::WalPosition;
 pub use state::ShardState;
+#[cfg(test)]
+pub use user_messages::NoAgentEngine;
+pub use user_messages::{UserMessageSink, UserMessages};
 use writer::Command;
 
 #[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
