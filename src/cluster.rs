@@ -21,7 +21,7 @@ use crate::consensus::{AppService, Consensus};
 use crate::hub::{Hub, RelayedEvent};
 use crate::model::Agent;
 use crate::shard::routing::{ShardAnswer, ShardCall};
-use crate::shard::{ShardError, Shards};
+use crate::shard::{ShardError, Shards, wire};
 use crate::supervisor::{Ended, supervise};
 
 /// Events waiting for the relay before new ones are dropped.
@@ -32,6 +32,7 @@ const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Serialize, Deserialize)]
 enum PeerMessage {
+    /// A shard call forwarded to the shard's leader, encoded by `shard::wire`.
     Shard(ShardCall),
     Events(Vec<RelayedEvent>),
     Agent(Agent),
@@ -48,9 +49,9 @@ enum PeerMessage {
     },
 }
 
+/// The requests this node sends, as `PeerMessage` decodes them (shard calls: `shard::wire`).
 #[derive(Serialize)]
 enum PeerMessageRef<'a> {
-    Shard(&'a ShardCall),
     Events(&'a [RelayedEvent]),
     Agent(&'a Agent),
     Status,
@@ -188,18 +189,6 @@ pub async fn peer_statuses(consensus: &Consensus) -> serde_json::Map<String, ser
     futures_util::future::join_all(asks).await.into_iter().collect()
 }
 
-pub fn encode_shard_call(call: &ShardCall) -> Vec<u8> {
-    serde_json::to_vec(&PeerMessageRef::Shard(call)).expect("shard calls serialize")
-}
-
-pub fn decode_shard_answer(bytes: &[u8]) -> Result<ShardAnswer, ShardError> {
-    serde_json::from_slice::<Result<ShardAnswer, ShardError>>(bytes).unwrap_or_else(|error| {
-        Err(ShardError::Unavailable(format!(
-            "undecodable answer from the leader: {error}"
-        )))
-    })
-}
-
 /// Answers other nodes' application requests.
 pub struct NodeService {
     pub engine: crate::agents::EngineHandle,
@@ -220,7 +209,7 @@ impl AppService for NodeService {
             match serde_json::from_slice::<PeerMessage>(&request) {
                 Ok(PeerMessage::Shard(call)) => {
                     let result = shards.serve_call(call).await;
-                    serde_json::to_vec(&result).expect("answers serialize")
+                    wire::encode_shard_answer(&result)
                 }
                 Ok(PeerMessage::Events(events)) => {
                     for event in events {
@@ -264,7 +253,7 @@ impl AppService for NodeService {
                     tracing::warn!(from, %error, "undecodable request from a peer");
                     let refused: Result<ShardAnswer, ShardError> =
                         Err(ShardError::Unavailable(format!("undecodable request: {error}")));
-                    serde_json::to_vec(&refused).expect("answers serialize")
+                    wire::encode_shard_answer(&refused)
                 }
             }
         })
@@ -402,4 +391,19 @@ pub fn start_agent_refresh(registry: Arc<AgentRegistry>, archive: crate::archive
             }
         },
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forwarded_shard_call_decodes_as_a_peer_message() {
+        let call = ShardCall::View { session_id: "s".into() };
+        let decoded = serde_json::from_slice::<PeerMessage>(&wire::encode_shard_call(&call));
+        assert!(matches!(
+            decoded,
+            Ok(PeerMessage::Shard(ShardCall::View { session_id })) if session_id == "s"
+        ));
+    }
 }

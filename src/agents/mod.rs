@@ -3,7 +3,7 @@
 //!
 //! - `scheduler.rs`: when to dispatch — per-session debounce with a cap, one dispatch in flight
 //!   per session with a follow-up, concurrency bounds; rebuilt from the log after a restart.
-//! - `webhook.rs`: one dispatch — request, streamed reply, retries.
+//! - `webhook/`: one dispatch — its turn and history, the request, the streamed reply, retries.
 //! - `branch.rs`: the current branch after `regenerate` messages (history, `replaces`).
 //! - `cancel.rs`: cancelling a running dispatch (the user stops the turn), race-free with its end.
 //! - `http.rs`: the pooled webhook clients (HTTP/1.1 or ALPN-negotiated HTTP/2; h2c).
@@ -36,7 +36,7 @@ use serde_json::json;
 
 pub use recent::RecentDispatches;
 pub use registry::AgentRegistry;
-pub use scheduler::{Engine, EngineHandle, EngineInbox, UserMessageSink, channel};
+pub use scheduler::{Engine, EngineHandle, EngineInbox, channel};
 pub use streams::LiveStreams;
 
 use crate::hub::Hub;

@@ -87,15 +87,15 @@ impl EngineHandle {
     }
 }
 
-/// The shard writers' side: reports durable user messages, never waits.
-#[derive(Clone)]
-pub struct UserMessageSink {
+/// The shard writers' side of the queue (`crate::shard::UserMessageSink`): reports durable
+/// user messages, never waits.
+struct EngineSink {
     events: mpsc::Sender<Event>,
     overflowed: Arc<AtomicBool>,
 }
 
-impl UserMessageSink {
-    pub fn user_message(&self, session_id: &Arc<str>, agent_id: &str, seq: u64) {
+impl crate::shard::UserMessageSink for EngineSink {
+    fn user_message(&self, session_id: &Arc<str>, agent_id: &str, seq: u64) {
         let event = Event::UserMessage {
             session_id: session_id.clone(),
             agent_id: agent_id.to_string(),
@@ -105,13 +105,8 @@ impl UserMessageSink {
             self.overflowed.store(true, Ordering::Release);
         }
     }
-}
 
-impl UserMessageSink {
-    /// Asks the scheduler to look for every session owing a reply, in memory and in the archive
-    /// (within a second): a cluster member that starts leading a shard owes the turns of
-    /// sessions its rebuilt state does not hold (archived, not in the log it replayed).
-    pub fn rescan(&self) {
+    fn rescan(&self) {
         self.overflowed.store(true, Ordering::Release);
     }
 }
@@ -131,15 +126,16 @@ impl EngineInbox {
     }
 }
 
-pub fn channel() -> (UserMessageSink, EngineInbox) {
+/// The engine's queue: the shard writers' side (shared by them all) and the scheduler's.
+pub fn channel() -> (crate::shard::UserMessages, EngineInbox) {
     let (sender, events) = mpsc::channel(EVENT_QUEUE_DEPTH);
     let overflowed = Arc::new(AtomicBool::new(false));
-    let sink = UserMessageSink {
+    let sink = EngineSink {
         events: sender.clone(),
         overflowed: overflowed.clone(),
     };
     (
-        sink,
+        Arc::new(sink),
         EngineInbox {
             events,
             sender,

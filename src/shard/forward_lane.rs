@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
+use super::order::{OrderLink, Placement, PlacementHandle};
 use super::routing::ShardCall;
-use super::{AppendRequest, AppendResult, OrderLink, Placement, PlacementHandle, ShardError, Shards};
+use super::{AppendRequest, AppendResult, ShardError, Shards};
 
 /// Most appends one forwarded batch carries, and the most bytes of content (the batch must fit
 /// one peer frame with room to spare; a larger send travels alone).

@@ -29,7 +29,6 @@ async fn one_shard() -> (Shards, tempfile::TempDir) {
     archive.migrate().await.expect("migrate");
     let (sender, receiver) = mpsc::channel::<Command>(64);
     let writer_state = Arc::new(Writer::default());
-    let (user_messages, _engine) = crate::agents::channel();
     let writer = ShardWriter {
         shard: 0,
         wal: wal.clone(),
@@ -48,7 +47,7 @@ async fn one_shard() -> (Shards, tempfile::TempDir) {
         entry_soft_limit_bytes: wal.max_entry_bytes() / 2,
         writer_state: writer_state.clone(),
         hub: crate::hub::Hub::new(1),
-        user_messages,
+        user_messages: Arc::new(super::NoAgentEngine),
         cluster: None,
     };
     tokio::spawn(async move {

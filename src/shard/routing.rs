@@ -397,9 +397,9 @@ impl Shards {
         call: &ShardCall,
     ) -> Result<ShardAnswer, ShardError> {
         metrics::counter!("fleetlm_cluster_forwarded_total").increment(1);
-        let request = crate::cluster::encode_shard_call(call);
+        let request = super::wire::encode_shard_call(call);
         match cluster.consensus.call(leader, request, FORWARD_TIMEOUT).await {
-            Ok(answer) => crate::cluster::decode_shard_answer(&answer),
+            Ok(answer) => super::wire::decode_shard_answer(&answer),
             Err(error @ PeerError::AnswerTooLarge(..)) => {
                 // It ran, and asking again would get the same answer: fail this request alone.
                 // (Pages and batches are bounded well below the limit, so this is a bug.)

@@ -217,7 +217,8 @@ pub struct ShardWriter {
     pub entry_soft_limit_bytes: usize,
     pub writer_state: Arc<Writer>,
     pub hub: Arc<crate::hub::Hub>,
-    pub user_messages: crate::agents::UserMessageSink,
+    /// Where durable user messages are reported (the agent engine).
+    pub user_messages: super::UserMessages,
     /// Cluster mode: the shard's consensus group (`None`: a single node writing its own WAL).
     pub cluster: Option<ClusterLink>,
 }
