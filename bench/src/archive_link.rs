@@ -3,7 +3,7 @@
 //! for that node); restored, it forwards again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
@@ -14,7 +14,6 @@ pub struct ArchiveLink {
     cut: Arc<AtomicBool>,
     /// Bumped at each cut: open connections watch it and close.
     cuts: watch::Sender<u64>,
-    accepted: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -24,16 +23,14 @@ impl ArchiveLink {
         let port = listener.local_addr()?.port();
         let cut = Arc::new(AtomicBool::new(false));
         let (cuts, _) = watch::channel(0u64);
-        let accepted = Arc::new(AtomicU64::new(0));
         let task = {
-            let (cut, cuts, accepted) = (cut.clone(), cuts.clone(), accepted.clone());
+            let (cut, cuts) = (cut.clone(), cuts.clone());
             tokio::spawn(async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
                     if cut.load(Ordering::Acquire) {
                         drop(inbound);
                         continue;
                     }
-                    accepted.fetch_add(1, Ordering::Relaxed);
                     let target = target.clone();
                     let mut cut_seen = cuts.subscribe();
                     tokio::spawn(async move {
@@ -48,13 +45,7 @@ impl ArchiveLink {
                 }
             })
         };
-        Ok(ArchiveLink {
-            port,
-            cut,
-            cuts,
-            accepted,
-            task,
-        })
+        Ok(ArchiveLink { port, cut, cuts, task })
     }
 
     /// Closes every connection through the link and refuses new ones until `restore`.
