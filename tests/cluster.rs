@@ -8,7 +8,8 @@
 
 mod support;
 
-use support::cluster::bounded;
+use support::cluster::{bounded, shard_status};
+use support::counter;
 
 use std::time::{Duration, Instant};
 
@@ -1063,20 +1064,6 @@ async fn cluster_leader_change_never_waits_on_the_archive() {
     .await;
 }
 
-/// A counter of node `base`'s `/metrics` (0 if absent).
-async fn counter(base: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|line| line.starts_with(name))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// (j) A socket on a node that does not lead its session's shard pipelines its sends: they are
 /// forwarded in batches (fewer forwarded calls than sends), every one is acknowledged, and the
 /// seqs follow the order they were sent in.
@@ -1151,19 +1138,6 @@ async fn cluster_forwarded_socket_sends_are_pipelined_in_order() {
         );
     })
     .await;
-}
-
-/// `shard`'s entry in node `id`'s `/api/admin/cluster` answer (Null without one).
-async fn shard_status(cluster: &Cluster, id: usize, shard: u16) -> Value {
-    cluster
-        .status(id)
-        .await
-        .and_then(|status| {
-            status["shards"]
-                .as_array()
-                .and_then(|s| s.iter().find(|e| e["shard"] == json!(shard)).cloned())
-        })
-        .unwrap_or(Value::Null)
 }
 
 /// Node `follower` goes down while the others write until each shard's leader is `ahead`

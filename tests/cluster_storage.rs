@@ -10,13 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use support::cluster::{
     Cluster, ClusterOptions, Load, LoadOptions, Outcome, Routing, Via, append_with_retry, bounded, check_history,
-    create_sessions, spread_sessions,
+    create_sessions, shard_status, spread_sessions,
 };
+use support::{counter, segments_containing};
 
 const SHARDS: u16 = 4;
+const ENOSPC: i32 = 28; // Linux
 /// How long the member's disk stays full.
 const FULL_FOR: Duration = Duration::from_secs(30);
 /// How long it may take, once space is back, to hold everything committed again.
@@ -45,7 +47,7 @@ impl DiskFiller {
                 while !stop.load(Ordering::Relaxed) {
                     match file.write(&chunk) {
                         Ok(_) => {}
-                        Err(error) if error.raw_os_error() == Some(libc_enospc()) => {
+                        Err(error) if error.raw_os_error() == Some(ENOSPC) => {
                             full_seen.fetch_add(1, Ordering::Relaxed);
                             std::thread::sleep(Duration::from_millis(20));
                         }
@@ -74,35 +76,6 @@ impl DiskFiller {
         }
         std::fs::remove_file(&self.path).expect("remove the filler");
     }
-}
-
-fn libc_enospc() -> i32 {
-    28 // ENOSPC on Linux
-}
-
-async fn counter(base: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .filter(|line| line.starts_with(name))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn shard_status(cluster: &Cluster, id: usize, shard: u16) -> Value {
-    cluster
-        .status(id)
-        .await
-        .and_then(|status| {
-            status["shards"]
-                .as_array()
-                .and_then(|s| s.iter().find(|e| e["shard"] == json!(shard)).cloned())
-        })
-        .unwrap_or(Value::Null)
 }
 
 /// A member's disk is full for 30 s under a write load, then space comes back: the others keep
@@ -183,25 +156,6 @@ async fn cluster_member_with_a_full_disk_heals_without_a_restart() {
         check_history(&recorded, &cluster).await;
     })
     .await;
-}
-
-/// Every WAL segment file under `data_dir` whose bytes contain `needle`.
-fn segments_containing(data_dir: &std::path::Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for lane in std::fs::read_dir(data_dir.join("wal")).unwrap() {
-        let lane = lane.unwrap().path();
-        if !lane.is_dir() {
-            continue;
-        }
-        for segment in std::fs::read_dir(&lane).unwrap() {
-            let path = segment.unwrap().path();
-            let bytes = std::fs::read(&path).unwrap();
-            if bytes.windows(needle.len()).any(|w| w == needle) {
-                found.push(path);
-            }
-        }
-    }
-    found
 }
 
 /// Bit rot in an acknowledged entry of one shard's log on a member: the member still starts,

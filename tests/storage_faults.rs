@@ -4,11 +4,11 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{NO_FLUSH, ServerProcess, TestDatabase, call, create_sessions as create};
+use support::{NO_FLUSH, ServerProcess, TestDatabase, call, counter, create_sessions as create, segments_containing};
 
 async fn append(
     base: &str,
@@ -57,25 +57,6 @@ async fn settled_readiness(base: &str, client: &reqwest::Client) -> support::Rep
         assert!(Instant::now() < deadline, "recovery did not finish");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Every WAL segment file under `data_dir` whose bytes contain `needle`.
-fn segments_containing(data_dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for lane in std::fs::read_dir(data_dir.join("wal")).unwrap() {
-        let lane = lane.unwrap().path();
-        if !lane.is_dir() || !lane.file_name().unwrap().to_string_lossy().starts_with("lane-") {
-            continue;
-        }
-        for segment in std::fs::read_dir(&lane).unwrap() {
-            let path = segment.unwrap().path();
-            let bytes = std::fs::read(&path).unwrap();
-            if bytes.windows(needle.len()).any(|w| w == needle) {
-                found.push(path);
-            }
-        }
-    }
-    found
 }
 
 /// The scenario of issue 9, item 1: one byte flipped inside the third of ten acknowledged
@@ -694,20 +675,6 @@ async fn a_full_disk_answers_507_and_writes_resume_when_space_returns() {
         (1..=acked + 1).collect::<Vec<_>>()
     );
     drop(server);
-}
-
-/// A counter of the server's `/metrics` (0 if absent).
-async fn counter(base: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|line| line.starts_with(name))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Each write refused for space undoes only what it changed: the shard is not replayed as a

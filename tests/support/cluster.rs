@@ -2458,3 +2458,16 @@ pub async fn bounded(limit: Duration, scenario: impl std::future::Future<Output 
         panic!("the scenario did not finish within {limit:?}");
     }
 }
+
+/// Node `id`'s view of `shard` in its `cluster status` (`Null` if it does not answer).
+pub async fn shard_status(cluster: &Cluster, id: usize, shard: u16) -> Value {
+    cluster
+        .status(id)
+        .await
+        .and_then(|status| {
+            status["shards"]
+                .as_array()
+                .and_then(|s| s.iter().find(|e| e["shard"] == json!(shard)).cloned())
+        })
+        .unwrap_or(Value::Null)
+}

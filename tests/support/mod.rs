@@ -507,3 +507,36 @@ pub async fn create_sessions(base: &str, client: &reqwest::Client, sessions: &[&
         assert_eq!(reply.status, 201, "{}", reply.body);
     }
 }
+
+/// A counter of the server at `base` (its `/metrics`), summed over its labels; 0 if absent.
+pub async fn counter(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every WAL segment file under `data_dir` whose bytes contain `needle`.
+pub fn segments_containing(data_dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for lane in std::fs::read_dir(data_dir.join("wal")).unwrap() {
+        let lane = lane.unwrap().path();
+        if !lane.is_dir() || !lane.file_name().unwrap().to_string_lossy().starts_with("lane-") {
+            continue;
+        }
+        for segment in std::fs::read_dir(&lane).unwrap() {
+            let path = segment.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
