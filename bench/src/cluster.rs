@@ -348,10 +348,15 @@ impl Cluster {
     }
 
     pub async fn wait_all_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_all_ready_but(timeout, &[]).await
+    }
+
+    /// `wait_all_ready`, content with nodes unready only for the `tolerated` components.
+    pub async fn wait_all_ready_but(&self, timeout: Duration, tolerated: &[&str]) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
         for node in &self.nodes {
             if node.child.is_some() {
-                wait_ready(&client, &node.base, timeout)
+                wait_ready_but(&client, &node.base, timeout, tolerated)
                     .await
                     .with_context(|| format!("node {} (log: {})", node.id, node.log.display()))?;
             }
@@ -406,6 +411,17 @@ impl Cluster {
 }
 
 async fn wait_ready(client: &reqwest::Client, base: &str, timeout: Duration) -> anyhow::Result<()> {
+    wait_ready_but(client, base, timeout, &[]).await
+}
+
+/// `wait_ready`, also content with a 503 whose every reason is one of `tolerated` components
+/// (`archive` while a scenario keeps the archive down: the node serves, the archive lags).
+async fn wait_ready_but(
+    client: &reqwest::Client,
+    base: &str,
+    timeout: Duration,
+    tolerated: &[&str],
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let last = match client
@@ -415,7 +431,21 @@ async fn wait_ready(client: &reqwest::Client, base: &str, timeout: Duration) -> 
             .await
         {
             Ok(response) if response.status() == 200 => return Ok(()),
-            Ok(response) => response.text().await.unwrap_or_default(),
+            Ok(response) => {
+                let text = response.text().await.unwrap_or_default();
+                let only_tolerated = serde_json::from_str::<Value>(&text).ok().is_some_and(|body| {
+                    body["reasons"].as_array().is_some_and(|reasons| {
+                        !reasons.is_empty()
+                            && reasons
+                                .iter()
+                                .all(|r| r["component"].as_str().is_some_and(|c| tolerated.contains(&c)))
+                    })
+                });
+                if only_tolerated {
+                    return Ok(());
+                }
+                text
+            }
             Err(error) => error.to_string(),
         };
         if Instant::now() >= deadline {
@@ -1284,7 +1314,13 @@ async fn failover_on(cluster: &mut Cluster, options: &FailoverOptions) -> anyhow
         // A node needs the archive to start; it is let through while it restarts (a follower).
         cluster.cut_archive(leader_index, false);
         cluster.restart(leader_index).await?;
-        cluster.wait_all_ready(START_TIMEOUT).await?;
+        // The others report the archive down (as they should); they serve.
+        let tolerated: &[&str] = if options.archive == ArchiveMode::Healthy {
+            &[]
+        } else {
+            &["archive"]
+        };
+        cluster.wait_all_ready_but(START_TIMEOUT, tolerated).await?;
         if options.archive != ArchiveMode::Healthy {
             cluster.cut_archive(leader_index, true);
         }

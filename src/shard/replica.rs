@@ -64,6 +64,9 @@ pub struct ClusterLink {
     /// again (also: when to repeat the hand-over of a term given up).
     pub takeover_failures: u32,
     pub takeover_retry_at: Option<tokio::time::Instant>,
+    /// When this writer last offered the leadership to another member because it could not
+    /// take over without the archive (kept across terms: see `may_hand_over`).
+    pub handed_over_at: Option<tokio::time::Instant>,
     /// The writer's state is the fold of the committed log through `applied_through` (plus the
     /// leader's own batches in flight): kept up by applying each delivered entry. When false the
     /// state is rebuilt from the archive and the log before it is used.
@@ -117,6 +120,7 @@ impl ClusterLink {
             confirmation: None,
             takeover_failures: 0,
             takeover_retry_at: None,
+            handed_over_at: None,
             replica_current: false,
             led_term: 0,
             failed_from: None,

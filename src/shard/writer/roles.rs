@@ -10,6 +10,14 @@ use super::*;
 pub(super) const TAKEOVER_RETRY_FIRST: Duration = Duration::from_millis(200);
 pub(super) const TAKEOVER_RETRY_MAX: Duration = Duration::from_secs(3);
 pub(super) const TAKEOVER_FAILURES_BEFORE_HAND_OVER: u32 = 2;
+/// A writer that offered the leadership away for want of the archive does not offer it again
+/// within this long: when no member holds a current copy, two of them handing the shard back
+/// and forth would only churn elections (seen: hundreds of terms a minute with the archive down);
+/// the one elected keeps retrying the archive instead.
+pub(super) const HAND_OVER_QUIET: Duration = Duration::from_secs(10);
+/// Past the first failures, the leadership is offered again every this many failed attempts (a
+/// member with a current copy may have come back meanwhile).
+pub(super) const HAND_OVER_EVERY: u32 = 10;
 pub(super) const TAKEOVER_RACE_RETRY: Duration = Duration::from_millis(50);
 /// One attempt to rebuild from the archive gives up after this.
 pub(super) const TAKEOVER_ATTEMPT_LIMIT: Duration = Duration::from_secs(8);
@@ -318,7 +326,12 @@ impl ShardWriter {
                     metrics::counter!("fleetlm_shard_takeover_retries_total").increment(1);
                     // A member whose copy of the state was current would not need the archive:
                     // offer it the leadership at once.
-                    if failures == TAKEOVER_FAILURES_BEFORE_HAND_OVER || (!current && failures == 1) {
+                    let due = failures == TAKEOVER_FAILURES_BEFORE_HAND_OVER
+                        || (!current && failures == 1)
+                        || failures.is_multiple_of(HAND_OVER_EVERY);
+                    let quiet = link.handed_over_at.is_none_or(|at| at.elapsed() >= HAND_OVER_QUIET);
+                    if due && quiet {
+                        link.handed_over_at = Some(tokio::time::Instant::now());
                         link.consensus.transfer_leadership(self.shard).await;
                     }
                 }
