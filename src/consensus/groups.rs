@@ -134,18 +134,18 @@ impl Groups {
     /// for election (and `network` refuses the votes it is asked for).
     pub fn set_refetching(&self, shard: u16, refetching: bool) {
         let slot = &self.slots[shard as usize];
+        let current = slot.raft.write().expect("group lock");
         slot.refetching.store(refetching, Ordering::Release);
-        slot.raft
-            .read()
-            .expect("group lock")
-            .runtime_config()
-            .elect(!refetching);
+        current.runtime_config().elect(!refetching);
     }
 
     fn replace(&self, shard: u16, raft: Raft) {
         let slot = &self.slots[shard as usize];
+        let mut current = slot.raft.write().expect("group lock");
+        // Read under the lock `set_refetching` takes too, so neither misses the other.
         raft.runtime_config().elect(!slot.refetching.load(Ordering::Acquire));
-        *slot.raft.write().expect("group lock") = raft;
+        *current = raft;
+        drop(current);
         *slot.stopped.write().expect("group lock") = None;
         slot.generation.send_modify(|generation| *generation += 1);
     }
@@ -159,7 +159,7 @@ impl Groups {
 /// an error, then starts a new one over the same storage and state machine.
 pub async fn keep_running(
     groups: Arc<Groups>,
-    parts: GroupParts,
+    mut parts: GroupParts,
     mut settled: Settled,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -173,7 +173,9 @@ pub async fn keep_running(
             _ = stopping.wait_for(|stop| *stop) => return,
         };
         let reason = match reason {
-            Some(reason) => reason,
+            // Shut down on purpose (a node that refuses to take part stops its groups).
+            Some(StopReason::ShutDown) => return,
+            Some(StopReason::Failed(reason)) => reason,
             // Shut down by this node (which sets `stopping` first).
             None if *stopping.borrow() => return,
             // Its core ended without saying why (a panic in it).
@@ -197,8 +199,15 @@ pub async fn keep_running(
                 _ = stopping.wait_for(|stop| *stop) => return,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
+            // The stopped instance's state machine worker may still be applying: fence it off,
+            // so nothing is applied twice or out of order.
+            parts.machine = parts.machine.fence().await;
             match parts.start().await {
                 Ok((raft, now_settled)) => {
+                    if *stopping.borrow() {
+                        let _ = raft.shutdown().await;
+                        return;
+                    }
                     groups.replace(shard, raft);
                     settled = now_settled;
                     started = Instant::now();
@@ -213,21 +222,28 @@ pub async fn keep_running(
     }
 }
 
-/// Resolves when the instance stopped: `Some(why)` if on an error, `None` if it did not say.
-async fn failure(raft: &Raft) -> Option<String> {
+enum StopReason {
+    ShutDown,
+    Failed(String),
+}
+
+fn stop_reason(fatal: &openraft::errors::Fatal<super::types::TypeConfig>) -> StopReason {
+    match fatal {
+        openraft::errors::Fatal::Stopped => StopReason::ShutDown,
+        other => StopReason::Failed(other.to_string()),
+    }
+}
+
+/// Resolves when the instance stopped: why, if it said (`None`: its core ended silently).
+async fn failure(raft: &Raft) -> Option<StopReason> {
     let mut metrics = raft.metrics();
     loop {
         if let Err(fatal) = &metrics.borrow_watched().running_state {
-            return Some(fatal.to_string());
+            return Some(stop_reason(fatal));
         }
         if metrics.changed().await.is_err() {
             // The core is gone; its last metrics say whether it failed.
-            return metrics
-                .borrow_watched()
-                .running_state
-                .clone()
-                .err()
-                .map(|fatal| fatal.to_string());
+            return metrics.borrow_watched().running_state.as_ref().err().map(stop_reason);
         }
     }
 }

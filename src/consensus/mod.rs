@@ -349,6 +349,10 @@ fn raft_config(timing: Timing, max_entry_bytes: usize) -> Result<Arc<Config>, St
         // election until it holds again what it may have acknowledged, and the quorum-accepted
         // position is never lowered by it.
         allow_log_reversion: Some(true),
+        // A restarted instance (a process restart, or a group restarted after a storage error:
+        // `groups`) starts as a follower: restoring its leadership in the same term could
+        // propose entries at indexes it had sent to followers but not made durable itself.
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     config
@@ -436,6 +440,7 @@ impl Consensus {
         let snapshot_dir = state_dir.join("snapshots");
         let mut groups = Vec::new();
         let mut parts = Vec::new();
+        let refetching = refetch::markers(state_dir)?;
         let mut feeds = Vec::new();
         let mut fresh = Vec::new();
         let mut joined = None;
@@ -464,6 +469,10 @@ impl Consensus {
                 machine,
             };
             let (raft, settled) = group.start().await?;
+            if refetching.contains_key(&shard) {
+                // Before the next group starts: no election with a log cut back (`refetch`).
+                raft.runtime_config().elect(false);
+            }
             groups.push(raft);
             parts.push((group, settled));
             feeds.push(ShardFeed {
@@ -476,7 +485,7 @@ impl Consensus {
         for (group, settled) in parts {
             tokio::spawn(groups::keep_running(groups.clone(), group, settled, stop.subscribe()));
         }
-        for (shard, marker) in refetch::markers(state_dir)? {
+        for (shard, marker) in refetching {
             let refetching = refetch::Refetching {
                 shard,
                 marker,

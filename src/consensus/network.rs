@@ -421,14 +421,15 @@ async fn answer_joined(
     }
 }
 
-/// The shard's commit index, if this node leads it.
+/// The end of the shard's log (shard log index), if this node leads it: every entry it may ever
+/// commit with a member's earlier acknowledgements is at or below it.
 fn answer_committed(groups: Option<&Groups>, shard: u16) -> Option<u64> {
     use openraft::type_config::async_runtime::WatchReceiver;
     let raft = groups?.try_get(shard)?;
     let metrics = raft.metrics();
     let metrics = metrics.borrow_watched();
     (metrics.state == openraft::ServerState::Leader && metrics.current_leader == Some(metrics.id))
-        .then(|| metrics.cluster_committed.map_or(0, |id| id.index + 1))
+        .then(|| metrics.last_log_index.map_or(0, |index| index + 1))
 }
 
 async fn answer(groups: Option<Arc<Groups>>, request: PeerRequest) -> RaftReply {

@@ -10,9 +10,9 @@
 //! acknowledged entries it no longer holds. So until it holds them again it neither stands for
 //! election nor grants a vote (`Groups::set_refetching`): it only accepts the leader's entries,
 //! which are real, durable acknowledgements. It holds them again once its durable log reaches
-//! both the highest index it found anywhere in its damaged log and the commit index the shard's
-//! leader reported after it came back (every entry committed with its earlier acknowledgements
-//! is at or below that).
+//! both the highest index it found anywhere in its damaged log and the end of the leader's log as
+//! the leader reported it after the member came back (every entry a leader may ever commit with
+//! the member's earlier acknowledgements is at or below that).
 //!
 //! Each step is recorded first in a small fsync'd file per shard (`refetch/NNNNN.json` in the
 //! data directory), so a crash anywhere in between resumes the procedure and never lets the
@@ -126,8 +126,12 @@ pub async fn prepare(
     data_dir: &Path,
 ) -> Result<(Wal, Vec<LaneReport>), String> {
     let mut markers = markers(data_dir)?;
+    // Degraded and either new, or recorded but its loss not yet accepted (a crash in between:
+    // accepting it again is harmless).
     let degraded: Vec<u16> = (0..wal.shard_count())
-        .filter(|shard| wal.degraded(*shard).is_some() && !markers.contains_key(shard))
+        .filter(|shard| {
+            wal.degraded(*shard).is_some() && markers.get(shard).is_none_or(|marker| marker.must_reach.is_none())
+        })
         .collect();
     let (mut wal, mut reports) = (wal, reports);
     if !degraded.is_empty() {
@@ -141,7 +145,9 @@ pub async fn prepare(
                 after_term: term_at(&wal, shard, loss.after_index)?,
                 must_reach: None,
             };
-            record(data_dir, shard, &marker)?;
+            if markers.get(&shard) != Some(&marker) {
+                record(data_dir, shard, &marker)?;
+            }
             tracing::warn!(shard, %reason, after = marker.after, "a shard's log is damaged on this member: it is cut back to its last intact entry and refetched from the other members");
             wal.accept_loss(shard, loss.after_index, loss.lost_bytes, &loss.regions)
                 .await
@@ -230,12 +236,12 @@ pub async fn complete(
                 continue;
             };
             match network::ask_committed(client, shard, Duration::from_secs(2)).await {
-                Ok(Some(committed)) => {
+                Ok(Some(leader_end)) => {
                     let must_reach = refetch.marker.must_reach.unwrap_or(refetch.marker.after);
-                    target = Some(committed.max(must_reach));
+                    target = Some(leader_end.max(must_reach));
                     tracing::info!(
                         shard,
-                        committed,
+                        leader_end,
                         must_reach,
                         "refetching a damaged shard log: it votes again once its log reaches both"
                     );

@@ -102,6 +102,12 @@ pub struct ShardStateMachine {
     machine: Arc<Mutex<Machine>>,
     /// Held while the current snapshot is replaced (file and memory together).
     keeping: Arc<Mutex<()>>,
+    /// The instance of the group this handle serves (`fence`): a stopped instance's state
+    /// machine worker may still be applying when its replacement starts; it must stop there.
+    generation: u64,
+    current_generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Held while entries are applied or a snapshot installed, so a fence waits for it.
+    applying: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ShardStateMachine {
@@ -134,7 +140,29 @@ impl ShardStateMachine {
                 current,
             })),
             keeping: Arc::new(Mutex::new(())),
+            generation: 0,
+            current_generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            applying: Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// Stops every handle given out so far from applying anything more (waiting for an apply in
+    /// progress to end), and returns a handle for the group's next instance.
+    pub async fn fence(&self) -> ShardStateMachine {
+        let next = self.current_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        drop(self.applying.lock().await);
+        ShardStateMachine {
+            generation: next,
+            ..self.clone()
+        }
+    }
+
+    fn stale(&self) -> Result<(), io::Error> {
+        if self.current_generation.load(Ordering::Acquire) == self.generation {
+            Ok(())
+        } else {
+            Err(io::Error::other("this instance of the shard's group was replaced"))
+        }
     }
 
     /// The snapshot as of what the archive holds, or `None` if it would not be newer than the
@@ -319,6 +347,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
+        let applying = self.applying.clone();
+        let _applying = applying.lock().await;
+        self.stale()?;
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id;
             let command = match entry.payload {
@@ -384,6 +415,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let applying = self.applying.clone();
+        let _applying = applying.lock().await;
+        self.stale()?;
         let SnapshotRecords {
             version,
             shard,
