@@ -28,11 +28,13 @@
 mod formation;
 mod groups;
 pub mod identity;
+mod leadership;
 mod lease;
 mod log_store;
 mod membership;
 mod network;
 mod peer;
+mod raft_config;
 pub mod refetch;
 mod state_machine;
 #[cfg(test)]
@@ -46,13 +48,14 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use openraft::ServerState;
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::impls::ProgressResponder;
 use openraft::type_config::async_runtime::WatchReceiver;
-use openraft::{Config, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 
 pub use formation::wiped_member;
+pub use leadership::{Leadership, LeadershipWatch, ShardStatus};
 pub use lease::{Lease, LeaseWatch};
 pub use log_store::command_in_record;
 pub use network::AppService;
@@ -155,27 +158,6 @@ pub enum ProposeError {
     TooLarge { bytes: usize, max: usize },
 }
 
-/// A shard's consensus state as this node sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardStatus {
-    pub shard: u16,
-    pub role: &'static str,
-    pub term: u64,
-    pub leader: Option<u64>,
-    /// Shard log indexes (WAL indexes); 0 = none.
-    pub last_log: u64,
-    pub committed: u64,
-    pub applied: u64,
-    /// Leader only: per follower, the last index known replicated to it.
-    pub replicated: BTreeMap<u64, u64>,
-    /// The members the shard's group counts (its newest membership as this node has it), and
-    /// those it only replicates to (being added back: see `membership`).
-    pub voters: Vec<u64>,
-    pub learners: Vec<u64>,
-    /// This member refetches the shard's damaged log and does not vote in it yet (`refetch`).
-    pub refetching: bool,
-}
-
 pub struct Consensus {
     node_id: u64,
     groups: Arc<Groups>,
@@ -197,92 +179,6 @@ pub struct Consensus {
     barrier_timeout: Duration,
     /// How long work paused by a lapsed lease waits for it to come back (`await_lease`).
     lease_grace: Duration,
-}
-
-/// Who leads a shard, as this node sees it now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Leadership {
-    pub term: u64,
-    pub leader: Option<u64>,
-    /// This node is the shard's leader in `term`.
-    pub leading: bool,
-    /// The shard log index of this node's last entry.
-    pub last_log: u64,
-}
-
-/// Wakes when a shard's leadership (as this node sees it) may have changed: its vote, role or
-/// known leader (not at every entry, as the full metrics would). Follows the group across its
-/// restarts (`groups`): while it is stopped, this node neither leads nor knows a leader.
-pub struct LeadershipWatch {
-    node_id: u64,
-    shard: u16,
-    groups: Arc<Groups>,
-    generation: tokio::sync::watch::Receiver<u64>,
-    /// The instance watched stopped and no new one replaced it yet.
-    stopped: bool,
-    server: openraft::type_config::alias::WatchReceiverOf<TypeConfig, openraft::metrics::RaftServerMetrics<TypeConfig>>,
-    metrics: openraft::type_config::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>,
-}
-
-impl LeadershipWatch {
-    fn new(node_id: u64, shard: u16, groups: Arc<Groups>) -> LeadershipWatch {
-        let mut generation = groups.generation(shard);
-        generation.mark_unchanged();
-        let raft = groups.get(shard);
-        LeadershipWatch {
-            node_id,
-            shard,
-            groups,
-            generation,
-            stopped: false,
-            server: raft.server_metrics(),
-            metrics: raft.metrics(),
-        }
-    }
-
-    /// Read from the server metrics (the watch that wakes `changed`), so a wake-up always sees
-    /// the change that caused it; only `last_log` comes from the full metrics.
-    pub fn now(&self) -> Leadership {
-        let (term, leader, state) = {
-            let server = self.server.borrow_watched();
-            (server.vote.leader_id().term, server.current_leader, server.state)
-        };
-        let last_log = shard_log_index(self.metrics.borrow_watched().last_log_index);
-        if self.stopped {
-            return Leadership {
-                term,
-                leader: None,
-                leading: false,
-                last_log,
-            };
-        }
-        Leadership {
-            term,
-            leader,
-            leading: state == ServerState::Leader && leader == Some(self.node_id),
-            last_log,
-        }
-    }
-
-    /// Resolves at the next change of the shard's vote, role or leader, its group's stop or its
-    /// restart (`false` once the node shuts down).
-    pub async fn changed(&mut self) -> bool {
-        if !self.stopped {
-            if self.server.changed().await.is_ok() {
-                return true;
-            }
-            self.stopped = true;
-            return true;
-        }
-        if self.generation.changed().await.is_err() {
-            return false;
-        }
-        let raft = self.groups.get(self.shard);
-        self.server = raft.server_metrics();
-        self.metrics = raft.metrics();
-        self.stopped = false;
-        true
-    }
 }
 
 type CommitReceiver = openraft::type_config::alias::OneshotReceiverOf<TypeConfig, LogId>;
@@ -324,41 +220,6 @@ impl Proposal {
             ))),
         }
     }
-}
-
-fn raft_config(timing: Timing, max_entry_bytes: usize) -> Result<Arc<Config>, String> {
-    // An append to a follower must fit one peer frame whatever its entries weigh.
-    let max_payload_entries = (MAX_FRAME_BYTES / 2 / max_entry_bytes.max(1)).clamp(1, 300) as u64;
-    let config = Config {
-        max_payload_entries,
-        cluster_name: "fleetlm".to_string(),
-        heartbeat_interval: timing.heartbeat.as_millis() as u64,
-        // No heartbeat to a follower that acknowledged a replication sent within the last
-        // heartbeat interval (it proves the same): under writes, busy groups send none.
-        heartbeat_min_interval: Some(timing.heartbeat.as_millis() as u64),
-        election_timeout_min: timing.election_min.as_millis() as u64,
-        election_timeout_max: timing.election_max.as_millis() as u64,
-        // Snapshots are cheap (the archive is the snapshot): offer one whenever the archive has
-        // moved on by this many entries, and keep some log for followers slightly behind.
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(512),
-        max_in_snapshot_log_to_keep: 256,
-        enable_pre_vote: Some(true),
-        // A member that refetches its damaged log (`refetch`) answers with a shorter log than it
-        // acknowledged before: the leader restarts its search for where they agree instead of
-        // treating it as a bug. Safe here because such a member neither votes nor stands for
-        // election until it holds again what it may have acknowledged, and the quorum-accepted
-        // position is never lowered by it.
-        allow_log_reversion: Some(true),
-        // A restarted instance (a process restart, or a group restarted after a storage error:
-        // `groups`) starts as a follower: restoring its leadership in the same term could
-        // propose entries at indexes it had sent to followers but not made durable itself.
-        enable_leader_restore: Some(false),
-        ..Default::default()
-    };
-    config
-        .validate()
-        .map(Arc::new)
-        .map_err(|e| format!("raft settings: {e}"))
 }
 
 fn shard_log_index(raft_index: Option<u64>) -> u64 {
@@ -436,7 +297,7 @@ impl Consensus {
             stopped,
         ));
 
-        let config = raft_config(spec.timing, wal.max_entry_bytes())?;
+        let config = raft_config::raft_config(spec.timing, wal.max_entry_bytes())?;
         let snapshot_dir = state_dir.join("snapshots");
         let mut groups = Vec::new();
         let mut parts = Vec::new();
