@@ -140,6 +140,7 @@ pub fn member_status(consensus: &Consensus) -> serde_json::Value {
                 "voters": status.voters,
                 "learners": status.learners,
                 "refetching": status.refetching,
+                "copy_current": status.copy_current,
             })
         })
         .collect();
@@ -165,6 +166,8 @@ pub fn record_metrics(consensus: &Consensus) {
         metrics::gauge!("fleetlm_cluster_term", "shard" => shard.clone()).set(status.term as f64);
         metrics::gauge!("fleetlm_cluster_committed_index", "shard" => shard.clone()).set(status.committed as f64);
         metrics::gauge!("fleetlm_cluster_applied_index", "shard" => shard.clone()).set(status.applied as f64);
+        metrics::gauge!("fleetlm_replica_copy_current", "shard" => shard.clone())
+            .set(f64::from(u8::from(status.copy_current)));
         for (peer, replicated) in &status.replicated {
             metrics::gauge!("fleetlm_cluster_replication_lag_entries", "shard" => shard.clone(), "peer" => peer.to_string())
                 .set(status.last_log.saturating_sub(*replicated) as f64);
@@ -382,9 +385,11 @@ pub fn start_agent_refresh(registry: Arc<AgentRegistry>, archive: crate::archive
         "agent_refresh".into(),
         None,
         async move || {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
             loop {
-                tick.tick().await;
+                // Every 10 s; every second while the agents were never read (a member started
+                // with the archive unreachable: its dispatches wait for them).
+                let every = if registry.is_loaded() { 10 } else { 1 };
+                tokio::time::sleep(Duration::from_secs(every)).await;
                 if let Err(error) = registry.reload(&archive).await {
                     tracing::debug!(%error, "agent refresh failed");
                 }

@@ -76,6 +76,61 @@ async fn connect_postgres_waiting(url: &str) -> anyhow::Result<Archive> {
     }
 }
 
+/// One attempt to connect to (and migrate) the Postgres archive: `None` if it is unreachable
+/// (waiting may help), an error if it refuses this server for good.
+async fn connect_postgres_once(url: &str) -> anyhow::Result<Option<Archive>> {
+    let target = describe_postgres_url(url);
+    let connected = match Archive::connect_postgres(url).await {
+        Ok(archive) => archive.migrate().await.map(|()| archive),
+        Err(error) => Err(error),
+    };
+    match connected {
+        Ok(archive) => Ok(Some(archive)),
+        Err(crate::archive::ArchiveError::Unavailable(_)) => match postgres_advice(url).await {
+            Some(advice) => bail!("cannot use the Postgres archive at {target}: {advice}"),
+            None => Ok(None),
+        },
+        Err(error) => bail!("cannot use the Postgres archive at {target}: {error}"),
+    }
+}
+
+/// A member that started without its archive (`connect_postgres_once` found it unreachable):
+/// once the archive answers, migrates it and checks it is this member's cluster's
+/// (`cluster_identity::check_at_start`), then lets the member use it (`Archive::open_gate`).
+/// Until then nothing is read from or written to it. An archive that turns out to be another
+/// cluster's (or none) stops the process with exit code 2, as the same check does at start.
+fn check_archive_later(
+    url: String,
+    archive: Archive,
+    wal: Arc<Wal>,
+    node_id: u64,
+    recorded: Option<String>,
+    data_dir: std::path::PathBuf,
+) {
+    tokio::spawn(async move {
+        let checker = loop {
+            match connect_postgres_once(&url).await {
+                Ok(Some(checker)) => break checker,
+                Ok(None) => tokio::time::sleep(Duration::from_secs(1)).await,
+                Err(error) => {
+                    tracing::error!(%error, "the archive refuses this member; stopping");
+                    std::process::exit(2);
+                }
+            }
+        };
+        match crate::cluster_identity::check_at_start(&checker, &wal, node_id, recorded.as_deref(), &data_dir).await {
+            Ok(()) => {
+                archive.open_gate();
+                tracing::info!("the archive answers and is this cluster's; this member uses it again");
+            }
+            Err(error) => {
+                tracing::error!(%error, "this member cannot use the archive; stopping");
+                std::process::exit(2);
+            }
+        }
+    });
+}
+
 /// `host:port/database` of a Postgres URL, without credentials.
 fn describe_postgres_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -238,7 +293,27 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     let wal = Arc::new(wal);
 
+    // A cluster member that has taken part (its data directory names the cluster, its log is
+    // not empty) starts without the archive if it is unreachable: it serves from its log and
+    // its peers, and uses the archive once it has checked it is its cluster's.
+    let member_with_a_log = config.cluster.is_some()
+        && recorded_cluster_id.is_some()
+        && !crate::consensus::Consensus::holds_nothing(&wal)
+            .map_err(|e| anyhow::anyhow!("cannot read the consensus state: {e}"))?;
+    let mut archive_checked_later = false;
     let archive = match &config.database_url {
+        Some(url) if member_with_a_log => match connect_postgres_once(url).await? {
+            Some(archive) => archive,
+            None => {
+                archive_checked_later = true;
+                tracing::warn!(
+                    archive = %describe_postgres_url(url),
+                    "the Postgres archive is unreachable; this member starts without it and uses it once it answers and is checked"
+                );
+                Archive::connect_postgres_lazily(url, false)
+                    .map_err(|e| anyhow::anyhow!("cannot use the Postgres archive: {e}"))?
+            }
+        },
         Some(url) => connect_postgres_waiting(url).await?,
         None => {
             let archive = Archive::open_sqlite(&config.data_dir.join("archive.sqlite3"))
@@ -260,20 +335,35 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     // Cluster mode: every shard's consensus group, and its committed log for its writer.
     let (consensus, mut feeds) = match &config.cluster {
         Some(cluster) => {
-            crate::cluster_identity::check_at_start(
-                &archive,
-                &wal,
-                cluster.node_id,
-                recorded_cluster_id.as_deref(),
-                &config.data_dir,
-            )
-            .await?;
+            if archive_checked_later {
+                let url = config.database_url.clone().expect("a member's archive is Postgres");
+                check_archive_later(
+                    url,
+                    archive.clone(),
+                    wal.clone(),
+                    cluster.node_id,
+                    recorded_cluster_id.clone(),
+                    config.data_dir.clone(),
+                );
+            } else {
+                crate::cluster_identity::check_at_start(
+                    &archive,
+                    &wal,
+                    cluster.node_id,
+                    recorded_cluster_id.as_deref(),
+                    &config.data_dir,
+                )
+                .await?;
+            }
             let records = Arc::new(crate::cluster_identity::ArchiveRecords(archive.clone()));
             let (consensus, feeds) = start_consensus(cluster, wal.clone(), &config.data_dir, records).await?;
             (Some(consensus), feeds.into_iter().map(Some).collect())
         }
         None => (None, Vec::new()),
     };
+    // Cluster mode: writers whose copy of their shard's state is not current ask for the
+    // leader's (`shard::copy_transfer`).
+    let (copy_requests, copy_service_requests) = tokio::sync::mpsc::unbounded_channel::<u16>();
     let mut archived_through = Vec::new();
     let mut senders = Vec::with_capacity(shard_count as usize);
     let mut writer_states = Vec::with_capacity(shard_count as usize);
@@ -291,6 +381,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             user_messages.clone(),
         );
         let (config, consensus_link, state) = (config.clone(), consensus.clone(), writer_state.clone());
+        let copy_requests = copy_requests.clone();
         // A fresh writer, as at start; a restarted one also refuses archive reads begun before.
         let make_writer = move || {
             state.epoch.fetch_add(1, Ordering::AcqRel);
@@ -313,9 +404,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 writer_state: state.clone(),
                 hub: hub.clone(),
                 user_messages: user_messages.clone(),
-                cluster: consensus_link
-                    .as_ref()
-                    .map(|consensus| crate::shard::replica::ClusterLink::new(consensus.clone())),
+                cluster: consensus_link.as_ref().map(|consensus| {
+                    crate::shard::replica::ClusterLink::new(consensus.clone(), Some(copy_requests.clone()))
+                }),
             }
         };
         let feed = match (&consensus, feeds.get_mut(shard as usize).and_then(Option::take)) {
@@ -388,11 +479,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             leader_patience: leader_patience(&config),
         });
     let shards = Shards::new(senders, writer_states, wal.clone(), archive.clone(), routing);
-    let registry = Arc::new(
-        crate::agents::AgentRegistry::load(&archive)
-            .await
-            .context("cannot load the agents")?,
-    );
+    if consensus.is_some() {
+        crate::shard::spawn_copy_service(shards.clone(), copy_service_requests);
+    }
+    let registry = Arc::new(match crate::agents::AgentRegistry::load(&archive).await {
+        Ok(registry) => registry,
+        // Loaded by the cluster's agent refresh once the archive answers; dispatches wait.
+        Err(crate::archive::ArchiveError::Unavailable(_)) if archive_checked_later => {
+            crate::agents::AgentRegistry::not_loaded()
+        }
+        Err(error) => return Err(anyhow::anyhow!(error).context("cannot load the agents")),
+    });
     let streams = Arc::new(crate::agents::LiveStreams::new(hub.clone()));
     if let Some(consensus) = &consensus {
         consensus.serve_app(Arc::new(crate::cluster::NodeService {

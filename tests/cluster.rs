@@ -1001,6 +1001,42 @@ const ARCHIVE_OUTAGE: Duration = Duration::from_secs(60);
 /// not be writable at all until it came back.
 const FAILOVER_BOUND_IN_TESTS: Duration = Duration::from_secs(5);
 
+/// After node `victim` was killed with the archive down: writes one probe to each of `shards`
+/// (through the other nodes), each of which must be acknowledged within the failover bound.
+async fn probe_failover(
+    cluster: &Cluster,
+    sessions: &[String],
+    shards: &[u16],
+    victim: usize,
+    label: &str,
+) -> Vec<OpRecord> {
+    let mut probes = Vec::new();
+    for &shard in shards {
+        let session = session_of(sessions, shard, SHARDS);
+        let (probe, took) = probe_write(
+            cluster,
+            Some(victim),
+            &session,
+            &format!("{label}-shard-{shard}"),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(
+            matches!(probe.outcome, Outcome::Acked { .. }),
+            "{label}: shard {shard} took no write with node {victim} killed and the archive down ({took:?}): {:?}\n{}",
+            probe.outcome,
+            cluster.all_logs_tail(20)
+        );
+        eprintln!("{label}: shard {shard} writable after {took:?}");
+        assert!(
+            took <= FAILOVER_BOUND_IN_TESTS,
+            "{label}: shard {shard} was writable again only after {took:?}, with the archive down"
+        );
+        probes.push(probe);
+    }
+    probes
+}
+
 /// (issue 20) A leader change never waits on the archive: with the archive cut from every node for
 /// a minute under write load (a large unarchived backlog), killing a leader leaves its shards
 /// writable again within the failover bound, the archive still down; once the archive is back
@@ -1028,36 +1064,87 @@ async fn cluster_leader_change_never_waits_on_the_archive() {
         eprintln!("leaders {leaders:?}; killing node {victim}, leader of shards {led:?}");
         load.routing.exclude(victim);
         cluster.kill9(victim);
-        let mut probes = Vec::new();
-        for shard in led {
-            let session = session_of(&sessions, shard, SHARDS);
-            let (probe, took) = probe_write(
-                &cluster,
-                Some(victim),
-                &session,
-                &format!("after-kill-shard-{shard}"),
-                Duration::from_secs(30),
-            )
-            .await;
-            assert!(
-                matches!(probe.outcome, Outcome::Acked { .. }),
-                "shard {shard} took no write after its leader was killed with the archive down ({took:?}): {:?}\n{}",
-                probe.outcome,
-                cluster.all_logs_tail(20)
-            );
-            eprintln!("shard {shard} writable after {took:?}");
-            assert!(
-                took <= FAILOVER_BOUND_IN_TESTS,
-                "shard {shard} was writable again only after {took:?}, with the archive down"
-            );
-            probes.push(probe);
-        }
+        let probes = probe_failover(&cluster, &sessions, &led, victim, "after-kill").await;
         for id in cluster.ids() {
             cluster.cut_archive(id, false);
         }
         cluster.restart(victim);
         cluster.wait_all_ready().await;
         load.routing.include(victim);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        finish_and_check(load, probes, &cluster).await;
+    })
+    .await;
+}
+
+/// Waits until node `id` holds a current copy of every shard's state (`copy_current` in its
+/// cluster status), up to `limit`; panics with its status otherwise.
+async fn wait_copies_current(cluster: &Cluster, id: usize, limit: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        let status = cluster.status(id).await.unwrap_or(Value::Null);
+        let current = status["shards"].as_array().is_some_and(|shards| {
+            shards.len() == SHARDS as usize && shards.iter().all(|s| s["copy_current"] == json!(true))
+        });
+        if current {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "node {id} holds no current copy of every shard's state after {limit:?}: {status}\n{}",
+            cluster.log_tail(id, 30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// (issue 20) A member restarted while the archive is down holds a current copy of every shard's
+/// state again without it (a copy of the leader's, plus its own log), so it can lead at once. With
+/// the archive cut from every node under load, each node in turn is killed with -9 and restarted;
+/// the last kill leaves only members restarted during the outage, and every shard must still be
+/// writable within the failover bound. (Before copies, such members could rebuild only from the
+/// archive: the shards they had to lead stayed unwritable until it came back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_members_restarted_during_an_archive_outage_can_lead() {
+    bounded(Duration::from_secs(300), async {
+        let (mut cluster, sessions) = start_with_sessions(options()).await;
+        let load = Load::start(
+            &cluster,
+            &sessions,
+            LoadOptions {
+                sockets: 0,
+                ..LoadOptions::default()
+            },
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for id in cluster.ids() {
+            cluster.cut_archive(id, true);
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mut probes = Vec::new();
+        for (round, victim) in [1usize, 2, 3].into_iter().enumerate() {
+            let leaders = cluster.leaders().await;
+            eprintln!("round {round}: leaders {leaders:?}; killing node {victim}");
+            load.routing.exclude(victim);
+            cluster.kill9(victim);
+            let every_shard: Vec<u16> = (0..SHARDS).collect();
+            probes.extend(probe_failover(&cluster, &sessions, &every_shard, victim, &format!("round-{round}")).await);
+            cluster.restart(victim);
+            let took = wait_copies_current(&cluster, victim, Duration::from_secs(30)).await;
+            eprintln!("round {round}: node {victim} holds current copies {took:?} after its restart");
+            load.routing.include(victim);
+        }
+        for id in cluster.ids() {
+            let installed = counter(&cluster.node(id), "fleetlm_replica_copies_installed_total").await;
+            assert!(
+                installed >= 1.0,
+                "node {id} was restarted with the archive down but installed no copy of a leader's state"
+            );
+        }
+        for id in cluster.ids() {
+            cluster.cut_archive(id, false);
+        }
+        cluster.wait_all_ready().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         finish_and_check(load, probes, &cluster).await;
     })

@@ -3,6 +3,7 @@
 //! for the next dispatch.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::archive::{Archive, ArchiveError};
@@ -11,11 +12,12 @@ use crate::model::Agent;
 /// Told of each agent this node records (cluster mode: so the other members learn it).
 pub type AgentChanged = Box<dyn Fn(&Agent) + Send + Sync>;
 
-#[derive(Default)]
 pub struct AgentRegistry {
     agents: RwLock<HashMap<String, Arc<Agent>>>,
     /// Cluster mode: told of every agent this node writes, so the other nodes learn it.
     on_change: std::sync::OnceLock<AgentChanged>,
+    /// The agents were read from the archive (see `not_loaded`).
+    loaded: AtomicBool,
 }
 
 impl AgentRegistry {
@@ -28,7 +30,24 @@ impl AgentRegistry {
         Ok(AgentRegistry {
             agents: RwLock::new(map),
             on_change: std::sync::OnceLock::new(),
+            loaded: AtomicBool::new(true),
         })
+    }
+
+    /// A registry whose agents are not known yet (a cluster member started while the archive
+    /// was unreachable): `reload` fills it.
+    pub fn not_loaded() -> AgentRegistry {
+        AgentRegistry {
+            agents: RwLock::new(HashMap::new()),
+            on_change: std::sync::OnceLock::new(),
+            loaded: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the agents were read from the archive at least once (an agent missing from a
+    /// registry not loaded may exist).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
     }
 
     /// Cluster mode: `notify` is called with every agent `put` records.
@@ -52,6 +71,7 @@ impl AgentRegistry {
         for agent in archive.list_agents(None).await? {
             self.install(agent);
         }
+        self.loaded.store(true, Ordering::Release);
         Ok(())
     }
 

@@ -86,6 +86,11 @@ pub async fn create(State(state): State<SharedState>, caller: Caller, JsonBody(b
     };
     let agent = state.registry.get(&agent_id);
     match agent {
+        None if !state.registry.is_loaded() => {
+            return Err(ApiError::unavailable(
+                "the agents are not known yet (the archive does not answer); retry shortly",
+            ));
+        }
         None => {
             return Err(ApiError::unprocessable(
                 "agent_not_found",

@@ -186,6 +186,21 @@ impl Archive {
         ))))
     }
 
+    /// A Postgres archive whose pool connects on first use (nothing is tried here), closed
+    /// until `open_gate` when `open` is false.
+    pub fn connect_postgres_lazily(url: &str, open: bool) -> Result<Archive> {
+        Ok(Archive::new(Backend::Postgres(Arc::new(
+            postgres::PostgresArchive::connect_lazily(url, open)?,
+        ))))
+    }
+
+    /// Lets calls through an archive made closed (`connect_postgres_lazily`).
+    pub fn open_gate(&self) {
+        if let Backend::Postgres(archive) = &self.backend {
+            archive.open_gate();
+        }
+    }
+
     pub fn describe(&self) -> &'static str {
         match &self.backend {
             Backend::Sqlite(_) => "sqlite",

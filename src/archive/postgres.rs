@@ -2,6 +2,7 @@
 //! flush of thousands of messages is a handful of statements in one transaction.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Config, Pool, Runtime};
@@ -21,6 +22,7 @@ const INSERT_CHUNK_ROWS: usize = 5000;
 
 pub struct PostgresArchive {
     pool: Pool,
+    open: AtomicBool,
 }
 
 fn unavailable(error: impl std::fmt::Display) -> ArchiveError {
@@ -62,6 +64,15 @@ const PG_POOL_WAIT: Duration = Duration::from_secs(10);
 
 impl PostgresArchive {
     pub async fn connect(url: &str) -> Result<PostgresArchive> {
+        let archive = PostgresArchive::connect_lazily(url, true)?;
+        archive.ping().await?;
+        Ok(archive)
+    }
+
+    /// The pool, without connecting yet. A closed gate (`open` false) refuses every call as
+    /// unavailable until `open_gate` (a member started while the archive was unreachable uses
+    /// it only once it has checked it is its cluster's: see `server`).
+    pub fn connect_lazily(url: &str, open: bool) -> Result<PostgresArchive> {
         // Postgres that stops answering (a network partition, a host gone without closing its
         // connections) must fail calls within seconds, not hang them: a writer waiting on the
         // archive cannot take a shard over, a flush cannot finish. The URL's own settings
@@ -93,12 +104,22 @@ impl PostgresArchive {
             .recycle_timeout(Some(PG_CONNECT_TIMEOUT))
             .build()
             .map_err(unavailable)?;
-        let archive = PostgresArchive { pool };
-        archive.ping().await?;
-        Ok(archive)
+        Ok(PostgresArchive {
+            pool,
+            open: AtomicBool::new(open),
+        })
+    }
+
+    pub fn open_gate(&self) {
+        self.open.store(true, Ordering::Release);
     }
 
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Object> {
+        if !self.open.load(Ordering::Acquire) {
+            return Err(ArchiveError::Unavailable(
+                "not used until this member has checked that it is its cluster's archive".into(),
+            ));
+        }
         self.pool.get().await.map_err(unavailable)
     }
 

@@ -11,7 +11,7 @@
 //! replica that lagged, and it catches up by the ordinary replication (or a snapshot). What was
 //! not durable was never acknowledged by this node, so dropping it loses nothing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,12 @@ use crate::wal::Wal;
 /// The first wait before a stopped group is started again; doubled at each failure in a row.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A member whose copy of the shard's state is not current stands for election only after it
+/// has heard from no leader for this long (`Groups::refresh_standing`): a member with a current
+/// copy, which would write at once, wins first; without one, the shard is still led.
+pub const STAND_BACK: Duration = Duration::from_secs(2);
+/// How often every group's standing is looked at again.
+pub const STANDING_EVERY: Duration = Duration::from_millis(200);
 /// A group that ran this long since its last restart starts the backoff over.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// How long a stopping instance may take to let go of its tasks.
@@ -36,6 +42,8 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Every shard's group on this node, by shard.
 pub struct Groups {
     slots: Vec<Slot>,
+    /// What `Slot::leader_contact_ms` counts from.
+    started: Instant,
 }
 
 struct Slot {
@@ -47,6 +55,13 @@ struct Slot {
     /// The shard's log is being refetched here (see `refetch`): the group neither stands for
     /// election nor votes.
     refetching: AtomicBool,
+    /// This node's writer holds a current copy of the shard's state (or leads it): elected, it
+    /// would write at once, without the archive. Set by the writer (`set_copy_current`).
+    copy_current: AtomicBool,
+    /// When a leader last reached this member with an append (ms since `Groups::started`).
+    leader_contact_ms: AtomicU64,
+    /// Whether the running instance's election timer is on, as last set.
+    electing: AtomicBool,
 }
 
 /// What a group is made of, kept to start it again.
@@ -89,8 +104,14 @@ impl Groups {
                     generation: watch::channel(0).0,
                     stopped: RwLock::new(None),
                     refetching: AtomicBool::new(false),
+                    copy_current: AtomicBool::new(false),
+                    // As if a leader had just been heard from: a member starting up does not
+                    // stand before it has had the chance to hear from the current one.
+                    leader_contact_ms: AtomicU64::new(0),
+                    electing: AtomicBool::new(true),
                 })
                 .collect(),
+            started: Instant::now(),
         }
     }
 
@@ -136,14 +157,61 @@ impl Groups {
         let slot = &self.slots[shard as usize];
         let current = slot.raft.write().expect("group lock");
         slot.refetching.store(refetching, Ordering::Release);
-        current.runtime_config().elect(!refetching);
+        self.apply_standing(slot, &current, true);
+    }
+
+    /// Whether this node's writer holds a current copy of the shard's state (see `STAND_BACK`).
+    pub fn set_copy_current(&self, shard: u16, current: bool) {
+        let Some(slot) = self.slots.get(shard as usize) else {
+            return;
+        };
+        if slot.copy_current.swap(current, Ordering::AcqRel) != current {
+            let raft = slot.raft.read().expect("group lock");
+            self.apply_standing(slot, &raft, false);
+        }
+    }
+
+    pub fn copy_current(&self, shard: u16) -> bool {
+        self.slots
+            .get(shard as usize)
+            .is_some_and(|slot| slot.copy_current.load(Ordering::Acquire))
+    }
+
+    /// A leader reached this member's group with an append.
+    pub fn heard_from_leader(&self, shard: u16) {
+        if let Some(slot) = self.slots.get(shard as usize) {
+            let now = self.started.elapsed().as_millis() as u64;
+            slot.leader_contact_ms.store(now, Ordering::Release);
+        }
+    }
+
+    /// Turns each group's election timer on or off as its standing now says: off while the
+    /// log is refetched; off while this node's copy of the state is not current and a leader
+    /// was heard from within `STAND_BACK`; on otherwise.
+    pub fn refresh_standing(&self) {
+        for slot in &self.slots {
+            let raft = slot.raft.read().expect("group lock");
+            self.apply_standing(slot, &raft, false);
+        }
+    }
+
+    /// Sets the instance's election timer from the slot's standing (`force`: even if it seems
+    /// set already, as for a new instance).
+    fn apply_standing(&self, slot: &Slot, raft: &Raft, force: bool) {
+        let heard_ago =
+            (self.started.elapsed().as_millis() as u64).saturating_sub(slot.leader_contact_ms.load(Ordering::Acquire));
+        let stands = !slot.refetching.load(Ordering::Acquire)
+            && (slot.copy_current.load(Ordering::Acquire) || heard_ago >= STAND_BACK.as_millis() as u64);
+        if slot.electing.swap(stands, Ordering::AcqRel) != stands || force {
+            raft.runtime_config().elect(stands);
+        }
     }
 
     fn replace(&self, shard: u16, raft: Raft) {
         let slot = &self.slots[shard as usize];
         let mut current = slot.raft.write().expect("group lock");
-        // Read under the lock `set_refetching` takes too, so neither misses the other.
-        raft.runtime_config().elect(!slot.refetching.load(Ordering::Acquire));
+        // Under the lock `set_refetching` takes too, so neither misses the other.
+        self.apply_standing(slot, &raft, true);
         *current = raft;
         drop(current);
         *slot.stopped.write().expect("group lock") = None;
@@ -152,6 +220,18 @@ impl Groups {
 
     fn set_stopped(&self, shard: u16, reason: String) {
         *self.slots[shard as usize].stopped.write().expect("group lock") = Some(reason);
+    }
+}
+
+/// Keeps every group's election timer in step with its standing (`Groups::refresh_standing`)
+/// until the node stops.
+pub async fn keep_standing(groups: Arc<Groups>, mut stopping: watch::Receiver<bool>) {
+    loop {
+        groups.refresh_standing();
+        tokio::select! {
+            () = tokio::time::sleep(STANDING_EVERY) => {}
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
     }
 }
 

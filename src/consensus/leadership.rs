@@ -117,4 +117,7 @@ pub struct ShardStatus {
     pub learners: Vec<u64>,
     /// This member refetches the shard's damaged log and does not vote in it yet (`refetch`).
     pub refetching: bool,
+    /// This node's writer holds a current copy of the shard's state (or leads it): elected, it
+    /// writes at once, without the archive.
+    pub copy_current: bool,
 }

@@ -346,6 +346,7 @@ impl Consensus {
         for (group, settled) in parts {
             tokio::spawn(groups::keep_running(groups.clone(), group, settled, stop.subscribe()));
         }
+        tokio::spawn(groups::keep_standing(groups.clone(), stop.subscribe()));
         for (shard, marker) in refetching {
             let refetching = refetch::Refetching {
                 shard,
@@ -633,6 +634,13 @@ impl Consensus {
             .then(|| shard_log_index(metrics.last_applied.map(|a| a.index)))
     }
 
+    /// Whether this node's writer holds a current copy of the shard's state (it then stands for
+    /// election at once; otherwise only when no leader has been heard from for a while: see
+    /// `groups::STAND_BACK`).
+    pub fn set_copy_current(&self, shard: u16, current: bool) {
+        self.groups.set_copy_current(shard, current);
+    }
+
     pub fn is_leader(&self, shard: u16) -> bool {
         self.leader(shard) == Some(self.node_id)
     }
@@ -667,6 +675,7 @@ impl Consensus {
                 let membership = metrics.membership_config.membership();
                 ShardStatus {
                     refetching: self.groups.refetching(shard as u16),
+                    copy_current: self.groups.copy_current(shard as u16),
                     voters: membership.voter_ids().collect(),
                     learners: membership.learner_ids().collect(),
                     shard: shard as u16,

@@ -445,9 +445,21 @@ async fn answer(groups: Option<Arc<Groups>>, request: PeerRequest) -> RaftReply 
         // It may have acknowledged entries it no longer holds: no vote until it holds them.
         return failed(&"this member is refetching its damaged log and does not vote yet");
     }
+    if matches!(rpc, RaftRpc::TransferLeader(_)) && groups.as_ref().is_some_and(|groups| !groups.copy_current(shard)) {
+        // Elected, it would first have to rebuild its copy of the state (from the archive):
+        // the leader hands over to another member, or keeps leading.
+        return failed(&"this member's copy of the shard's state is not current; it does not take the leadership over");
+    }
     match rpc {
         RaftRpc::Append(rpc) => match raft.append_entries(rpc).await {
-            Ok(response) => RaftReply::Append(response),
+            Ok(response) => {
+                if !matches!(response, openraft::raft::AppendEntriesResponse::HigherVote(_))
+                    && let Some(groups) = &groups
+                {
+                    groups.heard_from_leader(shard);
+                }
+                RaftReply::Append(response)
+            }
             Err(error) => failed(&error),
         },
         RaftRpc::Vote(rpc) => match raft.vote(rpc).await {

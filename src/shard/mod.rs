@@ -17,6 +17,8 @@
 //! through `UserMessageSink` (`user_messages.rs`).
 
 mod append;
+pub mod copy;
+mod copy_transfer;
 mod error;
 mod forward_lane;
 pub mod ops;
@@ -44,6 +46,7 @@ use crate::archive::{Archive, ArchiveError};
 use crate::model::{ReadCursor, SessionRecord, SessionView};
 use crate::wal::Wal;
 pub use append::{AppendOutcome, AppendRequest, AppendResult, PendingAppend};
+pub use copy_transfer::spawn_copy_service;
 pub use error::ShardError;
 pub use order::{AppendOrder, OrderTicket};
 pub use reads::{MessagePage, ReadPlan};
@@ -107,6 +110,8 @@ struct ShardsInner {
     archive_reads: shared_reads::SharedArchiveReads,
     /// Cluster mode: requests run on their shard's leader.
     cluster: Option<routing::ClusterRouting>,
+    /// Cluster mode: copies of shard states this node serves as leader.
+    exports: copy_transfer::Exports,
 }
 
 /// A request whose writer failed before answering: it may or may not have been applied.
@@ -140,6 +145,7 @@ impl Shards {
                 archive,
                 archive_reads: shared_reads::SharedArchiveReads::default(),
                 cluster,
+                exports: Default::default(),
             }),
         }
     }

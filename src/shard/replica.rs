@@ -22,6 +22,8 @@
 
 use std::sync::Arc;
 
+use super::ShardError;
+use super::copy::ShardCopy;
 use crate::consensus::{Applied, Consensus, Leadership};
 
 /// Where this writer stands in its shard's group.
@@ -79,6 +81,26 @@ pub struct ClusterLink {
     pub index_moved: bool,
     /// Proposals whose outcome is unknown, which the state includes (see `Unsure`).
     pub unsure: Option<Unsure>,
+    /// Whether consensus was last told this writer may lead at once (`sync_standing`).
+    pub standing: Option<bool>,
+    /// Copies of the state asked of this (leading) writer, answered once no batch is in flight.
+    pub exports_waiting: Vec<tokio::sync::oneshot::Sender<Result<Box<ShardCopy>, ShardError>>>,
+    /// Fetching a copy of the state from the leader (see `super::copy`).
+    pub copy: CopyFetch,
+}
+
+/// A follower's fetch of a copy of the shard's state from its leader.
+#[derive(Default)]
+pub struct CopyFetch {
+    /// Where fetches are asked for (the router's copy service); `None`: never fetched.
+    pub requests: Option<tokio::sync::mpsc::UnboundedSender<u16>>,
+    /// A fetch is under way since then.
+    pub requested_at: Option<tokio::time::Instant>,
+    /// A copy that arrived, waiting for this member's log to reach it.
+    pub pending: Option<(Box<ShardCopy>, tokio::time::Instant)>,
+    /// Fetches that failed in a row, and when the next may be asked for.
+    pub failures: u32,
+    pub next_at: Option<tokio::time::Instant>,
 }
 
 /// A former leader's proposals whose outcome is unknown (leadership lost, no quorum in time):
@@ -108,7 +130,10 @@ pub enum Delivered {
 }
 
 impl ClusterLink {
-    pub fn new(consensus: Arc<Consensus>) -> ClusterLink {
+    pub fn new(
+        consensus: Arc<Consensus>,
+        copy_requests: Option<tokio::sync::mpsc::UnboundedSender<u16>>,
+    ) -> ClusterLink {
         ClusterLink {
             consensus,
             role: Role::Follower,
@@ -126,6 +151,12 @@ impl ClusterLink {
             failed_from: None,
             index_moved: false,
             unsure: None,
+            standing: None,
+            exports_waiting: Vec::new(),
+            copy: CopyFetch {
+                requests: copy_requests,
+                ..CopyFetch::default()
+            },
         }
     }
 

@@ -86,6 +86,13 @@ pub enum ShardCall {
         turn: crate::model::OpenTurn,
         leader_term: Option<u64>,
     },
+    /// A part of a copy of the shard's state (`super::copy_transfer`): a new copy when
+    /// `copy_id` is `None`.
+    CopyPart {
+        shard: u16,
+        copy_id: Option<u64>,
+        offset: u64,
+    },
 }
 
 /// What a forwarded listing overlay may carry (its views travel there and back): a listing's
@@ -141,6 +148,7 @@ pub enum ShardAnswer {
     AppendedMany(Vec<Result<(MessageRecord, bool), ShardError>>),
     /// The session's open turn (`StartDispatch`).
     Turn(Option<crate::model::OpenTurn>),
+    CopyPart(super::copy_transfer::CopyPart),
 }
 
 impl ShardCall {
@@ -149,7 +157,7 @@ impl ShardCall {
             ShardCall::Create { session } => shards.shard_of(&session.id),
             ShardCall::Append { request } => shards.shard_of(&request.session_id),
             ShardCall::AppendMany { requests } => requests.first().map_or(0, |r| shards.shard_of(&r.session_id)),
-            ShardCall::Overlay { shard, .. } => *shard,
+            ShardCall::Overlay { shard, .. } | ShardCall::CopyPart { shard, .. } => *shard,
             ShardCall::View { session_id }
             | ShardCall::ArchiveSession { session_id }
             | ShardCall::MoveReadCursor { session_id, .. }
@@ -164,7 +172,10 @@ impl ShardCall {
     fn is_read(&self) -> bool {
         matches!(
             self,
-            ShardCall::View { .. } | ShardCall::ReadMessages { .. } | ShardCall::Overlay { .. }
+            ShardCall::View { .. }
+                | ShardCall::ReadMessages { .. }
+                | ShardCall::Overlay { .. }
+                | ShardCall::CopyPart { .. }
         )
     }
 }
@@ -309,6 +320,7 @@ impl Shards {
         }
         let result = match call {
             ShardCall::Create { session } => self.create_session_here(session).await.map(ShardAnswer::View),
+            ShardCall::CopyPart { shard, copy_id, offset } => self.copy_part_here(shard, copy_id, offset).await,
             ShardCall::View { session_id } => self.view_here(&session_id).await.map(ShardAnswer::View),
             ShardCall::ArchiveSession { session_id } => {
                 self.archive_session_here(&session_id).await.map(ShardAnswer::View)

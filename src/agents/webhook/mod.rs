@@ -96,6 +96,9 @@ fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
     base.mul_f64(jitter).max(retry_after.unwrap_or_default())
 }
 
+/// How long a dispatch waits for a registry not loaded yet (`AgentRegistry::not_loaded`).
+const AGENTS_LOAD_WAIT: Duration = Duration::from_secs(60);
+
 /// Runs the dispatch to its end (success, refusal, exhausted retries).
 pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchResult {
     let unavailable = |error: ShardError| {
@@ -128,6 +131,17 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
             nothing_owed: true,
             superseded: false,
         };
+    }
+    // A member started while the archive was unreachable knows its agents once it answers.
+    let agents_due = tokio::time::Instant::now() + AGENTS_LOAD_WAIT;
+    while !context.registry.is_loaded() {
+        if job.control.is_cancelled() {
+            return cancelled;
+        }
+        if tokio::time::Instant::now() >= agents_due {
+            return DispatchResult::failed("the agents could not be read from the archive");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let agent = match context.registry.get(&job.agent_id) {
         Some(agent) if agent.status == crate::model::AgentStatus::Enabled => agent,

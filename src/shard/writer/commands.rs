@@ -5,6 +5,18 @@ use super::*;
 
 impl ShardWriter {
     pub(super) fn handle(&mut self, command: Command, batch: &mut Batch, now: Instant) {
+        let command = match command {
+            Command::CopyArrived { copy } => return self.on_copy_arrived(copy),
+            Command::ExportCopy { reply } if self.cluster.as_ref().is_some_and(|l| l.leading_term().is_some()) => {
+                // Answered once the batches in flight (this one included) are committed.
+                return self.cluster.as_mut().expect("cluster mode").exports_waiting.push(reply);
+            }
+            Command::ExportCopy { reply } if self.cluster.is_none() => {
+                let _ = reply.send(Err(ShardError::Unavailable("a single node has no replicas".into())));
+                return;
+            }
+            command => command,
+        };
         if let Some(link) = &self.cluster
             && link.leading_term().is_none()
         {
@@ -145,6 +157,8 @@ impl ShardWriter {
                     let _ = reply.send(if failure.is_some() { Vec::new() } else { owing });
                 }));
             }
+            // Taken care of above.
+            Command::ExportCopy { .. } | Command::CopyArrived { .. } => {}
             Command::MoveReadCursor {
                 session_id,
                 user_id,
@@ -434,6 +448,7 @@ pub(super) fn refuse_as_follower(command: Command, leader: Option<u64>) {
         Command::PlanRead { reply, .. } => refuse(reply, leader),
         Command::FinishDispatch { reply, .. } => refuse(reply, leader),
         Command::StartDispatch { reply, .. } => refuse(reply, leader),
+        Command::ExportCopy { reply } => refuse(reply, leader),
         Command::Overlay { session_ids, reply } => {
             let _ = reply.send(vec![None; session_ids.len()]);
         }
@@ -443,6 +458,7 @@ pub(super) fn refuse_as_follower(command: Command, leader: Option<u64>) {
         Command::Install { .. }
         | Command::Archived { .. }
         | Command::Sweep { .. }
+        | Command::CopyArrived { .. }
         | Command::ArchiveRegressed { .. } => {}
     }
 }

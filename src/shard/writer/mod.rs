@@ -26,10 +26,12 @@ use tokio::sync::{mpsc, oneshot};
 mod commands;
 mod dispatch_ops;
 mod recovery;
+mod replica_copy;
 mod roles;
 
 use recovery::*;
 
+use super::copy::ShardCopy;
 use super::ops::{self, EntryEncoder, Op};
 use super::replica::{ClusterLink, Delivered, Role};
 use super::session::SessionState;
@@ -177,6 +179,15 @@ pub enum Command {
     ArchiveRegressed {
         reason: String,
     },
+    /// Cluster leader: a copy of the state for a member whose own is not current
+    /// (`super::copy`), taken once no batch is in flight (so it holds only committed entries).
+    ExportCopy {
+        reply: oneshot::Sender<Result<Box<ShardCopy>, ShardError>>,
+    },
+    /// Cluster follower: the copy of the state its fetch brought (or why there is none).
+    CopyArrived {
+        copy: Result<Box<ShardCopy>, String>,
+    },
 }
 
 type DeferredReply = Box<dyn FnOnce(Option<&ShardError>) + Send>;
@@ -286,6 +297,7 @@ impl ShardWriter {
         // Sessions the batches that failed to become durable touched (single node).
         let mut undo: HashSet<String> = HashSet::new();
         loop {
+            self.sync_standing();
             let takeover_retry_at = self.cluster.as_ref().and_then(|link| link.takeover_retry_at);
             tokio::select! {
                 biased;
@@ -300,6 +312,9 @@ impl ShardWriter {
                         if let Some(watch) = &watch {
                             self.on_leadership(watch.now(), true).await;
                         }
+                    }
+                    if in_flight.is_empty() {
+                        self.answer_exports();
                     }
                 }
                 entry = async { applied.as_mut().expect("cluster mode").recv().await }, if applied.is_some() => {
@@ -345,7 +360,7 @@ impl ShardWriter {
                 }, if in_flight.is_empty() && takeover_retry_at.is_some() => {
                     self.try_take_over().await;
                 }
-                command = commands.recv(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT && self.rebuild_cause.is_none() && !self.resync_pending() => {
+                command = commands.recv(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT && self.rebuild_cause.is_none() && !self.resync_pending() && !self.exports_pending() => {
                     let Some(first) = command else { break };
                     let mut batch = std::mem::replace(&mut spare, Batch::new());
                     let now = Instant::now();

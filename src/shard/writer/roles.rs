@@ -1,6 +1,7 @@
 //! The writer's role changes in its shard's group (cluster mode): following a leadership change,
 //! applying the committed log, taking the shard over.
 
+use super::replica_copy::CopyStep;
 use super::*;
 
 /// A failed takeover (the archive did not answer) is tried again after this, doubling up to
@@ -221,6 +222,12 @@ impl ShardWriter {
             return;
         }
         link.takeover_retry_at = None;
+        // From a copy of the leader's state first: no archive read, so it works with the
+        // archive down too, and costs the leader one pass over its sessions.
+        match self.replica_from_copy().await {
+            CopyStep::Installed | CopyStep::Waiting => return,
+            CopyStep::Unavailable => {}
+        }
         let started = Instant::now();
         let attempt = match tokio::time::timeout(TAKEOVER_ATTEMPT_LIMIT, self.recover_once()).await {
             Ok(outcome) => outcome,
