@@ -39,10 +39,9 @@ impl AgentRegistry {
     /// Records an agent another node wrote (newer than what is here, by `updated_at`).
     pub fn install(&self, agent: Agent) {
         let mut agents = self.agents.write().expect("agent registry lock");
-        if agents
-            .get(&agent.id)
-            .is_none_or(|known| known.updated_at <= agent.updated_at)
-        {
+        let known = agents.get(&agent.id);
+        if known.is_none_or(|known| known.updated_at <= agent.updated_at) {
+            let agent = keep_newest_signing(known, agent);
             agents.insert(agent.id.clone(), Arc::new(agent));
         }
     }
@@ -59,14 +58,29 @@ impl AgentRegistry {
         self.agents.read().expect("agent registry lock").get(id).cloned()
     }
 
-    /// Records an agent the archive now holds (created, updated or disabled).
+    /// Records an agent the archive now holds (created, updated, disabled, or its signing
+    /// secret rotated).
     pub fn put(&self, agent: Agent) {
+        let agent = {
+            let mut agents = self.agents.write().expect("agent registry lock");
+            let agent = Arc::new(keep_newest_signing(agents.get(&agent.id), agent));
+            agents.insert(agent.id.clone(), agent.clone());
+            agent
+        };
         if let Some(notify) = self.on_change.get() {
             notify(&agent);
         }
-        self.agents
-            .write()
-            .expect("agent registry lock")
-            .insert(agent.id.clone(), Arc::new(agent));
     }
+}
+
+/// An update read the agent before a rotation and wrote it after (the archive keeps the
+/// rotated secret: `Archive::update_agent` never writes secrets); what is recorded here keeps
+/// the newest secrets too, so a call is never signed with a secret a rotation replaced.
+fn keep_newest_signing(known: Option<&Arc<Agent>>, mut agent: Agent) -> Agent {
+    if let Some(known) = known
+        && known.signing.created_at > agent.signing.created_at
+    {
+        agent.signing = known.signing.clone();
+    }
+    agent
 }

@@ -140,6 +140,21 @@ impl TestServer {
     }
 }
 
+/// Starts a server again on a stopped one's data directory and database (`TestServer::stop`).
+pub async fn restart(store: Store, data_dir: tempfile::TempDir, database: Option<TestDatabase>) -> TestServer {
+    let config_dir = data_dir.path().to_path_buf();
+    let url = database.as_ref().map(|d| d.url.clone());
+    let mut server = TestServer::start_with(store, |settings| {
+        settings.data_dir = Some(config_dir);
+        settings.database_url = url;
+    })
+    .await;
+    // Keep the original directory and database alive for as long as the new server runs.
+    server.data_dir = data_dir;
+    server.database = database;
+    server
+}
+
 /// A response's status and JSON body (Null when empty).
 pub struct Reply {
     pub status: u16,
