@@ -3,7 +3,8 @@
 //! call verifies under the agent's secret, computed here independently from the standard's
 //! definition; a rotation signs with both secrets for its grace period and with the new one
 //! only after; secrets survive restarts, are never shown again, and a database from before
-//! signatures is migrated.
+//! signatures is migrated. The Standard Webhooks reference library (`standardwebhooks` on npm,
+//! tests/js) verifies the calls too.
 
 mod support;
 
@@ -398,5 +399,78 @@ async fn rotation_and_secret_fields_are_validated(store: Store) {
         spoofing.body["errors"],
         json!({"headers": ["Webhook-Signature is set by FleetLM on every call (the webhook's signature)"]})
     );
+    server.stop().await;
+}
+
+/// Verifies `calls` under `secret` with the `standardwebhooks` npm package (tests/js): for
+/// each, `true`, or the library's reason for refusing it.
+async fn verify_with_the_npm_library(secret: &str, calls: &[Call]) -> Vec<Value> {
+    let js_dir = support::js_dir_with("standardwebhooks");
+    let calls: Vec<Value> = calls
+        .iter()
+        .map(|call| {
+            let headers: serde_json::Map<String, Value> = call
+                .headers
+                .iter()
+                .map(|(name, value)| (name.to_string(), json!(value.to_str().unwrap())))
+                .collect();
+            json!({"headers": headers, "body": call.raw_body})
+        })
+        .collect();
+    let input = json!({"secret": secret, "calls": calls}).to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut node = std::process::Command::new("node")
+            .arg("verify_signed_calls.mjs")
+            .current_dir(js_dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("node must be installed (Node 20)");
+        node.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        node.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The Standard Webhooks reference library accepts FleetLM's calls under the agent's secret,
+/// both secrets during a rotation's grace period, and refuses a tampered body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_webhooks_npm_library_verifies_the_calls() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::EchoJsonl).await;
+    let created = server
+        .post(
+            "/api/agents",
+            json!({"agent": {"id": "signed", "name": "Signed", "origin_url": agent.url, "debounce_window_ms": 0}}),
+        )
+        .await;
+    let first = created.body["signing_secret"].as_str().unwrap().to_string();
+    let session = json!({"id": "signed-s", "user_id": "u", "agent_id": "signed"});
+    assert_eq!(server.post("/api/sessions", session).await.status, 201);
+    let before = turn(&server, &agent, "signed-s", "one", 1).await;
+    let (second, _) = rotate(&server, json!({"grace_period_ms": 600_000})).await;
+    let during = turn(&server, &agent, "signed-s", "two", 2).await;
+    let tampered = Call {
+        raw_body: during.raw_body.replace("two", "owt"),
+        ..during.clone()
+    };
+    let calls = [before, during, tampered];
+    let under_first = verify_with_the_npm_library(&first, &calls).await;
+    assert_eq!(&under_first[..2], &[json!(true), json!(true)], "{under_first:?}");
+    assert!(
+        under_first[2].is_string(),
+        "a tampered body is refused: {under_first:?}"
+    );
+    let under_second = verify_with_the_npm_library(&second, &calls).await;
+    assert!(
+        under_second[0].is_string(),
+        "a call before the rotation is not the new secret's"
+    );
+    assert_eq!(under_second[1], json!(true));
+    assert!(under_second[2].is_string());
     server.stop().await;
 }

@@ -155,6 +155,21 @@ pub async fn restart(store: Store, data_dir: tempfile::TempDir, database: Option
     server
 }
 
+/// The Node test helpers' directory (`tests/js`), its packages installed (`npm ci`) unless
+/// `package` is there already.
+pub fn js_dir_with(package: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    if !dir.join("node_modules").join(package).exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm must be installed (Node 20) to run the Node tests");
+        assert!(status.success(), "npm ci failed in tests/js");
+    }
+    dir
+}
+
 /// A response's status and JSON body (Null when empty).
 pub struct Reply {
     pub status: u16,
