@@ -84,3 +84,64 @@ fn keep_newest_signing(known: Option<&Arc<Agent>>, mut agent: Agent) -> Agent {
     }
     agent
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::signing::SigningKeys;
+    use crate::model::{AgentStatus, HistoryMode, Timestamp};
+
+    fn agent(updated_at: i64, signing: SigningKeys) -> Agent {
+        Agent {
+            id: "a".into(),
+            name: "a".into(),
+            origin_url: "http://127.0.0.1:9".into(),
+            webhook_path: "/webhook".into(),
+            message_history_mode: HistoryMode::Tail,
+            message_history_limit: 50,
+            timeout_ms: 1000,
+            debounce_window_ms: 0,
+            headers: Default::default(),
+            http2: false,
+            status: AgentStatus::Enabled,
+            inserted_at: Timestamp(0),
+            updated_at: Timestamp(updated_at),
+            signing,
+        }
+    }
+
+    /// An update that read the agent before a rotation, recorded after it, here or relayed by
+    /// another node, keeps the rotated secrets.
+    #[test]
+    fn a_write_never_brings_back_a_rotated_secret() {
+        let registry = AgentRegistry::default();
+        let created = SigningKeys::fresh(Timestamp(1));
+        let rotated = created.rotated(Timestamp(2), 0);
+        registry.put(agent(1, created.clone()));
+        registry.put(agent(2, rotated.clone()));
+        let mut renamed = agent(3, created.clone());
+        renamed.name = "renamed".into();
+        registry.put(renamed);
+        let recorded = registry.get("a").unwrap();
+        assert_eq!((recorded.name.as_str(), &recorded.signing), ("renamed", &rotated));
+        registry.install(agent(4, created));
+        assert_eq!(registry.get("a").unwrap().signing, rotated);
+        assert_eq!(registry.get("a").unwrap().updated_at, Timestamp(4));
+    }
+
+    /// Agents travel between members as JSON (`cluster.rs`): the secrets with them, and an
+    /// agent from a member that predates signatures has none.
+    #[test]
+    fn agents_keep_their_secrets_across_the_peer_encoding() {
+        let original = agent(1, SigningKeys::fresh(Timestamp(1)).rotated(Timestamp(2), 1000));
+        let decoded: Agent = serde_json::from_slice(&serde_json::to_vec(&original).unwrap()).unwrap();
+        assert_eq!(decoded.signing, original.signing);
+        let mut older = serde_json::to_value(&original).unwrap();
+        older.as_object_mut().unwrap().remove("signing");
+        let decoded: Agent = serde_json::from_value(older).unwrap();
+        assert_eq!(decoded.signing, SigningKeys::default());
+        let mut damaged = serde_json::to_value(&original).unwrap();
+        damaged["signing"]["current"] = "not a secret".into();
+        assert!(serde_json::from_value::<Agent>(damaged).is_err());
+    }
+}
