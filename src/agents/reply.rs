@@ -126,6 +126,9 @@ pub enum BodyError {
     TooLong { max: usize },
     #[error("malformed reply: not JSON ({0})")]
     NotJson(String),
+    /// JSON values one after the other, one of them not a reply line.
+    #[error("malformed reply line: {0}")]
+    BadLine(LineError),
 }
 
 impl ReplyBody {
@@ -194,8 +197,17 @@ impl ReplyBody {
             }
             _ => return Err(BodyError::NotJson(not_one_value)),
         };
-        if lines.iter().all(|line| parse_line(line).is_ok()) {
-            Ok(BodyEnd::Lines(lines))
+        let Some(bad_line) = lines.iter().find_map(|line| parse_line(line).err()) else {
+            return Ok(BodyEnd::Lines(lines));
+        };
+        // Several JSON values one after the other were meant as lines: the bad line says more
+        // than "trailing characters".
+        let several_values = serde_json::Deserializer::from_slice(&held)
+            .into_iter::<Value>()
+            .take(2)
+            .all(|value| value.is_ok());
+        if several_values {
+            Err(BodyError::BadLine(bad_line))
         } else {
             Err(BodyError::NotJson(not_one_value))
         }
@@ -408,6 +420,12 @@ mod tests {
                 "{\n  \"role\": \n".into(),
                 vec![],
                 Err(BodyError::NotJson(String::new())),
+            ),
+            (
+                "json lines whose first is no reply line",
+                format!("{{\"role\":\"assistant\",\"parts\":[]}}\n{finish}\n"),
+                vec![],
+                Err(BodyError::BadLine(LineError::Unrecognized)),
             ),
             (
                 "a bad line after good ones is the line's to report",

@@ -130,7 +130,7 @@ pub(super) async fn call(
     };
     let mut reader = ReplyBody::new(context.config.max_reply_line_bytes);
     let malformed = |error: BodyError| {
-        if matches!(error, BodyError::NotJson(_)) {
+        if matches!(error, BodyError::NotJson(_) | BodyError::BadLine(_)) {
             metrics::counter!("fleetlm_webhook_malformed_lines_total").increment(1);
         }
         CallError::Fatal(error.to_string())
