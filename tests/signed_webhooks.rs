@@ -474,3 +474,49 @@ async fn the_standard_webhooks_npm_library_verifies_the_calls() {
     assert!(under_second[2].is_string());
     server.stop().await;
 }
+
+/// In token mode only the API key manages agents: a user's token cannot rotate a secret, nor
+/// read one anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_token_mode_only_the_api_key_rotates_a_secret() {
+    const SECRET: &str = "a-test-secret-of-some-length";
+    let server = TestServer::start_with(Store::Sqlite, |s| {
+        s.auth_secret = Some(SECRET.into());
+        s.api_key = Some("admin-key".into());
+    })
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 600;
+    let alice = fleetlm::auth::mint(
+        SECRET.as_bytes(),
+        &fleetlm::auth::Claims {
+            sub: "alice".into(),
+            exp,
+        },
+    );
+    let post = |path: &str, bearer: &str, body: Value| {
+        let request = server.client.post(server.url(path)).bearer_auth(bearer).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let agent = json!({"agent": {"id": "signed", "name": "S", "origin_url": "http://127.0.0.1:9"}});
+    let (status, created) = post("/api/agents", "admin-key", agent).await;
+    assert_eq!(status, 201);
+    assert!(created["signing_secret"].as_str().unwrap().starts_with("whsec_"));
+    let rotate_path = "/api/agents/signed/signing-secret/rotate";
+    let (status, refused) = post(rotate_path, &alice, json!({})).await;
+    assert_eq!((status, refused["code"].as_str()), (403, Some("forbidden")));
+    assert!(!refused.to_string().contains("whsec_"));
+    let (status, _) = post(rotate_path, "not-a-token", json!({})).await;
+    assert_eq!(status, 401);
+    let (status, rotated) = post(rotate_path, "admin-key", json!({})).await;
+    assert_eq!(status, 200);
+    assert_ne!(rotated["signing_secret"], created["signing_secret"]);
+    server.stop().await;
+}
