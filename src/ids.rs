@@ -56,6 +56,18 @@ impl<'de> serde::Deserialize<'de> for TurnId {
     }
 }
 
+/// The id of message `ordinal` of a turn's reply when the agent names none (its `start` chunk
+/// has no `messageId`): derived from the turn and the ordinal, so every attempt and every
+/// leader that streams the turn forwards, and stores, the same id. Shown like generated ids.
+pub fn reply_message_id(turn_id: &str, ordinal: u64) -> String {
+    let mut input = Vec::with_capacity(turn_id.len() + 24);
+    input.extend_from_slice(b"fleetlm-reply\0");
+    input.extend_from_slice(turn_id.as_bytes());
+    input.push(0);
+    input.extend_from_slice(&ordinal.to_be_bytes());
+    URL_SAFE_NO_PAD.encode(xxhash_rust::xxh3::xxh3_128(&input).to_be_bytes())
+}
+
 /// Client-chosen ids: 1–255 characters of `[A-Za-z0-9._:@-]`.
 pub fn is_valid_client_chosen_id(id: &str) -> bool {
     !id.is_empty()
@@ -103,6 +115,15 @@ mod tests {
         assert_eq!(serde_json::from_str::<TurnId>(&json).unwrap(), id);
         assert!(TurnId::parse("short").is_none());
         assert!(serde_json::from_str::<TurnId>("\"not an id at all, no\"").is_err());
+    }
+
+    #[test]
+    fn reply_message_ids_are_stable_per_turn_and_ordinal() {
+        let id = reply_message_id("turn", 0);
+        assert_eq!(id, reply_message_id("turn", 0));
+        assert_ne!(id, reply_message_id("turn", 1));
+        assert_ne!(id, reply_message_id("other", 0));
+        assert_eq!(id.len(), 22);
     }
 
     #[test]

@@ -299,10 +299,14 @@ pub struct Agent {
     pub status: AgentStatus,
     pub inserted_at: Timestamp,
     pub updated_at: Timestamp,
+    /// The secrets its calls are signed with (docs/AGENTS.md, "Verifying a call"). Never in
+    /// the public form.
+    #[serde(default)]
+    pub signing: crate::agents::signing::SigningKeys,
 }
 
 impl Agent {
-    /// The public form: header values are never echoed back.
+    /// The public form: header values and signing secrets are never echoed back.
     pub fn to_json(&self) -> serde_json::Value {
         let masked: serde_json::Map<String, serde_json::Value> = self
             .headers
@@ -323,6 +327,7 @@ impl Agent {
             "status": self.status.as_str(),
             "inserted_at": self.inserted_at,
             "updated_at": self.updated_at,
+            "signing": self.signing.public_json(),
         })
     }
 }

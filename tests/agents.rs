@@ -604,6 +604,70 @@ async fn a_plain_json_reply_is_stored_as_one_message() {
     server.stop().await;
 }
 
+/// Many hand-written handlers stream JSON lines while declaring `application/json`: the body
+/// is read as lines (streamed live), not refused as a JSON document with trailing characters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_lines_declared_as_application_json_stream_live_and_are_stored() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::JsonlDeclaredJson).await;
+    register(&server, &agent, "jl", json!({})).await;
+    let mut ws = join_as_user(&server, "jl-s").await;
+    say(&server, "jl-s", "lines").await;
+    let (live, stored_after_chunks) = live_reply(&mut ws).await;
+    assert_eq!(live, "echo: lines", "the deltas came live");
+    assert!(stored_after_chunks);
+    let replies = agent_messages(&server, "jl-s", "jl", 1).await;
+    assert_eq!(replies.len(), 1);
+    assert_eq!(reply_text(&replies[0]), "echo: lines");
+    assert_eq!(replies[0]["content"]["id"], "reply-1");
+    assert_eq!(replies[0]["metadata"]["termination"], "finish");
+    server.stop().await;
+}
+
+/// An AI SDK agent's `start` chunk often names no `messageId`: FleetLM puts the id it stores the
+/// reply under into the `start` chunk it forwards, so the chat holds the id the log holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_chunk_without_a_message_id_is_forwarded_with_the_stored_id() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::EchoWithoutMessageId).await;
+    register(&server, &agent, "anon", json!({})).await;
+    let mut ws = join_as_user(&server, "anon-s").await;
+    let mut ids = Vec::new();
+    for (turn, text) in ["one", "two"].into_iter().enumerate() {
+        say(&server, "anon-s", text).await;
+        let (mut forwarded, mut pushed) = (None, None);
+        loop {
+            let frame = ws.next_any().await;
+            match frame[3].as_str().unwrap() {
+                "stream_chunk" if frame[4]["chunk"]["type"] == "start" => {
+                    forwarded = Some(frame[4]["chunk"]["messageId"].clone());
+                }
+                "message" if frame[4]["kind"] == "assistant" => pushed = Some(frame[4]["content"]["id"].clone()),
+                "agent_status" if frame[4]["status"] == "failed" => panic!("dispatch failed: {frame}"),
+                "agent_status" if frame[4]["status"] == "idle" => break,
+                _ => {}
+            }
+        }
+        let forwarded = forwarded.expect("the start chunk was forwarded");
+        let id = forwarded.as_str().expect("the forwarded start chunk names a messageId");
+        assert_eq!(id.len(), 22, "{forwarded}");
+        assert_eq!(
+            pushed.as_ref(),
+            Some(&forwarded),
+            "the pushed message has the forwarded id"
+        );
+        let stored = agent_messages(&server, "anon-s", "anon", turn + 1).await;
+        assert_eq!(
+            stored[turn]["content"]["id"], forwarded,
+            "the log holds the forwarded id"
+        );
+        assert_eq!(reply_text(&stored[turn]), format!("echo: {text}"));
+        ids.push(id.to_string());
+    }
+    assert_ne!(ids[0], ids[1], "each reply has its own id");
+    server.stop().await;
+}
+
 /// The rescan at start snapshots every session owing a reply, then feeds them to the scheduler
 /// (slowly, here: a thousand sessions to load from the archive after this one, whose id sorts
 /// first). A session whose reply is made

@@ -3,32 +3,15 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use support::{Store, TestServer};
 
 const SECRET: &str = "phoenix-js-test-secret";
 
-fn js_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js")
-}
-
-fn ensure_node_modules() {
-    if js_dir().join("node_modules/phoenix").exists() {
-        return;
-    }
-    let status = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(js_dir())
-        .status()
-        .expect("npm must be installed (Node 20) to run the phoenix client tests");
-    assert!(status.success(), "npm ci failed in tests/js");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_phoenix_npm_client_works_against_fleetlm() {
-    ensure_node_modules();
+    let js_dir = support::js_dir_with("phoenix");
     let open = TestServer::start(Store::Sqlite).await;
     let token_server = TestServer::start_with(Store::Sqlite, |s| s.auth_secret = Some(SECRET.into())).await;
     let exp = std::time::SystemTime::now()
@@ -47,7 +30,7 @@ async fn the_phoenix_npm_client_works_against_fleetlm() {
     let output = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .args(["--test", "--test-reporter=spec"])
-            .current_dir(js_dir())
+            .current_dir(js_dir)
             .env("FLEETLM_URL", base)
             .env("FLEETLM_TOKEN_URL", token_base)
             .env("FLEETLM_TOKEN", token)

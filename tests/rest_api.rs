@@ -4,7 +4,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use support::{Store, TestServer};
+use support::{Store, TestServer, restart};
 
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
@@ -493,20 +493,6 @@ async fn idempotency_and_expected_seq(store: Store) {
     assert_eq!(retry.body["deduplicated"], true, "{}", retry.body);
     assert_eq!(retry.body["message"]["seq"], 1);
     server.stop().await;
-}
-
-async fn restart(store: Store, data_dir: tempfile::TempDir, database: Option<support::TestDatabase>) -> TestServer {
-    let config_dir = data_dir.path().to_path_buf();
-    let url = database.as_ref().map(|d| d.url.clone());
-    let mut server = TestServer::start_with(store, |settings| {
-        settings.data_dir = Some(config_dir);
-        settings.database_url = url;
-    })
-    .await;
-    // Keep the original directory and database alive for as long as the new server runs.
-    server.data_dir = data_dir;
-    server.database = database;
-    server
 }
 
 async fn read_cursor_and_inbox(store: Store) {

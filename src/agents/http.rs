@@ -167,6 +167,7 @@ mod tests {
             status: crate::model::AgentStatus::Enabled,
             inserted_at: crate::model::Timestamp(0),
             updated_at: crate::model::Timestamp(0),
+            signing: Default::default(),
         }
     }
 

@@ -9,6 +9,7 @@
 //! - `http.rs`: the pooled webhook clients (HTTP/1.1 or ALPN-negotiated HTTP/2; h2c).
 //! - `reply.rs`, `assembler.rs`, `partial_json.rs`: the pure reply parsing and assembly.
 //! - `streams.rs`: replies streaming now (for `stream_chunk` and `stream_snapshot`).
+//! - `signing.rs`: signing secrets and Standard Webhooks signatures of the calls.
 //! - `registry.rs`: the agents, in memory.
 //! - `recent.rs`: the last finished dispatches per agent (outcome, latency), in memory.
 //!
@@ -25,6 +26,7 @@ pub mod recent;
 pub mod registry;
 pub mod reply;
 mod scheduler;
+pub mod signing;
 pub mod streams;
 mod webhook;
 

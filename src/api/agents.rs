@@ -1,4 +1,6 @@
-//! `/api/agents`: the agent registry (CRUD with field validation; delete disables).
+//! `/api/agents`: the agent registry (CRUD with field validation; delete disables) and the
+//! rotation of an agent's webhook signing secret. A signing secret is shown in exactly two
+//! answers, the agent's creation and a rotation; never by a read, a list or an error.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -7,7 +9,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, ApiResult, JsonBody, SharedState};
+use super::{ApiError, ApiResult, JsonBody, OptionalJsonBody, SharedState};
+use crate::agents::signing::{DEFAULT_GRACE_PERIOD_MS, MAX_GRACE_PERIOD_MS, SigningKeys};
 use crate::auth::Caller;
 use crate::model::{Agent, AgentStatus, HistoryMode, Timestamp};
 
@@ -67,10 +70,12 @@ pub async fn create(State(state): State<SharedState>, caller: Caller, JsonBody(b
     let fields = agent_fields(&body)?;
     let now = Timestamp(state.clock.now_micros());
     let agent = build_agent(&fields, None, now).map_err(validation_failed)?;
+    let secret = agent.signing.current.clone().expect("a new agent has a signing secret");
     match state.shards.archive().insert_agent(agent.clone()).await {
         Ok(()) => {
             state.registry.put(agent.clone());
-            Ok((StatusCode::CREATED, axum::Json(json!({"agent": agent.to_json()}))).into_response())
+            let answer = json!({"agent": agent.to_json(), "signing_secret": secret.reveal()});
+            Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
         }
         Err(crate::archive::ArchiveError::Conflict) => Err(validation_failed(BTreeMap::from([(
             "id",
@@ -116,6 +121,82 @@ pub async fn disable(State(state): State<SharedState>, caller: Caller, Path(id):
     Ok(axum::Json(json!({"agent": agent.to_json(), "message": "Agent disabled"})).into_response())
 }
 
+/// `POST /api/agents/:id/signing-secret/rotate` `{"grace_period_ms"?}`: a new signing secret,
+/// shown in this answer only; the one it replaces keeps signing calls (beside the new one) for
+/// the grace period (default 24 h, at most 7 days, 0 = not at all). A rotation during another's
+/// grace period ends that one: at most two secrets sign a call.
+pub async fn rotate_signing_secret(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    OptionalJsonBody(body): OptionalJsonBody,
+) -> ApiResult<Response> {
+    require_admin(&caller)?;
+    let grace_period_ms = rotation_grace_period_ms(&body)?;
+    let archive = state.shards.archive();
+    let existing = archive.get_agent(&id).await?.ok_or_else(|| agent_not_found(&id))?;
+    let now = Timestamp(state.clock.now_micros());
+    let signing = existing.signing.rotated(now, grace_period_ms);
+    let expected = existing.signing.current.as_ref().map(|s| s.reveal().to_string());
+    if !archive
+        .set_agent_signing(&id, expected.as_deref(), signing.clone(), now)
+        .await?
+    {
+        if archive.get_agent(&id).await?.is_none() {
+            return Err(agent_not_found(&id));
+        }
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "rotation_conflict",
+            "the signing secret was rotated by another request meanwhile; rotate again if you need a secret you know",
+        ));
+    }
+    let secret = signing.current.clone().expect("a rotation makes a secret");
+    let agent = Agent {
+        signing,
+        updated_at: now,
+        ..existing
+    };
+    state.registry.put(agent.clone());
+    let answer = json!({
+        "agent": agent.to_json(),
+        "signing_secret": secret.reveal(),
+        "previous_secret_expires_at": agent.signing.previous_expires_at,
+    });
+    Ok(axum::Json(answer).into_response())
+}
+
+/// The rotation's body: `{}` or `{"grace_period_ms": 0..=604800000}`, nothing else.
+fn rotation_grace_period_ms(body: &serde_json::value::RawValue) -> ApiResult<u64> {
+    let fields: Map<String, Value> = serde_json::from_str(body.get())
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
+    let mut errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for name in fields.keys().filter(|name| *name != "grace_period_ms") {
+        errors
+            .entry(name.clone())
+            .or_default()
+            .push("is not a field of a rotation (only grace_period_ms is)".into());
+    }
+    let grace_period_ms = match fields.get("grace_period_ms") {
+        None | Some(Value::Null) => DEFAULT_GRACE_PERIOD_MS,
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|ms| ms <= MAX_GRACE_PERIOD_MS) => {
+            n.as_u64().expect("checked")
+        }
+        Some(_) => {
+            errors
+                .entry("grace_period_ms".into())
+                .or_default()
+                .push(format!("must be an integer between 0 and {MAX_GRACE_PERIOD_MS}"));
+            DEFAULT_GRACE_PERIOD_MS
+        }
+    };
+    if errors.is_empty() {
+        Ok(grace_period_ms)
+    } else {
+        Err(ApiError::unprocessable("validation_failed", "rotation is invalid").with("errors", json!(errors)))
+    }
+}
+
 /// `GET /api/agents/:id/dispatches`: the agent's last finished dispatches (outcome, error,
 /// latency), newest first, from memory since the server started.
 pub async fn dispatches(
@@ -147,6 +228,13 @@ fn agent_fields(body: &serde_json::value::RawValue) -> ApiResult<Map<String, Val
 fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Timestamp) -> Result<Agent, FieldErrors> {
     let mut errors = FieldErrors::new();
     let mut error = |field: &'static str, message: &str| errors.entry(field).or_default().push(message.to_string());
+
+    if fields.contains_key("signing_secret") {
+        error(
+            "signing_secret",
+            "is made by FleetLM; rotate it with POST /api/agents/{id}/signing-secret/rotate",
+        );
+    }
 
     let id = match (fields.get("id"), existing) {
         (Some(Value::String(id)), Some(existing)) if *id != existing.id => {
@@ -280,6 +368,10 @@ fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Times
             let mut headers = BTreeMap::new();
             for (name, value) in map {
                 match value {
+                    Value::String(_) if is_signature_header(name) => error(
+                        "headers",
+                        &format!("{name} is set by FleetLM on every call (the webhook's signature)"),
+                    ),
                     Value::String(value) if is_header_name(name) && is_header_value(value) => {
                         headers.insert(name.to_ascii_lowercase(), value.clone());
                     }
@@ -328,6 +420,7 @@ fn build_agent(fields: &Map<String, Value>, existing: Option<&Agent>, now: Times
         status,
         inserted_at: existing.map_or(now, |a| a.inserted_at),
         updated_at: now,
+        signing: existing.map_or_else(|| SigningKeys::fresh(now), |a| a.signing.clone()),
     })
 }
 
@@ -361,6 +454,13 @@ fn is_header_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The Standard Webhooks headers FleetLM sets itself: an agent's own `headers` may not name them.
+fn is_signature_header(name: &str) -> bool {
+    ["webhook-id", "webhook-timestamp", "webhook-signature"]
+        .iter()
+        .any(|reserved| name.eq_ignore_ascii_case(reserved))
 }
 
 fn is_header_value(value: &str) -> bool {

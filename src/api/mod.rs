@@ -68,6 +68,10 @@ pub fn router(state: SharedState) -> Router {
                 .delete(agents::disable),
         )
         .route("/agents/{id}/dispatches", get(agents::dispatches))
+        .route(
+            "/agents/{id}/signing-secret/rotate",
+            post(agents::rotate_signing_secret),
+        )
         .route("/tokens", post(tokens::create))
         .route("/sessions", get(sessions::list).post(sessions::create))
         .route("/sessions/{id}", get(sessions::show).delete(sessions::archive))

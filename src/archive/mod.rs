@@ -21,6 +21,7 @@ pub use dead_letters::DeadLetter;
 pub use flusher::{FlushCluster, Flusher, FlusherOptions};
 pub use rows::FlushRows;
 
+use crate::agents::signing::SigningKeys;
 use crate::model::{Agent, AgentStatus, MessageRecord, SessionRecord, SessionStatus, SessionView, Timestamp};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -44,7 +45,13 @@ pub type Result<T> = std::result::Result<T, ArchiveError>;
 /// database with them, and `migrate` adds each one an existing database lacks (both archives;
 /// SQLite has no `ADD COLUMN IF NOT EXISTS`, so each backend checks its own catalogue). Append
 /// here, never edit: `(table, column, definition)`.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("agents", "http2", "BOOLEAN NOT NULL DEFAULT FALSE")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("agents", "http2", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    ("agents", "signing_secret", "TEXT"),
+    ("agents", "signing_secret_created_at", "BIGINT"),
+    ("agents", "previous_signing_secret", "TEXT"),
+    ("agents", "previous_signing_secret_expires_at", "BIGINT"),
+];
 
 /// A session as the archive knows it, with its newest messages for the hot tail.
 #[derive(Debug, Clone)]
@@ -469,7 +476,22 @@ impl Archive {
         dispatch!(self, a => a.insert_agent(agent).await)
     }
 
+    /// Writes the agent's fields, never its signing secrets (`set_agent_signing` does): an
+    /// update racing a rotation cannot bring back the secret the rotation replaced.
     pub async fn update_agent(&self, agent: Agent) -> Result<()> {
         dispatch!(self, a => a.update_agent(agent).await)
+    }
+
+    /// Replaces the agent's signing secrets (a rotation) and its `updated_at` if its current
+    /// secret is still `expected` (`None`: it has none); `false` if there is no such agent or
+    /// another rotation came first.
+    pub async fn set_agent_signing(
+        &self,
+        id: &str,
+        expected: Option<&str>,
+        signing: SigningKeys,
+        updated_at: Timestamp,
+    ) -> Result<bool> {
+        dispatch!(self, a => a.set_agent_signing(id, expected, signing, updated_at).await)
     }
 }

@@ -12,8 +12,9 @@ use super::dead_letters::{self, DeadLetter};
 use super::rows::{self, FlushRows};
 use super::sqlite::{AGENT_SELECT, MESSAGE_SELECT, SESSION_SELECT};
 use super::{ArchiveError, DeadLetterQuery, LoadedSession, Result, SessionFilter, ShardLoss};
+use crate::agents::signing::SigningKeys;
 use crate::clock::Clock;
-use crate::model::{Agent, AgentStatus, MessageRecord, SessionView};
+use crate::model::{Agent, AgentStatus, MessageRecord, SessionView, Timestamp};
 use crate::shard::session::HOT_TAIL_LEN;
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -537,16 +538,21 @@ impl PostgresArchive {
     }
 
     pub async fn insert_agent(&self, agent: Agent) -> Result<()> {
+        let (secret, created_at, previous, previous_expires_at) = rows::signing_columns(&agent.signing);
         let params = AgentParams::new(agent);
+        let mut all_params: Vec<&(dyn ToSql + Sync)> = params.as_params().to_vec();
+        all_params.extend_from_slice(&[&secret, &created_at, &previous, &previous_expires_at]);
         let inserted = self
             .client()
             .await?
             .execute(
                 "INSERT INTO agents (id, name, origin_url, webhook_path, message_history_mode,
                     message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at,
-                    http2)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (id) DO NOTHING",
-                &params.as_params(),
+                    http2, signing_secret, signing_secret_created_at, previous_signing_secret,
+                    previous_signing_secret_expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+                 ON CONFLICT (id) DO NOTHING",
+                &all_params,
             )
             .await
             .map_err(from_pg)?;
@@ -571,6 +577,36 @@ impl PostgresArchive {
             .await
             .map_err(from_pg)
             .map(|_| ())
+    }
+
+    pub async fn set_agent_signing(
+        &self,
+        id: &str,
+        expected: Option<&str>,
+        signing: SigningKeys,
+        updated_at: Timestamp,
+    ) -> Result<bool> {
+        let (secret, created_at, previous, previous_expires_at) = rows::signing_columns(&signing);
+        let changed = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE agents SET signing_secret = $2, signing_secret_created_at = $3,
+                    previous_signing_secret = $4, previous_signing_secret_expires_at = $5, updated_at = $6
+                 WHERE id = $1 AND signing_secret IS NOT DISTINCT FROM $7",
+                &[
+                    &id,
+                    &secret,
+                    &created_at,
+                    &previous,
+                    &previous_expires_at,
+                    &updated_at.0,
+                    &expected,
+                ],
+            )
+            .await
+            .map_err(from_pg)?;
+        Ok(changed > 0)
     }
 }
 
@@ -874,6 +910,10 @@ fn agent_from_row(r: &tokio_postgres::Row) -> Result<Agent> {
         inserted_at: r.get(10),
         updated_at: r.get(11),
         http2: r.get(12),
+        signing_secret: r.get(13),
+        signing_secret_created_at: r.get(14),
+        previous_signing_secret: r.get(15),
+        previous_signing_secret_expires_at: r.get(16),
     })
     .map_err(rejected)
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
+use crate::agents::signing::{SigningKeys, SigningSecret};
 use crate::model::{
     Agent, DispatchProgress, LastActivity, Message, MessageRecord, ReadCursor, SessionRecord, SessionStatus,
     SessionView, Timestamp,
@@ -243,6 +244,10 @@ pub struct AgentColumns {
     pub status: String,
     pub inserted_at: i64,
     pub updated_at: i64,
+    pub signing_secret: Option<String>,
+    pub signing_secret_created_at: Option<i64>,
+    pub previous_signing_secret: Option<String>,
+    pub previous_signing_secret_expires_at: Option<i64>,
 }
 
 pub fn agent(c: AgentColumns) -> Result<Agent, String> {
@@ -264,5 +269,30 @@ pub fn agent(c: AgentColumns) -> Result<Agent, String> {
         status,
         inserted_at: Timestamp(c.inserted_at),
         updated_at: Timestamp(c.updated_at),
+        signing: SigningKeys {
+            current: secret(c.signing_secret)?,
+            created_at: c.signing_secret_created_at.map(Timestamp),
+            previous: secret(c.previous_signing_secret)?,
+            previous_expires_at: c.previous_signing_secret_expires_at.map(Timestamp),
+        },
     })
+}
+
+/// A stored signing secret (checked, so a damaged one is refused here rather than at a call;
+/// the error never repeats the text).
+fn secret(text: Option<String>) -> Result<Option<SigningSecret>, String> {
+    text.map(|text| SigningSecret::parse(&text).map_err(|problem| format!("agent signing secret: {problem}")))
+        .transpose()
+}
+
+/// An agent's signing columns as stored: `(secret, created_at, previous secret, its expiry)`.
+pub type SigningColumns = (Option<String>, Option<i64>, Option<String>, Option<i64>);
+
+pub fn signing_columns(signing: &SigningKeys) -> SigningColumns {
+    (
+        signing.current.as_ref().map(|s| s.reveal().to_string()),
+        signing.created_at.map(|t| t.0),
+        signing.previous.as_ref().map(|s| s.reveal().to_string()),
+        signing.previous_expires_at.map(|t| t.0),
+    )
 }

@@ -1,3 +1,7 @@
+-- agents.signing_secret …: webhook signing (agents::signing), the current secret and, during a
+-- rotation's grace period, the previous one; NULL for agents made before signatures until
+-- their first rotation. (Comments stay outside CREATE TABLE: SQLite keeps the statement's text
+-- and rewrites it on DROP COLUMN.)
 CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -11,7 +15,11 @@ CREATE TABLE IF NOT EXISTS agents (
     status TEXT NOT NULL,
     inserted_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL,
-    http2 BOOLEAN NOT NULL DEFAULT FALSE
+    http2 BOOLEAN NOT NULL DEFAULT FALSE,
+    signing_secret TEXT,
+    signing_secret_created_at BIGINT,
+    previous_signing_secret TEXT,
+    previous_signing_secret_expires_at BIGINT
 );
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,

@@ -13,7 +13,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::dead_letters::{self, DeadLetter};
 use super::rows::FlushRows;
 use super::{ArchiveError, DeadLetterQuery, LoadedSession, Result, SessionFilter, ShardLoss};
-use crate::model::{Agent, AgentStatus, DispatchProgress, MessageRecord, SessionView};
+use crate::agents::signing::SigningKeys;
+use crate::model::{Agent, AgentStatus, DispatchProgress, MessageRecord, SessionView, Timestamp};
 use crate::shard::session::HOT_TAIL_LEN;
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -511,14 +512,17 @@ impl SqliteArchive {
     }
 
     pub async fn insert_agent(&self, agent: Agent) -> Result<()> {
+        let (secret, created_at, previous, previous_expires_at) = super::rows::signing_columns(&agent.signing);
         let inserted = self
             .with(move |c| {
                 c.execute(
                     "INSERT INTO agents (id, name, origin_url, webhook_path, message_history_mode,
                         message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at,
-                        http2)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) ON CONFLICT (id) DO NOTHING",
-                    agent_params!(agent),
+                        http2, signing_secret, signing_secret_created_at, previous_signing_secret,
+                        previous_signing_secret_expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                     ON CONFLICT (id) DO NOTHING",
+                    agent_params!(agent, secret, created_at, previous, previous_expires_at),
                 )
             })
             .await?;
@@ -541,6 +545,36 @@ impl SqliteArchive {
             .map(|_| ())
         })
         .await
+    }
+
+    pub async fn set_agent_signing(
+        &self,
+        id: &str,
+        expected: Option<&str>,
+        signing: SigningKeys,
+        updated_at: Timestamp,
+    ) -> Result<bool> {
+        let (id, expected) = (id.to_string(), expected.map(str::to_string));
+        let (secret, created_at, previous, previous_expires_at) = super::rows::signing_columns(&signing);
+        let changed = self
+            .with(move |c| {
+                c.execute(
+                    "UPDATE agents SET signing_secret = ?2, signing_secret_created_at = ?3,
+                        previous_signing_secret = ?4, previous_signing_secret_expires_at = ?5, updated_at = ?6
+                     WHERE id = ?1 AND signing_secret IS ?7",
+                    params![
+                        id,
+                        secret,
+                        created_at,
+                        previous,
+                        previous_expires_at,
+                        updated_at.0,
+                        expected
+                    ],
+                )
+            })
+            .await?;
+        Ok(changed > 0)
     }
 }
 
@@ -677,7 +711,7 @@ fn write_rows(tx: &Connection, rows: &FlushRows) -> rusqlite::Result<()> {
 }
 
 macro_rules! agent_params {
-    ($agent:ident) => {
+    ($agent:ident $(, $extra:expr)*) => {
         params![
             $agent.id,
             $agent.name,
@@ -692,6 +726,7 @@ macro_rules! agent_params {
             $agent.inserted_at.0,
             $agent.updated_at.0,
             $agent.http2
+            $(, $extra)*
         ]
     };
 }
@@ -706,7 +741,8 @@ pub(super) const MESSAGE_SELECT: &str = "SELECT session_id, seq, id, sender_id, 
     fingerprint, nonuser_through, inserted_at FROM messages";
 
 pub(super) const AGENT_SELECT: &str = "SELECT id, name, origin_url, webhook_path, message_history_mode,
-    message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at, http2 FROM agents";
+    message_history_limit, timeout_ms, debounce_window_ms, headers, status, inserted_at, updated_at, http2,
+    signing_secret, signing_secret_created_at, previous_signing_secret, previous_signing_secret_expires_at FROM agents";
 
 fn conversion_error(column: usize, error: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, error.into())
@@ -766,6 +802,10 @@ fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Agent> {
         inserted_at: r.get(10)?,
         updated_at: r.get(11)?,
         http2: r.get(12)?,
+        signing_secret: r.get(13)?,
+        signing_secret_created_at: r.get(14)?,
+        previous_signing_secret: r.get(15)?,
+        previous_signing_secret_expires_at: r.get(16)?,
     })
     .map_err(|e| conversion_error(8, e))
 }

@@ -41,6 +41,12 @@ pub enum Behavior {
     HugeLine,
     /// A plain, pretty-printed `application/json` UI message (not streamed).
     PlainJson,
+    /// The `EchoJsonl` chunks as JSON lines, 30 ms apart, declared `content-type:
+    /// application/json` (as many hand-written handlers do).
+    JsonlDeclaredJson,
+    /// The `EchoJsonl` chunks with a `start` that names no `messageId` (as the AI SDK's
+    /// `toUIMessageStreamResponse()` without `originalMessages` sends).
+    EchoWithoutMessageId,
     /// `start` (messageId `reply-<call>`), `text-start` and `before` text deltas ("0 ", "1 ",
     /// …) 20 ms apart, then holds the reply open until `release()`; then `after` more deltas,
     /// `text-end` and `finish`. Records a reply whose connection closed before its end
@@ -59,6 +65,8 @@ pub enum Behavior {
 #[derive(Clone, Debug)]
 pub struct Call {
     pub body: Value,
+    /// The body's bytes exactly as received (what a signature covers).
+    pub raw_body: String,
     pub headers: HeaderMap,
     /// The HTTP version the call came in with.
     pub version: Version,
@@ -382,12 +390,18 @@ fn streamed(lines: Vec<String>) -> Response {
         .unwrap()
 }
 
-async fn webhook(State(state): State<Arc<AgentState>>, version: Version, headers: HeaderMap, body: String) -> Response {
-    let body: Value = serde_json::from_str(&body).unwrap();
+async fn webhook(
+    State(state): State<Arc<AgentState>>,
+    version: Version,
+    headers: HeaderMap,
+    raw_body: String,
+) -> Response {
+    let body: Value = serde_json::from_str(&raw_body).unwrap();
     let call_number = {
         let mut calls = state.calls.lock().unwrap();
         calls.push(Call {
             body: body.clone(),
+            raw_body,
             headers,
             version,
             at: std::time::Instant::now(),
@@ -454,6 +468,21 @@ async fn webhook(State(state): State<Arc<AgentState>>, version: Version, headers
                 serde_json::to_string_pretty(&message).unwrap(),
             )
                 .into_response()
+        }
+        Behavior::JsonlDeclaredJson => {
+            let stream = futures_util::stream::iter(jsonl(&text)).then(|line| async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                Ok::<_, std::convert::Infallible>(format!("{line}\n"))
+            });
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+        Behavior::EchoWithoutMessageId => {
+            let mut lines = jsonl(&text);
+            lines[0] = json!({"type": "start"}).to_string();
+            streamed(lines)
         }
         Behavior::CutOnce if call_number == 1 => {
             let lines: Vec<Result<String, std::io::Error>> = vec![

@@ -140,6 +140,36 @@ impl TestServer {
     }
 }
 
+/// Starts a server again on a stopped one's data directory and database (`TestServer::stop`).
+pub async fn restart(store: Store, data_dir: tempfile::TempDir, database: Option<TestDatabase>) -> TestServer {
+    let config_dir = data_dir.path().to_path_buf();
+    let url = database.as_ref().map(|d| d.url.clone());
+    let mut server = TestServer::start_with(store, |settings| {
+        settings.data_dir = Some(config_dir);
+        settings.database_url = url;
+    })
+    .await;
+    // Keep the original directory and database alive for as long as the new server runs.
+    server.data_dir = data_dir;
+    server.database = database;
+    server
+}
+
+/// The Node test helpers' directory (`tests/js`), its packages installed (`npm ci`) unless
+/// `package` is there already.
+pub fn js_dir_with(package: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    if !dir.join("node_modules").join(package).exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm must be installed (Node 20) to run the Node tests");
+        assert!(status.success(), "npm ci failed in tests/js");
+    }
+    dir
+}
+
 /// A response's status and JSON body (Null when empty).
 pub struct Reply {
     pub status: u16,

@@ -1,5 +1,6 @@
-//! One HTTP attempt of a dispatch: the request with the agent's headers, the response read as
-//! a stream of lines or as one plain JSON body, and transport failures named for people.
+//! One HTTP attempt of a dispatch: the request with the agent's headers and its Standard
+//! Webhooks signature, the response read as a stream of lines or as one JSON value (whichever
+//! the body is, whatever its declared type), and transport failures named for people.
 
 use std::time::Duration;
 
@@ -9,8 +10,9 @@ use serde_json::{Map, Value, json};
 use super::messages::{ReplyState, finish_incomplete, finish_message, handle_line, store};
 use super::{CallError, DispatchJob, is_retryable_status};
 use crate::agents::EngineContext;
-use crate::agents::reply::LineSplitter;
-use crate::model::Agent;
+use crate::agents::reply::{BodyEnd, BodyError, ReplyBody};
+use crate::agents::signing;
+use crate::model::{Agent, Timestamp};
 
 /// One attempt's circumstances.
 pub(super) struct Turn<'a> {
@@ -49,7 +51,22 @@ pub(super) async fn call(
     for (name, value) in &agent.headers {
         request = request.header(name, value);
     }
-    let request = request.body(body.to_string());
+    // Signed over the exact bytes sent; `webhook-id` is the turn's id, the same on every
+    // attempt (as `idempotency-key`), so an agent can refuse a replayed call.
+    let body = body.to_string();
+    let signed = signing::sign(
+        &agent.signing,
+        &job.dispatch_id,
+        Timestamp(context.clock.now_micros()),
+        body.as_bytes(),
+    );
+    request = request
+        .header("webhook-id", signed.webhook_id)
+        .header("webhook-timestamp", signed.webhook_timestamp);
+    if let Some(signature) = signed.webhook_signature {
+        request = request.header("webhook-signature", signature);
+    }
+    let request = request.body(body);
     let sent = tokio::select! {
         sent = tokio::time::timeout(timeout, request.send()) => sent,
         // Dropping the request future closes its connection.
@@ -111,16 +128,13 @@ pub(super) async fn call(
         streaming_announced: false,
         failure: None,
     };
-    let is_plain_json = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
-    if is_plain_json {
-        return plain_json_reply(context, agent, job, &mut reply, response, timeout).await;
-    }
-    let mut splitter = LineSplitter::new(context.config.max_reply_line_bytes);
+    let mut reader = ReplyBody::new(context.config.max_reply_line_bytes);
+    let malformed = |error: BodyError| {
+        if matches!(error, BodyError::NotJson(_) | BodyError::BadLine(_)) {
+            metrics::counter!("fleetlm_webhook_malformed_lines_total").increment(1);
+        }
+        CallError::Fatal(error.to_string())
+    };
     let mut body_stream = response.bytes_stream();
     'read: loop {
         let next = tokio::select! {
@@ -160,15 +174,21 @@ pub(super) async fn call(
             }
             Ok(Some(Ok(bytes))) => bytes,
         };
-        let lines = splitter.feed(&bytes).map_err(|e| CallError::Fatal(e.to_string()))?;
-        for line in lines {
+        for line in reader.feed(&bytes).map_err(malformed)? {
             if handle_line(context, agent, job, &mut reply, &line).await? {
                 break 'read;
             }
         }
     }
-    if let Some(line) = splitter.finish().map_err(|e| CallError::Fatal(e.to_string()))? {
-        handle_line(context, agent, job, &mut reply, &line).await?;
+    match reader.finish().map_err(malformed)? {
+        BodyEnd::Lines(lines) => {
+            for line in lines {
+                if handle_line(context, agent, job, &mut reply, &line).await? {
+                    break;
+                }
+            }
+        }
+        BodyEnd::Value(value) => one_value_reply(context, agent, job, &mut reply, value).await?,
     }
     finish_incomplete(context, agent, job, &mut reply).await?;
     match reply.failure {
@@ -177,51 +197,16 @@ pub(super) async fn call(
     }
 }
 
-/// A non-streamed reply (`content-type: application/json`): one JSON value, read whole (at most
-/// the line limit), that is a UI message (`{"role": "assistant", "parts": [...]}`, stored as
-/// one message), an array of chunks or legacy lines, or one chunk or legacy line.
-async fn plain_json_reply(
+/// A body that was one JSON value (`ReplyBody`): a UI message (`{"role": "assistant", "parts":
+/// [...]}`, stored as one message, under the reply's id if it names none), an array of chunks
+/// or legacy lines, or one chunk or legacy line.
+async fn one_value_reply(
     context: &EngineContext,
     agent: &Agent,
     job: &DispatchJob,
     reply: &mut ReplyState,
-    response: reqwest::Response,
-    timeout: Duration,
+    value: Value,
 ) -> Result<(), CallError> {
-    let max_bytes = context.config.max_reply_line_bytes;
-    let mut body = Vec::new();
-    let mut body_stream = response.bytes_stream();
-    loop {
-        let next = tokio::select! {
-            next = tokio::time::timeout(timeout, body_stream.next()) => next,
-            () = job.control.cancelled() => return Err(CallError::Cancelled),
-        };
-        match next {
-            Err(_) => {
-                return Err(CallError::Retryable {
-                    reason: "timed out (the reply stalled)".into(),
-                    retry_after: None,
-                });
-            }
-            Ok(None) => break,
-            Ok(Some(Err(error))) => {
-                return Err(CallError::Retryable {
-                    reason: format!("reply interrupted: {}", transport_failure(agent, error)),
-                    retry_after: None,
-                });
-            }
-            Ok(Some(Ok(bytes))) => {
-                if body.len() + bytes.len() > max_bytes {
-                    return Err(CallError::Fatal(format!("reply longer than {max_bytes} bytes")));
-                }
-                body.extend_from_slice(&bytes);
-            }
-        }
-    }
-    let value: Value = serde_json::from_slice(&body).map_err(|error| {
-        metrics::counter!("fleetlm_webhook_malformed_lines_total").increment(1);
-        CallError::Fatal(format!("malformed reply: not JSON ({error})"))
-    })?;
     let items = match value {
         Value::Array(items) => items,
         Value::Object(message) if message.get("parts").is_some_and(Value::is_array) => {
@@ -231,10 +216,10 @@ async fn plain_json_reply(
             };
             metadata.insert("termination".into(), "finish".into());
             metadata.insert("dispatch_id".into(), Value::String(job.dispatch_id.to_string()));
-            let id = message
-                .get("id")
-                .cloned()
-                .unwrap_or_else(|| Value::String(String::new()));
+            let id = match message.get("id") {
+                Some(Value::String(id)) if !id.is_empty() => id.clone(),
+                _ => crate::ids::reply_message_id(&job.dispatch_id, reply.index),
+            };
             let content = json!({"id": id, "role": "assistant", "parts": message["parts"]});
             return store(
                 context,
@@ -254,11 +239,7 @@ async fn plain_json_reply(
             break;
         }
     }
-    finish_incomplete(context, agent, job, reply).await?;
-    match reply.failure.take() {
-        Some(failure) => Err(CallError::Fatal(failure)),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 /// What went wrong reaching the agent, in words fit for the session's members: the cause

@@ -56,9 +56,12 @@ pub(super) async fn handle_line(
             store(context, agent, job, reply, &kind, content, metadata).await?;
             Ok(false)
         }
-        Some(ReplyLine::Chunk(chunk)) => {
+        Some(ReplyLine::Chunk(mut chunk)) => {
             reply.message_bytes += line.len();
             reply.message_chunks += 1;
+            if reply.message_chunks == 1 {
+                stamp_message_id(&mut chunk, &job.dispatch_id, reply.index);
+            }
             let started = *reply.message_started.get_or_insert_with(Instant::now);
             let max_bytes = context.config.max_reply_bytes;
             let exceeded = if reply.message_bytes > max_bytes {
@@ -103,6 +106,25 @@ pub(super) async fn handle_line(
     }
 }
 
+/// A message's opening `start` chunk without a `messageId` (the AI SDK's `toUIMessageStream`
+/// sends none unless given the original messages) gets the id FleetLM stores the message
+/// under, so the chunk every client receives names the id the log holds.
+fn stamp_message_id(chunk: &mut Value, turn_id: &str, ordinal: u64) {
+    if chunk["type"] != "start" {
+        return;
+    }
+    let named = chunk
+        .get("messageId")
+        .and_then(Value::as_str)
+        .is_some_and(|id| !id.is_empty());
+    if !named && let Value::Object(fields) = chunk {
+        fields.insert(
+            "messageId".into(),
+            crate::ids::reply_message_id(turn_id, ordinal).into(),
+        );
+    }
+}
+
 /// Stores what is assembled so far as one message ended by `termination`, and starts afresh.
 pub(super) async fn finish_message(
     context: &EngineContext,
@@ -134,7 +156,13 @@ pub(super) async fn finish_message(
     if let Some(error) = errors.last().cloned().or(failure) {
         metadata.insert("error".into(), error.into());
     }
-    let content = json!({"id": message["id"], "role": "assistant", "parts": message["parts"]});
+    // A message whose chunks named no id (no `start`, or none that named one) is stored
+    // under the id a `start` would have been given: never an empty id.
+    let id = match message["id"].as_str() {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => crate::ids::reply_message_id(&job.dispatch_id, reply.index),
+    };
+    let content = json!({"id": id, "role": "assistant", "parts": message["parts"]});
     store(
         context,
         agent,
