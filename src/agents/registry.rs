@@ -134,7 +134,7 @@ mod tests {
     /// another node, keeps the rotated secrets.
     #[test]
     fn a_write_never_brings_back_a_rotated_secret() {
-        let registry = AgentRegistry::default();
+        let registry = AgentRegistry::not_loaded();
         let created = SigningKeys::fresh(Timestamp(1));
         let rotated = created.rotated(Timestamp(2), 0);
         registry.put(agent(1, created.clone()));
