@@ -71,6 +71,10 @@ pub struct Settings {
     /// Sessions unused this long (and fully archived) leave memory. [default: 900]
     #[arg(long, env = "FLEETLM_SESSION_IDLE_SECS")]
     pub session_idle_secs: Option<u64>,
+    /// How long the archive may be unreachable before `/health/ready` answers 503 for it
+    /// (the node serves meanwhile: appends go into the WAL); 0: at once. [default: 30]
+    #[arg(long, env = "FLEETLM_ARCHIVE_GRACE_SECS")]
+    pub archive_grace_secs: Option<u64>,
     /// Browser origins allowed for CORS and WebSocket upgrades: comma-separated origins
     /// (`https://app.example`), `loopback` (http(s)://localhost / 127.0.0.1 / [::1], any port)
     /// or `*`. Default: `loopback` in open mode, `*` in token mode. Requests without an
@@ -170,6 +174,8 @@ pub struct Config {
     pub max_page_size: usize,
     pub max_metadata_depth: usize,
     pub session_idle: Duration,
+    /// How long the archive may be unreachable before the node reports itself not ready.
+    pub archive_grace: Duration,
     /// Browser origins allowed for CORS and WebSocket upgrades.
     pub allowed_origins: AllowedOrigins,
     pub log_format: LogFormat,
@@ -372,6 +378,7 @@ impl Settings {
             max_page_size,
             max_metadata_depth,
             session_idle_secs,
+            archive_grace_secs,
             allowed_origins,
             log_format,
             ws_idle_timeout_secs,
@@ -446,6 +453,10 @@ impl Settings {
         if max_page_size == 0 {
             return Err(invalid("max_page_size", "must be positive"));
         }
+        let archive_grace_secs = self.archive_grace_secs.unwrap_or(30);
+        if archive_grace_secs > 24 * 3600 {
+            return Err(invalid("archive_grace_secs", "must be at most 86400 (a day)"));
+        }
         let flush_interval_ms = self.flush_interval_ms.unwrap_or(300);
         if flush_interval_ms == 0 {
             return Err(invalid("flush_interval_ms", "must be positive"));
@@ -487,6 +498,7 @@ impl Settings {
             max_page_size,
             max_metadata_depth: self.max_metadata_depth.unwrap_or(32),
             session_idle: Duration::from_secs(self.session_idle_secs.unwrap_or(15 * 60)),
+            archive_grace: Duration::from_secs(archive_grace_secs),
             allowed_origins,
             log_format,
             ws_idle_timeout: Duration::from_secs(self.ws_idle_timeout_secs.unwrap_or(60).max(1)),

@@ -573,6 +573,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             catch_up.start(consensus.clone());
             catch_up
         }),
+        archive_outage: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

@@ -186,7 +186,7 @@ async fn archive_outage_loses_nothing_and_flush_catches_up() {
     let database = TestDatabase::create();
     let (proxy, proxied_url) = CuttableProxy::to_database(&database).await;
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), Some(&proxied_url), &[]);
+    let server = ServerProcess::start(dir.path(), Some(&proxied_url), &["--archive-grace-secs", "2"]);
     let client = reqwest::Client::new();
     setup(&server.base, &client).await;
     let base = server.base.clone();
@@ -229,8 +229,30 @@ async fn archive_outage_loses_nothing_and_flush_catches_up() {
         history.body
     );
     assert_eq!(history.body["messages"].as_array().unwrap().len(), 200);
+    // Ready, with a warning, within the grace period; not ready once it is over.
     let ready = call(&client, "GET", &format!("{base}/health/ready"), None).await;
-    assert_eq!(ready.status, 503, "not ready while the archive is unreachable");
+    assert_eq!(
+        ready.status, 200,
+        "ready within the archive grace period: {}",
+        ready.body
+    );
+    assert!(
+        ready.body["warnings"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["component"] == "archive")),
+        "{}",
+        ready.body
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ready = call(&client, "GET", &format!("{base}/health/ready"), None).await;
+    assert_eq!(
+        ready.status, 503,
+        "not ready once the archive was unreachable past the grace period"
+    );
+    let outage = ready.body["reasons"]
+        .as_array()
+        .and_then(|reasons| reasons.iter().find_map(|r| r["down_for_ms"].as_u64()));
+    assert!(outage.is_some_and(|ms| ms >= 2000), "{}", ready.body);
 
     proxy.restore();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

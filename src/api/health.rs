@@ -14,8 +14,31 @@ pub async fn live() -> Response {
     axum::Json(json!({"status": "live"})).into_response()
 }
 
+/// When the archive's current outage began, as `/health/ready` has seen it (from the first
+/// failed check: a readiness probe's interval is the error).
+#[derive(Default)]
+pub struct ArchiveOutage {
+    since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl ArchiveOutage {
+    /// Records a check of the archive (`problem`: why it failed); returns the problem and how
+    /// long the outage has lasted.
+    pub fn observe(&self, problem: Option<String>) -> Option<(String, Duration)> {
+        let mut since = self.since.lock().expect("archive outage lock");
+        match problem {
+            None => {
+                *since = None;
+                None
+            }
+            Some(reason) => Some((reason, since.get_or_insert_with(std::time::Instant::now).elapsed())),
+        }
+    }
+}
+
 /// Ready when every shard is recovered and writable, no part keeps failing (restarting now, or
-/// restarted 3 times within a minute: `crate::supervisor`), the archive answers, and we are not
+/// restarted 3 times within a minute: `crate::supervisor`), the archive answers (or has not
+/// answered for less than `archive_grace`: then ready, with a warning), and we are not
 /// draining; otherwise 503 with the reasons.
 pub async fn ready(State(state): State<SharedState>) -> Response {
     let mut reasons = Vec::new();
@@ -36,13 +59,26 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
     if let Some(consensus) = &state.consensus {
         cluster_reasons(consensus, state.catch_up.as_deref(), &mut reasons);
     }
-    match tokio::time::timeout(Duration::from_secs(2), state.shards.archive().ping()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => reasons.push(json!({"component": "archive", "reason": error.to_string()})),
-        Err(_) => reasons.push(json!({"component": "archive", "reason": "no answer within 2 s"})),
+    let archive_problem = match tokio::time::timeout(Duration::from_secs(2), state.shards.archive().ping()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(error.to_string()),
+        Err(_) => Some("no answer within 2 s".to_string()),
+    };
+    let mut warnings = Vec::new();
+    if let Some((reason, down_for)) = state.archive_outage.observe(archive_problem) {
+        let down_for_ms = down_for.as_millis() as u64;
+        if down_for >= state.config.archive_grace {
+            reasons.push(json!({"component": "archive", "reason": reason, "down_for_ms": down_for_ms}));
+        } else {
+            // Within the grace period: the node serves (appends go into the WAL), and taking
+            // every node of a cluster out of a load balancer at once would help nobody.
+            warnings.push(json!({"component": "archive", "reason": reason, "down_for_ms": down_for_ms}));
+        }
     }
-    if reasons.is_empty() {
+    if reasons.is_empty() && warnings.is_empty() {
         axum::Json(json!({"status": "ready"})).into_response()
+    } else if reasons.is_empty() {
+        axum::Json(json!({"status": "ready", "warnings": warnings})).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

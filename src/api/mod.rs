@@ -53,6 +53,8 @@ pub struct AppState {
     pub consensus: Option<Arc<crate::consensus::Consensus>>,
     /// Cluster mode: the shards this member has not caught up on.
     pub catch_up: Option<Arc<crate::cluster::CatchUp>>,
+    /// The archive's current outage, as readiness checks have seen it.
+    pub archive_outage: health::ArchiveOutage,
 }
 
 pub type SharedState = Arc<AppState>;
