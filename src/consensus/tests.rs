@@ -940,6 +940,35 @@ async fn random_fault_schedules_lose_no_acknowledged_entry() {
     }
 }
 
+/// No two running nodes hold leases on a shard that overlap in time: of two leases of
+/// different terms, the older one ends before the newer one began (a lease runs for
+/// `fast_timing().lease()` from the quorum's acknowledgement it rests on).
+fn assert_leases_never_overlap(cluster: &Cluster, seed: u64, step: usize) {
+    let length = fast_timing().lease();
+    for shard in 0..SHARDS {
+        let mut held: Vec<(u64, Lease)> = cluster
+            .nodes
+            .values()
+            .filter_map(|node| Some((node.id, node.consensus.lease(shard)?)))
+            .collect();
+        held.sort_by_key(|(_, lease)| lease.term);
+        for pair in held.windows(2) {
+            let ((older_node, older), (newer_node, newer)) = (pair[0], pair[1]);
+            assert!(
+                older.term != newer.term,
+                "seed {seed} step {step}: nodes {older_node} and {newer_node} both hold a lease on shard {shard} in term {}",
+                older.term
+            );
+            assert!(
+                older.until <= newer.until - length,
+                "seed {seed} step {step}: node {older_node}'s lease on shard {shard} (term {}) overlaps node {newer_node}'s (term {})",
+                older.term,
+                newer.term
+            );
+        }
+    }
+}
+
 async fn run_fault_schedule(seed: u64, steps: usize) {
     let mut schedule = Schedule(seed);
     let mut cluster = Cluster::start(&[1, 2, 3]).await;
@@ -974,6 +1003,16 @@ async fn run_fault_schedule(seed: u64, steps: usize) {
             match propose_once(&cluster, faulty, shard, command.clone()).await {
                 Some(index) => acked.push((shard, index, command)),
                 None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+            assert_leases_never_overlap(&cluster, seed, step);
+        }
+        if let Fault::Isolate(victim) = faulty {
+            // Cut off for longer than a lease lasts: whatever it led, its lease has expired.
+            for shard in 0..SHARDS {
+                assert!(
+                    cluster.node(victim).consensus.lease(shard).is_none(),
+                    "seed {seed} step {step}: node {victim}, cut off for over a lease, still holds one on shard {shard}"
+                );
             }
         }
     }
