@@ -129,8 +129,11 @@ describe("the example AI SDK agent on a real FleetLM server", () => {
   test("a message is answered: the tool runs, the reply streams into the chat and is stored under the id the chat holds", async () => {
     const chatId = fresh("note");
     const chat = chatFor("notes")(chatId);
+    const statuses = [];
+    chat.statusListeners.add((status) => statuses.push(status));
     await chat.sendMessage({ text: "note groceries: milk, eggs" });
     assert.equal(chat.status, "ready", String(chat.error));
+    assert.ok(statuses.includes("streaming"), `the reply streamed into the chat (statuses ${statuses})`);
     assert.equal(chat.messages.length, 2);
     const reply = chat.messages[1];
     assert.equal(reply.role, "assistant");
