@@ -1,10 +1,12 @@
-//! The client packages (`clients/`: `@fleetlm/client` and `@fleetlm/ai-sdk`) against the real
-//! server: runs their Node test suites (`node --test`, the AI SDK's own chat machinery) with
-//! FLEETLM_BIN naming the `fleetlm` binary cargo built; the suites start it on 127.0.0.1:0 with
-//! temporary data dirs, and a real streaming agent. Then the example app
+//! The client packages (`clients/`: `@fleetlm/client`, `@fleetlm/ai-sdk` and `@fleetlm/agent`)
+//! against the real server: runs their Node test suites (`node --test`, the AI SDK's own chat
+//! machinery) with FLEETLM_BIN naming the `fleetlm` binary cargo built; the suites start it on
+//! 127.0.0.1:0 with temporary data dirs, and a real streaming agent. Then the example app
 //! (`examples/react-chat`) in headless Chromium (playwright-core, `/usr/bin/chromium` or
-//! CHROMIUM). Needs Node 20 with npm; installs a workspace (`npm ci`) when its `node_modules` is
-//! missing and compiles the packages (`tsc`) first. The two suites run one after the other.
+//! CHROMIUM), and the example AI SDK agent (`examples/ai-sdk-agent`, the AI SDK's mock model)
+//! answering through the real server. Needs Node 20 with npm; installs a workspace (`npm ci`)
+//! when its `node_modules` is missing and compiles the packages (`tsc`) first. The suites run
+//! one after the other.
 
 #[path = "support/node_tests.rs"]
 mod node_tests;
@@ -32,12 +34,33 @@ fn npm(dir: &Path, args: &[&str]) {
 #[test]
 fn the_client_packages_pass_their_node_tests() {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let clients = built_clients();
+    run_node_tests(
+        &clients,
+        &["client/test/", "ai-sdk/test/", "agent/test/"],
+        "client package",
+    );
+}
+
+/// The `clients/` workspace, installed and compiled (`dist/`, which the examples link to).
+fn built_clients() -> PathBuf {
     let clients = repo_dir("clients");
     if !clients.join("node_modules/ai").exists() {
         npm(&clients, &["ci", "--no-audit", "--no-fund"]);
     }
     npm(&clients, &["run", "build"]);
-    run_node_tests(&clients, &["client/test/", "ai-sdk/test/"], "client package");
+    clients
+}
+
+#[test]
+fn the_ai_sdk_agent_example_answers_through_a_real_server() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    built_clients();
+    let example = repo_dir("examples/ai-sdk-agent");
+    if !example.join("node_modules/ai").exists() {
+        npm(&example, &["ci", "--no-audit", "--no-fund"]);
+    }
+    run_node_tests(&example, &["test/"], "ai-sdk-agent example");
 }
 
 #[test]

@@ -5,10 +5,9 @@ export {
   CLIENT_TOOL_STATES,
   FLEETLM_METADATA_KEYS,
   historyToUIMessages,
-  loadChatMessages,
   replyMetadata,
   type ConvertedHistory,
   type HistoryOptions,
-  type LoadChatMessagesOptions,
 } from "./messages.js";
+export { loadChatMessages, type LoadChatMessagesOptions } from "./load.js";
 export { syncChat, type ChatSync, type ChatSyncOptions } from "./sync.js";

@@ -1,5 +1,6 @@
-// A session's history as the AI SDK's UIMessage[] (what `useChat({ messages })` takes).
-import { FleetLMClient, type FleetLMClientOptions, type Message } from "@fleetlm/client";
+// A session's history as the AI SDK's UIMessage[] (what `useChat({ messages })` takes). Pure (no
+// runtime imports), so agents share it: `@fleetlm/ai-sdk/messages`, used by `@fleetlm/agent`.
+import type { Message } from "@fleetlm/client";
 import type { UIMessage } from "ai";
 
 /** Metadata keys FleetLM adds to stored replies; they are not part of the UI message. */
@@ -60,6 +61,39 @@ function assistantMessage(message: Message): UIMessage | null {
   return null;
 }
 
+function isToolPart(part: unknown): part is { type: string; toolCallId: string } {
+  return (
+    isObject(part) &&
+    typeof part.toolCallId === "string" &&
+    typeof part.type === "string" &&
+    (part.type.startsWith("tool-") || part.type === "dynamic-tool")
+  );
+}
+
+/**
+ * A message's parts from the stored messages it was built from (a reply and its continuations),
+ * in order. A continuation's tool part naming a tool call an earlier one made (the outcome of a
+ * tool the user approved: the AI SDK runs it when the conversation continues) updates that part
+ * in place, as the AI SDK's chat does with the streamed chunks, instead of adding a second one.
+ */
+function joinSegments(segments: any[][]): any[] {
+  const parts: any[] = [];
+  const toolParts = new Map<string, number>();
+  for (const segment of segments) {
+    const earlier = new Map(toolParts);
+    for (const part of segment) {
+      const index = isToolPart(part) ? earlier.get(part.toolCallId) : undefined;
+      if (index !== undefined) {
+        parts[index] = { ...parts[index], ...part };
+        continue;
+      }
+      parts.push(part);
+      if (isToolPart(part)) toolParts.set(part.toolCallId, parts.length - 1);
+    }
+  }
+  return parts;
+}
+
 /**
  * Converts a session's messages (oldest first) to UI messages, exactly as a chat that watched
  * them live holds them:
@@ -67,7 +101,7 @@ function assistantMessage(message: Message): UIMessage | null {
  *   the transport stored them; a plain `{"text"}` becomes one text part);
  * - `assistant` replies become assistant messages (`content`, with the agent's metadata); a reply
  *   continuing an earlier message (same `content.id`, e.g. after a tool approval) appends its parts
- *   to it;
+ *   to it (a tool part for a tool call the message already holds updates that part instead);
  * - a `tool_result` message updates the tool parts of the message it names;
  * - a `regenerate` message removes the replies it supersedes (docs/API.md, "Regenerate");
  * - text the agent wrote by REST becomes an assistant message.
@@ -130,7 +164,7 @@ export function historyToUIMessages<UI_MESSAGE extends UIMessage = UIMessage>(
   const sources = new Map<string, Message[]>();
   const messages = out.map((entry) => {
     sources.set(entry.id, [...entry.segments.map((g) => g.message), ...entry.toolResults]);
-    const ui: UIMessage = { id: entry.id, role: entry.role, parts: entry.segments.flatMap((g) => g.parts) };
+    const ui: UIMessage = { id: entry.id, role: entry.role, parts: joinSegments(entry.segments.map((g) => g.parts)) };
     const metadata = entry.segments.reduce<unknown>(
       (merged, g) => (g.metadata === undefined ? merged : { ...(merged as object | undefined), ...(g.metadata as object) }),
       undefined,
@@ -139,37 +173,4 @@ export function historyToUIMessages<UI_MESSAGE extends UIMessage = UIMessage>(
     return ui;
   });
   return { messages: messages as UI_MESSAGE[], sources };
-}
-
-export interface LoadChatMessagesOptions {
-  /** The chat id (= the FleetLM session id). */
-  chatId: string;
-  /** The server's base URL. */
-  url?: string;
-  userId?: string;
-  token?: FleetLMClientOptions["token"];
-  fetch?: typeof fetch;
-  /** An existing client (instead of url/userId/token). */
-  client?: FleetLMClient;
-}
-
-/**
- * Loads a session's history as UIMessage[] for `useChat({ id: chatId, messages })`. A session
- * that does not exist yet loads as `[]` (the transport creates it on the first send).
- */
-export async function loadChatMessages<UI_MESSAGE extends UIMessage = UIMessage>(
-  options: LoadChatMessagesOptions,
-): Promise<UI_MESSAGE[]> {
-  const client =
-    options.client ??
-    new FleetLMClient({ url: options.url ?? "", userId: options.userId, token: options.token, fetch: options.fetch });
-  let userId: string;
-  try {
-    userId = (await client.getSession(options.chatId)).user_id;
-  } catch (error) {
-    if ((error as { code?: string }).code === "session_not_found") return [];
-    throw error;
-  }
-  const history = await client.rest.getAllMessages(options.chatId);
-  return historyToUIMessages<UI_MESSAGE>(history, { userId }).messages;
 }

@@ -74,3 +74,30 @@ test("agent text written by REST, user metadata, and an edited user message", ()
     { id: "r2", role: "assistant", parts: [text("echo uno")] },
   ]);
 });
+
+test("a continuation's tool part for a tool call the message made updates that part (an approved tool's output), from @fleetlm/ai-sdk/messages too", async () => {
+  seq = 0;
+  const call = { type: "tool-deleteFile", toolCallId: "c1", input: { file: "x" } };
+  const history = [
+    user("text", { text: "delete x", id: "u1", parts: [{ type: "text", text: "delete x" }] }),
+    reply("r1", [{ type: "step-start" }, { ...call, state: "approval-requested", approval: { id: "a1" } }]),
+    user("tool_result", { message_id: "r1", parts: [{ ...call, state: "approval-responded", approval: { id: "a1", approved: true } }] }),
+    reply("r1", [{ ...call, state: "output-available", output: { deleted: "x" } }, { type: "step-start" }, text("Deleted.")]),
+  ];
+  const expected = [
+    { id: "u1", role: "user", parts: [{ type: "text", text: "delete x" }] },
+    {
+      id: "r1",
+      role: "assistant",
+      parts: [
+        { type: "step-start" },
+        { ...call, state: "output-available", approval: { id: "a1", approved: true }, output: { deleted: "x" } },
+        { type: "step-start" },
+        text("Deleted."),
+      ],
+    },
+  ];
+  assert.deepEqual(convert(history), expected);
+  const pure = await import("@fleetlm/ai-sdk/messages");
+  assert.deepEqual(JSON.parse(JSON.stringify(pure.historyToUIMessages(history, { userId: "alice" }).messages)), expected);
+});
