@@ -185,6 +185,21 @@ impl Groups {
         }
     }
 
+    /// When a leader last reached this member's group with an append (this node's start when
+    /// none has yet).
+    pub fn last_heard_from_leader(&self, shard: u16) -> Option<tokio::time::Instant> {
+        let slot = self.slots.get(shard as usize)?;
+        let at = self.started + Duration::from_millis(slot.leader_contact_ms.load(Ordering::Acquire));
+        Some(tokio::time::Instant::from_std(at))
+    }
+
+    /// Whether the group may stand for election now (see `apply_standing`).
+    pub fn stands(&self, shard: u16) -> bool {
+        self.slots
+            .get(shard as usize)
+            .is_some_and(|slot| slot.electing.load(Ordering::Acquire))
+    }
+
     /// Turns each group's election timer on or off as its standing now says: off while the
     /// log is refetched; off while this node's copy of the state is not current and a leader
     /// was heard from within `STAND_BACK`; on otherwise.
@@ -223,8 +238,8 @@ impl Groups {
     }
 }
 
-/// Keeps every group's election timer in step with its standing (`Groups::refresh_standing`)
-/// until the node stops.
+/// Keeps every group's standing up to date (`Groups::refresh_standing`; the pacemaker and
+/// openraft's own switch read it) until the node stops.
 pub async fn keep_standing(groups: Arc<Groups>, mut stopping: watch::Receiver<bool>) {
     loop {
         groups.refresh_standing();

@@ -33,6 +33,7 @@ mod lease;
 mod log_store;
 mod membership;
 mod network;
+mod pacemaker;
 mod peer;
 mod raft_config;
 pub mod refetch;
@@ -347,6 +348,7 @@ impl Consensus {
             tokio::spawn(groups::keep_running(groups.clone(), group, settled, stop.subscribe()));
         }
         tokio::spawn(groups::keep_standing(groups.clone(), stop.subscribe()));
+        tokio::spawn(pacemaker::run(groups.clone(), spec.timing, stop.subscribe()));
         for (shard, marker) in refetching {
             let refetching = refetch::Refetching {
                 shard,

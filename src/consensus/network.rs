@@ -463,7 +463,15 @@ async fn answer(groups: Option<Arc<Groups>>, request: PeerRequest) -> RaftReply 
             Err(error) => failed(&error),
         },
         RaftRpc::Vote(rpc) => match raft.vote(rpc).await {
-            Ok(response) => RaftReply::Vote(response),
+            Ok(response) => {
+                // A vote granted restarts the election timer, as a leader's append does.
+                if response.vote_granted
+                    && let Some(groups) = &groups
+                {
+                    groups.heard_from_leader(shard);
+                }
+                RaftReply::Vote(response)
+            }
             Err(error) => failed(&error),
         },
         RaftRpc::PreVote(rpc) => match raft.pre_vote(rpc).await {

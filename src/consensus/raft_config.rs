@@ -34,6 +34,9 @@ pub(super) fn raft_config(timing: Timing, max_entry_bytes: usize) -> Result<Arc<
         // `groups`) starts as a follower: restoring its leadership in the same term could
         // propose entries at indexes it had sent to followers but not made durable itself.
         enable_leader_restore: Some(false),
+        // No ticker per group: one clock per node sends the heartbeats and runs the election
+        // timers of every group (`pacemaker`).
+        enable_tick: false,
         ..Default::default()
     };
     config

@@ -516,7 +516,10 @@ impl Cluster {
                 // Not left running after the test (it holds no handle to it past here).
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("node {id} printed no listening line within 20 s; its log:\n{}", tail(&log, 40));
+                panic!(
+                    "node {id} printed no listening line within 20 s; its log:\n{}",
+                    tail(&log, 40)
+                );
             }
         };
         let node = self.node_mut(id);
