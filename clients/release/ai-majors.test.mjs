@@ -4,11 +4,12 @@
 // real fleetlm server and a streaming agent) run with `ai` resolving to that major. The majors are
 // npm aliases in ai-sdk's devDependencies (ai5, ai6, ai7, ai-sdk-react2, ai-sdk-react3; locked in
 // package-lock.json); each run gets a directory in os.tmpdir() whose node_modules/ai links to one
-// of them, with copies of the tests (so that their `import … from "ai"` resolves there).
+// of them, with copies of the tests and of @fleetlm/ai-sdk (so that their `import … from "ai"`
+// resolves there).
 // Needs the packages built (`npm run build`) and FLEETLM_BIN (see test-support/harness.mjs).
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { after, test } from "node:test";
@@ -52,7 +53,11 @@ function project({ major, ai }) {
   link(join(modules, ai), join(dir, "node_modules", "ai"));
   link(join(modules, "ws"), join(dir, "node_modules", "ws"));
   link(join(clients, "client"), join(dir, "node_modules", "@fleetlm", "client"));
-  link(join(clients, "ai-sdk"), join(dir, "node_modules", "@fleetlm", "ai-sdk"));
+  // A copy, not a link: whatever it imports from "ai" resolves to this major too.
+  const aiSdk = join(dir, "node_modules", "@fleetlm", "ai-sdk");
+  mkdirSync(aiSdk, { recursive: true });
+  copyFileSync(join(clients, "ai-sdk", "package.json"), join(aiSdk, "package.json"));
+  cpSync(join(clients, "ai-sdk", "dist"), join(aiSdk, "dist"), { recursive: true });
   copyDir(join(clients, "test-support"), join(dir, "test-support"));
   copyDir(join(clients, "ai-sdk", "test"), join(dir, "ai-sdk", "test"));
   return dir;
