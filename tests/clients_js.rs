@@ -4,10 +4,11 @@
 //! 127.0.0.1:0 with temporary data dirs, and a real streaming agent. Then the example app
 //! (`examples/react-chat`) in headless Chromium (playwright-core, `/usr/bin/chromium` or
 //! CHROMIUM), and the example AI SDK agent (`examples/ai-sdk-agent`, the AI SDK's mock model)
-//! answering through the real server. Also `@fleetlm/ai-sdk` against `ai` 5, 6 and 7, and the
-//! `npm pack` tarballs installed into a fresh TypeScript app. Needs Node 20 with npm; installs a
-//! workspace (`npm ci`) when its `node_modules` is missing and compiles the packages (`tsc`)
-//! first. The suites run one after the other.
+//! answering through the real server. Also `@fleetlm/ai-sdk` and `@fleetlm/agent` against each
+//! `ai` major they support (5, 6, 7; 6, 7), and the `npm pack` tarballs installed into a fresh
+//! TypeScript app. Needs Node 20 with npm; installs a workspace (`npm ci`) when its
+//! `node_modules` is missing and compiles the packages (`tsc`) first. The suites run one after
+//! the other.
 
 #[path = "support/node_tests.rs"]
 mod node_tests;
@@ -53,10 +54,10 @@ fn built_clients() -> PathBuf {
     clients
 }
 
-/// `@fleetlm/ai-sdk` against each `ai` major its peer range names (5, 6, 7: npm aliases in its
-/// devDependencies): its sources type-check and ai-sdk/test/ passes with each.
+/// `@fleetlm/ai-sdk` (and `@fleetlm/agent`) against each `ai` major its peer range names (5, 6, 7;
+/// the agent 6, 7: npm aliases in ai-sdk's devDependencies): sources type-check, tests pass.
 #[test]
-fn the_ai_sdk_package_passes_its_tests_with_ai_5_6_and_7() {
+fn the_ai_packages_pass_their_tests_with_each_ai_major() {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let clients = built_clients();
     run_node_tests(&clients, &["release/ai-majors.test.mjs"], "ai major matrix");

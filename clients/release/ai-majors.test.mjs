@@ -1,11 +1,12 @@
-// @fleetlm/ai-sdk against each major of the AI SDK its `ai` peer range names (5, 6 and 7): for
-// each, the package's sources type-check against that major's types (and its @ai-sdk/react), and
-// the package's own tests (ai-sdk/test/: the transport with the AI SDK's AbstractChat, against a
-// real fleetlm server and a streaming agent) run with `ai` resolving to that major. The majors are
-// npm aliases in ai-sdk's devDependencies (ai5, ai6, ai7, ai-sdk-react2, ai-sdk-react3; locked in
-// package-lock.json); each run gets a directory in os.tmpdir() whose node_modules/ai links to one
-// of them, with copies of the tests and of @fleetlm/ai-sdk (so that their `import … from "ai"`
-// resolves there).
+// @fleetlm/ai-sdk against each major of the AI SDK its `ai` peer range names (5, 6 and 7), and
+// @fleetlm/agent against each of its own (6 and 7): for each, the package's sources type-check
+// against that major's types (ai-sdk: and its @ai-sdk/react), and the package's own tests
+// (ai-sdk/test/: the transport with the AI SDK's AbstractChat, against a real fleetlm server and
+// a streaming agent; agent/test/: streamText with the AI SDK's mock model) run with `ai` resolving
+// to that major. The majors are npm aliases in ai-sdk's devDependencies (ai5, ai6, ai7,
+// ai-sdk-react2, ai-sdk-react3; locked in package-lock.json); each run gets a directory in
+// os.tmpdir() whose node_modules/ai links to one of them, with copies of the tests and of the
+// two packages (so that their `import … from "ai"` resolves there).
 // Needs the packages built (`npm run build`) and FLEETLM_BIN (see test-support/harness.mjs).
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
@@ -19,10 +20,11 @@ const clients = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const modules = join(clients, "node_modules");
 const tsc = join(modules, "typescript", "bin", "tsc");
 
+// agent: whether @fleetlm/agent's range (ai ≥ 6: tool approvals) includes the major.
 const MAJORS = [
-  { major: 5, ai: "ai5", react: "ai-sdk-react2" },
-  { major: 6, ai: "ai6", react: "ai-sdk-react3" },
-  { major: 7, ai: "ai7", react: "@ai-sdk/react" },
+  { major: 5, ai: "ai5", react: "ai-sdk-react2", agent: false },
+  { major: 6, ai: "ai6", react: "ai-sdk-react3", agent: true },
+  { major: 7, ai: "ai7", react: "@ai-sdk/react", agent: true },
 ];
 
 const dirs = [];
@@ -42,10 +44,10 @@ function copyDir(from, to) {
 
 /** A directory where `ai` is the given major and @fleetlm/* are the workspace's packages. */
 function project({ major, ai }) {
-  for (const name of [ai, "ws", "typescript"]) {
+  for (const name of [ai, "ws", "typescript", "standardwebhooks", "zod"]) {
     assert.ok(existsSync(join(modules, name)), `clients/node_modules/${name} is missing: run npm ci in clients/`);
   }
-  for (const pkg of ["client", "ai-sdk"]) {
+  for (const pkg of ["client", "ai-sdk", "agent"]) {
     assert.ok(existsSync(join(clients, pkg, "dist", "index.js")), `clients/${pkg}/dist is missing: run npm run build in clients/`);
   }
   const dir = mkdtempSync(join(tmpdir(), `fleetlm-ai${major}-`));
@@ -53,13 +55,17 @@ function project({ major, ai }) {
   link(join(modules, ai), join(dir, "node_modules", "ai"));
   link(join(modules, "ws"), join(dir, "node_modules", "ws"));
   link(join(clients, "client"), join(dir, "node_modules", "@fleetlm", "client"));
-  // A copy, not a link: whatever it imports from "ai" resolves to this major too.
-  const aiSdk = join(dir, "node_modules", "@fleetlm", "ai-sdk");
-  mkdirSync(aiSdk, { recursive: true });
-  copyFileSync(join(clients, "ai-sdk", "package.json"), join(aiSdk, "package.json"));
-  cpSync(join(clients, "ai-sdk", "dist"), join(aiSdk, "dist"), { recursive: true });
+  for (const name of ["standardwebhooks", "zod"]) link(join(modules, name), join(dir, "node_modules", name));
+  // Copies, not links: whatever they import from "ai" resolves to this major too.
+  for (const pkg of ["ai-sdk", "agent"]) {
+    const copy = join(dir, "node_modules", "@fleetlm", pkg);
+    mkdirSync(copy, { recursive: true });
+    copyFileSync(join(clients, pkg, "package.json"), join(copy, "package.json"));
+    cpSync(join(clients, pkg, "dist"), join(copy, "dist"), { recursive: true });
+  }
   copyDir(join(clients, "test-support"), join(dir, "test-support"));
   copyDir(join(clients, "ai-sdk", "test"), join(dir, "ai-sdk", "test"));
+  copyDir(join(clients, "agent", "test"), join(dir, "agent", "test"));
   return dir;
 }
 
@@ -71,7 +77,7 @@ function run(command, args, cwd) {
 }
 
 for (const spec of MAJORS) {
-  test(`ai ${spec.major}: @fleetlm/ai-sdk type-checks and passes its tests`, async (t) => {
+  test(`ai ${spec.major}: @fleetlm/ai-sdk${spec.agent ? " and @fleetlm/agent" : ""} type-check and pass their tests`, async (t) => {
     const version = JSON.parse(readFileSync(join(modules, spec.ai, "package.json"), "utf8")).version;
     const reactVersion = JSON.parse(readFileSync(join(modules, spec.react, "package.json"), "utf8")).version;
     assert.equal(Number(version.split(".")[0]), spec.major, `${spec.ai} is ai ${version}`);
@@ -108,6 +114,32 @@ for (const spec of MAJORS) {
       );
       console.log(`--- ai-sdk/test/ with ai ${version} ---\n${output}`);
       assert.equal(code, 0, `ai-sdk/test/ failed with ai ${version}`);
+      assert.match(output, /ℹ fail 0/);
+      assert.match(output, /ℹ pass [1-9]/);
+    });
+
+    if (!spec.agent) return;
+    await t.test(`tsc: agent/src against ai ${version}`, () => {
+      writeFileSync(
+        join(dir, "tsconfig.agent.json"),
+        JSON.stringify({
+          extends: join(clients, "tsconfig.base.json"),
+          compilerOptions: { noEmit: true, paths: { ai: [join(modules, spec.ai, "dist", "index.d.ts")] } },
+          include: [join(clients, "agent", "src")],
+        }),
+      );
+      const { code, output } = run(process.execPath, [tsc, "-p", join(dir, "tsconfig.agent.json")], dir);
+      assert.equal(code, 0, `tsc (agent) against ai ${version} failed:\n${output}`);
+    });
+
+    await t.test(`agent/test/ with ai ${version}`, () => {
+      const { code, output } = run(
+        process.execPath,
+        ["--test", "--test-reporter=spec", "--test-concurrency=1", "--test-timeout=60000", "agent/test/"],
+        dir,
+      );
+      console.log(`--- agent/test/ with ai ${version} ---\n${output}`);
+      assert.equal(code, 0, `agent/test/ failed with ai ${version}`);
       assert.match(output, /ℹ fail 0/);
       assert.match(output, /ℹ pass [1-9]/);
     });
