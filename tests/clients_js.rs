@@ -4,9 +4,11 @@
 //! 127.0.0.1:0 with temporary data dirs, and a real streaming agent. Then the example app
 //! (`examples/react-chat`) in headless Chromium (playwright-core, `/usr/bin/chromium` or
 //! CHROMIUM), and the example AI SDK agent (`examples/ai-sdk-agent`, the AI SDK's mock model)
-//! answering through the real server. Needs Node 20 with npm; installs a workspace (`npm ci`)
-//! when its `node_modules` is missing and compiles the packages (`tsc`) first. The suites run
-//! one after the other.
+//! answering through the real server. Also `@fleetlm/ai-sdk` and `@fleetlm/agent` against each
+//! `ai` major they support (5, 6, 7; 6, 7), and the `npm pack` tarballs installed into a fresh
+//! TypeScript app. Needs Node 20 with npm; installs a workspace (`npm ci`) when its
+//! `node_modules` is missing and compiles the packages (`tsc`) first. The suites run one after
+//! the other.
 
 #[path = "support/node_tests.rs"]
 mod node_tests;
@@ -45,11 +47,29 @@ fn the_client_packages_pass_their_node_tests() {
 /// The `clients/` workspace, installed and compiled (`dist/`, which the examples link to).
 fn built_clients() -> PathBuf {
     let clients = repo_dir("clients");
-    if !clients.join("node_modules/ai").exists() {
+    if !clients.join("node_modules/ai").exists() || !clients.join("node_modules/ai5").exists() {
         npm(&clients, &["ci", "--no-audit", "--no-fund"]);
     }
     npm(&clients, &["run", "build"]);
     clients
+}
+
+/// `@fleetlm/ai-sdk` (and `@fleetlm/agent`) against each `ai` major its peer range names (5, 6, 7;
+/// the agent 6, 7: npm aliases in ai-sdk's devDependencies): sources type-check, tests pass.
+#[test]
+fn the_ai_packages_pass_their_tests_with_each_ai_major() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let clients = built_clients();
+    run_node_tests(&clients, &["release/ai-majors.test.mjs"], "ai major matrix");
+}
+
+/// The three `npm pack` tarballs install into a fresh TypeScript app (in the temp dir), which
+/// builds (tsc, NodeNext) and runs.
+#[test]
+fn the_client_packages_install_from_their_tarballs() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let clients = built_clients();
+    run_node_tests(&clients, &["release/tarballs.test.mjs"], "tarball install");
 }
 
 #[test]

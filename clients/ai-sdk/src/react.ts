@@ -25,7 +25,8 @@ export function useFleetLMChat<UI_MESSAGE extends UIMessage = UIMessage>(options
   const { id, transport, resume = true, throttle, followRemoteStreams, ...init } = options;
   // One Chat per session id and transport (like useChat's own `id` handling).
   const chat = useMemo(() => new Chat<UI_MESSAGE>({ ...init, id, transport }), [id, transport]);
-  const helpers = useChat<UI_MESSAGE>({ chat, resume, throttle });
+  // `experimental_throttle`: the name @ai-sdk/react 2 and 3 (ai 5, 6) know; 4 (ai 7) still reads it.
+  const helpers = useChat<UI_MESSAGE>({ chat, resume, experimental_throttle: throttle });
   useFleetLMSync(chat, transport, { followRemoteStreams });
   return helpers;
 }
