@@ -3,6 +3,7 @@
 pub mod agents;
 pub mod api;
 pub mod archive;
+mod archive_at_start;
 pub mod auth;
 mod background;
 pub mod clock;

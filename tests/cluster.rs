@@ -1001,6 +1001,26 @@ const ARCHIVE_OUTAGE: Duration = Duration::from_secs(60);
 /// not be writable at all until it came back.
 const FAILOVER_BOUND_IN_TESTS: Duration = Duration::from_secs(5);
 
+/// Three nodes under REST write load, the archive then cut from every node for `outage` (the
+/// load goes on: a backlog builds up unarchived).
+async fn start_under_load_with_the_archive_cut(outage: Duration) -> (Cluster, Vec<String>, Load) {
+    let (cluster, sessions) = start_with_sessions(options()).await;
+    let load = Load::start(
+        &cluster,
+        &sessions,
+        LoadOptions {
+            sockets: 0,
+            ..LoadOptions::default()
+        },
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for id in cluster.ids() {
+        cluster.cut_archive(id, true);
+    }
+    tokio::time::sleep(outage).await;
+    (cluster, sessions, load)
+}
+
 /// After node `victim` was killed with the archive down: writes one probe to each of `shards`
 /// (through the other nodes), each of which must be acknowledged within the failover bound.
 async fn probe_failover(
@@ -1044,20 +1064,7 @@ async fn probe_failover(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_leader_change_never_waits_on_the_archive() {
     bounded(Duration::from_secs(300), async {
-        let (mut cluster, sessions) = start_with_sessions(options()).await;
-        let load = Load::start(
-            &cluster,
-            &sessions,
-            LoadOptions {
-                sockets: 0,
-                ..LoadOptions::default()
-            },
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        for id in cluster.ids() {
-            cluster.cut_archive(id, true);
-        }
-        tokio::time::sleep(ARCHIVE_OUTAGE).await;
+        let (mut cluster, sessions, load) = start_under_load_with_the_archive_cut(ARCHIVE_OUTAGE).await;
         let leaders = cluster.leaders().await;
         let victim = leaders[0];
         let led: Vec<u16> = (0..SHARDS).filter(|shard| leaders[*shard as usize] == victim).collect();
@@ -1107,20 +1114,7 @@ async fn wait_copies_current(cluster: &Cluster, id: usize, limit: Duration) -> D
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_members_restarted_during_an_archive_outage_can_lead() {
     bounded(Duration::from_secs(300), async {
-        let (mut cluster, sessions) = start_with_sessions(options()).await;
-        let load = Load::start(
-            &cluster,
-            &sessions,
-            LoadOptions {
-                sockets: 0,
-                ..LoadOptions::default()
-            },
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        for id in cluster.ids() {
-            cluster.cut_archive(id, true);
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (mut cluster, sessions, load) = start_under_load_with_the_archive_cut(Duration::from_secs(5)).await;
         let mut probes = Vec::new();
         for (round, victim) in [1usize, 2, 3].into_iter().enumerate() {
             let leaders = cluster.leaders().await;
