@@ -322,8 +322,9 @@ async fn send_to_peer(consensus: &Consensus, peer: u64, bodies: &mut mpsc::Recei
 }
 
 /// Shards this member has not caught up on: its applied index trails what the shard's leader
-/// reports committed (a follower's own commit index lags the leader's, and is 0 right after a
-/// restart until the leader tells it more). Watched for `/health/ready`.
+/// reports committed in its beats (a follower's own commit index lags the leader's, and is 0 right
+/// after a restart until the leader tells it more), or it has not heard that leader for a while.
+/// Watched for `/health/ready`.
 #[derive(Default)]
 pub struct CatchUp {
     behind: std::sync::Mutex<Option<Vec<(u16, String)>>>,
@@ -332,6 +333,27 @@ pub struct CatchUp {
 /// Entries a replica may trail its leader's commit index and still count as caught up (the
 /// leader commits continuously under load).
 const CAUGHT_UP_SLACK: u64 = 64;
+/// A replica whose leader has not beaten for this long does not know how far behind it is.
+const LEADER_SILENT_AFTER: Duration = Duration::from_secs(5);
+
+/// Why a replica does not count as caught up, if it does not.
+fn catching_up(progress: &crate::consensus::ReplicaProgress) -> Option<String> {
+    let leader = progress.leader;
+    match progress.leader_committed {
+        None => Some(format!(
+            "has not heard its leader, node {leader}, since this node started"
+        )),
+        Some((_, ago)) if ago >= LEADER_SILENT_AFTER => Some(format!(
+            "has not heard its leader, node {leader}, for {} ms",
+            ago.as_millis()
+        )),
+        Some((committed, _)) if progress.applied + CAUGHT_UP_SLACK >= committed => None,
+        Some((committed, _)) => Some(format!(
+            "catching up: applied {} of the {committed} entries its leader committed",
+            progress.applied
+        )),
+    }
+}
 
 impl CatchUp {
     /// `None` until the first check has run.
@@ -350,27 +372,11 @@ impl CatchUp {
                 let mut tick = tokio::time::interval(Duration::from_millis(500));
                 loop {
                     tick.tick().await;
-                    let peers = peer_statuses(&consensus).await;
-                    let mut behind = Vec::new();
-                    for status in consensus.status() {
-                        let Some(leader) = status.leader.filter(|leader| *leader != consensus.node_id()) else {
-                            continue;
-                        };
-                        let committed = peers
-                            .get(&leader.to_string())
-                            .and_then(|view| view["shards"][usize::from(status.shard)]["committed"].as_u64());
-                        match committed {
-                            Some(committed) if status.applied + CAUGHT_UP_SLACK >= committed => {}
-                            Some(committed) => behind.push((
-                                status.shard,
-                                format!(
-                                    "catching up: applied {} of the {committed} entries its leader committed",
-                                    status.applied
-                                ),
-                            )),
-                            None => behind.push((status.shard, format!("cannot reach its leader, node {leader}"))),
-                        }
-                    }
+                    let behind = consensus
+                        .replica_progress()
+                        .into_iter()
+                        .filter_map(|progress| catching_up(&progress).map(|why| (progress.shard, why)))
+                        .collect();
                     *catch_up.behind.lock().expect("catch-up lock") = Some(behind);
                 }
             },

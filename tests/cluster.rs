@@ -391,8 +391,10 @@ async fn cluster_forms_in_any_order_and_reads_are_linearizable() {
         }
         let leaders = cluster.leaders().await;
         eprintln!("leaders by shard: {leaders:?}");
+        idle_shards_heartbeat_as_one_beat_per_peer(&cluster, &leaders).await;
         let sessions = spread_sessions("s", SHARDS, 2);
         create_sessions(&cluster.node(2), &sessions).await;
+        reads_after_a_quiet_spell_are_answered_under_a_lease_kept_by_beats(&cluster, &sessions).await;
 
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
@@ -451,6 +453,72 @@ async fn cluster_forms_in_any_order_and_reads_are_linearizable() {
         finish_and_check(load, probes, &cluster).await;
     })
     .await;
+}
+
+/// An idle cluster's leaders send each peer one beat per heartbeat interval for every shard they
+/// lead there, and a real per-shard heartbeat only when a beat is not enough (`beats.rs`).
+async fn idle_shards_heartbeat_as_one_beat_per_peer(cluster: &Cluster, leaders: &[usize]) {
+    let counters = async |id: usize| {
+        (
+            counter(&cluster.node(id), "fleetlm_cluster_beats_sent_total").await,
+            counter(&cluster.node(id), "fleetlm_cluster_beat_fallbacks_total").await,
+        )
+    };
+    // Formation's own entries settle first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut before = Vec::new();
+    for id in cluster.ids() {
+        before.push(counters(id).await);
+    }
+    let quiet = Duration::from_secs(3);
+    tokio::time::sleep(quiet).await;
+    // 100 ms heartbeats, 2 peers: 60 beats in 3 s; the per-shard heartbeats it replaces would
+    // number 60 per led shard.
+    let rounds = quiet.as_millis() as f64 / 100.0;
+    for (i, id) in cluster.ids().into_iter().enumerate() {
+        let (beats, fallbacks) = counters(id).await;
+        let led = leaders.iter().filter(|leader| **leader == id).count() as f64;
+        let (beats, fallbacks) = (beats - before[i].0, fallbacks - before[i].1);
+        eprintln!("node {id}: leads {led} shards; over {quiet:?}: {beats} beats, {fallbacks} real heartbeats");
+        if led > 0.0 {
+            assert!(
+                beats >= rounds,
+                "node {id} leads {led} shards but sent {beats} beats in {quiet:?}"
+            );
+        }
+        assert!(
+            fallbacks <= led * rounds / 10.0,
+            "node {id}: {fallbacks} real heartbeats in {quiet:?} for {led} idle shards: beats are not accepted"
+        );
+    }
+}
+
+/// After a quiet spell longer than the lease, the only thing that renewed the leaders' leases
+/// is beats: reads are still answered under the lease, without a quorum round trip.
+async fn reads_after_a_quiet_spell_are_answered_under_a_lease_kept_by_beats(cluster: &Cluster, sessions: &[String]) {
+    let reads = async |path: &str| {
+        let mut sum = 0.0;
+        for id in cluster.ids() {
+            let name = format!("fleetlm_cluster_lease_reads_total{{path=\"{path}\"}}");
+            sum += counter(&cluster.node(id), &name).await;
+        }
+        sum
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (lease_before, barrier_before) = (reads("lease").await, reads("barrier").await);
+    for session in sessions {
+        for id in cluster.ids() {
+            let url = format!("{}/api/sessions/{session}/messages?limit=1", cluster.node(id));
+            let reply = reqwest::get(url).await.expect("read");
+            assert_eq!(reply.status().as_u16(), 200, "read of {session} through node {id}");
+        }
+    }
+    let (lease_after, barrier_after) = (reads("lease").await, reads("barrier").await);
+    assert!(lease_after > lease_before, "no read was answered under a lease");
+    assert_eq!(
+        barrier_after, barrier_before,
+        "reads after a quiet spell needed a quorum round trip: the beats did not keep the leases"
+    );
 }
 
 /// (b) kill -9 of the leader of a shard under load, three times (a different node each time
@@ -563,6 +631,111 @@ async fn cluster_survives_a_stopped_leader() {
             matches!(outcome, Outcome::Acked { .. }),
             "shard 0 took no write while its leader was stopped: {outcome:?}"
         );
+    })
+    .await;
+}
+
+/// A small seeded generator for fault schedules (xorshift64*).
+struct Schedule(u64);
+
+impl Schedule {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % below.max(1)
+    }
+}
+
+/// (g) A seeded random schedule of process faults and archive outages under mixed load (REST
+/// and sockets): kill -9 and restart, SIGSTOP and SIGCONT, a partition, the archive cut from
+/// every node, and a shard's leader killed while the archive is cut (its successor takes over
+/// and the killed node restarts without the archive). After each step every node is ready
+/// again; at the end the history checker runs over the nodes and the archive. The seed is
+/// printed; `FLEETLM_CLUSTER_FAULT_SEED=<n>` replays the schedule (not its timing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_random_fault_schedule_with_archive_outages_passes_the_checker() {
+    bounded(Duration::from_secs(300), async {
+        let seed = std::env::var("FLEETLM_CLUSTER_FAULT_SEED")
+            .ok()
+            .and_then(|seed| seed.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("fault schedule seed {seed} (FLEETLM_CLUSTER_FAULT_SEED={seed} replays it)");
+        let mut schedule = Schedule(seed);
+        let (mut cluster, sessions) = start_with_sessions(options()).await;
+        let load = Load::start(&cluster, &sessions, LoadOptions::default());
+        let routing = load.routing.clone();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut archive_outages = 0;
+        for step in 0..6 {
+            let ids = cluster.ids();
+            let victim = ids[schedule.next(ids.len() as u64) as usize];
+            let hold = Duration::from_millis(500 + schedule.next(2000));
+            // Every schedule has at least one archive outage with a leader kill in it.
+            let fault = if step == 5 && archive_outages == 0 { 4 } else { schedule.next(5) };
+            match fault {
+                0 => {
+                    eprintln!("step {step}: kill -9 node {victim}, restart after {hold:?}");
+                    cluster.kill9(victim);
+                    tokio::time::sleep(hold).await;
+                    cluster.restart(victim);
+                }
+                1 => {
+                    eprintln!("step {step}: SIGSTOP node {victim} for {hold:?}");
+                    cluster.sigstop(victim);
+                    tokio::time::sleep(hold).await;
+                    cluster.sigcont(victim);
+                }
+                2 => {
+                    eprintln!("step {step}: partition node {victim} for {hold:?}");
+                    routing.exclude(victim);
+                    cluster.partition(victim);
+                    tokio::time::sleep(hold).await;
+                    cluster.heal(victim);
+                    routing.include(victim);
+                }
+                3 => {
+                    archive_outages += 1;
+                    eprintln!("step {step}: the archive cut from every node for {:?}", hold * 2);
+                    for id in cluster.ids() {
+                        cluster.cut_archive(id, true);
+                    }
+                    tokio::time::sleep(hold * 2).await;
+                    for id in cluster.ids() {
+                        cluster.cut_archive(id, false);
+                    }
+                }
+                _ => {
+                    archive_outages += 1;
+                    let shard = schedule.next(u64::from(SHARDS)) as u16;
+                    for id in cluster.ids() {
+                        cluster.cut_archive(id, true);
+                    }
+                    tokio::time::sleep(hold).await;
+                    let leader = cluster.leader_of(shard).await;
+                    eprintln!(
+                        "step {step}: the archive cut from every node, then kill -9 of node {leader} (leader of shard {shard}), restarted after {hold:?} with the archive still cut"
+                    );
+                    cluster.kill9(leader);
+                    tokio::time::sleep(hold).await;
+                    cluster.restart(leader);
+                    cluster.wait_ready(leader).await;
+                    tokio::time::sleep(hold).await;
+                    for id in cluster.ids() {
+                        cluster.cut_archive(id, false);
+                    }
+                }
+            }
+            cluster.wait_all_ready().await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        finish_and_check(load, Vec::new(), &cluster).await;
     })
     .await;
 }

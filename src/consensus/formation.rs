@@ -216,9 +216,11 @@ async fn record_joined(f: &Joining, recorder: &mut Recorder) {
         }
     }
     for node in holders {
-        if !joined.contains(&node)
-            && let Err(error) = raft.client_write(ShardCommand::Joined(node)).await
-        {
+        if joined.contains(&node) {
+            continue;
+        }
+        super::beats::renew_engine_lease(raft).await;
+        if let Err(error) = raft.client_write(ShardCommand::Joined(node)).await {
             tracing::debug!(node, %error, "recording a joined member failed; retried later");
             return;
         }
@@ -248,9 +250,9 @@ async fn record_identity(f: &Joining, recorder: &mut Recorder, term: u64) -> Res
         None => {
             // A leader that has not applied its predecessor's record proposes the same id again.
             let id = records.claim(identity::new_cluster_id()).await?;
-            f.groups
-                .get(0)
-                .client_write(ShardCommand::Identity(id.clone()))
+            let raft = f.groups.get(0);
+            super::beats::renew_engine_lease(&raft).await;
+            raft.client_write(ShardCommand::Identity(id.clone()))
                 .await
                 .map_err(|e| e.to_string())?;
             tracing::info!(cluster_id = id.as_str(), "the cluster's id is recorded");

@@ -42,12 +42,24 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Every shard's group on this node, by shard.
 pub struct Groups {
     slots: Vec<Slot>,
-    /// What `Slot::leader_contact_ms` counts from.
+    /// What `Slot::leader_contact_ms` and `Slot::lease_contact_ms` count from.
     started: Instant,
+    /// How long after a leader's contact this member refuses to elect anyone else (the
+    /// follower lease: `within_lease`).
+    lease: Duration,
 }
+
+/// The engine's metrics of a group, as a watch.
+type MetricsReceiver = openraft::type_config::alias::WatchReceiverOf<
+    super::types::TypeConfig,
+    openraft::RaftMetrics<super::types::TypeConfig>,
+>;
 
 struct Slot {
     raft: RwLock<Raft>,
+    /// The running instance's metrics (kept with it, so the clocks that look at every group
+    /// many times a second borrow them without cloning a handle each time).
+    metrics: RwLock<MetricsReceiver>,
     /// Counts the restarts: watchers of a stopped instance move to the new one when it changes.
     generation: watch::Sender<u64>,
     /// Why the group is stopped now (between its failure and its restart).
@@ -58,8 +70,20 @@ struct Slot {
     /// This node's writer holds a current copy of the shard's state (or leads it): elected, it
     /// would write at once, without the archive. Set by the writer (`set_copy_current`).
     copy_current: AtomicBool,
-    /// When a leader last reached this member with an append (ms since `Groups::started`).
+    /// When a leader last reached this member with an append or a beat, or this member granted
+    /// a vote (ms since `Groups::started`): restarts the election timer.
     leader_contact_ms: AtomicU64,
+    /// When this member last promised a leader not to elect anyone else for a lease: it accepted
+    /// its append or beat, or (as that leader) a quorum accepted its beat (ms since
+    /// `Groups::started`). Unlike `leader_contact_ms`, a granted vote does not count.
+    lease_contact_ms: AtomicU64,
+    /// What this member committed to by its votes and campaigns, against which a beat of an
+    /// older term is refused (see `accept_beat`). Held across a vote's handling.
+    votes: tokio::sync::Mutex<VoteRecord>,
+    /// The commit index (shard log index) the shard's leader named in the newest beat this
+    /// member accepted, and when (ms since `Groups::started`); `u64::MAX`: none since start.
+    leader_committed: AtomicU64,
+    beat_ms: AtomicU64,
     /// Whether the running instance's election timer is on, as last set.
     electing: AtomicBool,
 }
@@ -94,12 +118,24 @@ impl GroupParts {
     }
 }
 
+/// What a member's votes and campaigns bind it to on one shard.
+#[derive(Debug, Default)]
+pub struct VoteRecord {
+    /// The highest term this member granted a vote in.
+    pub granted_term: u64,
+    /// When this member last started a campaign (a pre-vote, then perhaps a vote for itself).
+    pub campaigned: Option<Instant>,
+}
+
 impl Groups {
-    pub fn new(rafts: Vec<Raft>) -> Groups {
+    /// `lease`: how long a member refuses to elect anyone else after a leader's contact
+    /// (`election_max`, as openraft's own follower lease).
+    pub fn new(rafts: Vec<Raft>, lease: Duration) -> Groups {
         Groups {
             slots: rafts
                 .into_iter()
                 .map(|raft| Slot {
+                    metrics: RwLock::new(raft.metrics()),
                     raft: RwLock::new(raft),
                     generation: watch::channel(0).0,
                     stopped: RwLock::new(None),
@@ -108,10 +144,17 @@ impl Groups {
                     // As if a leader had just been heard from: a member starting up does not
                     // stand before it has had the chance to hear from the current one.
                     leader_contact_ms: AtomicU64::new(0),
+                    // The same for the follower lease: a member restarted right after it accepted
+                    // a beat keeps its promise (openraft's own lease starts expired).
+                    lease_contact_ms: AtomicU64::new(0),
+                    votes: tokio::sync::Mutex::new(VoteRecord::default()),
+                    leader_committed: AtomicU64::new(u64::MAX),
+                    beat_ms: AtomicU64::new(u64::MAX),
                     electing: AtomicBool::new(true),
                 })
                 .collect(),
             started: Instant::now(),
+            lease,
         }
     }
 
@@ -124,6 +167,17 @@ impl Groups {
         self.slots
             .get(shard as usize)
             .map(|slot| slot.raft.read().expect("group lock").clone())
+    }
+
+    /// Reads the shard's running instance's metrics (`None`: no such shard).
+    pub fn inspect<R>(
+        &self,
+        shard: u16,
+        read: impl FnOnce(&openraft::RaftMetrics<super::types::TypeConfig>) -> R,
+    ) -> Option<R> {
+        let slot = self.slots.get(shard as usize)?;
+        let metrics = slot.metrics.read().expect("group lock");
+        Some(read(&metrics.borrow_watched()))
     }
 
     pub fn len(&self) -> usize {
@@ -177,12 +231,106 @@ impl Groups {
             .is_some_and(|slot| slot.copy_current.load(Ordering::Acquire))
     }
 
-    /// A leader reached this member's group with an append.
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// A leader reached this member's group with an append it accepted: the election timer
+    /// restarts, and the member refuses to elect anyone else for a lease.
     pub fn heard_from_leader(&self, shard: u16) {
         if let Some(slot) = self.slots.get(shard as usize) {
-            let now = self.started.elapsed().as_millis() as u64;
+            let now = self.now_ms();
             slot.leader_contact_ms.store(now, Ordering::Release);
+            slot.lease_contact_ms.store(now, Ordering::Release);
         }
+    }
+
+    /// This member granted a vote: its election timer restarts (as a leader's append does), but
+    /// it promises nothing about other votes (as openraft's lease, which an uncommitted vote does
+    /// not renew).
+    pub fn granted_vote(&self, shard: u16) {
+        if let Some(slot) = self.slots.get(shard as usize) {
+            slot.leader_contact_ms.store(self.now_ms(), Ordering::Release);
+        }
+    }
+
+    /// This node leads the shard and a quorum accepted its beat: it too refuses to elect anyone
+    /// else for a lease (as openraft's leader does while its quorum-acknowledged time is fresh).
+    pub fn confirmed_as_leader(&self, shard: u16) {
+        if let Some(slot) = self.slots.get(shard as usize) {
+            slot.lease_contact_ms.store(self.now_ms(), Ordering::Release);
+        }
+    }
+
+    /// Whether this member promised a leader, within the last lease, not to elect anyone else:
+    /// it then refuses votes (other than a leadership transfer's) and pre-votes.
+    pub fn within_lease(&self, shard: u16) -> bool {
+        self.slots.get(shard as usize).is_some_and(|slot| {
+            self.now_ms()
+                .saturating_sub(slot.lease_contact_ms.load(Ordering::Acquire))
+                < self.lease.as_millis() as u64
+        })
+    }
+
+    /// Held while a vote is handled: a beat is not accepted meanwhile (`accept_beat`).
+    pub async fn vote_record(&self, shard: u16) -> tokio::sync::MutexGuard<'_, VoteRecord> {
+        self.slots[shard as usize].votes.lock().await
+    }
+
+    /// Accepts a beat of `term`'s leader if this member is bound by nothing newer: it granted
+    /// no vote in a later term, started no campaign within two leases, no vote is being handled
+    /// now, and `in_step` (the engine's view, read here, after any vote in flight) says it
+    /// follows that leader. Accepted, the beat restarts the election timer and the lease, as
+    /// an append would.
+    pub fn accept_beat(&self, shard: u16, term: u64, follows: impl FnOnce() -> bool) -> bool {
+        let Some(slot) = self.slots.get(shard as usize) else {
+            return false;
+        };
+        let Ok(record) = slot.votes.try_lock() else {
+            return false;
+        };
+        if record.granted_term > term || record.campaigned.is_some_and(|at| at.elapsed() < self.lease * 2) {
+            return false;
+        }
+        if !follows() {
+            return false;
+        }
+        self.heard_from_leader(shard);
+        true
+    }
+
+    /// This member accepted a beat naming `committed` (a shard log index) as the leader's commit
+    /// index.
+    pub fn note_leader_committed(&self, shard: u16, committed: u64) {
+        if let Some(slot) = self.slots.get(shard as usize) {
+            slot.leader_committed.store(committed, Ordering::Release);
+            slot.beat_ms.store(self.now_ms(), Ordering::Release);
+        }
+    }
+
+    /// The leader's commit index as its newest accepted beat named it, and how long ago that
+    /// beat came; `None` if none came since this node started.
+    pub fn leader_committed(&self, shard: u16) -> Option<(u64, Duration)> {
+        let slot = self.slots.get(shard as usize)?;
+        let at = slot.beat_ms.load(Ordering::Acquire);
+        let committed = slot.leader_committed.load(Ordering::Acquire);
+        (at != u64::MAX && committed != u64::MAX)
+            .then(|| (committed, Duration::from_millis(self.now_ms().saturating_sub(at))))
+    }
+
+    /// Records that this member starts a campaign for the shard, unless a vote is being handled
+    /// (then it does not campaign this round). From then on, beats of the current term are
+    /// refused for two leases: a member must not promise a leader its loyalty while it may
+    /// be electing itself.
+    pub fn begin_campaign(&self, shard: u16) -> bool {
+        let Some(slot) = self.slots.get(shard as usize) else {
+            return false;
+        };
+        let Ok(mut record) = slot.votes.try_lock() else {
+            return false;
+        };
+        record.campaigned = Some(Instant::now());
+        true
     }
 
     /// When a leader last reached this member's group with an append (this node's start when
@@ -227,6 +375,7 @@ impl Groups {
         let mut current = slot.raft.write().expect("group lock");
         // Under the lock `set_refetching` takes too, so neither misses the other.
         self.apply_standing(slot, &raft, true);
+        *slot.metrics.write().expect("group lock") = raft.metrics();
         *current = raft;
         drop(current);
         *slot.stopped.write().expect("group lock") = None;

@@ -27,6 +27,7 @@ use std::time::Duration;
 use openraft::ServerState;
 use openraft::type_config::alias::WatchReceiverOf;
 use openraft::type_config::async_runtime::WatchReceiver;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::types::TypeConfig;
@@ -59,6 +60,53 @@ pub(super) struct LeaseBook {
     handed_off: Vec<Mutex<Option<(u64, Instant)>>>,
     /// Per shard: the last check found the lease holding (an expiry is counted once).
     held: Vec<AtomicBool>,
+    /// Per shard: the beats (`beats`) each peer accepted from this node as the leader.
+    beat_acks: Vec<Mutex<BeatAcks>>,
+    /// Per shard: bumped at every accepted beat, so waiting for the lease's return wakes up.
+    renewed: Vec<watch::Sender<u64>>,
+}
+
+/// The beats peers accepted from this node as a shard's leader in one term.
+#[derive(Debug, Default)]
+struct BeatAcks {
+    term: u64,
+    /// Per peer, when the newest beat it accepted was sent (this node's clock).
+    sent: Vec<(u64, Instant)>,
+}
+
+impl BeatAcks {
+    fn record(&mut self, term: u64, peer: u64, sent: Instant) {
+        if term > self.term {
+            self.term = term;
+            self.sent.clear();
+        }
+        if term < self.term {
+            return;
+        }
+        match self.sent.iter_mut().find(|(node, _)| *node == peer) {
+            Some((_, at)) => *at = (*at).max(sent),
+            None => self.sent.push((peer, sent)),
+        }
+    }
+
+    /// The send time of the newest beat of `term` a quorum of `voters` accepted (this node,
+    /// one of them, accepts its own at once).
+    fn quorum_acked(&self, term: u64, node_id: u64, voters: &[u64]) -> Option<Instant> {
+        if term != self.term || !voters.contains(&node_id) {
+            return None;
+        }
+        let others_needed = voters.len() / 2;
+        let mut acked: Vec<Instant> = voters
+            .iter()
+            .filter(|voter| **voter != node_id)
+            .filter_map(|voter| self.sent.iter().find(|(node, _)| node == voter).map(|(_, at)| *at))
+            .collect();
+        if others_needed == 0 || acked.len() < others_needed {
+            return None;
+        }
+        acked.sort_unstable_by(|a, b| b.cmp(a));
+        Some(acked[others_needed - 1])
+    }
 }
 
 impl LeaseBook {
@@ -71,7 +119,33 @@ impl LeaseBook {
             transfer_window: election_max * 2,
             handed_off: (0..shards).map(|_| Mutex::new(None)).collect(),
             held: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            beat_acks: (0..shards).map(|_| Mutex::new(BeatAcks::default())).collect(),
+            renewed: (0..shards).map(|_| watch::channel(0).0).collect(),
         }
+    }
+
+    /// `peer` accepted the beat this node sent at `sent` as the shard's leader in `term`.
+    /// Returns the send time of the newest beat a quorum of `voters` has accepted since.
+    pub(super) fn beat_accepted(
+        &self,
+        shard: u16,
+        term: u64,
+        peer: u64,
+        sent: Instant,
+        voters: &[u64],
+    ) -> Option<Instant> {
+        let quorum = {
+            let mut acks = self.beat_acks[shard as usize].lock().expect("beat acks lock");
+            acks.record(term, peer, sent);
+            acks.quorum_acked(term, self.node_id, voters)
+        };
+        self.renewed[shard as usize].send_modify(|count| *count = count.wrapping_add(1));
+        quorum
+    }
+
+    /// Wakes up at every beat accepted for the shard.
+    pub(super) fn renewals(&self, shard: u16) -> watch::Receiver<u64> {
+        self.renewed[shard as usize].subscribe()
     }
 
     /// This node starts handing the shard's leadership of `term` over: its lease ends now.
@@ -95,8 +169,8 @@ impl LeaseBook {
         }
         let term = metrics.vote.leader_id().term;
         let now = Instant::now();
-        let mut voters = metrics.membership_config.membership().voter_ids();
-        let alone = voters.next() == Some(self.node_id) && voters.next().is_none();
+        let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
+        let alone = voters == [self.node_id];
         // How long ago the acknowledged message was sent, by the engine's clock.
         let age = if alone {
             // A quorum of one: nobody else can be elected.
@@ -107,8 +181,14 @@ impl LeaseBook {
                 .as_ref()
                 .map(|acked| openraft::Instant::elapsed(&**acked))
         };
-        let lease = age
-            .and_then(|age| now.checked_sub(age))
+        // The newer of a quorum's acknowledgement of an append (openraft's) and of a beat.
+        let by_appends = age.and_then(|age| now.checked_sub(age));
+        let by_beats = self.beat_acks[shard as usize]
+            .lock()
+            .expect("beat acks lock")
+            .quorum_acked(term, self.node_id, &voters);
+        let lease = by_appends
+            .max(by_beats)
             .filter(|acked| self.counts_after_hand_off(shard, term, *acked))
             .map(|acked| acked + self.length)
             .filter(|until| *until > now)
@@ -131,6 +211,8 @@ pub struct LeaseWatch {
     pub(super) book: Arc<LeaseBook>,
     pub(super) metrics: MetricsReceiver,
     pub(super) server: ServerReceiver,
+    /// Beats accepted (which renew the lease without changing the metrics).
+    pub(super) renewals: watch::Receiver<u64>,
 }
 
 impl LeaseWatch {
@@ -176,10 +258,17 @@ impl LeaseWatch {
                     return false;
                 }
             }
-            // The metrics change at every acknowledgement a quorum sends back.
-            match tokio::time::timeout_at(deadline, self.metrics.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return false,
+            // The metrics change at every acknowledgement of an append a quorum sends back;
+            // `renewals` at every accepted beat.
+            let changed = async {
+                tokio::select! {
+                    changed = self.metrics.changed() => changed.is_ok(),
+                    changed = self.renewals.changed() => changed.is_ok(),
+                }
+            };
+            match tokio::time::timeout_at(deadline, changed).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return false,
             }
         }
     }
@@ -207,5 +296,65 @@ mod tests {
         let lease = length(election_min);
         assert_eq!(lease, Duration::from_millis(400));
         assert!(lease < election_min, "no follower elects itself before election_min");
+    }
+
+    #[test]
+    fn a_beat_counts_once_a_quorum_of_voters_accepted_it() {
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_millis(100), t0 + Duration::from_millis(200));
+        let mut acks = BeatAcks::default();
+        // Three voters: this node (1) and one more make a quorum.
+        assert_eq!(acks.quorum_acked(4, 1, &[1, 2, 3]), None, "nobody accepted anything");
+        acks.record(4, 2, t1);
+        assert_eq!(acks.quorum_acked(4, 1, &[1, 2, 3]), Some(t1));
+        acks.record(4, 3, t2);
+        assert_eq!(
+            acks.quorum_acked(4, 1, &[1, 2, 3]),
+            Some(t2),
+            "the newest a quorum accepted"
+        );
+        // An older answer arriving late does not move it back.
+        acks.record(4, 3, t0);
+        assert_eq!(acks.quorum_acked(4, 1, &[1, 2, 3]), Some(t2));
+        // Five voters: two others are needed, so the older of the two newest counts.
+        acks.record(4, 4, t0);
+        assert_eq!(acks.quorum_acked(4, 1, &[1, 2, 3, 4, 5]), Some(t1));
+        // Peers that are not voters (learners) do not count.
+        assert_eq!(acks.quorum_acked(4, 1, &[1, 5, 6]), None);
+        // Not a voter itself: no lease.
+        assert_eq!(acks.quorum_acked(4, 9, &[2, 3, 4]), None);
+        // Another term: nothing of this one counts for it.
+        assert_eq!(acks.quorum_acked(5, 1, &[1, 2, 3]), None);
+        acks.record(5, 2, t2);
+        assert_eq!(acks.quorum_acked(4, 1, &[1, 2, 3]), None, "the old term is gone");
+        assert_eq!(acks.quorum_acked(5, 1, &[1, 2, 3]), Some(t2));
+        acks.record(4, 3, t2);
+        assert_eq!(
+            acks.quorum_acked(5, 1, &[1, 2, 3, 4, 5]),
+            None,
+            "a late answer of an old term is dropped"
+        );
+    }
+
+    #[test]
+    fn accepted_beats_make_a_lease_and_a_transfer_ends_it() {
+        let book = LeaseBook::new(1, Duration::from_millis(400), Duration::from_millis(1000), 2);
+        let sent = Instant::now();
+        assert_eq!(book.beat_accepted(0, 3, 2, sent, &[1, 2, 3]), Some(sent));
+        assert_eq!(
+            book.beat_accepted(1, 3, 2, sent, &[1, 2, 3, 4, 5]),
+            None,
+            "one of four others"
+        );
+        let renewals = book.renewals(0);
+        assert!(!renewals.has_changed().unwrap());
+        book.beat_accepted(0, 3, 3, sent, &[1, 2, 3]);
+        assert!(renewals.has_changed().unwrap(), "waiters for the lease wake up");
+        assert!(book.counts_after_hand_off(0, 3, sent));
+        book.hand_off(0, 3);
+        assert!(
+            !book.counts_after_hand_off(0, 3, Instant::now()),
+            "no lease right after a hand-off"
+        );
     }
 }

@@ -94,6 +94,7 @@ pub async fn change_here(raft: &Raft, node_id: u64, change: MemberChange) -> Res
         (voters, nodes)
     };
     let node = change.node();
+    super::beats::renew_engine_lease(raft).await;
     let outcome = match change {
         MemberChange::Remove(_) if !nodes.contains(&node) => return Ok(()),
         MemberChange::Remove(_) if voters.contains(&node) => {

@@ -25,6 +25,7 @@
 //! Architecture invariant: nothing outside this module names an openraft type; nothing here
 //! knows sessions or messages (commands are opaque bytes).
 
+mod beats;
 mod formation;
 mod groups;
 pub mod identity;
@@ -157,6 +158,18 @@ pub enum ProposeError {
     Stopped(String),
     #[error("the command of {bytes} bytes exceeds the maximum of {max}")]
     TooLarge { bytes: usize, max: usize },
+}
+
+/// How far a replica has applied, against what its leader commits (`replica_progress`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaProgress {
+    pub shard: u16,
+    pub leader: u64,
+    /// Shard log index this node has applied.
+    pub applied: u64,
+    /// The leader's commit index as its newest accepted beat named it, and how long ago that
+    /// came; `None` if no beat came since this node started.
+    pub leader_committed: Option<(u64, Duration)>,
 }
 
 pub struct Consensus {
@@ -343,12 +356,28 @@ impl Consensus {
                 archived_through,
             });
         }
-        let groups = Arc::new(Groups::new(groups));
+        let groups = Arc::new(Groups::new(groups, spec.timing.election_max));
+        let leases = Arc::new(lease::LeaseBook::new(
+            spec.node_id,
+            spec.timing.lease(),
+            spec.timing.election_max,
+            wal.shard_count(),
+        ));
         for (group, settled) in parts {
             tokio::spawn(groups::keep_running(groups.clone(), group, settled, stop.subscribe()));
         }
         tokio::spawn(groups::keep_standing(groups.clone(), stop.subscribe()));
         tokio::spawn(pacemaker::run(groups.clone(), spec.timing, stop.subscribe()));
+        tokio::spawn(beats::run(
+            beats::Beating {
+                node_id: spec.node_id,
+                groups: groups.clone(),
+                leases: leases.clone(),
+                peers: clients.clone(),
+                interval: spec.timing.heartbeat,
+            },
+            stop.subscribe(),
+        ));
         for (shard, marker) in refetching {
             let refetching = refetch::Refetching {
                 shard,
@@ -400,12 +429,7 @@ impl Consensus {
                 stop,
                 member_steps: tokio::sync::Mutex::new(()),
                 formed,
-                leases: Arc::new(lease::LeaseBook::new(
-                    spec.node_id,
-                    spec.timing.lease(),
-                    spec.timing.election_max,
-                    wal.shard_count(),
-                )),
+                leases,
                 barrier_timeout: (spec.timing.election_max * 4).max(Duration::from_secs(1)),
                 lease_grace: spec.timing.election_max,
             },
@@ -470,6 +494,7 @@ impl Consensus {
             });
         }
         let raft = self.group(shard);
+        beats::renew_engine_lease(&raft).await;
         let write = raft.client_write(ShardCommand::App(command));
         let Ok(outcome) = tokio::time::timeout(PROPOSE_TIMEOUT, write).await else {
             return Err(ProposeError::Unknown(format!(
@@ -497,8 +522,9 @@ impl Consensus {
             });
         }
         let (responder, commit, complete) = ProgressResponder::new();
-        self.group(shard)
-            .write(ShardCommand::App(command))
+        let raft = self.group(shard);
+        beats::renew_engine_lease(&raft).await;
+        raft.write(ShardCommand::App(command))
             .with_leader(term)
             .responder(responder)
             .await
@@ -594,6 +620,7 @@ impl Consensus {
             book: self.leases.clone(),
             metrics: self.group(shard).metrics(),
             server: self.group(shard).server_metrics(),
+            renewals: self.leases.renewals(shard),
         }
     }
 
@@ -653,7 +680,8 @@ impl Consensus {
             .iter()
             .enumerate()
             .map(|(shard, raft)| {
-                let metrics = raft.metrics().borrow_watched().clone();
+                let metrics = raft.metrics();
+                let metrics = metrics.borrow_watched();
                 let stopped = self.groups.stopped(shard as u16).is_some() || metrics.running_state.is_err();
                 let role = match metrics.state {
                     _ if stopped => "stopped",
@@ -689,6 +717,28 @@ impl Consensus {
                     applied: shard_log_index(metrics.last_applied.map(|a| a.index)),
                     replicated,
                 }
+            })
+            .collect()
+    }
+
+    /// Per shard another node leads: how far this replica has applied against the commit index
+    /// its leader named in its newest beat (no round trip: every leader beats every follower
+    /// each heartbeat interval).
+    pub fn replica_progress(&self) -> Vec<ReplicaProgress> {
+        (0..self.groups.len() as u16)
+            .filter_map(|shard| {
+                let (leader, applied) = self.groups.inspect(shard, |metrics| {
+                    (
+                        metrics.current_leader,
+                        shard_log_index(metrics.last_applied.map(|a| a.index)),
+                    )
+                })?;
+                Some(ReplicaProgress {
+                    shard,
+                    leader: leader.filter(|leader| *leader != self.node_id)?,
+                    applied,
+                    leader_committed: self.groups.leader_committed(shard),
+                })
             })
             .collect()
     }

@@ -24,6 +24,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::beats::{self, BeatAnswer, BeatGroup};
 use super::groups::Groups;
 use super::membership::{self, MemberChange, MemberChangeError};
 use super::peer::{Lane, PeerClient, PeerError, PeerHandler};
@@ -53,6 +54,10 @@ pub enum PeerRequest {
     /// refetching its damaged log: see `refetch`).
     Committed {
         shard: u16,
+    },
+    /// One heartbeat for every group the sender leads here (`beats`).
+    Beat {
+        groups: Vec<BeatGroup>,
     },
 }
 
@@ -96,9 +101,11 @@ pub enum RaftReply {
     Failed(String),
     Member(Result<(), MemberChangeError>),
     Committed(Option<u64>),
+    /// One answer per group of a `Beat`, in its order.
+    Beat(Vec<BeatAnswer>),
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     rmp_serde::to_vec(value).expect("raft messages always encode")
 }
 
@@ -432,6 +439,15 @@ fn answer_committed(groups: Option<&Groups>, shard: u16) -> Option<u64> {
         .then(|| metrics.last_log_index.map_or(0, |index| index + 1))
 }
 
+/// A vote refused because this member promised a leader, within the lease, not to elect
+/// anyone else (`Groups::within_lease`): a beat renews that promise without openraft seeing it,
+/// so openraft's own lease check would grant.
+fn refusal(raft: &super::types::Raft) -> VoteResponse<TypeConfig> {
+    use openraft::type_config::async_runtime::WatchReceiver;
+    let vote = raft.metrics().borrow_watched().vote;
+    VoteResponse::new(vote, None, false)
+}
+
 async fn answer(groups: Option<Arc<Groups>>, request: PeerRequest) -> RaftReply {
     let PeerRequest::Raft { shard, rpc } = request else {
         unreachable!("answered by the service")
@@ -462,22 +478,37 @@ async fn answer(groups: Option<Arc<Groups>>, request: PeerRequest) -> RaftReply 
             }
             Err(error) => failed(&error),
         },
-        RaftRpc::Vote(rpc) => match raft.vote(rpc).await {
-            Ok(response) => {
-                // A vote granted restarts the election timer, as a leader's append does.
-                if response.vote_granted
-                    && let Some(groups) = &groups
-                {
-                    groups.heard_from_leader(shard);
-                }
-                RaftReply::Vote(response)
+        RaftRpc::Vote(rpc) => {
+            let Some(groups) = &groups else {
+                return failed(&"no groups");
+            };
+            // Held until the vote is recorded: no beat of an older term is accepted meanwhile.
+            let mut record = groups.vote_record(shard).await;
+            if !rpc.leadership_transfer && groups.within_lease(shard) {
+                return RaftReply::Vote(refusal(&raft));
             }
-            Err(error) => failed(&error),
-        },
-        RaftRpc::PreVote(rpc) => match raft.pre_vote(rpc).await {
-            Ok(response) => RaftReply::Vote(response),
-            Err(error) => failed(&error),
-        },
+            let term = rpc.vote.leader_id().term;
+            match raft.vote(rpc).await {
+                Ok(response) => {
+                    if response.vote_granted {
+                        record.granted_term = record.granted_term.max(term);
+                        // A vote granted restarts the election timer, as a leader's append does.
+                        groups.granted_vote(shard);
+                    }
+                    RaftReply::Vote(response)
+                }
+                Err(error) => failed(&error),
+            }
+        }
+        RaftRpc::PreVote(rpc) => {
+            if groups.as_ref().is_some_and(|groups| groups.within_lease(shard)) {
+                return RaftReply::Vote(refusal(&raft));
+            }
+            match raft.pre_vote(rpc).await {
+                Ok(response) => RaftReply::Vote(response),
+                Err(error) => failed(&error),
+            }
+        }
         RaftRpc::Snapshot { vote, meta, data } => {
             let snapshot = Snapshot {
                 meta,
@@ -521,6 +552,10 @@ impl PeerHandler for RaftService {
                 Ok(PeerRequest::Committed { shard }) => {
                     RaftReply::Committed(answer_committed(groups.as_deref(), shard))
                 }
+                Ok(PeerRequest::Beat { groups: beat }) => match groups.as_deref() {
+                    Some(groups) => RaftReply::Beat(beats::answer(groups, from, &beat)),
+                    None => RaftReply::Failed("this node has no groups yet".into()),
+                },
                 Ok(request) => answer(groups, request).await,
                 Err(error) => RaftReply::Failed(format!("undecodable request: {error}")),
             };

@@ -5,16 +5,16 @@
 //! and the group's core per second per group, on every node — most of what an idle cluster
 //! spent (docs/BENCHMARKS.md, "Idle cost"). Here the groups' tickers are off
 //! (`Config::enable_tick`) and one task per node does what they did:
-//! - **Heartbeats**: every heartbeat interval, each group this node leads sends one
-//!   (`trigger().heartbeat()`): the same appends as before, so the followers' leases (openraft's
-//!   own) and the leader's quorum-acknowledged time (`lease.rs`) work unchanged.
+//! - **Heartbeats**: `beats` sends one message per peer per heartbeat interval for every group
+//!   this node leads, and a real heartbeat only for the groups that need one.
 //! - **Elections**: a group this node does not lead, that may stand (`Groups::stands`: not
 //!   refetching, a current copy or no leader heard for `STAND_BACK`), and that has heard from no
 //!   leader (`Groups::heard_from_leader`) for its election timeout — drawn at random between
 //!   `election_min` and `election_max`, drawn again after each attempt — is asked to campaign
-//!   with a pre-vote (`trigger().elect(true)`). openraft refuses that locally while its
-//!   follower lease holds, so a stamp missed here can delay an election, never start one
-//!   against a live leader.
+//!   with a pre-vote (`trigger().elect(true)`). Its peers refuse the pre-vote while they are
+//!   within their lease of a live leader (`Groups::within_lease`), so a stamp missed here can
+//!   delay an election, never depose a live leader. The campaign is recorded first
+//!   (`Groups::begin_campaign`): from then on this member accepts no beat of the current term.
 //!
 //! The clock checks elections every `CHECK_EVERY` (a coarser grain than openraft's 20 ms; a
 //! failover takes an election timeout plus at most that).
@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::ServerState;
-use openraft::type_config::async_runtime::WatchReceiver;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -37,12 +36,11 @@ const CHECK_EVERY: Duration = Duration::from_millis(50);
 /// group too busy to take it is skipped this round rather than holding up every other group.
 const TRIGGER_WAIT: Duration = Duration::from_millis(20);
 
-/// Drives every group's heartbeats and election timers on this node until it stops.
+/// Drives every group's election timer on this node until it stops.
 pub async fn run(groups: Arc<Groups>, timing: Timing, mut stopping: watch::Receiver<bool>) {
     let shards = groups.len();
     // Per group: when it may next campaign (pushed back by every contact with a leader).
     let mut election_due: Vec<Instant> = (0..shards).map(|_| Instant::now() + draw(timing)).collect();
-    let mut next_heartbeat = Instant::now();
     let mut clock = tokio::time::interval(CHECK_EVERY);
     clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -51,24 +49,8 @@ pub async fn run(groups: Arc<Groups>, timing: Timing, mut stopping: watch::Recei
             _ = stopping.wait_for(|stop| *stop) => return,
         }
         let now = Instant::now();
-        let heartbeat_due = now >= next_heartbeat;
-        if heartbeat_due {
-            next_heartbeat = now + timing.heartbeat;
-        }
         for (shard, due) in election_due.iter_mut().enumerate() {
             let shard = shard as u16;
-            let raft = groups.get(shard);
-            let leading = {
-                let metrics = raft.metrics();
-                let metrics = metrics.borrow_watched();
-                metrics.state == ServerState::Leader && metrics.running_state.is_ok()
-            };
-            if leading {
-                if heartbeat_due {
-                    let _ = tokio::time::timeout(TRIGGER_WAIT, raft.trigger().heartbeat()).await;
-                }
-                continue;
-            }
             if let Some(heard) = groups.last_heard_from_leader(shard) {
                 // Every contact restarts the timer (as a follower's election timer does).
                 let after_contact = heard + timing.election_min;
@@ -76,10 +58,25 @@ pub async fn run(groups: Arc<Groups>, timing: Timing, mut stopping: watch::Recei
                     *due = heard + draw(timing);
                 }
             }
-            if now < *due || !groups.stands(shard) {
+            // Most groups most of the time: a leader was heard from within the timeout.
+            if now < *due {
                 continue;
             }
             *due = now + draw(timing);
+            let leading = groups
+                .inspect(shard, |metrics| {
+                    metrics.state == ServerState::Leader && metrics.running_state.is_ok()
+                })
+                .unwrap_or(false);
+            if leading || !groups.stands(shard) {
+                continue;
+            }
+            if !groups.begin_campaign(shard) {
+                // A vote is being handled right now: look again next round.
+                *due = now;
+                continue;
+            }
+            let raft = groups.get(shard);
             let _ = tokio::time::timeout(TRIGGER_WAIT, raft.trigger().elect(true)).await;
         }
     }
