@@ -32,8 +32,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// has heard from no leader for this long (`Groups::refresh_standing`): a member with a current
 /// copy, which would write at once, wins first; without one, the shard is still led.
 pub const STAND_BACK: Duration = Duration::from_secs(2);
-/// How often every group's standing is looked at again.
-pub const STANDING_EVERY: Duration = Duration::from_millis(200);
 /// A group that ran this long since its last restart starts the backoff over.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// How long a stopping instance may take to let go of its tasks.
@@ -384,18 +382,6 @@ impl Groups {
 
     fn set_stopped(&self, shard: u16, reason: String) {
         *self.slots[shard as usize].stopped.write().expect("group lock") = Some(reason);
-    }
-}
-
-/// Keeps every group's standing up to date (`Groups::refresh_standing`; the pacemaker and
-/// openraft's own switch read it) until the node stops.
-pub async fn keep_standing(groups: Arc<Groups>, mut stopping: watch::Receiver<bool>) {
-    loop {
-        groups.refresh_standing();
-        tokio::select! {
-            () = tokio::time::sleep(STANDING_EVERY) => {}
-            _ = stopping.wait_for(|stop| *stop) => return,
-        }
     }
 }
 

@@ -366,7 +366,6 @@ impl Consensus {
         for (group, settled) in parts {
             tokio::spawn(groups::keep_running(groups.clone(), group, settled, stop.subscribe()));
         }
-        tokio::spawn(groups::keep_standing(groups.clone(), stop.subscribe()));
         tokio::spawn(pacemaker::run(groups.clone(), spec.timing, stop.subscribe()));
         tokio::spawn(beats::run(
             beats::Beating {

@@ -16,8 +16,9 @@
 //!   delay an election, never depose a live leader. The campaign is recorded first
 //!   (`Groups::begin_campaign`): from then on this member accepts no beat of the current term.
 //!
-//! The clock checks elections every `CHECK_EVERY` (a coarser grain than openraft's 20 ms; a
-//! failover takes an election timeout plus at most that).
+//! The clock sleeps until the first election timer is due (at least `CHECK_EVERY`, at most
+//! `election_min`), and refreshes every group's standing (`Groups::refresh_standing`) at each
+//! pass: a few wake-ups a second on an idle node whatever its number of groups.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,7 @@ use tokio::time::Instant;
 use super::Timing;
 use super::groups::Groups;
 
-/// How often the clock looks at every group's election timer.
+/// The clock's finest grain: after a pass it sleeps at least this long.
 const CHECK_EVERY: Duration = Duration::from_millis(50);
 /// How long the clock waits for one group's core to take a trigger (its queue is bounded): a
 /// group too busy to take it is skipped this round rather than holding up every other group.
@@ -41,13 +42,13 @@ pub async fn run(groups: Arc<Groups>, timing: Timing, mut stopping: watch::Recei
     let shards = groups.len();
     // Per group: when it may next campaign (pushed back by every contact with a leader).
     let mut election_due: Vec<Instant> = (0..shards).map(|_| Instant::now() + draw(timing)).collect();
-    let mut clock = tokio::time::interval(CHECK_EVERY);
-    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wake = Instant::now() + CHECK_EVERY;
     loop {
         tokio::select! {
-            _ = clock.tick() => {}
+            () = tokio::time::sleep_until(wake) => {}
             _ = stopping.wait_for(|stop| *stop) => return,
         }
+        groups.refresh_standing();
         let now = Instant::now();
         for (shard, due) in election_due.iter_mut().enumerate() {
             let shard = shard as u16;
@@ -79,6 +80,12 @@ pub async fn run(groups: Arc<Groups>, timing: Timing, mut stopping: watch::Recei
             let raft = groups.get(shard);
             let _ = tokio::time::timeout(TRIGGER_WAIT, raft.trigger().elect(true)).await;
         }
+        // Sleep until the first timer is due (a live leader's contacts keep pushing them all
+        // back, so an idle node wakes a few times a second), within [CHECK_EVERY, election_min]
+        // (standing, refreshed at each pass, changes with time too).
+        let now = Instant::now();
+        let first_due = election_due.iter().min().copied().unwrap_or(now + timing.election_min);
+        wake = first_due.clamp(now + CHECK_EVERY, now + timing.election_min.max(CHECK_EVERY));
     }
 }
 
