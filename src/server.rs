@@ -615,9 +615,9 @@ async fn start_consensus(
         listen: cluster.peer_listen_addr,
         timing: crate::consensus::Timing {
             heartbeat: election / 5,
-            // Followers also refuse votes until election_max has passed since the last
-            // heartbeat (the leader's lease), so failover takes about election_max plus one
-            // timeout: a narrower spread fails over sooner; 50 % still rarely splits votes.
+            // Followers refuse votes until election_max has passed since the last heartbeat
+            // (the leader's lease), so a member first stands just after it (`pacemaker`):
+            // failover takes about election_max plus an election round.
             election_min: election,
             election_max: election * 3 / 2,
         },

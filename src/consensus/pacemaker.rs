@@ -9,8 +9,10 @@
 //!   this node leads, and a real heartbeat only for the groups that need one.
 //! - **Elections**: a group this node does not lead, that may stand (`Groups::stands`: not
 //!   refetching, a current copy or no leader heard for `STAND_BACK`), and that has heard from no
-//!   leader (`Groups::heard_from_leader`) for its election timeout — drawn at random between
-//!   `election_min` and `election_max`, drawn again after each attempt — is asked to campaign
+//!   leader (`Groups::heard_from_leader`) for `election_max` plus a jitter of up to half of
+//!   `election_max − election_min` (its peers refuse every vote for `election_max` after their
+//!   own last contact, so campaigning sooner is wasted), then for a timeout drawn between
+//!   `election_min` and `election_max` after each attempt, is asked to campaign
 //!   with a pre-vote (`trigger().elect(true)`). Its peers refuse the pre-vote while they are
 //!   within their lease of a live leader (`Groups::within_lease`), so a stamp missed here can
 //!   delay an election, never depose a live leader. The campaign is recorded first
@@ -53,10 +55,13 @@ pub async fn run(groups: Arc<Groups>, timing: Timing, mut stopping: watch::Recei
         for (shard, due) in election_due.iter_mut().enumerate() {
             let shard = shard as u16;
             if let Some(heard) = groups.last_heard_from_leader(shard) {
-                // Every contact restarts the timer (as a follower's election timer does).
-                let after_contact = heard + timing.election_min;
+                // Every contact restarts the timer (as a follower's election timer does), and
+                // to past `election_max`: until then the peers that heard the same leader
+                // refuse every vote (their lease), so an earlier campaign is only refused and
+                // costs a timeout more.
+                let after_contact = heard + timing.election_max;
                 if *due < after_contact {
-                    *due = heard + draw(timing);
+                    *due = after_contact + jitter(timing);
                 }
             }
             // Most groups most of the time: a leader was heard from within the timeout.
@@ -87,6 +92,13 @@ pub async fn run(groups: Arc<Groups>, timing: Timing, mut stopping: watch::Recei
         let first_due = election_due.iter().min().copied().unwrap_or(now + timing.election_min);
         wake = first_due.clamp(now + CHECK_EVERY, now + timing.election_min.max(CHECK_EVERY));
     }
+}
+
+/// A spread for the first campaign after a leader's last contact, so the members do not all
+/// stand at once: between 0 and half of `election_max − election_min`.
+fn jitter(timing: Timing) -> Duration {
+    let spread = timing.election_max.saturating_sub(timing.election_min).as_millis() as u64 / 2;
+    Duration::from_millis(rand::rng().random_range(0..=spread))
 }
 
 /// An election timeout, drawn at random between the minimum and the maximum.
