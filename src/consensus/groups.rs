@@ -277,7 +277,7 @@ impl Groups {
 
     /// Accepts a beat of `term`'s leader if this member is bound by nothing newer: it granted
     /// no vote in a later term, started no campaign within two leases, no vote is being handled
-    /// now, and `in_step` (the engine's view, read here, after any vote in flight) says it
+    /// now, and `follows` (the engine's view, read here, after any vote in flight) says it
     /// follows that leader. Accepted, the beat restarts the election timer and the lease, as
     /// an append would.
     pub fn accept_beat(&self, shard: u16, term: u64, follows: impl FnOnce() -> bool) -> bool {
