@@ -73,7 +73,7 @@ pub(crate) fn check_archive_later(
                 Ok(None) => tokio::time::sleep(Duration::from_secs(1)).await,
                 Err(error) => {
                     tracing::error!(%error, "the archive refuses this member; stopping");
-                    std::process::exit(2);
+                    exit_refused();
                 }
             }
         };
@@ -84,10 +84,17 @@ pub(crate) fn check_archive_later(
             }
             Err(error) => {
                 tracing::error!(%error, "this member cannot use the archive; stopping");
-                std::process::exit(2);
+                exit_refused();
             }
         }
     });
+}
+
+/// Stops the process with exit code 2 once the log has taken the line that says why (the log
+/// is written by its own thread, which `exit` would not wait for).
+fn exit_refused() -> ! {
+    crate::logging::flush(Duration::from_secs(1));
+    std::process::exit(2);
 }
 
 /// `host:port/database` of a Postgres URL, without credentials.

@@ -371,3 +371,65 @@ async fn a_cluster_never_forms_twice_over_one_database() {
     })
     .await;
 }
+
+/// A member restarted while the archive is unreachable starts (it holds the log) with the
+/// archive gated; when the archive answers, it checks the identity before using it, as at start
+/// — and an archive that now records another cluster stops it with exit code 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_started_without_its_archive_checks_the_identity_when_the_archive_returns() {
+    bounded(Duration::from_secs(120), async {
+        let mut cluster = Cluster::start(3, options()).await;
+        let sessions = spread_sessions("s", SHARDS, 2);
+        create_sessions(&cluster.node(1), &sessions).await;
+        let id = wait_identity(&cluster, &[1, 2, 3]).await;
+        // Written into node 1's data directory once it held the log: it may start without the
+        // archive from now on.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while recorded_id(cluster.data_dir(1)).as_deref() != Some(id.as_str()) {
+            assert!(Instant::now() < deadline, "node 1 never recorded the cluster id");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        cluster.kill9(1);
+        cluster.cut_archive(1, true);
+        cluster.restart(1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            cluster.is_running(1),
+            "node 1 did not start without its archive: {}",
+            cluster.log_tail(1, 20)
+        );
+
+        // Meanwhile the database comes to record another cluster (the other members, which
+        // would refuse it too, are stopped first).
+        cluster.kill9(2);
+        cluster.kill9(3);
+        let foreign = "0198c6d2-0000-7000-8000-00000000cafe";
+        postgres(&cluster.database.url)
+            .await
+            .execute("UPDATE cluster_identity SET cluster_id = $1", &[&foreign])
+            .await
+            .unwrap();
+        assert!(cluster.is_running(1), "node 1 stopped before its archive answered");
+        cluster.cut_archive(1, false);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = cluster.exited(1) {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node 1 kept running on another cluster's archive; its log:\n{}",
+                cluster.log_tail(1, 20)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let log = cluster.log_tail(1, 20);
+        assert_eq!(status.code(), Some(2), "node 1 exited with {status}; its log:\n{log}");
+        assert!(
+            log.contains("cannot use the archive") && log.contains(foreign),
+            "node 1 stopped without saying why; its log:\n{log}"
+        );
+    })
+    .await;
+}
