@@ -227,7 +227,8 @@ impl Beating {
 /// lease. A leader that cannot reach a quorum gets its write refused as before.
 pub(super) async fn renew_engine_lease(raft: &Raft) {
     let lease = Duration::from_millis(raft.config().election_timeout_max);
-    let node_id = raft.metrics().borrow_watched().id;
+    let mut metrics = raft.metrics();
+    let node_id = metrics.borrow_watched().id;
     let ageing = |metrics: &openraft::RaftMetrics<super::types::TypeConfig>| {
         metrics.state == ServerState::Leader
             && metrics.current_leader == Some(node_id)
@@ -236,7 +237,6 @@ pub(super) async fn renew_engine_lease(raft: &Raft) {
                 .as_ref()
                 .is_none_or(|acked| openraft::Instant::elapsed(&**acked) >= lease / 2)
     };
-    let mut metrics = raft.metrics();
     if !ageing(&metrics.borrow_watched()) {
         return;
     }
