@@ -92,8 +92,16 @@ fn describe_lane(out: &mut String, report: &LaneReport) -> std::fmt::Result {
     for segment in &report.segments {
         writeln!(
             out,
-            "  segment {:020}.wal: {} bytes, {} used, {} batches, {} records",
-            segment.segment_no, segment.file_bytes, segment.used_bytes, segment.batches, segment.records
+            "  segment {:020}.wal: {} bytes, {} used, {} batches, {} records{}",
+            segment.segment_no,
+            segment.file_bytes,
+            segment.used_bytes,
+            segment.batches,
+            segment.records,
+            match segment.sealed_at {
+                Some(end) => format!(" (sealed at byte {end} after a failed write or fsync; the rest is ignored)"),
+                None => String::new(),
+            }
         )?;
     }
     if let Some((segment_no, offset)) = report.torn_tail {

@@ -268,6 +268,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 clock: clock.clone(),
                 state: ShardState::new(0),
                 refusal: None,
+                refused_for_lane: false,
                 rebuild_cause: None,
                 losses: Vec::new(),
                 max_op_bytes: wal.max_entry_bytes() / 2,

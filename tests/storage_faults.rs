@@ -490,10 +490,13 @@ async fn an_unreadable_sector_degrades_only_its_shard_and_the_node_still_starts(
 }
 
 /// A failed fdatasync: the append gets `503 storage_failed`, the message is never visible (no
-/// read, no dedupe), the lane takes no further writes even once the disk behaves again, and a
-/// restart recovers from what is on disk without duplicating or reusing anything.
+/// read, no dedupe), and the lane takes no writes while the disk keeps failing. Once the disk
+/// behaves again the lane heals by itself, without a restart (it seals the failed segment and
+/// writes to a new one, never fsyncing the failed data again): writes and readiness come back,
+/// the failed write is still absent, and a retry with its client_id stores it exactly once. A
+/// restart (kill -9) then recovers the same history from what is on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_fdatasync_shows_nothing_and_the_lane_refuses_writes_until_restart() {
+async fn a_failed_fdatasync_shows_nothing_and_the_lane_heals_once_the_disk_does() {
     let dir = tempfile::tempdir().unwrap();
     let tools = tempfile::tempdir().unwrap();
     let shim = support::build_fault_shim(tools.path());
@@ -534,30 +537,59 @@ async fn a_failed_fdatasync_shows_nothing_and_the_lane_refuses_writes_until_rest
     assert_eq!(ready.status, 503);
     assert!(ready.body.to_string().contains("fdatasync"), "{}", ready.body);
 
-    std::fs::remove_file(&control).unwrap();
+    // While the disk keeps failing, the lane's attempts to heal fail too (its first comes
+    // after a second): writes are still refused.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let still = append(&server.base, &client, "s", json!({"text": "three"}), Some("c3")).await;
-    assert_eq!(
-        still.status, 503,
-        "a failed fsync is never retried on the same data: {}",
-        still.body
-    );
+    assert_eq!(still.status, 503, "no write while the disk fails: {}", still.body);
     assert_eq!(still.body["code"], "storage_failed");
+
+    std::fs::remove_file(&control).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(45);
+    let healed = loop {
+        let attempt = append(&server.base, &client, "s", json!({"text": "two"}), Some("c2")).await;
+        if attempt.status == 200 {
+            break attempt;
+        }
+        assert_eq!(attempt.body["code"], "storage_failed", "{}", attempt.body);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lane did not heal once the disk behaved: {}",
+            attempt.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        healed.body["message"]["seq"], 2,
+        "the failed write left no seq behind: {}",
+        healed.body
+    );
+    let ready = settled_readiness(&server.base, &client).await;
+    assert_eq!(ready.status, 200, "ready again without a restart: {}", ready.body);
+    let after = append(&server.base, &client, "s", json!({"text": "four"}), Some("c4")).await;
+    assert_eq!(after.status, 200, "{}", after.body);
+    let expected = vec!["one", "two", "four"];
+    let texts = |messages: &[Value]| -> Vec<String> {
+        messages
+            .iter()
+            .map(|m| m["content"]["text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let messages = history(&server.base, &client, "s").await;
+    assert_eq!(texts(&messages), expected);
+    assert_eq!(seqs(&messages), vec![1, 2, 3]);
     server.kill9();
 
-    // A restart recovers from the disk. The failed write may or may not be there (its fsync
-    // outcome is unknown); either way a retry with its client_id stores it exactly once.
+    // A restart recovers exactly that from the disk: the sealed-off failed write never
+    // comes back, nothing is duplicated or reused.
     let server = ServerProcess::start(dir.path(), None, NO_FLUSH);
+    let messages = history(&server.base, &client, "s").await;
+    assert_eq!(texts(&messages), expected);
     let retry = append(&server.base, &client, "s", json!({"text": "two"}), Some("c2")).await;
     assert_eq!(retry.status, 200, "{}", retry.body);
-    let after = append(&server.base, &client, "s", json!({"text": "four"}), Some("c4")).await;
-    assert_eq!(after.status, 200);
-    let messages = history(&server.base, &client, "s").await;
-    let expected: Vec<u64> = (1..=messages.len() as u64).collect();
-    assert_eq!(seqs(&messages), expected, "contiguous, nothing reused");
-    let twos = messages.iter().filter(|m| m["content"]["text"] == "two").count();
-    assert_eq!(twos, 1, "{messages:?}");
-    assert_eq!(messages[0]["content"]["text"], "one");
-    assert_eq!(messages.last().unwrap()["content"]["text"], "four");
+    assert_eq!(retry.body["deduplicated"], true, "{}", retry.body);
+    let next = append(&server.base, &client, "s", json!({"text": "five"}), Some("c5")).await;
+    assert_eq!(next.body["message"]["seq"], 4, "{}", next.body);
 }
 
 /// A mounted tmpfs, unmounted when dropped.

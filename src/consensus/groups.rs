@@ -101,8 +101,15 @@ impl GroupParts {
     /// Opens the shard's log as it is on disk now and starts an instance over it; `Settled`
     /// tells when the appends the instance made are all answered.
     pub async fn start(&self) -> Result<(Raft, Settled), String> {
-        let log = ShardLogStore::open(self.wal.clone(), self.shard).map_err(|e| e.to_string())?;
+        let mut log = ShardLogStore::open(self.wal.clone(), self.shard).map_err(|e| e.to_string())?;
         let settled = log.settled();
+        let durable_end = openraft::storage::RaftLogStorage::get_log_state(&mut log)
+            .await
+            .map_err(|e| format!("shard {}: cannot read its log: {e}", self.shard))?
+            .last_log_id;
+        if self.machine.rewind_to_durable(durable_end) {
+            metrics::counter!("fleetlm_consensus_applied_rewinds_total").increment(1);
+        }
         let raft = Raft::new(
             self.node_id,
             self.config.clone(),

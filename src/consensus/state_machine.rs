@@ -198,6 +198,43 @@ impl ShardStateMachine {
         })
     }
 
+    /// Rewinds what this replica counts as applied to the end of its durable log (or its current
+    /// snapshot, if that is newer), before an instance of the group starts again after an error.
+    ///
+    /// openraft applies a follower's accepted entries before they are durable; if the append
+    /// then failed (disk full), the next instance would find `last_applied` past the log's end
+    /// and purge the log up to it: a hole that no snapshot covers, which this member could
+    /// never serve to a follower behind it. Instead the entries past the durable end are
+    /// applied again once the log holds them again; the consumer skips the indexes it already
+    /// has (`ReplicaLink::on_applied`, `ShardState::applied_index`). Returns whether it rewound.
+    pub fn rewind_to_durable(&self, durable_end: Option<LogId>) -> bool {
+        let mut machine = self.machine.lock().expect("machine lock");
+        let snapshot_end = machine.current.as_ref().and_then(|meta| meta.last_log_id);
+        let keep = durable_end.max(snapshot_end);
+        if machine.last_applied <= keep {
+            return false;
+        }
+        tracing::warn!(
+            shard = self.shard,
+            applied = ?machine.last_applied,
+            durable = ?keep,
+            "entries were applied past the durable log before an append failed; they are applied again once stored"
+        );
+        machine.last_applied = keep;
+        let keep_index = keep.map(|id| id.index);
+        while machine
+            .term_runs
+            .back()
+            .is_some_and(|(first, _)| keep_index.is_none_or(|keep| *first > keep))
+        {
+            machine.term_runs.pop_back();
+        }
+        if machine.membership.log_id().is_some_and(|id| Some(id) > keep) {
+            machine.membership = std::mem::take(&mut machine.previous_membership);
+        }
+        true
+    }
+
     /// The members recorded as joined (shard 0 records them).
     pub fn joined(&self) -> Arc<Mutex<BTreeSet<u64>>> {
         self.joined.clone()
@@ -469,7 +506,64 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 
 #[cfg(test)]
 mod tests {
-    use super::{SNAPSHOT_VERSION, SnapshotRecords};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    use openraft::vote::leader_id_std::CommittedLeaderId;
+
+    use super::{LogId, SNAPSHOT_VERSION, ShardStateMachine, SnapshotMeta, SnapshotRecords};
+
+    fn log_id(term: u64, index: u64) -> LogId {
+        LogId {
+            leader_id: CommittedLeaderId::new(term),
+            index,
+        }
+    }
+
+    fn machine_applied_through(term_runs: &[(u64, u64)], applied: LogId) -> (ShardStateMachine, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (sender, _receiver) = tokio::sync::mpsc::channel(1);
+        let machine = ShardStateMachine::open(dir.path(), 3, sender, Arc::new(AtomicU64::new(0))).unwrap();
+        {
+            let mut inner = machine.machine.lock().unwrap();
+            inner.last_applied = Some(applied);
+            inner.term_runs = term_runs.iter().copied().collect();
+        }
+        (machine, dir)
+    }
+
+    #[test]
+    fn a_restarted_instance_counts_as_applied_only_what_its_log_holds_durably() {
+        let (machine, _dir) = machine_applied_through(&[(0, 1), (5, 2), (8, 3)], log_id(3, 9));
+        assert!(machine.rewind_to_durable(Some(log_id(2, 6))));
+        let inner = machine.machine.lock().unwrap();
+        assert_eq!(inner.last_applied, Some(log_id(2, 6)));
+        assert_eq!(
+            inner.term_runs.iter().copied().collect::<Vec<_>>(),
+            vec![(0, 1), (5, 2)]
+        );
+        assert_eq!(inner.term_of(6), Some(2));
+        drop(inner);
+        // Nothing to rewind when the log reaches as far as what was applied.
+        assert!(!machine.rewind_to_durable(Some(log_id(2, 6))));
+        assert!(!machine.rewind_to_durable(Some(log_id(3, 12))));
+        // An empty log rewinds everything.
+        assert!(machine.rewind_to_durable(None));
+        let inner = machine.machine.lock().unwrap();
+        assert_eq!(inner.last_applied, None);
+        assert!(inner.term_runs.is_empty());
+    }
+
+    #[test]
+    fn a_restarted_instance_keeps_what_its_current_snapshot_covers() {
+        let (machine, _dir) = machine_applied_through(&[(0, 1), (5, 2)], log_id(2, 9));
+        machine.machine.lock().unwrap().current = Some(SnapshotMeta {
+            last_log_id: Some(log_id(2, 7)),
+            last_membership: Default::default(),
+        });
+        assert!(machine.rewind_to_durable(Some(log_id(1, 4))));
+        assert_eq!(machine.machine.lock().unwrap().last_applied, Some(log_id(2, 7)));
+    }
 
     #[test]
     fn a_snapshot_from_before_the_cluster_id_still_decodes() {

@@ -36,6 +36,7 @@ async fn one_shard() -> (Shards, tempfile::TempDir) {
         clock: Arc::new(SystemClock),
         state: ShardState::new(0),
         refusal: None,
+        refused_for_lane: false,
         rebuild_cause: None,
         losses: Vec::new(),
         max_op_bytes: wal.max_entry_bytes() / 2,

@@ -4,8 +4,10 @@
 //! the thread never waits on a timer.
 //!
 //! Failure rules (docs/OPERATIONS.md, "When storage fails"):
-//! - a failed `fdatasync` (or a failed write other than "out of space") marks the lane failed for
-//!   good: it is never retried on the same data, since the kernel may have dropped the pages.
+//! - a failed `fdatasync` (or a failed write other than "out of space") marks the lane failed: it
+//!   is never retried on the same data, since the kernel may have dropped the pages. The lane
+//!   heals by sealing that segment at its last durable batch and going on in a new segment
+//!   (`try_heal`), retried with backoff while the disk keeps failing.
 //! - out of space (ENOSPC/EDQUOT) while starting a segment or writing into it fails just the
 //!   requests concerned; what was written of them is zeroed, the write position stays, and the
 //!   next commit tries again, so writes resume by themselves once space is back.
@@ -40,6 +42,8 @@ pub enum LaneRequest {
         body: Vec<u8>,
         done: oneshot::Sender<Result<(), WalError>>,
     },
+    /// Wakes a failed lane when its next healing attempt is due (`LaneWriter::try_heal`).
+    Heal,
 }
 
 impl LaneRequest {
@@ -50,12 +54,16 @@ impl LaneRequest {
                 .map(|(_, body)| record::record_framed_len(body.len()))
                 .sum(),
             LaneRequest::Mark { body, .. } => record::record_framed_len(body.len()),
+            LaneRequest::Heal => 0,
         }
     }
 
-    fn into_done(self) -> oneshot::Sender<Result<(), WalError>> {
+    fn answer(self, outcome: Result<(), WalError>) {
         match self {
-            LaneRequest::Append { done, .. } | LaneRequest::Mark { done, .. } => done,
+            LaneRequest::Append { done, .. } | LaneRequest::Mark { done, .. } => {
+                let _ = done.send(outcome);
+            }
+            LaneRequest::Heal => {}
         }
     }
 }
@@ -81,6 +89,54 @@ pub struct LaneWriter {
     pub lane_shard_count: usize,
     /// Which shards those are (a restart recovers them from disk).
     pub shards: Vec<u16>,
+    /// When a failed lane next tries to heal, and how long it waits after that attempt.
+    pub healing: Healing,
+    /// Wakes the lane for a healing attempt (weak: the lane must not keep its own queue open).
+    pub wake: mpsc::WeakSender<LaneRequest>,
+}
+
+/// A failed lane's schedule of healing attempts: the first soon after the failure, then
+/// doubling while the disk keeps failing; back to the first delay once the lane has stayed
+/// healthy for a while.
+#[derive(Debug)]
+pub struct Healing {
+    next_attempt: Option<Instant>,
+    delay: std::time::Duration,
+    healthy_since: Instant,
+}
+
+const HEAL_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const HEAL_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+const HEAL_HEALTHY_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Default for Healing {
+    fn default() -> Healing {
+        Healing {
+            next_attempt: None,
+            delay: HEAL_FIRST,
+            healthy_since: Instant::now(),
+        }
+    }
+}
+
+impl Healing {
+    /// Schedules the next attempt (unless one is scheduled) and returns when it is.
+    fn schedule(&mut self) -> Option<Instant> {
+        if self.next_attempt.is_some() {
+            return None;
+        }
+        if self.healthy_since.elapsed() >= HEAL_HEALTHY_AFTER {
+            self.delay = HEAL_FIRST;
+        }
+        let at = Instant::now() + self.delay;
+        self.delay = (self.delay * 2).min(HEAL_MAX);
+        self.next_attempt = Some(at);
+        Some(at)
+    }
+
+    fn due(&self) -> bool {
+        self.next_attempt.is_some_and(|at| Instant::now() >= at)
+    }
 }
 
 /// Where a recovered lane writes next: the active segment at `resume_offset`, or a new segment
@@ -148,7 +204,7 @@ impl LaneWriter {
             if let Err(payload) = committed {
                 let reason = format!("panicked: {}", crate::supervisor::panic_message(payload.as_ref()));
                 for request in batch.drain(..) {
-                    let _ = request.into_done().send(Err(WalError::Io(
+                    request.answer(Err(WalError::Io(
                         "the wal lane restarted after an internal error; the write may or may not be durable".into(),
                     )));
                 }
@@ -234,6 +290,8 @@ impl LaneWriter {
         let mut outcomes: Vec<Option<Result<(), WalError>>> = (0..batch.len()).map(|_| None).collect();
         let failed = self.index.lock().expect("lane index lock").failed.clone();
         let mut removed_segments = Vec::new();
+        let failed = failed.and_then(|reason| self.try_heal(reason, buffer, &mut removed_segments));
+        batch.retain(|request| !matches!(request, LaneRequest::Heal));
         let record_count = match failed {
             Some(reason) => {
                 outcomes.fill_with(|| Some(Err(WalError::LaneFailed(reason.clone()))));
@@ -246,11 +304,10 @@ impl LaneWriter {
         metrics::histogram!("fleetlm_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("fleetlm_wal_fsync_batch_records").record(f64::from(record_count));
         for (request, outcome) in batch.drain(..).zip(outcomes) {
-            let outcome = outcome.unwrap_or_else(|| Err(WalError::Io("request was not written".into())));
-            let _ = request.into_done().send(outcome);
+            request.answer(outcome.unwrap_or_else(|| Err(WalError::Io("request was not written".into()))));
         }
         for number in removed_segments {
-            if let Err(error) = self.fs.remove_file(&segment::segment_path(&self.dir, number)) {
+            if let Err(error) = segment::remove_segment(self.fs.as_ref(), &self.dir, number) {
                 tracing::warn!(segment = number, %error, "could not delete archived wal segment");
             }
         }
@@ -408,6 +465,8 @@ impl LaneWriter {
                     RecordKind::LossAccepted | RecordKind::Entry => {}
                 }
             }
+            // Taken out of the batch before it is written (`commit`).
+            LaneRequest::Heal => {}
         }
     }
 
@@ -470,12 +529,75 @@ impl LaneWriter {
         Ok(())
     }
 
-    /// Marks the lane failed for good and returns the error for the requests concerned.
-    fn fail(&self, reason: String) -> WalError {
-        tracing::error!(lane = %self.dir.display(), %reason, "wal lane failed; it refuses further writes until a restart");
+    /// Marks the lane failed and returns the error for the requests concerned. The lane refuses
+    /// every write until it heals (`try_heal`), which it first tries shortly after.
+    fn fail(&mut self, reason: String) -> WalError {
+        tracing::error!(lane = %self.dir.display(), %reason, "wal lane failed; it refuses writes until it heals");
         metrics::counter!("fleetlm_wal_lane_failures_total").increment(1);
-        let mut index = self.index.lock().expect("lane index lock");
-        WalError::LaneFailed(index.failed.get_or_insert(reason).clone())
+        let error = {
+            let mut index = self.index.lock().expect("lane index lock");
+            WalError::LaneFailed(index.failed.get_or_insert(reason).clone())
+        };
+        self.schedule_heal();
+        error
+    }
+
+    /// Makes sure the lane wakes for its next healing attempt even if no write comes.
+    fn schedule_heal(&mut self) {
+        let Some(at) = self.healing.schedule() else { return };
+        let wake = self.wake.clone();
+        let spawned = std::thread::Builder::new().name("wal-lane-heal".into()).spawn(move || {
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            if let Some(requests) = wake.upgrade() {
+                // A full queue wakes the lane anyway.
+                let _ = requests.try_send(LaneRequest::Heal);
+            }
+        });
+        if let Err(error) = spawned {
+            tracing::warn!(lane = %self.dir.display(), %error, "could not schedule the wal lane's healing; the next write will try it");
+        }
+    }
+
+    /// A failed lane heals once its attempt is due, returning `None`; otherwise the reason it
+    /// still refuses writes.
+    ///
+    /// A failed fsync is never retried on the same data: the kernel may have dropped the pages,
+    /// and a second fsync could succeed without them. So the lane leaves the segment the failure
+    /// happened in, sealing it at the end of its last durable batch (`segment::write_seal`; what
+    /// the disk kept past that point is ignored from then on, recovery included), and carries on
+    /// in a new segment. Nothing acknowledged is in question: only the failed batch's requests,
+    /// all answered with an error, lay past the seal, and the index never showed them.
+    fn try_heal(&mut self, reason: String, buffer: &mut Vec<u8>, removed_segments: &mut Vec<u64>) -> Option<String> {
+        if !self.healing.due() {
+            return Some(reason);
+        }
+        self.healing.next_attempt = None;
+        let healed = segment::write_seal(self.fs.as_ref(), &self.dir, self.active_segment_no, self.write_offset)
+            .map_err(|error| format!("could not seal segment {}: {error}", self.active_segment_no))
+            .and_then(|()| {
+                buffer.clear();
+                record::begin_batch(buffer);
+                self.rotate(buffer, removed_segments).map_err(|error| error.to_string())
+            });
+        match healed {
+            Ok(()) => {
+                self.index.lock().expect("lane index lock").failed = None;
+                self.healing.healthy_since = Instant::now();
+                metrics::counter!("fleetlm_wal_lane_heals_total").increment(1);
+                tracing::info!(
+                    lane = %self.dir.display(),
+                    segment = self.active_segment_no,
+                    failure = %reason,
+                    "wal lane healed: it writes to a new segment; the failed one is sealed at its last durable batch"
+                );
+                None
+            }
+            Err(error) => {
+                tracing::warn!(lane = %self.dir.display(), %error, "wal lane could not heal yet");
+                self.schedule_heal();
+                Some(reason)
+            }
+        }
     }
 
     /// Starts the next segment (the current one's batches are all durable when this is called)

@@ -307,6 +307,8 @@ impl Wal {
             let index = Arc::new(Mutex::new(lane_index));
             let (sender, receiver) = mpsc::channel(options.queue_depth);
             let writer = LaneWriter {
+                healing: Default::default(),
+                wake: sender.downgrade(),
                 fs: fs.clone(),
                 dir: lane_dir,
                 index: index.clone(),

@@ -52,6 +52,9 @@ pub struct SegmentSummary {
     pub used_bytes: u64,
     pub batches: u64,
     pub records: u64,
+    /// Where the segment was sealed after a failed write or fsync (`segment::seal_path`):
+    /// anything past it is ignored.
+    pub sealed_at: Option<u64>,
 }
 
 pub struct RecoveredLane {
@@ -121,7 +124,11 @@ pub fn recover_lane(
     for (position, &segment_no) in segment_numbers.iter().enumerate() {
         let is_last = position + 1 == segment_numbers.len();
         let file = segment::open_segment(fs, lane_dir, segment_no)?;
-        let read = segment::read_segment(file.as_ref())?;
+        let mut read = segment::read_segment(file.as_ref())?;
+        let sealed_at = segment::read_seal(fs, lane_dir, segment_no)?;
+        if let Some(end) = sealed_at {
+            ignore_past_seal(&mut read, end);
+        }
         let bytes = read.bytes;
         for &(from, to) in &read.unreadable {
             tracing::error!(
@@ -152,7 +159,7 @@ pub fn recover_lane(
             // A rotation that crashed before its first fsync: nothing was ever written here.
             drop(file);
             if repair_tail {
-                fs.remove_file(&segment::segment_path(lane_dir, segment_no))?;
+                segment::remove_segment(fs, lane_dir, segment_no)?;
             }
             break;
         }
@@ -185,6 +192,7 @@ pub fn recover_lane(
                 used_bytes: 0,
                 batches: 0,
                 records: 0,
+                sealed_at,
             });
             continue;
         }
@@ -206,8 +214,11 @@ pub fn recover_lane(
             used_bytes: scan.used as u64,
             batches: scan.batches,
             records: scan.records,
+            sealed_at,
         });
         match end {
+            // A sealed segment is never written again: the lane starts a new one.
+            SegmentEnd::Clean(_) if is_last && sealed_at.is_some() => {}
             SegmentEnd::Clean(offset) if is_last => resume_offset = Some(offset as u64),
             SegmentEnd::TornTail(offset) => {
                 torn_tail = Some((segment_no, offset as u64));
@@ -230,6 +241,16 @@ pub fn recover_lane(
         torn_tail,
         unreadable,
     })
+}
+
+/// What the disk kept past a seal was never acknowledged: it reads as never written.
+fn ignore_past_seal(read: &mut segment::SegmentBytes, end: u64) {
+    let end = usize::try_from(end).unwrap_or(usize::MAX).min(read.bytes.len());
+    read.bytes[end..].fill(0);
+    read.unreadable.retain_mut(|(from, to)| {
+        *to = (*to).min(end);
+        *from < *to
+    });
 }
 
 struct SegmentScan<'a> {

@@ -18,6 +18,78 @@ pub fn segment_path(lane_dir: &Path, segment_no: u64) -> PathBuf {
     lane_dir.join(format!("{segment_no:020}.wal"))
 }
 
+/// The seal of a segment closed early: a write or fsync into it failed, so the lane moved on to
+/// a new segment (`lane.rs`, healing). The seal names where the segment's durable batches end;
+/// whatever the disk kept past that point was never acknowledged, and recovery ignores it
+/// (otherwise a half-kept batch there, followed by valid batches in later segments, would read
+/// as corruption, and a fully kept one would bring back writes that were answered as failed).
+pub fn seal_path(lane_dir: &Path, segment_no: u64) -> PathBuf {
+    lane_dir.join(format!("{segment_no:020}.sealed"))
+}
+
+const SEAL_MAGIC: &[u8; 8] = b"FLMSEAL1";
+const SEAL_BYTES: usize = 8 + 8 + 8;
+
+fn seal_checksum(segment_no: u64, end: u64) -> u64 {
+    let mut bytes = [0u8; 24];
+    bytes[..8].copy_from_slice(SEAL_MAGIC);
+    bytes[8..16].copy_from_slice(&segment_no.to_be_bytes());
+    bytes[16..].copy_from_slice(&end.to_be_bytes());
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
+/// Seals segment `segment_no` at byte `end` (the end of its last durable batch): the seal file
+/// and its directory entry are durable when this returns.
+pub fn write_seal(fs: &dyn FileSystem, lane_dir: &Path, segment_no: u64, end: u64) -> io::Result<()> {
+    let path = seal_path(lane_dir, segment_no);
+    let file = match fs.create_new(&path) {
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+            fs.remove_file(&path)?;
+            fs.create_new(&path)?
+        }
+        other => other?,
+    };
+    let mut bytes = Vec::with_capacity(SEAL_BYTES);
+    bytes.extend_from_slice(SEAL_MAGIC);
+    bytes.extend_from_slice(&end.to_be_bytes());
+    bytes.extend_from_slice(&seal_checksum(segment_no, end).to_be_bytes());
+    file.write_all_at(&bytes, 0)
+        .and_then(|()| file.sync_data())
+        .and_then(|()| fs.sync_dir(lane_dir))
+}
+
+/// Where segment `segment_no`'s durable batches end, if it was sealed. A seal that does not
+/// check out is an error: it was made durable before anything after it was written, so a
+/// damaged one means the lane cannot tell what the segment holds.
+pub fn read_seal(fs: &dyn FileSystem, lane_dir: &Path, segment_no: u64) -> io::Result<Option<u64>> {
+    let path = seal_path(lane_dir, segment_no);
+    let file = match fs.open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let bytes = super::fs::read_all(file.as_ref())?;
+    let invalid = || io::Error::new(io::ErrorKind::InvalidData, format!("{} is damaged", path.display()));
+    if bytes.len() != SEAL_BYTES || !bytes.starts_with(SEAL_MAGIC) {
+        return Err(invalid());
+    }
+    let end = u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    let checksum = u64::from_be_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    if checksum != seal_checksum(segment_no, end) {
+        return Err(invalid());
+    }
+    Ok(Some(end))
+}
+
+/// Deletes a segment and its seal, if it has one.
+pub fn remove_segment(fs: &dyn FileSystem, lane_dir: &Path, segment_no: u64) -> io::Result<()> {
+    fs.remove_file(&segment_path(lane_dir, segment_no))?;
+    match fs.remove_file(&seal_path(lane_dir, segment_no)) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
 /// Segment numbers present in `lane_dir`, ascending.
 pub fn list_segments(fs: &dyn FileSystem, lane_dir: &Path) -> io::Result<Vec<u64>> {
     let mut numbers: Vec<u64> = fs
@@ -39,6 +111,11 @@ pub fn create_segment(
     segment_bytes: u64,
 ) -> io::Result<Arc<dyn WalFile>> {
     let path = segment_path(lane_dir, segment_no);
+    // A seal left by a segment of this number deleted long ago must not apply to the new one.
+    match fs.remove_file(&seal_path(lane_dir, segment_no)) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
     let file = match fs.create_new(&path) {
         Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
             fs.remove_file(&path)?;

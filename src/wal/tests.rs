@@ -597,10 +597,34 @@ fn out_of_space_fails_the_request_and_writes_resume_when_space_returns() {
     wal.shutdown();
 }
 
-/// A failed fdatasync fails the lane for good: the entry is not visible and nothing later is
-/// acknowledged, even after the disk recovers (the kernel may have dropped the pages).
+/// Waits (without writing) until the lane of `shard` has healed by itself.
+fn wait_until_healed(wal: &Wal, shard: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while wal.lane_failed(shard).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lane did not heal: {:?}",
+            wal.lane_failed(shard)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn bodies(wal: &Wal, shard: u16) -> Vec<Vec<u8>> {
+    wal.read_entries(shard, 1, 100)
+        .expect("read")
+        .into_iter()
+        .map(|(_, body)| body)
+        .collect()
+}
+
+/// A failed fdatasync fails the lane: the entry is not visible and nothing is acknowledged until
+/// the lane heals. It never fsyncs the failed data again (the kernel may have dropped the pages):
+/// it seals the segment at its last durable batch and carries on in a new one, by itself (no
+/// write needed to wake it), and the failed entry never comes back, not after a restart and not
+/// after a power loss.
 #[test]
-fn a_failed_fsync_fails_the_lane_and_is_never_retried() {
+fn a_failed_fsync_fails_the_lane_until_it_heals_in_a_new_segment() {
     let runtime = runtime();
     let fs = SimFs::new();
     let wal = open_sim(&fs);
@@ -613,17 +637,82 @@ fn a_failed_fsync_fails_the_lane_and_is_never_retried() {
         kind: FaultKind::Eio,
         sticky: false,
     });
-    let failed = runtime.block_on(wal.append(0, vec![(LogId { term: 1, index: 2 }, b"b".to_vec())]));
+    let failed = runtime.block_on(wal.append(0, vec![(LogId { term: 1, index: 2 }, b"lost".to_vec())]));
     assert!(matches!(failed, Err(WalError::LaneFailed(_))), "{failed:?}");
     assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(1));
-    let later = runtime.block_on(wal.append(0, vec![(LogId { term: 1, index: 2 }, b"b".to_vec())]));
-    assert!(matches!(later, Err(WalError::LaneFailed(_))), "{later:?}");
+    let refused = runtime.block_on(wal.append(0, vec![(LogId { term: 1, index: 2 }, b"b".to_vec())]));
+    assert!(
+        matches!(refused, Err(WalError::LaneFailed(_))),
+        "refused until it heals: {refused:?}"
+    );
     assert!(wal.lane_failed(0).is_some_and(|reason| reason.contains("fdatasync")));
     // Shard 1 lives in the other lane and is unaffected.
     runtime
         .block_on(wal.append(1, vec![(LogId { term: 1, index: 1 }, b"x".to_vec())]))
         .expect("other lane");
+    wait_until_healed(&wal, 0);
+    runtime
+        .block_on(wal.append(0, vec![(LogId { term: 1, index: 2 }, b"b".to_vec())]))
+        .expect("healed");
+    runtime
+        .block_on(wal.append(2, vec![(LogId { term: 1, index: 1 }, b"y".to_vec())]))
+        .expect("the lane's other shards write again too");
+    assert_eq!(bodies(&wal, 0), vec![b"a".to_vec(), b"b".to_vec()]);
     wal.shutdown();
+    let lane_dir = Path::new("/wal/lane-00");
+    assert!(
+        fs.read(&segment::seal_path(lane_dir, 0)).is_some(),
+        "the failed segment is sealed: {:?}",
+        fs.paths()
+    );
+    for reopened in [fs.clone(), fs.power_loss(7)] {
+        let wal = open_sim(&reopened);
+        assert!(wal.degraded(0).is_none(), "{:?}", wal.degraded(0));
+        assert_eq!(bodies(&wal, 0), vec![b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(bodies(&wal, 2), vec![b"y".to_vec()]);
+        runtime
+            .block_on(wal.append(0, vec![(LogId { term: 1, index: 3 }, b"c".to_vec())]))
+            .expect("writes after a restart");
+        wal.shutdown();
+    }
+}
+
+/// A write torn by an I/O error leaves half a batch in the segment. The lane heals past it, and
+/// the half batch, now followed by valid batches in the next segment, is not taken for
+/// corruption: the seal says the segment ended before it.
+#[test]
+fn a_torn_failed_write_is_sealed_off_and_never_read_as_corruption() {
+    let runtime = runtime();
+    let fs = SimFs::new();
+    let wal = open_sim(&fs);
+    runtime
+        .block_on(wal.append(0, vec![(LogId { term: 1, index: 1 }, b"a".to_vec())]))
+        .expect("first");
+    fs.arm(Fault {
+        op: FaultOp::Write,
+        after: 0,
+        kind: FaultKind::TornWrite(40),
+        sticky: false,
+    });
+    let failed = runtime.block_on(wal.append(0, vec![(LogId { term: 1, index: 2 }, vec![9u8; 300])]));
+    assert!(matches!(failed, Err(WalError::LaneFailed(_))), "{failed:?}");
+    wait_until_healed(&wal, 0);
+    for index in 2..=4u64 {
+        runtime
+            .block_on(wal.append(0, vec![(LogId { term: 1, index }, vec![index as u8; 10])]))
+            .expect("healed");
+    }
+    wal.shutdown();
+    let inspected = recovery::recover_lane(&fs, Path::new("/wal/lane-00"), &[0, 2], false).expect("inspect");
+    assert!(inspected.damage.is_empty(), "{:?}", inspected.damage);
+    assert!(inspected.segments[0].sealed_at.is_some());
+    for reopened in [fs.clone(), fs.power_loss(3)] {
+        let wal = open_sim(&reopened);
+        assert!(wal.degraded(0).is_none(), "{:?}", wal.degraded(0));
+        assert_eq!(wal.last_log_id(0).map(|id| id.index), Some(4));
+        assert_eq!(bodies(&wal, 0)[1], vec![2u8; 10]);
+        wal.shutdown();
+    }
 }
 
 /// Segments deleted out of order (a middle one archived before an older one) never make a

@@ -210,6 +210,8 @@ pub struct ShardWriter {
     pub state: ShardState,
     /// Why this shard refuses writes, if it does (degraded WAL, failed fsync, failed recovery).
     pub refusal: Option<ShardError>,
+    /// `refusal` is the shard's WAL lane having failed: lifted once the lane heals.
+    pub refused_for_lane: bool,
     /// Set when an entry failed to become durable: the error every batch sealed before the
     /// rebuild is answered with.
     pub rebuild_cause: Option<ShardError>,
@@ -297,6 +299,7 @@ impl ShardWriter {
         // Sessions the batches that failed to become durable touched (single node).
         let mut undo: HashSet<String> = HashSet::new();
         loop {
+            self.lift_healed_lane_refusal();
             self.sync_standing();
             let takeover_retry_at = self.cluster.as_ref().and_then(|link| link.takeover_retry_at);
             tokio::select! {

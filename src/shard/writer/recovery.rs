@@ -186,10 +186,11 @@ impl ShardWriter {
                 self.writer_state
                     .set_unavailable("could not record skipped seqs".into());
                 self.refusal = Some(ShardError::StorageFailed("could not record skipped seqs".into()));
+                self.refused_for_lane = false;
                 Ok(())
             }
             Ok(replayed) => {
-                self.refusal = self.wal.lane_failed(self.shard).map(ShardError::StorageFailed);
+                self.refuse_while_the_lane_fails();
                 self.writer_state.set_archive_regressed(None);
                 match &self.refusal {
                     Some(refusal) => self.writer_state.set_unavailable(refusal.to_string()),
@@ -213,6 +214,7 @@ impl ShardWriter {
                 tracing::error!(shard = self.shard, %reason, "shard degraded");
                 metrics::gauge!("fleetlm_shard_degraded", "shard" => self.shard.to_string()).set(1.0);
                 self.writer_state.set_unavailable(reason.clone());
+                self.refused_for_lane = false;
                 self.refusal = Some(ShardError::Degraded(reason));
                 Ok(())
             }
@@ -220,6 +222,31 @@ impl ShardWriter {
                 self.reset_state(0);
                 Err(retry)
             }
+        }
+    }
+
+    /// Refuses writes while the shard's WAL lane has failed; lifted once it heals
+    /// (`lift_healed_lane_refusal`).
+    pub(super) fn refuse_while_the_lane_fails(&mut self) {
+        self.refusal = self.wal.lane_failed(self.shard).map(ShardError::StorageFailed);
+        self.refused_for_lane = self.refusal.is_some();
+    }
+
+    /// A lane that failed heals by itself (`wal::lane`, a new segment): the state was rebuilt
+    /// from the durable log when the failure was answered, so once the lane writes again the
+    /// shard does too. Checked at each turn of the writer's loop, i.e. at its next command.
+    pub(super) fn lift_healed_lane_refusal(&mut self) {
+        if !self.refused_for_lane || self.wal.lane_failed(self.shard).is_some() {
+            return;
+        }
+        self.refused_for_lane = false;
+        if matches!(self.refusal, Some(ShardError::StorageFailed(_))) {
+            self.refusal = None;
+            self.writer_state.clear_unavailable();
+            tracing::info!(
+                shard = self.shard,
+                "the shard's wal lane healed; the shard takes writes again"
+            );
         }
     }
 

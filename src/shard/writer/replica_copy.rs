@@ -221,7 +221,7 @@ impl ShardWriter {
         self.writer_state
             .epoch
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.refusal = self.wal.lane_failed(self.shard).map(ShardError::StorageFailed);
+        self.refuse_while_the_lane_fails();
         match &self.refusal {
             Some(refusal) => return Err(format!("this member's log cannot be written: {refusal}")),
             None => self.writer_state.clear_unavailable(),
