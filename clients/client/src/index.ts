@@ -10,4 +10,5 @@ export {
   type SubscribeOptions,
 } from "./session.js";
 export { endsMessage, messageToChunks } from "./chunks.js";
+export { jitteredBackoff, retryDelayMs, type BackoffOptions } from "./backoff.js";
 export type * from "./types.js";
