@@ -5,9 +5,9 @@ import assert from "node:assert/strict";
 import { createServer, connect } from "node:net";
 import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
-import { FleetLMClient, jitteredBackoff } from "@fleetlm/client";
+import { FleetLMClient, jitteredBackoff, tokenExpiresAt } from "@fleetlm/client";
 import { readUIMessageStream } from "ai";
-import { eventually, registerAgent, sleep, startAgent, startServer, stopAll } from "../../test-support/harness.mjs";
+import { eventually, registerAgent, rest, sleep, startAgent, startServer, stopAll } from "../../test-support/harness.mjs";
 
 let base;
 let agent;
@@ -24,9 +24,51 @@ function client(options = {}) {
 const CATCH_UP = /^GET \/api\/sessions\/[^/ ]+\/messages\?/;
 
 /**
+ * Splits WebSocket frames off the front of `buffer`: `{frames: [{raw, opcode, text}], rest}`
+ * (client frames are masked, server frames are not).
+ */
+function takeFrames(buffer) {
+  const frames = [];
+  let at = 0;
+  for (;;) {
+    if (buffer.length - at < 2) break;
+    const opcode = buffer[at] & 0x0f;
+    const masked = (buffer[at + 1] & 0x80) !== 0;
+    let length = buffer[at + 1] & 0x7f;
+    let offset = at + 2;
+    if (length === 126) {
+      if (buffer.length < offset + 2) break;
+      length = buffer.readUInt16BE(offset);
+      offset += 2;
+    } else if (length === 127) {
+      if (buffer.length < offset + 8) break;
+      length = Number(buffer.readBigUInt64BE(offset));
+      offset += 8;
+    }
+    const mask = masked ? buffer.subarray(offset, offset + 4) : null;
+    if (masked) offset += 4;
+    if (buffer.length < offset + length) break;
+    const payload = Buffer.from(buffer.subarray(offset, offset + length));
+    if (mask) for (let i = 0; i < payload.length; i++) payload[i] ^= mask[i % 4];
+    frames.push({ raw: buffer.subarray(at, offset + length), opcode, text: opcode === 1 ? payload.toString("utf8") : null });
+    at = offset + length;
+  }
+  return { frames, rest: buffer.subarray(at) };
+}
+
+/** An unmasked (server → client) text frame. */
+function textFrame(text) {
+  const payload = Buffer.from(text, "utf8");
+  const header = payload.length < 126 ? Buffer.from([0x81, payload.length]) : Buffer.from([0x81, 126, payload.length >> 8, payload.length & 0xff]);
+  return Buffer.concat([header, payload]);
+}
+
+/**
  * A TCP proxy to the server. `refuse` closes new connections at once; `drop(kind)` closes the
  * open ones (`ws`, `http` or all); the REST catch-up (`GET …/messages`) can be failed (the
- * connection closed), held until `release()`, or answered with a synthetic response.
+ * connection closed), held until `release()`, or answered with a synthetic response; a socket
+ * `send` push can be answered with a synthetic error reply (`answerSend`) instead of reaching
+ * the server. WebSocket traffic is relayed frame by frame, so an injected frame never splits one.
  */
 async function startProxy(target) {
   const { hostname, port } = new URL(target);
@@ -44,6 +86,10 @@ async function startProxy(target) {
     catchUps: [],
     /** Connection attempts (accepted or refused), with their time. */
     attempts: [],
+    /** Answer the next socket `send` push with `{status: "error", response: answerSend}`. */
+    answerSend: null,
+    /** Every socket `send` push seen: `{at, outcome}`. */
+    sends: [],
     drop(kind) {
       for (const connection of connections) if (!kind || connection.kind === kind) connection.destroy();
     },
@@ -75,12 +121,45 @@ async function startProxy(target) {
       },
     };
     connections.add(connection);
-    upstream.on("data", (data) => downstream.destroyed || downstream.write(data));
+    let fromServer = Buffer.alloc(0);
+    let fromClient = Buffer.alloc(0);
+    upstream.on("data", (data) => {
+      if (downstream.destroyed) return;
+      if (connection.kind !== "ws" || !connection.upgraded) {
+        // The upgrade's answer (101) comes whole before any frame.
+        if (connection.kind === "ws") connection.upgraded = true;
+        downstream.write(data);
+        return;
+      }
+      const { frames, rest } = takeFrames(Buffer.concat([fromServer, data]));
+      fromServer = Buffer.from(rest);
+      for (const frame of frames) downstream.write(frame.raw);
+    });
     upstream.on("error", () => connection.destroy());
     upstream.on("close", () => connection.destroy());
     downstream.on("error", () => connection.destroy());
     downstream.on("close", () => connection.destroy());
     downstream.on("data", (data) => {
+      if (connection.kind === "ws") {
+        const { frames, rest } = takeFrames(Buffer.concat([fromClient, data]));
+        fromClient = Buffer.from(rest);
+        for (const frame of frames) {
+          const message = frame.text?.startsWith("[") ? JSON.parse(frame.text) : null;
+          if (message?.[3] === "send") {
+            if (proxy.answerSend) {
+              const response = proxy.answerSend;
+              proxy.answerSend = null;
+              proxy.sends.push({ at: Date.now(), outcome: "answered" });
+              const [joinRef, ref, topic] = message;
+              downstream.write(textFrame(JSON.stringify([joinRef, ref, topic, "phx_reply", { status: "error", response }])));
+              continue;
+            }
+            proxy.sends.push({ at: Date.now(), outcome: "forwarded" });
+          }
+          connection.forward(frame.raw);
+        }
+        return;
+      }
       const text = data.toString("latin1");
       connection.kind ??= /\r\nupgrade: websocket\r\n/i.test(text) ? "ws" : "http";
       if (connection.kind === "http" && CATCH_UP.test(text)) {
@@ -269,6 +348,145 @@ describe("catch-up and resume under faults", () => {
     let built;
     for await (const message of readUIMessageStream({ stream: ReadableStream.from(resumed) })) built = message;
     assert.deepEqual(JSON.parse(JSON.stringify(built)), { ...stored.content, role: "assistant" });
+    sub.leave();
+  });
+});
+
+describe("networking", () => {
+  test("the default reconnect backoff is jittered and capped", () => {
+    const backoff = jitteredBackoff();
+    for (const [tries, ceiling] of [[1, 100], [2, 200], [3, 400], [7, 5000], [50, 5000]]) {
+      const delays = Array.from({ length: 200 }, () => backoff(tries));
+      assert.ok(delays.every((d) => Number.isInteger(d) && d >= 0 && d <= ceiling), `try ${tries}: ${Math.max(...delays)} > ${ceiling}`);
+      assert.ok(new Set(delays).size > 20, `try ${tries}: spread`);
+      assert.ok(Math.max(...delays) > ceiling / 2, `try ${tries}: reaches up to its ceiling`);
+    }
+    const custom = jitteredBackoff({ baseMs: 10, capMs: 40 });
+    assert.ok(Array.from({ length: 100 }, () => custom(9)).every((d) => d <= 40));
+  });
+
+  test("connectionState follows the socket: connecting, open, reconnecting while refused, open, closed", async () => {
+    const { id, write } = await sessionWith(1);
+    const proxy = await startProxy(base);
+    const c = new FleetLMClient({ url: proxy.origin, userId: "alice", WebSocket });
+    const states = [];
+    c.on("state", (state, previous) => states.push(`${previous}>${state}`));
+    assert.equal(c.connectionState, "closed");
+    const sub = await c.subscribe(id);
+    const { seen } = record(sub);
+    await sub.joined;
+    assert.equal(c.connectionState, "open");
+    proxy.refuse = true;
+    proxy.drop();
+    await eventually(() => c.connectionState === "reconnecting", "reconnecting");
+    const refusedBefore = proxy.attempts.filter((a) => a.refused).length;
+    await eventually(() => proxy.attempts.filter((a) => a.refused).length >= refusedBefore + 3, "refused reconnects", 15000);
+    assert.equal(c.connectionState, "reconnecting");
+    await write("while down");
+    proxy.refuse = false;
+    await eventually(() => c.connectionState === "open", "open again", 15000);
+    await eventually(() => seen.length === 2, "the message written while down");
+    c.close();
+    assert.equal(c.connectionState, "closed");
+    assert.deepEqual(states, ["closed>connecting", "connecting>open", "open>reconnecting", "reconnecting>open", "open>closed"]);
+    assert.deepEqual(seen, [1, 2]);
+  });
+
+  test("a REST catch-up answered 503 no_leader is retried no sooner than its retry-after", async () => {
+    const { id } = await sessionWith(130);
+    const proxy = await startProxy(base);
+    const body = JSON.stringify({ error: "no leader for this session's shard; retry", code: "no_leader" });
+    proxy.answerCatchUp =
+      `HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n` +
+      `content-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`;
+    const c = client({ url: proxy.origin });
+    const sub = await c.subscribe(id);
+    const { seen, errors } = record(sub);
+    const info = await sub.joined;
+    assert.deepEqual(proxy.catchUps.map((r) => r.outcome), ["answered", "forwarded"]);
+    const waited = proxy.catchUps[1].at - proxy.catchUps[0].at;
+    assert.ok(waited >= 1000, `retried after ${waited} ms`);
+    assert.equal(errors[0].code, "no_leader");
+    assert.equal(errors[0].status, 503);
+    assert.equal(errors[0].retryAfterMs, 1000);
+    assert.equal(info.lastSeq, 130);
+    assert.deepEqual(seen, upTo(130));
+    sub.leave();
+  });
+
+  test("a socket send answered no_leader with retry_after_ms is sent again after that long, stored once", async () => {
+    const { id } = await sessionWith(0);
+    const proxy = await startProxy(base);
+    const c = client({ url: proxy.origin });
+    const sub = await c.subscribe(id);
+    const { seen } = record(sub);
+    await sub.joined;
+    proxy.answerSend = { error: "no_leader", details: "no leader for this session's shard; retry", retry_after_ms: 700 };
+    const sent = await sub.send({ kind: "note", content: { text: "once" }, clientId: "retry-1" });
+    assert.deepEqual(proxy.sends.map((r) => r.outcome), ["answered", "forwarded"]);
+    const waited = proxy.sends[1].at - proxy.sends[0].at;
+    assert.ok(waited >= 700, `sent again after ${waited} ms`);
+    assert.equal(sent.seq, 1);
+    await eventually(() => seen.length === 1, "the message");
+    const stored = await c.getMessages(id);
+    assert.deepEqual(stored.map((m) => [m.seq, m.content.text]), [[1, "once"]]);
+    // A code that is not "try again later" is not retried.
+    proxy.answerSend = { error: "seq_conflict", details: "expected_seq does not match", last_seq: 1 };
+    await assert.rejects(sub.send({ kind: "note", content: { text: "no" } }), (error) => error.code === "seq_conflict");
+    assert.equal(proxy.sends.length, 3);
+    sub.leave();
+  });
+});
+
+describe("token refresh", () => {
+  let tokenBase;
+  before(async () => {
+    tokenBase = await startServer({ FLEETLM_AUTH_SECRET: "a-test-secret-of-32-bytes-length!", FLEETLM_API_KEY: "admin-key" });
+    await registerAgent(tokenBase, agent.origin, { id: "bot", apiKey: "admin-key" });
+  });
+
+  const mint = async (sub, ttl) => {
+    const minted = await rest(tokenBase, "POST", "/api/tokens", { sub, ttl_seconds: ttl }, "admin-key");
+    assert.equal(minted.status, 201);
+    return minted.body.token;
+  };
+
+  test("a token is refreshed before it expires and the socket reconnects with it: no 4001, nothing lost", async () => {
+    const asked = [];
+    const c = new FleetLMClient({
+      url: tokenBase,
+      WebSocket,
+      token: async () => {
+        const token = await mint("tina", 3);
+        asked.push({ at: Date.now(), expiresAt: tokenExpiresAt(token) });
+        return token;
+      },
+    });
+    clients.push(c);
+    const writer = new FleetLMClient({ url: tokenBase, WebSocket, token: await mint("tina", 600) });
+    clients.push(writer);
+    const id = fresh("refresh");
+    await writer.createSession({ agentId: "bot", id });
+    const sub = await c.subscribe(id);
+    const { seen, joins } = record(sub);
+    await sub.joined;
+    const socket = await c.socket();
+    const closeCodes = [];
+    socket.onClose((event) => closeCodes.push(event.code));
+    const expiresAt = asked.at(-1).expiresAt;
+    const written = [];
+    // Written across the first token's expiry and the reconnects the refreshes make.
+    while (Date.now() < expiresAt + 1500) {
+      written.push((await writer.sendMessage(id, { kind: "note", content: { text: `n${written.length}` } })).seq);
+      await sleep(150);
+    }
+    await eventually(() => written.every((seq) => seen.includes(seq)), "every message written");
+    assert.ok(!closeCodes.includes(4001), `closed by the server: ${closeCodes}`);
+    assert.ok(asked.some((a) => a.at < expiresAt && a.expiresAt > expiresAt), "a new token was asked for before the first expired");
+    assert.ok(joins.some((j) => j.rejoin), "the subscription rejoined with the new token");
+    assert.deepEqual(seen, [...seen].sort((a, b) => a - b));
+    assert.equal(new Set(seen).size, seen.length);
+    assert.equal(c.connectionState, "open");
     sub.leave();
   });
 });
