@@ -319,6 +319,38 @@ describe("catch-up and resume under faults", () => {
     sub.leave();
   });
 
+  test("a rejoin during the catch-up while a reply ends: the newest join wins, the reply is not active", async () => {
+    const { id } = await sessionWith(130);
+    const direct = client();
+    await direct.sendMessage(id, { content: { text: "slow please" } });
+    await eventually(async () => (await direct.getSession(id)).agent_status?.status === "streaming", "streaming", 10000);
+    const proxy = await startProxy(base);
+    proxy.holdCatchUp = true;
+    const c = client({ url: proxy.origin });
+    const sub = await c.subscribe(id);
+    const { seen, joins } = record(sub);
+    await eventually(() => proxy.held.length === 1 && sub.activeReply(), "the catch-up in flight, the reply followed");
+    const dispatchId = sub.activeReply().dispatchId;
+    // The socket drops (the catch-up's request stays held) and stays down until the reply ended.
+    proxy.refuse = true;
+    proxy.drop("ws");
+    await eventually(async () => (await direct.getSession(id)).agent_status?.status === "idle", "the reply to end on the server", 15000);
+    proxy.refuse = false;
+    await eventually(() => seen.length === 132, "the rejoin's replay, with the stored reply");
+    proxy.release();
+    await sub.joined;
+    await sleep(500); // the held catch-up's answer has come and gone
+    // What the first join said (a reply streaming) is stale: the rejoin's answer (none) counts.
+    assert.equal(sub.lastJoin.stream, null);
+    assert.equal(sub.activeReply(), undefined);
+    for (const join of joins) assert.deepEqual(join.delivered, upTo(join.lastSeq), JSON.stringify(join));
+    assert.equal(joins.at(-1).stream, null);
+    assert.deepEqual(seen, upTo(132));
+    const resumed = await readAll(sub.replyStream({ dispatchId }));
+    assert.equal(resumed.at(-1).type, "finish");
+    sub.leave();
+  });
+
   test("a reply whose end was missed while disconnected is no longer active; a resume after the outage ends", async () => {
     const proxy = await startProxy(base);
     const direct = client();
