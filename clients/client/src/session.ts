@@ -103,6 +103,8 @@ export class SessionSubscription {
   /** The seq the REST catch-up must reach (0: none pending). */
   #catchUpTarget = 0;
   #catchUpRunning = false;
+  /** Ends the catch-up's wait before a retry (a new join may have made it moot, or a leave). */
+  #wakeCatchUp: (() => void) | null = null;
   /** The newest join answered but not yet reported (its catch-up is running). */
   #pendingJoin: { stream: JoinStream | null | undefined; rejoin: boolean } | null = null;
   /** Dispatches that ended (their status came, or a join said they no longer stream). */
@@ -216,6 +218,7 @@ export class SessionSubscription {
     const pending = this.#pendingJoin;
     this.#pendingJoin = { stream, rejoin: rejoin || pending?.rejoin === true };
     this.#catchingUp = true;
+    this.#wakeCatchUp?.();
     void this.#catchUp();
   }
 
@@ -235,7 +238,14 @@ export class SessionSubscription {
           failures += 1;
           const failure = error instanceof FleetLMError ? error : new FleetLMError(String(error), "network");
           this.#emit("error", failure);
-          await sleep(retryDelayMs(failure, failures));
+          await new Promise<void>((resolve) => {
+            const timer = setTimeout(resolve, retryDelayMs(failure, failures));
+            this.#wakeCatchUp = () => {
+              clearTimeout(timer);
+              resolve();
+            };
+          });
+          this.#wakeCatchUp = null;
           continue;
         }
         failures = 0;
@@ -579,6 +589,7 @@ export class SessionSubscription {
   leave(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#wakeCatchUp?.();
     this.#channel?.leave();
     this.#channel = null;
     if (!this.#firstJoinDone) {
