@@ -67,7 +67,7 @@ export interface ReplyStreamOptions {
 const ENDED = new Set(["idle", "failed", "cancelled"]);
 /** How many ended dispatches' stored messages a subscription keeps for `replyStream`. */
 const STORED_REPLIES_KEPT = 32;
-/** Tries of a `send` that timed out or was answered `overloaded` / `no_leader`. */
+/** Tries of a `send` that timed out, lost its connection, or was answered `overloaded` / `no_leader`. */
 const SEND_ATTEMPTS = 3;
 /** Error codes that mean "try again later" (with `retry_after_ms`). */
 const RETRY_LATER = new Set(["overloaded", "no_leader"]);
@@ -392,27 +392,51 @@ export class SessionSubscription {
     return found;
   }
 
-  #push<T>(event: string, payload: JsonObject): Promise<T> {
+  /**
+   * Pushes `event` and waits for its reply. With `failIfLost`, a push that had gone out on a
+   * connection that then closed fails with `connection_lost` as soon as the channel has rejoined
+   * (its reply can never come) instead of waiting for its timeout.
+   */
+  #push<T>(event: string, payload: JsonObject, options: { failIfLost?: boolean } = {}): Promise<T> {
     const channel = this.#channel;
     if (!channel || this.#closed) return Promise.reject(new FleetLMError("the subscription was left", "closed"));
     return new Promise((resolve, reject) => {
-      channel
+      const cleanups: Array<() => void> = [];
+      const settle = <V>(fn: (value: V) => void) => (value: V) => {
+        for (const cleanup of cleanups.splice(0)) cleanup();
+        fn(value);
+      };
+      const push = channel
         .push(event, payload, this.#timeoutMs)
-        .receive("ok", (reply: T) => resolve(reply))
+        .receive("ok", settle(resolve))
         .receive("error", (reply: any) => {
           const code = reply?.error ?? reply?.reason ?? "error";
           const text = reply?.details ?? reply?.reason ?? String(code);
-          reject(new FleetLMError(text, String(code).replace(/ /g, "_"), 0, reply));
+          settle(reject)(new FleetLMError(text, String(code).replace(/ /g, "_"), 0, reply));
         })
-        .receive("timeout", () => reject(new FleetLMError(`${event} got no reply in ${this.#timeoutMs} ms`, "timeout")));
+        .receive("timeout", () => settle(reject)(new FleetLMError(`${event} got no reply in ${this.#timeoutMs} ms`, "timeout")));
+      if (!options.failIfLost) return;
+      // A push phoenix holds while the channel is not joined is sent when it rejoins (`sent`
+      // still false at the close); one already written to the closed connection is lost.
+      let lost = false;
+      const closeRef = this.#socket.onClose(() => {
+        if ((push as unknown as { sent?: boolean }).sent) lost = true;
+      });
+      cleanups.push(
+        () => this.#socket.off([closeRef]),
+        this.on("join", (info) => {
+          if (lost && info.rejoin) settle(reject)(new FleetLMError(`${event} was in flight when the connection was lost`, "connection_lost"));
+        }),
+      );
     });
   }
 
   /**
    * Appends a message as this socket's identity; resolves once it is on disk. A send that timed
-   * out (e.g. across a reconnect), or was answered `overloaded` / `no_leader` (then after at
-   * least its `retry_after_ms`), is tried again with the same `client_id`, up to 3 tries in all
-   * (give a `clientId` to make that safe across your own retries; one is generated otherwise).
+   * out, whose connection was lost before the reply (sent again once the channel rejoined), or
+   * that was answered `overloaded` / `no_leader` (then after at least its `retry_after_ms`) is
+   * tried again with the same `client_id`, up to 3 tries in all (give a `clientId` to make that
+   * safe across your own retries; one is generated otherwise).
    */
   async send(message: NewMessage): Promise<SendResult> {
     const payload: JsonObject = {
@@ -422,14 +446,14 @@ export class SessionSubscription {
     if (message.expectedSeq !== undefined) payload.expected_seq = message.expectedSeq;
     for (let attempt = 1; ; attempt++) {
       try {
-        return await this.#push<SendResult>("send", payload);
+        return await this.#push<SendResult>("send", payload, { failIfLost: true });
       } catch (error) {
         if (!(error instanceof FleetLMError) || attempt >= SEND_ATTEMPTS || this.#closed) throw error;
         if (RETRY_LATER.has(error.code)) {
           // Not stored (overloaded), or the outcome is unknown (no_leader): the same client_id
           // makes the retry safe; wait at least as long as the server asked.
           await sleep(retryDelayMs(error, attempt));
-        } else if (error.code !== "timeout") {
+        } else if (error.code !== "timeout" && error.code !== "connection_lost") {
           throw error;
         }
       }

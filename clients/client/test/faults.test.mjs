@@ -88,6 +88,8 @@ async function startProxy(target) {
     attempts: [],
     /** Answer the next socket `send` push with `{status: "error", response: answerSend}`. */
     answerSend: null,
+    /** Swallow the next socket `send` push: neither forwarded nor answered (lost with the connection). */
+    swallowSend: false,
     /** Every socket `send` push seen: `{at, outcome}`. */
     sends: [],
     drop(kind) {
@@ -152,6 +154,11 @@ async function startProxy(target) {
               proxy.sends.push({ at: Date.now(), outcome: "answered" });
               const [joinRef, ref, topic] = message;
               downstream.write(textFrame(JSON.stringify([joinRef, ref, topic, "phx_reply", { status: "error", response }])));
+              continue;
+            }
+            if (proxy.swallowSend) {
+              proxy.swallowSend = false;
+              proxy.sends.push({ at: Date.now(), outcome: "swallowed" });
               continue;
             }
             proxy.sends.push({ at: Date.now(), outcome: "forwarded" });
@@ -466,6 +473,44 @@ describe("networking", () => {
     proxy.answerSend = { error: "seq_conflict", details: "expected_seq does not match", last_seq: 1 };
     await assert.rejects(sub.send({ kind: "note", content: { text: "no" } }), (error) => error.code === "seq_conflict");
     assert.equal(proxy.sends.length, 3);
+    sub.leave();
+  });
+});
+
+describe("sends across a lost connection", () => {
+  test("a send whose connection drops before its reply is sent again once the channel rejoins, not after its timeout", async () => {
+    const { id } = await sessionWith(0);
+    const proxy = await startProxy(base);
+    const c = client({ url: proxy.origin, timeoutMs: 8000 });
+    const sub = await c.subscribe(id);
+    const { seen } = record(sub);
+    await sub.joined;
+    proxy.swallowSend = true;
+    const started = Date.now();
+    const sending = sub.send({ kind: "note", content: { text: "in flight" }, clientId: "lost-1" });
+    await eventually(() => proxy.sends.length === 1, "the send on the wire");
+    proxy.drop("ws");
+    const sent = await sending;
+    const tookMs = Date.now() - started;
+    assert.ok(tookMs < 4000, `answered after ${tookMs} ms (the push timeout is 8000)`);
+    assert.deepEqual(proxy.sends.map((r) => r.outcome), ["swallowed", "forwarded"]);
+    assert.equal(sent.seq, 1);
+    await eventually(() => seen.includes(1), "the message");
+    // (The user's message also calls the agent: its reply is stored after it.)
+    await eventually(async () => (await c.getMessages(id)).length === 2, "the agent's reply stored");
+    const notes = async () => (await c.getMessages(id)).filter((m) => m.kind === "note").map((m) => [m.seq, m.content.text]);
+    assert.deepEqual(await notes(), [[1, "in flight"]]);
+    // A send made while the socket is down waits in phoenix's buffer and goes out once: not twice.
+    proxy.refuse = true;
+    proxy.drop("ws");
+    await eventually(() => c.connectionState === "reconnecting", "reconnecting");
+    const buffered = sub.send({ kind: "note", content: { text: "buffered" }, clientId: "buffered-1" });
+    await sleep(300);
+    proxy.refuse = false;
+    const second = await buffered;
+    assert.deepEqual(await notes(), [[1, "in flight"], [second.seq, "buffered"]]);
+    assert.equal(second.deduplicated, undefined);
+    assert.equal(proxy.sends.filter((r) => r.outcome === "forwarded").length, 2);
     sub.leave();
   });
 });
