@@ -1,5 +1,6 @@
 // The FleetLM client: REST calls plus one Phoenix socket shared by every subscription.
 import { Socket } from "phoenix";
+import { jitteredBackoff, retryDelayMs } from "./backoff.js";
 import { FleetLMError, RestClient, resolveToken, type TokenProvider } from "./rest.js";
 import { SessionSubscription, type SubscribeOptions } from "./session.js";
 import type { InboxEntry, JsonObject, Message, NewMessage, Session } from "./types.js";
@@ -21,26 +22,53 @@ export interface FleetLMClientOptions {
    * package's export.
    */
   WebSocket?: unknown;
-  /** Socket reconnect backoff in ms for the n-th try (default: 100 ms doubling to 5 s). */
+  /**
+   * Socket reconnect (and channel rejoin) delay in ms for the n-th try. Default: capped
+   * exponential backoff with full jitter, a random time up to 100, 200, 400 ms … 5 s
+   * (`jitteredBackoff()`).
+   */
   reconnectAfterMs?: (tries: number) => number;
+  /**
+   * Token mode with a token function: ask for a new token this long before the current one
+   * expires (its `exp`), and reconnect the socket with it (default 30 000; at most half the
+   * token's remaining lifetime).
+   */
+  tokenRefreshMarginMs?: number;
   /** Heartbeat interval in ms (default 30 000; the server closes a socket silent for 60 s). */
   heartbeatIntervalMs?: number;
   /** Push and join timeout in ms (default 10 000). */
   timeoutMs?: number;
 }
 
-/** Decodes the `sub` of a JWT without verifying it (the server does that). */
-export function tokenSubject(token: string): string | undefined {
+/** The state of the client's socket (`client.connectionState`, `client.on("state")`). */
+export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";
+
+/** The claims of a JWT, decoded without verifying it (the server does that). */
+function tokenClaims(token: string): Record<string, unknown> | undefined {
   const part = token.split(".")[1];
   if (!part) return undefined;
   try {
     const base64 = part.replace(/-/g, "+").replace(/_/g, "/");
     const json = JSON.parse(globalThis.atob(base64 + "=".repeat((4 - (base64.length % 4)) % 4)));
-    return typeof json.sub === "string" ? json.sub : undefined;
+    return json && typeof json === "object" ? json : undefined;
   } catch {
     return undefined;
   }
 }
+
+/** Decodes the `sub` of a JWT without verifying it (the server does that). */
+export function tokenSubject(token: string): string | undefined {
+  const sub = tokenClaims(token)?.sub;
+  return typeof sub === "string" ? sub : undefined;
+}
+
+/** The `exp` of a JWT as a time in ms since the epoch, if it has one. */
+export function tokenExpiresAt(token: string): number | undefined {
+  const exp = tokenClaims(token)?.exp;
+  return typeof exp === "number" && Number.isFinite(exp) ? exp * 1000 : undefined;
+}
+
+const DEFAULT_TOKEN_REFRESH_MARGIN_MS = 30_000;
 
 export class FleetLMClient {
   readonly url: string;
@@ -52,6 +80,12 @@ export class FleetLMClient {
   #currentToken: string | undefined;
   #subscriptions = new Map<string, SessionSubscription>();
   #inboxes = new Set<InboxSubscription>();
+  #state: ConnectionState = "closed";
+  readonly #stateListeners = new Set<(state: ConnectionState, previous: ConnectionState) => void>();
+  #refreshTimer: ReturnType<typeof setTimeout> | undefined;
+  #refreshFailures = 0;
+  /** The socket is being reconnected with a token just refreshed: its close asks for none. */
+  #refreshReconnect = false;
 
   constructor(options: FleetLMClientOptions) {
     if (!options.userId && options.token === undefined) {
@@ -62,6 +96,39 @@ export class FleetLMClient {
     this.rest = new RestClient({ url: this.url, token: options.token, fetch: options.fetch });
     this.#userId = options.userId;
     if (typeof options.token === "string" && !this.#userId) this.#userId = tokenSubject(options.token);
+  }
+
+  /**
+   * The socket's state: `closed` (no socket: before the first subscription, or after
+   * `close()`), `connecting` (the first connect), `open`, `reconnecting` (the connection was
+   * lost or refused; it is retried with `reconnectAfterMs`).
+   */
+  get connectionState(): ConnectionState {
+    return this.#state;
+  }
+
+  /** Calls `listener(state, previous)` on every change of `connectionState`; returns a function that removes it. */
+  on(event: "state", listener: (state: ConnectionState, previous: ConnectionState) => void): () => void {
+    if (event !== "state") throw new Error(`unknown event ${String(event)}`);
+    this.#stateListeners.add(listener);
+    return () => {
+      this.#stateListeners.delete(listener);
+    };
+  }
+
+  #setState(state: ConnectionState): void {
+    const previous = this.#state;
+    if (previous === state) return;
+    this.#state = state;
+    for (const listener of [...this.#stateListeners]) {
+      try {
+        listener(state, previous);
+      } catch (error) {
+        queueMicrotask(() => {
+          throw error;
+        });
+      }
+    }
   }
 
   /** The user this client acts as (in token mode known once the token has been resolved). */
@@ -83,9 +150,15 @@ export class FleetLMClient {
   socket(): Promise<Socket> {
     if (this.#socket) return Promise.resolve(this.#socket);
     if (!this.#connecting) {
-      this.#connecting = this.#connect().finally(() => {
-        this.#connecting = null;
-      });
+      this.#setState("connecting");
+      this.#connecting = this.#connect()
+        .catch((error) => {
+          this.#setState("closed");
+          throw error;
+        })
+        .finally(() => {
+          this.#connecting = null;
+        });
     }
     return this.#connecting;
   }
@@ -98,33 +171,93 @@ export class FleetLMClient {
     if (!transport) {
       throw new Error("no WebSocket implementation: pass options.WebSocket (in Node 20: the `ws` package)");
     }
+    const backoff = jitteredBackoff();
     const socketOptions: Record<string, unknown> = {
       transport,
       timeout: options.timeoutMs ?? 10_000,
       heartbeatIntervalMs: options.heartbeatIntervalMs ?? 30_000,
-      reconnectAfterMs: options.reconnectAfterMs ?? ((tries: number) => Math.min(100 * 2 ** (tries - 1), 5000)),
-      rejoinAfterMs: (tries: number) => Math.min(100 * 2 ** (tries - 1), 5000),
+      reconnectAfterMs: options.reconnectAfterMs ?? backoff,
+      rejoinAfterMs: options.reconnectAfterMs ?? backoff,
     };
     if (token !== undefined) {
-      this.#currentToken = await resolveToken(token);
-      // Read at every (re)connect; a function token is refreshed after every close.
+      this.#useToken(await resolveToken(token));
+      // Read at every (re)connect; a function token is asked again after every close and
+      // before the current one expires.
       socketOptions.authToken = () => this.#currentToken;
     } else {
       socketOptions.params = { user_id: userId };
     }
     const wsUrl = this.url.replace(/^http/, "ws") + "/socket";
     const socket = new Socket(wsUrl, socketOptions as any);
-    if (typeof token === "function") {
-      socket.onClose(() => {
+    socket.onOpen(() => {
+      if (this.#socket === socket) this.#setState("open");
+    });
+    socket.onClose(() => {
+      if (this.#socket !== socket) return;
+      this.#setState("reconnecting");
+      if (typeof token === "function" && !this.#refreshReconnect) {
         void resolveToken(token).then(
-          (fresh) => (this.#currentToken = fresh),
+          (fresh) => this.#socket === socket && this.#useToken(fresh),
           () => {},
         );
-      });
-    }
+      }
+    });
     socket.connect();
     this.#socket = socket;
     return socket;
+  }
+
+  /** Takes `token` for the next connects; with a token function, plans its refresh. */
+  #useToken(token: string | undefined): void {
+    this.#currentToken = token;
+    clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = undefined;
+    const expiresAt = token ? tokenExpiresAt(token) : undefined;
+    if (typeof this.#options.token !== "function" || expiresAt === undefined) return;
+    const remainingMs = expiresAt - Date.now();
+    if (remainingMs <= 0) return; // expired: the server closes the socket, the close asks again
+    const marginMs = Math.min(this.#options.tokenRefreshMarginMs ?? DEFAULT_TOKEN_REFRESH_MARGIN_MS, remainingMs / 2);
+    this.#refreshTimer = setTimeout(() => void this.#refreshToken(token!), remainingMs - marginMs);
+    (this.#refreshTimer as { unref?: () => void }).unref?.();
+  }
+
+  /**
+   * Asks the token function for a new token before `current` expires and reconnects the socket
+   * with it (the server reads the token at connect): the subscriptions rejoin from their last
+   * seq, so nothing is lost.
+   */
+  async #refreshToken(current: string): Promise<void> {
+    const socket = this.#socket;
+    let fresh: string | undefined;
+    try {
+      fresh = await resolveToken(this.#options.token);
+    } catch (error) {
+      this.#refreshFailures += 1;
+      this.#retryRefresh(current, retryDelayMs(error, this.#refreshFailures));
+      return;
+    }
+    if (this.#socket !== socket || this.#currentToken !== current) return; // closed, or replaced meanwhile
+    this.#refreshFailures = 0;
+    if (!fresh || fresh === current) {
+      // Not renewed yet: ask again later, while the current one is still valid.
+      this.#retryRefresh(current, 1000);
+      return;
+    }
+    this.#useToken(fresh);
+    if (!socket || this.#state !== "open") return; // the next connect takes it
+    this.#refreshReconnect = true;
+    socket.disconnect(() => {
+      this.#refreshReconnect = false;
+      if (this.#socket === socket) socket.connect();
+    });
+  }
+
+  #retryRefresh(current: string, delayMs: number): void {
+    const expiresAt = tokenExpiresAt(current) ?? 0;
+    if (this.#currentToken !== current || Date.now() + delayMs >= expiresAt) return;
+    clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = setTimeout(() => void this.#refreshToken(current), delayMs);
+    (this.#refreshTimer as { unref?: () => void }).unref?.();
   }
 
   /**
@@ -204,8 +337,11 @@ export class FleetLMClient {
   close(): void {
     for (const subscription of [...this.#subscriptions.values()]) subscription.leave();
     for (const inbox of [...this.#inboxes]) inbox.leave();
+    clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = undefined;
     this.#socket?.disconnect();
     this.#socket = null;
+    this.#setState("closed");
   }
 }
 

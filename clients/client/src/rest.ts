@@ -17,12 +17,19 @@ export class FleetLMError extends Error {
   readonly status: number;
   /** The full error body. */
   readonly body: unknown;
-  constructor(message: string, code: string, status = 0, body: unknown = undefined) {
+  /**
+   * How long the server asked to wait before trying again (`retry_after_ms` of a socket reply,
+   * the `retry-after` header of a REST answer; e.g. `overloaded`, `no_leader`), if it said.
+   */
+  readonly retryAfterMs: number | undefined;
+  constructor(message: string, code: string, status = 0, body: unknown = undefined, retryAfterMs?: number) {
     super(message);
     this.name = "FleetLMError";
     this.code = code;
     this.status = status;
     this.body = body;
+    const fromBody = (body as { retry_after_ms?: unknown } | null | undefined)?.retry_after_ms;
+    this.retryAfterMs = retryAfterMs ?? (typeof fromBody === "number" && fromBody >= 0 ? fromBody : undefined);
   }
 }
 
@@ -87,7 +94,7 @@ export class RestClient {
     if (!response.ok) {
       const message = typeof json?.error === "string" ? json.error : `HTTP ${response.status}`;
       const code = typeof json?.code === "string" ? json.code : `http_${response.status}`;
-      throw new FleetLMError(message, code, response.status, json);
+      throw new FleetLMError(message, code, response.status, json, retryAfterHeaderMs(response.headers.get("retry-after")));
     }
     return json as T;
   }
@@ -193,6 +200,15 @@ export class RestClient {
     const body = options.messageId === undefined ? {} : { message_id: options.messageId };
     return this.request("POST", `/api/sessions/${enc(sessionId)}/regenerate`, body);
   }
+}
+
+/** `retry-after` in seconds (or an HTTP date) as ms; undefined when absent or unreadable. */
+function retryAfterHeaderMs(value: string | null): number | undefined {
+  if (value === null || value.trim() === "") return undefined;
+  const seconds = Number(value);
+  if (Number.isFinite(seconds)) return seconds >= 0 ? seconds * 1000 : undefined;
+  const at = Date.parse(value);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - Date.now());
 }
 
 function enc(segment: string): string {

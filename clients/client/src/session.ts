@@ -1,6 +1,7 @@
 // A subscription to `session:<id>`: every message exactly once in seq order across reconnects
 // and `resync`s, the agent's streamed replies (gap-free by chunk index), agent status and typing.
 import type { Channel, Socket } from "phoenix";
+import { retryDelayMs, sleep } from "./backoff.js";
 import { endsMessage, messageToChunks } from "./chunks.js";
 import { FleetLMError, type RestClient } from "./rest.js";
 import type {
@@ -64,6 +65,12 @@ export interface ReplyStreamOptions {
 }
 
 const ENDED = new Set(["idle", "failed", "cancelled"]);
+/** How many ended dispatches' stored messages a subscription keeps for `replyStream`. */
+const STORED_REPLIES_KEPT = 32;
+/** Tries of a `send` that timed out, lost its connection, or was answered `overloaded` / `no_leader`. */
+const SEND_ATTEMPTS = 3;
+/** Error codes that mean "try again later" (with `retry_after_ms`). */
+const RETRY_LATER = new Set(["overloaded", "no_leader"]);
 
 export class SessionSubscription {
   readonly sessionId: string;
@@ -90,8 +97,20 @@ export class SessionSubscription {
   };
   #channel: Channel | null = null;
   #joins = 0;
+  /** Live messages wait here while a join's replay is completed by REST. */
   #catchingUp = false;
   #buffered: Message[] = [];
+  /** The seq the REST catch-up must reach (0: none pending). */
+  #catchUpTarget = 0;
+  #catchUpRunning = false;
+  /** Ends the catch-up's wait before a retry (a new join may have made it moot, or a leave). */
+  #wakeCatchUp: (() => void) | null = null;
+  /** The newest join answered but not yet reported (its catch-up is running). */
+  #pendingJoin: { stream: JoinStream | null | undefined; rejoin: boolean } | null = null;
+  /** Dispatches that ended (their status came, or a join said they no longer stream). */
+  readonly #ended = new Set<string>();
+  /** The newest stored message of recently ended dispatches, to play back (bounded). */
+  readonly #storedReplies = new Map<string, Message>();
   #closed = false;
   #joined: Promise<JoinInfo>;
   #resolveJoined!: (info: JoinInfo) => void;
@@ -166,7 +185,7 @@ export class SessionSubscription {
         // Phoenix calls this again for every automatic rejoin after a reconnect.
         const isRejoin = !first;
         first = false;
-        void this.#onJoined(reply, isRejoin);
+        this.#onJoined(reply, isRejoin);
       })
       .receive("error", (reply: any) => {
         const reason = typeof reply?.reason === "string" ? reply.reason : "join refused";
@@ -180,37 +199,93 @@ export class SessionSubscription {
       });
   }
 
-  async #onJoined(reply: any, rejoin: boolean): Promise<void> {
+  /**
+   * A join (first, rejoin after a reconnect, or after `resync`) was answered. Its replay is
+   * delivered at once (it starts right after the seq the join asked from); if the server cut it
+   * (`has_more`), the rest comes by REST in the one catch-up loop, which a later join only
+   * extends. The join is reported (`join`, `joined`) once everything up to its `last_seq` is
+   * delivered.
+   */
+  #onJoined(reply: any, rejoin: boolean): void {
     if (this.#closed) return;
-    this.#catchingUp = true;
-    try {
-      for (const message of (reply?.messages ?? []) as Message[]) this.#deliver(message);
-      if (reply?.has_more) {
-        // The rest of the replay by REST; live pushes wait in #buffered meanwhile.
-        const target = Number(reply.last_seq ?? 0);
-        while (this.lastSeq < target && !this.#closed) {
-          const page = await this.#rest.getMessages(this.sessionId, { afterSeq: this.lastSeq, limit: 1000 });
-          for (const message of page.messages) this.#deliver(message);
-          if (!page.has_more || page.messages.length === 0) break;
-        }
-      }
-    } catch (error) {
-      this.#emit("error", error instanceof FleetLMError ? error : new FleetLMError(String(error), "network"));
-    } finally {
-      this.#catchingUp = false;
-      const buffered = this.#buffered.sort((a, b) => a.seq - b.seq);
-      this.#buffered = [];
-      for (const message of buffered) this.#deliver(message);
-    }
-    this.#joins += 1;
     const stream: JoinStream | null | undefined = reply && "stream" in reply ? (reply.stream ?? null) : undefined;
-    const info: JoinInfo = { sessionId: this.sessionId, lastSeq: this.lastSeq, stream, rejoin: rejoin || this.#joins > 1 };
+    // The server says what streams now: any other reply this subscription still follows ended
+    // while it was not joined (its `agent_status` was missed). Done before anything of this
+    // membership is applied, so only replies seen before the join are ended.
+    if (stream !== undefined) this.#endRepliesExcept(stream?.dispatch_id);
+    for (const message of (reply?.messages ?? []) as Message[]) this.#deliver(message);
+    if (reply?.has_more) this.#catchUpTarget = Math.max(this.#catchUpTarget, Number(reply.last_seq ?? 0));
+    const pending = this.#pendingJoin;
+    this.#pendingJoin = { stream, rejoin: rejoin || pending?.rejoin === true };
+    this.#catchingUp = true;
+    this.#wakeCatchUp?.();
+    void this.#catchUp();
+  }
+
+  /** Pages by REST until `#catchUpTarget` is delivered, retrying failures; then reports the join. */
+  async #catchUp(): Promise<void> {
+    if (this.#catchUpRunning) return;
+    this.#catchUpRunning = true;
+    try {
+      let failures = 0;
+      while (!this.#closed && this.lastSeq < this.#catchUpTarget) {
+        const target = this.#catchUpTarget;
+        let page: { messages: Message[]; has_more: boolean };
+        try {
+          page = await this.#rest.getMessages(this.sessionId, { afterSeq: this.lastSeq, limit: 1000 });
+        } catch (error) {
+          if (this.#closed) return;
+          failures += 1;
+          const failure = error instanceof FleetLMError ? error : new FleetLMError(String(error), "network");
+          this.#emit("error", failure);
+          await new Promise<void>((resolve) => {
+            const timer = setTimeout(resolve, retryDelayMs(failure, failures));
+            this.#wakeCatchUp = () => {
+              clearTimeout(timer);
+              resolve();
+            };
+          });
+          this.#wakeCatchUp = null;
+          continue;
+        }
+        failures = 0;
+        for (const message of page.messages) this.#deliver(message);
+        // Read to the end (what is left below the target is a gap of the log), unless a newer
+        // join raised the target while the page was read.
+        const exhausted = !page.has_more || page.messages.length === 0;
+        if (exhausted && this.#catchUpTarget === target) break;
+      }
+    } finally {
+      this.#catchUpRunning = false;
+    }
+    if (this.#closed) return;
+    this.#catchUpTarget = 0;
+    this.#catchingUp = false;
+    const buffered = this.#buffered.sort((a, b) => a.seq - b.seq);
+    this.#buffered = [];
+    for (const message of buffered) this.#deliver(message);
+    const join = this.#pendingJoin;
+    this.#pendingJoin = null;
+    if (!join) return;
+    this.#joins += 1;
+    const info: JoinInfo = { sessionId: this.sessionId, lastSeq: this.lastSeq, stream: join.stream, rejoin: join.rejoin || this.#joins > 1 };
     this.#lastJoin = info;
     if (!this.#firstJoinDone) {
       this.#firstJoinDone = true;
       this.#resolveJoined(info);
     }
     this.#emit("join", info);
+  }
+
+  /** Ends the replies followed here other than `streaming` (they ended while not joined). */
+  #endRepliesExcept(streaming: string | undefined): void {
+    for (const [dispatchId, reply] of this.replies) {
+      if (dispatchId === streaming) continue;
+      reply.done = true;
+      reply.messageDone = true;
+      this.replies.delete(dispatchId);
+      this.#ended.add(dispatchId);
+    }
   }
 
   #onMessage(message: Message): void {
@@ -225,7 +300,12 @@ export class SessionSubscription {
     if (typeof message?.seq !== "number" || message.seq <= this.lastSeq) return;
     this.lastSeq = message.seq;
     const dispatchId = message.kind === "assistant" ? (message.metadata?.dispatch_id as string | undefined) : undefined;
-    if (dispatchId) this.knownDispatches.add(dispatchId);
+    if (dispatchId) {
+      this.knownDispatches.add(dispatchId);
+      this.#storedReplies.delete(dispatchId);
+      this.#storedReplies.set(dispatchId, message);
+      if (this.#storedReplies.size > STORED_REPLIES_KEPT) this.#storedReplies.delete(this.#storedReplies.keys().next().value!);
+    }
     this.#emit("message", message);
   }
 
@@ -287,6 +367,7 @@ export class SessionSubscription {
       if (ENDED.has(status.status)) {
         const reply = this.replies.get(status.dispatch_id);
         if (reply) reply.done = true;
+        this.#ended.add(status.dispatch_id);
       }
     }
     this.#emit("status", status);
@@ -311,26 +392,51 @@ export class SessionSubscription {
     return found;
   }
 
-  #push<T>(event: string, payload: JsonObject): Promise<T> {
+  /**
+   * Pushes `event` and waits for its reply. With `failIfLost`, a push that had gone out on a
+   * connection that then closed fails with `connection_lost` as soon as the channel has rejoined
+   * (its reply can never come) instead of waiting for its timeout.
+   */
+  #push<T>(event: string, payload: JsonObject, options: { failIfLost?: boolean } = {}): Promise<T> {
     const channel = this.#channel;
     if (!channel || this.#closed) return Promise.reject(new FleetLMError("the subscription was left", "closed"));
     return new Promise((resolve, reject) => {
-      channel
+      const cleanups: Array<() => void> = [];
+      const settle = <V>(fn: (value: V) => void) => (value: V) => {
+        for (const cleanup of cleanups.splice(0)) cleanup();
+        fn(value);
+      };
+      const push = channel
         .push(event, payload, this.#timeoutMs)
-        .receive("ok", (reply: T) => resolve(reply))
+        .receive("ok", settle(resolve))
         .receive("error", (reply: any) => {
           const code = reply?.error ?? reply?.reason ?? "error";
           const text = reply?.details ?? reply?.reason ?? String(code);
-          reject(new FleetLMError(text, String(code).replace(/ /g, "_"), 0, reply));
+          settle(reject)(new FleetLMError(text, String(code).replace(/ /g, "_"), 0, reply));
         })
-        .receive("timeout", () => reject(new FleetLMError(`${event} got no reply in ${this.#timeoutMs} ms`, "timeout")));
+        .receive("timeout", () => settle(reject)(new FleetLMError(`${event} got no reply in ${this.#timeoutMs} ms`, "timeout")));
+      if (!options.failIfLost) return;
+      // A push phoenix holds while the channel is not joined is sent when it rejoins (`sent`
+      // still false at the close); one already written to the closed connection is lost.
+      let lost = false;
+      const closeRef = this.#socket.onClose(() => {
+        if ((push as unknown as { sent?: boolean }).sent) lost = true;
+      });
+      cleanups.push(
+        () => this.#socket.off([closeRef]),
+        this.on("join", (info) => {
+          if (lost && info.rejoin) settle(reject)(new FleetLMError(`${event} was in flight when the connection was lost`, "connection_lost"));
+        }),
+      );
     });
   }
 
   /**
    * Appends a message as this socket's identity; resolves once it is on disk. A send that timed
-   * out (e.g. across a reconnect) is retried with the same `client_id` (give one to make that
-   * safe; one is generated otherwise).
+   * out, whose connection was lost before the reply (sent again once the channel rejoined), or
+   * that was answered `overloaded` / `no_leader` (then after at least its `retry_after_ms`) is
+   * tried again with the same `client_id`, up to 3 tries in all (give a `clientId` to make that
+   * safe across your own retries; one is generated otherwise).
    */
   async send(message: NewMessage): Promise<SendResult> {
     const payload: JsonObject = {
@@ -340,9 +446,16 @@ export class SessionSubscription {
     if (message.expectedSeq !== undefined) payload.expected_seq = message.expectedSeq;
     for (let attempt = 1; ; attempt++) {
       try {
-        return await this.#push<SendResult>("send", payload);
+        return await this.#push<SendResult>("send", payload, { failIfLost: true });
       } catch (error) {
-        if (!(error instanceof FleetLMError) || error.code !== "timeout" || attempt >= 3 || this.#closed) throw error;
+        if (!(error instanceof FleetLMError) || attempt >= SEND_ATTEMPTS || this.#closed) throw error;
+        if (RETRY_LATER.has(error.code)) {
+          // Not stored (overloaded), or the outcome is unknown (no_leader): the same client_id
+          // makes the retry safe; wait at least as long as the server asked.
+          await sleep(retryDelayMs(error, attempt));
+        } else if (error.code !== "timeout" && error.code !== "connection_lost") {
+          throw error;
+        }
       }
     }
   }
@@ -475,7 +588,14 @@ export class SessionSubscription {
           options.signal.addEventListener("abort", onAbort, { once: true });
           cleanups.push(() => options.signal?.removeEventListener("abort", onAbort));
         }
-        if (target !== undefined) {
+        if (target !== undefined && !this.replies.has(target) && this.#ended.has(target)) {
+          // Ended before this stream was asked for (e.g. while the connection was down): its
+          // stored message, if this subscription saw it, played back; nothing more will come.
+          const stored = this.#storedReplies.get(target);
+          options.onDispatch?.(target);
+          if (stored) for (const chunk of messageToChunks(stored.content as unknown as UIMessageLike)) enqueue(chunk);
+          close();
+        } else if (target !== undefined) {
           select(target);
         } else {
           const active = this.activeReply();
@@ -493,6 +613,7 @@ export class SessionSubscription {
   leave(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#wakeCatchUp?.();
     this.#channel?.leave();
     this.#channel = null;
     if (!this.#firstJoinDone) {
