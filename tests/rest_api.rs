@@ -426,6 +426,10 @@ async fn append_validation_errors_in_order(store: Store) {
     for (path, code) in [
         ("/api/sessions/s/messages?after_seq=-1", 400),
         ("/api/sessions/s/messages?limit=x", 400),
+        ("/api/sessions/s/messages?before_seq=0", 400),
+        ("/api/sessions/s/messages?before_seq=-3", 400),
+        ("/api/sessions/s/messages?before_seq=2&after_seq=1", 400),
+        ("/api/sessions/nope/messages?before_seq=5", 404),
         ("/api/sessions/nope/messages", 404),
     ] {
         assert_eq!(server.get(path).await.status, code, "{path}");
@@ -590,6 +594,7 @@ async fn reads_merge_memory_wal_and_archive_across_restarts(store: Store) {
 }
 
 async fn check_history(server: &TestServer, appended: &[Value]) {
+    check_backward_pages(server, appended).await;
     for (after, limit) in [(0u64, 1000usize), (0, 7), (150, 50), (299, 10), (300, 5), (10, 200)] {
         let page = server
             .get(&format!("/api/sessions/s/messages?after_seq={after}&limit={limit}"))
@@ -602,6 +607,45 @@ async fn check_history(server: &TestServer, appended: &[Value]) {
             assert_eq!(got, want);
         }
         assert_eq!(page.body["has_more"], (after as usize + limit) < appended.len());
+    }
+}
+
+/// Paging back from the newest message (`before_seq` past the last seq) with several page
+/// sizes: every message exactly once, each page ascending and the newest below its bound.
+async fn check_backward_pages(server: &TestServer, appended: &[Value]) {
+    for limit in [1000usize, 7, 50] {
+        let mut before = u64::MAX;
+        let mut pages: Vec<Vec<Value>> = Vec::new();
+        loop {
+            let page = server
+                .get(&format!("/api/sessions/s/messages?before_seq={before}&limit={limit}"))
+                .await;
+            assert_eq!(page.status, 200, "{}", page.body);
+            let messages = page.body["messages"].as_array().unwrap().clone();
+            assert!(messages.len() <= limit);
+            if let Some(first) = messages.first() {
+                assert!(first["seq"].as_u64().unwrap() < before);
+            }
+            pages.push(messages);
+            match page.body["next_before_seq"].as_u64() {
+                Some(next) => {
+                    assert_eq!(page.body["has_more"], true);
+                    before = next;
+                }
+                None => {
+                    assert_eq!(page.body["has_more"], false);
+                    break;
+                }
+            }
+            assert!(pages.len() <= appended.len(), "paging back ends");
+        }
+        assert_eq!(
+            pages[0].len(),
+            limit.min(appended.len()),
+            "the first page is the newest {limit}"
+        );
+        let all: Vec<Value> = pages.into_iter().rev().flatten().collect();
+        assert_eq!(all.as_slice(), appended, "limit {limit}: every message once, in order");
     }
 }
 
@@ -664,6 +708,42 @@ async fn history_pages_are_bounded_in_bytes_and_paging_reaches_the_end(store: St
             pages >= 3,
             "{pass}: ~9 MiB of history in {pages} page(s) of at most 4 MiB"
         );
+        // Backwards: a page is the newest part of its window that fits the bound, so paging
+        // on below each page's first seq leaves no hole.
+        let (mut before, mut seen_back, mut pages_back) = (u64::MAX, Vec::new(), 0);
+        loop {
+            let page = server
+                .get(&format!("/api/sessions/big/messages?before_seq={before}&limit=1000"))
+                .await;
+            assert_eq!(page.status, 200, "{}", page.body);
+            let messages = page.body["messages"].as_array().unwrap();
+            let bytes: usize = messages.iter().map(|m| m.to_string().len()).sum();
+            assert!(
+                bytes <= PAGE_BYTES + 64 * 1024,
+                "{pass}: a page back weighs {bytes} bytes"
+            );
+            let seqs: Vec<u64> = messages.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+            if pages_back == 0 {
+                assert_eq!(
+                    seqs.last(),
+                    Some(&MESSAGES),
+                    "{pass}: the first page back ends at the newest"
+                );
+            }
+            seen_back.splice(0..0, seqs);
+            pages_back += 1;
+            match page.body["next_before_seq"].as_u64() {
+                Some(next) => before = next,
+                None => break,
+            }
+            assert!(pages_back <= MESSAGES, "{pass}: paging back ends");
+        }
+        assert_eq!(
+            seen_back,
+            (1..=MESSAGES).collect::<Vec<_>>(),
+            "{pass}: paging back sees every message once"
+        );
+        assert!(pages_back >= 3, "{pass}: {pages_back} page(s) back");
     }
     server.stop().await;
 }

@@ -25,6 +25,22 @@ pub async fn list(
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let after_seq = parse_count("after_seq", query.get("after_seq"), 0)?;
+    let before_seq = match query.get("before_seq") {
+        None => None,
+        Some(_) if query.contains_key("after_seq") => {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                "after_seq and before_seq cannot be combined: one reads forward, the other back",
+            ));
+        }
+        Some(_) => Some(parse_count("before_seq", query.get("before_seq"), 0)?),
+    };
+    if before_seq == Some(0) {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "before_seq must be at least 1",
+        ));
+    }
     let limit = parse_count("limit", query.get("limit"), 50)?;
     if limit == 0 {
         return Err(ApiError::bad_request("invalid_parameter", "limit must be at least 1"));
@@ -32,13 +48,64 @@ pub async fn list(
     let limit = limit.min(state.config.max_page_size as u64) as usize;
     // Authorize on the session alone before reading any history: an outsider causes no history
     // read (and learns nothing from how one fails).
+    let session = match (caller.is_admin(), before_seq) {
+        (true, None) => None,
+        _ => Some(state.shards.view(&id).await?),
+    };
     if !caller.is_admin() {
-        let session = state.shards.view(&id).await?;
-        authorize_session(&caller, &session)?;
+        authorize_session(&caller, session.as_ref().expect("looked up for a non-admin"))?;
     }
-    let page = state.shards.read_messages(&id, after_seq, limit).await?;
-    let messages: Vec<&crate::model::Message> = page.messages.iter().map(|r| &r.message).collect();
-    Ok(axum::Json(json!({"messages": messages, "has_more": page.has_more})).into_response())
+    let Some(before_seq) = before_seq else {
+        let page = state.shards.read_messages(&id, after_seq, limit).await?;
+        let messages: Vec<&crate::model::Message> = page.messages.iter().map(|r| &r.message).collect();
+        return Ok(axum::Json(json!({"messages": messages, "has_more": page.has_more})).into_response());
+    };
+    let window = BackwardWindow::new(
+        before_seq,
+        session.expect("looked up for a backward page").last_seq,
+        limit,
+    );
+    // A page is bounded in bytes as well as in count: when the window does not fit, read on and
+    // answer its newest part, so the next page (below this one's first seq) leaves no hole.
+    let mut from = window.after_seq;
+    let mut page = state.shards.read_messages(&id, from, limit).await?;
+    while page.has_more && page.messages.last().is_some_and(|r| r.message.seq + 1 < window.end) {
+        from = page.messages.last().map_or(from, |r| r.message.seq);
+        page = state.shards.read_messages(&id, from, limit).await?;
+    }
+    let messages: Vec<&crate::model::Message> = page
+        .messages
+        .iter()
+        .map(|r| &r.message)
+        .filter(|message| message.seq < window.end)
+        .collect();
+    // Below the first message answered; below the window when it held none (skipped seqs).
+    let next_before_seq = messages.first().map_or(window.after_seq + 1, |message| message.seq);
+    Ok(axum::Json(json!({
+        "messages": messages,
+        "has_more": next_before_seq > 1,
+        "next_before_seq": (next_before_seq > 1).then_some(next_before_seq),
+    }))
+    .into_response())
+}
+
+/// A page read backwards: the newest `limit` seqs below `before_seq` (which may lie past the
+/// session's last seq: "the newest page"), read forward from `after_seq`. Seqs are dense but for
+/// the few an operator skipped (`SeqsSkipped`), so a page may hold fewer than `limit` messages.
+struct BackwardWindow {
+    after_seq: u64,
+    /// Seqs at or past this are not in the page.
+    end: u64,
+}
+
+impl BackwardWindow {
+    fn new(before_seq: u64, last_seq: u64, limit: usize) -> BackwardWindow {
+        let end = before_seq.min(last_seq.saturating_add(1));
+        BackwardWindow {
+            after_seq: end.saturating_sub(1).saturating_sub(limit as u64),
+            end,
+        }
+    }
 }
 
 /// The append body, fields kept raw so the writer stores the client's exact JSON.
@@ -274,6 +341,22 @@ fn message_response(record: &MessageRecord, deduplicated: bool) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use super::BackwardWindow;
+
+    #[test]
+    fn a_backward_window_covers_the_newest_seqs_below_its_bound() {
+        let window = BackwardWindow::new(u64::MAX, 10, 4);
+        assert_eq!((window.after_seq, window.end), (6, 11), "seqs 7..=10");
+        let window = BackwardWindow::new(7, 10, 4);
+        assert_eq!((window.after_seq, window.end), (2, 7), "seqs 3..=6");
+        let window = BackwardWindow::new(3, 10, 4);
+        assert_eq!((window.after_seq, window.end), (0, 3), "seqs 1..=2, the oldest page");
+        let window = BackwardWindow::new(1, 10, 4);
+        assert_eq!((window.after_seq, window.end), (0, 1), "nothing below seq 1");
+        let window = BackwardWindow::new(5, 0, 4);
+        assert_eq!((window.after_seq, window.end), (0, 1), "an empty session");
+    }
+
     use proptest::prelude::*;
     use serde_json::value::RawValue;
     use serde_json::{Value, json};
