@@ -313,6 +313,18 @@ export class FleetLMClient {
     return this.rest.getAllMessages(sessionId, options);
   }
 
+  /**
+   * One page of history, newest first in the paging sense: the newest `limit` messages below
+   * `beforeSeq` (default: the newest page), ascending. For "show the latest N, load older on
+   * scroll": pass the page's `next_before_seq` as `beforeSeq` for the next older page.
+   */
+  getMessagesBefore(
+    sessionId: string,
+    options: { beforeSeq?: number; limit?: number } = {},
+  ): Promise<{ messages: Message[]; has_more: boolean; next_before_seq: number | null }> {
+    return this.rest.getMessagesBefore(sessionId, options);
+  }
+
   async sendMessage(sessionId: string, message: NewMessage): Promise<Message & { deduplicated?: boolean }> {
     return this.rest.appendMessage(sessionId, { userId: await this.#identity() }, message);
   }

@@ -144,6 +144,23 @@ export class RestClient {
     return this.request("GET", `/api/sessions/${enc(sessionId)}/messages?${query}`);
   }
 
+  /**
+   * One page of history read backwards: the newest messages with `seq < beforeSeq` (default:
+   * the newest page), ascending. Read the next older page with `beforeSeq: page.next_before_seq`
+   * while it is not `null`.
+   */
+  async getMessagesBefore(
+    sessionId: string,
+    options: { beforeSeq?: number; limit?: number } = {},
+  ): Promise<{ messages: Message[]; has_more: boolean; next_before_seq: number | null }> {
+    const query = new URLSearchParams({
+      // Any bound past the last seq reads the newest page.
+      before_seq: String(options.beforeSeq ?? Number.MAX_SAFE_INTEGER),
+      limit: String(options.limit ?? 50),
+    });
+    return this.request("GET", `/api/sessions/${enc(sessionId)}/messages?${query}`);
+  }
+
   /** Every message after `afterSeq` (default: the whole history), paging as needed. */
   async getAllMessages(sessionId: string, options: { afterSeq?: number; signal?: AbortSignal } = {}): Promise<Message[]> {
     const all: Message[] = [];

@@ -118,6 +118,27 @@ describe("session subscription", () => {
     sub.leave();
   });
 
+  test("history read backwards: the newest page first, then older pages down to seq 1", async () => {
+    const c = client();
+    const id = fresh("back");
+    await c.createSession({ agentId: "bot", id });
+    for (let i = 1; i <= 23; i++) await c.rest.appendMessage(id, { agentId: "bot" }, { content: { text: `m${i}` } });
+    const newest = await c.getMessagesBefore(id, { limit: 10 });
+    assert.deepEqual(newest.messages.map((m) => m.seq), [14, 15, 16, 17, 18, 19, 20, 21, 22, 23]);
+    assert.equal(newest.has_more, true);
+    assert.equal(newest.next_before_seq, 14);
+    const pages = [newest.messages.map((m) => m.seq)];
+    let before = newest.next_before_seq;
+    while (before !== null) {
+      const page = await c.getMessagesBefore(id, { beforeSeq: before, limit: 10 });
+      pages.unshift(page.messages.map((m) => m.seq));
+      before = page.next_before_seq;
+    }
+    assert.deepEqual(pages.flat(), Array.from({ length: 23 }, (_, i) => i + 1));
+    assert.deepEqual(pages[0], [1, 2, 3]);
+    await assert.rejects(c.getMessagesBefore(id, { beforeSeq: 0 }), (error) => error.code === "invalid_parameter");
+  });
+
   test("a join past 100 messages pages the rest by REST: every message once, in order", async () => {
     const c = client();
     const id = fresh("many");
