@@ -621,6 +621,72 @@ async fn cancel_then_regenerate_replaces_the_aborted_reply() {
     server.stop().await;
 }
 
+/// After an approval the AI SDK continues the same message with the tool's outcome, without
+/// naming the tool call again: FleetLM assembles the continuation from the stored message (as
+/// the SDK does on the client) and stores the whole message, marked so, instead of refusing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_continuing_a_message_after_an_approval_is_stored_whole() {
+    let server = TestServer::start(Store::Sqlite).await;
+    let agent = TestAgent::start(Behavior::ApprovalThenContinue).await;
+    register(&server, &agent, "approver", json!({})).await;
+    say(&server, "approver-s", "delete /tmp/x").await;
+    let asked = agent_messages(&server, "approver-s", "approver", 1).await;
+    assert_eq!(
+        asked[0]["content"]["parts"][1]["state"], "approval-requested",
+        "{}",
+        asked[0]
+    );
+    let approval = json!({"message_id": "m1", "parts": [
+        {"type": "tool-deleteFile", "toolCallId": "c1", "state": "approval-responded",
+         "input": {"path": "/tmp/x"}, "approval": {"id": "a1", "approved": true}}
+    ]});
+    let sent = server
+        .post(
+            "/api/sessions/approver-s/messages",
+            json!({"user_id": "u", "kind": "tool_result", "content": approval}),
+        )
+        .await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    let stored = agent_messages(&server, "approver-s", "approver", 2).await;
+    let continued = &stored[1];
+    assert_eq!(continued["metadata"]["termination"], "finish", "{continued}");
+    assert!(continued["metadata"].get("error").is_none(), "not refused: {continued}");
+    assert_eq!(continued["metadata"]["continuation"], "whole", "{continued}");
+    assert_eq!(continued["content"]["id"], "m1");
+    let parts = continued["content"]["parts"].as_array().unwrap();
+    let shape: Vec<(String, String)> = parts
+        .iter()
+        .map(|part| {
+            (
+                part["type"].as_str().unwrap().to_string(),
+                part["state"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    // As the AI SDK's own assembly gives it: the stored parts, the tool part updated in place,
+    // then a step start for each of the continuation's steps and its text.
+    let expected: Vec<(String, String)> = [
+        ("step-start", "-"),
+        ("tool-deleteFile", "output-available"),
+        ("step-start", "-"),
+        ("step-start", "-"),
+        ("text", "done"),
+    ]
+    .iter()
+    .map(|(kind, state)| (kind.to_string(), state.to_string()))
+    .collect();
+    assert_eq!(shape, expected, "{continued}");
+    assert_eq!(parts[1]["output"], json!({"deleted": true}));
+    assert_eq!(
+        parts[1]["approval"]["approved"], true,
+        "the approval folded in: {continued}"
+    );
+    assert_eq!(parts[4]["text"], "Deleted.");
+    // The first message stays as it was stored: a reader takes the whole copy in its place.
+    assert!(stored[0]["metadata"].get("continuation").is_none());
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_results_reach_the_agent_as_sent_and_trigger_a_dispatch() {
     let server = TestServer::start(Store::Sqlite).await;

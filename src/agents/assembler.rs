@@ -122,6 +122,17 @@ impl Default for Assembler {
 }
 
 impl Assembler {
+    /// An assembler that goes on with a message already stored (`parts`), as the SDK does when
+    /// a stream continues the last message it was given (`originalMessages`): after a tool
+    /// approval, the reply reports the outcome of a tool call that message made.
+    pub fn continuing(id: String, parts: Vec<Map<String, Value>>) -> Assembler {
+        Assembler {
+            id,
+            parts,
+            ..Assembler::new()
+        }
+    }
+
     pub fn new() -> Assembler {
         Assembler {
             id: String::new(),

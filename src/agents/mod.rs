@@ -5,6 +5,7 @@
 //!   per session with a follow-up, concurrency bounds; rebuilt from the log after a restart.
 //! - `webhook/`: one dispatch — its turn and history, the request, the streamed reply, retries.
 //! - `branch.rs`: the current branch after `regenerate` messages (history, `replaces`).
+//! - `continuation.rs`: replies that continue a stored message (after a tool approval).
 //! - `cancel.rs`: cancelling a running dispatch (the user stops the turn), race-free with its end.
 //! - `http.rs`: the pooled webhook clients (HTTP/1.1 or ALPN-negotiated HTTP/2; h2c).
 //! - `reply.rs`, `assembler.rs`, `partial_json.rs`: the pure reply parsing and assembly.
@@ -20,6 +21,7 @@
 pub mod assembler;
 pub mod branch;
 mod cancel;
+pub mod continuation;
 pub mod http;
 mod partial_json;
 pub mod recent;

@@ -109,6 +109,17 @@ impl LiveStreams {
         streaming.assembler.push(chunk)
     }
 
+    /// The message about to stream continues a stored one (`continuation`): its assembler
+    /// starts from that message's parts. Only before the message's first chunk.
+    pub fn continue_message(&self, session_id: &Arc<str>, id: &str, parts: Vec<serde_json::Map<String, Value>>) {
+        if let Some(session) = self.session(session_id) {
+            let mut streaming = session.lock().expect("stream lock");
+            if streaming.chunks.is_empty() {
+                streaming.assembler = Assembler::continuing(id.to_string(), parts);
+            }
+        }
+    }
+
     /// Ends the message streaming now: runs `take` on its assembler, then the next chunk starts
     /// a new message (a fresh assembler, no chunks).
     pub fn end_message<T>(&self, session_id: &Arc<str>, take: impl FnOnce(&mut Assembler) -> T) -> Option<T> {

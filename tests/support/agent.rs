@@ -60,6 +60,11 @@ pub enum Behavior {
     /// them and then holds the reply open (until FleetLM closes the connection, e.g. because it
     /// was killed); later calls stream all of them.
     Parts { messages: usize, hold_after: usize },
+    /// As the AI SDK's `streamText` with a tool that needs approval: the first call asks for
+    /// the approval of a `deleteFile` call in message `m1` and finishes; every later call
+    /// continues `m1` (its `start` names it) with the tool's output and a text, without naming
+    /// the tool call again.
+    ApprovalThenContinue,
 }
 
 #[derive(Clone, Debug)]
@@ -505,6 +510,36 @@ async fn webhook(
         }
         Behavior::CutOnce => streamed(jsonl(&text)),
         Behavior::Gated { before, after } => gated(state.clone(), call_number, *before, *after),
+        Behavior::ApprovalThenContinue if call_number == 1 => streamed(
+            [
+                json!({"type": "start", "messageId": "m1"}),
+                json!({"type": "start-step"}),
+                json!({"type": "tool-input-available", "toolCallId": "c1", "toolName": "deleteFile", "input": {"path": "/tmp/x"}}),
+                json!({"type": "tool-approval-request", "approvalId": "a1", "toolCallId": "c1"}),
+                json!({"type": "finish-step"}),
+                json!({"type": "finish", "finishReason": "tool-calls"}),
+            ]
+            .iter()
+            .map(Value::to_string)
+            .collect(),
+        ),
+        Behavior::ApprovalThenContinue => streamed(
+            [
+                json!({"type": "start", "messageId": "m1"}),
+                json!({"type": "start-step"}),
+                json!({"type": "tool-output-available", "toolCallId": "c1", "output": {"deleted": true}}),
+                json!({"type": "finish-step"}),
+                json!({"type": "start-step"}),
+                json!({"type": "text-start", "id": "t1"}),
+                json!({"type": "text-delta", "id": "t1", "delta": "Deleted."}),
+                json!({"type": "text-end", "id": "t1"}),
+                json!({"type": "finish-step"}),
+                json!({"type": "finish", "finishReason": "stop"}),
+            ]
+            .iter()
+            .map(Value::to_string)
+            .collect(),
+        ),
         Behavior::Parts { messages, hold_after } => {
             let count = if call_number == 1 { *hold_after } else { *messages };
             let lines: Vec<String> = (0..count).flat_map(part_chunks).map(|c| format!("{c}\n")).collect();

@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 use super::messages::{ReplyState, finish_incomplete, finish_message, handle_line, store};
 use super::{CallError, DispatchJob, is_retryable_status};
 use crate::agents::EngineContext;
+use crate::agents::continuation::Continuable;
 use crate::agents::reply::{BodyEnd, BodyError, ReplyBody};
 use crate::agents::signing;
 use crate::model::{Agent, Timestamp};
@@ -38,6 +39,10 @@ pub(super) async fn call(
         replaces,
         answers_through,
     } = turn;
+    let continuable = body["messages"]
+        .as_array()
+        .map(|history| Continuable::from_history(history))
+        .unwrap_or_default();
     let url = crate::api::agents::webhook_url(&agent.origin_url, &agent.webhook_path);
     let timeout = Duration::from_millis(u64::from(agent.timeout_ms));
     let mut request = context
@@ -127,6 +132,8 @@ pub(super) async fn call(
         message_started: None,
         streaming_announced: false,
         failure: None,
+        continuable,
+        continuing: false,
     };
     let mut reader = ReplyBody::new(context.config.max_reply_line_bytes);
     let malformed = |error: BodyError| {

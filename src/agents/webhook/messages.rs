@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 
 use super::{CallError, DispatchJob, lease_gone, lease_or_wait};
+use crate::agents::continuation::{CONTINUATION_KEY, Continuable, WHOLE};
 use crate::agents::reply::{ReplyLine, parse_line};
 use crate::agents::{EngineContext, status};
 use crate::model::Agent;
@@ -31,6 +32,10 @@ pub(super) struct ReplyState {
     pub(super) streaming_announced: bool,
     /// The assembler refused a chunk: the reply is malformed.
     pub(super) failure: Option<String>,
+    /// The stored messages a message of the reply may continue (from the history sent).
+    pub(super) continuable: Continuable,
+    /// The message streaming now continues a stored one: stored whole, marked so.
+    pub(super) continuing: bool,
 }
 
 /// Handles one reply line; `Ok(true)` when the reply says it is complete (`[DONE]`).
@@ -61,6 +66,7 @@ pub(super) async fn handle_line(
             reply.message_chunks += 1;
             if reply.message_chunks == 1 {
                 stamp_message_id(&mut chunk, &job.dispatch_id, reply.index);
+                continue_stored_message(context, job, reply, &chunk);
             }
             let started = *reply.message_started.get_or_insert_with(Instant::now);
             let max_bytes = context.config.max_reply_bytes;
@@ -106,6 +112,22 @@ pub(super) async fn handle_line(
     }
 }
 
+/// A message whose `start` names a message of the history (not the one a `regenerate` replaces)
+/// continues it: assembled from its parts on (`continuation`).
+fn continue_stored_message(context: &EngineContext, job: &DispatchJob, reply: &mut ReplyState, chunk: &Value) {
+    if chunk["type"].as_str() != Some("start") {
+        return;
+    }
+    let Some(id) = chunk["messageId"].as_str() else { return };
+    if reply.replaces.as_deref() == Some(id) {
+        return;
+    }
+    if let Some(parts) = reply.continuable.parts(id) {
+        context.streams.continue_message(&job.session_id, id, parts.to_vec());
+        reply.continuing = true;
+    }
+}
+
 /// A message's opening `start` chunk without a `messageId` (the AI SDK's `toUIMessageStream`
 /// sends none unless given the original messages) gets the id FleetLM stores the message
 /// under, so the chunk every client receives names the id the log holds.
@@ -143,6 +165,7 @@ pub(super) async fn finish_message(
     reply.message_bytes = 0;
     reply.message_chunks = 0;
     reply.message_started = None;
+    let continuing = std::mem::take(&mut reply.continuing);
     let Some((Some(message), message_metadata, errors, failure)) = taken else {
         return Ok(());
     };
@@ -153,6 +176,9 @@ pub(super) async fn finish_message(
     };
     metadata.insert("termination".into(), termination.into());
     metadata.insert("dispatch_id".into(), Value::String(job.dispatch_id.to_string()));
+    if continuing {
+        metadata.insert(CONTINUATION_KEY.into(), WHOLE.into());
+    }
     if let Some(error) = errors.last().cloned().or(failure) {
         metadata.insert("error".into(), error.into());
     }
