@@ -30,7 +30,8 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
   options: ChatSyncOptions = {},
 ): ChatSync {
   const chatId = chat.id;
-  const offs: Array<() => void> = [];
+  // While synced, the chat's session stays joined (the transport leaves only chats not in use).
+  const offs: Array<() => void> = [transport.retain(chatId)];
   const pending: Message[] = [];
   let stopped = false;
   let timer: ReturnType<typeof setTimeout> | undefined;

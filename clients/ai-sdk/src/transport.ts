@@ -36,7 +36,17 @@ export interface FleetLMChatTransportOptions {
   fetch?: typeof fetch;
   /** An existing client to share (instead of url/userId/token). */
   client?: FleetLMClient;
+  /**
+   * How many chats' sessions the transport keeps joined at once (default 50). The server allows
+   * 100 channels per socket; beyond this bound the least recently used chat that is not in use
+   * (no reply streaming, no `syncChat` / `useFleetLMChat` following it) is left, and joined
+   * again when it is used.
+   */
+  maxOpenChats?: number;
 }
+
+/** The default of `maxOpenChats`: half the server's 100 channels per socket. */
+export const DEFAULT_MAX_OPEN_CHATS = 50;
 
 /** What the transport knows of a FleetLM message shown in a chat. */
 interface Known {
@@ -72,6 +82,14 @@ function clientId(prefix: string, id: string): string {
   return full.length <= 128 ? full : `${prefix}h-${hash(id)}`;
 }
 
+type SendOptions<UI_MESSAGE extends UIMessage> = {
+  trigger: "submit-message" | "regenerate-message";
+  chatId: string;
+  messageId: string | undefined;
+  messages: UI_MESSAGE[];
+  abortSignal: AbortSignal | undefined;
+} & { headers?: Record<string, string> | Headers; body?: object; metadata?: unknown };
+
 export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> implements ChatTransport<UI_MESSAGE> {
   /** `reconnectToStream` replays the reply from its first chunk. */
   readonly resumeStreamIsReplay = true;
@@ -92,9 +110,15 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
   readonly #creating = new Set<string>();
   /** Callers of `whenOpen` waiting for a session to be joined. */
   readonly #waiters = new Map<string, Array<() => void>>();
+  /** How many users each chat has now (streams, syncs): a chat in use is never left. */
+  readonly #pins = new Map<string, number>();
+  readonly #maxOpen: number;
 
   constructor(options: FleetLMChatTransportOptions) {
     this.#options = options;
+    const max = options.maxOpenChats ?? DEFAULT_MAX_OPEN_CHATS;
+    if (!Number.isInteger(max) || max < 1) throw new Error("maxOpenChats must be a positive integer");
+    this.#maxOpen = max;
     if (options.client) {
       this.client = options.client;
       this.#ownsClient = false;
@@ -118,6 +142,7 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
    */
   session(chatId: string, options: { create?: boolean } = {}): Promise<SessionSubscription> {
     const create = options.create !== false;
+    this.#touch(chatId);
     let pending = this.#sessions.get(chatId);
     if (pending && create && !this.#creating.has(chatId)) {
       // An open that may not create is under way (a reconnect or the sync): if it finds no
@@ -136,6 +161,7 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
       if (create) this.#creating.add(chatId);
       this.#sessions.set(chatId, pending);
       this.#watch(chatId, pending);
+      this.#trim(chatId);
     }
     const current = pending;
     return current.then((subscription) => {
@@ -145,6 +171,76 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
         return this.session(chatId, options);
       }
       return subscription;
+    });
+  }
+
+  /**
+   * Marks a chat in use until the returned function is called: its session stays joined (it is
+   * not left to make room for other chats). `syncChat` and the streams the transport returns
+   * hold one each.
+   */
+  retain(chatId: string): () => void {
+    this.#pins.set(chatId, (this.#pins.get(chatId) ?? 0) + 1);
+    this.#touch(chatId);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const left = (this.#pins.get(chatId) ?? 1) - 1;
+      if (left > 0) this.#pins.set(chatId, left);
+      else this.#pins.delete(chatId);
+      this.#trim();
+    };
+  }
+
+  /** The chats whose sessions the transport holds joined (or is joining), least recently used first. */
+  openChats(): string[] {
+    return [...this.#sessions.keys()];
+  }
+
+  /** Moves a chat to the most recently used end. */
+  #touch(chatId: string): void {
+    const pending = this.#sessions.get(chatId);
+    if (!pending) return;
+    this.#sessions.delete(chatId);
+    this.#sessions.set(chatId, pending);
+  }
+
+  /** Leaves the least recently used chats not in use while more than `maxOpenChats` are joined. */
+  #trim(keep?: string): void {
+    if (this.#sessions.size <= this.#maxOpen) return;
+    for (const chatId of [...this.#sessions.keys()]) {
+      if (this.#sessions.size <= this.#maxOpen) break;
+      if (chatId === keep || this.#pins.has(chatId)) continue;
+      const pending = this.#sessions.get(chatId)!;
+      this.#sessions.delete(chatId);
+      this.#creating.delete(chatId);
+      pending.then((subscription) => subscription.leave(), () => {});
+    }
+  }
+
+  /** Ends `release` once the stream ends, fails or is cancelled. */
+  #holding<T>(stream: ReadableStream<T>, release: () => void): ReadableStream<T> {
+    const reader = stream.getReader();
+    return new ReadableStream<T>({
+      pull: async (controller) => {
+        try {
+          const { done, value } = await reader.read();
+          if (done) {
+            release();
+            controller.close();
+          } else {
+            controller.enqueue(value);
+          }
+        } catch (error) {
+          release();
+          controller.error(error);
+        }
+      },
+      cancel: async (reason) => {
+        release();
+        await reader.cancel(reason);
+      },
     });
   }
 
@@ -273,19 +369,26 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     set.add(dispatchId);
   }
 
-  async sendMessages(
-    options: {
-      trigger: "submit-message" | "regenerate-message";
-      chatId: string;
-      messageId: string | undefined;
-      messages: UI_MESSAGE[];
-      abortSignal: AbortSignal | undefined;
-    } & { headers?: Record<string, string> | Headers; body?: object; metadata?: unknown },
-  ): Promise<ReadableStream<UIMessageChunk>> {
+  async sendMessages(options: SendOptions<UI_MESSAGE>): Promise<ReadableStream<UIMessageChunk>> {
+    // The chat is in use until its reply stream ends: its session is not left meanwhile.
+    const release = this.retain(options.chatId);
+    try {
+      return this.#holding(await this.#send(options), release);
+    } catch (error) {
+      release();
+      throw error;
+    }
+  }
+
+  async #send(options: SendOptions<UI_MESSAGE>): Promise<ReadableStream<UIMessageChunk>> {
     const { chatId, messages, abortSignal, trigger } = options;
     const subscription = await this.session(chatId);
     abortSignal?.throwIfAborted();
     const exclude = new Set(subscription.knownDispatches);
+    // A reply streaming when the session was (re)joined is not this send's, even if its
+    // snapshot has not arrived yet.
+    const streaming = subscription.lastJoin?.stream?.dispatch_id;
+    if (streaming) exclude.add(streaming);
     const last = messages[messages.length - 1];
     let send: Parameters<SessionSubscription["send"]>[0];
     if (trigger === "regenerate-message") {
@@ -371,6 +474,21 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     chatId: string;
     abortSignal?: AbortSignal;
   }): Promise<ReadableStream<UIMessageChunk> | null> {
+    const release = this.retain(options.chatId);
+    try {
+      const stream = await this.#reconnect(options);
+      if (!stream) {
+        release();
+        return null;
+      }
+      return this.#holding(stream, release);
+    } catch (error) {
+      release();
+      throw error;
+    }
+  }
+
+  async #reconnect(options: { chatId: string; abortSignal?: AbortSignal }): Promise<ReadableStream<UIMessageChunk> | null> {
     const { chatId, abortSignal } = options;
     // Counted at once (the AI SDK aborts the resume it replaces just before this call).
     const generation = (this.#resumes.get(chatId) ?? 0) + 1;
@@ -440,6 +558,7 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
   close(): void {
     for (const pending of this.#sessions.values()) pending.then((s) => s.leave(), () => {});
     this.#sessions.clear();
+    this.#creating.clear();
     if (this.#ownsClient) this.client.close();
   }
 }
