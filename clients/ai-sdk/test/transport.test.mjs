@@ -270,6 +270,40 @@ describe("FleetLMChatTransport", () => {
     assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
   });
 
+  test("regenerate from a chat that holds only the user message (a second device): the new reply streams into it", async (t) => {
+    needs(t, features.regenerate, "regenerate");
+    const chatId = fresh("regen-user");
+    const first = new TestChat({ id: chatId, transport: transport() });
+    await first.sendMessage({ text: "slow answer me" });
+    const firstReply = first.messages[1];
+    // Another device that has only the user's turn (its reply failed there, or was never loaded).
+    const userOnly = (await loadChatMessages({ url: base, userId: "alice", chatId })).slice(0, 1);
+    const second = new TestChat({ id: chatId, transport: transport(), messages: userOnly });
+    await second.regenerate();
+    assert.equal(second.status, "ready", second.error?.message);
+    assert.equal(second.messages.length, 2);
+    assert.equal(second.messages[1].role, "assistant");
+    assert.notEqual(second.messages[1].id, firstReply.id);
+    assert.equal(textOf(second.messages[1]), SLOW_TEXT);
+    const log = await stored(chatId);
+    assert.equal(log.filter((m) => m.kind === "assistant").length, 2);
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(second.messages));
+  });
+
+  test("regenerate after a failed reply (the chat holds only the user message): the new reply streams in", async (t) => {
+    needs(t, features.regenerate, "regenerate");
+    const chatId = fresh("regen-failed");
+    const chat = new TestChat({ id: chatId, transport: transport() });
+    await chat.sendMessage({ text: "echo once" });
+    // As if the reply had failed here: the chat shows only the user's turn.
+    chat.messages = chat.messages.slice(0, 1);
+    await chat.regenerate();
+    assert.equal(chat.status, "ready", chat.error?.message);
+    assert.equal(chat.messages.length, 2);
+    assert.equal(textOf(chat.messages[1]), "echo: echo once");
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
+  });
+
   test("tool approval round trip: approval flows through the log to the agent, the same message continues", { skip: !APPROVALS && "ai 5 has no tool approvals" }, async () => {
     const chatId = fresh("approve");
     const chat = new TestChat({
