@@ -4,9 +4,12 @@ export { DEFAULT_MAX_OPEN_CHATS, FleetLMChatTransport, type FleetLMChatTransport
 export {
   CLIENT_TOOL_STATES,
   FLEETLM_METADATA_KEYS,
+  FLEETLM_REQUEST_KEY,
   historyToUIMessages,
   replyMetadata,
+  requestOptions,
   type ConvertedHistory,
+  type FleetLMRequestOptions,
   type HistoryOptions,
 } from "./messages.js";
 export { loadChatMessages, type LoadChatMessagesOptions } from "./load.js";

@@ -11,7 +11,7 @@ import {
   type UIMessageChunk as FleetChunk,
 } from "@fleetlm/client";
 import type { ChatTransport, UIMessage, UIMessageChunk } from "ai";
-import { CLIENT_TOOL_STATES, historyToUIMessages } from "./messages.js";
+import { CLIENT_TOOL_STATES, FLEETLM_REQUEST_KEY, historyToUIMessages } from "./messages.js";
 
 export interface FleetLMChatTransportOptions {
   /** The server's base URL, e.g. `http://127.0.0.1:4000`. */
@@ -89,6 +89,21 @@ type SendOptions<UI_MESSAGE extends UIMessage> = {
   messages: UI_MESSAGE[];
   abortSignal: AbortSignal | undefined;
 } & { headers?: Record<string, string> | Headers; body?: object; metadata?: unknown };
+
+/** `{body?, headers?}` of a request (header names lower-cased), or undefined when it has neither. */
+function requestMetadata(body: object | undefined, headers: Record<string, string> | Headers | undefined): JsonObject | undefined {
+  const request: JsonObject = {};
+  if (body && typeof body === "object" && !Array.isArray(body) && Object.keys(body).length) {
+    request.body = JSON.parse(JSON.stringify(body)) as JsonObject;
+  }
+  if (headers) {
+    const plain: Record<string, string> = {};
+    if (typeof Headers !== "undefined" && headers instanceof Headers) headers.forEach((value, name) => (plain[name.toLowerCase()] = value));
+    else for (const [name, value] of Object.entries(headers)) if (value !== undefined && value !== null) plain[name.toLowerCase()] = String(value);
+    if (Object.keys(plain).length) request.headers = plain;
+  }
+  return Object.keys(request).length ? request : undefined;
+}
 
 export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> implements ChatTransport<UI_MESSAGE> {
   /** `reconnectToStream` replays the reply from its first chunk. */
@@ -418,6 +433,10 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     } else {
       throw new Error("nothing to send: no user message");
     }
+    // The request's `body` and `headers` (sendMessage(message, { body, headers })) go to the
+    // agent in the stored message's metadata, under one key of their own; never as HTTP headers.
+    const request = requestMetadata(options.body, options.headers);
+    if (request) send.metadata = { ...(send.metadata ?? {}), [FLEETLM_REQUEST_KEY]: request };
 
     const flight: { dispatchId?: string } = {};
     this.#inFlight.set(chatId, flight);

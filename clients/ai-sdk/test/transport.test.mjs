@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
 import * as ai from "ai";
-import { FleetLMChatTransport, loadChatMessages, syncChat } from "@fleetlm/ai-sdk";
+import { FleetLMChatTransport, loadChatMessages, requestOptions, syncChat } from "@fleetlm/ai-sdk";
 import { FleetLMClient } from "@fleetlm/client";
 import {
   TestChat,
@@ -100,6 +100,37 @@ describe("FleetLMChatTransport", () => {
     assert.equal(textOf(chat.messages[1]), "no id");
     assert.deepEqual(plain(chat.messages), plain(await loadChatMessages({ url: base, userId: "alice", chatId })));
     sync.stop();
+  });
+
+  test("a request's body and headers reach the agent in the message's metadata (fleetlm_request), never as HTTP headers", async () => {
+    const chatId = fresh("options");
+    const sentHeaders = [];
+    const recording = (input, init) => {
+      sentHeaders.push(Object.fromEntries(new Headers(init?.headers).entries()));
+      return fetch(input, init);
+    };
+    const chat = new TestChat({ id: chatId, transport: transport({ fetch: recording }) });
+    await chat.sendMessage(
+      { text: "with options", metadata: { from: "test" } },
+      { body: { model: "small", temperature: 0.2, nested: { a: [1, 2] } }, headers: { "X-Tenant": "acme", Accept: "text/plain" } },
+    );
+    assert.equal(chat.status, "ready", chat.error?.message);
+    assert.equal(textOf(chat.messages[1]), "echo: with options");
+    // The agent's call: the newest message carries them under one key; the user's metadata is intact.
+    const call = requestsFor(chatId).at(-1).body;
+    const newest = call.messages.at(-1);
+    const expected = { body: { model: "small", temperature: 0.2, nested: { a: [1, 2] } }, headers: { "x-tenant": "acme", accept: "text/plain" } };
+    assert.deepEqual(newest.metadata, { from: "test", fleetlm_request: expected });
+    assert.deepEqual(requestOptions(newest.metadata), expected);
+    // Not sent to the server as HTTP headers.
+    assert.ok(sentHeaders.length > 0, "the transport made REST calls through the given fetch");
+    for (const headers of sentHeaders) assert.equal(headers["x-tenant"], undefined);
+    // Not part of the UI message: a reload equals the chat.
+    assert.deepEqual(chat.messages[0].metadata, { from: "test" });
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
+    // A send without them carries none.
+    await chat.sendMessage({ text: "no options" });
+    assert.equal(requestsFor(chatId).at(-1).body.messages.at(-1).metadata.fleetlm_request, undefined);
   });
 
   test("an agent that cannot be reached: the chat shows the failure's sentence, without its address", async () => {
