@@ -227,10 +227,7 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     for (const chatId of [...this.#sessions.keys()]) {
       if (this.#sessions.size <= this.#maxOpen) break;
       if (chatId === keep || this.#pins.has(chatId)) continue;
-      const pending = this.#sessions.get(chatId)!;
-      this.#sessions.delete(chatId);
-      this.#creating.delete(chatId);
-      pending.then((subscription) => subscription.leave(), () => {});
+      this.#leave(chatId);
     }
   }
 
@@ -573,11 +570,27 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     return (await this.session(chatId)).cancel();
   }
 
-  /** Leaves every session and closes the socket (when the transport created its client). */
-  close(): void {
-    for (const pending of this.#sessions.values()) pending.then((s) => s.leave(), () => {});
-    this.#sessions.clear();
-    this.#creating.clear();
+  /**
+   * What `chat.dispose()` calls. One transport is usually shared by every chat of a page, so
+   * this leaves only the sessions of chats not in use (no reply streaming, not held by `retain`,
+   * `syncChat` or `useFleetLMChat`); when no chat is in use it also closes the socket (when the
+   * transport created its client). The transport stays usable: a chat used again rejoins (on a
+   * new socket if needed). `close({ force: true })` leaves every session and closes the socket
+   * even while chats use them.
+   */
+  close(options: { force?: boolean } = {}): void {
+    if (!options.force && this.#pins.size > 0) {
+      for (const chatId of [...this.#sessions.keys()]) if (!this.#pins.has(chatId)) this.#leave(chatId);
+      return;
+    }
+    for (const chatId of [...this.#sessions.keys()]) this.#leave(chatId);
     if (this.#ownsClient) this.client.close();
+  }
+
+  #leave(chatId: string): void {
+    const pending = this.#sessions.get(chatId);
+    this.#sessions.delete(chatId);
+    this.#creating.delete(chatId);
+    pending?.then((subscription) => subscription.leave(), () => {});
   }
 }

@@ -24,7 +24,7 @@ before(async () => {
 });
 
 after(async () => {
-  for (const t of transports) t.close();
+  for (const t of transports) t.close({ force: true });
   await stopAll();
 });
 

@@ -49,7 +49,7 @@ before(async () => {
 const clients = [];
 
 after(async () => {
-  for (const t of transports) t.close();
+  for (const t of transports) t.close({ force: true });
   for (const c of clients) c.close();
   await stopAll();
 });
