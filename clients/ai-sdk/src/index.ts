@@ -14,3 +14,4 @@ export {
 } from "./messages.js";
 export { loadChatMessages, type LoadChatMessagesOptions } from "./load.js";
 export { syncChat, type ChatSync, type ChatSyncOptions } from "./sync.js";
+export { CHAT_CALLBACKS, latestCallbacks } from "./callbacks.js";

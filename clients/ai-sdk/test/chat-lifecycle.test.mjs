@@ -6,8 +6,7 @@ import { createServer } from "node:http";
 import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
 import * as ai from "ai";
-import { FleetLMChatTransport, syncChat } from "@fleetlm/ai-sdk";
-import { latestCallbacks } from "../dist/callbacks.js";
+import { FleetLMChatTransport, latestCallbacks, syncChat } from "@fleetlm/ai-sdk";
 import { TestChat, registerAgent, rest, sleep, startAgent, startServer, stopAll } from "../../test-support/harness.mjs";
 
 let base;
@@ -101,7 +100,12 @@ describe("chat lifecycle", () => {
     await sync.ready;
     const gone = new TestChat({ id: fresh("gone"), transport: shared });
     await gone.sendMessage({ text: "short-lived" });
-    await gone.dispose();
+    // ai 7's dispose() is stop() then transport.close(); ai 5 and 6 have no dispose(): do the same.
+    if (typeof gone.dispose === "function") await gone.dispose();
+    else {
+      await gone.stop();
+      shared.close();
+    }
     // The other chat still follows its session: another tab's turn appears, its reply streams in.
     const tab = new TestChat({ id: kept.id, transport: transport() });
     await tab.sendMessage({ text: "from another tab" });
