@@ -409,7 +409,11 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
       const active = subscription.activeReply();
       if (active && !active.done) await subscription.cancel({ dispatchId: active.dispatchId }).catch(() => {});
       const content: JsonObject = {};
-      const target = options.messageId ? this.fleetIds(chatId, options.messageId)[0] : undefined;
+      // `regenerate({ messageId })` names the reply to replace, or (a chat that holds only the
+      // user's turn: the reply failed here, or is on another device) the user message to answer
+      // again: that one is no reply to name, the server then replaces the turn's current reply.
+      const ofUser = messages.some((m) => m.id === options.messageId && m.role === "user");
+      const target = options.messageId && !ofUser ? this.fleetIds(chatId, options.messageId)[0] : undefined;
       if (target) content.message_id = target;
       send = { kind: "regenerate", content, clientId: randomId("regen-") };
     } else if (last?.role === "assistant") {

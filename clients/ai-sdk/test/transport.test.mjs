@@ -321,6 +321,24 @@ describe("FleetLMChatTransport", () => {
     assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(second.messages));
   });
 
+  test("regenerate({ messageId: <the user message> }) answers that turn again and replaces its reply (not the user message)", async (t) => {
+    needs(t, features.regenerate, "regenerate");
+    const chatId = fresh("regen-user-id");
+    const chat = new TestChat({ id: chatId, transport: transport() });
+    await chat.sendMessage({ text: "again please" });
+    const firstStored = (await stored(chatId)).find((m) => m.kind === "assistant");
+    chat.messages = chat.messages.slice(0, 1);
+    await chat.regenerate({ messageId: chat.messages[0].id });
+    assert.equal(chat.status, "ready", chat.error?.message);
+    assert.equal(chat.messages.length, 2);
+    assert.equal(textOf(chat.messages[1]), "echo: again please");
+    const log = await stored(chatId);
+    const regenerate = log.find((m) => m.kind === "regenerate");
+    assert.equal(regenerate.content.message_id, undefined, "no user message named as the reply to replace");
+    assert.equal(log.filter((m) => m.kind === "assistant").at(-1).metadata.replaces, firstStored.id);
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
+  });
+
   test("regenerate after a failed reply (the chat holds only the user message): the new reply streams in", async (t) => {
     needs(t, features.regenerate, "regenerate");
     const chatId = fresh("regen-failed");
