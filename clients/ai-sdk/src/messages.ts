@@ -6,6 +6,33 @@ import type { UIMessage } from "ai";
 /** Metadata keys FleetLM adds to stored replies; they are not part of the UI message. */
 export const FLEETLM_METADATA_KEYS = ["termination", "dispatch_id", "answers_seq", "replaces", "error"] as const;
 
+/**
+ * The metadata key under which `FleetLMChatTransport` stores a request's `body` and `headers`
+ * (`sendMessage(message, { body, headers })`) in the message it writes:
+ * `metadata.fleetlm_request = {"body"?: {...}, "headers"?: {"<lower-cased name>": "<value>"}}`.
+ * It is not part of the UI message (`historyToUIMessages` leaves it out).
+ */
+export const FLEETLM_REQUEST_KEY = "fleetlm_request";
+
+/** What a client sent with a message as request options (`body`, `headers`), if anything. */
+export interface FleetLMRequestOptions {
+  body?: Record<string, unknown>;
+  headers?: Record<string, string>;
+}
+
+/**
+ * The request options (`body`, `headers`) stored with a message (its `metadata`), e.g. the
+ * newest user message of an agent call: `requestOptions(call.body.messages.at(-1).metadata)`.
+ */
+export function requestOptions(metadata: unknown): FleetLMRequestOptions | undefined {
+  if (!isObject(metadata) || !isObject(metadata[FLEETLM_REQUEST_KEY])) return undefined;
+  const stored = metadata[FLEETLM_REQUEST_KEY] as Record<string, unknown>;
+  const options: FleetLMRequestOptions = {};
+  if (isObject(stored.body)) options.body = stored.body;
+  if (isObject(stored.headers)) options.headers = stored.headers as Record<string, string>;
+  return options;
+}
+
 /** Tool part states a client writes back (docs/CLIENTS.md, "Tools and approvals"). */
 export const CLIENT_TOOL_STATES = new Set(["output-available", "output-error", "approval-responded"]);
 
@@ -40,7 +67,10 @@ function userMessage(message: Message): UIMessage | null {
   else if (typeof content.text === "string") parts = [{ type: "text", text: content.text }];
   else return null;
   const ui: UIMessage = { id: typeof content.id === "string" ? content.id : message.id, role: "user", parts };
-  if (isObject(message.metadata) && Object.keys(message.metadata).length) ui.metadata = message.metadata;
+  if (isObject(message.metadata)) {
+    const { [FLEETLM_REQUEST_KEY]: _request, ...metadata } = message.metadata;
+    if (Object.keys(metadata).length) ui.metadata = metadata;
+  }
   return ui;
 }
 

@@ -2,7 +2,8 @@
 // written elsewhere (another tab, another device, the agent writing by REST).
 import { Chat, useChat } from "@ai-sdk/react";
 import type { ChatInit, UIMessage } from "ai";
-import { useEffect, useMemo } from "react";
+import { useEffect, useMemo, useRef } from "react";
+import { latestCallbacks } from "./callbacks.js";
 import { syncChat, type ChatSyncOptions } from "./sync.js";
 import type { FleetLMChatTransport } from "./transport.js";
 
@@ -23,8 +24,15 @@ export type UseFleetLMChatOptions<UI_MESSAGE extends UIMessage> = Omit<ChatInit<
  */
 export function useFleetLMChat<UI_MESSAGE extends UIMessage = UIMessage>(options: UseFleetLMChatOptions<UI_MESSAGE>) {
   const { id, transport, resume = true, throttle, followRemoteStreams, ...init } = options;
-  // One Chat per session id and transport (like useChat's own `id` handling).
-  const chat = useMemo(() => new Chat<UI_MESSAGE>({ ...init, id, transport }), [id, transport]);
+  // The callbacks (onFinish, onToolCall, …) change at every render: the chat calls the latest.
+  const latest = useRef(init);
+  latest.current = init;
+  // One Chat per session id and transport (like useChat's own `id` handling). Its `dispose()`
+  // does not close the shared transport while other chats use it (see transport.close).
+  const chat = useMemo(
+    () => new Chat<UI_MESSAGE>({ ...init, ...latestCallbacks<UI_MESSAGE>(latest), id, transport }),
+    [id, transport],
+  );
   // `experimental_throttle`: the name @ai-sdk/react 2 and 3 (ai 5, 6) know; 4 (ai 7) still reads it.
   const helpers = useChat<UI_MESSAGE>({ chat, resume, experimental_throttle: throttle });
   useFleetLMSync(chat, transport, { followRemoteStreams });

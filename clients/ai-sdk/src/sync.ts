@@ -30,13 +30,27 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
   options: ChatSyncOptions = {},
 ): ChatSync {
   const chatId = chat.id;
-  const offs: Array<() => void> = [];
+  // While synced, the chat's session stays joined (the transport leaves only chats not in use).
+  const offs: Array<() => void> = [transport.retain(chatId)];
   const pending: Message[] = [];
   let stopped = false;
   let timer: ReturnType<typeof setTimeout> | undefined;
   let userId: string | undefined;
   let caughtUp = false;
   let subscription: SessionSubscription | undefined;
+  // Client-side tools run only in the chat that started the reply: while this chat follows a
+  // reply another tab or device asked for, its `onToolCall` is not called (that tab runs the
+  // tool; its output arrives here as a `tool_result`).
+  let following = 0;
+  const holder = chat as unknown as { onToolCall?: (arg: unknown) => unknown };
+  const ownToolCall = holder.onToolCall;
+  const guardedToolCall = ownToolCall
+    ? (arg: unknown) => (following > 0 ? undefined : ownToolCall.call(chat, arg))
+    : undefined;
+  if (guardedToolCall) holder.onToolCall = guardedToolCall;
+  offs.push(() => {
+    if (guardedToolCall && holder.onToolCall === guardedToolCall) holder.onToolCall = ownToolCall;
+  });
 
   const schedule = () => {
     if (timer === undefined && !stopped) timer = setTimeout(flush, 50);
@@ -153,7 +167,10 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
           // after the messages before it are in.
           setTimeout(() => {
             flush();
-            if (!stopped && IDLE.has(chat.status) && !transport.inFlight(chatId)) void chat.resumeStream();
+            if (!stopped && IDLE.has(chat.status) && !transport.inFlight(chatId)) {
+              following++;
+              void chat.resumeStream().finally(() => following--);
+            }
           }, 0);
         }),
       );

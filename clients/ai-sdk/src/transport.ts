@@ -11,7 +11,7 @@ import {
   type UIMessageChunk as FleetChunk,
 } from "@fleetlm/client";
 import type { ChatTransport, UIMessage, UIMessageChunk } from "ai";
-import { CLIENT_TOOL_STATES, historyToUIMessages } from "./messages.js";
+import { CLIENT_TOOL_STATES, FLEETLM_REQUEST_KEY, historyToUIMessages } from "./messages.js";
 
 export interface FleetLMChatTransportOptions {
   /** The server's base URL, e.g. `http://127.0.0.1:4000`. */
@@ -36,7 +36,17 @@ export interface FleetLMChatTransportOptions {
   fetch?: typeof fetch;
   /** An existing client to share (instead of url/userId/token). */
   client?: FleetLMClient;
+  /**
+   * How many chats' sessions the transport keeps joined at once (default 50). The server allows
+   * 100 channels per socket; beyond this bound the least recently used chat that is not in use
+   * (no reply streaming, no `syncChat` / `useFleetLMChat` following it) is left, and joined
+   * again when it is used.
+   */
+  maxOpenChats?: number;
 }
+
+/** The default of `maxOpenChats`: half the server's 100 channels per socket. */
+export const DEFAULT_MAX_OPEN_CHATS = 50;
 
 /** What the transport knows of a FleetLM message shown in a chat. */
 interface Known {
@@ -72,6 +82,29 @@ function clientId(prefix: string, id: string): string {
   return full.length <= 128 ? full : `${prefix}h-${hash(id)}`;
 }
 
+type SendOptions<UI_MESSAGE extends UIMessage> = {
+  trigger: "submit-message" | "regenerate-message";
+  chatId: string;
+  messageId: string | undefined;
+  messages: UI_MESSAGE[];
+  abortSignal: AbortSignal | undefined;
+} & { headers?: Record<string, string> | Headers; body?: object; metadata?: unknown };
+
+/** `{body?, headers?}` of a request (header names lower-cased), or undefined when it has neither. */
+function requestMetadata(body: object | undefined, headers: Record<string, string> | Headers | undefined): JsonObject | undefined {
+  const request: JsonObject = {};
+  if (body && typeof body === "object" && !Array.isArray(body) && Object.keys(body).length) {
+    request.body = JSON.parse(JSON.stringify(body)) as JsonObject;
+  }
+  if (headers) {
+    const plain: Record<string, string> = {};
+    if (typeof Headers !== "undefined" && headers instanceof Headers) headers.forEach((value, name) => (plain[name.toLowerCase()] = value));
+    else for (const [name, value] of Object.entries(headers)) if (value !== undefined && value !== null) plain[name.toLowerCase()] = String(value);
+    if (Object.keys(plain).length) request.headers = plain;
+  }
+  return Object.keys(request).length ? request : undefined;
+}
+
 export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> implements ChatTransport<UI_MESSAGE> {
   /** `reconnectToStream` replays the reply from its first chunk. */
   readonly resumeStreamIsReplay = true;
@@ -92,9 +125,15 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
   readonly #creating = new Set<string>();
   /** Callers of `whenOpen` waiting for a session to be joined. */
   readonly #waiters = new Map<string, Array<() => void>>();
+  /** How many users each chat has now (streams, syncs): a chat in use is never left. */
+  readonly #pins = new Map<string, number>();
+  readonly #maxOpen: number;
 
   constructor(options: FleetLMChatTransportOptions) {
     this.#options = options;
+    const max = options.maxOpenChats ?? DEFAULT_MAX_OPEN_CHATS;
+    if (!Number.isInteger(max) || max < 1) throw new Error("maxOpenChats must be a positive integer");
+    this.#maxOpen = max;
     if (options.client) {
       this.client = options.client;
       this.#ownsClient = false;
@@ -118,6 +157,7 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
    */
   session(chatId: string, options: { create?: boolean } = {}): Promise<SessionSubscription> {
     const create = options.create !== false;
+    this.#touch(chatId);
     let pending = this.#sessions.get(chatId);
     if (pending && create && !this.#creating.has(chatId)) {
       // An open that may not create is under way (a reconnect or the sync): if it finds no
@@ -136,6 +176,7 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
       if (create) this.#creating.add(chatId);
       this.#sessions.set(chatId, pending);
       this.#watch(chatId, pending);
+      this.#trim(chatId);
     }
     const current = pending;
     return current.then((subscription) => {
@@ -145,6 +186,73 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
         return this.session(chatId, options);
       }
       return subscription;
+    });
+  }
+
+  /**
+   * Marks a chat in use until the returned function is called: its session stays joined (it is
+   * not left to make room for other chats). `syncChat` and the streams the transport returns
+   * hold one each.
+   */
+  retain(chatId: string): () => void {
+    this.#pins.set(chatId, (this.#pins.get(chatId) ?? 0) + 1);
+    this.#touch(chatId);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const left = (this.#pins.get(chatId) ?? 1) - 1;
+      if (left > 0) this.#pins.set(chatId, left);
+      else this.#pins.delete(chatId);
+      this.#trim();
+    };
+  }
+
+  /** The chats whose sessions the transport holds joined (or is joining), least recently used first. */
+  openChats(): string[] {
+    return [...this.#sessions.keys()];
+  }
+
+  /** Moves a chat to the most recently used end. */
+  #touch(chatId: string): void {
+    const pending = this.#sessions.get(chatId);
+    if (!pending) return;
+    this.#sessions.delete(chatId);
+    this.#sessions.set(chatId, pending);
+  }
+
+  /** Leaves the least recently used chats not in use while more than `maxOpenChats` are joined. */
+  #trim(keep?: string): void {
+    if (this.#sessions.size <= this.#maxOpen) return;
+    for (const chatId of [...this.#sessions.keys()]) {
+      if (this.#sessions.size <= this.#maxOpen) break;
+      if (chatId === keep || this.#pins.has(chatId)) continue;
+      this.#leave(chatId);
+    }
+  }
+
+  /** Ends `release` once the stream ends, fails or is cancelled. */
+  #holding<T>(stream: ReadableStream<T>, release: () => void): ReadableStream<T> {
+    const reader = stream.getReader();
+    return new ReadableStream<T>({
+      pull: async (controller) => {
+        try {
+          const { done, value } = await reader.read();
+          if (done) {
+            release();
+            controller.close();
+          } else {
+            controller.enqueue(value);
+          }
+        } catch (error) {
+          release();
+          controller.error(error);
+        }
+      },
+      cancel: async (reason) => {
+        release();
+        await reader.cancel(reason);
+      },
     });
   }
 
@@ -273,19 +381,26 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     set.add(dispatchId);
   }
 
-  async sendMessages(
-    options: {
-      trigger: "submit-message" | "regenerate-message";
-      chatId: string;
-      messageId: string | undefined;
-      messages: UI_MESSAGE[];
-      abortSignal: AbortSignal | undefined;
-    } & { headers?: Record<string, string> | Headers; body?: object; metadata?: unknown },
-  ): Promise<ReadableStream<UIMessageChunk>> {
+  async sendMessages(options: SendOptions<UI_MESSAGE>): Promise<ReadableStream<UIMessageChunk>> {
+    // The chat is in use until its reply stream ends: its session is not left meanwhile.
+    const release = this.retain(options.chatId);
+    try {
+      return this.#holding(await this.#send(options), release);
+    } catch (error) {
+      release();
+      throw error;
+    }
+  }
+
+  async #send(options: SendOptions<UI_MESSAGE>): Promise<ReadableStream<UIMessageChunk>> {
     const { chatId, messages, abortSignal, trigger } = options;
     const subscription = await this.session(chatId);
     abortSignal?.throwIfAborted();
     const exclude = new Set(subscription.knownDispatches);
+    // A reply streaming when the session was (re)joined is not this send's, even if its
+    // snapshot has not arrived yet.
+    const streaming = subscription.lastJoin?.stream?.dispatch_id;
+    if (streaming) exclude.add(streaming);
     const last = messages[messages.length - 1];
     let send: Parameters<SessionSubscription["send"]>[0];
     if (trigger === "regenerate-message") {
@@ -294,7 +409,11 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
       const active = subscription.activeReply();
       if (active && !active.done) await subscription.cancel({ dispatchId: active.dispatchId }).catch(() => {});
       const content: JsonObject = {};
-      const target = options.messageId ? this.fleetIds(chatId, options.messageId)[0] : undefined;
+      // `regenerate({ messageId })` names the reply to replace, or (a chat that holds only the
+      // user's turn: the reply failed here, or is on another device) the user message to answer
+      // again: that one is no reply to name, the server then replaces the turn's current reply.
+      const ofUser = messages.some((m) => m.id === options.messageId && m.role === "user");
+      const target = options.messageId && !ofUser ? this.fleetIds(chatId, options.messageId)[0] : undefined;
       if (target) content.message_id = target;
       send = { kind: "regenerate", content, clientId: randomId("regen-") };
     } else if (last?.role === "assistant") {
@@ -315,6 +434,10 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     } else {
       throw new Error("nothing to send: no user message");
     }
+    // The request's `body` and `headers` (sendMessage(message, { body, headers })) go to the
+    // agent in the stored message's metadata, under one key of their own; never as HTTP headers.
+    const request = requestMetadata(options.body, options.headers);
+    if (request) send.metadata = { ...(send.metadata ?? {}), [FLEETLM_REQUEST_KEY]: request };
 
     const flight: { dispatchId?: string } = {};
     this.#inFlight.set(chatId, flight);
@@ -371,6 +494,21 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     chatId: string;
     abortSignal?: AbortSignal;
   }): Promise<ReadableStream<UIMessageChunk> | null> {
+    const release = this.retain(options.chatId);
+    try {
+      const stream = await this.#reconnect(options);
+      if (!stream) {
+        release();
+        return null;
+      }
+      return this.#holding(stream, release);
+    } catch (error) {
+      release();
+      throw error;
+    }
+  }
+
+  async #reconnect(options: { chatId: string; abortSignal?: AbortSignal }): Promise<ReadableStream<UIMessageChunk> | null> {
     const { chatId, abortSignal } = options;
     // Counted at once (the AI SDK aborts the resume it replaces just before this call).
     const generation = (this.#resumes.get(chatId) ?? 0) + 1;
@@ -436,10 +574,27 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     return (await this.session(chatId)).cancel();
   }
 
-  /** Leaves every session and closes the socket (when the transport created its client). */
-  close(): void {
-    for (const pending of this.#sessions.values()) pending.then((s) => s.leave(), () => {});
-    this.#sessions.clear();
+  /**
+   * What `chat.dispose()` calls. One transport is usually shared by every chat of a page, so
+   * this leaves only the sessions of chats not in use (no reply streaming, not held by `retain`,
+   * `syncChat` or `useFleetLMChat`); when no chat is in use it also closes the socket (when the
+   * transport created its client). The transport stays usable: a chat used again rejoins (on a
+   * new socket if needed). `close({ force: true })` leaves every session and closes the socket
+   * even while chats use them.
+   */
+  close(options: { force?: boolean } = {}): void {
+    if (!options.force && this.#pins.size > 0) {
+      for (const chatId of [...this.#sessions.keys()]) if (!this.#pins.has(chatId)) this.#leave(chatId);
+      return;
+    }
+    for (const chatId of [...this.#sessions.keys()]) this.#leave(chatId);
     if (this.#ownsClient) this.client.close();
+  }
+
+  #leave(chatId: string): void {
+    const pending = this.#sessions.get(chatId);
+    this.#sessions.delete(chatId);
+    this.#creating.delete(chatId);
+    pending?.then((subscription) => subscription.leave(), () => {});
   }
 }

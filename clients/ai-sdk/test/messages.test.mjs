@@ -101,3 +101,20 @@ test("a continuation's tool part for a tool call the message made updates that p
   const pure = await import("@fleetlm/ai-sdk/messages");
   assert.deepEqual(JSON.parse(JSON.stringify(pure.historyToUIMessages(history, { userId: "alice" }).messages)), expected);
 });
+
+test("a request's body and headers (metadata.fleetlm_request) are not part of the UI message; requestOptions reads them", async () => {
+  seq = 0;
+  const request = { body: { model: "small" }, headers: { "x-tenant": "acme" } };
+  const history = [
+    user("text", { text: "hi", id: "u1", parts: [{ type: "text", text: "hi" }] }, { metadata: { from: "web", fleetlm_request: request } }),
+    user("text", { text: "again", id: "u2", parts: [{ type: "text", text: "again" }] }, { metadata: { fleetlm_request: request } }),
+  ];
+  assert.deepEqual(convert(history), [
+    { id: "u1", role: "user", parts: [{ type: "text", text: "hi" }], metadata: { from: "web" } },
+    { id: "u2", role: "user", parts: [{ type: "text", text: "again" }] },
+  ]);
+  const pure = await import("@fleetlm/ai-sdk/messages");
+  assert.deepEqual(pure.requestOptions(history[0].metadata), request);
+  assert.equal(pure.requestOptions({ from: "web" }), undefined);
+  assert.equal(pure.FLEETLM_REQUEST_KEY, "fleetlm_request");
+});

@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
 import * as ai from "ai";
-import { FleetLMChatTransport, loadChatMessages, syncChat } from "@fleetlm/ai-sdk";
+import { FleetLMChatTransport, loadChatMessages, requestOptions, syncChat } from "@fleetlm/ai-sdk";
 import { FleetLMClient } from "@fleetlm/client";
 import {
   TestChat,
@@ -49,7 +49,7 @@ before(async () => {
 const clients = [];
 
 after(async () => {
-  for (const t of transports) t.close();
+  for (const t of transports) t.close({ force: true });
   for (const c of clients) c.close();
   await stopAll();
 });
@@ -100,6 +100,37 @@ describe("FleetLMChatTransport", () => {
     assert.equal(textOf(chat.messages[1]), "no id");
     assert.deepEqual(plain(chat.messages), plain(await loadChatMessages({ url: base, userId: "alice", chatId })));
     sync.stop();
+  });
+
+  test("a request's body and headers reach the agent in the message's metadata (fleetlm_request), never as HTTP headers", async () => {
+    const chatId = fresh("options");
+    const sentHeaders = [];
+    const recording = (input, init) => {
+      sentHeaders.push(Object.fromEntries(new Headers(init?.headers).entries()));
+      return fetch(input, init);
+    };
+    const chat = new TestChat({ id: chatId, transport: transport({ fetch: recording }) });
+    await chat.sendMessage(
+      { text: "with options", metadata: { from: "test" } },
+      { body: { model: "small", temperature: 0.2, nested: { a: [1, 2] } }, headers: { "X-Tenant": "acme", Accept: "text/plain" } },
+    );
+    assert.equal(chat.status, "ready", chat.error?.message);
+    assert.equal(textOf(chat.messages[1]), "echo: with options");
+    // The agent's call: the newest message carries them under one key; the user's metadata is intact.
+    const call = requestsFor(chatId).at(-1).body;
+    const newest = call.messages.at(-1);
+    const expected = { body: { model: "small", temperature: 0.2, nested: { a: [1, 2] } }, headers: { "x-tenant": "acme", accept: "text/plain" } };
+    assert.deepEqual(newest.metadata, { from: "test", fleetlm_request: expected });
+    assert.deepEqual(requestOptions(newest.metadata), expected);
+    // Not sent to the server as HTTP headers.
+    assert.ok(sentHeaders.length > 0, "the transport made REST calls through the given fetch");
+    for (const headers of sentHeaders) assert.equal(headers["x-tenant"], undefined);
+    // Not part of the UI message: a reload equals the chat.
+    assert.deepEqual(chat.messages[0].metadata, { from: "test" });
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
+    // A send without them carries none.
+    await chat.sendMessage({ text: "no options" });
+    assert.equal(requestsFor(chatId).at(-1).body.messages.at(-1).metadata.fleetlm_request, undefined);
   });
 
   test("an agent that cannot be reached: the chat shows the failure's sentence, without its address", async () => {
@@ -267,6 +298,58 @@ describe("FleetLMChatTransport", () => {
     // The agent saw the branch ending in the user's turn (no superseded reply, no regenerate).
     const lastRequest = requestsFor(chatId).at(-1);
     assert.deepEqual(lastRequest.body.messages.map((m) => m.kind), ["text"]);
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
+  });
+
+  test("regenerate from a chat that holds only the user message (a second device): the new reply streams into it", async (t) => {
+    needs(t, features.regenerate, "regenerate");
+    const chatId = fresh("regen-user");
+    const first = new TestChat({ id: chatId, transport: transport() });
+    await first.sendMessage({ text: "slow answer me" });
+    const firstReply = first.messages[1];
+    // Another device that has only the user's turn (its reply failed there, or was never loaded).
+    const userOnly = (await loadChatMessages({ url: base, userId: "alice", chatId })).slice(0, 1);
+    const second = new TestChat({ id: chatId, transport: transport(), messages: userOnly });
+    await second.regenerate();
+    assert.equal(second.status, "ready", second.error?.message);
+    assert.equal(second.messages.length, 2);
+    assert.equal(second.messages[1].role, "assistant");
+    assert.notEqual(second.messages[1].id, firstReply.id);
+    assert.equal(textOf(second.messages[1]), SLOW_TEXT);
+    const log = await stored(chatId);
+    assert.equal(log.filter((m) => m.kind === "assistant").length, 2);
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(second.messages));
+  });
+
+  test("regenerate({ messageId: <the user message> }) answers that turn again and replaces its reply (not the user message)", async (t) => {
+    needs(t, features.regenerate, "regenerate");
+    const chatId = fresh("regen-user-id");
+    const chat = new TestChat({ id: chatId, transport: transport() });
+    await chat.sendMessage({ text: "again please" });
+    const firstStored = (await stored(chatId)).find((m) => m.kind === "assistant");
+    chat.messages = chat.messages.slice(0, 1);
+    await chat.regenerate({ messageId: chat.messages[0].id });
+    assert.equal(chat.status, "ready", chat.error?.message);
+    assert.equal(chat.messages.length, 2);
+    assert.equal(textOf(chat.messages[1]), "echo: again please");
+    const log = await stored(chatId);
+    const regenerate = log.find((m) => m.kind === "regenerate");
+    assert.equal(regenerate.content.message_id, undefined, "no user message named as the reply to replace");
+    assert.equal(log.filter((m) => m.kind === "assistant").at(-1).metadata.replaces, firstStored.id);
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
+  });
+
+  test("regenerate after a failed reply (the chat holds only the user message): the new reply streams in", async (t) => {
+    needs(t, features.regenerate, "regenerate");
+    const chatId = fresh("regen-failed");
+    const chat = new TestChat({ id: chatId, transport: transport() });
+    await chat.sendMessage({ text: "echo once" });
+    // As if the reply had failed here: the chat shows only the user's turn.
+    chat.messages = chat.messages.slice(0, 1);
+    await chat.regenerate();
+    assert.equal(chat.status, "ready", chat.error?.message);
+    assert.equal(chat.messages.length, 2);
+    assert.equal(textOf(chat.messages[1]), "echo: echo once");
     assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
   });
 

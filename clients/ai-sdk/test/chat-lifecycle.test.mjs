@@ -1,0 +1,166 @@
+// What `useFleetLMChat` relies on, with the AI SDK's own chat machinery against a real server and
+// agent: callbacks kept current, `dispose()` of one chat not closing the transport every chat
+// shares, client-side tools run only in the tab that started the reply.
+import assert from "node:assert/strict";
+import { createServer } from "node:http";
+import { after, before, describe, test } from "node:test";
+import WebSocket from "ws";
+import * as ai from "ai";
+import { FleetLMChatTransport, latestCallbacks, syncChat } from "@fleetlm/ai-sdk";
+import { TestChat, registerAgent, rest, sleep, startAgent, startServer, stopAll } from "../../test-support/harness.mjs";
+
+let base;
+let counter = 0;
+const fresh = (prefix) => `${prefix}-${++counter}-${Date.now()}`;
+const transports = [];
+function transport(options = {}) {
+  const t = new FleetLMChatTransport({ url: base, userId: "alice", agentId: "bot", WebSocket, ...options });
+  transports.push(t);
+  return t;
+}
+const textOf = (message) => message.parts.filter((p) => p.type === "text").map((p) => p.text).join("");
+
+/**
+ * An agent whose client-side tool call streams slowly (so a second tab follows it live): a
+ * `askColor` call without output; after the `tool_result`, "You chose <output>." in the same message.
+ */
+async function startSlowToolAgent() {
+  let replies = 0;
+  const server = createServer((request, response) => {
+    let raw = "";
+    request.on("data", (chunk) => (raw += chunk));
+    request.on("end", async () => {
+      const body = JSON.parse(raw);
+      const last = body.messages.at(-1);
+      const reply = ++replies;
+      response.writeHead(200, { "content-type": "application/x-ndjson" });
+      const send = async (chunk, delay = 0) => {
+        response.write(JSON.stringify(chunk) + "\n");
+        if (delay) await sleep(delay);
+      };
+      if (last?.kind === "tool_result") {
+        await send({ type: "start", messageId: last.content.message_id });
+        await send({ type: "start-step" });
+        await send({ type: "text-start", id: "c" });
+        await send({ type: "text-delta", id: "c", delta: `You chose ${last.content.parts[0].output}.` }, 20);
+        await send({ type: "text-end", id: "c" });
+      } else {
+        await send({ type: "start", messageId: `slow-ask-${reply}` }, 300);
+        await send({ type: "start-step" });
+        await send({ type: "tool-input-start", toolCallId: `call-${reply}`, toolName: "askColor" }, 300);
+        await send({ type: "tool-input-available", toolCallId: `call-${reply}`, toolName: "askColor", input: { question: "Which color?" } }, 300);
+      }
+      await send({ type: "finish-step" });
+      await send({ type: "finish" });
+      response.end();
+    });
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  servers.push(server);
+  return `http://127.0.0.1:${server.address().port}`;
+}
+const servers = [];
+
+before(async () => {
+  base = await startServer();
+  const agent = await startAgent();
+  await registerAgent(base, agent.origin, { id: "bot" });
+  await registerAgent(base, await startSlowToolAgent(), { id: "tools" });
+});
+
+after(async () => {
+  for (const t of transports) t.close({ force: true });
+  for (const server of servers) {
+    server.closeAllConnections();
+    server.close();
+  }
+  await stopAll();
+});
+
+describe("chat lifecycle", () => {
+  test("latestCallbacks: the chat calls the callbacks of the latest render, not the first", async () => {
+    const calls = [];
+    const latest = { current: { onFinish: () => calls.push("first") } };
+    const chat = new TestChat({ id: fresh("callbacks"), transport: transport(), ...latestCallbacks(latest) });
+    await chat.sendMessage({ text: "one" });
+    // A re-render with new callbacks (e.g. closing over new state).
+    latest.current = { onFinish: ({ message }) => calls.push(`second: ${textOf(message)}`) };
+    await chat.sendMessage({ text: "two" });
+    latest.current = {};
+    await chat.sendMessage({ text: "three" });
+    assert.deepEqual(calls, ["first", "second: echo: two"]);
+    assert.equal(chat.status, "ready");
+  });
+
+  test("dispose() of one chat does not close the transport the other chats share", async () => {
+    const shared = transport();
+    const kept = new TestChat({ id: fresh("kept"), transport: shared });
+    await kept.sendMessage({ text: "first" });
+    const sync = syncChat(kept, shared);
+    await sync.ready;
+    const gone = new TestChat({ id: fresh("gone"), transport: shared });
+    await gone.sendMessage({ text: "short-lived" });
+    // ai 7's dispose() is stop() then transport.close(); ai 5 and 6 have no dispose(): do the same.
+    if (typeof gone.dispose === "function") await gone.dispose();
+    else {
+      await gone.stop();
+      shared.close();
+    }
+    // The other chat still follows its session: another tab's turn appears, its reply streams in.
+    const tab = new TestChat({ id: kept.id, transport: transport() });
+    await tab.sendMessage({ text: "from another tab" });
+    await kept.until((c) => c.status === "ready" && c.messages.length === 4 && textOf(c.messages[3]) === "echo: from another tab", "the kept chat to follow");
+    // And it still sends.
+    await kept.sendMessage({ text: "still here" });
+    assert.equal(textOf(kept.messages.at(-1)), "echo: still here");
+    // The disposed chat's session is joined again when a chat uses it.
+    const again = new TestChat({ id: gone.id, transport: shared, messages: gone.messages });
+    await again.sendMessage({ text: "back" });
+    assert.equal(textOf(again.messages.at(-1)), "echo: back");
+    sync.stop();
+  });
+
+  test("a client-side tool runs only in the tab that started the reply, not in the tab following it", async () => {
+    const chatId = fresh("tool-tabs");
+    const ran = { A: [], B: [] };
+    const seen = { A: [], B: [] };
+    const tab = (name) => {
+      const t = transport({ agentId: "tools" });
+      const chat = new TestChat({
+        id: chatId,
+        transport: t,
+        sendAutomaticallyWhen: ai.lastAssistantMessageIsCompleteWithToolCalls,
+        onToolCall: ({ toolCall }) => {
+          ran[name].push(toolCall.toolCallId);
+          if (name === "A") void chat.addToolOutput({ tool: toolCall.toolName, toolCallId: toolCall.toolCallId, output: "blue" });
+        },
+      });
+      // Every message the chat's stream produced (a later stream may replace it).
+      const { pushMessage, replaceMessage } = chat.state;
+      chat.state.pushMessage = function (message) {
+        seen[name].push(structuredClone(message));
+        return pushMessage.call(this, message);
+      };
+      chat.state.replaceMessage = function (index, message) {
+        seen[name].push(structuredClone(message));
+        return replaceMessage.call(this, index, message);
+      };
+      return { chat, sync: syncChat(chat, t) };
+    };
+    // The session exists before B subscribes (B follows what A starts).
+    await rest(base, "POST", "/api/sessions", { id: chatId, user_id: "alice", agent_id: "tools" });
+    const a = tab("A");
+    const b = tab("B");
+    await Promise.all([a.sync.ready, b.sync.ready]);
+    await a.chat.sendMessage({ text: "ask me" });
+    await a.chat.until((c) => c.status === "ready" && textOf(c.messages.at(-1)) === "You chose blue.", "A's continuation");
+    await b.chat.until((c) => c.status === "ready" && textOf(c.messages.at(-1) ?? { parts: [] }) === "You chose blue.", "B to follow");
+    // B followed A's reply with the tool call (and then the continuation).
+    assert.ok(seen.B.some((m) => m.parts.some((p) => p.type === "tool-askColor")), "B streamed the tool call");
+    await sleep(200);
+    assert.equal(ran.A.length, 1, "A ran the tool once");
+    assert.deepEqual(ran.B, [], "B did not run it");
+    a.sync.stop();
+    b.sync.stop();
+  });
+});
