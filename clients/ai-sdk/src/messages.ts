@@ -4,7 +4,7 @@ import type { Message } from "@fleetlm/client";
 import type { UIMessage } from "ai";
 
 /** Metadata keys FleetLM adds to stored replies; they are not part of the UI message. */
-export const FLEETLM_METADATA_KEYS = ["termination", "dispatch_id", "answers_seq", "replaces", "error"] as const;
+export const FLEETLM_METADATA_KEYS = ["termination", "dispatch_id", "answers_seq", "replaces", "error", "continuation"] as const;
 
 /**
  * The metadata key under which `FleetLMChatTransport` stores a request's `body` and `headers`
@@ -142,13 +142,15 @@ export function historyToUIMessages<UI_MESSAGE extends UIMessage = UIMessage>(
 ): ConvertedHistory<UI_MESSAGE> {
   // Each UI message is built from segments: the stored messages it came from (a reply and its
   // continuations), so a `regenerate` can drop exactly the agent messages it supersedes.
-  type Segment = { message: Message; parts: any[]; metadata: unknown; fromAgent: boolean };
+  type Segment = { message: Message; parts: any[]; metadata: unknown; fromAgent: boolean; whole: boolean };
   type Entry = { id: string; role: UIMessage["role"]; segments: Segment[]; toolResults: Message[] };
   let out: Entry[] = [];
   // The seq of the latest user message of a kind other than `regenerate`.
   let turnSeq = 0;
   const add = (ui: UIMessage, message: Message, fromAgent: boolean) => {
-    const segment: Segment = { message, parts: ui.parts, metadata: ui.metadata, fromAgent };
+    // A reply the server assembled from the message it continues holds all of it.
+    const whole = fromAgent && (message.metadata as Record<string, unknown> | null)?.continuation === "whole";
+    const segment: Segment = { message, parts: ui.parts, metadata: ui.metadata, fromAgent, whole };
     const existing = out.findIndex((m) => m.id === ui.id && m.role === ui.role);
     if (existing >= 0 && ui.role === "assistant") {
       out[existing].segments.push(segment);
@@ -194,7 +196,9 @@ export function historyToUIMessages<UI_MESSAGE extends UIMessage = UIMessage>(
   const sources = new Map<string, Message[]>();
   const messages = out.map((entry) => {
     sources.set(entry.id, [...entry.segments.map((g) => g.message), ...entry.toolResults]);
-    const ui: UIMessage = { id: entry.id, role: entry.role, parts: joinSegments(entry.segments.map((g) => g.parts)) };
+    // From the newest whole copy on (the segments a `regenerate` dropped are gone already).
+    const from = Math.max(0, entry.segments.map((g) => g.whole).lastIndexOf(true));
+    const ui: UIMessage = { id: entry.id, role: entry.role, parts: joinSegments(entry.segments.slice(from).map((g) => g.parts)) };
     const metadata = entry.segments.reduce<unknown>(
       (merged, g) => (g.metadata === undefined ? merged : { ...(merged as object | undefined), ...(g.metadata as object) }),
       undefined,

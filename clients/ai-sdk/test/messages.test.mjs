@@ -54,6 +54,26 @@ test("a tool result folds into its message, the continuation appends to it, a re
   ]);
 });
 
+test("a continuation the server stored whole (metadata.continuation) replaces the earlier copies; a regenerate drops it and goes back to them", () => {
+  seq = 0;
+  const call = { type: "tool-deleteFile", toolCallId: "c1", state: "approval-requested", input: { file: "x" }, approval: { id: "a1" } };
+  const answered = { ...call, state: "approval-responded", approval: { id: "a1", approved: true } };
+  const done = { ...answered, state: "output-available", output: { deleted: "x" } };
+  const history = [
+    user("text", { text: "delete x" }, { id: "plain" }),
+    reply("R", [{ type: "step-start" }, call], { model: "m" }),
+    user("tool_result", { message_id: "R", parts: [answered] }),
+    reply("R", [{ type: "step-start" }, done, { type: "step-start" }, text("Deleted x.")], { continuation: "whole" }),
+  ];
+  const first = { id: "plain", role: "user", parts: [{ type: "text", text: "delete x" }] };
+  assert.deepEqual(convert(history), [
+    first,
+    { id: "R", role: "assistant", parts: [{ type: "step-start" }, done, { type: "step-start" }, text("Deleted x.")], metadata: { model: "m" } },
+  ]);
+  const regenerated = [...history, user("regenerate", {})];
+  assert.deepEqual(convert(regenerated), [first, { id: "R", role: "assistant", parts: [{ type: "step-start" }, answered], metadata: { model: "m" } }]);
+});
+
 test("agent text written by REST, user metadata, and an edited user message", () => {
   seq = 0;
   const history = [

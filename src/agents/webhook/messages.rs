@@ -112,16 +112,14 @@ pub(super) async fn handle_line(
     }
 }
 
-/// A message whose `start` names a message of the history (not the one a `regenerate` replaces)
-/// continues it: assembled from its parts on (`continuation`).
+/// A message whose `start` names a message of the history sent continues it: assembled from its
+/// parts on (`continuation`). Replies a `regenerate` supersedes are not in that history, so a
+/// regenerated reply continues what is left of the message, as the chat shows it.
 fn continue_stored_message(context: &EngineContext, job: &DispatchJob, reply: &mut ReplyState, chunk: &Value) {
     if chunk["type"].as_str() != Some("start") {
         return;
     }
     let Some(id) = chunk["messageId"].as_str() else { return };
-    if reply.replaces.as_deref() == Some(id) {
-        return;
-    }
     if let Some(parts) = reply.continuable.parts(id) {
         context.streams.continue_message(&job.session_id, id, parts.to_vec());
         reply.continuing = true;
