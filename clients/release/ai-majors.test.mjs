@@ -77,7 +77,7 @@ function run(command, args, cwd) {
 }
 
 for (const spec of MAJORS) {
-  test(`ai ${spec.major}: @fleetlm/ai-sdk${spec.agent ? " and @fleetlm/agent" : ""} type-check and pass their tests`, async (t) => {
+  test(`ai ${spec.major}: @fleetlm/ai-sdk${spec.agent ? " and @fleetlm/agent" : ""} type-check and pass their tests`, { timeout: 240_000 }, async (t) => {
     const version = JSON.parse(readFileSync(join(modules, spec.ai, "package.json"), "utf8")).version;
     const reactVersion = JSON.parse(readFileSync(join(modules, spec.react, "package.json"), "utf8")).version;
     assert.equal(Number(version.split(".")[0]), spec.major, `${spec.ai} is ai ${version}`);
@@ -107,9 +107,14 @@ for (const spec of MAJORS) {
     });
 
     await t.test(`ai-sdk/test/ with ai ${version}`, () => {
+      // The 500-chat test exercises the transport's channel bound, not the `ai` major: it runs
+      // once, in the main suite, not once per major.
+      const files = readdirSync(join(dir, "ai-sdk", "test"))
+        .filter((name) => name.endsWith(".test.mjs") && name !== "many-chats.test.mjs")
+        .map((name) => join("ai-sdk", "test", name));
       const { code, output } = run(
         process.execPath,
-        ["--test", "--test-reporter=spec", "--test-concurrency=1", "--test-timeout=60000", "ai-sdk/test/"],
+        ["--test", "--test-reporter=spec", "--test-concurrency=1", "--test-timeout=60000", ...files],
         dir,
       );
       console.log(`--- ai-sdk/test/ with ai ${version} ---\n${output}`);

@@ -7,8 +7,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How long one Node suite may run before it is killed (the `ai` matrix runs three majors'
+/// suites one after the other).
+const NODE_SUITE_LIMIT_SECS: u64 = 600;
+
 /// Runs `node --test <args> <paths>` in `dir` with `envs`; returns its output once every test
-/// passed (fails the calling test otherwise, or after 300 s).
+/// passed (fails the calling test otherwise, or after `NODE_SUITE_LIMIT_SECS`). `args` come after
+/// the default `--test-timeout=120000` (per file and per test), so they may override it.
 pub fn run(dir: &Path, args: &[&str], paths: &[&str], envs: &[(&str, &str)], what: &str) -> String {
     let output_dir = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new("node")
@@ -23,7 +28,7 @@ pub fn run(dir: &Path, args: &[&str], paths: &[&str], envs: &[(&str, &str)], wha
         .process_group(0)
         .spawn()
         .expect("node must be installed (Node 20)");
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_secs(NODE_SUITE_LIMIT_SECS);
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait for node") {
             break status;
@@ -32,7 +37,7 @@ pub fn run(dir: &Path, args: &[&str], paths: &[&str], envs: &[(&str, &str)], wha
             // SAFETY: kill(2) on the process group made for the child above.
             unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.wait();
-            panic!("the {what} tests took over 300 s");
+            panic!("the {what} tests took over {NODE_SUITE_LIMIT_SECS} s");
         }
         std::thread::sleep(Duration::from_millis(100));
     };
