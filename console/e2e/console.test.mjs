@@ -386,4 +386,19 @@ describe("token mode", () => {
     });
     await page.context().close();
   });
+
+  test("health charts show data (/metrics is read with the API key)", async () => {
+    const page = await newPage();
+    await step(page, "token-health", async () => {
+      await page.goto(`${tokenBase}/#/health`);
+      await page.getByLabel("Admin API key").fill(apiKey);
+      await page.getByRole("button", { name: "Sign in" }).click();
+      await page.locator('[data-testid="readiness"]', { hasText: "ready" }).waitFor(WAIT);
+      // Sockets is a gauge: known from the first scrape; rates need a second one.
+      await page.locator("figure.chart", { hasText: "Sockets" }).locator("figcaption strong", { hasText: /^\d/ }).waitFor(WAIT);
+      await page.waitForFunction(() => document.querySelectorAll("figure.chart polyline[points*=' ']").length >= 3, null, WAIT);
+      assert.equal(await page.locator(".error").count(), 0);
+    });
+    await page.context().close();
+  });
 });
