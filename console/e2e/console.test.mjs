@@ -334,6 +334,54 @@ describe("open mode", () => {
     await page.context().close();
   });
 
+  test("session view: after a resync it rejoins from the last seq shown and keeps updating", async () => {
+    const page = await newPage();
+    // The socket goes through a proxy that can push the server's `resync` to the page and then,
+    // as the server does, stop passing on the messages of the channel it resynced.
+    const joins = [];
+    let toPage = null;
+    let resynced = null;
+    await page.routeWebSocket(/\/socket\/websocket/, (ws) => {
+      const server = ws.connectToServer();
+      toPage = ws;
+      ws.onMessage((text) => {
+        const frame = JSON.parse(text);
+        if (frame[3] === "phx_join" && frame[2] === "session:resync-1") joins.push({ joinRef: frame[0], lastSeq: frame[4].last_seq });
+        server.send(text);
+      });
+      server.onMessage((text) => {
+        const frame = JSON.parse(text);
+        if (resynced !== null && frame[0] === resynced && frame[3] === "message") return;
+        ws.send(text);
+      });
+    });
+    await step(page, "resync", async () => {
+      await rest(base, "POST", "/api/agents", { agent: { id: "mute", name: "Mute", origin_url: "http://127.0.0.1:9" } });
+      await rest(base, "POST", "/api/sessions", { user_id: "gina", agent_id: "mute", id: "resync-1" });
+      await rest(base, "DELETE", "/api/agents/mute");
+      const append = async (text) => {
+        const sent = await rest(base, "POST", "/api/sessions/resync-1/messages", { user_id: "gina", content: { text } });
+        assert.equal(sent.status, 200, JSON.stringify(sent.body));
+      };
+      await page.goto(`${base}/#/sessions/resync-1`);
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      await append("before the resync");
+      await page.locator('li[data-seq="1"]', { hasText: "before the resync" }).waitFor(WAIT);
+      assert.equal(joins.length, 1);
+      resynced = joins[0].joinRef;
+      toPage.send(JSON.stringify([resynced, null, "session:resync-1", "resync", { last_seq: 1 }]));
+      for (let n = 1; n <= 3; n++) await append(`after the resync ${n}`);
+      await page.locator('li[data-seq="4"]', { hasText: "after the resync 3" }).waitFor(WAIT);
+      assert.equal(await page.locator("li[data-seq]").count(), 4);
+      assert.equal(joins.length, 2, "one rejoin");
+      assert.equal(joins[1].lastSeq, 1, "the rejoin starts after the last seq shown");
+      // Live pushes on the new channel keep coming.
+      await append("later");
+      await page.locator('li[data-seq="5"]', { hasText: "later" }).waitFor(WAIT);
+    });
+    await page.context().close();
+  });
+
   test("keyboard: the navigation is reachable with Tab", async () => {
     const page = await newPage();
     await step(page, "keyboard", async () => {

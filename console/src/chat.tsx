@@ -67,6 +67,69 @@ export function useSessionFeed(mode: Mode, session: Session | null): SessionFeed
     setStatus(null);
     setChunks([]);
     setError(null);
+    // One channel instance joins once (phoenix.js refuses a second join), so a `resync` (the
+    // server dropped this channel's live feed: its socket fell behind) leaves it and joins a new
+    // one from the last seq shown; pushes of the old one are ignored from then on.
+    const join = (socket: Socket) => {
+      const channel = socket.channel(`session:${session.id}`, () => ({ last_seq: lastSeq }));
+      channelRef.current = channel;
+      const current = () => channelRef.current === channel && !closed;
+      channel.on("message", (m: Message) => {
+        if (!current()) return;
+        add([m]);
+        if (m.kind === "assistant" || m.sender_id === session.agent_id) {
+          setLive((live) => (live && m.metadata?.dispatch_id === live.dispatchId ? null : live));
+        }
+      });
+      channel.on("stream_snapshot", (p: any) => {
+        if (!current()) return;
+        setLive({ dispatchId: p.dispatch_id, parts: p.message?.parts ?? [] });
+      });
+      channel.on("stream_chunk", (p: any) => {
+        if (!current()) return;
+        chunkCount.current += 1;
+        const entry: RawChunk = { n: chunkCount.current, at: Date.now(), dispatchId: p.dispatch_id, chunk: p.chunk };
+        setChunks((list) => [...list.slice(-(MAX_CHUNKS - 1)), entry]);
+        setLive((live) => {
+          const base = live && live.dispatchId === p.dispatch_id ? live : { dispatchId: p.dispatch_id, parts: [] };
+          if (p.chunk?.type === "start" && live && live.dispatchId === p.dispatch_id && live.parts.length > 0) {
+            return { dispatchId: p.dispatch_id, parts: [] };
+          }
+          return applyChunk(base, p.chunk);
+        });
+      });
+      channel.on("agent_status", (p: AgentStatus) => {
+        if (!current()) return;
+        setStatus({ ...p, error: p.error ? redact(p.error) : undefined });
+        if (p.status === "idle" || p.status === "failed" || p.status === "cancelled") setLive(null);
+      });
+      channel.on("typing", (p: any) => {
+        if (!current()) return;
+        if (p.user_id !== session.user_id) setTypingState(Boolean(p.typing));
+      });
+      channel.on("resync", () => {
+        if (!current()) return;
+        channel.leave();
+        join(socket);
+      });
+      channel
+        .join()
+        .receive("ok", async (reply: any) => {
+          if (!current()) return;
+          setError(null);
+          add(reply.messages ?? []);
+          let more = Boolean(reply.has_more);
+          while (more && current()) {
+            const page = await api<{ messages: Message[]; has_more?: boolean }>(
+              "GET",
+              `/api/sessions/${encodeURIComponent(session.id)}/messages?after_seq=${lastSeq}&limit=500`,
+            );
+            add(page.messages);
+            more = Boolean(page.has_more) && page.messages.length > 0;
+          }
+        })
+        .receive("error", (reply: any) => current() && setError(`Cannot watch this session: ${reply?.reason ?? "refused"}`));
+    };
     (async () => {
       try {
         socket = await openSocket(mode, session.user_id);
@@ -80,56 +143,7 @@ export function useSessionFeed(mode: Mode, session: Session | null): SessionFeed
       }
       socket.onOpen(() => setConnected(true));
       socket.onClose(() => setConnected(false));
-      const channel = socket.channel(`session:${session.id}`, () => ({ last_seq: lastSeq }));
-      channelRef.current = channel;
-      channel.on("message", (m: Message) => {
-        add([m]);
-        if (m.kind === "assistant" || m.sender_id === session.agent_id) {
-          setLive((current) => (current && m.metadata?.dispatch_id === current.dispatchId ? null : current));
-        }
-      });
-      channel.on("stream_snapshot", (p: any) => {
-        setLive({ dispatchId: p.dispatch_id, parts: p.message?.parts ?? [] });
-      });
-      channel.on("stream_chunk", (p: any) => {
-        chunkCount.current += 1;
-        const entry: RawChunk = { n: chunkCount.current, at: Date.now(), dispatchId: p.dispatch_id, chunk: p.chunk };
-        setChunks((list) => [...list.slice(-(MAX_CHUNKS - 1)), entry]);
-        setLive((current) => {
-          const base = current && current.dispatchId === p.dispatch_id ? current : { dispatchId: p.dispatch_id, parts: [] };
-          if (p.chunk?.type === "start" && current && current.dispatchId === p.dispatch_id && current.parts.length > 0) {
-            return { dispatchId: p.dispatch_id, parts: [] };
-          }
-          return applyChunk(base, p.chunk);
-        });
-      });
-      channel.on("agent_status", (p: AgentStatus) => {
-        setStatus({ ...p, error: p.error ? redact(p.error) : undefined });
-        if (p.status === "idle" || p.status === "failed") setLive(null);
-      });
-      channel.on("typing", (p: any) => {
-        if (p.user_id !== session.user_id) setTypingState(Boolean(p.typing));
-      });
-      channel.on("resync", () => {
-        channel.leave();
-        channel.join();
-      });
-      channel
-        .join()
-        .receive("ok", async (reply: any) => {
-          setError(null);
-          add(reply.messages ?? []);
-          let more = Boolean(reply.has_more);
-          while (more && !closed) {
-            const page = await api<{ messages: Message[]; has_more?: boolean }>(
-              "GET",
-              `/api/sessions/${encodeURIComponent(session.id)}/messages?after_seq=${lastSeq}&limit=500`,
-            );
-            add(page.messages);
-            more = Boolean(page.has_more) && page.messages.length > 0;
-          }
-        })
-        .receive("error", (reply: any) => setError(`Cannot watch this session: ${reply?.reason ?? "refused"}`));
+      join(socket);
     })();
     return () => {
       closed = true;
