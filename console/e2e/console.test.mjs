@@ -5,17 +5,38 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { gzipSync } from "node:zlib";
-import { archiveSql, docsShot, docsShotsDir, launchBrowser, rest, startEchoAgent, startServer, startToolAgent, step, stopAll } from "./harness.mjs";
+import {
+  archiveSql,
+  docsShot,
+  docsShotsDir,
+  launchBrowser,
+  rest,
+  startApprovalAgent,
+  startEchoAgent,
+  startServer,
+  startToolAgent,
+  step,
+  stopAll,
+} from "./harness.mjs";
 
 const WAIT = { timeout: 15000 };
 let base;
 let agentOrigin;
 let toolAgentOrigin;
+let slowAgentOrigin;
+let approvalAgentOrigin;
 let browser;
 let sessionId;
 
 before(async () => {
-  [base, agentOrigin, toolAgentOrigin] = await Promise.all([startServer(), startEchoAgent(), startToolAgent()]);
+  [base, agentOrigin, toolAgentOrigin, slowAgentOrigin, approvalAgentOrigin] = await Promise.all([
+    startServer(),
+    startEchoAgent(),
+    startToolAgent(),
+    // The same echo agent, slow enough (150 ms a word) to stop it mid-reply.
+    startEchoAgent({ DELAY_MS: "150" }),
+    startApprovalAgent(),
+  ]);
   browser = await launchBrowser();
 });
 
@@ -378,6 +399,79 @@ describe("open mode", () => {
       // Live pushes on the new channel keep coming.
       await append("later");
       await page.locator('li[data-seq="5"]', { hasText: "later" }).waitFor(WAIT);
+    });
+    await page.context().close();
+  });
+
+  test("session view: stop a running turn (shown as cancelled, not failed), then regenerate the reply", async () => {
+    const page = await newPage();
+    const words = Array.from({ length: 20 }, (_, i) => `w${i}`).join(" ");
+    await step(page, "cancel-regenerate", async () => {
+      const agent = await rest(base, "POST", "/api/agents", { agent: { id: "slow", name: "Slow echo", origin_url: slowAgentOrigin, debounce_window_ms: 0 } });
+      assert.equal(agent.status, 201, JSON.stringify(agent.body));
+      await rest(base, "POST", "/api/sessions", { user_id: "hank", agent_id: "slow", id: "turns-1" });
+      await page.goto(`${base}/#/sessions/turns-1`);
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      assert.equal(await page.getByRole("button", { name: "Regenerate" }).count(), 0, "nothing to regenerate yet");
+      await page.getByLabel("Message as hank").fill(words);
+      await page.getByRole("button", { name: "Send" }).click();
+      await page.locator(".msg.streaming", { hasText: "echo: w0" }).waitFor(WAIT);
+      await page.getByRole("button", { name: "Stop" }).click();
+      await page.locator('[data-testid="agent-status"]', { hasText: "cancelled" }).waitFor(WAIT);
+      // What had streamed is stored, marked aborted; the reply stopped short.
+      const aborted = page.locator('.msg.agent:not(.streaming)', { hasText: "abort" });
+      await aborted.waitFor(WAIT);
+      assert.doesNotMatch(await aborted.innerText(), /w19/);
+      assert.equal(await page.locator(".msg.streaming").count(), 0);
+      const abortedSeq = await aborted.getAttribute("data-seq");
+
+      await page.getByRole("button", { name: "Regenerate" }).click();
+      await page.getByRole("button", { name: "Stop" }).waitFor(WAIT);
+      const fresh = page.locator(".msg.agent:not(.streaming):not(.superseded)", { hasText: `echo: ${words}` });
+      await fresh.waitFor(WAIT);
+      await page.locator('[data-testid="agent-status"]', { hasText: "idle" }).waitFor(WAIT);
+      assert.match(await page.locator(`li[data-seq="${abortedSeq}"]`).getAttribute("class"), /superseded/);
+      assert.match(await page.locator(".msg.user", { hasText: "regenerate" }).innerText(), /regenerate/);
+      await docsShot(page, "session-actions");
+
+      await page.getByRole("link", { name: "Agents" }).click();
+      await page.locator('tr[data-agent="slow"]').getByRole("button", { name: "Dispatches" }).click();
+      const dispatches = page.locator(".dispatches");
+      await dispatches.getByText("1 cancelled").waitFor(WAIT);
+      assert.match(await dispatches.innerText(), /1 ok, 0 failed, 1 cancelled/);
+      const badge = dispatches.locator('[data-outcome="cancelled"]');
+      assert.equal(await badge.count(), 1);
+      assert.doesNotMatch(await badge.getAttribute("class"), /\bbad\b/);
+    });
+    await page.context().close();
+  });
+
+  test("session view: a tool call waiting for approval is approved, then another is denied", async () => {
+    const page = await newPage();
+    await step(page, "approval", async () => {
+      const agent = await rest(base, "POST", "/api/agents", { agent: { id: "careful", name: "Careful", origin_url: approvalAgentOrigin, debounce_window_ms: 0 } });
+      assert.equal(agent.status, 201, JSON.stringify(agent.body));
+      await rest(base, "POST", "/api/sessions", { user_id: "ivy", agent_id: "careful", id: "approve-1" });
+      await page.goto(`${base}/#/sessions/approve-1`);
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      for (const [approve, answer] of [
+        [true, "Deleted notes.txt."],
+        [false, "Kept notes.txt."],
+      ]) {
+        await page.getByLabel("Message as ivy").fill("please clean up");
+        await page.getByRole("button", { name: "Send" }).click();
+        const asking = page.locator(".msg.agent:not(.streaming) .part-tool", { hasText: "approval-requested" });
+        await asking.getByRole("button", { name: approve ? "Approve" : "Deny" }).click();
+        await page.locator(".msg.agent", { hasText: answer }).waitFor(WAIT);
+        assert.equal(await page.getByRole("button", { name: "Approve" }).count(), 0, "an answered call asks no more");
+      }
+      const history = await rest(base, "GET", "/api/sessions/approve-1/messages?limit=100");
+      const results = history.body.messages.filter((m) => m.kind === "tool_result");
+      assert.deepEqual(
+        results.map((m) => m.content.parts[0].approval.approved),
+        [true, false],
+      );
+      assert.equal(results[0].content.parts[0].state, "approval-responded");
     });
     await page.context().close();
   });

@@ -139,7 +139,7 @@ export interface InboxEntry {
 export interface FinishedDispatch {
   dispatch_id: string;
   session_id: string;
-  outcome: "ok" | "failed";
+  outcome: "ok" | "failed" | "cancelled";
   error?: string;
   duration_ms: number;
   finished_at: string;

@@ -154,6 +154,9 @@ function percentile(values: number[], p: number): number | null {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
+/** A cancelled dispatch is the user's choice, not the agent's failure. */
+const OUTCOME_BADGE: Record<string, string> = { ok: "good", failed: "bad", cancelled: "muted-badge" };
+
 function Dispatches({ agent }: { agent: Agent }) {
   const [list, setList] = useState<FinishedDispatch[] | null>(null);
   const [error, setError] = useState<string | null>(null);
@@ -174,11 +177,19 @@ function Dispatches({ agent }: { agent: Agent }) {
   if (!list) return <p class="muted">Loading…</p>;
   if (!list.length) return <p class="muted">No dispatches since the server started.</p>;
   const ok = list.filter((d) => d.outcome === "ok").length;
+  const cancelled = list.filter((d) => d.outcome === "cancelled").length;
+  const failed = list.length - ok - cancelled;
   const durations = list.map((d) => d.duration_ms);
   return (
     <div class="dispatches">
       <p>
-        Last {list.length}: <strong>{ok} ok</strong>, <strong>{list.length - ok} failed</strong> · latency p50{" "}
+        Last {list.length}: <strong>{ok} ok</strong>, <strong>{failed} failed</strong>
+        {cancelled > 0 && (
+          <>
+            , <strong>{cancelled} cancelled</strong>
+          </>
+        )}{" "}
+        · latency p50{" "}
         {percentile(durations, 50)} ms, p95 {percentile(durations, 95)} ms
       </p>
       <table>
@@ -199,7 +210,9 @@ function Dispatches({ agent }: { agent: Agent }) {
                 <a href={`#/sessions/${encodeURIComponent(d.session_id)}`}>{d.session_id}</a>
               </td>
               <td>
-                <span class={`badge ${d.outcome === "ok" ? "good" : "bad"}`}>{d.outcome}</span>
+                <span class={`badge ${OUTCOME_BADGE[d.outcome] ?? "bad"}`} data-outcome={d.outcome}>
+                  {d.outcome}
+                </span>
                 {d.error && <span class="error small"> {redact(d.error)}</span>}
               </td>
               <td>{d.duration_ms} ms</td>
