@@ -271,6 +271,13 @@ describe("open mode", () => {
       await page.locator('tr[data-agent="down"]').getByRole("button", { name: "Dispatches" }).click();
       const dispatches = page.locator(".dispatches");
       await dispatches.getByText("1 failed").waitFor(WAIT);
+      // Its two webhook deliveries (--agent-max-attempts 2): retried, then failed.
+      const deliveries = dispatches.getByTestId("deliveries");
+      await deliveries.locator('tr[data-delivery="failed"]').waitFor(WAIT);
+      const rows = await deliveries.locator("tbody tr").allInnerTexts();
+      assert.equal(rows.length, 2, rows.join("\n"));
+      assert.match(rows[0], /\b2\b[\s\S]*failed[\s\S]*connection refused/);
+      assert.match(rows[1], /\b1\b[\s\S]*retried[\s\S]*connection refused/);
       assert.doesNotMatch(await dispatches.innerText(), /127\.0\.0\.1|http:/);
     });
     await page.context().close();
@@ -298,7 +305,7 @@ describe("open mode", () => {
 
       await page.getByRole("link", { name: "Agents" }).click();
       await page.locator('tr[data-agent="echo"]').getByRole("button", { name: "Dispatches" }).click();
-      await page.locator(".dispatches table").waitFor(WAIT);
+      await page.getByRole("table", { name: "Recent dispatches of echo" }).waitFor(WAIT);
       await docsShot(page, "agents");
     });
     await page.context().close();

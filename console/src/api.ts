@@ -145,6 +145,18 @@ export interface FinishedDispatch {
   finished_at: string;
 }
 
+/** One webhook HTTP attempt (GET /api/agents/:id/deliveries). */
+export interface Delivery {
+  dispatch_id: string;
+  session_id: string;
+  attempt: number;
+  http_status?: number;
+  outcome: "ok" | "retried" | "failed" | "cancelled";
+  error?: string;
+  latency_ms: number;
+  finished_at: string;
+}
+
 export interface DeadLetter {
   id: string;
   kind: "session" | "message" | "session_update" | "read_cursor" | string;

@@ -1,6 +1,6 @@
 // Agents: list, create, edit, disable/enable; per agent the recent dispatches and their latency.
 import { useEffect, useState } from "preact/hooks";
-import { api, ApiError, redact, type Agent, type FinishedDispatch } from "../api";
+import { api, ApiError, redact, type Agent, type Delivery, type FinishedDispatch } from "../api";
 import { Card, ErrorNote, Field, formatTime } from "../components";
 
 interface FormState {
@@ -156,15 +156,25 @@ function percentile(values: number[], p: number): number | null {
 
 /** A cancelled dispatch is the user's choice, not the agent's failure. */
 const OUTCOME_BADGE: Record<string, string> = { ok: "good", failed: "bad", cancelled: "muted-badge" };
+const DELIVERY_BADGE: Record<string, string> = { ...OUTCOME_BADGE, retried: "warn" };
 
 function Dispatches({ agent }: { agent: Agent }) {
   const [list, setList] = useState<FinishedDispatch[] | null>(null);
+  const [deliveries, setDeliveries] = useState<Delivery[]>([]);
   const [error, setError] = useState<string | null>(null);
   useEffect(() => {
     let stop = false;
+    const path = `/api/agents/${encodeURIComponent(agent.id)}`;
     const load = () =>
-      api<{ dispatches: FinishedDispatch[] }>("GET", `/api/agents/${encodeURIComponent(agent.id)}/dispatches`)
-        .then((r) => !stop && setList(r.dispatches))
+      Promise.all([
+        api<{ dispatches: FinishedDispatch[] }>("GET", `${path}/dispatches`),
+        api<{ deliveries: Delivery[] }>("GET", `${path}/deliveries`),
+      ])
+        .then(([d, w]) => {
+          if (stop) return;
+          setList(d.dispatches);
+          setDeliveries(w.deliveries);
+        })
         .catch((e) => !stop && setError(e.message));
     load();
     const timer = window.setInterval(load, 3000);
@@ -220,6 +230,37 @@ function Dispatches({ agent }: { agent: Agent }) {
           ))}
         </tbody>
       </table>
+      {deliveries.length > 0 && (
+        <>
+          <h4>Webhook deliveries (one per HTTP attempt)</h4>
+          <table data-testid="deliveries">
+            <caption class="visually-hidden">Recent webhook deliveries of {agent.id}</caption>
+            <thead>
+              <tr>
+                <th scope="col">Finished</th>
+                <th scope="col">Attempt</th>
+                <th scope="col">HTTP</th>
+                <th scope="col">Outcome</th>
+                <th scope="col">Latency</th>
+              </tr>
+            </thead>
+            <tbody>
+              {deliveries.slice(0, 10).map((d) => (
+                <tr key={`${d.dispatch_id}-${d.attempt}`} data-delivery={d.outcome}>
+                  <td>{formatTime(d.finished_at)}</td>
+                  <td>{d.attempt}</td>
+                  <td>{d.http_status ?? "–"}</td>
+                  <td>
+                    <span class={`badge ${DELIVERY_BADGE[d.outcome] ?? "bad"}`}>{d.outcome}</span>
+                    {d.error && <span class="error small"> {redact(d.error)}</span>}
+                  </td>
+                  <td>{d.latency_ms} ms</td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </>
+      )}
     </div>
   );
 }
