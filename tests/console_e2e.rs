@@ -43,7 +43,7 @@ fn the_console_works_in_a_real_browser() {
         "console browser",
     );
     assert!(
-        stdout.contains("ℹ pass 12"),
-        "expected 12 passing console tests:\n{stdout}"
+        stdout.contains("ℹ pass 16"),
+        "expected 16 passing console tests:\n{stdout}"
     );
 }

@@ -146,3 +146,106 @@ async fn the_api_key_mints_socket_tokens_and_agents_list_recent_dispatches() {
     assert_eq!(reply.body["code"], "open_mode");
     open.stop().await;
 }
+
+/// `GET /api/agents/:id/deliveries` (API key only): one entry per webhook HTTP attempt, newest
+/// first, with the agent's status, latency and error, and never its URL or header secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_recent_deliveries_list_each_attempt_without_its_secrets() {
+    use support::agent::{Behavior, TestAgent};
+    let server = TestServer::start_with(Store::Sqlite, |s| {
+        s.auth_secret = Some(SECRET.into());
+        s.api_key = Some("k3y".into());
+    })
+    .await;
+    // Answers 503 once, then the reply: two deliveries for one dispatch.
+    let agent = TestAgent::start(Behavior::Flaky(1)).await;
+    let admin =
+        |method: reqwest::Method, path: &str| server.client.request(method, server.url(path)).bearer_auth("k3y");
+    let created = admin(reqwest::Method::POST, "/api/agents")
+        .json(
+            &serde_json::json!({"agent": {"id": "flaky", "name": "Flaky", "origin_url": agent.url,
+            "debounce_window_ms": 0, "headers": {"x-agent-secret": "s3cret-header"}}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let session = admin(reqwest::Method::POST, "/api/sessions")
+        .json(&serde_json::json!({"id": "d-1", "user_id": "u", "agent_id": "flaky"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(session.status(), 201);
+    let sent = admin(reqwest::Method::POST, "/api/sessions/d-1/messages")
+        .json(&serde_json::json!({"user_id": "u", "content": {"text": "hello"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 200);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let (text, deliveries) = loop {
+        let reply = admin(reqwest::Method::GET, "/api/agents/flaky/deliveries")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+        let text = reply.text().await.unwrap();
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let list = body["deliveries"].as_array().unwrap().clone();
+        if list.len() >= 2 {
+            break (text, list);
+        }
+        assert!(std::time::Instant::now() < deadline, "two deliveries expected: {text}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(deliveries.len(), 2, "{text}");
+    let (newest, first) = (&deliveries[0], &deliveries[1]);
+    assert_eq!(first["attempt"], 1);
+    assert_eq!(first["outcome"], "retried");
+    assert_eq!(first["http_status"], 503);
+    assert_eq!(first["error"], "HTTP 503");
+    assert_eq!(newest["attempt"], 2);
+    assert_eq!(newest["outcome"], "ok");
+    assert_eq!(newest["http_status"], 200);
+    assert!(newest.get("error").is_none(), "{newest}");
+    assert_eq!(first["dispatch_id"], newest["dispatch_id"]);
+    assert_eq!(newest["session_id"], "d-1");
+    assert!(newest["latency_ms"].is_u64() && newest["finished_at"].is_string());
+    let port = agent.url.rsplit(':').next().unwrap().trim_end_matches('/');
+    assert!(
+        !text.contains("s3cret-header") && !text.contains("127.0.0.1") && !text.contains(&format!(":{port}")),
+        "no secret or address: {text}"
+    );
+
+    // Admin only: a user's token is refused; an unknown agent is 404.
+    let minted: serde_json::Value = admin(reqwest::Method::POST, "/api/tokens")
+        .json(&serde_json::json!({"sub": "u"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let as_user = server
+        .client
+        .get(server.url("/api/agents/flaky/deliveries"))
+        .bearer_auth(minted["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(as_user.status(), 403);
+    let anonymous = server
+        .client
+        .get(server.url("/api/agents/flaky/deliveries"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let unknown = admin(reqwest::Method::GET, "/api/agents/nope/deliveries")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    server.stop().await;
+}

@@ -5,17 +5,38 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { gzipSync } from "node:zlib";
-import { archiveSql, docsShot, docsShotsDir, launchBrowser, rest, startEchoAgent, startServer, startToolAgent, step, stopAll } from "./harness.mjs";
+import {
+  archiveSql,
+  docsShot,
+  docsShotsDir,
+  launchBrowser,
+  rest,
+  startApprovalAgent,
+  startEchoAgent,
+  startServer,
+  startToolAgent,
+  step,
+  stopAll,
+} from "./harness.mjs";
 
 const WAIT = { timeout: 15000 };
 let base;
 let agentOrigin;
 let toolAgentOrigin;
+let slowAgentOrigin;
+let approvalAgentOrigin;
 let browser;
 let sessionId;
 
 before(async () => {
-  [base, agentOrigin, toolAgentOrigin] = await Promise.all([startServer(), startEchoAgent(), startToolAgent()]);
+  [base, agentOrigin, toolAgentOrigin, slowAgentOrigin, approvalAgentOrigin] = await Promise.all([
+    startServer(),
+    startEchoAgent(),
+    startToolAgent(),
+    // The same echo agent, slow enough (150 ms a word) to stop it mid-reply.
+    startEchoAgent({ DELAY_MS: "150" }),
+    startApprovalAgent(),
+  ]);
   browser = await launchBrowser();
 });
 
@@ -250,6 +271,13 @@ describe("open mode", () => {
       await page.locator('tr[data-agent="down"]').getByRole("button", { name: "Dispatches" }).click();
       const dispatches = page.locator(".dispatches");
       await dispatches.getByText("1 failed").waitFor(WAIT);
+      // Its two webhook deliveries (--agent-max-attempts 2): retried, then failed.
+      const deliveries = dispatches.getByTestId("deliveries");
+      await deliveries.locator('tr[data-delivery="failed"]').waitFor(WAIT);
+      const rows = await deliveries.locator("tbody tr").allInnerTexts();
+      assert.equal(rows.length, 2, rows.join("\n"));
+      assert.match(rows[0], /\b2\b[\s\S]*failed[\s\S]*connection refused/);
+      assert.match(rows[1], /\b1\b[\s\S]*retried[\s\S]*connection refused/);
       assert.doesNotMatch(await dispatches.innerText(), /127\.0\.0\.1|http:/);
     });
     await page.context().close();
@@ -277,7 +305,7 @@ describe("open mode", () => {
 
       await page.getByRole("link", { name: "Agents" }).click();
       await page.locator('tr[data-agent="echo"]').getByRole("button", { name: "Dispatches" }).click();
-      await page.locator(".dispatches table").waitFor(WAIT);
+      await page.getByRole("table", { name: "Recent dispatches of echo" }).waitFor(WAIT);
       await docsShot(page, "agents");
     });
     await page.context().close();
@@ -334,6 +362,127 @@ describe("open mode", () => {
     await page.context().close();
   });
 
+  test("session view: after a resync it rejoins from the last seq shown and keeps updating", async () => {
+    const page = await newPage();
+    // The socket goes through a proxy that can push the server's `resync` to the page and then,
+    // as the server does, stop passing on the messages of the channel it resynced.
+    const joins = [];
+    let toPage = null;
+    let resynced = null;
+    await page.routeWebSocket(/\/socket\/websocket/, (ws) => {
+      const server = ws.connectToServer();
+      toPage = ws;
+      ws.onMessage((text) => {
+        const frame = JSON.parse(text);
+        if (frame[3] === "phx_join" && frame[2] === "session:resync-1") joins.push({ joinRef: frame[0], lastSeq: frame[4].last_seq });
+        server.send(text);
+      });
+      server.onMessage((text) => {
+        const frame = JSON.parse(text);
+        if (resynced !== null && frame[0] === resynced && frame[3] === "message") return;
+        ws.send(text);
+      });
+    });
+    await step(page, "resync", async () => {
+      await rest(base, "POST", "/api/agents", { agent: { id: "mute", name: "Mute", origin_url: "http://127.0.0.1:9" } });
+      await rest(base, "POST", "/api/sessions", { user_id: "gina", agent_id: "mute", id: "resync-1" });
+      await rest(base, "DELETE", "/api/agents/mute");
+      const append = async (text) => {
+        const sent = await rest(base, "POST", "/api/sessions/resync-1/messages", { user_id: "gina", content: { text } });
+        assert.equal(sent.status, 200, JSON.stringify(sent.body));
+      };
+      await page.goto(`${base}/#/sessions/resync-1`);
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      await append("before the resync");
+      await page.locator('li[data-seq="1"]', { hasText: "before the resync" }).waitFor(WAIT);
+      assert.equal(joins.length, 1);
+      resynced = joins[0].joinRef;
+      toPage.send(JSON.stringify([resynced, null, "session:resync-1", "resync", { last_seq: 1 }]));
+      for (let n = 1; n <= 3; n++) await append(`after the resync ${n}`);
+      await page.locator('li[data-seq="4"]', { hasText: "after the resync 3" }).waitFor(WAIT);
+      assert.equal(await page.locator("li[data-seq]").count(), 4);
+      assert.equal(joins.length, 2, "one rejoin");
+      assert.equal(joins[1].lastSeq, 1, "the rejoin starts after the last seq shown");
+      // Live pushes on the new channel keep coming.
+      await append("later");
+      await page.locator('li[data-seq="5"]', { hasText: "later" }).waitFor(WAIT);
+    });
+    await page.context().close();
+  });
+
+  test("session view: stop a running turn (shown as cancelled, not failed), then regenerate the reply", async () => {
+    const page = await newPage();
+    const words = Array.from({ length: 20 }, (_, i) => `w${i}`).join(" ");
+    await step(page, "cancel-regenerate", async () => {
+      const agent = await rest(base, "POST", "/api/agents", { agent: { id: "slow", name: "Slow echo", origin_url: slowAgentOrigin, debounce_window_ms: 0 } });
+      assert.equal(agent.status, 201, JSON.stringify(agent.body));
+      await rest(base, "POST", "/api/sessions", { user_id: "hank", agent_id: "slow", id: "turns-1" });
+      await page.goto(`${base}/#/sessions/turns-1`);
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      assert.equal(await page.getByRole("button", { name: "Regenerate" }).count(), 0, "nothing to regenerate yet");
+      await page.getByLabel("Message as hank").fill(words);
+      await page.getByRole("button", { name: "Send" }).click();
+      await page.locator(".msg.streaming", { hasText: "echo: w0" }).waitFor(WAIT);
+      await page.getByRole("button", { name: "Stop" }).click();
+      await page.locator('[data-testid="agent-status"]', { hasText: "cancelled" }).waitFor(WAIT);
+      // What had streamed is stored, marked aborted; the reply stopped short.
+      const aborted = page.locator('.msg.agent:not(.streaming)', { hasText: "abort" });
+      await aborted.waitFor(WAIT);
+      assert.doesNotMatch(await aborted.innerText(), /w19/);
+      assert.equal(await page.locator(".msg.streaming").count(), 0);
+      const abortedSeq = await aborted.getAttribute("data-seq");
+
+      await page.getByRole("button", { name: "Regenerate" }).click();
+      await page.getByRole("button", { name: "Stop" }).waitFor(WAIT);
+      const fresh = page.locator(".msg.agent:not(.streaming):not(.superseded)", { hasText: `echo: ${words}` });
+      await fresh.waitFor(WAIT);
+      await page.locator('[data-testid="agent-status"]', { hasText: "idle" }).waitFor(WAIT);
+      assert.match(await page.locator(`li[data-seq="${abortedSeq}"]`).getAttribute("class"), /superseded/);
+      assert.match(await page.locator(".msg.user", { hasText: "regenerate" }).innerText(), /regenerate/);
+      await docsShot(page, "session-actions");
+
+      await page.getByRole("link", { name: "Agents" }).click();
+      await page.locator('tr[data-agent="slow"]').getByRole("button", { name: "Dispatches" }).click();
+      const dispatches = page.locator(".dispatches");
+      await dispatches.getByText("1 cancelled").waitFor(WAIT);
+      assert.match(await dispatches.innerText(), /1 ok, 0 failed, 1 cancelled/);
+      const badge = dispatches.locator('[data-outcome="cancelled"]');
+      assert.equal(await badge.count(), 1);
+      assert.doesNotMatch(await badge.getAttribute("class"), /\bbad\b/);
+    });
+    await page.context().close();
+  });
+
+  test("session view: a tool call waiting for approval is approved, then another is denied", async () => {
+    const page = await newPage();
+    await step(page, "approval", async () => {
+      const agent = await rest(base, "POST", "/api/agents", { agent: { id: "careful", name: "Careful", origin_url: approvalAgentOrigin, debounce_window_ms: 0 } });
+      assert.equal(agent.status, 201, JSON.stringify(agent.body));
+      await rest(base, "POST", "/api/sessions", { user_id: "ivy", agent_id: "careful", id: "approve-1" });
+      await page.goto(`${base}/#/sessions/approve-1`);
+      await page.locator(".chat-status", { hasText: "Live" }).waitFor(WAIT);
+      for (const [approve, answer] of [
+        [true, "Deleted notes.txt."],
+        [false, "Kept notes.txt."],
+      ]) {
+        await page.getByLabel("Message as ivy").fill("please clean up");
+        await page.getByRole("button", { name: "Send" }).click();
+        const asking = page.locator(".msg.agent:not(.streaming) .part-tool", { hasText: "approval-requested" });
+        await asking.getByRole("button", { name: approve ? "Approve" : "Deny" }).click();
+        await page.locator(".msg.agent", { hasText: answer }).waitFor(WAIT);
+        assert.equal(await page.getByRole("button", { name: "Approve" }).count(), 0, "an answered call asks no more");
+      }
+      const history = await rest(base, "GET", "/api/sessions/approve-1/messages?limit=100");
+      const results = history.body.messages.filter((m) => m.kind === "tool_result");
+      assert.deepEqual(
+        results.map((m) => m.content.parts[0].approval.approved),
+        [true, false],
+      );
+      assert.equal(results[0].content.parts[0].state, "approval-responded");
+    });
+    await page.context().close();
+  });
+
   test("keyboard: the navigation is reachable with Tab", async () => {
     const page = await newPage();
     await step(page, "keyboard", async () => {
@@ -383,6 +532,21 @@ describe("token mode", () => {
       await page.getByText("1 ok").waitFor(WAIT);
       await page.getByRole("link", { name: "Health" }).click();
       await page.getByTestId("no-dead-letters").waitFor(WAIT);
+    });
+    await page.context().close();
+  });
+
+  test("health charts show data (/metrics is read with the API key)", async () => {
+    const page = await newPage();
+    await step(page, "token-health", async () => {
+      await page.goto(`${tokenBase}/#/health`);
+      await page.getByLabel("Admin API key").fill(apiKey);
+      await page.getByRole("button", { name: "Sign in" }).click();
+      await page.locator('[data-testid="readiness"]', { hasText: "ready" }).waitFor(WAIT);
+      // Sockets is a gauge: known from the first scrape; rates need a second one.
+      await page.locator("figure.chart", { hasText: "Sockets" }).locator("figcaption strong", { hasText: /^\d/ }).waitFor(WAIT);
+      await page.waitForFunction(() => document.querySelectorAll("figure.chart polyline[points*=' ']").length >= 3, null, WAIT);
+      assert.equal(await page.locator(".error").count(), 0);
     });
     await page.context().close();
   });

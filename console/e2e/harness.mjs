@@ -75,10 +75,10 @@ async function freePort() {
 }
 
 /** The example agent (examples/echo-agent/server.mjs); returns its origin URL. */
-export async function startEchoAgent() {
+export async function startEchoAgent(env = {}) {
   const port = await freePort();
   const child = spawn(process.execPath, [join(repoRoot, "examples/echo-agent/server.mjs")], {
-    env: { PATH: process.env.PATH, PORT: String(port) },
+    env: { PATH: process.env.PATH, PORT: String(port), ...env },
     stdio: ["ignore", "pipe", "inherit"],
   });
   children.push(child);
@@ -119,6 +119,42 @@ export async function startToolAgent() {
         await new Promise((done) => setTimeout(done, 60));
       }
       response.end();
+    });
+  });
+  await new Promise((done) => server.listen(0, "127.0.0.1", done));
+  servers.push(server);
+  return `http://127.0.0.1:${server.address().port}`;
+}
+
+/** An agent whose tool call needs the user's approval: its first reply asks to delete a file
+ * (`tool-approval-request`); once the history holds the user's `tool_result`, it says whether
+ * the file was deleted. Returns its origin URL. */
+export async function startApprovalAgent() {
+  const server = createHttpServer((request, response) => {
+    let body = "";
+    request.on("data", (chunk) => (body += chunk));
+    request.on("end", () => {
+      const dispatch = JSON.parse(body);
+      const newest = dispatch.messages[dispatch.messages.length - 1];
+      const answer = newest?.kind === "tool_result" ? newest : undefined;
+      const approved = answer?.content?.parts?.[0]?.approval?.approved;
+      const chunks =
+        answer === undefined
+          ? [
+              { type: "start", messageId: `ask-${dispatch.dispatch_id}` },
+              { type: "tool-input-available", toolCallId: `del-${dispatch.dispatch_id}`, toolName: "deleteFile", input: { path: "notes.txt" } },
+              { type: "tool-approval-request", approvalId: `approval-${dispatch.dispatch_id}`, toolCallId: `del-${dispatch.dispatch_id}` },
+              { type: "finish" },
+            ]
+          : [
+              { type: "start", messageId: `done-${dispatch.dispatch_id}` },
+              { type: "text-start", id: "t" },
+              { type: "text-delta", id: "t", delta: approved ? "Deleted notes.txt." : "Kept notes.txt." },
+              { type: "text-end", id: "t" },
+              { type: "finish" },
+            ];
+      response.writeHead(200, { "content-type": "application/x-ndjson" });
+      response.end(chunks.map((c) => JSON.stringify(c) + "\n").join(""));
     });
   });
   await new Promise((done) => server.listen(0, "127.0.0.1", done));

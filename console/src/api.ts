@@ -139,9 +139,21 @@ export interface InboxEntry {
 export interface FinishedDispatch {
   dispatch_id: string;
   session_id: string;
-  outcome: "ok" | "failed";
+  outcome: "ok" | "failed" | "cancelled";
   error?: string;
   duration_ms: number;
+  finished_at: string;
+}
+
+/** One webhook HTTP attempt (GET /api/agents/:id/deliveries). */
+export interface Delivery {
+  dispatch_id: string;
+  session_id: string;
+  attempt: number;
+  http_status?: number;
+  outcome: "ok" | "retried" | "failed" | "cancelled";
+  error?: string;
+  latency_ms: number;
   finished_at: string;
 }
 

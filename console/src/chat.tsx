@@ -5,7 +5,7 @@ import { useEffect, useMemo, useRef, useState } from "preact/hooks";
 import { api, redact, type Message, type Mode, type Session } from "./api";
 import { ErrorNote, LiveReplyView, MessageView } from "./components";
 import { newClientId, openSocket } from "./live";
-import { applyChunk, type LiveReply } from "./stream";
+import { applyChunk, type LiveReply, type Part } from "./stream";
 
 export interface RawChunk {
   n: number;
@@ -32,6 +32,12 @@ export interface SessionFeed {
   setTyping: (typing: boolean) => void;
   /** Loads up to 100 messages before the oldest shown (the join replays only the newest 100). */
   loadOlder: () => Promise<void>;
+  /** Stops the agent's current turn; true when something was cancelled. */
+  cancel: () => Promise<boolean>;
+  /** Has the agent answer the latest turn again. */
+  regenerate: () => Promise<void>;
+  /** Approves or denies a tool call waiting for approval (`approval-requested`). */
+  answerApproval: (message: Message, part: Part, approved: boolean) => Promise<void>;
 }
 
 const MAX_CHUNKS = 500;
@@ -67,6 +73,69 @@ export function useSessionFeed(mode: Mode, session: Session | null): SessionFeed
     setStatus(null);
     setChunks([]);
     setError(null);
+    // One channel instance joins once (phoenix.js refuses a second join), so a `resync` (the
+    // server dropped this channel's live feed: its socket fell behind) leaves it and joins a new
+    // one from the last seq shown; pushes of the old one are ignored from then on.
+    const join = (socket: Socket) => {
+      const channel = socket.channel(`session:${session.id}`, () => ({ last_seq: lastSeq }));
+      channelRef.current = channel;
+      const current = () => channelRef.current === channel && !closed;
+      channel.on("message", (m: Message) => {
+        if (!current()) return;
+        add([m]);
+        if (m.kind === "assistant" || m.sender_id === session.agent_id) {
+          setLive((live) => (live && m.metadata?.dispatch_id === live.dispatchId ? null : live));
+        }
+      });
+      channel.on("stream_snapshot", (p: any) => {
+        if (!current()) return;
+        setLive({ dispatchId: p.dispatch_id, parts: p.message?.parts ?? [] });
+      });
+      channel.on("stream_chunk", (p: any) => {
+        if (!current()) return;
+        chunkCount.current += 1;
+        const entry: RawChunk = { n: chunkCount.current, at: Date.now(), dispatchId: p.dispatch_id, chunk: p.chunk };
+        setChunks((list) => [...list.slice(-(MAX_CHUNKS - 1)), entry]);
+        setLive((live) => {
+          const base = live && live.dispatchId === p.dispatch_id ? live : { dispatchId: p.dispatch_id, parts: [] };
+          if (p.chunk?.type === "start" && live && live.dispatchId === p.dispatch_id && live.parts.length > 0) {
+            return { dispatchId: p.dispatch_id, parts: [] };
+          }
+          return applyChunk(base, p.chunk);
+        });
+      });
+      channel.on("agent_status", (p: AgentStatus) => {
+        if (!current()) return;
+        setStatus({ ...p, error: p.error ? redact(p.error) : undefined });
+        if (p.status === "idle" || p.status === "failed" || p.status === "cancelled") setLive(null);
+      });
+      channel.on("typing", (p: any) => {
+        if (!current()) return;
+        if (p.user_id !== session.user_id) setTypingState(Boolean(p.typing));
+      });
+      channel.on("resync", () => {
+        if (!current()) return;
+        channel.leave();
+        join(socket);
+      });
+      channel
+        .join()
+        .receive("ok", async (reply: any) => {
+          if (!current()) return;
+          setError(null);
+          add(reply.messages ?? []);
+          let more = Boolean(reply.has_more);
+          while (more && current()) {
+            const page = await api<{ messages: Message[]; has_more?: boolean }>(
+              "GET",
+              `/api/sessions/${encodeURIComponent(session.id)}/messages?after_seq=${lastSeq}&limit=500`,
+            );
+            add(page.messages);
+            more = Boolean(page.has_more) && page.messages.length > 0;
+          }
+        })
+        .receive("error", (reply: any) => current() && setError(`Cannot watch this session: ${reply?.reason ?? "refused"}`));
+    };
     (async () => {
       try {
         socket = await openSocket(mode, session.user_id);
@@ -80,56 +149,7 @@ export function useSessionFeed(mode: Mode, session: Session | null): SessionFeed
       }
       socket.onOpen(() => setConnected(true));
       socket.onClose(() => setConnected(false));
-      const channel = socket.channel(`session:${session.id}`, () => ({ last_seq: lastSeq }));
-      channelRef.current = channel;
-      channel.on("message", (m: Message) => {
-        add([m]);
-        if (m.kind === "assistant" || m.sender_id === session.agent_id) {
-          setLive((current) => (current && m.metadata?.dispatch_id === current.dispatchId ? null : current));
-        }
-      });
-      channel.on("stream_snapshot", (p: any) => {
-        setLive({ dispatchId: p.dispatch_id, parts: p.message?.parts ?? [] });
-      });
-      channel.on("stream_chunk", (p: any) => {
-        chunkCount.current += 1;
-        const entry: RawChunk = { n: chunkCount.current, at: Date.now(), dispatchId: p.dispatch_id, chunk: p.chunk };
-        setChunks((list) => [...list.slice(-(MAX_CHUNKS - 1)), entry]);
-        setLive((current) => {
-          const base = current && current.dispatchId === p.dispatch_id ? current : { dispatchId: p.dispatch_id, parts: [] };
-          if (p.chunk?.type === "start" && current && current.dispatchId === p.dispatch_id && current.parts.length > 0) {
-            return { dispatchId: p.dispatch_id, parts: [] };
-          }
-          return applyChunk(base, p.chunk);
-        });
-      });
-      channel.on("agent_status", (p: AgentStatus) => {
-        setStatus({ ...p, error: p.error ? redact(p.error) : undefined });
-        if (p.status === "idle" || p.status === "failed") setLive(null);
-      });
-      channel.on("typing", (p: any) => {
-        if (p.user_id !== session.user_id) setTypingState(Boolean(p.typing));
-      });
-      channel.on("resync", () => {
-        channel.leave();
-        channel.join();
-      });
-      channel
-        .join()
-        .receive("ok", async (reply: any) => {
-          setError(null);
-          add(reply.messages ?? []);
-          let more = Boolean(reply.has_more);
-          while (more && !closed) {
-            const page = await api<{ messages: Message[]; has_more?: boolean }>(
-              "GET",
-              `/api/sessions/${encodeURIComponent(session.id)}/messages?after_seq=${lastSeq}&limit=500`,
-            );
-            add(page.messages);
-            more = Boolean(page.has_more) && page.messages.length > 0;
-          }
-        })
-        .receive("error", (reply: any) => setError(`Cannot watch this session: ${reply?.reason ?? "refused"}`));
+      join(socket);
     })();
     return () => {
       closed = true;
@@ -141,16 +161,38 @@ export function useSessionFeed(mode: Mode, session: Session | null): SessionFeed
 
   const sorted = useMemo(() => [...messages.values()].sort((a, b) => a.seq - b.seq), [messages]);
 
-  const send = (text: string) =>
-    new Promise<void>((resolve, reject) => {
+  /** A push on the session's channel as its user; resolves with the ok reply. */
+  const push = (event: string, payload: object) =>
+    new Promise<any>((resolve, reject) => {
       const channel = channelRef.current;
       if (!channel) return reject(new Error("not connected"));
       channel
-        .push("send", { content: { kind: "text", content: { text } }, client_id: newClientId() })
-        .receive("ok", () => resolve())
+        .push(event, payload)
+        .receive("ok", (reply: any) => resolve(reply))
         .receive("error", (r: any) => reject(new Error(redact(r?.details ?? r?.error ?? "refused"))))
         .receive("timeout", () => reject(new Error("no answer from the server")));
     });
+
+  const send = (text: string) =>
+    push("send", { content: { kind: "text", content: { text } }, client_id: newClientId() }).then(() => undefined);
+
+  // The socket's `cancel` answers once the cancel took effect (the aborted reply is stored).
+  const cancel = () => push("cancel", {}).then((reply) => Boolean(reply?.cancelled));
+
+  const regenerate = () => push("regenerate", { client_id: newClientId() }).then(() => undefined);
+
+  // An approval is answered with a `tool_result` holding the tool part in its new state.
+  const answerApproval = (message: Message, part: Part, approved: boolean) =>
+    push("send", {
+      content: {
+        kind: "tool_result",
+        content: {
+          message_id: message.content?.id,
+          parts: [{ ...part, state: "approval-responded", approval: { id: part.approval?.id, approved } }],
+        },
+      },
+      client_id: newClientId(),
+    }).then(() => undefined);
 
   // Typing is sent when it changes, not on every keystroke.
   const typingSent = useRef(false);
@@ -172,13 +214,61 @@ export function useSessionFeed(mode: Mode, session: Session | null): SessionFeed
     setMessages(new Map(knownRef.current));
   };
 
-  return { messages: sorted, live, status, typing, chunks, connected, error, send, setTyping, loadOlder };
+  return {
+    messages: sorted,
+    live,
+    status,
+    typing,
+    chunks,
+    connected,
+    error,
+    send,
+    setTyping,
+    loadOlder,
+    cancel,
+    regenerate,
+    answerApproval,
+  };
+}
+
+const BUSY = ["queued", "dispatching", "streaming"];
+
+/** Agent messages a later `regenerate` replaced (docs/API.md, "Regenerate"): those after the
+ * latest user message of another kind before it. */
+export function supersededSeqs(messages: Message[], session: Session): Set<number> {
+  const out = new Set<number>();
+  let turnStart = 0;
+  let pending: number[] = [];
+  for (const m of messages) {
+    if (m.sender_id === session.user_id) {
+      if (m.kind === "regenerate") {
+        for (const seq of pending) out.add(seq);
+      } else {
+        turnStart = m.seq;
+      }
+      pending = [];
+    } else if (m.sender_id === session.agent_id && m.seq > turnStart) {
+      pending.push(m.seq);
+    }
+  }
+  return out;
+}
+
+/** Tool calls a `tool_result` of the user already answered. */
+function answeredToolCalls(messages: Message[]): Set<string> {
+  const out = new Set<string>();
+  for (const m of messages) {
+    if (m.kind !== "tool_result" || !Array.isArray(m.content?.parts)) continue;
+    for (const p of m.content.parts) if (typeof p?.toolCallId === "string") out.add(p.toolCallId);
+  }
+  return out;
 }
 
 export function ChatView({ feed, session, canSend }: { feed: SessionFeed; session: Session; canSend: boolean }) {
   const [draft, setDraft] = useState("");
   const [sendError, setSendError] = useState<string | null>(null);
   const [sending, setSending] = useState(false);
+  const [acting, setActing] = useState(false);
   const typingTimer = useRef<number | undefined>(undefined);
   const listRef = useRef<HTMLOListElement>(null);
 
@@ -211,7 +301,24 @@ export function ChatView({ feed, session, canSend }: { feed: SessionFeed; sessio
     typingTimer.current = window.setTimeout(() => feed.setTyping(false), 2000);
   };
 
+  const act = async (what: () => Promise<unknown>) => {
+    setActing(true);
+    setSendError(null);
+    try {
+      await what();
+    } catch (err: any) {
+      setSendError(err?.message ?? "refused");
+    } finally {
+      setActing(false);
+    }
+  };
+
   const status = feed.status;
+  const busy = feed.live !== null || (status !== null && BUSY.includes(status.status));
+  const superseded = useMemo(() => supersededSeqs(feed.messages, session), [feed.messages, session]);
+  const answered = useMemo(() => answeredToolCalls(feed.messages), [feed.messages]);
+  const hasReply = feed.messages.some((m) => m.sender_id === session.agent_id);
+  const active = canSend && session.status === "active";
   return (
     <div class="chat">
       <div class="chat-status" role="status" aria-live="polite">
@@ -234,11 +341,31 @@ export function ChatView({ feed, session, canSend }: { feed: SessionFeed; sessio
       <ol class="messages" ref={listRef} aria-label="Messages">
         {feed.messages.length === 0 && !feed.live && <li class="muted empty">No messages yet.</li>}
         {feed.messages.map((m) => (
-          <MessageView key={m.seq} message={m} userId={session.user_id} />
+          <MessageView
+            key={m.seq}
+            message={m}
+            userId={session.user_id}
+            superseded={superseded.has(m.seq)}
+            answered={answered}
+            onApproval={active ? (message, part, approved) => act(() => feed.answerApproval(message, part, approved)) : undefined}
+          />
         ))}
         {feed.live && <LiveReplyView reply={feed.live} agentId={session.agent_id} />}
       </ol>
-      {canSend && session.status === "active" && (
+      {active && (busy || hasReply) && (
+        <div class="turn-actions">
+          {busy ? (
+            <button type="button" class="secondary small" disabled={acting} onClick={() => act(feed.cancel)}>
+              Stop
+            </button>
+          ) : (
+            <button type="button" class="secondary small" disabled={acting} onClick={() => act(feed.regenerate)}>
+              Regenerate
+            </button>
+          )}
+        </div>
+      )}
+      {active && (
         <form class="composer" onSubmit={submit}>
           <label for="composer-text" class="visually-hidden">
             Message as {session.user_id}

@@ -62,7 +62,10 @@ export function Json({ value }: { value: unknown }) {
   return <pre class="json">{typeof value === "string" ? value : JSON.stringify(value, null, 2)}</pre>;
 }
 
-function PartView({ part }: { part: Part }) {
+/** Answers a tool call waiting for approval; absent where the console cannot answer it. */
+export type OnApproval = (part: Part, approved: boolean) => void;
+
+function PartView({ part, onApproval }: { part: Part; onApproval?: OnApproval }) {
   if (part.type === "text") return <p class="part-text">{part.text}</p>;
   if (part.type === "reasoning")
     return (
@@ -93,6 +96,17 @@ function PartView({ part }: { part: Part }) {
           </div>
         )}
         {part.errorText && <p class="error">{part.errorText}</p>}
+        {part.approval?.reason && <p class="muted small">Reason: {String(part.approval.reason)}</p>}
+        {part.state === "approval-requested" && onApproval && (
+          <div class="approval" role="group" aria-label={`Approval for ${name}`}>
+            <button type="button" class="small" onClick={() => onApproval(part, true)}>
+              Approve
+            </button>{" "}
+            <button type="button" class="secondary small" onClick={() => onApproval(part, false)}>
+              Deny
+            </button>
+          </div>
+        )}
       </div>
     );
   }
@@ -104,19 +118,38 @@ function PartView({ part }: { part: Part }) {
   );
 }
 
-export function MessageView({ message, userId }: { message: Message; userId: string }) {
+export function MessageView(props: {
+  message: Message;
+  userId: string;
+  superseded?: boolean;
+  /** Tool calls of this message still waiting for the user's approval may be answered. */
+  onApproval?: (message: Message, part: Part, approved: boolean) => void;
+  answered?: Set<string>;
+}) {
+  const { message, userId, superseded, onApproval, answered } = props;
   const mine = message.sender_id === userId;
   const parts: Part[] | null = Array.isArray(message.content?.parts) ? message.content.parts : null;
   const text = typeof message.content?.text === "string" ? message.content.text : null;
   return (
-    <li class={mine ? "msg user" : "msg agent"} data-seq={message.seq}>
+    <li class={`${mine ? "msg user" : "msg agent"}${superseded ? " superseded" : ""}`} data-seq={message.seq}>
       <div class="msg-meta">
         <span class="sender">{message.sender_id}</span> <span class="muted">#{message.seq} · {message.kind}</span>
         {message.metadata?.termination && message.metadata.termination !== "finish" && (
           <span class="badge warn">{message.metadata.termination}</span>
         )}
+        {superseded && <span class="badge muted-badge">superseded</span>}
       </div>
-      {parts ? parts.map((part, i) => <PartView key={i} part={part} />) : text !== null ? <p class="part-text">{text}</p> : <Json value={message.content} />}
+      {parts ? (
+        parts.map((part, i) => (
+          <PartView
+            key={i}
+            part={part}
+            onApproval={
+              onApproval && !answered?.has(part.toolCallId) ? (p, approved) => onApproval(message, p, approved) : undefined
+            }
+          />
+        ))
+      ) : text !== null ? <p class="part-text">{text}</p> : <Json value={message.content} />}
       {message.metadata?.error && <p class="error">{String(message.metadata.error)}</p>}
     </li>
   );

@@ -12,7 +12,7 @@
 //! - `streams.rs`: replies streaming now (for `stream_chunk` and `stream_snapshot`).
 //! - `signing.rs`: signing secrets and Standard Webhooks signatures of the calls.
 //! - `registry.rs`: the agents, in memory.
-//! - `recent.rs`: the last finished dispatches per agent (outcome, latency), in memory.
+//! - `recent.rs`: the last finished dispatches and webhook deliveries per agent, in memory.
 //!
 //! Architecture invariant: dispatch state is derived from the log (a session owes a reply while
 //! its last user seq is above the seq its last finished dispatch covered), never from memory

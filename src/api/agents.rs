@@ -212,6 +212,21 @@ pub async fn dispatches(
     Ok(axum::Json(json!({"dispatches": dispatches})).into_response())
 }
 
+/// `GET /api/agents/:id/deliveries`: the agent's last webhook deliveries (one per HTTP attempt:
+/// status, latency, error; never its URL or headers), newest first, from memory.
+pub async fn deliveries(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    require_admin(&caller)?;
+    if state.registry.get(&id).is_none() {
+        return Err(agent_not_found(&id));
+    }
+    let deliveries = state.recent_dispatches.deliveries_of(&id);
+    Ok(axum::Json(json!({"deliveries": deliveries})).into_response())
+}
+
 /// The object under `"agent"` (or the body itself when it is not nested).
 fn agent_fields(body: &serde_json::value::RawValue) -> ApiResult<Map<String, Value>> {
     let mut value: Map<String, Value> = serde_json::from_str(body.get())

@@ -70,6 +70,7 @@ pub fn router(state: SharedState) -> Router {
                 .delete(agents::disable),
         )
         .route("/agents/{id}/dispatches", get(agents::dispatches))
+        .route("/agents/{id}/deliveries", get(agents::deliveries))
         .route(
             "/agents/{id}/signing-secret/rotate",
             post(agents::rotate_signing_secret),

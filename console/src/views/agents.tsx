@@ -1,6 +1,6 @@
 // Agents: list, create, edit, disable/enable; per agent the recent dispatches and their latency.
 import { useEffect, useState } from "preact/hooks";
-import { api, ApiError, redact, type Agent, type FinishedDispatch } from "../api";
+import { api, ApiError, redact, type Agent, type Delivery, type FinishedDispatch } from "../api";
 import { Card, ErrorNote, Field, formatTime } from "../components";
 
 interface FormState {
@@ -154,14 +154,27 @@ function percentile(values: number[], p: number): number | null {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
+/** A cancelled dispatch is the user's choice, not the agent's failure. */
+const OUTCOME_BADGE: Record<string, string> = { ok: "good", failed: "bad", cancelled: "muted-badge" };
+const DELIVERY_BADGE: Record<string, string> = { ...OUTCOME_BADGE, retried: "warn" };
+
 function Dispatches({ agent }: { agent: Agent }) {
   const [list, setList] = useState<FinishedDispatch[] | null>(null);
+  const [deliveries, setDeliveries] = useState<Delivery[]>([]);
   const [error, setError] = useState<string | null>(null);
   useEffect(() => {
     let stop = false;
+    const path = `/api/agents/${encodeURIComponent(agent.id)}`;
     const load = () =>
-      api<{ dispatches: FinishedDispatch[] }>("GET", `/api/agents/${encodeURIComponent(agent.id)}/dispatches`)
-        .then((r) => !stop && setList(r.dispatches))
+      Promise.all([
+        api<{ dispatches: FinishedDispatch[] }>("GET", `${path}/dispatches`),
+        api<{ deliveries: Delivery[] }>("GET", `${path}/deliveries`),
+      ])
+        .then(([d, w]) => {
+          if (stop) return;
+          setList(d.dispatches);
+          setDeliveries(w.deliveries);
+        })
         .catch((e) => !stop && setError(e.message));
     load();
     const timer = window.setInterval(load, 3000);
@@ -174,11 +187,19 @@ function Dispatches({ agent }: { agent: Agent }) {
   if (!list) return <p class="muted">Loading…</p>;
   if (!list.length) return <p class="muted">No dispatches since the server started.</p>;
   const ok = list.filter((d) => d.outcome === "ok").length;
+  const cancelled = list.filter((d) => d.outcome === "cancelled").length;
+  const failed = list.length - ok - cancelled;
   const durations = list.map((d) => d.duration_ms);
   return (
     <div class="dispatches">
       <p>
-        Last {list.length}: <strong>{ok} ok</strong>, <strong>{list.length - ok} failed</strong> · latency p50{" "}
+        Last {list.length}: <strong>{ok} ok</strong>, <strong>{failed} failed</strong>
+        {cancelled > 0 && (
+          <>
+            , <strong>{cancelled} cancelled</strong>
+          </>
+        )}{" "}
+        · latency p50{" "}
         {percentile(durations, 50)} ms, p95 {percentile(durations, 95)} ms
       </p>
       <table>
@@ -199,7 +220,9 @@ function Dispatches({ agent }: { agent: Agent }) {
                 <a href={`#/sessions/${encodeURIComponent(d.session_id)}`}>{d.session_id}</a>
               </td>
               <td>
-                <span class={`badge ${d.outcome === "ok" ? "good" : "bad"}`}>{d.outcome}</span>
+                <span class={`badge ${OUTCOME_BADGE[d.outcome] ?? "bad"}`} data-outcome={d.outcome}>
+                  {d.outcome}
+                </span>
                 {d.error && <span class="error small"> {redact(d.error)}</span>}
               </td>
               <td>{d.duration_ms} ms</td>
@@ -207,6 +230,37 @@ function Dispatches({ agent }: { agent: Agent }) {
           ))}
         </tbody>
       </table>
+      {deliveries.length > 0 && (
+        <>
+          <h4>Webhook deliveries (one per HTTP attempt)</h4>
+          <table data-testid="deliveries">
+            <caption class="visually-hidden">Recent webhook deliveries of {agent.id}</caption>
+            <thead>
+              <tr>
+                <th scope="col">Finished</th>
+                <th scope="col">Attempt</th>
+                <th scope="col">HTTP</th>
+                <th scope="col">Outcome</th>
+                <th scope="col">Latency</th>
+              </tr>
+            </thead>
+            <tbody>
+              {deliveries.slice(0, 10).map((d) => (
+                <tr key={`${d.dispatch_id}-${d.attempt}`} data-delivery={d.outcome}>
+                  <td>{formatTime(d.finished_at)}</td>
+                  <td>{d.attempt}</td>
+                  <td>{d.http_status ?? "–"}</td>
+                  <td>
+                    <span class={`badge ${DELIVERY_BADGE[d.outcome] ?? "bad"}`}>{d.outcome}</span>
+                    {d.error && <span class="error small"> {redact(d.error)}</span>}
+                  </td>
+                  <td>{d.latency_ms} ms</td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </>
+      )}
     </div>
   );
 }

@@ -1,6 +1,6 @@
 // Health: readiness reasons, small live charts parsed from /metrics, and the archive's dead letters.
 import { useEffect, useRef, useState } from "preact/hooks";
-import { api, redact, type DeadLetter } from "../api";
+import { api, redact, storedApiKey, type DeadLetter } from "../api";
 import { Card, ErrorNote, formatTime, Sparkline } from "../components";
 import { parsePrometheus, point, totals, type Point, type Totals } from "../metrics";
 
@@ -24,7 +24,11 @@ export function HealthView() {
       try {
         const readyResponse = await fetch("/health/ready", { headers: { accept: "application/json" } });
         const readyBody = (await readyResponse.json()) as Ready;
-        const metricsText = await (await fetch("/metrics")).text();
+        // In token mode /metrics answers only the API key (403 otherwise), like the admin API.
+        const key = storedApiKey();
+        const metricsResponse = await fetch("/metrics", key ? { headers: { authorization: `Bearer ${key}` } } : {});
+        if (!metricsResponse.ok) throw new Error(`metrics ${metricsResponse.status}`);
+        const metricsText = await metricsResponse.text();
         if (stop) return;
         const samples = parsePrometheus(metricsText);
         const now = totals(samples, Date.now());

@@ -33,6 +33,7 @@ pub(super) async fn call(
     job: &DispatchJob,
     body: &Value,
     turn: Turn<'_>,
+    http_status: &mut Option<u16>,
 ) -> Result<(), CallError> {
     let Turn {
         final_attempt,
@@ -102,6 +103,7 @@ pub(super) async fn call(
         Ok(Ok(response)) => response,
     };
     let status_code = response.status().as_u16();
+    *http_status = Some(status_code);
     if response.status().is_redirection() {
         // Never followed (the agent's headers would go wherever it points): not retried.
         return Err(CallError::Fatal(format!(

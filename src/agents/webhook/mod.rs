@@ -202,8 +202,10 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
             replaces: history.replaces.as_deref(),
             answers_through: through_seq,
         };
-        let outcome = call(context, &agent, job, &body, turn).await;
+        let mut http_status = None;
+        let outcome = call(context, &agent, job, &body, turn, &mut http_status).await;
         metrics::histogram!("fleetlm_webhook_seconds").record(started.elapsed().as_secs_f64());
+        record_delivery(context, job, attempt, http_status, &outcome, final_attempt, started);
         if matches!(outcome, Err(CallError::Retryable { .. })) && !final_attempt {
             // The retry streams the reply afresh: clients close the cut-off message first.
             context.streams.abort_open_message(&job.session_id);
@@ -251,6 +253,41 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
             }
         }
     }
+}
+
+/// Keeps the attempt in the agent's recent deliveries (`GET /api/agents/:id/deliveries`).
+fn record_delivery(
+    context: &EngineContext,
+    job: &DispatchJob,
+    attempt: u32,
+    http_status: Option<u16>,
+    outcome: &Result<(), CallError>,
+    final_attempt: bool,
+    started: Instant,
+) {
+    let (label, error) = match outcome {
+        Ok(()) => ("ok", None),
+        Err(CallError::Cancelled) => ("cancelled", None),
+        // This node stopped leading the shard: the new leader's delivery is the one that counts.
+        Err(CallError::Superseded) => return,
+        Err(CallError::Retryable { reason, .. }) if !final_attempt && !job.control.is_cancelled() => {
+            ("retried", Some(reason.clone()))
+        }
+        Err(CallError::Retryable { reason, .. } | CallError::Fatal(reason)) => ("failed", Some(reason.clone())),
+    };
+    context.recent.record_delivery(
+        &job.agent_id,
+        super::recent::Delivery {
+            dispatch_id: job.dispatch_id.to_string(),
+            session_id: job.session_id.to_string(),
+            attempt,
+            http_status,
+            outcome: label,
+            error,
+            latency_ms: started.elapsed().as_millis() as u64,
+            finished_at: crate::model::Timestamp(context.clock.now_micros()),
+        },
+    );
 }
 
 /// Cluster: whether this dispatch may still act for the session's shard — this node holds its
