@@ -15,13 +15,18 @@ use serde_json::{Map, Value};
 pub const CONTINUATION_KEY: &str = "continuation";
 pub const WHOLE: &str = "whole";
 
-/// The assistant messages of a history a reply may continue, by UI message id, with their parts
-/// as a chat holds them: the copies of a message joined in order (a later whole copy replaces
-/// the earlier ones; a tool part of a call an earlier copy made updates that part), and the
-/// user's tool results and approvals folded in.
+/// The message of a history a reply may continue: the one the user's newest message answers
+/// with tool results or approvals (a `tool_result` naming it), the only case in which the AI SDK
+/// continues a message. Its parts are as a chat holds them: the copies of the message joined in
+/// order (a later whole copy replaces the earlier ones; a tool part of a call an earlier copy
+/// made updates that part), and the user's tool results and approvals folded in. A reply to a
+/// new user message that reuses an old message id starts a new message, as before.
 #[derive(Default)]
 pub struct Continuable {
     messages: HashMap<String, Vec<Map<String, Value>>>,
+    /// The message the newest `tool_result` names, unless a message of another kind (a user's
+    /// text, a `regenerate`, the agent's own text) came after it.
+    answered: Option<String>,
 }
 
 fn is_tool_part(part: &Map<String, Value>) -> bool {
@@ -66,7 +71,9 @@ impl Continuable {
                     }
                 }
                 Some("tool_result") => {
-                    let Some(held) = content["message_id"].as_str().and_then(|id| found.messages.get_mut(id)) else {
+                    let target = content["message_id"].as_str();
+                    found.answered = target.map(str::to_string);
+                    let Some(held) = target.and_then(|id| found.messages.get_mut(id)) else {
                         continue;
                     };
                     for update in object_parts(content.get("parts")) {
@@ -76,14 +83,18 @@ impl Continuable {
                         }
                     }
                 }
-                _ => {}
+                // A user's message, or text the agent wrote by REST: a new turn or message.
+                _ => found.answered = None,
             }
         }
         found
     }
 
-    /// The parts of the message with this id, if the history holds it.
+    /// The parts of the message with this id, if the user's newest message answers it.
     pub fn parts(&self, id: &str) -> Option<&[Map<String, Value>]> {
+        if self.answered.as_deref() != Some(id) {
+            return None;
+        }
         self.messages.get(id).map(Vec::as_slice)
     }
 }
@@ -137,7 +148,6 @@ mod tests {
             json!({"kind": "tool_result", "content": {"message_id": "m1", "parts": [
                 {"type": "tool-deleteFile", "toolCallId": "c1", "state": "approval-responded", "input": {"path": "/tmp/x"}, "approval": {"id": "a1", "approved": true}}
             ]}}),
-            json!({"kind": "assistant", "metadata": {}, "content": {"id": "other", "parts": [{"type": "text", "text": "hi"}]}}),
         ];
         let found = Continuable::from_history(&history);
         let parts = found.parts("m1").unwrap();
@@ -147,19 +157,42 @@ mod tests {
     }
 
     #[test]
+    fn only_a_message_the_newest_tool_result_answers_is_continued() {
+        let reply = |id: &str, text: &str| json!({"kind": "assistant", "metadata": {}, "content": {"id": id, "parts": [{"type": "text", "text": text}]}});
+        let user = |text: &str| json!({"kind": "text", "content": {"text": text}});
+        let answer = |id: &str| json!({"kind": "tool_result", "content": {"message_id": id, "parts": []}});
+        // An agent that gives every reply the same id: a new question is not a continuation,
+        // whether it came before the previous reply was stored or after.
+        let history = vec![user("first"), reply("same", "echo: first"), user("second")];
+        assert!(Continuable::from_history(&history).parts("same").is_none());
+        let history = vec![user("first"), user("second"), reply("same", "echo: first")];
+        assert!(Continuable::from_history(&history).parts("same").is_none());
+        let history = vec![user("q"), reply("m1", "a"), reply("m2", "b"), answer("m1")];
+        let found = Continuable::from_history(&history);
+        assert!(found.parts("m1").is_some());
+        assert!(found.parts("m2").is_none());
+        let history = vec![user("q"), reply("m1", "a"), answer("m1"), user("and then?")];
+        assert!(Continuable::from_history(&history).parts("m1").is_none());
+    }
+
+    #[test]
     fn copies_join_and_a_whole_copy_replaces_them() {
         let tool = |state: &str| json!({"type": "tool-x", "toolCallId": "c", "state": state});
+        // The user answers the message again (a second tool call of the same message).
+        let answered = json!({"kind": "tool_result", "content": {"message_id": "m", "parts": []}});
         let older = vec![
             json!({"kind": "assistant", "content": {"id": "m", "parts": [tool("approval-requested")]}}),
             // A continuation stored before FleetLM assembled whole ones: only its own parts.
             json!({"kind": "assistant", "content": {"id": "m", "parts": [tool("output-available"), {"type": "text", "text": "done"}]}}),
+            answered.clone(),
         ];
         assert_eq!(
             ids(Continuable::from_history(&older).parts("m").unwrap()),
             ["tool-x:output-available", "text:-"]
         );
-        let mut newer = older.clone();
+        let mut newer = older[..2].to_vec();
         newer.push(json!({"kind": "assistant", "metadata": {"continuation": "whole"}, "content": {"id": "m", "parts": [{"type": "text", "text": "all"}]}}));
+        newer.push(answered);
         assert_eq!(ids(Continuable::from_history(&newer).parts("m").unwrap()), ["text:-"]);
     }
 }
