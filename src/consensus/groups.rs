@@ -11,6 +11,7 @@
 //! replica that lagged, and it catches up by the ordinary replication (or a snapshot). What was
 //! not durable was never acknowledged by this node, so dropping it loses nothing.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -84,6 +85,9 @@ struct Slot {
     beat_ms: AtomicU64,
     /// Whether the running instance's election timer is on, as last set.
     electing: AtomicBool,
+    /// Counts the refetches of the shard's log begun on this node since start (see `refetch`):
+    /// held while one begins or ends, so an older one never ends a newer one.
+    refetch_epoch: tokio::sync::Mutex<u64>,
 }
 
 /// What a group is made of, kept to start it again.
@@ -95,6 +99,8 @@ pub struct GroupParts {
     pub network: ShardNetwork,
     pub wal: Arc<Wal>,
     pub machine: ShardStateMachine,
+    /// The node's data directory (where a refetch's records live, see `refetch`).
+    pub data_dir: PathBuf,
 }
 
 impl GroupParts {
@@ -156,6 +162,7 @@ impl Groups {
                     leader_committed: AtomicU64::new(u64::MAX),
                     beat_ms: AtomicU64::new(u64::MAX),
                     electing: AtomicBool::new(true),
+                    refetch_epoch: tokio::sync::Mutex::new(0),
                 })
                 .collect(),
             started: Instant::now(),
@@ -208,6 +215,11 @@ impl Groups {
         self.slots
             .get(shard as usize)
             .is_some_and(|slot| slot.refetching.load(Ordering::Acquire))
+    }
+
+    /// The shard's refetch epoch (see `Slot::refetch_epoch`).
+    pub fn refetch_epoch(&self, shard: u16) -> &tokio::sync::Mutex<u64> {
+        &self.slots[shard as usize].refetch_epoch
     }
 
     /// Starts or ends the refetch of the shard's log: while it lasts, the group does not stand
@@ -425,10 +437,14 @@ pub async fn keep_running(
         metrics::counter!("fleetlm_consensus_group_restarts_total", "shard" => shard.to_string()).increment(1);
         groups.set_stopped(shard, format!("its consensus group stopped here: {reason}"));
         let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, raft.shutdown()).await;
+        let damage = settled.damage();
         // An append the stopped instance queued may still land: reopen the log only after.
         tokio::select! {
             () = settled.wait() => {}
             _ = stopping.wait_for(|stop| *stop) => return,
+        }
+        if let Some(damage) = damage {
+            refetch_damaged_log(&groups, &parts, damage, &stopping).await;
         }
         loop {
             tokio::select! {
@@ -457,6 +473,59 @@ pub async fn keep_running(
             }
         }
     }
+}
+
+/// The stopped group's log holds an entry it could not read back: if a second read fails too,
+/// the log is cut back before it and refetched from the other members (`refetch`), as a start
+/// would do, while the node serves its other shards. Until the group starts again refetching,
+/// it is stopped; if the procedure fails, the group starts on its log as it is (and stops on the
+/// same read, to try again).
+async fn refetch_damaged_log(
+    groups: &Arc<Groups>,
+    parts: &GroupParts,
+    damage: crate::wal::RangeFailure,
+    stopping: &watch::Receiver<bool>,
+) {
+    let shard = parts.shard;
+    let confirmed = {
+        let (wal, damage) = (parts.wal.clone(), damage.clone());
+        tokio::task::spawn_blocking(move || super::refetch::damage_confirmed(&wal, shard, &damage))
+            .await
+            .unwrap_or(true)
+    };
+    if !confirmed {
+        tracing::info!(
+            shard,
+            index = damage.index,
+            "an entry that could not be read reads again: the group starts as it was"
+        );
+        return;
+    }
+    let mut epoch = groups.refetch_epoch(shard).lock().await;
+    let marker = match super::refetch::begin_at_runtime(&parts.wal, &parts.data_dir, shard, &damage).await {
+        Ok(marker) => marker,
+        Err(error) => {
+            tracing::error!(shard, %error, "a damaged shard log could not be cut back for a refetch");
+            return;
+        }
+    };
+    *epoch += 1;
+    // Before the next instance starts: it must not stand or vote (see `refetch`).
+    groups.set_refetching(shard, true);
+    metrics::counter!("fleetlm_replica_runtime_damage_total").increment(1);
+    tokio::spawn(super::refetch::complete(
+        super::refetch::Refetching {
+            shard,
+            marker,
+            wal: parts.wal.clone(),
+            data_dir: parts.data_dir.clone(),
+            epoch: *epoch,
+        },
+        groups.clone(),
+        parts.network.peers.clone(),
+        parts.node_id,
+        stopping.clone(),
+    ));
 }
 
 enum StopReason {

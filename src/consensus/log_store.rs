@@ -204,6 +204,10 @@ struct Shared {
     /// Number of append calls made / made durable (a vote waits until they are equal).
     appended: Mutex<u64>,
     flushed: watch::Sender<u64>,
+    /// The first durable entry this store could not read back (EIO, a record that fails its
+    /// checksum, a missing segment): the instance stops on it, and its keeper decides whether
+    /// the log is damaged here (see `refetch::begin_at_runtime`).
+    damage: Mutex<Option<wal::RangeFailure>>,
 }
 
 /// The log of one shard's Raft group. Cheap to clone; openraft holds one and its readers others.
@@ -232,6 +236,7 @@ impl ShardLogStore {
             vote: Mutex::new(vote),
             appended: Mutex::new(0),
             flushed: watch::channel(0).0,
+            damage: Mutex::new(None),
         });
         // Unbounded: openraft bounds the appends in flight itself (one per IO it waits for).
         let (flushes, queue) = mpsc::unbounded_channel();
@@ -250,6 +255,13 @@ impl Settled {
         let appended = *self.0.appended.lock().expect("appended lock");
         let mut flushed = self.0.flushed.subscribe();
         let _ = flushed.wait_for(|done| *done >= appended).await;
+    }
+}
+
+impl Settled {
+    /// The first entry the instance's log could not read back, if any (see `Shared::damage`).
+    pub fn damage(&self) -> Option<wal::RangeFailure> {
+        self.0.damage.lock().expect("damage lock").clone()
     }
 }
 
@@ -305,6 +317,21 @@ impl Shared {
         }
     }
 
+    fn note_damage(&self, failure: &wal::RangeFailure) {
+        let mut damage = self.damage.lock().expect("damage lock");
+        if damage.as_ref().is_none_or(|known| failure.index < known.index) {
+            tracing::error!(
+                shard = self.shard,
+                index = failure.index,
+                segment = failure.segment_no,
+                offset = failure.offset,
+                error = %failure.error,
+                "a durable entry of the shard's log cannot be read back"
+            );
+            *damage = Some(failure.clone());
+        }
+    }
+
     async fn read(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
         if start >= end {
             return Ok(Vec::new());
@@ -332,10 +359,20 @@ impl Shared {
         while next < durable_end {
             let wanted = (durable_end - next).min(READ_CHUNK_ENTRIES as u64) as usize;
             let (wal, shard) = (self.wal.clone(), self.shard);
-            let chunk = tokio::task::spawn_blocking(move || wal.read_entries(shard, next + 1, wanted))
+            let range = wal::EntryRange {
+                shard,
+                from_index: next + 1,
+                max_entries: wanted,
+            };
+            let read = tokio::task::spawn_blocking(move || wal.read_ranges_each(&[range]).pop())
                 .await
                 .map_err(io::Error::other)?
-                .map_err(io_error)?;
+                .unwrap_or_default();
+            if let Some(failure) = read.failure {
+                self.note_damage(&failure);
+                return Err(io_error(failure.error));
+            }
+            let chunk = read.entries;
             let Some(last) = chunk.last() else { break };
             next = last.0.index; // WAL index of the last = Raft index of the one after it
             for (log_id, body) in chunk {

@@ -332,6 +332,7 @@ impl Consensus {
                 },
                 wal: wal.clone(),
                 machine,
+                data_dir: state_dir.to_path_buf(),
             };
             let (raft, settled) = group.start().await?;
             if refetching.contains_key(&shard) {
@@ -373,6 +374,7 @@ impl Consensus {
                 marker,
                 wal: wal.clone(),
                 data_dir: state_dir.to_path_buf(),
+                epoch: 0,
             };
             groups.set_refetching(shard, true);
             tokio::spawn(refetch::complete(

@@ -17,6 +17,10 @@
 //! Each step is recorded first in a small fsync'd file per shard (`refetch/NNNNN.json` in the
 //! data directory), so a crash anywhere in between resumes the procedure and never lets the
 //! member vote early or cut entries it acknowledged while refetching.
+//!
+//! Damage found while the node runs (a durable entry the group cannot read back, which stops
+//! the group) takes the same way without a restart: the group's keeper confirms it with a second
+//! read, runs `begin_at_runtime` on the live WAL, and starts the group again refetching.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -97,7 +101,8 @@ pub fn finish(data_dir: &Path, shard: u16) -> Result<(), String> {
     remove().map_err(|e| format!("cannot remove the refetch record of shard {shard}: {e}"))
 }
 
-/// The term of the shard's entry at `index` (0 for none).
+/// The term of the shard's entry at `index` (0 for none), as the WAL's index knows it (the entry
+/// itself is not read: it may sit next to the damage).
 fn term_at(wal: &Wal, shard: u16, index: u64) -> Result<u64, String> {
     if index == 0 {
         return Ok(0);
@@ -105,13 +110,8 @@ fn term_at(wal: &Wal, shard: u16, index: u64) -> Result<u64, String> {
     if let Some(purged) = wal.purged(shard).filter(|purged| purged.index == index) {
         return Ok(purged.term);
     }
-    let entries = wal
-        .read_entries(shard, index, 1)
-        .map_err(|e| format!("shard {shard}: cannot read entry {index}: {e}"))?;
-    entries
-        .first()
-        .filter(|(id, _)| id.index == index)
-        .map(|(id, _)| id.term)
+    wal.entry_location(shard, index)
+        .map(|(id, ..)| id.term)
         .ok_or_else(|| format!("shard {shard}: entry {index} is not in the log"))
 }
 
@@ -126,13 +126,13 @@ pub async fn prepare(
     data_dir: &Path,
 ) -> Result<(Wal, Vec<LaneReport>), String> {
     let mut markers = markers(data_dir)?;
-    // Degraded and either new, or recorded but its loss not yet accepted (a crash in between:
-    // accepting it again is harmless).
+    // Every degraded shard: new damage, a recorded one whose loss was not accepted yet (a crash
+    // in between: accepting it again is harmless), or damage found while a refetch was under way
+    // (it is cut again; what the member must reach stays at least what it was).
     let degraded: Vec<u16> = (0..wal.shard_count())
-        .filter(|shard| {
-            wal.degraded(*shard).is_some() && markers.get(shard).is_none_or(|marker| marker.must_reach.is_none())
-        })
+        .filter(|shard| wal.degraded(*shard).is_some())
         .collect();
+    let mut reached_before: BTreeMap<u16, u64> = BTreeMap::new();
     let (mut wal, mut reports) = (wal, reports);
     if !degraded.is_empty() {
         for &shard in &degraded {
@@ -140,6 +140,9 @@ pub async fn prepare(
             let loss = wal.loss_to_accept(shard, &reports).map_err(|e| {
                 format!("shard {shard}'s log is damaged ({reason}) and cannot be refetched: {e}; replace this member (docs/OPERATIONS.md, \"Replacing a node\")")
             })?;
+            if let Some(must_reach) = markers.get(&shard).and_then(|marker| marker.must_reach) {
+                reached_before.insert(shard, must_reach);
+            }
             let marker = Marker {
                 after: loss.after_index,
                 after_term: term_at(&wal, shard, loss.after_index)?,
@@ -165,7 +168,8 @@ pub async fn prepare(
     for (&shard, marker) in markers.iter_mut() {
         if marker.must_reach.is_none() {
             let highest = wal.last_log_id(shard).map_or(0, |id| id.index);
-            marker.must_reach = Some(highest.max(marker.after));
+            let before = reached_before.get(&shard).copied().unwrap_or(0);
+            marker.must_reach = Some(highest.max(marker.after).max(before));
             record(data_dir, shard, marker)?;
         }
         // Cut once: the cut drops the accepted loss, so a restart after it (when the log may
@@ -189,6 +193,112 @@ pub async fn prepare(
     Ok((wal, reports))
 }
 
+/// Whether the entry a stopped group could not read back still cannot be read: a read that
+/// fails again is damage (a bad sector, a record that fails its checksum, a segment gone); one
+/// that succeeds was a passing error, and the group just starts again. Blocking.
+pub fn damage_confirmed(wal: &Wal, shard: u16, damage: &wal::RangeFailure) -> bool {
+    if wal.purged(shard).is_some_and(|purged| purged.index >= damage.index) {
+        // Archived and let go meanwhile: nothing to refetch.
+        return false;
+    }
+    let range = wal::EntryRange {
+        shard,
+        from_index: damage.index,
+        max_entries: 1,
+    };
+    let read = wal.read_ranges_each(&[range]).pop().unwrap_or_default();
+    match read.failure {
+        Some(failure) => !matches!(failure.error, wal::WalError::Closed),
+        None => read.entries.first().is_none_or(|(id, _)| id.index != damage.index),
+    }
+}
+
+/// A member's shard log found damaged while the node runs (a durable entry it cannot read back,
+/// `damage`): the procedure `prepare` runs at start, on the live WAL, while the shard's group
+/// is stopped. Each step is durable before the next, in the order `prepare` resumes from after
+/// a crash: the marker (loss not yet accepted); the loss accepted in the WAL (so the next open
+/// reads past the damaged region instead of degrading the shard); the marker with what the
+/// member must reach; the cut back to the entry before the damage. The caller then starts the
+/// group refetching (`complete`).
+pub async fn begin_at_runtime(
+    wal: &Arc<Wal>,
+    data_dir: &Path,
+    shard: u16,
+    damage: &wal::RangeFailure,
+) -> Result<Marker, String> {
+    let after = damage.index.saturating_sub(1);
+    let mut marker = Marker {
+        after,
+        after_term: term_at(wal, shard, after)?,
+        must_reach: None,
+    };
+    let before = markers(data_dir)?.get(&shard).and_then(|marker| marker.must_reach);
+    record(data_dir, shard, &marker)?;
+    let (lost_bytes, regions) = {
+        let (wal, damage) = (wal.clone(), damage.clone());
+        tokio::task::spawn_blocking(move || damaged_regions(&wal, shard, &damage))
+            .await
+            .map_err(|e| format!("shard {shard}: cannot look for the damaged records: {e}"))?
+    };
+    wal.accept_loss(shard, after, lost_bytes, &regions)
+        .await
+        .map_err(|e| format!("shard {shard}: cannot record the damage as refetched: {e}"))?;
+    let highest = wal.last_log_id(shard).map_or(0, |id| id.index);
+    marker.must_reach = Some(highest.max(after).max(before.unwrap_or(0)));
+    record(data_dir, shard, &marker)?;
+    wal.truncate_suffix(
+        shard,
+        wal::LogId {
+            term: marker.after_term,
+            index: after,
+        },
+    )
+    .await
+    .map_err(|e| format!("shard {shard}: cannot cut its damaged log back: {e}"))?;
+    tracing::warn!(
+        shard,
+        damaged = damage.index,
+        segment = damage.segment_no,
+        offset = damage.offset,
+        after,
+        "a shard's log was found damaged while running: it is cut back to the entry before the damage and refetched from the other members"
+    );
+    Ok(marker)
+}
+
+/// Every record of the shard's log from `damage` on that cannot be read (a bad sector often
+/// takes its neighbours along), as `(segment_no, offset)`, and the bytes they span: the regions
+/// the next open finds damaged, which the accepted loss must name so the open reads past them
+/// (a region it does not name degrades the shard again at start, which then refetches again:
+/// safe, only slower). At most `MAX_LOSS_REGIONS`.
+fn damaged_regions(wal: &Wal, shard: u16, damage: &wal::RangeFailure) -> (u64, Vec<(u64, u64)>) {
+    let framed_len = |index: u64| {
+        wal.entry_location(shard, index)
+            .map_or(wal.max_entry_bytes() as u64, |(.., len)| u64::from(len))
+    };
+    let mut regions = vec![(damage.segment_no, damage.offset)];
+    let mut lost_bytes = framed_len(damage.index);
+    let mut from = damage.index + 1;
+    while regions.len() < wal::MAX_LOSS_REGIONS {
+        let range = wal::EntryRange {
+            shard,
+            from_index: from,
+            max_entries: 1024,
+        };
+        let read = wal.read_ranges_each(&[range]).pop().unwrap_or_default();
+        match (read.failure, read.entries.last()) {
+            (Some(failure), _) if !matches!(failure.error, wal::WalError::Closed) => {
+                regions.push((failure.segment_no, failure.offset));
+                lost_bytes += framed_len(failure.index);
+                from = failure.index + 1;
+            }
+            (None, Some((last, _))) => from = last.index + 1,
+            _ => break,
+        }
+    }
+    (lost_bytes, regions)
+}
+
 /// How often a refetching replica checks how far it got.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
 
@@ -198,6 +308,9 @@ pub struct Refetching {
     pub marker: Marker,
     pub wal: Arc<Wal>,
     pub data_dir: PathBuf,
+    /// The shard's refetch epoch this one runs under (`Groups::refetch_epoch`): damage found
+    /// again while it runs starts a newer refetch, and this one then ends without finishing.
+    pub epoch: u64,
 }
 
 impl Refetching {
@@ -249,9 +362,17 @@ pub async fn complete(
                 Ok(None) | Err(_) => continue,
             }
         }
+        if *groups.refetch_epoch(shard).lock().await != refetch.epoch {
+            return;
+        }
         if target.is_some_and(|target| refetch.durable_end() >= target) {
             break;
         }
+    }
+    // Under the epoch's lock: a refetch begun meanwhile (its marker recorded) is not ended here.
+    let epoch = groups.refetch_epoch(shard).lock().await;
+    if *epoch != refetch.epoch {
+        return;
     }
     groups.set_refetching(shard, false);
     metrics::counter!("fleetlm_replica_refetches_total").increment(1);
@@ -263,4 +384,5 @@ pub async fn complete(
         // The next start waits for the same positions again (nothing is cut twice).
         tracing::error!(shard, %error, "the record of a finished refetch could not be removed");
     }
+    drop(epoch);
 }

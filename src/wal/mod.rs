@@ -549,6 +549,20 @@ impl Wal {
             .clone()
     }
 
+    /// The shard's entry `index` as the index knows it: its log id, and where it lies on disk
+    /// (the segment file, the record's offset and framed length). `None` if it is not indexed.
+    pub fn entry_location(&self, shard: u16, index: u64) -> Option<(LogId, PathBuf, u64, u32)> {
+        let lane_no = shard as usize % self.lanes.len();
+        let mut lane_index = self.lanes[lane_no].index.lock().expect("lane index lock");
+        let location = *lane_index
+            .shard(shard)
+            .locations_from(index, 1)
+            .first()
+            .filter(|location| location.log_id.index == index)?;
+        let path = segment::segment_path(&lane_dir(&self.dir, lane_no), location.segment_no);
+        Some((location.log_id, path, location.offset, location.framed_len))
+    }
+
     /// Why the shard's lane refuses writes, if it does (a failed fsync or write).
     pub fn lane_failed(&self, shard: u16) -> Option<String> {
         self.lane(shard).index.lock().expect("lane index lock").failed.clone()

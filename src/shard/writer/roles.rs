@@ -25,9 +25,6 @@ pub(super) const TAKEOVER_ATTEMPT_LIMIT: Duration = Duration::from_secs(8);
 /// A follower's state rebuild that found the log or the archive still moving is tried again after
 /// this (at start the feed is still delivering what the node missed).
 pub(super) const REPLICA_CATCH_UP_RETRY: Duration = Duration::from_millis(200);
-/// A follower loading a session its copy of the state does not hold waits this long for the
-/// archive before it gives the copy up (to be rebuilt in the background).
-const REPLICA_LOAD_LIMIT: Duration = Duration::from_secs(2);
 
 impl ShardWriter {
     /// Cluster mode: follows a leadership change. A writer that loses the shard with batches in
@@ -88,7 +85,7 @@ impl ShardWriter {
                     _ => None,
                 };
                 if to_apply {
-                    self.apply_committed(index, command.is_some(), decoded.as_deref()).await;
+                    self.apply_committed(index, command.is_some(), decoded.as_deref());
                 }
                 if to_publish && let Some(ops) = &decoded {
                     for op in ops {
@@ -142,8 +139,9 @@ impl ShardWriter {
     /// A follower's fold of committed entry `index` into its copy of the state (`ops`: the
     /// entry's operations; `None` for consensus' own entries, or an entry that did not decode
     /// when `has_command`). An entry the copy cannot take (out of order, undecodable, naming a
-    /// session it does not hold) makes it stale: it is rebuilt from the archive and the log.
-    pub(super) async fn apply_committed(&mut self, index: u64, has_command: bool, ops: Option<&[Op]>) {
+    /// session it does not hold) makes it stale: it is made current again in the background
+    /// (`build_replica_state`). Nothing here waits: not on the archive, not on a peer.
+    pub(super) fn apply_committed(&mut self, index: u64, has_command: bool, ops: Option<&[Op]>) {
         let stale = |reason: &str, writer: &mut ShardWriter| {
             tracing::warn!(
                 shard = writer.shard,
@@ -163,28 +161,18 @@ impl ShardWriter {
             (true, None) => return stale("an entry did not decode", self),
         };
         // A session this replica does not hold, named by an operation that does not bring it:
-        // one it has not needed since its state was built (only sessions with entries past the
-        // archive watermark are rebuilt). Everything before this entry is in the archive for it,
-        // so it is installed from there (operations the archive already reflects are skipped by
-        // the fold). Without the archive the copy is rebuilt later.
-        let missing: Vec<&str> = ops
-            .iter()
-            .filter(|op| {
-                !matches!(
-                    op,
-                    Op::SessionCreated(_) | Op::SessionLoaded { .. } | Op::SessionEvicted { .. }
-                ) && !self.state.sessions.contains_key(op.session_id())
-            })
-            .map(Op::session_id)
-            .collect();
-        for session_id in missing {
-            if self.state.sessions.contains_key(session_id) {
-                continue;
-            }
-            match tokio::time::timeout(REPLICA_LOAD_LIMIT, self.archive.load_session(session_id)).await {
-                Ok(Ok(Some(loaded))) => self.state.install(loaded, Instant::now()),
-                _ => return stale("an entry names a session this replica could not load", self),
-            }
+        // one it has not needed since its state was rebuilt from the archive (which rebuilds only
+        // sessions with entries past the archive watermark; a copy of the leader's state holds
+        // every session the leader does, and the leader logs each one it loads). The copy is not
+        // patched from the archive here: the apply path never waits on the archive. It goes
+        // stale and is made current again from a copy of the leader's state.
+        if ops.iter().any(|op| {
+            !matches!(
+                op,
+                Op::SessionCreated(_) | Op::SessionLoaded { .. } | Op::SessionEvicted { .. }
+            ) && !self.state.sessions.contains_key(op.session_id())
+        }) {
+            return stale("an entry names a session this replica's copy does not hold", self);
         }
         let now = Instant::now();
         let mut evicted = false;
