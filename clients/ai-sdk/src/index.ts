@@ -5,13 +5,16 @@ export {
   CLIENT_TOOL_STATES,
   FLEETLM_METADATA_KEYS,
   FLEETLM_REQUEST_KEY,
+  historyPageStart,
   historyToUIMessages,
+  isUserTurn,
   replyMetadata,
   requestOptions,
   type ConvertedHistory,
   type FleetLMRequestOptions,
   type HistoryOptions,
+  type HistoryPageOptions,
 } from "./messages.js";
-export { loadChatMessages, type LoadChatMessagesOptions } from "./load.js";
+export { loadChatMessages, loadChatPage, type ChatPage, type LoadChatMessagesOptions, type LoadChatPageOptions } from "./load.js";
 export { syncChat, type ChatSync, type ChatSyncOptions } from "./sync.js";
 export { CHAT_CALLBACKS, latestCallbacks } from "./callbacks.js";
