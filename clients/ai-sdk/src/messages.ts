@@ -106,7 +106,7 @@ function isToolPart(part: unknown): part is { type: string; toolCallId: string }
  * tool the user approved: the AI SDK runs it when the conversation continues) updates that part
  * in place, as the AI SDK's chat does with the streamed chunks, instead of adding a second one.
  */
-function joinSegments(segments: any[][]): any[] {
+export function joinSegments(segments: any[][]): any[] {
   const parts: any[] = [];
   const toolParts = new Map<string, number>();
   for (const segment of segments) {

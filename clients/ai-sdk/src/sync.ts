@@ -2,7 +2,7 @@
 // tab, another device, the agent writing by REST) appear, replies started elsewhere stream in.
 import type { Message, SessionSubscription } from "@fleetlm/client";
 import type { AbstractChat, UIMessage } from "ai";
-import { historyToUIMessages } from "./messages.js";
+import { historyToUIMessages, joinSegments } from "./messages.js";
 import type { FleetLMChatTransport } from "./transport.js";
 
 export interface ChatSyncOptions {
@@ -51,6 +51,51 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
   offs.push(() => {
     if (guardedToolCall && holder.onToolCall === guardedToolCall) holder.onToolCall = ownToolCall;
   });
+
+  // The user's newest message in the log (by seq): a reply that follows a `tool_result` naming
+  // a message continues that message (as the server stores it, and as the chat that sent the
+  // tool result shows it).
+  let newestTurn: Message | undefined;
+  const noteTurn = (message: Message) => {
+    if (message.sender_id !== userId || message.kind === "assistant" || message.kind === "regenerate") return;
+    if (!newestTurn || message.seq > newestTurn.seq) newestTurn = message;
+  };
+
+  /**
+   * While this chat follows a reply that continues message `messageId` (after a tool result),
+   * it shows that message's parts before the streamed ones, as the chat that sent the tool
+   * result does. A resumed stream is a replay (`resumeStreamIsReplay`): the AI SDK rebuilds the
+   * message from the reply's first chunk, which holds only the continuation; each time it writes
+   * the message, the parts the chat showed before are put back in front (a tool part the
+   * continuation updates, e.g. the output of an approved tool, is updated in place). Returns
+   * the function that ends it.
+   */
+  const continuing = (messageId: string | undefined): (() => void) => {
+    const content = newestTurn?.kind === "tool_result" ? (newestTurn.content as { message_id?: unknown }) : undefined;
+    if (!messageId || content?.message_id !== messageId) return () => {};
+    const shown = chat.messages.find((m) => m.id === messageId && m.role === "assistant");
+    if (!shown) return () => {};
+    const before: UI_MESSAGE = JSON.parse(JSON.stringify(shown));
+    const state = (chat as unknown as { state: { replaceMessage(index: number, message: UI_MESSAGE): void } }).state;
+    const own = Object.prototype.hasOwnProperty.call(state, "replaceMessage");
+    const replace = state.replaceMessage;
+    const wrapped = function (this: unknown, index: number, message: UI_MESSAGE) {
+      if (message?.id === messageId && message.role === "assistant") {
+        const joined = { ...message, parts: joinSegments([before.parts, message.parts]) } as UI_MESSAGE;
+        if (before.metadata !== undefined || message.metadata !== undefined) {
+          joined.metadata = { ...(before.metadata as object | undefined), ...(message.metadata as object | undefined) } as UI_MESSAGE["metadata"];
+        }
+        message = joined;
+      }
+      return replace.call(this, index, message);
+    };
+    state.replaceMessage = wrapped;
+    return () => {
+      if (state.replaceMessage !== wrapped) return;
+      if (own) state.replaceMessage = replace;
+      else delete (state as { replaceMessage?: unknown }).replaceMessage;
+    };
+  };
 
   const schedule = () => {
     if (timer === undefined && !stopped) timer = setTimeout(flush, 50);
@@ -109,13 +154,21 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
       // message (not a continuation) and differs — e.g. a retried dispatch streamed it afresh
       // after this chat saw an `abort` — unless this chat has changed its tool parts since
       // (an approval or output not yet sent).
+      // A continuation the server stored whole (the message's parts and the continuation's,
+      // `metadata.continuation: "whole"`) is the whole message too, as `loadChatMessages` shows it.
       const shown = messages[existing];
-      if (ui.role !== "assistant" || transport.fleetIds(chatId, ui.id).length > 1) return messages;
+      const whole = ui.role === "assistant" && (message.metadata as Record<string, unknown> | null)?.continuation === "whole";
+      if (ui.role !== "assistant" || (!whole && transport.fleetIds(chatId, ui.id).length > 1)) return messages;
       if (JSON.stringify(shown.parts) === JSON.stringify(ui.parts)) return messages;
       const storedTools = new Map(ui.parts.filter((p: any) => p?.toolCallId).map((p: any) => [p.toolCallId, p.state]));
       if (shown.parts.some((p: any) => p?.toolCallId && storedTools.get(p.toolCallId) !== p.state)) return messages;
       const next = [...messages];
       next[existing] = ui;
+      if (whole) {
+        // The metadata of the message's earlier copies stays (merged, as `historyToUIMessages` does).
+        const metadata = shown.metadata === undefined && ui.metadata === undefined ? undefined : { ...(shown.metadata as object | undefined), ...(ui.metadata as object | undefined) };
+        next[existing] = { ...ui, ...(metadata === undefined ? {} : { metadata }) } as UI_MESSAGE;
+      }
       return next;
     }
     const dispatchId = message.kind === "assistant" ? (message.metadata?.dispatch_id as string | undefined) : undefined;
@@ -154,6 +207,7 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
     subscription = sub;
     offs.push(
       sub.on("message", (message) => {
+        if (userId !== undefined) noteTurn(message);
         pending.push(message);
         schedule();
       }),
@@ -169,7 +223,11 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
             flush();
             if (!stopped && IDLE.has(chat.status) && !transport.inFlight(chatId)) {
               following++;
-              void chat.resumeStream().finally(() => following--);
+              const end = continuing((event.chunk as { messageId?: string }).messageId);
+              void chat.resumeStream().finally(() => {
+                following--;
+                end();
+              });
             }
           }, 0);
         }),
@@ -180,6 +238,8 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
     const history = await transport.history(chatId);
     if (stopped || !history) return;
     userId = history.userId;
+    for (const message of history.messages) noteTurn(message);
+    for (const message of pending) noteTurn(message);
     const newest = history.messages.length ? history.messages[history.messages.length - 1].seq : 0;
     const live = pending.splice(0).filter((m) => m.seq > newest);
     const converted = historyToUIMessages<UI_MESSAGE>(history.messages, { userId }).messages;

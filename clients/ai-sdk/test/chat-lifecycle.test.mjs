@@ -6,8 +6,8 @@ import { createServer } from "node:http";
 import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
 import * as ai from "ai";
-import { FleetLMChatTransport, latestCallbacks, syncChat } from "@fleetlm/ai-sdk";
-import { TestChat, registerAgent, rest, sleep, startAgent, startServer, stopAll } from "../../test-support/harness.mjs";
+import { FleetLMChatTransport, latestCallbacks, loadChatMessages, syncChat } from "@fleetlm/ai-sdk";
+import { TestChat, plain, registerAgent, rest, sleep, startAgent, startServer, stopAll } from "../../test-support/harness.mjs";
 
 let base;
 let counter = 0;
@@ -19,6 +19,8 @@ function transport(options = {}) {
   return t;
 }
 const textOf = (message) => message.parts.filter((p) => p.type === "text").map((p) => p.text).join("");
+// Tool approvals came with ai 6 (release/ai-majors.test.mjs also runs this file with ai 5).
+const APPROVALS = typeof ai.lastAssistantMessageIsCompleteWithApprovalResponses === "function";
 
 /**
  * An agent whose client-side tool call streams slowly (so a second tab follows it live): a
@@ -160,6 +162,54 @@ describe("chat lifecycle", () => {
     await sleep(200);
     assert.equal(ran.A.length, 1, "A ran the tool once");
     assert.deepEqual(ran.B, [], "B did not run it");
+    // B ends up with what A shows: the tool call with its output, and the continuation (not the
+    // continuation alone), as a reload does.
+    assert.deepEqual(plain(b.chat.messages), plain(a.chat.messages));
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(a.chat.messages));
+    a.sync.stop();
+    b.sync.stop();
+  });
+
+  test("a tab following a reply with a tool approval shows the tool part and the continued text, as the tab that answered it", { skip: !APPROVALS && "ai 5 has no tool approvals" }, async () => {
+    const chatId = fresh("approval-tabs");
+    await rest(base, "POST", "/api/sessions", { id: chatId, user_id: "alice", agent_id: "bot" });
+    const tab = () => {
+      const t = transport();
+      const chat = new TestChat({ id: chatId, transport: t, sendAutomaticallyWhen: ai.lastAssistantMessageIsCompleteWithApprovalResponses });
+      // Every version of a message the chat's streams wrote.
+      const seen = [];
+      const { pushMessage, replaceMessage } = chat.state;
+      chat.state.pushMessage = function (message) {
+        seen.push(structuredClone(message));
+        return pushMessage.call(this, message);
+      };
+      chat.state.replaceMessage = function (index, message) {
+        seen.push(structuredClone(message));
+        return replaceMessage.call(this, index, message);
+      };
+      return { chat, seen, sync: syncChat(chat, t) };
+    };
+    const a = tab();
+    const b = tab();
+    await Promise.all([a.sync.ready, b.sync.ready]);
+    await a.chat.sendMessage({ text: "approve report.pdf" });
+    const tool = a.chat.messages[1].parts.find((p) => p.type === "tool-deleteFile");
+    assert.equal(tool.state, "approval-requested");
+    // B follows the reply up to the approval request.
+    await b.chat.until((c) => c.status === "ready" && c.messages[1]?.parts.some((p) => p.type === "tool-deleteFile" && p.state === "approval-requested"), "B to show the approval request");
+    await a.chat.addToolApprovalResponse({ id: tool.approval.id, approved: true });
+    await a.chat.until((c) => c.status === "ready" && textOf(c.messages.at(-1)) === "Deleted report.pdf.", "A's continuation");
+    await b.chat.until((c) => c.status === "ready" && textOf(c.messages.at(-1) ?? { parts: [] }) === "Deleted report.pdf.", "B to follow the continuation");
+    await sleep(300);
+    assert.equal(a.chat.messages.length, 2);
+    const parts = (chat) => chat.messages[1].parts.map((p) => p.state ? `${p.type}:${p.state}` : p.type);
+    assert.deepEqual(parts(b.chat), parts(a.chat), "B shows the tool part and the continuation");
+    assert.deepEqual(plain(b.chat.messages), plain(a.chat.messages));
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(a.chat.messages));
+    // While the continuation streamed in, B never showed it without the tool part.
+    const streamed = b.seen.filter((m) => m.id === a.chat.messages[1].id && textOf(m) !== "");
+    assert.ok(streamed.length > 0, "B streamed the continuation");
+    for (const m of streamed) assert.ok(m.parts.some((p) => p.type === "tool-deleteFile"), `B showed ${JSON.stringify(m.parts)}`);
     a.sync.stop();
     b.sync.stop();
   });
