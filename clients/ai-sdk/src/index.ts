@@ -1,6 +1,6 @@
 // @fleetlm/ai-sdk: FleetLM for the Vercel AI SDK (docs/CLIENTS.md). The React hook is in
 // "@fleetlm/ai-sdk/react".
-export { DEFAULT_MAX_OPEN_CHATS, FleetLMChatTransport, type FleetLMChatTransportOptions } from "./transport.js";
+export { DEFAULT_MAX_OPEN_CHATS, FleetLMChatTransport, type FleetLMChatTransportOptions, type ResumedReply } from "./transport.js";
 export {
   CLIENT_TOOL_STATES,
   FLEETLM_METADATA_KEYS,

@@ -52,35 +52,30 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
     if (guardedToolCall && holder.onToolCall === guardedToolCall) holder.onToolCall = ownToolCall;
   });
 
-  // The user's newest message in the log (by seq): a reply that follows a `tool_result` naming
-  // a message continues that message (as the server stores it, and as the chat that sent the
-  // tool result shows it).
-  let newestTurn: Message | undefined;
-  const noteTurn = (message: Message) => {
-    if (message.sender_id !== userId || message.kind === "assistant" || message.kind === "regenerate") return;
-    if (!newestTurn || message.seq > newestTurn.seq) newestTurn = message;
-  };
-
   /**
-   * While this chat follows a reply that continues message `messageId` (after a tool result),
-   * it shows that message's parts before the streamed ones, as the chat that sent the tool
-   * result does. A resumed stream is a replay (`resumeStreamIsReplay`): the AI SDK rebuilds the
-   * message from the reply's first chunk, which holds only the continuation; each time it writes
-   * the message, the parts the chat showed before are put back in front (a tool part the
-   * continuation updates, e.g. the output of an approved tool, is updated in place). Returns
-   * the function that ends it.
+   * A resumed reply (`reconnectToStream`: a reply another tab asked for that this chat follows,
+   * or a resume after a reload) that continues a message this chat shows — after a tool result,
+   * the agent continues the message that made the tool call — keeps that message's parts in
+   * front of the continuation's, as the chat that sent the tool result shows it. The AI SDK
+   * rebuilds a resumed reply from its first chunk (`resumeStreamIsReplay`), which holds only the
+   * continuation: each time it writes the message, the parts shown before the reply was resumed
+   * are put back in front (a tool part the continuation updates, e.g. the output of an approved
+   * tool, is updated in place, as `historyToUIMessages` does).
    */
-  const continuing = (messageId: string | undefined): (() => void) => {
-    const content = newestTurn?.kind === "tool_result" ? (newestTurn.content as { message_id?: unknown }) : undefined;
-    if (!messageId || content?.message_id !== messageId) return () => {};
-    const shown = chat.messages.find((m) => m.id === messageId && m.role === "assistant");
-    if (!shown) return () => {};
-    const before: UI_MESSAGE = JSON.parse(JSON.stringify(shown));
-    const state = (chat as unknown as { state: { replaceMessage(index: number, message: UI_MESSAGE): void } }).state;
+  type Continuing = { messageId: string; before: UI_MESSAGE };
+  const continuing = new Set<Continuing>();
+  // What each continued dispatch's message held before its reply was first handed to this chat
+  // (a second resume of the same reply replays it again from its first chunk).
+  const prefixes = new Map<string, UI_MESSAGE>();
+  const state = (chat as unknown as { state?: { replaceMessage?: (index: number, message: UI_MESSAGE) => unknown } }).state;
+  const replace = state?.replaceMessage;
+  if (state && typeof replace === "function") {
     const own = Object.prototype.hasOwnProperty.call(state, "replaceMessage");
-    const replace = state.replaceMessage;
     const wrapped = function (this: unknown, index: number, message: UI_MESSAGE) {
-      if (message?.id === messageId && message.role === "assistant") {
+      let entry: Continuing | undefined;
+      for (const candidate of continuing) if (candidate.messageId === message?.id && message.role === "assistant") entry = candidate;
+      if (entry) {
+        const { before } = entry;
         const joined = { ...message, parts: joinSegments([before.parts, message.parts]) } as UI_MESSAGE;
         if (before.metadata !== undefined || message.metadata !== undefined) {
           joined.metadata = { ...(before.metadata as object | undefined), ...(message.metadata as object | undefined) } as UI_MESSAGE["metadata"];
@@ -90,12 +85,31 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
       return replace.call(this, index, message);
     };
     state.replaceMessage = wrapped;
-    return () => {
+    offs.push(() => {
       if (state.replaceMessage !== wrapped) return;
       if (own) state.replaceMessage = replace;
-      else delete (state as { replaceMessage?: unknown }).replaceMessage;
-    };
-  };
+      else delete state.replaceMessage;
+    });
+    offs.push(
+      transport.onResume(chatId, (reply) => {
+        const messageId = reply.messageId;
+        if (!messageId) return;
+        let before = prefixes.get(reply.dispatchId);
+        if (!before && !reply.streamedBefore) {
+          // Not handed out before: what the chat shows of the message is what was stored before.
+          const shown = chat.messages.find((m) => m.id === messageId && m.role === "assistant");
+          if (shown) {
+            before = JSON.parse(JSON.stringify(shown)) as UI_MESSAGE;
+            prefixes.set(reply.dispatchId, before);
+          }
+        }
+        if (!before) return;
+        const entry: Continuing = { messageId, before };
+        continuing.add(entry);
+        void reply.done.then(() => continuing.delete(entry));
+      }),
+    );
+  }
 
   const schedule = () => {
     if (timer === undefined && !stopped) timer = setTimeout(flush, 50);
@@ -207,7 +221,6 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
     subscription = sub;
     offs.push(
       sub.on("message", (message) => {
-        if (userId !== undefined) noteTurn(message);
         pending.push(message);
         schedule();
       }),
@@ -223,11 +236,7 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
             flush();
             if (!stopped && IDLE.has(chat.status) && !transport.inFlight(chatId)) {
               following++;
-              const end = continuing((event.chunk as { messageId?: string }).messageId);
-              void chat.resumeStream().finally(() => {
-                following--;
-                end();
-              });
+              void chat.resumeStream().finally(() => following--);
             }
           }, 0);
         }),
@@ -238,8 +247,6 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
     const history = await transport.history(chatId);
     if (stopped || !history) return;
     userId = history.userId;
-    for (const message of history.messages) noteTurn(message);
-    for (const message of pending) noteTurn(message);
     const newest = history.messages.length ? history.messages[history.messages.length - 1].seq : 0;
     const live = pending.splice(0).filter((m) => m.seq > newest);
     const converted = historyToUIMessages<UI_MESSAGE>(history.messages, { userId }).messages;

@@ -63,11 +63,57 @@ async function startSlowToolAgent() {
 }
 const servers = [];
 
+/**
+ * An agent whose continuation after an approval streams slowly (time to reload mid-stream): a
+ * `deleteFile` call that needs approval; after the `tool_result`, 20 words 50 ms apart in the
+ * same message.
+ */
+async function startSlowContinuationAgent() {
+  let replies = 0;
+  const server = createServer((request, response) => {
+    let raw = "";
+    request.on("data", (chunk) => (raw += chunk));
+    request.on("end", async () => {
+      const body = JSON.parse(raw);
+      const last = body.messages.at(-1);
+      const reply = ++replies;
+      response.writeHead(200, { "content-type": "application/x-ndjson" });
+      let closed = false;
+      response.on("close", () => (closed = true));
+      const send = async (chunk, delay = 0) => {
+        if (closed) return;
+        response.write(JSON.stringify(chunk) + "\n");
+        if (delay) await sleep(delay);
+      };
+      if (last?.kind === "tool_result") {
+        await send({ type: "start", messageId: last.content.message_id });
+        await send({ type: "start-step" });
+        await send({ type: "text-start", id: "c" });
+        for (let i = 0; i < 20; i++) await send({ type: "text-delta", id: "c", delta: `d${i} ` }, 50);
+        await send({ type: "text-end", id: "c" });
+      } else {
+        await send({ type: "start", messageId: `slow-approve-${reply}` });
+        await send({ type: "start-step" });
+        await send({ type: "tool-input-available", toolCallId: `call-${reply}`, toolName: "deleteFile", input: { file: "a.txt" } });
+        await send({ type: "tool-approval-request", approvalId: `approval-${reply}`, toolCallId: `call-${reply}` });
+      }
+      await send({ type: "finish-step" });
+      await send({ type: "finish" });
+      response.end();
+    });
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  servers.push(server);
+  return `http://127.0.0.1:${server.address().port}`;
+}
+const CONTINUED = Array.from({ length: 20 }, (_, i) => `d${i} `).join("");
+
 before(async () => {
   base = await startServer();
   const agent = await startAgent();
   await registerAgent(base, agent.origin, { id: "bot" });
   await registerAgent(base, await startSlowToolAgent(), { id: "tools" });
+  await registerAgent(base, await startSlowContinuationAgent(), { id: "slow-approver" });
 });
 
 after(async () => {
@@ -212,5 +258,41 @@ describe("chat lifecycle", () => {
     for (const m of streamed) assert.ok(m.parts.some((p) => p.type === "tool-deleteFile"), `B showed ${JSON.stringify(m.parts)}`);
     a.sync.stop();
     b.sync.stop();
+  });
+
+  test("a tab reloaded while a continuation after an approval streams resumes it and shows the tool part and the continued text", { skip: !APPROVALS && "ai 5 has no tool approvals" }, async () => {
+    const chatId = fresh("approval-reload");
+    const tA = transport({ agentId: "slow-approver" });
+    const a = new TestChat({ id: chatId, transport: tA, sendAutomaticallyWhen: ai.lastAssistantMessageIsCompleteWithApprovalResponses });
+    const syncA = syncChat(a, tA);
+    await a.sendMessage({ text: "approve a.txt" });
+    const tool = a.messages[1].parts.find((p) => p.type === "tool-deleteFile");
+    await a.addToolApprovalResponse({ id: tool.approval.id, approved: true });
+    await a.until((c) => textOf(c.messages.at(-1)).includes("d3 "), "the continuation to stream");
+    // "Reload": the history (the message up to the approval), then resume as useFleetLMChat does.
+    const loaded = await loadChatMessages({ url: base, userId: "alice", chatId });
+    assert.deepEqual(loaded.map((m) => m.role), ["user", "assistant"]);
+    assert.ok(loaded[1].parts.some((p) => p.type === "tool-deleteFile" && p.state === "approval-responded"));
+    const tB = transport({ agentId: "slow-approver" });
+    const b = new TestChat({ id: chatId, transport: tB, messages: loaded, sendAutomaticallyWhen: ai.lastAssistantMessageIsCompleteWithApprovalResponses });
+    const seen = [];
+    const { replaceMessage } = b.state;
+    b.state.replaceMessage = function (index, message) {
+      seen.push(structuredClone(message));
+      return replaceMessage.call(this, index, message);
+    };
+    const resuming = b.resumeStream();
+    const syncB = syncChat(b, tB);
+    await resuming;
+    await a.until((c) => c.status === "ready" && textOf(c.messages.at(-1)) === CONTINUED, "A's continuation");
+    await b.until((c) => c.status === "ready" && textOf(c.messages.at(-1) ?? { parts: [] }) === CONTINUED && c.messages[1].parts.some((p) => p.type === "tool-deleteFile"), "B to end with the whole message");
+    assert.deepEqual(plain(b.messages), plain(a.messages));
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(a.messages));
+    // While it resumed, B never showed the continuation without the tool part.
+    const streamed = seen.filter((m) => m.id === a.messages[1].id && textOf(m) !== "");
+    assert.ok(streamed.length > 0, "B streamed the continuation");
+    for (const m of streamed) assert.ok(m.parts.some((p) => p.type === "tool-deleteFile"), `B showed ${JSON.stringify(m.parts)}`);
+    syncA.stop();
+    syncB.stop();
   });
 });
