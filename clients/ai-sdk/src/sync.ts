@@ -19,6 +19,17 @@ export interface ChatSync {
 
 const IDLE = new Set(["ready", "error"]);
 
+/** How far a tool part's state is in its life (a later stage holds what an earlier one did). */
+const TOOL_STAGE: Record<string, number> = {
+  "input-streaming": 0,
+  "input-available": 1,
+  "approval-requested": 2,
+  "approval-responded": 3,
+  "output-available": 4,
+  "output-error": 4,
+  "output-denied": 4,
+};
+
 /**
  * Keeps `chat` (any `AbstractChat`: `useChat`'s `Chat`, or your own subclass) in sync with the
  * session `chat.id` through `transport`. Changes are applied while the chat is idle (status
@@ -175,7 +186,13 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
       if (ui.role !== "assistant" || (!whole && transport.fleetIds(chatId, ui.id).length > 1)) return messages;
       if (JSON.stringify(shown.parts) === JSON.stringify(ui.parts)) return messages;
       const storedTools = new Map(ui.parts.filter((p: any) => p?.toolCallId).map((p: any) => [p.toolCallId, p.state]));
-      if (shown.parts.some((p: any) => p?.toolCallId && storedTools.get(p.toolCallId) !== p.state)) return messages;
+      if (whole) {
+        // The whole copy holds every tool part at least as far as any tool result took it; only
+        // a part this chat took further (an approval or output not yet sent) keeps it from
+        // replacing the message.
+        const ahead = (p: any) => p?.toolCallId && (TOOL_STAGE[p.state] ?? 0) > (TOOL_STAGE[storedTools.get(p.toolCallId)] ?? -1);
+        if (shown.parts.some(ahead)) return messages;
+      } else if (shown.parts.some((p: any) => p?.toolCallId && storedTools.get(p.toolCallId) !== p.state)) return messages;
       const next = [...messages];
       next[existing] = ui;
       if (whole) {

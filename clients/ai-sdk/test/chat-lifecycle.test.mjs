@@ -260,6 +260,29 @@ describe("chat lifecycle", () => {
     b.sync.stop();
   });
 
+  test("a tab that does not follow streams gets the continuation after an approval from the stored messages: the tool part and the continued text", { skip: !APPROVALS && "ai 5 has no tool approvals" }, async () => {
+    const chatId = fresh("approval-stored");
+    await rest(base, "POST", "/api/sessions", { id: chatId, user_id: "alice", agent_id: "bot" });
+    const tA = transport();
+    const tB = transport();
+    const a = new TestChat({ id: chatId, transport: tA, sendAutomaticallyWhen: ai.lastAssistantMessageIsCompleteWithApprovalResponses });
+    const b = new TestChat({ id: chatId, transport: tB, sendAutomaticallyWhen: ai.lastAssistantMessageIsCompleteWithApprovalResponses });
+    const syncA = syncChat(a, tA);
+    // As a tab that missed the live stream (a fast reply, a dropped socket): only stored messages.
+    const syncB = syncChat(b, tB, { followRemoteStreams: false });
+    await Promise.all([syncA.ready, syncB.ready]);
+    await a.sendMessage({ text: "approve notes.txt" });
+    const tool = a.messages[1].parts.find((p) => p.type === "tool-deleteFile");
+    await b.until((c) => c.messages[1]?.parts.some((p) => p.type === "tool-deleteFile"), "B to get the stored tool call");
+    await a.addToolApprovalResponse({ id: tool.approval.id, approved: false });
+    await a.until((c) => c.status === "ready" && textOf(c.messages.at(-1)) === "Not deleted.", "A's continuation");
+    await b.until((c) => textOf(c.messages.at(-1) ?? { parts: [] }) === "Not deleted.", "B to get the stored continuation");
+    assert.deepEqual(plain(b.messages), plain(a.messages));
+    assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(a.messages));
+    syncA.stop();
+    syncB.stop();
+  });
+
   test("a tab reloaded while a continuation after an approval streams resumes it and shows the tool part and the continued text", { skip: !APPROVALS && "ai 5 has no tool approvals" }, async () => {
     const chatId = fresh("approval-reload");
     const tA = transport({ agentId: "slow-approver" });
