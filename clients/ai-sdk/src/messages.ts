@@ -106,7 +106,7 @@ function isToolPart(part: unknown): part is { type: string; toolCallId: string }
  * tool the user approved: the AI SDK runs it when the conversation continues) updates that part
  * in place, as the AI SDK's chat does with the streamed chunks, instead of adding a second one.
  */
-function joinSegments(segments: any[][]): any[] {
+export function joinSegments(segments: any[][]): any[] {
   const parts: any[] = [];
   const toolParts = new Map<string, number>();
   for (const segment of segments) {
@@ -207,4 +207,85 @@ export function historyToUIMessages<UI_MESSAGE extends UIMessage = UIMessage>(
     return ui;
   });
   return { messages: messages as UI_MESSAGE[], sources };
+}
+
+/** The UI message id a stored message shows as (what `historyToUIMessages` files it under). */
+function uiIdOf(message: Message): string {
+  const content = message.content as Record<string, any>;
+  return typeof content?.id === "string" ? content.id : message.id;
+}
+
+/**
+ * Whether a stored message is one of the user's turns that becomes a user UI message (a `text`
+ * message, not a `regenerate` or `tool_result`): a page of history may begin just before it.
+ */
+export function isUserTurn(message: Message, options: HistoryOptions): boolean {
+  return (
+    message.sender_id === options.userId &&
+    message.kind !== "assistant" &&
+    message.kind !== "regenerate" &&
+    message.kind !== "tool_result" &&
+    userMessage(message) !== null
+  );
+}
+
+export interface HistoryPageOptions extends HistoryOptions {
+  /** The page holds at least this many UI messages (fewer only at the start of the history). */
+  limit: number;
+  /** Whether `window` begins with the session's first message (nothing older is left to read). */
+  complete: boolean;
+}
+
+/**
+ * Where the newest page of `window` (a run of the session's history, oldest first, that ends
+ * where the pages already shown begin) starts: the index of the message the page begins with, or
+ * -1 when older messages must be read first (`window` is then too short to tell).
+ *
+ * A page begins just before one of the user's turns (`isUserTurn`), so it never splits a UI
+ * message (a reply, its tool results, its continuations and regenerations all follow the turn
+ * they answer), and only where nothing from there on refers to a UI message before it: a
+ * `tool_result` (or a continuation stored whole) names a message of the page, a user message
+ * edited in place or a reply reusing an id (as far as `window` shows) has its first copy in the
+ * page. So `historyToUIMessages` of the page, placed after the older pages and before the newer
+ * ones, gives what it gives for the whole history. The page is the newest such start with at
+ * least `limit` UI messages; when `window` is `complete` and has none, the page is all of it.
+ */
+export function historyPageStart(window: Message[], options: HistoryPageOptions): number {
+  const n = window.length;
+  if (n === 0) return options.complete ? 0 : -1;
+  // need[j]: the page must begin at or before this index for message j to convert as in the whole
+  // history (Infinity: no constraint; -1: its referent is older than `window`).
+  const first = new Map<string, number>();
+  const need = new Array<number>(n).fill(Infinity);
+  for (let j = 0; j < n; j++) {
+    const message = window[j];
+    const fromUser = message.sender_id === options.userId && message.kind !== "assistant";
+    if (fromUser && message.kind === "regenerate") continue;
+    if (fromUser && message.kind === "tool_result") {
+      const target = (message.content as Record<string, any>)?.message_id;
+      const at = typeof target === "string" ? (first.get(`assistant:${target}`) ?? first.get(`user:${target}`)) : undefined;
+      need[j] = at ?? -1;
+      continue;
+    }
+    const role = fromUser ? "user" : "assistant";
+    const key = `${role}:${uiIdOf(message)}`;
+    const at = first.get(key);
+    if (at !== undefined) need[j] = at;
+    else {
+      first.set(key, j);
+      const whole = !fromUser && (message.metadata as Record<string, unknown> | null)?.continuation === "whole";
+      if (whole) need[j] = -1;
+    }
+  }
+  let lowest = Infinity;
+  const clean = new Array<boolean>(n);
+  for (let b = n - 1; b >= 0; b--) {
+    lowest = Math.min(lowest, need[b]);
+    clean[b] = lowest >= b;
+  }
+  for (let b = n - 1; b >= 0; b--) {
+    if (!clean[b] || !isUserTurn(window[b], options)) continue;
+    if (historyToUIMessages(window.slice(b), options).messages.length >= options.limit) return b;
+  }
+  return options.complete ? 0 : -1;
 }

@@ -2,7 +2,7 @@
 // tab, another device, the agent writing by REST) appear, replies started elsewhere stream in.
 import type { Message, SessionSubscription } from "@fleetlm/client";
 import type { AbstractChat, UIMessage } from "ai";
-import { historyToUIMessages } from "./messages.js";
+import { historyToUIMessages, joinSegments } from "./messages.js";
 import type { FleetLMChatTransport } from "./transport.js";
 
 export interface ChatSyncOptions {
@@ -18,6 +18,17 @@ export interface ChatSync {
 }
 
 const IDLE = new Set(["ready", "error"]);
+
+/** How far a tool part's state is in its life (a later stage holds what an earlier one did). */
+const TOOL_STAGE: Record<string, number> = {
+  "input-streaming": 0,
+  "input-available": 1,
+  "approval-requested": 2,
+  "approval-responded": 3,
+  "output-available": 4,
+  "output-error": 4,
+  "output-denied": 4,
+};
 
 /**
  * Keeps `chat` (any `AbstractChat`: `useChat`'s `Chat`, or your own subclass) in sync with the
@@ -51,6 +62,65 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
   offs.push(() => {
     if (guardedToolCall && holder.onToolCall === guardedToolCall) holder.onToolCall = ownToolCall;
   });
+
+  /**
+   * A resumed reply (`reconnectToStream`: a reply another tab asked for that this chat follows,
+   * or a resume after a reload) that continues a message this chat shows — after a tool result,
+   * the agent continues the message that made the tool call — keeps that message's parts in
+   * front of the continuation's, as the chat that sent the tool result shows it. The AI SDK
+   * rebuilds a resumed reply from its first chunk (`resumeStreamIsReplay`), which holds only the
+   * continuation: each time it writes the message, the parts shown before the reply was resumed
+   * are put back in front (a tool part the continuation updates, e.g. the output of an approved
+   * tool, is updated in place, as `historyToUIMessages` does).
+   */
+  type Continuing = { messageId: string; before: UI_MESSAGE };
+  const continuing = new Set<Continuing>();
+  // What each continued dispatch's message held before its reply was first handed to this chat
+  // (a second resume of the same reply replays it again from its first chunk).
+  const prefixes = new Map<string, UI_MESSAGE>();
+  const state = (chat as unknown as { state?: { replaceMessage?: (index: number, message: UI_MESSAGE) => unknown } }).state;
+  const replace = state?.replaceMessage;
+  if (state && typeof replace === "function") {
+    const own = Object.prototype.hasOwnProperty.call(state, "replaceMessage");
+    const wrapped = function (this: unknown, index: number, message: UI_MESSAGE) {
+      let entry: Continuing | undefined;
+      for (const candidate of continuing) if (candidate.messageId === message?.id && message.role === "assistant") entry = candidate;
+      if (entry) {
+        const { before } = entry;
+        const joined = { ...message, parts: joinSegments([before.parts, message.parts]) } as UI_MESSAGE;
+        if (before.metadata !== undefined || message.metadata !== undefined) {
+          joined.metadata = { ...(before.metadata as object | undefined), ...(message.metadata as object | undefined) } as UI_MESSAGE["metadata"];
+        }
+        message = joined;
+      }
+      return replace.call(this, index, message);
+    };
+    state.replaceMessage = wrapped;
+    offs.push(() => {
+      if (state.replaceMessage !== wrapped) return;
+      if (own) state.replaceMessage = replace;
+      else delete state.replaceMessage;
+    });
+    offs.push(
+      transport.onResume(chatId, (reply) => {
+        const messageId = reply.messageId;
+        if (!messageId) return;
+        let before = prefixes.get(reply.dispatchId);
+        if (!before && !reply.streamedBefore) {
+          // Not handed out before: what the chat shows of the message is what was stored before.
+          const shown = chat.messages.find((m) => m.id === messageId && m.role === "assistant");
+          if (shown) {
+            before = JSON.parse(JSON.stringify(shown)) as UI_MESSAGE;
+            prefixes.set(reply.dispatchId, before);
+          }
+        }
+        if (!before) return;
+        const entry: Continuing = { messageId, before };
+        continuing.add(entry);
+        void reply.done.then(() => continuing.delete(entry));
+      }),
+    );
+  }
 
   const schedule = () => {
     if (timer === undefined && !stopped) timer = setTimeout(flush, 50);
@@ -109,13 +179,27 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
       // message (not a continuation) and differs — e.g. a retried dispatch streamed it afresh
       // after this chat saw an `abort` — unless this chat has changed its tool parts since
       // (an approval or output not yet sent).
+      // A continuation the server stored whole (the message's parts and the continuation's,
+      // `metadata.continuation: "whole"`) is the whole message too, as `loadChatMessages` shows it.
       const shown = messages[existing];
-      if (ui.role !== "assistant" || transport.fleetIds(chatId, ui.id).length > 1) return messages;
+      const whole = ui.role === "assistant" && (message.metadata as Record<string, unknown> | null)?.continuation === "whole";
+      if (ui.role !== "assistant" || (!whole && transport.fleetIds(chatId, ui.id).length > 1)) return messages;
       if (JSON.stringify(shown.parts) === JSON.stringify(ui.parts)) return messages;
       const storedTools = new Map(ui.parts.filter((p: any) => p?.toolCallId).map((p: any) => [p.toolCallId, p.state]));
-      if (shown.parts.some((p: any) => p?.toolCallId && storedTools.get(p.toolCallId) !== p.state)) return messages;
+      if (whole) {
+        // The whole copy holds every tool part at least as far as any tool result took it; only
+        // a part this chat took further (an approval or output not yet sent) keeps it from
+        // replacing the message.
+        const ahead = (p: any) => p?.toolCallId && (TOOL_STAGE[p.state] ?? 0) > (TOOL_STAGE[storedTools.get(p.toolCallId)] ?? -1);
+        if (shown.parts.some(ahead)) return messages;
+      } else if (shown.parts.some((p: any) => p?.toolCallId && storedTools.get(p.toolCallId) !== p.state)) return messages;
       const next = [...messages];
       next[existing] = ui;
+      if (whole) {
+        // The metadata of the message's earlier copies stays (merged, as `historyToUIMessages` does).
+        const metadata = shown.metadata === undefined && ui.metadata === undefined ? undefined : { ...(shown.metadata as object | undefined), ...(ui.metadata as object | undefined) };
+        next[existing] = { ...ui, ...(metadata === undefined ? {} : { metadata }) } as UI_MESSAGE;
+      }
       return next;
     }
     const dispatchId = message.kind === "assistant" ? (message.metadata?.dispatch_id as string | undefined) : undefined;

@@ -45,6 +45,18 @@ export interface FleetLMChatTransportOptions {
   maxOpenChats?: number;
 }
 
+/** A reply `reconnectToStream` handed to a chat (see `FleetLMChatTransport.onResume`). */
+export interface ResumedReply {
+  /** The dispatch whose reply it is. */
+  dispatchId: string;
+  /** The message id its `start` chunk names, if any. */
+  messageId?: string;
+  /** Whether this transport had already handed this dispatch's reply to the chat before. */
+  streamedBefore: boolean;
+  /** Resolves when the stream handed out ends (finished, failed or cancelled). */
+  done: Promise<void>;
+}
+
 /** The default of `maxOpenChats`: half the server's 100 channels per socket. */
 export const DEFAULT_MAX_OPEN_CHATS = 50;
 
@@ -128,6 +140,8 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
   /** How many users each chat has now (streams, syncs): a chat in use is never left. */
   readonly #pins = new Map<string, number>();
   readonly #maxOpen: number;
+  /** `onResume` listeners per chat id. */
+  readonly #resumeListeners = new Map<string, Set<(reply: ResumedReply) => void>>();
 
   constructor(options: FleetLMChatTransportOptions) {
     this.#options = options;
@@ -496,19 +510,52 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
   }): Promise<ReadableStream<UIMessageChunk> | null> {
     const release = this.retain(options.chatId);
     try {
-      const stream = await this.#reconnect(options);
-      if (!stream) {
+      const resumed = await this.#reconnect(options);
+      if (!resumed) {
         release();
         return null;
       }
-      return this.#holding(stream, release);
+      let ended!: () => void;
+      const done = new Promise<void>((resolve) => (ended = resolve));
+      const stream = this.#holding(resumed.stream, () => {
+        release();
+        ended();
+      });
+      const reply: ResumedReply = { dispatchId: resumed.dispatchId, messageId: resumed.messageId, streamedBefore: resumed.streamedBefore, done };
+      for (const listener of [...(this.#resumeListeners.get(options.chatId) ?? [])]) {
+        try {
+          listener(reply);
+        } catch {
+          // A listener's failure is not the chat's.
+        }
+      }
+      return stream;
     } catch (error) {
       release();
       throw error;
     }
   }
 
-  async #reconnect(options: { chatId: string; abortSignal?: AbortSignal }): Promise<ReadableStream<UIMessageChunk> | null> {
+  /**
+   * Calls `listener` each time `reconnectToStream` hands the chat a reply (a resume after a
+   * reload, or a reply another tab asked for that `syncChat` follows), before the chat reads
+   * its first chunk. Returns the function that removes the listener. `syncChat` uses it to keep
+   * the parts of a message that a resumed continuation (after a tool result) continues.
+   */
+  onResume(chatId: string, listener: (reply: ResumedReply) => void): () => void {
+    let listeners = this.#resumeListeners.get(chatId);
+    if (!listeners) this.#resumeListeners.set(chatId, (listeners = new Set()));
+    listeners.add(listener);
+    return () => {
+      listeners.delete(listener);
+      if (listeners.size === 0 && this.#resumeListeners.get(chatId) === listeners) this.#resumeListeners.delete(chatId);
+    };
+  }
+
+  async #reconnect(options: {
+    chatId: string;
+    abortSignal?: AbortSignal;
+  }): Promise<{ stream: ReadableStream<UIMessageChunk>; dispatchId: string; messageId?: string; streamedBefore: boolean } | null> {
     const { chatId, abortSignal } = options;
     // Counted at once (the AI SDK aborts the resume it replaces just before this call).
     const generation = (this.#resumes.get(chatId) ?? 0) + 1;
@@ -544,6 +591,7 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     if (abortSignal?.aborted || !dispatchId) return null;
     const reply = subscription.replies.get(dispatchId);
     if (!reply || reply.done || reply.messageDone || reply.chunks[0]?.type !== "start") return null;
+    const streamedBefore = this.streamedDispatch(chatId, dispatchId);
     this.#markStreamed(chatId, dispatchId);
     if (abortSignal && this.#options.cancelOnAbort !== false) {
       const target = dispatchId;
@@ -559,7 +607,13 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
       };
       abortSignal.addEventListener("abort", onAbort, { once: true });
     }
-    return subscription.replyStream({ dispatchId, signal: abortSignal }) as ReadableStream<UIMessageChunk>;
+    const messageId = (reply.chunks[0] as { messageId?: unknown }).messageId;
+    return {
+      stream: subscription.replyStream({ dispatchId, signal: abortSignal }) as ReadableStream<UIMessageChunk>,
+      dispatchId,
+      messageId: typeof messageId === "string" ? messageId : undefined,
+      streamedBefore,
+    };
   }
 
   /** The chat's history as UIMessage[] (see `loadChatMessages`). */

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { createServer } from "node:http";
 import { after, before, describe, test } from "node:test";
 import { toNodeListener } from "@fleetlm/agent/node";
-import { FleetLMChatTransport, loadChatMessages } from "@fleetlm/ai-sdk";
+import { FleetLMChatTransport, loadChatMessages, syncChat } from "@fleetlm/ai-sdk";
 import { lastAssistantMessageIsCompleteWithApprovalResponses } from "ai";
 import { MockLanguageModelV4, convertArrayToReadableStream } from "ai/test";
 import WebSocket from "ws";
@@ -178,6 +178,13 @@ describe("the example AI SDK agent on a real FleetLM server", () => {
       const chatId = fresh(approved ? "approve" : "deny");
       agent.notes.of("alice").set("old", "stale");
       const chat = chatFor("notes", { sendAutomaticallyWhen: lastAssistantMessageIsCompleteWithApprovalResponses })(chatId);
+      // A second tab on the same session follows the reply and its continuation (syncChat).
+      await rest(base, "POST", "/api/sessions", { id: chatId, user_id: "alice", agent_id: "notes" });
+      const followerTransport = new FleetLMChatTransport({ url: base, userId: "alice", agentId: "notes", WebSocket });
+      transports.push(followerTransport);
+      const follower = new TestChat({ id: chatId, transport: followerTransport, sendAutomaticallyWhen: lastAssistantMessageIsCompleteWithApprovalResponses });
+      const following = syncChat(follower, followerTransport);
+      await following.ready;
       await chat.sendMessage({ text: "delete old" });
       const request = chat.messages[1].parts.find((p) => p.type === "tool-deleteNote");
       assert.equal(request.state, "approval-requested");
@@ -209,6 +216,12 @@ describe("the example AI SDK agent on a real FleetLM server", () => {
       await idle(chatId);
       // A reload shows what the chat shows.
       assert.deepEqual(plain(await loadChatMessages({ url: base, userId: "alice", chatId })), plain(chat.messages));
+      // So does the tab that followed: the tool part (with the approval and its outcome) and the
+      // continued text, not the continuation alone.
+      await follower.until((c) => c.status === "ready" && c.messages.length === 2 && textOf(c.messages[1]) === textOf(chat.messages[1]), "the follower to show the continuation");
+      await sleep(200);
+      assert.deepEqual(plain(follower.messages), plain(chat.messages));
+      following.stop();
       // The agent's next call sees the outcome, so the tool is not run again.
       await chat.sendMessage({ text: "list" });
       assert.equal(textOf(chat.messages[3]), approved ? "Notes: groceries=milk, eggs." : "Notes: groceries=milk, eggs, old=stale.");
