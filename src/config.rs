@@ -62,6 +62,13 @@ pub struct Settings {
     /// Largest HTTP request body. [default: 1MiB]
     #[arg(long, env = "FLEETLM_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<ByteSize>,
+    /// Largest file a session's participant may upload (`POST /api/sessions/:id/files`). [default: 25MiB]
+    #[arg(long, env = "FLEETLM_MAX_FILE_BYTES")]
+    pub max_file_bytes: Option<ByteSize>,
+    /// The base URL agents reach this server at (e.g. `https://chat.example.com`): the file parts
+    /// of the messages an agent is sent point there, signed. [default: http://<http_addr>]
+    #[arg(long, env = "FLEETLM_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// Largest page of messages. [default: 1000]
     #[arg(long, env = "FLEETLM_MAX_PAGE_SIZE")]
     pub max_page_size: Option<usize>,
@@ -171,6 +178,9 @@ pub struct Config {
     pub flush_threshold_bytes: usize,
     pub max_message_bytes: usize,
     pub max_body_bytes: usize,
+    pub max_file_bytes: usize,
+    /// Where agents reach this server (no trailing slash); `None`: `http://<http_addr>` as bound.
+    pub public_url: Option<String>,
     pub max_page_size: usize,
     pub max_metadata_depth: usize,
     pub session_idle: Duration,
@@ -333,6 +343,18 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// An absolute `http(s)://` URL without query or fragment, returned without a trailing slash.
+fn validate_public_url(url: &str) -> Result<String, ConfigError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| invalid("public_url", format!("is not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(invalid("public_url", "must be an http:// or https:// URL with a host"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() || !parsed.username().is_empty() {
+        return Err(invalid("public_url", "must have no query, fragment or credentials"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
 fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         setting,
@@ -375,6 +397,8 @@ impl Settings {
             flush_threshold_bytes,
             max_message_bytes,
             max_body_bytes,
+            max_file_bytes,
+            public_url,
             max_page_size,
             max_metadata_depth,
             session_idle_secs,
@@ -445,6 +469,14 @@ impl Settings {
                 "must be positive, at most 1 MiB and an eighth of wal_segment_bytes",
             ));
         }
+        let max_file_bytes = self.max_file_bytes.map_or(25 * 1024 * 1024, ByteSize::get_usize);
+        if max_file_bytes == 0 || max_file_bytes > 1024 * 1024 * 1024 {
+            return Err(invalid("max_file_bytes", "must be positive and at most 1 GiB"));
+        }
+        let public_url = match self.public_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            None => None,
+            Some(url) => Some(validate_public_url(url)?),
+        };
         let max_body_bytes = self.max_body_bytes.map_or(1024 * 1024, ByteSize::get_usize);
         if max_body_bytes == 0 {
             return Err(invalid("max_body_bytes", "must be positive"));
@@ -495,6 +527,8 @@ impl Settings {
             flush_threshold_bytes: self.flush_threshold_bytes.map_or(4 * 1024 * 1024, ByteSize::get_usize),
             max_message_bytes,
             max_body_bytes,
+            max_file_bytes,
+            public_url,
             max_page_size,
             max_metadata_depth: self.max_metadata_depth.unwrap_or(32),
             session_idle: Duration::from_secs(self.session_idle_secs.unwrap_or(15 * 60)),

@@ -13,6 +13,7 @@ pub mod cluster_status;
 pub mod config;
 pub mod consensus;
 pub mod console;
+pub mod file_urls;
 pub mod gateway;
 pub mod hub;
 pub mod ids;

@@ -381,6 +381,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         crate::cluster::start_agent_refresh(registry.clone(), archive.clone());
     }
     let recent_dispatches = Arc::new(crate::agents::RecentDispatches::default());
+    let file_access = Arc::new(crate::file_urls::FileAccess::new(
+        match &config.cluster {
+            Some(cluster) => crate::file_urls::FileUrlSigner::from_cluster_secret(&cluster.secret),
+            None => crate::file_urls::FileUrlSigner::random(),
+        },
+        config.public_url.clone(),
+    ));
     let engine_context = Arc::new(crate::agents::EngineContext {
         shards: shards.clone(),
         registry: registry.clone(),
@@ -402,6 +409,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         },
         recent: recent_dispatches.clone(),
         clock: clock.clone(),
+        files: file_access.clone(),
     });
     let engine = engine_inbox.handle();
     crate::agents::Engine::start(engine_context, engine_inbox, shutdown.clone());
@@ -451,11 +459,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             catch_up
         }),
         archive_outage: Default::default(),
+        files: file_access.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
     let local_addr = listener.local_addr()?;
+    file_access.learn_bound_address(local_addr);
     // Replies and pushes are small frames that must leave at once, not wait for Nagle.
     let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
         if let Err(error) = stream.set_nodelay(true) {

@@ -75,6 +75,8 @@ pub struct EngineContext {
     pub shards_limits: MessageLimits,
     pub recent: Arc<RecentDispatches>,
     pub clock: Arc<dyn crate::clock::Clock>,
+    /// Signs the file parts of the history sent to agents (`file_urls`).
+    pub files: Arc<crate::file_urls::FileAccess>,
 }
 
 /// Pushes `agent_status` to the session's members.

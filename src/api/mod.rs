@@ -9,6 +9,7 @@
 mod admin;
 pub mod agents;
 mod error;
+mod files;
 mod health;
 pub mod messages;
 pub mod sessions;
@@ -55,6 +56,8 @@ pub struct AppState {
     pub catch_up: Option<Arc<crate::cluster::CatchUp>>,
     /// The archive's current outage, as readiness checks have seen it.
     pub archive_outage: health::ArchiveOutage,
+    /// Checks the signatures of file URLs given to agents (`file_urls`).
+    pub files: Arc<crate::file_urls::FileAccess>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -79,6 +82,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/sessions", get(sessions::list).post(sessions::create))
         .route("/sessions/{id}", get(sessions::show).delete(sessions::archive))
         .route("/sessions/{id}/messages", get(messages::list).post(messages::append))
+        .route("/sessions/{id}/files", post(files::upload))
+        .route("/sessions/{id}/files/{file_id}", get(files::download))
         .route("/sessions/{id}/read", post(sessions::mark_read))
         .route("/sessions/{id}/cancel", post(turns::cancel))
         .route("/sessions/{id}/regenerate", post(turns::regenerate))

@@ -1,7 +1,8 @@
 //! The archive: where the log's records end up for the long term, behind one interface with two
 //! implementations (SQLite, embedded default; Postgres, for production) that behave the same.
 //!
-//! Architecture invariant: the archive is written only by the flusher (and agent CRUD); a
+//! Architecture invariant: the archive is written only by the flusher (and agent CRUD, and file
+//! uploads, which are not part of the log); a
 //! flush writes rows and moves the shard's watermark in one transaction, so a crash at any point
 //! neither loses nor duplicates rows. The archive never decides a seq.
 
@@ -52,6 +53,22 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("agents", "previous_signing_secret", "TEXT"),
     ("agents", "previous_signing_secret_expires_at", "BIGINT"),
 ];
+
+/// A file uploaded to a session (`POST /api/sessions/:id/files`), stored whole in the archive so
+/// every node of a cluster serves it. Written at upload (not through the log: the bytes are not
+/// part of the ordered history; a message's file part refers to the file by its URL).
+#[derive(Debug, Clone)]
+pub struct StoredFile {
+    pub session_id: String,
+    pub id: String,
+    pub media_type: String,
+    pub filename: Option<String>,
+    pub size: u64,
+    /// Hex SHA-256 of `content`.
+    pub sha256: String,
+    pub created_at: Timestamp,
+    pub content: bytes::Bytes,
+}
 
 /// A session as the archive knows it, with its newest messages for the hot tail.
 #[derive(Debug, Clone)]
@@ -313,6 +330,15 @@ impl Archive {
 
     pub async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>> {
         dispatch!(self, a => a.dead_letters(query).await)
+    }
+
+    /// Stores an uploaded file; durable in the archive when it resolves.
+    pub async fn insert_file(&self, file: Arc<StoredFile>) -> Result<()> {
+        dispatch!(self, a => a.insert_file(file).await)
+    }
+
+    pub async fn get_file(&self, session_id: &str, id: &str) -> Result<Option<StoredFile>> {
+        dispatch!(self, a => a.get_file(session_id, id).await)
     }
 
     pub async fn session_gaps(&self, session_id: &str) -> Result<Vec<(u64, u64)>> {

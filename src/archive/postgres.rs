@@ -17,6 +17,7 @@ use crate::model::{MessageRecord, SessionView};
 use crate::shard::session::HOT_TAIL_LEN;
 
 mod agents;
+mod files;
 
 const SCHEMA: &str = include_str!("schema.sql");
 /// Rows per `UNNEST` insert.

@@ -105,3 +105,14 @@ CREATE TABLE IF NOT EXISTS cluster_members (
     node_id BIGINT PRIMARY KEY,
     recorded_at BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS files (
+    session_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    filename TEXT,
+    size BIGINT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    content BYTEA NOT NULL,
+    PRIMARY KEY (session_id, id)
+);

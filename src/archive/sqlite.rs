@@ -5,6 +5,8 @@
 //! replaying history, a session load) never waits for a flush transaction — SQLite's WAL mode
 //! lets a reader see the last committed state while a write is under way.
 
+mod files;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 

@@ -187,13 +187,23 @@ pub async fn dispatch(context: &EngineContext, job: &DispatchJob) -> DispatchRes
         if !lease_or_wait(context, job).await {
             return lease_gone(job, through_seq);
         }
+        // File parts point at signed URLs, fresh for each attempt.
+        let mut messages = history.messages.clone();
+        let expires = context.clock.now_micros() / 1_000_000 + crate::file_urls::SIGNED_URL_LIFETIME_SECS;
+        crate::file_urls::sign_file_parts(
+            &mut messages,
+            &job.session_id,
+            context.files.public_url(),
+            &context.files.signer,
+            expires,
+        );
         let body = json!({
             "session_id": &*job.session_id,
             "agent_id": agent.id,
             "user_id": view.record.user_id,
             "dispatch_id": &*job.dispatch_id,
             "attempt": attempt,
-            "messages": history.messages,
+            "messages": messages,
         });
         let started = Instant::now();
         let final_attempt = attempt >= context.config.max_attempts;
