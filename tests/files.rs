@@ -2,6 +2,7 @@
 //! Postgres) and served back byte for byte, the limits and validation, authorization in token
 //! mode, and agents fetching a message's file through the signed URL their dispatch carries.
 
+#[macro_use]
 mod support;
 
 use std::time::{Duration, Instant};
@@ -9,19 +10,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::agent::{Behavior, TestAgent};
 use support::{Store, TestServer, restart};
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Store::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Store::Postgres).await })*
-        }
-    };
-}
 
 on_both_stores!(a_file_round_trips_byte_for_byte_and_survives_a_restart);
 

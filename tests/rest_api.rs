@@ -1,23 +1,11 @@
 //! Black-box tests of every REST route and error of rest.md, against a real server on
 //! 127.0.0.1:0, once on the embedded SQLite archive and once on a real Postgres database.
 
+#[macro_use]
 mod support;
 
 use serde_json::{Value, json};
 use support::{Store, TestServer, restart};
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Store::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Store::Postgres).await })*
-        }
-    };
-}
 
 on_both_stores!(
     agents_crud_and_validation,

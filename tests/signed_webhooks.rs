@@ -6,6 +6,7 @@
 //! signatures is migrated. The Standard Webhooks reference library (`standardwebhooks` on npm,
 //! tests/js) verifies the calls too.
 
+#[macro_use]
 mod support;
 
 use std::time::{Duration, Instant};
@@ -17,19 +18,6 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use support::agent::{Behavior, Call, TestAgent};
 use support::{Store, TestServer, restart};
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Store::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Store::Postgres).await })*
-        }
-    };
-}
 
 on_both_stores!(
     calls_are_signed_rotations_overlap_and_secrets_stay_hidden,

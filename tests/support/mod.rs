@@ -13,6 +13,22 @@ use std::time::{Duration, Instant};
 use fleetlm::config::{Config, Settings};
 use serde_json::{Value, json};
 
+/// Declares each named `async fn name(store: Store)` as two tests, `sqlite::name` and
+/// `postgres::name` (a test file that uses it declares `#[macro_use] mod support;`).
+#[allow(unused_macros)]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Store::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Store::Postgres).await })*
+        }
+    };
+}
+
 pub fn database_admin_url() -> String {
     std::env::var("FLEETLM_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
