@@ -67,13 +67,20 @@ impl FileUrlSigner {
 pub struct FileAccess {
     pub signer: FileUrlSigner,
     public_url: std::sync::OnceLock<String>,
+    /// Uploads being received (`MAX_CONCURRENT_UPLOADS`).
+    pub uploads: tokio::sync::Semaphore,
 }
+
+/// Uploads a node receives at once: each holds its whole body in memory until the archive took
+/// it, so this bounds that memory (16 × the 25 MiB default). Beyond it: 503 `overloaded`.
+pub const MAX_CONCURRENT_UPLOADS: usize = 16;
 
 impl FileAccess {
     pub fn new(signer: FileUrlSigner, public_url: Option<String>) -> FileAccess {
         let access = FileAccess {
             signer,
             public_url: std::sync::OnceLock::new(),
+            uploads: tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS),
         };
         if let Some(url) = public_url {
             let _ = access.public_url.set(url);

@@ -323,3 +323,59 @@ async fn an_agent_fetches_a_messages_file_through_the_signed_url_of_its_dispatch
     assert_eq!(history["messages"][0]["content"]["parts"][1]["url"], path.as_str());
     server.stop().await;
 }
+
+/// Uploads in progress are bounded per node (each holds its body in memory until stored): with
+/// one more upload held open than the bound, exactly one is refused at once with 503
+/// `overloaded`, the others complete once their bodies do, and the bound frees up after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_in_progress_are_bounded_and_the_next_one_is_told_to_retry() {
+    let server = TestServer::start(Store::Sqlite).await;
+    server.agent_and_session("a", "u", "s1").await;
+    let bound = fleetlm::file_urls::MAX_CONCURRENT_UPLOADS;
+    // `bound + 1` uploads whose bodies stay open until released.
+    let mut senders = Vec::new();
+    let mut pending = Vec::new();
+    for _ in 0..=bound {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+        sender.send(Ok(sample(100))).await.unwrap();
+        let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|chunk| (chunk, receiver))
+        });
+        let request = server
+            .client
+            .post(server.url("/api/sessions/s1/files"))
+            .header("content-type", "image/png")
+            .body(reqwest::Body::wrap_stream(stream))
+            .send();
+        pending.push(tokio::spawn(async move {
+            let response = request.await.unwrap();
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, body)
+        }));
+        senders.push(sender);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pending.iter().any(|p| p.is_finished()) {
+        assert!(Instant::now() < deadline, "no upload past the bound was refused");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Give a second refusal, if there were one, the time to show.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ended, held): (Vec<_>, Vec<_>) = pending.into_iter().partition(|p| p.is_finished());
+    assert_eq!(
+        (ended.len(), held.len()),
+        (1, bound),
+        "exactly the one past the bound is refused"
+    );
+    let (status, body) = ended.into_iter().next().unwrap().await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (503, Some("overloaded")), "{body}");
+    drop(senders);
+    for request in held {
+        let (status, body) = request.await.unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, _) = upload(&server, "s1", sample(10), Some("image/png"), "", None).await;
+    assert_eq!(status, 201, "the bound frees up once the uploads end");
+    server.stop().await;
+}

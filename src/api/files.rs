@@ -69,6 +69,16 @@ pub async fn upload(
             "the session is archived; it accepts no files",
         ));
     }
+    // Each upload holds its whole body in memory until the archive took it: bounded per node.
+    let Ok(_permit) = state.files.uploads.try_acquire() else {
+        let mut error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many file uploads at once; retry shortly",
+        );
+        error.retry_after_secs = Some(1);
+        return Err(error);
+    };
     let content = axum::body::to_bytes(request.into_body(), limit)
         .await
         .map_err(|_| too_large())?;
