@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod operator;
+pub mod placement;
 mod rfc3339;
 pub mod server;
 pub mod shard;
