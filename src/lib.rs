@@ -20,6 +20,7 @@ pub mod ids;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod moves;
 pub mod operator;
 pub mod placement;
 mod rfc3339;
