@@ -21,7 +21,7 @@ export function dataUrlBytes(url: string): { bytes: Uint8Array; mediaType: strin
   const mediaType = header[0].trim() || "text/plain";
   const data = url.slice(comma + 1);
   if (header.slice(1).some((p) => p.trim().toLowerCase() === "base64")) {
-    const binary = globalThis.atob(decodeURIComponent(data).replace(/\s+/g, ""));
+    const binary = globalThis.atob((data.includes("%") ? decodeURIComponent(data) : data).replace(/\s+/g, ""));
     const bytes = new Uint8Array(binary.length);
     for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
     return { bytes, mediaType };
