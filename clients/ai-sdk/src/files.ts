@@ -1,7 +1,13 @@
 // Attachments: the transport uploads the bytes of a user message's file parts (data: and blob:
 // URLs) to the session (`POST /api/sessions/:id/files`) and stores the part with the server's
 // path instead of the bytes (docs/CLIENTS.md, "Attachments").
-import type { FleetLMClient, SessionFile } from "@fleetlm/client";
+import { FleetLMError, retryDelayMs, type FleetLMClient, type SessionFile } from "@fleetlm/client";
+
+/** Tries of an upload answered `overloaded` or `unavailable` (nothing was stored). */
+const UPLOAD_ATTEMPTS = 4;
+const NOT_STORED = new Set(["overloaded", "unavailable"]);
+/** Uploads of one message in progress at once (the server takes 16 per node). */
+const PARALLEL_UPLOADS = 4;
 
 /** A file part of a UI message (the AI SDK's `FileUIPart`). */
 type FilePart = { type: "file"; mediaType: string; filename?: string; url: string; [key: string]: unknown };
@@ -84,11 +90,66 @@ export class UploadCache {
   }
 }
 
+function abortableSleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
+    const done = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
+    };
+    const onAbort = () => {
+      done();
+      reject(signal!.reason);
+    };
+    const timer = setTimeout(() => {
+      done();
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/**
+ * `client.uploadFile`, tried again (after at least the server's `retry-after`) while the server
+ * answers that it stored nothing and to come back later (`overloaded`: too many uploads in
+ * progress on the node; `unavailable`: the archive did not answer), up to 4 tries.
+ */
+async function upload(
+  client: FleetLMClient,
+  sessionId: string,
+  body: Blob | Uint8Array,
+  options: { mediaType: string; filename?: string; signal?: AbortSignal },
+): Promise<SessionFile> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await client.uploadFile(sessionId, body, options);
+    } catch (error) {
+      if (!(error instanceof FleetLMError) || !NOT_STORED.has(error.code) || attempt >= UPLOAD_ATTEMPTS) throw error;
+      await abortableSleep(retryDelayMs(error, attempt), options.signal);
+    }
+  }
+}
+
+/** `fn` over `items`, at most `limit` at once; the results in order. */
+async function mapLimited<T, R>(items: T[], limit: number, fn: (item: T) => Promise<R>): Promise<R[]> {
+  const results = new Array<R>(items.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const index = next++;
+      results[index] = await fn(items[index]);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return results;
+}
+
 /**
  * The parts to store for a user message: each file part whose `url` is a `data:` URL (or a
  * `blob:` URL, read with `fetch`) is uploaded to the session and names the server's path
  * instead; an absolute URL of a file of this session on this server becomes its path (so the
- * agent gets it signed); any other part is kept as it is. Uploads run in parallel.
+ * agent gets it signed); any other part is kept as it is. Up to 4 uploads run at once; one
+ * answered `overloaded` / `unavailable` is tried again.
  */
 export async function uploadFileParts(
   client: FleetLMClient,
@@ -97,34 +158,32 @@ export async function uploadFileParts(
   options: { signal?: AbortSignal; cache: UploadCache },
 ): Promise<unknown[]> {
   const ownPrefix = `${client.url}/api/sessions/${encodeURIComponent(sessionId)}/files/`;
-  return Promise.all(
-    parts.map(async (part) => {
-      if (!isFilePart(part)) return part;
-      const url = part.url;
-      if (url.startsWith(ownPrefix) && /^[^/?#]+$/.test(url.slice(ownPrefix.length))) {
-        return { ...part, url: url.slice(client.url.length) };
+  return mapLimited(parts, PARALLEL_UPLOADS, async (part) => {
+    if (!isFilePart(part)) return part;
+    const url = part.url;
+    if (url.startsWith(ownPrefix) && /^[^/?#]+$/.test(url.slice(ownPrefix.length))) {
+      return { ...part, url: url.slice(client.url.length) };
+    }
+    const isData = url.startsWith("data:");
+    if (!isData && !url.startsWith("blob:")) return part;
+    const filename = safeFilename(part.filename);
+    const key = `${sessionId}\n${filename ?? ""}\n${part.mediaType}\n${fingerprint(url)}`;
+    const file = await options.cache.get(key, async () => {
+      let body: Blob | Uint8Array;
+      let mediaType = part.mediaType;
+      if (isData) {
+        const decoded = dataUrlBytes(url);
+        body = decoded.bytes;
+        if (!MEDIA_TYPE.test(mediaType ?? "")) mediaType = decoded.mediaType;
+      } else {
+        const response = await globalThis.fetch(url, { signal: options.signal });
+        body = await response.blob();
+        if (!MEDIA_TYPE.test(mediaType ?? "")) mediaType = (body as Blob).type;
       }
-      const isData = url.startsWith("data:");
-      if (!isData && !url.startsWith("blob:")) return part;
-      const filename = safeFilename(part.filename);
-      const key = `${sessionId}\n${filename ?? ""}\n${part.mediaType}\n${fingerprint(url)}`;
-      const file = await options.cache.get(key, async () => {
-        let body: Blob | Uint8Array;
-        let mediaType = part.mediaType;
-        if (isData) {
-          const decoded = dataUrlBytes(url);
-          body = decoded.bytes;
-          if (!MEDIA_TYPE.test(mediaType ?? "")) mediaType = decoded.mediaType;
-        } else {
-          const response = await globalThis.fetch(url, { signal: options.signal });
-          body = await response.blob();
-          if (!MEDIA_TYPE.test(mediaType ?? "")) mediaType = (body as Blob).type;
-        }
-        if (!MEDIA_TYPE.test(mediaType ?? "")) mediaType = "application/octet-stream";
-        return client.uploadFile(sessionId, body, { mediaType, filename, signal: options.signal });
-      });
-      const stored: FilePart = { ...part, url: file.url };
-      return stored;
-    }),
-  );
+      if (!MEDIA_TYPE.test(mediaType ?? "")) mediaType = "application/octet-stream";
+      return upload(client, sessionId, body, { mediaType, filename, signal: options.signal });
+    });
+    const stored: FilePart = { ...part, url: file.url };
+    return stored;
+  });
 }
