@@ -28,6 +28,12 @@ export interface FleetLMChatTransportOptions {
   agentId?: string;
   /** Metadata of sessions this transport creates. */
   sessionMetadata?: JsonObject;
+  /**
+   * Upload the bytes of a sent message's file parts (`data:` and `blob:` URLs) to the session
+   * and store the server's path in the part (default true). `false` stores the parts as they
+   * are (inline, within FleetLM's 256 KiB message limit): for servers without file uploads.
+   */
+  uploadFiles?: boolean;
   /** Cancel the turn on the server when the chat aborts (`stop()`). Default true. */
   cancelOnAbort?: boolean;
   /** How long `reconnectToStream` waits for the snapshot the join promised (ms, default 5000). */
@@ -447,8 +453,11 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
     } else if (last?.role === "user") {
       // Attached files (data: and blob: URLs) are uploaded to the session first: the stored part
       // names the server's path, not the bytes (docs/CLIENTS.md, "Attachments").
-      const parts = await uploadFileParts(this.client, chatId, last.parts, { signal: abortSignal ?? undefined, cache: this.#uploads });
-      abortSignal?.throwIfAborted();
+      let parts: unknown[] = last.parts;
+      if (this.#options.uploadFiles !== false) {
+        parts = await uploadFileParts(this.client, chatId, last.parts, { signal: abortSignal ?? undefined, cache: this.#uploads });
+        abortSignal?.throwIfAborted();
+      }
       const content: JsonObject = { text: textOf(last), id: last.id, parts: parts as JsonObject[] };
       send = { kind: "text", content, clientId: clientId("", last.id) };
       if (last.metadata !== undefined && last.metadata !== null) send.metadata = last.metadata as JsonObject;

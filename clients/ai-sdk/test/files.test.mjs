@@ -138,6 +138,15 @@ describe("attachments", () => {
     assert.equal(new TextDecoder().decode((await plainGet(parts[1].url)).bytes), "hello file");
   });
 
+  test("uploadFiles: false stores the parts as they are (inline)", async () => {
+    const chatId = fresh("inline");
+    const url = dataUrl(randomBytes(100), "image/png");
+    const chat = new TestChat({ id: chatId, transport: transport({ uploadFiles: false }) });
+    await chat.sendMessage({ text: "inline", files: [{ type: "file", mediaType: "image/png", url }] });
+    assert.equal(chat.status, "ready", String(chat.error));
+    assert.deepEqual(filesOf((await stored(base, chatId)).find((m) => m.kind === "text")), [{ type: "file", mediaType: "image/png", url }]);
+  });
+
   test("percent-encoded data: URLs and blob: URLs are uploaded byte for byte", async () => {
     const chatId = fresh("encodings");
     const blobBytes = randomBytes(2000);
