@@ -5,8 +5,10 @@ export {
   CLIENT_TOOL_STATES,
   FLEETLM_METADATA_KEYS,
   FLEETLM_REQUEST_KEY,
+  fileUrl,
   historyPageStart,
   historyToUIMessages,
+  isFleetLMFilePath,
   isUserTurn,
   replyMetadata,
   requestOptions,
@@ -16,5 +18,6 @@ export {
   type HistoryPageOptions,
 } from "./messages.js";
 export { loadChatMessages, loadChatPage, type ChatPage, type LoadChatMessagesOptions, type LoadChatPageOptions } from "./load.js";
+export { dataUrlBytes } from "./files.js";
 export { syncChat, type ChatSync, type ChatSyncOptions } from "./sync.js";
 export { CHAT_CALLBACKS, latestCallbacks } from "./callbacks.js";

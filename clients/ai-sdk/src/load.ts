@@ -21,6 +21,12 @@ export interface LoadChatMessagesOptions {
    * the page before them.
    */
   limit?: number;
+  /**
+   * Where file parts naming a FleetLM file by its path (`/api/sessions/<id>/files/<file_id>`,
+   * what the transport stores for an attachment) point: the absolute URL on this base URL
+   * (default: the client's URL), or `null` to keep the stored paths.
+   */
+  fileBaseUrl?: string | null;
 }
 
 export interface LoadChatPageOptions extends LoadChatMessagesOptions {
@@ -45,6 +51,10 @@ function clientFor(options: LoadChatMessagesOptions): FleetLMClient {
   return options.client ?? new FleetLMClient({ url: options.url ?? "", userId: options.userId, token: options.token, fetch: options.fetch });
 }
 
+function fileBaseUrl(options: LoadChatMessagesOptions, client: FleetLMClient): string | undefined {
+  return options.fileBaseUrl === null ? undefined : (options.fileBaseUrl ?? client.url);
+}
+
 async function sessionUser(client: FleetLMClient, chatId: string): Promise<string | null> {
   try {
     return (await client.getSession(chatId)).user_id;
@@ -67,7 +77,7 @@ export async function loadChatMessages<UI_MESSAGE extends UIMessage = UIMessage>
   const userId = await sessionUser(client, options.chatId);
   if (userId === null) return [];
   const history = await client.rest.getAllMessages(options.chatId);
-  return historyToUIMessages<UI_MESSAGE>(history, { userId }).messages;
+  return historyToUIMessages<UI_MESSAGE>(history, { userId, fileBaseUrl: fileBaseUrl(options, client) }).messages;
 }
 
 const CURSOR = /^s([1-9][0-9]*)$/;
@@ -105,7 +115,7 @@ export async function loadChatPage<UI_MESSAGE extends UIMessage = UIMessage>(
     next = page.has_more && page.messages.length ? page.next_before_seq : null;
     const start = historyPageStart(window, { userId, limit, complete: next === null });
     if (start < 0) continue;
-    const messages = historyToUIMessages<UI_MESSAGE>(window.slice(start), { userId }).messages;
+    const messages = historyToUIMessages<UI_MESSAGE>(window.slice(start), { userId, fileBaseUrl: fileBaseUrl(options, client) }).messages;
     const older = start > 0 || next !== null;
     return { messages, before: older && window.length ? `s${window[start].seq}` : null };
   }

@@ -39,6 +39,30 @@ export const CLIENT_TOOL_STATES = new Set(["output-available", "output-error", "
 export interface HistoryOptions {
   /** The session's user: messages from anyone else that are not `assistant` replies are the agent's. */
   userId: string;
+  /**
+   * The server's base URL: a file part naming a file uploaded to FleetLM by its path
+   * (`/api/sessions/<id>/files/<file_id>`) gets the absolute URL on it (`fileUrl`). Without it,
+   * parts keep the stored path. `loadChatMessages`, `loadChatPage`, the transport's
+   * `loadMessages` and `syncChat` pass their client's URL.
+   */
+  fileBaseUrl?: string;
+}
+
+/** A FleetLM file path as a stored file part names it: `/api/sessions/<id>/files/<file_id>`. */
+const FILE_PATH = /^\/api\/sessions\/[^/?#]+\/files\/[^/?#]+$/;
+
+/** Whether `url` is the path of a file uploaded to a FleetLM session (`/api/sessions/<id>/files/<file_id>`). */
+export function isFleetLMFilePath(url: unknown): url is string {
+  return typeof url === "string" && FILE_PATH.test(url);
+}
+
+/**
+ * The part with the absolute URL of the FleetLM file it names by path (on `fileBaseUrl`, the
+ * server's base URL); any other part as it is.
+ */
+export function fileUrl<PART>(part: PART, fileBaseUrl: string | undefined): PART {
+  if (!fileBaseUrl || !isObject(part) || part.type !== "file" || !isFleetLMFilePath(part.url)) return part;
+  return { ...part, url: `${fileBaseUrl.replace(/\/+$/, "")}${part.url}` };
 }
 
 /** Where each UI message of a converted history came from. */
@@ -198,7 +222,9 @@ export function historyToUIMessages<UI_MESSAGE extends UIMessage = UIMessage>(
     sources.set(entry.id, [...entry.segments.map((g) => g.message), ...entry.toolResults]);
     // From the newest whole copy on (the segments a `regenerate` dropped are gone already).
     const from = Math.max(0, entry.segments.map((g) => g.whole).lastIndexOf(true));
-    const ui: UIMessage = { id: entry.id, role: entry.role, parts: joinSegments(entry.segments.slice(from).map((g) => g.parts)) };
+    let parts = joinSegments(entry.segments.slice(from).map((g) => g.parts));
+    if (options.fileBaseUrl) parts = parts.map((part) => fileUrl(part, options.fileBaseUrl));
+    const ui: UIMessage = { id: entry.id, role: entry.role, parts };
     const metadata = entry.segments.reduce<unknown>(
       (merged, g) => (g.metadata === undefined ? merged : { ...(merged as object | undefined), ...(g.metadata as object) }),
       undefined,

@@ -171,7 +171,7 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
       next[index] = { ...target, parts } as UI_MESSAGE;
       return next;
     }
-    const [ui] = historyToUIMessages<UI_MESSAGE>([message], { userId: userId! }).messages;
+    const [ui] = historyToUIMessages<UI_MESSAGE>([message], { userId: userId!, fileBaseUrl: transport.client.url }).messages;
     if (!ui) return messages;
     const existing = messages.findIndex((m) => m.id === ui.id);
     if (existing >= 0) {
@@ -266,7 +266,7 @@ export function syncChat<UI_MESSAGE extends UIMessage>(
     userId = history.userId;
     const newest = history.messages.length ? history.messages[history.messages.length - 1].seq : 0;
     const live = pending.splice(0).filter((m) => m.seq > newest);
-    const converted = historyToUIMessages<UI_MESSAGE>(history.messages, { userId }).messages;
+    const converted = historyToUIMessages<UI_MESSAGE>(history.messages, { userId, fileBaseUrl: transport.client.url }).messages;
     const catchUp = () => {
       if (stopped) return;
       if (!IDLE.has(chat.status)) {

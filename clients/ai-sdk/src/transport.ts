@@ -11,6 +11,7 @@ import {
   type UIMessageChunk as FleetChunk,
 } from "@fleetlm/client";
 import type { ChatTransport, UIMessage, UIMessageChunk } from "ai";
+import { UploadCache, uploadFileParts } from "./files.js";
 import { CLIENT_TOOL_STATES, FLEETLM_REQUEST_KEY, historyToUIMessages } from "./messages.js";
 
 export interface FleetLMChatTransportOptions {
@@ -27,6 +28,12 @@ export interface FleetLMChatTransportOptions {
   agentId?: string;
   /** Metadata of sessions this transport creates. */
   sessionMetadata?: JsonObject;
+  /**
+   * Upload the bytes of a sent message's file parts (`data:` and `blob:` URLs) to the session
+   * and store the server's path in the part (default true). `false` stores the parts as they
+   * are (inline, within FleetLM's 256 KiB message limit): for servers without file uploads.
+   */
+  uploadFiles?: boolean;
   /** Cancel the turn on the server when the chat aborts (`stop()`). Default true. */
   cancelOnAbort?: boolean;
   /** How long `reconnectToStream` waits for the snapshot the join promised (ms, default 5000). */
@@ -140,6 +147,8 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
   /** How many users each chat has now (streams, syncs): a chat in use is never left. */
   readonly #pins = new Map<string, number>();
   readonly #maxOpen: number;
+  /** The files uploaded for messages' file parts (a retried send names the same ones). */
+  readonly #uploads = new UploadCache();
   /** `onResume` listeners per chat id. */
   readonly #resumeListeners = new Map<string, Set<(reply: ResumedReply) => void>>();
 
@@ -442,7 +451,14 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
       const content = { message_id: last.id, parts } as unknown as JsonObject;
       send = { kind: "tool_result", content, clientId: clientId("tr-", hash(JSON.stringify(content))) };
     } else if (last?.role === "user") {
-      const content: JsonObject = { text: textOf(last), id: last.id, parts: last.parts as unknown as JsonObject[] };
+      // Attached files (data: and blob: URLs) are uploaded to the session first: the stored part
+      // names the server's path, not the bytes (docs/CLIENTS.md, "Attachments").
+      let parts: unknown[] = last.parts;
+      if (this.#options.uploadFiles !== false) {
+        parts = await uploadFileParts(this.client, chatId, last.parts, { signal: abortSignal ?? undefined, cache: this.#uploads });
+        abortSignal?.throwIfAborted();
+      }
+      const content: JsonObject = { text: textOf(last), id: last.id, parts: parts as JsonObject[] };
       send = { kind: "text", content, clientId: clientId("", last.id) };
       if (last.metadata !== undefined && last.metadata !== null) send.metadata = last.metadata as JsonObject;
     } else {
@@ -620,7 +636,7 @@ export class FleetLMChatTransport<UI_MESSAGE extends UIMessage = UIMessage> impl
   async loadMessages(chatId: string): Promise<UI_MESSAGE[]> {
     const history = await this.history(chatId);
     if (!history) return [];
-    return historyToUIMessages<UI_MESSAGE>(history.messages, { userId: history.userId }).messages;
+    return historyToUIMessages<UI_MESSAGE>(history.messages, { userId: history.userId, fileBaseUrl: this.client.url }).messages;
   }
 
   /** Cancels the chat's turn in flight on the server (what `stop()` does through the abort signal). */

@@ -3,7 +3,7 @@ import { Socket } from "phoenix";
 import { jitteredBackoff, retryDelayMs } from "./backoff.js";
 import { FleetLMError, RestClient, resolveToken, type TokenProvider } from "./rest.js";
 import { SessionSubscription, type SubscribeOptions } from "./session.js";
-import type { InboxEntry, JsonObject, Message, NewMessage, Session } from "./types.js";
+import type { InboxEntry, JsonObject, Message, NewMessage, Session, SessionFile } from "./types.js";
 
 export interface FleetLMClientOptions {
   /** The server's base URL, e.g. `http://127.0.0.1:4000` (the socket is at `/socket`). */
@@ -327,6 +327,37 @@ export class FleetLMClient {
 
   async sendMessage(sessionId: string, message: NewMessage): Promise<Message & { deduplicated?: boolean }> {
     return this.rest.appendMessage(sessionId, { userId: await this.#identity() }, message);
+  }
+
+  /**
+   * Uploads a file to the session and returns the server's file object; put its `url` in a
+   * message's file part (see `RestClient.uploadFile`).
+   */
+  uploadFile(
+    sessionId: string,
+    file: Blob | ArrayBuffer | ArrayBufferView,
+    options: { mediaType?: string; filename?: string; signal?: AbortSignal } = {},
+  ): Promise<SessionFile> {
+    return this.rest.uploadFile(sessionId, file, options);
+  }
+
+  /** A file's absolute URL on this server (a path is taken relative to the base URL). */
+  fileUrl(url: string | { url: string }): string {
+    return this.rest.fileUrl(url);
+  }
+
+  /** A file's bytes, fetched with this client's token when the URL is on this server. */
+  getFile(url: string | { url: string }, options: { signal?: AbortSignal } = {}): Promise<Blob> {
+    return this.rest.getFile(url, options);
+  }
+
+  /**
+   * `getFile` as an object URL (`blob:…`) for an `<img src>` or a link in token mode, where the
+   * browser cannot send the bearer token itself. Call `URL.revokeObjectURL` on it when it is no
+   * longer shown.
+   */
+  async fileObjectUrl(url: string | { url: string }, options: { signal?: AbortSignal } = {}): Promise<string> {
+    return URL.createObjectURL(await this.rest.getFile(url, options));
   }
 
   async markRead(sessionId: string, lastSeq: number): Promise<{ read_seq: number }> {

@@ -7,6 +7,7 @@ import type {
   NewMessage,
   SendResult,
   Session,
+  SessionFile,
 } from "./types.js";
 
 /** An error answered by FleetLM (REST or socket), or a transport failure (`code: "network"`). */
@@ -66,37 +67,108 @@ export class RestClient {
 
   /** Any call: returns the parsed JSON body, throws FleetLMError on a non-2xx answer. */
   async request<T>(method: string, path: string, body?: unknown, signal?: AbortSignal): Promise<T> {
-    const headers: Record<string, string> = { accept: "application/json" };
-    if (body !== undefined) headers["content-type"] = "application/json";
-    const token = await resolveToken(this.#token);
-    if (token) headers.authorization = `Bearer ${token}`;
+    const response = await this.#call(`${this.url}${path}`, {
+      method,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      contentType: body === undefined ? undefined : "application/json",
+      signal,
+    });
+    return (await readJson(response)) as T;
+  }
+
+  /**
+   * Sends a request with the token (when `withToken`) and turns a non-2xx answer into a
+   * FleetLMError; resolves with the (2xx) response, its body unread.
+   */
+  async #call(
+    url: string,
+    options: { method: string; body?: BodyInit; contentType?: string; accept?: string; signal?: AbortSignal; withToken?: boolean },
+  ): Promise<Response> {
+    const headers: Record<string, string> = { accept: options.accept ?? "application/json" };
+    if (options.contentType !== undefined) headers["content-type"] = options.contentType;
+    if (options.withToken !== false) {
+      const token = await resolveToken(this.#token);
+      if (token) headers.authorization = `Bearer ${token}`;
+    }
     let response: Response;
     try {
-      response = await this.#fetch(`${this.url}${path}`, {
-        method,
-        headers,
-        body: body === undefined ? undefined : JSON.stringify(body),
-        signal,
-      });
+      response = await this.#fetch(url, { method: options.method, headers, body: options.body, signal: options.signal });
     } catch (error) {
       if ((error as Error)?.name === "AbortError") throw error;
       throw new FleetLMError(`FleetLM is unreachable: ${(error as Error)?.message ?? error}`, "network");
     }
-    const text = await response.text();
-    let json: any = null;
-    if (text) {
-      try {
-        json = JSON.parse(text);
-      } catch {
-        json = text;
-      }
-    }
     if (!response.ok) {
+      const json: any = await readJson(response);
       const message = typeof json?.error === "string" ? json.error : `HTTP ${response.status}`;
       const code = typeof json?.code === "string" ? json.code : `http_${response.status}`;
       throw new FleetLMError(message, code, response.status, json, retryAfterHeaderMs(response.headers.get("retry-after")));
     }
-    return json as T;
+    return response;
+  }
+
+  /**
+   * Uploads a file to the session (`POST /api/sessions/:id/files`, docs/API.md) and returns the
+   * server's file object. Its `url` (the path `/api/sessions/<id>/files/<file_id>`) is what a
+   * message's file part names: `{"type": "file", "mediaType", "url": file.url}`; the agent gets
+   * such a part as an absolute signed URL. The media type is `mediaType`, else the Blob's own
+   * `type`, else `application/octet-stream`; the filename is `filename`, else a `File`'s `name`.
+   * Errors are FleetLMErrors: `file_too_large` (413, over the server's `max_file_bytes`, 25 MiB
+   * by default), `invalid_file` (422: empty, a media type that is not `type/subtype`, a bad
+   * filename), `session_not_found`, `session_archived`, `forbidden`.
+   */
+  async uploadFile(
+    sessionId: string,
+    file: Blob | ArrayBuffer | ArrayBufferView,
+    options: { mediaType?: string; filename?: string; signal?: AbortSignal } = {},
+  ): Promise<SessionFile> {
+    const isBlob = typeof Blob !== "undefined" && file instanceof Blob;
+    const mediaType = options.mediaType || (isBlob && (file as Blob).type) || "application/octet-stream";
+    const named = (file as { name?: unknown }).name;
+    const filename = options.filename ?? (isBlob && typeof named === "string" && named !== "" ? named : undefined);
+    const query = filename === undefined ? "" : `?${new URLSearchParams({ filename })}`;
+    let body: BodyInit;
+    if (isBlob || file instanceof ArrayBuffer) body = file as Blob | ArrayBuffer;
+    else if (ArrayBuffer.isView(file)) body = new Uint8Array(file.buffer, file.byteOffset, file.byteLength) as unknown as BodyInit;
+    else throw new TypeError("uploadFile takes a Blob, an ArrayBuffer or a typed array");
+    const response = await this.#call(`${this.url}/api/sessions/${enc(sessionId)}/files${query}`, {
+      method: "POST",
+      body,
+      contentType: mediaType,
+      signal: options.signal,
+    });
+    return ((await readJson(response)) as { file: SessionFile }).file;
+  }
+
+  /**
+   * The absolute URL of a file on this server: a path (a file's `url`, a stored file part's
+   * `url`) is taken relative to the base URL; an absolute URL is returned as it is.
+   */
+  fileUrl(url: string | { url: string }): string {
+    const target = typeof url === "string" ? url : url.url;
+    return target.startsWith("/") && !target.startsWith("//") ? `${this.url}${target}` : target;
+  }
+
+  /**
+   * A file's bytes as a Blob (typed with its media type): `url` is a file's path or its absolute
+   * URL (see `fileUrl`). The token goes with the request only when the URL is on this server
+   * (its base URL); any other URL is fetched without it. For an `<img>` in token mode (which
+   * cannot send a bearer token): `URL.createObjectURL(await client.getFile(part.url))`, or
+   * `fileObjectUrl`. Errors: FleetLMError (`file_not_found`, `forbidden`, …).
+   */
+  async getFile(url: string | { url: string }, options: { signal?: AbortSignal } = {}): Promise<Blob> {
+    const absolute = this.fileUrl(url);
+    const response = await this.#call(absolute, {
+      method: "GET",
+      accept: "*/*",
+      signal: options.signal,
+      withToken: this.isOwnUrl(absolute),
+    });
+    return response.blob();
+  }
+
+  /** Whether `url` (absolute) is on this server: its base URL followed by a path. */
+  isOwnUrl(url: string): boolean {
+    return url === this.url || url.startsWith(`${this.url}/`);
   }
 
   async createSession(options: {
@@ -216,6 +288,17 @@ export class RestClient {
   async regenerate(sessionId: string, options: { messageId?: string } = {}): Promise<SendResult> {
     const body = options.messageId === undefined ? {} : { message_id: options.messageId };
     return this.request("POST", `/api/sessions/${enc(sessionId)}/regenerate`, body);
+  }
+}
+
+/** The body parsed as JSON (its text if it is not JSON, null if empty). */
+async function readJson(response: Response): Promise<unknown> {
+  const text = await response.text();
+  if (!text) return null;
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
   }
 }
 

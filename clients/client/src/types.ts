@@ -15,6 +15,22 @@ export interface Message {
   inserted_at: string;
 }
 
+/**
+ * A file uploaded to a session (`POST /api/sessions/:id/files`, docs/API.md). `url` is the path
+ * `/api/sessions/<session_id>/files/<id>`: what a message's file part names.
+ */
+export interface SessionFile {
+  id: string;
+  session_id: string;
+  media_type: string;
+  filename?: string | null;
+  size: number;
+  /** The SHA-256 of the bytes, hex. */
+  sha256: string;
+  inserted_at: string;
+  url: string;
+}
+
 /** The agent's status as pushed to the session's members. */
 export interface AgentStatus {
   status: "queued" | "dispatching" | "streaming" | "idle" | "failed" | "cancelled" | (string & {});
