@@ -62,7 +62,7 @@ pub struct Settings {
     /// Largest HTTP request body. [default: 1MiB]
     #[arg(long, env = "FLEETLM_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<ByteSize>,
-    /// Largest file a session's participant may upload (`POST /api/sessions/:id/files`). [default: 25MiB]
+    /// Largest file a session's participant may upload (`POST /api/sessions/:id/files`; at most 512MiB). [default: 25MiB]
     #[arg(long, env = "FLEETLM_MAX_FILE_BYTES")]
     pub max_file_bytes: Option<ByteSize>,
     /// The base URL agents reach this server at (e.g. `https://chat.example.com`): the file parts
@@ -470,8 +470,10 @@ impl Settings {
             ));
         }
         let max_file_bytes = self.max_file_bytes.map_or(25 * 1024 * 1024, ByteSize::get_usize);
-        if max_file_bytes == 0 || max_file_bytes > 1024 * 1024 * 1024 {
-            return Err(invalid("max_file_bytes", "must be positive and at most 1 GiB"));
+        // Below what either archive stores in one value (SQLite's blob limit and Postgres'
+        // bytea are both about 1 GB), with room for the 16 uploads a node takes at once.
+        if max_file_bytes == 0 || max_file_bytes > 512 * 1024 * 1024 {
+            return Err(invalid("max_file_bytes", "must be positive and at most 512 MiB"));
         }
         let public_url = match self.public_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
             None => None,

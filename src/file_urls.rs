@@ -69,7 +69,12 @@ pub struct FileAccess {
     public_url: std::sync::OnceLock<String>,
     /// Uploads being received (`MAX_CONCURRENT_UPLOADS`).
     pub uploads: tokio::sync::Semaphore,
+    /// Files being served (`MAX_CONCURRENT_DOWNLOADS`).
+    pub downloads: tokio::sync::Semaphore,
 }
+
+/// Files a node serves at once: each is read whole from the archive into memory.
+pub const MAX_CONCURRENT_DOWNLOADS: usize = 32;
 
 /// Uploads a node receives at once: each holds its whole body in memory until the archive took
 /// it, so this bounds that memory (16 × the 25 MiB default). Beyond it: 503 `overloaded`.
@@ -81,6 +86,7 @@ impl FileAccess {
             signer,
             public_url: std::sync::OnceLock::new(),
             uploads: tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS),
+            downloads: tokio::sync::Semaphore::new(MAX_CONCURRENT_DOWNLOADS),
         };
         if let Some(url) = public_url {
             let _ = access.public_url.set(url);
@@ -92,7 +98,11 @@ impl FileAccess {
     /// wildcard address as loopback, which reaches agents on the same host only).
     pub fn learn_bound_address(&self, address: std::net::SocketAddr) {
         let mut address = address;
-        if address.ip().is_unspecified() {
+        if address.ip().is_unspecified() && self.public_url.get().is_none() {
+            tracing::warn!(
+                %address,
+                "public_url is not set: file URLs given to agents point at loopback; set public_url if agents run elsewhere"
+            );
             address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         let _ = self.public_url.set(format!("http://{address}"));

@@ -21,6 +21,8 @@ use crate::auth::Caller;
 use crate::model::{SessionStatus, Timestamp};
 
 const MAX_FILENAME_CHARS: usize = 255;
+/// How long an upload's body may take to arrive (25 MiB at about 2 Mbit/s).
+const UPLOAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 const MAX_MEDIA_TYPE_CHARS: usize = 255;
 
 /// Media types a browser may show in place; anything else is served as a download, so an
@@ -79,9 +81,17 @@ pub async fn upload(
         error.retry_after_secs = Some(1);
         return Err(error);
     };
-    let content = axum::body::to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|_| too_large())?;
+    // A body that trickles in must not hold an upload slot for ever.
+    let content = match tokio::time::timeout(UPLOAD_DEADLINE, axum::body::to_bytes(request.into_body(), limit)).await {
+        Ok(read) => read.map_err(|_| too_large())?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_timeout",
+                format!("the file did not arrive within {} seconds", UPLOAD_DEADLINE.as_secs()),
+            ));
+        }
+    };
     if content.is_empty() {
         return Err(ApiError::unprocessable("invalid_file", "the file is empty"));
     }
@@ -136,6 +146,15 @@ pub async fn download(
             ));
         }
     }
+    let Ok(_permit) = state.files.downloads.try_acquire() else {
+        let mut error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many files being served at once; retry shortly",
+        );
+        error.retry_after_secs = Some(1);
+        return Err(error);
+    };
     let file = state
         .shards
         .archive()

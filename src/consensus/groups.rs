@@ -436,14 +436,15 @@ pub async fn keep_running(
         tracing::warn!(shard, %reason, retry_in = ?backoff, "a shard's consensus group stopped on an error here; it starts again from its durable log");
         metrics::counter!("fleetlm_consensus_group_restarts_total", "shard" => shard.to_string()).increment(1);
         groups.set_stopped(shard, format!("its consensus group stopped here: {reason}"));
-        let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, raft.shutdown()).await;
+        let shut_down = tokio::time::timeout(SHUTDOWN_TIMEOUT, raft.shutdown()).await.is_ok();
         let damage = settled.damage();
         // An append the stopped instance queued may still land: reopen the log only after.
         tokio::select! {
             () = settled.wait() => {}
             _ = stopping.wait_for(|stop| *stop) => return,
         }
-        if let Some(damage) = damage {
+        // Never cut a log under an instance that may still be running.
+        if let Some(damage) = damage.filter(|_| shut_down) {
             refetch_damaged_log(&groups, &parts, damage, &stopping).await;
         }
         loop {
@@ -477,9 +478,10 @@ pub async fn keep_running(
 
 /// The stopped group's log holds an entry it could not read back: if a second read fails too,
 /// the log is cut back before it and refetched from the other members (`refetch`), as a start
-/// would do, while the node serves its other shards. Until the group starts again refetching,
-/// it is stopped; if the procedure fails, the group starts on its log as it is (and stops on the
-/// same read, to try again).
+/// would do, while the node serves its other shards. Only while enough of the other voters can
+/// vote that the group still elects a leader without this member (two members cutting their logs
+/// at once must not leave a shard that can never elect). Otherwise, or if the second read
+/// succeeds, the group starts on its log as it is (and stops on the same read, to try again).
 async fn refetch_damaged_log(
     groups: &Arc<Groups>,
     parts: &GroupParts,
@@ -491,7 +493,7 @@ async fn refetch_damaged_log(
         let (wal, damage) = (parts.wal.clone(), damage.clone());
         tokio::task::spawn_blocking(move || super::refetch::damage_confirmed(&wal, shard, &damage))
             .await
-            .unwrap_or(true)
+            .unwrap_or(false)
     };
     if !confirmed {
         tracing::info!(
@@ -501,7 +503,20 @@ async fn refetch_damaged_log(
         );
         return;
     }
+    if !others_can_elect(groups, parts).await {
+        tracing::warn!(
+            shard,
+            index = damage.index,
+            "a damaged shard log is not cut back now: too few other members can vote; tried again at the next stop"
+        );
+        return;
+    }
     let mut epoch = groups.refetch_epoch(shard).lock().await;
+    // A new epoch before anything is written: an older refetch can no longer end this one.
+    *epoch += 1;
+    // From here on this member does not vote until its log holds again what it may have
+    // acknowledged, even if a step below fails (the next stop tries the procedure again).
+    groups.set_refetching(shard, true);
     let marker = match super::refetch::begin_at_runtime(&parts.wal, &parts.data_dir, shard, &damage).await {
         Ok(marker) => marker,
         Err(error) => {
@@ -509,9 +524,6 @@ async fn refetch_damaged_log(
             return;
         }
     };
-    *epoch += 1;
-    // Before the next instance starts: it must not stand or vote (see `refetch`).
-    groups.set_refetching(shard, true);
     metrics::counter!("fleetlm_replica_runtime_damage_total").increment(1);
     tokio::spawn(super::refetch::complete(
         super::refetch::Refetching {
@@ -526,6 +538,29 @@ async fn refetch_damaged_log(
         parts.node_id,
         stopping.clone(),
     ));
+}
+
+/// Whether the shard's other voters that answer as able to vote are a quorum of its voters.
+async fn others_can_elect(groups: &Groups, parts: &GroupParts) -> bool {
+    use openraft::type_config::async_runtime::WatchReceiver;
+    let voters: Vec<u64> = {
+        let raft = groups.get(parts.shard);
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow_watched();
+        metrics.membership_config.membership().voter_ids().collect()
+    };
+    let quorum = voters.len() / 2 + 1;
+    let answers = voters
+        .iter()
+        .filter(|voter| **voter != parts.node_id)
+        .filter_map(|voter| parts.network.peers.get(voter))
+        .map(|peer| super::network::ask_voting(peer, parts.shard, Duration::from_secs(2)));
+    let voting = futures_util::future::join_all(answers)
+        .await
+        .into_iter()
+        .filter(|voting| *voting)
+        .count();
+    voting >= quorum
 }
 
 enum StopReason {

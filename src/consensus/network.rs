@@ -59,6 +59,11 @@ pub enum PeerRequest {
     Beat {
         groups: Vec<BeatGroup>,
     },
+    /// Whether the callee's group of the shard runs and votes (asked by a member about to cut
+    /// its damaged log back and stop voting: see `refetch::begin_at_runtime`).
+    Voting {
+        shard: u16,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -103,6 +108,8 @@ pub enum RaftReply {
     Committed(Option<u64>),
     /// One answer per group of a `Beat`, in its order.
     Beat(Vec<BeatAnswer>),
+    /// The callee's group of the shard is running and not refetching (it can vote).
+    Voting(bool),
 }
 
 pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -190,6 +197,21 @@ pub async fn ask_committed(client: &PeerClient, shard: u16, timeout: Duration) -
     match rmp_serde::from_slice::<RaftReply>(&response) {
         Ok(RaftReply::Committed(committed)) => Ok(committed),
         _ => Err(PeerError::Disconnected(client.peer())),
+    }
+}
+
+/// Whether `client`'s node can vote in `shard`'s group now (false when it cannot tell, or does
+/// not answer within `timeout`).
+pub async fn ask_voting(client: &PeerClient, shard: u16, timeout: Duration) -> bool {
+    match client
+        .call(Lane::Control, encode(&PeerRequest::Voting { shard }), timeout)
+        .await
+    {
+        Ok(response) => matches!(
+            rmp_serde::from_slice::<RaftReply>(&response),
+            Ok(RaftReply::Voting(true))
+        ),
+        Err(_) => false,
     }
 }
 
@@ -552,6 +574,9 @@ impl PeerHandler for RaftService {
                 Ok(PeerRequest::Committed { shard }) => {
                     RaftReply::Committed(answer_committed(groups.as_deref(), shard))
                 }
+                Ok(PeerRequest::Voting { shard }) => RaftReply::Voting(groups.as_deref().is_some_and(|groups| {
+                    (shard as usize) < groups.len() && groups.stopped(shard).is_none() && !groups.refetching(shard)
+                })),
                 Ok(PeerRequest::Beat { groups: beat }) => match groups.as_deref() {
                     Some(groups) => RaftReply::Beat(beats::answer(groups, from, &beat)),
                     None => RaftReply::Failed("this node has no groups yet".into()),

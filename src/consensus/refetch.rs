@@ -143,11 +143,23 @@ pub async fn prepare(
             if let Some(must_reach) = markers.get(&shard).and_then(|marker| marker.must_reach) {
                 reached_before.insert(shard, must_reach);
             }
-            let marker = Marker {
+            let mut marker = Marker {
                 after: loss.after_index,
                 after_term: term_at(&wal, shard, loss.after_index)?,
                 must_reach: None,
             };
+            // An earlier refetch whose cut has not happened yet (a crash between accepting its
+            // loss and cutting) cuts lower: keep its cut, so the log is cut below both.
+            if let Some(earlier) = markers.get(&shard).filter(|earlier| {
+                earlier.after < marker.after
+                    && wal
+                        .accepted_losses(shard)
+                        .iter()
+                        .any(|loss| loss.after_index == earlier.after)
+            }) {
+                marker.after = earlier.after;
+                marker.after_term = earlier.after_term;
+            }
             if markers.get(&shard) != Some(&marker) {
                 record(data_dir, shard, &marker)?;
             }
@@ -208,9 +220,22 @@ pub fn damage_confirmed(wal: &Wal, shard: u16, damage: &wal::RangeFailure) -> bo
     };
     let read = wal.read_ranges_each(&[range]).pop().unwrap_or_default();
     match read.failure {
-        Some(failure) => !matches!(failure.error, wal::WalError::Closed),
-        None => read.entries.first().is_none_or(|(id, _)| id.index != damage.index),
+        // Damage: the disk cannot give it back, it fails its checksum, or its segment is gone.
+        Some(failure) => matches!(
+            failure.error,
+            wal::WalError::Io(_) | wal::WalError::Corrupt { .. } | wal::WalError::Missing { .. }
+        ),
+        // It reads now, or it is no longer in the log (cut by a conflict): nothing to refetch.
+        None => false,
     }
+}
+
+/// `record`, on a blocking thread (two fsyncs).
+async fn record_blocking(data_dir: &Path, shard: u16, marker: Marker) -> Result<(), String> {
+    let data_dir = data_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || record(&data_dir, shard, &marker))
+        .await
+        .map_err(|e| format!("cannot record the refetch of shard {shard}: {e}"))?
 }
 
 /// A member's shard log found damaged while the node runs (a durable entry it cannot read back,
@@ -232,8 +257,15 @@ pub async fn begin_at_runtime(
         after_term: term_at(wal, shard, after)?,
         must_reach: None,
     };
-    let before = markers(data_dir)?.get(&shard).and_then(|marker| marker.must_reach);
-    record(data_dir, shard, &marker)?;
+    let before = {
+        let data_dir = data_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || markers(&data_dir))
+            .await
+            .map_err(|e| format!("cannot read the refetch records: {e}"))??
+            .get(&shard)
+            .and_then(|marker| marker.must_reach)
+    };
+    record_blocking(data_dir, shard, marker).await?;
     let (lost_bytes, regions) = {
         let (wal, damage) = (wal.clone(), damage.clone());
         tokio::task::spawn_blocking(move || damaged_regions(&wal, shard, &damage))
@@ -245,7 +277,7 @@ pub async fn begin_at_runtime(
         .map_err(|e| format!("shard {shard}: cannot record the damage as refetched: {e}"))?;
     let highest = wal.last_log_id(shard).map_or(0, |id| id.index);
     marker.must_reach = Some(highest.max(after).max(before.unwrap_or(0)));
-    record(data_dir, shard, &marker)?;
+    record_blocking(data_dir, shard, marker).await?;
     wal.truncate_suffix(
         shard,
         wal::LogId {
@@ -380,7 +412,11 @@ pub async fn complete(
         shard,
         "a damaged shard log was refetched from the other members; this member votes in its group again"
     );
-    if let Err(error) = finish(&refetch.data_dir, shard) {
+    let data_dir = refetch.data_dir.clone();
+    let finished = tokio::task::spawn_blocking(move || finish(&data_dir, shard))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    if let Err(error) = finished {
         // The next start waits for the same positions again (nothing is cut twice).
         tracing::error!(shard, %error, "the record of a finished refetch could not be removed");
     }
