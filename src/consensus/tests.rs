@@ -1165,6 +1165,9 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
     for i in 20..320 {
         expected.insert(propose(&cluster, shard, payload(i)).await, payload(i));
     }
+    // The member that leads now is the one to damage (the leadership may have moved while the
+    // other member was down): it is the one that reads the entries back for it.
+    let leader = cluster.leader(shard).await;
     let damaged_index = *expected.keys().nth(40).unwrap();
     let (_, path, offset, len) = cluster
         .node(leader)
@@ -1188,7 +1191,7 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
     // back; many would let the leader's log move past a snapshot point, and the member would be
     // sent a snapshot instead of the damaged entries); the damaged member stops leading on the
     // read, and another member takes the writes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut i = 320;
     while !marker.exists() {
         assert!(
