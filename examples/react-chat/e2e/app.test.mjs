@@ -1,12 +1,13 @@
 // The example app in a real browser (Debian's Chromium via playwright-core): useChat +
 // FleetLMChatTransport + useFleetLMChat against a real fleetlm (FLEETLM_BIN) and the example echo
-// agent. Send, reload mid-reply (resume), two tabs in sync, stop.
+// agent. Send, reload mid-reply (resume), two tabs in sync, stop, an image attachment.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { createServer as createNetServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { deflateSync } from "node:zlib";
 import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -217,6 +218,103 @@ test("stop cancels the reply on the server", { timeout: 120000 }, async (t) => {
   assert.equal(last.kind, "assistant");
   assert.equal(last.metadata.termination, "abort");
   assert.equal(await status(page), "status: ready");
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+// A valid PNG of noise (so deflate cannot shrink it): width × height RGBA, about 4·w·h bytes.
+function noisePng(width, height) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc32 = (bytes) => {
+    let c = 0xffffffff;
+    for (const b of bytes) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8);
+    return (c ^ 0xffffffff) >>> 0;
+  };
+  const chunk = (type, data) => {
+    const out = Buffer.alloc(12 + data.length);
+    out.writeUInt32BE(data.length, 0);
+    out.write(type, 4, "ascii");
+    data.copy(out, 8);
+    out.writeUInt32BE(crc32(out.subarray(4, 8 + data.length)), 8 + data.length);
+    return out;
+  };
+  const header = Buffer.alloc(13);
+  header.writeUInt32BE(width, 0);
+  header.writeUInt32BE(height, 4);
+  header[8] = 8; // bit depth
+  header[9] = 6; // RGBA
+  const raw = Buffer.alloc((width * 4 + 1) * height);
+  let seed = 0x2545f491;
+  for (let y = 0; y < height; y++) {
+    raw[y * (width * 4 + 1)] = 0; // filter: none
+    for (let x = 0; x < width * 4; x++) {
+      seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+      raw[y * (width * 4 + 1) + 1 + x] = (x & 3) === 3 ? 255 : seed >>> 24;
+    }
+  }
+  return Buffer.concat([
+    Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
+    chunk("IHDR", header),
+    chunk("IDAT", deflateSync(raw, { level: 9 })),
+    chunk("IEND", Buffer.alloc(0)),
+  ]);
+}
+
+// The shown images of the chat's messages that loaded: [{src, width}].
+const loadedImages = (page) =>
+  page.$$eval("[data-testid=messages] li img", (images) =>
+    images.filter((img) => img.complete && img.naturalWidth > 0).map((img) => ({ src: img.src, width: img.naturalWidth })),
+  );
+
+test("an image attachment: uploaded, stored by its server path, shown again after a reload", { timeout: 120000 }, async () => {
+  const png = noisePng(180, 180);
+  assert.ok(png.length >= 100 * 1024, `the PNG is ${png.length} bytes`);
+  const chatId = `e2e-file-${Date.now()}`;
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const errors = [];
+  page.on("pageerror", (error) => errors.push(error.message));
+  await page.goto(`${appUrl}#chat=${chatId}`);
+  await page.waitForSelector("input");
+  await page.waitForFunction(() => document.querySelector("[data-testid=status]")?.textContent === "status: ready");
+
+  // Attach and send: the message shows the image, the agent answers the text.
+  await page.setInputFiles("[data-testid=attach]", { name: "noise.png", mimeType: "image/png", buffer: png });
+  await send(page, "what is this?");
+  await waitForBubbles(page, (b) => b.length === 2 && b[1].text === "echo: what is this?", "the reply");
+  await page.waitForFunction(() => document.querySelectorAll("[data-testid=messages] li img").length === 1);
+  await page.waitForFunction(() => [...document.querySelectorAll("[data-testid=messages] li img")].some((img) => img.complete && img.naturalWidth > 0));
+  assert.equal((await loadedImages(page))[0].width, 180);
+  assert.equal(await page.$eval("[data-testid=attach]", (input) => input.files.length), 0, "the file input is cleared after sending");
+
+  // The stored message names the upload by its server path; no bytes in the log.
+  const log = (await api("GET", `/api/sessions/${chatId}/messages?limit=100`)).body.messages;
+  assert.ok(!JSON.stringify(log).includes("data:"), "no data: URL in the stored messages");
+  const sent = log.find((m) => m.kind === "text");
+  assert.equal(sent.content.text, "what is this?");
+  const fileParts = sent.content.parts.filter((part) => part.type === "file");
+  assert.equal(fileParts.length, 1);
+  const [part] = fileParts;
+  assert.equal(part.mediaType, "image/png");
+  assert.equal(part.filename, "noise.png");
+  assert.match(part.url, new RegExp(`^/api/sessions/${chatId}/files/[^/]+$`));
+  const stored = await fetch(`${fleetlm}${part.url}`);
+  assert.equal(stored.status, 200);
+  assert.ok(Buffer.from(await stored.arrayBuffer()).equals(png), "the server holds the same bytes");
+
+  // After a reload the image comes from the history: the file's URL on the server, and it loads.
+  await page.reload();
+  await waitForBubbles(page, (b) => b.length === 2 && b[1].text === "echo: what is this?", "the history");
+  await page.waitForFunction(() => [...document.querySelectorAll("[data-testid=messages] li img")].some((img) => img.complete && img.naturalWidth > 0));
+  const shown = await loadedImages(page);
+  assert.equal(shown.length, 1);
+  assert.equal(shown[0].src, `${fleetlm}${part.url}`);
+  assert.equal(shown[0].width, 180);
+
   assert.deepEqual(errors, []);
   await context.close();
 });

@@ -1,10 +1,11 @@
 // useChat + FleetLMChatTransport: the chat id in the URL is the FleetLM session id. Reload the
 // page mid-reply and it resumes; Stop cancels the agent's turn on the server; a second tab on the
-// same URL stays in sync.
+// same URL stays in sync. Attach an image (or any file): the transport uploads it to the session
+// and stores the server's path in the message; the page shows it from the history after a reload.
 import { FleetLMChatTransport, loadChatMessages } from "@fleetlm/ai-sdk";
 import { useFleetLMChat } from "@fleetlm/ai-sdk/react";
-import type { UIMessage } from "ai";
-import { useEffect, useMemo, useState, type FormEvent } from "react";
+import type { FileUIPart, UIMessage } from "ai";
+import { useEffect, useMemo, useRef, useState, type FormEvent } from "react";
 
 const params = new URLSearchParams(location.search);
 // The FleetLM server (the Vite dev server proxies nothing: the browser talks to FleetLM directly).
@@ -43,12 +44,17 @@ function Chat({ chatId, transport, initial }: { chatId: string; transport: Fleet
     messages: initial,
   });
   const [input, setInput] = useState("");
+  const [files, setFiles] = useState<FileList | undefined>(undefined);
+  const fileInput = useRef<HTMLInputElement>(null);
   const busy = status === "submitted" || status === "streaming";
   const submit = (event: FormEvent) => {
     event.preventDefault();
-    if (!input.trim() || busy) return;
-    void sendMessage({ text: input });
+    if ((!input.trim() && !files?.length) || busy) return;
+    // The AI SDK reads a FileList into file parts (data: URLs); the transport uploads them.
+    void sendMessage(input.trim() ? { text: input, files } : { files: files! });
     setInput("");
+    setFiles(undefined);
+    if (fileInput.current) fileInput.current.value = "";
   };
   return (
     <main>
@@ -65,6 +71,7 @@ function Chat({ chatId, transport, initial }: { chatId: string; transport: Fleet
             {message.parts.map((part, i) => {
               if (part.type === "text") return <span key={i} className="text">{part.text}</span>;
               if (part.type === "reasoning") return <em key={i} className="reasoning">{part.text}</em>;
+              if (part.type === "file") return <Attachment key={i} part={part} />;
               if (part.type.startsWith("tool-") && "state" in part) {
                 const tool = part as any;
                 return (
@@ -88,6 +95,15 @@ function Chat({ chatId, transport, initial }: { chatId: string; transport: Fleet
       {error && <p className="error">{error.message}</p>}
       <form onSubmit={submit}>
         <input value={input} onChange={(e) => setInput(e.target.value)} placeholder="Say something…" autoFocus />
+        <input
+          ref={fileInput}
+          type="file"
+          accept="image/*"
+          multiple
+          aria-label="Attach images"
+          data-testid="attach"
+          onChange={(e) => setFiles(e.target.files?.length ? e.target.files : undefined)}
+        />
         {busy ? (
           <button type="button" onClick={() => void stop()}>
             Stop
@@ -101,5 +117,21 @@ function Chat({ chatId, transport, initial }: { chatId: string; transport: Fleet
       </form>
       <p className="muted" data-testid="status">status: {status}</p>
     </main>
+  );
+}
+
+// A file part: the sender's own copy holds a data: URL; from the history (a reload, another tab)
+// it is the file's absolute URL on the FleetLM server. This app runs in open mode, where that URL
+// works as it is in <img src> and links. In token mode a file needs the bearer token: show
+// `await transport.client.fileObjectUrl(part.url)` instead (docs/CLIENTS.md, "Showing files
+// from history").
+function Attachment({ part }: { part: FileUIPart }) {
+  if (part.mediaType.startsWith("image/")) {
+    return <img className="attachment" src={part.url} alt={part.filename ?? "image"} data-testid="attachment" />;
+  }
+  return (
+    <a className="attachment" href={part.url} target="_blank" rel="noreferrer" download={part.filename}>
+      {part.filename ?? "file"}
+    </a>
   );
 }
