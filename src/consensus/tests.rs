@@ -1198,6 +1198,13 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
             tokio::time::Instant::now() < deadline,
             "the damaged member never began refetching"
         );
+        // An election (a loaded machine delays heartbeats) may have moved the leadership to the
+        // intact member, which then serves the returning one from its own log: hand it back (the
+        // transfer goes to the most up-to-date follower, the damaged member, not the one behind).
+        let now = cluster.leader(shard).await;
+        if now != leader {
+            cluster.node(now).consensus.transfer_leadership(shard).await;
+        }
         expected.insert(propose_through_failures(&cluster, shard, payload(i)).await, payload(i));
         i += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
