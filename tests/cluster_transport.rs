@@ -123,6 +123,10 @@ async fn a_history_of_large_messages_reads_through_a_follower_without_an_electio
             ]
             .map(String::from)
             .to_vec(),
+            // The production default, not the suite's shorter one: what this checks is that
+            // heartbeats never wait behind pages (a wait of seconds), not how three nodes
+            // sharing two busy cores keep a 300 ms timer (CI saw one election in a run so).
+            election_timeout_ms: 500,
             ..ClusterOptions::default()
         };
         let cluster = Cluster::start(3, options).await;
