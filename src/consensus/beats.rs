@@ -120,6 +120,7 @@ impl Beating {
         if metrics.state != ServerState::Leader
             || metrics.current_leader != Some(self.node_id)
             || metrics.running_state.is_err()
+            || self.leases.handed_off_in(shard, metrics.vote.leader_id().term)
         {
             return None;
         }

@@ -85,6 +85,11 @@ struct Slot {
     beat_ms: AtomicU64,
     /// Whether the running instance's election timer is on, as last set.
     electing: AtomicBool,
+    /// This member does not stand for election for the shard (it still votes): set on a node
+    /// that handed its leaderships over before it stops (`Groups::stand_down`).
+    standing_down: AtomicBool,
+    /// Bumped to ask the group's keeper to restart the running instance (`Groups::restart`).
+    restarts_asked: watch::Sender<u64>,
     /// Counts the refetches of the shard's log begun on this node since start (see `refetch`):
     /// held while one begins or ends, so an older one never ends a newer one.
     refetch_epoch: tokio::sync::Mutex<u64>,
@@ -162,6 +167,8 @@ impl Groups {
                     leader_committed: AtomicU64::new(u64::MAX),
                     beat_ms: AtomicU64::new(u64::MAX),
                     electing: AtomicBool::new(true),
+                    standing_down: AtomicBool::new(false),
+                    restarts_asked: watch::channel(0).0,
                     refetch_epoch: tokio::sync::Mutex::new(0),
                 })
                 .collect(),
@@ -239,6 +246,27 @@ impl Groups {
         if slot.copy_current.swap(current, Ordering::AcqRel) != current {
             let raft = slot.raft.read().expect("group lock");
             self.apply_standing(slot, &raft, false);
+        }
+    }
+
+    /// Whether this member stands for election for the shard (`false`: it stands down, as a
+    /// node that handed its leaderships over before it stops). It still votes either way.
+    pub fn stand_down(&self, shard: u16, down: bool) {
+        let Some(slot) = self.slots.get(shard as usize) else {
+            return;
+        };
+        if slot.standing_down.swap(down, Ordering::AcqRel) != down {
+            let raft = slot.raft.read().expect("group lock");
+            self.apply_standing(slot, &raft, false);
+        }
+    }
+
+    /// Asks the shard's keeper to restart its running instance over the same log (see
+    /// `restart_if_transfer_stalls`): the new instance starts as a follower and campaigns like
+    /// any other member.
+    pub fn restart(&self, shard: u16) {
+        if let Some(slot) = self.slots.get(shard as usize) {
+            slot.restarts_asked.send_modify(|asked| *asked += 1);
         }
     }
 
@@ -366,7 +394,7 @@ impl Groups {
     }
 
     /// Turns each group's election timer on or off as its standing now says: off while the
-    /// log is refetched; off while this node's copy of the state is not current and a leader
+    /// log is refetched or the member stands down; off while this node's copy of the state is not current and a leader
     /// was heard from within `STAND_BACK`; on otherwise.
     pub fn refresh_standing(&self) {
         for slot in &self.slots {
@@ -381,6 +409,7 @@ impl Groups {
         let heard_ago =
             (self.started.elapsed().as_millis() as u64).saturating_sub(slot.leader_contact_ms.load(Ordering::Acquire));
         let stands = !slot.refetching.load(Ordering::Acquire)
+            && !slot.standing_down.load(Ordering::Acquire)
             && (slot.copy_current.load(Ordering::Acquire) || heard_ago >= STAND_BACK.as_millis() as u64);
         if slot.electing.swap(stands, Ordering::AcqRel) != stands || force {
             raft.runtime_config().elect(stands);
@@ -415,27 +444,43 @@ pub async fn keep_running(
     let shard = parts.shard;
     let mut backoff = FIRST_BACKOFF;
     let mut started = Instant::now();
+    let mut restarts_asked = groups.slots[shard as usize].restarts_asked.subscribe();
     loop {
         let raft = groups.get(shard);
+        restarts_asked.mark_unchanged();
         let reason = tokio::select! {
             reason = failure(&raft) => reason,
+            Ok(()) = restarts_asked.changed() => Some(StopReason::Asked),
             _ = stopping.wait_for(|stop| *stop) => return,
         };
-        let reason = match reason {
+        let failed = match reason {
             // Shut down on purpose (a node that refuses to take part stops its groups).
             Some(StopReason::ShutDown) => return,
-            Some(StopReason::Failed(reason)) => reason,
+            Some(StopReason::Failed(reason)) => Some(reason),
+            Some(StopReason::Asked) => None,
             // Shut down by this node (which sets `stopping` first).
             None if *stopping.borrow() => return,
             // Its core ended without saying why (a panic in it).
-            None => "its core ended unexpectedly".to_string(),
+            None => Some("its core ended unexpectedly".to_string()),
         };
         if started.elapsed() >= HEALTHY_AFTER {
             backoff = FIRST_BACKOFF;
         }
-        tracing::warn!(shard, %reason, retry_in = ?backoff, "a shard's consensus group stopped on an error here; it starts again from its durable log");
-        metrics::counter!("fleetlm_consensus_group_restarts_total", "shard" => shard.to_string()).increment(1);
-        groups.set_stopped(shard, format!("its consensus group stopped here: {reason}"));
+        match &failed {
+            Some(reason) => {
+                tracing::warn!(shard, %reason, retry_in = ?backoff, "a shard's consensus group stopped on an error here; it starts again from its durable log");
+                metrics::counter!("fleetlm_consensus_group_restarts_total", "shard" => shard.to_string()).increment(1);
+                groups.set_stopped(shard, format!("its consensus group stopped here: {reason}"));
+            }
+            None => {
+                tracing::info!(
+                    shard,
+                    "a shard's consensus group restarts over its durable log, as asked"
+                );
+                metrics::counter!("fleetlm_consensus_group_restarts_asked_total").increment(1);
+                groups.set_stopped(shard, "its consensus group is restarting here".to_string());
+            }
+        }
         let shut_down = tokio::time::timeout(SHUTDOWN_TIMEOUT, raft.shutdown()).await.is_ok();
         let damage = settled.damage();
         // An append the stopped instance queued may still land: reopen the log only after.
@@ -447,30 +492,74 @@ pub async fn keep_running(
         if let Some(damage) = damage.filter(|_| shut_down) {
             refetch_damaged_log(&groups, &parts, damage, &stopping).await;
         }
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                _ = stopping.wait_for(|stop| *stop) => return,
+        match start_again(&groups, &mut parts, &stopping, &mut backoff).await {
+            Some(now_settled) => {
+                settled = now_settled;
+                started = Instant::now();
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            // The stopped instance's state machine worker may still be applying: fence it off,
-            // so nothing is applied twice or out of order.
-            parts.machine = parts.machine.fence().await;
-            match parts.start().await {
-                Ok((raft, now_settled)) => {
-                    if *stopping.borrow() {
-                        let _ = raft.shutdown().await;
-                        return;
-                    }
-                    groups.replace(shard, raft);
-                    settled = now_settled;
-                    started = Instant::now();
-                    break;
+            None => return,
+        }
+    }
+}
+
+/// After a leadership transfer this node started in `term` (`Consensus::transfer_leadership`):
+/// if it still leads the shard in that term once `window` has passed, the target did not take
+/// the leadership up (it refused, as a member refetching its log or without a current copy
+/// does, or never got the request). openraft keeps the instance a leader that takes no writes
+/// until another member is elected, and no other member may be able to stand: the instance is
+/// restarted, so it campaigns again like any member (and most likely leads again, in a new term).
+pub async fn restart_if_transfer_stalls(groups: Arc<Groups>, shard: u16, node_id: u64, term: u64, window: Duration) {
+    let generation = *groups.generation(shard).borrow();
+    tokio::time::sleep(window).await;
+    let still_leading = groups
+        .inspect(shard, |metrics| {
+            metrics.state == openraft::ServerState::Leader
+                && metrics.current_leader == Some(node_id)
+                && metrics.vote.leader_id().term == term
+        })
+        .unwrap_or(false);
+    if still_leading && *groups.generation(shard).borrow() == generation {
+        tracing::warn!(
+            shard,
+            term,
+            "a leadership transfer was not taken up; the group restarts to be led again"
+        );
+        metrics::counter!("fleetlm_consensus_stalled_transfers_total").increment(1);
+        groups.restart(shard);
+    }
+}
+
+/// Starts a new instance of the stopped group after `backoff` (doubled at each failed start),
+/// until one starts; `None` if the node stops meanwhile.
+async fn start_again(
+    groups: &Groups,
+    parts: &mut GroupParts,
+    stopping: &watch::Receiver<bool>,
+    backoff: &mut Duration,
+) -> Option<Settled> {
+    let shard = parts.shard;
+    let mut stopping = stopping.clone();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(*backoff) => {}
+            _ = stopping.wait_for(|stop| *stop) => return None,
+        }
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+        // The stopped instance's state machine worker may still be applying: fence it off,
+        // so nothing is applied twice or out of order.
+        parts.machine = parts.machine.fence().await;
+        match parts.start().await {
+            Ok((raft, settled)) => {
+                if *stopping.borrow() {
+                    let _ = raft.shutdown().await;
+                    return None;
                 }
-                Err(error) => {
-                    tracing::warn!(shard, %error, retry_in = ?backoff, "a shard's consensus group cannot start again yet");
-                    groups.set_stopped(shard, format!("its consensus group cannot start here: {error}"));
-                }
+                groups.replace(shard, raft);
+                return Some(settled);
+            }
+            Err(error) => {
+                tracing::warn!(shard, %error, retry_in = ?backoff, "a shard's consensus group cannot start again yet");
+                groups.set_stopped(shard, format!("its consensus group cannot start here: {error}"));
             }
         }
     }
@@ -566,6 +655,8 @@ async fn others_can_elect(groups: &Groups, parts: &GroupParts) -> bool {
 enum StopReason {
     ShutDown,
     Failed(String),
+    /// Restarted on request (`Groups::restart`), not on an error.
+    Asked,
 }
 
 fn stop_reason(fatal: &openraft::errors::Fatal<super::types::TypeConfig>) -> StopReason {

@@ -153,6 +153,19 @@ impl LeaseBook {
         *self.handed_off[shard as usize].lock().expect("hand-off lock") = Some((term, Instant::now()));
     }
 
+    /// Whether this node handed the shard's leadership of `term` over. openraft keeps such a
+    /// leader a leader (refusing writes, sending no heartbeats) until another member is
+    /// elected: no beat may go out for it either, or the followers would never time out if the
+    /// target does not take the leadership up.
+    pub(super) fn handed_off_in(&self, shard: u16, term: u64) -> bool {
+        matches!(*self.handed_off[shard as usize].lock().expect("hand-off lock"), Some((handed, _)) if handed == term)
+    }
+
+    /// How long a transfer's target has to be elected (see `hand_off`).
+    pub(super) fn transfer_window(&self) -> Duration {
+        self.transfer_window
+    }
+
     /// Whether a quorum's acknowledgement of a message sent at `acked` may count for `term`: not
     /// while a transfer this node started in `term` may still elect its target.
     fn counts_after_hand_off(&self, shard: u16, term: u64, acked: Instant) -> bool {

@@ -700,13 +700,26 @@ impl Consensus {
             let term = raft.metrics().borrow_watched().vote.leader_id().term;
             self.leases.hand_off(shard, term);
             let _ = raft.trigger().transfer_leader(target).await;
+            tokio::spawn(groups::restart_if_transfer_stalls(
+                self.groups.clone(),
+                shard,
+                self.node_id,
+                term,
+                self.leases.transfer_window(),
+            ));
         }
     }
 
     /// Hands the leadership of every shard this node leads to another member (before a drain),
-    /// waiting at most `timeout` in all. Returns how many shards it still leads.
+    /// waiting at most `timeout` in all, and stands down from every election: the node is
+    /// stopping. Returns how many shards it still leads.
     pub async fn hand_off_leadership(&self, timeout: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + timeout;
+        // Stopping, this node stands for no election from now on (it still votes): no shard
+        // it hands over, or whose election it sees, comes back to it.
+        for shard in 0..self.groups.len() as u16 {
+            self.groups.stand_down(shard, true);
+        }
         let led: Vec<u16> = (0..self.groups.len() as u16).filter(|s| self.is_leader(*s)).collect();
         for shard in &led {
             self.transfer_leadership(*shard).await;

@@ -515,6 +515,60 @@ async fn a_cut_off_leader_loses_its_lease_before_another_member_leads() {
     let _ = cluster.stop_node(old).await;
 }
 
+/// A leadership transfer its target refuses (here: the followers' copies of the state are not
+/// current, and they stand down from elections) does not leave the shard unled: once the
+/// transfer's window has passed, the leader restarts its group and campaigns again. Before,
+/// openraft kept it a leader that refuses every write, its beats kept the followers from ever
+/// timing out, and the shard took no write again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leadership_transfer_its_target_refuses_leaves_the_shard_led() {
+    let mut cluster = Cluster::start(&[1, 2, 3]).await;
+    let shard = 0;
+    let first = propose(&cluster, shard, payload(0)).await;
+    let leader = cluster.leader(shard).await;
+    let term_of = |id: u64| {
+        cluster
+            .node(id)
+            .consensus
+            .group(shard)
+            .metrics()
+            .borrow_watched()
+            .vote
+            .leader_id()
+            .term
+    };
+    let term = term_of(leader);
+    for id in [1, 2, 3].into_iter().filter(|id| *id != leader) {
+        let groups = &cluster.node(id).consensus.groups;
+        groups.set_copy_current(shard, false);
+        groups.stand_down(shard, true);
+    }
+    cluster.node(leader).consensus.transfer_leadership(shard).await;
+    // Refused: the leader takes no write while its transfer stands.
+    assert!(
+        cluster.node(leader).consensus.propose(shard, payload(1)).await.is_err(),
+        "a leader handing its leadership over takes no write"
+    );
+    let second = propose_through_failures(&cluster, shard, payload(2)).await;
+    assert!(second > first);
+    assert_eq!(
+        cluster.leader(shard).await,
+        leader,
+        "the only member standing leads again"
+    );
+    let now = term_of(leader);
+    assert!(now > term, "it leads in a new term ({term} then {now})");
+    for id in [1, 2, 3] {
+        wait_until("every member applied the write taken after the refusal", || {
+            applied_by_index(cluster.node(id), shard).contains_key(&second)
+        })
+        .await;
+    }
+    for id in [1, 2, 3] {
+        cluster.stop_node(id).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_the_purged_log_catches_up_from_a_snapshot() {
     let mut cluster = Cluster::start(&[1, 2, 3]).await;
@@ -1148,6 +1202,14 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
     let shard = 1;
     let leader = cluster.leader(shard).await;
     let lagging = *ids.iter().find(|id| **id != leader).unwrap();
+    let intact = *ids.iter().find(|id| **id != leader && **id != lagging).unwrap();
+    // The leader must be the member that reads the damaged entries back, for the member that
+    // lags: the others stand down from elections until the refetch begins (an election on a
+    // loaded machine would otherwise move the leadership to the intact member, which would serve
+    // the lagging one from its own log). They still vote.
+    for id in [lagging, intact] {
+        cluster.node(id).consensus.groups.stand_down(shard, true);
+    }
     let mut expected = BTreeMap::new();
     for i in 0..20 {
         expected.insert(propose(&cluster, shard, payload(i)).await, payload(i));
@@ -1165,9 +1227,7 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
     for i in 20..320 {
         expected.insert(propose(&cluster, shard, payload(i)).await, payload(i));
     }
-    // The member that leads now is the one to damage (the leadership may have moved while the
-    // other member was down): it is the one that reads the entries back for it.
-    let leader = cluster.leader(shard).await;
+    assert_eq!(cluster.leader(shard).await, leader, "only the leader stands");
     let damaged_index = *expected.keys().nth(40).unwrap();
     let (_, path, offset, len) = cluster
         .node(leader)
@@ -1181,7 +1241,10 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
         "the damage is in place"
     );
 
+    // Back, the lagging member behind the damage cannot be elected (its log is behind), and
+    // stands down anyway until it catches up.
     cluster.start_node(lagging).await;
+    cluster.node(lagging).consensus.groups.stand_down(shard, true);
     let marker = cluster
         .node(leader)
         .dir
@@ -1189,8 +1252,7 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
         .join(format!("{shard:05}.json"));
     // The shard keeps taking writes, slowly (a write also wakes the replication to the member
     // back; many would let the leader's log move past a snapshot point, and the member would be
-    // sent a snapshot instead of the damaged entries); the damaged member stops leading on the
-    // read, and another member takes the writes.
+    // sent a snapshot instead of the damaged entries), until the leader stops on the read.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut i = 320;
     while !marker.exists() {
@@ -1198,16 +1260,17 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
             tokio::time::Instant::now() < deadline,
             "the damaged member never began refetching"
         );
-        // An election (a loaded machine delays heartbeats) may have moved the leadership to the
-        // intact member, which then serves the returning one from its own log: hand it back (the
-        // transfer goes to the most up-to-date follower, the damaged member, not the one behind).
-        let now = cluster.leader(shard).await;
-        if now != leader {
-            cluster.node(now).consensus.transfer_leadership(shard).await;
+        // Refused while the damaged member's group restarts (an outcome not known may still
+        // be committed: only acknowledged writes are expected).
+        if let Ok(index) = cluster.node(leader).consensus.propose(shard, payload(i)).await {
+            expected.insert(index, payload(i));
         }
-        expected.insert(propose_through_failures(&cluster, shard, payload(i)).await, payload(i));
         i += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The damaged member neither votes nor stands while it refetches: the others lead now.
+    for id in [lagging, intact] {
+        cluster.node(id).consensus.groups.stand_down(shard, false);
     }
     for i in i..i + 20 {
         expected.insert(propose_through_failures(&cluster, shard, payload(i)).await, payload(i));
