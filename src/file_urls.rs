@@ -70,10 +70,11 @@ pub struct FileAccess {
     /// Uploads being received (`MAX_CONCURRENT_UPLOADS`).
     pub uploads: tokio::sync::Semaphore,
     /// Files being served (`MAX_CONCURRENT_DOWNLOADS`).
-    pub downloads: tokio::sync::Semaphore,
+    pub downloads: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
-/// Files a node serves at once: each is read whole from the archive into memory.
+/// Files a node serves at once: each holds at most one slice (`FILE_SLICE_BYTES`) in memory
+/// while it is sent.
 pub const MAX_CONCURRENT_DOWNLOADS: usize = 32;
 
 /// Uploads a node receives at once: each holds its whole body in memory until the archive took
@@ -86,7 +87,7 @@ impl FileAccess {
             signer,
             public_url: std::sync::OnceLock::new(),
             uploads: tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS),
-            downloads: tokio::sync::Semaphore::new(MAX_CONCURRENT_DOWNLOADS),
+            downloads: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_DOWNLOADS)),
         };
         if let Some(url) = public_url {
             let _ = access.public_url.set(url);

@@ -11,7 +11,10 @@ use serde_json::{Value, json};
 use support::agent::{Behavior, TestAgent};
 use support::{Store, TestServer, restart};
 
-on_both_stores!(a_file_round_trips_byte_for_byte_and_survives_a_restart);
+on_both_stores!(
+    a_file_round_trips_byte_for_byte_and_survives_a_restart,
+    a_file_is_served_in_ranges_and_not_sent_again_to_a_client_that_holds_it,
+);
 
 const SECRET: &str = "files-test-secret-0123456789";
 
@@ -121,6 +124,79 @@ async fn a_file_round_trips_byte_for_byte_and_survives_a_restart(store: Store) {
         .unwrap();
     assert_eq!(again.status(), 200);
     assert_eq!(again.bytes().await.unwrap().as_ref(), &bytes[..]);
+    server.stop().await;
+}
+
+/// Downloads are read from the archive in 1 MiB slices: a range across a slice boundary, the
+/// last bytes, a range past the end; a client holding the file (its tag) gets `304` and no
+/// bytes; a range of a file the client's tag no longer names gets the whole file.
+async fn a_file_is_served_in_ranges_and_not_sent_again_to_a_client_that_holds_it(store: Store) {
+    let server = TestServer::start(store).await;
+    server.agent_and_session("a", "u", "s1").await;
+    let bytes = sample(2 * 1024 * 1024 + 100);
+    let size = bytes.len();
+    let (status, body) = upload(&server, "s1", bytes.clone(), Some("application/pdf"), "", None).await;
+    assert_eq!(status, 201, "{body}");
+    let url = server.url(body["file"]["url"].as_str().unwrap());
+    let etag = format!("\"{}\"", body["file"]["sha256"].as_str().unwrap());
+    let get = |headers: Vec<(&'static str, String)>| {
+        let mut request = server.client.get(url.clone());
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        async move { request.send().await.unwrap() }
+    };
+
+    let whole = get(vec![]).await;
+    assert_eq!(whole.status(), 200);
+    assert_eq!(whole.headers()["etag"].to_str().unwrap(), etag);
+    assert_eq!(whole.headers()["accept-ranges"], "bytes");
+    assert_eq!(whole.headers()["content-length"].to_str().unwrap(), size.to_string());
+    assert_eq!(whole.bytes().await.unwrap().as_ref(), &bytes[..]);
+
+    let held = get(vec![("if-none-match", etag.clone())]).await;
+    assert_eq!(held.status(), 304);
+    assert_eq!(held.headers()["etag"].to_str().unwrap(), etag);
+    assert!(held.bytes().await.unwrap().is_empty());
+    let other = get(vec![("if-none-match", "\"something-else\"".to_string())]).await;
+    assert_eq!(other.status(), 200);
+    assert_eq!(other.bytes().await.unwrap().len(), size);
+
+    // Across the first slice's end.
+    let (from, to) = (1024 * 1024 - 1000, 1024 * 1024 + 999);
+    let part = get(vec![("range", format!("bytes={from}-{to}"))]).await;
+    assert_eq!(part.status(), 206);
+    assert_eq!(
+        part.headers()["content-range"].to_str().unwrap(),
+        format!("bytes {from}-{to}/{size}")
+    );
+    assert_eq!(part.headers()["content-length"], "2000");
+    assert_eq!(part.bytes().await.unwrap().as_ref(), &bytes[from..=to]);
+
+    let tail = get(vec![("range", "bytes=-10".to_string()), ("if-range", etag.clone())]).await;
+    assert_eq!(tail.status(), 206);
+    assert_eq!(tail.bytes().await.unwrap().as_ref(), &bytes[size - 10..]);
+
+    let from_the_middle = get(vec![("range", format!("bytes={}-", size / 2))]).await;
+    assert_eq!(from_the_middle.status(), 206);
+    assert_eq!(from_the_middle.bytes().await.unwrap().as_ref(), &bytes[size / 2..]);
+
+    let past_the_end = get(vec![("range", format!("bytes={size}-"))]).await;
+    assert_eq!(past_the_end.status(), 416);
+    assert_eq!(
+        past_the_end.headers()["content-range"].to_str().unwrap(),
+        format!("bytes */{size}")
+    );
+    let body: Value = past_the_end.json().await.unwrap();
+    assert_eq!(body["code"], "range_not_satisfiable");
+
+    let changed = get(vec![
+        ("range", "bytes=0-9".to_string()),
+        ("if-range", "\"an-older-file\"".to_string()),
+    ])
+    .await;
+    assert_eq!(changed.status(), 200);
+    assert_eq!(changed.bytes().await.unwrap().as_ref(), &bytes[..]);
     server.stop().await;
 }
 

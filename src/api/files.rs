@@ -16,7 +16,10 @@ use sha2::{Digest, Sha256};
 
 use super::sessions::authorize_session;
 use super::{ApiError, ApiResult, SharedState};
-use crate::archive::StoredFile;
+use futures_util::StreamExt;
+
+use super::byte_range;
+use crate::archive::{Archive, FileInfo, StoredFile};
 use crate::auth::Caller;
 use crate::model::{SessionStatus, Timestamp};
 
@@ -24,6 +27,8 @@ const MAX_FILENAME_CHARS: usize = 255;
 /// How long an upload's body may take to arrive (25 MiB at about 2 Mbit/s).
 const UPLOAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 const MAX_MEDIA_TYPE_CHARS: usize = 255;
+/// A download reads the file from the archive in slices of this size.
+const FILE_SLICE_BYTES: u64 = 1024 * 1024;
 
 /// Media types a browser may show in place; anything else is served as a download, so an
 /// uploaded page or script never runs on the server's origin.
@@ -96,19 +101,21 @@ pub async fn upload(
         return Err(ApiError::unprocessable("invalid_file", "the file is empty"));
     }
     let file = Arc::new(StoredFile {
-        session_id: session_id.clone(),
-        id: crate::ids::generate_id(),
-        media_type,
-        filename,
-        size: content.len() as u64,
-        sha256: hex(&Sha256::digest(&content)),
-        created_at: Timestamp(state.clock.now_micros()),
+        info: FileInfo {
+            session_id: session_id.clone(),
+            id: crate::ids::generate_id(),
+            media_type,
+            filename,
+            size: content.len() as u64,
+            sha256: hex(&Sha256::digest(&content)),
+            created_at: Timestamp(state.clock.now_micros()),
+        },
         content,
     });
     state.shards.archive().insert_file(file.clone()).await?;
     metrics::counter!("fleetlm_files_uploaded_total").increment(1);
-    metrics::counter!("fleetlm_file_upload_bytes_total").increment(file.size);
-    Ok((StatusCode::CREATED, axum::Json(json!({"file": describe(&file)}))).into_response())
+    metrics::counter!("fleetlm_file_upload_bytes_total").increment(file.info.size);
+    Ok((StatusCode::CREATED, axum::Json(json!({"file": describe(&file.info)}))).into_response())
 }
 
 pub async fn download(
@@ -117,6 +124,7 @@ pub async fn download(
     Query(query): Query<HashMap<String, String>>,
     request: Request,
 ) -> ApiResult<Response> {
+    let conditions = request.headers().clone();
     match (query.get("signature"), query.get("expires")) {
         (Some(signature), Some(expires)) => {
             let now_secs = state.clock.now_micros() / 1_000_000;
@@ -146,7 +154,7 @@ pub async fn download(
             ));
         }
     }
-    let Ok(_permit) = state.files.downloads.try_acquire() else {
+    let Ok(permit) = state.files.downloads.clone().try_acquire_owned() else {
         let mut error = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
@@ -155,34 +163,117 @@ pub async fn download(
         error.retry_after_secs = Some(1);
         return Err(error);
     };
-    let file = state
-        .shards
-        .archive()
-        .get_file(&session_id, &file_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("file_not_found", "file not found"))?;
+    let archive = state.shards.archive().clone();
+    let info = archive.file_info(&session_id, &file_id).await?.ok_or_else(not_found)?;
+    let etag = format!("\"{}\"", info.sha256);
+    let (status, start, end) = match byte_range::answer(&conditions, info.size, &etag) {
+        byte_range::Answer::NotModified => {
+            let mut response = StatusCode::NOT_MODIFIED.into_response();
+            cache_headers(response.headers_mut(), &etag);
+            return Ok(response);
+        }
+        byte_range::Answer::Unsatisfiable => {
+            let mut response = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("the range is outside the file's {} bytes", info.size),
+            )
+            .into_response();
+            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{}", info.size)) {
+                response.headers_mut().insert(header::CONTENT_RANGE, value);
+            }
+            return Ok(response);
+        }
+        byte_range::Answer::Whole => (StatusCode::OK, 0, info.size),
+        byte_range::Answer::Part { start, end } => (StatusCode::PARTIAL_CONTENT, start, end),
+    };
+    // The first slice before the answer: a file the archive cannot read gets an error status,
+    // not a cut body. The rest follows slice by slice, one in memory at a time, under the
+    // download's permit.
+    let first = read_slice(&archive, &session_id, &file_id, start, end).await?;
+    let after_first = start + first.len() as u64;
+    let rest = futures_util::stream::try_unfold(
+        (archive, permit, session_id, file_id, after_first),
+        move |(archive, permit, session_id, file_id, next)| async move {
+            if next >= end {
+                return Ok(None);
+            }
+            let slice = read_slice(&archive, &session_id, &file_id, next, end)
+                .await
+                .map_err(|error| {
+                    metrics::counter!("fleetlm_file_download_failures_total").increment(1);
+                    // Ends the body short of its length: the client sees the download failed.
+                    std::io::Error::other(format!("the file could not be read: {}", error.code))
+                })?;
+            let next = next + slice.len() as u64;
+            Ok(Some((slice, (archive, permit, session_id, file_id, next))))
+        },
+    );
     metrics::counter!("fleetlm_files_served_total").increment(1);
-    let mut response = Response::new(Body::from(file.content.clone()));
+    let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(rest);
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() = status;
     let headers = response.headers_mut();
-    let media_type = HeaderValue::from_str(&file.media_type)
+    let media_type = HeaderValue::from_str(&info.media_type)
         .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
     headers.insert(header::CONTENT_TYPE, media_type);
-    headers.insert(header::CONTENT_DISPOSITION, disposition(&file));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    headers.insert(header::CONTENT_DISPOSITION, disposition(&info));
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     // Whatever the file holds, it runs nothing on this origin.
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("sandbox; default-src 'none'"),
     );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=3600"));
-    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", file.sha256)) {
-        headers.insert(header::ETAG, etag);
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(value) = HeaderValue::from_str(&format!("bytes {start}-{}/{}", end - 1, info.size))
+    {
+        headers.insert(header::CONTENT_RANGE, value);
     }
+    cache_headers(headers, &etag);
     Ok(response)
 }
 
+fn not_found() -> ApiError {
+    ApiError::not_found("file_not_found", "file not found")
+}
+
+/// A file's content never changes under its id: a client may keep it for an hour, and ask again
+/// with its tag.
+fn cache_headers(headers: &mut HeaderMap, etag: &str) {
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=3600"));
+    if let Ok(etag) = HeaderValue::from_str(etag) {
+        headers.insert(header::ETAG, etag);
+    }
+}
+
+/// The next slice of `file` from `start`, at most `FILE_SLICE_BYTES` and never past `end`.
+async fn read_slice(
+    archive: &Archive,
+    session_id: &str,
+    file_id: &str,
+    start: u64,
+    end: u64,
+) -> ApiResult<bytes::Bytes> {
+    let len = (end - start).min(FILE_SLICE_BYTES) as usize;
+    let slice = archive
+        .read_file(session_id, file_id, start, len)
+        .await?
+        .ok_or_else(not_found)?;
+    if slice.is_empty() {
+        // Shorter than its recorded size: never answer a body that ends early without saying so.
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the stored file is shorter than its recorded size",
+        ));
+    }
+    Ok(slice)
+}
+
 /// What the upload answers (and nothing of the content).
-fn describe(file: &StoredFile) -> serde_json::Value {
+fn describe(file: &FileInfo) -> serde_json::Value {
     json!({
         "id": file.id,
         "session_id": file.session_id,
@@ -240,7 +331,7 @@ fn filename(value: Option<&String>) -> ApiResult<Option<String>> {
     Ok(Some(name.clone()))
 }
 
-fn disposition(file: &StoredFile) -> HeaderValue {
+fn disposition(file: &FileInfo) -> HeaderValue {
     let essence = file.media_type.split(';').next().unwrap_or_default();
     let kind = if SHOWN_INLINE.contains(&essence) {
         "inline"

@@ -8,6 +8,7 @@
 
 mod admin;
 pub mod agents;
+mod byte_range;
 mod error;
 mod files;
 mod health;

@@ -59,15 +59,21 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 /// part of the ordered history; a message's file part refers to the file by its URL).
 #[derive(Debug, Clone)]
 pub struct StoredFile {
+    pub info: FileInfo,
+    pub content: bytes::Bytes,
+}
+
+/// What the archive knows of a stored file besides its bytes.
+#[derive(Debug, Clone)]
+pub struct FileInfo {
     pub session_id: String,
     pub id: String,
     pub media_type: String,
     pub filename: Option<String>,
     pub size: u64,
-    /// Hex SHA-256 of `content`.
+    /// Hex SHA-256 of the content.
     pub sha256: String,
     pub created_at: Timestamp,
-    pub content: bytes::Bytes,
 }
 
 /// A session as the archive knows it, with its newest messages for the hot tail.
@@ -337,8 +343,14 @@ impl Archive {
         dispatch!(self, a => a.insert_file(file).await)
     }
 
-    pub async fn get_file(&self, session_id: &str, id: &str) -> Result<Option<StoredFile>> {
-        dispatch!(self, a => a.get_file(session_id, id).await)
+    pub async fn file_info(&self, session_id: &str, id: &str) -> Result<Option<FileInfo>> {
+        dispatch!(self, a => a.file_info(session_id, id).await)
+    }
+
+    /// Up to `len` bytes of a stored file's content from byte `start` (fewer at its end), read
+    /// without loading the rest of it; `None` if there is no such file.
+    pub async fn read_file(&self, session_id: &str, id: &str, start: u64, len: usize) -> Result<Option<bytes::Bytes>> {
+        dispatch!(self, a => a.read_file(session_id, id, start, len).await)
     }
 
     pub async fn session_gaps(&self, session_id: &str) -> Result<Vec<(u64, u64)>> {

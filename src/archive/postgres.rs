@@ -153,6 +153,21 @@ impl PostgresArchive {
                 .map_err(from_pg)?;
             }
         }
+        // Files are read in slices (`read_file`): stored uncompressed (most are compressed
+        // formats already), a slice reads only its own TOAST chunks. Looked up first, as above.
+        let storage: i8 = tx
+            .query_one(
+                "SELECT attstorage FROM pg_attribute WHERE attrelid = 'files'::regclass AND attname = 'content'",
+                &[],
+            )
+            .await
+            .map_err(from_pg)?
+            .get(0);
+        if storage as u8 != b'e' {
+            tx.batch_execute("ALTER TABLE files ALTER COLUMN content SET STORAGE EXTERNAL")
+                .await
+                .map_err(from_pg)?;
+        }
         tx.commit().await.map_err(from_pg)
     }
 
