@@ -65,6 +65,10 @@ pub struct Settings {
     /// Largest file a session's participant may upload (`POST /api/sessions/:id/files`; at most 512MiB). [default: 25MiB]
     #[arg(long, env = "FLEETLM_MAX_FILE_BYTES")]
     pub max_file_bytes: Option<ByteSize>,
+    /// The most a session's files may hold in all; an upload past it is refused (at least
+    /// max_file_bytes). [default: 1GiB]
+    #[arg(long, env = "FLEETLM_MAX_SESSION_FILE_BYTES")]
+    pub max_session_file_bytes: Option<ByteSize>,
     /// The base URL agents reach this server at (e.g. `https://chat.example.com`): the file parts
     /// of the messages an agent is sent point there, signed. [default: http://<http_addr>]
     #[arg(long, env = "FLEETLM_PUBLIC_URL")]
@@ -179,6 +183,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub max_body_bytes: usize,
     pub max_file_bytes: usize,
+    /// The total size of a session's files past which uploads are refused.
+    pub max_session_file_bytes: u64,
     /// Where agents reach this server (no trailing slash); `None`: `http://<http_addr>` as bound.
     pub public_url: Option<String>,
     pub max_page_size: usize,
@@ -398,6 +404,7 @@ impl Settings {
             max_message_bytes,
             max_body_bytes,
             max_file_bytes,
+            max_session_file_bytes,
             public_url,
             max_page_size,
             max_metadata_depth,
@@ -475,6 +482,12 @@ impl Settings {
         if max_file_bytes == 0 || max_file_bytes > 512 * 1024 * 1024 {
             return Err(invalid("max_file_bytes", "must be positive and at most 512 MiB"));
         }
+        let max_session_file_bytes = self
+            .max_session_file_bytes
+            .map_or(1024 * 1024 * 1024, |size| size.get_usize() as u64);
+        if max_session_file_bytes < max_file_bytes as u64 {
+            return Err(invalid("max_session_file_bytes", "must be at least max_file_bytes"));
+        }
         let public_url = match self.public_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
             None => None,
             Some(url) => Some(validate_public_url(url)?),
@@ -530,6 +543,7 @@ impl Settings {
             max_message_bytes,
             max_body_bytes,
             max_file_bytes,
+            max_session_file_bytes,
             public_url,
             max_page_size,
             max_metadata_depth: self.max_metadata_depth.unwrap_or(32),

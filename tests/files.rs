@@ -204,9 +204,28 @@ async fn a_file_is_served_in_ranges_and_not_sent_again_to_a_client_that_holds_it
 async fn uploads_are_validated_and_limited_with_clear_errors() {
     let server = TestServer::start_with(Store::Sqlite, |s| {
         s.max_file_bytes = Some(fleetlm::config::ByteSize(1024));
+        s.max_session_file_bytes = Some(fleetlm::config::ByteSize(2048));
     })
     .await;
     server.agent_and_session("a", "u", "s1").await;
+    server.agent_and_session("a", "u", "full").await;
+    // A session's files have a quota in all (2 KiB here): the upload that would pass it is
+    // refused and stores nothing; another session is not affected.
+    for _ in 0..2 {
+        let (status, body) = upload(&server, "full", sample(1000), Some("image/png"), "", None).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = upload(&server, "full", sample(100), Some("image/png"), "", None).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (413, Some("session_file_quota")),
+        "{body}"
+    );
+    assert!(body["error"].as_str().unwrap().contains("2000 bytes used"), "{body}");
+    let (status, _) = upload(&server, "full", sample(48), Some("image/png"), "", None).await;
+    assert_eq!(status, 201, "exactly at the quota is fine");
+    let (status, body) = upload(&server, "full", sample(1), Some("image/png"), "", None).await;
+    assert_eq!((status, body["code"].as_str()), (413, Some("session_file_quota")));
     let refused = [
         (sample(1025), Some("image/png"), "", 413, "file_too_large"),
         (Vec::new(), Some("image/png"), "", 422, "invalid_file"),

@@ -76,6 +76,19 @@ pub async fn upload(
             "the session is archived; it accepts no files",
         ));
     }
+    // What the session's files already hold: a declared length past the quota reads no byte.
+    let quota = state.config.max_session_file_bytes;
+    let used = state.shards.archive().session_file_bytes(&session_id).await?;
+    let over_quota = |used: u64| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "session_file_quota",
+            format!("the session's files would exceed their quota of {quota} bytes ({used} bytes used)"),
+        )
+    };
+    if used + declared_length(request.headers()).unwrap_or(1) > quota {
+        return Err(over_quota(used));
+    }
     // Each upload holds its whole body in memory until the archive took it: bounded per node.
     let Ok(_permit) = state.files.uploads.try_acquire() else {
         let mut error = ApiError::new(
@@ -99,6 +112,12 @@ pub async fn upload(
     };
     if content.is_empty() {
         return Err(ApiError::unprocessable("invalid_file", "the file is empty"));
+    }
+    // Again with the real size and what other uploads stored meanwhile (two uploads stored at
+    // the same moment may both pass: the quota is exceeded by at most the other's size).
+    let used = state.shards.archive().session_file_bytes(&session_id).await?;
+    if used + content.len() as u64 > quota {
+        return Err(over_quota(used));
     }
     let file = Arc::new(StoredFile {
         info: FileInfo {

@@ -343,6 +343,11 @@ impl Archive {
         dispatch!(self, a => a.insert_file(file).await)
     }
 
+    /// The total size of the session's files.
+    pub async fn session_file_bytes(&self, session_id: &str) -> Result<u64> {
+        dispatch!(self, a => a.session_file_bytes(session_id).await)
+    }
+
     pub async fn file_info(&self, session_id: &str, id: &str) -> Result<Option<FileInfo>> {
         dispatch!(self, a => a.file_info(session_id, id).await)
     }

@@ -28,6 +28,19 @@ impl PostgresArchive {
         Ok(())
     }
 
+    pub async fn session_file_bytes(&self, session_id: &str) -> Result<u64> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT COALESCE(SUM(size), 0)::BIGINT FROM files WHERE session_id = $1",
+                &[&session_id],
+            )
+            .await
+            .map_err(from_pg)?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
     pub async fn file_info(&self, session_id: &str, id: &str) -> Result<Option<FileInfo>> {
         let row = self
             .client()

@@ -29,6 +29,16 @@ impl SqliteArchive {
         .await
     }
 
+    pub async fn session_file_bytes(&self, session_id: &str) -> Result<u64> {
+        let session_id = session_id.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT COALESCE(SUM(size), 0) FROM files WHERE session_id = ?1")?
+                .query_row(params![session_id], |r| r.get::<_, i64>(0))
+                .map(|total| total as u64)
+        })
+        .await
+    }
+
     pub async fn file_info(&self, session_id: &str, id: &str) -> Result<Option<FileInfo>> {
         let (session_id, id) = (session_id.to_string(), id.to_string());
         self.read(move |c| {
