@@ -37,6 +37,10 @@ pub const STAND_BACK: Duration = Duration::from_secs(2);
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// How long a stopping instance may take to let go of its tasks.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A damaged log whose refetch could not begin (too few other members could vote, or its own
+/// records could not be written) is tried again after this long, doubled at each failure.
+const REFETCH_RETRY_FIRST: Duration = Duration::from_secs(5);
+const REFETCH_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Every shard's group on this node, by shard.
 pub struct Groups {
@@ -445,6 +449,10 @@ pub async fn keep_running(
     let mut backoff = FIRST_BACKOFF;
     let mut started = Instant::now();
     let mut restarts_asked = groups.slots[shard as usize].restarts_asked.subscribe();
+    // Damage found at an earlier stop whose refetch could not begin: tried again at a restart
+    // asked for after `refetch_retry`.
+    let mut postponed: Option<crate::wal::RangeFailure> = None;
+    let mut refetch_retry = REFETCH_RETRY_FIRST;
     loop {
         let raft = groups.get(shard);
         restarts_asked.mark_unchanged();
@@ -482,7 +490,7 @@ pub async fn keep_running(
             }
         }
         let shut_down = tokio::time::timeout(SHUTDOWN_TIMEOUT, raft.shutdown()).await.is_ok();
-        let damage = settled.damage();
+        let damage = settled.damage().or_else(|| postponed.take());
         // An append the stopped instance queued may still land: reopen the log only after.
         tokio::select! {
             () = settled.wait() => {}
@@ -490,7 +498,15 @@ pub async fn keep_running(
         }
         // Never cut a log under an instance that may still be running.
         if let Some(damage) = damage.filter(|_| shut_down) {
-            refetch_damaged_log(&groups, &parts, damage, &stopping).await;
+            match refetch_damaged_log(&groups, &parts, damage.clone(), &stopping).await {
+                Refetch::Postponed => {
+                    postponed = Some(damage);
+                    let generation = *groups.generation(shard).borrow() + 1;
+                    tokio::spawn(restart_later(groups.clone(), shard, generation, refetch_retry));
+                    refetch_retry = (refetch_retry * 2).min(REFETCH_RETRY_MAX);
+                }
+                Refetch::Begun | Refetch::NotNeeded => refetch_retry = REFETCH_RETRY_FIRST,
+            }
         }
         match start_again(&groups, &mut parts, &stopping, &mut backoff).await {
             Some(now_settled) => {
@@ -565,18 +581,46 @@ async fn start_again(
     }
 }
 
+/// Asks for a restart of the shard's group after `delay`, if its instance is still the one of
+/// `generation` then (a restart meanwhile tried again already).
+async fn restart_later(groups: Arc<Groups>, shard: u16, generation: u64, delay: Duration) {
+    let mut generations = groups.generation(shard);
+    tokio::time::sleep(delay).await;
+    // The instance to restart may take longer than `delay` to start.
+    let current = match generations.wait_for(|now| *now >= generation).await {
+        Ok(now) => *now,
+        Err(_) => return,
+    };
+    if current == generation {
+        groups.restart(shard);
+    }
+}
+
+/// What became of a damaged log found at a stop.
+enum Refetch {
+    /// Cut back; the refetch runs.
+    Begun,
+    /// The entry reads again: nothing to do.
+    NotNeeded,
+    /// Not now: too few other members can vote, or this member's records could not be written.
+    /// Tried again later (`keep_running`).
+    Postponed,
+}
+
 /// The stopped group's log holds an entry it could not read back: if a second read fails too,
 /// the log is cut back before it and refetched from the other members (`refetch`), as a start
 /// would do, while the node serves its other shards. Only while enough of the other voters can
 /// vote that the group still elects a leader without this member (two members cutting their logs
-/// at once must not leave a shard that can never elect). Otherwise, or if the second read
-/// succeeds, the group starts on its log as it is (and stops on the same read, to try again).
+/// at once must not leave a shard that can never elect). If the second read succeeds, the group
+/// starts on its log as it is. If too few others can vote, or this member's own records of the
+/// refetch cannot be written (then it stays out of the votes: it may already have cut its log),
+/// the group starts on its log as it is, and the keeper restarts it later to try again.
 async fn refetch_damaged_log(
     groups: &Arc<Groups>,
     parts: &GroupParts,
     damage: crate::wal::RangeFailure,
     stopping: &watch::Receiver<bool>,
-) {
+) -> Refetch {
     let shard = parts.shard;
     let confirmed = {
         let (wal, damage) = (parts.wal.clone(), damage.clone());
@@ -590,15 +634,15 @@ async fn refetch_damaged_log(
             index = damage.index,
             "an entry that could not be read reads again: the group starts as it was"
         );
-        return;
+        return Refetch::NotNeeded;
     }
     if !others_can_elect(groups, parts).await {
         tracing::warn!(
             shard,
             index = damage.index,
-            "a damaged shard log is not cut back now: too few other members can vote; tried again at the next stop"
+            "a damaged shard log is not cut back now: too few other members can vote; tried again later"
         );
-        return;
+        return Refetch::Postponed;
     }
     let mut epoch = groups.refetch_epoch(shard).lock().await;
     // A new epoch before anything is written: an older refetch can no longer end this one.
@@ -609,8 +653,8 @@ async fn refetch_damaged_log(
     let marker = match super::refetch::begin_at_runtime(&parts.wal, &parts.data_dir, shard, &damage).await {
         Ok(marker) => marker,
         Err(error) => {
-            tracing::error!(shard, %error, "a damaged shard log could not be cut back for a refetch");
-            return;
+            tracing::error!(shard, %error, "a damaged shard log could not be cut back for a refetch; tried again later");
+            return Refetch::Postponed;
         }
     };
     metrics::counter!("fleetlm_replica_runtime_damage_total").increment(1);
@@ -627,6 +671,7 @@ async fn refetch_damaged_log(
         parts.node_id,
         stopping.clone(),
     ));
+    Refetch::Begun
 }
 
 /// Whether the shard's other voters that answer as able to vote are a quorum of its voters.

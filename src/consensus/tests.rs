@@ -1240,6 +1240,17 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
         whole_log_reads(cluster.node(leader), shard).is_err(),
         "the damage is in place"
     );
+    // openraft may still hold entries it read for the stopped member before the damage (it
+    // retries a send with them): restarted, the group reads them again, from the damaged log.
+    // (Read while the member is still down, the damage is found when too few others can vote:
+    // the refetch is then postponed and tried again later, which this test goes through too.)
+    cluster.node(leader).consensus.groups.restart(shard);
+
+    // The first attempt to record the refetch fails (a file stands where the records'
+    // directory goes): the member stays out of the votes, and tries again later by itself.
+    let records = cluster.node(leader).dir.join("refetch");
+    let _ = std::fs::remove_dir(&records);
+    std::fs::write(&records, b"in the way").unwrap();
 
     // Back, the lagging member behind the damage cannot be elected (its log is behind), and
     // stands down anyway until it catches up.
@@ -1253,13 +1264,18 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
     // The shard keeps taking writes, slowly (a write also wakes the replication to the member
     // back; many would let the leader's log move past a snapshot point, and the member would be
     // sent a snapshot instead of the damaged entries), until the leader stops on the read.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     let mut i = 320;
+    let mut blocked = false;
     while !marker.exists() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the damaged member never began refetching"
+            "the damaged member never began refetching (a first attempt failed: {blocked})"
         );
+        if records.is_file() && cluster.node(leader).consensus.groups.refetching(shard) {
+            std::fs::remove_file(&records).unwrap();
+            blocked = true;
+        }
         // Refused while the damaged member's group restarts (an outcome not known may still
         // be committed: only acknowledged writes are expected).
         if let Ok(index) = cluster.node(leader).consensus.propose(shard, payload(i)).await {
@@ -1268,6 +1284,7 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
         i += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(blocked, "the first attempt failed");
     // The damaged member neither votes nor stands while it refetches: the others lead now.
     for id in [lagging, intact] {
         cluster.node(id).consensus.groups.stand_down(shard, false);
