@@ -636,7 +636,7 @@ async fn refetch_damaged_log(
         );
         return Refetch::NotNeeded;
     }
-    if !others_can_elect(groups, parts).await {
+    if !others_can_elect(groups, shard, parts.node_id, &parts.network.peers).await {
         tracing::warn!(
             shard,
             index = damage.index,
@@ -674,21 +674,25 @@ async fn refetch_damaged_log(
     Refetch::Begun
 }
 
-/// Whether the shard's other voters that answer as able to vote are a quorum of its voters.
-async fn others_can_elect(groups: &Groups, parts: &GroupParts) -> bool {
-    use openraft::type_config::async_runtime::WatchReceiver;
-    let voters: Vec<u64> = {
-        let raft = groups.get(parts.shard);
-        let metrics = raft.metrics();
-        let metrics = metrics.borrow_watched();
-        metrics.membership_config.membership().voter_ids().collect()
+/// Whether the shard's other voters (other than `node_id`) that answer as able to vote are a
+/// quorum of its voters.
+pub(super) async fn others_can_elect(
+    groups: &Groups,
+    shard: u16,
+    node_id: u64,
+    peers: &std::collections::HashMap<u64, Arc<super::peer::PeerClient>>,
+) -> bool {
+    let Some(voters) = groups.inspect(shard, |metrics| {
+        metrics.membership_config.membership().voter_ids().collect::<Vec<u64>>()
+    }) else {
+        return false;
     };
     let quorum = voters.len() / 2 + 1;
     let answers = voters
         .iter()
-        .filter(|voter| **voter != parts.node_id)
-        .filter_map(|voter| parts.network.peers.get(voter))
-        .map(|peer| super::network::ask_voting(peer, parts.shard, Duration::from_secs(2)));
+        .filter(|voter| **voter != node_id)
+        .filter_map(|voter| peers.get(voter))
+        .map(|peer| super::network::ask_voting(peer, shard, Duration::from_secs(2)));
     let voting = futures_util::future::join_all(answers)
         .await
         .into_iter()

@@ -256,6 +256,15 @@ fn assert_applied_in_order(node: &Node, shard: u16) {
     }
 }
 
+/// `wait_until` for a check that has to wait itself.
+async fn wait_until_async<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while !check() {
@@ -564,6 +573,44 @@ async fn a_leadership_transfer_its_target_refuses_leaves_the_shard_led() {
         })
         .await;
     }
+    for id in [1, 2, 3] {
+        cluster.stop_node(id).await;
+    }
+}
+
+/// Whether member `id` may cut its damaged log of `shard` now (`groups::others_can_elect`).
+async fn guard(cluster: &Cluster, shard: u16, id: u64) -> bool {
+    let consensus = &cluster.node(id).consensus;
+    groups::others_can_elect(&consensus.groups, shard, id, &consensus.peers).await
+}
+
+/// The guard before a member cuts its damaged log while running (`groups::others_can_elect`):
+/// the other voters must be a quorum that can vote without it. A member down, or one that is
+/// refetching its own log, does not count: two members out of three cutting their logs at once
+/// would leave a shard that never elects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_log_is_cut_only_while_the_others_can_elect_without_it() {
+    let mut cluster = Cluster::start(&[1, 2, 3]).await;
+    let shard = 0;
+    propose(&cluster, shard, payload(0)).await;
+    for id in [1, 2, 3] {
+        assert!(guard(&cluster, shard, id).await, "node {id}: both others vote");
+    }
+    // One member down: neither of the others may cut (each would leave one voter).
+    cluster.stop_node(3).await;
+    assert!(!guard(&cluster, shard, 1).await);
+    assert!(!guard(&cluster, shard, 2).await);
+    cluster.start_node(3).await;
+    wait_until_async("node 3 answers again", || guard(&cluster, shard, 1)).await;
+    // One member refetching: it does not vote, so no other member may cut now.
+    cluster.node(2).consensus.groups.set_refetching(shard, true);
+    assert!(!guard(&cluster, shard, 1).await);
+    assert!(!guard(&cluster, shard, 3).await);
+    // Another shard is not concerned.
+    assert!(guard(&cluster, 1, 1).await);
+    cluster.node(2).consensus.groups.set_refetching(shard, false);
+    assert!(guard(&cluster, shard, 1).await);
+    assert!(guard(&cluster, shard, 3).await);
     for id in [1, 2, 3] {
         cluster.stop_node(id).await;
     }
