@@ -67,11 +67,16 @@ struct SnapshotRecords {
 
 const SNAPSHOT_VERSION: u32 = 1;
 
+/// Memberships kept besides the current one: a snapshot below the newest, or a rewind past it
+/// (`rewind_to_durable`), needs an earlier one. A change commits two (joint, then the new
+/// one); more than a few never sit between a snapshot point, or the durable end, and the newest.
+const EARLIER_MEMBERSHIPS: usize = 7;
+
 struct Machine {
     last_applied: Option<LogId>,
-    membership: StoredMembership,
-    /// The membership before `membership` (a snapshot below the newest membership needs it).
-    previous_membership: StoredMembership,
+    /// The memberships applied, oldest first: the current one last, and up to
+    /// `EARLIER_MEMBERSHIPS` before it. Never empty.
+    memberships: VecDeque<StoredMembership>,
     /// `(first raft index, term)` of each run of entries applied in one term, oldest first:
     /// the term of any applied index since the current snapshot.
     term_runs: VecDeque<(u64, u64)>,
@@ -79,6 +84,22 @@ struct Machine {
 }
 
 impl Machine {
+    fn current_membership(&self) -> StoredMembership {
+        self.memberships.back().cloned().unwrap_or_default()
+    }
+
+    /// The membership in force at `raft_index`: the newest applied at or below it (the oldest
+    /// kept if none is).
+    fn membership_at(&self, raft_index: u64) -> StoredMembership {
+        self.memberships
+            .iter()
+            .rev()
+            .find(|m| m.log_id().is_none_or(|id| id.index <= raft_index))
+            .or(self.memberships.front())
+            .cloned()
+            .unwrap_or_default()
+    }
+
     fn term_of(&self, raft_index: u64) -> Option<u64> {
         self.term_runs
             .iter()
@@ -134,8 +155,7 @@ impl ShardStateMachine {
             snapshot_path,
             machine: Arc::new(Mutex::new(Machine {
                 last_applied: None,
-                membership: StoredMembership::default(),
-                previous_membership: StoredMembership::default(),
+                memberships: VecDeque::from([StoredMembership::default()]),
                 term_runs: VecDeque::new(),
                 current,
             })),
@@ -184,11 +204,7 @@ impl ShardStateMachine {
         }
         let position = position.expect("newer implies a position");
         let term = machine.term_of(position)?;
-        let last_membership = if machine.membership.log_id().is_none_or(|id| id.index <= position) {
-            machine.membership.clone()
-        } else {
-            machine.previous_membership.clone()
-        };
+        let last_membership = machine.membership_at(position);
         Some(SnapshotMeta {
             last_log_id: Some(LogId {
                 leader_id: CommittedLeaderId::new(term),
@@ -229,8 +245,19 @@ impl ShardStateMachine {
         {
             machine.term_runs.pop_back();
         }
-        if machine.membership.log_id().is_some_and(|id| Some(id) > keep) {
-            machine.membership = std::mem::take(&mut machine.previous_membership);
+        while machine.memberships.len() > 1
+            && machine
+                .memberships
+                .back()
+                .is_some_and(|m| m.log_id().is_some_and(|id| Some(id) > keep))
+        {
+            machine.memberships.pop_back();
+        }
+        if machine.current_membership().log_id().is_some_and(|id| Some(id) > keep) {
+            tracing::error!(
+                shard = self.shard,
+                "more memberships were applied past the durable log than are kept; the oldest kept stands"
+            );
         }
         true
     }
@@ -377,7 +404,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
         let machine = self.machine.lock().expect("machine lock");
-        Ok((machine.last_applied, machine.membership.clone()))
+        Ok((machine.last_applied, machine.current_membership()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -406,8 +433,12 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 EntryPayload::Blank => None,
                 EntryPayload::Membership(membership) => {
                     let mut machine = self.machine.lock().expect("machine lock");
-                    let stored = StoredMembership::new(Some(log_id), membership);
-                    machine.previous_membership = std::mem::replace(&mut machine.membership, stored);
+                    machine
+                        .memberships
+                        .push_back(StoredMembership::new(Some(log_id), membership));
+                    if machine.memberships.len() > EARLIER_MEMBERSHIPS + 1 {
+                        machine.memberships.pop_front();
+                    }
                     None
                 }
             };
@@ -484,8 +515,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         {
             let mut machine = self.machine.lock().expect("machine lock");
             machine.last_applied = meta.last_log_id;
-            machine.previous_membership = meta.last_membership.clone();
-            machine.membership = meta.last_membership.clone();
+            machine.memberships = VecDeque::from([meta.last_membership.clone()]);
             machine.term_runs.clear();
             if let Some(last) = meta.last_log_id {
                 machine.term_runs.push_back((last.index, last.leader_id.term));
@@ -552,6 +582,28 @@ mod tests {
         let inner = machine.machine.lock().unwrap();
         assert_eq!(inner.last_applied, None);
         assert!(inner.term_runs.is_empty());
+    }
+
+    #[test]
+    fn a_rewind_past_several_memberships_restores_the_one_in_force_at_the_durable_end() {
+        let (machine, _dir) = machine_applied_through(&[(0, 1)], log_id(1, 9));
+        let at = |index: u64| super::StoredMembership::new(Some(log_id(1, index)), Default::default());
+        {
+            let mut inner = machine.machine.lock().unwrap();
+            // A joint change and its end (5 and 6) after the one at 2, then another at 8.
+            for index in [2, 5, 6, 8] {
+                inner.memberships.push_back(at(index));
+            }
+            // A snapshot between them takes the membership in force at its point.
+            assert_eq!(inner.membership_at(7).log_id(), &Some(log_id(1, 6)));
+            assert_eq!(inner.membership_at(4).log_id(), &Some(log_id(1, 2)));
+            assert_eq!(inner.membership_at(1).log_id(), &None);
+        }
+        // Applied through 9, durable through 4: the memberships at 5, 6 and 8 are undone.
+        assert!(machine.rewind_to_durable(Some(log_id(1, 4))));
+        let inner = machine.machine.lock().unwrap();
+        assert_eq!(inner.current_membership().log_id(), &Some(log_id(1, 2)));
+        assert_eq!(inner.last_applied, Some(log_id(1, 4)));
     }
 
     #[test]
