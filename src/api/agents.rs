@@ -204,10 +204,7 @@ pub async fn dispatches(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    require_admin(&caller)?;
-    if state.registry.get(&id).is_none() {
-        return Err(agent_not_found(&id));
-    }
+    admin_and_known_agent(&state, &caller, &id)?;
     let dispatches = state.recent_dispatches.of_agent(&id);
     Ok(axum::Json(json!({"dispatches": dispatches})).into_response())
 }
@@ -219,12 +216,18 @@ pub async fn deliveries(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    require_admin(&caller)?;
-    if state.registry.get(&id).is_none() {
-        return Err(agent_not_found(&id));
-    }
+    admin_and_known_agent(&state, &caller, &id)?;
     let deliveries = state.recent_dispatches.deliveries_of(&id);
     Ok(axum::Json(json!({"deliveries": deliveries})).into_response())
+}
+
+/// The API key's caller asking about an agent the registry knows.
+fn admin_and_known_agent(state: &SharedState, caller: &Caller, id: &str) -> ApiResult<()> {
+    require_admin(caller)?;
+    if state.registry.get(id).is_none() {
+        return Err(agent_not_found(id));
+    }
+    Ok(())
 }
 
 /// The object under `"agent"` (or the body itself when it is not nested).
