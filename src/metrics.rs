@@ -53,6 +53,18 @@ fn describe() {
         "A shard's consensus group on this node stopped on a storage error (a full disk, an unreadable entry) and was started again from its durable log, by shard."
     );
     describe_counter!(
+        "fleetlm_consensus_group_restarts_asked_total",
+        "A shard's consensus group on this node restarted on request, not on an error: a leadership transfer nobody took up, or the retry of a damaged log's refetch."
+    );
+    describe_counter!(
+        "fleetlm_consensus_stalled_transfers_total",
+        "Leadership transfers this node started that no member took up within twice the election timeout (the group then restarts to be led again)."
+    );
+    describe_counter!(
+        "fleetlm_replica_refetches_postponed_total",
+        "Refetches of a damaged shard log that could not begin (too few other members could vote, or the member's own records could not be written); tried again later."
+    );
+    describe_counter!(
         "fleetlm_replica_refetches_total",
         "Damaged shard logs of this cluster member cut back to their intact prefix and refetched from the other members (counted when the member votes again)."
     );

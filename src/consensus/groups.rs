@@ -92,8 +92,11 @@ struct Slot {
     /// This member does not stand for election for the shard (it still votes): set on a node
     /// that handed its leaderships over before it stops (`Groups::stand_down`).
     standing_down: AtomicBool,
-    /// Bumped to ask the group's keeper to restart the running instance (`Groups::restart`).
+    /// The generation of the instance the group's keeper is asked to restart (`Groups::restart`);
+    /// `u64::MAX`: none yet.
     restarts_asked: watch::Sender<u64>,
+    /// Refetches of a damaged log that could not begin and were put off (`keep_running`).
+    postponed_refetches: AtomicU64,
     /// Counts the refetches of the shard's log begun on this node since start (see `refetch`):
     /// held while one begins or ends, so an older one never ends a newer one.
     refetch_epoch: tokio::sync::Mutex<u64>,
@@ -172,7 +175,8 @@ impl Groups {
                     beat_ms: AtomicU64::new(u64::MAX),
                     electing: AtomicBool::new(true),
                     standing_down: AtomicBool::new(false),
-                    restarts_asked: watch::channel(0).0,
+                    restarts_asked: watch::channel(u64::MAX).0,
+                    postponed_refetches: AtomicU64::new(0),
                     refetch_epoch: tokio::sync::Mutex::new(0),
                 })
                 .collect(),
@@ -265,13 +269,27 @@ impl Groups {
         }
     }
 
-    /// Asks the shard's keeper to restart its running instance over the same log (see
-    /// `restart_if_transfer_stalls`): the new instance starts as a follower and campaigns like
-    /// any other member.
-    pub fn restart(&self, shard: u16) {
+    /// Asks the shard's keeper to restart its instance of `generation` (`Groups::generation`)
+    /// over the same log, as `restart_if_transfer_stalls` does; nothing if another instance runs
+    /// by then. The new instance starts as a follower and campaigns like any other member.
+    pub fn restart(&self, shard: u16, generation: u64) {
         if let Some(slot) = self.slots.get(shard as usize) {
-            slot.restarts_asked.send_modify(|asked| *asked += 1);
+            slot.restarts_asked.send_replace(generation);
         }
+    }
+
+    /// Whether this member stands down from the shard's elections (`stand_down`).
+    pub fn standing_down(&self, shard: u16) -> bool {
+        self.slots
+            .get(shard as usize)
+            .is_some_and(|slot| slot.standing_down.load(Ordering::Acquire))
+    }
+
+    /// How many refetches of the shard's damaged log could not begin and were put off.
+    pub fn postponed_refetches(&self, shard: u16) -> u64 {
+        self.slots
+            .get(shard as usize)
+            .map_or(0, |slot| slot.postponed_refetches.load(Ordering::Acquire))
     }
 
     pub fn copy_current(&self, shard: u16) -> bool {
@@ -438,7 +456,8 @@ impl Groups {
 }
 
 /// Keeps the shard's group running until `stopping` is set: waits for the instance to stop on
-/// an error, then starts a new one over the same storage and state machine.
+/// an error (or for a restart asked for it, `Groups::restart`), then starts a new one over the
+/// same storage and state machine.
 pub async fn keep_running(
     groups: Arc<Groups>,
     mut parts: GroupParts,
@@ -449,17 +468,21 @@ pub async fn keep_running(
     let mut backoff = FIRST_BACKOFF;
     let mut started = Instant::now();
     let mut restarts_asked = groups.slots[shard as usize].restarts_asked.subscribe();
-    // Damage found at an earlier stop whose refetch could not begin: tried again at a restart
-    // asked for after `refetch_retry`.
-    let mut postponed: Option<crate::wal::RangeFailure> = None;
+    // Damage found at an earlier stop whose refetch could not begin: tried again by a restart
+    // at `retry_at`.
+    let mut postponed: Option<Postponed> = None;
     let mut refetch_retry = REFETCH_RETRY_FIRST;
     loop {
         let raft = groups.get(shard);
-        restarts_asked.mark_unchanged();
+        let generation = *groups.generation(shard).borrow();
+        let retry_at = postponed.as_ref().map(|postponed| postponed.retry_at);
         let reason = tokio::select! {
-            reason = failure(&raft) => reason,
-            Ok(()) = restarts_asked.changed() => Some(StopReason::Asked),
+            biased;
             _ = stopping.wait_for(|stop| *stop) => return,
+            reason = failure(&raft) => reason,
+            // A request for this instance (one for an earlier instance is stale).
+            Ok(_) = restarts_asked.wait_for(|asked| *asked == generation) => Some(StopReason::Asked),
+            () = sleep_until_some(retry_at) => Some(StopReason::Asked),
         };
         let failed = match reason {
             // Shut down on purpose (a node that refuses to take part stops its groups).
@@ -487,34 +510,77 @@ pub async fn keep_running(
                 );
                 metrics::counter!("fleetlm_consensus_group_restarts_asked_total").increment(1);
                 groups.set_stopped(shard, "its consensus group is restarting here".to_string());
+                // The new instance stands back like a member that just heard from a leader: a
+                // member that gave its leadership up, and is asked to restart because nobody
+                // took it, must not win it straight back unless its copy is current.
+                groups.granted_vote(shard);
             }
         }
         let shut_down = tokio::time::timeout(SHUTDOWN_TIMEOUT, raft.shutdown()).await.is_ok();
-        let damage = settled.damage().or_else(|| postponed.take());
+        // The lower of two damaged entries: the cut must come before both.
+        let damage = match (settled.damage(), postponed.take()) {
+            (Some(found), Some(earlier)) if earlier.damage.index <= found.index => {
+                Some((earlier.damage, earlier.out_of_votes))
+            }
+            (Some(found), _) => Some((found, false)),
+            (None, earlier) => earlier.map(|earlier| (earlier.damage, earlier.out_of_votes)),
+        };
         // An append the stopped instance queued may still land: reopen the log only after.
         tokio::select! {
-            () = settled.wait() => {}
+            biased;
             _ = stopping.wait_for(|stop| *stop) => return,
+            () = settled.wait() => {}
         }
-        // Never cut a log under an instance that may still be running.
-        if let Some(damage) = damage.filter(|_| shut_down) {
-            match refetch_damaged_log(&groups, &parts, damage.clone(), &stopping).await {
-                Refetch::Postponed => {
-                    postponed = Some(damage);
-                    let generation = *groups.generation(shard).borrow() + 1;
-                    tokio::spawn(restart_later(groups.clone(), shard, generation, refetch_retry));
+        // Never cut a log under an instance that may still be running, nor on a node stopping.
+        if let Some((damage, out_of_votes)) = damage.filter(|_| shut_down && !*stopping.borrow()) {
+            match refetch_damaged_log(&groups, &parts, damage.clone(), out_of_votes, &stopping).await {
+                Refetch::Postponed { out_of_votes } => {
+                    groups.slots[shard as usize]
+                        .postponed_refetches
+                        .fetch_add(1, Ordering::AcqRel);
+                    metrics::counter!("fleetlm_replica_refetches_postponed_total").increment(1);
+                    postponed = Some(Postponed {
+                        damage,
+                        out_of_votes,
+                        retry_at: tokio::time::Instant::now() + refetch_retry,
+                    });
                     refetch_retry = (refetch_retry * 2).min(REFETCH_RETRY_MAX);
                 }
                 Refetch::Begun | Refetch::NotNeeded => refetch_retry = REFETCH_RETRY_FIRST,
             }
         }
-        match start_again(&groups, &mut parts, &stopping, &mut backoff).await {
+        // An instance restarted on request starts at once (its wait does not grow the backoff
+        // of failures).
+        let mut asked_wait = FIRST_BACKOFF;
+        let wait = if failed.is_some() {
+            &mut backoff
+        } else {
+            &mut asked_wait
+        };
+        match start_again(&groups, &mut parts, &stopping, wait).await {
             Some(now_settled) => {
                 settled = now_settled;
                 started = Instant::now();
             }
             None => return,
         }
+    }
+}
+
+/// A damaged log whose refetch could not begin, and when to try again.
+struct Postponed {
+    damage: crate::wal::RangeFailure,
+    /// The attempt had already taken this member out of the votes (it may have cut its log):
+    /// the retry goes through whatever a second read says.
+    out_of_votes: bool,
+    retry_at: tokio::time::Instant,
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -541,7 +607,7 @@ pub async fn restart_if_transfer_stalls(groups: Arc<Groups>, shard: u16, node_id
             "a leadership transfer was not taken up; the group restarts to be led again"
         );
         metrics::counter!("fleetlm_consensus_stalled_transfers_total").increment(1);
-        groups.restart(shard);
+        groups.restart(shard, generation);
     }
 }
 
@@ -557,8 +623,9 @@ async fn start_again(
     let mut stopping = stopping.clone();
     loop {
         tokio::select! {
-            () = tokio::time::sleep(*backoff) => {}
+            biased;
             _ = stopping.wait_for(|stop| *stop) => return None,
+            () = tokio::time::sleep(*backoff) => {}
         }
         *backoff = (*backoff * 2).min(MAX_BACKOFF);
         // The stopped instance's state machine worker may still be applying: fence it off,
@@ -581,30 +648,15 @@ async fn start_again(
     }
 }
 
-/// Asks for a restart of the shard's group after `delay`, if its instance is still the one of
-/// `generation` then (a restart meanwhile tried again already).
-async fn restart_later(groups: Arc<Groups>, shard: u16, generation: u64, delay: Duration) {
-    let mut generations = groups.generation(shard);
-    tokio::time::sleep(delay).await;
-    // The instance to restart may take longer than `delay` to start.
-    let current = match generations.wait_for(|now| *now >= generation).await {
-        Ok(now) => *now,
-        Err(_) => return,
-    };
-    if current == generation {
-        groups.restart(shard);
-    }
-}
-
 /// What became of a damaged log found at a stop.
 enum Refetch {
     /// Cut back; the refetch runs.
     Begun,
     /// The entry reads again: nothing to do.
     NotNeeded,
-    /// Not now: too few other members can vote, or this member's records could not be written.
-    /// Tried again later (`keep_running`).
-    Postponed,
+    /// Not now: too few other members can vote, or this member's records could not be written
+    /// (`out_of_votes`: after it stopped voting). Tried again later (`keep_running`).
+    Postponed { out_of_votes: bool },
 }
 
 /// The stopped group's log holds an entry it could not read back: if a second read fails too,
@@ -619,10 +671,13 @@ async fn refetch_damaged_log(
     groups: &Arc<Groups>,
     parts: &GroupParts,
     damage: crate::wal::RangeFailure,
+    out_of_votes: bool,
     stopping: &watch::Receiver<bool>,
 ) -> Refetch {
     let shard = parts.shard;
-    let confirmed = {
+    // A member an earlier attempt took out of the votes may have cut its log already (the
+    // entry is then gone, not readable): it goes through with the refetch whatever it reads.
+    let confirmed = out_of_votes || {
         let (wal, damage) = (parts.wal.clone(), damage.clone());
         tokio::task::spawn_blocking(move || super::refetch::damage_confirmed(&wal, shard, &damage))
             .await
@@ -642,7 +697,7 @@ async fn refetch_damaged_log(
             index = damage.index,
             "a damaged shard log is not cut back now: too few other members can vote; tried again later"
         );
-        return Refetch::Postponed;
+        return Refetch::Postponed { out_of_votes };
     }
     let mut epoch = groups.refetch_epoch(shard).lock().await;
     // A new epoch before anything is written: an older refetch can no longer end this one.
@@ -654,7 +709,7 @@ async fn refetch_damaged_log(
         Ok(marker) => marker,
         Err(error) => {
             tracing::error!(shard, %error, "a damaged shard log could not be cut back for a refetch; tried again later");
-            return Refetch::Postponed;
+            return Refetch::Postponed { out_of_votes: true };
         }
     };
     metrics::counter!("fleetlm_replica_runtime_damage_total").increment(1);

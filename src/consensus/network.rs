@@ -483,6 +483,10 @@ async fn answer(groups: Option<Arc<Groups>>, request: PeerRequest) -> RaftReply 
         // It may have acknowledged entries it no longer holds: no vote until it holds them.
         return failed(&"this member is refetching its damaged log and does not vote yet");
     }
+    if matches!(rpc, RaftRpc::TransferLeader(_)) && groups.as_ref().is_some_and(|groups| groups.standing_down(shard)) {
+        // Stopping: a leadership handed to it would be lost at once.
+        return failed(&"this member is stopping; it does not take the leadership over");
+    }
     if matches!(rpc, RaftRpc::TransferLeader(_)) && groups.as_ref().is_some_and(|groups| !groups.copy_current(shard)) {
         // Elected, it would first have to rebuild its copy of the state (from the archive):
         // the leader hands over to another member, or keeps leading.

@@ -95,7 +95,13 @@ impl Machine {
             .iter()
             .rev()
             .find(|m| m.log_id().is_none_or(|id| id.index <= raft_index))
-            .or(self.memberships.front())
+            .or_else(|| {
+                tracing::error!(
+                    raft_index,
+                    "no membership kept at or below this point; the oldest kept stands in"
+                );
+                self.memberships.front()
+            })
             .cloned()
             .unwrap_or_default()
     }

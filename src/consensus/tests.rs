@@ -547,6 +547,7 @@ async fn a_leadership_transfer_its_target_refuses_leaves_the_shard_led() {
             .term
     };
     let term = term_of(leader);
+    let generation = *cluster.node(leader).consensus.groups.generation(shard).borrow();
     for id in [1, 2, 3].into_iter().filter(|id| *id != leader) {
         let groups = &cluster.node(id).consensus.groups;
         groups.set_copy_current(shard, false);
@@ -567,6 +568,10 @@ async fn a_leadership_transfer_its_target_refuses_leaves_the_shard_led() {
     );
     let now = term_of(leader);
     assert!(now > term, "it leads in a new term ({term} then {now})");
+    assert!(
+        *cluster.node(leader).consensus.groups.generation(shard).borrow() > generation,
+        "its group was restarted"
+    );
     for id in [1, 2, 3] {
         wait_until("every member applied the write taken after the refusal", || {
             applied_by_index(cluster.node(id), shard).contains_key(&second)
@@ -1291,7 +1296,8 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
     // retries a send with them): restarted, the group reads them again, from the damaged log.
     // (Read while the member is still down, the damage is found when too few others can vote:
     // the refetch is then postponed and tried again later, which this test goes through too.)
-    cluster.node(leader).consensus.groups.restart(shard);
+    let groups = &cluster.node(leader).consensus.groups;
+    groups.restart(shard, *groups.generation(shard).borrow());
 
     // The first attempt to record the refetch fails (a file stands where the records'
     // directory goes): the member stays out of the votes, and tries again later by itself.
@@ -1320,6 +1326,11 @@ async fn a_log_found_damaged_while_running_is_cut_back_and_refetched_from_the_pe
             "the damaged member never began refetching (a first attempt failed: {blocked})"
         );
         if records.is_file() && cluster.node(leader).consensus.groups.refetching(shard) {
+            // Out of the votes, so past the guard: its attempt fails at once on the records
+            // (the retry is 5 s away).
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(!marker.exists());
+            assert!(cluster.node(leader).consensus.groups.postponed_refetches(shard) >= 1);
             std::fs::remove_file(&records).unwrap();
             blocked = true;
         }
