@@ -237,6 +237,17 @@ async fn uploads_are_validated_and_limited_with_clear_errors() {
         let (got, body) = upload(&server, "s1", bytes, content_type, query, None).await;
         assert_eq!((got, body["code"].as_str()), (status, Some(code)), "{query}: {body}");
     }
+    // A refusal before the body was read closes the connection: a client reusing it for its
+    // next request would otherwise have that request fail.
+    let refused = server
+        .client
+        .post(server.url("/api/sessions/s1/files"))
+        .body(sample(4096))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 413);
+    assert_eq!(refused.headers()["connection"], "close");
     let (status, body) = upload(&server, "missing", sample(10), Some("image/png"), "", None).await;
     assert_eq!((status, body["code"].as_str()), (404, Some("session_not_found")));
     // Without a content type it is stored as bytes; exactly at the limit is fine.

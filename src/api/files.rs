@@ -44,7 +44,29 @@ const SHOWN_INLINE: &[&str] = &[
     "video/mp4",
 ];
 
+/// An upload refused before its body was read leaves that body on the connection: the answer
+/// closes it (`connection: close`), or a client reusing the connection for its next request
+/// would have it fail (the server closes it anyway, having not read the body).
 pub async fn upload(
+    state: State<SharedState>,
+    caller: Caller,
+    session_id: Path<String>,
+    query: Query<HashMap<String, String>>,
+    request: Request,
+) -> Response {
+    match receive_upload(state, caller, session_id, query, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            let mut response = error.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
+}
+
+async fn receive_upload(
     State(state): State<SharedState>,
     caller: Caller,
     Path(session_id): Path<String>,

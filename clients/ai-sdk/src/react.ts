@@ -2,7 +2,7 @@
 // written elsewhere (another tab, another device, the agent writing by REST).
 import { Chat, useChat } from "@ai-sdk/react";
 import type { ChatInit, UIMessage } from "ai";
-import { useEffect, useMemo, useRef } from "react";
+import { useEffect, useMemo, useRef, useState } from "react";
 import { latestCallbacks } from "./callbacks.js";
 import { syncChat, type ChatSyncOptions } from "./sync.js";
 import type { FleetLMChatTransport } from "./transport.js";
@@ -50,4 +50,54 @@ export function useFleetLMSync<UI_MESSAGE extends UIMessage>(
     const sync = syncChat(chat, transport, { followRemoteStreams: follow });
     return () => sync.stop();
   }, [chat, transport, follow]);
+}
+
+/** What `useFleetLMFileUrl` gives: a URL to show the file by, or why it could not be had. */
+export type FleetLMFileUrl = {
+  /** Undefined while the file loads, or if it could not be fetched. */
+  url: string | undefined;
+  error: Error | undefined;
+};
+
+/**
+ * A URL to show a file part by (`<img src>`, a link), in token mode as in open mode: a file on the
+ * FleetLM server is fetched with the transport's credentials (a browser cannot send a bearer token
+ * from an `<img>`) into an object URL, revoked when the component unmounts or the URL changes;
+ * `data:` and `blob:` URLs (the sender's own copy) and files on other hosts are given as they are.
+ */
+export function useFleetLMFileUrl<UI_MESSAGE extends UIMessage>(
+  transport: FleetLMChatTransport<UI_MESSAGE>,
+  url: string | undefined,
+): FleetLMFileUrl {
+  const client = transport.client;
+  const direct =
+    url === undefined || url.startsWith("data:") || url.startsWith("blob:") || !client.isOwnFileUrl(url);
+  const [fetched, setFetched] = useState<{ for: string; url?: string; error?: Error } | null>(null);
+  useEffect(() => {
+    if (direct || url === undefined) return;
+    const abort = new AbortController();
+    let objectUrl: string | undefined;
+    client.fileObjectUrl(url, { signal: abort.signal }).then(
+      (made) => {
+        if (abort.signal.aborted) {
+          URL.revokeObjectURL(made);
+          return;
+        }
+        objectUrl = made;
+        setFetched({ for: url, url: made });
+      },
+      (error: unknown) => {
+        if (!abort.signal.aborted) {
+          setFetched({ for: url, error: error instanceof Error ? error : new Error(String(error)) });
+        }
+      },
+    );
+    return () => {
+      abort.abort();
+      if (objectUrl !== undefined) URL.revokeObjectURL(objectUrl);
+    };
+  }, [client, url, direct]);
+  if (direct) return { url, error: undefined };
+  if (fetched?.for !== url) return { url: undefined, error: undefined };
+  return { url: fetched.url, error: fetched.error };
 }

@@ -346,6 +346,11 @@ export class FleetLMClient {
     return this.rest.fileUrl(url);
   }
 
+  /** Whether a file's URL (or path) is on this server, where it needs this client's token. */
+  isOwnFileUrl(url: string | { url: string }): boolean {
+    return this.rest.isOwnUrl(this.rest.fileUrl(url));
+  }
+
   /** A file's bytes, fetched with this client's token when the URL is on this server. */
   getFile(url: string | { url: string }, options: { signal?: AbortSignal } = {}): Promise<Blob> {
     return this.rest.getFile(url, options);

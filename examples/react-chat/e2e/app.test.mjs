@@ -306,13 +306,19 @@ test("an image attachment: uploaded, stored by its server path, shown again afte
   assert.equal(stored.status, 200);
   assert.ok(Buffer.from(await stored.arrayBuffer()).equals(png), "the server holds the same bytes");
 
-  // After a reload the image comes from the history: the file's URL on the server, and it loads.
+  // After a reload the image comes from the history: the file's URL on the server, fetched by
+  // useFleetLMFileUrl (with the transport's credentials, as token mode needs) into a blob: URL.
+  const fileRequests = [];
+  page.on("request", (request) => {
+    if (request.url().includes("/files/")) fileRequests.push(request.url());
+  });
   await page.reload();
   await waitForBubbles(page, (b) => b.length === 2 && b[1].text === "echo: what is this?", "the history");
   await page.waitForFunction(() => [...document.querySelectorAll("[data-testid=messages] li img")].some((img) => img.complete && img.naturalWidth > 0));
   const shown = await loadedImages(page);
   assert.equal(shown.length, 1);
-  assert.equal(shown[0].src, `${fleetlm}${part.url}`);
+  assert.match(shown[0].src, /^blob:/);
+  assert.deepEqual(fileRequests, [`${fleetlm}${part.url}`]);
   assert.equal(shown[0].width, 180);
 
   assert.deepEqual(errors, []);

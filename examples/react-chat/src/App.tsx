@@ -3,7 +3,7 @@
 // same URL stays in sync. Attach an image (or any file): the transport uploads it to the session
 // and stores the server's path in the message; the page shows it from the history after a reload.
 import { FleetLMChatTransport, loadChatMessages } from "@fleetlm/ai-sdk";
-import { useFleetLMChat } from "@fleetlm/ai-sdk/react";
+import { useFleetLMChat, useFleetLMFileUrl } from "@fleetlm/ai-sdk/react";
 import type { FileUIPart, UIMessage } from "ai";
 import { useEffect, useMemo, useRef, useState, type FormEvent } from "react";
 
@@ -71,7 +71,7 @@ function Chat({ chatId, transport, initial }: { chatId: string; transport: Fleet
             {message.parts.map((part, i) => {
               if (part.type === "text") return <span key={i} className="text">{part.text}</span>;
               if (part.type === "reasoning") return <em key={i} className="reasoning">{part.text}</em>;
-              if (part.type === "file") return <Attachment key={i} part={part} />;
+              if (part.type === "file") return <Attachment key={i} part={part} transport={transport} />;
               if (part.type.startsWith("tool-") && "state" in part) {
                 const tool = part as any;
                 return (
@@ -121,16 +121,18 @@ function Chat({ chatId, transport, initial }: { chatId: string; transport: Fleet
 }
 
 // A file part: the sender's own copy holds a data: URL; from the history (a reload, another tab)
-// it is the file's absolute URL on the FleetLM server. This app runs in open mode, where that URL
-// works as it is in <img src> and links. In token mode a file needs the bearer token: show
-// `await transport.client.fileObjectUrl(part.url)` instead (docs/CLIENTS.md, "Showing files
-// from history").
-function Attachment({ part }: { part: FileUIPart }) {
+// it is the file's absolute URL on the FleetLM server. `useFleetLMFileUrl` fetches such a file
+// with the transport's credentials into a blob: URL, so the same code shows it in token mode,
+// where an <img src> on the server's URL could not send the bearer token.
+function Attachment({ part, transport }: { part: FileUIPart; transport: FleetLMChatTransport }) {
+  const { url, error } = useFleetLMFileUrl(transport, part.url);
+  if (error) return <span className="attachment error">{part.filename ?? "file"}: {error.message}</span>;
+  if (!url) return <span className="attachment muted">{part.filename ?? "file"}…</span>;
   if (part.mediaType.startsWith("image/")) {
-    return <img className="attachment" src={part.url} alt={part.filename ?? "image"} data-testid="attachment" />;
+    return <img className="attachment" src={url} alt={part.filename ?? "image"} data-testid="attachment" />;
   }
   return (
-    <a className="attachment" href={part.url} target="_blank" rel="noreferrer" download={part.filename}>
+    <a className="attachment" href={url} target="_blank" rel="noreferrer" download={part.filename}>
       {part.filename ?? "file"}
     </a>
   );
