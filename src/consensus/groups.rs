@@ -519,11 +519,9 @@ pub async fn keep_running(
         let shut_down = tokio::time::timeout(SHUTDOWN_TIMEOUT, raft.shutdown()).await.is_ok();
         // The lower of two damaged entries: the cut must come before both.
         let damage = match (settled.damage(), postponed.take()) {
-            (Some(found), Some(earlier)) if earlier.damage.index <= found.index => {
-                Some((earlier.damage, earlier.out_of_votes))
-            }
-            (Some(found), _) => Some((found, false)),
-            (None, earlier) => earlier.map(|earlier| (earlier.damage, earlier.out_of_votes)),
+            (Some(found), Some(earlier)) if found.index < earlier.damage.index => Some((found, earlier.out_of_votes)),
+            (_, Some(earlier)) => Some((earlier.damage, earlier.out_of_votes)),
+            (found, None) => found.map(|found| (found, false)),
         };
         // An append the stopped instance queued may still land: reopen the log only after.
         tokio::select! {
@@ -675,9 +673,10 @@ async fn refetch_damaged_log(
     stopping: &watch::Receiver<bool>,
 ) -> Refetch {
     let shard = parts.shard;
-    // A member an earlier attempt took out of the votes may have cut its log already (the
-    // entry is then gone, not readable): it goes through with the refetch whatever it reads.
-    let confirmed = out_of_votes || {
+    // A member out of the votes (an earlier attempt took it out, and may have cut its log
+    // already: the entry is then gone, not readable) goes through with the refetch whatever it
+    // reads: it never stays out of the votes without one.
+    let confirmed = out_of_votes || groups.refetching(shard) || {
         let (wal, damage) = (parts.wal.clone(), damage.clone());
         tokio::task::spawn_blocking(move || super::refetch::damage_confirmed(&wal, shard, &damage))
             .await
