@@ -49,6 +49,13 @@ impl ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
+    /// 503 `overloaded`: a bound of this node is reached; retry in a second.
+    pub fn overloaded(message: impl Into<String>) -> ApiError {
+        let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message);
+        error.retry_after_secs = Some(1);
+        error
+    }
+
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
         error.retry_after_secs = Some(1);
@@ -111,13 +118,7 @@ impl From<ShardError> for ApiError {
                 "a session with this id already exists",
             ),
             ShardError::Overloaded => {
-                let mut error = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    "the server is over its write-ahead log budget; retry later",
-                );
-                error.retry_after_secs = Some(1);
-                error
+                ApiError::overloaded("the server is over its write-ahead log budget; retry later")
             }
             ShardError::Archive(error) => error.into(),
             ShardError::StorageFailed(reason) => {

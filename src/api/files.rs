@@ -113,13 +113,7 @@ async fn receive_upload(
     }
     // Each upload holds its whole body in memory until the archive took it: bounded per node.
     let Ok(_permit) = state.files.uploads.try_acquire() else {
-        let mut error = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "too many file uploads at once; retry shortly",
-        );
-        error.retry_after_secs = Some(1);
-        return Err(error);
+        return Err(ApiError::overloaded("too many file uploads at once; retry shortly"));
     };
     // A body that trickles in must not hold an upload slot for ever.
     let content = match tokio::time::timeout(UPLOAD_DEADLINE, axum::body::to_bytes(request.into_body(), limit)).await {
@@ -196,13 +190,9 @@ pub async fn download(
         }
     }
     let Ok(permit) = state.files.downloads.clone().try_acquire_owned() else {
-        let mut error = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
+        return Err(ApiError::overloaded(
             "too many files being served at once; retry shortly",
-        );
-        error.retry_after_secs = Some(1);
-        return Err(error);
+        ));
     };
     let archive = state.shards.archive().clone();
     let info = archive.file_info(&session_id, &file_id).await?.ok_or_else(not_found)?;
