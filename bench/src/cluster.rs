@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
 use crate::archive_link::{self, ArchiveLink};
+use crate::cpu::{clock_ticks_per_second, cpu_ticks, proc_sample};
 use crate::server::Target;
 use crate::wswrite::{WriteRun, WsWriteOptions};
 
@@ -142,33 +143,6 @@ async fn spawn_server(args: &[String], log: &Path) -> anyhow::Result<(tokio::pro
         }
     });
     Ok((child, format!("http://{address}")))
-}
-
-/// Reads utime+stime (clock ticks), RSS (bytes) and thread count of a process from /proc.
-fn proc_sample(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at field 3 (state).
-    let rest = stat.rsplit_once(')').context("unexpected /proc stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11).context("utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("stime")?.parse()?;
-    let threads: u64 = fields.get(17).context("threads")?.parse()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")?;
-    Ok((utime + stime, rss_kib * 1024, threads))
-}
-
-fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 struct Node {
@@ -675,11 +649,6 @@ async fn drive_spread(
         bench_cpu_secs,
         wall_secs: wall,
     })
-}
-
-/// utime+stime of the processes, summed (clock ticks).
-fn cpu_ticks(pids: &[u32]) -> u64 {
-    pids.iter().filter_map(|p| proc_sample(*p).ok()).map(|s| s.0).sum()
 }
 
 /// The `ws-write` drive on every node at once, each with its share of the sessions.

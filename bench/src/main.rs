@@ -5,6 +5,7 @@
 mod archive_link;
 mod catchup;
 mod cluster;
+mod cpu;
 mod echo;
 mod fanout;
 mod idle;

@@ -171,9 +171,29 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
     };
     let jetstream = run_jetstream_baseline(options).await?;
     let appends_before = target.metric(&client, "fleetlm_appends_total").await?;
+    let archived_before = target.metric(&client, "fleetlm_archive_messages_total").await?;
     let fsyncs_before = target.metric(&client, "fleetlm_wal_fsync_seconds_count").await?;
+    let threads_before = target.pid().map(crate::cpu::thread_ticks);
+    let bench_before = crate::cpu::cpu_ticks(&[std::process::id()]);
     let fleetlm = drive(&target.base, &sessions, options).await?;
+    let bench_ticks = crate::cpu::cpu_ticks(&[std::process::id()]) - bench_before;
     let appends = target.metric(&client, "fleetlm_appends_total").await? - appends_before;
+    // The server's CPU counts until the archive holds what the run wrote, so the flush of every
+    // message is in it (bounded: a stalled archive ends the wait after 10 s).
+    let flushed_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while target.metric(&client, "fleetlm_archive_messages_total").await? - archived_before < appends
+        && std::time::Instant::now() < flushed_by
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let server_cpu = match (target.pid(), threads_before) {
+        (Some(pid), Some(before)) => Some(crate::cpu::per_unit_by_kind(
+            &before,
+            &crate::cpu::thread_ticks(pid),
+            appends,
+        )),
+        _ => None,
+    };
     let fsyncs = target.metric(&client, "fleetlm_wal_fsync_seconds_count").await? - fsyncs_before;
     let per_fsync = if fsyncs > 0.0 { appends / fsyncs } else { 0.0 };
     let ratio = fleetlm.acked_per_sec / echo.acked_per_sec.max(1.0);
@@ -210,6 +230,14 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
         println!("fleetlm / jetstream        {jetstream_ratio:.2}");
     }
     println!("appends per fsync          {per_fsync:.1}");
+    let server_cpu_total = server_cpu.as_ref().map(|kinds| kinds.values().sum::<f64>());
+    let bench_cpu_us = bench_ticks as f64 / crate::cpu::clock_ticks_per_second() * 1e6 / appends.max(1.0);
+    if let (Some(kinds), Some(total)) = (&server_cpu, server_cpu_total) {
+        println!("server CPU per append      {total:.1} µs (load generator {bench_cpu_us:.1} µs)");
+        for (kind, micros) in kinds {
+            println!("  {kind:<24} {micros:>6.1} µs");
+        }
+    }
     let half_load = if options.half_load {
         let rate = (fleetlm.acked_per_sec / 2.0).max(1.0) as u64;
         let paced = WsWriteOptions {
@@ -242,6 +270,9 @@ pub async fn ws_write(target: &Target, options: &WsWriteOptions) -> anyhow::Resu
         "jetstream": jetstream.as_ref().map(WriteRun::to_json),
         "ratio_to_jetstream": jetstream_ratio,
         "appends_per_fsync": per_fsync,
+        "server_cpu_us_per_append": server_cpu_total,
+        "server_cpu_us_per_append_by_thread": server_cpu,
+        "bench_cpu_us_per_append": bench_cpu_us,
         "half_load": half_load,
     }))
 }
