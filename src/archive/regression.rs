@@ -13,6 +13,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::shard::ops::MIN_MESSAGE_OP_BYTES;
+
 /// One shard whose archive holds less than it was given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Regression {
@@ -86,10 +88,6 @@ pub fn regressions_among(held: &[(u16, u64)], expected: &[(u16, u64)]) -> Vec<Re
         })
         .collect()
 }
-
-/// The fewest bytes a message takes in a log entry (its JSON's field names alone take more), so
-/// an entry of `max_entry_bytes` holds at most `max_entry_bytes / this` messages.
-pub const MIN_MESSAGE_OP_BYTES: u64 = 64;
 
 /// Largest skip recorded for one accepted regression: far beyond what any log could have held,
 /// and still well inside the integers JavaScript clients read exactly (2^53).

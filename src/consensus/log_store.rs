@@ -577,6 +577,10 @@ mod tests {
         ));
         let error = decode(to_wal_id(&log_id), b"{\"ops\":[]}").expect_err("a single-node entry");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        let single_node = crate::shard::ops::encode_entry(&[]);
+        let error = decode(to_wal_id(&log_id), &single_node).expect_err("a single-node entry, format 2");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        assert!(command_in_record(&single_node).is_err());
     }
 
     fn entry(term: u64, index: u64) -> Entry {

@@ -42,7 +42,8 @@ use auth::{
 };
 
 /// 3: answers may be refused as too large (`Frame::Refused`); callers open one connection per lane.
-const PROTOCOL_VERSION: u32 = 3;
+/// 4: log entries in format 2 (binary, `shard::ops`), which a member of version 3 cannot read.
+const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame accepted (a Raft append of many batches stays far below).
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 /// Largest answer a callee sends (its whole frame). A bigger one fails its call alone

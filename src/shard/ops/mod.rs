@@ -1,4 +1,5 @@
-//! What a shard's log entries carry: a versioned batch of operations, JSON-encoded.
+//! What a shard's log entries carry: a versioned batch of operations (format 2, binary:
+//! `binary.rs`; format 1, JSON, is still read).
 //!
 //! One log entry holds every operation of one shard writer batch, so one WAL record (and one
 //! fsync share) covers many appends.
@@ -6,8 +7,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{MessageRecord, ReadCursor, SessionRecord, SessionView, Timestamp};
-
-pub const ENTRY_FORMAT_VERSION: u8 = 1;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -86,13 +85,15 @@ impl Op {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct EntryBody<T> {
-    v: u8,
-    ops: T,
-}
+mod binary;
 
-/// Builds one entry's bytes an operation at a time, so a batch knows its exact encoded size
+/// The fewest bytes a `message_appended` operation takes in an entry of either format, so
+/// `bytes / this` bounds how many messages lost entries could have held. Format 2's smallest:
+/// every text empty, one-byte JSON values, numbers of one byte, the 8-byte fingerprint (22 bytes;
+/// `the_smallest_message_takes_at_least_the_bound`); format 1's field names alone take more.
+pub const MIN_MESSAGE_OP_BYTES: u64 = 22;
+
+/// Builds one entry's bytes (format 2) an operation at a time, so a batch knows its exact encoded size
 /// before it is sealed (the WAL refuses an entry over its limit; the writer never makes one).
 /// Produces exactly what `encode_entry` produces for the same operations.
 pub struct EntryEncoder {
@@ -100,33 +101,23 @@ pub struct EntryEncoder {
     ops: usize,
 }
 
-const ENTRY_PREFIX: &[u8] = b"{\"v\":1,\"ops\":[";
-const ENTRY_SUFFIX: &[u8] = b"]}";
-
 impl Default for EntryEncoder {
     fn default() -> Self {
         EntryEncoder {
-            bytes: ENTRY_PREFIX.to_vec(),
+            bytes: vec![binary::ENTRY_MARKER],
             ops: 0,
         }
     }
 }
 
 impl EntryEncoder {
-    /// Bytes of the entry if it were finished now.
+    /// Bytes of the entry if it were finished now (its end byte included).
     pub fn len(&self) -> usize {
-        self.bytes.len() + ENTRY_SUFFIX.len()
+        self.bytes.len() + 1
     }
 
     pub fn is_empty(&self) -> bool {
         self.ops == 0
-    }
-
-    /// Bytes `op` adds to the entry (its JSON and a separator).
-    pub fn encoded_len(op: &Op) -> usize {
-        let mut counter = ByteCounter(0);
-        serde_json::to_writer(&mut counter, op).expect("ops always serialize");
-        counter.0 + 1
     }
 
     pub fn push(&mut self, op: &Op) {
@@ -137,10 +128,7 @@ impl EntryEncoder {
     /// and the bytes it would have added are returned.
     pub fn try_push(&mut self, op: &Op, max_op_bytes: usize) -> Result<(), usize> {
         let before = self.bytes.len();
-        if self.ops > 0 {
-            self.bytes.push(b',');
-        }
-        serde_json::to_writer(&mut self.bytes, op).expect("ops always serialize");
+        binary::write_op(&mut self.bytes, op);
         let added = self.bytes.len() - before;
         if added > max_op_bytes {
             self.bytes.truncate(before);
@@ -150,39 +138,29 @@ impl EntryEncoder {
         Ok(())
     }
 
-    /// The finished entry; the encoder starts over empty.
+    /// The finished entry; the encoder starts over empty, with room for an entry as large (so a
+    /// steady load grows no buffer).
     pub fn finish(&mut self) -> Vec<u8> {
-        let mut bytes = std::mem::replace(&mut self.bytes, ENTRY_PREFIX.to_vec());
-        bytes.extend_from_slice(ENTRY_SUFFIX);
+        let mut next = Vec::with_capacity(self.bytes.len() + 1);
+        next.push(binary::ENTRY_MARKER);
         self.ops = 0;
-        bytes
+        let mut entry = std::mem::replace(&mut self.bytes, next);
+        entry.push(binary::ENTRY_END);
+        entry
     }
 
     pub fn clear(&mut self) {
-        self.bytes.truncate(ENTRY_PREFIX.len());
+        self.bytes.truncate(1);
         self.ops = 0;
-    }
-}
-
-struct ByteCounter(usize);
-
-impl std::io::Write for ByteCounter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
 pub fn encode_entry(ops: &[Op]) -> Vec<u8> {
-    serde_json::to_vec(&EntryBody {
-        v: ENTRY_FORMAT_VERSION,
-        ops,
-    })
-    .expect("ops always serialize")
+    let mut encoder = EntryEncoder::default();
+    for op in ops {
+        encoder.push(op);
+    }
+    encoder.finish()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,54 +169,39 @@ pub enum DecodeError {
     Version(u8),
     #[error("log entry is not valid: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("log entry is not valid: {0}")]
+    Binary(String),
+    #[error("log entry is not in a known format (first byte {0:#04x})")]
+    Format(u8),
+    #[error("log entry is empty")]
+    Empty,
 }
 
 pub fn decode_entry(bytes: &[u8]) -> Result<Vec<Op>, DecodeError> {
-    let body: EntryBody<Vec<Op>> = serde_json::from_slice(bytes)?;
-    if body.v != ENTRY_FORMAT_VERSION {
-        return Err(DecodeError::Version(body.v));
+    match bytes.split_first() {
+        Some((&binary::ENTRY_MARKER, rest)) => match rest.split_last() {
+            Some((&binary::ENTRY_END, body)) => binary::read_ops(body).map_err(DecodeError::Binary),
+            _ => Err(DecodeError::Binary("the entry does not end with its end byte".into())),
+        },
+        Some((b'{', _)) => decode_json_entry(bytes),
+        Some((&other, _)) => Err(DecodeError::Format(other)),
+        None => Err(DecodeError::Empty),
     }
-    Ok(body.ops)
+}
+
+/// Format 1: `{"v":1,"ops":[…]}`, the operations as JSON.
+fn decode_json_entry(bytes: &[u8]) -> Result<Vec<Op>, DecodeError> {
+    #[derive(Deserialize)]
+    struct JsonEntry {
+        v: u8,
+        ops: Vec<Op>,
+    }
+    let entry: JsonEntry = serde_json::from_slice(bytes)?;
+    if entry.v != 1 {
+        return Err(DecodeError::Version(entry.v));
+    }
+    Ok(entry.ops)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_incremental_encoder_matches_the_batch_encoding_byte_for_byte() {
-        let ops = vec![
-            Op::DispatchStarted {
-                session_id: "s".into(),
-                turn_id: crate::ids::TurnId::derive("s", 1, 3),
-                through_seq: 3,
-                history_seq: 4,
-                at: Timestamp(1),
-            },
-            Op::SessionArchived {
-                session_id: "s\u{1}\"x".into(),
-                at: Timestamp(1),
-            },
-            Op::DispatchFinished {
-                session_id: "s".into(),
-                dispatch_id: "d".into(),
-                through_seq: 3,
-                error: Some("boom".into()),
-                at: Timestamp(2),
-                cancelled: true,
-            },
-        ];
-        let mut encoder = EntryEncoder::default();
-        let mut predicted = encoder.len();
-        for op in &ops {
-            predicted += EntryEncoder::encoded_len(op) - usize::from(encoder.is_empty());
-            encoder.push(op);
-            assert_eq!(encoder.len(), predicted);
-        }
-        let bytes = encoder.finish();
-        assert_eq!(bytes, encode_entry(&ops));
-        assert_eq!(bytes.len(), predicted);
-        assert_eq!(decode_entry(&bytes).unwrap().len(), 3);
-        assert_eq!(encoder.finish(), encode_entry(&[]));
-    }
-}
+mod tests;

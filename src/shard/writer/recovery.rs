@@ -92,12 +92,12 @@ impl ShardWriter {
         let durable_last = self.wal.last_log_id(self.shard).map_or(0, |id| id.index);
         self.state.applied_index = durable_last.max(self.state.archived_index);
         let watermark = self.archive.watermark(self.shard).await.map_err(|e| e.to_string())?;
-        // As JSON writes them: an id needing escapes is always decoded.
+        // Only entries holding a touched id's bytes are decoded. Both entry formats write an id
+        // as its own bytes (format 1 inside quotes, format 2 after its length) unless it needs
+        // escaping: then every entry is decoded.
         let needles: Option<Vec<Vec<u8>>> = touched
             .iter()
-            .map(|id| {
-                (!id.chars().any(|c| c == '"' || c == '\\' || c.is_control())).then(|| format!("\"{id}\"").into_bytes())
-            })
+            .map(|id| (!id.chars().any(|c| c == '"' || c == '\\' || c.is_control())).then(|| id.as_bytes().to_vec()))
             .collect();
         let mentions_touched = |body: &[u8]| match &needles {
             Some(needles) => needles
@@ -494,7 +494,7 @@ impl ShardWriter {
             // Strictly after every replayed write: sessions updated before it skip.
             let recorded_at = crate::model::Timestamp(self.clock.now_micros().max(self.last_inserted_at + 1));
             self.last_inserted_at = recorded_at.0;
-            let skip_seqs = loss.lost_bytes / MIN_MESSAGE_OP_BYTES + 1;
+            let skip_seqs = loss.lost_bytes / crate::shard::ops::MIN_MESSAGE_OP_BYTES + 1;
             let shard_loss = ShardLoss {
                 after_index: loss.after_index,
                 skip_seqs,
@@ -513,10 +513,6 @@ impl ShardWriter {
         Ok(replayed)
     }
 }
-
-/// The fewest bytes a message takes in a log entry (its JSON's field names alone take more), so
-/// `lost bytes / this` bounds how many seqs lost entries could have held.
-pub(super) const MIN_MESSAGE_OP_BYTES: u64 = 64;
 
 pub(super) enum RecoveryError {
     /// The archive did not answer: try again later.
