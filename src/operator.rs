@@ -31,14 +31,11 @@ fn layout_of(data_dir: &Path) -> anyhow::Result<Layout> {
 pub(crate) fn options_on_disk(data_dir: &Path) -> anyhow::Result<WalOptions> {
     let layout = layout_of(data_dir)?;
     let wal_dir = data_dir.join("wal");
-    let lanes = std::fs::read_dir(&wal_dir)
-        .with_context(|| format!("cannot read {}", wal_dir.display()))?
-        .filter_map(|entry| entry.ok())
-        .filter(|entry| entry.file_name().to_string_lossy().starts_with("lane-"))
-        .count();
-    if lanes == 0 {
+    let Some(lanes) =
+        crate::wal::lanes_on_disk(&wal_dir).with_context(|| format!("cannot read {}", wal_dir.display()))?
+    else {
         bail!("{} holds no WAL lanes", wal_dir.display());
-    }
+    };
     // Segments are all of one size; a new one (if opening must start one) matches them.
     let segment_bytes = std::fs::read_dir(&wal_dir)?
         .filter_map(|lane| lane.ok())

@@ -143,14 +143,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let (shard_count, recorded_cluster_id) =
         read_or_create_layout(&config.data_dir, config.shards, archive_kind, node_id)?;
 
+    let wal_dir = config.data_dir.join("wal");
+    let wal_lanes = wal_lanes_for(&wal_dir, config.wal_lanes)?;
     let wal_options = WalOptions {
-        lanes: config.wal_lanes,
+        lanes: wal_lanes,
         shard_count,
         segment_bytes: config.wal_segment_bytes,
         max_batch_bytes: config.wal_max_batch_bytes(),
         queue_depth: SHARD_QUEUE_DEPTH,
     };
-    let wal_dir = config.data_dir.join("wal");
     let wal_options_again = wal_options.clone();
     let (wal, lane_reports) = tokio::task::spawn_blocking(move || Wal::open(&wal_dir, wal_options))
         .await?
@@ -731,6 +732,21 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
             )
         }
         Err(std::fs::TryLockError::Error(error)) => Err(error).context("cannot lock the data directory"),
+    }
+}
+
+/// The lanes to open the WAL in `wal_dir` with: those it was made with (a shard's records stay in
+/// its lane: opened with other lanes, a shard would not find them), else `requested`, else the
+/// default. A requested count that differs from the WAL's is refused.
+fn wal_lanes_for(wal_dir: &Path, requested: Option<usize>) -> anyhow::Result<usize> {
+    let on_disk = crate::wal::lanes_on_disk(wal_dir).with_context(|| format!("cannot read {}", wal_dir.display()))?;
+    match (on_disk, requested) {
+        (Some(on_disk), Some(requested)) if on_disk != requested => bail!(
+            "invalid configuration: wal_lanes: the write-ahead log in {} has {on_disk} lanes; it cannot change to {requested} (leave wal_lanes unset to use the lanes it has)",
+            wal_dir.display()
+        ),
+        (Some(on_disk), _) => Ok(on_disk),
+        (None, requested) => Ok(requested.unwrap_or(crate::config::DEFAULT_WAL_LANES)),
     }
 }
 

@@ -267,3 +267,108 @@ async fn archive_outage_loses_nothing_and_flush_catches_up() {
     assert_eq!(ready.status, 200);
     drop(server);
 }
+
+/// A data directory keeps the WAL lanes it was made with: each shard's records live in lane
+/// `shard % lanes`, so a restart that took another count (the default changed from 2 to 1 in
+/// issue 23) would not find the records of the shards that moved, and would hand their seqs out
+/// again. A count given explicitly that differs is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_keeps_the_wal_lanes_it_was_made_with() {
+    const SHARDS: u16 = 8;
+    let dir = tempfile::tempdir().unwrap();
+    // No archive flush while the test runs: every message is only in the WAL at the kill.
+    let quiet = ["--wal-lanes", "3", "--flush-interval-ms", "3600000"];
+    let mut server = ServerProcess::start(dir.path(), None, &quiet);
+    let client = reqwest::Client::new();
+    let agent = json!({"agent": {"id": "a", "name": "A", "origin_url": "http://127.0.0.1:9"}});
+    let created = call(&client, "POST", &format!("{}/api/agents", server.base), Some(agent)).await;
+    assert_eq!(created.status, 201);
+    let sessions: Vec<String> = (0..24).map(|n| format!("lanes-{n}")).collect();
+    let lanes_used: std::collections::BTreeSet<u16> = sessions
+        .iter()
+        .map(|session| fleetlm::ids::shard_for_session(session, SHARDS) % 3)
+        .collect();
+    assert_eq!(lanes_used.len(), 3, "the sessions' shards lie in every lane");
+    for session in &sessions {
+        let body = json!({"user_id": "u", "agent_id": "a", "id": session});
+        assert_eq!(
+            call(&client, "POST", &format!("{}/api/sessions", server.base), Some(body))
+                .await
+                .status,
+            201
+        );
+        let message = json!({"user_id": "u", "content": {"text": session}});
+        let url = format!("{}/api/sessions/{session}/messages", server.base);
+        assert_eq!(call(&client, "POST", &url, Some(message)).await.status, 200);
+    }
+    server.kill9();
+
+    // Restarted without a lane count: the WAL's own three lanes, every message is there.
+    let server = ServerProcess::start_without_defaults(
+        dir.path(),
+        None,
+        &["--flush-interval-ms", "3600000"],
+        &[],
+        &["--wal-lanes"],
+    );
+    for session in &sessions {
+        let page = call(
+            &client,
+            "GET",
+            &format!("{}/api/sessions/{session}/messages", server.base),
+            None,
+        )
+        .await;
+        assert_eq!(page.status, 200);
+        let texts: Vec<&str> = page.body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["content"]["text"].as_str())
+            .collect();
+        assert_eq!(texts, [session.as_str()], "{session} kept its message");
+        let message = json!({"user_id": "u", "content": {"text": "after"}});
+        let url = format!("{}/api/sessions/{session}/messages", server.base);
+        let reply = call(&client, "POST", &url, Some(message)).await;
+        assert_eq!(reply.body["message"]["seq"], 2, "{session} continues after its message");
+    }
+    drop(server);
+
+    // Asked for another count: refused, the directory untouched.
+    let mut refused = std::process::Command::new(support::binary())
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--shards",
+            "8",
+            "--wal-lanes",
+            "2",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = refused.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            refused.kill().unwrap();
+            panic!("a server asked for another lane count started");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("wal_lanes") && stderr.contains("has 3 lanes"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("wal/lane-03").exists() && dir.path().join("wal/lane-02").exists());
+}

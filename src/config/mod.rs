@@ -47,7 +47,8 @@ pub struct Settings {
     /// Number of shards; fixed when the data directory is created. [default: 64]
     #[arg(long, env = "FLEETLM_SHARDS")]
     pub shards: Option<u16>,
-    /// Number of physical WAL lanes (each with its own fsync thread). [default: 2]
+    /// Number of physical WAL lanes (each with its own fsync thread) of a new data directory; an
+    /// existing one keeps the lanes it has. [default: 1]
     #[arg(long, env = "FLEETLM_WAL_LANES")]
     pub wal_lanes: Option<usize>,
     /// Size of each preallocated WAL segment file. [default: 128MiB]
@@ -181,7 +182,8 @@ pub struct Config {
     pub insecure_open: bool,
     /// `None`: use what the data directory records (64 for a new one).
     pub shards: Option<u16>,
-    pub wal_lanes: usize,
+    /// `None`: the lanes the data directory's WAL has (`DEFAULT_WAL_LANES` for a new one).
+    pub wal_lanes: Option<usize>,
     pub wal_segment_bytes: u64,
     pub wal_budget_bytes: u64,
     pub flush_interval: Duration,
@@ -243,6 +245,11 @@ impl std::fmt::Debug for ClusterConfig {
 }
 
 pub const DEFAULT_SHARDS: u16 = 64;
+/// WAL lanes of a new data directory: one fsync thread makes fewer, larger fsyncs, which cost
+/// less CPU per message and answered more of them than two on the 2-core machine measured
+/// (docs/BENCHMARKS.md, issue 23); more lanes can pay on machines with more cores and disks
+/// that fsync in parallel.
+pub const DEFAULT_WAL_LANES: usize = 1;
 
 /// A setting that is wrong, and why; shown as one line before exiting with code 2.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,10 @@ fn defaults_are_the_documented_ones() {
     let config = Settings::default().validate().unwrap();
     assert_eq!(config.http_addr.to_string(), "127.0.0.1:4000");
     assert_eq!(config.data_dir, PathBuf::from("fleetlm-data"));
-    assert_eq!(config.wal_lanes, 2);
+    assert_eq!(
+        config.wal_lanes, None,
+        "the data directory's, or DEFAULT_WAL_LANES for a new one"
+    );
     assert_eq!(config.flush_interval, Duration::from_millis(300));
 }
 
@@ -17,7 +20,7 @@ fn flags_win_over_the_file() {
     };
     let file: Settings = toml::from_str("wal_lanes = 8\nflush_interval_ms = 50").unwrap();
     let config = flags.or(file).validate().unwrap();
-    assert_eq!(config.wal_lanes, 2);
+    assert_eq!(config.wal_lanes, Some(2));
     assert_eq!(config.flush_interval, Duration::from_millis(50));
 }
 

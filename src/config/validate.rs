@@ -112,8 +112,8 @@ impl Settings {
         {
             return Err(invalid("shards", "must be between 1 and 4096"));
         }
-        let wal_lanes = self.wal_lanes.unwrap_or(2);
-        if !(1..=64).contains(&wal_lanes) {
+        let wal_lanes = self.wal_lanes;
+        if wal_lanes.is_some_and(|lanes| !(1..=64).contains(&lanes)) {
             return Err(invalid("wal_lanes", "must be between 1 and 64"));
         }
         let wal_segment_bytes = self.wal_segment_bytes.map_or(128 * 1024 * 1024, ByteSize::get);

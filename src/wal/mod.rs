@@ -187,6 +187,29 @@ fn max_entry_bytes(options: &WalOptions) -> Option<usize> {
         .checked_sub(record::RECORD_HEADER_BYTES)
 }
 
+/// How many lanes the WAL in `dir` was made with (one past its highest `lane-NN` directory), or
+/// `None` for a WAL not made yet. A shard's records live in lane `shard % lanes`, so a WAL is
+/// always opened with the lanes it was made with.
+pub fn lanes_on_disk(dir: &Path) -> std::io::Result<Option<usize>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let mut highest = None;
+    for entry in entries {
+        let name = entry?.file_name();
+        let lane_no = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("lane-"))
+            .and_then(|number| number.parse::<usize>().ok());
+        if let Some(lane_no) = lane_no {
+            highest = highest.max(Some(lane_no));
+        }
+    }
+    Ok(highest.map(|lane_no| lane_no + 1))
+}
+
 fn lane_dir(dir: &Path, lane_no: usize) -> PathBuf {
     dir.join(format!("lane-{lane_no:02}"))
 }

@@ -275,6 +275,18 @@ impl ServerProcess {
         extra: &[&str],
         env: &[(&str, &Path)],
     ) -> ServerProcess {
+        Self::start_without_defaults(data_dir, database_url, extra, env, &[])
+    }
+
+    /// As `start_with_env`, leaving out the test defaults named in `omitted` (the server's own
+    /// defaults apply to them).
+    pub fn start_without_defaults(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+        omitted: &[&str],
+    ) -> ServerProcess {
         let defaults = [
             ("--http-addr", "127.0.0.1:0"),
             ("--shards", "8"),
@@ -286,7 +298,7 @@ impl ServerProcess {
         let mut command = Command::new(binary());
         command.arg("serve").arg("--data-dir").arg(data_dir);
         for (flag, value) in defaults {
-            if !extra.contains(&flag) {
+            if !extra.contains(&flag) && !omitted.contains(&flag) {
                 command.args([flag, value]);
             }
         }
