@@ -94,10 +94,13 @@ impl ShardWriter {
         let watermark = self.archive.watermark(self.shard).await.map_err(|e| e.to_string())?;
         // Only entries holding a touched id's bytes are decoded. Both entry formats write an id
         // as its own bytes (format 1 inside quotes, format 2 after its length) unless it needs
-        // escaping: then every entry is decoded.
+        // escaping: then (and for an empty id, which every entry "holds") every entry is decoded.
         let needles: Option<Vec<Vec<u8>>> = touched
             .iter()
-            .map(|id| (!id.chars().any(|c| c == '"' || c == '\\' || c.is_control())).then(|| id.as_bytes().to_vec()))
+            .map(|id| {
+                let plain = !id.is_empty() && !id.chars().any(|c| c == '"' || c == '\\' || c.is_control());
+                plain.then(|| id.as_bytes().to_vec())
+            })
             .collect();
         let mentions_touched = |body: &[u8]| match &needles {
             Some(needles) => needles
