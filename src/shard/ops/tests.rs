@@ -256,36 +256,12 @@ fn damaged_entries_are_refused_with_a_reason_and_never_panic() {
     }
     assert!(refused > 0);
     // Lengths that promise more than the entry holds are refused without allocating them.
-    let mut huge = vec![binary::ENTRY_MARKER, 4];
-    huge.extend_from_slice(&[
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0x01,
-        binary::ENTRY_END,
-    ]);
+    // (Tag 4 is `session_archived`, tag 5 `session_evicted`: each begins with a text length.)
+    let entry_of = |tag: u8, varint: &[u8]| [&[binary::ENTRY_MARKER, tag], varint, &[binary::ENTRY_END]].concat();
+    let nine_continued = [0xFF; 9];
+    let huge = entry_of(4, &[&nine_continued[..], &[0x01]].concat());
     assert!(decode_entry(&huge).unwrap_err().to_string().contains("bytes wanted"));
-    let overflow = [
-        binary::ENTRY_MARKER,
-        5,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-        0x7F,
-        binary::ENTRY_END,
-    ];
+    let overflow = entry_of(5, &[&nine_continued[..], &[0x7F]].concat());
     assert!(decode_entry(&overflow).unwrap_err().to_string().contains("overflows"));
 }
 
