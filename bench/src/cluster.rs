@@ -525,6 +525,10 @@ struct WriteSample {
     run: WriteRun,
     appends: f64,
     entries: f64,
+    /// Seconds from sealing to durable, summed over the entries.
+    commit_secs: f64,
+    /// Mean time in the server from a socket's send to its answer (ms; `ws` transport).
+    server_send_ms: f64,
     fsyncs: f64,
     committed: Option<u64>,
     nodes: usize,
@@ -543,6 +547,11 @@ impl WriteSample {
         }
     }
 
+    /// Mean time from sealing an entry to its being durable (ms).
+    fn commit_ms(&self) -> f64 {
+        self.commit_secs * 1e3 / self.entries.max(1.0)
+    }
+
     /// Server CPU per append (µs), over the whole drive.
     fn cpu_us_per_append(&self) -> f64 {
         self.server_cpu_secs * 1e6 / self.appends.max(1.0)
@@ -557,6 +566,8 @@ impl WriteSample {
             "appends": self.appends,
             "log_entries": self.entries,
             "appends_per_entry": self.per_entry(),
+            "entry_commit_ms": self.commit_ms(),
+            "server_send_ms": self.server_send_ms,
             "committed_index_delta": self.committed,
             "wal_fsyncs_all_nodes": self.fsyncs,
             "server_cpu_secs": self.server_cpu_secs,
@@ -591,6 +602,9 @@ async fn drive_spread(
     };
     let appends_before = metric_sum(client, bases, "fleetlm_appends_total").await?;
     let entries_before = metric_sum(client, bases, "fleetlm_append_commit_seconds_count").await?;
+    let commit_secs_before = metric_sum(client, bases, "fleetlm_append_commit_seconds_sum").await?;
+    let send_secs_before = metric_sum(client, bases, "fleetlm_ws_send_seconds_sum").await?;
+    let sends_before = metric_sum(client, bases, "fleetlm_ws_send_seconds_count").await?;
     let fsyncs_before = metric_sum(client, bases, "fleetlm_wal_fsync_seconds_count").await?;
     let committed_before = if bases.len() > 1 {
         Some(committed_sum(client, &bases[0]).await?)
@@ -633,6 +647,9 @@ async fn drive_spread(
     let bench_cpu_secs = (cpu_ticks(&[std::process::id()]) - bench_before) as f64 / ticks;
     let appends = metric_sum(client, bases, "fleetlm_appends_total").await? - appends_before;
     let entries = metric_sum(client, bases, "fleetlm_append_commit_seconds_count").await? - entries_before;
+    let commit_secs = metric_sum(client, bases, "fleetlm_append_commit_seconds_sum").await? - commit_secs_before;
+    let send_secs = metric_sum(client, bases, "fleetlm_ws_send_seconds_sum").await? - send_secs_before;
+    let sends = metric_sum(client, bases, "fleetlm_ws_send_seconds_count").await? - sends_before;
     let fsyncs = metric_sum(client, bases, "fleetlm_wal_fsync_seconds_count").await? - fsyncs_before;
     let committed = match committed_before {
         Some(before) => Some(committed_sum(client, &bases[0]).await? - before),
@@ -642,6 +659,8 @@ async fn drive_spread(
         run,
         appends,
         entries,
+        commit_secs,
+        server_send_ms: send_secs * 1e3 / sends.max(1.0),
         fsyncs,
         committed,
         nodes: bases.len(),
@@ -762,14 +781,18 @@ pub async fn cluster_write(options: &ClusterWriteOptions, extra: &str) -> anyhow
             round + 1,
             if round % 2 == 0 { "single node" } else { "cluster" }
         );
-        println!("                           acked/s     p50 ms   p99 ms   p999 ms  errors  appends/entry");
+        println!(
+            "                           acked/s     p50 ms   p99 ms   p999 ms  errors  appends/entry  entry commit ms  server send ms"
+        );
         for (name, sample) in [("single node", &single), ("cluster", &cluster)] {
             let (p50, p99, p999) = (sample.run.ms(0.5), sample.run.ms(0.99), sample.run.ms(0.999));
             println!(
-                "{name:<27}{:>8.0}   {p50:>7.2}  {p99:>7.2}  {p999:>7.2}  {:>6}  {:>6.1}",
+                "{name:<27}{:>8.0}   {p50:>7.2}  {p99:>7.2}  {p999:>7.2}  {:>6}  {:>13.1}  {:>15.2}  {:>14.2}",
                 sample.run.acked_per_sec,
                 sample.run.errors,
-                sample.per_entry()
+                sample.per_entry(),
+                sample.commit_ms(),
+                sample.server_send_ms
             );
         }
         if let Some(committed) = cluster.committed {

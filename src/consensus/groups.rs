@@ -771,14 +771,17 @@ fn stop_reason(fatal: &openraft::errors::Fatal<super::types::TypeConfig>) -> Sto
 
 /// Resolves when the instance stopped: why, if it said (`None`: its core ended silently).
 async fn failure(raft: &Raft) -> Option<StopReason> {
-    let mut metrics = raft.metrics();
-    loop {
-        if let Err(fatal) = &metrics.borrow_watched().running_state {
-            return Some(stop_reason(fatal));
-        }
-        if metrics.changed().await.is_err() {
-            // The core is gone; its last metrics say whether it failed.
-            return metrics.borrow_watched().running_state.as_ref().err().map(stop_reason);
-        }
-    }
+    // The core drops its metrics senders when it ends (on an error too, after reporting it), so
+    // waiting for the server metrics to close is waiting for the end. They change only with the
+    // role or the leader; the full metrics change at every entry and would wake this task each
+    // time.
+    let mut server = raft.server_metrics();
+    while server.changed().await.is_ok() {}
+    // The core is gone; its last metrics say whether it failed.
+    raft.metrics()
+        .borrow_watched()
+        .running_state
+        .as_ref()
+        .err()
+        .map(stop_reason)
 }
