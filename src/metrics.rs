@@ -49,6 +49,10 @@ fn describe() {
         "Flush attempts of one shard whose WAL entries could not be read or decoded, by shard."
     );
     describe_counter!(
+        "fleetlm_leader_handovers_total",
+        "Shard leaderships this node handed to another member, by reason (balance: to even out how many shards each member leads)."
+    );
+    describe_counter!(
         "fleetlm_consensus_group_restarts_total",
         "A shard's consensus group on this node stopped on a storage error (a full disk, an unreadable entry) and was started again from its durable log, by shard."
     );

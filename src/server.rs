@@ -642,7 +642,11 @@ async fn start_consensus(
     )
     .await
     .map_err(|reason| anyhow::anyhow!("cannot start the cluster member: {reason}"))?;
-    Ok((Arc::new(consensus), feeds))
+    let consensus = Arc::new(consensus);
+    if let Some(every) = cluster.leader_balance_every {
+        consensus.start_balancing(every);
+    }
+    Ok((consensus, feeds))
 }
 
 /// How long shutdown waits for sockets to answer their sends and close (each gives its sends

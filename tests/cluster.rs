@@ -1727,3 +1727,92 @@ async fn cluster_agents_answer_once_and_stream_to_every_node() {
     })
     .await;
 }
+
+/// How many of the shards each of `live` leads by its own account, once every shard has exactly
+/// one such leader among them; `None` while some shard has none or two.
+async fn leaders_per_node(cluster: &Cluster, live: &[usize], shards: u16) -> Option<Vec<usize>> {
+    let mut led = vec![0usize; live.len()];
+    let mut claimed = vec![0usize; shards as usize];
+    for (i, id) in live.iter().enumerate() {
+        let status = cluster.status(*id).await?;
+        let own = status["shards"].as_array()?;
+        for shard in own.iter().filter(|s| s["role"] == "leader") {
+            led[i] += 1;
+            claimed[shard["shard"].as_u64()? as usize] += 1;
+        }
+    }
+    claimed.iter().all(|c| *c == 1).then_some(led)
+}
+
+/// Waits (at most `limit`) until `live` lead every shard between them with counts within 1.
+async fn wait_leaders_even(cluster: &Cluster, live: &[usize], shards: u16, limit: Duration) -> Vec<usize> {
+    let deadline = Instant::now() + limit;
+    let mut last = None;
+    loop {
+        if let Some(led) = leaders_per_node(cluster, live, shards).await {
+            let (most, least) = (led.iter().max().unwrap(), led.iter().min().unwrap());
+            if most - least <= 1 {
+                return led;
+            }
+            last = Some(led);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leadership not even over nodes {live:?} within {limit:?}: last seen {last:?} shards each"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Leadership evens out over the members (`consensus::balance`): whatever elections did, each
+/// member soon leads its share; with one killed, the other two share its shards; back, it gets
+/// its share again. Under load all along: nothing acknowledged is lost, and clients see no error
+/// but retried no_leader / overloaded / unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_leadership_evens_out_over_the_members() {
+    const SHARDS_HERE: u16 = 12;
+    bounded(Duration::from_secs(150), async {
+        let options = ClusterOptions {
+            shards: SHARDS_HERE,
+            extra: vec!["--leader-balance-secs".into(), "1".into()],
+            ..ClusterOptions::default()
+        };
+        let (mut cluster, sessions) = start_with_sessions(options).await;
+        let load = Load::start(&cluster, &sessions, LoadOptions::default());
+        let routing = load.routing.clone();
+        let led = wait_leaders_even(&cluster, &[1, 2, 3], SHARDS_HERE, Duration::from_secs(30)).await;
+        eprintln!("leaders per node after the start: {led:?}");
+        assert_eq!(led, vec![4, 4, 4]);
+
+        routing.exclude(1);
+        cluster.kill9(1);
+        let led = wait_leaders_even(&cluster, &[2, 3], SHARDS_HERE, Duration::from_secs(30)).await;
+        eprintln!("leaders per node with node 1 down: {led:?}");
+        assert_eq!(led, vec![6, 6]);
+
+        cluster.restart(1);
+        cluster.wait_ready(1).await;
+        routing.include(1);
+        let led = wait_leaders_even(&cluster, &[1, 2, 3], SHARDS_HERE, Duration::from_secs(30)).await;
+        eprintln!("leaders per node with node 1 back: {led:?}");
+        assert_eq!(led, vec![4, 4, 4]);
+        let handovers: f64 = {
+            let mut total = 0.0;
+            for id in [2, 3] {
+                total += counter(&cluster.node(id), "fleetlm_leader_handovers_total").await;
+            }
+            total
+        };
+        assert!(handovers >= 1.0, "node 1 got its share back only by hand-overs");
+
+        let recorded = load.finish().await;
+        check_history(&recorded, &cluster).await;
+        let errors = recorded.errors_other_than(&["no_leader", "overloaded", "unavailable"]);
+        assert!(
+            errors.is_empty(),
+            "client errors while leadership moved (only retried no_leader/overloaded/unavailable are allowed):\n{}",
+            errors.join("\n")
+        );
+    })
+    .await;
+}

@@ -7,6 +7,8 @@ use super::{ClusterConfig, ConfigError, Settings, invalid};
 
 /// Members a cluster may have: a majority survives the loss of one (3) or two (5) nodes.
 const CLUSTER_SIZES: [usize; 2] = [3, 5];
+/// How often, unless set, each member evens out leadership (`consensus::balance`).
+const DEFAULT_LEADER_BALANCE_SECS: u64 = 5;
 
 impl Settings {
     pub(super) fn cluster(&self, database_url: Option<&str>) -> Result<Option<ClusterConfig>, ConfigError> {
@@ -98,12 +100,17 @@ impl Settings {
         if !(100..=60_000).contains(&election_timeout_ms) {
             return Err(invalid("election_timeout_ms", "must be between 100 and 60000"));
         }
+        let leader_balance_secs = self.leader_balance_secs.unwrap_or(DEFAULT_LEADER_BALANCE_SECS);
+        if leader_balance_secs > 3600 {
+            return Err(invalid("leader_balance_secs", "must be between 0 (never) and 3600"));
+        }
         Ok(Some(ClusterConfig {
             node_id,
             peers,
             secret,
             peer_listen_addr,
             election_timeout: Duration::from_millis(election_timeout_ms),
+            leader_balance_every: (leader_balance_secs > 0).then(|| Duration::from_secs(leader_balance_secs)),
         }))
     }
 }

@@ -161,6 +161,11 @@ pub struct Settings {
     /// randomized between this and 1.5 times this; heartbeats go every fifth of it). [default: 500]
     #[arg(long, env = "FLEETLM_ELECTION_TIMEOUT_MS")]
     pub election_timeout_ms: Option<u64>,
+    /// Cluster mode: every this many seconds, each node hands over some of the shards it leads
+    /// so that every member leads its share (0 = never: leadership stays where elections put
+    /// it). [default: 5]
+    #[arg(long, env = "FLEETLM_LEADER_BALANCE_SECS")]
+    pub leader_balance_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +235,8 @@ pub struct ClusterConfig {
     pub secret: String,
     pub peer_listen_addr: SocketAddr,
     pub election_timeout: Duration,
+    /// How often leadership is evened out (`consensus::balance`); `None`: never.
+    pub leader_balance_every: Option<Duration>,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -240,6 +247,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("peers", &self.peers)
             .field("peer_listen_addr", &self.peer_listen_addr)
             .field("election_timeout", &self.election_timeout)
+            .field("leader_balance_every", &self.leader_balance_every)
             .finish_non_exhaustive()
     }
 }

@@ -112,6 +112,7 @@ fn cluster_settings_are_validated_together() {
     assert_eq!(node.peers.len(), 3);
     assert_eq!(node.peer_listen_addr.to_string(), "127.0.0.1:4102");
     assert_eq!(node.election_timeout, Duration::from_millis(500));
+    assert_eq!(node.leader_balance_every, Some(Duration::from_secs(5)));
     assert!(!format!("{node:?}").contains("sixteen"), "the secret is never printed");
     assert!(Settings::default().validate().unwrap().cluster.is_none());
 
@@ -145,6 +146,18 @@ fn cluster_settings_are_validated_together() {
         ..Settings::default()
     };
     assert_eq!(error(stray).setting, "peer_listen_addr");
+    let balance = |secs: u64| Settings {
+        leader_balance_secs: Some(secs),
+        ..cluster("1=127.0.0.1:4101,2=127.0.0.1:4102,3=127.0.0.1:4103")
+    };
+    let never = balance(0).validate().unwrap().cluster.unwrap();
+    assert_eq!(never.leader_balance_every, None, "0 turns balancing off");
+    let often = balance(1).validate().unwrap().cluster.unwrap();
+    assert_eq!(often.leader_balance_every, Some(Duration::from_secs(1)));
+    assert_eq!(
+        (error(balance(3601)).setting, error(balance(3601)).reason.as_str()),
+        ("leader_balance_secs", "must be between 0 (never) and 3600")
+    );
 }
 
 #[test]

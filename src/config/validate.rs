@@ -80,7 +80,8 @@ impl Settings {
             cluster_peers,
             cluster_secret,
             peer_listen_addr,
-            election_timeout_ms
+            election_timeout_ms,
+            leader_balance_secs
         )
     }
 

@@ -25,6 +25,7 @@
 //! Architecture invariant: nothing outside this module names an openraft type; nothing here
 //! knows sessions or messages (commands are opaque bytes).
 
+mod balance;
 mod beats;
 mod formation;
 mod groups;
@@ -682,9 +683,8 @@ impl Consensus {
     /// Asks the most up-to-date follower of a shard this node leads to take the leadership over
     /// (without waiting for it).
     pub async fn transfer_leadership(&self, shard: u16) {
-        let raft = self.group(shard);
         let target = {
-            let metrics = raft.metrics();
+            let metrics = self.group(shard).metrics();
             let metrics = metrics.borrow_watched();
             let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
             metrics.replication.as_ref().and_then(|peers| {
@@ -696,18 +696,26 @@ impl Consensus {
             })
         };
         if let Some(target) = target {
-            // The target's election is granted inside the followers' leases: this node's ends.
-            let term = raft.metrics().borrow_watched().vote.leader_id().term;
-            self.leases.hand_off(shard, term);
-            let _ = raft.trigger().transfer_leader(target).await;
-            tokio::spawn(groups::restart_if_transfer_stalls(
-                self.groups.clone(),
-                shard,
-                self.node_id,
-                term,
-                self.leases.transfer_window(),
-            ));
+            self.hand_over(shard, target).await;
         }
+    }
+
+    /// Asks `target` to take over the leadership of a shard this node leads (without waiting
+    /// for it); if it does not within the transfer window, the group restarts here so that the
+    /// shard is not left unled (`groups::restart_if_transfer_stalls`).
+    async fn hand_over(&self, shard: u16, target: u64) {
+        let raft = self.group(shard);
+        // The target's election is granted inside the followers' leases: this node's ends.
+        let term = raft.metrics().borrow_watched().vote.leader_id().term;
+        self.leases.hand_off(shard, term);
+        let _ = raft.trigger().transfer_leader(target).await;
+        tokio::spawn(groups::restart_if_transfer_stalls(
+            self.groups.clone(),
+            shard,
+            self.node_id,
+            term,
+            self.leases.transfer_window(),
+        ));
     }
 
     /// Hands the leadership of every shard this node leads to another member (before a drain),

@@ -64,6 +64,11 @@ pub enum PeerRequest {
     Voting {
         shard: u16,
     },
+    /// For each shard, whether the callee would take its leadership over at once (asked by a
+    /// leader about to hand shards over: see `balance`).
+    CanLead {
+        shards: Vec<u16>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -110,6 +115,8 @@ pub enum RaftReply {
     Beat(Vec<BeatAnswer>),
     /// The callee's group of the shard is running and not refetching (it can vote).
     Voting(bool),
+    /// One answer per shard of a `CanLead`, in its order.
+    CanLead(Vec<bool>),
 }
 
 pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -213,6 +220,32 @@ pub async fn ask_voting(client: &PeerClient, shard: u16, timeout: Duration) -> b
         ),
         Err(_) => false,
     }
+}
+
+/// For each of `shards`, whether `client`'s node would take its leadership over at once (all
+/// false when it cannot tell, or does not answer within `timeout`).
+pub async fn ask_can_lead(client: &PeerClient, shards: &[u16], timeout: Duration) -> Vec<bool> {
+    let request = encode(&PeerRequest::CanLead {
+        shards: shards.to_vec(),
+    });
+    match client.call(Lane::Control, request, timeout).await {
+        Ok(response) => match rmp_serde::from_slice::<RaftReply>(&response) {
+            Ok(RaftReply::CanLead(answers)) if answers.len() == shards.len() => answers,
+            _ => vec![false; shards.len()],
+        },
+        Err(_) => vec![false; shards.len()],
+    }
+}
+
+/// Whether this node would take the shard's leadership over at once: its group runs and votes,
+/// it is not stopping, and its copy of the shard's state is current (so it writes without
+/// reading the archive first).
+fn can_lead(groups: &Groups, shard: u16) -> bool {
+    (shard as usize) < groups.len()
+        && groups.stopped(shard).is_none()
+        && !groups.refetching(shard)
+        && !groups.standing_down(shard)
+        && groups.copy_current(shard)
 }
 
 /// Asks `client`'s node, which this node believes leads `shard`, to carry out `change`.
@@ -581,6 +614,12 @@ impl PeerHandler for RaftService {
                 Ok(PeerRequest::Voting { shard }) => RaftReply::Voting(groups.as_deref().is_some_and(|groups| {
                     (shard as usize) < groups.len() && groups.stopped(shard).is_none() && !groups.refetching(shard)
                 })),
+                Ok(PeerRequest::CanLead { shards }) => RaftReply::CanLead(
+                    shards
+                        .iter()
+                        .map(|shard| groups.as_deref().is_some_and(|groups| can_lead(groups, *shard)))
+                        .collect(),
+                ),
                 Ok(PeerRequest::Beat { groups: beat }) => match groups.as_deref() {
                     Some(groups) => RaftReply::Beat(beats::answer(groups, from, &beat)),
                     None => RaftReply::Failed("this node has no groups yet".into()),

@@ -43,7 +43,8 @@ use auth::{
 
 /// 3: answers may be refused as too large (`Frame::Refused`); callers open one connection per lane.
 /// 4: log entries in format 2 (binary, `shard::ops`), which a member of version 3 cannot read.
-const PROTOCOL_VERSION: u32 = 4;
+/// 5: leadership hand-overs to even out leadership (`CanLead`, see `consensus::balance`).
+const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame accepted (a Raft append of many batches stays far below).
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 /// Largest answer a callee sends (its whole frame). A bigger one fails its call alone
@@ -283,6 +284,11 @@ impl PeerClient {
     /// The node this client calls.
     pub fn peer(&self) -> u64 {
         self.to
+    }
+
+    /// Whether the last attempt to connect to the peer succeeded (true before any attempt).
+    pub fn reachable(&self) -> bool {
+        self.down_since.lock().expect("down lock").is_none()
     }
 
     /// Closes every lane's connection (calls in progress fail); a later call connects again.

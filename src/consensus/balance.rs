@@ -1,0 +1,133 @@
+//! Leader balancing: every member leads its share of the shards.
+//!
+//! Elections alone do not spread leadership: the member whose timers fire first after a start
+//! wins most of them, and a member back from a restart leads nothing. So every node, at an
+//! interval, computes the same even plan from what it sees (`placement::balance_leaders`: leader
+//! counts per member within 1, keeping as many current leaders as that allows) and hands over
+//! the shards *it* leads that the plan gives to another member. Only leaders act, and only on
+//! their own shards, so members that briefly see different leaders cannot fight over a shard:
+//! the worst a stale view does is one hand-over too many, which a later round evens out.
+//!
+//! A hand-over is a Raft leadership transfer: writes in flight on the shard answer `no_leader`
+//! and are resent by clients, and the new leader writes at once from its current copy of the
+//! state. So a round only hands over when nothing is unsettled: every shard has a leader this
+//! node knows, none of this node's groups is stopped or standing down (a drain), and the target
+//! says it would take over at once (`CanLead`: running, voting, not stopping, its copy current)
+//! and has most of the log already. At most `MAX_HANDOVERS_PER_ROUND` per round.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use openraft::type_config::async_runtime::WatchReceiver;
+
+use super::Consensus;
+use super::network;
+use crate::placement::{self, Assignment};
+
+/// Hand-overs one node starts per round: enough to even out a 3-member cluster of 64 shards in
+/// a few rounds, few enough that clients see `no_leader` on a few shards at a time.
+const MAX_HANDOVERS_PER_ROUND: usize = 4;
+/// A target further behind the shard's log than this is not handed the shard this round.
+const MAX_TARGET_LAG: u64 = 256;
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl Consensus {
+    /// Starts evening out leadership every `every` until the node stops.
+    pub fn start_balancing(self: &Arc<Self>, every: Duration) {
+        let consensus = Arc::downgrade(self);
+        let stop = self.stop.subscribe();
+        tokio::spawn(run(consensus, every, stop));
+    }
+
+    /// One round: hands over the shards this node leads that the even plan gives to another
+    /// member. Returns how many hand-overs it started.
+    async fn balance_round(&self) -> usize {
+        let shards = self.groups.len() as u16;
+        let mut leaders = BTreeMap::new();
+        for shard in 0..shards {
+            if self.groups.stopped(shard).is_some() || self.groups.standing_down(shard) {
+                return 0;
+            }
+            match self.leader(shard) {
+                Some(leader) => leaders.insert(shard, leader),
+                // An election under way: wait for it.
+                None => return 0,
+            };
+        }
+        let reachable: BTreeSet<u64> = self
+            .members
+            .iter()
+            .copied()
+            .filter(|member| *member == self.node_id || self.peers.get(member).is_some_and(|peer| peer.reachable()))
+            .collect();
+        let mut voters: Assignment = BTreeMap::new();
+        for shard in 0..shards {
+            let metrics = self.group(shard).metrics();
+            let members: BTreeSet<u64> = metrics
+                .borrow_watched()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|id| reachable.contains(id))
+                .collect();
+            if members.is_empty() {
+                return 0;
+            }
+            voters.insert(shard, members);
+        }
+        let plan = placement::balance_leaders(&voters, &leaders);
+        let mut offers: BTreeMap<u64, Vec<u16>> = BTreeMap::new();
+        let mine = plan
+            .iter()
+            .filter(|(shard, planned)| leaders[*shard] == self.node_id && **planned != self.node_id)
+            .take(MAX_HANDOVERS_PER_ROUND);
+        for (shard, target) in mine {
+            offers.entry(*target).or_default().push(*shard);
+        }
+        let mut started = 0;
+        for (target, shards) in offers {
+            let Some(client) = self.peers.get(&target) else {
+                continue;
+            };
+            let ready = network::ask_can_lead(client, &shards, ASK_TIMEOUT).await;
+            for (shard, ready) in shards.into_iter().zip(ready) {
+                if ready && self.is_leader(shard) && self.caught_up(shard, target) {
+                    tracing::info!(
+                        shard,
+                        to = target,
+                        "handing a shard's leadership over to even out leadership"
+                    );
+                    metrics::counter!("fleetlm_leader_handovers_total", "reason" => "balance").increment(1);
+                    self.hand_over(shard, target).await;
+                    started += 1;
+                }
+            }
+        }
+        started
+    }
+
+    /// The shard's log as `target` holds it (as this leader knows) is at most
+    /// `MAX_TARGET_LAG` entries short.
+    fn caught_up(&self, shard: u16, target: u64) -> bool {
+        let metrics = self.group(shard).metrics();
+        let metrics = metrics.borrow_watched();
+        let last = metrics.last_log_index.unwrap_or(0);
+        metrics
+            .replication
+            .as_ref()
+            .and_then(|peers| peers.get(&target).cloned().flatten())
+            .is_some_and(|matched| matched.index + MAX_TARGET_LAG >= last)
+    }
+}
+
+async fn run(consensus: Weak<Consensus>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let Some(consensus) = consensus.upgrade() else { return };
+        consensus.balance_round().await;
+    }
+}
