@@ -2,9 +2,10 @@
 //! each shard's replicas and which of them should lead it.
 //!
 //! Pure and deterministic: the same input gives the same plan on every node, so whichever member
-//! leads the metadata group computes what any other would. Not wired into the running cluster yet
-//! (today every node holds every shard); the metadata group will call `rebalance` whenever the
-//! members change and turn the difference into moves (`moves_between`).
+//! leads the metadata group computes what any other would. Today every node holds every shard,
+//! and only `balance_leaders` runs, in every member (`consensus::balance`); the metadata group
+//! will call `rebalance` whenever the members change and turn the difference into moves
+//! (`moves_between`).
 //!
 //! The rules, from the spec:
 //! - every shard has exactly `replication_factor` replicas, on distinct active storage nodes;

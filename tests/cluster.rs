@@ -744,12 +744,17 @@ async fn cluster_random_fault_schedule_with_archive_outages_passes_the_checker()
 }
 
 /// (e) Every node in turn: taken out of the clients' rotation, SIGTERM (exit 0), restarted,
-/// ready, put back. No client sees an error other than a retried no_leader / overloaded /
+/// ready, put back, with leadership evening out over the members meanwhile. No client sees an error other than a retried no_leader / overloaded /
 /// unavailable, and sockets are closed with 1012 only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_rolling_restart_loses_nothing() {
     bounded(Duration::from_secs(150), async {
-        let (mut cluster, sessions) = start_with_sessions(options()).await;
+        // Leadership evens out all along (each restarted node gets its share back by hand-overs).
+        let options = ClusterOptions {
+            extra: vec!["--leader-balance-secs".into(), "1".into()],
+            ..options()
+        };
+        let (mut cluster, sessions) = start_with_sessions(options).await;
         let load = Load::start(&cluster, &sessions, LoadOptions::default());
         let routing = load.routing.clone();
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1807,10 +1812,16 @@ async fn cluster_leadership_evens_out_over_the_members() {
 
         let recorded = load.finish().await;
         check_history(&recorded, &cluster).await;
-        let errors = recorded.errors_other_than(&["no_leader", "overloaded", "unavailable"]);
+        // Requests in flight at node 1 when it was killed fail in transport (their outcome is
+        // unknown to the client; the history check above holds them to it): allowed there only.
+        let errors: Vec<String> = recorded
+            .errors_other_than(&["no_leader", "overloaded", "unavailable"])
+            .into_iter()
+            .filter(|error| !error.contains("node 1: transport error"))
+            .collect();
         assert!(
             errors.is_empty(),
-            "client errors while leadership moved (only retried no_leader/overloaded/unavailable are allowed):\n{}",
+            "client errors while leadership moved (only retried no_leader/overloaded/unavailable, and transport errors at the killed node, are allowed):\n{}",
             errors.join("\n")
         );
     })

@@ -401,6 +401,10 @@ impl Cluster {
                     "--election-timeout-ms".into(),
                     self.options.election_timeout_ms.to_string(),
                 ),
+                // Leadership stays where elections put it: many tests look a shard's leader up
+                // and then act on that node. The tests of balancing, and those that run it
+                // under faults, turn it on (`--leader-balance-secs 1`).
+                ("--leader-balance-secs".into(), "0".into()),
             ]);
         }
         let node_extra = self.options.node_extra.get(&id).cloned().unwrap_or_default();
