@@ -13,7 +13,9 @@
 //! state. So a round only hands over when nothing is unsettled: every shard has a leader this
 //! node knows, none of this node's groups is stopped or standing down (a drain), and the target
 //! says it would take over at once (`CanLead`: running, voting, not stopping, its copy current)
-//! and has most of the log already. At most `MAX_HANDOVERS_PER_ROUND` per round.
+//! and has most of the log already. At most `MAX_HANDOVERS_PER_ROUND` per round, and never a
+//! shard whose hand-over is still under way. One stopped group or one shard without a known
+//! leader here pauses every hand-over of the node until it is settled.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Weak};
@@ -28,8 +30,9 @@ use crate::placement::{self, Assignment};
 /// Hand-overs one node starts per round: enough to even out a 3-member cluster of 64 shards in
 /// a few rounds, few enough that clients see `no_leader` on a few shards at a time.
 const MAX_HANDOVERS_PER_ROUND: usize = 4;
-/// A target further behind the shard's log than this is not handed the shard this round.
-const MAX_TARGET_LAG: u64 = 256;
+/// A target further behind the shard's log than this is not handed the shard this round (it
+/// waits for the rest before it takes over: see the `TransferLeader` answer in `network`).
+const MAX_TARGET_LAG: u64 = 64;
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Consensus {
@@ -77,22 +80,27 @@ impl Consensus {
             voters.insert(shard, members);
         }
         let plan = placement::balance_leaders(&voters, &leaders);
+        // Every shard this node leads that the plan gives to another member, except those it
+        // is handing over already (a transfer under way in this term).
         let mut offers: BTreeMap<u64, Vec<u16>> = BTreeMap::new();
-        let mine = plan
-            .iter()
-            .filter(|(shard, planned)| leaders[*shard] == self.node_id && **planned != self.node_id)
-            .take(MAX_HANDOVERS_PER_ROUND);
-        for (shard, target) in mine {
-            offers.entry(*target).or_default().push(*shard);
+        for (shard, planned) in &plan {
+            if leaders[shard] == self.node_id && *planned != self.node_id && !self.handing_over(*shard) {
+                offers.entry(*planned).or_default().push(*shard);
+            }
         }
+        // The cap counts hand-overs started, so a member that refuses its share does not keep
+        // the others from getting theirs.
         let mut started = 0;
-        for (target, shards) in offers {
+        'targets: for (target, shards) in offers {
             let Some(client) = self.peers.get(&target) else {
                 continue;
             };
             let ready = network::ask_can_lead(client, &shards, ASK_TIMEOUT).await;
             for (shard, ready) in shards.into_iter().zip(ready) {
-                if ready && self.is_leader(shard) && self.caught_up(shard, target) {
+                if started == MAX_HANDOVERS_PER_ROUND {
+                    break 'targets;
+                }
+                if ready && self.is_leader(shard) && !self.handing_over(shard) && self.caught_up(shard, target) {
                     tracing::info!(
                         shard,
                         to = target,
@@ -105,6 +113,13 @@ impl Consensus {
             }
         }
         started
+    }
+
+    /// This node handed the shard over in the term it leads it in (the transfer has not
+    /// happened yet, or stalled and the group has not restarted yet).
+    fn handing_over(&self, shard: u16) -> bool {
+        let term = self.group(shard).metrics().borrow_watched().vote.leader_id().term;
+        self.leases.handed_off_in(shard, term)
     }
 
     /// The shard's log as `target` holds it (as this leader knows) is at most
@@ -128,6 +143,10 @@ async fn run(consensus: Weak<Consensus>, every: Duration, mut stop: tokio::sync:
             _ = stop.wait_for(|stop| *stop) => return,
         }
         let Some(consensus) = consensus.upgrade() else { return };
-        consensus.balance_round().await;
+        // A round waits on peers: stopping does not wait for it (nor keep the node's parts).
+        tokio::select! {
+            _ = consensus.balance_round() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
     }
 }

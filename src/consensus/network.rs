@@ -578,10 +578,24 @@ async fn answer(groups: Option<Arc<Groups>>, request: PeerRequest) -> RaftReply 
                 Err(error) => failed(&error),
             }
         }
-        RaftRpc::TransferLeader(req) => match raft.handle_transfer_leader(req).await {
-            Ok(response) => RaftReply::TransferLeader(response),
-            Err(error) => failed(&error),
-        },
+        RaftRpc::TransferLeader(req) => {
+            // The transfer names the leader's last log position, and openraft drops it for good
+            // if this member's log has not reached it. The appends carrying those last entries
+            // may still be on their way (requests on a connection are handled concurrently), so
+            // wait for them, at most an election timeout: a dropped transfer leaves the shard
+            // unled until the old leader's group restarts.
+            if let Some(wanted) = req.last_log_id().map(|id| id.index) {
+                let patience = Duration::from_millis(raft.config().election_timeout_min);
+                let _ = raft
+                    .wait(Some(patience))
+                    .log_index_at_least(Some(wanted), "the log a leadership transfer names")
+                    .await;
+            }
+            match raft.handle_transfer_leader(req).await {
+                Ok(response) => RaftReply::TransferLeader(response),
+                Err(error) => failed(&error),
+            }
+        }
     }
 }
 

@@ -43,8 +43,9 @@ use auth::{
 
 /// 3: answers may be refused as too large (`Frame::Refused`); callers open one connection per lane.
 /// 4: log entries in format 2 (binary, `shard::ops`), which a member of version 3 cannot read.
-/// 5: leadership hand-overs to even out leadership (`CanLead`, see `consensus::balance`).
-const PROTOCOL_VERSION: u32 = 5;
+/// (A version-4 member that does not know a newer request, such as `CanLead`, answers it as
+/// undecodable; callers of such optional requests take that as "no", so it stays version 4.)
+const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame accepted (a Raft append of many batches stays far below).
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 /// Largest answer a callee sends (its whole frame). A bigger one fails its call alone
