@@ -583,6 +583,56 @@ async fn a_leadership_transfer_its_target_refuses_leaves_the_shard_led() {
     }
 }
 
+/// A hand-over to a chosen member, sent right behind writes the leader has not seen committed
+/// (the transfer travels on the control connection, the entries on the replication one), is
+/// taken up by that member, without a stall: a stalled one leaves the shard unled until the old
+/// leader's group restarts (`restart_if_transfer_stalls`). (The target's wait for the log
+/// position a transfer names, in `network`, is for when the entries arrive later still; this
+/// run does not force that order.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_racing_its_last_entries_is_taken_up() {
+    let cluster = Cluster::start(&[1, 2, 3]).await;
+    let mut handed = Vec::new();
+    for shard in 0..SHARDS {
+        // As a writer that holds a current copy says (a member without one stands back).
+        for id in [1, 2, 3] {
+            cluster.node(id).consensus.set_copy_current(shard, true);
+        }
+        propose(&cluster, shard, payload(0)).await;
+        let leader = cluster.leader(shard).await;
+        let target = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+        let consensus = &cluster.node(leader).consensus;
+        let term = consensus.group(shard).metrics().borrow_watched().vote.leader_id().term;
+        let generation = *consensus.groups.generation(shard).borrow();
+        // Entries of 64 KiB, queued and not waited for: the transfer names the last of them.
+        let mut proposals = Vec::new();
+        for i in 0..8 {
+            let mut command = payload(i);
+            command.resize(64 * 1024, b'x');
+            proposals.push(consensus.enqueue(shard, term, command).await.expect("queued"));
+        }
+        consensus.hand_over(shard, target).await;
+        handed.push((shard, leader, target, generation, proposals));
+    }
+    for (shard, leader, target, generation, proposals) in handed {
+        for proposal in proposals {
+            proposal
+                .committed()
+                .await
+                .expect("committed before the hand-over took effect");
+        }
+        wait_until("the target of each hand-over leads", || {
+            cluster.node(target).consensus.is_leader(shard)
+        })
+        .await;
+        assert_eq!(
+            *cluster.node(leader).consensus.groups.generation(shard).borrow(),
+            generation,
+            "shard {shard}: the hand-over from {leader} to {target} stalled and the group restarted"
+        );
+    }
+}
+
 /// Whether member `id` may cut its damaged log of `shard` now (`groups::others_can_elect`).
 async fn guard(cluster: &Cluster, shard: u16, id: u64) -> bool {
     let consensus = &cluster.node(id).consensus;
