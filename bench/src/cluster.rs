@@ -325,6 +325,48 @@ impl Cluster {
         self.wait_all_ready_but(timeout, &[]).await
     }
 
+    /// Waits until every running node leads its share of the shards (counts within 1, each
+    /// shard led once: the server's leader balancing has settled), at most `timeout`; returns
+    /// how long that took, or what it saw last if it did not settle (a server without leader
+    /// balancing never does). Measuring before would count the hand-overs' retried writes.
+    pub async fn wait_leadership_even(&self, timeout: Duration) -> Result<Duration, String> {
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            let mut led = Vec::new();
+            let mut claimed = std::collections::BTreeMap::new();
+            for node in self.nodes.iter().filter(|node| node.child.is_some()) {
+                let Ok(view) = cluster_view(&client, &node.base).await else {
+                    break;
+                };
+                let own: Vec<u64> = view["shards"]
+                    .as_array()
+                    .map(|shards| {
+                        shards
+                            .iter()
+                            .filter(|shard| shard["role"] == "leader")
+                            .filter_map(|shard| shard["shard"].as_u64())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                led.push(own.len());
+                for shard in own {
+                    *claimed.entry(shard).or_insert(0) += 1;
+                }
+            }
+            let every_shard_once =
+                claimed.len() == usize::from(self.settings.shards) && claimed.values().all(|c| *c == 1);
+            let (most, least) = (led.iter().max().copied(), led.iter().min().copied());
+            if every_shard_once && most.zip(least).is_some_and(|(most, least)| most - least <= 1) {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() >= timeout {
+                return Err(format!("not even after {timeout:?}: leaders per node {led:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// `wait_all_ready`, content with nodes unready only for the `tolerated` components.
     pub async fn wait_all_ready_but(&self, timeout: Duration, tolerated: &[&str]) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
@@ -726,6 +768,10 @@ async fn cluster_write_once(options: &ClusterWriteOptions, extra: &str) -> anyho
     let db = TempDatabase::create(&options.cluster.postgres, "cluster").await?;
     let result = async {
         let mut cluster = Cluster::start(&options.cluster, &db.url, extra).await?;
+        match cluster.wait_leadership_even(Duration::from_secs(30)).await {
+            Ok(settled) => println!("leadership                 even after {:.1} s", settled.as_secs_f64()),
+            Err(seen) => println!("leadership                 {seen}"),
+        }
         let client = reqwest::Client::new();
         let pids: Vec<u32> = (0..cluster.len()).filter_map(|i| cluster.pid(i)).collect();
         let sample = drive_spread(&client, &cluster.bases(), &pids, options, "cluster").await;

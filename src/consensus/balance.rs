@@ -34,6 +34,8 @@ const MAX_HANDOVERS_PER_ROUND: usize = 4;
 /// waits for the rest before it takes over: see the `TransferLeader` answer in `network`).
 const MAX_TARGET_LAG: u64 = 64;
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+/// The pause after a round that started hand-overs (instead of the full interval).
+const FOLLOW_UP: Duration = Duration::from_secs(1);
 
 impl Consensus {
     /// Starts evening out leadership every `every` until the node stops.
@@ -137,16 +139,20 @@ impl Consensus {
 }
 
 async fn run(consensus: Weak<Consensus>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut pause = every;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
         let Some(consensus) = consensus.upgrade() else { return };
         // A round waits on peers: stopping does not wait for it (nor keep the node's parts).
-        tokio::select! {
-            _ = consensus.balance_round() => {}
+        let started = tokio::select! {
+            started = consensus.balance_round() => started,
             _ = stop.wait_for(|stop| *stop) => return,
-        }
+        };
+        // While there is more to hand over, the next round comes soon (a transfer takes effect
+        // within an election round trip), so a node leading every shard evens out in seconds.
+        pause = if started > 0 { every.min(FOLLOW_UP) } else { every };
     }
 }
