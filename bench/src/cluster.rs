@@ -1519,6 +1519,11 @@ pub async fn cluster_idle(options: &ClusterIdleOptions, extra: &str) -> anyhow::
     let db = TempDatabase::create(&options.cluster.postgres, "idle").await?;
     let cluster_samples = async {
         let mut cluster = Cluster::start(&options.cluster, &db.url, extra).await?;
+        // The steady state: leadership spread (hand-overs are not idle work), then settled.
+        match cluster.wait_leadership_even(Duration::from_secs(60)).await {
+            Ok(settled) => println!("leadership                 even after {:.1} s", settled.as_secs_f64()),
+            Err(seen) => println!("leadership                 {seen}"),
+        }
         tokio::time::sleep(Duration::from_secs(options.settle_secs)).await;
         let pids: Vec<u32> = (0..cluster.len())
             .map(|i| cluster.pid(i).context("node pid"))

@@ -13,7 +13,8 @@
 //! state. So a round only hands over when nothing is unsettled: every shard has a leader this
 //! node knows, none of this node's groups is stopped or standing down (a drain), and the target
 //! says it would take over at once (`CanLead`: running, voting, not stopping, its copy current)
-//! and has most of the log already. At most `MAX_HANDOVERS_PER_ROUND` per round, and never a
+//! and has most of the log already. At most `MAX_HANDOVERS_PER_ROUND` per round (more with many
+//! shards: one per `SHARDS_PER_HANDOVER`), and never a
 //! shard whose hand-over is still under way. One stopped group or one shard without a known
 //! leader here pauses every hand-over of the node until it is settled.
 
@@ -27,9 +28,12 @@ use super::Consensus;
 use super::network;
 use crate::placement::{self, Assignment};
 
-/// Hand-overs one node starts per round: enough to even out a 3-member cluster of 64 shards in
-/// a few rounds, few enough that clients see `no_leader` on a few shards at a time.
+/// Hand-overs one node starts per round, at least: enough to even out a 3-member cluster of 64
+/// shards in a few rounds, few enough that clients see `no_leader` on a few shards at a time.
 const MAX_HANDOVERS_PER_ROUND: usize = 4;
+/// With more shards, one hand-over per this many shards per round (32 at 1024 shards: about 3 %
+/// of the shards moving at once).
+const SHARDS_PER_HANDOVER: usize = 32;
 /// A target further behind the shard's log than this is not handed the shard this round (it
 /// waits for the rest before it takes over: see the `TransferLeader` answer in `network`).
 const MAX_TARGET_LAG: u64 = 64;
@@ -46,19 +50,17 @@ impl Consensus {
     }
 
     /// One round: hands over the shards this node leads that the even plan gives to another
-    /// member. Returns how many hand-overs it started.
-    async fn balance_round(&self) -> usize {
+    /// member. Returns how many hand-overs it started, or `None` if it found the cluster
+    /// unsettled (a shard without a known leader, a local group stopped or standing down).
+    async fn balance_round(&self) -> Option<usize> {
         let shards = self.groups.len() as u16;
         let mut leaders = BTreeMap::new();
         for shard in 0..shards {
             if self.groups.stopped(shard).is_some() || self.groups.standing_down(shard) {
-                return 0;
+                return None;
             }
-            match self.leader(shard) {
-                Some(leader) => leaders.insert(shard, leader),
-                // An election under way: wait for it.
-                None => return 0,
-            };
+            // An election under way (a hand-over of this node's or another's): wait for it.
+            leaders.insert(shard, self.leader(shard)?);
         }
         let reachable: BTreeSet<u64> = self
             .members
@@ -77,7 +79,7 @@ impl Consensus {
                 .filter(|id| reachable.contains(id))
                 .collect();
             if members.is_empty() {
-                return 0;
+                return None;
             }
             voters.insert(shard, members);
         }
@@ -92,6 +94,7 @@ impl Consensus {
         }
         // The cap counts hand-overs started, so a member that refuses its share does not keep
         // the others from getting theirs.
+        let cap = MAX_HANDOVERS_PER_ROUND.max(usize::from(shards) / SHARDS_PER_HANDOVER);
         let mut started = 0;
         'targets: for (target, shards) in offers {
             let Some(client) = self.peers.get(&target) else {
@@ -99,7 +102,7 @@ impl Consensus {
             };
             let ready = network::ask_can_lead(client, &shards, ASK_TIMEOUT).await;
             for (shard, ready) in shards.into_iter().zip(ready) {
-                if started == MAX_HANDOVERS_PER_ROUND {
+                if started == cap {
                     break 'targets;
                 }
                 if ready && self.is_leader(shard) && !self.handing_over(shard) && self.caught_up(shard, target) {
@@ -114,7 +117,7 @@ impl Consensus {
                 }
             }
         }
-        started
+        Some(started)
     }
 
     /// This node handed the shard over in the term it leads it in (the transfer has not
@@ -151,8 +154,12 @@ async fn run(consensus: Weak<Consensus>, every: Duration, mut stop: tokio::sync:
             started = consensus.balance_round() => started,
             _ = stop.wait_for(|stop| *stop) => return,
         };
-        // While there is more to hand over, the next round comes soon (a transfer takes effect
-        // within an election round trip), so a node leading every shard evens out in seconds.
-        pause = if started > 0 { every.min(FOLLOW_UP) } else { every };
+        // While there is more to hand over, or an election (often one of the hand-overs) kept
+        // this round from looking, the next round comes soon: a transfer takes effect within an
+        // election round trip, so a node leading every shard evens out in seconds.
+        pause = match started {
+            Some(0) => every,
+            Some(_) | None => every.min(FOLLOW_UP),
+        };
     }
 }
