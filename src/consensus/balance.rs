@@ -38,7 +38,8 @@ const SHARDS_PER_HANDOVER: usize = 32;
 /// waits for the rest before it takes over: see the `TransferLeader` answer in `network`).
 const MAX_TARGET_LAG: u64 = 64;
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
-/// The pause after a round that started hand-overs (instead of the full interval).
+/// The pause after a round that started hand-overs or found an election under way (instead of
+/// the full interval).
 const FOLLOW_UP: Duration = Duration::from_secs(1);
 
 impl Consensus {
